@@ -1,0 +1,214 @@
+//! The application side of the library: the Swoole callbacks an application implements, and
+//! the contexts through which it sends replies and tasks.
+
+use std::fmt;
+
+use crate::ipc::Frame;
+use crate::shm::Shared;
+
+/// A client connection, for the daemon's whole life: never reused, even when its fd is.
+pub type SessionId = u64;
+/// A task, unique across every worker and restart for the daemon's whole life.
+pub type TaskId = u64;
+
+/// Who is running a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcessInfo {
+    pub role: crate::ipc::Role,
+    pub slot: u32,
+    pub pid: u32,
+}
+
+/// A task as a task process receives it.
+#[derive(Debug)]
+pub struct Task<'a> {
+    pub id: TaskId,
+    /// The client session the task was submitted for, if any.
+    pub session: Option<SessionId>,
+    /// 1 for the first run; more when a previous run died with its task process.
+    pub attempt: u32,
+    /// The worker slot that submitted it.
+    pub src_worker: u32,
+    pub data: &'a [u8],
+}
+
+/// A task's outcome, as the worker slot that submitted it receives it in `on_finish`.
+#[derive(Debug)]
+pub struct Finished<'a> {
+    pub id: TaskId,
+    pub session: Option<SessionId>,
+    /// What the submitter attached with [`WorkerCtx::task_for`]: everything `on_finish` needs,
+    /// since the worker that submitted the task may have been replaced since.
+    pub context: &'a [u8],
+    /// `on_task`'s return value, or why the task could not be done.
+    pub result: Result<&'a [u8], &'a str>,
+    /// The task process that ran it last (0 if none did).
+    pub task_pid: u32,
+    /// How many times it was started.
+    pub attempts: u32,
+    /// For a group ([`WorkerCtx::task_group`]): each member's outcome, in submission order.
+    pub members: Option<Vec<Outcome<'a>>>,
+}
+
+/// One task's outcome: `on_task`'s result, or why there is none.
+pub type Outcome<'a> = Result<&'a [u8], &'a str>;
+
+/// The callbacks of a taskd application (Swoole's `on(...)` events).
+///
+/// One value of the application is forked into every process; each callback runs in the
+/// process named in its documentation, and may keep per-process state in `self`.
+pub trait Application: 'static {
+    /// In the master, once listening.
+    fn on_start(&mut self, _addr: std::net::SocketAddr) {}
+    /// In each worker and task process as it starts.
+    fn on_worker_start(&mut self, _info: &ProcessInfo) {}
+    /// In a worker: a client connected (dispatch mode 2 only, where it is ordered with the
+    /// session's requests).
+    fn on_connect(&mut self, _ctx: &mut WorkerCtx<'_>, _session: SessionId, _peer: &str) {}
+    /// In a worker: one request (one line, without its line ending).
+    fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]);
+    /// In a worker: a client's connection is gone (dispatch mode 2 only).
+    fn on_close(&mut self, _ctx: &mut WorkerCtx<'_>, _session: SessionId) {}
+    /// In a task process: run one task; the value returned is the task's result (finish).
+    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String>;
+    /// In a worker of the slot that submitted the task: the task is done or failed for good.
+    fn on_finish(&mut self, _ctx: &mut WorkerCtx<'_>, _finished: &Finished<'_>) {}
+}
+
+/// Why a task was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskError {
+    /// `task_queue_max` jobs are queued or running.
+    Busy { queued: u64, limit: u64 },
+    /// Larger than `package_max_length`.
+    TooLarge { len: usize, limit: usize },
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskError::Busy { queued, limit } => {
+                write!(f, "server busy, retry later ({queued} jobs queued, limit {limit})")
+            }
+            TaskError::TooLarge { len, limit } => {
+                write!(f, "task of {len} bytes exceeds package_max_length ({limit} bytes)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for TaskError {}
+
+/// What a worker's callbacks can do. Everything sent is buffered and handed to the master
+/// when the callback returns, together with the commit of the event that caused it.
+pub struct WorkerCtx<'a> {
+    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) shared: &'static Shared,
+    pub(crate) info: ProcessInfo,
+    /// Tasks this worker submitted that the master has not counted yet.
+    pub(crate) uncounted_tasks: &'a mut u64,
+    pub(crate) task_queue_max: u64,
+    pub(crate) package_max_length: usize,
+}
+
+impl WorkerCtx<'_> {
+    pub fn info(&self) -> ProcessInfo {
+        self.info
+    }
+
+    /// Sends bytes to a client session (written as they are: add your own line ending).
+    /// A session that has closed meanwhile is skipped.
+    pub fn send(&mut self, session: SessionId, data: &[u8]) {
+        Frame::Send { session, data }.encode(self.out);
+    }
+
+    /// Closes a client session once what was sent to it is written.
+    pub fn close(&mut self, session: SessionId) {
+        Frame::CloseSession { session }.encode(self.out);
+    }
+
+    /// Sends the server's statistics to a session, as one JSON line.
+    pub fn send_stats(&mut self, session: SessionId) {
+        Frame::Stats { session }.encode(self.out);
+    }
+
+    /// Hands a task to the task pool without waiting; its result comes to `on_finish`.
+    pub fn task(&mut self, data: &[u8]) -> Result<TaskId, TaskError> {
+        self.submit(0, b"", data)
+    }
+
+    /// Like [`WorkerCtx::task`], for a client session, with a context that comes back in
+    /// `on_finish` (whatever worker process of this slot receives it).
+    pub fn task_for(&mut self, session: SessionId, context: &[u8], data: &[u8]) -> Result<TaskId, TaskError> {
+        self.submit(session, context, data)
+    }
+
+    /// Hands several tasks to the pool at once; they run in parallel on several task
+    /// processes, and `on_finish` is called once, for the returned group id, with every
+    /// member's outcome in order (`Finished::members`). With a `timeout`, the group finishes
+    /// then with what has finished; the others' outcome is a "timed out" error.
+    pub fn task_group(
+        &mut self,
+        session: SessionId,
+        context: &[u8],
+        items: &[&[u8]],
+        timeout: Option<std::time::Duration>,
+    ) -> Result<TaskId, TaskError> {
+        self.check_room(items.len() as u64)?;
+        for item in items {
+            self.check_size(item)?;
+        }
+        let group_id = self.shared.next_task_id();
+        let timeout_ms = timeout.map_or(0, |t| t.as_millis().max(1) as u64);
+        let size = items.len() as u32;
+        Frame::Group { group_id, session, size, timeout_ms, context }.encode(self.out);
+        for data in items {
+            let task_id = self.shared.next_task_id();
+            Frame::Task { task_id, session, target: -1, group: group_id, context: b"", data }
+                .encode(self.out);
+        }
+        *self.uncounted_tasks += items.len() as u64;
+        Ok(group_id)
+    }
+
+    fn check_size(&self, data: &[u8]) -> Result<(), TaskError> {
+        if data.len() > self.package_max_length {
+            return Err(TaskError::TooLarge { len: data.len(), limit: self.package_max_length });
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, n: u64) -> Result<(), TaskError> {
+        let queued = self.shared.jobs_pending() + *self.uncounted_tasks;
+        if queued + n > self.task_queue_max {
+            return Err(TaskError::Busy { queued, limit: self.task_queue_max });
+        }
+        Ok(())
+    }
+
+    fn submit(&mut self, session: u64, context: &[u8], data: &[u8]) -> Result<TaskId, TaskError> {
+        self.check_size(data)?;
+        self.check_room(1)?;
+        let task_id = self.shared.next_task_id();
+        *self.uncounted_tasks += 1;
+        Frame::Task { task_id, session, target: -1, group: 0, context, data }.encode(self.out);
+        Ok(task_id)
+    }
+}
+
+/// What a task process's `on_task` can do besides returning its result.
+pub struct TaskCtx<'a> {
+    pub(crate) out: &'a mut Vec<u8>,
+    pub(crate) info: ProcessInfo,
+}
+
+impl TaskCtx<'_> {
+    pub fn info(&self) -> ProcessInfo {
+        self.info
+    }
+
+    /// Sends bytes to a client session directly from the task process.
+    pub fn send(&mut self, session: SessionId, data: &[u8]) {
+        Frame::Send { session, data }.encode(self.out);
+    }
+}

@@ -1,0 +1,185 @@
+//! The server's options (Swoole's names), their defaults, and their validation.
+//!
+//! The application's own options live with the application; the `taskd` binary reads both
+//! from one flat TOML file and its flags (see `cli`).
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// How the master picks a worker for a request (Swoole's `dispatch_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u8", into = "u8")]
+pub enum DispatchMode {
+    /// 1: each request to the next worker in turn.
+    RoundRobin,
+    /// 2: by connection (`fd % worker_num`), so one connection's requests stay in order.
+    Fixed,
+    /// 3: to an idle worker, else the least busy one.
+    Preemptive,
+}
+
+impl TryFrom<u8> for DispatchMode {
+    type Error = String;
+    fn try_from(v: u8) -> Result<Self, String> {
+        match v {
+            1 => Ok(DispatchMode::RoundRobin),
+            2 => Ok(DispatchMode::Fixed),
+            3 => Ok(DispatchMode::Preemptive),
+            other => Err(format!(
+                "dispatch_mode must be 1 (round robin), 2 (fixed, by connection) or 3 (idle first), not {other}"
+            )),
+        }
+    }
+}
+
+impl From<DispatchMode> for u8 {
+    fn from(m: DispatchMode) -> u8 {
+        match m {
+            DispatchMode::RoundRobin => 1,
+            DispatchMode::Fixed => 2,
+            DispatchMode::Preemptive => 3,
+        }
+    }
+}
+
+/// Every option of the server machinery. Field names are the TOML keys and, with dashes,
+/// the flags of the `taskd` binary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Length of the kernel's queue of connections not accepted yet.
+    pub backlog: i32,
+    pub worker_num: usize,
+    pub task_worker_num: usize,
+    pub dispatch_mode: DispatchMode,
+    /// A worker exits after this many requests and is replaced (0 = never).
+    pub max_request: u64,
+    /// A random extra of 0..=grace requests per worker, so workers do not all restart at once.
+    pub max_request_grace: u64,
+    /// A task process exits after this many tasks and is replaced (0 = never).
+    pub task_max_request: u64,
+    /// Longest request line (and IPC payload) in bytes.
+    pub package_max_length: usize,
+    /// A client that lets this many reply bytes pile up unread is disconnected.
+    pub buffer_output_size: usize,
+    /// Past this many queued or running jobs, new ones are refused ("server busy").
+    pub task_queue_max: u64,
+    /// How many times a job whose task process died is run again before it fails.
+    pub task_retry_max: u32,
+    /// Seconds a graceful shutdown waits for in-flight jobs.
+    pub max_wait_time: u64,
+    /// Tasks sent ahead to one task process (1: a task process gets a job only when idle).
+    pub task_prefetch: usize,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
+    pub log_level: String,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 9501,
+            backlog: 512,
+            worker_num: 2,
+            task_worker_num: 4,
+            dispatch_mode: DispatchMode::Fixed,
+            max_request: 0,
+            max_request_grace: 0,
+            task_max_request: 0,
+            package_max_length: 2 * 1024 * 1024,
+            buffer_output_size: 2 * 1024 * 1024,
+            task_queue_max: 10_000,
+            task_retry_max: 2,
+            max_wait_time: 3,
+            task_prefetch: 1,
+            log_level: "info".into(),
+        }
+    }
+}
+
+/// An option with a value it cannot take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidOption {
+    pub option: &'static str,
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidOption {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid {}: {}", self.option, self.reason)
+    }
+}
+
+impl std::error::Error for InvalidOption {}
+
+fn check(ok: bool, option: &'static str, reason: impl Into<String>) -> Result<(), InvalidOption> {
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidOption { option, reason: reason.into() })
+    }
+}
+
+impl ServerConfig {
+    pub fn validate(&self) -> Result<(), InvalidOption> {
+        check(
+            (1..=1024).contains(&self.worker_num),
+            "worker_num",
+            format!("{} is not between 1 and 1024", self.worker_num),
+        )?;
+        check(
+            (1..=4096).contains(&self.task_worker_num),
+            "task_worker_num",
+            format!("{} is not between 1 and 4096", self.task_worker_num),
+        )?;
+        check(
+            (16..=32 * 1024 * 1024).contains(&self.package_max_length),
+            "package_max_length",
+            format!("{} bytes is not between 16 bytes and 32 MiB", self.package_max_length),
+        )?;
+        check(
+            self.buffer_output_size >= 1024,
+            "buffer_output_size",
+            format!("{} bytes is below the minimum of 1024", self.buffer_output_size),
+        )?;
+        check(self.task_queue_max >= 1, "task_queue_max", "must be at least 1")?;
+        check(
+            (1..=1024).contains(&self.task_prefetch),
+            "task_prefetch",
+            format!("{} is not between 1 and 1024", self.task_prefetch),
+        )?;
+        check(!self.host.is_empty(), "host", "must not be empty")?;
+        check(self.backlog >= 1, "backlog", format!("{} is below 1", self.backlog))?;
+        Ok(())
+    }
+
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_secs(self.max_wait_time)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_the_seeds_settings_and_valid() {
+        let c = ServerConfig::default();
+        assert_eq!((c.worker_num, c.task_worker_num), (2, 4));
+        assert_eq!(c.dispatch_mode, DispatchMode::Fixed);
+        assert_eq!(c.port, 9501);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_their_option() {
+        let c = ServerConfig { worker_num: 0, ..Default::default() };
+        assert_eq!(c.validate().unwrap_err().option, "worker_num");
+        let err = toml::from_str::<ServerConfig>("dispatch_mode = 7").unwrap_err();
+        assert!(err.to_string().contains("dispatch_mode must be 1"), "{err}");
+    }
+}

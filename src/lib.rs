@@ -1,0 +1,114 @@
+//! taskd: a multi-process TCP task server in the Swoole tradition.
+//!
+//! ```text
+//! taskd: master          owns the listening socket and every client connection (mio reactor)
+//!  └─ taskd: manager     forks the pool, reaps it, respawns what exits; never touches clients
+//!      ├─ taskd: worker N     on_receive / on_finish; hands tasks to the pool; replies via master
+//!      └─ taskd: task N       on_task; its result (finish) goes back to the worker slot that sent it
+//! ```
+//!
+//! Every message between processes goes through the master, which keeps the books: a request
+//! stays in its worker slot's replay log until the worker commits it, a job stays in the job
+//! table until a task process has finished it. A process that dies loses nothing: its
+//! successor in the same slot is handed everything it had not finished.
+//!
+//! | module | runs in | owns |
+//! | --- | --- | --- |
+//! | [`master`] | master | the reactor, client connections, dispatch, the books |
+//! | [`manager`] | manager | forking, reaping and respawning the pool |
+//! | [`worker`] | worker | `on_receive`, `on_finish`, commits |
+//! | [`task_worker`] | task process | `on_task` |
+//! | [`process`] | all | the only `fork`, process titles, reaping |
+//! | [`ipc`] | all | the envelope and the socketpair channels |
+//! | [`signals`] | all | signals read from a signalfd |
+//! | [`shm`] | all | the task id counter and queue length, in shared memory |
+//! | [`protocol`] | master | line framing of the client wire format |
+//! | [`app`] | worker, task | the `Application` trait and its contexts |
+//! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
+//! | [`cli`], [`config`] | before the fork | flags, the TOML file, validation |
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod ipc;
+pub mod logging;
+pub mod mail;
+pub mod manager;
+pub mod master;
+pub mod net;
+pub mod process;
+pub mod protocol;
+pub mod shm;
+pub mod signals;
+pub mod task_worker;
+pub mod worker;
+
+pub use app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskId, WorkerCtx};
+pub use config::{DispatchMode, ServerConfig};
+
+use std::io::{self, Write};
+
+/// Why the server could not start.
+#[derive(Debug)]
+pub enum StartError {
+    Config(config::InvalidOption),
+    Io { what: &'static str, source: io::Error },
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Config(e) => e.fmt(f),
+            StartError::Io { what, source } => write!(f, "{what}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> StartError {
+    move |source| StartError::Io { what, source }
+}
+
+/// Runs a server on a bound listener until it is stopped; returns the exit code.
+///
+/// Prints `taskd listening on ADDR` as the first line on stdout once the reactor is set up.
+/// Call it from a single-threaded process: it forks.
+pub fn run<A: Application>(
+    config: &ServerConfig,
+    listener: std::net::TcpListener,
+    mut app: A,
+) -> Result<i32, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
+    let workers = (0..config.worker_num)
+        .map(|_| ipc::SlotChannel::new())
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(io_err("cannot create worker channels"))?;
+    let tasks = (0..config.task_worker_num)
+        .map(|_| ipc::SlotChannel::new())
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(io_err("cannot create task channels"))?;
+    // Blocked before the first fork, so that no signal is missed or inherited as a handler.
+    let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
+    process::set_title("taskd: master");
+    let addr = listener.local_addr().map_err(io_err("cannot read the listening address"))?;
+    app.on_start(addr);
+    let setup = master::MasterSetup { config, shared, listener, signals, workers, tasks };
+    let mut master = master::Master::new(&mut app, setup).map_err(io_err("cannot set up the master"))?;
+    master.spawn_manager().map_err(io_err("cannot fork the manager"))?;
+    let mut stdout = io::stdout().lock();
+    let _ = writeln!(stdout, "taskd listening on {}", master.local_addr());
+    let _ = stdout.flush();
+    drop(stdout);
+    tracing::info!(
+        "taskd master (pid {}) listening on {addr}: {} workers, {} task processes, dispatch_mode {}",
+        std::process::id(),
+        config.worker_num,
+        config.task_worker_num,
+        u8::from(config.dispatch_mode)
+    );
+    let code = master.run();
+    drop(master);
+    Ok(code)
+}

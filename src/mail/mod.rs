@@ -1,0 +1,241 @@
+//! The built-in application of the `taskd` binary: email and SMS jobs, as in the seeds.
+//!
+//! A worker reads the request, hands the job to the task pool and answers `accepted` at once;
+//! a task process "delivers" it (simulated: it takes `simulate_ms`, logs its progress and
+//! appends the message to the outbox file); the worker that submitted it answers `done`.
+
+pub mod outbox;
+pub mod request;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, WorkerCtx};
+use crate::ipc::Role;
+use outbox::Outbox;
+use request::{Job, Kind, Request};
+
+/// Options of the email/SMS application.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailConfig {
+    /// How long a simulated delivery takes, unless a job says otherwise (`delay_ms`).
+    pub simulate_ms: u64,
+    /// Where delivered messages are appended, one JSON line each.
+    pub outbox: PathBuf,
+    /// How long a batch waits for its slowest job before answering with what is done.
+    pub batch_timeout_ms: u64,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig { simulate_ms: 1000, outbox: PathBuf::from("taskd-outbox.log"), batch_timeout_ms: 30_000 }
+    }
+}
+
+/// What `on_finish` needs to answer a job: carried with the task, since the worker that
+/// submitted it may have been replaced by the time it finishes.
+#[derive(Debug, Serialize, Deserialize)]
+struct Context {
+    #[serde(rename = "type")]
+    kind: String,
+    /// One recipient, or one per member of a batch.
+    to: Vec<String>,
+}
+
+pub struct MailApp {
+    config: MailConfig,
+    outbox: Option<Outbox>,
+    pid: u32,
+}
+
+impl MailApp {
+    pub fn new(config: MailConfig) -> Self {
+        MailApp { config, outbox: None, pid: std::process::id() }
+    }
+
+    fn reply(ctx: &mut WorkerCtx<'_>, session: SessionId, value: serde_json::Value) {
+        let mut line = value.to_string().into_bytes();
+        line.push(b'\n');
+        ctx.send(session, &line);
+    }
+
+    fn error(ctx: &mut WorkerCtx<'_>, session: SessionId, message: &str) {
+        Self::reply(ctx, session, json!({"event": "error", "error": message}));
+    }
+
+    fn refused(ctx: &mut WorkerCtx<'_>, session: SessionId, err: TaskError) {
+        tracing::warn!("task not accepted: {err}");
+        let value = match err {
+            TaskError::Busy { queued, limit } => json!({
+                "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
+            }),
+            TaskError::TooLarge { .. } => json!({"event": "error", "error": err.to_string()}),
+        };
+        Self::reply(ctx, session, value);
+    }
+
+    fn submit_job(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, job: &Job) {
+        let context = Context { kind: job.kind.name().into(), to: vec![job.to.clone()] };
+        let (Ok(context), Ok(data)) = (serde_json::to_vec(&context), serde_json::to_vec(job)) else {
+            return Self::error(ctx, session, "internal error: cannot encode the job");
+        };
+        match ctx.task_for(session, &context, &data) {
+            Ok(task_id) => {
+                tracing::info!(
+                    "worker {}: {} to {} accepted as task {task_id}",
+                    ctx.info().slot,
+                    job.kind.name(),
+                    job.to
+                );
+                Self::reply(
+                    ctx,
+                    session,
+                    json!({"event": "accepted", "task_id": task_id, "type": job.kind.name(), "to": job.to, "worker_pid": self.pid}),
+                );
+            }
+            Err(e) => Self::refused(ctx, session, e),
+        }
+    }
+
+    fn submit_batch(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, jobs: &[Job]) {
+        let context = Context { kind: "batch".into(), to: jobs.iter().map(|j| j.to.clone()).collect() };
+        let encoded: Result<Vec<Vec<u8>>, _> = jobs.iter().map(serde_json::to_vec).collect();
+        let (Ok(context), Ok(items)) = (serde_json::to_vec(&context), encoded) else {
+            return Self::error(ctx, session, "internal error: cannot encode the batch");
+        };
+        let items: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+        let timeout = Duration::from_millis(self.config.batch_timeout_ms);
+        match ctx.task_group(session, &context, &items, Some(timeout)) {
+            Ok(task_id) => Self::reply(
+                ctx,
+                session,
+                json!({"event": "accepted", "task_id": task_id, "type": "batch", "count": jobs.len(), "worker_pid": self.pid}),
+            ),
+            Err(e) => Self::refused(ctx, session, e),
+        }
+    }
+
+    fn deliver(&mut self, ctx: &TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+        let job: Job =
+            serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?;
+        let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
+        let pid = ctx.info().pid;
+        let (label, what) = match job.kind {
+            Kind::Email => ("Email", "email"),
+            Kind::Sms => ("SMS", "SMS"),
+        };
+        if delay.is_zero() {
+            tracing::debug!("task {} [pid {pid}]: {what} to {}", task.id, job.to);
+        } else {
+            tracing::info!(
+                "task {} [pid {pid}]: sending {what} to {} (attempt {})",
+                task.id,
+                job.to,
+                task.attempt
+            );
+            // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
+            let steps = 5u32;
+            for i in 1..=steps {
+                std::thread::sleep(delay / steps);
+                tracing::info!("task {} [pid {pid}]: {i}/{steps} done", task.id);
+            }
+        }
+        let outbox = self.outbox.as_mut().ok_or("the outbox is not open")?;
+        outbox
+            .append(&job, task.id, task.attempt, pid)
+            .map_err(|e| format!("cannot write to the outbox: {e}"))?;
+        Ok(format!("{label}:{}, sent", job.to).into_bytes())
+    }
+}
+
+impl Application for MailApp {
+    fn on_start(&mut self, addr: std::net::SocketAddr) {
+        tracing::info!("email/SMS service ready on {addr}; outbox {}", self.config.outbox.display());
+    }
+
+    fn on_worker_start(&mut self, info: &ProcessInfo) {
+        self.pid = info.pid;
+        if info.role == Role::Task {
+            match Outbox::open(&self.config.outbox) {
+                Ok(o) => self.outbox = Some(o),
+                Err(e) => tracing::error!(
+                    "task {}: cannot open outbox {}: {e}",
+                    info.slot,
+                    self.config.outbox.display()
+                ),
+            }
+        }
+    }
+
+    fn on_connect(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, peer: &str) {
+        tracing::debug!("worker {}: client {peer} connected (session {session})", ctx.info().slot);
+    }
+
+    fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]) {
+        match request::parse(data) {
+            Err(message) => {
+                tracing::debug!("worker {}: bad request from session {session}: {message}", ctx.info().slot);
+                Self::error(ctx, session, &message);
+            }
+            Ok(Request::Stats) => ctx.send_stats(session),
+            Ok(Request::Job(job)) => self.submit_job(ctx, session, &job),
+            Ok(Request::Batch(jobs)) => self.submit_batch(ctx, session, &jobs),
+        }
+    }
+
+    fn on_close(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId) {
+        tracing::debug!("worker {}: session {session} closed", ctx.info().slot);
+    }
+
+    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+        self.deliver(ctx, task)
+    }
+
+    fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {
+        let Some(session) = finished.session else { return };
+        let context: Context = match serde_json::from_slice(finished.context) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("task {}: unreadable context: {e}", finished.id);
+                return;
+            }
+        };
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        let value = if let Some(members) = &finished.members {
+            let results: Vec<_> = members
+                .iter()
+                .enumerate()
+                .map(|(i, outcome)| {
+                    let to = context.to.get(i).cloned().unwrap_or_default();
+                    match outcome {
+                        Ok(r) => json!({"to": to, "result": text(r)}),
+                        Err(e) => json!({"to": to, "error": e}),
+                    }
+                })
+                .collect();
+            json!({"event": "done", "task_id": finished.id, "type": "batch", "results": results})
+        } else {
+            let to = context.to.first().cloned().unwrap_or_default();
+            match finished.result {
+                Ok(r) => {
+                    tracing::info!("worker {}: task {} done: {}", ctx.info().slot, finished.id, text(r));
+                    json!({
+                        "event": "done", "task_id": finished.id, "type": context.kind, "to": to,
+                        "result": text(r), "task_pid": finished.task_pid, "attempts": finished.attempts,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!("worker {}: task {} failed: {e}", ctx.info().slot, finished.id);
+                    json!({
+                        "event": "failed", "task_id": finished.id, "type": context.kind, "to": to,
+                        "error": e, "attempts": finished.attempts,
+                    })
+                }
+            }
+        };
+        Self::reply(ctx, session, value);
+    }
+}

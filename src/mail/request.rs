@@ -1,0 +1,398 @@
+//! Reading a client's request line: the JSON forms, the typed-by-hand forms and the bare
+//! address or number of the seeds. Every way a line can be wrong has its own sentence.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Longest email subject accepted (RFC 5322 caps a header line at 998 characters).
+pub const MAX_SUBJECT: usize = 998;
+/// Longest SMS text accepted (ten concatenated 160-character segments).
+pub const MAX_SMS_TEXT: usize = 1600;
+/// Most jobs in one batch.
+pub const MAX_BATCH: usize = 100;
+/// Longest simulated delivery a job may ask for.
+pub const MAX_DELAY_MS: u64 = 3_600_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Email,
+    Sms,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Email => "email",
+            Kind::Sms => "sms",
+        }
+    }
+}
+
+/// One message to deliver: what a task process receives as its task data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    #[serde(rename = "type")]
+    pub kind: Kind,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    Job(Job),
+    Batch(Vec<Job>),
+    Stats,
+}
+
+const HELP: &str = "expected an email address, a phone number, `email ADDRESS [text]`, `sms NUMBER [text]`, \
+a JSON job such as {\"type\":\"email\",\"to\":\"a@example.com\"}, or `stats`";
+
+/// Reads one request line (without its line ending).
+pub fn parse(line: &[u8]) -> Result<Request, String> {
+    let line = std::str::from_utf8(line)
+        .map_err(|e| format!("request is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))?;
+    if line.contains('\0') {
+        return Err("request contains a NUL byte".into());
+    }
+    let line = line.trim();
+    if line.is_empty() {
+        return Err(format!("empty request: {HELP}"));
+    }
+    if line.starts_with('{') || line.starts_with('[') || line.starts_with('"') {
+        return parse_json(line);
+    }
+    let (word, rest) = match line.split_once(char::is_whitespace) {
+        Some((w, r)) => (w, r.trim()),
+        None => (line, ""),
+    };
+    match word.to_ascii_lowercase().as_str() {
+        "stats" if rest.is_empty() => Ok(Request::Stats),
+        "email" => {
+            let (to, text) = split_word(rest);
+            if to.is_empty() {
+                return Err("`email` needs an address: email ADDRESS [text]".into());
+            }
+            let to = valid_email(to)?;
+            let body = (!text.is_empty()).then(|| text.to_string());
+            Ok(Request::Job(Job { kind: Kind::Email, to, subject: None, body, text: None, delay_ms: None }))
+        }
+        "sms" => {
+            let (to, text) = split_word(rest);
+            if to.is_empty() {
+                return Err("`sms` needs a phone number: sms NUMBER [text]".into());
+            }
+            let to = valid_phone(to)?;
+            let text = (!text.is_empty()).then(|| text.to_string());
+            check_sms_text(text.as_deref())?;
+            Ok(Request::Job(Job { kind: Kind::Sms, to, subject: None, body: None, text, delay_ms: None }))
+        }
+        _ if rest.is_empty() && word.contains('@') => Ok(Request::Job(Job {
+            kind: Kind::Email,
+            to: valid_email(word)?,
+            subject: None,
+            body: None,
+            text: None,
+            delay_ms: None,
+        })),
+        _ if rest.is_empty() && looks_like_phone(word) => Ok(Request::Job(Job {
+            kind: Kind::Sms,
+            to: valid_phone(word)?,
+            subject: None,
+            body: None,
+            text: None,
+            delay_ms: None,
+        })),
+        _ => Err(format!("cannot read this request: {HELP}")),
+    }
+}
+
+fn split_word(s: &str) -> (&str, &str) {
+    match s.split_once(char::is_whitespace) {
+        Some((w, r)) => (w, r.trim()),
+        None => (s, ""),
+    }
+}
+
+fn parse_json(line: &str) -> Result<Request, String> {
+    let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(obj) = value else {
+        return Err(format!("a JSON request must be an object, not {}", type_name(&value)));
+    };
+    match obj.get("type") {
+        None => Err("missing field \"type\": use \"email\", \"sms\" or \"batch\"".into()),
+        Some(Value::String(t)) if t == "batch" => parse_batch(&obj),
+        Some(_) => parse_job(&obj).map(Request::Job),
+    }
+}
+
+fn parse_batch(obj: &Map<String, Value>) -> Result<Request, String> {
+    for key in obj.keys() {
+        if key != "type" && key != "jobs" {
+            return Err(format!("unknown field {key:?} in a batch: a batch has \"type\" and \"jobs\""));
+        }
+    }
+    let jobs = match obj.get("jobs") {
+        None => return Err("a batch needs \"jobs\": a list of email or SMS jobs".into()),
+        Some(Value::Array(list)) => list,
+        Some(other) => return Err(format!("field \"jobs\" must be a list, not {}", type_name(other))),
+    };
+    if jobs.is_empty() {
+        return Err("a batch needs at least one job in \"jobs\"".into());
+    }
+    if jobs.len() > MAX_BATCH {
+        return Err(format!("a batch holds at most {MAX_BATCH} jobs, not {}", jobs.len()));
+    }
+    let mut out = Vec::with_capacity(jobs.len());
+    for (i, job) in jobs.iter().enumerate() {
+        let Value::Object(job) = job else {
+            return Err(format!("job {i} of the batch must be an object, not {}", type_name(job)));
+        };
+        if job.get("type").and_then(Value::as_str) == Some("batch") {
+            return Err(format!("job {i} of the batch is itself a batch: batches do not nest"));
+        }
+        out.push(parse_job(job).map_err(|e| format!("job {i} of the batch: {e}"))?);
+    }
+    Ok(Request::Batch(out))
+}
+
+fn parse_job(obj: &Map<String, Value>) -> Result<Job, String> {
+    let kind = match obj.get("type") {
+        None => return Err("missing field \"type\": use \"email\" or \"sms\"".into()),
+        Some(Value::String(t)) => match t.as_str() {
+            "email" => Kind::Email,
+            "sms" => Kind::Sms,
+            other => return Err(format!("unknown type {other:?}: use \"email\", \"sms\" or \"batch\"")),
+        },
+        Some(other) => return Err(format!("field \"type\" must be a string, not {}", type_name(other))),
+    };
+    let allowed: &[&str] = match kind {
+        Kind::Email => &["type", "to", "subject", "body", "delay_ms"],
+        Kind::Sms => &["type", "to", "text", "delay_ms"],
+    };
+    for key in obj.keys() {
+        if !allowed.contains(&key.as_str()) {
+            return Err(format!(
+                "unknown field {key:?} for {} (fields: {})",
+                kind.name(),
+                allowed.join(", ")
+            ));
+        }
+    }
+    let to = match obj.get("to") {
+        None | Some(Value::Null) => {
+            return Err(format!("missing field \"to\": who should get this {}?", kind.name()))
+        }
+        Some(Value::String(s)) => s.trim(),
+        Some(other) => return Err(format!("field \"to\" must be a string, not {}", type_name(other))),
+    };
+    let to = match kind {
+        Kind::Email => valid_email(to)?,
+        Kind::Sms => valid_phone(to)?,
+    };
+    let delay_ms = match obj.get("delay_ms") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(ms) if ms <= MAX_DELAY_MS => Some(ms),
+            _ => return Err(format!("field \"delay_ms\" must be a whole number from 0 to {MAX_DELAY_MS}")),
+        },
+        Some(other) => return Err(format!("field \"delay_ms\" must be a number, not {}", type_name(other))),
+    };
+    let subject = optional_string(obj, "subject")?;
+    if let Some(s) = &subject {
+        if s.chars().count() > MAX_SUBJECT {
+            return Err(format!("field \"subject\" is longer than {MAX_SUBJECT} characters"));
+        }
+        if s.contains(['\r', '\n']) {
+            return Err("field \"subject\" must be one line".into());
+        }
+    }
+    let body = optional_string(obj, "body")?;
+    let text = optional_string(obj, "text")?;
+    check_sms_text(text.as_deref())?;
+    Ok(Job { kind, to, subject, body, text, delay_ms })
+}
+
+fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(format!("field {key:?} must be a string, not {}", type_name(other))),
+    }
+}
+
+fn check_sms_text(text: Option<&str>) -> Result<(), String> {
+    match text {
+        Some(t) if t.chars().count() > MAX_SMS_TEXT => {
+            Err(format!("field \"text\" is longer than {MAX_SMS_TEXT} characters"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn looks_like_phone(s: &str) -> bool {
+    let digits = s.strip_prefix('+').unwrap_or(s);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// An address of the form `local@domain.tld`, as mail systems accept it in practice.
+pub fn valid_email(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("invalid email address {s:?}: {why}"));
+    if s.len() > 254 {
+        return bad("longer than 254 characters");
+    }
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return bad("it has no @");
+    };
+    if local.is_empty() || local.len() > 64 {
+        return bad("the part before @ must be 1 to 64 characters");
+    }
+    let local_ok = local.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+    if !local_ok || local.starts_with('.') || local.ends_with('.') || local.contains("..") {
+        return bad("the part before @ has characters an address cannot have");
+    }
+    let labels: Vec<&str> = domain.split('.').collect();
+    if labels.len() < 2 {
+        return bad("the domain needs a dot, as in example.com");
+    }
+    for label in &labels {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return bad("the domain is not a valid host name");
+        }
+    }
+    let tld = labels[labels.len() - 1];
+    if tld.len() < 2 || !tld.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return bad("the domain must end in a top-level domain such as .com");
+    }
+    Ok(s.to_string())
+}
+
+/// An E.164-style number: an optional `+`, then 7 to 15 digits, the first not 0 after a `+`.
+pub fn valid_phone(s: &str) -> Result<String, String> {
+    let bad = |why: &str| Err(format!("invalid phone number {s:?}: {why}"));
+    let (plus, digits) = match s.strip_prefix('+') {
+        Some(d) => (true, d),
+        None => (false, s),
+    };
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return bad("use digits only, with an optional leading +");
+    }
+    if !(7..=15).contains(&digits.len()) {
+        return bad("it must have 7 to 15 digits");
+    }
+    if plus && digits.starts_with('0') {
+        return bad("a country code never starts with 0");
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(line: &str) -> Job {
+        match parse(line.as_bytes()) {
+            Ok(Request::Job(j)) => j,
+            other => panic!("{line}: {other:?}"),
+        }
+    }
+
+    fn err(line: &[u8]) -> String {
+        parse(line).unwrap_err()
+    }
+
+    #[test]
+    fn every_form_of_the_contract_reads() {
+        assert_eq!(job("alice@example.com").kind, Kind::Email);
+        assert_eq!(job("  alice@example.com ").to, "alice@example.com");
+        let sms = job("+8613800138000");
+        assert_eq!((sms.kind, sms.to.as_str()), (Kind::Sms, "+8613800138000"));
+        let typed = job("sms +8613800138000 hello there");
+        assert_eq!(typed.text.as_deref(), Some("hello there"));
+        let typed = job("EMAIL bob@example.org hi bob");
+        assert_eq!((typed.to.as_str(), typed.body.as_deref()), ("bob@example.org", Some("hi bob")));
+        let j = job(r#"{"type":"email","to":"a@example.com","subject":"s","body":"b","delay_ms":5}"#);
+        assert_eq!((j.subject.as_deref(), j.body.as_deref(), j.delay_ms), (Some("s"), Some("b"), Some(5)));
+        let j = job(r#"{"type":"sms","to":"+8613800138000","text":"t"}"#);
+        assert_eq!(j.text.as_deref(), Some("t"));
+        assert_eq!(parse(b"stats"), Ok(Request::Stats));
+        match parse(br#"{"type":"batch","jobs":[{"type":"email","to":"a@example.com"},{"type":"sms","to":"+15551234567"}]}"#) {
+            Ok(Request::Batch(jobs)) => assert_eq!(jobs.len(), 2),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_mistake_gets_its_own_sentence() {
+        assert!(err(b"\xff\xfe").contains("UTF-8"));
+        assert!(err(b"a\0b").contains("NUL"));
+        assert!(err(b"").contains("empty request"));
+        assert!(err(b"{").contains("invalid JSON"));
+        assert!(err(b"[1,2]").contains("must be an object"));
+        assert!(err(br#"{"to":"a@example.com"}"#).contains("missing field \"type\""));
+        assert!(err(br#"{"type":"fax","to":"x"}"#).contains("unknown type \"fax\""));
+        assert!(err(br#"{"type":"email"}"#).contains("missing field \"to\""));
+        assert!(err(br#"{"type":"email","to":42}"#).contains("must be a string, not a number"));
+        assert!(err(br#"{"type":"email","to":"nope"}"#).contains("invalid email address"));
+        assert!(err(br#"{"type":"sms","to":"+12ab"}"#).contains("invalid phone number"));
+        assert!(err(br#"{"type":"email","to":"a@example.com","subject":7}"#)
+            .contains("\"subject\" must be a string"));
+        assert!(err(br#"{"type":"email","to":"a@example.com","subjet":"x"}"#)
+            .contains("unknown field \"subjet\""));
+        assert!(err(br#"{"type":"email","to":"a@example.com","delay_ms":-1}"#).contains("delay_ms"));
+        let long =
+            format!(r#"{{"type":"email","to":"a@example.com","subject":"{}"}}"#, "x".repeat(MAX_SUBJECT + 1));
+        assert!(err(long.as_bytes()).contains("longer than"));
+        assert!(err(br#"{"type":"batch","jobs":[]}"#).contains("at least one"));
+        assert!(err(br#"{"type":"batch","jobs":[{"type":"email"}]}"#).starts_with("job 0 of the batch"));
+        assert!(err(b"hello world").contains("cannot read this request"));
+        assert!(err(b"email").contains("needs an address"));
+    }
+
+    #[test]
+    fn addresses_and_numbers_are_validated() {
+        for ok in ["a@example.com", "first.last+tag@mail.example.co.uk", "x_y@a-b.io"] {
+            valid_email(ok).unwrap();
+        }
+        for bad in [
+            "a@b",
+            "@example.com",
+            "a@.com",
+            "a..b@example.com",
+            "a@example.c0m",
+            "a@-x.com",
+            "a b@example.com",
+        ] {
+            assert!(valid_email(bad).is_err(), "{bad}");
+        }
+        for ok in ["+8613800138000", "13800138000", "+15551234567"] {
+            valid_phone(ok).unwrap();
+        }
+        for bad in ["+0123456789", "123", "+1234567890123456", "12-34-567"] {
+            assert!(valid_phone(bad).is_err(), "{bad}");
+        }
+    }
+}

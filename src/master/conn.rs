@@ -1,0 +1,100 @@
+//! One client connection as the master holds it.
+//!
+//! An idle connection holds no buffer: input is read into the master's shared scratch buffer
+//! and only an unfinished line is kept here; output is kept only while the socket will not
+//! take it.
+
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+
+use mio::net::TcpStream;
+
+/// Bits of a session id that hold the connection's slab key; the rest count accepts, so an id
+/// is never reused even when the key (or the fd) is.
+pub const KEY_BITS: u32 = 24;
+pub const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
+
+pub struct Conn {
+    pub stream: TcpStream,
+    pub session: u64,
+    pub peer: SocketAddr,
+    /// The worker slot of this connection in dispatch mode 2.
+    pub worker: u32,
+    /// An unfinished request line.
+    pub partial: Vec<u8>,
+    out: Vec<u8>,
+    written: usize,
+    /// The client shut down its side: answer what it sent, then close.
+    pub read_closed: bool,
+    /// Close once the output is written (after a fatal protocol error).
+    pub close_after_flush: bool,
+    /// Requests and jobs of this session not answered yet (dispatched, not committed).
+    pub outstanding: u32,
+    /// Queued in the master's list of connections to flush this turn.
+    pub dirty: bool,
+}
+
+/// What a flush achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Flushed {
+    All,
+    Partly,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, session: u64, peer: SocketAddr, worker: u32) -> Conn {
+        Conn {
+            stream,
+            session,
+            peer,
+            worker,
+            partial: Vec::new(),
+            out: Vec::new(),
+            written: 0,
+            read_closed: false,
+            close_after_flush: false,
+            outstanding: 0,
+            dirty: false,
+        }
+    }
+
+    pub fn queue(&mut self, data: &[u8]) {
+        self.out.extend_from_slice(data);
+    }
+
+    pub fn unwritten(&self) -> usize {
+        self.out.len() - self.written
+    }
+
+    pub fn flush(&mut self) -> io::Result<Flushed> {
+        while self.written < self.out.len() {
+            match self.stream.write(&self.out[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => self.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Partly),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // Give memory back: an idle connection holds no buffer.
+        self.out = Vec::new();
+        self.written = 0;
+        Ok(Flushed::All)
+    }
+
+    /// Reads into `scratch`; `Ok(0)` is the end of the client's input.
+    pub fn read(&mut self, scratch: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match self.stream.read(scratch) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+
+    /// Whether nothing more will happen on this connection: safe to close.
+    pub fn finished(&self) -> bool {
+        (self.read_closed && self.outstanding == 0 && self.unwritten() == 0)
+            || (self.close_after_flush && self.unwritten() == 0)
+    }
+}

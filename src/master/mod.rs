@@ -1,0 +1,1152 @@
+//! The master process: one mio reactor that owns the listening socket, every client
+//! connection, and the master end of every slot's channel.
+//!
+//! The master is where nothing may be lost, because it is the one process whose death ends
+//! the daemon. So it keeps the books: every delivery to a worker until the worker commits it
+//! (`replay`), and every job until a task process has finished it (`jobs`). When the manager
+//! reports that a process died, the master cleans that slot's channel and hands the
+//! successor everything the dead process had not finished.
+
+mod conn;
+mod jobs;
+mod replay;
+mod slots;
+mod stats;
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpListener;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use slab::Slab;
+
+use crate::app::Application;
+use crate::config::{DispatchMode, ServerConfig};
+use crate::ipc::channel::drain_fd;
+use crate::ipc::envelope::{encode_outcome, frame_kind, frame_len, COMMIT_KIND};
+use crate::ipc::{Channel, ExitReason, Frame, Role, SlotChannel};
+use crate::manager;
+use crate::process;
+use crate::protocol;
+use crate::shm::Shared;
+use crate::signals::Signals;
+
+use conn::{Conn, Flushed, KEY_BITS, KEY_MASK};
+use jobs::{Jobs, MemberOutcome};
+use replay::Delivery;
+use slots::{TaskSlot, WorkerSlot};
+use stats::Counters;
+
+const LISTENER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const MANAGER: Token = Token(2);
+const SLOT_BASE: usize = 16;
+const CONN_BASE: usize = 1 << 32;
+const SCRATCH: usize = 64 * 1024;
+/// How long the pool may take to exit once told to, before it is killed.
+const POOL_STOP_LIMIT: Duration = Duration::from_secs(5);
+/// How long the master waits for a dead manager's pool to die with it.
+const ORPHAN_LIMIT: Duration = Duration::from_secs(2);
+
+/// The signals the master handles; blocked before the first fork so none is missed.
+pub const MASTER_SIGNALS: [Signal; 6] =
+    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGHUP];
+
+/// Everything the master starts with.
+pub struct MasterSetup<'a> {
+    pub config: &'a ServerConfig,
+    pub shared: &'static Shared,
+    pub listener: std::net::TcpListener,
+    pub signals: Signals,
+    pub workers: Vec<SlotChannel>,
+    pub tasks: Vec<SlotChannel>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    /// Not accepting; waiting for in-flight work until the deadline.
+    Draining {
+        deadline: Instant,
+    },
+    /// The pool was told to stop; waiting for the manager to exit.
+    Stopping {
+        deadline: Instant,
+    },
+}
+
+/// A manager that died, and the pool processes of it that have not been reaped yet.
+struct ManagerRecovery {
+    orphans: HashSet<i32>,
+    deadline: Instant,
+}
+
+pub struct Master<'a, A: Application> {
+    app: &'a mut A,
+    config: &'a ServerConfig,
+    shared: &'static Shared,
+    poll: Poll,
+    listener: Option<TcpListener>,
+    local_addr: SocketAddr,
+    signals: Signals,
+    manager: Channel,
+    /// The manager's end of its channel, kept to hand to a new manager.
+    manager_end: OwnedFd,
+    manager_pid: Option<Pid>,
+    recovery: Option<ManagerRecovery>,
+    workers: Vec<WorkerSlot>,
+    tasks: Vec<TaskSlot>,
+    conns: Slab<Conn>,
+    accepted: u64,
+    round_robin: usize,
+    jobs: Jobs,
+    /// Connections with output to write at the end of this turn.
+    dirty: Vec<usize>,
+    /// Connections to close at the end of this turn if nothing more can happen on them.
+    maybe_finished: Vec<usize>,
+    scratch: Vec<u8>,
+    counters: Counters,
+    phase: Phase,
+    /// Rolling reload: slots still to replace, and the one being replaced now.
+    reload_queue: VecDeque<(Role, u32)>,
+    reloading: Option<(Role, u32)>,
+    exit_code: Option<i32>,
+}
+
+impl<'a, A: Application> Master<'a, A> {
+    pub fn new(app: &'a mut A, setup: MasterSetup<'a>) -> io::Result<Self> {
+        let MasterSetup { config, shared, listener, signals, workers, tasks } = setup;
+        listener.set_nonblocking(true)?;
+        let local_addr = listener.local_addr()?;
+        let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
+        let poll = Poll::new()?;
+        let mut listener = TcpListener::from_std(listener);
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let sig_fd = signals.raw_fd();
+        poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE)?;
+        let mut manager = Channel::new(manager_master_end);
+        poll.registry().register(manager.source(), MANAGER, Interest::READABLE | Interest::WRITABLE)?;
+        let both = Interest::READABLE | Interest::WRITABLE;
+        let mut worker_slots = Vec::new();
+        for (i, ch) in workers.into_iter().enumerate() {
+            let mut chan = Channel::new(ch.master_end);
+            poll.registry().register(chan.source(), Token(SLOT_BASE + i), both)?;
+            worker_slots.push(WorkerSlot::new(chan, ch.child_end));
+        }
+        let mut task_slots = Vec::new();
+        for (i, ch) in tasks.into_iter().enumerate() {
+            let mut chan = Channel::new(ch.master_end);
+            poll.registry().register(chan.source(), Token(SLOT_BASE + worker_slots.len() + i), both)?;
+            task_slots.push(TaskSlot::new(chan, ch.child_end));
+        }
+        // Pool processes orphaned by a dying manager come to us, so we know when they are gone.
+        nix::sys::prctl::set_child_subreaper(true)?;
+        Ok(Master {
+            app,
+            config,
+            shared,
+            poll,
+            listener: Some(listener),
+            local_addr,
+            signals,
+            manager,
+            manager_end,
+            manager_pid: None,
+            recovery: None,
+            workers: worker_slots,
+            tasks: task_slots,
+            conns: Slab::new(),
+            accepted: 0,
+            round_robin: 0,
+            jobs: Jobs::default(),
+            dirty: Vec::new(),
+            maybe_finished: Vec::new(),
+            scratch: vec![0; SCRATCH],
+            counters: Counters::new(),
+            phase: Phase::Running,
+            reload_queue: VecDeque::new(),
+            reloading: None,
+            exit_code: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Forks the manager, which forks the pool.
+    pub fn spawn_manager(&mut self) -> io::Result<()> {
+        let master_pid = nix::unistd::getpid();
+        let mut keep: Vec<RawFd> = vec![self.manager_end.as_raw_fd()];
+        keep.extend(self.workers.iter().map(|w| w.child_end.as_raw_fd()));
+        keep.extend(self.tasks.iter().map(|t| t.child_end.as_raw_fd()));
+        let manager_fd = self.manager_end.as_raw_fd();
+        let worker_fds: Vec<RawFd> = self.workers.iter().map(|w| w.child_end.as_raw_fd()).collect();
+        let task_fds: Vec<RawFd> = self.tasks.iter().map(|t| t.child_end.as_raw_fd()).collect();
+        let config = self.config;
+        let shared = self.shared;
+        let app = &mut *self.app;
+        let pid = process::spawn(&keep, move || {
+            let owned = |fd: RawFd| {
+                // SAFETY: `fd` stayed open across the fork (it is in `keep`) and nothing else in
+                // this process will close it: the parent's values holding it are never dropped.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            };
+            manager::run(
+                app,
+                manager::ManagerSetup {
+                    config,
+                    shared,
+                    master_channel: owned(manager_fd),
+                    workers: worker_fds.into_iter().map(owned).collect(),
+                    tasks: task_fds.into_iter().map(owned).collect(),
+                    master_pid,
+                },
+            )
+        })?;
+        self.manager_pid = Some(pid);
+        Ok(())
+    }
+
+    /// Runs the reactor until the daemon stops; returns the exit code.
+    pub fn run(&mut self) -> i32 {
+        let mut events = Events::with_capacity(1024);
+        loop {
+            let timeout = self.timeout();
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("master: poll failed: {e}");
+                    return 1;
+                }
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    SIGNALS => self.handle_signals(),
+                    MANAGER => self.read_manager(),
+                    Token(t) if t >= CONN_BASE => {
+                        let key = t - CONN_BASE;
+                        if event.is_readable() || event.is_read_closed() || event.is_error() {
+                            self.read_conn(key);
+                        }
+                        if event.is_writable() {
+                            self.mark_dirty(key);
+                        }
+                    }
+                    Token(t) => {
+                        let i = t - SLOT_BASE;
+                        if i < self.workers.len() {
+                            self.read_worker(i);
+                        } else if i - self.workers.len() < self.tasks.len() {
+                            self.read_task(i - self.workers.len());
+                        }
+                    }
+                }
+            }
+            self.end_turn();
+            if let Some(code) = self.exit_code {
+                self.flush_conns();
+                return code;
+            }
+        }
+    }
+
+    fn timeout(&self) -> Option<Duration> {
+        let mut deadline = match self.phase {
+            Phase::Running => None,
+            Phase::Draining { deadline } | Phase::Stopping { deadline } => Some(deadline),
+        };
+        let others = self.recovery.as_ref().map(|r| r.deadline).into_iter().chain(self.jobs.next_deadline());
+        for d in others {
+            deadline = Some(deadline.map_or(d, |x| x.min(d)));
+        }
+        deadline.map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    // ---- clients ----
+
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else { return };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            if key as u64 > KEY_MASK {
+                tracing::warn!("too many connections; refusing {peer}");
+                continue;
+            }
+            self.accepted += 1;
+            let session = (self.accepted << KEY_BITS) | key as u64;
+            let fd = stream.as_raw_fd();
+            let worker = (fd as usize % self.workers.len()) as u32;
+            let _ = stream.set_nodelay(true);
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(CONN_BASE + key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("cannot watch connection from {peer}: {e}");
+                continue;
+            }
+            entry.insert(Conn::new(stream, session, peer, worker));
+            self.counters.accept_count += 1;
+            tracing::debug!("client {peer} connected: session {session}, fd {fd}");
+            if self.config.dispatch_mode == DispatchMode::Fixed {
+                let peer = peer.to_string();
+                self.deliver(worker as usize, session, Delivery::Connect, |seq, out| {
+                    Frame::Connect { seq, session, peer: peer.as_bytes() }.encode(out)
+                });
+            }
+        }
+    }
+
+    fn read_conn(&mut self, key: usize) {
+        if !matches!(self.phase, Phase::Running) {
+            // Shutting down: what is already dispatched is answered, nothing new is read.
+            return;
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(conn) = self.conns.get_mut(key) {
+            if conn.read_closed || conn.close_after_flush {
+                break;
+            }
+            match conn.read(&mut scratch) {
+                Ok(0) => {
+                    conn.read_closed = true;
+                    self.maybe_finished.push(key);
+                    break;
+                }
+                Ok(n) => self.take_lines(key, &scratch[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!("client {} read error: {e}", conn.peer);
+                    self.close_conn(key);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Splits newly read bytes into request lines and dispatches each.
+    fn take_lines(&mut self, key: usize, fresh: &[u8]) {
+        let max = self.config.package_max_length;
+        let mut partial = std::mem::take(&mut self.conns[key].partial);
+        let data: &[u8] = if partial.is_empty() {
+            fresh
+        } else {
+            partial.extend_from_slice(fresh);
+            &partial
+        };
+        let mut pos = 0;
+        let rest = loop {
+            match protocol::next_line(&data[pos..], max) {
+                Ok(Some((line, used))) => {
+                    self.dispatch_request(key, line);
+                    pos += used;
+                }
+                Ok(None) => break Some(&data[pos..]),
+                Err(too_long) => {
+                    let conn = &mut self.conns[key];
+                    tracing::warn!(
+                        "client {}: request line longer than package_max_length ({} bytes); closing",
+                        conn.peer,
+                        too_long.limit
+                    );
+                    let msg = format!(
+                        "request line longer than package_max_length ({} bytes); closing the connection",
+                        too_long.limit
+                    );
+                    conn.queue(&protocol::error_line(&msg));
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                    break None;
+                }
+            }
+        };
+        let rest = rest.map(<[u8]>::to_vec).unwrap_or_default();
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.partial = rest;
+        }
+    }
+
+    fn dispatch_request(&mut self, key: usize, line: &[u8]) {
+        let conn = &mut self.conns[key];
+        conn.outstanding += 1;
+        let session = conn.session;
+        let worker = match self.config.dispatch_mode {
+            DispatchMode::Fixed => conn.worker as usize,
+            DispatchMode::RoundRobin => {
+                self.round_robin = (self.round_robin + 1) % self.workers.len();
+                self.round_robin
+            }
+            DispatchMode::Preemptive => {
+                self.round_robin = (self.round_robin + 1) % self.workers.len();
+                let n = self.workers.len();
+                (0..n)
+                    .map(|k| (self.round_robin + k) % n)
+                    .min_by_key(|&w| (!self.workers[w].alive as usize, self.workers[w].log.len()))
+                    .unwrap_or(0)
+            }
+        };
+        self.counters.dispatch_count += 1;
+        self.deliver(worker, session, Delivery::Request, |seq, out| {
+            Frame::Request { seq, session, data: line }.encode(out)
+        });
+    }
+
+    /// Writes a delivery to a worker slot and keeps it until the slot commits it.
+    fn deliver(
+        &mut self,
+        worker: usize,
+        session: u64,
+        kind: Delivery,
+        encode: impl FnOnce(u64, &mut Vec<u8>),
+    ) {
+        let slot = &mut self.workers[worker];
+        let seq = slot.log.next_seq();
+        let bytes = slot.log.push(seq, session, kind, |out| encode(seq, out));
+        slot.chan.output().extend_from_slice(bytes);
+    }
+
+    fn conn_mut(&mut self, session: u64) -> Option<(usize, &mut Conn)> {
+        let key = (session & KEY_MASK) as usize;
+        match self.conns.get_mut(key) {
+            Some(conn) if conn.session == session => Some((key, conn)),
+            _ => None,
+        }
+    }
+
+    fn send_to_session(&mut self, session: u64, data: &[u8]) {
+        let limit = self.config.buffer_output_size;
+        let Some((key, conn)) = self.conn_mut(session) else {
+            tracing::debug!("dropping {} bytes for closed session {session}", data.len());
+            return;
+        };
+        conn.queue(data);
+        if conn.unwritten() > limit {
+            tracing::warn!(
+                "client {} does not read its replies: {} bytes pending, over buffer_output_size ({limit}); disconnecting",
+                conn.peer,
+                conn.unwritten()
+            );
+            self.close_conn(key);
+            return;
+        }
+        self.mark_dirty(key);
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    fn close_conn(&mut self, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.counters.close_count += 1;
+        tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
+        if self.config.dispatch_mode == DispatchMode::Fixed {
+            let session = conn.session;
+            self.deliver(conn.worker as usize, session, Delivery::Close, |seq, out| {
+                Frame::Close { seq, session }.encode(out)
+            });
+        }
+    }
+
+    fn flush_conns(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            conn.dirty = false;
+            match conn.flush() {
+                Ok(Flushed::All) => {
+                    if conn.finished() {
+                        self.close_conn(key);
+                    }
+                }
+                Ok(Flushed::Partly) => {}
+                Err(e) => {
+                    tracing::debug!("client {}: write failed ({e}); closing", conn.peer);
+                    self.close_conn(key);
+                }
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    // ---- workers ----
+
+    fn read_worker(&mut self, i: usize) {
+        if let Err(e) = self.workers[i].chan.fill() {
+            tracing::error!("worker {i}: reading its channel failed: {e}");
+        }
+        self.handle_worker_input(i);
+    }
+
+    /// Acts on the committed part of a worker's output; the rest waits for its commit.
+    fn handle_worker_input(&mut self, i: usize) {
+        let mut input = self.workers[i].chan.take_input();
+        let data = input.data();
+        // Find where the last complete commit ends.
+        let mut pos = 0;
+        let mut committed = 0;
+        let corrupt = loop {
+            match frame_len(&data[pos..]) {
+                Ok(Some(n)) => {
+                    if frame_kind(&data[pos..pos + n]) == COMMIT_KIND {
+                        committed = pos + n;
+                    }
+                    pos += n;
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        let mut pos = 0;
+        while pos < committed {
+            match Frame::decode(&data[pos..committed]) {
+                Ok(Some((frame, n))) => {
+                    self.on_worker_frame(i, frame);
+                    pos += n;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("worker {i}: corrupt message: {e}");
+                    break;
+                }
+            }
+        }
+        input.consume(committed);
+        self.workers[i].chan.restore_input(input);
+        if let Some(e) = corrupt {
+            tracing::error!(
+                "worker {i} (pid {}) sent a corrupt message ({e}); replacing it",
+                self.workers[i].pid
+            );
+            self.workers[i].chan.discard_input();
+            if self.workers[i].pid != 0 {
+                let _ = kill(Pid::from_raw(self.workers[i].pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn on_worker_frame(&mut self, i: usize, frame: Frame<'_>) {
+        match frame {
+            Frame::Send { session, data } => self.send_to_session(session, data),
+            Frame::CloseSession { session } => {
+                if let Some((key, conn)) = self.conn_mut(session) {
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                }
+            }
+            Frame::Task { task_id, session, target: _, group, context, data } => {
+                self.jobs.accept(task_id, i as u32, session, group, context, data);
+                self.counters.tasks_accepted += 1;
+                if group == 0 {
+                    if let Some((_, conn)) = self.conn_mut(session) {
+                        conn.outstanding += 1;
+                    }
+                }
+                self.shared.set_jobs_pending(self.jobs.len() as u64);
+            }
+            Frame::Group { group_id, session, size, timeout_ms, context } => {
+                self.jobs.open_group(group_id, i as u32, session, size, timeout_ms, context);
+                if let Some((_, conn)) = self.conn_mut(session) {
+                    conn.outstanding += 1;
+                }
+            }
+            Frame::Commit { seq } => self.commit(i, seq),
+            Frame::Stats { session } => {
+                let line = self.stats_line();
+                self.send_to_session(session, &line);
+            }
+            other => tracing::warn!("worker {i}: ignoring unexpected message {other:?}"),
+        }
+    }
+
+    fn commit(&mut self, i: usize, seq: u64) {
+        let Master { workers, conns, counters, maybe_finished, .. } = self;
+        let slot = &mut workers[i];
+        let served = &mut slot.served;
+        slot.log.commit(seq, |entry| {
+            match entry.kind {
+                Delivery::Request => {
+                    *served += 1;
+                    counters.request_count += 1;
+                }
+                Delivery::Finish => {}
+                Delivery::Connect | Delivery::Close => return,
+            }
+            let key = (entry.session & KEY_MASK) as usize;
+            if let Some(conn) = conns.get_mut(key) {
+                if conn.session == entry.session {
+                    conn.outstanding = conn.outstanding.saturating_sub(1);
+                    if conn.read_closed {
+                        maybe_finished.push(key);
+                    }
+                }
+            }
+        });
+    }
+
+    // ---- task processes ----
+
+    fn read_task(&mut self, j: usize) {
+        if let Err(e) = self.tasks[j].chan.fill() {
+            tracing::error!("task {j}: reading its channel failed: {e}");
+        }
+        self.handle_task_input(j);
+    }
+
+    fn handle_task_input(&mut self, j: usize) {
+        let mut input = self.tasks[j].chan.take_input();
+        let mut corrupt = None;
+        loop {
+            match Frame::decode(input.data()) {
+                Ok(Some((frame, n))) => {
+                    self.on_task_frame(j, frame);
+                    input.consume(n);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
+                }
+            }
+        }
+        self.tasks[j].chan.restore_input(input);
+        if let Some(e) = corrupt {
+            tracing::error!(
+                "task {j} (pid {}) sent a corrupt message ({e}); replacing it",
+                self.tasks[j].pid
+            );
+            self.tasks[j].chan.discard_input();
+            if self.tasks[j].pid != 0 {
+                let _ = kill(Pid::from_raw(self.tasks[j].pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn on_task_frame(&mut self, j: usize, frame: Frame<'_>) {
+        match frame {
+            Frame::Send { session, data } => self.send_to_session(session, data),
+            Frame::TaskDone { task_id, ok, result } => {
+                let slot = &mut self.tasks[j];
+                if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
+                    slot.inflight.remove(pos);
+                }
+                slot.served += 1;
+                let pid = slot.pid;
+                self.finish_job(task_id, pid, ok, result);
+            }
+            other => tracing::warn!("task {j}: ignoring unexpected message {other:?}"),
+        }
+    }
+
+    /// A job has its final outcome: count it and deliver it to its worker slot's `on_finish`.
+    fn finish_job(&mut self, task_id: u64, task_pid: u32, ok: bool, result: &[u8]) {
+        let Some(job) = self.jobs.remove(task_id) else {
+            tracing::warn!("result for unknown task {task_id} dropped");
+            return;
+        };
+        if ok {
+            self.counters.tasks_done += 1;
+        } else {
+            self.counters.tasks_failed += 1;
+        }
+        self.shared.set_jobs_pending(self.jobs.len() as u64);
+        if job.group != 0 {
+            let Some(group) = self.jobs.groups.get_mut(&job.group) else {
+                self.counters.late_results_dropped += 1;
+                tracing::debug!(
+                    "task {task_id} finished after its group {} was answered; dropped",
+                    job.group
+                );
+                return;
+            };
+            group.outcomes[job.index as usize] =
+                Some(MemberOutcome { ok, result: result.to_vec(), attempts: job.attempts });
+            if group.complete() {
+                self.finish_group(job.group);
+            }
+            return;
+        }
+        let session = job.session;
+        self.deliver(job.worker as usize, session, Delivery::Finish, |seq, out| {
+            Frame::Finish {
+                seq,
+                task_id,
+                session,
+                task_pid,
+                attempts: job.attempts,
+                ok,
+                group: false,
+                context: &job.context,
+                result,
+            }
+            .encode(out)
+        });
+    }
+
+    /// Delivers a group's outcomes as one finish; members still missing count as timed out.
+    fn finish_group(&mut self, group_id: u64) {
+        let Some(group) = self.jobs.groups.remove(&group_id) else { return };
+        let mut result = Vec::new();
+        let mut attempts = 0;
+        let missing = format!("timed out after {} ms", group.timeout.as_millis());
+        for k in 0..group.size as usize {
+            match group.outcomes.get(k).and_then(Option::as_ref) {
+                Some(member) => {
+                    attempts = attempts.max(member.attempts);
+                    encode_outcome(member.ok, &member.result, &mut result);
+                }
+                None => encode_outcome(false, missing.as_bytes(), &mut result),
+            }
+        }
+        let session = group.session;
+        self.deliver(group.worker as usize, session, Delivery::Finish, |seq, out| {
+            Frame::Finish {
+                seq,
+                task_id: group_id,
+                session,
+                task_pid: 0,
+                attempts,
+                ok: true,
+                group: true,
+                context: &group.context,
+                result: &result,
+            }
+            .encode(out)
+        });
+    }
+
+    /// Hands queued jobs to task processes with room for them, least loaded first.
+    fn dispatch_jobs(&mut self) {
+        let prefetch = self.config.task_prefetch;
+        while let Some(task_id) = self.jobs.front() {
+            let best = self
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.accepts_work() && t.inflight.len() < prefetch)
+                .min_by_key(|(_, t)| t.inflight.len())
+                .map(|(j, _)| j);
+            let Some(j) = best else { return };
+            self.jobs.pop_front();
+            let Some(job) = self.jobs.get_mut(task_id) else { continue };
+            job.attempts += 1;
+            let slot = &mut self.tasks[j];
+            Frame::RunTask {
+                task_id,
+                session: job.session,
+                attempt: job.attempts,
+                src_worker: job.worker,
+                data: &job.data,
+            }
+            .encode(slot.chan.output());
+            slot.inflight.push_back(task_id);
+        }
+    }
+
+    // ---- the manager and process lifecycle ----
+
+    fn read_manager(&mut self) {
+        let state = self.manager.fill();
+        let mut input = self.manager.take_input();
+        loop {
+            match Frame::decode(input.data()) {
+                Ok(Some((frame, n))) => {
+                    self.on_manager_frame(frame);
+                    input.consume(n);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("corrupt message from the manager: {e}");
+                    input.consume(input.data().len());
+                    break;
+                }
+            }
+        }
+        self.manager.restore_input(input);
+        if let Err(e) = state {
+            tracing::error!("reading the manager's channel failed: {e}");
+        }
+    }
+
+    fn on_manager_frame(&mut self, frame: Frame<'_>) {
+        match frame {
+            Frame::Started { role, slot, pid } => self.on_started(role, slot as usize, pid),
+            Frame::Exited { role, slot, pid, reason, uptime_ms: _ } => {
+                self.clean_slot(role, slot as usize, pid, reason);
+                self.manager.send(&Frame::SlotReady { role, slot });
+            }
+            Frame::ForkFailed { role, slot, error } => {
+                self.counters.fork_failures += 1;
+                tracing::error!(
+                    "the manager could not fork {role} {slot}: {}",
+                    String::from_utf8_lossy(error)
+                );
+            }
+            other => tracing::warn!("ignoring unexpected message from the manager: {other:?}"),
+        }
+    }
+
+    fn on_started(&mut self, role: Role, slot: usize, pid: u32) {
+        match role {
+            Role::Worker => {
+                let Some(w) = self.workers.get_mut(slot) else { return };
+                w.started(pid);
+                if !w.log.is_empty() {
+                    tracing::debug!(
+                        "worker {slot} (pid {pid}) takes over {} pending deliveries",
+                        w.log.len()
+                    );
+                }
+            }
+            Role::Task => {
+                let Some(t) = self.tasks.get_mut(slot) else { return };
+                t.started(pid);
+            }
+        }
+        if self.reloading == Some((role, slot as u32)) {
+            self.reloading = None;
+            self.reload_next();
+        }
+    }
+
+    /// A process of this slot is gone: take what it committed, throw away what it left half
+    /// written or half read, and line up everything it had not finished for its successor.
+    fn clean_slot(&mut self, role: Role, slot: usize, pid: u32, reason: ExitReason) {
+        match role {
+            Role::Worker => {
+                if slot >= self.workers.len() {
+                    return;
+                }
+                // It is dead, so everything it wrote is in the socket already.
+                self.read_worker(slot);
+                let w = &mut self.workers[slot];
+                w.chan.discard_input();
+                if let Err(e) = drain_fd(w.child_end.as_raw_fd()) {
+                    tracing::error!("worker {slot}: cannot empty its channel: {e}");
+                }
+                w.chan.discard_output();
+                let WorkerSlot { chan, log, .. } = w;
+                chan.output().extend_from_slice(log.uncommitted());
+                w.exited();
+                if !reason.is_clean() {
+                    self.counters.worker_crashes += 1;
+                }
+                tracing::debug!(
+                    "worker {slot} (pid {pid}) {reason}; {} deliveries wait for its successor",
+                    w.log.len()
+                );
+            }
+            Role::Task => {
+                if slot >= self.tasks.len() {
+                    return;
+                }
+                self.read_task(slot);
+                let t = &mut self.tasks[slot];
+                t.chan.discard_input();
+                if let Err(e) = drain_fd(t.child_end.as_raw_fd()) {
+                    tracing::error!("task {slot}: cannot empty its channel: {e}");
+                }
+                t.chan.discard_output();
+                let inflight: Vec<u64> = t.inflight.drain(..).collect();
+                t.exited();
+                if !reason.is_clean() {
+                    self.counters.task_crashes += 1;
+                }
+                // Jobs behind the first were never started; the first was running unless the
+                // process ended on purpose.
+                for (k, &task_id) in inflight.iter().enumerate().rev() {
+                    let started = k == 0 && !reason.is_clean();
+                    let Some(job) = self.jobs.get_mut(task_id) else { continue };
+                    if !started {
+                        job.attempts = job.attempts.saturating_sub(1);
+                        self.jobs.push_front(task_id);
+                        continue;
+                    }
+                    let attempts = job.attempts;
+                    if attempts > self.config.task_retry_max {
+                        let why = format!("task process {pid} {reason}");
+                        tracing::warn!("task {task_id} failed after {attempts} attempt(s): {why}");
+                        self.finish_job(task_id, pid, false, why.as_bytes());
+                    } else {
+                        self.counters.tasks_retried += 1;
+                        tracing::warn!(
+                            "task {task_id} was running in task process {pid}, which {reason}; running it again (attempt {} of {})",
+                            attempts + 1,
+                            self.config.task_retry_max + 1
+                        );
+                        self.jobs.push_front(task_id);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- signals, reload, shutdown ----
+
+    fn handle_signals(&mut self) {
+        for sig in self.signals.pending() {
+            match sig {
+                Signal::SIGTERM | Signal::SIGINT => self.on_stop_signal(sig),
+                Signal::SIGCHLD => self.reap(),
+                Signal::SIGUSR1 => self.start_reload(Role::Worker),
+                Signal::SIGUSR2 => self.start_reload(Role::Task),
+                Signal::SIGHUP => tracing::info!("SIGHUP: nothing to reopen (logs go to stderr)"),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_stop_signal(&mut self, sig: Signal) {
+        match self.phase {
+            Phase::Running => {
+                let deadline = Instant::now() + self.config.max_wait();
+                tracing::info!(
+                    "{sig}: shutting down; no new connections; waiting up to {}s for {} jobs and {} requests in flight",
+                    self.config.max_wait_time,
+                    self.jobs.len(),
+                    self.workers.iter().map(|w| w.log.len()).sum::<usize>()
+                );
+                if let Some(mut listener) = self.listener.take() {
+                    let _ = self.poll.registry().deregister(&mut listener);
+                }
+                self.phase = Phase::Draining { deadline };
+            }
+            _ => {
+                tracing::warn!("{sig} again: stopping now");
+                if let Some(pid) = self.manager_pid {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    process::wait_for(pid, Duration::from_secs(2));
+                }
+                self.exit_code = Some(1);
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        for reaped in process::reap() {
+            if Some(reaped.pid) == self.manager_pid {
+                self.manager_pid = None;
+                self.on_manager_exit(reaped.reason);
+            } else if let Some(r) = &mut self.recovery {
+                r.orphans.remove(&reaped.pid.as_raw());
+            }
+        }
+    }
+
+    fn on_manager_exit(&mut self, reason: ExitReason) {
+        if let Phase::Stopping { .. } = self.phase {
+            tracing::info!("taskd stopped");
+            self.exit_code = Some(0);
+            return;
+        }
+        tracing::error!("the manager {reason}; its pool dies with it; starting a new manager");
+        // The pool processes die with their manager (PR_SET_PDEATHSIG) and come to us to be
+        // reaped; their channels are cleaned only once they are gone.
+        let orphans: HashSet<i32> = self
+            .workers
+            .iter()
+            .map(|w| w.pid)
+            .chain(self.tasks.iter().map(|t| t.pid))
+            .filter(|&p| p != 0)
+            .map(|p| p as i32)
+            .collect();
+        self.recovery = Some(ManagerRecovery { orphans, deadline: Instant::now() + ORPHAN_LIMIT });
+        self.reap();
+    }
+
+    /// Once the old pool is gone: clean every slot and start a new manager.
+    fn finish_manager_recovery(&mut self) {
+        let Some(r) = &self.recovery else { return };
+        if !r.orphans.is_empty() && Instant::now() < r.deadline {
+            return;
+        }
+        for &pid in &r.orphans {
+            tracing::warn!("pool process {pid} outlived its manager; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.recovery = None;
+        let died = ExitReason::Signal(Signal::SIGKILL as i32);
+        for i in 0..self.workers.len() {
+            let pid = self.workers[i].pid;
+            self.clean_slot(Role::Worker, i, pid, died);
+        }
+        for j in 0..self.tasks.len() {
+            let pid = self.tasks[j].pid;
+            self.clean_slot(Role::Task, j, pid, died);
+        }
+        // A new channel: the old one may hold half a message of the dead manager.
+        match crate::ipc::channel::pair() {
+            Ok((master_end, manager_end)) => {
+                let _ = self.poll.registry().deregister(self.manager.source());
+                self.manager = Channel::new(master_end);
+                self.manager_end = manager_end;
+                let both = Interest::READABLE | Interest::WRITABLE;
+                if let Err(e) = self.poll.registry().register(self.manager.source(), MANAGER, both) {
+                    tracing::error!("cannot watch the new manager's channel: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot create a channel for a new manager: {e}"),
+        }
+        if let Err(e) = self.spawn_manager() {
+            tracing::error!("cannot fork a new manager: {e}; stopping");
+            self.exit_code = Some(1);
+        }
+    }
+
+    fn start_reload(&mut self, role: Role) {
+        let n = match role {
+            Role::Worker => self.workers.len(),
+            Role::Task => self.tasks.len(),
+        };
+        tracing::info!("reloading every {role} process, one at a time");
+        for slot in 0..n as u32 {
+            if !self.reload_queue.contains(&(role, slot)) {
+                self.reload_queue.push_back((role, slot));
+            }
+        }
+        if self.reloading.is_none() {
+            self.reload_next();
+        }
+    }
+
+    fn reload_next(&mut self) {
+        while let Some((role, slot)) = self.reload_queue.pop_front() {
+            let i = slot as usize;
+            let stopped = match role {
+                Role::Worker => self.workers[i].ask_to_stop(),
+                Role::Task => self.tasks[i].ask_to_stop(),
+            };
+            if stopped {
+                self.reloading = Some((role, slot));
+                return;
+            }
+        }
+        if self.reloading.is_none() {
+            tracing::info!("reload complete");
+        }
+    }
+
+    fn drained(&self) -> bool {
+        self.jobs.is_empty()
+            && self.workers.iter().all(|w| w.log.is_empty())
+            && self.conns.iter().all(|(_, c)| c.unwritten() == 0)
+    }
+
+    fn end_turn(&mut self) {
+        self.finish_manager_recovery();
+        for group_id in self.jobs.expired_groups(Instant::now()) {
+            self.finish_group(group_id);
+        }
+        let finished = std::mem::take(&mut self.maybe_finished);
+        for &key in &finished {
+            if self.conns.get(key).is_some_and(Conn::finished) {
+                self.close_conn(key);
+            }
+        }
+        self.maybe_finished = finished;
+        self.maybe_finished.clear();
+        self.dispatch_jobs();
+        self.flush_conns();
+        self.flush_channels();
+        match self.phase {
+            Phase::Running => {}
+            Phase::Draining { deadline } => {
+                let drained = self.drained();
+                if drained || Instant::now() >= deadline {
+                    if !drained {
+                        tracing::warn!(
+                            "max_wait_time ({}s) passed with {} jobs unfinished; stopping anyway",
+                            self.config.max_wait_time,
+                            self.jobs.len()
+                        );
+                    }
+                    for w in &mut self.workers {
+                        w.chan.send(&Frame::Stop);
+                    }
+                    for t in &mut self.tasks {
+                        t.chan.send(&Frame::Stop);
+                    }
+                    self.manager.send(&Frame::Shutdown);
+                    self.flush_channels();
+                    self.phase = Phase::Stopping { deadline: Instant::now() + POOL_STOP_LIMIT };
+                    if self.manager_pid.is_none() {
+                        self.exit_code = Some(0);
+                    }
+                }
+            }
+            Phase::Stopping { deadline } => {
+                if Instant::now() >= deadline {
+                    tracing::warn!("the pool did not stop in time; killing it");
+                    if let Some(pid) = self.manager_pid {
+                        let _ = kill(pid, Signal::SIGKILL);
+                        process::wait_for(pid, Duration::from_secs(2));
+                    }
+                    self.exit_code = Some(0);
+                }
+            }
+        }
+    }
+
+    fn flush_channels(&mut self) {
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if w.chan.has_output() {
+                if let Err(e) = w.chan.flush() {
+                    tracing::error!("worker {i}: writing its channel failed: {e}");
+                }
+            }
+        }
+        for (j, t) in self.tasks.iter_mut().enumerate() {
+            if t.chan.has_output() {
+                if let Err(e) = t.chan.flush() {
+                    tracing::error!("task {j}: writing its channel failed: {e}");
+                }
+            }
+        }
+        if self.manager.has_output() {
+            if let Err(e) = self.manager.flush() {
+                tracing::error!("writing to the manager failed: {e}");
+            }
+        }
+    }
+
+    fn stats_line(&self) -> Vec<u8> {
+        stats::render(&stats::Snapshot {
+            counters: &self.counters,
+            config: self.config,
+            master_pid: std::process::id(),
+            manager_pid: self.manager_pid.map(|p| p.as_raw() as u32),
+            connections: self.conns.len(),
+            workers: &self.workers,
+            tasks: &self.tasks,
+            jobs: &self.jobs,
+        })
+    }
+}

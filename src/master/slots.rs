@@ -1,0 +1,132 @@
+//! The master's view of each slot of the pool: its channel, its current process, and what
+//! that process has not finished.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+
+use super::replay::ReplayLog;
+use crate::ipc::{Channel, Frame};
+
+pub struct WorkerSlot {
+    pub chan: Channel,
+    /// The slot's child end, to empty it when a process dies.
+    pub child_end: OwnedFd,
+    /// The current process (0: none running).
+    pub pid: u32,
+    pub alive: bool,
+    /// Deliveries not committed yet.
+    pub log: ReplayLog,
+    /// Requests handled by the current process.
+    pub served: u64,
+    pub starts: u64,
+    /// Asked to stop (reload); no longer counted as available.
+    pub stopping: bool,
+}
+
+impl WorkerSlot {
+    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
+        WorkerSlot {
+            chan,
+            child_end,
+            pid: 0,
+            alive: false,
+            log: ReplayLog::default(),
+            served: 0,
+            starts: 0,
+            stopping: false,
+        }
+    }
+
+    pub fn started(&mut self, pid: u32) {
+        self.pid = pid;
+        self.alive = true;
+        self.served = 0;
+        self.starts += 1;
+        self.stopping = false;
+    }
+
+    pub fn exited(&mut self) {
+        self.alive = false;
+        self.pid = 0;
+    }
+
+    /// Asks the process to exit once it has handled what is queued before this.
+    pub fn ask_to_stop(&mut self) -> bool {
+        if !self.alive || self.stopping {
+            return false;
+        }
+        self.stopping = true;
+        self.chan.send(&Frame::Stop);
+        true
+    }
+
+    pub fn state(&self) -> &'static str {
+        match (self.alive, self.log.is_empty()) {
+            (false, _) => "starting",
+            (true, true) => "idle",
+            (true, false) => "busy",
+        }
+    }
+}
+
+pub struct TaskSlot {
+    pub chan: Channel,
+    pub child_end: OwnedFd,
+    pub pid: u32,
+    pub alive: bool,
+    /// Jobs sent to the current process, in the order it runs them.
+    pub inflight: VecDeque<u64>,
+    pub served: u64,
+    pub starts: u64,
+    pub stopping: bool,
+}
+
+impl TaskSlot {
+    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
+        TaskSlot {
+            chan,
+            child_end,
+            pid: 0,
+            alive: false,
+            inflight: VecDeque::new(),
+            served: 0,
+            starts: 0,
+            stopping: false,
+        }
+    }
+
+    pub fn started(&mut self, pid: u32) {
+        self.pid = pid;
+        self.alive = true;
+        self.served = 0;
+        self.starts += 1;
+        self.stopping = false;
+    }
+
+    pub fn exited(&mut self) {
+        self.alive = false;
+        self.pid = 0;
+    }
+
+    pub fn accepts_work(&self) -> bool {
+        self.alive && !self.stopping
+    }
+
+    /// Asks the process to exit after the job it is running.
+    pub fn ask_to_stop(&mut self) -> bool {
+        if !self.alive || self.stopping {
+            return false;
+        }
+        self.stopping = true;
+        self.chan.send(&Frame::Stop);
+        true
+    }
+
+    pub fn state(&self) -> &'static str {
+        match (self.alive, self.inflight.is_empty()) {
+            (false, _) => "starting",
+            (true, true) => "idle",
+            (true, false) => "busy",
+        }
+    }
+}

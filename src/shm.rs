@@ -1,0 +1,63 @@
+//! The few counters every process reads without asking the master: a page of shared memory
+//! mapped before the first fork, so it outlives any worker, task process or manager.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
+
+#[repr(C)]
+pub struct Shared {
+    /// The next task id: ids stay unique across every worker and every restart.
+    next_task_id: AtomicU64,
+    /// Jobs the master holds (queued or running); written by the master only.
+    jobs_pending: AtomicU64,
+}
+
+impl Shared {
+    /// Maps the shared page. Call once, in the master, before forking.
+    pub fn map() -> std::io::Result<&'static Shared> {
+        let len = NonZeroUsize::new(std::mem::size_of::<Shared>()).expect("Shared is not empty");
+        // SAFETY: a fresh anonymous mapping is zero-filled and page-aligned, which is a valid
+        // `Shared` (atomics of zero); it is never unmapped, so the reference lives as long as
+        // the process, and forked children inherit the same physical page.
+        unsafe {
+            let ptr = mmap_anonymous(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+            )?;
+            let shared = &*(ptr.as_ptr() as *const Shared);
+            shared.next_task_id.store(1, Ordering::Relaxed);
+            Ok(shared)
+        }
+    }
+
+    pub fn next_task_id(&self) -> u64 {
+        self.next_task_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn jobs_pending(&self) -> u64 {
+        self.jobs_pending.load(Ordering::Relaxed)
+    }
+
+    pub fn set_jobs_pending(&self, n: u64) {
+        self.jobs_pending.store(n, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_unique_and_increasing() {
+        let shared = Shared::map().unwrap();
+        let a = shared.next_task_id();
+        let b = shared.next_task_id();
+        assert!(b > a && a >= 1);
+        shared.set_jobs_pending(3);
+        assert_eq!(shared.jobs_pending(), 3);
+    }
+}

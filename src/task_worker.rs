@@ -1,0 +1,125 @@
+//! A task process: runs the application's `on_task` for each task the master hands it, one at
+//! a time, and sends back its result (finish).
+//!
+//! Results are written as soon as a task ends, except that a run of quick tasks already
+//! waiting in the channel is answered in one write (at most a millisecond late).
+
+use std::time::{Duration, Instant};
+
+use mio::{Events, Interest, Poll, Token};
+
+use crate::app::{Application, ProcessInfo, Task, TaskCtx};
+use crate::config::ServerConfig;
+use crate::ipc::envelope::frame_len;
+use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::worker::{flush_all, guard};
+
+const CHANNEL: Token = Token(0);
+const BATCH_WINDOW: Duration = Duration::from_millis(1);
+
+pub struct TaskSetup<'a> {
+    pub slot: u32,
+    pub channel: Channel,
+    pub config: &'a ServerConfig,
+}
+
+pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
+    let TaskSetup { slot, mut channel, config } = setup;
+    let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
+    let mut poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("task {slot}: cannot create its poller: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) =
+        poll.registry().register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
+    {
+        tracing::error!("task {slot}: cannot watch its channel: {e}");
+        return 1;
+    }
+    let mut events = Events::with_capacity(8);
+    app.on_worker_start(&info);
+    tracing::debug!("task {slot} started (pid {})", info.pid);
+
+    let limit = config.task_max_request;
+    let mut served: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!("task {slot}: poll failed: {e}");
+                return 1;
+            }
+        }
+        let state = match channel.fill() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("task {slot}: reading its channel failed: {e}");
+                return 1;
+            }
+        };
+        let mut stop = None;
+        let mut since_flush = Instant::now();
+        loop {
+            let frame = match channel.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("task {slot}: corrupt message from the master: {e}");
+                    return 1;
+                }
+            };
+            match frame {
+                Frame::RunTask { task_id, session, attempt, src_worker, data } => {
+                    let task = Task {
+                        id: task_id,
+                        session: (session != 0).then_some(session),
+                        attempt,
+                        src_worker,
+                        data,
+                    };
+                    let mut ctx = TaskCtx { out: &mut out, info };
+                    let mut result = Err(format!("task {task_id} panicked in task process {}", info.pid));
+                    guard(slot, "on_task", || result = app.on_task(&mut ctx, &task));
+                    match &result {
+                        Ok(bytes) => Frame::TaskDone { task_id, ok: true, result: bytes },
+                        Err(why) => Frame::TaskDone { task_id, ok: false, result: why.as_bytes() },
+                    }
+                    .encode(&mut out);
+                    served += 1;
+                    if limit != 0 && served >= limit {
+                        stop = Some(format!("reached task_max_request ({limit})"));
+                    }
+                }
+                Frame::Stop => stop = Some("asked to stop".to_string()),
+                other => tracing::warn!("task {slot}: ignoring unexpected message {other:?}"),
+            }
+            if stop.is_some() {
+                break;
+            }
+            let more_waiting = matches!(frame_len(channel.input()), Ok(Some(_)));
+            if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
+                channel.output().append(&mut out);
+                if let Err(e) = flush_all(&mut poll, &mut events, &mut channel) {
+                    tracing::error!("task {slot}: writing to the master failed: {e}");
+                    return 1;
+                }
+                since_flush = Instant::now();
+            }
+        }
+        channel.output().append(&mut out);
+        if let Err(e) = flush_all(&mut poll, &mut events, &mut channel) {
+            tracing::error!("task {slot}: writing to the master failed: {e}");
+            return 1;
+        }
+        if let Some(why) = stop {
+            tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
+            return 0;
+        }
+        if state == ReadState::Closed {
+            return 0;
+        }
+    }
+}

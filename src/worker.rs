@@ -1,0 +1,214 @@
+//! A worker process: receives requests (and its tasks' results) from the master, runs the
+//! application's `on_receive` / `on_finish`, and hands back replies and tasks.
+//!
+//! Everything a worker produces while handling a batch of deliveries goes back in one write,
+//! ended by a commit naming the last delivery handled. The master acts only on committed
+//! output, so a worker that dies mid-batch leaves no half-answered request: its successor is
+//! handed every uncommitted delivery again.
+
+use std::time::Duration;
+
+use mio::{Events, Interest, Poll, Token};
+
+use crate::app::{Application, Finished, Outcome, ProcessInfo, WorkerCtx};
+use crate::config::ServerConfig;
+use crate::ipc::envelope::decode_outcomes;
+use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::shm::Shared;
+
+const CHANNEL: Token = Token(0);
+
+pub struct WorkerSetup<'a> {
+    pub slot: u32,
+    pub channel: Channel,
+    pub shared: &'static Shared,
+    pub config: &'a ServerConfig,
+}
+
+/// Runs the worker until it is told to stop, reaches `max_request` or loses the master.
+/// Returns the process exit code.
+pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
+    let WorkerSetup { slot, mut channel, shared, config } = setup;
+    let info = ProcessInfo { role: Role::Worker, slot, pid: std::process::id() };
+    let limit = request_limit(config.max_request, config.max_request_grace);
+    let poll = match Poll::new() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("worker {slot}: cannot create its poller: {e}");
+            return 1;
+        }
+    };
+    if let Err(e) =
+        poll.registry().register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
+    {
+        tracing::error!("worker {slot}: cannot watch its channel: {e}");
+        return 1;
+    }
+    let mut poll = poll;
+    let mut events = Events::with_capacity(8);
+    app.on_worker_start(&info);
+    tracing::debug!("worker {slot} started (pid {})", info.pid);
+
+    let mut served: u64 = 0;
+    let mut out = Vec::new();
+    let mut uncounted_tasks = 0;
+    loop {
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!("worker {slot}: poll failed: {e}");
+                return 1;
+            }
+        }
+        let state = match channel.fill() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("worker {slot}: reading its channel failed: {e}");
+                return 1;
+            }
+        };
+        let mut last_seq = None;
+        let mut stop = None;
+        loop {
+            let frame = match channel.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("worker {slot}: corrupt message from the master: {e}");
+                    return 1;
+                }
+            };
+            let mut ctx = WorkerCtx {
+                out: &mut out,
+                shared,
+                info,
+                uncounted_tasks: &mut uncounted_tasks,
+                task_queue_max: config.task_queue_max,
+                package_max_length: config.package_max_length,
+            };
+            match frame {
+                Frame::Request { seq, session, data } => {
+                    guard(slot, "on_receive", || app.on_receive(&mut ctx, session, data));
+                    last_seq = Some(seq);
+                    served += 1;
+                    if limit != 0 && served >= limit {
+                        stop = Some(format!("reached max_request ({limit})"));
+                    }
+                }
+                Frame::Connect { seq, session, peer } => {
+                    let peer = String::from_utf8_lossy(peer);
+                    guard(slot, "on_connect", || app.on_connect(&mut ctx, session, &peer));
+                    last_seq = Some(seq);
+                }
+                Frame::Close { seq, session } => {
+                    guard(slot, "on_close", || app.on_close(&mut ctx, session));
+                    last_seq = Some(seq);
+                }
+                Frame::Finish { seq, task_id, session, task_pid, attempts, ok, group, context, result } => {
+                    let outcomes = if group {
+                        match decode_outcomes(result) {
+                            Ok(list) => list,
+                            Err(e) => {
+                                tracing::error!(
+                                    "worker {slot}: corrupt group result for task {task_id}: {e}"
+                                );
+                                Vec::new()
+                            }
+                        }
+                    } else {
+                        vec![(ok, result)]
+                    };
+                    let texts: Vec<_> =
+                        outcomes.iter().map(|(_, bytes)| String::from_utf8_lossy(bytes)).collect();
+                    let as_outcome = |k: usize| -> Outcome<'_> {
+                        if outcomes[k].0 {
+                            Ok(outcomes[k].1)
+                        } else {
+                            Err(&*texts[k])
+                        }
+                    };
+                    let (result, members) = if group {
+                        (Ok(&b""[..]), Some((0..outcomes.len()).map(as_outcome).collect()))
+                    } else {
+                        (as_outcome(0), None)
+                    };
+                    let finished = Finished {
+                        id: task_id,
+                        session: (session != 0).then_some(session),
+                        context,
+                        result,
+                        task_pid,
+                        attempts,
+                        members,
+                    };
+                    guard(slot, "on_finish", || app.on_finish(&mut ctx, &finished));
+                    last_seq = Some(seq);
+                }
+                Frame::Stop => stop = Some("asked to stop".to_string()),
+                other => tracing::warn!("worker {slot}: ignoring unexpected message {other:?}"),
+            }
+            if stop.is_some() {
+                break;
+            }
+        }
+        if let Some(seq) = last_seq {
+            Frame::Commit { seq }.encode(&mut out);
+        }
+        if !out.is_empty() {
+            channel.output().append(&mut out);
+            uncounted_tasks = 0;
+        }
+        if let Err(e) = flush_all(&mut poll, &mut events, &mut channel) {
+            tracing::error!("worker {slot}: writing to the master failed: {e}");
+            return 1;
+        }
+        if let Some(why) = stop {
+            tracing::info!("worker {slot} (pid {}) exits: {why}, after {served} requests", info.pid);
+            return 0;
+        }
+        if state == ReadState::Closed {
+            tracing::debug!("worker {slot}: the master is gone");
+            return 0;
+        }
+    }
+}
+
+/// Runs a callback; a panic in it is logged, not fatal to the worker.
+pub(crate) fn guard(slot: u32, what: &str, f: impl FnOnce()) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).is_err() {
+        tracing::error!("slot {slot}: {what} panicked; its event is dropped");
+    }
+}
+
+/// Writes all pending output, waiting for the socket to drain when it is full.
+pub(crate) fn flush_all(poll: &mut Poll, events: &mut Events, channel: &mut Channel) -> std::io::Result<()> {
+    while !channel.flush()? {
+        match poll.poll(events, Some(Duration::from_secs(1))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `max_request` plus a per-process random share of the grace, so workers started together
+/// do not all restart together.
+fn request_limit(max_request: u64, grace: u64) -> u64 {
+    if max_request == 0 || grace == 0 {
+        return max_request;
+    }
+    max_request + per_process_random() % (grace + 1)
+}
+
+/// A number that differs between processes forked from one parent (seeded after fork).
+pub(crate) fn per_process_random() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos() as u64)
+        .unwrap_or(0);
+    let mut x = (std::process::id() as u64) << 32 ^ nanos ^ 0x9E37_79B9_7F4A_7C15;
+    // splitmix64 finaliser: spreads neighbouring pids over the whole range.
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
