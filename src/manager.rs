@@ -26,7 +26,7 @@ const MASTER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const FAST_DEATH: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
-const STOP_GRACE: Duration = Duration::from_secs(3);
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Signals no pool process acts on: a Ctrl-C in the terminal reaches the whole process group,
 /// and only the master decides what it means.
@@ -112,8 +112,15 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
             slots.push(Slot { role, index: i as u32, child_end, state: State::Stopped, fast_deaths: 0 });
         }
     }
-    let mut manager =
-        Manager { app, config: setup.config, shared: setup.shared, master, slots, stopping: None };
+    let mut manager = Manager {
+        app,
+        config: setup.config,
+        shared: setup.shared,
+        master,
+        slots,
+        stopping: None,
+        terminated: false,
+    };
     tracing::info!(
         "manager started (pid {}): {} workers, {} task processes",
         getpid(),
@@ -164,10 +171,11 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
                 return 0;
             }
             if Instant::now() >= deadline {
-                tracing::warn!(
-                    "manager: pool processes still running {STOP_GRACE:?} after stop; killing them"
-                );
-                manager.kill_all(Signal::SIGKILL);
+                // Escalate: the Stop message first, then SIGTERM, then SIGKILL.
+                let sig = if manager.terminated { Signal::SIGKILL } else { Signal::SIGTERM };
+                tracing::warn!("manager: pool processes still running {STOP_GRACE:?} after being asked to stop; sending {sig}");
+                manager.kill_all(sig);
+                manager.terminated = true;
                 manager.stopping = Some(Instant::now() + STOP_GRACE);
             }
         }
@@ -182,6 +190,8 @@ struct Manager<'a, A> {
     slots: Vec<Slot>,
     /// Set once the master asked for shutdown: the deadline for the pool to be gone.
     stopping: Option<Instant>,
+    /// SIGTERM has been sent to the pool during shutdown.
+    terminated: bool,
 }
 
 impl<A: Application> Manager<'_, A> {
@@ -249,11 +259,11 @@ impl<A: Application> Manager<'_, A> {
             let slot = &mut self.slots[i];
             let State::Running { since, .. } = slot.state else { continue };
             let lived = since.elapsed();
-            if reaped.reason.is_clean() {
+            if reaped.reason.is_clean() || self.stopping.is_some() {
                 tracing::debug!("{} {} (pid {}) {}", slot.role, slot.index, reaped.pid, reaped.reason);
             } else {
                 tracing::warn!(
-                    "{} {} (pid {}) {} after {:?}",
+                    "{} {} (pid {}) {} after {:.1?}",
                     slot.role,
                     slot.index,
                     reaped.pid,
@@ -348,9 +358,8 @@ impl<A: Application> Manager<'_, A> {
                 slot.state = State::Stopped;
             }
         }
-        // The master has already sent each process a Stop; SIGTERM covers one that is busy
-        // in a long callback.
-        self.kill_all(Signal::SIGTERM);
+        // The master has already sent each process a Stop; signals follow only for one that
+        // is still busy in a long callback when the grace period ends.
     }
 
     fn all_stopped(&self) -> bool {

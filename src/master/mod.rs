@@ -898,7 +898,7 @@ impl<'a, A: Application> Master<'a, A> {
                     } else {
                         self.counters.tasks_retried += 1;
                         tracing::warn!(
-                            "task {task_id} was running in task process {pid}, which {reason}; running it again (attempt {} of {})",
+                            "task {task_id} was running in task process {pid} ({reason}); running it again (attempt {} of {})",
                             attempts + 1,
                             self.config.task_retry_max + 1
                         );

@@ -1,0 +1,349 @@
+//! The harness of the integration tests: the real `taskd` binary on port 0, talked to over
+//! real TCP. A `Daemon` kills its whole process group and reaps it when dropped, also when a
+//! test fails (and then prints the daemon's log).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Once;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Generous: the suite runs on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    pub dir: tempfile::TempDir,
+    pub outbox: PathBuf,
+    log_path: PathBuf,
+}
+
+/// Orphaned pool processes (a killed master's) come to the test process to be reaped,
+/// instead of lingering as zombies under an init that does not reap.
+fn become_subreaper() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    });
+}
+
+impl Daemon {
+    /// Starts `taskd --port 0` with a private outbox and `args`; waits for its address.
+    pub fn start(args: &[&str]) -> Daemon {
+        Self::try_start(args).unwrap_or_else(|(status, log)| panic!("taskd did not start ({status}):\n{log}"))
+    }
+
+    /// Like `start`, but returns the exit status and log if it exits instead of listening.
+    pub fn try_start(args: &[&str]) -> Result<Daemon, (String, String)> {
+        become_subreaper();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let outbox = dir.path().join("outbox.log");
+        let log_path = dir.path().join("taskd.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+        cmd.args(["--port", "0", "--outbox"])
+            .arg(&outbox)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .process_group(0);
+        let mut child = cmd.spawn().expect("spawn taskd");
+        let pid = child.id();
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut first = String::new();
+        let _ = stdout.read_line(&mut first);
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        let mut daemon =
+            Daemon { child: Some(child), addr: "0.0.0.0:0".parse().unwrap(), pid, dir, outbox, log_path };
+        match first.trim().strip_prefix("taskd listening on ") {
+            Some(addr) => {
+                daemon.addr = addr.parse().expect("address on the first stdout line");
+                Ok(daemon)
+            }
+            None => {
+                let status = daemon.wait_exit(DEADLINE).map(|s| s.to_string()).unwrap_or_default();
+                Err((format!("first stdout line {first:?}, {status}"), daemon.log()))
+            }
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`; returns the log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let log = wait_for(&format!("log line {needle:?}"), || {
+            let log = self.log();
+            log.contains(needle).then_some(log)
+        });
+        log
+    }
+
+    pub fn outbox_lines(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.outbox)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("outbox line is JSON"))
+            .collect()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+    }
+
+    /// Waits for the master to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    /// The live processes of this daemon: (pid, ppid, args) of the master's descendants.
+    pub fn tree(&self) -> Vec<Proc> {
+        let all = processes();
+        let mut out: Vec<Proc> = Vec::new();
+        let mut parents = vec![self.pid];
+        while let Some(parent) = parents.pop() {
+            for p in all.iter().filter(|p| p.ppid == parent && p.alive()) {
+                parents.push(p.pid);
+                out.push(p.clone());
+            }
+        }
+        out
+    }
+
+    /// Pids of live processes of this daemon whose title starts with `title`.
+    pub fn pids_of(&self, title: &str) -> Vec<u32> {
+        self.tree().into_iter().filter(|p| p.args.starts_with(title)).map(|p| p.pid).collect()
+    }
+
+    /// Waits until the pool is complete: a manager, `workers` workers and `tasks` task processes.
+    pub fn wait_pool(&self, workers: usize, tasks: usize) -> Vec<Proc> {
+        wait_for("the full pool", || {
+            let tree = self.tree();
+            let count = |t: &str| tree.iter().filter(|p| p.args.starts_with(t)).count();
+            (count("taskd: manager") == 1
+                && count("taskd: worker") == workers
+                && count("taskd: task") == tasks)
+                .then_some(tree)
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let group: Vec<u32> = processes().into_iter().filter(|p| p.pgid == self.pid).map(|p| p.pid).collect();
+        let _ =
+            nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), nix::sys::signal::SIGKILL);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // The pool comes to this (subreaper) process once its parents are gone: reap it here,
+        // or it would linger as zombies once the test binary exits.
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            reap_orphans(&group);
+            let lingering = group.iter().filter_map(|&pid| proc_info(pid)).any(|p| p.ppid != 1 || p.alive());
+            if !lingering {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if std::thread::panicking() {
+            eprintln!("----- taskd log -----\n{}\n---------------------", self.log());
+        }
+    }
+}
+
+/// Reaps those of `pids` that are exited children of this test process (the pool processes of
+/// a killed master, re-parented to us). Only a daemon's own pids: another test's `Child` must
+/// keep its exit status.
+pub fn reap_orphans(pids: &[u32]) {
+    let me = std::process::id();
+    for &pid in pids {
+        if proc_info(pid).is_some_and(|p| p.ppid == me && !p.alive()) {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(pid as i32),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: u32,
+    pub ppid: u32,
+    pub pgid: u32,
+    pub state: char,
+    /// What `ps -o comm` shows.
+    pub comm: String,
+    /// What `ps -o args` shows.
+    pub args: String,
+}
+
+impl Proc {
+    pub fn alive(&self) -> bool {
+        self.state != 'Z' && self.state != 'X'
+    }
+}
+
+/// Every process on the machine, from /proc.
+pub fn processes() -> Vec<Proc> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        if let Some(p) = proc_info(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+pub fn proc_info(pid: u32) -> Option<Proc> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat[open + 1..close].to_string();
+    let mut fields = stat[close + 2..].split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    let pgid = fields.next()?.parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args =
+        String::from_utf8_lossy(&cmdline).split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+    Some(Proc { pid, ppid, pgid, state, comm, args })
+}
+
+/// Whether `pid` is gone (or a zombie: dead, not reaped yet).
+pub fn is_dead(pid: u32) -> bool {
+    proc_info(pid).is_none_or(|p| !p.alive())
+}
+
+/// Polls `check` until it returns something, or panics after `DEADLINE`.
+pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A client that speaks the line protocol, as `nc` would.
+pub struct Client {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect to taskd");
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        Client { stream, reader }
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.send_raw(format!("{line}\n").as_bytes());
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write to taskd");
+    }
+
+    /// Ends the client's side; replies can still be read.
+    pub fn shutdown_write(&mut self) {
+        self.stream.shutdown(Shutdown::Write).unwrap();
+    }
+
+    /// The next reply line as JSON; panics at EOF or after `DEADLINE`.
+    pub fn recv(&mut self) -> Value {
+        match self.try_recv(DEADLINE) {
+            Some(v) => v,
+            None => panic!("no reply within {DEADLINE:?} (or the connection closed)"),
+        }
+    }
+
+    /// The next reply line, or None at EOF or after `limit`.
+    pub fn try_recv(&mut self, limit: Duration) -> Option<Value> {
+        self.stream.set_read_timeout(Some(limit)).unwrap();
+        let mut line = String::new();
+        let got = self.reader.read_line(&mut line);
+        self.stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        match got {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}")),
+            ),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read from taskd: {e}"),
+        }
+    }
+
+    /// Whether the server closed the connection (EOF) within the deadline.
+    pub fn closed_by_server(&mut self) -> bool {
+        let mut buf = [0u8; 1024];
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e) if e.kind() == ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Sends a job and returns its `accepted` reply.
+    pub fn submit(&mut self, line: &str) -> Value {
+        self.send(line);
+        let reply = self.recv();
+        assert_eq!(reply["event"], "accepted", "{line} -> {reply}");
+        reply
+    }
+
+    /// Reads replies until the `done` or `failed` of `task_id`, returning it; other lines are
+    /// collected in `others`.
+    pub fn final_reply(&mut self, task_id: &Value, others: &mut Vec<Value>) -> Value {
+        loop {
+            let reply = self.recv();
+            if &reply["task_id"] == task_id && (reply["event"] == "done" || reply["event"] == "failed") {
+                return reply;
+            }
+            others.push(reply);
+        }
+    }
+}

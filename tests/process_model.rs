@@ -1,0 +1,436 @@
+//! The process model end to end: the real binary, real TCP, real signals.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{is_dead, wait_for, Daemon};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+}
+
+/// The pid of the task process that logged starting `task_id`.
+fn running_task_pid(daemon: &Daemon, task_id: &Value) -> u32 {
+    let needle = format!("task {task_id} [pid ");
+    let log = daemon.wait_log(&needle);
+    let at = log.find(&needle).unwrap() + needle.len();
+    log[at..].split(']').next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn the_process_tree_has_every_role_named_by_slot_with_the_right_parents() {
+    let daemon = Daemon::start(&["--worker-num", "3", "--task-worker-num", "2"]);
+    let tree = daemon.wait_pool(3, 2);
+    let manager = tree.iter().find(|p| p.args == "taskd: manager").expect("a manager");
+    assert_eq!(manager.ppid, daemon.pid, "the manager is the master's child");
+    let master = common::proc_info(daemon.pid).unwrap();
+    assert_eq!(master.args, "taskd: master");
+    assert_eq!(master.comm, "taskd: master");
+    let mut titles: Vec<String> =
+        tree.iter().filter(|p| p.ppid == manager.pid).map(|p| p.args.clone()).collect();
+    titles.sort();
+    assert_eq!(
+        titles,
+        ["taskd: task 0", "taskd: task 1", "taskd: worker 0", "taskd: worker 1", "taskd: worker 2"]
+    );
+    for p in &tree {
+        assert_eq!(p.comm, p.args, "comm shows the role too");
+    }
+}
+
+#[test]
+fn email_and_sms_in_every_form_are_accepted_then_done() {
+    let daemon = Daemon::start(&["--simulate-ms", "50"]);
+    let mut client = daemon.connect();
+    let cases = [
+        ("alice@example.com", "email", "alice@example.com", "Email:alice@example.com, sent"),
+        ("sms +8613800138000 hello", "sms", "+8613800138000", "SMS:+8613800138000, sent"),
+        ("+8613800138000", "sms", "+8613800138000", "SMS:+8613800138000, sent"),
+        ("email bob@example.org hi bob", "email", "bob@example.org", "Email:bob@example.org, sent"),
+        (
+            r#"{"type":"email","to":"c@example.com","subject":"s","body":"b"}"#,
+            "email",
+            "c@example.com",
+            "Email:c@example.com, sent",
+        ),
+        (
+            r#"{"type":"sms","to":"+15551234567","text":"t","delay_ms":0}"#,
+            "sms",
+            "+15551234567",
+            "SMS:+15551234567, sent",
+        ),
+    ];
+    for (line, kind, to, result) in cases {
+        let accepted = client.submit(line);
+        assert_eq!(accepted["type"], kind, "{line}");
+        assert_eq!(accepted["to"], to);
+        assert!(accepted["task_id"].as_u64().unwrap() > 0);
+        assert!(accepted["worker_pid"].as_u64().unwrap() > 0);
+        let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+        assert_eq!(done["event"], "done", "{line}: {done}");
+        assert_eq!(done["result"], result);
+        assert_eq!(done["to"], to);
+        let task_pid = done["task_pid"].as_u64().unwrap() as u32;
+        assert!(daemon.pids_of("taskd: task").contains(&task_pid), "task_pid names a task process");
+    }
+    let outbox = daemon.outbox_lines();
+    assert_eq!(outbox.len(), cases.len());
+    assert!(outbox.iter().any(|m| m["subject"] == "s" && m["body"] == "b"));
+}
+
+#[test]
+fn jobs_typed_quickly_run_in_parallel_on_different_task_processes() {
+    let daemon = Daemon::start(&["--simulate-ms", "600", "--task-worker-num", "4"]);
+    let mut client = daemon.connect();
+    let ids: Vec<Value> =
+        (0..4).map(|i| client.submit(&format!("p{i}@example.com"))["task_id"].clone()).collect();
+    let mut pids = HashSet::new();
+    for _ in 0..4 {
+        let done = client.recv();
+        assert_eq!(done["event"], "done");
+        assert!(ids.contains(&done["task_id"]));
+        pids.insert(done["task_pid"].clone());
+    }
+    assert_eq!(pids.len(), 4, "four jobs ran on four task processes");
+}
+
+#[test]
+fn a_bad_request_gets_an_error_line_and_the_connection_keeps_working() {
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    let mut client = daemon.connect();
+    for bad in ["hello world", "{not json", r#"{"type":"fax","to":"x"}"#, r#"{"type":"email"}"#, "sms 12"] {
+        client.send(bad);
+        let reply = client.recv();
+        assert_eq!(reply["event"], "error", "{bad}");
+        assert!(reply["error"].as_str().unwrap().len() > 10, "a sentence: {reply}");
+    }
+    let accepted = client.submit("ok@example.com");
+    assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn max_request_recycles_the_worker_and_the_connection_stays_open() {
+    let daemon = Daemon::start(&["--worker-num", "2", "--max-request", "4", "--simulate-ms", "0"]);
+    daemon.wait_pool(2, 4);
+    let mut client = daemon.connect();
+    let mut worker_pids = Vec::new();
+    for i in 0..6 {
+        let accepted = client.submit(&format!("r{i}@example.com"));
+        worker_pids.push(accepted["worker_pid"].as_u64().unwrap());
+        client.final_reply(&accepted["task_id"], &mut Vec::new());
+    }
+    assert!(worker_pids[..4].iter().all(|&p| p == worker_pids[0]), "{worker_pids:?}");
+    assert_ne!(worker_pids[4], worker_pids[0], "the 5th request went to a new worker: {worker_pids:?}");
+    assert_eq!(worker_pids[5], worker_pids[4]);
+    let log = daemon.wait_log("respawned worker");
+    assert!(log.contains(&format!("old pid {} exited with status 0", worker_pids[0])), "{log}");
+    assert!(log.contains(&format!("new pid {}", worker_pids[4])));
+    assert!(log.contains("reached max_request (4)"));
+}
+
+#[test]
+fn a_task_process_killed_mid_job_is_respawned_and_the_job_still_completes() {
+    let daemon = Daemon::start(&["--simulate-ms", "1500", "--task-worker-num", "2"]);
+    daemon.wait_pool(2, 2);
+    let mut client = daemon.connect();
+    let accepted = client.submit("victim@example.com");
+    let pid = running_task_pid(&daemon, &accepted["task_id"]);
+    kill9(pid);
+    let log = daemon.wait_log(&format!("old pid {pid} killed by signal 9 (SIGKILL); new pid"));
+    assert!(log.contains("respawned task"), "{log}");
+    let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["attempts"], 2);
+    assert_ne!(done["task_pid"].as_u64().unwrap() as u32, pid);
+    daemon.wait_pool(2, 2);
+    // And the daemon keeps serving.
+    let next = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    assert_eq!(client.final_reply(&next["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn a_job_whose_task_process_dies_past_the_retries_fails_with_the_reason() {
+    let daemon = Daemon::start(&["--simulate-ms", "3000", "--task-worker-num", "1", "--task-retry-max", "0"]);
+    daemon.wait_pool(2, 1);
+    let mut client = daemon.connect();
+    let accepted = client.submit("doomed@example.com");
+    let pid = running_task_pid(&daemon, &accepted["task_id"]);
+    kill9(pid);
+    let failed = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(failed["event"], "failed");
+    assert_eq!(failed["error"], format!("task process {pid} killed by signal 9 (SIGKILL)"));
+}
+
+#[test]
+fn a_killed_worker_is_respawned_and_its_connection_keeps_working() {
+    let daemon = Daemon::start(&["--worker-num", "1", "--simulate-ms", "0"]);
+    daemon.wait_pool(1, 4);
+    let mut client = daemon.connect();
+    let first = client.submit("before@example.com");
+    client.final_reply(&first["task_id"], &mut Vec::new());
+    let old = first["worker_pid"].as_u64().unwrap() as u32;
+    kill9(old);
+    daemon.wait_log(&format!("respawned worker 0: old pid {old} killed by signal 9 (SIGKILL); new pid"));
+    let second = client.submit("after@example.com");
+    assert_ne!(second["worker_pid"].as_u64().unwrap() as u32, old);
+    assert_eq!(client.final_reply(&second["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn requests_queued_for_a_killed_worker_are_answered_by_its_successor() {
+    // The task pool is slow, the worker is killed while requests wait in its channel.
+    let daemon = Daemon::start(&["--worker-num", "1", "--simulate-ms", "0"]);
+    let pool = daemon.wait_pool(1, 4);
+    let worker = pool.iter().find(|p| p.args == "taskd: worker 0").unwrap().pid;
+    let mut client = daemon.connect();
+    // Stop the worker so requests pile up unanswered, then kill it.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(worker as i32), Signal::SIGSTOP).unwrap();
+    for i in 0..5 {
+        client.send(&format!("queued{i}@example.com"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    kill9(worker);
+    let mut accepted = 0;
+    let mut done = 0;
+    while done < 5 {
+        let reply = client.recv();
+        match reply["event"].as_str() {
+            Some("accepted") => accepted += 1,
+            Some("done") => done += 1,
+            other => panic!("unexpected {other:?}: {reply}"),
+        }
+    }
+    assert_eq!(accepted, 5, "every request answered exactly once");
+    assert!(client.try_recv(Duration::from_millis(300)).is_none(), "no duplicate replies");
+}
+
+#[test]
+fn a_killed_manager_is_replaced_and_connections_and_jobs_survive() {
+    let daemon = Daemon::start(&["--simulate-ms", "800"]);
+    let pool = daemon.wait_pool(2, 4);
+    let manager = pool.iter().find(|p| p.args == "taskd: manager").unwrap().pid;
+    let mut client = daemon.connect();
+    let accepted = client.submit("survivor@example.com");
+    kill9(manager);
+    daemon.wait_log("starting a new manager");
+    let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let pool = daemon.wait_pool(2, 4);
+    assert!(pool.iter().all(|p| p.pid != manager));
+    let next = client.submit("after@example.com");
+    assert_eq!(client.final_reply(&next["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn killing_the_master_leaves_no_process_behind() {
+    let daemon = Daemon::start(&[]);
+    let pool = daemon.wait_pool(2, 4);
+    let pids: Vec<u32> = pool.iter().map(|p| p.pid).collect();
+    kill9(daemon.pid);
+    wait_for("every pool process to die with the master", || pids.iter().all(|&p| is_dead(p)).then_some(()));
+}
+
+#[test]
+fn sigterm_finishes_in_flight_jobs_then_every_process_exits_with_0() {
+    let mut daemon = Daemon::start(&["--simulate-ms", "700"]);
+    let pool = daemon.wait_pool(2, 4);
+    let mut client = daemon.connect();
+    let a = client.submit("a@example.com");
+    let b = client.submit("+15551234567");
+    daemon.signal(Signal::SIGTERM);
+    let mut others = Vec::new();
+    assert_eq!(client.final_reply(&a["task_id"], &mut others)["event"], "done");
+    if !others.iter().any(|r| r["task_id"] == b["task_id"]) {
+        assert_eq!(client.final_reply(&b["task_id"], &mut others)["event"], "done");
+    }
+    let status = daemon.wait_exit(common::DEADLINE).expect("the master exits");
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    wait_for("no pool process left", || pool.iter().all(|p| is_dead(p.pid)).then_some(()));
+    assert!(client.closed_by_server());
+    // New connections are refused once it is gone.
+    assert!(std::net::TcpStream::connect(daemon.addr).is_err());
+}
+
+#[test]
+fn a_reply_for_a_closed_session_never_reaches_a_new_connection_on_the_same_fd() {
+    let daemon = Daemon::start(&["--simulate-ms", "300", "--worker-num", "1"]);
+    daemon.wait_pool(1, 4);
+    let mut gone = daemon.connect();
+    gone.submit("gone@example.com");
+    drop(gone);
+    // The master reuses the lowest free fd: the new connection most likely gets the old one's.
+    let mut fresh = daemon.connect();
+    assert!(fresh.try_recv(Duration::from_millis(1200)).is_none(), "nothing for a session that never asked");
+    let mine = fresh.submit("fresh@example.com");
+    let done = fresh.final_reply(&mine["task_id"], &mut Vec::new());
+    assert_eq!(done["to"], "fresh@example.com");
+    // The old job did run: it is in the outbox, its reply went nowhere.
+    assert!(daemon.outbox_lines().iter().any(|m| m["to"] == "gone@example.com"));
+}
+
+#[test]
+fn two_hundred_jobs_over_twenty_connections_are_each_answered_exactly_once() {
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    let handles: Vec<_> = (0..20)
+        .map(|c| {
+            let addr = daemon.addr;
+            std::thread::spawn(move || {
+                let mut client = common::Client::connect(addr);
+                for j in 0..10 {
+                    client.send(&format!("c{c}j{j}@example.com"));
+                }
+                let (mut accepted, mut done) = (Vec::new(), Vec::new());
+                while done.len() < 10 {
+                    let reply = client.recv();
+                    match reply["event"].as_str() {
+                        Some("accepted") => accepted.push(reply["task_id"].as_u64().unwrap()),
+                        Some("done") => {
+                            let id = reply["task_id"].as_u64().unwrap();
+                            assert!(accepted.contains(&id), "done before accepted for task {id}");
+                            done.push(id);
+                        }
+                        _ => panic!("unexpected {reply}"),
+                    }
+                }
+                assert!(client.try_recv(Duration::from_millis(200)).is_none(), "no extra replies");
+                accepted.sort();
+                done.sort();
+                assert_eq!(accepted, done);
+                accepted
+            })
+        })
+        .collect();
+    let mut all = HashSet::new();
+    for h in handles {
+        for id in h.join().unwrap() {
+            assert!(all.insert(id), "task id {id} given twice");
+        }
+    }
+    assert_eq!(all.len(), 200);
+    assert_eq!(daemon.outbox_lines().len(), 200);
+}
+
+#[test]
+fn a_batch_fans_out_and_answers_one_done_with_every_result_in_order() {
+    let daemon = Daemon::start(&["--simulate-ms", "300"]);
+    let mut client = daemon.connect();
+    let accepted = client.submit(
+        r#"{"type":"batch","jobs":[{"type":"email","to":"a@example.com"},{"type":"sms","to":"+15551234567"},{"type":"email","to":"b@example.com","delay_ms":0}]}"#,
+    );
+    assert_eq!(accepted["type"], "batch");
+    assert_eq!(accepted["count"], 3);
+    let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done");
+    let results = done["results"].as_array().unwrap();
+    let to: Vec<&str> = results.iter().map(|r| r["to"].as_str().unwrap()).collect();
+    assert_eq!(to, ["a@example.com", "+15551234567", "b@example.com"]);
+    assert_eq!(results[1]["result"], "SMS:+15551234567, sent");
+    // Fanned out: the three ran on more than one task process.
+    let pids: HashSet<String> = daemon.outbox_lines().iter().map(|m| m["task_pid"].to_string()).collect();
+    assert!(pids.len() > 1, "{pids:?}");
+}
+
+#[test]
+fn stats_reports_counters_and_every_process() {
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    daemon.wait_pool(2, 4);
+    let mut client = daemon.connect();
+    let accepted = client.submit("s@example.com");
+    client.final_reply(&accepted["task_id"], &mut Vec::new());
+    client.send("stats");
+    let stats = client.recv();
+    assert_eq!(stats["event"], "stats");
+    assert_eq!(stats["connection_num"], 1);
+    assert_eq!(stats["worker_num"], 2);
+    assert_eq!(stats["task_worker_num"], 4);
+    assert_eq!(stats["tasks_done"], 1);
+    assert!(stats["request_count"].as_u64().unwrap() >= 1);
+    let procs = stats["processes"].as_array().unwrap();
+    assert_eq!(procs.len(), 1 + 1 + 2 + 4);
+    assert_eq!(procs[0]["pid"], daemon.pid);
+    assert!(procs.iter().filter(|p| p["role"] == "task").all(|p| p["pid"].as_u64().unwrap() > 0));
+}
+
+#[test]
+fn a_client_that_shuts_down_its_side_still_gets_its_replies() {
+    let daemon = Daemon::start(&["--simulate-ms", "100"]);
+    let mut client = daemon.connect();
+    client.send("halfclose@example.com");
+    client.shutdown_write();
+    assert_eq!(client.recv()["event"], "accepted");
+    assert_eq!(client.recv()["event"], "done");
+    assert!(client.closed_by_server(), "closed once everything is answered");
+}
+
+#[test]
+fn a_line_longer_than_package_max_length_gets_an_error_and_the_connection_closes() {
+    let daemon = Daemon::start(&["--package-max-length", "64", "--simulate-ms", "0"]);
+    let mut other = daemon.connect();
+    let mut client = daemon.connect();
+    client.send(&format!("{}@example.com", "x".repeat(100)));
+    let reply = client.recv();
+    assert_eq!(reply["event"], "error");
+    assert!(reply["error"].as_str().unwrap().contains("package_max_length (64 bytes)"), "{reply}");
+    assert!(client.closed_by_server());
+    let accepted = other.submit("fine@example.com");
+    assert_eq!(other.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn invalid_options_and_a_taken_port_are_one_line_errors() {
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskd")).args(["--worker-num", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("worker_num"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    let daemon = Daemon::start(&[]);
+    let port = daemon.addr.port().to_string();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["--port", &port, "--outbox"])
+        .arg(daemon.dir.path().join("second.log"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("address already in use"), "{err}");
+}
+
+#[test]
+fn a_rolling_reload_under_load_replaces_every_process_and_loses_nothing() {
+    let daemon = Daemon::start(&["--simulate-ms", "20", "--worker-num", "2", "--task-worker-num", "3"]);
+    let before: HashSet<u32> = daemon.wait_pool(2, 3).iter().map(|p| p.pid).collect();
+    let addr = daemon.addr;
+    let load = std::thread::spawn(move || {
+        let mut client = common::Client::connect(addr);
+        let (mut accepted, mut done) = (0, 0);
+        for i in 0..150 {
+            client.send(&format!("load{i}@example.com"));
+            std::thread::sleep(Duration::from_millis(4));
+        }
+        while done < 150 {
+            let reply = client.recv();
+            match reply["event"].as_str() {
+                Some("accepted") => accepted += 1,
+                Some("done") => done += 1,
+                _ => panic!("unexpected {reply}"),
+            }
+        }
+        assert_eq!(accepted, 150);
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    daemon.signal(Signal::SIGUSR1);
+    daemon.signal(Signal::SIGUSR2);
+    load.join().unwrap();
+    daemon.wait_log("reload complete");
+    wait_for("every worker and task process replaced", || {
+        let after = daemon.wait_pool(2, 3);
+        after.iter().filter(|p| p.args != "taskd: manager").all(|p| !before.contains(&p.pid)).then_some(())
+    });
+    assert!(!daemon.log().contains("failed"), "{}", daemon.log());
+}
