@@ -60,8 +60,11 @@ pub type Outcome<'a> = Result<&'a [u8], &'a str>;
 pub trait Application: 'static {
     /// In the master, once listening.
     fn on_start(&mut self, _addr: std::net::SocketAddr) {}
-    /// In each worker and task process as it starts.
-    fn on_worker_start(&mut self, _info: &ProcessInfo) {}
+    /// In each worker and task process as it starts. An error ends the process (exit status
+    /// 1); the manager respawns it with a growing back-off while it keeps failing.
+    fn on_worker_start(&mut self, _info: &ProcessInfo) -> Result<(), String> {
+        Ok(())
+    }
     /// In a worker: a client connected (dispatch mode 2 only, where it is ordered with the
     /// session's requests).
     fn on_connect(&mut self, _ctx: &mut WorkerCtx<'_>, _session: SessionId, _peer: &str) {}

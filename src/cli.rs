@@ -71,6 +71,8 @@ options! {
     server.task_queue_max: u64,
     /// Runs of a job whose task process died, beyond the first [default: 2]
     server.task_retry_max: u32,
+    /// Seconds a task may run before its process is killed and the job retried; 0 = no limit [default: 0]
+    server.task_timeout: f64,
     /// Seconds a graceful shutdown waits for in-flight jobs [default: 3]
     server.max_wait_time: u64,
     /// Jobs sent ahead to one task process [default: 1]

@@ -70,6 +70,8 @@ pub struct ServerConfig {
     pub task_queue_max: u64,
     /// How many times a job whose task process died is run again before it fails.
     pub task_retry_max: u32,
+    /// Seconds a task may run before its process is killed and the job retried (0 = no limit).
+    pub task_timeout: f64,
     /// Seconds a graceful shutdown waits for in-flight jobs.
     pub max_wait_time: u64,
     /// Tasks sent ahead to one task process (1: a task process gets a job only when idle).
@@ -94,6 +96,7 @@ impl Default for ServerConfig {
             buffer_output_size: 2 * 1024 * 1024,
             task_queue_max: 10_000,
             task_retry_max: 2,
+            task_timeout: 0.0,
             max_wait_time: 3,
             task_prefetch: 1,
             log_level: "info".into(),
@@ -153,8 +156,18 @@ impl ServerConfig {
             format!("{} is not between 1 and 1024", self.task_prefetch),
         )?;
         check(!self.host.is_empty(), "host", "must not be empty")?;
+        check(
+            self.task_timeout.is_finite() && self.task_timeout >= 0.0,
+            "task_timeout",
+            format!("{} is not a number of seconds (0 = no limit)", self.task_timeout),
+        )?;
         check(self.backlog >= 1, "backlog", format!("{} is below 1", self.backlog))?;
         Ok(())
+    }
+
+    /// The longest a task may run, if limited.
+    pub fn task_limit(&self) -> Option<Duration> {
+        (self.task_timeout > 0.0).then(|| Duration::from_secs_f64(self.task_timeout))
     }
 
     pub fn max_wait(&self) -> Duration {

@@ -40,7 +40,10 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
         return 1;
     }
     let mut events = Events::with_capacity(8);
-    app.on_worker_start(&info);
+    if let Err(e) = app.on_worker_start(&info) {
+        tracing::error!("task {slot} (pid {}): cannot start: {e}", info.pid);
+        return 1;
+    }
     tracing::debug!("task {slot} started (pid {})", info.pid);
 
     let limit = config.task_max_request;

@@ -46,7 +46,10 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
     }
     let mut poll = poll;
     let mut events = Events::with_capacity(8);
-    app.on_worker_start(&info);
+    if let Err(e) = app.on_worker_start(&info) {
+        tracing::error!("worker {slot} (pid {}): cannot start: {e}", info.pid);
+        return 1;
+    }
     tracing::debug!("worker {slot} started (pid {})", info.pid);
 
     let mut served: u64 = 0;

@@ -156,18 +156,16 @@ impl Application for MailApp {
         tracing::info!("email/SMS service ready on {addr}; outbox {}", self.config.outbox.display());
     }
 
-    fn on_worker_start(&mut self, info: &ProcessInfo) {
+    fn on_worker_start(&mut self, info: &ProcessInfo) -> Result<(), String> {
         self.pid = info.pid;
         if info.role == Role::Task {
-            match Outbox::open(&self.config.outbox) {
-                Ok(o) => self.outbox = Some(o),
-                Err(e) => tracing::error!(
-                    "task {}: cannot open outbox {}: {e}",
-                    info.slot,
-                    self.config.outbox.display()
-                ),
-            }
+            // A task process that cannot deliver must not take jobs: it fails, and the manager
+            // retries it with a back-off until the outbox can be opened again.
+            let outbox = Outbox::open(&self.config.outbox)
+                .map_err(|e| format!("cannot open the outbox {}: {e}", self.config.outbox.display()))?;
+            self.outbox = Some(outbox);
         }
+        Ok(())
     }
 
     fn on_connect(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, peer: &str) {

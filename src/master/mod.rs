@@ -262,7 +262,21 @@ impl<'a, A: Application> Master<'a, A> {
             Phase::Running => None,
             Phase::Draining { deadline } | Phase::Stopping { deadline } => Some(deadline),
         };
-        let others = self.recovery.as_ref().map(|r| r.deadline).into_iter().chain(self.jobs.next_deadline());
+        let task_deadlines = self.config.task_limit().and_then(|limit| {
+            self.tasks
+                .iter()
+                .filter(|t| t.timed_out.is_none())
+                .filter_map(|t| t.running_since)
+                .min()
+                .map(|since| since + limit)
+        });
+        let others = self
+            .recovery
+            .as_ref()
+            .map(|r| r.deadline)
+            .into_iter()
+            .chain(self.jobs.next_deadline())
+            .chain(task_deadlines);
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -657,6 +671,9 @@ impl<'a, A: Application> Master<'a, A> {
                 let slot = &mut self.tasks[j];
                 if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
                     slot.inflight.remove(pos);
+                    if pos == 0 {
+                        slot.head_changed();
+                    }
                 }
                 slot.served += 1;
                 let pid = slot.pid;
@@ -768,6 +785,9 @@ impl<'a, A: Application> Master<'a, A> {
             }
             .encode(slot.chan.output());
             slot.inflight.push_back(task_id);
+            if slot.inflight.len() == 1 {
+                slot.head_changed();
+            }
         }
     }
 
@@ -876,6 +896,7 @@ impl<'a, A: Application> Master<'a, A> {
                 }
                 t.chan.discard_output();
                 let inflight: Vec<u64> = t.inflight.drain(..).collect();
+                let timed_out = t.timed_out;
                 t.exited();
                 if !reason.is_clean() {
                     self.counters.task_crashes += 1;
@@ -892,7 +913,14 @@ impl<'a, A: Application> Master<'a, A> {
                     }
                     let attempts = job.attempts;
                     if attempts > self.config.task_retry_max {
-                        let why = format!("task process {pid} {reason}");
+                        let why = if timed_out == Some(task_id) {
+                            format!(
+                                "task process {pid} was killed: the task ran longer than task_timeout ({}s)",
+                                self.config.task_timeout
+                            )
+                        } else {
+                            format!("task process {pid} {reason}")
+                        };
                         tracing::warn!("task {task_id} failed after {attempts} attempt(s): {why}");
                         self.finish_job(task_id, pid, false, why.as_bytes());
                     } else {
@@ -1060,8 +1088,27 @@ impl<'a, A: Application> Master<'a, A> {
             && self.conns.iter().all(|(_, c)| c.unwritten() == 0)
     }
 
+    /// Kills a task process whose job has run past `task_timeout`; its death re-runs the job.
+    fn kill_hung_tasks(&mut self) {
+        let Some(limit) = self.config.task_limit() else { return };
+        for (j, t) in self.tasks.iter_mut().enumerate() {
+            let hung =
+                t.alive && t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
+            if let (true, Some(&task_id)) = (hung, t.inflight.front()) {
+                tracing::warn!(
+                    "task {task_id} has run longer than task_timeout ({}s) in task {j} (pid {}); killing it",
+                    self.config.task_timeout,
+                    t.pid
+                );
+                t.timed_out = Some(task_id);
+                let _ = kill(Pid::from_raw(t.pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
     fn end_turn(&mut self) {
         self.finish_manager_recovery();
+        self.kill_hung_tasks();
         for group_id in self.jobs.expired_groups(Instant::now()) {
             self.finish_group(group_id);
         }

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
+use std::time::Instant;
 
 use super::replay::ReplayLog;
 use crate::ipc::{Channel, Frame};
@@ -76,6 +77,10 @@ pub struct TaskSlot {
     pub alive: bool,
     /// Jobs sent to the current process, in the order it runs them.
     pub inflight: VecDeque<u64>,
+    /// When the job at the head of `inflight` started (for `task_timeout`).
+    pub running_since: Option<Instant>,
+    /// The job this process was killed for, having run past `task_timeout`.
+    pub timed_out: Option<u64>,
     pub served: u64,
     pub starts: u64,
     pub stopping: bool,
@@ -89,6 +94,8 @@ impl TaskSlot {
             pid: 0,
             alive: false,
             inflight: VecDeque::new(),
+            running_since: None,
+            timed_out: None,
             served: 0,
             starts: 0,
             stopping: false,
@@ -106,6 +113,13 @@ impl TaskSlot {
     pub fn exited(&mut self) {
         self.alive = false;
         self.pid = 0;
+        self.running_since = None;
+        self.timed_out = None;
+    }
+
+    /// Records that the job at the head of `inflight` changed.
+    pub fn head_changed(&mut self) {
+        self.running_since = (!self.inflight.is_empty()).then(Instant::now);
     }
 
     pub fn accepts_work(&self) -> bool {

@@ -45,13 +45,19 @@ impl Daemon {
     pub fn try_start(args: &[&str]) -> Result<Daemon, (String, String)> {
         become_subreaper();
         let dir = tempfile::tempdir().expect("temp dir");
-        let outbox = dir.path().join("outbox.log");
+        // A test may name its own outbox.
+        let outbox = match args.iter().position(|&a| a == "--outbox") {
+            Some(i) => PathBuf::from(args[i + 1]),
+            None => dir.path().join("outbox.log"),
+        };
         let log_path = dir.path().join("taskd.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
-        cmd.args(["--port", "0", "--outbox"])
-            .arg(&outbox)
-            .args(args)
+        cmd.args(["--port", "0"]);
+        if !args.contains(&"--outbox") {
+            cmd.arg("--outbox").arg(&outbox);
+        }
+        cmd.args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -266,6 +272,8 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 pub struct Client {
     stream: TcpStream,
     reader: BufReader<TcpStream>,
+    /// The server closed the connection (seen by a read).
+    eof: bool,
 }
 
 impl Client {
@@ -273,7 +281,7 @@ impl Client {
         let stream = TcpStream::connect(addr).expect("connect to taskd");
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         let reader = BufReader::new(stream.try_clone().unwrap());
-        Client { stream, reader }
+        Client { stream, reader, eof: false }
     }
 
     pub fn send(&mut self, line: &str) {
@@ -304,14 +312,25 @@ impl Client {
         let got = self.reader.read_line(&mut line);
         self.stream.set_read_timeout(Some(DEADLINE)).unwrap();
         match got {
-            Ok(0) => None,
+            Ok(0) => {
+                self.eof = true;
+                None
+            }
             Ok(_) => Some(
                 serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}")),
             ),
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => None,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => None,
+            Err(e) if e.kind() == ErrorKind::ConnectionReset => {
+                self.eof = true;
+                None
+            }
             Err(e) => panic!("read from taskd: {e}"),
         }
+    }
+
+    /// Whether a read has already seen the server close the connection.
+    pub fn closed_by_server_now(&self) -> bool {
+        self.eof
     }
 
     /// Whether the server closed the connection (EOF) within the deadline.

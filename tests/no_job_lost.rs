@@ -1,0 +1,262 @@
+//! Fault tolerance: whatever process dies, every accepted job ends in exactly one final reply.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Client, Daemon};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn kill9(pid: u32) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL);
+}
+
+#[test]
+fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
+    let daemon = Daemon::start(&["--task-timeout", "0.4", "--task-retry-max", "1"]);
+    let mut client = daemon.connect();
+    let accepted = client.submit(r#"{"type":"email","to":"slow@example.com","delay_ms":60000}"#);
+    let failed = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(failed["event"], "failed", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("ran longer than task_timeout (0.4s)"), "{error}");
+    assert_eq!(failed["attempts"], 2);
+    let log = daemon.log();
+    assert!(log.contains("running it again (attempt 2 of 2)"), "{log}");
+    // The killed processes were replaced, and the daemon keeps serving.
+    daemon.wait_pool(2, 4);
+    let next = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    assert_eq!(client.final_reply(&next["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn a_process_that_dies_at_start_is_respawned_with_a_growing_back_off() {
+    let scratch = tempfile::tempdir().unwrap();
+    let outbox_dir = scratch.path().join("box");
+    std::fs::create_dir(&outbox_dir).unwrap();
+    let outbox = outbox_dir.join("outbox.log");
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "2",
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    let pool = daemon.wait_pool(2, 2);
+    // Take the outbox's directory away: a new task process cannot open it and fails at start.
+    std::fs::remove_dir_all(&outbox_dir).unwrap();
+    let task0 = pool.iter().find(|p| p.args == "taskd: task 0").unwrap().pid;
+    kill9(task0);
+    let log = daemon.wait_log("(3 time(s) in a row); respawning in 400ms");
+    assert!(log.contains("(1 time(s) in a row); respawning in 100ms"), "{log}");
+    assert!(log.contains("(2 time(s) in a row); respawning in 200ms"), "{log}");
+    assert!(log.contains("cannot open the outbox"), "{log}");
+    // Spaced out, not a fork bomb: far fewer than one start per millisecond.
+    let starts = log.matches("cannot start").count();
+    assert!(starts < 20, "{starts} failed starts");
+    // Once the cause is gone, the slot comes back.
+    std::fs::create_dir(&outbox_dir).unwrap();
+    daemon.wait_pool(2, 2);
+    let mut client = daemon.connect();
+    let accepted = client.submit("back@example.com");
+    assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn sigterm_under_load_finishes_every_job_before_exiting_0() {
+    let mut daemon = Daemon::start(&["--simulate-ms", "150", "--max-wait-time", "20"]);
+    daemon.wait_pool(2, 4);
+    let mut clients: Vec<Client> = (0..4).map(|_| daemon.connect()).collect();
+    let mut ids: Vec<Vec<Value>> = vec![Vec::new(); clients.len()];
+    for (c, client) in clients.iter_mut().enumerate() {
+        for j in 0..8 {
+            ids[c].push(client.submit(&format!("drain{c}x{j}@example.com"))["task_id"].clone());
+        }
+    }
+    daemon.signal(Signal::SIGTERM);
+    for (c, client) in clients.iter_mut().enumerate() {
+        let mut finals = HashSet::new();
+        while finals.len() < ids[c].len() {
+            let reply = client.recv();
+            assert_eq!(reply["event"], "done", "{reply}");
+            finals.insert(reply["task_id"].clone());
+        }
+    }
+    let status = daemon.wait_exit(common::DEADLINE).expect("the master exits");
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(daemon.outbox_lines().len(), 32);
+}
+
+/// Tallies of the chaos run, per connection and in total.
+#[derive(Default, Debug)]
+struct Tally {
+    sent: u64,
+    accepted: u64,
+    errors: u64,
+    done: u64,
+    failed: u64,
+    /// Sent lines that never got an answer, plus accepted jobs that never got a final reply.
+    missing: u64,
+    dropped: u64,
+    unexplained_failures: Vec<String>,
+}
+
+fn chaos_client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, id: usize) -> Tally {
+    const WINDOW: usize = 4;
+    let mut t = Tally::default();
+    let mut client = Client::connect(addr);
+    let mut unanswered = 0usize;
+    let mut open: HashSet<u64> = HashSet::new();
+    let mut finals: HashMap<u64, u32> = HashMap::new();
+    let mut n = 0u64;
+    let mut send = |client: &mut Client, t: &mut Tally, unanswered: &mut usize| {
+        n += 1;
+        client.send(&format!("chaos{id}n{n}@example.com"));
+        t.sent += 1;
+        *unanswered += 1;
+    };
+    for _ in 0..WINDOW {
+        send(&mut client, &mut t, &mut unanswered);
+    }
+    let mut last_progress = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) && unanswered == 0 && open.is_empty() {
+            break;
+        }
+        if last_progress.elapsed() > Duration::from_secs(30) {
+            break;
+        }
+        let Some(reply) = client.try_recv(Duration::from_millis(500)) else {
+            if client.closed_by_server_now() {
+                t.dropped += 1;
+                break;
+            }
+            continue;
+        };
+        last_progress = Instant::now();
+        let task_id = reply["task_id"].as_u64().unwrap_or(0);
+        match reply["event"].as_str() {
+            Some("accepted") => {
+                unanswered -= 1;
+                t.accepted += 1;
+                open.insert(task_id);
+            }
+            Some("error") => {
+                unanswered -= 1;
+                t.errors += 1;
+            }
+            Some(kind @ ("done" | "failed")) => {
+                *finals.entry(task_id).or_default() += 1;
+                if !open.remove(&task_id) {
+                    t.unexplained_failures.push(format!("final reply without an open job: {reply}"));
+                }
+                if kind == "done" {
+                    t.done += 1;
+                } else {
+                    t.failed += 1;
+                    let error = reply["error"].as_str().unwrap_or("");
+                    if !(error.starts_with("task process ") && error.contains("killed by signal 9")) {
+                        t.unexplained_failures.push(reply.to_string());
+                    }
+                }
+                if !stop.load(Ordering::Relaxed) {
+                    send(&mut client, &mut t, &mut unanswered);
+                }
+            }
+            _ => t.unexplained_failures.push(format!("unexpected reply {reply}")),
+        }
+    }
+    t.missing = (unanswered + open.len()) as u64;
+    if finals.values().any(|&k| k > 1) {
+        t.unexplained_failures.push("a job got more than one final reply".into());
+    }
+    t
+}
+
+#[test]
+fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
+    let secs: u64 = std::env::var("TASKD_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let daemon = Daemon::start(&[
+        "--worker-num",
+        "3",
+        "--task-worker-num",
+        "4",
+        "--simulate-ms",
+        "40",
+        "--task-retry-max",
+        "5",
+    ]);
+    daemon.wait_pool(3, 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|id| {
+            let (addr, stop) = (daemon.addr, stop.clone());
+            std::thread::spawn(move || chaos_client(addr, stop, id))
+        })
+        .collect();
+    let start = Instant::now();
+    let mut seed = start.elapsed().subsec_nanos() as u64 | 1;
+    let mut rand = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    let (mut killed_workers, mut killed_tasks, mut killed_manager) = (0, 0, 0);
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(150 + rand() % 200));
+        let tree = daemon.tree();
+        if killed_manager == 0 && start.elapsed() > Duration::from_secs(secs / 2) {
+            if let Some(m) = tree.iter().find(|p| p.args == "taskd: manager") {
+                kill9(m.pid);
+                killed_manager += 1;
+                continue;
+            }
+        }
+        let pool: Vec<_> = tree
+            .iter()
+            .filter(|p| p.args.starts_with("taskd: worker") || p.args.starts_with("taskd: task"))
+            .collect();
+        if pool.is_empty() {
+            continue;
+        }
+        let victim = pool[(rand() % pool.len() as u64) as usize];
+        kill9(victim.pid);
+        if victim.args.starts_with("taskd: worker") {
+            killed_workers += 1;
+        } else {
+            killed_tasks += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = Tally::default();
+    for c in clients {
+        let t = c.join().unwrap();
+        total.sent += t.sent;
+        total.accepted += t.accepted;
+        total.errors += t.errors;
+        total.done += t.done;
+        total.failed += t.failed;
+        total.missing += t.missing;
+        total.dropped += t.dropped;
+        total.unexplained_failures.extend(t.unexplained_failures);
+    }
+    let outbox = daemon.outbox_lines().len();
+    println!(
+        "chaos {secs}s: killed {killed_workers} workers, {killed_tasks} task processes, {killed_manager} manager; \
+         sent {}, accepted {}, errors {}, done {}, failed {}, missing {}, dropped {}; outbox lines {outbox}",
+        total.sent, total.accepted, total.errors, total.done, total.failed, total.missing, total.dropped
+    );
+    assert_eq!(total.missing, 0, "{total:?}");
+    assert_eq!(total.dropped, 0, "{total:?}");
+    assert_eq!(total.errors, 0, "{total:?}");
+    assert!(total.unexplained_failures.is_empty(), "{:?}", total.unexplained_failures);
+    assert_eq!(total.accepted, total.done + total.failed);
+    assert!(total.done > 100, "the load ran: {total:?}");
+    assert!(outbox as u64 >= total.done, "every done job is in the outbox (retries may add more)");
+}
