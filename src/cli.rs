@@ -51,6 +51,10 @@ options! {
     server.port: u16,
     /// Queue length of connections not accepted yet [default: 512]
     server.backlog: i32,
+    /// Client connections held at once; more get an error line and are closed [default: 100000]
+    server.max_conn: usize,
+    /// Close connections silent this many seconds with nothing pending; 0 = never [default: 0]
+    server.heartbeat_idle_time: u64,
     /// Worker processes [default: 2]
     server.worker_num: usize,
     /// Task processes [default: 4]
@@ -172,6 +176,21 @@ mod tests {
         assert!(err.contains("worker_num"), "{err}");
         assert!(Cli::try_parse_from(["taskd", "--dispatch-mode", "9"]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn config_example_documents_every_option_at_its_default() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config.example.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let file: FileOptions = toml::from_str(&text).unwrap();
+        let mut from_file = Settings::default();
+        from_file.apply_file(file);
+        assert_eq!(from_file, Settings::default());
+        // Every key of the effective config appears in the example.
+        for line in Settings::default().to_toml().lines() {
+            let key = line.split(" = ").next().unwrap();
+            assert!(text.contains(&format!("\n{key} = ")), "config.example.toml lacks {key}");
+        }
     }
 
     #[test]

@@ -53,6 +53,11 @@ pub struct ServerConfig {
     pub port: u16,
     /// Length of the kernel's queue of connections not accepted yet.
     pub backlog: i32,
+    /// Client connections held at once; past it a new one gets an error line and is closed.
+    pub max_conn: usize,
+    /// Seconds without a request after which an idle connection (nothing pending) is closed
+    /// (0 = never, as in Swoole).
+    pub heartbeat_idle_time: u64,
     pub worker_num: usize,
     pub task_worker_num: usize,
     pub dispatch_mode: DispatchMode,
@@ -86,6 +91,8 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 9501,
             backlog: 512,
+            max_conn: 100_000,
+            heartbeat_idle_time: 0,
             worker_num: 2,
             task_worker_num: 4,
             dispatch_mode: DispatchMode::Fixed,
@@ -162,6 +169,11 @@ impl ServerConfig {
             format!("{} is not a number of seconds (0 = no limit)", self.task_timeout),
         )?;
         check(self.backlog >= 1, "backlog", format!("{} is below 1", self.backlog))?;
+        check(
+            (1..=1 << 24).contains(&self.max_conn),
+            "max_conn",
+            format!("{} is not between 1 and 16777216", self.max_conn),
+        )?;
         Ok(())
     }
 

@@ -25,12 +25,13 @@
 //! | [`protocol`] | master | line framing of the client wire format |
 //! | [`app`] | worker, task | the `Application` trait and its contexts |
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
-//! | [`cli`], [`config`] | before the fork | flags, the TOML file, validation |
+//! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod ipc;
+pub mod limits;
 pub mod logging;
 pub mod mail;
 pub mod manager;
@@ -80,6 +81,12 @@ pub fn run<A: Application>(
     mut app: A,
 ) -> Result<i32, StartError> {
     config.validate().map_err(StartError::Config)?;
+    let mut config = config.clone();
+    config.max_conn = limits::raise_nofile(
+        config.max_conn,
+        limits::reserved_fds(config.worker_num, config.task_worker_num),
+    );
+    let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     let workers = (0..config.worker_num)
         .map(|_| ipc::SlotChannel::new())

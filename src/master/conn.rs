@@ -6,6 +6,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use mio::net::TcpStream;
 
@@ -32,6 +33,8 @@ pub struct Conn {
     pub outstanding: u32,
     /// Queued in the master's list of connections to flush this turn.
     pub dirty: bool,
+    /// When the client last sent something (for `heartbeat_idle_time`).
+    pub last_active: Instant,
 }
 
 /// What a flush achieved.
@@ -55,6 +58,7 @@ impl Conn {
             close_after_flush: false,
             outstanding: 0,
             dirty: false,
+            last_active: Instant::now(),
         }
     }
 

@@ -51,6 +51,10 @@ const CONN_BASE: usize = 1 << 32;
 const SCRATCH: usize = 64 * 1024;
 /// How long the pool may take to exit once told to, before it is killed.
 const POOL_STOP_LIMIT: Duration = Duration::from_secs(5);
+/// How often idle connections are looked for, when `heartbeat_idle_time` is set.
+const HEARTBEAT_SCAN: Duration = Duration::from_secs(1);
+/// How long to wait before accepting again after running out of descriptors.
+const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// How long the master waits for a dead manager's pool to die with it.
 const ORPHAN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -116,6 +120,10 @@ pub struct Master<'a, A: Application> {
     /// Rolling reload: slots still to replace, and the one being replaced now.
     reload_queue: VecDeque<(Role, u32)>,
     reloading: Option<(Role, u32)>,
+    /// Accepting failed for lack of descriptors: try again then.
+    accept_retry: Option<Instant>,
+    /// When to look for idle connections next (`heartbeat_idle_time`).
+    next_heartbeat: Option<Instant>,
     exit_code: Option<i32>,
 }
 
@@ -172,6 +180,8 @@ impl<'a, A: Application> Master<'a, A> {
             phase: Phase::Running,
             reload_queue: VecDeque::new(),
             reloading: None,
+            accept_retry: None,
+            next_heartbeat: (config.heartbeat_idle_time > 0).then(|| Instant::now() + HEARTBEAT_SCAN),
             exit_code: None,
         })
     }
@@ -276,7 +286,9 @@ impl<'a, A: Application> Master<'a, A> {
             .map(|r| r.deadline)
             .into_iter()
             .chain(self.jobs.next_deadline())
-            .chain(task_deadlines);
+            .chain(task_deadlines)
+            .chain(self.accept_retry)
+            .chain(self.next_heartbeat);
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -293,10 +305,21 @@ impl<'a, A: Application> Master<'a, A> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    tracing::warn!("accept failed: {e}");
+                    // EMFILE and the like: the listener stays readable but edge-triggered
+                    // readiness will not fire again for the connections already waiting.
+                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
                     return;
                 }
             };
+            if self.conns.len() >= self.config.max_conn {
+                tracing::warn!("refusing {peer}: max_conn ({}) connections already", self.config.max_conn);
+                let msg =
+                    format!("too many connections (max_conn {}); try again later", self.config.max_conn);
+                // Best effort: the socket is new, its buffer empty; the line fits at once.
+                let _ = io::Write::write(&mut stream, &protocol::error_line(&msg));
+                continue;
+            }
             let entry = self.conns.vacant_entry();
             let key = entry.key();
             if key as u64 > KEY_MASK {
@@ -344,7 +367,10 @@ impl<'a, A: Application> Master<'a, A> {
                     self.maybe_finished.push(key);
                     break;
                 }
-                Ok(n) => self.take_lines(key, &scratch[..n]),
+                Ok(n) => {
+                    conn.last_active = Instant::now();
+                    self.take_lines(key, &scratch[..n]);
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
                     tracing::debug!("client {} read error: {e}", conn.peer);
@@ -1106,8 +1132,38 @@ impl<'a, A: Application> Master<'a, A> {
         }
     }
 
+    /// Closes connections silent for `heartbeat_idle_time` that wait for nothing.
+    fn close_idle_conns(&mut self) {
+        let Some(at) = self.next_heartbeat else { return };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        self.next_heartbeat = Some(now + HEARTBEAT_SCAN);
+        let limit = Duration::from_secs(self.config.heartbeat_idle_time);
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.outstanding == 0 && c.unwritten() == 0 && now - c.last_active >= limit)
+            .map(|(key, _)| key)
+            .collect();
+        for key in idle {
+            tracing::debug!(
+                "closing client {}: silent for heartbeat_idle_time ({}s)",
+                self.conns[key].peer,
+                self.config.heartbeat_idle_time
+            );
+            self.close_conn(key);
+        }
+    }
+
     fn end_turn(&mut self) {
         self.finish_manager_recovery();
+        if self.accept_retry.is_some_and(|at| Instant::now() >= at) {
+            self.accept_retry = None;
+            self.accept();
+        }
+        self.close_idle_conns();
         self.kill_hung_tasks();
         for group_id in self.jobs.expired_groups(Instant::now()) {
             self.finish_group(group_id);

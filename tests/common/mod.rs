@@ -270,7 +270,8 @@ pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
 
 /// A client that speaks the line protocol, as `nc` would.
 pub struct Client {
-    stream: TcpStream,
+    /// One descriptor per client (10,000 of them must fit the open-file limit): written
+    /// through the reader's inner stream.
     reader: BufReader<TcpStream>,
     /// The server closed the connection (seen by a read).
     eof: bool,
@@ -280,8 +281,7 @@ impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).expect("connect to taskd");
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        Client { stream, reader, eof: false }
+        Client { reader: BufReader::new(stream), eof: false }
     }
 
     pub fn send(&mut self, line: &str) {
@@ -289,12 +289,12 @@ impl Client {
     }
 
     pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write to taskd");
+        self.reader.get_ref().write_all(bytes).expect("write to taskd");
     }
 
     /// Ends the client's side; replies can still be read.
     pub fn shutdown_write(&mut self) {
-        self.stream.shutdown(Shutdown::Write).unwrap();
+        self.reader.get_ref().shutdown(Shutdown::Write).unwrap();
     }
 
     /// The next reply line as JSON; panics at EOF or after `DEADLINE`.
@@ -307,10 +307,10 @@ impl Client {
 
     /// The next reply line, or None at EOF or after `limit`.
     pub fn try_recv(&mut self, limit: Duration) -> Option<Value> {
-        self.stream.set_read_timeout(Some(limit)).unwrap();
+        self.reader.get_ref().set_read_timeout(Some(limit)).unwrap();
         let mut line = String::new();
         let got = self.reader.read_line(&mut line);
-        self.stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        self.reader.get_ref().set_read_timeout(Some(DEADLINE)).unwrap();
         match got {
             Ok(0) => {
                 self.eof = true;
