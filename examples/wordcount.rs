@@ -88,7 +88,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = taskd::logging::init("info") {
+    if let Err(e) = taskd::logging::init("info", taskd::logging::LogFormat::Human, None) {
         eprintln!("wordcount: {e}");
         return ExitCode::from(2);
     }

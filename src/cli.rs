@@ -1,7 +1,8 @@
-//! The `taskd` binary's command line and config file: defaults < TOML file < flags.
+//! The `taskd` binary's command line and config file:
+//! defaults < TOML file < environment (`TASKD_WORKER_NUM`) < flags (`--worker-num`).
 //!
-//! One flat list of options, each a TOML key (`worker_num`) and a flag (`--worker-num`); the
-//! list below is the single place an option is named.
+//! One flat list of options, each a TOML key (`worker_num`), an environment variable and a
+//! flag; the list below is the single place an option is named.
 
 use std::path::{Path, PathBuf};
 
@@ -9,6 +10,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::config::{DispatchMode, ServerConfig};
+use crate::logging::LogFormat;
 use crate::mail::MailConfig;
 
 /// The effective settings of the binary.
@@ -19,7 +21,7 @@ pub struct Settings {
 }
 
 macro_rules! options {
-    ($( $(#[doc = $doc:literal])* $part:ident . $field:ident : $ty:ty ),* $(,)?) => {
+    ($( $(#[$meta:meta])* $part:ident . $field:ident : $ty:ty $(=> $wrap:ident)? ),* $(,)?) => {
         /// The config file: every key optional; an unknown key is an error naming it.
         #[derive(Debug, Default, Deserialize)]
         #[serde(deny_unknown_fields)]
@@ -27,18 +29,31 @@ macro_rules! options {
             $( pub $field: Option<$ty>, )*
         }
 
-        /// Options given as flags; each overrides the config file.
+        /// Every option's name (its TOML key).
+        pub const OPTION_NAMES: &[&str] = &[$(stringify!($field)),*];
+
+        /// Options given as flags; each overrides the environment and the config file.
         #[derive(Debug, Default, Clone, clap::Args)]
         pub struct FlagOptions {
-            $( $(#[doc = $doc])* #[arg(long)] pub $field: Option<$ty>, )*
+            $( $(#[$meta])* #[arg(long, global = true)] pub $field: Option<$ty>, )*
         }
 
         impl Settings {
             fn apply_file(&mut self, file: FileOptions) {
-                $( if let Some(v) = file.$field { self.$part.$field = v; } )*
+                $( if let Some(v) = file.$field { self.$part.$field = $($wrap)?(v); } )*
+            }
+            fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+                $(
+                    let name = format!("TASKD_{}", stringify!($field).to_ascii_uppercase());
+                    if let Some(text) = env(&name) {
+                        let v: $ty = text.parse().map_err(|e| format!("invalid {name}={text:?}: {e}"))?;
+                        self.$part.$field = $($wrap)?(v);
+                    }
+                )*
+                Ok(())
             }
             fn apply_flags(&mut self, flags: &FlagOptions) {
-                $( if let Some(v) = &flags.$field { self.$part.$field = v.clone(); } )*
+                $( if let Some(v) = &flags.$field { self.$part.$field = $($wrap)?(v.clone()); } )*
             }
         }
     };
@@ -83,6 +98,21 @@ options! {
     server.task_prefetch: usize,
     /// error, warn, info, debug or trace (RUST_LOG overrides) [default: info]
     server.log_level: String,
+    /// human or json (one JSON object per line) [default: human]
+    server.log_format: LogFormat,
+    /// Append logs to this file instead of stderr; SIGHUP reopens it (log rotation)
+    server.log_file: PathBuf => Some,
+    /// Write the master's pid (and address) here once listening; removed on exit
+    server.pid_file: PathBuf => Some,
+    /// Detach from the terminal and run in the background (needs --pid-file)
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    server.daemonize: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9502)
+    server.metrics_addr: String => Some,
+    /// Run workers and task processes as this user (the master binds first, as root)
+    server.user: String => Some,
+    /// Run workers and task processes with this group (default: the user's group)
+    server.group: String => Some,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
     /// File that delivered messages are appended to [default: taskd-outbox.log]
@@ -106,22 +136,49 @@ impl std::str::FromStr for DispatchMode {
     about = "A multi-process TCP task server: email and SMS jobs off the request path"
 )]
 pub struct Cli {
-    /// TOML config file (see config.example.toml); flags override it.
-    #[arg(long, value_name = "FILE")]
+    /// TOML config file (see config.example.toml); the environment and flags override it.
+    #[arg(long, value_name = "FILE", global = true)]
     pub config: Option<PathBuf>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     pub check_config: bool,
     #[command(flatten)]
     pub options: FlagOptions,
+    #[command(subcommand)]
+    pub command: Option<Command>,
 }
 
-/// Reads the config file (if any), applies the flags, and validates the result.
+/// Control commands: they find the running daemon through its pid file.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Stop the daemon gracefully and wait until it is gone (exit 0; 3 if it was not running).
+    Stop {
+        /// Seconds to wait for it to exit [default: max_wait_time + 10]
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
+    /// Replace every worker (SIGUSR1), or every task process with --tasks (SIGUSR2).
+    Reload {
+        #[arg(long)]
+        tasks: bool,
+    },
+    /// Say whether the daemon runs, with its pids, uptime and counters (exit 0; 3 if not).
+    Status,
+}
+
+/// Reads the config file (if any), the environment and the flags, and validates the result.
 pub fn load(cli: &Cli) -> Result<Settings, String> {
+    load_with_env(cli, &|name| std::env::var(name).ok())
+}
+
+/// `load` with the environment given (for tests).
+pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, String> {
     let mut settings = Settings::default();
-    if let Some(path) = &cli.config {
+    let config = cli.config.clone().or_else(|| env("TASKD_CONFIG").map(PathBuf::from));
+    if let Some(path) = &config {
         settings.apply_file(read_file(path)?);
     }
+    settings.apply_env(env)?;
     settings.apply_flags(&cli.options);
     settings.server.validate().map_err(|e| e.to_string())?;
     Ok(settings)
@@ -165,6 +222,37 @@ mod tests {
     }
 
     #[test]
+    fn the_environment_sits_between_the_file_and_the_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("t.toml");
+        std::fs::write(&file, "worker_num = 3\ntask_worker_num = 6\n").unwrap();
+        let env = |name: &str| match name {
+            "TASKD_WORKER_NUM" => Some("4".to_string()),
+            "TASKD_TASK_WORKER_NUM" => Some("7".to_string()),
+            "TASKD_PID_FILE" => Some("/run/taskd.pid".to_string()),
+            _ => None,
+        };
+        let s =
+            load_with_env(&cli(&["--config", file.to_str().unwrap(), "--worker-num", "5"]), &env).unwrap();
+        assert_eq!(s.server.worker_num, 5, "flag beats env");
+        assert_eq!(s.server.task_worker_num, 7, "env beats file");
+        assert_eq!(s.server.pid_file, Some(PathBuf::from("/run/taskd.pid")));
+        let bad = |name: &str| (name == "TASKD_PORT").then(|| "http".to_string());
+        let err = load_with_env(&cli(&[]), &bad).unwrap_err();
+        assert!(err.contains("TASKD_PORT"), "{err}");
+    }
+
+    #[test]
+    fn control_commands_take_the_pid_file_before_or_after() {
+        let a = cli(&["--pid-file", "/tmp/x.pid", "stop"]);
+        let b = cli(&["status", "--pid-file", "/tmp/x.pid"]);
+        assert!(matches!(a.command, Some(Command::Stop { .. })));
+        assert!(matches!(b.command, Some(Command::Status)));
+        assert_eq!(a.options.pid_file, b.options.pid_file);
+        assert!(matches!(cli(&["reload", "--tasks"]).command, Some(Command::Reload { tasks: true })));
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_are_named() {
         let dir = std::env::temp_dir().join(format!("taskd-cli-bad-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -186,10 +274,10 @@ mod tests {
         let mut from_file = Settings::default();
         from_file.apply_file(file);
         assert_eq!(from_file, Settings::default());
-        // Every key of the effective config appears in the example.
-        for line in Settings::default().to_toml().lines() {
-            let key = line.split(" = ").next().unwrap();
-            assert!(text.contains(&format!("\n{key} = ")), "config.example.toml lacks {key}");
+        // Every option is documented, set or (when it has no default) commented out.
+        for key in OPTION_NAMES {
+            let documented = text.contains(&format!("\n{key} = ")) || text.contains(&format!("\n# {key} = "));
+            assert!(documented, "config.example.toml lacks {key}");
         }
     }
 

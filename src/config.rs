@@ -4,7 +4,10 @@
 //! from one flat TOML file and its flags (see `cli`).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
+
+use crate::logging::LogFormat;
 
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +86,18 @@ pub struct ServerConfig {
     pub task_prefetch: usize,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// Logs go to this file instead of stderr (reopened on SIGHUP).
+    pub log_file: Option<PathBuf>,
+    /// The master's pid (and address) is written here once listening, removed on exit.
+    pub pid_file: Option<PathBuf>,
+    /// Run in the background, detached from the terminal.
+    pub daemonize: bool,
+    /// Where Prometheus metrics are served over HTTP (`/metrics`).
+    pub metrics_addr: Option<String>,
+    /// The user and group workers and task processes run as.
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 impl Default for ServerConfig {
@@ -107,6 +122,13 @@ impl Default for ServerConfig {
             max_wait_time: 3,
             task_prefetch: 1,
             log_level: "info".into(),
+            log_format: LogFormat::Human,
+            log_file: None,
+            pid_file: None,
+            daemonize: false,
+            metrics_addr: None,
+            user: None,
+            group: None,
         }
     }
 }
@@ -169,6 +191,16 @@ impl ServerConfig {
             format!("{} is not a number of seconds (0 = no limit)", self.task_timeout),
         )?;
         check(self.backlog >= 1, "backlog", format!("{} is below 1", self.backlog))?;
+        check(
+            !self.daemonize || self.pid_file.is_some(),
+            "daemonize",
+            "needs pid_file (--pid-file), so that `taskd stop` can find the daemon",
+        )?;
+        check(
+            self.group.is_none() || self.user.is_some(),
+            "group",
+            "goes with user (--user): the pool keeps root's group otherwise",
+        )?;
         check(
             (1..=1 << 24).contains(&self.max_conn),
             "max_conn",

@@ -26,10 +26,12 @@
 //! | [`app`] | worker, task | the `Application` trait and its contexts |
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
+//! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
 
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod ipc;
 pub mod limits;
 pub mod logging;
@@ -53,13 +55,19 @@ use std::io::{self, Write};
 #[derive(Debug)]
 pub enum StartError {
     Config(config::InvalidOption),
-    Io { what: &'static str, source: io::Error },
+    /// A sentence for a person, naming the option at fault.
+    Other(String),
+    Io {
+        what: &'static str,
+        source: io::Error,
+    },
 }
 
 impl std::fmt::Display for StartError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StartError::Config(e) => e.fmt(f),
+            StartError::Other(e) => f.write_str(e),
             StartError::Io { what, source } => write!(f, "{what}: {source}"),
         }
     }
@@ -73,14 +81,36 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> StartError {
 
 /// Runs a server on a bound listener until it is stopped; returns the exit code.
 ///
-/// Prints `taskd listening on ADDR` as the first line on stdout once the reactor is set up.
+/// Prints `taskd listening on ADDR` as the first line on stdout once the reactor is set up
+/// (and `taskd metrics on http://ADDR/metrics` after it, with `metrics_addr`).
 /// Call it from a single-threaded process: it forks.
 pub fn run<A: Application>(
     config: &ServerConfig,
     listener: std::net::TcpListener,
+    app: A,
+) -> Result<i32, StartError> {
+    run_notify(config, listener, app, |_| {})
+}
+
+/// Like [`run`]; `ready` receives the lines announced on stdout once the server is listening
+/// (a daemonized binary passes them on to the terminal it left, or to systemd).
+pub fn run_notify<A: Application>(
+    config: &ServerConfig,
+    listener: std::net::TcpListener,
     mut app: A,
+    ready: impl FnOnce(&str),
 ) -> Result<i32, StartError> {
     config.validate().map_err(StartError::Config)?;
+    let credentials = match &config.user {
+        Some(user) => {
+            Some(process::resolve_credentials(user, config.group.as_deref()).map_err(StartError::Other)?)
+        }
+        None => None,
+    };
+    let metrics = match &config.metrics_addr {
+        Some(addr) => Some(bind_metrics(addr)?),
+        None => None,
+    };
     let mut config = config.clone();
     config.max_conn = limits::raise_nofile(
         config.max_conn,
@@ -88,6 +118,7 @@ pub fn run<A: Application>(
     );
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
+    logging::share_rotation(shared);
     let workers = (0..config.worker_num)
         .map(|_| ipc::SlotChannel::new())
         .collect::<io::Result<Vec<_>>>()
@@ -96,26 +127,58 @@ pub fn run<A: Application>(
         .map(|_| ipc::SlotChannel::new())
         .collect::<io::Result<Vec<_>>>()
         .map_err(io_err("cannot create task channels"))?;
+    let addr = listener.local_addr().map_err(io_err("cannot read the listening address"))?;
+    let pid = std::process::id();
+    if let Some(path) = &config.pid_file {
+        control::PidFile::write(path, pid, addr)
+            .map_err(|source| StartError::Io { what: "cannot write the pid file", source })?;
+    }
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
     process::set_title("taskd: master");
-    let addr = listener.local_addr().map_err(io_err("cannot read the listening address"))?;
     app.on_start(addr);
-    let setup = master::MasterSetup { config, shared, listener, signals, workers, tasks };
-    let mut master = master::Master::new(&mut app, setup).map_err(io_err("cannot set up the master"))?;
-    master.spawn_manager().map_err(io_err("cannot fork the manager"))?;
+    let setup =
+        master::MasterSetup { config, shared, listener, metrics, credentials, signals, workers, tasks };
+    let started = master::Master::new(&mut app, setup).and_then(|mut master| {
+        master.spawn_manager()?;
+        Ok(master)
+    });
+    let mut master = match started {
+        Ok(m) => m,
+        Err(source) => {
+            if let Some(path) = &config.pid_file {
+                control::PidFile::remove_if_ours(path, pid);
+            }
+            return Err(StartError::Io { what: "cannot start the master", source });
+        }
+    };
+    let mut announce = format!("taskd listening on {}\n", master.local_addr());
+    if let Some(m) = master.metrics_addr() {
+        announce.push_str(&format!("taskd metrics on http://{m}/metrics\n"));
+    }
     let mut stdout = io::stdout().lock();
-    let _ = writeln!(stdout, "taskd listening on {}", master.local_addr());
+    let _ = stdout.write_all(announce.as_bytes());
     let _ = stdout.flush();
     drop(stdout);
+    ready(&announce);
     tracing::info!(
-        "taskd master (pid {}) listening on {addr}: {} workers, {} task processes, dispatch_mode {}",
-        std::process::id(),
+        "taskd master (pid {pid}) listening on {addr}: {} workers, {} task processes, dispatch_mode {}",
         config.worker_num,
         config.task_worker_num,
         u8::from(config.dispatch_mode)
     );
     let code = master.run();
     drop(master);
+    if let Some(path) = &config.pid_file {
+        control::PidFile::remove_if_ours(path, pid);
+    }
     Ok(code)
+}
+
+fn bind_metrics(addr: &str) -> Result<std::net::TcpListener, StartError> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
+        .ok_or_else(|| StartError::Other(format!("invalid metrics_addr {addr:?}: expected HOST:PORT")))?;
+    net::bind_listener(host, port, 128).map_err(|e| StartError::Other(format!("invalid metrics_addr: {e}")))
 }

@@ -1,9 +1,14 @@
-//! The `taskd` binary: flags and config, the listening socket, then the server.
+//! The `taskd` binary: flags and config, the control commands, the listening socket, then
+//! the server (in the foreground, or detached with `--daemonize`).
 
+use std::io::Write;
+use std::os::fd::OwnedFd;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
-use taskd::cli::{self, Cli};
+use taskd::cli::{self, Cli, Command, Settings};
+use taskd::control;
 use taskd::mail::{outbox::Outbox, MailApp};
 
 fn main() -> ExitCode {
@@ -15,32 +20,66 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let pid_file = settings.server.pid_file.as_ref();
+    match &cli.command {
+        Some(Command::Stop { timeout }) => {
+            let limit = timeout.unwrap_or(settings.server.max_wait_time + 10);
+            return ExitCode::from(control::stop(pid_file, Duration::from_secs(limit)));
+        }
+        Some(Command::Reload { tasks }) => return ExitCode::from(control::reload(pid_file, *tasks)),
+        Some(Command::Status) => return ExitCode::from(control::status(pid_file)),
+        None => {}
+    }
     if cli.check_config {
         print!("{}", settings.to_toml());
         return ExitCode::SUCCESS;
     }
-    if let Err(e) = taskd::logging::init(&settings.server.log_level) {
-        eprintln!("taskd: {e}");
-        return ExitCode::from(2);
-    }
-    // Fail now, with the option's name, rather than in every task process later.
-    if let Err(e) = Outbox::open(&settings.mail.outbox) {
-        eprintln!("taskd: invalid outbox: cannot open {}: {e}", settings.mail.outbox.display());
-        return ExitCode::from(2);
-    }
-    let server = &settings.server;
-    let listener = match taskd::net::bind_listener(&server.host, server.port, server.backlog) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("taskd: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match taskd::run(server, listener, MailApp::new(settings.mail.clone())) {
+    match serve(&settings) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
-        Err(e) => {
-            eprintln!("taskd: {e}");
-            ExitCode::from(1)
+        Err((code, message)) => {
+            eprintln!("taskd: {message}");
+            ExitCode::from(code)
         }
     }
+}
+
+/// Runs the daemon; an error is an exit code and a sentence for the terminal.
+fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
+    let server = &settings.server;
+    if let Some(path) = &server.pid_file {
+        control::check_not_running(path).map_err(|e| (1, e))?;
+    }
+    taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
+        .map_err(|e| (2, e))?;
+    // Fail now, with the option's name, rather than in every task process later.
+    Outbox::open(&settings.mail.outbox)
+        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", settings.mail.outbox.display())))?;
+    if let Some(user) = &server.user {
+        let creds = taskd::process::resolve_credentials(user, server.group.as_deref()).map_err(|e| (2, e))?;
+        // The task processes, running as the user, append to it.
+        let _ = nix::unistd::chown(&settings.mail.outbox, Some(creds.uid), Some(creds.gid));
+    }
+    let listener = taskd::net::bind_listener(&server.host, server.port, server.backlog)
+        .map_err(|e| (1, e.to_string()))?;
+    let mut report: Option<OwnedFd> = None;
+    if server.daemonize {
+        report = Some(
+            taskd::process::daemonize(server.log_file.is_some())
+                .map_err(|e| (1, format!("cannot run in the background: {e}")))?,
+        );
+    }
+    let ready = |announce: &str| {
+        if let Some(fd) = report.take() {
+            let _ = std::fs::File::from(fd).write_all(announce.as_bytes());
+        }
+        // Type=notify under systemd; a no-op elsewhere.
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    };
+    let result = taskd::run_notify(server, listener, MailApp::new(settings.mail.clone()), ready);
+    result.map_err(|e| {
+        if let Some(fd) = report.take() {
+            let _ = std::fs::File::from(fd).write_all(format!("error: {e}\n").as_bytes());
+        }
+        (1, e.to_string())
+    })
 }

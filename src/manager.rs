@@ -69,6 +69,7 @@ pub struct ManagerSetup<'a> {
     pub workers: Vec<OwnedFd>,
     pub tasks: Vec<OwnedFd>,
     pub master_pid: Pid,
+    pub credentials: Option<process::Credentials>,
 }
 
 pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
@@ -120,6 +121,7 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
         slots,
         stopping: None,
         terminated: false,
+        credentials: setup.credentials,
     };
     tracing::info!(
         "manager started (pid {}): {} workers, {} task processes",
@@ -192,6 +194,7 @@ struct Manager<'a, A> {
     stopping: Option<Instant>,
     /// SIGTERM has been sent to the pool during shutdown.
     terminated: bool,
+    credentials: Option<process::Credentials>,
 }
 
 impl<A: Application> Manager<'_, A> {
@@ -201,10 +204,21 @@ impl<A: Application> Manager<'_, A> {
         let fd: RawFd = self.slots[i].child_end.as_raw_fd();
         let config = self.config;
         let shared = self.shared;
+        let credentials = self.credentials;
         let app = &mut *self.app;
         let result = process::spawn(&[fd], || {
             process::set_title(&format!("taskd: {role} {index}"));
             process::die_with_parent(manager_pid);
+            if let Some(creds) = credentials {
+                if let Err(e) = process::drop_privileges(creds) {
+                    tracing::error!(
+                        "{role} {index}: cannot switch to uid {} gid {}: {e}",
+                        creds.uid,
+                        creds.gid
+                    );
+                    return 1;
+                }
+            }
             if let Err(e) = signals::set_blocked(&POOL_BLOCKED) {
                 tracing::error!("{role} {index}: cannot set its signal mask: {e}");
                 return 1;

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 use std::ffi::CString;
 use std::io::{self, Write};
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -22,12 +22,7 @@ use crate::ipc::ExitReason;
 /// that no process holds a client socket, a listening socket or another slot's channel it does
 /// not own (a client must see its connection close when the master closes it).
 pub fn spawn(keep: &[RawFd], entry: impl FnOnce() -> i32) -> io::Result<Pid> {
-    // Anything buffered now would otherwise be written twice, once by each process.
-    let _ = io::stdout().flush();
-    let _ = io::stderr().flush();
-    // SAFETY: taskd never starts a thread, so the child is a complete copy of a
-    // single-threaded process; it only runs `entry` and then `_exit`s.
-    match unsafe { fork() }.map_err(io::Error::from)? {
+    match fork_now()? {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
             let code = match close_inherited_fds(keep) {
@@ -40,6 +35,96 @@ pub fn spawn(keep: &[RawFd], entry: impl FnOnce() -> i32) -> io::Result<Pid> {
             exit_now(code)
         }
     }
+}
+
+/// The one `fork` of taskd.
+fn fork_now() -> io::Result<ForkResult> {
+    // Anything buffered now would otherwise be written twice, once by each process.
+    let _ = io::stdout().flush();
+    let _ = io::stderr().flush();
+    // SAFETY: taskd never starts a thread, so the child is a complete copy of a
+    // single-threaded process; callers make the child `_exit` rather than return into code
+    // that would run the parent's destructors twice.
+    unsafe { fork() }.map_err(io::Error::from)
+}
+
+/// Detaches from the terminal: double fork, `setsid`, stdio to /dev/null (stderr too unless
+/// `keep_stderr`, when it already points at the log file).
+///
+/// Returns in the daemon with the write end of a pipe: write the lines to show the user
+/// (`taskd listening on …`, or `error: …`) and close it. The original process prints them,
+/// and exits 0 once the daemon reported it is listening, 1 otherwise.
+pub fn daemonize(keep_stderr: bool) -> io::Result<OwnedFd> {
+    let (read_end, write_end) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    if let ForkResult::Parent { child } = fork_now()? {
+        drop(write_end);
+        let mut report = String::new();
+        let _ = io::Read::read_to_string(&mut std::fs::File::from(read_end), &mut report);
+        let _ = waitpid(child, None);
+        let ok = report.starts_with("taskd listening on ");
+        if ok {
+            print!("{report}");
+        } else if report.is_empty() {
+            eprintln!("taskd: the daemon exited before it was listening (see its log file)");
+        } else {
+            eprint!("taskd: {}", report.strip_prefix("error: ").unwrap_or(&report));
+        }
+        exit_now(if ok { 0 } else { 1 });
+    }
+    drop(read_end);
+    nix::unistd::setsid()?;
+    // The session leader exits, so the daemon can never acquire a controlling terminal.
+    if let ForkResult::Parent { .. } = fork_now()? {
+        exit_now(0);
+    }
+    let null = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null")?;
+    nix::unistd::dup2_stdin(&null)?;
+    nix::unistd::dup2_stdout(&null)?;
+    if !keep_stderr {
+        nix::unistd::dup2_stderr(&null)?;
+    }
+    Ok(write_end)
+}
+
+/// Whom workers and task processes run as (`--user`, `--group`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: nix::unistd::Uid,
+    pub gid: nix::unistd::Gid,
+}
+
+/// Looks the user (and group) up; an unknown name or a non-root master is an error.
+pub fn resolve_credentials(user: &str, group: Option<&str>) -> Result<Credentials, String> {
+    let found = nix::unistd::User::from_name(user)
+        .map_err(|e| format!("invalid user: cannot look up {user:?}: {e}"))?
+        .ok_or_else(|| format!("invalid user: no user named {user:?}"))?;
+    let gid = match group {
+        None => found.gid,
+        Some(g) => {
+            nix::unistd::Group::from_name(g)
+                .map_err(|e| format!("invalid group: cannot look up {g:?}: {e}"))?
+                .ok_or_else(|| format!("invalid group: no group named {g:?}"))?
+                .gid
+        }
+    };
+    if !nix::unistd::geteuid().is_root() && nix::unistd::geteuid() != found.uid {
+        return Err(format!(
+            "invalid user: switching to {user:?} needs root (taskd runs as uid {})",
+            nix::unistd::geteuid()
+        ));
+    }
+    Ok(Credentials { uid: found.uid, gid })
+}
+
+/// Drops root for good: supplementary groups, then group, then user.
+pub fn drop_privileges(creds: Credentials) -> io::Result<()> {
+    if nix::unistd::geteuid() == creds.uid {
+        return Ok(());
+    }
+    nix::unistd::setgroups(&[creds.gid])?;
+    nix::unistd::setgid(creds.gid)?;
+    nix::unistd::setuid(creds.uid)?;
+    Ok(())
 }
 
 /// Ends the process without running the parent's destructors or atexit handlers.
@@ -82,11 +167,13 @@ pub fn die_with_parent(expected_parent: Pid) {
     }
 }
 
-/// Names this process so that `ps -e -o pid,ppid,comm,args` shows its role and slot.
+/// Names this process so that `ps -e -o pid,ppid,comm,args` shows its role and slot
+/// (`taskd: worker 0`), and so does every log line it writes (`worker 0`).
 ///
 /// `comm` (15 bytes) is set with `PR_SET_NAME`; `args` by overwriting the original argument
 /// strings in place, which is the one place `ps` reads them from (truncated to their length).
 pub fn set_title(title: &str) {
+    crate::logging::set_process(title.strip_prefix("taskd: ").unwrap_or(title));
     if let Ok(name) = CString::new(title) {
         let _ = nix::sys::prctl::set_name(&name);
     }

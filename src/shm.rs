@@ -12,6 +12,8 @@ pub struct Shared {
     next_task_id: AtomicU64,
     /// Jobs the master holds (queued or running); written by the master only.
     jobs_pending: AtomicU64,
+    /// Bumped by the master each time it reopens the log file (SIGHUP).
+    log_generation: AtomicU64,
 }
 
 impl Shared {
@@ -44,6 +46,15 @@ impl Shared {
 
     pub fn set_jobs_pending(&self, n: u64) {
         self.jobs_pending.store(n, Ordering::Relaxed);
+    }
+
+    pub fn log_generation(&self) -> u64 {
+        self.log_generation.load(Ordering::Relaxed)
+    }
+
+    /// Announces a log rotation; returns the new generation.
+    pub fn bump_log_generation(&self) -> u64 {
+        self.log_generation.fetch_add(1, Ordering::Relaxed) + 1
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod conn;
 mod jobs;
+mod metrics;
 mod replay;
 mod slots;
 mod stats;
@@ -46,6 +47,9 @@ use stats::Counters;
 const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const MANAGER: Token = Token(2);
+const METRICS: Token = Token(3);
+/// Metrics connections: tokens from here (below the slots' channels would be too few).
+const METRICS_BASE: usize = 1 << 31;
 const SLOT_BASE: usize = 16;
 const CONN_BASE: usize = 1 << 32;
 const SCRATCH: usize = 64 * 1024;
@@ -67,6 +71,10 @@ pub struct MasterSetup<'a> {
     pub config: &'a ServerConfig,
     pub shared: &'static Shared,
     pub listener: std::net::TcpListener,
+    /// The Prometheus endpoint's listener, if any.
+    pub metrics: Option<std::net::TcpListener>,
+    /// Whom the pool runs as.
+    pub credentials: Option<process::Credentials>,
     pub signals: Signals,
     pub workers: Vec<SlotChannel>,
     pub tasks: Vec<SlotChannel>,
@@ -98,6 +106,9 @@ pub struct Master<'a, A: Application> {
     poll: Poll,
     listener: Option<TcpListener>,
     local_addr: SocketAddr,
+    metrics: Option<TcpListener>,
+    metrics_conns: Slab<metrics::MetricsConn>,
+    credentials: Option<process::Credentials>,
     signals: Signals,
     manager: Channel,
     /// The manager's end of its channel, kept to hand to a new manager.
@@ -129,13 +140,22 @@ pub struct Master<'a, A: Application> {
 
 impl<'a, A: Application> Master<'a, A> {
     pub fn new(app: &'a mut A, setup: MasterSetup<'a>) -> io::Result<Self> {
-        let MasterSetup { config, shared, listener, signals, workers, tasks } = setup;
+        let MasterSetup { config, shared, listener, metrics, credentials, signals, workers, tasks } = setup;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
         let poll = Poll::new()?;
         let mut listener = TcpListener::from_std(listener);
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let metrics = match metrics {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                let mut l = TcpListener::from_std(l);
+                poll.registry().register(&mut l, METRICS, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
         let sig_fd = signals.raw_fd();
         poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE)?;
         let mut manager = Channel::new(manager_master_end);
@@ -162,6 +182,9 @@ impl<'a, A: Application> Master<'a, A> {
             poll,
             listener: Some(listener),
             local_addr,
+            metrics,
+            metrics_conns: Slab::new(),
+            credentials,
             signals,
             manager,
             manager_end,
@@ -190,6 +213,10 @@ impl<'a, A: Application> Master<'a, A> {
         self.local_addr
     }
 
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
     /// Forks the manager, which forks the pool.
     pub fn spawn_manager(&mut self) -> io::Result<()> {
         let master_pid = nix::unistd::getpid();
@@ -201,6 +228,7 @@ impl<'a, A: Application> Master<'a, A> {
         let task_fds: Vec<RawFd> = self.tasks.iter().map(|t| t.child_end.as_raw_fd()).collect();
         let config = self.config;
         let shared = self.shared;
+        let credentials = self.credentials;
         let app = &mut *self.app;
         let pid = process::spawn(&keep, move || {
             let owned = |fd: RawFd| {
@@ -217,6 +245,7 @@ impl<'a, A: Application> Master<'a, A> {
                     workers: worker_fds.into_iter().map(owned).collect(),
                     tasks: task_fds.into_iter().map(owned).collect(),
                     master_pid,
+                    credentials,
                 },
             )
         })?;
@@ -240,6 +269,10 @@ impl<'a, A: Application> Master<'a, A> {
                     LISTENER => self.accept(),
                     SIGNALS => self.handle_signals(),
                     MANAGER => self.read_manager(),
+                    METRICS => self.accept_metrics(),
+                    Token(t) if (METRICS_BASE..CONN_BASE).contains(&t) => {
+                        self.serve_metrics(t - METRICS_BASE)
+                    }
                     Token(t) if t >= CONN_BASE => {
                         let key = t - CONN_BASE;
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
@@ -972,7 +1005,11 @@ impl<'a, A: Application> Master<'a, A> {
                 Signal::SIGCHLD => self.reap(),
                 Signal::SIGUSR1 => self.start_reload(Role::Worker),
                 Signal::SIGUSR2 => self.start_reload(Role::Task),
-                Signal::SIGHUP => tracing::info!("SIGHUP: nothing to reopen (logs go to stderr)"),
+                Signal::SIGHUP => match crate::logging::reopen() {
+                    Ok(true) => tracing::info!("SIGHUP: log file reopened"),
+                    Ok(false) => tracing::info!("SIGHUP: no log file to reopen (logs go to stderr)"),
+                    Err(e) => tracing::error!("SIGHUP: cannot reopen the log file: {e}"),
+                },
                 _ => {}
             }
         }
@@ -1237,6 +1274,58 @@ impl<'a, A: Application> Master<'a, A> {
             if let Err(e) = self.manager.flush() {
                 tracing::error!("writing to the manager failed: {e}");
             }
+        }
+    }
+
+    fn accept_metrics(&mut self) {
+        loop {
+            let Some(listener) = &self.metrics else { return };
+            match listener.accept() {
+                Ok((mut stream, _)) => {
+                    let entry = self.metrics_conns.vacant_entry();
+                    let token = Token(METRICS_BASE + entry.key());
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        entry.insert(metrics::MetricsConn::new(stream));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!("metrics: accept failed: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn serve_metrics(&mut self, key: usize) {
+        let Some(mut conn) = self.metrics_conns.try_remove(key) else { return };
+        let next = conn.on_event(|| stats::render_prometheus(&self.snapshot()));
+        match next {
+            metrics::Next::Wait => {
+                self.metrics_conns.insert(conn);
+            }
+            metrics::Next::Close => {
+                let _ = self.poll.registry().deregister(&mut conn.stream);
+            }
+        }
+    }
+
+    fn snapshot(&self) -> stats::Snapshot<'_> {
+        stats::Snapshot {
+            counters: &self.counters,
+            config: self.config,
+            master_pid: std::process::id(),
+            manager_pid: self.manager_pid.map(|p| p.as_raw() as u32),
+            connections: self.conns.len(),
+            workers: &self.workers,
+            tasks: &self.tasks,
+            jobs: &self.jobs,
         }
     }
 

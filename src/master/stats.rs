@@ -109,3 +109,63 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
     line.push(b'\n');
     line
 }
+
+/// The same figures in the Prometheus text format (version 0.0.4).
+pub fn render_prometheus(s: &Snapshot<'_>) -> String {
+    use std::fmt::Write as _;
+    let c = s.counters;
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(out, "# HELP taskd_{name} {help}\n# TYPE taskd_{name} {kind}\ntaskd_{name} {value}");
+    };
+    metric("start_time_seconds", "gauge", "When the daemon started (Unix time).", c.start_time);
+    metric("uptime_seconds", "gauge", "Seconds since the daemon started.", c.started.elapsed().as_secs());
+    metric("connections", "gauge", "Client connections open now.", s.connections as u64);
+    metric("connections_accepted_total", "counter", "Client connections accepted.", c.accept_count);
+    metric("connections_closed_total", "counter", "Client connections closed.", c.close_count);
+    metric("requests_total", "counter", "Requests handled by workers.", c.request_count);
+    metric("requests_dispatched_total", "counter", "Requests dispatched to workers.", c.dispatch_count);
+    metric("tasks_accepted_total", "counter", "Jobs handed to the task pool.", c.tasks_accepted);
+    metric("tasks_done_total", "counter", "Jobs finished.", c.tasks_done);
+    metric("tasks_failed_total", "counter", "Jobs failed for good.", c.tasks_failed);
+    metric(
+        "tasks_retried_total",
+        "counter",
+        "Jobs run again after their task process died.",
+        c.tasks_retried,
+    );
+    let running: usize = s.tasks.iter().map(|t| t.inflight.len()).sum();
+    metric("tasks_running", "gauge", "Jobs in task processes now.", running as u64);
+    metric("tasks_queued", "gauge", "Jobs waiting for a task process.", s.jobs.queued() as u64);
+    metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
+    metric("task_crashes_total", "counter", "Task processes that died abnormally.", c.task_crashes);
+    metric("fork_failures_total", "counter", "Pool processes the manager could not fork.", c.fork_failures);
+    let _ = writeln!(
+        out,
+        "# HELP taskd_process_served_total Requests or tasks handled by the current process of a slot."
+    );
+    let _ = writeln!(out, "# TYPE taskd_process_served_total counter");
+    for (i, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(out, "taskd_process_served_total{{role=\"worker\",slot=\"{i}\"}} {}", w.served);
+    }
+    for (i, t) in s.tasks.iter().enumerate() {
+        let _ = writeln!(out, "taskd_process_served_total{{role=\"task\",slot=\"{i}\"}} {}", t.served);
+    }
+    let _ = writeln!(out, "# HELP taskd_process_restarts_total Times a slot's process was replaced.");
+    let _ = writeln!(out, "# TYPE taskd_process_restarts_total counter");
+    for (i, w) in s.workers.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "taskd_process_restarts_total{{role=\"worker\",slot=\"{i}\"}} {}",
+            w.starts.saturating_sub(1)
+        );
+    }
+    for (i, t) in s.tasks.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "taskd_process_restarts_total{{role=\"task\",slot=\"{i}\"}} {}",
+            t.starts.saturating_sub(1)
+        );
+    }
+    out
+}

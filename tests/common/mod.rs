@@ -24,6 +24,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub outbox: PathBuf,
     log_path: PathBuf,
+    /// The metrics endpoint, when started with `--metrics-addr`.
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// Orphaned pool processes (a killed master's) come to the test process to be reaped,
@@ -43,6 +45,11 @@ impl Daemon {
 
     /// Like `start`, but returns the exit status and log if it exits instead of listening.
     pub fn try_start(args: &[&str]) -> Result<Daemon, (String, String)> {
+        Self::start_env(args, &[])
+    }
+
+    /// Like `try_start`, with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon, (String, String)> {
         become_subreaper();
         let dir = tempfile::tempdir().expect("temp dir");
         // A test may name its own outbox.
@@ -60,6 +67,7 @@ impl Daemon {
         cmd.args(args)
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(log)
@@ -69,13 +77,30 @@ impl Daemon {
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut first = String::new();
         let _ = stdout.read_line(&mut first);
+        let mut metrics_addr = None;
+        if args.contains(&"--metrics-addr") {
+            let mut second = String::new();
+            let _ = stdout.read_line(&mut second);
+            metrics_addr = second
+                .trim()
+                .strip_prefix("taskd metrics on http://")
+                .and_then(|s| s.strip_suffix("/metrics"))
+                .and_then(|s| s.parse().ok());
+        }
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
-        let mut daemon =
-            Daemon { child: Some(child), addr: "0.0.0.0:0".parse().unwrap(), pid, dir, outbox, log_path };
+        let mut daemon = Daemon {
+            child: Some(child),
+            addr: "0.0.0.0:0".parse().unwrap(),
+            pid,
+            dir,
+            outbox,
+            log_path,
+            metrics_addr,
+        };
         match first.trim().strip_prefix("taskd listening on ") {
             Some(addr) => {
                 daemon.addr = addr.parse().expect("address on the first stdout line");

@@ -1,0 +1,272 @@
+//! Operating taskd as a service: daemon mode, the pid file, control commands, metrics, logs,
+//! configuration precedence, privilege drop.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::{is_dead, proc_info, wait_for, Daemon};
+use nix::sys::signal::Signal;
+
+fn taskd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_taskd")).args(args).env("NO_COLOR", "1").output().unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Kills a detached daemon (its whole session) when the test ends, however it ends.
+struct Detached {
+    pid_file: PathBuf,
+    pid: u32,
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        let tree: Vec<u32> =
+            common::processes().into_iter().filter(|p| p.pgid == pgid(self.pid)).map(|p| p.pid).collect();
+        if pgid(self.pid) > 1 {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid(self.pid) as i32), Signal::SIGKILL);
+        }
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5)
+            && tree.iter().any(|&p| proc_info(p).is_some_and(|i| i.ppid != 1))
+        {
+            common::reap_orphans(&tree);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let _ = std::fs::remove_file(&self.pid_file);
+    }
+}
+
+fn pgid(pid: u32) -> u32 {
+    proc_info(pid).map(|p| p.pgid).unwrap_or(0)
+}
+
+fn pid_in(path: &Path) -> u32 {
+    std::fs::read_to_string(path).unwrap().lines().next().unwrap().parse().unwrap()
+}
+
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: taskd\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn daemon_mode_pid_file_and_every_control_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("taskd.pid");
+    let log = dir.path().join("taskd.log");
+    let outbox = dir.path().join("outbox.log");
+    let (p, l, o) = (pid_file.to_str().unwrap(), log.to_str().unwrap(), outbox.to_str().unwrap());
+    let start =
+        ["--port", "0", "--daemonize", "--pid-file", p, "--log-file", l, "--outbox", o, "--simulate-ms", "0"];
+    let out = taskd(&start);
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let addr: std::net::SocketAddr =
+        stdout.trim().strip_prefix("taskd listening on ").unwrap().parse().unwrap();
+    let pid = pid_in(&pid_file);
+    let _guard = Detached { pid_file: pid_file.clone(), pid };
+    // Detached: its own session, no terminal, stdio on /dev/null (stderr on the log file).
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
+    let (session, tty) = (fields[3], fields[4]);
+    assert_ne!(
+        session,
+        std::fs::read_to_string("/proc/self/stat").unwrap().split_whitespace().nth(5).unwrap()
+    );
+    assert_eq!(tty, "0", "no controlling terminal");
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(), Path::new("/dev/null"));
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(), log);
+    assert_eq!(proc_info(pid).unwrap().args, "taskd: master");
+
+    // It serves.
+    let mut client = common::Client::connect(addr);
+    let accepted = client.submit("daemon@example.com");
+    client.final_reply(&accepted["task_id"], &mut Vec::new());
+
+    // A second one on the same pid file refuses to start.
+    let second = taskd(&start);
+    assert!(!second.status.success());
+    assert!(text(&second).contains(&format!("taskd is already running (pid {pid}")), "{}", text(&second));
+
+    // status: running, with its counters.
+    let status = taskd(&["status", "--pid-file", p]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let s = text(&status);
+    assert!(s.contains(&format!("taskd is running: pid {pid}")) && s.contains("\"tasks_done\": 1"), "{s}");
+
+    // reload: every worker replaced; reload --tasks: every task process.
+    let pids_of = |title: &str| -> Vec<u32> {
+        common::processes()
+            .into_iter()
+            .filter(|q| q.args.starts_with(title) && q.alive())
+            .map(|q| q.pid)
+            .collect()
+    };
+    let in_session =
+        |pids: Vec<u32>| -> Vec<u32> { pids.into_iter().filter(|&q| pgid(q) == pgid(pid)).collect() };
+    let workers = in_session(pids_of("taskd: worker"));
+    assert_eq!(taskd(&["reload", "--pid-file", p]).status.code(), Some(0));
+    wait_for("new workers", || {
+        let now = in_session(pids_of("taskd: worker"));
+        (now.len() == 2 && now.iter().all(|q| !workers.contains(q))).then_some(())
+    });
+    let tasks = in_session(pids_of("taskd: task"));
+    assert_eq!(taskd(&["--pid-file", p, "reload", "--tasks"]).status.code(), Some(0));
+    wait_for("new task processes", || {
+        let now = in_session(pids_of("taskd: task"));
+        (now.len() == 4 && now.iter().all(|q| !tasks.contains(q))).then_some(())
+    });
+
+    // stop: graceful, waits until gone, removes the pid file.
+    let stop = taskd(&["stop", "--pid-file", p]);
+    assert_eq!(stop.status.code(), Some(0), "{}", text(&stop));
+    assert!(is_dead(pid));
+    assert!(!pid_file.exists(), "the pid file is removed on a clean exit");
+    assert_eq!(taskd(&["status", "--pid-file", p]).status.code(), Some(3));
+    assert_eq!(taskd(&["stop", "--pid-file", p]).status.code(), Some(3));
+    assert!(std::fs::read_to_string(&log).unwrap().contains("taskd stopped"));
+}
+
+#[test]
+fn a_daemon_that_cannot_start_says_why_on_the_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("taskd.pid");
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = blocker.local_addr().unwrap().port().to_string();
+    let out = taskd(&["--port", &port, "--daemonize", "--pid-file", pid_file.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("address already in use"), "{}", text(&out));
+    assert!(!pid_file.exists());
+    let out = taskd(&["--daemonize"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("daemonize: needs pid_file"), "{}", text(&out));
+}
+
+#[test]
+fn metrics_are_served_in_prometheus_format() {
+    let daemon = Daemon::start(&["--metrics-addr", "127.0.0.1:0", "--simulate-ms", "0"]);
+    let metrics = daemon.metrics_addr.expect("the second stdout line names the metrics endpoint");
+    let mut client = daemon.connect();
+    let accepted = client.submit("m@example.com");
+    client.final_reply(&accepted["task_id"], &mut Vec::new());
+    let page = http_get(metrics, "/metrics");
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(page.contains("Content-Type: text/plain; version=0.0.4"), "{page}");
+    assert!(page.contains("\ntaskd_tasks_done_total 1\n"), "{page}");
+    assert!(page.contains("# TYPE taskd_connections gauge"), "{page}");
+    assert!(page.contains("taskd_process_served_total{role=\"task\",slot=\"0\"}"), "{page}");
+    // Every sample line is `name{labels} value`.
+    for line in page.split("\r\n\r\n").nth(1).unwrap().lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    assert!(http_get(metrics, "/other").starts_with("HTTP/1.1 404"));
+    // The daemon's own port is unaffected.
+    client.send("stats");
+    assert_eq!(client.recv()["event"], "stats");
+}
+
+#[test]
+fn json_logs_name_every_process_and_the_log_file_reopens_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("taskd.log");
+    let daemon =
+        Daemon::start(&["--log-format", "json", "--log-file", log.to_str().unwrap(), "--simulate-ms", "100"]);
+    let mut client = daemon.connect();
+    let a = client.submit("before@example.com");
+    client.final_reply(&a["task_id"], &mut Vec::new());
+    let before = std::fs::read_to_string(&log).unwrap();
+    let processes: std::collections::HashSet<String> = before
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+            assert!(v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(), "{l}");
+            assert!(v["pid"].as_u64().unwrap() > 0);
+            v["process"].as_str().unwrap().split(' ').next().unwrap().to_string()
+        })
+        .collect();
+    for role in ["master", "manager", "worker", "task"] {
+        assert!(processes.contains(role), "no log line from a {role}: {processes:?}");
+    }
+    // Rotate: move the file away, SIGHUP the master; every process writes to the new file.
+    let rotated = dir.path().join("taskd.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    daemon.signal(Signal::SIGHUP);
+    wait_for("the log file to be reopened", || log.exists().then_some(()));
+    let b = client.submit("after@example.com");
+    client.final_reply(&b["task_id"], &mut Vec::new());
+    let after = wait_for("lines from a worker and a task process in the new file", || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        (text.contains("\"process\":\"worker") && text.contains("\"process\":\"task")).then_some(text)
+    });
+    assert!(after.contains("log file reopened"));
+    assert!(!std::fs::read_to_string(&rotated).unwrap().contains("after@example.com"));
+}
+
+#[test]
+fn the_environment_overrides_the_file_and_flags_override_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("taskd.toml");
+    std::fs::write(&file, "worker_num = 1\ntask_worker_num = 1\n").unwrap();
+    let f = file.to_str().unwrap();
+    let daemon = Daemon::start_env(
+        &["--config", f, "--task-worker-num", "2"],
+        &[("TASKD_WORKER_NUM", "3"), ("TASKD_TASK_WORKER_NUM", "5")],
+    )
+    .unwrap_or_else(|(s, log)| panic!("{s}\n{log}"));
+    daemon.wait_pool(3, 2);
+    // --check-config shows the effective values; an unknown key is an error naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["--config", f, "--check-config"])
+        .env("TASKD_WORKER_NUM", "3")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown.contains("worker_num = 3") && shown.contains("task_worker_num = 1"), "{shown}");
+    std::fs::write(&file, "wroker_num = 1\n").unwrap();
+    let out = taskd(&["--config", f, "--check-config"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).contains("wroker_num"), "{}", text(&out));
+}
+
+#[test]
+fn user_and_group_drop_privileges_in_the_pool_only() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "SKIPPED: dropping privileges needs root; this test runs as uid {}",
+            nix::unistd::geteuid()
+        );
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a user named nobody");
+    let daemon = Daemon::start(&["--user", "nobody", "--simulate-ms", "0"]);
+    let pool = daemon.wait_pool(2, 4);
+    let uid_of = |pid: u32| -> u32 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        line.split_whitespace().nth(2).unwrap().parse().unwrap()
+    };
+    assert_eq!(uid_of(daemon.pid), 0, "the master keeps root");
+    for p in pool.iter().filter(|p| p.args.starts_with("taskd: worker") || p.args.starts_with("taskd: task"))
+    {
+        assert_eq!(uid_of(p.pid), nobody.uid.as_raw(), "{} runs as nobody", p.args);
+    }
+    let mut client = daemon.connect();
+    let accepted = client.submit("unprivileged@example.com");
+    assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+    let out = taskd(&["--user", "no-such-user-here", "--port", "0"]);
+    assert!(text(&out).contains("no user named \"no-such-user-here\""), "{}", text(&out));
+}
