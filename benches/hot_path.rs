@@ -43,8 +43,16 @@ fn envelope(c: &mut Criterion) {
         let mut out = Vec::with_capacity(256);
         b.iter(|| {
             out.clear();
-            Frame::Task { task_id: 42, session: 7 << 24, target: -1, group: 0, context: b"{}", data }
-                .encode(&mut out);
+            Frame::Task {
+                task_id: 42,
+                session: 7 << 24,
+                target: -1,
+                group: 0,
+                flags: 0,
+                context: b"{}",
+                data,
+            }
+            .encode(&mut out);
             black_box(out.len())
         })
     });
@@ -56,7 +64,7 @@ fn envelope(c: &mut Criterion) {
         task_pid: 1234,
         attempts: 1,
         ok: true,
-        group: false,
+        flags: 0,
         context: br#"{"type":"email","to":["alice@example.com"]}"#,
         result: b"Email:alice@example.com, sent",
     }

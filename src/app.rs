@@ -3,8 +3,13 @@
 
 use std::fmt;
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crate::ipc::envelope::task_flags;
 use crate::ipc::Frame;
 use crate::shm::Shared;
+use crate::worker::Link;
 
 /// A client connection, for the daemon's whole life: never reused, even when its fd is.
 pub type SessionId = u64;
@@ -85,6 +90,8 @@ pub enum TaskError {
     Busy { queued: u64, limit: u64 },
     /// Larger than `package_max_length`.
     TooLarge { len: usize, limit: usize },
+    /// `task_to` a slot that does not exist.
+    NoSuchTaskProcess { slot: u32, count: usize },
 }
 
 impl fmt::Display for TaskError {
@@ -96,11 +103,55 @@ impl fmt::Display for TaskError {
             TaskError::TooLarge { len, limit } => {
                 write!(f, "task of {len} bytes exceeds package_max_length ({limit} bytes)")
             }
+            TaskError::NoSuchTaskProcess { slot, count } => {
+                write!(
+                    f,
+                    "there is no task process {slot}: task_worker_num is {count} (slots 0 to {})",
+                    count.saturating_sub(1)
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for TaskError {}
+
+/// A per-task callback ([`WorkerCtx::task_with`]), called instead of `on_finish`.
+pub type Callback = Box<dyn FnOnce(&mut WorkerCtx<'_>, &Finished<'_>)>;
+
+/// Why a waited-for task ([`WorkerCtx::task_wait`]) gave no result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskWaitError {
+    /// It was not accepted.
+    Refused(TaskError),
+    /// No result within the timeout; the task may still run, and its late result is dropped.
+    Timeout(std::time::Duration),
+    /// It ran and failed (`on_task` returned an error, or its process died past the retries).
+    Failed(String),
+    /// The master is gone (the daemon is stopping).
+    Disconnected,
+}
+
+impl fmt::Display for TaskWaitError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TaskWaitError::Refused(e) => e.fmt(f),
+            TaskWaitError::Timeout(t) => write!(f, "no result within {} ms", t.as_millis()),
+            TaskWaitError::Failed(why) => f.write_str(why),
+            TaskWaitError::Disconnected => f.write_str("the master is gone"),
+        }
+    }
+}
+
+impl std::error::Error for TaskWaitError {}
+
+/// The limits a worker checks a task against before submitting it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TaskLimits {
+    pub task_queue_max: u64,
+    pub package_max_length: usize,
+    pub task_worker_num: usize,
+}
 
 /// What a worker's callbacks can do. Everything sent is buffered and handed to the master
 /// when the callback returns, together with the commit of the event that caused it.
@@ -110,8 +161,10 @@ pub struct WorkerCtx<'a> {
     pub(crate) info: ProcessInfo,
     /// Tasks this worker submitted that the master has not counted yet.
     pub(crate) uncounted_tasks: &'a mut u64,
-    pub(crate) task_queue_max: u64,
-    pub(crate) package_max_length: usize,
+    pub(crate) limits: TaskLimits,
+    pub(crate) callbacks: &'a mut HashMap<TaskId, Callback>,
+    /// The channel to the master, for the calls that wait.
+    pub(crate) link: &'a mut Link,
 }
 
 impl WorkerCtx<'_> {
@@ -137,13 +190,86 @@ impl WorkerCtx<'_> {
 
     /// Hands a task to the task pool without waiting; its result comes to `on_finish`.
     pub fn task(&mut self, data: &[u8]) -> Result<TaskId, TaskError> {
-        self.submit(0, b"", data)
+        self.submit(0, b"", data, -1, 0)
     }
 
     /// Like [`WorkerCtx::task`], for a client session, with a context that comes back in
     /// `on_finish` (whatever worker process of this slot receives it).
     pub fn task_for(&mut self, session: SessionId, context: &[u8], data: &[u8]) -> Result<TaskId, TaskError> {
-        self.submit(session, context, data)
+        self.submit(session, context, data, -1, 0)
+    }
+
+    /// Like [`WorkerCtx::task_for`], run by the task process of slot `task_slot` (Swoole's
+    /// `task($data, $dst_worker_id)`): it waits for that process if it is busy or restarting.
+    pub fn task_to(
+        &mut self,
+        task_slot: u32,
+        session: SessionId,
+        context: &[u8],
+        data: &[u8],
+    ) -> Result<TaskId, TaskError> {
+        if task_slot as usize >= self.limits.task_worker_num {
+            return Err(TaskError::NoSuchTaskProcess { slot: task_slot, count: self.limits.task_worker_num });
+        }
+        self.submit(session, context, data, task_slot as i32, 0)
+    }
+
+    /// Hands a task to the pool; `callback` gets its result instead of `on_finish` (Swoole's
+    /// `task($data, -1, $callback)`). The callback lives in this process: if the worker is
+    /// replaced before the result comes, the result goes to `on_finish` of its successor,
+    /// with the task's session and context.
+    pub fn task_with(
+        &mut self,
+        session: SessionId,
+        context: &[u8],
+        data: &[u8],
+        callback: impl FnOnce(&mut WorkerCtx<'_>, &Finished<'_>) + 'static,
+    ) -> Result<TaskId, TaskError> {
+        let id = self.submit(session, context, data, -1, task_flags::CALLBACK)?;
+        self.callbacks.insert(id, Box::new(callback));
+        Ok(id)
+    }
+
+    /// Runs a task and waits for its result, up to `timeout` (Swoole's `taskwait`). Only this
+    /// worker waits; the others keep serving. What was sent before the call is written first.
+    /// A result that comes after the timeout is dropped (and counted in `stats`).
+    pub fn task_wait(&mut self, data: &[u8], timeout: Duration) -> Result<Vec<u8>, TaskWaitError> {
+        let mut all = self.task_wait_all(&[data], timeout)?;
+        all.pop().flatten().unwrap_or(Err(TaskWaitError::Timeout(timeout)))
+    }
+
+    /// Runs several tasks in parallel and waits for all of them, up to `timeout` (Swoole's
+    /// `taskWaitMulti`): one entry per task, in order, `None` for one not finished in time.
+    #[allow(clippy::type_complexity)]
+    pub fn task_wait_all(
+        &mut self,
+        items: &[&[u8]],
+        timeout: Duration,
+    ) -> Result<Vec<Option<Result<Vec<u8>, TaskWaitError>>>, TaskWaitError> {
+        self.check_room(items.len() as u64).map_err(TaskWaitError::Refused)?;
+        for item in items {
+            self.check_size(item).map_err(TaskWaitError::Refused)?;
+        }
+        let mut ids = Vec::with_capacity(items.len());
+        for data in items {
+            let task_id = self.shared.next_task_id();
+            Frame::Task {
+                task_id,
+                session: 0,
+                target: -1,
+                group: 0,
+                flags: task_flags::WAIT,
+                context: b"",
+                data,
+            }
+            .encode(self.out);
+            ids.push(task_id);
+        }
+        let deadline = Instant::now() + timeout;
+        let results =
+            self.link.wait_results(self.out, &ids, deadline).map_err(|_| TaskWaitError::Disconnected)?;
+        *self.uncounted_tasks = 0;
+        Ok(results.into_iter().map(|r| r.map(|res| res.map_err(TaskWaitError::Failed))).collect())
     }
 
     /// Hands several tasks to the pool at once; they run in parallel on several task
@@ -155,7 +281,7 @@ impl WorkerCtx<'_> {
         session: SessionId,
         context: &[u8],
         items: &[&[u8]],
-        timeout: Option<std::time::Duration>,
+        timeout: Option<Duration>,
     ) -> Result<TaskId, TaskError> {
         self.check_room(items.len() as u64)?;
         for item in items {
@@ -167,7 +293,7 @@ impl WorkerCtx<'_> {
         Frame::Group { group_id, session, size, timeout_ms, context }.encode(self.out);
         for data in items {
             let task_id = self.shared.next_task_id();
-            Frame::Task { task_id, session, target: -1, group: group_id, context: b"", data }
+            Frame::Task { task_id, session, target: -1, group: group_id, flags: 0, context: b"", data }
                 .encode(self.out);
         }
         *self.uncounted_tasks += items.len() as u64;
@@ -175,26 +301,35 @@ impl WorkerCtx<'_> {
     }
 
     fn check_size(&self, data: &[u8]) -> Result<(), TaskError> {
-        if data.len() > self.package_max_length {
-            return Err(TaskError::TooLarge { len: data.len(), limit: self.package_max_length });
+        let limit = self.limits.package_max_length;
+        if data.len() > limit {
+            return Err(TaskError::TooLarge { len: data.len(), limit });
         }
         Ok(())
     }
 
     fn check_room(&self, n: u64) -> Result<(), TaskError> {
         let queued = self.shared.jobs_pending() + *self.uncounted_tasks;
-        if queued + n > self.task_queue_max {
-            return Err(TaskError::Busy { queued, limit: self.task_queue_max });
+        let limit = self.limits.task_queue_max;
+        if queued + n > limit {
+            return Err(TaskError::Busy { queued, limit });
         }
         Ok(())
     }
 
-    fn submit(&mut self, session: u64, context: &[u8], data: &[u8]) -> Result<TaskId, TaskError> {
+    fn submit(
+        &mut self,
+        session: u64,
+        context: &[u8],
+        data: &[u8],
+        target: i32,
+        flags: u8,
+    ) -> Result<TaskId, TaskError> {
         self.check_size(data)?;
         self.check_room(1)?;
         let task_id = self.shared.next_task_id();
         *self.uncounted_tasks += 1;
-        Frame::Task { task_id, session, target: -1, group: 0, context, data }.encode(self.out);
+        Frame::Task { task_id, session, target, group: 0, flags, context, data }.encode(self.out);
         Ok(task_id)
     }
 }

@@ -14,6 +14,8 @@ pub struct Shared {
     jobs_pending: AtomicU64,
     /// Bumped by the master each time it reopens the log file (SIGHUP).
     log_generation: AtomicU64,
+    /// Results that came after their waiter gave up (counted by workers).
+    late_results: AtomicU64,
 }
 
 impl Shared {
@@ -46,6 +48,14 @@ impl Shared {
 
     pub fn set_jobs_pending(&self, n: u64) {
         self.jobs_pending.store(n, Ordering::Relaxed);
+    }
+
+    pub fn count_late_result(&self) {
+        self.late_results.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn late_results(&self) -> u64 {
+        self.late_results.load(Ordering::Relaxed)
     }
 
     pub fn log_generation(&self) -> u64 {

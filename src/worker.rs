@@ -6,13 +6,15 @@
 //! output, so a worker that dies mid-batch leaves no half-answered request: its successor is
 //! handed every uncommitted delivery again.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::io;
+use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
-use crate::app::{Application, Finished, Outcome, ProcessInfo, WorkerCtx};
+use crate::app::{Application, Callback, Finished, Outcome, ProcessInfo, TaskId, TaskLimits, WorkerCtx};
 use crate::config::ServerConfig;
-use crate::ipc::envelope::decode_outcomes;
+use crate::ipc::envelope::{decode_outcomes, frame_len, task_flags};
 use crate::ipc::{Channel, Frame, ReadState, Role};
 use crate::shm::Shared;
 
@@ -23,6 +25,84 @@ pub struct WorkerSetup<'a> {
     pub channel: Channel,
     pub shared: &'static Shared,
     pub config: &'a ServerConfig,
+}
+
+/// A worker's connection to the master, and what the waiting calls need of it.
+pub struct Link {
+    channel: Channel,
+    poll: Poll,
+    events: Events,
+    /// The last delivery fully handled: a commit may name it even in the middle of a callback.
+    handled_seq: u64,
+}
+
+/// One waited-for result: `on_task`'s value, or why there is none.
+pub(crate) type WaitResult = Option<Result<Vec<u8>, String>>;
+
+impl Link {
+    /// Hands the master what the current callback produced so far (with a commit of what is
+    /// fully handled, so the master acts on it), then waits for the results of `ids`.
+    pub(crate) fn wait_results(
+        &mut self,
+        out: &mut Vec<u8>,
+        ids: &[TaskId],
+        deadline: Instant,
+    ) -> io::Result<Vec<WaitResult>> {
+        Frame::Commit { seq: self.handled_seq }.encode(out);
+        self.channel.output().append(out);
+        flush_all(&mut self.poll, &mut self.events, &mut self.channel)?;
+        let mut results = vec![None; ids.len()];
+        let mut missing = ids.len();
+        loop {
+            missing -= self.take_results(ids, &mut results);
+            let now = Instant::now();
+            if missing == 0 || now >= deadline {
+                return Ok(results);
+            }
+            match self.poll.poll(&mut self.events, Some(deadline - now)) {
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
+                _ => {}
+            }
+            if self.channel.fill()? == ReadState::Closed {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Takes the results of `ids` out of what has arrived; everything else stays queued for
+    /// when the callback returns. Returns how many were found.
+    fn take_results(&mut self, ids: &[TaskId], results: &mut [WaitResult]) -> usize {
+        let mut found = 0;
+        let mut pos = 0;
+        loop {
+            let (hit, len) = match Frame::decode(&self.channel.input()[pos..]) {
+                Ok(Some((Frame::Finish { task_id, flags, ok, result, .. }, len)))
+                    if flags & task_flags::WAIT != 0 =>
+                {
+                    match ids.iter().position(|&id| id == task_id) {
+                        Some(k) if results[k].is_none() => {
+                            let outcome = if ok {
+                                Ok(result.to_vec())
+                            } else {
+                                Err(String::from_utf8_lossy(result).into_owned())
+                            };
+                            results[k] = Some(outcome);
+                            (true, len)
+                        }
+                        _ => (false, len),
+                    }
+                }
+                Ok(Some((_, len))) => (false, len),
+                _ => return found,
+            };
+            if hit {
+                self.channel.remove_input(pos, len);
+                found += 1;
+            } else {
+                pos += len;
+            }
+        }
+    }
 }
 
 /// Runs the worker until it is told to stop, reaches `max_request` or loses the master.
@@ -44,35 +124,45 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         tracing::error!("worker {slot}: cannot watch its channel: {e}");
         return 1;
     }
-    let mut poll = poll;
-    let mut events = Events::with_capacity(8);
+    let mut link = Link { channel, poll, events: Events::with_capacity(8), handled_seq: 0 };
     if let Err(e) = app.on_worker_start(&info) {
         tracing::error!("worker {slot} (pid {}): cannot start: {e}", info.pid);
         return 1;
     }
     tracing::debug!("worker {slot} started (pid {})", info.pid);
+    let limits = TaskLimits {
+        task_queue_max: config.task_queue_max,
+        package_max_length: config.package_max_length,
+        task_worker_num: config.task_worker_num,
+    };
 
     let mut served: u64 = 0;
     let mut out = Vec::new();
     let mut uncounted_tasks = 0;
+    let mut callbacks: HashMap<TaskId, Callback> = HashMap::new();
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                tracing::error!("worker {slot}: poll failed: {e}");
-                return 1;
+        // Frames read while a callback waited are already here: handle them before sleeping.
+        if !matches!(frame_len(link.channel.input()), Ok(Some(_))) {
+            if let Err(e) = link.poll.poll(&mut link.events, None) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("worker {slot}: poll failed: {e}");
+                    return 1;
+                }
             }
         }
-        let state = match channel.fill() {
+        let state = match link.channel.fill() {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!("worker {slot}: reading its channel failed: {e}");
                 return 1;
             }
         };
+        // Handled from a buffer of its own, so that a waiting callback can read the channel.
+        let mut input = link.channel.take_input();
         let mut last_seq = None;
         let mut stop = None;
         loop {
-            let frame = match channel.next_frame() {
+            let (frame, len) = match Frame::decode(input.data()) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -85,8 +175,9 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                 shared,
                 info,
                 uncounted_tasks: &mut uncounted_tasks,
-                task_queue_max: config.task_queue_max,
-                package_max_length: config.package_max_length,
+                limits,
+                callbacks: &mut callbacks,
+                link: &mut link,
             };
             match frame {
                 Frame::Request { seq, session, data } => {
@@ -106,17 +197,20 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                     guard(slot, "on_close", || app.on_close(&mut ctx, session));
                     last_seq = Some(seq);
                 }
-                Frame::Finish { seq, task_id, session, task_pid, attempts, ok, group, context, result } => {
+                Frame::Finish { task_id, flags, .. } if flags & task_flags::WAIT != 0 => {
+                    // Its waiter timed out, or was an earlier process of this slot.
+                    shared.count_late_result();
+                    tracing::info!(
+                        "worker {slot}: result of task {task_id} came after its wait ended; dropped"
+                    );
+                }
+                Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result } => {
+                    let group = flags & task_flags::GROUP != 0;
                     let outcomes = if group {
-                        match decode_outcomes(result) {
-                            Ok(list) => list,
-                            Err(e) => {
-                                tracing::error!(
-                                    "worker {slot}: corrupt group result for task {task_id}: {e}"
-                                );
-                                Vec::new()
-                            }
-                        }
+                        decode_outcomes(result).unwrap_or_else(|e| {
+                            tracing::error!("worker {slot}: corrupt group result for task {task_id}: {e}");
+                            Vec::new()
+                        })
                     } else {
                         vec![(ok, result)]
                     };
@@ -143,24 +237,43 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                         attempts,
                         members,
                     };
-                    guard(slot, "on_finish", || app.on_finish(&mut ctx, &finished));
+                    match ctx.callbacks.remove(&task_id) {
+                        Some(callback) => guard(slot, "a task callback", || callback(&mut ctx, &finished)),
+                        None => {
+                            if flags & task_flags::CALLBACK != 0 {
+                                tracing::info!(
+                                    "task {task_id} was submitted with a callback by an earlier process of worker {slot}, \
+                                     which was replaced since; its result goes to on_finish"
+                                );
+                            }
+                            guard(slot, "on_finish", || app.on_finish(&mut ctx, &finished));
+                        }
+                    }
                     last_seq = Some(seq);
                 }
                 Frame::Stop => stop = Some("asked to stop".to_string()),
                 other => tracing::warn!("worker {slot}: ignoring unexpected message {other:?}"),
             }
+            input.consume(len);
+            if let Some(seq) = last_seq {
+                link.handled_seq = seq;
+            }
             if stop.is_some() {
                 break;
             }
         }
+        // What is left, then what arrived while callbacks waited.
+        input.append(link.channel.input());
+        link.channel.discard_input();
+        link.channel.restore_input(input);
         if let Some(seq) = last_seq {
             Frame::Commit { seq }.encode(&mut out);
         }
         if !out.is_empty() {
-            channel.output().append(&mut out);
+            link.channel.output().append(&mut out);
             uncounted_tasks = 0;
         }
-        if let Err(e) = flush_all(&mut poll, &mut events, &mut channel) {
+        if let Err(e) = flush_all(&mut link.poll, &mut link.events, &mut link.channel) {
             tracing::error!("worker {slot}: writing to the master failed: {e}");
             return 1;
         }

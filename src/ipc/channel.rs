@@ -58,6 +58,23 @@ impl Input {
         self.start += n;
         debug_assert!(self.start <= self.end);
     }
+
+    /// Appends bytes after the unread ones.
+    pub fn append(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.buf.len() - self.end < bytes.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+            if self.buf.len() - self.end < bytes.len() {
+                self.buf.resize(self.end + bytes.len(), 0);
+            }
+        }
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
+    }
 }
 
 impl Channel {
@@ -143,6 +160,14 @@ impl Channel {
             }
             None => Ok(None),
         }
+    }
+
+    /// Cuts `len` bytes at `offset` (from the first unread byte) out of the unread input.
+    pub fn remove_input(&mut self, offset: usize, len: usize) {
+        let inp = &mut self.input;
+        let at = inp.start + offset;
+        inp.buf.copy_within(at + len..inp.end, at);
+        inp.end -= len;
     }
 
     /// Forgets all unread input: after a peer died, a partial frame of it is garbage.

@@ -108,8 +108,10 @@ pub enum Frame<'a> {
         task_pid: u32,
         attempts: u32,
         ok: bool,
-        /// `result` holds the outcomes of a group's members (see `app::group_results`).
-        group: bool,
+        /// [`task_flags`]: `GROUP` when `result` holds the outcomes of a group's members
+        /// ([`decode_outcomes`]), and the flags the task was submitted with. A finish of a
+        /// `WAIT` task is no delivery: its `seq` is 0 and it is never replayed.
+        flags: u8,
         context: &'a [u8],
         result: &'a [u8],
     },
@@ -133,6 +135,8 @@ pub enum Frame<'a> {
         session: u64,
         target: i32,
         group: u64,
+        /// [`task_flags`] `CALLBACK` or `WAIT`.
+        flags: u8,
         context: &'a [u8],
         data: &'a [u8],
     },
@@ -215,6 +219,16 @@ mod kind {
     pub const FORK_FAILED: u8 = 32;
     pub const SLOT_READY: u8 = 33;
     pub const SHUTDOWN: u8 = 34;
+}
+
+/// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
+pub mod task_flags {
+    /// A finish carrying a group's outcomes.
+    pub const GROUP: u8 = 1;
+    /// The submitting worker registered a callback for this task.
+    pub const CALLBACK: u8 = 2;
+    /// A worker is blocked waiting for this task's result.
+    pub const WAIT: u8 = 4;
 }
 
 /// Why bytes could not be decoded: the channel is corrupt from here on.
@@ -350,7 +364,7 @@ impl<'a> Frame<'a> {
                 Writer::begin(out, CONNECT).u64(seq).u64(session).rest(peer).finish()
             }
             Frame::Close { seq, session } => Writer::begin(out, CLOSE).u64(seq).u64(session).finish(),
-            Frame::Finish { seq, task_id, session, task_pid, attempts, ok, group, context, result } => {
+            Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result } => {
                 Writer::begin(out, FINISH)
                     .u64(seq)
                     .u64(task_id)
@@ -358,7 +372,7 @@ impl<'a> Frame<'a> {
                     .u32(task_pid)
                     .u32(attempts)
                     .u8(ok as u8)
-                    .u8(group as u8)
+                    .u8(flags)
                     .sized(context)
                     .rest(result)
                     .finish()
@@ -366,11 +380,12 @@ impl<'a> Frame<'a> {
             Frame::Stop => Writer::begin(out, STOP).finish(),
             Frame::Send { session, data } => Writer::begin(out, SEND).u64(session).rest(data).finish(),
             Frame::CloseSession { session } => Writer::begin(out, CLOSE_SESSION).u64(session).finish(),
-            Frame::Task { task_id, session, target, group, context, data } => Writer::begin(out, TASK)
+            Frame::Task { task_id, session, target, group, flags, context, data } => Writer::begin(out, TASK)
                 .u64(task_id)
                 .u64(session)
                 .i32(target)
                 .u64(group)
+                .u8(flags)
                 .sized(context)
                 .rest(data)
                 .finish(),
@@ -445,7 +460,7 @@ impl<'a> Frame<'a> {
                 task_pid: r.u32("task_pid")?,
                 attempts: r.u32("attempts")?,
                 ok: r.bool("ok")?,
-                group: r.bool("group")?,
+                flags: r.u8("flags")?,
                 context: r.sized("context")?,
                 result: r.rest(),
             },
@@ -457,6 +472,7 @@ impl<'a> Frame<'a> {
                 session: r.u64("session")?,
                 target: r.i32("target")?,
                 group: r.u64("group")?,
+                flags: r.u8("flags")?,
                 context: r.sized("context")?,
                 data: r.rest(),
             },
@@ -584,14 +600,22 @@ mod tests {
             task_pid: 1234,
             attempts: 2,
             ok: false,
-            group: true,
+            flags: task_flags::GROUP,
             context: b"{\"to\":\"x\"}",
             result: b"task process 1234 killed by signal 9",
         });
         roundtrip(Frame::Stop);
         roundtrip(Frame::Send { session: 5, data: b"{\"event\":\"done\"}\n" });
         roundtrip(Frame::CloseSession { session: 5 });
-        roundtrip(Frame::Task { task_id: 1, session: 0, target: -1, group: 0, context: b"", data: b"{}" });
+        roundtrip(Frame::Task {
+            task_id: 1,
+            session: 0,
+            target: 2,
+            group: 0,
+            flags: task_flags::WAIT,
+            context: b"",
+            data: b"{}",
+        });
         roundtrip(Frame::Group { group_id: 4, session: 5, size: 3, timeout_ms: 2000, context: b"ctx" });
         roundtrip(Frame::Commit { seq: u64::MAX });
         roundtrip(Frame::Stats { session: 8 });

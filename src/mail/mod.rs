@@ -72,7 +72,9 @@ impl MailApp {
             TaskError::Busy { queued, limit } => json!({
                 "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
             }),
-            TaskError::TooLarge { .. } => json!({"event": "error", "error": err.to_string()}),
+            TaskError::TooLarge { .. } | TaskError::NoSuchTaskProcess { .. } => {
+                json!({"event": "error", "error": err.to_string()})
+            }
         };
         Self::reply(ctx, session, value);
     }
@@ -82,7 +84,11 @@ impl MailApp {
         let (Ok(context), Ok(data)) = (serde_json::to_vec(&context), serde_json::to_vec(job)) else {
             return Self::error(ctx, session, "internal error: cannot encode the job");
         };
-        match ctx.task_for(session, &context, &data) {
+        let submitted = match job.task_worker {
+            Some(slot) => ctx.task_to(slot, session, &context, &data),
+            None => ctx.task_for(session, &context, &data),
+        };
+        match submitted {
             Ok(task_id) => {
                 tracing::info!(
                     "worker {}: {} to {} accepted as task {task_id}",

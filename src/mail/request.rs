@@ -43,6 +43,9 @@ pub struct Job {
     pub text: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay_ms: Option<u64>,
+    /// Run it on this task process (`task_to`); any idle one if absent.
+    #[serde(default, skip_serializing)]
+    pub task_worker: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +85,15 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             }
             let to = valid_email(to)?;
             let body = (!text.is_empty()).then(|| text.to_string());
-            Ok(Request::Job(Job { kind: Kind::Email, to, subject: None, body, text: None, delay_ms: None }))
+            Ok(Request::Job(Job {
+                kind: Kind::Email,
+                to,
+                subject: None,
+                body,
+                text: None,
+                delay_ms: None,
+                task_worker: None,
+            }))
         }
         "sms" => {
             let (to, text) = split_word(rest);
@@ -92,7 +103,15 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             let to = valid_phone(to)?;
             let text = (!text.is_empty()).then(|| text.to_string());
             check_sms_text(text.as_deref())?;
-            Ok(Request::Job(Job { kind: Kind::Sms, to, subject: None, body: None, text, delay_ms: None }))
+            Ok(Request::Job(Job {
+                kind: Kind::Sms,
+                to,
+                subject: None,
+                body: None,
+                text,
+                delay_ms: None,
+                task_worker: None,
+            }))
         }
         _ if rest.is_empty() && word.contains('@') => Ok(Request::Job(Job {
             kind: Kind::Email,
@@ -101,6 +120,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             body: None,
             text: None,
             delay_ms: None,
+            task_worker: None,
         })),
         _ if rest.is_empty() && looks_like_phone(word) => Ok(Request::Job(Job {
             kind: Kind::Sms,
@@ -109,6 +129,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
             body: None,
             text: None,
             delay_ms: None,
+            task_worker: None,
         })),
         _ => Err(format!("cannot read this request: {HELP}")),
     }
@@ -174,8 +195,8 @@ fn parse_job(obj: &Map<String, Value>) -> Result<Job, String> {
         Some(other) => return Err(format!("field \"type\" must be a string, not {}", type_name(other))),
     };
     let allowed: &[&str] = match kind {
-        Kind::Email => &["type", "to", "subject", "body", "delay_ms"],
-        Kind::Sms => &["type", "to", "text", "delay_ms"],
+        Kind::Email => &["type", "to", "subject", "body", "delay_ms", "task_worker"],
+        Kind::Sms => &["type", "to", "text", "delay_ms", "task_worker"],
     };
     for key in obj.keys() {
         if !allowed.contains(&key.as_str()) {
@@ -205,6 +226,16 @@ fn parse_job(obj: &Map<String, Value>) -> Result<Job, String> {
         },
         Some(other) => return Err(format!("field \"delay_ms\" must be a number, not {}", type_name(other))),
     };
+    let task_worker = match obj.get("task_worker") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => match n.as_u64().and_then(|v| u32::try_from(v).ok()) {
+            Some(slot) => Some(slot),
+            None => return Err("field \"task_worker\" must be a task process number (0, 1, …)".into()),
+        },
+        Some(other) => {
+            return Err(format!("field \"task_worker\" must be a number, not {}", type_name(other)))
+        }
+    };
     let subject = optional_string(obj, "subject")?;
     if let Some(s) = &subject {
         if s.chars().count() > MAX_SUBJECT {
@@ -217,7 +248,7 @@ fn parse_job(obj: &Map<String, Value>) -> Result<Job, String> {
     let body = optional_string(obj, "body")?;
     let text = optional_string(obj, "text")?;
     check_sms_text(text.as_deref())?;
-    Ok(Job { kind, to, subject, body, text, delay_ms })
+    Ok(Job { kind, to, subject, body, text, delay_ms, task_worker })
 }
 
 fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {

@@ -17,6 +17,10 @@ pub struct Job {
     /// The group it belongs to (0: none) and its place in it.
     pub group: u64,
     pub index: u32,
+    /// The task slot it must run on (`task_to`), if any.
+    pub target: Option<u32>,
+    /// `task_flags` the submitter gave.
+    pub flags: u8,
 }
 
 /// A member's outcome: whether it succeeded, its result or error text, and how many times it
@@ -44,11 +48,21 @@ impl Group {
     }
 }
 
+/// A job's place in a group, its target slot and its flags, as the `Task` frame gave them.
+#[derive(Debug, Clone, Copy)]
+pub struct JobSpec {
+    pub group: u64,
+    pub target: Option<u32>,
+    pub flags: u8,
+}
+
 #[derive(Default)]
 pub struct Jobs {
     all: HashMap<u64, Job>,
-    /// Jobs waiting for a task process, oldest first.
+    /// Jobs waiting for any task process, oldest first.
     queue: VecDeque<u64>,
+    /// Jobs waiting for one given task process (`task_to`), per slot.
+    targeted: HashMap<u32, VecDeque<u64>>,
     pub groups: HashMap<u64, Group>,
 }
 
@@ -80,10 +94,11 @@ impl Jobs {
         task_id: u64,
         worker: u32,
         session: u64,
-        group: u64,
+        spec: JobSpec,
         context: &[u8],
         data: &[u8],
     ) {
+        let JobSpec { group, target, flags } = spec;
         let mut index = 0;
         if group != 0 {
             match self.groups.get_mut(&group) {
@@ -105,11 +120,16 @@ impl Jobs {
             attempts: 0,
             group,
             index,
+            target,
+            flags,
         };
         if self.all.insert(task_id, job).is_some() {
             tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
         }
-        self.queue.push_back(task_id);
+        match target {
+            Some(slot) => self.targeted.entry(slot).or_default().push_back(task_id),
+            None => self.queue.push_back(task_id),
+        }
     }
 
     pub fn front(&self) -> Option<u64> {
@@ -120,9 +140,17 @@ impl Jobs {
         self.queue.pop_front()
     }
 
-    /// Puts a job back at the head of the queue (its process died before finishing it).
+    /// The oldest job waiting for task slot `slot` in particular.
+    pub fn pop_targeted(&mut self, slot: u32) -> Option<u64> {
+        self.targeted.get_mut(&slot).and_then(VecDeque::pop_front)
+    }
+
+    /// Puts a job back at the head of its queue (its process died before finishing it).
     pub fn push_front(&mut self, task_id: u64) {
-        self.queue.push_front(task_id);
+        match self.all.get(&task_id).and_then(|j| j.target) {
+            Some(slot) => self.targeted.entry(slot).or_default().push_front(task_id),
+            None => self.queue.push_front(task_id),
+        }
     }
 
     pub fn get_mut(&mut self, task_id: u64) -> Option<&mut Job> {
@@ -142,7 +170,7 @@ impl Jobs {
     }
 
     pub fn queued(&self) -> usize {
-        self.queue.len()
+        self.queue.len() + self.targeted.values().map(VecDeque::len).sum::<usize>()
     }
 
     /// The earliest group deadline, for the reactor's timeout.

@@ -30,7 +30,7 @@ use slab::Slab;
 use crate::app::Application;
 use crate::config::{DispatchMode, ServerConfig};
 use crate::ipc::channel::drain_fd;
-use crate::ipc::envelope::{encode_outcome, frame_kind, frame_len, COMMIT_KIND};
+use crate::ipc::envelope::{encode_outcome, frame_kind, frame_len, task_flags, COMMIT_KIND};
 use crate::ipc::{Channel, ExitReason, Frame, Role, SlotChannel};
 use crate::manager;
 use crate::process;
@@ -39,7 +39,7 @@ use crate::shm::Shared;
 use crate::signals::Signals;
 
 use conn::{Conn, Flushed, KEY_BITS, KEY_MASK};
-use jobs::{Jobs, MemberOutcome};
+use jobs::{JobSpec, Jobs, MemberOutcome};
 use replay::Delivery;
 use slots::{TaskSlot, WorkerSlot};
 use stats::Counters;
@@ -635,10 +635,12 @@ impl<'a, A: Application> Master<'a, A> {
                     self.mark_dirty(key);
                 }
             }
-            Frame::Task { task_id, session, target: _, group, context, data } => {
-                self.jobs.accept(task_id, i as u32, session, group, context, data);
+            Frame::Task { task_id, session, target, group, flags, context, data } => {
+                let target = u32::try_from(target).ok().filter(|&t| (t as usize) < self.tasks.len());
+                self.jobs.accept(task_id, i as u32, session, JobSpec { group, target, flags }, context, data);
                 self.counters.tasks_accepted += 1;
-                if group == 0 {
+                // A waited-for task is answered by its waiter's request, not on its own.
+                if group == 0 && flags & task_flags::WAIT == 0 {
                     if let Some((_, conn)) = self.conn_mut(session) {
                         conn.outstanding += 1;
                     }
@@ -771,6 +773,22 @@ impl<'a, A: Application> Master<'a, A> {
             return;
         }
         let session = job.session;
+        if job.flags & task_flags::WAIT != 0 {
+            // For a waiting worker: no delivery to replay, its request is (if it dies).
+            let frame = Frame::Finish {
+                seq: 0,
+                task_id,
+                session,
+                task_pid,
+                attempts: job.attempts,
+                ok,
+                flags: job.flags,
+                context: &job.context,
+                result,
+            };
+            frame.encode(self.workers[job.worker as usize].chan.output());
+            return;
+        }
         self.deliver(job.worker as usize, session, Delivery::Finish, |seq, out| {
             Frame::Finish {
                 seq,
@@ -779,7 +797,7 @@ impl<'a, A: Application> Master<'a, A> {
                 task_pid,
                 attempts: job.attempts,
                 ok,
-                group: false,
+                flags: job.flags,
                 context: &job.context,
                 result,
             }
@@ -811,7 +829,7 @@ impl<'a, A: Application> Master<'a, A> {
                 task_pid: 0,
                 attempts,
                 ok: true,
-                group: true,
+                flags: task_flags::GROUP,
                 context: &group.context,
                 result: &result,
             }
@@ -822,6 +840,13 @@ impl<'a, A: Application> Master<'a, A> {
     /// Hands queued jobs to task processes with room for them, least loaded first.
     fn dispatch_jobs(&mut self) {
         let prefetch = self.config.task_prefetch;
+        // Jobs for one given task process first: only that process can take them.
+        for j in 0..self.tasks.len() {
+            while self.tasks[j].accepts_work() && self.tasks[j].inflight.len() < prefetch {
+                let Some(task_id) = self.jobs.pop_targeted(j as u32) else { break };
+                self.run_on(j, task_id);
+            }
+        }
         while let Some(task_id) = self.jobs.front() {
             let best = self
                 .tasks
@@ -832,21 +857,26 @@ impl<'a, A: Application> Master<'a, A> {
                 .map(|(j, _)| j);
             let Some(j) = best else { return };
             self.jobs.pop_front();
-            let Some(job) = self.jobs.get_mut(task_id) else { continue };
-            job.attempts += 1;
-            let slot = &mut self.tasks[j];
-            Frame::RunTask {
-                task_id,
-                session: job.session,
-                attempt: job.attempts,
-                src_worker: job.worker,
-                data: &job.data,
-            }
-            .encode(slot.chan.output());
-            slot.inflight.push_back(task_id);
-            if slot.inflight.len() == 1 {
-                slot.head_changed();
-            }
+            self.run_on(j, task_id);
+        }
+    }
+
+    /// Sends a job to task slot `j`.
+    fn run_on(&mut self, j: usize, task_id: u64) {
+        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        job.attempts += 1;
+        let slot = &mut self.tasks[j];
+        Frame::RunTask {
+            task_id,
+            session: job.session,
+            attempt: job.attempts,
+            src_worker: job.worker,
+            data: &job.data,
+        }
+        .encode(slot.chan.output());
+        slot.inflight.push_back(task_id);
+        if slot.inflight.len() == 1 {
+            slot.head_changed();
         }
     }
 
@@ -1326,19 +1356,11 @@ impl<'a, A: Application> Master<'a, A> {
             workers: &self.workers,
             tasks: &self.tasks,
             jobs: &self.jobs,
+            late_wait_results: self.shared.late_results(),
         }
     }
 
     fn stats_line(&self) -> Vec<u8> {
-        stats::render(&stats::Snapshot {
-            counters: &self.counters,
-            config: self.config,
-            master_pid: std::process::id(),
-            manager_pid: self.manager_pid.map(|p| p.as_raw() as u32),
-            connections: self.conns.len(),
-            workers: &self.workers,
-            tasks: &self.tasks,
-            jobs: &self.jobs,
-        })
+        stats::render(&self.snapshot())
     }
 }

@@ -57,6 +57,8 @@ pub struct Snapshot<'a> {
     pub workers: &'a [WorkerSlot],
     pub tasks: &'a [TaskSlot],
     pub jobs: &'a Jobs,
+    /// Waited-for results that came after their waiter gave up (counted by the workers).
+    pub late_wait_results: u64,
 }
 
 /// One `{"event":"stats",…}` line, counters at the top level.
@@ -101,7 +103,7 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "worker_crashes": c.worker_crashes,
         "task_crashes": c.task_crashes,
         "fork_failures": c.fork_failures,
-        "late_results_dropped": c.late_results_dropped,
+        "late_results_dropped": c.late_results_dropped + s.late_wait_results,
         "processes": processes,
     })
     .to_string()

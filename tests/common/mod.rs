@@ -7,7 +7,7 @@
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
@@ -48,8 +48,24 @@ impl Daemon {
         Self::start_env(args, &[])
     }
 
+    /// Starts one of the crate's examples (built by `cargo test`) that runs a server.
+    pub fn start_example(name: &str, args: &[&str]) -> Daemon {
+        let bin = Path::new(env!("CARGO_BIN_EXE_taskd")).parent().unwrap().join("examples").join(name);
+        Self::start_program(&bin, args, &[])
+            .unwrap_or_else(|(status, log)| panic!("example {name} did not start ({status}):\n{log}"))
+    }
+
     /// Like `try_start`, with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Result<Daemon, (String, String)> {
+        Self::start_program(Path::new(env!("CARGO_BIN_EXE_taskd")), args, env)
+    }
+
+    fn start_program(
+        program: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon, (String, String)> {
+        let is_taskd = program == Path::new(env!("CARGO_BIN_EXE_taskd"));
         become_subreaper();
         let dir = tempfile::tempdir().expect("temp dir");
         // A test may name its own outbox.
@@ -59,9 +75,9 @@ impl Daemon {
         };
         let log_path = dir.path().join("taskd.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+        let mut cmd = Command::new(program);
         cmd.args(["--port", "0"]);
-        if !args.contains(&"--outbox") {
+        if is_taskd && !args.contains(&"--outbox") {
             cmd.arg("--outbox").arg(&outbox);
         }
         cmd.args(args)

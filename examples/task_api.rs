@@ -1,0 +1,155 @@
+//! Every task call of the library, in a small application of its own, as a user porting a
+//! Swoole server would write it. One request per line, one JSON reply per line:
+//!
+//! ```text
+//! to 2 hello          task_to: run on task process 2           -> accepted, then done
+//! cb hello            task_with: a callback instead of on_finish -> accepted, then callback
+//! wait 500 hello      task_wait: wait up to 500 ms              -> waited (or error)
+//! all 500 a b c       task_wait_all: three tasks, wait for all  -> all
+//! ```
+//!
+//! A task's text may hold `sleep=MS` to make it slow. Run it:
+//! `cargo run --example task_api -- --port 9601`, then `nc 127.0.0.1 9601`.
+
+use std::time::Duration;
+
+use serde_json::json;
+use taskd::{Application, Finished, SessionId, Task, TaskCtx, WorkerCtx};
+
+struct Shout;
+
+fn reply(ctx: &mut WorkerCtx<'_>, session: SessionId, value: serde_json::Value) {
+    ctx.send(session, format!("{value}\n").as_bytes());
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl Application for Shout {
+    fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]) {
+        let line = text(data);
+        let mut words = line.split_whitespace();
+        let command = words.next().unwrap_or("");
+        let rest: Vec<&str> = words.collect();
+        match (command, rest.as_slice()) {
+            ("to", [slot, body @ ..]) => {
+                let Ok(slot) = slot.parse::<u32>() else {
+                    return reply(ctx, session, json!({"event": "error", "error": "to SLOT TEXT"}));
+                };
+                match ctx.task_to(slot, session, b"", body.join(" ").as_bytes()) {
+                    Ok(id) => reply(ctx, session, json!({"event": "accepted", "task_id": id})),
+                    Err(e) => reply(ctx, session, json!({"event": "error", "error": e.to_string()})),
+                }
+            }
+            ("cb", body) => {
+                // The callback owns what it needs; it runs in this worker when the result comes.
+                let asked = body.join(" ");
+                let data = asked.clone().into_bytes();
+                let submitted = ctx.task_with(session, b"cb", &data, move |ctx, done| {
+                    let result = done.result.map(text).unwrap_or_else(|e| e.to_string());
+                    reply(
+                        ctx,
+                        session,
+                        json!({"event": "callback", "task_id": done.id, "asked": asked, "result": result}),
+                    );
+                });
+                match submitted {
+                    Ok(id) => reply(ctx, session, json!({"event": "accepted", "task_id": id})),
+                    Err(e) => reply(ctx, session, json!({"event": "error", "error": e.to_string()})),
+                }
+            }
+            ("wait", [ms, body @ ..]) => {
+                let timeout = Duration::from_millis(ms.parse().unwrap_or(1000));
+                match ctx.task_wait(body.join(" ").as_bytes(), timeout) {
+                    Ok(result) => reply(ctx, session, json!({"event": "waited", "result": text(&result)})),
+                    Err(e) => reply(ctx, session, json!({"event": "error", "error": e.to_string()})),
+                }
+            }
+            ("all", [ms, items @ ..]) => {
+                let timeout = Duration::from_millis(ms.parse().unwrap_or(1000));
+                let items: Vec<&[u8]> = items.iter().map(|s| s.as_bytes()).collect();
+                match ctx.task_wait_all(&items, timeout) {
+                    Ok(results) => {
+                        let results: Vec<_> = results
+                            .into_iter()
+                            .map(|r| match r {
+                                Some(Ok(v)) => json!(text(&v)),
+                                Some(Err(e)) => json!({"error": e.to_string()}),
+                                None => serde_json::Value::Null,
+                            })
+                            .collect();
+                        reply(ctx, session, json!({"event": "all", "results": results}));
+                    }
+                    Err(e) => reply(ctx, session, json!({"event": "error", "error": e.to_string()})),
+                }
+            }
+            _ => reply(
+                ctx,
+                session,
+                json!({"event": "error", "error": "to SLOT TEXT | cb TEXT | wait MS TEXT | all MS T…"}),
+            ),
+        }
+    }
+
+    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+        let asked = text(task.data);
+        for word in asked.split_whitespace() {
+            if let Some(ms) = word.strip_prefix("sleep=").and_then(|v| v.parse().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
+        }
+        if asked.contains("fail") {
+            return Err(format!("task {} was asked to fail", task.id));
+        }
+        Ok(format!("pid={} slot={} {}", ctx.info().pid, ctx.info().slot, asked.to_uppercase()).into_bytes())
+    }
+
+    fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, done: &Finished<'_>) {
+        let Some(session) = done.session else { return };
+        let result = done.result.map(text).unwrap_or_else(|e| e.to_string());
+        // A task submitted with a callback whose worker was replaced lands here, context intact.
+        let via = if done.context == b"cb" {
+            "on_finish (its callback's worker was replaced)"
+        } else {
+            "on_finish"
+        };
+        reply(ctx, session, json!({"event": "done", "task_id": done.id, "result": result, "via": via}));
+    }
+}
+
+fn main() {
+    let mut config =
+        taskd::ServerConfig { port: 9601, worker_num: 2, task_worker_num: 3, ..Default::default() };
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().and_then(|v| v.parse::<u64>().ok());
+        match (flag.as_str(), value) {
+            ("--port", Some(v)) => config.port = v as u16,
+            ("--worker-num", Some(v)) => config.worker_num = v as usize,
+            ("--task-worker-num", Some(v)) => config.task_worker_num = v as usize,
+            _ => {
+                eprintln!("usage: task_api [--port N] [--worker-num N] [--task-worker-num N]");
+                std::process::exit(2);
+            }
+        }
+    }
+    if let Err(e) = taskd::logging::init("info", taskd::logging::LogFormat::Human, None) {
+        eprintln!("task_api: {e}");
+        std::process::exit(2);
+    }
+    let listener = match taskd::net::bind_listener(&config.host, config.port, config.backlog) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("task_api: {e}");
+            std::process::exit(1);
+        }
+    };
+    match taskd::run(&config, listener, Shout) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("task_api: {e}");
+            std::process::exit(1);
+        }
+    }
+}
