@@ -107,8 +107,10 @@ options! {
     /// Detach from the terminal and run in the background (needs --pid-file)
     #[arg(num_args = 0..=1, default_missing_value = "true")]
     server.daemonize: bool,
-    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9502)
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9503)
     server.metrics_addr: String => Some,
+    /// WebSocket port on --host, with the web page at http://HOST:PORT/ (0: the OS chooses)
+    server.ws_port: u16 => Some,
     /// Run workers and task processes as this user (the master binds first, as root)
     server.user: String => Some,
     /// Run workers and task processes with this group (default: the user's group)

@@ -95,6 +95,8 @@ pub struct ServerConfig {
     pub daemonize: bool,
     /// Where Prometheus metrics are served over HTTP (`/metrics`).
     pub metrics_addr: Option<String>,
+    /// A WebSocket port (on `host`), which also serves the web page on `GET /`.
+    pub ws_port: Option<u16>,
     /// The user and group workers and task processes run as.
     pub user: Option<String>,
     pub group: Option<String>,
@@ -127,6 +129,7 @@ impl Default for ServerConfig {
             pid_file: None,
             daemonize: false,
             metrics_addr: None,
+            ws_port: None,
             user: None,
             group: None,
         }

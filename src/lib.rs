@@ -111,6 +111,13 @@ pub fn run_notify<A: Application>(
         Some(addr) => Some(bind_metrics(addr)?),
         None => None,
     };
+    let ws = match config.ws_port {
+        Some(port) => Some(
+            net::bind_listener(&config.host, port, config.backlog)
+                .map_err(|e| StartError::Other(format!("invalid ws_port: {e}")))?,
+        ),
+        None => None,
+    };
     let mut config = config.clone();
     config.max_conn = limits::raise_nofile(
         config.max_conn,
@@ -138,7 +145,7 @@ pub fn run_notify<A: Application>(
     process::set_title("taskd: master");
     app.on_start(addr);
     let setup =
-        master::MasterSetup { config, shared, listener, metrics, credentials, signals, workers, tasks };
+        master::MasterSetup { config, shared, listener, metrics, credentials, ws, signals, workers, tasks };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
         master.spawn_manager()?;
         Ok(master)
@@ -153,6 +160,9 @@ pub fn run_notify<A: Application>(
         }
     };
     let mut announce = format!("taskd listening on {}\n", master.local_addr());
+    if let Some(w) = master.ws_addr() {
+        announce.push_str(&format!("taskd websocket on ws://{w}/ (web page: http://{w}/)\n"));
+    }
     if let Some(m) = master.metrics_addr() {
         announce.push_str(&format!("taskd metrics on http://{m}/metrics\n"));
     }

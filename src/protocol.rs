@@ -23,7 +23,7 @@ pub fn next_line(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, LineT
             Ok(Some((line, pos + 1)))
         }
         // One more byte may be the `\r` of a `\r\n`, which does not count.
-        None if buf.len() > max + 1 => Err(LineTooLong { limit: max }),
+        None if buf.len() > max.saturating_add(1) => Err(LineTooLong { limit: max }),
         None => Ok(None),
     }
 }
@@ -53,6 +53,14 @@ mod tests {
         assert_eq!(next_line(b"123456\n", 5), Err(LineTooLong { limit: 5 }));
         assert_eq!(next_line(b"12345\r", 5), Ok(None));
         assert_eq!(next_line(b"1234567", 5), Err(LineTooLong { limit: 5 }));
+    }
+
+    #[test]
+    fn no_limit_does_not_overflow() {
+        // Found by the fuzz target `line_framing` (input [0x0a]: max = usize::MAX).
+        assert_eq!(next_line(b"", usize::MAX), Ok(None));
+        assert_eq!(next_line(b"abc", usize::MAX), Ok(None));
+        assert_eq!(next_line(b"abc\r\n", usize::MAX), Ok(Some((&b"abc"[..], 5))));
     }
 
     #[test]

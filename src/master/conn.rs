@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use super::ws::WsState;
+
 /// Bits of a session id that hold the connection's slab key; the rest count accepts, so an id
 /// is never reused even when the key (or the fd) is.
 pub const KEY_BITS: u32 = 24;
@@ -35,6 +37,10 @@ pub struct Conn {
     pub dirty: bool,
     /// When the client last sent something (for `heartbeat_idle_time`).
     pub last_active: Instant,
+    /// A WebSocket connection's protocol state (None: a plain TCP line connection).
+    pub ws: Option<Box<WsState>>,
+    /// Its workers were told of it (on_connect), so they are told when it closes.
+    pub announced: bool,
 }
 
 /// What a flush achieved.
@@ -59,6 +65,8 @@ impl Conn {
             outstanding: 0,
             dirty: false,
             last_active: Instant::now(),
+            ws: None,
+            announced: false,
         }
     }
 
@@ -83,6 +91,13 @@ impl Conn {
         // Give memory back: an idle connection holds no buffer.
         self.out = Vec::new();
         self.written = 0;
+        if let Some(WsState::Open(ws)) = self.ws.as_deref_mut() {
+            return match super::ws::flush(ws, &mut self.stream) {
+                Ok(true) => Ok(Flushed::All),
+                Ok(false) => Ok(Flushed::Partly),
+                Err(e) => Err(io::Error::other(e)),
+            };
+        }
         Ok(Flushed::All)
     }
 

@@ -13,6 +13,7 @@ mod metrics;
 mod replay;
 mod slots;
 mod stats;
+mod ws;
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -48,6 +49,7 @@ const LISTENER: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const MANAGER: Token = Token(2);
 const METRICS: Token = Token(3);
+const WS_LISTENER: Token = Token(4);
 /// Metrics connections: tokens from here (below the slots' channels would be too few).
 const METRICS_BASE: usize = 1 << 31;
 const SLOT_BASE: usize = 16;
@@ -75,6 +77,8 @@ pub struct MasterSetup<'a> {
     pub metrics: Option<std::net::TcpListener>,
     /// Whom the pool runs as.
     pub credentials: Option<process::Credentials>,
+    /// The WebSocket listener (and web page), if any.
+    pub ws: Option<std::net::TcpListener>,
     pub signals: Signals,
     pub workers: Vec<SlotChannel>,
     pub tasks: Vec<SlotChannel>,
@@ -108,6 +112,7 @@ pub struct Master<'a, A: Application> {
     local_addr: SocketAddr,
     metrics: Option<TcpListener>,
     metrics_conns: Slab<metrics::MetricsConn>,
+    ws_listener: Option<TcpListener>,
     credentials: Option<process::Credentials>,
     signals: Signals,
     manager: Channel,
@@ -140,7 +145,8 @@ pub struct Master<'a, A: Application> {
 
 impl<'a, A: Application> Master<'a, A> {
     pub fn new(app: &'a mut A, setup: MasterSetup<'a>) -> io::Result<Self> {
-        let MasterSetup { config, shared, listener, metrics, credentials, signals, workers, tasks } = setup;
+        let MasterSetup { config, shared, listener, metrics, credentials, ws, signals, workers, tasks } =
+            setup;
         listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
@@ -152,6 +158,15 @@ impl<'a, A: Application> Master<'a, A> {
                 l.set_nonblocking(true)?;
                 let mut l = TcpListener::from_std(l);
                 poll.registry().register(&mut l, METRICS, Interest::READABLE)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let ws_listener = match ws {
+            Some(l) => {
+                l.set_nonblocking(true)?;
+                let mut l = TcpListener::from_std(l);
+                poll.registry().register(&mut l, WS_LISTENER, Interest::READABLE)?;
                 Some(l)
             }
             None => None,
@@ -184,6 +199,7 @@ impl<'a, A: Application> Master<'a, A> {
             local_addr,
             metrics,
             metrics_conns: Slab::new(),
+            ws_listener,
             credentials,
             signals,
             manager,
@@ -211,6 +227,10 @@ impl<'a, A: Application> Master<'a, A> {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
@@ -266,7 +286,8 @@ impl<'a, A: Application> Master<'a, A> {
             }
             for event in events.iter() {
                 match event.token() {
-                    LISTENER => self.accept(),
+                    LISTENER => self.accept(false),
+                    WS_LISTENER => self.accept(true),
                     SIGNALS => self.handle_signals(),
                     MANAGER => self.read_manager(),
                     METRICS => self.accept_metrics(),
@@ -330,9 +351,11 @@ impl<'a, A: Application> Master<'a, A> {
 
     // ---- clients ----
 
-    fn accept(&mut self) {
+    /// Accepts on the line port, or with `ws` on the WebSocket port.
+    fn accept(&mut self, ws: bool) {
         loop {
-            let Some(listener) = &self.listener else { return };
+            let listener = if ws { &self.ws_listener } else { &self.listener };
+            let Some(listener) = listener else { return };
             let (mut stream, peer) = match listener.accept() {
                 Ok(pair) => pair,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -372,14 +395,93 @@ impl<'a, A: Application> Master<'a, A> {
                 tracing::warn!("cannot watch connection from {peer}: {e}");
                 continue;
             }
-            entry.insert(Conn::new(stream, session, peer, worker));
+            let conn = entry.insert(Conn::new(stream, session, peer, worker));
             self.counters.accept_count += 1;
             tracing::debug!("client {peer} connected: session {session}, fd {fd}");
-            if self.config.dispatch_mode == DispatchMode::Fixed {
-                let peer = peer.to_string();
-                self.deliver(worker as usize, session, Delivery::Connect, |seq, out| {
-                    Frame::Connect { seq, session, peer: peer.as_bytes() }.encode(out)
-                });
+            if ws {
+                // A session once upgraded; until then an HTTP request.
+                conn.ws = Some(Box::new(ws::WsState::Handshake(Vec::new())));
+            } else {
+                self.announce(key);
+            }
+        }
+    }
+
+    /// Tells the connection's worker about it (dispatch mode 2, where it is ordered).
+    fn announce(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.announced = true;
+        if self.config.dispatch_mode == DispatchMode::Fixed {
+            let (session, worker, peer) = (conn.session, conn.worker, conn.peer.to_string());
+            self.deliver(worker as usize, session, Delivery::Connect, |seq, out| {
+                Frame::Connect { seq, session, peer: peer.as_bytes() }.encode(out)
+            });
+        }
+    }
+
+    fn read_ws(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
+            match ws::read_opening(&mut conn.stream, buf) {
+                Ok(ws::Opening::Partial) => return,
+                Ok(ws::Opening::Http(response)) => {
+                    conn.ws = None;
+                    conn.queue(&response);
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                    return;
+                }
+                Ok(ws::Opening::Upgrade { response, rest }) => {
+                    // Written at once (a new socket takes it whole), so that nothing tungstenite
+                    // writes, a pong say, can come before it.
+                    if io::Write::write(&mut conn.stream, &response).ok() != Some(response.len()) {
+                        self.close_conn(key);
+                        return;
+                    }
+                    let socket =
+                        ws::open(rest, self.config.package_max_length, self.config.buffer_output_size);
+                    conn.ws = Some(Box::new(ws::WsState::Open(Box::new(socket))));
+                    self.announce(key);
+                }
+                Err(e) => {
+                    tracing::debug!("client {}: no WebSocket upgrade ({e})", conn.peer);
+                    self.close_conn(key);
+                    return;
+                }
+            }
+        }
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
+            if conn.read_closed || conn.close_after_flush {
+                return;
+            }
+            match ws::read(socket, &mut conn.stream) {
+                ws::Incoming::Lines(lines) => {
+                    conn.last_active = Instant::now();
+                    for line in lines {
+                        self.dispatch_request(key, &line);
+                    }
+                }
+                ws::Incoming::Binary => {
+                    let session = conn.session;
+                    let line =
+                        protocol::error_line("binary messages are not supported: send requests as text");
+                    self.send_to_session(session, &line);
+                }
+                ws::Incoming::Idle => return,
+                ws::Incoming::Closed => {
+                    conn.read_closed = true;
+                    self.maybe_finished.push(key);
+                    self.mark_dirty(key);
+                    return;
+                }
+                ws::Incoming::Broken(why) => {
+                    tracing::debug!("WebSocket client {}: {why}; closing", conn.peer);
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                    return;
+                }
             }
         }
     }
@@ -388,6 +490,9 @@ impl<'a, A: Application> Master<'a, A> {
         if !matches!(self.phase, Phase::Running) {
             // Shutting down: what is already dispatched is answered, nothing new is read.
             return;
+        }
+        if self.conns.get(key).is_some_and(|c| c.ws.is_some()) {
+            return self.read_ws(key);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(conn) = self.conns.get_mut(key) {
@@ -510,6 +615,19 @@ impl<'a, A: Application> Master<'a, A> {
             tracing::debug!("dropping {} bytes for closed session {session}", data.len());
             return;
         };
+        if let Some(state) = conn.ws.as_deref_mut() {
+            let ws::WsState::Open(socket) = state else { return };
+            if let Err(why) = ws::send(socket, &mut conn.stream, data) {
+                tracing::warn!(
+                    "WebSocket client {} does not read its replies ({why}); disconnecting",
+                    conn.peer
+                );
+                self.close_conn(key);
+                return;
+            }
+            self.mark_dirty(key);
+            return;
+        }
         conn.queue(data);
         if conn.unwritten() > limit {
             tracing::warn!(
@@ -540,7 +658,7 @@ impl<'a, A: Application> Master<'a, A> {
         let _ = self.poll.registry().deregister(&mut conn.stream);
         self.counters.close_count += 1;
         tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
-        if self.config.dispatch_mode == DispatchMode::Fixed {
+        if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {
             let session = conn.session;
             self.deliver(conn.worker as usize, session, Delivery::Close, |seq, out| {
                 Frame::Close { seq, session }.encode(out)
@@ -1228,7 +1346,8 @@ impl<'a, A: Application> Master<'a, A> {
         self.finish_manager_recovery();
         if self.accept_retry.is_some_and(|at| Instant::now() >= at) {
             self.accept_retry = None;
-            self.accept();
+            self.accept(false);
+            self.accept(true);
         }
         self.close_idle_conns();
         self.kill_hung_tasks();

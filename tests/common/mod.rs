@@ -26,6 +26,8 @@ pub struct Daemon {
     log_path: PathBuf,
     /// The metrics endpoint, when started with `--metrics-addr`.
     pub metrics_addr: Option<SocketAddr>,
+    /// The WebSocket port, when started with `--ws-port`.
+    pub ws_addr: Option<SocketAddr>,
 }
 
 /// Orphaned pool processes (a killed master's) come to the test process to be reaped,
@@ -93,15 +95,19 @@ impl Daemon {
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut first = String::new();
         let _ = stdout.read_line(&mut first);
-        let mut metrics_addr = None;
-        if args.contains(&"--metrics-addr") {
-            let mut second = String::new();
-            let _ = stdout.read_line(&mut second);
-            metrics_addr = second
-                .trim()
-                .strip_prefix("taskd metrics on http://")
-                .and_then(|s| s.strip_suffix("/metrics"))
-                .and_then(|s| s.parse().ok());
+        // Other listeners get a line each, after the first.
+        let (mut metrics_addr, mut ws_addr) = (None, None);
+        let extra = args.contains(&"--metrics-addr") as usize + args.contains(&"--ws-port") as usize;
+        for _ in 0..extra {
+            let mut line = String::new();
+            let _ = stdout.read_line(&mut line);
+            let line = line.trim();
+            if let Some(rest) = line.strip_prefix("taskd metrics on http://") {
+                metrics_addr = rest.strip_suffix("/metrics").and_then(|s| s.parse().ok());
+            }
+            if let Some(rest) = line.strip_prefix("taskd websocket on ws://") {
+                ws_addr = rest.split('/').next().and_then(|s| s.parse().ok());
+            }
         }
         // Keep draining stdout so the daemon never blocks on it.
         std::thread::spawn(move || {
@@ -116,6 +122,7 @@ impl Daemon {
             outbox,
             log_path,
             metrics_addr,
+            ws_addr,
         };
         match first.trim().strip_prefix("taskd listening on ") {
             Some(addr) => {
