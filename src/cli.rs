@@ -94,7 +94,7 @@ options! {
     server.task_timeout: f64,
     /// Seconds a graceful shutdown waits for in-flight jobs [default: 3]
     server.max_wait_time: u64,
-    /// Jobs sent ahead to one task process [default: 1]
+    /// Most jobs sent ahead to one task process (fewer while its jobs are slow) [default: 64]
     server.task_prefetch: usize,
     /// error, warn, info, debug or trace (RUST_LOG overrides) [default: info]
     server.log_level: String,

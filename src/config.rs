@@ -82,7 +82,8 @@ pub struct ServerConfig {
     pub task_timeout: f64,
     /// Seconds a graceful shutdown waits for in-flight jobs.
     pub max_wait_time: u64,
-    /// Tasks sent ahead to one task process (1: a task process gets a job only when idle).
+    /// The most jobs sent ahead to one task process; fewer while its jobs are slow (about
+    /// 2 ms of work ahead). 1: a task process gets a job only when idle.
     pub task_prefetch: usize,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log_level: String,
@@ -122,7 +123,7 @@ impl Default for ServerConfig {
             task_retry_max: 2,
             task_timeout: 0.0,
             max_wait_time: 3,
-            task_prefetch: 1,
+            task_prefetch: 64,
             log_level: "info".into(),
             log_format: LogFormat::Human,
             log_file: None,

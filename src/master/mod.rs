@@ -851,7 +851,7 @@ impl<'a, A: Application> Master<'a, A> {
                 if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
                     slot.inflight.remove(pos);
                     if pos == 0 {
-                        slot.head_changed();
+                        slot.head_finished();
                     }
                 }
                 slot.served += 1;
@@ -960,7 +960,8 @@ impl<'a, A: Application> Master<'a, A> {
         let prefetch = self.config.task_prefetch;
         // Jobs for one given task process first: only that process can take them.
         for j in 0..self.tasks.len() {
-            while self.tasks[j].accepts_work() && self.tasks[j].inflight.len() < prefetch {
+            while self.tasks[j].accepts_work() && self.tasks[j].inflight.len() < self.tasks[j].room(prefetch)
+            {
                 let Some(task_id) = self.jobs.pop_targeted(j as u32) else { break };
                 self.run_on(j, task_id);
             }
@@ -970,7 +971,7 @@ impl<'a, A: Application> Master<'a, A> {
                 .tasks
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| t.accepts_work() && t.inflight.len() < prefetch)
+                .filter(|(_, t)| t.accepts_work() && t.inflight.len() < t.room(prefetch))
                 .min_by_key(|(_, t)| t.inflight.len())
                 .map(|(j, _)| j);
             let Some(j) = best else { return };

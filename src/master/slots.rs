@@ -5,6 +5,9 @@ use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
+/// Work sent ahead to a task process is bounded by time: about this many seconds of it.
+const PREFETCH_BUDGET: f64 = 0.002;
+
 use super::replay::ReplayLog;
 use crate::ipc::{Channel, Frame};
 
@@ -81,6 +84,8 @@ pub struct TaskSlot {
     pub running_since: Option<Instant>,
     /// The job this process was killed for, having run past `task_timeout`.
     pub timed_out: Option<u64>,
+    /// A moving average of how long this slot's jobs take (for the prefetch).
+    pub job_seconds: Option<f64>,
     pub served: u64,
     pub starts: u64,
     pub stopping: bool,
@@ -96,6 +101,7 @@ impl TaskSlot {
             inflight: VecDeque::new(),
             running_since: None,
             timed_out: None,
+            job_seconds: None,
             served: 0,
             starts: 0,
             stopping: false,
@@ -122,6 +128,30 @@ impl TaskSlot {
         self.running_since = (!self.inflight.is_empty()).then(Instant::now);
     }
 
+    /// The head job finished: learn how long this process's jobs take.
+    pub fn head_finished(&mut self) {
+        if let Some(since) = self.running_since {
+            let took = since.elapsed().as_secs_f64();
+            self.job_seconds = Some(match self.job_seconds {
+                Some(avg) => avg * 0.8 + took * 0.2,
+                None => took,
+            });
+        }
+        self.head_changed();
+    }
+
+    /// How many jobs to send this process ahead: as many as it runs in `PREFETCH_BUDGET`
+    /// (quick jobs go in batches, one write for many), one at a time while its jobs are slow
+    /// or not measured yet (a slow job never holds others back that an idle process could run).
+    pub fn room(&self, max: usize) -> usize {
+        let ahead = match self.job_seconds {
+            Some(avg) if avg > 0.0 => (PREFETCH_BUDGET / avg) as usize,
+            Some(_) => max,
+            None => 1,
+        };
+        ahead.clamp(1, max)
+    }
+
     pub fn accepts_work(&self) -> bool {
         self.alive && !self.stopping
     }
@@ -142,5 +172,28 @@ impl TaskSlot {
             (true, true) => "idle",
             (true, false) => "busy",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot() -> TaskSlot {
+        let (a, b) = crate::ipc::channel::pair().unwrap();
+        TaskSlot::new(Channel::new(a), b)
+    }
+
+    #[test]
+    fn prefetch_follows_how_long_jobs_take() {
+        let mut t = slot();
+        assert_eq!(t.room(64), 1, "one at a time until a job has been timed");
+        t.job_seconds = Some(1.0);
+        assert_eq!(t.room(64), 1, "slow jobs: one at a time");
+        t.job_seconds = Some(0.0001);
+        assert_eq!(t.room(64), 20, "quick jobs: about 2 ms of work ahead");
+        t.job_seconds = Some(0.000_001);
+        assert_eq!(t.room(64), 64, "never past the configured most");
+        assert_eq!(t.room(1), 1, "task_prefetch 1 turns it off");
     }
 }
