@@ -70,10 +70,15 @@ pub fn check_not_running(path: &Path) -> Result<(), String> {
     }
 }
 
-fn pid_file_or_complain(pid_file: Option<&PathBuf>) -> Result<&PathBuf, u8> {
-    pid_file.ok_or_else(|| {
+/// The daemon a control command acts on; otherwise the exit code, said to the user.
+fn find_daemon(pid_file: Option<&PathBuf>) -> Result<PidFile, u8> {
+    let Some(path) = pid_file else {
         eprintln!("taskd: this command needs --pid-file (or pid_file in the config, or TASKD_PID_FILE)");
-        EXIT_FAILED
+        return Err(EXIT_FAILED);
+    };
+    running(path).ok_or_else(|| {
+        println!("taskd is not running (pid file {})", path.display());
+        EXIT_NOT_RUNNING
     })
 }
 
@@ -86,13 +91,9 @@ fn signal(pid: u32, sig: Signal) -> Result<(), u8> {
 
 /// `taskd stop`: SIGTERM, then wait until the master is gone.
 pub fn stop(pid_file: Option<&PathBuf>, timeout: Duration) -> u8 {
-    let path = match pid_file_or_complain(pid_file) {
-        Ok(p) => p,
+    let daemon = match find_daemon(pid_file) {
+        Ok(d) => d,
         Err(code) => return code,
-    };
-    let Some(daemon) = running(path) else {
-        println!("taskd is not running (pid file {})", path.display());
-        return EXIT_NOT_RUNNING;
     };
     if let Err(code) = signal(daemon.pid, Signal::SIGTERM) {
         return code;
@@ -111,13 +112,9 @@ pub fn stop(pid_file: Option<&PathBuf>, timeout: Duration) -> u8 {
 
 /// `taskd reload [--tasks]`: a rolling replacement of the workers or the task processes.
 pub fn reload(pid_file: Option<&PathBuf>, tasks: bool) -> u8 {
-    let path = match pid_file_or_complain(pid_file) {
-        Ok(p) => p,
+    let daemon = match find_daemon(pid_file) {
+        Ok(d) => d,
         Err(code) => return code,
-    };
-    let Some(daemon) = running(path) else {
-        println!("taskd is not running (pid file {})", path.display());
-        return EXIT_NOT_RUNNING;
     };
     let (sig, what) = if tasks { (Signal::SIGUSR2, "task processes") } else { (Signal::SIGUSR1, "workers") };
     match signal(daemon.pid, sig) {
@@ -131,13 +128,9 @@ pub fn reload(pid_file: Option<&PathBuf>, tasks: bool) -> u8 {
 
 /// `taskd status`: running or not, and the daemon's own `stats` when it answers.
 pub fn status(pid_file: Option<&PathBuf>) -> u8 {
-    let path = match pid_file_or_complain(pid_file) {
-        Ok(p) => p,
+    let daemon = match find_daemon(pid_file) {
+        Ok(d) => d,
         Err(code) => return code,
-    };
-    let Some(daemon) = running(path) else {
-        println!("taskd is not running (pid file {})", path.display());
-        return EXIT_NOT_RUNNING;
     };
     let stats = daemon.addr.and_then(|addr| fetch_stats(addr).ok());
     match stats {

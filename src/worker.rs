@@ -273,6 +273,10 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
             link.channel.output().append(&mut out);
             uncounted_tasks = 0;
         }
+        // A burst's buffer is not kept for the quiet that follows (a worker stays small).
+        if out.capacity() > 64 * 1024 {
+            out = Vec::new();
+        }
         if let Err(e) = flush_all(&mut link.poll, &mut link.events, &mut link.channel) {
             tracing::error!("worker {slot}: writing to the master failed: {e}");
             return 1;

@@ -13,12 +13,14 @@ fn kill9(pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
 }
 
-/// The pid of the task process that logged starting `task_id`.
+/// The pid of the task process that logged starting `task_id`: its log line reads
+/// `… task 2[1234]: task 7: sending email to …`.
 fn running_task_pid(daemon: &Daemon, task_id: &Value) -> u32 {
-    let needle = format!("task {task_id} [pid ");
+    let needle = format!("]: task {task_id}: sending");
     let log = daemon.wait_log(&needle);
-    let at = log.find(&needle).unwrap() + needle.len();
-    log[at..].split(']').next().unwrap().parse().unwrap()
+    let line = log.lines().find(|l| l.contains(&needle)).unwrap();
+    let label = &line[..line.find(&needle).unwrap()];
+    label.rsplit('[').next().unwrap().parse().unwrap()
 }
 
 #[test]

@@ -15,7 +15,7 @@ use super::envelope::{DecodeError, Frame};
 /// Reads are made into at least this much free buffer space.
 const READ_CHUNK: usize = 64 * 1024;
 /// An idle buffer grown past this (one large message) is given back to the allocator.
-const SHRINK_ABOVE: usize = 1024 * 1024;
+const SHRINK_ABOVE: usize = 256 * 1024;
 
 /// Creates a connected pair of channel ends. Both are non-blocking and close-on-exec.
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {

@@ -90,12 +90,7 @@ impl MailApp {
         };
         match submitted {
             Ok(task_id) => {
-                tracing::info!(
-                    "worker {}: {} to {} accepted as task {task_id}",
-                    ctx.info().slot,
-                    job.kind.name(),
-                    job.to
-                );
+                tracing::info!("{} to {} accepted as task {task_id}", job.kind.name(), job.to);
                 Self::reply(
                     ctx,
                     session,
@@ -134,19 +129,14 @@ impl MailApp {
             Kind::Sms => ("SMS", "SMS"),
         };
         if delay.is_zero() {
-            tracing::debug!("task {} [pid {pid}]: {what} to {}", task.id, job.to);
+            tracing::debug!("task {}: {what} to {}", task.id, job.to);
         } else {
-            tracing::info!(
-                "task {} [pid {pid}]: sending {what} to {} (attempt {})",
-                task.id,
-                job.to,
-                task.attempt
-            );
+            tracing::info!("task {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
             // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
             let steps = 5u32;
             for i in 1..=steps {
                 std::thread::sleep(delay / steps);
-                tracing::info!("task {} [pid {pid}]: {i}/{steps} done", task.id);
+                tracing::info!("task {}: {i}/{steps} done", task.id);
             }
         }
         let outbox = self.outbox.as_mut().ok_or("the outbox is not open")?;
@@ -174,14 +164,14 @@ impl Application for MailApp {
         Ok(())
     }
 
-    fn on_connect(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, peer: &str) {
-        tracing::debug!("worker {}: client {peer} connected (session {session})", ctx.info().slot);
+    fn on_connect(&mut self, _ctx: &mut WorkerCtx<'_>, session: SessionId, peer: &str) {
+        tracing::debug!("client {peer} connected (session {session})");
     }
 
     fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]) {
         match request::parse(data) {
             Err(message) => {
-                tracing::debug!("worker {}: bad request from session {session}: {message}", ctx.info().slot);
+                tracing::debug!("bad request from session {session}: {message}");
                 Self::error(ctx, session, &message);
             }
             Ok(Request::Stats) => ctx.send_stats(session),
@@ -190,8 +180,8 @@ impl Application for MailApp {
         }
     }
 
-    fn on_close(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId) {
-        tracing::debug!("worker {}: session {session} closed", ctx.info().slot);
+    fn on_close(&mut self, _ctx: &mut WorkerCtx<'_>, session: SessionId) {
+        tracing::debug!("session {session} closed");
     }
 
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
@@ -225,14 +215,14 @@ impl Application for MailApp {
             let to = context.to.first().cloned().unwrap_or_default();
             match finished.result {
                 Ok(r) => {
-                    tracing::info!("worker {}: task {} done: {}", ctx.info().slot, finished.id, text(r));
+                    tracing::info!("task {} done: {}", finished.id, text(r));
                     json!({
                         "event": "done", "task_id": finished.id, "type": context.kind, "to": to,
                         "result": text(r), "task_pid": finished.task_pid, "attempts": finished.attempts,
                     })
                 }
                 Err(e) => {
-                    tracing::warn!("worker {}: task {} failed: {e}", ctx.info().slot, finished.id);
+                    tracing::warn!("task {} failed: {e}", finished.id);
                     json!({
                         "event": "failed", "task_id": finished.id, "type": context.kind, "to": to,
                         "error": e, "attempts": finished.attempts,

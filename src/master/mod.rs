@@ -147,30 +147,12 @@ impl<'a, A: Application> Master<'a, A> {
     pub fn new(app: &'a mut A, setup: MasterSetup<'a>) -> io::Result<Self> {
         let MasterSetup { config, shared, listener, metrics, credentials, ws, signals, workers, tasks } =
             setup;
-        listener.set_nonblocking(true)?;
         let local_addr = listener.local_addr()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
         let poll = Poll::new()?;
-        let mut listener = TcpListener::from_std(listener);
-        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
-        let metrics = match metrics {
-            Some(l) => {
-                l.set_nonblocking(true)?;
-                let mut l = TcpListener::from_std(l);
-                poll.registry().register(&mut l, METRICS, Interest::READABLE)?;
-                Some(l)
-            }
-            None => None,
-        };
-        let ws_listener = match ws {
-            Some(l) => {
-                l.set_nonblocking(true)?;
-                let mut l = TcpListener::from_std(l);
-                poll.registry().register(&mut l, WS_LISTENER, Interest::READABLE)?;
-                Some(l)
-            }
-            None => None,
-        };
+        let listener = watch_listener(&poll, listener, LISTENER)?;
+        let metrics = metrics.map(|l| watch_listener(&poll, l, METRICS)).transpose()?;
+        let ws_listener = ws.map(|l| watch_listener(&poll, l, WS_LISTENER)).transpose()?;
         let sig_fd = signals.raw_fd();
         poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE)?;
         let mut manager = Channel::new(manager_master_end);
@@ -1483,4 +1465,12 @@ impl<'a, A: Application> Master<'a, A> {
     fn stats_line(&self) -> Vec<u8> {
         stats::render(&self.snapshot())
     }
+}
+
+/// A listening socket in the reactor, non-blocking.
+fn watch_listener(poll: &Poll, listener: std::net::TcpListener, token: Token) -> io::Result<TcpListener> {
+    listener.set_nonblocking(true)?;
+    let mut listener = TcpListener::from_std(listener);
+    poll.registry().register(&mut listener, token, Interest::READABLE)?;
+    Ok(listener)
 }
