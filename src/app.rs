@@ -53,6 +53,8 @@ pub struct Finished<'a> {
     pub attempts: u32,
     /// For a group ([`WorkerCtx::task_group`]): each member's outcome, in submission order.
     pub members: Option<Vec<Outcome<'a>>>,
+    /// The task process already sent the session its reply ([`TaskCtx::reply`]).
+    pub replied: bool,
 }
 
 /// One task's outcome: `on_task`'s result, or why there is none.
@@ -338,6 +340,7 @@ impl WorkerCtx<'_> {
 pub struct TaskCtx<'a> {
     pub(crate) out: &'a mut Vec<u8>,
     pub(crate) info: ProcessInfo,
+    pub(crate) reply: Vec<u8>,
 }
 
 impl TaskCtx<'_> {
@@ -345,8 +348,17 @@ impl TaskCtx<'_> {
         self.info
     }
 
-    /// Sends bytes to a client session directly from the task process.
+    /// Sends bytes to a client session directly from the task process, at once.
     pub fn send(&mut self, session: SessionId, data: &[u8]) {
         Frame::Send { session, data }.encode(self.out);
+    }
+
+    /// Sets the bytes the task's session gets together with its result, in the same message:
+    /// exactly once, never for a run that died (whose job runs again), and without a trip
+    /// through a worker. `on_finish` still runs, with `Finished::replied` set. Not sent for a
+    /// task of a group or one a worker waits for: their results go to the worker.
+    pub fn reply(&mut self, data: &[u8]) {
+        self.reply.clear();
+        self.reply.extend_from_slice(data);
     }
 }

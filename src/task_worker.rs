@@ -83,12 +83,15 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
                         src_worker,
                         data,
                     };
-                    let mut ctx = TaskCtx { out: &mut out, info };
+                    let mut ctx = TaskCtx { out: &mut out, info, reply: Vec::new() };
                     let mut result = Err(format!("task {task_id} panicked in task process {}", info.pid));
                     guard(slot, "on_task", || result = app.on_task(&mut ctx, &task));
+                    let reply = std::mem::take(&mut ctx.reply);
                     match &result {
-                        Ok(bytes) => Frame::TaskDone { task_id, ok: true, result: bytes },
-                        Err(why) => Frame::TaskDone { task_id, ok: false, result: why.as_bytes() },
+                        Ok(bytes) => Frame::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
+                        Err(why) => {
+                            Frame::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() }
+                        }
                     }
                     .encode(&mut out);
                     served += 1;

@@ -236,6 +236,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                         task_pid,
                         attempts,
                         members,
+                        replied: flags & task_flags::REPLIED != 0,
                     };
                     match ctx.callbacks.remove(&task_id) {
                         Some(callback) => guard(slot, "a task callback", || callback(&mut ctx, &finished)),

@@ -167,9 +167,11 @@ pub enum Frame<'a> {
         src_worker: u32,
         data: &'a [u8],
     },
+    /// A task's outcome; `reply` (may be empty) goes to its session together with it.
     TaskDone {
         task_id: u64,
         ok: bool,
+        reply: &'a [u8],
         result: &'a [u8],
     },
 
@@ -229,6 +231,8 @@ pub mod task_flags {
     pub const CALLBACK: u8 = 2;
     /// A worker is blocked waiting for this task's result.
     pub const WAIT: u8 = 4;
+    /// The task process already sent the session its reply, with the result.
+    pub const REPLIED: u8 = 8;
 }
 
 /// Why bytes could not be decoded: the channel is corrupt from here on.
@@ -405,8 +409,8 @@ impl<'a> Frame<'a> {
                 .u32(src_worker)
                 .rest(data)
                 .finish(),
-            Frame::TaskDone { task_id, ok, result } => {
-                Writer::begin(out, TASK_DONE).u64(task_id).u8(ok as u8).rest(result).finish()
+            Frame::TaskDone { task_id, ok, reply, result } => {
+                Writer::begin(out, TASK_DONE).u64(task_id).u8(ok as u8).sized(reply).rest(result).finish()
             }
             Frame::Started { role, slot, pid } => {
                 Writer::begin(out, STARTED).u8(role.code()).u32(slot).u32(pid).finish()
@@ -492,7 +496,12 @@ impl<'a> Frame<'a> {
                 src_worker: r.u32("src_worker")?,
                 data: r.rest(),
             },
-            TASK_DONE => Frame::TaskDone { task_id: r.u64("task_id")?, ok: r.bool("ok")?, result: r.rest() },
+            TASK_DONE => Frame::TaskDone {
+                task_id: r.u64("task_id")?,
+                ok: r.bool("ok")?,
+                reply: r.sized("reply")?,
+                result: r.rest(),
+            },
             STARTED => Frame::Started {
                 role: Role::from_code(r.u8("role")?)?,
                 slot: r.u32("slot")?,
@@ -620,7 +629,8 @@ mod tests {
         roundtrip(Frame::Commit { seq: u64::MAX });
         roundtrip(Frame::Stats { session: 8 });
         roundtrip(Frame::RunTask { task_id: 1, session: 2, attempt: 1, src_worker: 3, data: b"x" });
-        roundtrip(Frame::TaskDone { task_id: 1, ok: true, result: b"" });
+        roundtrip(Frame::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" });
+        roundtrip(Frame::TaskDone { task_id: 1, ok: true, reply: b"{\"event\":\"done\"}\n", result: b"x" });
         roundtrip(Frame::Started { role: Role::Task, slot: 3, pid: 99 });
         roundtrip(Frame::Exited {
             role: Role::Worker,
@@ -656,7 +666,7 @@ mod tests {
         assert_eq!(Frame::decode(&[3, 0, 0, 0, kind::COMMIT, 1, 2]), Err(DecodeError::Truncated("seq")));
         // A bool that is neither 0 nor 1.
         let mut buf = Vec::new();
-        Frame::TaskDone { task_id: 1, ok: true, result: b"" }.encode(&mut buf);
+        Frame::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" }.encode(&mut buf);
         buf[4 + 1 + 8] = 7;
         assert_eq!(Frame::decode(&buf), Err(DecodeError::BadField("ok")));
     }

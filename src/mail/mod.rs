@@ -119,7 +119,7 @@ impl MailApp {
         }
     }
 
-    fn deliver(&mut self, ctx: &TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+    fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
         let job: Job =
             serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?;
         let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
@@ -143,7 +143,15 @@ impl MailApp {
         outbox
             .append(&job, task.id, task.attempt, pid)
             .map_err(|e| format!("cannot write to the outbox: {e}"))?;
-        Ok(format!("{label}:{}, sent", job.to).into_bytes())
+        let result = format!("{label}:{}, sent", job.to);
+        // The client's `done` leaves with the result, straight from here: the shortest path,
+        // and never for a run that died (it runs again and answers then).
+        let done = json!({
+            "event": "done", "task_id": task.id, "type": job.kind.name(), "to": job.to,
+            "result": result, "task_pid": pid, "attempts": task.attempt,
+        });
+        ctx.reply(format!("{done}\n").as_bytes());
+        Ok(result.into_bytes())
     }
 }
 
@@ -214,6 +222,10 @@ impl Application for MailApp {
         } else {
             let to = context.to.first().cloned().unwrap_or_default();
             match finished.result {
+                Ok(r) if finished.replied => {
+                    tracing::info!("task {} done: {}", finished.id, text(r));
+                    return;
+                }
                 Ok(r) => {
                     tracing::info!("task {} done: {}", finished.id, text(r));
                     json!({

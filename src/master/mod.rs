@@ -828,7 +828,7 @@ impl<'a, A: Application> Master<'a, A> {
     fn on_task_frame(&mut self, j: usize, frame: Frame<'_>) {
         match frame {
             Frame::Send { session, data } => self.send_to_session(session, data),
-            Frame::TaskDone { task_id, ok, result } => {
+            Frame::TaskDone { task_id, ok, reply, result } => {
                 let slot = &mut self.tasks[j];
                 if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
                     slot.inflight.remove(pos);
@@ -838,6 +838,16 @@ impl<'a, A: Application> Master<'a, A> {
                 }
                 slot.served += 1;
                 let pid = slot.pid;
+                // The reply goes out with the outcome, in the same turn: one hop, no worker.
+                if !reply.is_empty() {
+                    if let Some(job) = self.jobs.get_mut(task_id) {
+                        if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
+                            job.flags |= task_flags::REPLIED;
+                            let session = job.session;
+                            self.send_to_session(session, reply);
+                        }
+                    }
+                }
                 self.finish_job(task_id, pid, ok, result);
             }
             other => tracing::warn!("task {j}: ignoring unexpected message {other:?}"),
