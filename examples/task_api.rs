@@ -128,8 +128,10 @@ fn main() {
             ("--port", Some(v)) => config.port = v as u16,
             ("--worker-num", Some(v)) => config.worker_num = v as usize,
             ("--task-worker-num", Some(v)) => config.task_worker_num = v as usize,
+            // WebSocket clients only, no line port: `run_websocket`.
+            ("--ws-only", Some(v)) => config.ws_port = Some(v as u16),
             _ => {
-                eprintln!("usage: task_api [--port N] [--worker-num N] [--task-worker-num N]");
+                eprintln!("usage: task_api [--port N | --ws-only N] [--worker-num N] [--task-worker-num N]");
                 std::process::exit(2);
             }
         }
@@ -137,6 +139,15 @@ fn main() {
     if let Err(e) = taskd::logging::init("info", taskd::logging::LogFormat::Human, None) {
         eprintln!("task_api: {e}");
         std::process::exit(2);
+    }
+    if config.ws_port.is_some() {
+        match taskd::run_websocket(&config, Shout) {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("task_api: {e}");
+                std::process::exit(1);
+            }
+        }
     }
     let listener = match taskd::net::bind_listener(&config.host, config.port, config.backlog) {
         Ok(l) => l,

@@ -89,14 +89,23 @@ pub fn run<A: Application>(
     listener: std::net::TcpListener,
     app: A,
 ) -> Result<i32, StartError> {
-    run_notify(config, listener, app, |_| {})
+    run_notify(config, Some(listener), app, |_| {})
 }
 
-/// Like [`run`]; `ready` receives the lines announced on stdout once the server is listening
-/// (a daemonized binary passes them on to the terminal it left, or to systemd).
+/// Runs a server that listens only for WebSocket clients, on `config.ws_port`.
+pub fn run_websocket<A: Application>(config: &ServerConfig, app: A) -> Result<i32, StartError> {
+    if config.ws_port.is_none() {
+        return Err(StartError::Other("invalid ws_port: a WebSocket-only server needs one".into()));
+    }
+    run_notify(config, None, app, |_| {})
+}
+
+/// Like [`run`] (`listener` None: WebSocket only); `ready` receives the lines announced on
+/// stdout once the server is listening (a daemonized binary passes them on to the terminal it
+/// left, or to systemd).
 pub fn run_notify<A: Application>(
     config: &ServerConfig,
-    listener: std::net::TcpListener,
+    listener: Option<std::net::TcpListener>,
     mut app: A,
     ready: impl FnOnce(&str),
 ) -> Result<i32, StartError> {
@@ -134,7 +143,14 @@ pub fn run_notify<A: Application>(
         .map(|_| ipc::SlotChannel::new())
         .collect::<io::Result<Vec<_>>>()
         .map_err(io_err("cannot create task channels"))?;
-    let addr = listener.local_addr().map_err(io_err("cannot read the listening address"))?;
+    let addr = match (&listener, &ws) {
+        (Some(l), _) | (None, Some(l)) => {
+            l.local_addr().map_err(io_err("cannot read the listening address"))?
+        }
+        (None, None) => {
+            return Err(StartError::Other("nothing to listen on: no TCP listener and no ws_port".into()))
+        }
+    };
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
@@ -159,7 +175,10 @@ pub fn run_notify<A: Application>(
             return Err(StartError::Io { what: "cannot start the master", source });
         }
     };
-    let mut announce = format!("taskd listening on {}\n", master.local_addr());
+    let mut announce = String::new();
+    if let Some(tcp) = master.local_addr() {
+        announce.push_str(&format!("taskd listening on {tcp}\n"));
+    }
     if let Some(w) = master.ws_addr() {
         announce.push_str(&format!("taskd websocket on ws://{w}/ (web page: http://{w}/)\n"));
     }

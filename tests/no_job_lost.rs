@@ -260,3 +260,27 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
     assert!(total.done > 100, "the load ran: {total:?}");
     assert!(outbox as u64 >= total.done, "every done job is in the outbox (retries may add more)");
 }
+
+#[test]
+fn a_result_of_a_killed_workers_task_reaches_on_finish_of_its_successor() {
+    // One worker, one task process, no retries: the job's `failed` can only come from
+    // on_finish, in the worker that replaced the one that submitted it.
+    let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "1", "--task-retry-max", "0"]);
+    let pool = daemon.wait_pool(1, 1);
+    let worker = pool.iter().find(|p| p.args == "taskd: worker 0").unwrap().pid;
+    let task = pool.iter().find(|p| p.args == "taskd: task 0").unwrap().pid;
+    let mut client = daemon.connect();
+    let accepted = client.submit(r#"{"type":"email","to":"orphan@example.com","delay_ms":5000}"#);
+    assert_eq!(accepted["worker_pid"], worker);
+    kill9(worker);
+    daemon.wait_log(&format!("respawned worker 0: old pid {worker}"));
+    daemon.wait_log("task 1: sending email");
+    kill9(task);
+    let failed = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(failed["event"], "failed", "{failed}");
+    assert_eq!(failed["to"], "orphan@example.com", "the context came back with the result");
+    assert_eq!(failed["error"], format!("task process {task} killed by signal 9 (SIGKILL)"));
+    let log = daemon.log();
+    let successor_line = log.lines().find(|l| l.contains("task 1 failed")).unwrap();
+    assert!(!successor_line.contains(&format!("[{worker}]")), "logged by the successor: {successor_line}");
+}

@@ -241,3 +241,20 @@ fn the_page_in_a_headless_browser_submits_a_job_and_shows_it_done() {
     }
     assert!(daemon.outbox_lines().iter().any(|m| m["to"] == "browser@example.com"));
 }
+
+#[test]
+fn a_library_application_can_listen_on_websocket_only() {
+    let daemon =
+        Daemon::start_example("task_api", &["--ws-only", "0", "--worker-num", "1", "--task-worker-num", "1"]);
+    let addr = daemon.ws_addr.expect("the first stdout line names the WebSocket port");
+    let mut ws = ws_connect(addr);
+    ws.send(Message::text("wait 5000 over websocket")).unwrap();
+    let waited = recv(&mut ws);
+    assert!(waited["result"].as_str().unwrap().ends_with("OVER WEBSOCKET"), "{waited}");
+    // Its only port speaks WebSocket: a request line over plain TCP is not answered as one.
+    let mut raw = TcpStream::connect(addr).unwrap();
+    raw.write_all(b"alice@example.com\n\n").unwrap();
+    let mut reply = String::new();
+    raw.read_to_string(&mut reply).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 400"), "{reply}");
+}

@@ -72,7 +72,8 @@ pub const MASTER_SIGNALS: [Signal; 6] =
 pub struct MasterSetup<'a> {
     pub config: &'a ServerConfig,
     pub shared: &'static Shared,
-    pub listener: std::net::TcpListener,
+    /// The line protocol's listener (None: WebSocket only).
+    pub listener: Option<std::net::TcpListener>,
     /// The Prometheus endpoint's listener, if any.
     pub metrics: Option<std::net::TcpListener>,
     /// Whom the pool runs as.
@@ -109,7 +110,7 @@ pub struct Master<'a, A: Application> {
     shared: &'static Shared,
     poll: Poll,
     listener: Option<TcpListener>,
-    local_addr: SocketAddr,
+    local_addr: Option<SocketAddr>,
     metrics: Option<TcpListener>,
     metrics_conns: Slab<metrics::MetricsConn>,
     ws_listener: Option<TcpListener>,
@@ -147,10 +148,10 @@ impl<'a, A: Application> Master<'a, A> {
     pub fn new(app: &'a mut A, setup: MasterSetup<'a>) -> io::Result<Self> {
         let MasterSetup { config, shared, listener, metrics, credentials, ws, signals, workers, tasks } =
             setup;
-        let local_addr = listener.local_addr()?;
+        let local_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
         let poll = Poll::new()?;
-        let listener = watch_listener(&poll, listener, LISTENER)?;
+        let listener = listener.map(|l| watch_listener(&poll, l, LISTENER)).transpose()?;
         let metrics = metrics.map(|l| watch_listener(&poll, l, METRICS)).transpose()?;
         let ws_listener = ws.map(|l| watch_listener(&poll, l, WS_LISTENER)).transpose()?;
         let sig_fd = signals.raw_fd();
@@ -177,7 +178,7 @@ impl<'a, A: Application> Master<'a, A> {
             config,
             shared,
             poll,
-            listener: Some(listener),
+            listener,
             local_addr,
             metrics,
             metrics_conns: Slab::new(),
@@ -207,7 +208,7 @@ impl<'a, A: Application> Master<'a, A> {
         })
     }
 
-    pub fn local_addr(&self) -> SocketAddr {
+    pub fn local_addr(&self) -> Option<SocketAddr> {
         self.local_addr
     }
 
@@ -1166,7 +1167,7 @@ impl<'a, A: Application> Master<'a, A> {
                     self.jobs.len(),
                     self.workers.iter().map(|w| w.log.len()).sum::<usize>()
                 );
-                if let Some(mut listener) = self.listener.take() {
+                for mut listener in [self.listener.take(), self.ws_listener.take()].into_iter().flatten() {
                     let _ = self.poll.registry().deregister(&mut listener);
                 }
                 self.phase = Phase::Draining { deadline };

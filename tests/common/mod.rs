@@ -124,6 +124,14 @@ impl Daemon {
             metrics_addr,
             ws_addr,
         };
+        // A WebSocket-only server announces that first.
+        if let Some(rest) = first.trim().strip_prefix("taskd websocket on ws://") {
+            daemon.ws_addr = rest.split('/').next().and_then(|s| s.parse().ok());
+            if let Some(addr) = daemon.ws_addr {
+                daemon.addr = addr;
+                return Ok(daemon);
+            }
+        }
         match first.trim().strip_prefix("taskd listening on ") {
             Some(addr) => {
                 daemon.addr = addr.parse().expect("address on the first stdout line");
