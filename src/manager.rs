@@ -201,7 +201,8 @@ impl<A: Application> Manager<'_, A> {
     fn fork_slot(&mut self, i: usize, previous: Option<(Pid, ExitReason)>) {
         let manager_pid = getpid();
         let (role, index) = (self.slots[i].role, self.slots[i].index);
-        let fd: RawFd = self.slots[i].child_end.as_raw_fd();
+        let child_end = &self.slots[i].child_end;
+        let fd: RawFd = child_end.as_raw_fd();
         let config = self.config;
         let shared = self.shared;
         let credentials = self.credentials;
@@ -224,7 +225,7 @@ impl<A: Application> Manager<'_, A> {
                 return 1;
             }
             // This process owns the slot's channel end from here on.
-            let channel = match dup_owned(fd) {
+            let channel = match child_end.try_clone() {
                 Ok(owned) => Channel::new(owned),
                 Err(e) => {
                     tracing::error!("{role} {index}: cannot take its channel: {e}");
@@ -387,11 +388,4 @@ impl<A: Application> Manager<'_, A> {
             }
         }
     }
-}
-
-/// A new owned descriptor for the same channel end.
-fn dup_owned(fd: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: `fd` is the slot's channel end, open for the whole life of this process.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    borrowed.try_clone_to_owned()
 }

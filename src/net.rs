@@ -2,7 +2,6 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
-use std::os::fd::{FromRawFd, IntoRawFd};
 
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn,
@@ -54,6 +53,5 @@ pub fn bind_listener(host: &str, port: u16, backlog: i32) -> Result<TcpListener,
     .map_err(other)?;
     let backlog = Backlog::new(backlog).unwrap_or(Backlog::MAXCONN);
     listen(&fd, backlog).map_err(other)?;
-    // SAFETY: `fd` is a listening TCP socket that we own; ownership moves to the listener.
-    Ok(unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) })
+    Ok(TcpListener::from(fd))
 }

@@ -6,7 +6,7 @@
 //! for the next turn.
 
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::OwnedFd;
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
@@ -79,10 +79,8 @@ impl Input {
 
 impl Channel {
     pub fn new(fd: OwnedFd) -> Channel {
-        // SAFETY: `fd` is an owned, open AF_UNIX stream socket; ownership moves into the stream.
-        let std_stream = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd.into_raw_fd()) };
         Channel {
-            stream: mio::net::UnixStream::from_std(std_stream),
+            stream: mio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)),
             input: Input::default(),
             output: Vec::new(),
             written: 0,
@@ -91,10 +89,6 @@ impl Channel {
 
     pub fn source(&mut self) -> &mut mio::net::UnixStream {
         &mut self.stream
-    }
-
-    pub fn raw_fd(&self) -> RawFd {
-        self.stream.as_raw_fd()
     }
 
     /// Reads everything the socket holds now.
@@ -223,11 +217,11 @@ impl Channel {
 /// Reads and throws away whatever waits in a socket (non-blocking), returning the byte count.
 /// The master uses it on a dead process's end of a channel before its successor starts, so
 /// that no half-read frame is left at the head of the stream.
-pub fn drain_fd(fd: RawFd) -> io::Result<usize> {
+pub fn drain_fd(fd: &OwnedFd) -> io::Result<usize> {
     let mut scratch = [0u8; 16 * 1024];
     let mut total = 0;
     loop {
-        match nix::unistd::read(borrow(fd), &mut scratch) {
+        match nix::unistd::read(fd, &mut scratch) {
             Ok(0) => return Ok(total),
             Ok(n) => total += n,
             Err(nix::errno::Errno::EAGAIN) => return Ok(total),
@@ -235,11 +229,6 @@ pub fn drain_fd(fd: RawFd) -> io::Result<usize> {
             Err(e) => return Err(e.into()),
         }
     }
-}
-
-fn borrow(fd: RawFd) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: callers pass an fd they own and keep open for the duration of the call.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
 }
 
 #[cfg(test)]
@@ -273,10 +262,9 @@ mod tests {
     #[test]
     fn closed_peer_reads_as_closed_and_drain_empties_a_socket() {
         let (a, b) = pair().unwrap();
-        let mut b = Channel::new(b);
         nix::unistd::write(&a, b"leftover").unwrap();
-        let raw = b.raw_fd();
-        assert_eq!(drain_fd(raw).unwrap(), 8);
+        assert_eq!(drain_fd(&b).unwrap(), 8);
+        let mut b = Channel::new(b);
         drop(a);
         assert_eq!(b.fill().unwrap(), ReadState::Closed);
     }

@@ -226,27 +226,33 @@ impl<'a, A: Application> Master<'a, A> {
         let mut keep: Vec<RawFd> = vec![self.manager_end.as_raw_fd()];
         keep.extend(self.workers.iter().map(|w| w.child_end.as_raw_fd()));
         keep.extend(self.tasks.iter().map(|t| t.child_end.as_raw_fd()));
-        let manager_fd = self.manager_end.as_raw_fd();
-        let worker_fds: Vec<RawFd> = self.workers.iter().map(|w| w.child_end.as_raw_fd()).collect();
-        let task_fds: Vec<RawFd> = self.tasks.iter().map(|t| t.child_end.as_raw_fd()).collect();
+        let manager_end = &self.manager_end;
+        let worker_ends: Vec<&OwnedFd> = self.workers.iter().map(|w| &w.child_end).collect();
+        let task_ends: Vec<&OwnedFd> = self.tasks.iter().map(|t| &t.child_end).collect();
         let config = self.config;
         let shared = self.shared;
         let credentials = self.credentials;
         let app = &mut *self.app;
         let pid = process::spawn(&keep, move || {
-            let owned = |fd: RawFd| {
-                // SAFETY: `fd` stayed open across the fork (it is in `keep`) and nothing else in
-                // this process will close it: the parent's values holding it are never dropped.
-                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
-            };
+            // The manager's own descriptors for the ends it was handed (kept open by `keep`).
+            let owned =
+                |fds: &[&OwnedFd]| fds.iter().map(|fd| fd.try_clone()).collect::<io::Result<Vec<_>>>();
+            let (master_channel, workers, tasks) =
+                match (manager_end.try_clone(), owned(&worker_ends), owned(&task_ends)) {
+                    (Ok(m), Ok(w), Ok(t)) => (m, w, t),
+                    _ => {
+                        tracing::error!("manager: cannot take over the channels");
+                        return 1;
+                    }
+                };
             manager::run(
                 app,
                 manager::ManagerSetup {
                     config,
                     shared,
-                    master_channel: owned(manager_fd),
-                    workers: worker_fds.into_iter().map(owned).collect(),
-                    tasks: task_fds.into_iter().map(owned).collect(),
+                    master_channel,
+                    workers,
+                    tasks,
                     master_pid,
                     credentials,
                 },
@@ -1070,7 +1076,7 @@ impl<'a, A: Application> Master<'a, A> {
                 self.read_worker(slot);
                 let w = &mut self.workers[slot];
                 w.chan.discard_input();
-                if let Err(e) = drain_fd(w.child_end.as_raw_fd()) {
+                if let Err(e) = drain_fd(&w.child_end) {
                     tracing::error!("worker {slot}: cannot empty its channel: {e}");
                 }
                 w.chan.discard_output();
@@ -1092,7 +1098,7 @@ impl<'a, A: Application> Master<'a, A> {
                 self.read_task(slot);
                 let t = &mut self.tasks[slot];
                 t.chan.discard_input();
-                if let Err(e) = drain_fd(t.child_end.as_raw_fd()) {
+                if let Err(e) = drain_fd(&t.child_end) {
                     tracing::error!("task {slot}: cannot empty its channel: {e}");
                 }
                 t.chan.discard_output();
