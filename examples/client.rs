@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --example client -- [ADDR] [--wait-ms MS]      (ADDR defaults to 127.0.0.1:9501)
+//! cargo run --example client -- --ws 127.0.0.1:9502         (taskd --ws-port 9502: WebSocket)
 //! ```
 //!
 //! Each line typed (or piped) on stdin is sent to the server as one request; every reply line
@@ -22,17 +23,21 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-const USAGE: &str = "usage: client [ADDR] [--wait-ms MS]   (ADDR defaults to 127.0.0.1:9501)";
+const USAGE: &str =
+    "usage: client [--ws] [ADDR] [--wait-ms MS]   (ADDR defaults to 127.0.0.1:9501; --ws: a WebSocket port)";
 const PROMPT: &str = "> ";
 
 struct Args {
     addr: String,
     wait: Duration,
+    /// Speak WebSocket (to `taskd --ws-port`) instead of plain lines.
+    ws: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut addr = None;
     let mut wait_ms = 3000u64;
+    let mut ws = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let wait_value = match arg.strip_prefix("--wait-ms") {
@@ -42,6 +47,8 @@ fn parse_args() -> Result<Args, String> {
         };
         if let Some(v) = wait_value {
             wait_ms = v.parse().map_err(|_| format!("--wait-ms: {v:?} is not a number of milliseconds"))?;
+        } else if arg == "--ws" {
+            ws = true;
         } else if arg == "-h" || arg == "--help" {
             println!("{USAGE}");
             std::process::exit(0);
@@ -51,7 +58,11 @@ fn parse_args() -> Result<Args, String> {
             addr = Some(arg);
         }
     }
-    Ok(Args { addr: addr.unwrap_or_else(|| "127.0.0.1:9501".into()), wait: Duration::from_millis(wait_ms) })
+    Ok(Args {
+        addr: addr.unwrap_or_else(|| "127.0.0.1:9501".into()),
+        wait: Duration::from_millis(wait_ms),
+        ws,
+    })
 }
 
 /// Tries every address the name resolves to, with a timeout, so that a firewalled host does
@@ -75,6 +86,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if args.ws {
+        return run_websocket(&args);
+    }
     let stream = match connect(&args.addr) {
         Ok(s) => s,
         Err(e) => {
@@ -191,4 +205,78 @@ fn print_replies(stream: TcpStream, interactive: bool, input_open: &AtomicBool, 
         std::process::exit(0);
     }
     eprintln!("client: the server closed the connection");
+}
+
+/// The same client over WebSocket: each line typed is one text message, each reply one too.
+/// tungstenite's socket is not split between threads: a stdin thread hands lines over, and
+/// one loop sends them and reads replies with a short timeout.
+fn run_websocket(args: &Args) -> ExitCode {
+    let stream = match connect(&args.addr) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("client: cannot connect to {}: {e}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let url = format!("ws://{}/", args.addr);
+    let mut ws = match tungstenite::client(url.as_str(), stream) {
+        Ok((ws, _)) => ws,
+        Err(e) => {
+            eprintln!("client: {url} is no WebSocket endpoint: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = ws.get_ref().set_read_timeout(Some(Duration::from_millis(50)));
+    let (lines, line_rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        for line in io::stdin().lock().lines().map_while(Result::ok) {
+            if !line.trim().is_empty() && lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut input_open = true;
+    let mut quiet_since = std::time::Instant::now();
+    loop {
+        loop {
+            match line_rx.try_recv() {
+                Ok(line) => {
+                    if let Err(e) = ws.send(tungstenite::Message::text(line)) {
+                        eprintln!("client: cannot send: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+                Err(mpsc::TryRecvError::Empty) => break,
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    if input_open {
+                        input_open = false;
+                        quiet_since = std::time::Instant::now();
+                    }
+                    break;
+                }
+            }
+        }
+        match ws.read() {
+            Ok(tungstenite::Message::Text(text)) => {
+                println!("< {}", text.as_str());
+                quiet_since = std::time::Instant::now();
+            }
+            Ok(tungstenite::Message::Close(_)) => {
+                eprintln!("client: the server closed the connection");
+                return ExitCode::SUCCESS;
+            }
+            Ok(_) => {}
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {}
+            Err(e) => {
+                eprintln!("client: connection error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        if !input_open && quiet_since.elapsed() >= args.wait {
+            let _ = ws.close(None);
+            let _ = ws.flush();
+            return ExitCode::SUCCESS;
+        }
+    }
 }
