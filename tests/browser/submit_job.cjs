@@ -21,10 +21,10 @@ async function main() {
     await page.fill("input[name=text]", "hello from the browser");
     await page.click("button");
     const row = page.locator("tr.accepted, tr.done").filter({ hasText: "browser@example.com" });
-    await row.first().waitFor({ timeout: 10000 });
+    await row.first().waitFor({ timeout: 20000 });
     console.log("accepted:", (await row.first().innerText()).replace(/\s+/g, " "));
     const done = page.locator("tr.done").filter({ hasText: "browser@example.com" });
-    await done.waitFor({ timeout: 15000 });
+    await done.waitFor({ timeout: 30000 });
     console.log("done:", await done.locator("td").nth(4).innerText());
     await page.waitForFunction(() => document.querySelectorAll("#proclist tr").length > 0);
     await page.screenshot({ path: screenshot });
