@@ -890,36 +890,17 @@ impl<'a, A: Application> Master<'a, A> {
             return;
         }
         let session = job.session;
+        let finish = |seq, out: &mut Vec<u8>| {
+            let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
+            Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result }
+                .encode(out)
+        };
         if job.flags & task_flags::WAIT != 0 {
-            // For a waiting worker: no delivery to replay, its request is (if it dies).
-            let frame = Frame::Finish {
-                seq: 0,
-                task_id,
-                session,
-                task_pid,
-                attempts: job.attempts,
-                ok,
-                flags: job.flags,
-                context: &job.context,
-                result,
-            };
-            frame.encode(self.workers[job.worker as usize].chan.output());
+            // For a waiting worker: no delivery to replay (seq 0); its request is, if it dies.
+            finish(0, self.workers[job.worker as usize].chan.output());
             return;
         }
-        self.deliver(job.worker as usize, session, Delivery::Finish, |seq, out| {
-            Frame::Finish {
-                seq,
-                task_id,
-                session,
-                task_pid,
-                attempts: job.attempts,
-                ok,
-                flags: job.flags,
-                context: &job.context,
-                result,
-            }
-            .encode(out)
-        });
+        self.deliver(job.worker as usize, session, Delivery::Finish, finish);
     }
 
     /// Delivers a group's outcomes as one finish; members still missing count as timed out.
