@@ -35,6 +35,37 @@ impl Default for MailConfig {
     }
 }
 
+/// One reply line: a JSON object and its line ending.
+fn line(value: &impl Serialize) -> Vec<u8> {
+    let mut out = serde_json::to_vec(value)
+        .unwrap_or_else(|e| format!("{{\"event\":\"error\",\"error\":\"{e}\"}}").into_bytes());
+    out.push(b'\n');
+    out
+}
+
+/// The replies on every job's path, serialized straight from these (no map built per reply).
+#[derive(Serialize)]
+struct Accepted<'a> {
+    event: &'static str,
+    task_id: u64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    to: &'a str,
+    worker_pid: u32,
+}
+
+#[derive(Serialize)]
+struct Done<'a> {
+    event: &'static str,
+    task_id: u64,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    to: &'a str,
+    result: &'a str,
+    task_pid: u32,
+    attempts: u32,
+}
+
 /// What `on_finish` needs to answer a job: carried with the task, since the worker that
 /// submitted it may have been replaced by the time it finishes.
 #[derive(Debug, Serialize, Deserialize)]
@@ -56,10 +87,8 @@ impl MailApp {
         MailApp { config, outbox: None, pid: std::process::id() }
     }
 
-    fn reply(ctx: &mut WorkerCtx<'_>, session: SessionId, value: serde_json::Value) {
-        let mut line = value.to_string().into_bytes();
-        line.push(b'\n');
-        ctx.send(session, &line);
+    fn reply(ctx: &mut WorkerCtx<'_>, session: SessionId, value: impl Serialize) {
+        ctx.send(session, &line(&value));
     }
 
     fn error(ctx: &mut WorkerCtx<'_>, session: SessionId, message: &str) {
@@ -91,11 +120,10 @@ impl MailApp {
         match submitted {
             Ok(task_id) => {
                 tracing::info!("{} to {} accepted as task {task_id}", job.kind.name(), job.to);
-                Self::reply(
-                    ctx,
-                    session,
-                    json!({"event": "accepted", "task_id": task_id, "type": job.kind.name(), "to": job.to, "worker_pid": self.pid}),
-                );
+                let kind = job.kind.name();
+                let accepted =
+                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid };
+                Self::reply(ctx, session, accepted);
             }
             Err(e) => Self::refused(ctx, session, e),
         }
@@ -146,11 +174,16 @@ impl MailApp {
         let result = format!("{label}:{}, sent", job.to);
         // The client's `done` leaves with the result, straight from here: the shortest path,
         // and never for a run that died (it runs again and answers then).
-        let done = json!({
-            "event": "done", "task_id": task.id, "type": job.kind.name(), "to": job.to,
-            "result": result, "task_pid": pid, "attempts": task.attempt,
-        });
-        ctx.reply(format!("{done}\n").as_bytes());
+        let (kind, to, attempts) = (job.kind.name(), &job.to[..], task.attempt);
+        ctx.reply(&line(&Done {
+            event: "done",
+            task_id: task.id,
+            kind,
+            to,
+            result: &result,
+            task_pid: pid,
+            attempts,
+        }));
         Ok(result.into_bytes())
     }
 }
