@@ -1,0 +1,368 @@
+//! The master's client side: accepting, reading request lines (TCP and WebSocket),
+//! dispatching them to workers, writing replies, closing sessions.
+
+use super::*;
+
+impl<A: Application> Master<'_, A> {
+    /// Accepts on the line port, or with `ws` on the WebSocket port.
+    pub(super) fn accept(&mut self, ws: bool) {
+        loop {
+            let listener = if ws { &self.ws_listener } else { &self.listener };
+            let Some(listener) = listener else { return };
+            let (mut stream, peer) = match listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and the like: the listener stays readable but edge-triggered
+                    // readiness will not fire again for the connections already waiting.
+                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                    return;
+                }
+            };
+            if self.conns.len() >= self.config.max_conn {
+                tracing::warn!("refusing {peer}: max_conn ({}) connections already", self.config.max_conn);
+                let msg =
+                    format!("too many connections (max_conn {}); try again later", self.config.max_conn);
+                // Best effort: the socket is new, its buffer empty; the line fits at once.
+                let _ = io::Write::write(&mut stream, &protocol::error_line(&msg));
+                continue;
+            }
+            let entry = self.conns.vacant_entry();
+            let key = entry.key();
+            if key as u64 > KEY_MASK {
+                tracing::warn!("too many connections; refusing {peer}");
+                continue;
+            }
+            self.accepted += 1;
+            let session = (self.accepted << KEY_BITS) | key as u64;
+            let fd = stream.as_raw_fd();
+            let worker = (fd as usize % self.workers.len()) as u32;
+            let _ = stream.set_nodelay(true);
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                Token(CONN_BASE + key),
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                tracing::warn!("cannot watch connection from {peer}: {e}");
+                continue;
+            }
+            let conn = entry.insert(Conn::new(stream, session, peer, worker));
+            self.counters.accept_count += 1;
+            tracing::debug!("client {peer} connected: session {session}, fd {fd}");
+            if ws {
+                // A session once upgraded; until then an HTTP request.
+                conn.ws = Some(Box::new(ws::WsState::Handshake(Vec::new())));
+            } else {
+                self.announce(key);
+            }
+        }
+    }
+
+    /// Tells the connection's worker about it (dispatch mode 2, where it is ordered).
+    pub(super) fn announce(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.announced = true;
+        if self.config.dispatch_mode == DispatchMode::Fixed {
+            let (session, worker, peer) = (conn.session, conn.worker, conn.peer.to_string());
+            self.deliver(worker as usize, session, Delivery::Connect, |seq, out| {
+                Frame::Connect { seq, session, peer: peer.as_bytes() }.encode(out)
+            });
+        }
+    }
+
+    pub(super) fn read_ws(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
+            match ws::read_opening(&mut conn.stream, buf) {
+                Ok(ws::Opening::Partial) => return,
+                Ok(ws::Opening::Http(response)) => {
+                    conn.ws = None;
+                    conn.queue(&response);
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                    return;
+                }
+                Ok(ws::Opening::Upgrade { response, rest }) => {
+                    // Written at once (a new socket takes it whole), so that nothing tungstenite
+                    // writes, a pong say, can come before it.
+                    if io::Write::write(&mut conn.stream, &response).ok() != Some(response.len()) {
+                        self.close_conn(key);
+                        return;
+                    }
+                    let socket =
+                        ws::open(rest, self.config.package_max_length, self.config.buffer_output_size);
+                    conn.ws = Some(Box::new(ws::WsState::Open(Box::new(socket))));
+                    self.announce(key);
+                }
+                Err(e) => {
+                    tracing::debug!("client {}: no WebSocket upgrade ({e})", conn.peer);
+                    self.close_conn(key);
+                    return;
+                }
+            }
+        }
+        loop {
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
+            if conn.read_closed || conn.close_after_flush {
+                return;
+            }
+            match ws::read(socket, &mut conn.stream) {
+                ws::Incoming::Lines(lines) => {
+                    conn.last_active = Instant::now();
+                    for line in lines {
+                        self.dispatch_request(key, &line);
+                    }
+                }
+                ws::Incoming::Binary => {
+                    let session = conn.session;
+                    let line =
+                        protocol::error_line("binary messages are not supported: send requests as text");
+                    self.send_to_session(session, &line);
+                }
+                ws::Incoming::Idle => return,
+                ws::Incoming::Closed => {
+                    conn.read_closed = true;
+                    self.maybe_finished.push(key);
+                    self.mark_dirty(key);
+                    return;
+                }
+                ws::Incoming::Broken(why) => {
+                    tracing::debug!("WebSocket client {}: {why}; closing", conn.peer);
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                    return;
+                }
+            }
+        }
+    }
+
+    pub(super) fn read_conn(&mut self, key: usize) {
+        if !matches!(self.phase, Phase::Running) {
+            // Shutting down: what is already dispatched is answered, nothing new is read.
+            return;
+        }
+        if self.conns.get(key).is_some_and(|c| c.ws.is_some()) {
+            return self.read_ws(key);
+        }
+        let mut scratch = std::mem::take(&mut self.scratch);
+        while let Some(conn) = self.conns.get_mut(key) {
+            if conn.read_closed || conn.close_after_flush {
+                break;
+            }
+            match conn.read(&mut scratch) {
+                Ok(0) => {
+                    conn.read_closed = true;
+                    self.maybe_finished.push(key);
+                    break;
+                }
+                Ok(n) => {
+                    conn.last_active = Instant::now();
+                    self.take_lines(key, &scratch[..n]);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::debug!("client {} read error: {e}", conn.peer);
+                    self.close_conn(key);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Splits newly read bytes into request lines and dispatches each.
+    pub(super) fn take_lines(&mut self, key: usize, fresh: &[u8]) {
+        let max = self.config.package_max_length;
+        let mut partial = std::mem::take(&mut self.conns[key].partial);
+        let data: &[u8] = if partial.is_empty() {
+            fresh
+        } else {
+            partial.extend_from_slice(fresh);
+            &partial
+        };
+        let mut pos = 0;
+        let rest = loop {
+            match protocol::next_line(&data[pos..], max) {
+                Ok(Some((line, used))) => {
+                    self.dispatch_request(key, line);
+                    pos += used;
+                }
+                Ok(None) => break Some(&data[pos..]),
+                Err(too_long) => {
+                    let conn = &mut self.conns[key];
+                    tracing::warn!(
+                        "client {}: request line longer than package_max_length ({} bytes); closing",
+                        conn.peer,
+                        too_long.limit
+                    );
+                    let msg = format!(
+                        "request line longer than package_max_length ({} bytes); closing the connection",
+                        too_long.limit
+                    );
+                    conn.queue(&protocol::error_line(&msg));
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                    break None;
+                }
+            }
+        };
+        let rest = rest.map(<[u8]>::to_vec).unwrap_or_default();
+        if let Some(conn) = self.conns.get_mut(key) {
+            conn.partial = rest;
+        }
+    }
+
+    pub(super) fn dispatch_request(&mut self, key: usize, line: &[u8]) {
+        let conn = &mut self.conns[key];
+        conn.outstanding += 1;
+        let session = conn.session;
+        let worker = match self.config.dispatch_mode {
+            DispatchMode::Fixed => conn.worker as usize,
+            DispatchMode::RoundRobin => {
+                self.round_robin = (self.round_robin + 1) % self.workers.len();
+                self.round_robin
+            }
+            DispatchMode::Preemptive => {
+                self.round_robin = (self.round_robin + 1) % self.workers.len();
+                let n = self.workers.len();
+                (0..n)
+                    .map(|k| (self.round_robin + k) % n)
+                    .min_by_key(|&w| (!self.workers[w].alive as usize, self.workers[w].log.len()))
+                    .unwrap_or(0)
+            }
+        };
+        self.counters.dispatch_count += 1;
+        self.deliver(worker, session, Delivery::Request, |seq, out| {
+            Frame::Request { seq, session, data: line }.encode(out)
+        });
+    }
+
+    /// Writes a delivery to a worker slot and keeps it until the slot commits it.
+    pub(super) fn deliver(
+        &mut self,
+        worker: usize,
+        session: u64,
+        kind: Delivery,
+        encode: impl FnOnce(u64, &mut Vec<u8>),
+    ) {
+        let slot = &mut self.workers[worker];
+        let seq = slot.log.next_seq();
+        let bytes = slot.log.push(seq, session, kind, |out| encode(seq, out));
+        slot.chan.output().extend_from_slice(bytes);
+    }
+
+    pub(super) fn conn_mut(&mut self, session: u64) -> Option<(usize, &mut Conn)> {
+        let key = (session & KEY_MASK) as usize;
+        match self.conns.get_mut(key) {
+            Some(conn) if conn.session == session => Some((key, conn)),
+            _ => None,
+        }
+    }
+
+    pub(super) fn send_to_session(&mut self, session: u64, data: &[u8]) {
+        let limit = self.config.buffer_output_size;
+        let Some((key, conn)) = self.conn_mut(session) else {
+            tracing::debug!("dropping {} bytes for closed session {session}", data.len());
+            return;
+        };
+        if let Some(state) = conn.ws.as_deref_mut() {
+            let ws::WsState::Open(socket) = state else { return };
+            if let Err(why) = ws::send(socket, &mut conn.stream, data) {
+                tracing::warn!(
+                    "WebSocket client {} does not read its replies ({why}); disconnecting",
+                    conn.peer
+                );
+                self.close_conn(key);
+                return;
+            }
+            self.mark_dirty(key);
+            return;
+        }
+        conn.queue(data);
+        if conn.unwritten() > limit {
+            tracing::warn!(
+                "client {} does not read its replies: {} bytes pending, over buffer_output_size ({limit}); disconnecting",
+                conn.peer,
+                conn.unwritten()
+            );
+            self.close_conn(key);
+            return;
+        }
+        self.mark_dirty(key);
+    }
+
+    pub(super) fn mark_dirty(&mut self, key: usize) {
+        if let Some(conn) = self.conns.get_mut(key) {
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    pub(super) fn close_conn(&mut self, key: usize) {
+        if !self.conns.contains(key) {
+            return;
+        }
+        let mut conn = self.conns.remove(key);
+        let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.counters.close_count += 1;
+        tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
+        if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {
+            let session = conn.session;
+            self.deliver(conn.worker as usize, session, Delivery::Close, |seq, out| {
+                Frame::Close { seq, session }.encode(out)
+            });
+        }
+    }
+
+    pub(super) fn flush_conns(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            conn.dirty = false;
+            match conn.flush() {
+                Ok(Flushed::All) => {
+                    if conn.finished() {
+                        self.close_conn(key);
+                    }
+                }
+                Ok(Flushed::Partly) => {}
+                Err(e) => {
+                    tracing::debug!("client {}: write failed ({e}); closing", conn.peer);
+                    self.close_conn(key);
+                }
+            }
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+    }
+
+    /// Closes connections silent for `heartbeat_idle_time` that wait for nothing.
+    pub(super) fn close_idle_conns(&mut self) {
+        let Some(at) = self.next_heartbeat else { return };
+        let now = Instant::now();
+        if now < at {
+            return;
+        }
+        self.next_heartbeat = Some(now + HEARTBEAT_SCAN);
+        let limit = Duration::from_secs(self.config.heartbeat_idle_time);
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.outstanding == 0 && c.unwritten() == 0 && now - c.last_active >= limit)
+            .map(|(key, _)| key)
+            .collect();
+        for key in idle {
+            tracing::debug!(
+                "closing client {}: silent for heartbeat_idle_time ({}s)",
+                self.conns[key].peer,
+                self.config.heartbeat_idle_time
+            );
+            self.close_conn(key);
+        }
+    }
+}

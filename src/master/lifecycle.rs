@@ -1,0 +1,299 @@
+//! Processes coming and going: the manager's reports, cleaning a dead process's slot,
+//! a dead manager, signals, rolling reload and shutdown.
+
+use super::*;
+
+impl<A: Application> Master<'_, A> {
+    pub(super) fn read_manager(&mut self) {
+        let state = self.manager.fill();
+        let mut input = self.manager.take_input();
+        loop {
+            match Frame::decode(input.data()) {
+                Ok(Some((frame, n))) => {
+                    self.on_manager_frame(frame);
+                    input.consume(n);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("corrupt message from the manager: {e}");
+                    input.consume(input.data().len());
+                    break;
+                }
+            }
+        }
+        self.manager.restore_input(input);
+        if let Err(e) = state {
+            tracing::error!("reading the manager's channel failed: {e}");
+        }
+    }
+
+    pub(super) fn on_manager_frame(&mut self, frame: Frame<'_>) {
+        match frame {
+            Frame::Started { role, slot, pid } => self.on_started(role, slot as usize, pid),
+            Frame::Exited { role, slot, pid, reason, uptime_ms: _ } => {
+                self.clean_slot(role, slot as usize, pid, reason);
+                self.manager.send(&Frame::SlotReady { role, slot });
+            }
+            Frame::ForkFailed { role, slot, error } => {
+                self.counters.fork_failures += 1;
+                tracing::error!(
+                    "the manager could not fork {role} {slot}: {}",
+                    String::from_utf8_lossy(error)
+                );
+            }
+            other => tracing::warn!("ignoring unexpected message from the manager: {other:?}"),
+        }
+    }
+
+    pub(super) fn on_started(&mut self, role: Role, slot: usize, pid: u32) {
+        match role {
+            Role::Worker => {
+                let Some(w) = self.workers.get_mut(slot) else { return };
+                w.started(pid);
+                if !w.log.is_empty() {
+                    tracing::debug!(
+                        "worker {slot} (pid {pid}) takes over {} pending deliveries",
+                        w.log.len()
+                    );
+                }
+            }
+            Role::Task => {
+                let Some(t) = self.tasks.get_mut(slot) else { return };
+                t.started(pid);
+            }
+        }
+        if self.reloading == Some((role, slot as u32)) {
+            self.reloading = None;
+            self.reload_next();
+        }
+    }
+
+    /// A process of this slot is gone: take what it committed, throw away what it left half
+    /// written or half read, and line up everything it had not finished for its successor.
+    pub(super) fn clean_slot(&mut self, role: Role, slot: usize, pid: u32, reason: ExitReason) {
+        match role {
+            Role::Worker => {
+                if slot >= self.workers.len() {
+                    return;
+                }
+                // It is dead, so everything it wrote is in the socket already.
+                self.read_worker(slot);
+                let w = &mut self.workers[slot];
+                w.chan.discard_input();
+                if let Err(e) = drain_fd(&w.child_end) {
+                    tracing::error!("worker {slot}: cannot empty its channel: {e}");
+                }
+                w.chan.discard_output();
+                let WorkerSlot { chan, log, .. } = w;
+                chan.output().extend_from_slice(log.uncommitted());
+                w.exited();
+                if !reason.is_clean() {
+                    self.counters.worker_crashes += 1;
+                }
+                tracing::debug!(
+                    "worker {slot} (pid {pid}) {reason}; {} deliveries wait for its successor",
+                    w.log.len()
+                );
+            }
+            Role::Task => {
+                if slot >= self.tasks.len() {
+                    return;
+                }
+                self.read_task(slot);
+                let t = &mut self.tasks[slot];
+                t.chan.discard_input();
+                if let Err(e) = drain_fd(&t.child_end) {
+                    tracing::error!("task {slot}: cannot empty its channel: {e}");
+                }
+                t.chan.discard_output();
+                let inflight: Vec<u64> = t.inflight.drain(..).collect();
+                let timed_out = t.timed_out;
+                t.exited();
+                if !reason.is_clean() {
+                    self.counters.task_crashes += 1;
+                }
+                // Jobs behind the first were never started; the first was running unless the
+                // process ended on purpose.
+                for (k, &task_id) in inflight.iter().enumerate().rev() {
+                    let started = k == 0 && !reason.is_clean();
+                    let Some(job) = self.jobs.get_mut(task_id) else { continue };
+                    if !started {
+                        job.attempts = job.attempts.saturating_sub(1);
+                        self.jobs.push_front(task_id);
+                        continue;
+                    }
+                    let attempts = job.attempts;
+                    if attempts > self.config.task_retry_max {
+                        let why = if timed_out == Some(task_id) {
+                            format!(
+                                "task process {pid} was killed: the task ran longer than task_timeout ({}s)",
+                                self.config.task_timeout
+                            )
+                        } else {
+                            format!("task process {pid} {reason}")
+                        };
+                        tracing::warn!("task {task_id} failed after {attempts} attempt(s): {why}");
+                        self.finish_job(task_id, pid, false, why.as_bytes());
+                    } else {
+                        self.counters.tasks_retried += 1;
+                        tracing::warn!(
+                            "task {task_id} was running in task process {pid} ({reason}); running it again (attempt {} of {})",
+                            attempts + 1,
+                            self.config.task_retry_max + 1
+                        );
+                        self.jobs.push_front(task_id);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- signals, reload, shutdown ----
+
+    pub(super) fn handle_signals(&mut self) {
+        for sig in self.signals.pending() {
+            match sig {
+                Signal::SIGTERM | Signal::SIGINT => self.on_stop_signal(sig),
+                Signal::SIGCHLD => self.reap(),
+                Signal::SIGUSR1 => self.start_reload(Role::Worker),
+                Signal::SIGUSR2 => self.start_reload(Role::Task),
+                Signal::SIGHUP => match crate::logging::reopen() {
+                    Ok(true) => tracing::info!("SIGHUP: log file reopened"),
+                    Ok(false) => tracing::info!("SIGHUP: no log file to reopen (logs go to stderr)"),
+                    Err(e) => tracing::error!("SIGHUP: cannot reopen the log file: {e}"),
+                },
+                _ => {}
+            }
+        }
+    }
+
+    pub(super) fn on_stop_signal(&mut self, sig: Signal) {
+        match self.phase {
+            Phase::Running => {
+                let deadline = Instant::now() + self.config.max_wait();
+                tracing::info!(
+                    "{sig}: shutting down; no new connections; waiting up to {}s for {} jobs and {} requests in flight",
+                    self.config.max_wait_time,
+                    self.jobs.len(),
+                    self.workers.iter().map(|w| w.log.len()).sum::<usize>()
+                );
+                for mut listener in [self.listener.take(), self.ws_listener.take()].into_iter().flatten() {
+                    let _ = self.poll.registry().deregister(&mut listener);
+                }
+                self.phase = Phase::Draining { deadline };
+            }
+            _ => {
+                tracing::warn!("{sig} again: stopping now");
+                if let Some(pid) = self.manager_pid {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    process::wait_for(pid, Duration::from_secs(2));
+                }
+                self.exit_code = Some(1);
+            }
+        }
+    }
+
+    pub(super) fn reap(&mut self) {
+        for reaped in process::reap() {
+            if Some(reaped.pid) == self.manager_pid {
+                self.manager_pid = None;
+                self.on_manager_exit(reaped.reason);
+            } else if let Some(r) = &mut self.recovery {
+                r.orphans.remove(&reaped.pid.as_raw());
+            }
+        }
+    }
+
+    pub(super) fn on_manager_exit(&mut self, reason: ExitReason) {
+        if let Phase::Stopping { .. } = self.phase {
+            tracing::info!("taskd stopped");
+            self.exit_code = Some(0);
+            return;
+        }
+        tracing::error!("the manager {reason}; its pool dies with it; starting a new manager");
+        // The pool processes die with their manager (PR_SET_PDEATHSIG) and come to us to be
+        // reaped; their channels are cleaned only once they are gone.
+        let orphans: HashSet<i32> = self
+            .workers
+            .iter()
+            .map(|w| w.pid)
+            .chain(self.tasks.iter().map(|t| t.pid))
+            .filter(|&p| p != 0)
+            .map(|p| p as i32)
+            .collect();
+        self.recovery = Some(ManagerRecovery { orphans, deadline: Instant::now() + ORPHAN_LIMIT });
+        self.reap();
+    }
+
+    /// Once the old pool is gone: clean every slot and start a new manager.
+    pub(super) fn finish_manager_recovery(&mut self) {
+        let Some(r) = &self.recovery else { return };
+        if !r.orphans.is_empty() && Instant::now() < r.deadline {
+            return;
+        }
+        for &pid in &r.orphans {
+            tracing::warn!("pool process {pid} outlived its manager; killing it");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        self.recovery = None;
+        let died = ExitReason::Signal(Signal::SIGKILL as i32);
+        for i in 0..self.workers.len() {
+            let pid = self.workers[i].pid;
+            self.clean_slot(Role::Worker, i, pid, died);
+        }
+        for j in 0..self.tasks.len() {
+            let pid = self.tasks[j].pid;
+            self.clean_slot(Role::Task, j, pid, died);
+        }
+        // A new channel: the old one may hold half a message of the dead manager.
+        match crate::ipc::channel::pair() {
+            Ok((master_end, manager_end)) => {
+                let _ = self.poll.registry().deregister(self.manager.source());
+                self.manager = Channel::new(master_end);
+                self.manager_end = manager_end;
+                let both = Interest::READABLE | Interest::WRITABLE;
+                if let Err(e) = self.poll.registry().register(self.manager.source(), MANAGER, both) {
+                    tracing::error!("cannot watch the new manager's channel: {e}");
+                }
+            }
+            Err(e) => tracing::error!("cannot create a channel for a new manager: {e}"),
+        }
+        if let Err(e) = self.spawn_manager() {
+            tracing::error!("cannot fork a new manager: {e}; stopping");
+            self.exit_code = Some(1);
+        }
+    }
+
+    pub(super) fn start_reload(&mut self, role: Role) {
+        let n = match role {
+            Role::Worker => self.workers.len(),
+            Role::Task => self.tasks.len(),
+        };
+        tracing::info!("reloading every {role} process, one at a time");
+        for slot in 0..n as u32 {
+            if !self.reload_queue.contains(&(role, slot)) {
+                self.reload_queue.push_back((role, slot));
+            }
+        }
+        if self.reloading.is_none() {
+            self.reload_next();
+        }
+    }
+
+    pub(super) fn reload_next(&mut self) {
+        while let Some((role, slot)) = self.reload_queue.pop_front() {
+            let i = slot as usize;
+            let stopped = match role {
+                Role::Worker => self.workers[i].ask_to_stop(),
+                Role::Task => self.tasks[i].ask_to_stop(),
+            };
+            if stopped {
+                self.reloading = Some((role, slot));
+                return;
+            }
+        }
+        if self.reloading.is_none() {
+            tracing::info!("reload complete");
+        }
+    }
+}

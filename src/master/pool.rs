@@ -1,0 +1,324 @@
+//! The master's side of the pool: what workers commit, what task processes report, and
+//! handing jobs to task processes.
+
+use super::*;
+
+impl<A: Application> Master<'_, A> {
+    pub(super) fn read_worker(&mut self, i: usize) {
+        if let Err(e) = self.workers[i].chan.fill() {
+            tracing::error!("worker {i}: reading its channel failed: {e}");
+        }
+        self.handle_worker_input(i);
+    }
+
+    /// Acts on the committed part of a worker's output; the rest waits for its commit.
+    pub(super) fn handle_worker_input(&mut self, i: usize) {
+        let mut input = self.workers[i].chan.take_input();
+        let data = input.data();
+        // Find where the last complete commit ends.
+        let mut pos = 0;
+        let mut committed = 0;
+        let corrupt = loop {
+            match frame_len(&data[pos..]) {
+                Ok(Some(n)) => {
+                    if frame_kind(&data[pos..pos + n]) == COMMIT_KIND {
+                        committed = pos + n;
+                    }
+                    pos += n;
+                }
+                Ok(None) => break None,
+                Err(e) => break Some(e),
+            }
+        };
+        let mut pos = 0;
+        while pos < committed {
+            match Frame::decode(&data[pos..committed]) {
+                Ok(Some((frame, n))) => {
+                    self.on_worker_frame(i, frame);
+                    pos += n;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("worker {i}: corrupt message: {e}");
+                    break;
+                }
+            }
+        }
+        input.consume(committed);
+        self.workers[i].chan.restore_input(input);
+        if let Some(e) = corrupt {
+            tracing::error!(
+                "worker {i} (pid {}) sent a corrupt message ({e}); replacing it",
+                self.workers[i].pid
+            );
+            self.workers[i].chan.discard_input();
+            if self.workers[i].pid != 0 {
+                let _ = kill(Pid::from_raw(self.workers[i].pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    pub(super) fn on_worker_frame(&mut self, i: usize, frame: Frame<'_>) {
+        match frame {
+            Frame::Send { session, data } => self.send_to_session(session, data),
+            Frame::CloseSession { session } => {
+                if let Some((key, conn)) = self.conn_mut(session) {
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                }
+            }
+            Frame::Task { task_id, session, target, group, flags, context, data } => {
+                let target = u32::try_from(target).ok().filter(|&t| (t as usize) < self.tasks.len());
+                self.jobs.accept(task_id, i as u32, session, JobSpec { group, target, flags }, context, data);
+                self.counters.tasks_accepted += 1;
+                // A waited-for task is answered by its waiter's request, not on its own.
+                if group == 0 && flags & task_flags::WAIT == 0 {
+                    if let Some((_, conn)) = self.conn_mut(session) {
+                        conn.outstanding += 1;
+                    }
+                }
+                self.shared.set_jobs_pending(self.jobs.len() as u64);
+            }
+            Frame::Group { group_id, session, size, timeout_ms, context } => {
+                self.jobs.open_group(group_id, i as u32, session, size, timeout_ms, context);
+                if let Some((_, conn)) = self.conn_mut(session) {
+                    conn.outstanding += 1;
+                }
+            }
+            Frame::Commit { seq } => self.commit(i, seq),
+            Frame::Stats { session } => {
+                let line = self.stats_line();
+                self.send_to_session(session, &line);
+            }
+            other => tracing::warn!("worker {i}: ignoring unexpected message {other:?}"),
+        }
+    }
+
+    pub(super) fn commit(&mut self, i: usize, seq: u64) {
+        let Master { workers, conns, counters, maybe_finished, .. } = self;
+        let slot = &mut workers[i];
+        let served = &mut slot.served;
+        slot.log.commit(seq, |entry| {
+            match entry.kind {
+                Delivery::Request => {
+                    *served += 1;
+                    counters.request_count += 1;
+                }
+                Delivery::Finish => {}
+                Delivery::Connect | Delivery::Close => return,
+            }
+            let key = (entry.session & KEY_MASK) as usize;
+            if let Some(conn) = conns.get_mut(key) {
+                if conn.session == entry.session {
+                    conn.outstanding = conn.outstanding.saturating_sub(1);
+                    if conn.read_closed {
+                        maybe_finished.push(key);
+                    }
+                }
+            }
+        });
+    }
+
+    // ---- task processes ----
+
+    pub(super) fn read_task(&mut self, j: usize) {
+        if let Err(e) = self.tasks[j].chan.fill() {
+            tracing::error!("task {j}: reading its channel failed: {e}");
+        }
+        self.handle_task_input(j);
+    }
+
+    pub(super) fn handle_task_input(&mut self, j: usize) {
+        let mut input = self.tasks[j].chan.take_input();
+        let mut corrupt = None;
+        loop {
+            match Frame::decode(input.data()) {
+                Ok(Some((frame, n))) => {
+                    self.on_task_frame(j, frame);
+                    input.consume(n);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
+                }
+            }
+        }
+        self.tasks[j].chan.restore_input(input);
+        if let Some(e) = corrupt {
+            tracing::error!(
+                "task {j} (pid {}) sent a corrupt message ({e}); replacing it",
+                self.tasks[j].pid
+            );
+            self.tasks[j].chan.discard_input();
+            if self.tasks[j].pid != 0 {
+                let _ = kill(Pid::from_raw(self.tasks[j].pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+
+    pub(super) fn on_task_frame(&mut self, j: usize, frame: Frame<'_>) {
+        match frame {
+            Frame::Send { session, data } => self.send_to_session(session, data),
+            Frame::TaskDone { task_id, ok, reply, result } => {
+                let slot = &mut self.tasks[j];
+                if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
+                    slot.inflight.remove(pos);
+                    if pos == 0 {
+                        slot.head_finished();
+                    }
+                }
+                slot.served += 1;
+                let pid = slot.pid;
+                // The reply goes out with the outcome, in the same turn: one hop, no worker.
+                if !reply.is_empty() {
+                    if let Some(job) = self.jobs.get_mut(task_id) {
+                        if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
+                            job.flags |= task_flags::REPLIED;
+                            let session = job.session;
+                            self.send_to_session(session, reply);
+                        }
+                    }
+                }
+                self.finish_job(task_id, pid, ok, result);
+            }
+            other => tracing::warn!("task {j}: ignoring unexpected message {other:?}"),
+        }
+    }
+
+    /// A job has its final outcome: count it and deliver it to its worker slot's `on_finish`.
+    pub(super) fn finish_job(&mut self, task_id: u64, task_pid: u32, ok: bool, result: &[u8]) {
+        let Some(job) = self.jobs.remove(task_id) else {
+            tracing::warn!("result for unknown task {task_id} dropped");
+            return;
+        };
+        if ok {
+            self.counters.tasks_done += 1;
+        } else {
+            self.counters.tasks_failed += 1;
+        }
+        self.shared.set_jobs_pending(self.jobs.len() as u64);
+        if job.group != 0 {
+            let Some(group) = self.jobs.groups.get_mut(&job.group) else {
+                self.counters.late_results_dropped += 1;
+                tracing::debug!(
+                    "task {task_id} finished after its group {} was answered; dropped",
+                    job.group
+                );
+                return;
+            };
+            group.outcomes[job.index as usize] =
+                Some(MemberOutcome { ok, result: result.to_vec(), attempts: job.attempts });
+            if group.complete() {
+                self.finish_group(job.group);
+            }
+            return;
+        }
+        let session = job.session;
+        let finish = |seq, out: &mut Vec<u8>| {
+            let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
+            Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result }
+                .encode(out)
+        };
+        if job.flags & task_flags::WAIT != 0 {
+            // For a waiting worker: no delivery to replay (seq 0); its request is, if it dies.
+            finish(0, self.workers[job.worker as usize].chan.output());
+            return;
+        }
+        self.deliver(job.worker as usize, session, Delivery::Finish, finish);
+    }
+
+    /// Delivers a group's outcomes as one finish; members still missing count as timed out.
+    pub(super) fn finish_group(&mut self, group_id: u64) {
+        let Some(group) = self.jobs.groups.remove(&group_id) else { return };
+        let mut result = Vec::new();
+        let mut attempts = 0;
+        let missing = format!("timed out after {} ms", group.timeout.as_millis());
+        for k in 0..group.size as usize {
+            match group.outcomes.get(k).and_then(Option::as_ref) {
+                Some(member) => {
+                    attempts = attempts.max(member.attempts);
+                    encode_outcome(member.ok, &member.result, &mut result);
+                }
+                None => encode_outcome(false, missing.as_bytes(), &mut result),
+            }
+        }
+        let session = group.session;
+        self.deliver(group.worker as usize, session, Delivery::Finish, |seq, out| {
+            Frame::Finish {
+                seq,
+                task_id: group_id,
+                session,
+                task_pid: 0,
+                attempts,
+                ok: true,
+                flags: task_flags::GROUP,
+                context: &group.context,
+                result: &result,
+            }
+            .encode(out)
+        });
+    }
+
+    /// Hands queued jobs to task processes with room for them, least loaded first.
+    pub(super) fn dispatch_jobs(&mut self) {
+        let prefetch = self.config.task_prefetch;
+        // Jobs for one given task process first: only that process can take them.
+        for j in 0..self.tasks.len() {
+            while self.tasks[j].accepts_work() && self.tasks[j].inflight.len() < self.tasks[j].room(prefetch)
+            {
+                let Some(task_id) = self.jobs.pop_targeted(j as u32) else { break };
+                self.run_on(j, task_id);
+            }
+        }
+        while let Some(task_id) = self.jobs.front() {
+            let best = self
+                .tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.accepts_work() && t.inflight.len() < t.room(prefetch))
+                .min_by_key(|(_, t)| t.inflight.len())
+                .map(|(j, _)| j);
+            let Some(j) = best else { return };
+            self.jobs.pop_front();
+            self.run_on(j, task_id);
+        }
+    }
+
+    /// Sends a job to task slot `j`.
+    pub(super) fn run_on(&mut self, j: usize, task_id: u64) {
+        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        job.attempts += 1;
+        let slot = &mut self.tasks[j];
+        Frame::RunTask {
+            task_id,
+            session: job.session,
+            attempt: job.attempts,
+            src_worker: job.worker,
+            data: &job.data,
+        }
+        .encode(slot.chan.output());
+        slot.inflight.push_back(task_id);
+        if slot.inflight.len() == 1 {
+            slot.head_changed();
+        }
+    }
+
+    /// Kills a task process whose job has run past `task_timeout`; its death re-runs the job.
+    pub(super) fn kill_hung_tasks(&mut self) {
+        let Some(limit) = self.config.task_limit() else { return };
+        for (j, t) in self.tasks.iter_mut().enumerate() {
+            let hung =
+                t.alive && t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
+            if let (true, Some(&task_id)) = (hung, t.inflight.front()) {
+                tracing::warn!(
+                    "task {task_id} has run longer than task_timeout ({}s) in task {j} (pid {}); killing it",
+                    self.config.task_timeout,
+                    t.pid
+                );
+                t.timed_out = Some(task_id);
+                let _ = kill(Pid::from_raw(t.pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
