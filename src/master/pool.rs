@@ -2,6 +2,7 @@
 //! handing jobs to task processes.
 
 use super::*;
+use crate::ipc::envelope::DecodeError;
 
 impl<A: Application> Master<'_, A> {
     pub(super) fn read_worker(&mut self, i: usize) {
@@ -47,14 +48,8 @@ impl<A: Application> Master<'_, A> {
         input.consume(committed);
         self.workers[i].chan.restore_input(input);
         if let Some(e) = corrupt {
-            tracing::error!(
-                "worker {i} (pid {}) sent a corrupt message ({e}); replacing it",
-                self.workers[i].pid
-            );
-            self.workers[i].chan.discard_input();
-            if self.workers[i].pid != 0 {
-                let _ = kill(Pid::from_raw(self.workers[i].pid as i32), Signal::SIGKILL);
-            }
+            let w = &mut self.workers[i];
+            replace_corrupt(&mut w.chan, Role::Worker, i, w.pid, e);
         }
     }
 
@@ -146,14 +141,8 @@ impl<A: Application> Master<'_, A> {
         }
         self.tasks[j].chan.restore_input(input);
         if let Some(e) = corrupt {
-            tracing::error!(
-                "task {j} (pid {}) sent a corrupt message ({e}); replacing it",
-                self.tasks[j].pid
-            );
-            self.tasks[j].chan.discard_input();
-            if self.tasks[j].pid != 0 {
-                let _ = kill(Pid::from_raw(self.tasks[j].pid as i32), Signal::SIGKILL);
-            }
+            let t = &mut self.tasks[j];
+            replace_corrupt(&mut t.chan, Role::Task, j, t.pid, e);
         }
     }
 
@@ -320,5 +309,15 @@ impl<A: Application> Master<'_, A> {
                 let _ = kill(Pid::from_raw(t.pid as i32), Signal::SIGKILL);
             }
         }
+    }
+}
+
+/// A process that sent bytes that do not decode cannot be trusted with its channel: what it
+/// sent is dropped and it is killed; its death hands its work to a successor.
+fn replace_corrupt(chan: &mut Channel, role: Role, slot: usize, pid: u32, e: DecodeError) {
+    tracing::error!("{role} {slot} (pid {pid}) sent a corrupt message ({e}); replacing it");
+    chan.discard_input();
+    if pid != 0 {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }
