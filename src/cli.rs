@@ -74,6 +74,8 @@ options! {
     server.worker_num: usize,
     /// Task processes [default: 4]
     server.task_worker_num: usize,
+    /// Task processes SIGTTIN may grow the pool to at run time; 0 = task_worker_num [default: 0]
+    server.task_worker_max: usize,
     /// 1 round robin, 2 by connection, 3 idle first [default: 2]
     server.dispatch_mode: DispatchMode,
     /// A worker is replaced after this many requests; 0 = never [default: 0]

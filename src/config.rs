@@ -63,6 +63,8 @@ pub struct ServerConfig {
     pub heartbeat_idle_time: u64,
     pub worker_num: usize,
     pub task_worker_num: usize,
+    /// How far SIGTTIN may grow the task pool at run time (0: no further than task_worker_num).
+    pub task_worker_max: usize,
     pub dispatch_mode: DispatchMode,
     /// A worker exits after this many requests and is replaced (0 = never).
     pub max_request: u64,
@@ -113,6 +115,7 @@ impl Default for ServerConfig {
             heartbeat_idle_time: 0,
             worker_num: 2,
             task_worker_num: 4,
+            task_worker_max: 0,
             dispatch_mode: DispatchMode::Fixed,
             max_request: 0,
             max_request_grace: 0,
@@ -173,6 +176,14 @@ impl ServerConfig {
             format!("{} is not between 1 and 4096", self.task_worker_num),
         )?;
         check(
+            self.task_worker_max == 0 || (self.task_worker_num..=4096).contains(&self.task_worker_max),
+            "task_worker_max",
+            format!(
+                "{} is not between task_worker_num ({}) and 4096",
+                self.task_worker_max, self.task_worker_num
+            ),
+        )?;
+        check(
             (16..=32 * 1024 * 1024).contains(&self.package_max_length),
             "package_max_length",
             format!("{} bytes is not between 16 bytes and 32 MiB", self.package_max_length),
@@ -216,6 +227,11 @@ impl ServerConfig {
     /// The longest a task may run, if limited.
     pub fn task_limit(&self) -> Option<Duration> {
         (self.task_timeout > 0.0).then(|| Duration::from_secs_f64(self.task_timeout))
+    }
+
+    /// Task slots (and channels) to create: room for the pool to grow by SIGTTIN.
+    pub fn task_slots(&self) -> usize {
+        self.task_worker_num.max(self.task_worker_max)
     }
 
     pub fn max_wait(&self) -> Duration {

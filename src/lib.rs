@@ -128,10 +128,8 @@ pub fn run_notify<A: Application>(
         None => None,
     };
     let mut config = config.clone();
-    config.max_conn = limits::raise_nofile(
-        config.max_conn,
-        limits::reserved_fds(config.worker_num, config.task_worker_num),
-    );
+    config.max_conn =
+        limits::raise_nofile(config.max_conn, limits::reserved_fds(config.worker_num, config.task_slots()));
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);
@@ -139,7 +137,7 @@ pub fn run_notify<A: Application>(
         .map(|_| ipc::SlotChannel::new())
         .collect::<io::Result<Vec<_>>>()
         .map_err(io_err("cannot create worker channels"))?;
-    let tasks = (0..config.task_worker_num)
+    let tasks = (0..config.task_slots())
         .map(|_| ipc::SlotChannel::new())
         .collect::<io::Result<Vec<_>>>()
         .map_err(io_err("cannot create task channels"))?;

@@ -30,7 +30,9 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Signals no pool process acts on: a Ctrl-C in the terminal reaches the whole process group,
 /// and only the master decides what it means.
-const POOL_BLOCKED: [Signal; 4] = [Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2];
+/// SIGTTIN/SIGTTOU (the master's pool scaling, and a terminal's job control) would stop them.
+const POOL_BLOCKED: [Signal; 6] =
+    [Signal::SIGINT, Signal::SIGHUP, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGTTIN, Signal::SIGTTOU];
 
 #[derive(Debug)]
 enum State {
@@ -53,6 +55,12 @@ enum State {
     Stopped,
 }
 
+impl State {
+    fn is_stopped(&self) -> bool {
+        matches!(self, State::Stopped)
+    }
+}
+
 struct Slot {
     role: Role,
     index: u32,
@@ -60,6 +68,8 @@ struct Slot {
     state: State,
     /// Deaths in a row that came within `FAST_DEATH` of a start.
     fast_deaths: u32,
+    /// Not part of the pool now (shrunk by SIGTTOU, or room to grow): never forked or replaced.
+    retired: bool,
 }
 
 pub struct ManagerSetup<'a> {
@@ -82,6 +92,8 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
         Signal::SIGHUP,
         Signal::SIGUSR1,
         Signal::SIGUSR2,
+        Signal::SIGTTIN,
+        Signal::SIGTTOU,
     ]) {
         Ok(s) => s,
         Err(e) => {
@@ -110,7 +122,14 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
     let mut slots: Vec<Slot> = Vec::new();
     for (role, ends) in [(Role::Worker, setup.workers), (Role::Task, setup.tasks)] {
         for (i, child_end) in ends.into_iter().enumerate() {
-            slots.push(Slot { role, index: i as u32, child_end, state: State::Stopped, fast_deaths: 0 });
+            slots.push(Slot {
+                role,
+                index: i as u32,
+                child_end,
+                state: State::Stopped,
+                fast_deaths: 0,
+                retired: role == Role::Task && i >= setup.config.task_worker_num,
+            });
         }
     }
     let mut manager = Manager {
@@ -130,7 +149,9 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
         setup.config.task_worker_num
     );
     for i in 0..manager.slots.len() {
-        manager.fork_slot(i, None);
+        if !manager.slots[i].retired {
+            manager.fork_slot(i, None);
+        }
     }
 
     let mut events = Events::with_capacity(64);
@@ -314,6 +335,7 @@ impl<A: Application> Manager<'_, A> {
             };
             match frame {
                 Frame::SlotReady { role, slot } => self.slot_ready(role, slot),
+                Frame::SlotActive { role, slot, active } => self.set_active(role, slot, active),
                 Frame::Shutdown => self.begin_stop(),
                 other => tracing::warn!("manager: ignoring unexpected message {other:?}"),
             }
@@ -327,7 +349,7 @@ impl<A: Application> Manager<'_, A> {
         };
         let slot = &mut self.slots[i];
         let State::Exited { old_pid, reason, lived } = slot.state else { return };
-        if self.stopping.is_some() {
+        if self.stopping.is_some() || slot.retired {
             slot.state = State::Stopped;
             return;
         }
@@ -343,6 +365,25 @@ impl<A: Application> Manager<'_, A> {
         } else {
             slot.fast_deaths = 0;
             self.fork_slot(i, Some((old_pid, reason)));
+        }
+    }
+
+    /// Grows or shrinks the pool by one slot; the master stops a retired slot's process.
+    fn set_active(&mut self, role: Role, index: u32, active: bool) {
+        let Some(i) = self.slots.iter().position(|s| s.role == role && s.index == index) else { return };
+        self.slots[i].retired = !active;
+        match (active, self.slots[i].state.is_stopped()) {
+            (true, true) if self.stopping.is_none() => {
+                tracing::info!("adding {role} {index} to the pool");
+                self.fork_slot(i, None);
+            }
+            (false, _) => {
+                tracing::info!("taking {role} {index} out of the pool");
+                if matches!(self.slots[i].state, State::BackingOff { .. }) {
+                    self.slots[i].state = State::Stopped;
+                }
+            }
+            _ => {}
         }
     }
 

@@ -270,3 +270,38 @@ fn user_and_group_drop_privileges_in_the_pool_only() {
     let out = taskd(&["--user", "no-such-user-here", "--port", "0"]);
     assert!(text(&out).contains("no user named \"no-such-user-here\""), "{}", text(&out));
 }
+
+#[test]
+fn sigttin_and_sigttou_grow_and_shrink_the_task_pool_at_run_time() {
+    let daemon = Daemon::start(&["--task-worker-num", "1", "--task-worker-max", "3", "--simulate-ms", "0"]);
+    daemon.wait_pool(2, 1);
+    daemon.signal(Signal::SIGTTIN);
+    daemon.wait_pool(2, 2);
+    daemon.signal(Signal::SIGTTIN);
+    daemon.wait_pool(2, 3);
+    daemon.signal(Signal::SIGTTIN);
+    daemon.wait_log("the task pool is at task_worker_max (3) already");
+    let mut client = daemon.connect();
+    client.send("stats");
+    assert_eq!(client.recv()["task_worker_num"], 3);
+    // Shrinking never goes below one process, and every job is still done. (Signals of one
+    // kind sent together coalesce into one: one at a time.)
+    daemon.signal(Signal::SIGTTOU);
+    daemon.wait_pool(2, 2);
+    daemon.signal(Signal::SIGTTOU);
+    let pool = daemon.wait_pool(2, 1);
+    daemon.signal(Signal::SIGTTOU);
+    daemon.wait_log("the task pool is at one already");
+    assert!(pool.iter().any(|p| p.args == "taskd: task 0"), "the first slot stays");
+    for i in 0..20 {
+        let accepted = client.submit(&format!("scaled{i}@example.com"));
+        assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+    }
+    client.send("stats");
+    let stats = client.recv();
+    assert_eq!(stats["task_worker_num"], 1);
+    assert_eq!(stats["processes"].as_array().unwrap().iter().filter(|p| p["role"] == "task").count(), 1);
+    // And it grows again.
+    daemon.signal(Signal::SIGTTIN);
+    daemon.wait_pool(2, 2);
+}

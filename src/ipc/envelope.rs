@@ -200,6 +200,13 @@ pub enum Frame<'a> {
     },
     /// Stop the pool and exit.
     Shutdown,
+    /// Grow (`active`) or shrink the pool by this slot (SIGTTIN / SIGTTOU to the master): an
+    /// inactive slot's process is not replaced when it exits.
+    SlotActive {
+        role: Role,
+        slot: u32,
+        active: bool,
+    },
 }
 
 mod kind {
@@ -221,6 +228,7 @@ mod kind {
     pub const FORK_FAILED: u8 = 32;
     pub const SLOT_READY: u8 = 33;
     pub const SHUTDOWN: u8 = 34;
+    pub const SLOT_ACTIVE: u8 = 35;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -436,6 +444,9 @@ impl<'a> Frame<'a> {
                 Writer::begin(out, SLOT_READY).u8(role.code()).u32(slot).finish()
             }
             Frame::Shutdown => Writer::begin(out, SHUTDOWN).finish(),
+            Frame::SlotActive { role, slot, active } => {
+                Writer::begin(out, SLOT_ACTIVE).u8(role.code()).u32(slot).u8(active as u8).finish()
+            }
         }
     }
 
@@ -525,6 +536,11 @@ impl<'a> Frame<'a> {
             },
             SLOT_READY => Frame::SlotReady { role: Role::from_code(r.u8("role")?)?, slot: r.u32("slot")? },
             SHUTDOWN => Frame::Shutdown,
+            SLOT_ACTIVE => Frame::SlotActive {
+                role: Role::from_code(r.u8("role")?)?,
+                slot: r.u32("slot")?,
+                active: r.bool("active")?,
+            },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.end()?;
@@ -641,6 +657,7 @@ mod tests {
         });
         roundtrip(Frame::ForkFailed { role: Role::Worker, slot: 1, error: b"EAGAIN" });
         roundtrip(Frame::SlotReady { role: Role::Task, slot: 2 });
+        roundtrip(Frame::SlotActive { role: Role::Task, slot: 3, active: false });
         roundtrip(Frame::Shutdown);
     }
 

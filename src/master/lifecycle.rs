@@ -60,6 +60,10 @@ impl<A: Application> Master<'_, A> {
             Role::Task => {
                 let Some(t) = self.tasks.get_mut(slot) else { return };
                 t.started(pid);
+                if !t.enabled {
+                    // Taken out of the pool while its predecessor was being replaced.
+                    t.ask_to_stop();
+                }
             }
         }
         if self.reloading == Some((role, slot as u32)) {
@@ -157,6 +161,8 @@ impl<A: Application> Master<'_, A> {
                 Signal::SIGCHLD => self.reap(),
                 Signal::SIGUSR1 => self.start_reload(Role::Worker),
                 Signal::SIGUSR2 => self.start_reload(Role::Task),
+                Signal::SIGTTIN => self.scale_tasks(true),
+                Signal::SIGTTOU => self.scale_tasks(false),
                 Signal::SIGHUP => match crate::logging::reopen() {
                     Ok(true) => tracing::info!("SIGHUP: log file reopened"),
                     Ok(false) => tracing::info!("SIGHUP: no log file to reopen (logs go to stderr)"),
@@ -262,6 +268,38 @@ impl<A: Application> Master<'_, A> {
             tracing::error!("cannot fork a new manager: {e}; stopping");
             self.exit_code = Some(1);
         }
+    }
+
+    /// SIGTTIN: one task process more (up to `task_worker_max`); SIGTTOU: one fewer (down to
+    /// one), the last one finishing what it was given first.
+    pub(super) fn scale_tasks(&mut self, grow: bool) {
+        let enabled = self.tasks.iter().filter(|t| t.enabled).count();
+        let slot = if grow {
+            self.tasks.iter().position(|t| !t.enabled)
+        } else if enabled > 1 {
+            self.tasks.iter().rposition(|t| t.enabled)
+        } else {
+            None
+        };
+        let Some(j) = slot else {
+            let limit = if grow { format!("task_worker_max ({})", self.tasks.len()) } else { "one".into() };
+            tracing::warn!(
+                "{}: the task pool is at {limit} already",
+                if grow { "SIGTTIN" } else { "SIGTTOU" }
+            );
+            return;
+        };
+        let t = &mut self.tasks[j];
+        t.enabled = grow;
+        if !grow {
+            t.ask_to_stop();
+        }
+        self.manager.send(&Frame::SlotActive { role: Role::Task, slot: j as u32, active: grow });
+        let now = enabled + grow as usize - !grow as usize;
+        tracing::info!(
+            "task pool {} to {now} process(es) (task {j})",
+            if grow { "grows" } else { "shrinks" }
+        );
     }
 
     pub(super) fn start_reload(&mut self, role: Role) {

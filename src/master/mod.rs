@@ -68,8 +68,16 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 const ORPHAN_LIMIT: Duration = Duration::from_secs(2);
 
 /// The signals the master handles; blocked before the first fork so none is missed.
-pub const MASTER_SIGNALS: [Signal; 6] =
-    [Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD, Signal::SIGUSR1, Signal::SIGUSR2, Signal::SIGHUP];
+pub const MASTER_SIGNALS: [Signal; 8] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGCHLD,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+    Signal::SIGHUP,
+    Signal::SIGTTIN,
+    Signal::SIGTTOU,
+];
 
 /// Everything the master starts with.
 pub struct MasterSetup<'a> {
@@ -172,7 +180,10 @@ impl<'a, A: Application> Master<'a, A> {
         for (i, ch) in tasks.into_iter().enumerate() {
             let mut chan = Channel::new(ch.master_end);
             poll.registry().register(chan.source(), Token(SLOT_BASE + worker_slots.len() + i), both)?;
-            task_slots.push(TaskSlot::new(chan, ch.child_end));
+            let mut slot = TaskSlot::new(chan, ch.child_end);
+            // Slots past task_worker_num are room for SIGTTIN to grow the pool.
+            slot.enabled = i < config.task_worker_num;
+            task_slots.push(slot);
         }
         // Pool processes orphaned by a dying manager come to us, so we know when they are gone.
         nix::sys::prctl::set_child_subreaper(true)?;

@@ -86,6 +86,8 @@ pub struct TaskSlot {
     pub timed_out: Option<u64>,
     /// A moving average of how long this slot's jobs take (for the prefetch).
     pub job_seconds: Option<f64>,
+    /// Part of the pool now (SIGTTIN/SIGTTOU move the boundary).
+    pub enabled: bool,
     pub served: u64,
     pub starts: u64,
     pub stopping: bool,
@@ -102,6 +104,7 @@ impl TaskSlot {
             running_since: None,
             timed_out: None,
             job_seconds: None,
+            enabled: true,
             served: 0,
             starts: 0,
             stopping: false,
@@ -153,7 +156,7 @@ impl TaskSlot {
     }
 
     pub fn accepts_work(&self) -> bool {
-        self.alive && !self.stopping
+        self.alive && !self.stopping && self.enabled
     }
 
     /// Asks the process to exit after the job it is running.

@@ -74,7 +74,7 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
             "served": w.served, "pending": w.log.len(), "restarts": w.starts.saturating_sub(1),
         }));
     }
-    for (i, t) in s.tasks.iter().enumerate() {
+    for (i, t) in s.tasks.iter().enumerate().filter(|(_, t)| t.enabled || t.alive) {
         processes.push(json!({
             "role": "task", "slot": i, "pid": t.pid, "state": t.state(),
             "served": t.served, "running": t.inflight.len(), "restarts": t.starts.saturating_sub(1),
@@ -92,7 +92,7 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "dispatch_count": c.dispatch_count,
         "worker_num": s.config.worker_num,
         "idle_worker_num": s.workers.iter().filter(|w| w.alive && w.log.is_empty()).count(),
-        "task_worker_num": s.config.task_worker_num,
+        "task_worker_num": s.tasks.iter().filter(|t| t.enabled).count(),
         "idle_task_worker_num": s.tasks.iter().filter(|t| t.alive && t.inflight.is_empty()).count(),
         "tasking_num": tasking,
         "task_queue_num": s.jobs.queued(),
