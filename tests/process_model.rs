@@ -436,3 +436,58 @@ fn a_rolling_reload_under_load_replaces_every_process_and_loses_nothing() {
     });
     assert!(!daemon.log().contains("failed"), "{}", daemon.log());
 }
+
+#[test]
+fn dispatch_mode_1_spreads_one_connections_requests_round_robin() {
+    let daemon = Daemon::start(&["--dispatch-mode", "1", "--worker-num", "2", "--simulate-ms", "0"]);
+    daemon.wait_pool(2, 4);
+    let mut client = daemon.connect();
+    let pids: Vec<u64> = (0..6)
+        .map(|i| {
+            let accepted = client.submit(&format!("rr{i}@example.com"));
+            client.final_reply(&accepted["task_id"], &mut Vec::new());
+            accepted["worker_pid"].as_u64().unwrap()
+        })
+        .collect();
+    for pair in pids.windows(2) {
+        assert_ne!(pair[0], pair[1], "alternating workers: {pids:?}");
+    }
+}
+
+#[test]
+fn dispatch_mode_3_sends_requests_to_an_idle_worker() {
+    let daemon = Daemon::start(&["--dispatch-mode", "3", "--worker-num", "2", "--simulate-ms", "0"]);
+    let pool = daemon.wait_pool(2, 4);
+    let stuck = pool.iter().find(|p| p.args == "taskd: worker 0").unwrap().pid;
+    // Worker 0 is stuck (stopped): once it holds one request, the others go to worker 1.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(stuck as i32), Signal::SIGSTOP).unwrap();
+    let mut client = daemon.connect();
+    // One request at a time: each goes to the worker with the fewest pending. The first may
+    // land on the stuck one (it looked idle); after that it is busy, and worker 1 gets them.
+    let (mut accepted, mut done) = (0, 0);
+    for i in 0..6 {
+        client.send(&format!("idle{i}@example.com"));
+        while let Some(reply) = client.try_recv(Duration::from_millis(500)) {
+            match reply["event"].as_str() {
+                Some("accepted") => {
+                    assert_ne!(reply["worker_pid"].as_u64().unwrap() as u32, stuck);
+                    accepted += 1;
+                }
+                Some("done") => done += 1,
+                other => panic!("unexpected {other:?}"),
+            }
+            if reply["event"] == "accepted" {
+                break;
+            }
+        }
+    }
+    assert!(accepted >= 5, "only the request the stuck worker holds waits: {accepted} accepted");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(stuck as i32), Signal::SIGCONT).unwrap();
+    while accepted < 6 || done < 6 {
+        match client.recv()["event"].as_str() {
+            Some("accepted") => accepted += 1,
+            Some("done") => done += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

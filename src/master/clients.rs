@@ -230,7 +230,11 @@ impl<A: Application> Master<'_, A> {
                 let n = self.workers.len();
                 (0..n)
                     .map(|k| (self.round_robin + k) % n)
-                    .min_by_key(|&w| (!self.workers[w].alive as usize, self.workers[w].log.len()))
+                    .min_by_key(|&w| {
+                        let slot = &self.workers[w];
+                        // Busy means holding requests; a pending result is quick to handle.
+                        (!slot.alive as usize, slot.log.requests(), slot.log.len())
+                    })
                     .unwrap_or(0)
             }
         };

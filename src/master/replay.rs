@@ -34,6 +34,8 @@ pub struct ReplayLog {
     head: u64,
     entries: VecDeque<Entry>,
     next_seq: u64,
+    /// How many of the entries are requests (what makes a worker busy).
+    requests: usize,
 }
 
 impl ReplayLog {
@@ -55,6 +57,7 @@ impl ReplayLog {
         encode(&mut self.bytes);
         let end = self.base + self.bytes.len() as u64;
         self.entries.push_back(Entry { seq, session, kind, end });
+        self.requests += (kind == Delivery::Request) as usize;
         &self.bytes[start..]
     }
 
@@ -66,6 +69,7 @@ impl ReplayLog {
             }
             each(entry);
             self.head = entry.end;
+            self.requests -= (entry.kind == Delivery::Request) as usize;
             self.entries.pop_front();
         }
         self.compact();
@@ -94,6 +98,11 @@ impl ReplayLog {
         self.entries.len()
     }
 
+    /// Requests sent and not committed yet.
+    pub fn requests(&self) -> usize {
+        self.requests
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -120,6 +129,7 @@ mod tests {
         assert_eq!(committed, vec![a]);
         assert_eq!(log.uncommitted(), b"bbbc");
         assert_eq!(log.len(), 2);
+        assert_eq!(log.requests(), 2);
         log.commit(u64::MAX, |_| {});
         assert!(log.is_empty());
         assert_eq!(log.uncommitted(), b"");
