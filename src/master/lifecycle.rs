@@ -83,11 +83,7 @@ impl<A: Application> Master<'_, A> {
                 // It is dead, so everything it wrote is in the socket already.
                 self.read_worker(slot);
                 let w = &mut self.workers[slot];
-                w.chan.discard_input();
-                if let Err(e) = drain_fd(&w.child_end) {
-                    tracing::error!("worker {slot}: cannot empty its channel: {e}");
-                }
-                w.chan.discard_output();
+                empty_channel(&mut w.chan, &w.child_end, Role::Worker, slot);
                 let WorkerSlot { chan, log, .. } = w;
                 chan.output().extend_from_slice(log.uncommitted());
                 w.exited();
@@ -105,11 +101,7 @@ impl<A: Application> Master<'_, A> {
                 }
                 self.read_task(slot);
                 let t = &mut self.tasks[slot];
-                t.chan.discard_input();
-                if let Err(e) = drain_fd(&t.child_end) {
-                    tracing::error!("task {slot}: cannot empty its channel: {e}");
-                }
-                t.chan.discard_output();
+                empty_channel(&mut t.chan, &t.child_end, Role::Task, slot);
                 let inflight: Vec<u64> = t.inflight.drain(..).collect();
                 let timed_out = t.timed_out;
                 t.exited();
@@ -334,4 +326,14 @@ impl<A: Application> Master<'_, A> {
             tracing::info!("reload complete");
         }
     }
+}
+
+/// Leaves a dead process's channel clean for its successor: no half frame it wrote, nothing
+/// it did not read (what it had not finished is queued again from the master's books).
+fn empty_channel(chan: &mut Channel, child_end: &OwnedFd, role: Role, slot: usize) {
+    chan.discard_input();
+    if let Err(e) = drain_fd(child_end) {
+        tracing::error!("{role} {slot}: cannot empty its channel: {e}");
+    }
+    chan.discard_output();
 }
