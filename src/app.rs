@@ -94,6 +94,8 @@ pub enum TaskError {
     TooLarge { len: usize, limit: usize },
     /// `task_to` a slot that does not exist.
     NoSuchTaskProcess { slot: u32, count: usize },
+    /// Durable jobs cannot be taken now (Redis is unreachable), or not this way; the reason.
+    Unavailable(String),
 }
 
 impl fmt::Display for TaskError {
@@ -112,6 +114,7 @@ impl fmt::Display for TaskError {
                     count.saturating_sub(1)
                 )
             }
+            TaskError::Unavailable(why) => f.write_str(why),
         }
     }
 }
@@ -153,6 +156,8 @@ pub(crate) struct TaskLimits {
     pub task_queue_max: u64,
     pub package_max_length: usize,
     pub task_worker_num: usize,
+    /// Jobs go to Redis (`redis_url`).
+    pub durable: bool,
 }
 
 /// What a worker's callbacks can do. Everything sent is buffered and handed to the master
@@ -190,6 +195,12 @@ impl WorkerCtx<'_> {
         Frame::Stats { session }.encode(self.out);
     }
 
+    /// Sends a session what the master knows of task `task_id`, as one JSON line: its final
+    /// reply (kept for the last `result_keep` jobs), `running`, or an error if it is unknown.
+    pub fn send_result(&mut self, session: SessionId, task_id: TaskId) {
+        Frame::QueryResult { session, task_id }.encode(self.out);
+    }
+
     /// Hands a task to the task pool without waiting; its result comes to `on_finish`.
     pub fn task(&mut self, data: &[u8]) -> Result<TaskId, TaskError> {
         self.submit(0, b"", data, -1, 0)
@@ -210,6 +221,12 @@ impl WorkerCtx<'_> {
         context: &[u8],
         data: &[u8],
     ) -> Result<TaskId, TaskError> {
+        if self.limits.durable {
+            return Err(TaskError::Unavailable(
+                "task_to is not available with durable jobs (redis_url): a job runs on whichever node takes it"
+                    .into(),
+            ));
+        }
         if task_slot as usize >= self.limits.task_worker_num {
             return Err(TaskError::NoSuchTaskProcess { slot: task_slot, count: self.limits.task_worker_num });
         }
@@ -311,6 +328,11 @@ impl WorkerCtx<'_> {
     }
 
     fn check_room(&self, n: u64) -> Result<(), TaskError> {
+        if self.limits.durable && self.shared.durable_down() {
+            return Err(TaskError::Unavailable(
+                "the job queue is unavailable: Redis cannot be reached; retry later".into(),
+            ));
+        }
         let queued = self.shared.jobs_pending() + *self.uncounted_tasks;
         let limit = self.limits.task_queue_max;
         if queued + n > limit {

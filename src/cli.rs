@@ -117,6 +117,14 @@ options! {
     server.user: String => Some,
     /// Run workers and task processes with this group (default: the user's group)
     server.group: String => Some,
+    /// Durable jobs in Redis Streams: redis://HOST:PORT or redis+unix:///PATH (off when unset)
+    server.redis_url: String => Some,
+    /// This node's name in the shared queue; a restart with the same one resumes its jobs [default: host name]
+    server.node_id: String => Some,
+    /// Name of the shared queue (its keys are {NAME}:...) [default: taskd]
+    server.redis_queue: String,
+    /// Final replies kept for {"type":"result"} queries [default: 10000]
+    server.result_keep: usize,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
     /// File that delivered messages are appended to [default: taskd-outbox.log]
@@ -168,6 +176,30 @@ pub enum Command {
     },
     /// Say whether the daemon runs, with its pids, uptime and counters (exit 0; 3 if not).
     Status,
+    /// Run only a manager and task processes that take durable jobs from Redis (--redis-url):
+    /// a second machine's share of the work.
+    TaskNode,
+    /// The jobs that failed past their attempts (durable jobs, --redis-url).
+    DeadLetter {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DeadLetterAction {
+    /// Print each dead job as one JSON line, oldest first.
+    List {
+        /// Print at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Put dead jobs back into the job stream to run again: the ids `list` printed, or --all.
+    Replay {
+        ids: Vec<String>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
 }
 
 /// Reads the config file (if any), the environment and the flags, and validates the result.

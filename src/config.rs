@@ -103,6 +103,16 @@ pub struct ServerConfig {
     /// The user and group workers and task processes run as.
     pub user: Option<String>,
     pub group: Option<String>,
+    /// Durable jobs: the Redis server that holds them (`redis://HOST:PORT`,
+    /// `redis+unix:///PATH`). None: jobs live in the master's memory, and no Redis code runs.
+    pub redis_url: Option<String>,
+    /// This node's name among the nodes sharing the queue; a restarted node takes its
+    /// unfinished jobs back by it (default: the host name).
+    pub node_id: Option<String>,
+    /// The queue's name: every key of it is `{NAME}:...` (one Redis Cluster hash slot).
+    pub redis_queue: String,
+    /// Final replies kept for `{"type":"result"}` queries, most recent first.
+    pub result_keep: usize,
 }
 
 impl Default for ServerConfig {
@@ -136,6 +146,10 @@ impl Default for ServerConfig {
             ws_port: None,
             user: None,
             group: None,
+            redis_url: None,
+            node_id: None,
+            redis_queue: "taskd".into(),
+            result_keep: 10_000,
         }
     }
 }
@@ -170,10 +184,12 @@ impl ServerConfig {
             "worker_num",
             format!("{} is not between 1 and 1024", self.worker_num),
         )?;
+        // With durable jobs a node may take none itself: task nodes run them.
+        let least = usize::from(self.redis_url.is_none());
         check(
-            (1..=4096).contains(&self.task_worker_num),
+            (least..=4096).contains(&self.task_worker_num),
             "task_worker_num",
-            format!("{} is not between 1 and 4096", self.task_worker_num),
+            format!("{} is not between {least} and 4096", self.task_worker_num),
         )?;
         check(
             self.task_worker_max == 0 || (self.task_worker_num..=4096).contains(&self.task_worker_max),
@@ -220,6 +236,32 @@ impl ServerConfig {
             (1..=1 << 24).contains(&self.max_conn),
             "max_conn",
             format!("{} is not between 1 and 16777216", self.max_conn),
+        )?;
+        check(self.result_keep >= 1, "result_keep", "must be at least 1")?;
+        self.check_durable()
+    }
+
+    /// The options of durable jobs, which only matter with `redis_url`.
+    pub fn check_durable(&self) -> Result<(), InvalidOption> {
+        if let Some(url) = &self.redis_url {
+            check(
+                ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
+                "redis_url",
+                format!("{url:?} is not redis://HOST:PORT or redis+unix:///PATH"),
+            )?;
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        };
+        if let Some(node) = &self.node_id {
+            check(name_ok(node), "node_id", format!("{node:?} is not 1 to 64 of [A-Za-z0-9._-]"))?;
+        }
+        check(
+            name_ok(&self.redis_queue),
+            "redis_queue",
+            format!("{:?} is not 1 to 64 of [A-Za-z0-9._-]", self.redis_queue),
         )?;
         Ok(())
     }

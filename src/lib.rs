@@ -27,11 +27,13 @@
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
+//! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
 pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod durable;
 pub mod ipc;
 pub mod limits;
 pub mod logging;
@@ -128,11 +130,24 @@ pub fn run_notify<A: Application>(
         None => None,
     };
     let mut config = config.clone();
+    if config.redis_url.is_some() && config.node_id.is_none() {
+        // Resolved once, so that every process of the node uses the same name.
+        config.node_id = Some(durable::host_name());
+    }
     config.max_conn =
         limits::raise_nofile(config.max_conn, limits::reserved_fds(config.worker_num, config.task_slots()));
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);
+    let durable = match durable::Durable::from_config(config) {
+        Some(d) => {
+            let recovered = durable::startup::prepare(&d).map_err(StartError::Other)?;
+            shared.set_task_id_base(recovered.first_task_id);
+            tracing::info!("durable jobs: node {} on {} ({})", d.node, d.url, d.keys.jobs);
+            Some((d, recovered))
+        }
+        None => None,
+    };
     let workers = (0..config.worker_num)
         .map(|_| ipc::SlotChannel::new())
         .collect::<io::Result<Vec<_>>>()
@@ -158,9 +173,20 @@ pub fn run_notify<A: Application>(
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
     process::set_title("taskd: master");
     app.on_start(addr);
-    let setup =
-        master::MasterSetup { config, shared, listener, metrics, credentials, ws, signals, workers, tasks };
+    let setup = master::MasterSetup {
+        config,
+        shared,
+        listener,
+        metrics,
+        credentials,
+        ws,
+        signals,
+        workers,
+        tasks,
+        durable,
+    };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
+        master.spawn_bridge()?;
         master.spawn_manager()?;
         Ok(master)
     });

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use taskd::cli::{self, Cli, Command, Settings};
+use taskd::cli::{self, Cli, Command, DeadLetterAction, Settings};
 use taskd::control;
 use taskd::mail::{outbox::Outbox, MailApp};
 
@@ -28,19 +28,66 @@ fn main() -> ExitCode {
         }
         Some(Command::Reload { tasks }) => return ExitCode::from(control::reload(pid_file, *tasks)),
         Some(Command::Status) => return ExitCode::from(control::status(pid_file)),
+        Some(Command::TaskNode) => return report(task_node(&settings)),
+        Some(Command::DeadLetter { action }) => return report(dead_letter(&settings, action)),
         None => {}
     }
     if cli.check_config {
         print!("{}", settings.to_toml());
         return ExitCode::SUCCESS;
     }
-    match serve(&settings) {
+    report(serve(&settings))
+}
+
+fn report(result: Result<i32, (u8, String)>) -> ExitCode {
+    match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err((code, message)) => {
             eprintln!("taskd: {message}");
             ExitCode::from(code)
         }
     }
+}
+
+fn durable_settings(settings: &Settings, command: &str) -> Result<taskd::durable::Durable, (u8, String)> {
+    taskd::durable::Durable::from_config(&settings.server)
+        .ok_or_else(|| (2, format!("`taskd {command}` needs --redis-url (or redis_url in the config file)")))
+}
+
+/// `taskd task-node`: task processes only, taking jobs from the shared stream.
+fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
+    let mut server = settings.server.clone();
+    // Two task nodes on one host must not share consumer names: the pid tells them apart.
+    server.node_id.get_or_insert_with(|| format!("{}-{}", taskd::durable::host_name(), std::process::id()));
+    let d = durable_settings(&Settings { server: server.clone(), mail: settings.mail.clone() }, "task-node")?;
+    taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
+        .map_err(|e| (2, e))?;
+    Outbox::open(&settings.mail.outbox)
+        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", settings.mail.outbox.display())))?;
+    let mut app = MailApp::new(settings.mail.clone());
+    taskd::durable::node::run(&mut app, &server, &d).map_err(|e| (1, e))
+}
+
+/// `taskd dead-letter list|replay`.
+fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u8, String)> {
+    let d = durable_settings(settings, "dead-letter")?;
+    match action {
+        DeadLetterAction::List { limit } => {
+            taskd::durable::dead_letter::list(&d, *limit, &mut std::io::stdout().lock())
+                .map_err(|e| (1, e))?;
+        }
+        DeadLetterAction::Replay { ids, all } => {
+            if ids.is_empty() && !all {
+                return Err((
+                    2,
+                    "name the dead jobs to replay (ids from `taskd dead-letter list`), or --all".into(),
+                ));
+            }
+            let n = taskd::durable::dead_letter::replay(&d, ids).map_err(|e| (1, e))?;
+            println!("replayed {n} jobs into {}", d.keys.jobs);
+        }
+    }
+    Ok(0)
 }
 
 /// Runs the daemon; an error is an exit code and a sentence for the terminal.

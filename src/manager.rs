@@ -257,7 +257,18 @@ impl<A: Application> Manager<'_, A> {
                 Role::Worker => {
                     worker::run(app, worker::WorkerSetup { slot: index, channel, shared, config })
                 }
-                Role::Task => task_worker::run(app, task_worker::TaskSetup { slot: index, channel, config }),
+                Role::Task => match crate::durable::Durable::from_config(config) {
+                    Some(d) => crate::durable::consumer::run(
+                        app,
+                        crate::durable::consumer::ConsumerSetup {
+                            slot: index,
+                            control: crate::durable::consumer::Control::Master(channel),
+                            durable: &d,
+                            task_max_request: config.task_max_request,
+                        },
+                    ),
+                    None => task_worker::run(app, task_worker::TaskSetup { slot: index, channel, config }),
+                },
             }
         });
         match result {

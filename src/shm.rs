@@ -16,6 +16,9 @@ pub struct Shared {
     log_generation: AtomicU64,
     /// Results that came after their waiter gave up (counted by workers).
     late_results: AtomicU64,
+    /// Durable jobs only: nonzero while the Redis bridge cannot reach Redis, so that workers
+    /// refuse new jobs at once with a clear error instead of holding their clients.
+    durable_down: AtomicU64,
 }
 
 impl Shared {
@@ -40,6 +43,20 @@ impl Shared {
 
     pub fn next_task_id(&self) -> u64 {
         self.next_task_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts task ids at `base` (durable jobs: a new range per start of a node, so that a
+    /// restarted node never reuses the id of a job it accepted before).
+    pub fn set_task_id_base(&self, base: u64) {
+        self.next_task_id.store(base.max(1), Ordering::Relaxed);
+    }
+
+    pub fn durable_down(&self) -> bool {
+        self.durable_down.load(Ordering::Relaxed) != 0
+    }
+
+    pub fn set_durable_down(&self, down: bool) {
+        self.durable_down.store(u64::from(down), Ordering::Relaxed);
     }
 
     pub fn jobs_pending(&self) -> u64 {

@@ -134,6 +134,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         task_queue_max: config.task_queue_max,
         package_max_length: config.package_max_length,
         task_worker_num: config.task_worker_num,
+        durable: config.redis_url.is_some(),
     };
 
     let mut served: u64 = 0;

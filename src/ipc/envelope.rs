@@ -207,6 +207,57 @@ pub enum Frame<'a> {
         slot: u32,
         active: bool,
     },
+
+    // worker -> master.
+    /// Write what is known of task `task_id` to this session: its final reply, or that it is
+    /// still running, or that it is unknown.
+    QueryResult {
+        session: u64,
+        task_id: u64,
+    },
+
+    // master <-> Redis bridge (durable jobs only).
+    /// Put this job in the stream; part of store batch `batch`.
+    Store {
+        batch: u64,
+        task_id: u64,
+        session: u64,
+        worker: u32,
+        context: &'a [u8],
+        data: &'a [u8],
+    },
+    /// Batch `batch` is complete: acknowledge it once all its jobs are stored.
+    StoreEnd {
+        batch: u64,
+    },
+    /// Every batch up to `batch` is stored (`error` empty), or could not be (the reason).
+    Stored {
+        batch: u64,
+        error: &'a [u8],
+    },
+    /// A job's outcome, read from this node's reply stream (entry `entry`). `sends` holds the
+    /// `Send` frames its task process wrote for sessions, encoded.
+    Reply {
+        task_id: u64,
+        ok: bool,
+        attempts: u32,
+        task_pid: u32,
+        /// How many times an operator replayed it from the dead-letter stream.
+        replays: u32,
+        entry: &'a [u8],
+        reply: &'a [u8],
+        sends: &'a [u8],
+        result: &'a [u8],
+    },
+    /// The reply stream entry has been acted on: delete it.
+    Trim {
+        entry: &'a [u8],
+    },
+    /// Keep this final reply in Redis: its client is gone, and may come back to ask for it.
+    KeepResult {
+        task_id: u64,
+        line: &'a [u8],
+    },
 }
 
 mod kind {
@@ -229,6 +280,13 @@ mod kind {
     pub const SLOT_READY: u8 = 33;
     pub const SHUTDOWN: u8 = 34;
     pub const SLOT_ACTIVE: u8 = 35;
+    pub const QUERY_RESULT: u8 = 16;
+    pub const STORE: u8 = 40;
+    pub const STORE_END: u8 = 41;
+    pub const STORED: u8 = 42;
+    pub const REPLY: u8 = 43;
+    pub const TRIM: u8 = 44;
+    pub const KEEP_RESULT: u8 = 45;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -447,6 +505,36 @@ impl<'a> Frame<'a> {
             Frame::SlotActive { role, slot, active } => {
                 Writer::begin(out, SLOT_ACTIVE).u8(role.code()).u32(slot).u8(active as u8).finish()
             }
+            Frame::QueryResult { session, task_id } => {
+                Writer::begin(out, QUERY_RESULT).u64(session).u64(task_id).finish()
+            }
+            Frame::Store { batch, task_id, session, worker, context, data } => Writer::begin(out, STORE)
+                .u64(batch)
+                .u64(task_id)
+                .u64(session)
+                .u32(worker)
+                .sized(context)
+                .rest(data)
+                .finish(),
+            Frame::StoreEnd { batch } => Writer::begin(out, STORE_END).u64(batch).finish(),
+            Frame::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
+            Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } => {
+                Writer::begin(out, REPLY)
+                    .u64(task_id)
+                    .u8(ok as u8)
+                    .u32(attempts)
+                    .u32(task_pid)
+                    .u32(replays)
+                    .sized(entry)
+                    .sized(reply)
+                    .sized(sends)
+                    .rest(result)
+                    .finish()
+            }
+            Frame::Trim { entry } => Writer::begin(out, TRIM).rest(entry).finish(),
+            Frame::KeepResult { task_id, line } => {
+                Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
+            }
         }
     }
 
@@ -541,6 +629,30 @@ impl<'a> Frame<'a> {
                 slot: r.u32("slot")?,
                 active: r.bool("active")?,
             },
+            QUERY_RESULT => Frame::QueryResult { session: r.u64("session")?, task_id: r.u64("task id")? },
+            STORE => Frame::Store {
+                batch: r.u64("batch")?,
+                task_id: r.u64("task id")?,
+                session: r.u64("session")?,
+                worker: r.u32("worker")?,
+                context: r.sized("context")?,
+                data: r.rest(),
+            },
+            STORE_END => Frame::StoreEnd { batch: r.u64("batch")? },
+            STORED => Frame::Stored { batch: r.u64("batch")?, error: r.rest() },
+            REPLY => Frame::Reply {
+                task_id: r.u64("task id")?,
+                ok: r.bool("ok")?,
+                attempts: r.u32("attempts")?,
+                task_pid: r.u32("task pid")?,
+                replays: r.u32("replays")?,
+                entry: r.sized("entry")?,
+                reply: r.sized("reply")?,
+                sends: r.sized("sends")?,
+                result: r.rest(),
+            },
+            TRIM => Frame::Trim { entry: r.rest() },
+            KEEP_RESULT => Frame::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.end()?;
@@ -659,6 +771,24 @@ mod tests {
         roundtrip(Frame::SlotReady { role: Role::Task, slot: 2 });
         roundtrip(Frame::SlotActive { role: Role::Task, slot: 3, active: false });
         roundtrip(Frame::Shutdown);
+        roundtrip(Frame::QueryResult { session: 3, task_id: 1 << 33 });
+        roundtrip(Frame::Store { batch: 2, task_id: 5, session: 6, worker: 1, context: b"ctx", data: b"{}" });
+        roundtrip(Frame::StoreEnd { batch: 2 });
+        roundtrip(Frame::Stored { batch: 2, error: b"" });
+        roundtrip(Frame::Stored { batch: 3, error: b"Redis is down" });
+        roundtrip(Frame::Reply {
+            task_id: 5,
+            ok: true,
+            attempts: 2,
+            task_pid: 77,
+            replays: 1,
+            entry: b"1700000000000-0",
+            reply: b"{\"event\":\"done\"}\n",
+            sends: b"",
+            result: b"sent",
+        });
+        roundtrip(Frame::Trim { entry: b"1-1" });
+        roundtrip(Frame::KeepResult { task_id: 9, line: b"{}\n" });
     }
 
     #[test]

@@ -101,7 +101,7 @@ impl MailApp {
             TaskError::Busy { queued, limit } => json!({
                 "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
             }),
-            TaskError::TooLarge { .. } | TaskError::NoSuchTaskProcess { .. } => {
+            TaskError::TooLarge { .. } | TaskError::NoSuchTaskProcess { .. } | TaskError::Unavailable(_) => {
                 json!({"event": "error", "error": err.to_string()})
             }
         };
@@ -216,6 +216,7 @@ impl Application for MailApp {
                 Self::error(ctx, session, &message);
             }
             Ok(Request::Stats) => ctx.send_stats(session),
+            Ok(Request::Result(task_id)) => ctx.send_result(session, task_id),
             Ok(Request::Job(job)) => self.submit_job(ctx, session, &job),
             Ok(Request::Batch(jobs)) => self.submit_batch(ctx, session, &jobs),
         }

@@ -53,6 +53,8 @@ pub enum Request {
     Job(Job),
     Batch(Vec<Job>),
     Stats,
+    /// `{"type":"result","task_id":N}`: what became of a job submitted earlier.
+    Result(u64),
 }
 
 const HELP: &str = "expected an email address, a phone number, `email ADDRESS [text]`, `sms NUMBER [text]`, \
@@ -150,7 +152,25 @@ fn parse_json(line: &str) -> Result<Request, String> {
     match obj.get("type") {
         None => Err("missing field \"type\": use \"email\", \"sms\" or \"batch\"".into()),
         Some(Value::String(t)) if t == "batch" => parse_batch(&obj),
+        Some(Value::String(t)) if t == "result" => parse_result(&obj),
         Some(_) => parse_job(&obj).map(Request::Job),
+    }
+}
+
+fn parse_result(obj: &Map<String, Value>) -> Result<Request, String> {
+    if let Some(key) = obj.keys().find(|k| *k != "type" && *k != "task_id") {
+        return Err(format!(
+            "unknown field {} in a result query: it has \"type\" and \"task_id\"",
+            quoted(key)
+        ));
+    }
+    match obj.get("task_id") {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(Request::Result)
+            .ok_or_else(|| "field \"task_id\" must be a whole number".to_string()),
+        Some(other) => Err(format!("field \"task_id\" must be a number, not {}", type_name(other))),
+        None => Err("a result query needs \"task_id\": the id `accepted` gave".into()),
     }
 }
 
@@ -385,6 +405,9 @@ mod tests {
         let j = job(r#"{"type":"sms","to":"+8613800138000","text":"t"}"#);
         assert_eq!(j.text.as_deref(), Some("t"));
         assert_eq!(parse(b"stats"), Ok(Request::Stats));
+        assert_eq!(parse(br#"{"type":"result","task_id":4294967297}"#), Ok(Request::Result(4294967297)));
+        assert!(parse(br#"{"type":"result"}"#).unwrap_err().contains("task_id"));
+        assert!(parse(br#"{"type":"result","task_id":"x"}"#).unwrap_err().contains("number"));
         match parse(br#"{"type":"batch","jobs":[{"type":"email","to":"a@example.com"},{"type":"sms","to":"+15551234567"}]}"#) {
             Ok(Request::Batch(jobs)) => assert_eq!(jobs.len(), 2),
             other => panic!("{other:?}"),

@@ -21,6 +21,10 @@ pub struct Job {
     pub target: Option<u32>,
     /// `task_flags` the submitter gave.
     pub flags: u8,
+    /// Durable jobs: the store batch it is in until Redis has it (0: stored, or in memory).
+    pub batch: u64,
+    /// The reply its task process sent the client (`TaskCtx::reply`), kept for `result`.
+    pub reply: Vec<u8>,
 }
 
 /// A member's outcome: whether it succeeded, its result or error text, and how many times it
@@ -58,6 +62,8 @@ pub struct JobSpec {
 
 #[derive(Default)]
 pub struct Jobs {
+    /// Durable jobs: task processes take them from Redis, so none is queued here.
+    pub durable: bool,
     all: HashMap<u64, Job>,
     /// Jobs waiting for any task process, oldest first.
     queue: VecDeque<u64>,
@@ -122,14 +128,29 @@ impl Jobs {
             index,
             target,
             flags,
+            batch: 0,
+            reply: Vec::new(),
         };
         if self.all.insert(task_id, job).is_some() {
             tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
+        }
+        if self.durable {
+            return;
         }
         match target {
             Some(slot) => self.targeted.entry(slot).or_default().push_back(task_id),
             None => self.queue.push_back(task_id),
         }
+    }
+
+    /// A durable job this node accepted before it restarted: no client waits for it now.
+    pub fn recover(&mut self, task_id: u64, worker: u32, context: &[u8], data: &[u8]) {
+        let spec = JobSpec { group: 0, target: None, flags: 0 };
+        self.accept(task_id, worker, 0, spec, context, data);
+    }
+
+    pub fn get(&self, task_id: u64) -> Option<&Job> {
+        self.all.get(&task_id)
     }
 
     pub fn front(&self) -> Option<u64> {

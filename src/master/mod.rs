@@ -9,11 +9,13 @@
 
 mod clients;
 mod conn;
+mod durable;
 mod jobs;
 mod lifecycle;
 mod metrics;
 mod pool;
 mod replay;
+mod results;
 mod slots;
 mod stats;
 mod ws;
@@ -43,8 +45,10 @@ use crate::shm::Shared;
 use crate::signals::Signals;
 
 use conn::{Conn, Flushed, KEY_BITS, KEY_MASK};
+use durable::{DurableState, BRIDGE};
 use jobs::{JobSpec, Jobs, MemberOutcome};
 use replay::Delivery;
+use results::Results;
 use slots::{TaskSlot, WorkerSlot};
 use stats::Counters;
 
@@ -94,6 +98,8 @@ pub struct MasterSetup<'a> {
     pub signals: Signals,
     pub workers: Vec<SlotChannel>,
     pub tasks: Vec<SlotChannel>,
+    /// Durable jobs: the queue, and what a previous run of this node left in it.
+    pub durable: Option<(crate::durable::Durable, crate::durable::startup::Recovered)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,12 +159,26 @@ pub struct Master<'a, A: Application> {
     /// When to look for idle connections next (`heartbeat_idle_time`).
     next_heartbeat: Option<Instant>,
     exit_code: Option<i32>,
+    /// The final replies of the most recent jobs.
+    results: Results,
+    /// Durable jobs (`redis_url`) only.
+    durable: Option<DurableState>,
 }
 
 impl<'a, A: Application> Master<'a, A> {
     pub fn new(app: &'a mut A, setup: MasterSetup<'a>) -> io::Result<Self> {
-        let MasterSetup { config, shared, listener, metrics, credentials, ws, signals, workers, tasks } =
-            setup;
+        let MasterSetup {
+            config,
+            shared,
+            listener,
+            metrics,
+            credentials,
+            ws,
+            signals,
+            workers,
+            tasks,
+            durable,
+        } = setup;
         let local_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
         let poll = Poll::new()?;
@@ -187,7 +207,15 @@ impl<'a, A: Application> Master<'a, A> {
         }
         // Pool processes orphaned by a dying manager come to us, so we know when they are gone.
         nix::sys::prctl::set_child_subreaper(true)?;
-        Ok(Master {
+        let (durable, recovered) = match durable {
+            Some((d, recovered)) => {
+                // A closed placeholder until `spawn_bridge` forks the bridge with its channel.
+                let placeholder = Channel::new(crate::ipc::channel::pair()?.0);
+                (Some(DurableState::new(d, placeholder)), Some(recovered))
+            }
+            None => (None, None),
+        };
+        let mut master = Master {
             app,
             config,
             shared,
@@ -219,7 +247,14 @@ impl<'a, A: Application> Master<'a, A> {
             accept_retry: None,
             next_heartbeat: (config.heartbeat_idle_time > 0).then(|| Instant::now() + HEARTBEAT_SCAN),
             exit_code: None,
-        })
+            results: Results::new(config.result_keep),
+            durable,
+        };
+        master.jobs.durable = master.durable.is_some();
+        if let Some(recovered) = recovered {
+            master.recover(recovered);
+        }
+        Ok(master)
     }
 
     pub fn local_addr(&self) -> Option<SocketAddr> {
@@ -294,6 +329,7 @@ impl<'a, A: Application> Master<'a, A> {
                     SIGNALS => self.handle_signals(),
                     MANAGER => self.read_manager(),
                     METRICS => self.accept_metrics(),
+                    BRIDGE => self.read_bridge(),
                     Token(t) if (METRICS_BASE..CONN_BASE).contains(&t) => {
                         self.serve_metrics(t - METRICS_BASE)
                     }
@@ -319,6 +355,7 @@ impl<'a, A: Application> Master<'a, A> {
             self.end_turn();
             if let Some(code) = self.exit_code {
                 self.flush_conns();
+                self.stop_bridge();
                 return code;
             }
         }
@@ -353,7 +390,8 @@ impl<'a, A: Application> Master<'a, A> {
     }
 
     fn drained(&self) -> bool {
-        self.jobs.is_empty()
+        self.durable.as_ref().is_none_or(|d| !d.holding() && d.unacked() == 0)
+            && self.jobs.is_empty()
             && self.workers.iter().all(|w| w.log.is_empty())
             && self.conns.iter().all(|(_, c)| c.unwritten() == 0)
     }
@@ -370,14 +408,18 @@ impl<'a, A: Application> Master<'a, A> {
         for group_id in self.jobs.expired_groups(Instant::now()) {
             self.finish_group(group_id);
         }
-        let finished = std::mem::take(&mut self.maybe_finished);
-        for &key in &finished {
-            if self.conns.get(key).is_some_and(Conn::finished) {
-                self.close_conn(key);
+        self.end_store_batch();
+        // Output held for durable jobs still has to reach these connections.
+        if !self.durable.as_ref().is_some_and(DurableState::holding) {
+            let finished = std::mem::take(&mut self.maybe_finished);
+            for &key in &finished {
+                if self.conns.get(key).is_some_and(Conn::finished) {
+                    self.close_conn(key);
+                }
             }
+            self.maybe_finished = finished;
+            self.maybe_finished.clear();
         }
-        self.maybe_finished = finished;
-        self.maybe_finished.clear();
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
@@ -440,6 +482,11 @@ impl<'a, A: Application> Master<'a, A> {
                 tracing::error!("writing to the manager failed: {e}");
             }
         }
+        if let Some(state) = self.durable.as_mut().filter(|s| s.bridge.has_output()) {
+            if let Err(e) = state.bridge.flush() {
+                tracing::error!("writing to the redis bridge failed: {e}");
+            }
+        }
     }
 
     fn accept_metrics(&mut self) {
@@ -492,6 +539,16 @@ impl<'a, A: Application> Master<'a, A> {
             tasks: &self.tasks,
             jobs: &self.jobs,
             late_wait_results: self.shared.late_results(),
+            results_kept: self.results.len(),
+            durable: self.durable.as_ref().map(|d| {
+                serde_json::json!({
+                    "node_id": d.d.node,
+                    "redis_up": !self.shared.durable_down(),
+                    "store_batches_unacked": d.unacked(),
+                    "duplicate_replies_dropped": d.duplicates,
+                    "bridge_restarts": d.bridge_restarts,
+                })
+            }),
         }
     }
 

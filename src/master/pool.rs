@@ -54,6 +54,9 @@ impl<A: Application> Master<'_, A> {
     }
 
     pub(super) fn on_worker_frame(&mut self, i: usize, frame: Frame<'_>) {
+        if self.durable_worker_frame(i, &frame) {
+            return;
+        }
         match frame {
             Frame::Send { session, data } => self.send_to_session(session, data),
             Frame::CloseSession { session } => {
@@ -85,6 +88,7 @@ impl<A: Application> Master<'_, A> {
                 let line = self.stats_line();
                 self.send_to_session(session, &line);
             }
+            Frame::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
             other => tracing::warn!("worker {i}: ignoring unexpected message {other:?}"),
         }
     }
@@ -159,28 +163,44 @@ impl<A: Application> Master<'_, A> {
                 }
                 slot.served += 1;
                 let pid = slot.pid;
-                // The reply goes out with the outcome, in the same turn: one hop, no worker.
-                if !reply.is_empty() {
-                    if let Some(job) = self.jobs.get_mut(task_id) {
-                        if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
-                            job.flags |= task_flags::REPLIED;
-                            let session = job.session;
-                            self.send_to_session(session, reply);
-                        }
-                    }
-                }
-                self.finish_job(task_id, pid, ok, result);
+                self.job_outcome(task_id, pid, ok, reply, result);
             }
             other => tracing::warn!("task {j}: ignoring unexpected message {other:?}"),
         }
     }
 
+    /// A task process (here or, for durable jobs, on any node) finished a job.
+    pub(super) fn job_outcome(&mut self, task_id: u64, task_pid: u32, ok: bool, reply: &[u8], result: &[u8]) {
+        // The reply goes out with the outcome, in the same turn: one hop, no worker.
+        if !reply.is_empty() {
+            if let Some(job) = self.jobs.get_mut(task_id) {
+                if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
+                    job.flags |= task_flags::REPLIED;
+                    let session = job.session;
+                    job.reply = reply.to_vec();
+                    self.send_to_session(session, reply);
+                }
+            }
+        }
+        self.finish_job(task_id, task_pid, ok, result);
+    }
+
     /// A job has its final outcome: count it and deliver it to its worker slot's `on_finish`.
     pub(super) fn finish_job(&mut self, task_id: u64, task_pid: u32, ok: bool, result: &[u8]) {
-        let Some(job) = self.jobs.remove(task_id) else {
+        let Some(mut job) = self.jobs.remove(task_id) else {
             tracing::warn!("result for unknown task {task_id} dropped");
             return;
         };
+        if job.group == 0 && job.flags & task_flags::WAIT == 0 {
+            let line = match std::mem::take(&mut job.reply) {
+                r if r.is_empty() => results::outcome_line(task_id, ok, result, job.attempts),
+                r => r,
+            };
+            if self.durable.is_some() {
+                self.keep_if_orphaned(task_id, job.session, &line);
+            }
+            self.results.record(task_id, line);
+        }
         if ok {
             self.counters.tasks_done += 1;
         } else {

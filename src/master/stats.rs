@@ -59,6 +59,10 @@ pub struct Snapshot<'a> {
     pub jobs: &'a Jobs,
     /// Waited-for results that came after their waiter gave up (counted by the workers).
     pub late_wait_results: u64,
+    /// Final replies kept for `result` queries.
+    pub results_kept: usize,
+    /// Durable jobs: the state of the link to Redis.
+    pub durable: Option<serde_json::Value>,
 }
 
 /// One `{"event":"stats",…}` line, counters at the top level.
@@ -104,10 +108,13 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "task_crashes": c.task_crashes,
         "fork_failures": c.fork_failures,
         "late_results_dropped": c.late_results_dropped + s.late_wait_results,
+        "results_kept": s.results_kept,
         "processes": processes,
-    })
-    .to_string()
-    .into_bytes();
+    });
+    if let (Some(d), Some(obj)) = (&s.durable, line.as_object_mut()) {
+        obj.insert("durable".into(), d.clone());
+    }
+    let mut line = line.to_string().into_bytes();
     line.push(b'\n');
     line
 }

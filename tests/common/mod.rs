@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod durable;
+
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;

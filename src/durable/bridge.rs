@@ -1,0 +1,314 @@
+//! The Redis bridge: a child of the master that does the master's Redis I/O, so that the
+//! master's reactor never waits on Redis.
+//!
+//! Two threads (this process never forks, so threads are safe here):
+//! - the store loop reads the master's frames and runs them as one pipeline per read: the
+//!   jobs of a store batch (XADD), then `Stored` for every batch whose end it has seen; also
+//!   the kept results and the deletion of reply entries the master has acted on;
+//! - the reply loop blocks in XREAD on this node's reply stream and passes each outcome to the
+//!   master as a `Reply` frame. It never deletes them: the master asks, once it has acted.
+//!
+//! While Redis cannot be reached, the store loop says so in shared memory, which makes the
+//! workers refuse new jobs with a clear error, and answers any batch it gets with the reason.
+
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::{Connection, Value};
+
+use super::entry::{JobEntry, ReplyEntry};
+use super::redis_io::{self, is_connection_error};
+use super::Durable;
+use crate::ipc::envelope::frame_len;
+use crate::ipc::Frame;
+use crate::shm::Shared;
+
+/// How long one XREAD of the reply stream blocks.
+const REPLY_BLOCK_MS: u64 = 1000;
+/// Most reply entries passed on per read.
+const REPLY_COUNT: usize = 512;
+/// Back-off bounds between attempts to reach Redis again.
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+type MasterOut = Arc<Mutex<UnixStream>>;
+
+/// The bridge process's body; returns its exit status.
+pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared) -> i32 {
+    let stream = UnixStream::from(channel);
+    let prepared = stream.set_nonblocking(false).and_then(|()| stream.try_clone());
+    let out: MasterOut = match prepared {
+        Ok(s) => Arc::new(Mutex::new(s)),
+        Err(e) => {
+            tracing::error!("redis bridge: cannot use its channel: {e}");
+            return 1;
+        }
+    };
+    let replies = {
+        let (d, out) = (d.clone(), Arc::clone(&out));
+        std::thread::Builder::new().name("replies".into()).spawn(move || reply_loop(&d, &out))
+    };
+    if let Err(e) = replies {
+        tracing::error!("redis bridge: cannot start its reply reader: {e}");
+        return 1;
+    }
+    store_loop(d, stream, &out, shared)
+}
+
+fn send(out: &MasterOut, bytes: &[u8]) -> io::Result<()> {
+    let mut stream = out.lock().map_err(|_| io::Error::other("the other thread panicked"))?;
+    stream.write_all(bytes)
+}
+
+/// Something the master asked for, in order.
+enum Item {
+    Store { task_id: u64, session: u64, worker: u32, context: Vec<u8>, data: Vec<u8> },
+    End(u64),
+}
+
+/// Reconnects with a growing back-off, noting in shared memory whether Redis is reachable.
+struct Link<'a> {
+    d: &'a Durable,
+    shared: &'static Shared,
+    conn: Option<Connection>,
+    retry_at: Instant,
+    backoff: Duration,
+}
+
+impl Link<'_> {
+    fn get(&mut self) -> Result<&mut Connection, String> {
+        if self.conn.is_none() {
+            if Instant::now() < self.retry_at {
+                return Err(format!("Redis at {} is unreachable; retrying", self.d.url));
+            }
+            match redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT)) {
+                Ok(c) => {
+                    tracing::info!("redis bridge: connected to {}", self.d.url);
+                    self.conn = Some(c);
+                    self.backoff = RETRY_MIN;
+                    self.shared.set_durable_down(false);
+                }
+                Err(e) => {
+                    self.failed(&e);
+                    return Err(format!("Redis at {} is unreachable: {e}", self.d.url));
+                }
+            }
+        }
+        self.conn.as_mut().ok_or_else(|| "no connection".to_string())
+    }
+
+    fn failed(&mut self, e: &redis::RedisError) {
+        if !is_connection_error(e) {
+            return;
+        }
+        if !self.shared.durable_down() {
+            tracing::error!(
+                "redis bridge: lost Redis at {}: {e}; new jobs are refused until it is back",
+                self.d.url
+            );
+        }
+        self.shared.set_durable_down(true);
+        self.conn = None;
+        self.retry_at = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+}
+
+fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'static Shared) -> i32 {
+    let mut link = Link { d, shared, conn: None, retry_at: Instant::now(), backoff: RETRY_MIN };
+    // Wake up now and then while Redis is away, to find it again with nothing to store.
+    let _ = input.set_read_timeout(Some(RETRY_MAX));
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut pending: Vec<u8> = Vec::new();
+    let mut items: Vec<Item> = Vec::new();
+    let mut trims: Vec<Vec<u8>> = Vec::new();
+    let mut keeps: Vec<(u64, Vec<u8>)> = Vec::new();
+    // The error of a round that stored part of the batch still open.
+    let mut open_error: Option<String> = None;
+    loop {
+        match input.read(&mut buf) {
+            Ok(0) => return 0,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                if link.conn.is_none() {
+                    let _ = link.get();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!("redis bridge: reading from the master failed: {e}");
+                return 1;
+            }
+        }
+        let mut used = 0;
+        while let Ok(Some(n)) = frame_len(&pending[used..]) {
+            match Frame::decode(&pending[used..used + n]) {
+                Ok(Some((frame, _))) => match frame {
+                    Frame::Store { task_id, session, worker, context, data, .. } => items.push(Item::Store {
+                        task_id,
+                        session,
+                        worker,
+                        context: context.to_vec(),
+                        data: data.to_vec(),
+                    }),
+                    Frame::StoreEnd { batch } => items.push(Item::End(batch)),
+                    Frame::Trim { entry } => trims.push(entry.to_vec()),
+                    Frame::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
+                    other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("redis bridge: corrupt message from the master: {e}");
+                    return 1;
+                }
+            }
+            used += n;
+        }
+        if frame_len(&pending[used..]).is_err() {
+            tracing::error!("redis bridge: corrupt message from the master");
+            return 1;
+        }
+        pending.drain(..used);
+        if items.is_empty() && trims.is_empty() && keeps.is_empty() {
+            continue;
+        }
+        let outcome = match link.get() {
+            Err(why) => Err(why),
+            Ok(conn) => {
+                let done: redis::RedisResult<Vec<Value>> = pipeline(d, &items, &keeps, &trims).query(conn);
+                done.map(|_| ()).map_err(|e| {
+                    let text = format!("could not store the job in Redis: {e}");
+                    link.failed(&e);
+                    text
+                })
+            }
+        };
+        let mut acks = Vec::new();
+        for item in items.drain(..) {
+            match item {
+                Item::Store { .. } => {
+                    if let Err(e) = &outcome {
+                        open_error = Some(e.clone());
+                    }
+                }
+                Item::End(batch) => {
+                    let error = open_error.take().unwrap_or_default();
+                    Frame::Stored { batch, error: error.as_bytes() }.encode(&mut acks);
+                }
+            }
+        }
+        // Kept results and deletions are idempotent: on failure they wait for the next round.
+        if outcome.is_ok() {
+            trims.clear();
+            keeps.clear();
+        }
+        if !acks.is_empty() && send(out, &acks).is_err() {
+            return 0;
+        }
+    }
+}
+
+fn reply_loop(d: &Durable, out: &MasterOut) {
+    let mut conn: Option<Connection> = None;
+    let mut backoff = RETRY_MIN;
+    // From the start of the stream: what is still there was not acted on by the master.
+    let mut last = "0-0".to_string();
+    let mut frames = Vec::new();
+    loop {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match redis_io::connect(&d.url, None) {
+                Ok(c) => {
+                    backoff = RETRY_MIN;
+                    conn.insert(c)
+                }
+                Err(_) => {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                    continue;
+                }
+            },
+        };
+        let read: redis::RedisResult<Value> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(REPLY_COUNT)
+            .arg("BLOCK")
+            .arg(REPLY_BLOCK_MS)
+            .arg("STREAMS")
+            .arg(&d.keys.replies)
+            .arg(&last)
+            .query(c);
+        let entries = match read {
+            Ok(v) => redis_io::read_entries(v),
+            Err(e) => {
+                if is_connection_error(&e) {
+                    conn = None;
+                } else {
+                    tracing::warn!("redis bridge: reading replies failed: {e}");
+                    std::thread::sleep(backoff);
+                }
+                continue;
+            }
+        };
+        frames.clear();
+        for entry in &entries {
+            last.clone_from(&entry.id);
+            match ReplyEntry::parse(entry) {
+                Some(r) => Frame::Reply {
+                    task_id: r.task_id,
+                    ok: r.ok,
+                    attempts: r.attempts,
+                    task_pid: r.task_pid,
+                    replays: r.replays,
+                    entry: entry.id.as_bytes(),
+                    reply: &r.reply,
+                    sends: &r.sends,
+                    result: &r.result,
+                }
+                .encode(&mut frames),
+                None => {
+                    tracing::warn!("redis bridge: reply entry {} is not a reply; deleted", entry.id);
+                    let _: redis::RedisResult<Value> =
+                        redis::cmd("XDEL").arg(&d.keys.replies).arg(&entry.id).query(c);
+                }
+            }
+        }
+        if !frames.is_empty() && send(out, &frames).is_err() {
+            // The master is gone; so is this process.
+            crate::process::exit_now(0);
+        }
+    }
+}
+
+/// One round's commands: the jobs, the kept results, the deletion of acted-on replies.
+fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    for item in items {
+        if let Item::Store { task_id, session, worker, context, data } = item {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg(&d.keys.jobs).arg("*");
+            JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
+            pipe.add_command(cmd).ignore();
+        }
+    }
+    for (task_id, line) in keeps {
+        pipe.cmd("XADD")
+            .arg(&d.keys.results)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(d.result_keep)
+            .arg("*")
+            .arg("t")
+            .arg(*task_id)
+            .arg("l")
+            .arg(line)
+            .ignore();
+    }
+    if !trims.is_empty() {
+        pipe.cmd("XDEL").arg(&d.keys.replies).arg(trims).ignore();
+    }
+    pipe
+}

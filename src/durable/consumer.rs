@@ -1,0 +1,452 @@
+//! A task process of durable jobs: a consumer of the job stream, on a web node or a task node.
+//!
+//! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
+//! into its origin's reply stream, XACK, XDEL (XACK alone would leave the entry in the stream
+//! for ever). Past a job's attempts, the job goes to the dead letters with the reason and its
+//! origin gets `failed`.
+//!
+//! What it took and did not finish stays in its pending list: its successor in the same slot
+//! (same consumer name) reads that first, and so does this process after any reconnect; a
+//! node that is gone for good has its jobs claimed by the others after `claim_after`
+//! (XAUTOCLAIM), and its consumers deleted once they hold nothing.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use redis::{Connection, Value};
+
+use super::entry::{JobEntry, ReplyEntry};
+use super::keys::{consumer_name, GROUP};
+use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
+use super::startup::{delivery_counts, ensure_group};
+use super::Durable;
+use crate::app::{Application, ProcessInfo, Task, TaskCtx};
+use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::signals::Signals;
+use crate::worker::guard;
+
+/// How long one XREADGROUP blocks: also how soon a stop request is noticed while idle.
+const BLOCK_MS: u64 = 500;
+/// Jobs taken at once: about this much work (quick jobs go in batches, one at a time while
+/// they are slow, so that an idle consumer elsewhere can take the next one).
+const TAKE_BUDGET: f64 = 0.002;
+const TAKE_MAX: usize = 64;
+/// Jobs claimed from dead consumers per sweep.
+const CLAIM_COUNT: usize = 32;
+/// A consumer idle this long (and twice the claim time) with nothing pending belongs to a
+/// process that is gone. Deleting a live one would be harmless: it comes back on its next read.
+const CONSUMER_GONE: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// Where a stop request comes from: the master's channel (web node) or signals (task node).
+pub enum Control {
+    Master(Channel),
+    Signals(Signals),
+}
+
+impl Control {
+    fn stop_requested(&mut self) -> Option<String> {
+        match self {
+            Control::Master(channel) => {
+                if let Ok(ReadState::Closed) = channel.fill() {
+                    return Some("the master is gone".into());
+                }
+                while let Ok(Some(frame)) = channel.next_frame() {
+                    if frame == Frame::Stop {
+                        return Some("asked to stop".into());
+                    }
+                }
+                None
+            }
+            Control::Signals(signals) => signals.pending().first().map(|s| format!("{s}")),
+        }
+    }
+}
+
+pub struct ConsumerSetup<'a> {
+    pub slot: u32,
+    pub control: Control,
+    pub durable: &'a Durable,
+    /// Replaced after this many jobs (0: never).
+    pub task_max_request: u64,
+}
+
+/// A finished job, to be written to Redis.
+enum Completion {
+    Done {
+        id: String,
+        origin: String,
+        reply: ReplyEntry,
+    },
+    Dead {
+        id: String,
+        job: JobEntry,
+        why: String,
+        attempts: u32,
+    },
+    /// Not a job (deleted meanwhile, or unreadable): only to be acknowledged.
+    Drop {
+        id: String,
+    },
+}
+
+impl Completion {
+    fn id(&self) -> &str {
+        match self {
+            Completion::Done { id, .. } | Completion::Dead { id, .. } | Completion::Drop { id } => id,
+        }
+    }
+}
+
+pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
+    let ConsumerSetup { slot, mut control, durable: d, task_max_request } = setup;
+    let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
+    if let Err(e) = app.on_worker_start(&info) {
+        tracing::error!("task {slot} (pid {}): cannot start: {e}", info.pid);
+        return 1;
+    }
+    let me = consumer_name(&d.node, slot);
+    tracing::debug!("task {slot} consumes {} as {me}", d.keys.jobs);
+    let mut c = Consumer {
+        d,
+        me,
+        conn: None,
+        recovering: true,
+        next_sweep: Instant::now() + jitter(d.claim_after / 2),
+        cursor: "0-0".into(),
+        job_seconds: None,
+        unsent: Vec::new(),
+        backoff: Duration::from_millis(100),
+    };
+    let mut served: u64 = 0;
+    loop {
+        if let Some(why) = control.stop_requested() {
+            // What it took and did not run stays pending under its name (see the module doc).
+            tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
+            return 0;
+        }
+        if task_max_request != 0 && served >= task_max_request {
+            tracing::info!(
+                "task {slot} (pid {}) exits: reached task_max_request ({task_max_request})",
+                info.pid
+            );
+            return 0;
+        }
+        let entries = match c.take() {
+            Ok(e) => e,
+            Err(e) => {
+                c.lost(&e);
+                continue;
+            }
+        };
+        let mut done = Vec::new();
+        let count = entries.len();
+        for (i, (entry, attempt)) in entries.into_iter().enumerate() {
+            let started = Instant::now();
+            done.push(run_one(app, info, d, entry, attempt));
+            if matches!(done.last(), Some(Completion::Done { .. })) {
+                served += 1;
+                c.timed(started.elapsed());
+            }
+            // A slow job's outcome goes out at once; quick ones go together.
+            if i + 1 == count || started.elapsed() >= Duration::from_millis(1) {
+                c.unsent.append(&mut done);
+                if let Err(e) = c.flush() {
+                    c.lost(&e);
+                }
+            }
+        }
+    }
+}
+
+fn run_one<A: Application>(
+    app: &mut A,
+    info: ProcessInfo,
+    d: &Durable,
+    entry: StreamEntry,
+    attempt: u32,
+) -> Completion {
+    let Some(job) = JobEntry::parse(&entry) else {
+        tracing::warn!("job stream entry {} is not a job (deleted meanwhile?); dropped", entry.id);
+        return Completion::Drop { id: entry.id };
+    };
+    if attempt > d.max_attempts {
+        let why = format!(
+            "gave up after {} attempts: each run died with its task process or did not finish within {:?}",
+            attempt - 1,
+            d.claim_after
+        );
+        tracing::warn!("task {}: {why}; moved to the dead letters", job.task_id);
+        return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };
+    }
+    let task = Task {
+        id: job.task_id,
+        session: (job.session != 0).then_some(job.session),
+        attempt,
+        src_worker: job.worker,
+        data: &job.data,
+    };
+    let mut sends = Vec::new();
+    let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
+    let mut result = Err(format!("task {} panicked in task process {}", job.task_id, info.pid));
+    guard(info.slot, "on_task", || result = app.on_task(&mut ctx, &task));
+    let reply = std::mem::take(&mut ctx.reply);
+    let (ok, result) = match result {
+        Ok(bytes) => (true, bytes),
+        Err(why) => (false, why.into_bytes()),
+    };
+    let reply = ReplyEntry {
+        task_id: job.task_id,
+        ok,
+        attempts: attempt,
+        task_pid: info.pid,
+        replays: job.replays,
+        reply,
+        sends,
+        result,
+    };
+    Completion::Done { id: entry.id, origin: job.origin, reply }
+}
+
+struct Consumer<'a> {
+    d: &'a Durable,
+    me: String,
+    conn: Option<Connection>,
+    /// Reading back its own pending entries (after a start or a reconnect).
+    recovering: bool,
+    next_sweep: Instant,
+    /// Where the XAUTOCLAIM scan of the pending list goes on from.
+    cursor: String,
+    job_seconds: Option<f64>,
+    /// Finished jobs not yet written to Redis (it was away): written first once it is back.
+    unsent: Vec<Completion>,
+    backoff: Duration,
+}
+
+impl Consumer<'_> {
+    fn conn(&mut self) -> redis::RedisResult<&mut Connection> {
+        if self.conn.is_none() {
+            // No reply limit: this connection blocks in XREADGROUP.
+            let mut conn = redis_io::connect(&self.d.url, None)?;
+            ensure_group(&mut conn, &self.d.keys)?;
+            self.conn = Some(conn);
+            self.recovering = true;
+            self.backoff = Duration::from_millis(100);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    fn lost(&mut self, e: &redis::RedisError) {
+        if is_connection_error(e) {
+            if self.conn.is_some() {
+                tracing::warn!("lost Redis at {}: {e}; reconnecting", self.d.url);
+            }
+            self.conn = None;
+        } else {
+            tracing::error!("Redis refused a command: {e}");
+        }
+        std::thread::sleep(self.backoff);
+        self.backoff = (self.backoff * 2).min(RETRY_MAX);
+    }
+
+    fn timed(&mut self, took: Duration) {
+        let took = took.as_secs_f64();
+        self.job_seconds = Some(self.job_seconds.map_or(took, |avg| avg * 0.8 + took * 0.2));
+    }
+
+    fn take_count(&self) -> usize {
+        match self.job_seconds {
+            Some(avg) if avg > 0.0 => ((TAKE_BUDGET / avg) as usize).clamp(1, TAKE_MAX),
+            Some(_) => TAKE_MAX,
+            None => 1,
+        }
+    }
+
+    /// The next jobs to run, each with its attempt number.
+    fn take(&mut self) -> redis::RedisResult<Vec<(StreamEntry, u32)>> {
+        self.flush()?;
+        let count = self.take_count();
+        let (d, me) = (self.d, self.me.clone());
+        let recovering = self.recovering;
+        let sweep = Instant::now() >= self.next_sweep;
+        let conn = self.conn()?;
+        let fresh;
+        let entries = if recovering {
+            let v: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&me)
+                .arg("COUNT")
+                .arg(TAKE_MAX)
+                .arg("STREAMS")
+                .arg(&d.keys.jobs)
+                .arg("0")
+                .query(conn)?;
+            fresh = false;
+            let got = redis_io::read_entries(v);
+            if got.is_empty() {
+                self.recovering = false;
+            } else {
+                tracing::info!("{me}: taking back {} jobs it had taken before", got.len());
+            }
+            got
+        } else if sweep {
+            fresh = false;
+            let got = self.claim()?;
+            self.next_sweep = Instant::now() + jitter(d.claim_after / 2);
+            got
+        } else {
+            let v: Value = redis::cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&me)
+                .arg("COUNT")
+                .arg(count)
+                .arg("BLOCK")
+                .arg(BLOCK_MS)
+                .arg("STREAMS")
+                .arg(&d.keys.jobs)
+                .arg(">")
+                .query(conn)?;
+            fresh = true;
+            redis_io::read_entries(v)
+        };
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Reading one's history and claiming count as deliveries: Redis keeps the number.
+        let counts: HashMap<String, u32> = if fresh {
+            HashMap::new()
+        } else {
+            let conn = self.conn()?;
+            delivery_counts(conn, &d.keys, &me, 10_000)?.into_iter().collect()
+        };
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let attempt = counts.get(&e.id).copied().unwrap_or(1);
+                (e, attempt)
+            })
+            .collect())
+    }
+
+    /// Takes over jobs that other consumers took and left idle past `claim_after`, and deletes
+    /// consumers that are gone and hold nothing.
+    fn claim(&mut self) -> redis::RedisResult<Vec<StreamEntry>> {
+        let (d, me) = (self.d, self.me.clone());
+        let idle_ms = d.claim_after.as_millis() as u64;
+        let cursor = self.cursor.clone();
+        let conn = self.conn()?;
+        let v: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&d.keys.jobs)
+            .arg(GROUP)
+            .arg(&me)
+            .arg(idle_ms)
+            .arg(&cursor)
+            .arg("COUNT")
+            .arg(CLAIM_COUNT)
+            .query(conn)?;
+        let mut parts = as_array(v).into_iter();
+        let next = parts.next().map(as_text).unwrap_or_else(|| "0-0".into());
+        let claimed = parts.next().map(redis_io::entries).unwrap_or_default();
+        if !claimed.is_empty() {
+            tracing::warn!(
+                "{me}: claimed {} jobs idle for over {:?} (their consumer died or stalled)",
+                claimed.len(),
+                d.claim_after
+            );
+        }
+        // A full pass over the pending list is done: a good time to forget the dead.
+        if next == "0-0" {
+            remove_gone_consumers(conn, d, &me)?;
+        }
+        self.cursor = next;
+        Ok(claimed)
+    }
+
+    /// Writes the finished jobs: for each, its outcome (or dead letter), XACK and XDEL, all in
+    /// one MULTI so that a job is never answered without being removed, or the reverse.
+    fn flush(&mut self) -> redis::RedisResult<()> {
+        if self.unsent.is_empty() {
+            return Ok(());
+        }
+        let d = self.d;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for c in &self.unsent {
+            match c {
+                Completion::Done { origin, reply, .. } => {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(d.keys.replies_of(origin)).arg("*");
+                    reply.add(&mut cmd);
+                    pipe.add_command(cmd).ignore();
+                }
+                Completion::Dead { job, why, attempts, .. } => {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(&d.keys.dead).arg("*");
+                    job.add(&mut cmd);
+                    cmd.arg("why").arg(why).arg("a").arg(*attempts);
+                    pipe.add_command(cmd).ignore();
+                    let failed = ReplyEntry {
+                        task_id: job.task_id,
+                        ok: false,
+                        attempts: *attempts,
+                        replays: job.replays,
+                        result: why.clone().into_bytes(),
+                        ..ReplyEntry::default()
+                    };
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(d.keys.replies_of(&job.origin)).arg("*");
+                    failed.add(&mut cmd);
+                    pipe.add_command(cmd).ignore();
+                }
+                Completion::Drop { .. } => {}
+            }
+        }
+        let ids: Vec<&str> = self.unsent.iter().map(Completion::id).collect();
+        pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
+        pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+        let conn = self.conn()?;
+        let _: Value = pipe.query(conn)?;
+        self.unsent.clear();
+        Ok(())
+    }
+}
+
+/// Deletes, in one atomic script, the consumers idle past `gone_after` that hold no pending
+/// job. Atomic because XGROUP DELCONSUMER drops what a consumer holds: a check followed by a
+/// separate delete could lose a job the consumer took in between.
+const REMOVE_GONE: &str = r"
+local removed = {}
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
+    table.insert(removed, f['name'])
+  end
+end
+return removed
+";
+
+fn remove_gone_consumers(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResult<()> {
+    let gone_after = (d.claim_after * 2).max(CONSUMER_GONE);
+    let removed: Vec<String> = redis::cmd("EVAL")
+        .arg(REMOVE_GONE)
+        .arg(1)
+        .arg(&d.keys.jobs)
+        .arg(GROUP)
+        .arg(gone_after.as_millis() as u64)
+        .arg(me)
+        .query(conn)?;
+    for name in removed {
+        tracing::info!("deleted consumer {name}: idle over {gone_after:?} with nothing pending");
+    }
+    Ok(())
+}
+
+/// `base` stretched by up to a quarter, so the consumers of a node do not sweep in step.
+fn jitter(base: Duration) -> Duration {
+    let spread = (std::process::id() % 1000) as f64 / 4000.0;
+    base.mul_f64(1.0 + spread).max(Duration::from_millis(50))
+}

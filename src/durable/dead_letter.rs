@@ -1,0 +1,87 @@
+//! `taskd dead-letter list|replay`: what an operator does with jobs that failed past their
+//! attempts. A replayed job goes back into the job stream as it was, with its replay count
+//! raised; its outcome reaches its origin node, which keeps it for a `result` query.
+
+use std::io::Write;
+
+use redis::Value;
+use serde_json::json;
+
+use super::entry::JobEntry;
+use super::redis_io::{self, StreamEntry};
+use super::Durable;
+
+fn connect(d: &Durable) -> Result<redis::Connection, String> {
+    redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
+        .map_err(|e| format!("cannot reach Redis at {}: {e}", d.url))
+}
+
+fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<Vec<StreamEntry>, String> {
+    let v: Value = redis::cmd("XRANGE")
+        .arg(&d.keys.dead)
+        .arg("-")
+        .arg("+")
+        .arg("COUNT")
+        .arg(limit)
+        .query(conn)
+        .map_err(|e| format!("cannot read {}: {e}", d.keys.dead))?;
+    Ok(redis_io::entries(v))
+}
+
+/// One JSON line per dead job, oldest first.
+pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, String> {
+    let mut conn = connect(d)?;
+    let entries = read_all(&mut conn, d, limit)?;
+    for e in &entries {
+        let line = match JobEntry::parse(e) {
+            Some(job) => json!({
+                "id": e.id,
+                "task_id": job.task_id,
+                "origin": job.origin,
+                "attempts": e.number("a"),
+                "replays": job.replays,
+                "why": e.text("why"),
+                "data": String::from_utf8_lossy(&job.data),
+            }),
+            None => json!({"id": e.id, "error": "not a job entry"}),
+        };
+        writeln!(out, "{line}").map_err(|e| e.to_string())?;
+    }
+    Ok(entries.len())
+}
+
+/// Puts the named dead jobs (all of them with `ids` empty) back into the job stream; returns
+/// how many. An id that is not in the dead letters is an error, and nothing is replayed.
+pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
+    let mut conn = connect(d)?;
+    let all = read_all(&mut conn, d, usize::MAX >> 1)?;
+    let chosen: Vec<&StreamEntry> = if ids.is_empty() {
+        all.iter().collect()
+    } else {
+        let missing: Vec<&String> = ids.iter().filter(|id| !all.iter().any(|e| &e.id == *id)).collect();
+        if !missing.is_empty() {
+            return Err(format!("not in {}: {missing:?} (see `taskd dead-letter list`)", d.keys.dead));
+        }
+        all.iter().filter(|e| ids.contains(&e.id)).collect()
+    };
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let mut count = 0;
+    for e in chosen {
+        let Some(mut job) = JobEntry::parse(e) else {
+            tracing::warn!("dead letter {} is not a job; left where it is", e.id);
+            continue;
+        };
+        job.replays += 1;
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&d.keys.jobs).arg("*");
+        job.add(&mut cmd);
+        pipe.add_command(cmd).ignore();
+        pipe.cmd("XDEL").arg(&d.keys.dead).arg(&e.id).ignore();
+        count += 1;
+    }
+    if count > 0 {
+        let _: Value = pipe.query(&mut conn).map_err(|e| format!("cannot replay: {e}"))?;
+    }
+    Ok(count)
+}

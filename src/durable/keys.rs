@@ -1,0 +1,58 @@
+//! The keys of one queue. They all carry the queue's name as a hash tag (`{taskd}:jobs`), so a
+//! Redis Cluster keeps them in one slot and a MULTI over several of them stays valid.
+
+/// The consumer group every node's task processes read the job stream in.
+pub const GROUP: &str = "taskd";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keys {
+    tag: String,
+    /// Every job not finished yet, from any node.
+    pub jobs: String,
+    /// Jobs that failed past their attempts, for an operator to list and replay.
+    pub dead: String,
+    /// This node's own keys.
+    pub replies: String,
+    pub results: String,
+    pub epoch: String,
+}
+
+impl Keys {
+    pub fn new(queue: &str, node: &str) -> Keys {
+        let tag = format!("{{{queue}}}");
+        Keys {
+            jobs: format!("{tag}:jobs"),
+            dead: format!("{tag}:dead"),
+            replies: format!("{tag}:replies:{node}"),
+            results: format!("{tag}:results:{node}"),
+            epoch: format!("{tag}:epoch:{node}"),
+            tag,
+        }
+    }
+
+    /// The stream where the outcomes of `node`'s jobs go, for that node to read.
+    pub fn replies_of(&self, node: &str) -> String {
+        format!("{}:replies:{node}", self.tag)
+    }
+}
+
+/// A task process's consumer name: stable per node and slot, so that a respawned process
+/// takes back at once what its predecessor had taken.
+pub fn consumer_name(node: &str, slot: u32) -> String {
+    format!("{node}/{slot}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_shares_the_hash_tag() {
+        let k = Keys::new("q1", "web-1");
+        for key in [&k.jobs, &k.dead, &k.replies, &k.results, &k.epoch, &k.replies_of("web-2")] {
+            assert!(key.starts_with("{q1}:"), "{key}");
+        }
+        assert_eq!(k.replies, k.replies_of("web-1"));
+        assert_eq!(consumer_name("n2", 3), "n2/3");
+    }
+}

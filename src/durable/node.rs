@@ -1,0 +1,156 @@
+//! `taskd task-node`: a manager and its task processes, nothing else. The task processes take
+//! jobs from the shared stream; the manager forks them, reaps them and forks a successor for
+//! each one that exits, until SIGTERM or SIGINT.
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{getpid, Pid};
+
+use super::consumer::{self, ConsumerSetup, Control};
+use super::Durable;
+use crate::app::Application;
+use crate::config::ServerConfig;
+use crate::process;
+use crate::signals::Signals;
+
+/// A process that lived less than this before exiting is respawned after a growing pause.
+const SHORT_LIFE: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+struct Slot {
+    pid: Option<Pid>,
+    started: Instant,
+    restart_at: Option<Instant>,
+    backoff: Duration,
+}
+
+/// Runs a task node until it is stopped; returns the exit status.
+pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> Result<i32, String> {
+    let mut signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD])
+        .map_err(|e| format!("cannot set up signals: {e}"))?;
+    // Fail now, with the reason, rather than in every task process.
+    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT))
+        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.url))?;
+    for warning in super::startup::check_server(&mut conn) {
+        tracing::warn!("{warning}");
+    }
+    super::startup::ensure_group(&mut conn, &d.keys)
+        .map_err(|e| format!("cannot create the consumer group: {e}"))?;
+    drop(conn);
+    process::set_title("taskd: task-node");
+    let count = config.task_worker_num.max(1);
+    let mut slots: Vec<Slot> = (0..count)
+        .map(|_| Slot {
+            pid: None,
+            started: Instant::now(),
+            restart_at: Some(Instant::now()),
+            backoff: SHORT_LIFE / 10,
+        })
+        .collect();
+    let mut out = std::io::stdout().lock();
+    let _ =
+        writeln!(out, "taskd task-node {} taking jobs from {} with {count} task processes", d.node, d.url);
+    let _ = out.flush();
+    drop(out);
+    tracing::info!("task node {} (pid {}): {count} task processes on {}", d.node, getpid(), d.keys.jobs);
+    let mut stopping: Option<Instant> = None;
+    loop {
+        if stopping.is_none() {
+            for (i, slot) in slots.iter_mut().enumerate() {
+                if slot.restart_at.is_some_and(|at| at <= Instant::now()) {
+                    slot.restart_at = None;
+                    match fork_consumer(app, config, d, i as u32) {
+                        Ok(pid) => {
+                            slot.pid = Some(pid);
+                            slot.started = Instant::now();
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot fork task {i}: {e}; retrying in 1s");
+                            slot.restart_at = Some(Instant::now() + Duration::from_secs(1));
+                        }
+                    }
+                }
+            }
+        }
+        let next = slots.iter().filter_map(|s| s.restart_at).min();
+        let wait = match (stopping, next) {
+            (Some(deadline), _) => deadline.saturating_duration_since(Instant::now()),
+            (None, Some(at)) => at.saturating_duration_since(Instant::now()),
+            (None, None) => Duration::from_secs(60),
+        };
+        let ms = PollTimeout::try_from(wait.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
+        let _ = poll(&mut [PollFd::new(signals.as_fd(), PollFlags::POLLIN)], ms);
+        for sig in signals.pending() {
+            if sig != Signal::SIGCHLD && stopping.is_none() {
+                tracing::info!("task node {}: {sig}: stopping its task processes", d.node);
+                let limit = config.max_wait() + Duration::from_secs(2);
+                stopping = Some(Instant::now() + limit);
+                for pid in slots.iter().filter_map(|s| s.pid) {
+                    let _ = kill(pid, Signal::SIGTERM);
+                }
+            }
+        }
+        for reaped in process::reap() {
+            let Some((i, slot)) = slots.iter_mut().enumerate().find(|(_, s)| s.pid == Some(reaped.pid))
+            else {
+                continue;
+            };
+            slot.pid = None;
+            if stopping.is_some() {
+                continue;
+            }
+            let lived = slot.started.elapsed();
+            slot.backoff =
+                if lived < SHORT_LIFE { (slot.backoff * 2).min(BACKOFF_MAX) } else { SHORT_LIFE / 10 };
+            let delay = if lived < SHORT_LIFE { slot.backoff } else { Duration::ZERO };
+            tracing::info!("task {i} (pid {}) {}; respawning", reaped.pid, reaped.reason);
+            slot.restart_at = Some(Instant::now() + delay);
+        }
+        if let Some(deadline) = stopping {
+            if slots.iter().all(|s| s.pid.is_none()) {
+                tracing::info!("task node {} stopped", d.node);
+                return Ok(0);
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!("task node {}: task processes did not stop in time; killing them", d.node);
+                for pid in slots.iter().filter_map(|s| s.pid) {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    process::wait_for(pid, Duration::from_secs(2));
+                }
+                return Ok(0);
+            }
+        }
+    }
+}
+
+fn fork_consumer<A: Application>(
+    app: &mut A,
+    config: &ServerConfig,
+    d: &Durable,
+    slot: u32,
+) -> std::io::Result<Pid> {
+    let parent = getpid();
+    process::spawn(&[], || {
+        process::set_title(&format!("taskd: task {slot}"));
+        process::die_with_parent(parent);
+        let signals = match Signals::open(&[Signal::SIGTERM, Signal::SIGINT]) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("task {slot}: cannot set up signals: {e}");
+                return 1;
+            }
+        };
+        consumer::run(
+            app,
+            ConsumerSetup {
+                slot,
+                control: Control::Signals(signals),
+                durable: d,
+                task_max_request: config.task_max_request,
+            },
+        )
+    })
+}

@@ -1,0 +1,144 @@
+//! What a node does with Redis before it forks anything: check that the server keeps what it
+//! is given, take a fresh range of task ids, and find the jobs it had accepted before it died.
+
+use redis::{Connection, Value};
+
+use super::entry::JobEntry;
+use super::keys::{Keys, GROUP};
+use super::redis_io::{self, as_array, as_int, as_text};
+use super::Durable;
+
+/// Task ids of one start of a node are `epoch << EPOCH_SHIFT | n`: 2^32 jobs per start, and
+/// ids stay below 2^53, exact in a JavaScript number, for 2^21 starts.
+pub const EPOCH_SHIFT: u32 = 32;
+
+/// What a restarted node takes back.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    /// The first task id of this start.
+    pub first_task_id: u64,
+    /// This node's jobs still in the stream: accepted before, not finished.
+    pub jobs: Vec<JobEntry>,
+    /// Final replies kept for clients that were gone, oldest first.
+    pub results: Vec<(u64, Vec<u8>)>,
+}
+
+/// Connects, checks the server, and recovers this node's state.
+pub fn prepare(d: &Durable) -> Result<Recovered, String> {
+    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
+        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.url))?;
+    for warning in check_server(&mut conn) {
+        tracing::warn!("{warning}");
+    }
+    ensure_group(&mut conn, &d.keys).map_err(|e| format!("cannot create the consumer group: {e}"))?;
+    let epoch: u64 = redis::cmd("INCR")
+        .arg(&d.keys.epoch)
+        .query(&mut conn)
+        .map_err(|e| format!("cannot take a range of task ids: {e}"))?;
+    let jobs =
+        own_jobs(&mut conn, &d.keys, &d.node).map_err(|e| format!("cannot read the job stream: {e}"))?;
+    let results = kept_results(&mut conn, &d.keys).map_err(|e| format!("cannot read kept results: {e}"))?;
+    if !jobs.is_empty() || !results.is_empty() {
+        tracing::info!(
+            "node {}: {} unfinished jobs taken back, {} kept results",
+            d.node,
+            jobs.len(),
+            results.len()
+        );
+    }
+    Ok(Recovered { first_task_id: epoch << EPOCH_SHIFT, jobs, results })
+}
+
+/// Creates the consumer group (and the stream) unless it exists. From id 0: a job added
+/// before the group existed is still run.
+pub fn ensure_group(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<()> {
+    let created: redis::RedisResult<Value> =
+        redis::cmd("XGROUP").arg("CREATE").arg(&keys.jobs).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// What could lose or evict acknowledged jobs, in the server's settings.
+pub fn check_server(conn: &mut Connection) -> Vec<String> {
+    let mut get = |name: &str| -> Option<String> {
+        let v: Value = redis::cmd("CONFIG").arg("GET").arg(name).query(conn).ok()?;
+        as_array(v).into_iter().nth(1).map(as_text)
+    };
+    let (Some(aof), Some(fsync), Some(policy)) =
+        (get("appendonly"), get("appendfsync"), get("maxmemory-policy"))
+    else {
+        return vec!["cannot read Redis's settings (CONFIG GET refused): durability of jobs unchecked".into()];
+    };
+    let mut warnings = Vec::new();
+    if aof != "yes" {
+        warnings.push(format!(
+            "Redis runs with appendonly {aof}: if redis-server restarts, accepted jobs are lost \
+             (set appendonly yes)"
+        ));
+    } else if fsync == "no" {
+        warnings.push(
+            "Redis runs with appendfsync no: a crash of the machine can lose the last ~30 s of \
+             accepted jobs (appendfsync everysec loses at most 1 s, always none)"
+                .into(),
+        );
+    }
+    if policy != "noeviction" {
+        warnings.push(format!(
+            "Redis runs with maxmemory-policy {policy}: under memory pressure it may evict job \
+             streams (set maxmemory-policy noeviction)"
+        ));
+    }
+    warnings
+}
+
+fn own_jobs(conn: &mut Connection, keys: &Keys, node: &str) -> redis::RedisResult<Vec<JobEntry>> {
+    let mut jobs = Vec::new();
+    let mut from = "-".to_string();
+    loop {
+        let page: Value =
+            redis::cmd("XRANGE").arg(&keys.jobs).arg(&from).arg("+").arg("COUNT").arg(1000).query(conn)?;
+        let entries = redis_io::entries(page);
+        let Some(last) = entries.last() else { break };
+        from = format!("({}", last.id);
+        jobs.extend(entries.iter().filter_map(JobEntry::parse).filter(|j| j.origin == node));
+    }
+    Ok(jobs)
+}
+
+fn kept_results(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<Vec<(u64, Vec<u8>)>> {
+    let all: Value = redis::cmd("XRANGE").arg(&keys.results).arg("-").arg("+").query(conn)?;
+    Ok(redis_io::entries(all)
+        .into_iter()
+        .filter_map(|e| Some((e.number("t")?, e.get("l")?.to_vec())))
+        .collect())
+}
+
+/// The delivery count of each entry pending for `consumer`, by id.
+pub fn delivery_counts(
+    conn: &mut Connection,
+    keys: &Keys,
+    consumer: &str,
+    count: usize,
+) -> redis::RedisResult<Vec<(String, u32)>> {
+    let v: Value = redis::cmd("XPENDING")
+        .arg(&keys.jobs)
+        .arg(GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(count)
+        .arg(consumer)
+        .query(conn)?;
+    Ok(as_array(v)
+        .into_iter()
+        .filter_map(|item| {
+            let mut parts = as_array(item).into_iter();
+            let id = as_text(parts.next()?);
+            let _owner = parts.next();
+            let _idle = parts.next();
+            let n = as_int(&parts.next()?)?;
+            Some((id, u32::try_from(n).unwrap_or(u32::MAX)))
+        })
+        .collect())
+}

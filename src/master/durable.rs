@@ -1,0 +1,396 @@
+//! The master's side of durable jobs (`--redis-url`): nothing a worker said after submitting
+//! a job reaches a client before Redis holds the job.
+//!
+//! The jobs workers commit in one reactor turn form a store batch, sent to the bridge process
+//! at the end of the turn. Until the bridge acknowledges the batch, what workers write to
+//! clients after it (their `accepted`, and anything later, in order) is held here; then it is
+//! released. If the batch could not be stored, its jobs fail with the reason, and what was held
+//! for their clients is dropped: such a client gets `failed`, never `accepted`.
+//!
+//! Outcomes come back from the bridge as `Reply` frames (from any node's task processes), and
+//! are delivered like a local task process's; once acted on, the master asks the bridge to
+//! delete the reply entry. A reply for a job the master no longer has is a duplicate (the job
+//! ran twice: dropped) or the outcome of a job accepted before a restart (kept for `result`).
+
+use std::collections::{HashSet, VecDeque};
+use std::os::fd::AsRawFd;
+
+use super::results::outcome_line;
+use super::*;
+use crate::durable::Durable;
+
+pub const BRIDGE: Token = Token(5);
+
+/// A store batch sent to the bridge and not acknowledged yet.
+struct SentBatch {
+    n: u64,
+    /// Its frames, to send again to a new bridge if this one dies.
+    frames: Vec<u8>,
+    jobs: Vec<u64>,
+}
+
+pub struct DurableState {
+    pub d: Durable,
+    pub bridge: Channel,
+    pub bridge_pid: Option<Pid>,
+    /// The batch this turn's jobs go in, its frames and its jobs.
+    batch: u64,
+    frames: Vec<u8>,
+    jobs: Vec<u64>,
+    /// The last batch ended and sent, and the last acknowledged.
+    last_sent: u64,
+    acked: u64,
+    sent: VecDeque<SentBatch>,
+    /// Frames for clients held until the batch they follow is stored, with that batch.
+    held: VecDeque<(u64, Vec<u8>)>,
+    pub duplicates: u64,
+    pub bridge_restarts: u64,
+}
+
+impl DurableState {
+    pub fn new(d: Durable, bridge: Channel) -> Self {
+        DurableState {
+            d,
+            bridge,
+            bridge_pid: None,
+            batch: 1,
+            frames: Vec::new(),
+            jobs: Vec::new(),
+            last_sent: 0,
+            acked: 0,
+            sent: VecDeque::new(),
+            held: VecDeque::new(),
+            duplicates: 0,
+            bridge_restarts: 0,
+        }
+    }
+
+    fn open(&self) -> bool {
+        !self.jobs.is_empty()
+    }
+
+    /// Output for clients must wait: a job before it is not stored yet.
+    pub fn holding(&self) -> bool {
+        self.open() || !self.held.is_empty()
+    }
+
+    fn hold(&mut self, frame: &Frame<'_>) {
+        let tag = if self.open() { self.batch } else { self.last_sent };
+        match self.held.back_mut() {
+            Some((t, bytes)) if *t == tag => frame.encode(bytes),
+            _ => {
+                let mut bytes = Vec::new();
+                frame.encode(&mut bytes);
+                self.held.push_back((tag, bytes));
+            }
+        }
+    }
+
+    pub fn unacked(&self) -> usize {
+        self.sent.len()
+    }
+}
+
+impl<A: Application> Master<'_, A> {
+    /// Forks the bridge process over a new channel; sends it every batch not acknowledged.
+    pub fn spawn_bridge(&mut self) -> io::Result<()> {
+        let Some(state) = self.durable.as_mut() else { return Ok(()) };
+        let (master_end, child_end) = crate::ipc::channel::pair()?;
+        let master_pid = nix::unistd::getpid();
+        let d = state.d.clone();
+        let shared = self.shared;
+        let pid = process::spawn(&[child_end.as_raw_fd()], || {
+            process::set_title("taskd: redis bridge");
+            process::die_with_parent(master_pid);
+            match child_end.try_clone() {
+                Ok(fd) => crate::durable::bridge::run(&d, fd, shared),
+                Err(e) => {
+                    tracing::error!("redis bridge: cannot take its channel: {e}");
+                    1
+                }
+            }
+        })?;
+        drop(child_end);
+        let _ = self.poll.registry().deregister(state.bridge.source());
+        state.bridge = Channel::new(master_end);
+        self.poll.registry().register(
+            state.bridge.source(),
+            BRIDGE,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        state.bridge_pid = Some(pid);
+        for batch in &state.sent {
+            state.bridge.output().extend_from_slice(&batch.frames);
+        }
+        Ok(())
+    }
+
+    /// The bridge died: a new one takes over what it had not acknowledged.
+    pub(super) fn on_bridge_exit(&mut self, reason: ExitReason) {
+        let Some(state) = self.durable.as_mut() else { return };
+        state.bridge_pid = None;
+        state.bridge_restarts += 1;
+        tracing::error!(
+            "the redis bridge {reason}; starting a new one ({} store batches to send again)",
+            state.unacked()
+        );
+        if let Err(e) = self.spawn_bridge() {
+            tracing::error!("cannot start a new redis bridge: {e}");
+        }
+    }
+
+    /// A worker's frame, as durable jobs need it handled; false: handle it as usual.
+    pub(super) fn durable_worker_frame(&mut self, i: usize, frame: &Frame<'_>) -> bool {
+        let Some(state) = self.durable.as_mut() else { return false };
+        match *frame {
+            Frame::Task { task_id, session, context, data, .. } => {
+                Frame::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
+                    .encode(&mut state.frames);
+                state.jobs.push(task_id);
+                false
+            }
+            Frame::Send { .. }
+            | Frame::CloseSession { .. }
+            | Frame::QueryResult { .. }
+            | Frame::Stats { .. }
+                if state.holding() =>
+            {
+                state.hold(frame);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks the jobs of this turn's batch as waiting for it, and sends it to the bridge.
+    pub(super) fn end_store_batch(&mut self) {
+        let Some(state) = self.durable.as_mut() else { return };
+        if !state.open() {
+            return;
+        }
+        let n = state.batch;
+        for &task_id in &state.jobs {
+            if let Some(job) = self.jobs.get_mut(task_id) {
+                job.batch = n;
+            }
+        }
+        Frame::StoreEnd { batch: n }.encode(&mut state.frames);
+        let frames = std::mem::take(&mut state.frames);
+        state.bridge.output().extend_from_slice(&frames);
+        state.sent.push_back(SentBatch { n, frames, jobs: std::mem::take(&mut state.jobs) });
+        state.last_sent = n;
+        state.batch += 1;
+    }
+
+    pub(super) fn read_bridge(&mut self) {
+        let Some(state) = self.durable.as_mut() else { return };
+        if let Err(e) = state.bridge.fill() {
+            tracing::error!("reading from the redis bridge failed: {e}");
+        }
+        let mut input = state.bridge.take_input();
+        loop {
+            match Frame::decode(input.data()) {
+                Ok(Some((frame, n))) => {
+                    match frame {
+                        Frame::Stored { batch, error } => self.on_stored(batch, error),
+                        Frame::Reply { .. } => {
+                            let state = self.durable.as_mut().expect("durable");
+                            if state.holding() {
+                                state.hold(&frame);
+                            } else {
+                                self.on_reply(&frame);
+                            }
+                        }
+                        other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
+                    }
+                    input.consume(n);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::error!("the redis bridge sent a corrupt message ({e}); replacing it");
+                    input.consume(input.data().len());
+                    if let Some(pid) = self.durable.as_ref().and_then(|s| s.bridge_pid) {
+                        let _ = kill(pid, Signal::SIGKILL);
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(state) = self.durable.as_mut() {
+            state.bridge.restore_input(input);
+        }
+    }
+
+    /// Every batch up to `batch` is stored (or failed, with `error`): release what waited.
+    fn on_stored(&mut self, batch: u64, error: &[u8]) {
+        let Some(state) = self.durable.as_mut() else { return };
+        let mut failed = Vec::new();
+        while state.sent.front().is_some_and(|b| b.n <= batch) {
+            let Some(done) = state.sent.pop_front() else { break };
+            if error.is_empty() {
+                for task_id in done.jobs {
+                    if let Some(job) = self.jobs.get_mut(task_id) {
+                        job.batch = 0;
+                    }
+                }
+            } else {
+                failed.extend(done.jobs);
+            }
+        }
+        state.acked = state.acked.max(batch);
+        let acked = state.acked;
+        let mut release = Vec::new();
+        while state.held.front().is_some_and(|(tag, _)| *tag <= acked) {
+            if let Some((_, bytes)) = state.held.pop_front() {
+                release.push(bytes);
+            }
+        }
+        let why = String::from_utf8_lossy(error).into_owned();
+        let lost: HashSet<u64> =
+            failed.iter().filter_map(|&id| self.jobs.get(id).map(|j| j.session)).collect();
+        if !failed.is_empty() {
+            tracing::error!("{} jobs not stored: {why}", failed.len());
+        }
+        for bytes in release {
+            let mut pos = 0;
+            while let Ok(Some((frame, n))) = Frame::decode(&bytes[pos..]) {
+                pos += n;
+                match frame {
+                    // A client whose job was not stored gets its failure, not `accepted`.
+                    Frame::Send { session, .. } | Frame::CloseSession { session }
+                        if lost.contains(&session) => {}
+                    Frame::Reply { .. } => self.on_reply(&frame),
+                    other => self.on_client_frame(other),
+                }
+            }
+        }
+        for task_id in failed {
+            self.finish_job(task_id, 0, false, why.as_bytes());
+        }
+    }
+
+    /// A frame for clients that was held, now acted on.
+    fn on_client_frame(&mut self, frame: Frame<'_>) {
+        match frame {
+            Frame::Send { session, data } => self.send_to_session(session, data),
+            Frame::CloseSession { session } => {
+                if let Some((key, conn)) = self.conn_mut(session) {
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                }
+            }
+            Frame::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
+            Frame::Stats { session } => {
+                let line = self.stats_line();
+                self.send_to_session(session, &line);
+            }
+            other => tracing::warn!("ignoring unexpected held message {other:?}"),
+        }
+    }
+
+    fn on_reply(&mut self, frame: &Frame<'_>) {
+        let Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *frame
+        else {
+            return;
+        };
+        let Some(state) = self.durable.as_mut() else { return };
+        state.bridge.send(&Frame::Trim { entry });
+        if let Some(job) = self.jobs.get_mut(task_id) {
+            job.attempts = job.attempts.max(attempts);
+            // A recovered job's sessions belong to the master before the restart.
+            if job.session != 0 {
+                let mut pos = 0;
+                while let Ok(Some((Frame::Send { session, data }, n))) = Frame::decode(&sends[pos..]) {
+                    pos += n;
+                    self.send_to_session(session, data);
+                }
+            }
+            self.job_outcome(task_id, task_pid, ok, reply, result);
+        } else if self.results.contains(task_id) && replays == 0 {
+            // It ran twice (a node died after finishing, or ran past claim time): one reply.
+            state.duplicates += 1;
+            tracing::debug!("second outcome of task {task_id} dropped");
+        } else {
+            let line =
+                if reply.is_empty() { outcome_line(task_id, ok, result, attempts) } else { reply.to_vec() };
+            state.bridge.send(&Frame::KeepResult { task_id, line: &line });
+            self.results.record(task_id, line);
+        }
+    }
+
+    /// Keeps a final reply in Redis when its client cannot get it now (durable jobs only).
+    pub(super) fn keep_if_orphaned(&mut self, task_id: u64, session: u64, line: &[u8]) {
+        let gone = session == 0 || self.conn_mut(session).is_none();
+        if let (true, Some(state)) = (gone, self.durable.as_mut()) {
+            state.bridge.send(&Frame::KeepResult { task_id, line });
+        }
+    }
+
+    /// Takes back the jobs and results a previous run of this node left in Redis.
+    pub(super) fn recover(&mut self, recovered: crate::durable::startup::Recovered) {
+        for (task_id, line) in recovered.results {
+            self.results.record(task_id, line);
+        }
+        for job in recovered.jobs {
+            self.jobs.recover(
+                job.task_id,
+                job.worker.min(self.workers.len() as u32 - 1),
+                &job.context,
+                &job.data,
+            );
+        }
+        self.shared.set_jobs_pending(self.jobs.len() as u64);
+    }
+
+    pub(super) fn answer_result_query(&mut self, session: u64, task_id: u64) {
+        let line = if let Some(job) = self.jobs.get(task_id) {
+            let state = if job.batch != 0 { "storing" } else { "running" };
+            let mut l = serde_json::json!({"event": state, "task_id": task_id, "attempts": job.attempts})
+                .to_string()
+                .into_bytes();
+            l.push(b'\n');
+            l
+        } else if let Some(line) = self.results.get(task_id) {
+            line.to_vec()
+        } else {
+            let mut l = serde_json::json!({
+                "event": "error",
+                "task_id": task_id,
+                "error": format!(
+                    "unknown task_id {task_id}: not running, and not among the {} most recent results kept",
+                    self.config.result_keep
+                ),
+            })
+            .to_string()
+            .into_bytes();
+            l.push(b'\n');
+            l
+        };
+        self.send_to_session(session, &line);
+    }
+}
+
+impl<A: Application> Master<'_, A> {
+    /// Lets the bridge write what it was last given, then ends it.
+    pub(super) fn stop_bridge(&mut self) {
+        let Some(state) = self.durable.as_mut() else { return };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while state.bridge.has_output() && Instant::now() < deadline {
+            if state.bridge.flush().is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Our end closed: the bridge acts on what it has read, then sees the end and exits.
+        let _ = self.poll.registry().deregister(state.bridge.source());
+        if let Ok((closed, _)) = crate::ipc::channel::pair() {
+            state.bridge = Channel::new(closed);
+        }
+        if let Some(pid) = state.bridge_pid.take() {
+            if process::wait_for(pid, Duration::from_secs(2)).is_none() {
+                let _ = kill(pid, Signal::SIGKILL);
+                process::wait_for(pid, Duration::from_secs(1));
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The final replies of the most recent jobs, for `{"type":"result","task_id":N}`: a client
+//! that lost its connection (or a daemon restarted under it) asks again and gets the reply.
+
+use std::collections::{HashMap, VecDeque};
+
+pub struct Results {
+    keep: usize,
+    lines: HashMap<u64, Vec<u8>>,
+    /// Oldest first; the oldest goes when there are more than `keep`.
+    order: VecDeque<u64>,
+}
+
+impl Results {
+    pub fn new(keep: usize) -> Self {
+        Results { keep: keep.max(1), lines: HashMap::new(), order: VecDeque::new() }
+    }
+
+    pub fn record(&mut self, task_id: u64, line: Vec<u8>) {
+        if self.lines.insert(task_id, line).is_none() {
+            self.order.push_back(task_id);
+        }
+        while self.order.len() > self.keep {
+            if let Some(old) = self.order.pop_front() {
+                self.lines.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, task_id: u64) -> Option<&[u8]> {
+        self.lines.get(&task_id).map(Vec::as_slice)
+    }
+
+    pub fn contains(&self, task_id: u64) -> bool {
+        self.lines.contains_key(&task_id)
+    }
+
+    pub fn len(&self) -> usize {
+        self.lines.len()
+    }
+}
+
+/// The reply line the master writes for a job whose task process wrote none itself.
+pub fn outcome_line(task_id: u64, ok: bool, result: &[u8], attempts: u32) -> Vec<u8> {
+    let text = String::from_utf8_lossy(result);
+    let value = if ok {
+        serde_json::json!({"event": "done", "task_id": task_id, "result": text, "attempts": attempts})
+    } else {
+        serde_json::json!({"event": "failed", "task_id": task_id, "error": text, "attempts": attempts})
+    };
+    let mut line = value.to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_the_most_recent() {
+        let mut r = Results::new(2);
+        r.record(1, b"a".to_vec());
+        r.record(2, b"b".to_vec());
+        r.record(2, b"b2".to_vec());
+        r.record(3, b"c".to_vec());
+        assert!(!r.contains(1), "the oldest went");
+        assert_eq!(r.get(2), Some(&b"b2"[..]));
+        assert_eq!(r.get(3), Some(&b"c"[..]));
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn outcome_lines_are_json() {
+        let v: serde_json::Value = serde_json::from_slice(&outcome_line(7, false, b"boom", 3)).unwrap();
+        assert_eq!(v["event"], "failed");
+        assert_eq!(v["error"], "boom");
+        assert_eq!(v["attempts"], 3);
+    }
+}

@@ -1,0 +1,382 @@
+//! Durable jobs through Redis Streams (`--redis-url`): a real redis-server per test, web and
+//! task nodes as separate processes, and the failures the README's table promises to survive.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use common::durable::{Redis, TaskNode};
+use common::{is_dead, processes, reap_orphans, wait_for, Client, Daemon};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+fn web(redis: &Redis, node: &str, args: &[&str]) -> Daemon {
+    let mut all = vec!["--redis-url", redis.url.as_str(), "--node-id", node];
+    all.extend_from_slice(args);
+    Daemon::start(&all)
+}
+
+fn job(i: usize, delay_ms: u64) -> String {
+    format!(r#"{{"type":"email","to":"user{i}@example.com","delay_ms":{delay_ms}}}"#)
+}
+
+/// Every `done` or `failed` line, by task id, until each of `ids` has one.
+fn finals(c: &mut Client, ids: &[u64]) -> HashMap<u64, Value> {
+    let mut got: HashMap<u64, Value> = HashMap::new();
+    while !ids.iter().all(|id| got.contains_key(id)) {
+        let v = c.recv();
+        if v["event"] == "done" || v["event"] == "failed" {
+            let id = v["task_id"].as_u64().expect("task_id");
+            assert!(got.insert(id, v.clone()).is_none(), "a second final reply for task {id}: {v}");
+        }
+    }
+    got
+}
+
+fn ask_result(c: &mut Client, id: u64) -> Value {
+    c.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+    c.recv()
+}
+
+/// `kill -9` the master; waits until every process of the daemon is gone.
+fn kill_daemon(d: &Daemon) {
+    let group: Vec<u32> = processes().into_iter().filter(|p| p.pgid == d.pid).map(|p| p.pid).collect();
+    d.signal(Signal::SIGKILL);
+    wait_for("the killed daemon's processes to be gone", || {
+        reap_orphans(&group);
+        group.iter().all(|&p| is_dead(p)).then_some(())
+    });
+}
+
+fn stream_is_empty(redis: &Redis, node: &str) {
+    let replies = format!("{{taskd}}:replies:{node}");
+    wait_for("the job and reply streams to empty", || {
+        (redis.xlen("{taskd}:jobs") == 0 && redis.pending() == 0 && redis.xlen(&replies) == 0).then_some(())
+    });
+}
+
+fn taskd(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_taskd")).args(args).output().expect("run taskd")
+}
+
+#[test]
+fn accepted_only_once_redis_has_the_job_and_nothing_is_left_behind() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "2"]);
+    assert_eq!(d.pids_of("taskd: redis bridge").len(), 1, "a bridge process talks to Redis");
+    let mut c = d.connect();
+    for i in 0..50 {
+        c.send(&format!("user{i}@example.com"));
+    }
+    // Each job: `accepted` first, then exactly one `done`.
+    let (mut accepted, mut done) = (Vec::new(), Vec::new());
+    while done.len() < 50 {
+        let v = c.recv();
+        let id = v["task_id"].as_u64().unwrap();
+        match v["event"].as_str() {
+            Some("accepted") => accepted.push(id),
+            Some("done") => {
+                assert!(accepted.contains(&id) && !done.contains(&id), "{v}");
+                done.push(id);
+            }
+            _ => panic!("{v}"),
+        }
+    }
+    assert_eq!(accepted.len(), 50);
+    assert!(
+        accepted.iter().all(|&id| id >= 1 << 32),
+        "a node's ids come from its start's range: {accepted:?}"
+    );
+
+    // While Redis hangs, the job is not stored, so the client hears nothing, not `accepted`.
+    redis.signal(Signal::SIGSTOP);
+    c.send("late@example.com");
+    let early = c.try_recv(Duration::from_millis(800));
+    redis.signal(Signal::SIGCONT);
+    assert!(early.is_none(), "accepted before Redis had the job: {early:?}");
+    let accepted = c.recv();
+    assert_eq!(accepted["event"], "accepted", "{accepted}");
+    let id = accepted["task_id"].as_u64().unwrap();
+    assert_eq!(finals(&mut c, &[id])[&id]["event"], "done");
+
+    // Finished jobs are deleted, not only acknowledged; read replies are trimmed.
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn jobs_submitted_to_a_web_node_run_on_either_node() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let node = TaskNode::start(&redis, "n2", &["--task-worker-num", "2"]);
+    let mut c = d.connect();
+    let ids: Vec<u64> = (0..30).map(|i| c.submit(&job(i, 40))["task_id"].as_u64().unwrap()).collect();
+    let got = finals(&mut c, &ids);
+    let web_pids: Vec<u64> = d.pids_of("taskd: task").into_iter().map(u64::from).collect();
+    let node_pids: Vec<u64> = node.task_pids().into_iter().map(u64::from).collect();
+    let ran_by: Vec<u64> = got.values().map(|v| v["task_pid"].as_u64().unwrap()).collect();
+    assert!(got.values().all(|v| v["event"] == "done"));
+    assert!(ran_by.iter().any(|p| web_pids.contains(p)), "none ran on web-1 ({ran_by:?})");
+    assert!(ran_by.iter().any(|p| node_pids.contains(p)), "none ran on the task node ({ran_by:?})");
+    assert_eq!(d.outbox_lines().len() + node.outbox_lines().len(), 30, "each job delivered once");
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let mut c = d.connect();
+    let id = c.submit(&job(1, 2500))["task_id"].as_u64().unwrap();
+    wait_for("node a to take the job", || {
+        redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
+    });
+    a.kill_all();
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["attempts"], 2, "claimed and run a second time: {done}");
+    assert!(b.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    assert!(b.log().contains("claimed 1 jobs"), "{}", b.log());
+    assert!(c.try_recv(Duration::from_millis(1000)).is_none(), "one reply only");
+    stream_is_empty(&redis, "web-1");
+    // The dead node's consumer, holding nothing now, is forgotten.
+    wait_for("node a's consumer to be deleted", || {
+        let v: redis::Value = redis.query(&["XINFO", "CONSUMERS", "{taskd}:jobs", "taskd"]);
+        (!format!("{v:?}").contains("a/0")).then_some(())
+    });
+    assert!(b.log().contains("deleted consumer a/0"), "{}", b.log());
+}
+
+#[test]
+fn a_job_that_ran_twice_gets_one_reply() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let mut c = d.connect();
+    let id = c.submit(&job(1, 2000))["task_id"].as_u64().unwrap();
+    wait_for("node a to take the job", || {
+        redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
+    });
+    // Node a stalls past the claim time; node b claims the job and finishes it first.
+    a.signal_group(Signal::SIGSTOP);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["attempts"], 2, "{done}");
+    // Node a wakes up and finishes its run too: its outcome is a duplicate.
+    a.signal_group(Signal::SIGCONT);
+    let mut other = d.connect();
+    wait_for("the second outcome to be dropped", || {
+        other.send("stats");
+        let s = other.recv();
+        (s["durable"]["duplicate_replies_dropped"] == 1).then_some(())
+    });
+    assert_eq!(a.outbox_lines().len() + b.outbox_lines().len(), 2, "it ran twice (at least once)");
+    assert!(c.try_recv(Duration::from_millis(500)).is_none(), "the client got one reply only");
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn a_killed_bridge_is_replaced_and_no_job_is_lost_or_answered_twice() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "2"]);
+    let mut c = d.connect();
+    let bridge = d.pids_of("taskd: redis bridge")[0];
+    for i in 0..300 {
+        c.send(&format!("user{i}@example.com"));
+        if i == 100 {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(bridge as i32), Signal::SIGKILL).unwrap();
+        }
+    }
+    let mut count: HashMap<(String, u64), usize> = HashMap::new();
+    let mut finished = 0;
+    while finished < 300 {
+        let v = c.recv();
+        let event = v["event"].as_str().unwrap_or_default().to_string();
+        assert!(event == "accepted" || event == "done", "{v}");
+        finished += usize::from(event == "done");
+        *count.entry((event, v["task_id"].as_u64().unwrap())).or_default() += 1;
+    }
+    assert!(count.values().all(|&n| n == 1), "a reply twice");
+    assert_eq!(count.len(), 600, "300 accepted, 300 done");
+    d.wait_log("starting a new one");
+    assert_eq!(d.pids_of("taskd: redis bridge").len(), 1);
+}
+
+#[test]
+fn a_killed_task_process_takes_its_job_back_when_respawned() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = d.connect();
+    let id = c.submit(&job(1, 1500))["task_id"].as_u64().unwrap();
+    wait_for("the task process to take the job", || {
+        redis.pending_consumers().contains(&"web-1/0".to_string()).then_some(())
+    });
+    let victim = d.pids_of("taskd: task")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert_ne!(done["task_pid"].as_u64(), Some(u64::from(victim)));
+    d.wait_log("taking back 1 jobs");
+}
+
+#[test]
+fn past_its_attempts_a_job_is_dead_lettered_and_an_operator_replays_it() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "1", "--task-retry-max", "1"]);
+    let mut c = d.connect();
+    let id = c.submit(&job(7, 1500))["task_id"].as_u64().unwrap();
+    let mut killed = Vec::new();
+    for round in 0..2 {
+        // Each run: wait until a fresh task process has the job, then kill it mid-job.
+        wait_for("a task process running the job", || {
+            let taken = redis.pending_consumers().contains(&"web-1/0".to_string());
+            let pids = d.pids_of("taskd: task");
+            let fresh = pids.first().filter(|p| !killed.contains(*p)).copied();
+            let retaken = round == 0 || d.log().matches("taking back 1 jobs").count() >= round;
+            fresh.filter(|_| taken && retaken)
+        });
+        let victim = d.pids_of("taskd: task")[0];
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+        killed.push(victim);
+    }
+    let failed = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(failed["event"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("gave up after 2 attempts"), "{failed}");
+    assert!(d.outbox_lines().is_empty(), "no run finished");
+
+    let url = redis.url.as_str();
+    let list = taskd(&["dead-letter", "list", "--redis-url", url]);
+    assert!(list.status.success(), "{list:?}");
+    let lines: Vec<Value> =
+        String::from_utf8_lossy(&list.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["task_id"].as_u64(), Some(id));
+    assert!(lines[0]["why"].as_str().unwrap().contains("attempts"), "{}", lines[0]);
+
+    let unknown = taskd(&["dead-letter", "replay", "--redis-url", url, "1-1"]);
+    assert_eq!(unknown.status.code(), Some(1), "an unknown id is an error");
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("1-1"));
+    let replay = taskd(&["dead-letter", "replay", "--all", "--redis-url", url]);
+    assert!(replay.status.success(), "{replay:?}");
+    assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 1 jobs"));
+    assert_eq!(redis.xlen("{taskd}:dead"), 0);
+
+    // The replayed run's outcome is kept for the client, who asks for it.
+    let done = wait_for("the replayed job's result", || {
+        let v = ask_result(&mut c, id);
+        (v["event"] == "done").then_some(v)
+    });
+    assert_eq!(done["task_id"].as_u64(), Some(id), "{done}");
+    assert_eq!(d.outbox_lines().len(), 1);
+}
+
+#[test]
+fn a_restarted_web_node_finishes_its_jobs_and_answers_result_queries() {
+    let Some(redis) = Redis::start() else { return };
+    let first = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = first.connect();
+    let ids: Vec<u64> = (0..3).map(|i| c.submit(&job(i, 700))["task_id"].as_u64().unwrap()).collect();
+    wait_for("the first job to be taken", || redis.pending().eq(&1).then_some(()));
+    kill_daemon(&first);
+
+    let again = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    again.wait_log("3 unfinished jobs taken back");
+    let mut c = again.connect();
+    let last = ask_result(&mut c, ids[2]);
+    assert_eq!(last["event"], "running", "the last job cannot have finished yet: {last}");
+    for &id in &ids {
+        let done = wait_for("a final reply", || {
+            let v = ask_result(&mut c, id);
+            (v["event"] != "running").then_some(v)
+        });
+        assert_eq!(done["event"], "done", "{done}");
+        assert_eq!(done["task_id"].as_u64(), Some(id));
+    }
+    // A new job of the restarted node never reuses an id of the first run.
+    let new_id = c.submit("new@example.com")["task_id"].as_u64().unwrap();
+    assert!(new_id >> 32 > ids[0] >> 32, "{new_id} vs {ids:?}");
+    assert_eq!(finals(&mut c, &[new_id])[&new_id]["event"], "done");
+    let unknown = ask_result(&mut c, 12345);
+    assert_eq!(unknown["event"], "error", "{unknown}");
+    assert_eq!(again.outbox_lines().len() + first.outbox_lines().len(), 3 + 1);
+}
+
+#[test]
+fn redis_killed_and_restarted_loses_no_acknowledged_job_and_refuses_clearly_meanwhile() {
+    let Some(mut redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "2"]);
+    let mut c = d.connect();
+    let ids: Vec<u64> = (0..6).map(|i| c.submit(&job(i, 600))["task_id"].as_u64().unwrap()).collect();
+    redis.kill();
+
+    // While Redis is down: a clear error, never a hang.
+    let mut seen = Vec::new();
+    let refused = wait_for("a job refused while Redis is down", || {
+        c.send("down@example.com");
+        loop {
+            let v = c.recv();
+            match v["event"].as_str() {
+                Some("error") => return Some(v),
+                // Sent before the bridge noticed: it could not be stored, and says so.
+                Some("failed") if v["error"].as_str().unwrap_or("").contains("Redis") => return None,
+                Some("done") => seen.push(v),
+                _ => panic!("unexpected reply while Redis is down: {v}"),
+            }
+        }
+    });
+    assert!(refused["error"].as_str().unwrap().contains("Redis cannot be reached"), "{refused}");
+
+    redis.restart();
+    // Every acknowledged job finishes, exactly once; new jobs are taken again.
+    for &id in &ids {
+        if seen.iter().any(|v| v["task_id"].as_u64() == Some(id)) {
+            continue;
+        }
+        let v = c.final_reply(&Value::from(id), &mut seen);
+        assert_eq!(v["event"], "done", "{v}");
+        seen.push(v);
+    }
+    for &id in &ids {
+        let n = seen.iter().filter(|v| v["event"] == "done" && v["task_id"].as_u64() == Some(id)).count();
+        assert_eq!(n, 1, "task {id}: {seen:?}");
+    }
+    let id = wait_for("a job accepted again after Redis is back", || {
+        c.send("back@example.com");
+        let v = c.recv();
+        (v["event"] == "accepted").then(|| v["task_id"].as_u64().unwrap())
+    });
+    assert_eq!(finals(&mut c, &[id])[&id]["event"], "done");
+    assert_eq!(d.outbox_lines().len(), 7);
+}
+
+#[test]
+fn startup_warns_when_redis_could_lose_or_evict_jobs() {
+    let Some(redis) = Redis::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]) else {
+        return;
+    };
+    let d = web(&redis, "web-1", &[]);
+    let log = d.wait_log("maxmemory-policy allkeys-lru");
+    assert!(log.contains("appendonly no"), "{log}");
+}
+
+#[test]
+fn without_redis_the_daemon_says_why_and_task_node_needs_a_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("redis+unix://{}/none.sock", dir.path().display());
+    let err = Daemon::try_start(&["--redis-url", &url]).err().expect("no Redis: no start");
+    assert!(err.1.contains("cannot reach Redis"), "{err:?}");
+    let out = taskd(&["task-node"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-url"), "{out:?}");
+    let bad = taskd(&["--redis-url", "http://x", "--check-config"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("redis_url"));
+    // And the daemon without a URL runs no Redis code at all: no bridge.
+    let plain = Daemon::start(&[]);
+    plain.wait_pool(2, 4);
+    assert!(plain.pids_of("taskd: redis bridge").is_empty());
+}
