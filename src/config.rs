@@ -245,7 +245,7 @@ impl ServerConfig {
     pub fn check_durable(&self) -> Result<(), InvalidOption> {
         if let Some(url) = &self.redis_url {
             check(
-                ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
+                ["redis://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
                 "redis_url",
                 format!("{url:?} is not redis://HOST:PORT or redis+unix:///PATH"),
             )?;

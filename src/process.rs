@@ -42,8 +42,8 @@ fn fork_now() -> io::Result<ForkResult> {
     // Anything buffered now would otherwise be written twice, once by each process.
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
-    // SAFETY: taskd never starts a thread, so the child is a complete copy of a
-    // single-threaded process; callers make the child `_exit` rather than return into code
+    // SAFETY: no process of taskd that forks has started a thread (the one with threads, the
+    // redis bridge, never forks), so the child is a complete copy of a single-threaded process; callers make the child `_exit` rather than return into code
     // that would run the parent's destructors twice.
     unsafe { fork() }.map_err(io::Error::from)
 }

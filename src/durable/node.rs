@@ -18,7 +18,7 @@ use crate::signals::Signals;
 
 /// A process that lived less than this before exiting is respawned after a growing pause.
 const SHORT_LIFE: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 struct Slot {
     pid: Option<Pid>,

@@ -58,7 +58,7 @@ pub enum Request {
 }
 
 const HELP: &str = "expected an email address, a phone number, `email ADDRESS [text]`, `sms NUMBER [text]`, \
-a JSON job such as {\"type\":\"email\",\"to\":\"a@example.com\"}, or `stats`";
+a JSON job such as {\"type\":\"email\",\"to\":\"a@example.com\"}, `stats`, or {\"type\":\"result\",\"task_id\":N}";
 
 /// Reads one request line (without its line ending).
 pub fn parse(line: &[u8]) -> Result<Request, String> {
