@@ -143,7 +143,7 @@ pub fn run_notify<A: Application>(
         Some(d) => {
             let recovered = durable::startup::prepare(&d).map_err(StartError::Other)?;
             shared.set_task_id_base(recovered.first_task_id);
-            tracing::info!("durable jobs: node {} on {} ({})", d.node, d.url, d.keys.jobs);
+            tracing::info!("durable jobs: node {} on {} ({})", d.node, d.shown, d.keys.jobs);
             Some((d, recovered))
         }
         None => None,

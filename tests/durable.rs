@@ -354,6 +354,29 @@ fn redis_killed_and_restarted_loses_no_acknowledged_job_and_refuses_clearly_mean
 }
 
 #[test]
+fn a_hung_redis_gets_a_clear_failure_never_a_hang() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0"]);
+    d.wait_log("redis bridge: connected");
+    let mut c = d.connect();
+    redis.signal(Signal::SIGSTOP);
+    c.send("a@example.com");
+    let failed = c.recv();
+    assert_eq!(failed["event"], "failed", "{failed}");
+    assert!(failed["error"].as_str().unwrap().contains("Redis did not answer within 5 s"), "{failed}");
+    c.send("b@example.com");
+    let refused = c.recv();
+    assert_eq!(refused["event"], "error", "{refused}");
+    redis.signal(Signal::SIGCONT);
+    let id = wait_for("a job accepted again", || {
+        c.send("c@example.com");
+        let v = c.recv();
+        (v["event"] == "accepted").then(|| v["task_id"].as_u64().unwrap())
+    });
+    assert_eq!(finals(&mut c, &[id])[&id]["event"], "done");
+}
+
+#[test]
 fn startup_warns_when_redis_could_lose_or_evict_jobs() {
     let Some(redis) = Redis::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]) else {
         return;

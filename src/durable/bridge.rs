@@ -49,7 +49,7 @@ pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared) -> i32 {
     };
     let replies = {
         let (d, out) = (d.clone(), Arc::clone(&out));
-        std::thread::Builder::new().name("replies".into()).spawn(move || reply_loop(&d, &out))
+        std::thread::Builder::new().name("replies".into()).spawn(move || reply_loop(&d, &out, shared))
     };
     if let Err(e) = replies {
         tracing::error!("redis bridge: cannot start its reply reader: {e}");
@@ -82,18 +82,22 @@ impl Link<'_> {
     fn get(&mut self) -> Result<&mut Connection, String> {
         if self.conn.is_none() {
             if Instant::now() < self.retry_at {
-                return Err(format!("Redis at {} is unreachable; retrying", self.d.url));
+                return Err(format!("Redis at {} is unreachable; retrying", self.d.shown));
             }
             match redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT)) {
                 Ok(c) => {
-                    tracing::info!("redis bridge: connected to {}", self.d.url);
+                    tracing::info!("redis bridge: connected to {}", self.d.shown);
                     self.conn = Some(c);
                     self.backoff = RETRY_MIN;
                     self.shared.set_durable_down(false);
                 }
                 Err(e) => {
                     self.failed(&e);
-                    return Err(format!("Redis at {} is unreachable: {e}", self.d.url));
+                    return Err(format!(
+                        "Redis at {} is unreachable: {}",
+                        self.d.shown,
+                        redis_io::describe(&e)
+                    ));
                 }
             }
         }
@@ -106,8 +110,9 @@ impl Link<'_> {
         }
         if !self.shared.durable_down() {
             tracing::error!(
-                "redis bridge: lost Redis at {}: {e}; new jobs are refused until it is back",
-                self.d.url
+                "redis bridge: lost Redis at {}: {}; new jobs are refused until it is back",
+                self.d.shown,
+                redis_io::describe(e)
             );
         }
         self.shared.set_durable_down(true);
@@ -119,8 +124,7 @@ impl Link<'_> {
 
 fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'static Shared) -> i32 {
     let mut link = Link { d, shared, conn: None, retry_at: Instant::now(), backoff: RETRY_MIN };
-    // Wake up now and then while Redis is away, to find it again with nothing to store.
-    let _ = input.set_read_timeout(Some(RETRY_MAX));
+    let _ = link.get();
     let mut buf = vec![0u8; 256 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
@@ -129,13 +133,17 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
     loop {
+        // Idle, it sleeps until the master writes; while Redis is away, it wakes now and then
+        // to find it again, so that workers take jobs again without waiting for one to fail.
+        let away = link.conn.is_none() || shared.durable_down();
+        let _ = input.set_read_timeout(away.then_some(RETRY_MAX));
         match input.read(&mut buf) {
             Ok(0) => return 0,
             Ok(n) => pending.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                if link.conn.is_none() {
-                    let _ = link.get();
-                }
+                // The reply reader may have seen Redis go: this connection may be stale too.
+                link.conn = None;
+                let _ = link.get();
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -180,7 +188,7 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
             Ok(conn) => {
                 let done: redis::RedisResult<Vec<Value>> = pipeline(d, &items, &keeps, &trims).query(conn);
                 done.map(|_| ()).map_err(|e| {
-                    let text = format!("could not store the job in Redis: {e}");
+                    let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
                     link.failed(&e);
                     text
                 })
@@ -211,7 +219,7 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
     }
 }
 
-fn reply_loop(d: &Durable, out: &MasterOut) {
+fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared) {
     let mut conn: Option<Connection> = None;
     let mut backoff = RETRY_MIN;
     // From the start of the stream: what is still there was not acted on by the master.
@@ -245,6 +253,8 @@ fn reply_loop(d: &Durable, out: &MasterOut) {
             Ok(v) => redis_io::read_entries(v),
             Err(e) => {
                 if is_connection_error(&e) {
+                    // Seen here first when no job is being stored: refuse new ones at once.
+                    shared.set_durable_down(true);
                     conn = None;
                 } else {
                     tracing::warn!("redis bridge: reading replies failed: {e}");

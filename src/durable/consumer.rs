@@ -239,7 +239,7 @@ impl Consumer<'_> {
     fn lost(&mut self, e: &redis::RedisError) {
         if is_connection_error(e) {
             if self.conn.is_some() {
-                tracing::warn!("lost Redis at {}: {e}; reconnecting", self.d.url);
+                tracing::warn!("lost Redis at {}: {}; reconnecting", self.d.shown, redis_io::describe(e));
             }
             self.conn = None;
         } else {

@@ -13,7 +13,7 @@ use super::Durable;
 
 fn connect(d: &Durable) -> Result<redis::Connection, String> {
     redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("cannot reach Redis at {}: {e}", d.url))
+        .map_err(|e| format!("cannot reach Redis at {}: {e}", d.shown))
 }
 
 fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<Vec<StreamEntry>, String> {

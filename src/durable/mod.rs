@@ -40,6 +40,8 @@ pub const DEFAULT_CLAIM_AFTER: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct Durable {
     pub url: String,
+    /// The URL as logs and messages show it: without its password.
+    pub shown: String,
     pub node: String,
     pub keys: keys::Keys,
     /// Idle time after which a taken job is claimed by another consumer (XAUTOCLAIM).
@@ -55,6 +57,7 @@ impl Durable {
         let url = config.redis_url.clone()?;
         let node = config.node_id.clone().unwrap_or_else(host_name);
         Some(Durable {
+            shown: redact(&url),
             url,
             keys: keys::Keys::new(&config.redis_queue, &node),
             node,
@@ -65,6 +68,16 @@ impl Durable {
     }
 }
 
+/// `redis://user:secret@host` as `redis://user:***@host`: a password never reaches a log.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let end = rest.find('/').unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_string() };
+    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+    format!("{scheme}://{user}:***@{host}{path}")
+}
+
 /// The default node id: the host's name, which is what tells one machine from another.
 pub fn host_name() -> String {
     nix::unistd::gethostname()
@@ -73,4 +86,17 @@ pub fn host_name() -> String {
         .map(|h| h.chars().filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c)).take(64).collect())
         .filter(|h: &String| !h.is_empty())
         .unwrap_or_else(|| "node".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redact("redis://:s3cret@10.0.0.5:6379/0"), "redis://:***@10.0.0.5:6379/0");
+        assert_eq!(redact("redis://app:s3cret@host"), "redis://app:***@host");
+        assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(redact("redis+unix:///run/redis.sock"), "redis+unix:///run/redis.sock");
+    }
 }

@@ -33,7 +33,7 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
         .map_err(|e| format!("cannot set up signals: {e}"))?;
     // Fail now, with the reason, rather than in every task process.
     let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.url))?;
+        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
     for warning in super::startup::check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
@@ -52,7 +52,7 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
         .collect();
     let mut out = std::io::stdout().lock();
     let _ =
-        writeln!(out, "taskd task-node {} taking jobs from {} with {count} task processes", d.node, d.url);
+        writeln!(out, "taskd task-node {} taking jobs from {} with {count} task processes", d.node, d.shown);
     let _ = out.flush();
     drop(out);
     tracing::info!("task node {} (pid {}): {count} task processes on {}", d.node, getpid(), d.keys.jobs);

@@ -24,6 +24,20 @@ pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
+/// An error as a sentence for a person (a timed-out read shows as "Resource temporarily
+/// unavailable" otherwise).
+pub fn describe(e: &RedisError) -> String {
+    if e.is_timeout() {
+        format!("Redis did not answer within {} s", REPLY_LIMIT.as_secs())
+    } else if e.is_connection_refusal() {
+        format!("Redis refused the connection ({e}): is redis-server running?")
+    } else if e.is_connection_dropped() {
+        format!("the connection to Redis was lost ({e})")
+    } else {
+        e.to_string()
+    }
+}
+
 /// One entry of a stream. `fields` is empty for an entry deleted while it was pending.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StreamEntry {

@@ -26,7 +26,7 @@ pub struct Recovered {
 /// Connects, checks the server, and recovers this node's state.
 pub fn prepare(d: &Durable) -> Result<Recovered, String> {
     let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.url))?;
+        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
     for warning in check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
