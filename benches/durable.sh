@@ -33,8 +33,8 @@ run() { # $1: label, rest: loadgen flags
   local label="$1"; shift
   for shape in "--conns 8 --window 64 --seconds $secs" "--conns 1 --window 1 --seconds $((secs < 3 ? secs : 3))"; do
     # shellcheck disable=SC2086
-    line="$(target/release/examples/loadgen $shape "$@" | head -1)"
-    echo "$label | $line"
+    out="$(target/release/examples/loadgen $shape "$@")"
+    echo "$label | ${out%%$'\n'*}"
   done
 }
 

@@ -60,6 +60,14 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
     // Two task nodes on one host must not share consumer names: the pid tells them apart.
     server.node_id.get_or_insert_with(|| format!("{}-{}", taskd::durable::host_name(), std::process::id()));
     let d = durable_settings(&Settings { server: server.clone(), mail: settings.mail.clone() }, "task-node")?;
+    if server.daemonize || server.pid_file.is_some() {
+        return Err((
+            2,
+            "`taskd task-node` runs in the foreground, without a pid file: run it under a supervisor \
+             (systemd), and stop it with SIGTERM"
+                .into(),
+        ));
+    }
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
     Outbox::open(&settings.mail.outbox)

@@ -377,6 +377,28 @@ fn a_hung_redis_gets_a_clear_failure_never_a_hang() {
 }
 
 #[test]
+fn a_task_node_reopens_its_log_on_sighup_and_stops_on_sigterm() {
+    let Some(redis) = Redis::start() else { return };
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("node.log");
+    let mut node =
+        TaskNode::start(&redis, "n1", &["--task-worker-num", "2", "--log-file", log.to_str().unwrap()]);
+    wait_for("two task processes", || (node.task_pids().len() == 2).then_some(()));
+    let pids = node.task_pids();
+    std::fs::rename(&log, logs.path().join("node.log.1")).unwrap();
+    node.signal(Signal::SIGHUP);
+    wait_for("a new log file", || {
+        std::fs::read_to_string(&log).ok().filter(|l| l.contains("log file reopened")).map(|_| ())
+    });
+    node.signal(Signal::SIGTERM);
+    let status = node.wait_exit().expect("exit status");
+    assert!(status.success(), "{status}");
+    wait_for("its task processes to be gone", || pids.iter().all(|&p| is_dead(p)).then_some(()));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("task node n1 stopped"), "{text}");
+}
+
+#[test]
 fn startup_warns_when_redis_could_lose_or_evict_jobs() {
     let Some(redis) = Redis::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]) else {
         return;

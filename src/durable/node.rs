@@ -29,8 +29,12 @@ struct Slot {
 
 /// Runs a task node until it is stopped; returns the exit status.
 pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> Result<i32, String> {
-    let mut signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD])
+    // Blocked here, so also in every task process, which only reads SIGTERM and SIGINT:
+    // SIGHUP reopens the log file (the task processes follow through shared memory).
+    let mut signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT, Signal::SIGCHLD, Signal::SIGHUP])
         .map_err(|e| format!("cannot set up signals: {e}"))?;
+    let shared = crate::shm::Shared::map().map_err(|e| format!("cannot map shared memory: {e}"))?;
+    crate::logging::share_rotation(shared);
     // Fail now, with the reason, rather than in every task process.
     let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT))
         .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
@@ -84,7 +88,13 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
         let ms = PollTimeout::try_from(wait.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
         let _ = poll(&mut [PollFd::new(signals.as_fd(), PollFlags::POLLIN)], ms);
         for sig in signals.pending() {
-            if sig != Signal::SIGCHLD && stopping.is_none() {
+            if sig == Signal::SIGHUP {
+                match crate::logging::reopen() {
+                    Ok(true) => tracing::info!("SIGHUP: log file reopened"),
+                    Ok(false) => {}
+                    Err(e) => tracing::error!("SIGHUP: cannot reopen the log file: {e}"),
+                }
+            } else if sig != Signal::SIGCHLD && stopping.is_none() {
                 tracing::info!("task node {}: {sig}: stopping its task processes", d.node);
                 let limit = config.max_wait() + Duration::from_secs(2);
                 stopping = Some(Instant::now() + limit);

@@ -222,6 +222,16 @@ impl TaskNode {
         }
     }
 
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid as i32), sig);
+    }
+
+    /// Waits for the node's manager to exit; its status.
+    pub fn wait_exit(&mut self) -> Option<std::process::ExitStatus> {
+        let child = self.child.as_mut()?;
+        Some(wait_for("the task node to exit", || child.try_wait().ok().flatten()))
+    }
+
     pub fn signal_group(&self, sig: nix::sys::signal::Signal) {
         let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(self.pid as i32), sig);
     }
