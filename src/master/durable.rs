@@ -269,25 +269,6 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    /// A frame for clients that was held, now acted on.
-    fn on_client_frame(&mut self, frame: Frame<'_>) {
-        match frame {
-            Frame::Send { session, data } => self.send_to_session(session, data),
-            Frame::CloseSession { session } => {
-                if let Some((key, conn)) = self.conn_mut(session) {
-                    conn.close_after_flush = true;
-                    self.mark_dirty(key);
-                }
-            }
-            Frame::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
-            Frame::Stats { session } => {
-                let line = self.stats_line();
-                self.send_to_session(session, &line);
-            }
-            other => tracing::warn!("ignoring unexpected held message {other:?}"),
-        }
-    }
-
     fn on_reply(&mut self, frame: &Frame<'_>) {
         let Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *frame
         else {

@@ -58,13 +58,10 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         match frame {
-            Frame::Send { session, data } => self.send_to_session(session, data),
-            Frame::CloseSession { session } => {
-                if let Some((key, conn)) = self.conn_mut(session) {
-                    conn.close_after_flush = true;
-                    self.mark_dirty(key);
-                }
-            }
+            Frame::Send { .. }
+            | Frame::CloseSession { .. }
+            | Frame::QueryResult { .. }
+            | Frame::Stats { .. } => self.on_client_frame(frame),
             Frame::Task { task_id, session, target, group, flags, context, data } => {
                 let target = u32::try_from(target).ok().filter(|&t| (t as usize) < self.tasks.len());
                 self.jobs.accept(task_id, i as u32, session, JobSpec { group, target, flags }, context, data);
@@ -84,12 +81,26 @@ impl<A: Application> Master<'_, A> {
                 }
             }
             Frame::Commit { seq } => self.commit(i, seq),
+            other => tracing::warn!("worker {i}: ignoring unexpected message {other:?}"),
+        }
+    }
+
+    /// What a worker wrote for clients (also when it was held for durable jobs).
+    pub(super) fn on_client_frame(&mut self, frame: Frame<'_>) {
+        match frame {
+            Frame::Send { session, data } => self.send_to_session(session, data),
+            Frame::CloseSession { session } => {
+                if let Some((key, conn)) = self.conn_mut(session) {
+                    conn.close_after_flush = true;
+                    self.mark_dirty(key);
+                }
+            }
+            Frame::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
             Frame::Stats { session } => {
                 let line = self.stats_line();
                 self.send_to_session(session, &line);
             }
-            Frame::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
-            other => tracing::warn!("worker {i}: ignoring unexpected message {other:?}"),
+            other => tracing::warn!("ignoring a message that is not for clients: {other:?}"),
         }
     }
 
