@@ -237,7 +237,11 @@ impl Consumer<'_> {
     }
 
     fn lost(&mut self, e: &redis::RedisError) {
-        if is_connection_error(e) {
+        if e.code() == Some("NOGROUP") {
+            // The group is gone (Redis lost its data, or someone deleted it): make it again.
+            tracing::error!("the consumer group of {} is gone: {e}; creating it again", self.d.keys.jobs);
+            self.conn = None;
+        } else if is_connection_error(e) {
             if self.conn.is_some() {
                 tracing::warn!("lost Redis at {}: {}; reconnecting", self.d.shown, redis_io::describe(e));
             }
