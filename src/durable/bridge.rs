@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
-use super::entry::{JobEntry, ReplyEntry};
+use super::entry::{outcomes_of, JobEntry, OUTCOMES};
 use super::redis_io::{self, is_connection_error};
 use super::Durable;
 use crate::ipc::envelope::frame_len;
@@ -264,23 +264,15 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared) {
             }
         };
         frames.clear();
-        for entry in &entries {
+        for mut entry in entries {
             last.clone_from(&entry.id);
-            match ReplyEntry::parse(entry) {
-                Some(r) => Frame::Reply {
-                    task_id: r.task_id,
-                    ok: r.ok,
-                    attempts: r.attempts,
-                    task_pid: r.task_pid,
-                    replays: r.replays,
-                    entry: entry.id.as_bytes(),
-                    reply: &r.reply,
-                    sends: &r.sends,
-                    result: &r.result,
-                }
-                .encode(&mut frames),
-                None => {
-                    tracing::warn!("redis bridge: reply entry {} is not a reply; deleted", entry.id);
+            let outcomes = entry.take(OUTCOMES).unwrap_or_default();
+            let before = frames.len();
+            match outcomes_of(&outcomes, &entry.id, &mut frames) {
+                Ok(_) => {}
+                Err(why) => {
+                    frames.truncate(before);
+                    tracing::warn!("redis bridge: reply entry {} is not outcomes ({why}); deleted", entry.id);
                     let _: redis::RedisResult<Value> =
                         redis::cmd("XDEL").arg(&d.keys.replies).arg(&entry.id).query(c);
                 }
@@ -318,7 +310,11 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
             .ignore();
     }
     if !trims.is_empty() {
-        pipe.cmd("XDEL").arg(&d.keys.replies).arg(trims).ignore();
+        // An entry carries several outcomes: the master asks once for each.
+        let mut ids: Vec<&Vec<u8>> = trims.iter().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        pipe.cmd("XDEL").arg(&d.keys.replies).arg(ids).ignore();
     }
     pipe
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
-use super::entry::{JobEntry, ReplyEntry};
+use super::entry::{JobEntry, ReplyEntry, OUTCOMES};
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::startup::{delivery_counts, ensure_group};
@@ -166,7 +166,8 @@ fn run_one<A: Application>(
     entry: StreamEntry,
     attempt: u32,
 ) -> Completion {
-    let Some(job) = JobEntry::parse(&entry) else {
+    let mut entry = entry;
+    let Some(job) = JobEntry::parse(&mut entry) else {
         tracing::warn!("job stream entry {} is not a job (deleted meanwhile?); dropped", entry.id);
         return Completion::Drop { id: entry.id };
     };
@@ -377,14 +378,11 @@ impl Consumer<'_> {
         let d = self.d;
         let mut pipe = redis::pipe();
         pipe.atomic();
+        // One reply entry per origin node, carrying all its outcomes.
+        let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
         for c in &self.unsent {
             match c {
-                Completion::Done { origin, reply, .. } => {
-                    let mut cmd = redis::cmd("XADD");
-                    cmd.arg(d.keys.replies_of(origin)).arg("*");
-                    reply.add(&mut cmd);
-                    pipe.add_command(cmd).ignore();
-                }
+                Completion::Done { origin, reply, .. } => reply.encode(batch_for(&mut batches, origin)),
                 Completion::Dead { job, why, attempts, .. } => {
                     let mut cmd = redis::cmd("XADD");
                     cmd.arg(&d.keys.dead).arg("*");
@@ -399,13 +397,13 @@ impl Consumer<'_> {
                         result: why.clone().into_bytes(),
                         ..ReplyEntry::default()
                     };
-                    let mut cmd = redis::cmd("XADD");
-                    cmd.arg(d.keys.replies_of(&job.origin)).arg("*");
-                    failed.add(&mut cmd);
-                    pipe.add_command(cmd).ignore();
+                    failed.encode(batch_for(&mut batches, &job.origin));
                 }
                 Completion::Drop { .. } => {}
             }
+        }
+        for (origin, outcomes) in &batches {
+            pipe.cmd("XADD").arg(d.keys.replies_of(origin)).arg("*").arg(OUTCOMES).arg(outcomes).ignore();
         }
         let ids: Vec<&str> = self.unsent.iter().map(Completion::id).collect();
         pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
@@ -415,6 +413,18 @@ impl Consumer<'_> {
         self.unsent.clear();
         Ok(())
     }
+}
+
+/// The outcomes going to `origin` in this flush.
+fn batch_for<'a, 'b>(batches: &'b mut Vec<(&'a str, Vec<u8>)>, origin: &'a str) -> &'b mut Vec<u8> {
+    let i = match batches.iter().position(|(o, _)| *o == origin) {
+        Some(i) => i,
+        None => {
+            batches.push((origin, Vec::new()));
+            batches.len() - 1
+        }
+    };
+    &mut batches[i].1
 }
 
 /// Deletes, in one atomic script, the consumers idle past `gone_after` that hold no pending

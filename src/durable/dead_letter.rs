@@ -31,8 +31,8 @@ fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<V
 /// One JSON line per dead job, oldest first.
 pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, String> {
     let mut conn = connect(d)?;
-    let entries = read_all(&mut conn, d, limit)?;
-    for e in &entries {
+    let mut entries = read_all(&mut conn, d, limit)?;
+    for e in &mut entries {
         let line = match JobEntry::parse(e) {
             Some(job) => json!({
                 "id": e.id,
@@ -68,7 +68,8 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
     pipe.atomic();
     let mut count = 0;
     for e in chosen {
-        let Some(mut job) = JobEntry::parse(e) else {
+        let mut e = e.clone();
+        let Some(mut job) = JobEntry::parse(&mut e) else {
             tracing::warn!("dead letter {} is not a job; left where it is", e.id);
             continue;
         };

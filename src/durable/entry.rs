@@ -3,6 +3,8 @@
 
 use redis::Cmd;
 
+use crate::ipc::Frame;
+
 use super::redis_io::StreamEntry;
 
 /// A job in the job stream.
@@ -55,20 +57,21 @@ impl JobEntry {
     }
 
     /// None for an entry that is not a job (deleted, or written by something else).
-    pub fn parse(e: &StreamEntry) -> Option<JobEntry> {
+    /// Moves the job's bytes out of `e`.
+    pub fn parse(e: &mut StreamEntry) -> Option<JobEntry> {
         Some(JobEntry {
-            origin: String::from_utf8(e.get("o")?.to_vec()).ok()?,
             task_id: e.number("t")?,
             session: e.number("s").unwrap_or(0),
             worker: e.number("w").and_then(|w| u32::try_from(w).ok()).unwrap_or(0),
-            context: e.bytes("c").to_vec(),
-            data: e.get("d")?.to_vec(),
             replays: e.number("rp").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            origin: String::from_utf8(e.take("o")?).ok()?,
+            data: e.take("d")?,
+            context: e.take("c").unwrap_or_default(),
         })
     }
 }
 
-/// A job's outcome in its origin's reply stream.
+/// A job's outcome, for its origin node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReplyEntry {
     pub task_id: u64,
@@ -84,35 +87,52 @@ pub struct ReplyEntry {
     pub result: Vec<u8>,
 }
 
-impl ReplyEntry {
-    pub fn add(&self, cmd: &mut Cmd) {
-        cmd.arg("t").arg(self.task_id).arg("k").arg(u8::from(self.ok)).arg("a").arg(self.attempts);
-        cmd.arg("p").arg(self.task_pid);
-        if self.replays > 0 {
-            cmd.arg("rp").arg(self.replays);
-        }
-        if !self.reply.is_empty() {
-            cmd.arg("y").arg(&self.reply);
-        }
-        if !self.sends.is_empty() {
-            cmd.arg("s").arg(&self.sends);
-        }
-        cmd.arg("r").arg(&self.result);
-    }
+/// The field of a reply stream entry that holds its outcomes: one entry carries every outcome
+/// a consumer wrote for one origin at once (one XADD, one read and one XDEL for many jobs).
+pub const OUTCOMES: &str = "b";
 
-    pub fn parse(e: &StreamEntry) -> Option<ReplyEntry> {
-        let small = |name| e.number(name).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
-        Some(ReplyEntry {
-            task_id: e.number("t")?,
-            ok: e.number("k")? == 1,
-            attempts: small("a"),
-            task_pid: small("p"),
-            replays: small("rp"),
-            reply: e.bytes("y").to_vec(),
-            sends: e.bytes("s").to_vec(),
-            result: e.bytes("r").to_vec(),
-        })
+impl ReplyEntry {
+    /// Appends this outcome to a batch, as the `Reply` frame the origin's master will get
+    /// (without its stream entry id, which Redis gives the batch).
+    pub fn encode(&self, batch: &mut Vec<u8>) {
+        Frame::Reply {
+            task_id: self.task_id,
+            ok: self.ok,
+            attempts: self.attempts,
+            task_pid: self.task_pid,
+            replays: self.replays,
+            entry: b"",
+            reply: &self.reply,
+            sends: &self.sends,
+            result: &self.result,
+        }
+        .encode(batch);
     }
+}
+
+/// The outcomes of a batch as `Reply` frames naming their stream entry `id`, appended to
+/// `out`; an error if the batch is not a sequence of `Reply` frames.
+pub fn outcomes_of(batch: &[u8], id: &str, out: &mut Vec<u8>) -> Result<usize, String> {
+    let mut pos = 0;
+    let mut count = 0;
+    while pos < batch.len() {
+        match Frame::decode(&batch[pos..]) {
+            Ok(Some((
+                Frame::Reply { task_id, ok, attempts, task_pid, replays, reply, sends, result, .. },
+                n,
+            ))) => {
+                let entry = id.as_bytes();
+                Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result }
+                    .encode(out);
+                pos += n;
+                count += 1;
+            }
+            Ok(Some((other, _))) => return Err(format!("not an outcome: {other:?}")),
+            Ok(None) => return Err("a truncated outcome".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -147,24 +167,42 @@ mod tests {
         };
         let mut cmd = redis::cmd("XADD");
         job.add(&mut cmd);
-        assert_eq!(JobEntry::parse(&fields_of(&cmd)), Some(job));
-        assert_eq!(JobEntry::parse(&StreamEntry::default()), None, "a deleted entry is no job");
+        assert_eq!(JobEntry::parse(&mut fields_of(&cmd)), Some(job));
+        assert_eq!(JobEntry::parse(&mut StreamEntry::default()), None, "a deleted entry is no job");
     }
 
     #[test]
-    fn a_reply_reads_back_as_written() {
-        let reply = ReplyEntry {
+    fn a_batch_of_outcomes_reads_back_with_its_entry_id() {
+        let one = ReplyEntry {
             task_id: 9,
             ok: false,
             attempts: 3,
             task_pid: 1234,
-            replays: 0,
-            reply: Vec::new(),
-            sends: b"\x01\x02".to_vec(),
-            result: b"task process killed".to_vec(),
+            result: b"killed".to_vec(),
+            ..Default::default()
         };
-        let mut cmd = redis::cmd("XADD");
-        reply.add(&mut cmd);
-        assert_eq!(ReplyEntry::parse(&fields_of(&cmd)), Some(reply));
+        let two = ReplyEntry {
+            task_id: 10,
+            ok: true,
+            reply: b"{}\n".to_vec(),
+            sends: b"\x01".to_vec(),
+            ..Default::default()
+        };
+        let mut batch = Vec::new();
+        one.encode(&mut batch);
+        two.encode(&mut batch);
+        let mut out = Vec::new();
+        assert_eq!(outcomes_of(&batch, "5-0", &mut out), Ok(2));
+        let (first, n) = Frame::decode(&out).unwrap().unwrap();
+        assert!(
+            matches!(first, Frame::Reply { task_id: 9, ok: false, attempts: 3, entry: b"5-0", .. }),
+            "{first:?}"
+        );
+        let (second, _) = Frame::decode(&out[n..]).unwrap().unwrap();
+        assert!(
+            matches!(second, Frame::Reply { task_id: 10, ok: true, reply: b"{}\n", entry: b"5-0", .. }),
+            "{second:?}"
+        );
+        assert!(outcomes_of(b"garbage!", "1-0", &mut Vec::new()).is_err());
     }
 }

@@ -50,6 +50,11 @@ impl StreamEntry {
         self.fields.iter().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| v.as_slice())
     }
 
+    /// Moves a field's value out (it is left empty): no copy of a job's data.
+    pub fn take(&mut self, name: &str) -> Option<Vec<u8>> {
+        self.fields.iter_mut().find(|(k, _)| k == name.as_bytes()).map(|(_, v)| std::mem::take(v))
+    }
+
     pub fn bytes(&self, name: &str) -> &[u8] {
         self.get(name).unwrap_or_default()
     }
@@ -101,9 +106,11 @@ pub fn entries(v: Value) -> Vec<StreamEntry> {
         .filter_map(|item| {
             let mut parts = as_array(item).into_iter();
             let id = as_bytes(parts.next()?)?;
-            let flat: Vec<Vec<u8>> =
-                parts.next().map(as_array).unwrap_or_default().into_iter().filter_map(as_bytes).collect();
-            let fields = flat.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect();
+            let mut flat = parts.next().map(as_array).unwrap_or_default().into_iter().filter_map(as_bytes);
+            let mut fields = Vec::new();
+            while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                fields.push((k, v));
+            }
             Some(StreamEntry { id: String::from_utf8_lossy(&id).into_owned(), fields })
         })
         .collect()

@@ -102,7 +102,10 @@ fn own_jobs(conn: &mut Connection, keys: &Keys, node: &str) -> redis::RedisResul
         let entries = redis_io::entries(page);
         let Some(last) = entries.last() else { break };
         from = format!("({}", last.id);
-        jobs.extend(entries.iter().filter_map(JobEntry::parse).filter(|j| j.origin == node));
+        let entries = entries.into_iter();
+        jobs.extend(
+            entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
+        );
     }
     Ok(jobs)
 }
