@@ -17,14 +17,14 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-start_redis() { # $@: extra settings
+start_redis() { # $@: extra settings; sets $url and $redis_pid (not in a subshell: it must be killed)
   local port; port="$(free_port)"
   rm -rf "$work/redis" && mkdir -p "$work/redis"
   redis-server --port "$port" --bind 127.0.0.1 --dir "$work/redis" --save "" "$@" \
     >"$work/redis.log" 2>&1 &
   redis_pid=$!
   for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
-  echo "redis://127.0.0.1:$port"
+  url="redis://127.0.0.1:$port"
 }
 
 stop_redis() { kill -9 "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; redis_pid=""; }
@@ -39,9 +39,9 @@ run() { # $1: label, rest: loadgen flags
 }
 
 run "in memory            "
-url="$(start_redis --appendonly yes --appendfsync everysec)"
+start_redis --appendonly yes --appendfsync everysec
 run "redis, AOF everysec  " "--taskd-arg=--redis-url=$url" "--taskd-arg=--node-id=bench"
 stop_redis
-url="$(start_redis --appendonly no)"
+start_redis --appendonly no
 run "redis, AOF off       " "--taskd-arg=--redis-url=$url" "--taskd-arg=--node-id=bench"
 stop_redis
