@@ -491,3 +491,31 @@ fn dispatch_mode_3_sends_requests_to_an_idle_worker() {
         }
     }
 }
+
+/// A client that lost its connection asks what became of its job, and gets the `done` it
+/// missed; a job whose client got its reply is not kept.
+#[test]
+fn a_reconnecting_client_gets_the_reply_it_missed() {
+    let d = Daemon::start(&["--simulate-ms", "400"]);
+    let mut c = d.connect();
+    let id = c.submit("gone@example.com")["task_id"].as_u64().unwrap();
+    drop(c);
+    let mut c = d.connect();
+    c.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+    let running = c.recv();
+    assert_eq!(running["event"], "running", "{running}");
+    let done = wait_for("the missed reply", || {
+        c.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+        let v = c.recv();
+        (v["event"] == "done").then_some(v)
+    });
+    assert_eq!(done["task_id"].as_u64(), Some(id));
+    assert_eq!(done["to"], "gone@example.com", "the job's own done line: {done}");
+    let here = c.submit("here@example.com")["task_id"].as_u64().unwrap();
+    assert_eq!(c.final_reply(&here.into(), &mut Vec::new())["event"], "done");
+    c.send(&format!(r#"{{"type":"result","task_id":{here}}}"#));
+    let unknown = c.recv();
+    assert_eq!(unknown["event"], "error", "delivered, so not kept: {unknown}");
+    c.send(r#"{"type":"result","task_id":"x"}"#);
+    assert!(c.recv()["error"].as_str().unwrap().contains("task_id"));
+}

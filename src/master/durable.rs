@@ -299,10 +299,10 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    /// Keeps a final reply in Redis when its client cannot get it now (durable jobs only).
-    pub(super) fn keep_if_orphaned(&mut self, task_id: u64, session: u64, line: &[u8]) {
-        let gone = session == 0 || self.conn_mut(session).is_none();
-        if let (true, Some(state)) = (gone, self.durable.as_mut()) {
+    /// Keeps the final reply of a job whose client is gone in Redis too (durable jobs only), so
+    /// that it outlives a restart of this node.
+    pub(super) fn keep_in_redis(&mut self, task_id: u64, line: &[u8]) {
+        if let Some(state) = self.durable.as_mut() {
             state.bridge.send(&Frame::KeepResult { task_id, line });
         }
     }

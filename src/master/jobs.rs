@@ -4,6 +4,8 @@
 //! outcomes here, so a group survives the worker that submitted it.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
 pub struct Job {
@@ -64,7 +66,9 @@ pub struct JobSpec {
 pub struct Jobs {
     /// Durable jobs: task processes take them from Redis, so none is queued here.
     pub durable: bool,
-    all: HashMap<u64, Job>,
+    /// Keyed by task id with FxHash: ids are ours, not an attacker's, and SipHash was a
+    /// measurable part of the master's time per job.
+    all: FxHashMap<u64, Job>,
     /// Jobs waiting for any task process, oldest first.
     queue: VecDeque<u64>,
     /// Jobs waiting for one given task process (`task_to`), per slot.

@@ -188,12 +188,23 @@ impl<A: Application> Master<'_, A> {
                 if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
                     job.flags |= task_flags::REPLIED;
                     let session = job.session;
-                    job.reply = reply.to_vec();
+                    if self.durable.is_some() || self.client_gone(session) {
+                        // Kept for a `result` query (see `finish_job`).
+                        if let Some(job) = self.jobs.get_mut(task_id) {
+                            job.reply = reply.to_vec();
+                        }
+                    }
                     self.send_to_session(session, reply);
                 }
             }
         }
         self.finish_job(task_id, task_pid, ok, result);
+    }
+
+    /// Whether a reply to `session` may never be read: no session, a closed connection, or one
+    /// whose client has closed its side (half-closed or gone: a read cannot tell them apart).
+    fn client_gone(&mut self, session: u64) -> bool {
+        session == 0 || self.conn_mut(session).is_none_or(|(_, conn)| conn.read_closed)
     }
 
     /// A job has its final outcome: count it and deliver it to its worker slot's `on_finish`.
@@ -202,13 +213,17 @@ impl<A: Application> Master<'_, A> {
             tracing::warn!("result for unknown task {task_id} dropped");
             return;
         };
-        if job.group == 0 && job.flags & task_flags::WAIT == 0 {
+        // The final reply is kept for a `result` query when its client cannot have it (gone,
+        // or the node restarted since); with durable jobs always, as the record of which jobs
+        // are finished, so that a second outcome of one is dropped.
+        let gone = self.client_gone(job.session);
+        if job.group == 0 && job.flags & task_flags::WAIT == 0 && (gone || self.durable.is_some()) {
             let line = match std::mem::take(&mut job.reply) {
                 r if r.is_empty() => results::outcome_line(task_id, ok, result, job.attempts),
                 r => r,
             };
-            if self.durable.is_some() {
-                self.keep_if_orphaned(task_id, job.session, &line);
+            if gone {
+                self.keep_in_redis(task_id, &line);
             }
             self.results.record(task_id, line);
         }

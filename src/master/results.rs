@@ -1,18 +1,20 @@
 //! The final replies of the most recent jobs, for `{"type":"result","task_id":N}`: a client
 //! that lost its connection (or a daemon restarted under it) asks again and gets the reply.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 pub struct Results {
     keep: usize,
-    lines: HashMap<u64, Vec<u8>>,
+    lines: FxHashMap<u64, Vec<u8>>,
     /// Oldest first; the oldest goes when there are more than `keep`.
     order: VecDeque<u64>,
 }
 
 impl Results {
     pub fn new(keep: usize) -> Self {
-        Results { keep: keep.max(1), lines: HashMap::new(), order: VecDeque::new() }
+        Results { keep: keep.max(1), lines: FxHashMap::default(), order: VecDeque::new() }
     }
 
     pub fn record(&mut self, task_id: u64, line: Vec<u8>) {
