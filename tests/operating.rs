@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::{is_dead, proc_info, wait_for, Daemon};
+use common::{http_get, is_dead, proc_info, wait_for, Daemon};
 use nix::sys::signal::Signal;
 
 fn taskd(args: &[&str]) -> Output {
@@ -51,15 +49,6 @@ fn pgid(pid: u32) -> u32 {
 
 fn pid_in(path: &Path) -> u32 {
     std::fs::read_to_string(path).unwrap().lines().next().unwrap().parse().unwrap()
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(common::DEADLINE)).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: taskd\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]

@@ -149,6 +149,29 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
     metric("task_crashes_total", "counter", "Task processes that died abnormally.", c.task_crashes);
     metric("fork_failures_total", "counter", "Pool processes the manager could not fork.", c.fork_failures);
+    if let Some(d) = &s.durable {
+        let n = |key: &str| d[key].as_u64().unwrap_or(0);
+        let up = d["redis_up"].as_bool().unwrap_or(false);
+        metric("redis_up", "gauge", "1 while the bridge reaches Redis (durable jobs).", u64::from(up));
+        metric(
+            "store_batches_unacked",
+            "gauge",
+            "Batches of jobs sent to Redis and not acknowledged yet.",
+            n("store_batches_unacked"),
+        );
+        metric(
+            "duplicate_replies_dropped_total",
+            "counter",
+            "Second outcomes of jobs that ran twice, dropped.",
+            n("duplicate_replies_dropped"),
+        );
+        metric(
+            "bridge_restarts_total",
+            "counter",
+            "Times the redis bridge was replaced.",
+            n("bridge_restarts"),
+        );
+    }
     let _ = writeln!(
         out,
         "# HELP taskd_process_served_total Requests or tasks handled by the current process of a slot."

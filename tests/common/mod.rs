@@ -312,6 +312,16 @@ pub fn is_dead(pid: u32) -> bool {
     proc_info(pid).is_none_or(|p| !p.alive())
 }
 
+/// `GET path` over HTTP/1.1; the whole response.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: taskd\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Polls `check` until it returns something, or panics after `DEADLINE`.
 pub fn wait_for<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
