@@ -414,6 +414,20 @@ fn a_task_node_reopens_its_log_on_sighup_and_stops_on_sigterm() {
 }
 
 #[test]
+fn a_node_name_is_held_by_one_live_web_node() {
+    let Some(redis) = Redis::start() else { return };
+    let mut first = web(&redis, "web-1", &[]);
+    let url = redis.url.as_str();
+    let (_, log) = Daemon::try_start(&["--redis-url", url, "--node-id", "web-1"]).err().expect("refused");
+    assert!(log.contains("web-1 is in use by a running taskd"), "{log}");
+    // Stopped cleanly, it gives the name back at once.
+    first.signal(Signal::SIGTERM);
+    assert!(first.wait_exit(common::DEADLINE).is_some_and(|s| s.success()));
+    assert_eq!(redis.query::<Option<String>>(&["GET", "{taskd}:lease:web-1"]), None);
+    let _again = web(&redis, "web-1", &[]);
+}
+
+#[test]
 fn startup_warns_when_redis_could_lose_or_evict_jobs() {
     let Some(redis) = Redis::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]) else {
         return;

@@ -21,6 +21,7 @@ use redis::{Connection, Value};
 
 use super::entry::{outcomes_of, JobEntry, OUTCOMES};
 use super::redis_io::{self, is_connection_error};
+use super::startup::{lease_token, LEASE_TTL, RELEASE_LEASE};
 use super::Durable;
 use crate::ipc::envelope::frame_len;
 use crate::ipc::Frame;
@@ -125,6 +126,11 @@ impl Link<'_> {
 fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'static Shared) -> i32 {
     let mut link = Link { d, shared, conn: None, retry_at: Instant::now(), backoff: RETRY_MIN };
     let _ = link.get();
+    // The master took the node's name at start; it is renewed from here, and given back when
+    // the master closes the channel (a clean stop).
+    let token = lease_token(nix::unistd::getppid().as_raw() as u32);
+    let renew_every = LEASE_TTL / 3;
+    let mut renewed = Instant::now();
     let mut buf = vec![0u8; 256 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
@@ -136,14 +142,26 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
         // Idle, it sleeps until the master writes; while Redis is away, it wakes now and then
         // to find it again, so that workers take jobs again without waiting for one to fail.
         let away = link.conn.is_none() || shared.durable_down();
-        let _ = input.set_read_timeout(away.then_some(RETRY_MAX));
+        let _ = input.set_read_timeout(Some(if away { RETRY_MAX } else { renew_every }));
         match input.read(&mut buf) {
-            Ok(0) => return 0,
+            Ok(0) => {
+                if let Ok(conn) = link.get() {
+                    let _: redis::RedisResult<Value> = redis::cmd("EVAL")
+                        .arg(RELEASE_LEASE)
+                        .arg(1)
+                        .arg(&d.keys.lease)
+                        .arg(&token)
+                        .query(conn);
+                }
+                return 0;
+            }
             Ok(n) => pending.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
-                // The reply reader may have seen Redis go: this connection may be stale too.
-                link.conn = None;
-                let _ = link.get();
+                if away {
+                    // The reply reader may have seen Redis go: this connection may be stale too.
+                    link.conn = None;
+                    let _ = link.get();
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => {
@@ -180,13 +198,23 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
             return 1;
         }
         pending.drain(..used);
-        if items.is_empty() && trims.is_empty() && keeps.is_empty() {
+        let renew = renewed.elapsed() >= renew_every;
+        if items.is_empty() && trims.is_empty() && keeps.is_empty() && !renew {
             continue;
         }
         let outcome = match link.get() {
             Err(why) => Err(why),
             Ok(conn) => {
-                let done: redis::RedisResult<Vec<Value>> = pipeline(d, &items, &keeps, &trims).query(conn);
+                let mut pipe = pipeline(d, &items, &keeps, &trims);
+                if renew {
+                    pipe.cmd("SET")
+                        .arg(&d.keys.lease)
+                        .arg(&token)
+                        .arg("PX")
+                        .arg(LEASE_TTL.as_millis() as u64)
+                        .ignore();
+                }
+                let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
                 done.map(|_| ()).map_err(|e| {
                     let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
                     link.failed(&e);
@@ -212,6 +240,9 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
         if outcome.is_ok() {
             trims.clear();
             keeps.clear();
+            if renew {
+                renewed = Instant::now();
+            }
         }
         if !acks.is_empty() && send(out, &acks).is_err() {
             return 0;

@@ -15,6 +15,9 @@ pub struct Keys {
     pub replies: String,
     pub results: String,
     pub epoch: String,
+    /// Held by the live web node of this name: two nodes with one name would take each
+    /// other's replies.
+    pub lease: String,
 }
 
 impl Keys {
@@ -26,6 +29,7 @@ impl Keys {
             replies: format!("{tag}:replies:{node}"),
             results: format!("{tag}:results:{node}"),
             epoch: format!("{tag}:epoch:{node}"),
+            lease: format!("{tag}:lease:{node}"),
             tag,
         }
     }
@@ -49,7 +53,7 @@ mod tests {
     #[test]
     fn every_key_shares_the_hash_tag() {
         let k = Keys::new("q1", "web-1");
-        for key in [&k.jobs, &k.dead, &k.replies, &k.results, &k.epoch, &k.replies_of("web-2")] {
+        for key in [&k.jobs, &k.dead, &k.replies, &k.results, &k.epoch, &k.lease, &k.replies_of("web-2")] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
         assert_eq!(k.replies, k.replies_of("web-1"));

@@ -30,6 +30,7 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
     for warning in check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
+    take_lease(&mut conn, d)?;
     ensure_group(&mut conn, &d.keys).map_err(|e| format!("cannot create the consumer group: {e}"))?;
     let epoch: u64 = redis::cmd("INCR")
         .arg(&d.keys.epoch)
@@ -48,6 +49,60 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
     }
     Ok(Recovered { first_task_id: epoch << EPOCH_SHIFT, jobs, results })
 }
+
+/// How long a node's lease on its name lasts unless renewed (the bridge renews it every third
+/// of that), and so how long a node killed on another host keeps its name.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// This run's claim on the node name: `HOST:PID` of the master.
+pub fn lease_token(master_pid: u32) -> String {
+    format!("{}:{master_pid}", super::host_name())
+}
+
+/// Takes the node's name for this run, or says who has it. A lease left by a run on this host
+/// whose master is dead (a kill -9, a crash) is taken over at once.
+fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
+    let token = lease_token(std::process::id());
+    let ttl = LEASE_TTL.as_millis() as u64;
+    let failed = |e: redis::RedisError| format!("cannot take the node name {}: {e}", d.node);
+    let taken: Option<String> = redis::cmd("SET")
+        .arg(&d.keys.lease)
+        .arg(&token)
+        .arg("NX")
+        .arg("PX")
+        .arg(ttl)
+        .query(conn)
+        .map_err(failed)?;
+    if taken.is_some() {
+        return Ok(());
+    }
+    let holder: Option<String> = redis::cmd("GET").arg(&d.keys.lease).query(conn).map_err(failed)?;
+    let holder = holder.unwrap_or_default();
+    let dead_here = holder
+        .strip_prefix(&format!("{}:", super::host_name()))
+        .and_then(|pid| pid.parse::<i32>().ok())
+        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err());
+    if holder.is_empty() || dead_here {
+        let _: () = redis::cmd("SET")
+            .arg(&d.keys.lease)
+            .arg(&token)
+            .arg("PX")
+            .arg(ttl)
+            .query(conn)
+            .map_err(failed)?;
+        return Ok(());
+    }
+    Err(format!(
+        "invalid node_id: {} is in use by a running taskd ({holder}); give this one another --node-id, \
+         or stop that one (a node killed on another host keeps its name for {} s)",
+        d.node,
+        LEASE_TTL.as_secs()
+    ))
+}
+
+/// Gives the name back, if this run still holds it.
+pub const RELEASE_LEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// Creates the consumer group (and the stream) unless it exists. From id 0: a job added
 /// before the group existed is still run.

@@ -127,6 +127,8 @@ impl<A: Application> Master<'_, A> {
 
     /// The bridge died: a new one takes over what it had not acknowledged.
     pub(super) fn on_bridge_exit(&mut self, reason: ExitReason) {
+        // What it wrote before it died still counts (fewer batches to send again).
+        self.read_bridge();
         let Some(state) = self.durable.as_mut() else { return };
         state.bridge_pid = None;
         state.bridge_restarts += 1;
