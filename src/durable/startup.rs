@@ -81,7 +81,7 @@ fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
     let dead_here = holder
         .strip_prefix(&format!("{}:", super::host_name()))
         .and_then(|pid| pid.parse::<i32>().ok())
-        .is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err());
+        .is_some_and(|pid| !alive(pid));
     if holder.is_empty() || dead_here {
         let _: () = redis::cmd("SET")
             .arg(&d.keys.lease)
@@ -98,6 +98,16 @@ fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
         d.node,
         LEASE_TTL.as_secs()
     ))
+}
+
+/// Whether process `pid` of this host runs (a zombie does not: it is only not reaped yet).
+fn alive(pid: i32) -> bool {
+    let exists = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(false);
+    exists && !zombie
 }
 
 /// Gives the name back, if this run still holds it.
