@@ -277,18 +277,9 @@ impl Consumer<'_> {
         let conn = self.conn()?;
         let fresh;
         let entries = if recovering {
-            let v: Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&me)
-                .arg("COUNT")
-                .arg(TAKE_MAX)
-                .arg("STREAMS")
-                .arg(&d.keys.jobs)
-                .arg("0")
-                .query(conn)?;
+            // Its own pending entries, from the start: no BLOCK, they are there or not.
+            let got = read_group(conn, d, &me, TAKE_MAX, None, "0")?;
             fresh = false;
-            let got = redis_io::read_entries(v);
             if got.is_empty() {
                 self.recovering = false;
             } else {
@@ -301,20 +292,8 @@ impl Consumer<'_> {
             self.next_sweep = Instant::now() + jitter(d.claim_after / 2);
             got
         } else {
-            let v: Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(GROUP)
-                .arg(&me)
-                .arg("COUNT")
-                .arg(count)
-                .arg("BLOCK")
-                .arg(BLOCK_MS)
-                .arg("STREAMS")
-                .arg(&d.keys.jobs)
-                .arg(">")
-                .query(conn)?;
             fresh = true;
-            redis_io::read_entries(v)
+            read_group(conn, d, &me, count, Some(BLOCK_MS), ">")?
         };
         if entries.is_empty() {
             return Ok(Vec::new());
@@ -413,6 +392,25 @@ impl Consumer<'_> {
         self.unsent.clear();
         Ok(())
     }
+}
+
+/// XREADGROUP of the job stream for consumer `me`, from `from` (`>`: new jobs; `0`: its own
+/// pending ones).
+fn read_group(
+    conn: &mut Connection,
+    d: &Durable,
+    me: &str,
+    count: usize,
+    block_ms: Option<u64>,
+    from: &str,
+) -> redis::RedisResult<Vec<StreamEntry>> {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(count);
+    if let Some(ms) = block_ms {
+        cmd.arg("BLOCK").arg(ms);
+    }
+    let v: Value = cmd.arg("STREAMS").arg(&d.keys.jobs).arg(from).query(conn)?;
+    Ok(redis_io::read_entries(v))
 }
 
 /// The outcomes going to `origin` in this flush.
