@@ -149,7 +149,7 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
     a.kill_all();
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "1"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["event"], "done", "{done}");
     assert_eq!(done["attempts"], 2, "claimed and run a second time: {done}");
@@ -163,6 +163,9 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
         (!format!("{v:?}").contains("a/0")).then_some(())
     });
     assert!(b.log().contains("deleted consumer a/0"), "{}", b.log());
+    // Live consumers stay, however long they wait for work.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(!b.log().contains("deleted consumer b/"), "{}", b.log());
 }
 
 #[test]

@@ -33,9 +33,10 @@ const TAKE_BUDGET: f64 = 0.002;
 const TAKE_MAX: usize = 64;
 /// Jobs claimed from dead consumers per sweep.
 const CLAIM_COUNT: usize = 32;
-/// A consumer idle this long (and twice the claim time) with nothing pending belongs to a
-/// process that is gone. Deleting a live one would be harmless: it comes back on its next read.
-const CONSUMER_GONE: Duration = Duration::from_secs(2);
+/// Each consumer's connection carries its name with this prefix, so that `CLIENT LIST` tells
+/// which consumers belong to a live process (Redis 7.0's consumer idle time does not: a read
+/// that finds nothing does not reset it).
+const CLIENT_PREFIX: &str = "taskd:";
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Where a stop request comes from: the master's channel (web node) or signals (task node).
@@ -229,6 +230,8 @@ impl Consumer<'_> {
         if self.conn.is_none() {
             // No reply limit: this connection blocks in XREADGROUP.
             let mut conn = redis_io::connect(&self.d.url, None)?;
+            let name = format!("{CLIENT_PREFIX}{}", self.me);
+            let _: () = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn)?;
             ensure_group(&mut conn, &self.d.keys)?;
             self.conn = Some(conn);
             self.recovering = true;
@@ -425,34 +428,58 @@ fn batch_for<'a, 'b>(batches: &'b mut Vec<(&'a str, Vec<u8>)>, origin: &'a str) 
     &mut batches[i].1
 }
 
-/// Deletes, in one atomic script, the consumers idle past `gone_after` that hold no pending
-/// job. Atomic because XGROUP DELCONSUMER drops what a consumer holds: a check followed by a
-/// separate delete could lose a job the consumer took in between.
+/// Deletes, in one atomic script, the consumers that hold no pending job, are idle past the
+/// claim time, and have no live connection (ARGV[4..] names the live ones). Atomic because
+/// XGROUP DELCONSUMER drops what a consumer holds: a check followed by a separate delete could
+/// lose a job the consumer took in between. Deleting a live one by mistake would be harmless:
+/// Redis makes it again when it next serves it.
 const REMOVE_GONE: &str = r"
+local live = {}
+for i = 4, #ARGV do live[ARGV[i]] = true end
 local removed = {}
 for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
   local f = {}
   for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
-  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and f['name'] ~= ARGV[3] then
-    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], f['name'])
-    table.insert(removed, f['name'])
+  local name = f['name']
+  if f['pending'] == 0 and f['idle'] > tonumber(ARGV[2]) and name ~= ARGV[3] and not live[name] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    table.insert(removed, name)
   end
 end
 return removed
 ";
 
+/// The consumers with a connection open now, from `CLIENT LIST`.
+fn live_consumers(conn: &mut Connection) -> redis::RedisResult<Vec<String>> {
+    let list: String = redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("normal").query(conn)?;
+    Ok(list
+        .lines()
+        .filter_map(|line| line.split(' ').find_map(|kv| kv.strip_prefix("name=")))
+        .filter_map(|name| name.strip_prefix(CLIENT_PREFIX))
+        .map(str::to_string)
+        .collect())
+}
+
 fn remove_gone_consumers(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResult<()> {
-    let gone_after = (d.claim_after * 2).max(CONSUMER_GONE);
+    let live = match live_consumers(conn) {
+        Ok(live) => live,
+        Err(e) => {
+            // CLIENT may be forbidden (ACL): then consumers are left alone, never deleted blind.
+            tracing::debug!("cannot list Redis clients ({e}); leaving consumers as they are");
+            return Ok(());
+        }
+    };
     let removed: Vec<String> = redis::cmd("EVAL")
         .arg(REMOVE_GONE)
         .arg(1)
         .arg(&d.keys.jobs)
         .arg(GROUP)
-        .arg(gone_after.as_millis() as u64)
+        .arg(d.claim_after.as_millis() as u64)
         .arg(me)
+        .arg(&live)
         .query(conn)?;
     for name in removed {
-        tracing::info!("deleted consumer {name}: idle over {gone_after:?} with nothing pending");
+        tracing::info!("deleted consumer {name}: its process is gone and it holds nothing");
     }
     Ok(())
 }
