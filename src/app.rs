@@ -214,6 +214,8 @@ impl WorkerCtx<'_> {
 
     /// Like [`WorkerCtx::task_for`], run by the task process of slot `task_slot` (Swoole's
     /// `task($data, $dst_worker_id)`): it waits for that process if it is busy or restarting.
+    /// Not with durable jobs (`redis_url`), where any node's task process takes a job:
+    /// [`TaskError::Unavailable`].
     pub fn task_to(
         &mut self,
         task_slot: u32,
@@ -370,7 +372,9 @@ impl TaskCtx<'_> {
         self.info
     }
 
-    /// Sends bytes to a client session directly from the task process, at once.
+    /// Sends bytes to a client session directly from the task process, at once. With durable
+    /// jobs (`redis_url`), they travel with the task's outcome instead, to the node that has the
+    /// session.
     pub fn send(&mut self, session: SessionId, data: &[u8]) {
         Frame::Send { session, data }.encode(self.out);
     }
