@@ -50,7 +50,13 @@ pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared) -> i32 {
     };
     let replies = {
         let (d, out) = (d.clone(), Arc::clone(&out));
-        std::thread::Builder::new().name("replies".into()).spawn(move || reply_loop(&d, &out, shared))
+        std::thread::Builder::new().name("replies".into()).spawn(move || {
+            // Without this thread no outcome would reach the master: if it fails, the whole
+            // bridge goes, and the master starts a new one.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply_loop(&d, &out, shared)));
+            tracing::error!("redis bridge: the reply reader failed; the bridge exits");
+            crate::process::exit_now(1)
+        })
     };
     if let Err(e) = replies {
         tracing::error!("redis bridge: cannot start its reply reader: {e}");
