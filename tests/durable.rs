@@ -395,7 +395,7 @@ fn a_hung_redis_gets_a_clear_failure_never_a_hang() {
 }
 
 #[test]
-fn a_task_node_reopens_its_log_on_sighup_and_stops_on_sigterm() {
+fn a_task_node_holds_its_name_reopens_its_log_on_sighup_and_stops_on_sigterm() {
     let Some(redis) = Redis::start() else { return };
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("node.log");
@@ -403,6 +403,9 @@ fn a_task_node_reopens_its_log_on_sighup_and_stops_on_sigterm() {
         TaskNode::start(&redis, "n1", &["--task-worker-num", "2", "--log-file", log.to_str().unwrap()]);
     wait_for("two task processes", || (node.task_pids().len() == 2).then_some(()));
     let pids = node.task_pids();
+    let twin = taskd(&["task-node", "--redis-url", &redis.url, "--node-id", "n1"]);
+    assert_eq!(twin.status.code(), Some(1), "{twin:?}");
+    assert!(String::from_utf8_lossy(&twin.stderr).contains("n1 is in use"), "{twin:?}");
     std::fs::rename(&log, logs.path().join("node.log.1")).unwrap();
     node.signal(Signal::SIGHUP);
     wait_for("a new log file", || {
@@ -414,6 +417,7 @@ fn a_task_node_reopens_its_log_on_sighup_and_stops_on_sigterm() {
     wait_for("its task processes to be gone", || pids.iter().all(|&p| is_dead(p)).then_some(()));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("task node n1 stopped"), "{text}");
+    assert_eq!(redis.query::<Option<String>>(&["GET", "{taskd}:lease:n1"]), None, "the name is given back");
 }
 
 #[test]

@@ -10,6 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::{getpid, Pid};
 
 use super::consumer::{self, ConsumerSetup, Control};
+use super::startup::{lease_token, LEASE_TTL, RELEASE_LEASE};
 use super::Durable;
 use crate::app::Application;
 use crate::config::ServerConfig;
@@ -43,7 +44,10 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     }
     super::startup::ensure_group(&mut conn, &d.keys)
         .map_err(|e| format!("cannot create the consumer group: {e}"))?;
-    drop(conn);
+    // Two task nodes of one name would share consumer names: the name is held while this runs.
+    super::startup::take_lease(&mut conn, d)?;
+    let mut lease =
+        Lease { conn: Some(conn), token: lease_token(std::process::id()), renewed: Instant::now() };
     process::set_title("taskd: task-node");
     let count = config.task_worker_num.max(1);
     let mut slots: Vec<Slot> = (0..count)
@@ -79,7 +83,8 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                 }
             }
         }
-        let next = slots.iter().filter_map(|s| s.restart_at).min();
+        lease.renew_if_due(d);
+        let next = slots.iter().filter_map(|s| s.restart_at).min().into_iter().chain([lease.due()]).min();
         let wait = match (stopping, next) {
             (Some(deadline), _) => deadline.saturating_duration_since(Instant::now()),
             (None, Some(at)) => at.saturating_duration_since(Instant::now()),
@@ -121,6 +126,7 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
         }
         if let Some(deadline) = stopping {
             if slots.iter().all(|s| s.pid.is_none()) {
+                lease.release(d);
                 tracing::info!("task node {} stopped", d.node);
                 return Ok(0);
             }
@@ -130,8 +136,47 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                     let _ = kill(pid, Signal::SIGKILL);
                     process::wait_for(pid, Duration::from_secs(2));
                 }
+                lease.release(d);
                 return Ok(0);
             }
+        }
+    }
+}
+
+/// This node's hold on its name, renewed from the manager's loop.
+struct Lease {
+    conn: Option<redis::Connection>,
+    token: String,
+    renewed: Instant,
+}
+
+impl Lease {
+    fn due(&self) -> Instant {
+        self.renewed + LEASE_TTL / 3
+    }
+
+    fn renew_if_due(&mut self, d: &Durable) {
+        if Instant::now() < self.due() {
+            return;
+        }
+        self.renewed = Instant::now();
+        if self.conn.is_none() {
+            self.conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT)).ok();
+        }
+        let Some(conn) = self.conn.as_mut() else { return };
+        let ttl = LEASE_TTL.as_millis() as u64;
+        let renewed: redis::RedisResult<()> =
+            redis::cmd("SET").arg(&d.keys.lease).arg(&self.token).arg("PX").arg(ttl).query(conn);
+        if let Err(e) = renewed {
+            tracing::debug!("cannot renew the node's name: {e}");
+            self.conn = None;
+        }
+    }
+
+    fn release(&mut self, d: &Durable) {
+        if let Some(conn) = self.conn.as_mut() {
+            let _: redis::RedisResult<redis::Value> =
+                redis::cmd("EVAL").arg(RELEASE_LEASE).arg(1).arg(&d.keys.lease).arg(&self.token).query(conn);
         }
     }
 }

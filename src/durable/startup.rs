@@ -61,7 +61,7 @@ pub fn lease_token(master_pid: u32) -> String {
 
 /// Takes the node's name for this run, or says who has it. A lease left by a run on this host
 /// whose master is dead (a kill -9, a crash) is taken over at once.
-fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
+pub fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
     let token = lease_token(std::process::id());
     let ttl = LEASE_TTL.as_millis() as u64;
     let failed = |e: redis::RedisError| format!("cannot take the node name {}: {e}", d.node);
