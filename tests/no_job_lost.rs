@@ -106,7 +106,17 @@ struct Tally {
     unexplained_failures: Vec<String>,
 }
 
-fn chaos_client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, id: usize) -> Tally {
+/// A failure the chaos itself explains: the last run of the job was killed.
+fn killed_in_memory(error: &str) -> bool {
+    error.starts_with("task process ") && error.contains("killed by signal 9")
+}
+
+fn chaos_client(
+    addr: std::net::SocketAddr,
+    stop: Arc<AtomicBool>,
+    id: usize,
+    explained: fn(&str) -> bool,
+) -> Tally {
     const WINDOW: usize = 4;
     let mut t = Tally::default();
     let mut client = Client::connect(addr);
@@ -160,7 +170,7 @@ fn chaos_client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, id: usize) ->
                 } else {
                     t.failed += 1;
                     let error = reply["error"].as_str().unwrap_or("");
-                    if !(error.starts_with("task process ") && error.contains("killed by signal 9")) {
+                    if !explained(error) {
                         t.unexplained_failures.push(reply.to_string());
                     }
                 }
@@ -176,6 +186,33 @@ fn chaos_client(addr: std::net::SocketAddr, stop: Arc<AtomicBool>, id: usize) ->
         t.unexplained_failures.push("a job got more than one final reply".into());
     }
     t
+}
+
+fn sum(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
+    let mut total = Tally::default();
+    for c in clients {
+        let t = c.join().unwrap();
+        total.sent += t.sent;
+        total.accepted += t.accepted;
+        total.errors += t.errors;
+        total.done += t.done;
+        total.failed += t.failed;
+        total.missing += t.missing;
+        total.dropped += t.dropped;
+        total.unexplained_failures.extend(t.unexplained_failures);
+    }
+    total
+}
+
+/// A xorshift generator: random enough to pick victims, seeded from the clock.
+fn rng() -> impl FnMut() -> u64 {
+    let mut seed = Instant::now().elapsed().subsec_nanos() as u64 | 1;
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
 }
 
 #[test]
@@ -196,17 +233,11 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
     let clients: Vec<_> = (0..8)
         .map(|id| {
             let (addr, stop) = (daemon.addr, stop.clone());
-            std::thread::spawn(move || chaos_client(addr, stop, id))
+            std::thread::spawn(move || chaos_client(addr, stop, id, killed_in_memory))
         })
         .collect();
     let start = Instant::now();
-    let mut seed = start.elapsed().subsec_nanos() as u64 | 1;
-    let mut rand = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut rand = rng();
     let (mut killed_workers, mut killed_tasks, mut killed_manager) = (0, 0, 0);
     while start.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_millis(150 + rand() % 200));
@@ -234,18 +265,7 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
         }
     }
     stop.store(true, Ordering::Relaxed);
-    let mut total = Tally::default();
-    for c in clients {
-        let t = c.join().unwrap();
-        total.sent += t.sent;
-        total.accepted += t.accepted;
-        total.errors += t.errors;
-        total.done += t.done;
-        total.failed += t.failed;
-        total.missing += t.missing;
-        total.dropped += t.dropped;
-        total.unexplained_failures.extend(t.unexplained_failures);
-    }
+    let total = sum(clients);
     let outbox = daemon.outbox_lines().len();
     println!(
         "chaos {secs}s: killed {killed_workers} workers, {killed_tasks} task processes, {killed_manager} manager; \
@@ -283,4 +303,81 @@ fn a_result_of_a_killed_workers_task_reaches_on_finish_of_its_successor() {
     let log = daemon.log();
     let successor_line = log.lines().find(|l| l.contains("task 1 failed")).unwrap();
     assert!(!successor_line.contains(&format!("[{worker}]")), "logged by the successor: {successor_line}");
+}
+
+/// The same chaos with durable jobs: web-node workers and task processes, the redis bridge, a
+/// task node's task processes, and once the whole task node, killed at random under load.
+#[test]
+fn durable_chaos_random_kills_lose_no_job() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let secs: u64 = std::env::var("TASKD_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let url = redis.url.clone();
+    let daemon = Daemon::start(&[
+        "--redis-url",
+        &url,
+        "--node-id",
+        "web-1",
+        "--worker-num",
+        "3",
+        "--task-worker-num",
+        "2",
+        "--simulate-ms",
+        "40",
+        "--task-retry-max",
+        "5",
+    ]);
+    daemon.wait_pool(3, 2);
+    let node_args =
+        ["--task-worker-num", "2", "--simulate-ms", "40", "--task-retry-max", "5", "--task-timeout", "1"];
+    let mut node = common::durable::TaskNode::start(&redis, "n2", &node_args);
+    let stop = Arc::new(AtomicBool::new(false));
+    // With durable jobs a job fails only past its attempts.
+    let past_attempts: fn(&str) -> bool = |e| e.starts_with("gave up after");
+    let clients: Vec<_> = (0..8)
+        .map(|id| {
+            let (addr, stop) = (daemon.addr, stop.clone());
+            std::thread::spawn(move || chaos_client(addr, stop, id, past_attempts))
+        })
+        .collect();
+    let start = Instant::now();
+    let mut rand = rng();
+    let mut kills: HashMap<&str, u32> = HashMap::new();
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(150 + rand() % 200));
+        if !kills.contains_key("task node") && start.elapsed() > Duration::from_secs(secs / 2) {
+            node.kill_all();
+            node = common::durable::TaskNode::start(&redis, "n2", &node_args);
+            kills.insert("task node", 1);
+            continue;
+        }
+        let mut victims: Vec<(u32, &str)> = daemon
+            .tree()
+            .into_iter()
+            .filter_map(|p| match p.args.as_str() {
+                a if a.starts_with("taskd: worker") => Some((p.pid, "web worker")),
+                a if a.starts_with("taskd: task") => Some((p.pid, "web task process")),
+                "taskd: redis bridge" => Some((p.pid, "bridge")),
+                _ => None,
+            })
+            .collect();
+        victims.extend(node.task_pids().into_iter().map(|pid| (pid, "task-node task process")));
+        if victims.is_empty() {
+            continue;
+        }
+        let (pid, what) = victims[(rand() % victims.len() as u64) as usize];
+        kill9(pid);
+        *kills.entry(what).or_default() += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = sum(clients);
+    println!(
+        "durable chaos {secs}s: killed {kills:?}; sent {}, accepted {}, errors {}, done {}, failed {}, missing {}, dropped {}",
+        total.sent, total.accepted, total.errors, total.done, total.failed, total.missing, total.dropped
+    );
+    assert_eq!(total.missing, 0, "{total:?}");
+    assert_eq!(total.dropped, 0, "{total:?}");
+    assert_eq!(total.errors, 0, "{total:?}");
+    assert!(total.unexplained_failures.is_empty(), "{:?}", total.unexplained_failures);
+    assert_eq!(total.accepted, total.done + total.failed);
+    assert!(total.done > 100, "the load ran: {total:?}");
 }
