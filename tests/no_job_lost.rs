@@ -188,6 +188,31 @@ fn chaos_client(
     t
 }
 
+/// Eight chaos clients, each on its own thread.
+fn start_clients(
+    addr: std::net::SocketAddr,
+    stop: &Arc<AtomicBool>,
+    explained: fn(&str) -> bool,
+) -> Vec<std::thread::JoinHandle<Tally>> {
+    (0..8)
+        .map(|id| {
+            let stop = stop.clone();
+            std::thread::spawn(move || chaos_client(addr, stop, id, explained))
+        })
+        .collect()
+}
+
+/// What every chaos run must end with: each job sent answered, each accepted one finished
+/// exactly once, failures only for the reasons the chaos explains.
+fn assert_nothing_lost(total: &Tally) {
+    assert_eq!(total.missing, 0, "{total:?}");
+    assert_eq!(total.dropped, 0, "{total:?}");
+    assert_eq!(total.errors, 0, "{total:?}");
+    assert!(total.unexplained_failures.is_empty(), "{:?}", total.unexplained_failures);
+    assert_eq!(total.accepted, total.done + total.failed);
+    assert!(total.done > 100, "the load ran: {total:?}");
+}
+
 fn sum(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
     let mut total = Tally::default();
     for c in clients {
@@ -230,12 +255,7 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
     ]);
     daemon.wait_pool(3, 4);
     let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..8)
-        .map(|id| {
-            let (addr, stop) = (daemon.addr, stop.clone());
-            std::thread::spawn(move || chaos_client(addr, stop, id, killed_in_memory))
-        })
-        .collect();
+    let clients = start_clients(daemon.addr, &stop, killed_in_memory);
     let start = Instant::now();
     let mut rand = rng();
     let (mut killed_workers, mut killed_tasks, mut killed_manager) = (0, 0, 0);
@@ -272,12 +292,7 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
          sent {}, accepted {}, errors {}, done {}, failed {}, missing {}, dropped {}; outbox lines {outbox}",
         total.sent, total.accepted, total.errors, total.done, total.failed, total.missing, total.dropped
     );
-    assert_eq!(total.missing, 0, "{total:?}");
-    assert_eq!(total.dropped, 0, "{total:?}");
-    assert_eq!(total.errors, 0, "{total:?}");
-    assert!(total.unexplained_failures.is_empty(), "{:?}", total.unexplained_failures);
-    assert_eq!(total.accepted, total.done + total.failed);
-    assert!(total.done > 100, "the load ran: {total:?}");
+    assert_nothing_lost(&total);
     assert!(outbox as u64 >= total.done, "every done job is in the outbox (retries may add more)");
 }
 
@@ -332,13 +347,7 @@ fn durable_chaos_random_kills_lose_no_job() {
     let mut node = common::durable::TaskNode::start(&redis, "n2", &node_args);
     let stop = Arc::new(AtomicBool::new(false));
     // With durable jobs a job fails only past its attempts.
-    let past_attempts: fn(&str) -> bool = |e| e.starts_with("gave up after");
-    let clients: Vec<_> = (0..8)
-        .map(|id| {
-            let (addr, stop) = (daemon.addr, stop.clone());
-            std::thread::spawn(move || chaos_client(addr, stop, id, past_attempts))
-        })
-        .collect();
+    let clients = start_clients(daemon.addr, &stop, |e| e.starts_with("gave up after"));
     let start = Instant::now();
     let mut rand = rng();
     let mut kills: HashMap<&str, u32> = HashMap::new();
@@ -374,10 +383,5 @@ fn durable_chaos_random_kills_lose_no_job() {
         "durable chaos {secs}s: killed {kills:?}; sent {}, accepted {}, errors {}, done {}, failed {}, missing {}, dropped {}",
         total.sent, total.accepted, total.errors, total.done, total.failed, total.missing, total.dropped
     );
-    assert_eq!(total.missing, 0, "{total:?}");
-    assert_eq!(total.dropped, 0, "{total:?}");
-    assert_eq!(total.errors, 0, "{total:?}");
-    assert!(total.unexplained_failures.is_empty(), "{:?}", total.unexplained_failures);
-    assert_eq!(total.accepted, total.done + total.failed);
-    assert!(total.done > 100, "the load ran: {total:?}");
+    assert_nothing_lost(&total);
 }
