@@ -145,8 +145,8 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
     loop {
-        // Idle, it sleeps until the master writes; while Redis is away, it wakes now and then
-        // to find it again, so that workers take jobs again without waiting for one to fail.
+        // Idle, it wakes only to renew the node's name; while Redis is away, every second to
+        // find it again, so that workers take jobs again without waiting for one to fail.
         let away = link.conn.is_none() || shared.durable_down();
         let _ = input.set_read_timeout(Some(if away { RETRY_MAX } else { renew_every }));
         match input.read(&mut buf) {
