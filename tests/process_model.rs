@@ -499,6 +499,10 @@ fn a_reconnecting_client_gets_the_reply_it_missed() {
     let d = Daemon::start(&["--simulate-ms", "400"]);
     let mut c = d.connect();
     let id = c.submit("gone@example.com")["task_id"].as_u64().unwrap();
+    let batch = c.submit(r#"{"type":"batch","jobs":[{"type":"email","to":"b1@example.com"},{"type":"sms","to":"13800138000"}]}"#)
+        ["task_id"]
+        .as_u64()
+        .unwrap();
     drop(c);
     let mut c = d.connect();
     c.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
@@ -511,6 +515,12 @@ fn a_reconnecting_client_gets_the_reply_it_missed() {
     });
     assert_eq!(done["task_id"].as_u64(), Some(id));
     assert_eq!(done["to"], "gone@example.com", "the job's own done line: {done}");
+    let batch_done = wait_for("the missed batch reply", || {
+        c.send(&format!(r#"{{"type":"result","task_id":{batch}}}"#));
+        let v = c.recv();
+        (v["event"] == "done").then_some(v)
+    });
+    assert_eq!(batch_done["results"][1]["result"], "SMS:13800138000, sent", "{batch_done}");
     let here = c.submit("here@example.com")["task_id"].as_u64().unwrap();
     assert_eq!(c.final_reply(&here.into(), &mut Vec::new())["event"], "done");
     c.send(&format!(r#"{{"type":"result","task_id":{here}}}"#));

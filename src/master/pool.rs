@@ -203,7 +203,7 @@ impl<A: Application> Master<'_, A> {
 
     /// Whether a reply to `session` may never be read: no session, a closed connection, or one
     /// whose client has closed its side (half-closed or gone: a read cannot tell them apart).
-    fn client_gone(&mut self, session: u64) -> bool {
+    pub(super) fn client_gone(&mut self, session: u64) -> bool {
         session == 0 || self.conn_mut(session).is_none_or(|(_, conn)| conn.read_closed)
     }
 
@@ -269,16 +269,30 @@ impl<A: Application> Master<'_, A> {
         let mut result = Vec::new();
         let mut attempts = 0;
         let missing = format!("timed out after {} ms", group.timeout.as_millis());
+        let mut members: Vec<(bool, &[u8])> = Vec::with_capacity(group.size as usize);
         for k in 0..group.size as usize {
             match group.outcomes.get(k).and_then(Option::as_ref) {
                 Some(member) => {
                     attempts = attempts.max(member.attempts);
                     encode_outcome(member.ok, &member.result, &mut result);
+                    members.push((member.ok, &member.result));
                 }
-                None => encode_outcome(false, missing.as_bytes(), &mut result),
+                None => {
+                    encode_outcome(false, missing.as_bytes(), &mut result);
+                    members.push((false, missing.as_bytes()));
+                }
             }
         }
         let session = group.session;
+        // As for a single job (`finish_job`): kept for a client that cannot read it now.
+        let gone = self.client_gone(session);
+        if gone || self.durable.is_some() {
+            let line = results::group_line(group_id, &members);
+            if gone {
+                self.keep_in_redis(group_id, &line);
+            }
+            self.results.record(group_id, line);
+        }
         self.deliver(group.worker as usize, session, Delivery::Finish, |seq, out| {
             Frame::Finish {
                 seq,

@@ -54,6 +54,27 @@ pub fn outcome_line(task_id: u64, ok: bool, result: &[u8], attempts: u32) -> Vec
     line
 }
 
+/// The reply line the master keeps for a group of tasks: each member's result or error, in
+/// order.
+pub fn group_line(group_id: u64, members: &[(bool, &[u8])]) -> Vec<u8> {
+    let results: Vec<serde_json::Value> = members
+        .iter()
+        .map(|&(ok, bytes)| {
+            let text = String::from_utf8_lossy(bytes);
+            if ok {
+                serde_json::json!({"result": text})
+            } else {
+                serde_json::json!({"error": text})
+            }
+        })
+        .collect();
+    let mut line = serde_json::json!({"event": "done", "task_id": group_id, "results": results})
+        .to_string()
+        .into_bytes();
+    line.push(b'\n');
+    line
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +98,9 @@ mod tests {
         assert_eq!(v["event"], "failed");
         assert_eq!(v["error"], "boom");
         assert_eq!(v["attempts"], 3);
+        let g: serde_json::Value =
+            serde_json::from_slice(&group_line(9, &[(true, b"sent"), (false, b"timed out")])).unwrap();
+        assert_eq!(g["results"][0]["result"], "sent");
+        assert_eq!(g["results"][1]["error"], "timed out");
     }
 }
