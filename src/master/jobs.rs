@@ -93,7 +93,8 @@ impl Jobs {
             context: context.to_vec(),
             size,
             outcomes: Vec::with_capacity(size as usize),
-            deadline: (timeout_ms > 0).then(|| Instant::now() + timeout),
+            // A library app may ask for any timeout: one past the clock's range is none.
+            deadline: (timeout_ms > 0).then(|| Instant::now().checked_add(timeout)).flatten(),
             timeout,
         };
         self.groups.insert(group_id, group);
