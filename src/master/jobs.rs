@@ -195,6 +195,17 @@ impl Jobs {
         self.all.is_empty() && self.groups.is_empty()
     }
 
+    /// Every job's id, in no particular order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.all.keys().copied().collect()
+    }
+
+    /// Empties the queues (at shutdown, once every job in them has been given up).
+    pub fn clear_queues(&mut self) {
+        self.queue.clear();
+        self.targeted.clear();
+    }
+
     pub fn queued(&self) -> usize {
         self.queue.len() + self.targeted.values().map(VecDeque::len).sum::<usize>()
     }
