@@ -82,7 +82,8 @@ pub struct ServerConfig {
     pub task_retry_max: u32,
     /// Seconds a task may run before its process is killed and the job retried (0 = no limit).
     pub task_timeout: f64,
-    /// Seconds a graceful shutdown waits for in-flight jobs.
+    /// Seconds a graceful shutdown waits for in-flight jobs; then each job not finished is
+    /// answered `failed` ("server stopping").
     pub max_wait_time: u64,
     /// The most jobs sent ahead to one task process; fewer while its jobs are slow (about
     /// 2 ms of work ahead). 1: a task process gets a job only when idle.
