@@ -380,7 +380,7 @@ impl<A: Application> Master<'_, A> {
                  each client gets `failed`",
                 ids.len(),
                 ids.len().saturating_sub(queued),
-                if batches == 0 { String::new() } else { format!("; {batches} batches among them") }
+                if batches == 0 { String::new() } else { format!("; {batches} batch(es) among them") }
             );
         }
     }
