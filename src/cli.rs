@@ -92,13 +92,13 @@ options! {
     server.task_queue_max: u64,
     /// Runs of a job whose task process died, beyond the first [default: 2]
     server.task_retry_max: u32,
-    /// Seconds a task may run before its process is killed and the job retried; 0 = no limit [default: 0]
+    /// Seconds a task may run before its process is killed and the job retried, up to 86400; 0 = no limit [default: 300]
     server.task_timeout: f64,
-    /// Seconds a graceful shutdown waits for in-flight jobs [default: 3]
+    /// Seconds a graceful shutdown waits for in-flight jobs (up to 86400); then each unfinished job gets `failed` [default: 3]
     server.max_wait_time: u64,
     /// Most jobs sent ahead to one task process (fewer while its jobs are slow) [default: 64]
     server.task_prefetch: usize,
-    /// error, warn, info, debug or trace (RUST_LOG overrides) [default: info]
+    /// error, warn, info, debug, trace, off, or TARGET=LEVEL directives such as taskd=debug,warn (RUST_LOG overrides) [default: info]
     server.log_level: String,
     /// human or json (one JSON object per line) [default: human]
     server.log_format: LogFormat,
@@ -217,7 +217,28 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
     settings.apply_env(env)?;
     settings.apply_flags(&cli.options);
     settings.server.validate().map_err(|e| e.to_string())?;
+    settings.check_mail_times().map_err(|e| e.to_string())?;
     Ok(settings)
+}
+
+impl Settings {
+    /// The application's durations, checked with the server's (`ServerConfig::check_limits`).
+    fn check_mail_times(&self) -> Result<(), crate::config::InvalidOption> {
+        use crate::config::{InvalidOption, MAX_SECONDS};
+        use crate::mail::request::MAX_DELAY_MS;
+        let (simulate, batch) = (self.mail.simulate_ms, self.mail.batch_timeout_ms);
+        if simulate > MAX_DELAY_MS {
+            let reason =
+                format!("{simulate} ms is more than {MAX_DELAY_MS} (one hour), the most a job may take");
+            return Err(InvalidOption { option: "simulate_ms", reason });
+        }
+        self.server.check_run_time("simulate_ms", simulate)?;
+        if batch > MAX_SECONDS * 1000 {
+            let reason = format!("{batch} ms is more than one day ({} ms)", MAX_SECONDS * 1000);
+            return Err(InvalidOption { option: "batch_timeout_ms", reason });
+        }
+        Ok(())
+    }
 }
 
 fn read_file(path: &Path) -> Result<FileOptions, String> {

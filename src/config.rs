@@ -82,7 +82,8 @@ pub struct ServerConfig {
     pub task_retry_max: u32,
     /// Seconds a task may run before its process is killed and the job retried (0 = no limit).
     pub task_timeout: f64,
-    /// Seconds a graceful shutdown waits for in-flight jobs.
+    /// Seconds a graceful shutdown waits for in-flight jobs; then each job not finished is
+    /// answered `failed` ("server stopping").
     pub max_wait_time: u64,
     /// The most jobs sent ahead to one task process; fewer while its jobs are slow (about
     /// 2 ms of work ahead). 1: a task process gets a job only when idle.
@@ -134,7 +135,7 @@ impl Default for ServerConfig {
             buffer_output_size: 2 * 1024 * 1024,
             task_queue_max: 10_000,
             task_retry_max: 2,
-            task_timeout: 0.0,
+            task_timeout: DEFAULT_TASK_TIMEOUT,
             max_wait_time: 3,
             task_prefetch: 64,
             log_level: "info".into(),
@@ -153,6 +154,17 @@ impl Default for ServerConfig {
         }
     }
 }
+
+/// A job may run five minutes unless the operator says otherwise: without a bound, two slow
+/// jobs hold a two-process pool for as long as they like.
+pub const DEFAULT_TASK_TIMEOUT: f64 = 300.0;
+/// The longest duration any option takes: one day. Longer values are almost always a typo (a
+/// number of milliseconds given as seconds), and past `u64` seconds the clock arithmetic of
+/// the master overflows.
+pub const MAX_SECONDS: u64 = 86_400;
+/// The most requests or tasks before a process is recycled, so that `max_request +
+/// max_request_grace` (and the counters compared with it) cannot overflow.
+const MAX_COUNT: u64 = 1 << 40;
 
 /// An option with a value it cannot take.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,7 +250,99 @@ impl ServerConfig {
             format!("{} is not between 1 and 16777216", self.max_conn),
         )?;
         check(self.result_keep >= 1, "result_keep", "must be at least 1")?;
+        self.check_limits()?;
         self.check_durable()
+    }
+
+    /// Every duration and the sizes and counts without a bound above: each within what the
+    /// code can hold and compute with, so that no value that passes here can crash the daemon.
+    pub fn check_limits(&self) -> Result<(), InvalidOption> {
+        let day = MAX_SECONDS as f64;
+        check(
+            self.task_timeout == 0.0 || (0.001..=day).contains(&self.task_timeout),
+            "task_timeout",
+            format!(
+                "{:?} is not 0 (no limit) or from 0.001 to {MAX_SECONDS} seconds (one day): a job that may \
+                 run longer holds a task process for good, and a shorter limit kills every job",
+                self.task_timeout
+            ),
+        )?;
+        check(
+            self.max_wait_time <= MAX_SECONDS,
+            "max_wait_time",
+            format!(
+                "{} seconds is more than one day ({MAX_SECONDS}): a shutdown must end within a bounded time",
+                self.max_wait_time
+            ),
+        )?;
+        check(
+            self.heartbeat_idle_time <= MAX_SECONDS,
+            "heartbeat_idle_time",
+            format!(
+                "{} seconds is more than one day ({MAX_SECONDS}); use 0 to never close idle connections",
+                self.heartbeat_idle_time
+            ),
+        )?;
+        for (option, value) in [
+            ("max_request", self.max_request),
+            ("max_request_grace", self.max_request_grace),
+            ("task_max_request", self.task_max_request),
+        ] {
+            check(
+                value <= MAX_COUNT,
+                option,
+                format!("{value} is more than {MAX_COUNT}: use 0 for a process that is never replaced"),
+            )?;
+        }
+        check(
+            self.task_retry_max <= 100,
+            "task_retry_max",
+            format!(
+                "{} is more than 100: a job that died with its task process 100 times is a loop, not bad luck",
+                self.task_retry_max
+            ),
+        )?;
+        check(
+            self.task_queue_max <= 100_000_000,
+            "task_queue_max",
+            format!(
+                "{} is more than 100000000: every queued job is held in the master's memory",
+                self.task_queue_max
+            ),
+        )?;
+        check(
+            self.buffer_output_size <= 1 << 30,
+            "buffer_output_size",
+            format!(
+                "{} bytes is more than 1 GiB: it is what one client that does not read may make the master hold",
+                self.buffer_output_size
+            ),
+        )?;
+        check(
+            self.result_keep <= 10_000_000,
+            "result_keep",
+            format!(
+                "{} is more than 10000000: kept replies are held in the master's memory (and in Redis)",
+                self.result_keep
+            ),
+        )?;
+        crate::logging::check_level(&self.log_level)
+            .map_err(|reason| InvalidOption { option: "log_level", reason })
+    }
+
+    /// Whether a job that takes `ms` milliseconds can finish within `task_timeout`: a job set
+    /// to take longer would only be killed and run again until it fails. `option` names where
+    /// the time came from (`simulate_ms`, a job's `delay_ms`).
+    pub fn check_run_time(&self, option: &'static str, ms: u64) -> Result<(), InvalidOption> {
+        let Some(limit) = self.task_limit() else { return Ok(()) };
+        check(
+            u128::from(ms) <= limit.as_millis(),
+            option,
+            format!(
+                "{ms} ms is longer than task_timeout ({}s): the job would be killed before it finishes",
+                self.task_timeout
+            ),
+        )
     }
 
     /// The options of durable jobs, which only matter with `redis_url`.
@@ -266,9 +370,10 @@ impl ServerConfig {
         Ok(())
     }
 
-    /// The longest a task may run, if limited.
+    /// The longest a task may run, if limited. `validate` keeps `task_timeout` within a day;
+    /// a value that did not pass it (a library caller's config) is no limit rather than a panic.
     pub fn task_limit(&self) -> Option<Duration> {
-        (self.task_timeout > 0.0).then(|| Duration::from_secs_f64(self.task_timeout))
+        (self.task_timeout > 0.0).then(|| Duration::try_from_secs_f64(self.task_timeout).ok()).flatten()
     }
 
     /// Task slots (and channels) to create: room for the pool to grow by SIGTTIN.
@@ -276,8 +381,9 @@ impl ServerConfig {
         self.task_worker_num.max(self.task_worker_max)
     }
 
+    /// How long a graceful shutdown waits; never more than a day, whatever the config says.
     pub fn max_wait(&self) -> Duration {
-        Duration::from_secs(self.max_wait_time)
+        Duration::from_secs(self.max_wait_time.min(MAX_SECONDS))
     }
 }
 
@@ -300,5 +406,40 @@ mod tests {
         assert_eq!(c.validate().unwrap_err().option, "worker_num");
         let err = toml::from_str::<ServerConfig>("dispatch_mode = 7").unwrap_err();
         assert!(err.to_string().contains("dispatch_mode must be 1"), "{err}");
+    }
+
+    #[test]
+    fn values_that_would_crash_are_refused_with_a_reason() {
+        let refused = |c: ServerConfig, option: &str| {
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.option, option, "{err}");
+            assert!(err.reason.len() > 20, "a reason, not just a name: {err}");
+        };
+        for t in [1e300, 1e19, f64::NAN, f64::INFINITY, -1.0, 1e-9, 86_400.5] {
+            refused(ServerConfig { task_timeout: t, ..Default::default() }, "task_timeout");
+        }
+        refused(ServerConfig { max_wait_time: u64::MAX, ..Default::default() }, "max_wait_time");
+        refused(ServerConfig { heartbeat_idle_time: u64::MAX, ..Default::default() }, "heartbeat_idle_time");
+        refused(ServerConfig { max_request_grace: u64::MAX, ..Default::default() }, "max_request_grace");
+        refused(ServerConfig { task_retry_max: u32::MAX, ..Default::default() }, "task_retry_max");
+        refused(ServerConfig { log_level: "verbose".into(), ..Default::default() }, "log_level");
+        // The bounds themselves pass, and 0 still means no limit.
+        for t in [0.0, 0.001, 86_400.0] {
+            ServerConfig { task_timeout: t, ..Default::default() }.validate().unwrap();
+        }
+        ServerConfig { max_wait_time: MAX_SECONDS, ..Default::default() }.validate().unwrap();
+        // A library caller that skips validation gets no limit, not a panic.
+        assert_eq!(ServerConfig { task_timeout: 1e300, ..Default::default() }.task_limit(), None);
+    }
+
+    #[test]
+    fn a_job_may_not_be_set_to_run_longer_than_task_timeout() {
+        let c = ServerConfig::default();
+        assert_eq!(c.task_limit(), Some(Duration::from_secs(300)));
+        c.check_run_time("delay_ms", 300_000).unwrap();
+        let err = c.check_run_time("delay_ms", 300_001).unwrap_err();
+        assert!(err.to_string().contains("300001 ms is longer than task_timeout (300s)"), "{err}");
+        let unlimited = ServerConfig { task_timeout: 0.0, ..Default::default() };
+        unlimited.check_run_time("delay_ms", u64::MAX).unwrap();
     }
 }

@@ -57,6 +57,31 @@ pub fn set_process(label: &str) {
     }
 }
 
+/// The levels `--log-level` takes on its own.
+const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// Refuses a `log_level` that is neither a level nor a filter of `TARGET=LEVEL` directives
+/// (`taskd=debug,warn`). tracing reads any other word as a target name, and a filter that
+/// names only an unknown target silently turns every log line off.
+pub fn check_level(filter: &str) -> Result<(), String> {
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word.trim()));
+    let usage = "use a level (error, warn, info, debug, trace, off) or TARGET=LEVEL directives, \
+                 such as taskd=debug,warn";
+    if filter.trim().is_empty() {
+        return Err(format!("it is empty: {usage}"));
+    }
+    for directive in filter.split(',').filter(|d| !d.trim().is_empty()) {
+        let level = match directive.rsplit_once('=') {
+            Some((target, level)) if !target.trim().is_empty() => level,
+            _ => directive,
+        };
+        if !is_level(level) {
+            return Err(format!("{filter:?}: {:?} is not a level; {usage}", level.trim()));
+        }
+    }
+    EnvFilter::try_new(filter).map(drop).map_err(|e| format!("{filter:?}: {e}; {usage}"))
+}
+
 /// Sets up logging: `RUST_LOG` wins over `level`. With `file`, stderr is pointed at it.
 pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), String> {
     let filter = match std::env::var("RUST_LOG") {
@@ -183,5 +208,21 @@ impl Visit for JsonFields {
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
         self.0.insert(field.name().into(), value.into());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_level;
+
+    #[test]
+    fn levels_and_directives_pass_other_words_do_not() {
+        for ok in ["info", "WARN", "off", "taskd=debug,warn", "taskd::master=trace", "warn,taskd=info"] {
+            assert!(check_level(ok).is_ok(), "{ok}: {:?}", check_level(ok));
+        }
+        for bad in ["verbose", "", "taskd", "taskd=loud", "info,chatty", "=debug"] {
+            let err = check_level(bad).unwrap_err();
+            assert!(err.contains("TARGET=LEVEL"), "{bad}: {err}");
+        }
     }
 }

@@ -130,7 +130,8 @@ fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
         // Type=notify under systemd; a no-op elsewhere.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     };
-    let result = taskd::run_notify(server, Some(listener), MailApp::new(settings.mail.clone()), ready);
+    let app = MailApp::new(settings.mail.clone()).with_run_limit(server.task_limit());
+    let result = taskd::run_notify(server, Some(listener), app, ready);
     result.map_err(|e| {
         if let Some(fd) = report.take() {
             let _ = std::fs::File::from(fd).write_all(format!("error: {e}\n").as_bytes());

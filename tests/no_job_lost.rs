@@ -17,9 +17,17 @@ fn kill9(pid: u32) {
 
 #[test]
 fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
-    let daemon = Daemon::start(&["--task-timeout", "0.4", "--task-retry-max", "1"]);
+    let args =
+        ["--task-timeout", "0.4", "--task-retry-max", "1", "--task-worker-num", "2", "--simulate-ms", "0"];
+    let daemon = Daemon::start(&args);
+    // Hung for good: both task processes stopped (a job may not ask for a delivery longer than
+    // task_timeout). The first run is killed, the second goes to the other stopped one.
+    daemon.wait_pool(2, 2);
+    for pid in daemon.pids_of("taskd: task") {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP);
+    }
     let mut client = daemon.connect();
-    let accepted = client.submit(r#"{"type":"email","to":"slow@example.com","delay_ms":60000}"#);
+    let accepted = client.submit(r#"{"type":"email","to":"slow@example.com","delay_ms":0}"#);
     let failed = client.final_reply(&accepted["task_id"], &mut Vec::new());
     assert_eq!(failed["event"], "failed", "{failed}");
     let error = failed["error"].as_str().unwrap();
@@ -28,7 +36,7 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
     let log = daemon.log();
     assert!(log.contains("running it again (attempt 2 of 2)"), "{log}");
     // The killed processes were replaced, and the daemon keeps serving.
-    daemon.wait_pool(2, 4);
+    daemon.wait_pool(2, 2);
     let next = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
     assert_eq!(client.final_reply(&next["task_id"], &mut Vec::new())["event"], "done");
 }

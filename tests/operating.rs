@@ -294,3 +294,131 @@ fn sigttin_and_sigttou_grow_and_shrink_the_task_pool_at_run_time() {
     daemon.signal(Signal::SIGTTIN);
     daemon.wait_pool(2, 2);
 }
+
+/// Reads every line until the server closes the connection: the final reply (`done` or
+/// `failed`) of each task id, and how many each got.
+fn finals_until_closed(
+    client: &mut common::Client,
+) -> std::collections::HashMap<u64, Vec<serde_json::Value>> {
+    let mut finals: std::collections::HashMap<u64, Vec<serde_json::Value>> = Default::default();
+    while let Some(line) = client.try_recv(common::DEADLINE) {
+        if line["event"] == "done" || line["event"] == "failed" {
+            finals.entry(line["task_id"].as_u64().unwrap()).or_default().push(line);
+        }
+    }
+    assert!(client.closed_by_server_now(), "the server closed the connection after its last line");
+    finals
+}
+
+#[test]
+fn sigterm_past_max_wait_time_answers_every_running_and_queued_job_failed() {
+    let mut daemon = Daemon::start(&["--task-worker-num", "1", "--max-wait-time", "1", "--simulate-ms", "0"]);
+    let mut long = daemon.connect();
+    let running = long.submit(r#"{"type":"email","to":"long@example.com","delay_ms":60000}"#)["task_id"]
+        .as_u64()
+        .unwrap();
+    daemon.wait_log("sending email to long@example.com");
+    // 100 more wait behind it for the only task process.
+    let mut queued = daemon.connect();
+    let ids: Vec<u64> = (0..100)
+        .map(|i| queued.submit(&format!("queued{i}@example.com"))["task_id"].as_u64().unwrap())
+        .collect();
+    daemon.signal(Signal::SIGTERM);
+    for (client, expected) in [(&mut long, vec![running]), (&mut queued, ids)] {
+        let finals = finals_until_closed(client);
+        assert_eq!(finals.len(), expected.len(), "one final line per accepted job: {finals:?}");
+        for id in expected {
+            let lines = &finals[&id];
+            assert_eq!(lines.len(), 1, "exactly one final line for {id}: {lines:?}");
+            assert_eq!(lines[0]["event"], "failed", "{}", lines[0]);
+            let error = lines[0]["error"].as_str().unwrap();
+            assert!(error.starts_with("server stopping: max_wait_time (1s) ran out"), "{error}");
+        }
+    }
+    let status = daemon.wait_exit(common::DEADLINE).expect("the daemon exits");
+    assert!(status.success(), "{status}");
+    let log = daemon.log();
+    assert!(log.contains("gave up 101 jobs at shutdown (100 queued, 1 running"), "{log}");
+    assert!(!log.contains("running it again"), "nothing runs again after shutdown began: {log}");
+}
+
+#[test]
+fn a_batch_cut_by_shutdown_gets_one_answer_with_each_unfinished_member_failed() {
+    let mut daemon = Daemon::start(&["--task-worker-num", "1", "--max-wait-time", "1", "--simulate-ms", "0"]);
+    let mut client = daemon.connect();
+    client.send(
+        r#"{"type":"batch","jobs":[{"type":"email","to":"first@example.com","delay_ms":60000},{"type":"sms","to":"+15551234567"},{"type":"email","to":"third@example.com"}]}"#,
+    );
+    let accepted = client.recv();
+    assert_eq!(accepted["event"], "accepted", "{accepted}");
+    daemon.wait_log("sending email to first@example.com");
+    daemon.signal(Signal::SIGTERM);
+    let finals = finals_until_closed(&mut client);
+    let batch = accepted["task_id"].as_u64().unwrap();
+    assert_eq!(finals.keys().copied().collect::<Vec<_>>(), vec![batch], "{finals:?}");
+    assert_eq!(finals[&batch].len(), 1, "one answer for the batch: {finals:?}");
+    let results = finals[&batch][0]["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 3, "{results:?}");
+    for member in &results {
+        let error = member["error"].as_str().unwrap_or_default();
+        assert!(error.starts_with("server stopping: "), "{member}");
+    }
+    assert_eq!(results[0]["to"], "first@example.com");
+    assert!(daemon.wait_exit(common::DEADLINE).expect("exits").success());
+    assert!(daemon.log().contains("gave up 3 jobs at shutdown"), "{}", daemon.log());
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once_and_still_answers_every_job() {
+    let mut daemon =
+        Daemon::start(&["--task-worker-num", "1", "--max-wait-time", "60", "--simulate-ms", "0"]);
+    let mut client = daemon.connect();
+    let mut ids = vec![client.submit(r#"{"type":"email","to":"long@example.com","delay_ms":60000}"#)
+        ["task_id"]
+        .as_u64()
+        .unwrap()];
+    daemon.wait_log("sending email to long@example.com");
+    ids.extend((0..5).map(|i| client.submit(&format!("queued{i}@example.com"))["task_id"].as_u64().unwrap()));
+    daemon.signal(Signal::SIGTERM);
+    daemon.wait_log("shutting down");
+    daemon.signal(Signal::SIGTERM);
+    let finals = finals_until_closed(&mut client);
+    assert_eq!(finals.len(), ids.len(), "{finals:?}");
+    for id in ids {
+        let lines = &finals[&id];
+        assert_eq!(lines.len(), 1, "{lines:?}");
+        let error = lines[0]["error"].as_str().unwrap_or_default();
+        assert!(
+            error.starts_with("server stopping: a second SIGTERM stopped the server at once"),
+            "{}",
+            lines[0]
+        );
+    }
+    let status = daemon.wait_exit(common::DEADLINE).expect("the daemon exits");
+    assert_eq!(status.code(), Some(1), "stop now: exit 1");
+    assert!(!daemon.log().contains("running it again"), "{}", daemon.log());
+}
+
+#[test]
+fn a_durable_job_is_left_in_redis_at_shutdown_and_its_client_is_told_so() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    // No task process here: the job waits in Redis for a task node that is not there yet.
+    let url = redis.url.as_str();
+    let args = ["--redis-url", url, "--node-id", "web-1", "--task-worker-num", "0", "--max-wait-time", "1"];
+    let mut daemon = Daemon::start(&args);
+    let mut client = daemon.connect();
+    let id = client.submit(r#"{"type":"email","to":"kept@example.com"}"#)["task_id"].as_u64().unwrap();
+    daemon.signal(Signal::SIGTERM);
+    let finals = finals_until_closed(&mut client);
+    let lines = &finals[&id];
+    assert_eq!((finals.len(), lines.len()), (1, 1), "{finals:?}");
+    assert_eq!(lines[0]["event"], "failed", "{}", lines[0]);
+    let error = lines[0]["error"].as_str().unwrap();
+    assert!(error.contains("the job stays queued in Redis and will run on another node"), "{error}");
+    assert!(daemon.wait_exit(common::DEADLINE).expect("exits").success());
+    assert!(daemon.log().contains("left 1 durable jobs in Redis"), "{}", daemon.log());
+    assert_eq!(redis.xlen("{taskd}:jobs"), 1, "the job is still in the stream");
+    // A task node runs it.
+    let node = common::durable::TaskNode::start(&redis, "tasks", &["--task-worker-num", "1"]);
+    wait_for("the job to run on the task node", || (node.outbox_lines().len() == 1).then_some(()));
+}

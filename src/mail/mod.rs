@@ -80,11 +80,19 @@ pub struct MailApp {
     config: MailConfig,
     outbox: Option<Outbox>,
     pid: u32,
+    /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
+    run_limit: Option<Duration>,
 }
 
 impl MailApp {
     pub fn new(config: MailConfig) -> Self {
-        MailApp { config, outbox: None, pid: std::process::id() }
+        MailApp { config, outbox: None, pid: std::process::id(), run_limit: None }
+    }
+
+    /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
+    pub fn with_run_limit(mut self, limit: Option<Duration>) -> Self {
+        self.run_limit = limit;
+        self
     }
 
     fn reply(ctx: &mut WorkerCtx<'_>, session: SessionId, value: impl Serialize) {
@@ -210,7 +218,15 @@ impl Application for MailApp {
     }
 
     fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]) {
-        match request::parse(data) {
+        let parsed = request::parse(data).and_then(|r| {
+            let jobs = match &r {
+                Request::Job(job) => std::slice::from_ref(job),
+                Request::Batch(jobs) => &jobs[..],
+                _ => &[],
+            };
+            jobs.iter().try_for_each(|job| request::check_delay(job, self.run_limit)).map(|()| r)
+        });
+        match parsed {
             Err(message) => {
                 tracing::debug!("bad request from session {session}: {message}");
                 Self::error(ctx, session, &message);

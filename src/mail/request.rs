@@ -13,6 +13,19 @@ pub const MAX_BATCH: usize = 100;
 /// Longest simulated delivery a job may ask for.
 pub const MAX_DELAY_MS: u64 = 3_600_000;
 
+/// Refuses a job whose `delay_ms` is longer than `task_timeout` (`limit`, if set): it would be
+/// killed before it finishes, and run again until it fails, holding a task process each time.
+pub fn check_delay(job: &Job, limit: Option<std::time::Duration>) -> Result<(), String> {
+    match (job.delay_ms, limit) {
+        (Some(ms), Some(limit)) if u128::from(ms) > limit.as_millis() => Err(format!(
+            "field \"delay_ms\" ({ms} ms) is longer than the server's task_timeout ({} ms): \
+             the job would be killed before it finishes",
+            limit.as_millis()
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {

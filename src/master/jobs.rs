@@ -93,7 +93,8 @@ impl Jobs {
             context: context.to_vec(),
             size,
             outcomes: Vec::with_capacity(size as usize),
-            deadline: (timeout_ms > 0).then(|| Instant::now() + timeout),
+            // A library app may ask for any timeout: one past the clock's range is none.
+            deadline: (timeout_ms > 0).then(|| Instant::now().checked_add(timeout)).flatten(),
             timeout,
         };
         self.groups.insert(group_id, group);
@@ -192,6 +193,17 @@ impl Jobs {
 
     pub fn is_empty(&self) -> bool {
         self.all.is_empty() && self.groups.is_empty()
+    }
+
+    /// Every job's id, in no particular order.
+    pub fn ids(&self) -> Vec<u64> {
+        self.all.keys().copied().collect()
+    }
+
+    /// Empties the queues (at shutdown, once every job in them has been given up).
+    pub fn clear_queues(&mut self) {
+        self.queue.clear();
+        self.targeted.clear();
     }
 
     pub fn queued(&self) -> usize {

@@ -2,6 +2,7 @@
 //! a dead manager, signals, rolling reload and shutdown.
 
 use super::*;
+use crate::ipc::envelope::decode_outcomes;
 
 impl<A: Application> Master<'_, A> {
     pub(super) fn read_manager(&mut self) {
@@ -118,6 +119,11 @@ impl<A: Application> Master<'_, A> {
                         self.jobs.push_front(task_id);
                         continue;
                     }
+                    if matches!(self.phase, Phase::Stopping { .. }) {
+                        // Not run again: the daemon is stopping. It is answered at exit
+                        // (`answer_what_is_left`), never "running it again".
+                        continue;
+                    }
                     let attempts = job.attempts;
                     if attempts > self.config.task_retry_max {
                         let why = if timed_out == Some(task_id) {
@@ -182,6 +188,7 @@ impl<A: Application> Master<'_, A> {
             }
             _ => {
                 tracing::warn!("{sig} again: stopping now");
+                self.stop_cause = format!("a second {sig} stopped the server at once");
                 if let Some(pid) = self.manager_pid {
                     let _ = kill(pid, Signal::SIGKILL);
                     process::wait_for(pid, Duration::from_secs(2));
@@ -326,6 +333,149 @@ impl<A: Application> Master<'_, A> {
         }
         if self.reloading.is_none() {
             tracing::info!("reload complete");
+        }
+    }
+}
+
+impl<A: Application> Master<'_, A> {
+    // ---- shutdown: every job answered ----
+
+    /// Gives up every job not finished (queued, or in a task process) once shutdown can wait
+    /// no longer: each client gets its job's `failed` through its worker's `on_finish` (the
+    /// deliveries go before the worker's Stop, so a live worker answers them first). A batch
+    /// answers with each unfinished member's error. Durable jobs are not given up: they stay
+    /// in Redis for another node (or this one, restarted), and their clients are told so.
+    pub(super) fn give_up_jobs(&mut self, cause: &str) {
+        let mut ids = self.jobs.ids();
+        if ids.is_empty() && self.jobs.groups.is_empty() {
+            return;
+        }
+        // Oldest first: each client reads its jobs' answers in the order it sent them.
+        ids.sort_unstable();
+        let queued = self.jobs.queued();
+        let batches = self.jobs.groups.len();
+        self.jobs.clear_queues();
+        let why = format!("server stopping: {cause} before the job finished");
+        let durable = self.durable.is_some();
+        for &task_id in &ids {
+            if durable {
+                self.leave_in_redis(task_id, cause);
+            } else {
+                self.finish_job(task_id, 0, false, why.as_bytes());
+            }
+        }
+        // Groups whose members were all given up are answered already; any other now.
+        let groups: Vec<u64> = self.jobs.groups.keys().copied().collect();
+        for &group_id in &groups {
+            self.finish_group_as(group_id, Some(&why));
+        }
+        if durable {
+            tracing::warn!(
+                "{cause}: left {} durable jobs in Redis for another node; their clients were told so",
+                ids.len()
+            );
+        } else {
+            tracing::warn!(
+                "{cause}: gave up {} jobs at shutdown ({queued} queued, {} running or sent to task processes{}); \
+                 each client gets `failed`",
+                ids.len(),
+                ids.len().saturating_sub(queued),
+                if batches == 0 { String::new() } else { format!("; {batches} batch(es) among them") }
+            );
+        }
+    }
+
+    /// A durable job this node stops waiting for: it stays in the job stream, and its client
+    /// is told so in its final line (or, for a batch member, in the batch's).
+    fn leave_in_redis(&mut self, task_id: u64, cause: &str) {
+        let Some(job) = self.jobs.remove(task_id) else { return };
+        let ask = format!("ask {{\"type\":\"result\",\"task_id\":{task_id}}} for its outcome");
+        let text = if job.batch == 0 {
+            format!(
+                "server stopping: {cause}; the job stays queued in Redis and will run on another node \
+                 (or on this one once restarted): {ask}"
+            )
+        } else {
+            format!(
+                "server stopping: {cause} before Redis confirmed it stored the job; it may still run: {ask}"
+            )
+        };
+        if job.group != 0 {
+            if let Some(group) = self.jobs.groups.get_mut(&job.group) {
+                group.outcomes[job.index as usize] =
+                    Some(MemberOutcome { ok: false, result: text.into_bytes(), attempts: job.attempts });
+                if group.complete() {
+                    self.finish_group(job.group);
+                }
+            }
+            return;
+        }
+        let answered = job.flags & (task_flags::WAIT | task_flags::REPLIED) != 0;
+        if job.session != 0 && !answered {
+            let line = results::outcome_line(task_id, false, text.as_bytes(), job.attempts);
+            self.send_to_session(job.session, &line);
+        }
+        self.shared.set_jobs_pending(self.jobs.len() as u64);
+    }
+
+    /// At exit: what no process will answer now is answered by the master. What the workers
+    /// committed is acted on first; then every job left is given up, and every delivery no
+    /// worker committed gets its line here: a finished job's outcome (as `result` would give
+    /// it), a request's `error`. A worker's later output is never read, so nothing is
+    /// answered twice.
+    pub(super) fn answer_what_is_left(&mut self) {
+        for i in 0..self.workers.len() {
+            self.read_worker(i);
+        }
+        for j in 0..self.tasks.len() {
+            self.read_task(j);
+        }
+        let cause = if self.stop_cause.is_empty() {
+            "the server stopped".to_string()
+        } else {
+            self.stop_cause.clone()
+        };
+        self.give_up_jobs(&cause);
+        let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut requests = 0;
+        for w in &self.workers {
+            let data = w.log.uncommitted();
+            let mut pos = 0;
+            while let Ok(Some((frame, n))) = Frame::decode(&data[pos..]) {
+                pos += n;
+                match frame {
+                    Frame::Request { session, .. } => {
+                        requests += 1;
+                        let error = format!("server stopping: {cause} before this request was handled");
+                        let mut line =
+                            serde_json::json!({"event": "error", "error": error}).to_string().into_bytes();
+                        line.push(b'\n');
+                        lines.push((session, line));
+                    }
+                    Frame::Finish { task_id, session, attempts, ok, flags, result, .. } => {
+                        if session == 0 || flags & (task_flags::WAIT | task_flags::REPLIED) != 0 {
+                            continue;
+                        }
+                        let line = if flags & task_flags::GROUP != 0 {
+                            let members = decode_outcomes(result).unwrap_or_default();
+                            results::group_line(task_id, &members)
+                        } else {
+                            results::outcome_line(task_id, ok, result, attempts)
+                        };
+                        lines.push((session, line));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !lines.is_empty() {
+            tracing::warn!(
+                "{cause}: answered {} jobs and requests the workers had not answered ({requests} requests)",
+                lines.len()
+            );
+        }
+        for (session, line) in lines {
+            self.send_to_session(session, &line);
         }
     }
 }

@@ -163,6 +163,8 @@ pub struct Master<'a, A: Application> {
     results: Results,
     /// Durable jobs (`redis_url`) only.
     durable: Option<DurableState>,
+    /// Why jobs still unfinished at exit are given up (for their clients and the log).
+    stop_cause: String,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -249,6 +251,7 @@ impl<'a, A: Application> Master<'a, A> {
             exit_code: None,
             results: Results::new(config.result_keep),
             durable,
+            stop_cause: String::new(),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -354,6 +357,7 @@ impl<'a, A: Application> Master<'a, A> {
             }
             self.end_turn();
             if let Some(code) = self.exit_code {
+                self.answer_what_is_left();
                 self.flush_conns();
                 self.stop_bridge();
                 return code;
@@ -429,11 +433,9 @@ impl<'a, A: Application> Master<'a, A> {
                 let drained = self.drained();
                 if drained || Instant::now() >= deadline {
                     if !drained {
-                        tracing::warn!(
-                            "max_wait_time ({}s) passed with {} jobs unfinished; stopping anyway",
-                            self.config.max_wait_time,
-                            self.jobs.len()
-                        );
+                        // Every job that will not finish now is answered, through its worker.
+                        self.stop_cause = format!("max_wait_time ({}s) ran out", self.config.max_wait_time);
+                        self.give_up_jobs(&self.stop_cause.clone());
                     }
                     for w in &mut self.workers {
                         w.chan.send(&Frame::Stop);

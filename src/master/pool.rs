@@ -210,7 +210,11 @@ impl<A: Application> Master<'_, A> {
     /// A job has its final outcome: count it and deliver it to its worker slot's `on_finish`.
     pub(super) fn finish_job(&mut self, task_id: u64, task_pid: u32, ok: bool, result: &[u8]) {
         let Some(mut job) = self.jobs.remove(task_id) else {
-            tracing::warn!("result for unknown task {task_id} dropped");
+            if matches!(self.phase, Phase::Stopping { .. }) {
+                tracing::debug!("task {task_id} finished after it was given up at shutdown; dropped");
+            } else {
+                tracing::warn!("result for unknown task {task_id} dropped");
+            }
             return;
         };
         // The final reply is kept for a `result` query when its client cannot have it (gone,
@@ -265,10 +269,18 @@ impl<A: Application> Master<'_, A> {
 
     /// Delivers a group's outcomes as one finish; members still missing count as timed out.
     pub(super) fn finish_group(&mut self, group_id: u64) {
+        self.finish_group_as(group_id, None);
+    }
+
+    /// `finish_group`, with `missing` (if given) as the error of each member still missing.
+    pub(super) fn finish_group_as(&mut self, group_id: u64, missing: Option<&str>) {
         let Some(group) = self.jobs.groups.remove(&group_id) else { return };
         let mut result = Vec::new();
         let mut attempts = 0;
-        let missing = format!("timed out after {} ms", group.timeout.as_millis());
+        let missing = match missing {
+            Some(why) => why.to_string(),
+            None => format!("timed out after {} ms", group.timeout.as_millis()),
+        };
         let mut members: Vec<(bool, &[u8])> = Vec::with_capacity(group.size as usize);
         for k in 0..group.size as usize {
             match group.outcomes.get(k).and_then(Option::as_ref) {
