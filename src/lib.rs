@@ -27,6 +27,7 @@
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
+//! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
 pub mod app;
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod durable;
+pub mod files;
 pub mod ipc;
 pub mod limits;
 pub mod logging;

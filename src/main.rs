@@ -10,6 +10,7 @@ use clap::Parser;
 use taskd::cli::{self, Cli, Command, DeadLetterAction, Settings};
 use taskd::control;
 use taskd::mail::{outbox::Outbox, MailApp};
+use taskd::process::Credentials;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -68,10 +69,10 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
                 .into(),
         ));
     }
+    let owner = pool_owner(&server)?;
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
-    Outbox::open(&settings.mail.outbox)
-        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", settings.mail.outbox.display())))?;
+    open_outbox(settings, owner)?;
     let mut app = MailApp::new(settings.mail.clone());
     taskd::durable::node::run(&mut app, &server, &d).map_err(|e| (1, e))
 }
@@ -98,22 +99,38 @@ fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u
     Ok(0)
 }
 
+/// Whom the pool runs as (`--user`, `--group`): the log file and the outbox are theirs too.
+fn pool_owner(server: &taskd::ServerConfig) -> Result<Option<Credentials>, (u8, String)> {
+    let Some(user) = &server.user else { return Ok(None) };
+    let creds = taskd::process::resolve_credentials(user, server.group.as_deref()).map_err(|e| (2, e))?;
+    taskd::logging::set_owner(creds);
+    Ok(Some(creds))
+}
+
+/// Fails now, with the option's name, rather than in every task process later; creates the
+/// outbox for the task processes' user, and has it reopened with the log file on SIGHUP.
+fn open_outbox(settings: &Settings, owner: Option<Credentials>) -> Result<(), (u8, String)> {
+    let path = &settings.mail.outbox;
+    Outbox::open_for(path, owner)
+        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", path.display())))?;
+    taskd::logging::rotate_with_log(path);
+    Ok(())
+}
+
 /// Runs the daemon; an error is an exit code and a sentence for the terminal.
 fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     let server = &settings.server;
+    if server.daemonize {
+        // First, before anything is opened: what is open now was inherited.
+        taskd::process::prepare_daemon().map_err(|e| (1, format!("cannot run in the background: {e}")))?;
+    }
     if let Some(path) = &server.pid_file {
         control::check_not_running(path).map_err(|e| (1, e))?;
     }
+    let owner = pool_owner(server)?;
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
-    // Fail now, with the option's name, rather than in every task process later.
-    Outbox::open(&settings.mail.outbox)
-        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", settings.mail.outbox.display())))?;
-    if let Some(user) = &server.user {
-        let creds = taskd::process::resolve_credentials(user, server.group.as_deref()).map_err(|e| (2, e))?;
-        // The task processes, running as the user, append to it.
-        let _ = nix::unistd::chown(&settings.mail.outbox, Some(creds.uid), Some(creds.gid));
-    }
+    open_outbox(settings, owner)?;
     let listener = taskd::net::bind_listener(&server.host, server.port, server.backlog)
         .map_err(|e| (1, e.to_string()))?;
     let mut report: Option<OwnedFd> = None;
