@@ -6,14 +6,13 @@ use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use taskd::cli::{self, Cli, Command, DeadLetterAction, Settings};
 use taskd::control;
 use taskd::mail::{outbox::Outbox, MailApp};
 use taskd::process::Credentials;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let settings = match cli::load(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -23,14 +22,14 @@ fn main() -> ExitCode {
     };
     let pid_file = settings.server.pid_file.as_ref();
     match &cli.command {
-        Some(Command::Stop { timeout }) => {
+        Some(Command::Stop { timeout, .. }) => {
             let limit = timeout.unwrap_or(settings.server.max_wait_time + 10);
             return ExitCode::from(control::stop(pid_file, Duration::from_secs(limit)));
         }
-        Some(Command::Reload { tasks }) => return ExitCode::from(control::reload(pid_file, *tasks)),
-        Some(Command::Status) => return ExitCode::from(control::status(pid_file)),
-        Some(Command::TaskNode) => return report(task_node(&settings)),
-        Some(Command::DeadLetter { action }) => return report(dead_letter(&settings, action)),
+        Some(Command::Reload { tasks, .. }) => return ExitCode::from(control::reload(pid_file, *tasks)),
+        Some(Command::Status { .. }) => return ExitCode::from(control::status(pid_file)),
+        Some(Command::TaskNode { .. }) => return report(task_node(&settings)),
+        Some(Command::DeadLetter { action, .. }) => return report(dead_letter(&settings, action)),
         None => {}
     }
     if cli.check_config {
@@ -81,11 +80,11 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
 fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u8, String)> {
     let d = durable_settings(settings, "dead-letter")?;
     match action {
-        DeadLetterAction::List { limit } => {
+        DeadLetterAction::List { limit, .. } => {
             taskd::durable::dead_letter::list(&d, *limit, &mut std::io::stdout().lock())
                 .map_err(|e| (1, e))?;
         }
-        DeadLetterAction::Replay { ids, all } => {
+        DeadLetterAction::Replay { ids, all, .. } => {
             if ids.is_empty() && !all {
                 return Err((
                     2,
