@@ -388,6 +388,15 @@ fn task_node_runs_its_task_processes_as_the_user_and_refuses_what_it_does_not_ta
     });
     let line: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert!(tasks.contains(&(line["task_pid"].as_u64().unwrap() as u32)), "{line}");
+    // A web node's redis bridge (which reads what anyone who can write Redis wrote) is not
+    // root either, and the node works through it.
+    let web = start_as_nobody(tmp.path(), &["--redis-url", &redis.url, "--node-id", "web"]);
+    let bridge = wait_for("the redis bridge", || web.pids_of("taskd: redis bridge").first().copied());
+    assert_eq!(uid_of(bridge), nobody().uid.as_raw(), "the bridge runs as nobody");
+    let mut client = web.connect();
+    let accepted = client.submit(&job("web@example.com", 0));
+    assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+    drop(web);
     // A task node's processes die with it, as the server's do.
     let _ = kill(Pid::from_raw(manager as i32), Signal::SIGKILL);
     wait_for("the task node's processes to die with it", || {
