@@ -120,6 +120,10 @@ pub fn run_notify<A: Application>(
         }
         None => None,
     };
+    if let Some(creds) = credentials {
+        // A rotated log file is created anew for the pool, which reopens it.
+        logging::set_owner(creds);
+    }
     let metrics = match &config.metrics_addr {
         Some(addr) => Some(bind_metrics(addr)?),
         None => None,
