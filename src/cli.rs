@@ -35,7 +35,21 @@ macro_rules! options {
         /// Options given as flags; each overrides the environment and the config file.
         #[derive(Debug, Default, Clone, clap::Args)]
         pub struct FlagOptions {
-            $( $(#[$meta])* #[arg(long, global = true)] pub $field: Option<$ty>, )*
+            $( $(#[$meta])* #[arg(long)] pub $field: Option<$ty>, )*
+        }
+
+        impl FlagOptions {
+            /// The options given (their TOML keys).
+            pub fn given(&self) -> Vec<&'static str> {
+                let mut out = Vec::new();
+                $( if self.$field.is_some() { out.push(stringify!($field)); } )*
+                out
+            }
+
+            /// `later`'s options win over these (flags after a subcommand over those before).
+            fn merge(&mut self, later: &FlagOptions) {
+                $( if later.$field.is_some() { self.$field = later.$field.clone(); } )*
+            }
         }
 
         impl Settings {
@@ -161,6 +175,12 @@ pub struct Cli {
 }
 
 /// Control commands: they find the running daemon through its pid file.
+///
+/// Each takes the server's options (flattened, so that `--pid-file` may stand before or after
+/// the subcommand), but only those that mean something to it are shown by its `--help`; the
+/// others are refused with a sentence (see [`SUBCOMMAND_OPTIONS`]).
+// Parsed once per run: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
     /// Stop the daemon gracefully and wait until it is gone (exit 0; 3 if it was not running).
@@ -168,21 +188,33 @@ pub enum Command {
         /// Seconds to wait for it to exit [default: max_wait_time + 10]
         #[arg(long)]
         timeout: Option<u64>,
+        #[command(flatten)]
+        options: FlagOptions,
     },
     /// Replace every worker (SIGUSR1), or every task process with --tasks (SIGUSR2).
     Reload {
         #[arg(long)]
         tasks: bool,
+        #[command(flatten)]
+        options: FlagOptions,
     },
     /// Say whether the daemon runs, with its pids, uptime and counters (exit 0; 3 if not).
-    Status,
+    Status {
+        #[command(flatten)]
+        options: FlagOptions,
+    },
     /// Run only a manager and task processes that take durable jobs from Redis (--redis-url):
     /// a second machine's share of the work.
-    TaskNode,
+    TaskNode {
+        #[command(flatten)]
+        options: FlagOptions,
+    },
     /// The jobs that failed past their attempts (durable jobs, --redis-url).
     DeadLetter {
         #[command(subcommand)]
         action: DeadLetterAction,
+        #[command(flatten)]
+        options: FlagOptions,
     },
 }
 
@@ -193,13 +225,159 @@ pub enum DeadLetterAction {
         /// Print at most this many.
         #[arg(long, default_value_t = 1000)]
         limit: usize,
+        #[command(flatten)]
+        options: FlagOptions,
     },
     /// Put dead jobs back into the job stream to run again: the ids `list` printed, or --all.
     Replay {
         ids: Vec<String>,
         #[arg(long, conflicts_with = "ids")]
         all: bool,
+        #[command(flatten)]
+        options: FlagOptions,
     },
+}
+
+/// The options each subcommand takes (its `--help` shows only these), and why it takes no
+/// other: a flag it would silently ignore is refused with this sentence.
+pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
+    ("stop", &["pid_file", "max_wait_time"], "it finds the running daemon through its pid file"),
+    ("reload", &["pid_file"], "it finds the running daemon through its pid file"),
+    ("status", &["pid_file"], "it finds the running daemon through its pid file"),
+    (
+        "task-node",
+        &[
+            "task_worker_num",
+            "task_max_request",
+            "task_retry_max",
+            "task_timeout",
+            "max_wait_time",
+            "log_level",
+            "log_format",
+            "log_file",
+            "user",
+            "group",
+            "redis_url",
+            "node_id",
+            "redis_queue",
+            "result_keep",
+            "simulate_ms",
+            "outbox",
+        ],
+        "a task node runs only task processes, which take their jobs from Redis: it listens on no \
+         port, has no workers and no pid file",
+    ),
+    (
+        "dead-letter",
+        &["redis_url", "redis_queue", "node_id"],
+        "it only reads and writes the dead-letter stream in Redis",
+    ),
+];
+
+impl Cli {
+    /// The command line as clap defines it, with each subcommand's `--help` showing only the
+    /// options it takes.
+    pub fn command_line() -> clap::Command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        for &(name, allowed, _) in SUBCOMMAND_OPTIONS {
+            cmd = cmd.mut_subcommand(name, |sub| {
+                let sub = hide_all_but(sub, allowed);
+                if name == "dead-letter" {
+                    let sub = sub.mut_subcommand("list", |s| hide_all_but(s, allowed));
+                    sub.mut_subcommand("replay", |s| hide_all_but(s, allowed))
+                } else {
+                    sub
+                }
+            });
+        }
+        cmd
+    }
+
+    /// Parses the process's arguments; prints the error or the help and exits like clap does.
+    pub fn parse_args() -> Cli {
+        Self::try_parse_args(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
+
+    pub fn try_parse_args<I, T>(args: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command_line().try_get_matches_from(args)?;
+        <Cli as clap::FromArgMatches>::from_arg_matches(&matches)
+    }
+
+    /// The options given as flags, before and after the subcommand (after wins).
+    pub fn flags(&self) -> FlagOptions {
+        let mut flags = self.options.clone();
+        let later = match &self.command {
+            None => None,
+            Some(Command::Stop { options, .. })
+            | Some(Command::Reload { options, .. })
+            | Some(Command::Status { options })
+            | Some(Command::TaskNode { options }) => Some(options),
+            Some(Command::DeadLetter { action, options }) => {
+                flags.merge(options);
+                match action {
+                    DeadLetterAction::List { options, .. } | DeadLetterAction::Replay { options, .. } => {
+                        Some(options)
+                    }
+                }
+            }
+        };
+        if let Some(later) = later {
+            flags.merge(later);
+        }
+        flags
+    }
+
+    /// The subcommand's name, as typed.
+    pub fn subcommand_name(&self) -> Option<&'static str> {
+        self.command.as_ref().map(|c| match c {
+            Command::Stop { .. } => "stop",
+            Command::Reload { .. } => "reload",
+            Command::Status { .. } => "status",
+            Command::TaskNode { .. } => "task-node",
+            Command::DeadLetter { .. } => "dead-letter",
+        })
+    }
+
+    /// Refuses, with a sentence, a flag the subcommand would have no use for.
+    pub fn check_flags(&self) -> Result<(), String> {
+        let Some(name) = self.subcommand_name() else { return Ok(()) };
+        if self.check_config {
+            return Err(format!(
+                "--check-config prints the server's configuration: it does not go with `taskd {name}`"
+            ));
+        }
+        let Some(&(_, allowed, why)) = SUBCOMMAND_OPTIONS.iter().find(|(n, _, _)| *n == name) else {
+            return Ok(());
+        };
+        let given = self.flags().given();
+        let refused: Vec<String> = given
+            .iter()
+            .filter(|f| !allowed.contains(f))
+            .map(|f| format!("--{}", f.replace('_', "-")))
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let takes: Vec<String> = allowed.iter().map(|f| format!("--{}", f.replace('_', "-"))).collect();
+        Err(format!(
+            "`taskd {name}` does not take {}: {why}. It takes --config, {}.",
+            refused.join(", "),
+            takes.join(", ")
+        ))
+    }
+}
+
+fn hide_all_but(mut sub: clap::Command, allowed: &[&str]) -> clap::Command {
+    for name in OPTION_NAMES {
+        if !allowed.contains(name) {
+            sub = sub.mut_arg(*name, |a| a.hide(true));
+        }
+    }
+    sub
 }
 
 /// Reads the config file (if any), the environment and the flags, and validates the result.
@@ -209,13 +387,14 @@ pub fn load(cli: &Cli) -> Result<Settings, String> {
 
 /// `load` with the environment given (for tests).
 pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<Settings, String> {
+    cli.check_flags()?;
     let mut settings = Settings::default();
     let config = cli.config.clone().or_else(|| env("TASKD_CONFIG").map(PathBuf::from));
     if let Some(path) = &config {
         settings.apply_file(read_file(path)?);
     }
     settings.apply_env(env)?;
-    settings.apply_flags(&cli.options);
+    settings.apply_flags(&cli.flags());
     settings.server.validate().map_err(|e| e.to_string())?;
     settings.check_mail_times().map_err(|e| e.to_string())?;
     Ok(settings)
@@ -261,7 +440,7 @@ mod tests {
     use super::*;
 
     fn cli(args: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("taskd").chain(args.iter().copied())).unwrap()
+        Cli::try_parse_args(std::iter::once("taskd").chain(args.iter().copied())).unwrap()
     }
 
     #[test]
@@ -304,9 +483,10 @@ mod tests {
         let a = cli(&["--pid-file", "/tmp/x.pid", "stop"]);
         let b = cli(&["status", "--pid-file", "/tmp/x.pid"]);
         assert!(matches!(a.command, Some(Command::Stop { .. })));
-        assert!(matches!(b.command, Some(Command::Status)));
-        assert_eq!(a.options.pid_file, b.options.pid_file);
-        assert!(matches!(cli(&["reload", "--tasks"]).command, Some(Command::Reload { tasks: true })));
+        assert!(matches!(b.command, Some(Command::Status { .. })));
+        assert_eq!(a.flags().pid_file, Some(PathBuf::from("/tmp/x.pid")));
+        assert_eq!(a.flags().pid_file, b.flags().pid_file);
+        assert!(matches!(cli(&["reload", "--tasks"]).command, Some(Command::Reload { tasks: true, .. })));
     }
 
     #[test]
@@ -319,7 +499,7 @@ mod tests {
         assert!(err.contains("worker_nmu"), "{err}");
         let err = load(&cli(&["--worker-num", "0"])).unwrap_err();
         assert!(err.contains("worker_num"), "{err}");
-        assert!(Cli::try_parse_from(["taskd", "--dispatch-mode", "9"]).is_err());
+        assert!(Cli::try_parse_args(["taskd", "--dispatch-mode", "9"]).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -336,6 +516,33 @@ mod tests {
             let documented = text.contains(&format!("\n{key} = ")) || text.contains(&format!("\n# {key} = "));
             assert!(documented, "config.example.toml lacks {key}");
         }
+    }
+
+    #[test]
+    fn a_subcommand_shows_and_takes_only_its_own_options() {
+        let mut cmd = Cli::command_line();
+        let help = cmd.find_subcommand_mut("stop").unwrap().render_long_help().to_string();
+        assert!(help.contains("--pid-file") && help.contains("--timeout"), "{help}");
+        assert!(!help.contains("--worker-num") && !help.contains("--port"), "{help}");
+        let help = cmd.find_subcommand_mut("task-node").unwrap().render_long_help().to_string();
+        assert!(help.contains("--user") && help.contains("--task-worker-num"), "{help}");
+        assert!(!help.contains("--ws-port") && !help.contains("--metrics-addr"), "{help}");
+        for args in [
+            &["task-node", "--port", "1"][..],
+            &["--port", "1", "task-node"],
+            &["task-node", "--worker-num", "3"],
+            &["stop", "--user", "nobody"],
+            &["dead-letter", "list", "--log-file", "x"],
+        ] {
+            let err = load_with_env(&cli(args), &|_| None).unwrap_err();
+            assert!(err.contains("does not take --"), "{args:?}: {err}");
+        }
+        let ok = cli(&["--pid-file", "/tmp/x.pid", "stop", "--max-wait-time", "5"]);
+        assert_eq!(load_with_env(&ok, &|_| None).unwrap().server.max_wait_time, 5);
+        let node = cli(&["task-node", "--user", "nobody", "--redis-url", "redis://h"]);
+        assert_eq!(load_with_env(&node, &|_| None).unwrap().server.user.as_deref(), Some("nobody"));
+        let err = load_with_env(&cli(&["--check-config", "status"]), &|_| None).unwrap_err();
+        assert!(err.contains("--check-config"), "{err}");
     }
 
     #[test]

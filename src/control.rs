@@ -32,11 +32,10 @@ impl PidFile {
         Ok(PidFile { pid, addr })
     }
 
-    /// Writes the file atomically (a reader never sees half of it).
+    /// Writes the file atomically (a reader never sees half of it), mode 0644, through an
+    /// exclusive create of a temporary that follows no link planted at its name.
     pub fn write(path: &Path, pid: u32, addr: SocketAddr) -> std::io::Result<()> {
-        let tmp = path.with_extension(format!("tmp{pid}"));
-        std::fs::write(&tmp, format!("{pid}\n{addr}\n"))?;
-        std::fs::rename(&tmp, path)
+        crate::files::replace(path, format!("{pid}\n{addr}\n").as_bytes(), crate::files::PID_MODE)
     }
 
     /// Removes the file if it still names `pid` (a newer daemon may have taken it over).

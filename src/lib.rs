@@ -27,6 +27,7 @@
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
+//! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
 pub mod app;
@@ -34,6 +35,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod durable;
+pub mod files;
 pub mod ipc;
 pub mod limits;
 pub mod logging;
@@ -118,6 +120,10 @@ pub fn run_notify<A: Application>(
         }
         None => None,
     };
+    if let Some(creds) = credentials {
+        // A rotated log file is created anew for the pool, which reopens it.
+        logging::set_owner(creds);
+    }
     let metrics = match &config.metrics_addr {
         Some(addr) => Some(bind_metrics(addr)?),
         None => None,

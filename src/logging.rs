@@ -3,11 +3,14 @@
 //! Every line names the process that wrote it (`master`, `manager`, `worker 0`, `task 3`) and
 //! its pid, in a human format or as one JSON object per line for log collectors. Logs go to
 //! stderr, which `--log-file` points at a file; after the file is rotated, SIGHUP to the
-//! master makes every process reopen it (a counter in shared memory tells the others).
+//! master makes every process reopen it (a counter in shared memory tells the others), and
+//! the other files the pool appends to (the outbox) with it. With `--user`, the master creates
+//! each new file for the pool's user, mode 0640, before the pool reopens it; a process that
+//! cannot reopen its log says so on the old one.
 //! The subscriber writes synchronously (no background thread), so it is fork-safe.
 
 use std::fmt::Write as _;
-use std::io;
+use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock};
@@ -20,6 +23,8 @@ use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter}
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
+use crate::files;
+use crate::process::Credentials;
 use crate::shm::Shared;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -48,6 +53,38 @@ static LOG_FILE: OnceLock<PathBuf> = OnceLock::new();
 static SHARED: OnceLock<&'static Shared> = OnceLock::new();
 /// The rotation this process's stderr points at.
 static SEEN_GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Who the pool runs as (`--user`): the owner of the files it appends to.
+static OWNER: OnceLock<Credentials> = OnceLock::new();
+/// The line format, for the lines written around the subscriber.
+static FORMAT: OnceLock<LogFormat> = OnceLock::new();
+/// Files besides the log that the pool appends to and reopens on a rotation (the outbox).
+static POOL_FILES: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
+
+/// The pool runs as `owner`: the log file and the files of [`rotate_with_log`] are created
+/// for (and handed to) that user. Call before [`init`].
+pub fn set_owner(owner: Credentials) {
+    let _ = OWNER.set(owner);
+}
+
+/// Who the pool's files belong to, if not to whoever opens them.
+pub fn owner() -> Option<Credentials> {
+    OWNER.get().copied()
+}
+
+/// Registers a file the pool appends to: on SIGHUP the master creates it anew (for the
+/// pool's user) if it was moved away, and the processes that write it reopen it (they
+/// compare [`rotation`] with the one they opened it at).
+pub fn rotate_with_log(path: &Path) {
+    if let Ok(mut files) = POOL_FILES.write() {
+        files.push(path.to_path_buf());
+    }
+}
+
+/// How many rotations the master has announced; a writer that opened its file at an older one
+/// reopens it.
+pub fn rotation() -> u64 {
+    SHARED.get().map_or(0, |s| s.log_generation())
+}
 
 /// Names this process in every line it logs from now on.
 pub fn set_process(label: &str) {
@@ -88,6 +125,7 @@ pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), S
         Ok(v) if !v.is_empty() => EnvFilter::try_new(v).map_err(|e| format!("invalid RUST_LOG: {e}"))?,
         _ => EnvFilter::try_new(level).map_err(|e| format!("invalid log_level {level:?}: {e}"))?,
     };
+    let _ = FORMAT.set(format);
     if let Some(path) = file {
         point_stderr_at(path)
             .map_err(|e| format!("invalid log_file: cannot open {}: {e}", path.display()))?;
@@ -107,31 +145,66 @@ pub fn share_rotation(shared: &'static Shared) {
     let _ = SHARED.set(shared);
 }
 
-/// In the master, on SIGHUP: reopens the log file here and tells every other process to.
+/// In the master (or a task node's manager), on SIGHUP: reopens the log file here, creates
+/// the pool's other files anew where they were moved away, and tells every other process to
+/// reopen them. Ok(false): there is no log file (logs go to stderr).
 pub fn reopen() -> io::Result<bool> {
-    let Some(path) = LOG_FILE.get() else { return Ok(false) };
-    point_stderr_at(path)?;
+    let reopened = match LOG_FILE.get() {
+        Some(path) => point_stderr_at(path).map(|()| true),
+        None => Ok(false),
+    };
+    // Created here, where there may be the rights to create them for the pool's user, before
+    // the pool (which may lack them) reopens them.
+    let pool_files = POOL_FILES.read().map(|f| f.clone()).unwrap_or_default();
+    for path in pool_files {
+        if let Err(e) = files::open_append(&path, files::LOG_MODE, owner()) {
+            tracing::error!("SIGHUP: cannot open {} anew: {e}; its writers keep the old one", path.display());
+        }
+    }
     if let Some(shared) = SHARED.get() {
         let generation = shared.bump_log_generation();
         SEEN_GENERATION.store(generation, Ordering::Relaxed);
     }
-    Ok(true)
+    reopened
 }
 
 fn point_stderr_at(path: &Path) -> io::Result<()> {
-    let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    let file = files::open_append(path, files::LOG_MODE, owner())?;
     nix::unistd::dup2_stderr(&file)?;
     Ok(())
 }
 
-/// Reopens the log file if the master has announced a rotation this process has not seen.
+/// Reopens the log file if the master has announced a rotation this process has not seen;
+/// if it cannot, it says so on the old one.
 fn follow_rotation() {
     let (Some(shared), Some(path)) = (SHARED.get(), LOG_FILE.get()) else { return };
     let current = shared.log_generation();
     if SEEN_GENERATION.load(Ordering::Relaxed) != current {
         SEEN_GENERATION.store(current, Ordering::Relaxed);
-        let _ = point_stderr_at(path);
+        if let Err(e) = point_stderr_at(path) {
+            complain(&format!(
+                "cannot reopen the log file {} after a rotation: {e}; still logging here",
+                path.display()
+            ));
+        }
     }
+}
+
+/// Writes an error line in the log's format straight to stderr: from inside the writer, where
+/// logging through the subscriber again would re-enter it.
+fn complain(message: &str) {
+    let process = PROCESS.read().map(|p| p.clone()).unwrap_or_default();
+    let pid = std::process::id();
+    let mut time = String::new();
+    let _ = SystemTime.format_time(&mut Writer::new(&mut time));
+    let line = match FORMAT.get() {
+        Some(LogFormat::Json) => serde_json::json!({
+            "timestamp": time, "level": "ERROR", "process": process, "pid": pid, "message": message,
+        })
+        .to_string(),
+        _ => format!("{time} ERROR {process}[{pid}]: {message}"),
+    };
+    let _ = writeln!(io::stderr(), "{line}");
 }
 
 /// Writes each line to stderr, after following a rotation.

@@ -6,13 +6,13 @@ use std::os::fd::OwnedFd;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use taskd::cli::{self, Cli, Command, DeadLetterAction, Settings};
 use taskd::control;
 use taskd::mail::{outbox::Outbox, MailApp};
+use taskd::process::Credentials;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     let settings = match cli::load(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -22,14 +22,14 @@ fn main() -> ExitCode {
     };
     let pid_file = settings.server.pid_file.as_ref();
     match &cli.command {
-        Some(Command::Stop { timeout }) => {
+        Some(Command::Stop { timeout, .. }) => {
             let limit = timeout.unwrap_or(settings.server.max_wait_time + 10);
             return ExitCode::from(control::stop(pid_file, Duration::from_secs(limit)));
         }
-        Some(Command::Reload { tasks }) => return ExitCode::from(control::reload(pid_file, *tasks)),
-        Some(Command::Status) => return ExitCode::from(control::status(pid_file)),
-        Some(Command::TaskNode) => return report(task_node(&settings)),
-        Some(Command::DeadLetter { action }) => return report(dead_letter(&settings, action)),
+        Some(Command::Reload { tasks, .. }) => return ExitCode::from(control::reload(pid_file, *tasks)),
+        Some(Command::Status { .. }) => return ExitCode::from(control::status(pid_file)),
+        Some(Command::TaskNode { .. }) => return report(task_node(&settings)),
+        Some(Command::DeadLetter { action, .. }) => return report(dead_letter(&settings, action)),
         None => {}
     }
     if cli.check_config {
@@ -68,10 +68,10 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
                 .into(),
         ));
     }
+    let owner = pool_owner(&server)?;
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
-    Outbox::open(&settings.mail.outbox)
-        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", settings.mail.outbox.display())))?;
+    open_outbox(settings, owner)?;
     let mut app = MailApp::new(settings.mail.clone());
     taskd::durable::node::run(&mut app, &server, &d).map_err(|e| (1, e))
 }
@@ -80,11 +80,11 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
 fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u8, String)> {
     let d = durable_settings(settings, "dead-letter")?;
     match action {
-        DeadLetterAction::List { limit } => {
+        DeadLetterAction::List { limit, .. } => {
             taskd::durable::dead_letter::list(&d, *limit, &mut std::io::stdout().lock())
                 .map_err(|e| (1, e))?;
         }
-        DeadLetterAction::Replay { ids, all } => {
+        DeadLetterAction::Replay { ids, all, .. } => {
             if ids.is_empty() && !all {
                 return Err((
                     2,
@@ -98,22 +98,38 @@ fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u
     Ok(0)
 }
 
+/// Whom the pool runs as (`--user`, `--group`): the log file and the outbox are theirs too.
+fn pool_owner(server: &taskd::ServerConfig) -> Result<Option<Credentials>, (u8, String)> {
+    let Some(user) = &server.user else { return Ok(None) };
+    let creds = taskd::process::resolve_credentials(user, server.group.as_deref()).map_err(|e| (2, e))?;
+    taskd::logging::set_owner(creds);
+    Ok(Some(creds))
+}
+
+/// Fails now, with the option's name, rather than in every task process later; creates the
+/// outbox for the task processes' user, and has it reopened with the log file on SIGHUP.
+fn open_outbox(settings: &Settings, owner: Option<Credentials>) -> Result<(), (u8, String)> {
+    let path = &settings.mail.outbox;
+    Outbox::open_for(path, owner)
+        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", path.display())))?;
+    taskd::logging::rotate_with_log(path);
+    Ok(())
+}
+
 /// Runs the daemon; an error is an exit code and a sentence for the terminal.
 fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     let server = &settings.server;
+    if server.daemonize {
+        // First, before anything is opened: what is open now was inherited.
+        taskd::process::prepare_daemon().map_err(|e| (1, format!("cannot run in the background: {e}")))?;
+    }
     if let Some(path) = &server.pid_file {
         control::check_not_running(path).map_err(|e| (1, e))?;
     }
+    let owner = pool_owner(server)?;
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
-    // Fail now, with the option's name, rather than in every task process later.
-    Outbox::open(&settings.mail.outbox)
-        .map_err(|e| (2, format!("invalid outbox: cannot open {}: {e}", settings.mail.outbox.display())))?;
-    if let Some(user) = &server.user {
-        let creds = taskd::process::resolve_credentials(user, server.group.as_deref()).map_err(|e| (2, e))?;
-        // The task processes, running as the user, append to it.
-        let _ = nix::unistd::chown(&settings.mail.outbox, Some(creds.uid), Some(creds.gid));
-    }
+    open_outbox(settings, owner)?;
     let listener = taskd::net::bind_listener(&server.host, server.port, server.backlog)
         .map_err(|e| (1, e.to_string()))?;
     let mut report: Option<OwnedFd> = None;

@@ -230,7 +230,6 @@ impl<A: Application> Manager<'_, A> {
         let app = &mut *self.app;
         let result = process::spawn(&[fd], || {
             process::set_title(&format!("taskd: {role} {index}"));
-            process::die_with_parent(manager_pid);
             if let Some(creds) = credentials {
                 if let Err(e) = process::drop_privileges(creds) {
                     tracing::error!(
@@ -241,6 +240,9 @@ impl<A: Application> Manager<'_, A> {
                     return 1;
                 }
             }
+            // After the switch of user, which clears the parent-death signal; a manager that
+            // died in between is caught by the check of the parent's pid.
+            process::die_with_parent(manager_pid);
             if let Err(e) = signals::set_blocked(&POOL_BLOCKED) {
                 tracing::error!("{role} {index}: cannot set its signal mask: {e}");
                 return 1;

@@ -48,6 +48,15 @@ fn fork_now() -> io::Result<ForkResult> {
     unsafe { fork() }.map_err(io::Error::from)
 }
 
+/// The first step of `--daemonize`, before taskd opens anything: closes every descriptor above
+/// stderr inherited from whoever started it (a daemon must not keep its launcher's files,
+/// sockets or pipes open for its whole life), and sets the umask to 027, so that no file the
+/// daemon creates is writable by its group or readable by others, whatever the caller's umask.
+pub fn prepare_daemon() -> io::Result<()> {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o027));
+    close_inherited_fds(&[])
+}
+
 /// Detaches from the terminal: double fork, `setsid`, stdio to /dev/null (stderr too unless
 /// `keep_stderr`, when it already points at the log file).
 ///
@@ -117,6 +126,9 @@ pub fn resolve_credentials(user: &str, group: Option<&str>) -> Result<Credential
 }
 
 /// Drops root for good: supplementary groups, then group, then user.
+///
+/// The kernel clears the parent-death signal when the credentials change: call
+/// [`die_with_parent`] after this, not before.
 pub fn drop_privileges(creds: Credentials) -> io::Result<()> {
     if nix::unistd::geteuid() == creds.uid {
         return Ok(());
@@ -157,7 +169,8 @@ fn close_inherited_fds(keep: &[RawFd]) -> io::Result<()> {
 }
 
 /// Makes this process die with its parent, and dies now if the parent is already gone
-/// (the race between fork and `prctl`).
+/// (the race between fork and `prctl`). After [`drop_privileges`]: a change of credentials
+/// clears the parent-death signal.
 pub fn die_with_parent(expected_parent: Pid) {
     if let Err(e) = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL) {
         tracing::warn!("PR_SET_PDEATHSIG failed: {e}");

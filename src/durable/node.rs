@@ -49,6 +49,11 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     let mut lease =
         Lease { conn: Some(conn), token: lease_token(std::process::id()), renewed: Instant::now() };
     process::set_title("taskd: task-node");
+    // The task processes run the job code: as --user, like the server's pool.
+    let credentials = match &config.user {
+        Some(user) => Some(process::resolve_credentials(user, config.group.as_deref())?),
+        None => None,
+    };
     let count = config.task_worker_num.max(1);
     let mut slots: Vec<Slot> = (0..count)
         .map(|_| Slot {
@@ -70,7 +75,7 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
             for (i, slot) in slots.iter_mut().enumerate() {
                 if slot.restart_at.is_some_and(|at| at <= Instant::now()) {
                     slot.restart_at = None;
-                    match fork_consumer(app, config, d, i as u32) {
+                    match fork_consumer(app, config, d, i as u32, credentials) {
                         Ok(pid) => {
                             slot.pid = Some(pid);
                             slot.started = Instant::now();
@@ -186,10 +191,18 @@ fn fork_consumer<A: Application>(
     config: &ServerConfig,
     d: &Durable,
     slot: u32,
+    credentials: Option<process::Credentials>,
 ) -> std::io::Result<Pid> {
     let parent = getpid();
     process::spawn(&[], || {
         process::set_title(&format!("taskd: task {slot}"));
+        if let Some(creds) = credentials {
+            if let Err(e) = process::drop_privileges(creds) {
+                tracing::error!("task {slot}: cannot switch to uid {} gid {}: {e}", creds.uid, creds.gid);
+                return 1;
+            }
+        }
+        // After the switch of user, which clears the parent-death signal.
         process::die_with_parent(parent);
         let signals = match Signals::open(&[Signal::SIGTERM, Signal::SIGINT]) {
             Ok(s) => s,

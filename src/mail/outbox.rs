@@ -1,10 +1,11 @@
 //! The outbox: where a simulated delivery leaves its message, one JSON line per message, so
 //! a user can see what was sent. Every task process appends to the same file; each line is
 //! one `write` on an `O_APPEND` descriptor, so lines of different processes never interleave.
+//! After a rotation (SIGHUP, see `logging`), each writer reopens it before its next line.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -28,15 +29,44 @@ struct Entry<'a> {
 
 pub struct Outbox {
     file: File,
+    path: PathBuf,
+    /// The log rotation the file was opened at.
+    rotation: u64,
 }
 
 impl Outbox {
+    /// Opens (or creates, mode 0640) the outbox for appending, as the user this process runs
+    /// as; a link planted at its name is refused (see `files`).
     pub fn open(path: &Path) -> io::Result<Outbox> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Outbox { file })
+        Self::open_for(path, None)
+    }
+
+    /// Like [`Outbox::open`], by root for the pool's user: the file is handed to `owner`.
+    pub fn open_for(path: &Path, owner: Option<crate::process::Credentials>) -> io::Result<Outbox> {
+        let rotation = crate::logging::rotation();
+        let file = crate::files::open_append(path, crate::files::LOG_MODE, owner)?;
+        Ok(Outbox { file, path: path.to_path_buf(), rotation })
+    }
+
+    /// After a rotation, the file now at the path; the old one (and an error in the log) when
+    /// that cannot be opened.
+    fn follow_rotation(&mut self) {
+        let rotation = crate::logging::rotation();
+        if rotation == self.rotation {
+            return;
+        }
+        self.rotation = rotation;
+        match crate::files::open_append(&self.path, crate::files::LOG_MODE, None) {
+            Ok(file) => self.file = file,
+            Err(e) => tracing::error!(
+                "cannot reopen the outbox {} after a rotation: {e}; still appending to the old file",
+                self.path.display()
+            ),
+        }
     }
 
     pub fn append(&mut self, job: &Job, task_id: u64, attempt: u32, task_pid: u32) -> io::Result<()> {
+        self.follow_rotation();
         let sent_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let entry = Entry {
             sent_at_ms: sent_at,

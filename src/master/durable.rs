@@ -99,8 +99,22 @@ impl<A: Application> Master<'_, A> {
         let master_pid = nix::unistd::getpid();
         let d = state.d.clone();
         let shared = self.shared;
+        let credentials = self.credentials;
         let pid = process::spawn(&[child_end.as_raw_fd()], || {
             process::set_title("taskd: redis bridge");
+            // It reads what anyone who can write to Redis wrote: not as root, with --user.
+            // Before its threads start, and before the parent-death signal, which a change of
+            // user clears.
+            if let Some(creds) = credentials {
+                if let Err(e) = process::drop_privileges(creds) {
+                    tracing::error!(
+                        "redis bridge: cannot switch to uid {} gid {}: {e}",
+                        creds.uid,
+                        creds.gid
+                    );
+                    return 1;
+                }
+            }
             process::die_with_parent(master_pid);
             match child_end.try_clone() {
                 Ok(fd) => crate::durable::bridge::run(&d, fd, shared),
