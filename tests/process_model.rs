@@ -105,7 +105,7 @@ fn email_and_sms_in_every_form_are_accepted_then_done() {
 
 #[test]
 fn jobs_typed_quickly_run_in_parallel_on_different_task_processes() {
-    let daemon = Daemon::start(&["--simulate-ms", "600", "--task-worker-num", "4"]);
+    let daemon = Daemon::start(&["--simulate-ms", "1200", "--task-worker-num", "4"]);
     let mut client = daemon.connect();
     let ids: Vec<Value> =
         (0..4).map(|i| client.submit(&format!("p{i}@example.com"))["task_id"].clone()).collect();
