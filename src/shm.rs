@@ -95,7 +95,27 @@ mod tests {
         let a = shared.next_task_id();
         let b = shared.next_task_id();
         assert!(b > a && a >= 1);
-        shared.set_jobs_pending(3);
-        assert_eq!(shared.jobs_pending(), 3);
+    }
+
+    /// What the page is for: a forked process (a worker) takes ids and writes counters on the
+    /// same page the master reads, and an id it took is never handed out again.
+    #[test]
+    fn a_forked_process_shares_the_page() {
+        let shared = Shared::map().unwrap();
+        let before = shared.next_task_id();
+        let child = crate::process::spawn(&[], || {
+            shared.next_task_id();
+            shared.next_task_id();
+            shared.set_jobs_pending(7);
+            0
+        })
+        .unwrap();
+        let start = std::time::Instant::now();
+        while shared.jobs_pending() != 7 {
+            assert!(start.elapsed() < std::time::Duration::from_secs(20), "the child's write is not seen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let _ = nix::sys::wait::waitpid(child, None);
+        assert_eq!(shared.next_task_id(), before + 3, "the child's two ids are not given again");
     }
 }

@@ -66,7 +66,7 @@ fn bridge_of(d: &Daemon) -> u32 {
 }
 
 fn taskd(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_taskd")).args(args).output().expect("run taskd")
+    common::run_with_timeout(Command::new(env!("CARGO_BIN_EXE_taskd")).args(args), common::DEADLINE)
 }
 
 #[test]

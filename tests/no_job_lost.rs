@@ -35,6 +35,22 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
     assert_eq!(failed["attempts"], 2);
     let log = daemon.log();
     assert!(log.contains("running it again (attempt 2 of 2)"), "{log}");
+    // Each run was killed for its timeout, well before its own 60 s: from the task process's
+    // `sending` line to the master's `killing it`, at most 10 s (25 × task_timeout, for a
+    // loaded machine).
+    let id = &accepted["task_id"];
+    let times = |needle: String| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains(&needle))
+            .map(|l| common::log_time(l).expect("a timestamp"))
+            .collect()
+    };
+    let starts = times(format!("]: task {id}: sending"));
+    let kills = times(format!("task {id} has run longer than task_timeout (0.4s)"));
+    assert_eq!((starts.len(), kills.len()), (2, 2), "{log}");
+    for (start, kill) in starts.iter().zip(&kills) {
+        assert!(kill > start && kill - start < 10.0, "killed {:.3} s after it started:\n{log}", kill - start);
+    }
     // The killed processes were replaced, and the daemon keeps serving.
     daemon.wait_pool(2, 2);
     let next = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
@@ -60,9 +76,29 @@ fn a_process_that_dies_at_start_is_respawned_with_a_growing_back_off() {
     std::fs::remove_dir_all(&outbox_dir).unwrap();
     let task0 = pool.iter().find(|p| p.args == "taskd: task 0").unwrap().pid;
     kill9(task0);
-    let log = daemon.wait_log("(3 time(s) in a row); respawning in 400ms");
-    assert!(log.contains("(1 time(s) in a row); respawning in 100ms"), "{log}");
-    assert!(log.contains("(2 time(s) in a row); respawning in 200ms"), "{log}");
+    // Four failed starts of slot 0, their times from the failing processes' own log lines: the
+    // gaps between them are at least the back-off's 100, 200 and 400 ms (a constant or no
+    // back-off fails this; a slow machine only lengthens the gaps).
+    let failed_starts = |log: &str| -> Vec<f64> {
+        log.lines()
+            .filter(|l| l.contains("]: task 0 (pid ") && l.contains("cannot start"))
+            .map(|l| common::log_time(l).expect("a timestamp"))
+            .collect()
+    };
+    let log = common::wait_for("four failed starts", || {
+        let log = daemon.log();
+        (failed_starts(&log).len() >= 4).then_some(log)
+    });
+    let t = failed_starts(&log);
+    for (k, min) in [0.1, 0.2, 0.4].into_iter().enumerate() {
+        assert!(
+            t[k + 1] - t[k] >= min,
+            "start {} came {:.3} s after start {}:\n{log}",
+            k + 2,
+            t[k + 1] - t[k],
+            k + 1
+        );
+    }
     assert!(log.contains("cannot open the outbox"), "{log}");
     // Spaced out, not a fork bomb: far fewer than one start per millisecond.
     let starts = log.matches("cannot start").count();
@@ -237,9 +273,17 @@ fn sum(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
     total
 }
 
-/// A xorshift generator: random enough to pick victims, seeded from the clock.
+/// A xorshift generator: random enough to pick victims, seeded from the clock and the pid, or
+/// from `TASKD_CHAOS_SEED` to replay a run. The seed is printed (shown when the test fails).
 fn rng() -> impl FnMut() -> u64 {
-    let mut seed = Instant::now().elapsed().subsec_nanos() as u64 | 1;
+    let seed =
+        std::env::var("TASKD_CHAOS_SEED").ok().and_then(|s| s.parse::<u64>().ok()).unwrap_or_else(|| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32)
+        });
+    println!("chaos seed {seed} (replay with TASKD_CHAOS_SEED={seed})");
+    // Xorshift's state must not be zero.
+    let mut seed = seed.max(1);
     move || {
         seed ^= seed << 13;
         seed ^= seed >> 7;

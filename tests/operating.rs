@@ -5,40 +5,39 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::{http_get, is_dead, proc_info, wait_for, Daemon};
 use nix::sys::signal::Signal;
 
+/// Runs `taskd ARGS` to its end (a deadline: it must not hang), tagged as this test's so that
+/// a `Detached` guard finds whatever it leaves running.
 fn taskd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taskd")).args(args).env("NO_COLOR", "1").output().unwrap()
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+    common::tag(cmd.args(args).env("NO_COLOR", "1"));
+    common::run_with_timeout(&mut cmd, common::DEADLINE)
 }
 
 fn text(out: &Output) -> String {
     format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
 }
 
-/// Kills a detached daemon (its whole session) when the test ends, however it ends.
+/// Kills, when the test ends however it ends, every daemon the test's `taskd` commands left
+/// running: made before the first of them, it also finds one that detached before its pid
+/// file was read, and one that should have refused to start but did (`common::Leftovers`
+/// finds them by the tag `taskd` puts in their environment).
 struct Detached {
     pid_file: PathBuf,
-    pid: u32,
+    _leftovers: common::Leftovers,
+}
+
+impl Detached {
+    fn guard(pid_file: &Path) -> Detached {
+        Detached { pid_file: pid_file.to_path_buf(), _leftovers: common::Leftovers::guard() }
+    }
 }
 
 impl Drop for Detached {
     fn drop(&mut self) {
-        let tree: Vec<u32> =
-            common::processes().into_iter().filter(|p| p.pgid == pgid(self.pid)).map(|p| p.pid).collect();
-        if pgid(self.pid) > 1 {
-            let _ =
-                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid(self.pid) as i32), Signal::SIGKILL);
-        }
-        let start = std::time::Instant::now();
-        while start.elapsed() < Duration::from_secs(5)
-            && tree.iter().any(|&p| proc_info(p).is_some_and(|i| i.ppid != 1))
-        {
-            common::reap_orphans(&tree);
-            std::thread::sleep(Duration::from_millis(5));
-        }
         let _ = std::fs::remove_file(&self.pid_file);
     }
 }
@@ -60,13 +59,13 @@ fn daemon_mode_pid_file_and_every_control_command() {
     let (p, l, o) = (pid_file.to_str().unwrap(), log.to_str().unwrap(), outbox.to_str().unwrap());
     let start =
         ["--port", "0", "--daemonize", "--pid-file", p, "--log-file", l, "--outbox", o, "--simulate-ms", "0"];
+    let _guard = Detached::guard(&pid_file);
     let out = taskd(&start);
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let addr: std::net::SocketAddr =
         stdout.trim().strip_prefix("taskd listening on ").unwrap().parse().unwrap();
     let pid = pid_in(&pid_file);
-    let _guard = Detached { pid_file: pid_file.clone(), pid };
     // Detached: its own session, no terminal, stdio on /dev/null (stderr on the log file).
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
@@ -135,11 +134,13 @@ fn a_daemon_that_cannot_start_says_why_on_the_terminal() {
     let pid_file = dir.path().join("taskd.pid");
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = blocker.local_addr().unwrap().port().to_string();
+    let _guard = Detached::guard(&pid_file);
     let out = taskd(&["--port", &port, "--daemonize", "--pid-file", pid_file.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(text(&out).contains("address already in use"), "{}", text(&out));
     assert!(!pid_file.exists());
-    let out = taskd(&["--daemonize"]);
+    // Port 0, not the default one, should it start after all.
+    let out = taskd(&["--daemonize", "--port", "0"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out).contains("daemonize: needs pid_file"), "{}", text(&out));
 }
@@ -218,11 +219,12 @@ fn the_environment_overrides_the_file_and_flags_override_the_environment() {
     .unwrap_or_else(|(s, log)| panic!("{s}\n{log}"));
     daemon.wait_pool(3, 2);
     // --check-config shows the effective values; an unknown key is an error naming it.
-    let out = Command::new(env!("CARGO_BIN_EXE_taskd"))
-        .args(["--config", f, "--check-config"])
-        .env("TASKD_WORKER_NUM", "3")
-        .output()
-        .unwrap();
+    let out = common::run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_taskd"))
+            .args(["--config", f, "--check-config"])
+            .env("TASKD_WORKER_NUM", "3"),
+        common::DEADLINE,
+    );
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(shown.contains("worker_num = 3") && shown.contains("task_worker_num = 1"), "{shown}");
     std::fs::write(&file, "wroker_num = 1\n").unwrap();
@@ -234,10 +236,11 @@ fn the_environment_overrides_the_file_and_flags_override_the_environment() {
 #[test]
 fn user_and_group_drop_privileges_in_the_pool_only() {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!(
-            "SKIPPED: dropping privileges needs root; this test runs as uid {}",
+        let why = format!(
+            "dropping privileges needs root; this test runs as uid {} (`bash .ci/run` runs as root in CI)",
             nix::unistd::geteuid()
         );
+        common::cannot_run("root", &why);
         return;
     }
     let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a user named nobody");
@@ -256,6 +259,7 @@ fn user_and_group_drop_privileges_in_the_pool_only() {
     let mut client = daemon.connect();
     let accepted = client.submit("unprivileged@example.com");
     assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+    let _guard = common::Leftovers::guard();
     let out = taskd(&["--user", "no-such-user-here", "--port", "0"]);
     assert!(text(&out).contains("no user named \"no-such-user-here\""), "{}", text(&out));
 }

@@ -9,6 +9,25 @@ use common::{is_dead, wait_for, Daemon};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
+/// Every job of `ids` started (its task process logged `sending`) before any of them finished
+/// (logged its last progress step): they ran at the same time, not one after the other.
+fn assert_ran_at_the_same_time(daemon: &Daemon, ids: &[Value]) {
+    let log = daemon.log();
+    let line_of = |needle: String| {
+        log.lines().position(|l| l.contains(&needle)).unwrap_or_else(|| panic!("no {needle:?} in\n{log}"))
+    };
+    let last_start = ids.iter().map(|id| line_of(format!("]: task {id}: sending"))).max().unwrap();
+    let first_end = ids.iter().map(|id| line_of(format!("]: task {id}: 5/5 done"))).min().unwrap();
+    assert!(last_start < first_end, "a job of {ids:?} finished before another one started:\n{log}");
+}
+
+/// The master's descriptor for `client`'s connection, and the socket's inode, from the
+/// machine's TCP table and the master's /proc/PID/fd.
+fn master_fd(daemon: &Daemon, client: &common::Client) -> Option<(u32, u64)> {
+    let socket = common::tcp_socket(client.peer_addr(), client.local_addr())?;
+    Some((common::socket_fd(daemon.pid, socket.inode)?, socket.inode))
+}
+
 fn kill9(pid: u32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
 }
@@ -86,7 +105,7 @@ fn email_and_sms_in_every_form_are_accepted_then_done() {
 
 #[test]
 fn jobs_typed_quickly_run_in_parallel_on_different_task_processes() {
-    let daemon = Daemon::start(&["--simulate-ms", "600", "--task-worker-num", "4"]);
+    let daemon = Daemon::start(&["--simulate-ms", "1200", "--task-worker-num", "4"]);
     let mut client = daemon.connect();
     let ids: Vec<Value> =
         (0..4).map(|i| client.submit(&format!("p{i}@example.com"))["task_id"].clone()).collect();
@@ -98,17 +117,24 @@ fn jobs_typed_quickly_run_in_parallel_on_different_task_processes() {
         pids.insert(done["task_pid"].clone());
     }
     assert_eq!(pids.len(), 4, "four jobs ran on four task processes");
+    assert_ran_at_the_same_time(&daemon, &ids);
 }
 
 #[test]
 fn a_bad_request_gets_an_error_line_and_the_connection_keeps_working() {
     let daemon = Daemon::start(&["--simulate-ms", "0"]);
     let mut client = daemon.connect();
-    for bad in ["hello world", "{not json", r#"{"type":"fax","to":"x"}"#, r#"{"type":"email"}"#, "sms 12"] {
+    for (bad, says) in [
+        ("hello world", "cannot read this request: "),
+        ("{not json", "invalid JSON: "),
+        (r#"{"type":"fax","to":"x"}"#, r#"unknown type "fax": use "email", "sms" or "batch""#),
+        (r#"{"type":"email"}"#, r#"missing field "to": who should get this email?"#),
+        ("sms 12", r#"invalid phone number "12""#),
+    ] {
         client.send(bad);
         let reply = client.recv();
         assert_eq!(reply["event"], "error", "{bad}");
-        assert!(reply["error"].as_str().unwrap().len() > 10, "a sentence: {reply}");
+        assert!(reply["error"].as_str().unwrap().starts_with(says), "{bad} -> {reply}");
     }
     let accepted = client.submit("ok@example.com");
     assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
@@ -194,7 +220,14 @@ fn requests_queued_for_a_killed_worker_are_answered_by_its_successor() {
     for i in 0..5 {
         client.send(&format!("queued{i}@example.com"));
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // The master has read the five lines (so handed them to the stopped worker) once the
+    // client's socket has nothing unacknowledged and the master's has nothing unread.
+    let (here, there) = (client.local_addr(), client.peer_addr());
+    wait_for("the master to read the five requests", || {
+        let sent = common::tcp_socket(here, there)?.tx_queue == 0;
+        let read = common::tcp_socket(there, here)?.rx_queue == 0;
+        (sent && read).then_some(())
+    });
     kill9(worker);
     let mut accepted = 0;
     let mut done = 0;
@@ -238,7 +271,10 @@ fn killing_the_master_leaves_no_process_behind() {
 
 #[test]
 fn sigterm_finishes_in_flight_jobs_then_every_process_exits_with_0() {
-    let mut daemon = Daemon::start(&["--simulate-ms", "700"]);
+    // The manager logs each pool process's end at debug level.
+    let mut daemon =
+        Daemon::start_env(&["--simulate-ms", "700"], &[("RUST_LOG", "info,taskd::manager=debug")])
+            .unwrap_or_else(|(status, log)| panic!("taskd did not start ({status}):\n{log}"));
     let pool = daemon.wait_pool(2, 4);
     let mut client = daemon.connect();
     let a = client.submit("a@example.com");
@@ -252,6 +288,14 @@ fn sigterm_finishes_in_flight_jobs_then_every_process_exits_with_0() {
     let status = daemon.wait_exit(common::DEADLINE).expect("the master exits");
     assert_eq!(status.code(), Some(0), "{}", daemon.log());
     wait_for("no pool process left", || pool.iter().all(|p| is_dead(p.pid)).then_some(()));
+    // Each of them exited by itself with 0: none had to be signalled, none was killed.
+    let log = daemon.log();
+    for p in pool.iter().filter(|p| p.args != "taskd: manager") {
+        let title = p.args.strip_prefix("taskd: ").unwrap();
+        assert!(log.contains(&format!("{title} (pid {}) exited with status 0", p.pid)), "{}: {log}", p.args);
+    }
+    assert!(log.contains("taskd stopped; the manager exited with status 0"), "{log}");
+    assert!(!log.contains("still running"), "{log}");
     assert!(client.closed_by_server());
     // New connections are refused once it is gone.
     assert!(std::net::TcpStream::connect(daemon.addr).is_err());
@@ -259,14 +303,33 @@ fn sigterm_finishes_in_flight_jobs_then_every_process_exits_with_0() {
 
 #[test]
 fn a_reply_for_a_closed_session_never_reaches_a_new_connection_on_the_same_fd() {
-    let daemon = Daemon::start(&["--simulate-ms", "300", "--worker-num", "1"]);
+    let daemon = Daemon::start(&["--simulate-ms", "1500", "--worker-num", "1"]);
     daemon.wait_pool(1, 4);
     let mut gone = daemon.connect();
     gone.submit("gone@example.com");
-    drop(gone);
-    // The master reuses the lowest free fd: the new connection most likely gets the old one's.
+    let (gone_fd, gone_socket) =
+        wait_for("the master's fd of the first connection", || master_fd(&daemon, &gone));
+    // Reset, not closed: a client that closes its side still gets its replies, so the master
+    // would keep its fd until the job is done.
+    gone.abort();
+    wait_for("the master to close it", || common::socket_fd(daemon.pid, gone_socket).is_none().then_some(()));
+    // The master reuses the lowest free fd: the new connection gets the old one's.
     let mut fresh = daemon.connect();
-    assert!(fresh.try_recv(Duration::from_millis(1200)).is_none(), "nothing for a session that never asked");
+    let (fresh_fd, _) = wait_for("the master's fd of the new connection", || master_fd(&daemon, &fresh));
+    assert_eq!(fresh_fd, gone_fd, "the new connection is on the closed one's fd");
+    assert!(
+        !daemon.outbox_lines().iter().any(|m| m["to"] == "gone@example.com"),
+        "the old job was still running when its fd was reused"
+    );
+    // Its result comes while the new session holds the fd: the master counts the result and
+    // routes its reply together, so once `stats` shows it done, a misrouted reply would have
+    // come before that `stats` line.
+    wait_for("the old job's result", || {
+        fresh.send("stats");
+        let stats = fresh.recv();
+        assert_eq!(stats["event"], "stats", "only what it asked for: {stats}");
+        (stats["tasks_done"] == 1).then_some(())
+    });
     let mine = fresh.submit("fresh@example.com");
     let done = fresh.final_reply(&mine["task_id"], &mut Vec::new());
     assert_eq!(done["to"], "fresh@example.com");
@@ -331,9 +394,14 @@ fn a_batch_fans_out_and_answers_one_done_with_every_result_in_order() {
     let to: Vec<&str> = results.iter().map(|r| r["to"].as_str().unwrap()).collect();
     assert_eq!(to, ["a@example.com", "+15551234567", "b@example.com"]);
     assert_eq!(results[1]["result"], "SMS:+15551234567, sent");
-    // Fanned out: the three ran on more than one task process.
-    let pids: HashSet<String> = daemon.outbox_lines().iter().map(|m| m["task_pid"].to_string()).collect();
+    // Fanned out: the three ran on more than one task process, the two slow ones at once.
+    let outbox = daemon.outbox_lines();
+    let pids: HashSet<String> = outbox.iter().map(|m| m["task_pid"].to_string()).collect();
     assert!(pids.len() > 1, "{pids:?}");
+    let slow: Vec<Value> =
+        outbox.iter().filter(|m| m["to"] != "b@example.com").map(|m| m["task_id"].clone()).collect();
+    assert_eq!(slow.len(), 2, "{outbox:?}");
+    assert_ran_at_the_same_time(&daemon, &slow);
 }
 
 #[test]
@@ -384,8 +452,10 @@ fn a_line_longer_than_package_max_length_gets_an_error_and_the_connection_closes
 
 #[test]
 fn invalid_options_and_a_taken_port_are_one_line_errors() {
-    let out =
-        std::process::Command::new(env!("CARGO_BIN_EXE_taskd")).args(["--worker-num", "0"]).output().unwrap();
+    let out = common::run_with_timeout(
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskd")).args(["--worker-num", "0"]),
+        common::DEADLINE,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("worker_num"), "{err}");
@@ -393,11 +463,12 @@ fn invalid_options_and_a_taken_port_are_one_line_errors() {
 
     let daemon = Daemon::start(&[]);
     let port = daemon.addr.port().to_string();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
-        .args(["--port", &port, "--outbox"])
-        .arg(daemon.dir.path().join("second.log"))
-        .output()
-        .unwrap();
+    let out = common::run_with_timeout(
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskd"))
+            .args(["--port", &port, "--outbox"])
+            .arg(daemon.dir.path().join("second.log")),
+        common::DEADLINE,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("address already in use"), "{err}");
@@ -425,7 +496,8 @@ fn a_rolling_reload_under_load_replaces_every_process_and_loses_nothing() {
         }
         assert_eq!(accepted, 150);
     });
-    std::thread::sleep(Duration::from_millis(100));
+    // Under load: once the first of its jobs is accepted.
+    daemon.wait_log("accepted as task");
     daemon.signal(Signal::SIGUSR1);
     daemon.signal(Signal::SIGUSR2);
     load.join().unwrap();

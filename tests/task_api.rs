@@ -53,6 +53,12 @@ fn task_with_calls_its_callback_instead_of_on_finish() {
     assert_eq!(reply["task_id"], accepted["task_id"]);
     assert_eq!(reply["asked"], "quiet please");
     assert!(reply["result"].as_str().unwrap().ends_with("QUIET PLEASE"));
+    // And on_finish did not answer too: one worker, so the reply to a later request comes
+    // after anything that worker sent for this task.
+    client.send("wait 5000 after");
+    let next = client.recv();
+    assert_eq!(next["event"], "waited", "nothing between the callback and this: {next}");
+    assert!(next["result"].as_str().unwrap().ends_with("AFTER"), "{next}");
 }
 
 #[test]
@@ -105,14 +111,18 @@ fn waiting_on_a_task_whose_process_is_killed_gets_the_retried_result() {
     daemon.wait_pool(1, 1);
     let mut client = daemon.connect();
     client.send("wait 10000 sleep=800 survive");
-    std::thread::sleep(Duration::from_millis(300));
     let (_, pid) = task_pids(&daemon)[0];
+    // Killed once the job has started: asleep in its `sleep=800`.
+    common::wait_for("the task process to run the job", || common::in_nanosleep(pid).then_some(()));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)
         .unwrap();
     let waited: Value = client.recv();
     assert_eq!(waited["event"], "waited", "{waited}");
     let result = waited["result"].as_str().unwrap();
     assert!(result.ends_with("SURVIVE") && !result.starts_with(&format!("pid={pid} ")), "{waited}");
+    daemon.wait_log(&format!(
+        "was running in task process {pid} (killed by signal 9 (SIGKILL)); running it again"
+    ));
 }
 
 #[test]
@@ -130,6 +140,15 @@ fn task_wait_all_gets_every_result_in_order_and_none_for_the_slow_one() {
     let pids: std::collections::HashSet<&str> =
         results.iter().map(|r| r.split(' ').next().unwrap()).collect();
     assert!(pids.len() > 1, "{all}");
+    // At the same time, not one after the other: two task processes are seen in their job's
+    // sleep at once.
+    client.send("all 10000 sleep=1500 sleep=1500 sleep=1500");
+    let procs: Vec<u32> = task_pids(&daemon).into_iter().map(|(_, pid)| pid).collect();
+    common::wait_for("two task processes running at once", || {
+        (procs.iter().filter(|&&p| common::in_nanosleep(p)).count() >= 2).then_some(())
+    });
+    let slept = client.recv();
+    assert_eq!(slept["results"].as_array().map(|r| r.iter().all(|r| r.is_string())), Some(true), "{slept}");
 
     client.send("all 400 x sleep=1500 y");
     let partial = client.recv();

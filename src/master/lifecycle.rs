@@ -213,7 +213,7 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn on_manager_exit(&mut self, reason: ExitReason) {
         if let Phase::Stopping { .. } = self.phase {
-            tracing::info!("taskd stopped");
+            tracing::info!("taskd stopped; the manager {reason}");
             self.exit_code = Some(0);
             return;
         }

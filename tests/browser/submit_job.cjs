@@ -1,13 +1,14 @@
 // Drives taskd's web page in Debian's headless Chromium: submit an email job in the form and
 // wait until its row turns `done`; then take a screenshot.
-// Usage: NODE_PATH=target/browser-test/node_modules node submit_job.cjs URL SCREENSHOT.png
+// Usage: NODE_PATH=target/browser-test/node_modules node submit_job.cjs URL SCREENSHOT.png CHROMIUM
+// (CHROMIUM: the browser's path, as found on PATH by the test and by .ci/run.)
 "use strict";
 const { chromium } = require("playwright-core");
 
 async function main() {
-  const [url, screenshot] = process.argv.slice(2);
+  const [url, screenshot, executablePath] = process.argv.slice(2);
   const browser = await chromium.launch({
-    executablePath: "/usr/bin/chromium",
+    executablePath,
     // The machine has no network beyond loopback: keep Chromium from reaching out.
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync"],

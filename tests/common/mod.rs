@@ -95,14 +95,26 @@ impl Daemon {
         let mut child = cmd.spawn().expect("spawn taskd");
         let pid = child.id();
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let mut first = String::new();
-        let _ = stdout.read_line(&mut first);
-        // Other listeners get a line each, after the first.
-        let (mut metrics_addr, mut ws_addr) = (None, None);
+        // Other listeners get a line each, after the first. A pipe has no read timeout: a
+        // thread reads the lines (then keeps draining stdout so the daemon never blocks on it)
+        // and this one waits for them with a deadline.
         let extra = args.contains(&"--metrics-addr") as usize + args.contains(&"--ws-port") as usize;
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for _ in 0..=extra {
+                let mut line = String::new();
+                let _ = stdout.read_line(&mut line);
+                let _ = lines_tx.send(line);
+            }
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        let started = Instant::now();
+        let next_line = || lines_rx.recv_timeout(DEADLINE.saturating_sub(started.elapsed())).ok();
+        let first = next_line();
+        let (mut metrics_addr, mut ws_addr) = (None, None);
         for _ in 0..extra {
-            let mut line = String::new();
-            let _ = stdout.read_line(&mut line);
+            let line = next_line().unwrap_or_default();
             let line = line.trim();
             if let Some(rest) = line.strip_prefix("taskd metrics on http://") {
                 metrics_addr = rest.strip_suffix("/metrics").and_then(|s| s.parse().ok());
@@ -111,11 +123,6 @@ impl Daemon {
                 ws_addr = rest.split('/').next().and_then(|s| s.parse().ok());
             }
         }
-        // Keep draining stdout so the daemon never blocks on it.
-        std::thread::spawn(move || {
-            let mut sink = Vec::new();
-            let _ = stdout.read_to_end(&mut sink);
-        });
         let mut daemon = Daemon {
             child: Some(child),
             addr: "0.0.0.0:0".parse().unwrap(),
@@ -125,6 +132,10 @@ impl Daemon {
             log_path,
             metrics_addr,
             ws_addr,
+        };
+        // Dropped on this error, `daemon` kills whatever did start.
+        let Some(first) = first else {
+            return Err((format!("no first stdout line within {DEADLINE:?}"), daemon.log()));
         };
         // A WebSocket-only server announces that first.
         if let Some(rest) = first.trim().strip_prefix("taskd websocket on ws://") {
@@ -432,5 +443,268 @@ impl Client {
             }
             others.push(reply);
         }
+    }
+}
+
+// ----- Commands with a deadline, tests that cannot run, and evidence from /proc and the log -----
+
+/// Runs `cmd` to completion with its output collected, as `Command::output` does, but kills
+/// it (and its process group) after `limit` and panics saying so: a command that hangs fails
+/// its test instead of hanging the suite.
+pub fn run_with_timeout(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let shown = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    // Both pipes are drained as the command runs, so that a full pipe cannot block it.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = pipe.read_to_end(&mut out);
+            let _ = tx.send(out);
+        });
+        rx
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::SIGKILL,
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = stderr.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+            panic!(
+                "{shown} did not finish within {limit:?}; killed. Its stderr:\n{}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    // A process it left behind (a daemon) must not hold the pipes open: taskd's detaches from
+    // them. Collect what was written, within what is left of the deadline.
+    let rest = || limit.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>, name: &str| {
+        rx.recv_timeout(rest()).unwrap_or_else(|_| {
+            panic!("{shown} exited ({status}) but something it started holds its {name} open")
+        })
+    };
+    let stdout = collect(stdout, "stdout");
+    let stderr = collect(stderr, "stderr");
+    std::process::Output { status, stdout, stderr }
+}
+
+/// Where `name` is found on PATH, as the shell's `command -v` (and `.ci/run`) finds it.
+pub fn which(name: &str) -> Option<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
+/// What a test that cannot run here calls (its tool is missing, or it needs root): it panics,
+/// naming what is missing and how to get it, unless `TASKD_TEST_ALLOW_SKIP` (a comma-separated
+/// list: `redis`, `browser`, `root`) names `key`. Then the test is skipped, never silently:
+/// a line on the terminal at once (past the harness's output capture), and the list of skipped
+/// tests again once the test binary has printed its summary. The caller returns after this.
+pub fn cannot_run(key: &str, why: &str) {
+    let allowed = std::env::var("TASKD_TEST_ALLOW_SKIP")
+        .unwrap_or_default()
+        .split(',')
+        .any(|k| k.trim() == key || k.trim() == "all");
+    if !allowed {
+        panic!(
+            "{why}. `bash .ci/run` installs what the tests need; to skip such tests knowingly, set \
+             TASKD_TEST_ALLOW_SKIP={key} (the skips are listed after the summary)"
+        );
+    }
+    let test = std::thread::current().name().unwrap_or("a test").to_string();
+    // Straight to the terminal: the harness captures `eprintln!` of a test that passes.
+    let _ = writeln!(std::io::stderr(), "\nSKIPPED, NOT PASSED: {test}: {why}");
+    let mut skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    if skipped.is_empty() {
+        extern "C" {
+            fn atexit(callback: extern "C" fn()) -> std::os::raw::c_int;
+        }
+        // SAFETY: registers a plain function with the C library, to run at exit; it only
+        // locks a static and writes to stderr.
+        unsafe { atexit(print_skipped) };
+    }
+    skipped.push(test);
+}
+
+static SKIPPED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Runs at exit, after the harness's `test result:` line: the skips, counted.
+extern "C" fn print_skipped() {
+    let skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED, NOT PASSED (TASKD_TEST_ALLOW_SKIP): {} test(s) of this binary did not run: {}\n",
+        skipped.len(),
+        skipped.join(", ")
+    );
+}
+
+/// The name of the current test, unique per test in this process: put in the environment of
+/// what a test starts (`tag`), it finds every process started from there, detached or not.
+fn test_token() -> String {
+    format!("{}:{}", std::process::id(), std::thread::current().name().unwrap_or("main"))
+}
+
+/// Marks `cmd` (and everything it starts, which inherits its environment) as the current
+/// test's, for `Leftovers`.
+pub fn tag(cmd: &mut Command) -> &mut Command {
+    cmd.env("TASKD_TEST_TOKEN", test_token())
+}
+
+/// Kills, when dropped, every process the current test started with `tag`: also a daemon that
+/// detached into its own session, and one that should have refused to start but did not.
+pub struct Leftovers {
+    token: String,
+}
+
+impl Leftovers {
+    /// Create it before the first command it guards.
+    pub fn guard() -> Leftovers {
+        become_subreaper();
+        Leftovers { token: test_token() }
+    }
+
+    /// The live processes tagged by this test.
+    pub fn pids(&self) -> Vec<u32> {
+        let needle = format!("TASKD_TEST_TOKEN={}", self.token);
+        processes()
+            .into_iter()
+            .filter(|p| p.alive() && p.pid != std::process::id())
+            .filter(|p| {
+                std::fs::read(format!("/proc/{}/environ", p.pid))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+            })
+            .map(|p| p.pid)
+            .collect()
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        let pids = self.pids();
+        for &pid in &pids {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(5) {
+            reap_orphans(&pids);
+            if pids.iter().all(|&p| proc_info(p).is_none_or(|i| i.ppid != std::process::id() && !i.alive())) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The time of a log line (`2026-12-01T05:02:27.673967Z  INFO …`), in seconds since the epoch.
+pub fn log_time(line: &str) -> Option<f64> {
+    let stamp = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = stamp.split_once('T')?;
+    let mut d = date.split('-').map(|s| s.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (h, min, s) =
+        (t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?, t.next()?.parse::<f64>().ok()?);
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + day - 1;
+    let days = era * 146097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719468;
+    Some(days as f64 * 86400.0 + h * 3600.0 + min * 60.0 + s)
+}
+
+/// Whether `pid` is asleep in `nanosleep` (a job's simulated work), per its kernel wait channel.
+pub fn in_nanosleep(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/wchan")).is_ok_and(|w| w.contains("nanosleep"))
+}
+
+/// One TCP socket of the machine's table (/proc/net/tcp, tcp6).
+#[derive(Debug, Clone, Copy)]
+pub struct TcpSocket {
+    pub inode: u64,
+    /// Bytes sent and not acknowledged by the other end yet.
+    pub tx_queue: u64,
+    /// Bytes received and not read yet by the socket's owner.
+    pub rx_queue: u64,
+}
+
+/// The socket whose local end is `local` and remote end is `remote`.
+pub fn tcp_socket(local: SocketAddr, remote: SocketAddr) -> Option<TcpSocket> {
+    // Addresses are hex: IPv4 as one little-endian word; the port big-endian.
+    let hex = |a: SocketAddr| match a {
+        SocketAddr::V4(v4) => {
+            format!("{:08X}:{:04X}", u32::from_le_bytes(v4.ip().octets()), a.port())
+        }
+        SocketAddr::V6(v6) => {
+            let words: String = v6
+                .ip()
+                .octets()
+                .chunks(4)
+                .map(|c| format!("{:08X}", u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect();
+            format!("{words}:{:04X}", a.port())
+        }
+    };
+    let (l, r) = (hex(local), hex(remote));
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 10 || f[1] != l || f[2] != r {
+                return None;
+            }
+            let (tx, rx) = f[4].split_once(':')?;
+            let (tx_queue, rx_queue) = (u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?);
+            Some(TcpSocket { inode: f[9].parse().ok()?, tx_queue, rx_queue })
+        })
+    })
+}
+
+/// The descriptor under which `pid` holds the socket `inode`.
+pub fn socket_fd(pid: u32, inode: u64) -> Option<u32> {
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten().find_map(|e| {
+        let target = std::fs::read_link(e.path()).ok()?;
+        (target.to_str()? == want).then(|| e.file_name().to_str()?.parse().ok())?
+    })
+}
+
+impl Client {
+    /// This client's end of the connection.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.reader.get_ref().local_addr().expect("local address")
+    }
+
+    /// Closes the connection with a reset (SO_LINGER 0), as a client that crashed or was cut
+    /// off by the network: the server sees it gone at once, not a half-close to answer.
+    pub fn abort(self) {
+        let linger = nix::libc::linger { l_onoff: 1, l_linger: 0 };
+        nix::sys::socket::setsockopt(self.reader.get_ref(), nix::sys::socket::sockopt::Linger, &linger)
+            .expect("SO_LINGER");
+    }
+
+    /// The daemon's end of the connection.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.reader.get_ref().peer_addr().expect("peer address")
     }
 }
