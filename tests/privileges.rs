@@ -24,7 +24,10 @@ fn as_root(test: &str) -> bool {
     }
     common::cannot_run(
         "root",
-        &format!("{test} needs root (it runs taskd --user nobody); this runs as uid {}", nix::unistd::geteuid()),
+        &format!(
+            "{test} needs root (it runs taskd --user nobody); this runs as uid {}",
+            nix::unistd::geteuid()
+        ),
     );
     false
 }
