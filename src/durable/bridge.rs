@@ -294,7 +294,7 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared) {
                     shared.set_durable_down(true);
                     conn = None;
                 } else {
-                    tracing::warn!("redis bridge: reading replies failed: {e}");
+                    tracing::warn!("redis bridge: reading replies failed: {}", redis_io::describe(&e));
                     std::thread::sleep(backoff);
                 }
                 continue;

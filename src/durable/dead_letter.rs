@@ -13,7 +13,7 @@ use super::Durable;
 
 fn connect(d: &Durable) -> Result<redis::Connection, String> {
     redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("cannot reach Redis at {}: {e}", d.shown))
+        .map_err(|e| format!("cannot reach Redis at {}: {}", d.shown, redis_io::describe(&e)))
 }
 
 fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<Vec<StreamEntry>, String> {
@@ -24,7 +24,7 @@ fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<V
         .arg("COUNT")
         .arg(limit)
         .query(conn)
-        .map_err(|e| format!("cannot read {}: {e}", d.keys.dead))?;
+        .map_err(|e| format!("cannot read {}: {}", d.keys.dead, redis_io::describe(&e)))?;
     Ok(redis_io::entries(v))
 }
 
@@ -82,7 +82,8 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
         count += 1;
     }
     if count > 0 {
-        let _: Value = pipe.query(&mut conn).map_err(|e| format!("cannot replay: {e}"))?;
+        let _: Value =
+            pipe.query(&mut conn).map_err(|e| format!("cannot replay: {}", redis_io::describe(&e)))?;
     }
     Ok(count)
 }

@@ -37,13 +37,14 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     let shared = crate::shm::Shared::map().map_err(|e| format!("cannot map shared memory: {e}"))?;
     crate::logging::share_rotation(shared);
     // Fail now, with the reason, rather than in every task process.
-    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
+    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT)).map_err(|e| {
+        format!("invalid redis_url: cannot reach Redis at {}: {}", d.shown, super::redis_io::describe(&e))
+    })?;
     for warning in super::startup::check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
     super::startup::ensure_group(&mut conn, &d.keys)
-        .map_err(|e| format!("cannot create the consumer group: {e}"))?;
+        .map_err(|e| format!("cannot create the consumer group: {}", super::redis_io::describe(&e)))?;
     // Two task nodes of one name would share consumer names: the name is held while this runs.
     super::startup::take_lease(&mut conn, d)?;
     let mut lease =

@@ -25,20 +25,23 @@ pub struct Recovered {
 
 /// Connects, checks the server, and recovers this node's state.
 pub fn prepare(d: &Durable) -> Result<Recovered, String> {
-    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
+    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT)).map_err(|e| {
+        format!("invalid redis_url: cannot reach Redis at {}: {}", d.shown, redis_io::describe(&e))
+    })?;
     for warning in check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
     take_lease(&mut conn, d)?;
-    ensure_group(&mut conn, &d.keys).map_err(|e| format!("cannot create the consumer group: {e}"))?;
+    ensure_group(&mut conn, &d.keys)
+        .map_err(|e| format!("cannot create the consumer group: {}", redis_io::describe(&e)))?;
     let epoch: u64 = redis::cmd("INCR")
         .arg(&d.keys.epoch)
         .query(&mut conn)
-        .map_err(|e| format!("cannot take a range of task ids: {e}"))?;
-    let jobs =
-        own_jobs(&mut conn, &d.keys, &d.node).map_err(|e| format!("cannot read the job stream: {e}"))?;
-    let results = kept_results(&mut conn, &d.keys).map_err(|e| format!("cannot read kept results: {e}"))?;
+        .map_err(|e| format!("cannot take a range of task ids: {}", redis_io::describe(&e)))?;
+    let jobs = own_jobs(&mut conn, &d.keys, &d.node)
+        .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
+    let results = kept_results(&mut conn, &d.keys)
+        .map_err(|e| format!("cannot read kept results: {}", redis_io::describe(&e)))?;
     if !jobs.is_empty() || !results.is_empty() {
         tracing::info!(
             "node {}: {} unfinished jobs taken back, {} kept results",
@@ -64,7 +67,8 @@ pub fn lease_token(master_pid: u32) -> String {
 pub fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
     let token = lease_token(std::process::id());
     let ttl = LEASE_TTL.as_millis() as u64;
-    let failed = |e: redis::RedisError| format!("cannot take the node name {}: {e}", d.node);
+    let failed =
+        |e: redis::RedisError| format!("cannot take the node name {}: {}", d.node, redis_io::describe(&e));
     let taken: Option<String> = redis::cmd("SET")
         .arg(&d.keys.lease)
         .arg(&token)
