@@ -7,7 +7,7 @@ use std::io::Write;
 use redis::Value;
 use serde_json::json;
 
-use super::entry::JobEntry;
+use super::entry::{outcomes_of_entry, JobEntry, OUTCOMES};
 use super::redis_io::{self, StreamEntry};
 use super::Durable;
 
@@ -43,6 +43,12 @@ pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, St
                 "why": e.text("why"),
                 "data": String::from_utf8_lossy(&job.data),
             }),
+            // Outcomes for a node that never started (see `entry::add_outcomes`): for reading.
+            None if e.get(OUTCOMES).is_some() => {
+                let mut frames = Vec::new();
+                let outcomes = outcomes_of_entry(&mut e.clone(), &mut frames).unwrap_or(0);
+                json!({"id": e.id, "origin": e.text("o"), "why": e.text("why"), "outcomes": outcomes})
+            }
             None => json!({"id": e.id, "error": "not a job entry"}),
         };
         writeln!(out, "{line}").map_err(|e| e.to_string())?;

@@ -258,6 +258,13 @@ pub enum Frame<'a> {
         task_id: u64,
         line: &'a [u8],
     },
+    /// The master is alive: renew the node's lease on its name (sent by the master itself, so
+    /// that a master that hangs lets its name go).
+    RenewLease,
+    /// The node's name is held by another run now (`holder`): this node must stop.
+    LeaseLost {
+        holder: &'a [u8],
+    },
 }
 
 mod kind {
@@ -287,6 +294,8 @@ mod kind {
     pub const REPLY: u8 = 43;
     pub const TRIM: u8 = 44;
     pub const KEEP_RESULT: u8 = 45;
+    pub const RENEW_LEASE: u8 = 46;
+    pub const LEASE_LOST: u8 = 47;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -535,6 +544,8 @@ impl<'a> Frame<'a> {
             Frame::KeepResult { task_id, line } => {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
             }
+            Frame::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
+            Frame::LeaseLost { holder } => Writer::begin(out, LEASE_LOST).rest(holder).finish(),
         }
     }
 
@@ -653,6 +664,8 @@ impl<'a> Frame<'a> {
             },
             TRIM => Frame::Trim { entry: r.rest() },
             KEEP_RESULT => Frame::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
+            RENEW_LEASE => Frame::RenewLease,
+            LEASE_LOST => Frame::LeaseLost { holder: r.rest() },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.end()?;
@@ -789,6 +802,8 @@ mod tests {
         });
         roundtrip(Frame::Trim { entry: b"1-1" });
         roundtrip(Frame::KeepResult { task_id: 9, line: b"{}\n" });
+        roundtrip(Frame::RenewLease);
+        roundtrip(Frame::LeaseLost { holder: b"host:42" });
     }
 
     #[test]

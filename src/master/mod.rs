@@ -382,7 +382,8 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(self.jobs.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
-            .chain(self.next_heartbeat);
+            .chain(self.next_heartbeat)
+            .chain(self.durable.as_ref().map(|d| d.lease_due));
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -409,17 +410,18 @@ impl<'a, A: Application> Master<'a, A> {
             self.finish_group(group_id);
         }
         self.end_store_batch();
-        // Output held for durable jobs still has to reach these connections.
-        if !self.durable.as_ref().is_some_and(DurableState::holding) {
-            let finished = std::mem::take(&mut self.maybe_finished);
-            for &key in &finished {
-                if self.conns.get(key).is_some_and(Conn::finished) {
-                    self.close_conn(key);
-                }
+        // Output held for durable jobs still has to reach these connections: they wait.
+        let finished = std::mem::take(&mut self.maybe_finished);
+        let mut later = Vec::new();
+        for key in finished {
+            let Some(conn) = self.conns.get(key).filter(|c| c.finished()) else { continue };
+            if self.durable.as_ref().is_some_and(|d| d.holds(conn.session)) {
+                later.push(key);
+            } else {
+                self.close_conn(key);
             }
-            self.maybe_finished = finished;
-            self.maybe_finished.clear();
         }
+        self.maybe_finished.extend(later);
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
