@@ -202,17 +202,8 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
             return 1;
         }
         pending.drain(..used);
-        if renew {
-            if let Some(lost) = renew_lease(&mut link, &token) {
-                let mut frame = Vec::new();
-                Frame::LeaseLost { holder: lost.as_bytes() }.encode(&mut frame);
-                if send(out, &frame).is_err() {
-                    return 0;
-                }
-            }
-            renew = false;
-        }
         if items.is_empty() && trims.is_empty() && keeps.is_empty() {
+            renew_if_asked(&mut link, &token, &mut renew, out);
             continue;
         }
         let outcome = match link.get() {
@@ -249,24 +240,33 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
         if !acks.is_empty() && send(out, &acks).is_err() {
             return 0;
         }
+        renew_if_asked(&mut link, &token, &mut renew, out);
     }
 }
 
-/// Renews the node's lease for the master; the holder's token if another run holds it now.
-/// While Redis is away nothing can be renewed: the lease lapses after its TTL, and is taken
-/// again at the first renewal once Redis is back, unless another run took it meanwhile.
-fn renew_lease(link: &mut Link<'_>, token: &str) -> Option<String> {
+/// Renews the node's lease if the master asked (after the round's jobs: a renewal that times
+/// out must not change why they failed), and tells the master whether the name is still its
+/// own. While Redis is away nothing is renewed and nothing is said: the lease lapses after its
+/// TTL and is taken again at the first renewal once Redis is back, unless another run took it.
+fn renew_if_asked(link: &mut Link<'_>, token: &str, asked: &mut bool, out: &MasterOut) {
+    if !std::mem::take(asked) {
+        return;
+    }
     let d = link.d;
-    let conn = link.get().ok()?;
-    match startup::renew_lease(conn, d, token) {
-        Ok(startup::Lease::Held) => None,
-        Ok(startup::Lease::Lost(holder)) => Some(holder),
+    let Ok(conn) = link.get() else { return };
+    let holder = match startup::renew_lease(conn, d, token) {
+        Ok(startup::Lease::Held) => String::new(),
+        Ok(startup::Lease::Lost(holder)) => holder,
         Err(e) => {
             tracing::warn!("redis bridge: cannot renew the node name: {}", redis_io::describe(&e));
             link.failed(&e);
-            None
+            return;
         }
-    }
+    };
+    let mut frame = Vec::new();
+    Frame::Lease { holder: holder.as_bytes() }.encode(&mut frame);
+    // A master that is gone is seen by the next read of its channel.
+    let _ = send(out, &frame);
 }
 
 fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: String) {

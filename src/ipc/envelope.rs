@@ -261,8 +261,9 @@ pub enum Frame<'a> {
     /// The master is alive: renew the node's lease on its name (sent by the master itself, so
     /// that a master that hangs lets its name go).
     RenewLease,
-    /// The node's name is held by another run now (`holder`): this node must stop.
-    LeaseLost {
+    /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
+    /// run that holds it now, and this node must stop.
+    Lease {
         holder: &'a [u8],
     },
 }
@@ -295,7 +296,7 @@ mod kind {
     pub const TRIM: u8 = 44;
     pub const KEEP_RESULT: u8 = 45;
     pub const RENEW_LEASE: u8 = 46;
-    pub const LEASE_LOST: u8 = 47;
+    pub const LEASE: u8 = 47;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -545,7 +546,7 @@ impl<'a> Frame<'a> {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
             }
             Frame::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
-            Frame::LeaseLost { holder } => Writer::begin(out, LEASE_LOST).rest(holder).finish(),
+            Frame::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
         }
     }
 
@@ -665,7 +666,7 @@ impl<'a> Frame<'a> {
             TRIM => Frame::Trim { entry: r.rest() },
             KEEP_RESULT => Frame::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
             RENEW_LEASE => Frame::RenewLease,
-            LEASE_LOST => Frame::LeaseLost { holder: r.rest() },
+            LEASE => Frame::Lease { holder: r.rest() },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.end()?;
@@ -803,7 +804,8 @@ mod tests {
         roundtrip(Frame::Trim { entry: b"1-1" });
         roundtrip(Frame::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip(Frame::RenewLease);
-        roundtrip(Frame::LeaseLost { holder: b"host:42" });
+        roundtrip(Frame::Lease { holder: b"" });
+        roundtrip(Frame::Lease { holder: b"host:42" });
     }
 
     #[test]

@@ -53,6 +53,10 @@ pub struct DurableState {
     /// When to ask the bridge to renew the node's name next: the master asks, so that a
     /// master that hangs (SIGSTOP, a loop) lets its name lapse, and another run may take it.
     pub lease_due: Instant,
+    /// Until when the name is surely still this node's (its last renewal, plus the lease).
+    lease_until: Instant,
+    /// Outcomes that came while that was not sure: acted on once the bridge says it is.
+    unsure: Vec<u8>,
     /// Outcomes read from the reply stream at start, acted on once the bridge runs.
     startup_replies: Vec<u8>,
     /// The last reply stream entry read at start: every bridge reads on from there.
@@ -76,6 +80,9 @@ impl DurableState {
             duplicates: 0,
             bridge_restarts: 0,
             lease_due: Instant::now() + LEASE_TTL / 3,
+            // Taken just before (at start, by `startup::prepare`).
+            lease_until: Instant::now() + LEASE_TTL - Duration::from_secs(1),
+            unsure: Vec::new(),
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
         }
@@ -238,18 +245,19 @@ impl<A: Application> Master<'_, A> {
                 Ok(Some((frame, n))) => {
                     match frame {
                         Frame::Stored { batch, error } => self.on_stored(batch, error),
-                        Frame::LeaseLost { holder } => self.on_lease_lost(holder),
-                        Frame::Reply { task_id, .. } => {
-                            // An outcome can overtake its batch's acknowledgement (two threads
-                            // of the bridge write): it waits for it, and behind its session's
-                            // held output.
-                            let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
+                        Frame::Lease { holder } => self.on_lease(holder),
+                        Frame::Reply { .. } => {
                             let state = self.durable.as_mut().expect("durable");
-                            match job {
-                                Some((batch, session)) if batch != 0 || state.holds(session) => {
-                                    state.hold(&frame, session)
+                            if Instant::now() < state.lease_until {
+                                self.route_reply(&frame);
+                            } else {
+                                // Not sure the name is still ours (this master was asleep past
+                                // the lease): another node of the name may be acting on these.
+                                // They wait for the bridge's word, asked for at once.
+                                if state.unsure.is_empty() {
+                                    state.lease_due = Instant::now();
                                 }
-                                _ => self.on_reply(&frame),
+                                frame.encode(&mut state.unsure);
                             }
                         }
                         other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
@@ -269,6 +277,36 @@ impl<A: Application> Master<'_, A> {
         }
         if let Some(state) = self.durable.as_mut() {
             state.bridge.restore_input(input);
+        }
+    }
+
+    /// An outcome from the bridge, acted on now, or held behind what it must follow.
+    fn route_reply(&mut self, frame: &Frame<'_>) {
+        let Frame::Reply { task_id, .. } = *frame else { return };
+        // An outcome can overtake its batch's acknowledgement (two threads of the bridge
+        // write): it waits for it, and behind its session's held output.
+        let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
+        let Some(state) = self.durable.as_mut() else { return };
+        match job {
+            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold(frame, session),
+            _ => self.on_reply(frame),
+        }
+    }
+
+    /// The bridge renewed the node's name (`holder` empty), or found it held by another run.
+    fn on_lease(&mut self, holder: &[u8]) {
+        if !holder.is_empty() {
+            self.on_lease_lost(holder);
+            return;
+        }
+        let Some(state) = self.durable.as_mut() else { return };
+        // The renewal happened a moment before this word of it: a second of margin.
+        state.lease_until = Instant::now() + LEASE_TTL - Duration::from_secs(1);
+        let unsure = std::mem::take(&mut state.unsure);
+        let mut pos = 0;
+        while let Ok(Some((frame, n))) = Frame::decode(&unsure[pos..]) {
+            pos += n;
+            self.route_reply(&frame);
         }
     }
 
