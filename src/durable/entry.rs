@@ -121,16 +121,23 @@ fn cut(s: &str) -> String {
 }
 
 /// Puts the outcomes of `origin`'s jobs (one batch of `Reply` frames) in its reply stream, or,
-/// when no node of that name ever started (the entry named an origin nobody reads replies
-/// for), in the dead letters with the reason: never into a stream nobody reads. EVAL, not
-/// EVALSHA: inside the consumer's MULTI, a script missing from Redis's cache would fail alone
-/// while the XACK and XDEL after it go through, and the outcome would be lost.
+/// when no node of that name ever started nor runs now (no `epoch` key, which a web node makes
+/// at its first start, and no lease, which a running node renews every few seconds, also after
+/// Redis lost its data), in the dead letters with the reason: never into a stream nobody
+/// reads. EVAL, not EVALSHA: inside the consumer's MULTI, a script missing from Redis's cache
+/// would fail alone while the XACK and XDEL after it go through, and the outcome would be lost.
 pub fn add_outcomes(pipe: &mut Pipeline, keys: &Keys, origin: &str, outcomes: &[u8]) {
+    if !valid_node(origin) {
+        // Only the failure of a job refused for this very origin can get here: that job is in
+        // the dead letters already, with the reason, and no node can have this name.
+        return;
+    }
     pipe.cmd("EVAL")
         .arg(ADD_OUTCOMES)
-        .arg(3)
+        .arg(4)
         .arg(keys.replies_of(origin))
         .arg(keys.epoch_of(origin))
+        .arg(keys.lease_of(origin))
         .arg(&keys.dead)
         .arg(origin)
         .arg(outcomes)
@@ -138,10 +145,10 @@ pub fn add_outcomes(pipe: &mut Pipeline, keys: &Keys, origin: &str, outcomes: &[
 }
 
 const ADD_OUTCOMES: &str = "
-if redis.call('EXISTS', KEYS[2]) == 1 then
+if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
   return redis.call('XADD', KEYS[1], '*', 'b', ARGV[2])
 end
-return redis.call('XADD', KEYS[3], '*', 'o', ARGV[1], 'b', ARGV[2], 'why',
+return redis.call('XADD', KEYS[4], '*', 'o', ARGV[1], 'b', ARGV[2], 'why',
   'outcomes for node ' .. ARGV[1] .. ', which never started: nobody would read them')";
 
 /// A job's outcome, for its origin node.

@@ -44,6 +44,11 @@ impl Keys {
     pub fn epoch_of(&self, node: &str) -> String {
         format!("{}:epoch:{node}", self.tag)
     }
+
+    /// `node`'s lease on its name: it exists while a node of that name runs.
+    pub fn lease_of(&self, node: &str) -> String {
+        format!("{}:lease:{node}", self.tag)
+    }
 }
 
 /// A task process's consumer name: stable per node and slot, so that a respawned process
@@ -64,6 +69,7 @@ mod tests {
         }
         assert_eq!(k.replies, k.replies_of("web-1"));
         assert_eq!(k.epoch, k.epoch_of("web-1"));
+        assert_eq!(k.lease, k.lease_of("web-1"));
         assert_eq!(consumer_name("n2", 3), "n2/3");
     }
 }
