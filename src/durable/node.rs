@@ -68,6 +68,24 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     tracing::info!("task node {} (pid {}): {count} task processes on {}", d.node, getpid(), d.keys.jobs);
     let mut stopping: Option<Instant> = None;
     loop {
+        // First, before any fork: a node that wakes from a hang learns whether its name is
+        // still its own before it starts a consumer under it.
+        if let Some(holder) = lease.renew_if_due(d) {
+            // Another run took the name (this one hung or lost Redis past the lease): two
+            // nodes of one name would run consumers of the same names. This one goes.
+            tracing::error!(
+                "task node {}: the name is held by another run now ({holder}): this one was stopped \
+                 or cut off from Redis for over {} s; it takes no more jobs and exits",
+                d.node,
+                LEASE_TTL.as_secs()
+            );
+            if stopping.is_none() {
+                stopping = Some(Instant::now() + config.max_wait() + Duration::from_secs(2));
+                for pid in slots.iter().filter_map(|s| s.pid) {
+                    let _ = kill(pid, Signal::SIGTERM);
+                }
+            }
+        }
         if stopping.is_none() {
             for (i, slot) in slots.iter_mut().enumerate() {
                 if slot.restart_at.is_some_and(|at| at <= Instant::now()) {
@@ -82,22 +100,6 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                             slot.restart_at = Some(Instant::now() + Duration::from_secs(1));
                         }
                     }
-                }
-            }
-        }
-        if let Some(holder) = lease.renew_if_due(d) {
-            // Another run took the name (this one hung or lost Redis past the lease): two
-            // nodes of one name would run consumers of the same names. This one goes.
-            tracing::error!(
-                "task node {}: the name is held by another run now ({holder}): this one was stopped \
-                 or cut off from Redis for over {} s; it takes no more jobs and exits",
-                d.node,
-                LEASE_TTL.as_secs()
-            );
-            if stopping.is_none() {
-                stopping = Some(Instant::now() + config.max_wait() + Duration::from_secs(2));
-                for pid in slots.iter().filter_map(|s| s.pid) {
-                    let _ = kill(pid, Signal::SIGTERM);
                 }
             }
         }

@@ -6,13 +6,15 @@
 //! clients after it (their `accepted`, and anything later, in order) is held here; then it is
 //! released. Only the sessions with a job in an unacknowledged batch wait (and everything after
 //! it for them, in order): while Redis hangs, another client's `stats` or bad request is
-//! answered at once. If the batch could not be stored, its jobs fail with the reason, and what was held
-//! for their clients is dropped: such a client gets `failed`, never `accepted`.
+//! answered at once. If the batch could not be stored, its jobs fail with the reason, and what
+//! was held for their clients is dropped: such a client gets `failed`, never `accepted`.
 //!
 //! Outcomes come back from the bridge as `Reply` frames (from any node's task processes), and
 //! are delivered like a local task process's; once acted on, the master asks the bridge to
 //! delete the reply entry. A reply for a job the master no longer has is a duplicate (the job
 //! ran twice: dropped) or the outcome of a job accepted before a restart (kept for `result`).
+//!
+//! The master also asks for each renewal of the node's name, and stops if another run has it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsRawFd;
