@@ -410,18 +410,23 @@ impl<'a, A: Application> Master<'a, A> {
             self.finish_group(group_id);
         }
         self.end_store_batch();
-        // Output held for durable jobs still has to reach these connections: they wait.
-        let finished = std::mem::take(&mut self.maybe_finished);
-        let mut later = Vec::new();
-        for key in finished {
+        // Output held for durable jobs still has to reach these connections: they wait (the
+        // list is kept in place, so that its allocation serves every turn).
+        let mut finished = std::mem::take(&mut self.maybe_finished);
+        let mut waiting = 0;
+        for i in 0..finished.len() {
+            let key = finished[i];
             let Some(conn) = self.conns.get(key).filter(|c| c.finished()) else { continue };
             if self.durable.as_ref().is_some_and(|d| d.holds(conn.session)) {
-                later.push(key);
+                finished[waiting] = key;
+                waiting += 1;
             } else {
                 self.close_conn(key);
             }
         }
-        self.maybe_finished.extend(later);
+        finished.truncate(waiting);
+        finished.append(&mut self.maybe_finished);
+        self.maybe_finished = finished;
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
