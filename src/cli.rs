@@ -429,7 +429,10 @@ fn read_file(path: &Path) -> Result<FileOptions, String> {
 impl Settings {
     /// The effective configuration in the config file's format.
     pub fn to_toml(&self) -> String {
-        let mut out = toml::to_string(&self.server).unwrap_or_default();
+        // --check-config prints this: the Redis password stays out of it (and of the terminal).
+        let mut server = self.server.clone();
+        server.redis_url = server.redis_url.as_deref().map(crate::durable::redact);
+        let mut out = toml::to_string(&server).unwrap_or_default();
         out.push_str(&toml::to_string(&self.mail).unwrap_or_default());
         out
     }

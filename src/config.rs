@@ -351,7 +351,7 @@ impl ServerConfig {
             check(
                 ["redis://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
                 "redis_url",
-                format!("{url:?} is not redis://HOST:PORT or redis+unix:///PATH"),
+                format!("{:?} is not redis://HOST:PORT or redis+unix:///PATH", crate::durable::redact(url)),
             )?;
         }
         let name_ok = |s: &str| {

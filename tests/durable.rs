@@ -461,3 +461,255 @@ fn without_redis_the_daemon_says_why_and_task_node_needs_a_url() {
     plain.wait_pool(2, 4);
     assert!(plain.pids_of("taskd: redis bridge").is_empty());
 }
+
+// ---- Issue 16, helper f-lease: a restarted node's first answers, the name lease as a
+// compare-and-set, a hung Redis holding only the clients that wait on it, entries from Redis
+// checked, passwords kept out of every message. ----
+
+/// The lease key of node `node`, as Redis holds it.
+fn lease_of(redis: &Redis, node: &str) -> Option<String> {
+    redis.query(&["GET", &format!("{{taskd}}:lease:{node}")])
+}
+
+#[test]
+fn a_restarted_web_node_answers_result_for_jobs_finished_while_it_was_down_from_its_first_query() {
+    let Some(redis) = Redis::start() else { return };
+    let first = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut c = first.connect();
+    let n = 1000;
+    // Jobs of 2 ms: each outcome goes out on its own, so the reply stream holds about one entry
+    // per job, more than one read of the bridge takes (512).
+    let mut lines = String::new();
+    for i in 0..n {
+        lines.push_str(&job(i, 2));
+        lines.push('\n');
+    }
+    c.send_raw(lines.as_bytes());
+    let ids: Vec<u64> = (0..n)
+        .map(|_| {
+            let v = c.recv();
+            assert_eq!(v["event"], "accepted", "{v}");
+            v["task_id"].as_u64().unwrap()
+        })
+        .collect();
+    kill_daemon(&first);
+
+    // The jobs run while their node is down; their outcomes wait in its reply stream.
+    let node = TaskNode::start(&redis, "n", &["--task-worker-num", "4"]);
+    wait_for("every job to finish", || {
+        (redis.xlen("{taskd}:jobs") == 0 && redis.pending() == 0).then_some(())
+    });
+    let waiting = redis.xlen("{taskd}:replies:web-1");
+    assert!(waiting > 512, "only {waiting} reply entries: the test needs more than one read");
+
+    // Restarted, and asked at once: every answer is the job's final line, from the first query.
+    let again = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut c = again.connect();
+    let mut queries = String::new();
+    for id in &ids {
+        queries.push_str(&format!("{{\"type\":\"result\",\"task_id\":{id}}}\n"));
+    }
+    c.send_raw(queries.as_bytes());
+    for &id in &ids {
+        let v = c.recv();
+        assert_eq!(v["event"], "done", "task {id}: {v}");
+        assert_eq!(v["task_id"].as_u64(), Some(id), "{v}");
+    }
+    assert!(again.log().contains("1000 outcomes of jobs that finished while it was down"), "{}", again.log());
+    assert_eq!(node.outbox_lines().len(), n, "each job ran once");
+    // What the restarted node read at start is deleted, and not delivered a second time.
+    stream_is_empty(&redis, "web-1");
+    c.send("stats");
+    let stats = c.recv();
+    assert_eq!(stats["durable"]["duplicate_replies_dropped"], 0, "{stats}");
+}
+
+#[test]
+fn a_node_that_hung_past_its_lease_finds_its_name_taken_and_exits() {
+    let Some(redis) = Redis::start() else { return };
+    let mut node = TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
+    let mut master = web(&redis, "w1", &["--task-worker-num", "0"]);
+    bridge_of(&master);
+    wait_for("two task processes", || (node.task_pids().len() == 2).then_some(()));
+    let old_tasks = node.task_pids();
+    let held = lease_of(&redis, "n1").unwrap_or_default();
+    assert!(held.ends_with(&format!(":{}", node.pid)), "the manager holds the name: {held}");
+
+    // The whole task node hangs, and so does the web node's master (its bridge runs on: it
+    // must not keep the name for a master that hangs).
+    node.signal_group(Signal::SIGSTOP);
+    master.signal(Signal::SIGSTOP);
+    wait_for("both names to lapse", || {
+        (lease_of(&redis, "n1").is_none() && lease_of(&redis, "w1").is_none()).then_some(())
+    });
+    let twin = TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
+    let web_twin = web(&redis, "w1", &["--task-worker-num", "0"]);
+    node.signal_group(Signal::SIGCONT);
+    master.signal(Signal::SIGCONT);
+
+    let status = node.wait_exit().expect("exit status");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(node.log().contains("the name is held by another run now"), "{}", node.log());
+    wait_for("the old node's consumers to be gone", || old_tasks.iter().all(|&p| is_dead(p)).then_some(()));
+    let status = master.wait_exit(common::DEADLINE).expect("the old master exits");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(master.log().contains("the name is held by another run now"), "{}", master.log());
+
+    // The names stay with the new runs, which keep working.
+    assert!(lease_of(&redis, "n1").is_some_and(|t| t.ends_with(&format!(":{}", twin.pid))));
+    assert!(lease_of(&redis, "w1").is_some_and(|t| t.ends_with(&format!(":{}", web_twin.pid))));
+    let mut c = web_twin.connect();
+    let id = c.submit(&job(1, 10))["task_id"].as_u64().unwrap();
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert!(twin.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    assert!(!twin.log().contains("held by another run"), "{}", twin.log());
+}
+
+#[test]
+fn a_hung_redis_holds_only_the_clients_whose_jobs_wait_on_it() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0"]);
+    d.wait_log("redis bridge: connected");
+    let mut waiting = d.connect();
+    let mut other = d.connect();
+    redis.signal(Signal::SIGSTOP);
+    waiting.send("a@example.com");
+    // Another client's `stats` is answered while that job's batch is not acknowledged.
+    let stats = wait_for("a stats line while a batch waits on Redis", || {
+        other.send("stats");
+        let s = other.recv();
+        assert_eq!(s["event"], "stats", "{s}");
+        (s["durable"]["store_batches_unacked"] == 1).then_some(s)
+    });
+    other.send("this is not a request");
+    let bad = other.recv();
+    assert_eq!(bad["event"], "error", "{bad}");
+    assert!(
+        waiting.try_recv(Duration::from_millis(1)).is_none(),
+        "the waiting client heard before Redis had its job"
+    );
+    other.send("stats");
+    let again = other.recv();
+    redis.signal(Signal::SIGCONT);
+    assert_eq!(
+        again["durable"]["store_batches_unacked"], 1,
+        "the batch still waited: {again} (first {stats})"
+    );
+    // The waiting client's job ends one way or the other: stored late, or failed with a reason.
+    loop {
+        let v = waiting.recv();
+        if v["event"] == "done" || v["event"] == "failed" {
+            break;
+        }
+        assert_eq!(v["event"], "accepted", "{v}");
+    }
+}
+
+#[test]
+fn entries_others_wrote_to_redis_are_checked_logged_once_and_deleted() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    d.wait_log("redis bridge: connected");
+    // Reply entries that are not outcomes: logged once each, deleted.
+    redis.query::<String>(&["XADD", "{taskd}:replies:web-1", "*", "x", "y"]);
+    redis.query::<String>(&["XADD", "{taskd}:replies:web-1", "*", "b", "garbage"]);
+    wait_for("the malformed replies to be deleted", || {
+        (redis.xlen("{taskd}:replies:web-1") == 0).then_some(())
+    });
+    wait_for("both logged", || (d.log().matches("is malformed").count() == 2).then_some(()));
+
+    // A job whose address carries a line of its own is refused as a client's request would be.
+    let forged = r#"{"type":"email","to":"a@example.com\nINFO forged line"}"#;
+    redis.query::<String>(&[
+        "XADD",
+        "{taskd}:jobs",
+        "*",
+        "o",
+        "web-1",
+        "t",
+        "77",
+        "s",
+        "0",
+        "w",
+        "0",
+        "d",
+        forged,
+    ]);
+    let mut c = d.connect();
+    let failed = wait_for("the forged job's outcome", || {
+        let v = ask_result(&mut c, 77);
+        (v["event"] == "failed").then_some(v)
+    });
+    assert!(failed["error"].as_str().unwrap().contains("invalid email address"), "{failed}");
+    assert!(!d.log().lines().any(|l| l.starts_with("INFO forged")), "{}", d.log());
+    assert!(d.outbox_lines().is_empty(), "nothing was sent");
+
+    // A job from a node that never started: its outcome goes to the dead letters, not to a
+    // stream nobody reads; a job whose origin is no node name is not run.
+    let good = job(2, 0);
+    redis.query::<String>(&["XADD", "{taskd}:jobs", "*", "o", "ghost", "t", "5", "d", &good]);
+    redis.query::<String>(&["XADD", "{taskd}:jobs", "*", "o", "bad\nname", "t", "6", "d", &good]);
+    redis.query::<String>(&["XADD", "{taskd}:jobs", "*", "t", "7"]);
+    wait_for("the job stream to empty", || {
+        (redis.xlen("{taskd}:jobs") == 0 && redis.pending() == 0).then_some(())
+    });
+    let ghost: u64 = redis.query(&["EXISTS", "{taskd}:replies:ghost"]);
+    assert_eq!(ghost, 0, "a reply stream nobody reads");
+    let list = taskd(&["dead-letter", "list", "--redis-url", &redis.url]);
+    let text = String::from_utf8_lossy(&list.stdout).into_owned();
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(
+        lines.iter().any(|l| l["origin"] == "ghost" && l["why"].as_str().unwrap().contains("never started")),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l["task_id"] == 6 && l["why"].as_str().unwrap().contains("not a node name")),
+        "{text}"
+    );
+    assert_eq!(d.outbox_lines().len(), 1, "the ghost's job ran, the one without a node name did not");
+    assert!(d.log().contains("is not a job"), "{}", d.log());
+}
+
+#[test]
+fn a_redis_password_never_shows_in_messages() {
+    let Some(mut redis) = Redis::start() else { return };
+    let secret = "s3cretPW42";
+    let _: String = redis.query(&["CONFIG", "SET", "requirepass", secret]);
+    redis.url = format!("{}?pass={secret}", redis.url);
+    let url = redis.url.clone();
+
+    let d = web(&redis, "web-1", &["--simulate-ms", "0"]);
+    d.wait_log("redis bridge: connected");
+    let mut c = d.connect();
+    let id = c.submit("a@example.com")["task_id"].as_u64().unwrap();
+    assert_eq!(finals(&mut c, &[id])[&id]["event"], "done");
+    // A hang: "lost Redis at …" and the failure it causes.
+    redis.signal(Signal::SIGSTOP);
+    c.send("b@example.com");
+    let failed = c.recv();
+    redis.signal(Signal::SIGCONT);
+    assert_eq!(failed["event"], "failed", "{failed}");
+    d.wait_log("lost Redis at");
+    let node = TaskNode::start(&redis, "n", &["--task-worker-num", "1"]);
+    let log = d.log() + &node.log();
+    assert!(log.contains("pass=***"), "{log}");
+    assert!(!log.contains(secret), "{log}");
+
+    let check = taskd(&["--redis-url", &url, "--check-config"]);
+    let shown = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success() && shown.contains("pass=***") && !shown.contains(secret), "{check:?}");
+    let bad = taskd(&["--redis-url", &format!("http://:{secret}@x"), "--check-config"]);
+    assert!(!String::from_utf8_lossy(&bad.stderr).contains(secret), "{bad:?}");
+    let gone = format!("redis+unix:///nonexistent/redis.sock?pass={secret}");
+    let (_, log) = Daemon::try_start(&["--redis-url", &gone]).err().expect("no Redis there");
+    assert!(log.contains("cannot reach Redis") && !log.contains(secret), "{log}");
+
+    // The URL from the environment, so that it is not in `ps` (README).
+    let list = Command::new(env!("CARGO_BIN_EXE_taskd"))
+        .args(["dead-letter", "list"])
+        .env("TASKD_REDIS_URL", &url)
+        .output();
+    let list = list.expect("run taskd");
+    assert!(list.status.success(), "{list:?}");
+}

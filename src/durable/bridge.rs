@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
-use super::entry::{outcomes_of, JobEntry, OUTCOMES};
+use super::entry::{outcomes_of_entry, JobEntry};
 use super::redis_io::{self, is_connection_error};
-use super::startup::{lease_token, LEASE_TTL, RELEASE_LEASE};
+use super::startup::{self, lease_token};
 use super::Durable;
 use crate::ipc::envelope::frame_len;
 use crate::ipc::Frame;
@@ -38,7 +38,8 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 type MasterOut = Arc<Mutex<UnixStream>>;
 
 /// The bridge process's body; returns its exit status.
-pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared) -> i32 {
+/// `replies_from`: the last reply stream entry the master has already seen (read at start).
+pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared, replies_from: &str) -> i32 {
     let stream = UnixStream::from(channel);
     let prepared = stream.set_nonblocking(false).and_then(|()| stream.try_clone());
     let out: MasterOut = match prepared {
@@ -49,11 +50,12 @@ pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared) -> i32 {
         }
     };
     let replies = {
-        let (d, out) = (d.clone(), Arc::clone(&out));
+        let (d, out, from) = (d.clone(), Arc::clone(&out), replies_from.to_string());
         std::thread::Builder::new().name("replies".into()).spawn(move || {
             // Without this thread no outcome would reach the master: if it fails, the whole
             // bridge goes, and the master starts a new one.
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply_loop(&d, &out, shared)));
+            let _ =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reply_loop(&d, &out, shared, from)));
             tracing::error!("redis bridge: the reply reader failed; the bridge exits");
             crate::process::exit_now(1)
         })
@@ -132,11 +134,11 @@ impl Link<'_> {
 fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'static Shared) -> i32 {
     let mut link = Link { d, shared, conn: None, retry_at: Instant::now(), backoff: RETRY_MIN };
     let _ = link.get();
-    // The master took the node's name at start; it is renewed from here, and given back when
-    // the master closes the channel (a clean stop).
+    // The master took the node's name at start. It asks for each renewal itself (a master
+    // that hangs asks for none, and its name lapses); the name is given back when the master
+    // closes the channel (a clean stop).
     let token = lease_token(nix::unistd::getppid().as_raw() as u32);
-    let renew_every = LEASE_TTL / 3;
-    let mut renewed = Instant::now();
+    let mut renew = false;
     let mut buf = vec![0u8; 256 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
@@ -145,19 +147,14 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
     loop {
-        // Idle, it wakes only to renew the node's name; while Redis is away, every second to
-        // find it again, so that workers take jobs again without waiting for one to fail.
+        // Idle, it sleeps until the master writes; while Redis is away, it wakes every second
+        // to find it again, so that workers take jobs again without waiting for one to fail.
         let away = link.conn.is_none() || shared.durable_down();
-        let _ = input.set_read_timeout(Some(if away { RETRY_MAX } else { renew_every }));
+        let _ = input.set_read_timeout(away.then_some(RETRY_MAX));
         match input.read(&mut buf) {
             Ok(0) => {
                 if let Ok(conn) = link.get() {
-                    let _: redis::RedisResult<Value> = redis::cmd("EVAL")
-                        .arg(RELEASE_LEASE)
-                        .arg(1)
-                        .arg(&d.keys.lease)
-                        .arg(&token)
-                        .query(conn);
+                    startup::release_lease(conn, d, &token);
                 }
                 return 0;
             }
@@ -189,6 +186,7 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
                     Frame::StoreEnd { batch } => items.push(Item::End(batch)),
                     Frame::Trim { entry } => trims.push(entry.to_vec()),
                     Frame::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
+                    Frame::RenewLease => renew = true,
                     other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
                 },
                 Ok(None) => break,
@@ -204,22 +202,14 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
             return 1;
         }
         pending.drain(..used);
-        let renew = renewed.elapsed() >= renew_every;
-        if items.is_empty() && trims.is_empty() && keeps.is_empty() && !renew {
+        if items.is_empty() && trims.is_empty() && keeps.is_empty() {
+            renew_if_asked(&mut link, &token, &mut renew, out);
             continue;
         }
         let outcome = match link.get() {
             Err(why) => Err(why),
             Ok(conn) => {
-                let mut pipe = pipeline(d, &items, &keeps, &trims);
-                if renew {
-                    pipe.cmd("SET")
-                        .arg(&d.keys.lease)
-                        .arg(&token)
-                        .arg("PX")
-                        .arg(LEASE_TTL.as_millis() as u64)
-                        .ignore();
-                }
+                let pipe = pipeline(d, &items, &keeps, &trims);
                 let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
                 done.map(|_| ()).map_err(|e| {
                     let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
@@ -246,21 +236,44 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
         if outcome.is_ok() {
             trims.clear();
             keeps.clear();
-            if renew {
-                renewed = Instant::now();
-            }
         }
         if !acks.is_empty() && send(out, &acks).is_err() {
             return 0;
         }
+        renew_if_asked(&mut link, &token, &mut renew, out);
     }
 }
 
-fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared) {
+/// Renews the node's lease if the master asked (after the round's jobs: a renewal that times
+/// out must not change why they failed), and tells the master whether the name is still its
+/// own. While Redis is away nothing is renewed and nothing is said: the lease lapses after its
+/// TTL and is taken again at the first renewal once Redis is back, unless another run took it.
+fn renew_if_asked(link: &mut Link<'_>, token: &str, asked: &mut bool, out: &MasterOut) {
+    if !std::mem::take(asked) {
+        return;
+    }
+    let d = link.d;
+    let Ok(conn) = link.get() else { return };
+    let holder = match startup::renew_lease(conn, d, token) {
+        Ok(startup::Lease::Held) => String::new(),
+        Ok(startup::Lease::Lost(holder)) => holder,
+        Err(e) => {
+            tracing::warn!("redis bridge: cannot renew the node name: {}", redis_io::describe(&e));
+            link.failed(&e);
+            return;
+        }
+    };
+    let mut frame = Vec::new();
+    Frame::Lease { holder: holder.as_bytes() }.encode(&mut frame);
+    // A master that is gone is seen by the next read of its channel.
+    let _ = send(out, &frame);
+}
+
+fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: String) {
     let mut conn: Option<Connection> = None;
     let mut backoff = RETRY_MIN;
-    // From the start of the stream: what is still there was not acted on by the master.
-    let mut last = "0-0".to_string();
+    // On from what the master read before it served: everything up to there, it acted on.
+    let mut last = from;
     let mut frames = Vec::new();
     loop {
         let c = match conn.as_mut() {
@@ -294,7 +307,7 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared) {
                     shared.set_durable_down(true);
                     conn = None;
                 } else {
-                    tracing::warn!("redis bridge: reading replies failed: {e}");
+                    tracing::warn!("redis bridge: reading replies failed: {}", redis_io::describe(&e));
                     std::thread::sleep(backoff);
                 }
                 continue;
@@ -303,16 +316,11 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared) {
         frames.clear();
         for mut entry in entries {
             last.clone_from(&entry.id);
-            let outcomes = entry.take(OUTCOMES).unwrap_or_default();
-            let before = frames.len();
-            match outcomes_of(&outcomes, &entry.id, &mut frames) {
-                Ok(_) => {}
-                Err(why) => {
-                    frames.truncate(before);
-                    tracing::warn!("redis bridge: reply entry {} is not outcomes ({why}); deleted", entry.id);
-                    let _: redis::RedisResult<Value> =
-                        redis::cmd("XDEL").arg(&d.keys.replies).arg(&entry.id).query(c);
-                }
+            if let Err(why) = outcomes_of_entry(&mut entry, &mut frames) {
+                // Logged once: it is deleted, and this reader has gone past it anyway.
+                tracing::warn!("redis bridge: reply entry {} is malformed ({why}); deleted", entry.id);
+                let _: redis::RedisResult<Value> =
+                    redis::cmd("XDEL").arg(&d.keys.replies).arg(&entry.id).query(c);
             }
         }
         if !frames.is_empty() && send(out, &frames).is_err() {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
-use super::entry::{JobEntry, ReplyEntry, OUTCOMES};
+use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::startup::{delivery_counts, ensure_group};
@@ -168,9 +168,17 @@ fn run_one<A: Application>(
     attempt: u32,
 ) -> Completion {
     let mut entry = entry;
-    let Some(job) = JobEntry::parse(&mut entry) else {
-        tracing::warn!("job stream entry {} is not a job (deleted meanwhile?); dropped", entry.id);
-        return Completion::Drop { id: entry.id };
+    let job = match JobEntry::checked(&mut entry) {
+        Ok(job) => job,
+        Err(Rejected::NotAJob(why)) => {
+            tracing::warn!("job stream entry {} is not a job ({why}); dropped", entry.id);
+            return Completion::Drop { id: entry.id };
+        }
+        Err(Rejected::Invalid { job, why }) => {
+            let why = format!("not run: {why}");
+            tracing::warn!("job stream entry {}: {why}; moved to the dead letters", entry.id);
+            return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };
+        }
     };
     if attempt > d.max_attempts {
         let why = format!(
@@ -385,7 +393,7 @@ impl Consumer<'_> {
             }
         }
         for (origin, outcomes) in &batches {
-            pipe.cmd("XADD").arg(d.keys.replies_of(origin)).arg("*").arg(OUTCOMES).arg(outcomes).ignore();
+            add_outcomes(&mut pipe, &d.keys, origin, outcomes);
         }
         let ids: Vec<&str> = self.unsent.iter().map(Completion::id).collect();
         pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();

@@ -7,13 +7,13 @@ use std::io::Write;
 use redis::Value;
 use serde_json::json;
 
-use super::entry::JobEntry;
+use super::entry::{outcomes_of_entry, JobEntry, OUTCOMES};
 use super::redis_io::{self, StreamEntry};
 use super::Durable;
 
 fn connect(d: &Durable) -> Result<redis::Connection, String> {
     redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("cannot reach Redis at {}: {e}", d.shown))
+        .map_err(|e| format!("cannot reach Redis at {}: {}", d.shown, redis_io::describe(&e)))
 }
 
 fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<Vec<StreamEntry>, String> {
@@ -24,7 +24,7 @@ fn read_all(conn: &mut redis::Connection, d: &Durable, limit: usize) -> Result<V
         .arg("COUNT")
         .arg(limit)
         .query(conn)
-        .map_err(|e| format!("cannot read {}: {e}", d.keys.dead))?;
+        .map_err(|e| format!("cannot read {}: {}", d.keys.dead, redis_io::describe(&e)))?;
     Ok(redis_io::entries(v))
 }
 
@@ -43,6 +43,12 @@ pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, St
                 "why": e.text("why"),
                 "data": String::from_utf8_lossy(&job.data),
             }),
+            // Outcomes for a node that never started (see `entry::add_outcomes`): for reading.
+            None if e.get(OUTCOMES).is_some() => {
+                let mut frames = Vec::new();
+                let outcomes = outcomes_of_entry(&mut e.clone(), &mut frames).unwrap_or(0);
+                json!({"id": e.id, "origin": e.text("o"), "why": e.text("why"), "outcomes": outcomes})
+            }
             None => json!({"id": e.id, "error": "not a job entry"}),
         };
         writeln!(out, "{line}").map_err(|e| e.to_string())?;
@@ -82,7 +88,8 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
         count += 1;
     }
     if count > 0 {
-        let _: Value = pipe.query(&mut conn).map_err(|e| format!("cannot replay: {e}"))?;
+        let _: Value =
+            pipe.query(&mut conn).map_err(|e| format!("cannot replay: {}", redis_io::describe(&e)))?;
     }
     Ok(count)
 }

@@ -1,11 +1,15 @@
 //! What a job, a reply and a dead letter hold in their streams. Field names are short: they
 //! are stored once per entry, and Redis's memory is the queue's.
 
-use redis::Cmd;
+use redis::{Cmd, Pipeline};
 
 use crate::ipc::Frame;
 
+use super::keys::Keys;
 use super::redis_io::StreamEntry;
+
+/// Longest node name (as `node_id` allows it).
+const MAX_NODE: usize = 64;
 
 /// A job in the job stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +75,82 @@ impl JobEntry {
     }
 }
 
+/// Why a job stream entry is not run as it stands. Anyone who can write to Redis can write an
+/// entry: what a consumer reads is checked as a client's request is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejected {
+    /// Not a job (deleted meanwhile, or not written by taskd): acknowledged and deleted.
+    NotAJob(String),
+    /// A job whose fields are out of bounds: not run, dead-lettered with the reason.
+    Invalid { job: JobEntry, why: String },
+}
+
+impl JobEntry {
+    /// The job of a job stream entry, checked: what a consumer runs. Moves its bytes out of `e`.
+    pub fn checked(e: &mut StreamEntry) -> Result<JobEntry, Rejected> {
+        if e.fields.is_empty() {
+            return Err(Rejected::NotAJob("deleted while it was pending".into()));
+        }
+        let Some(job) = JobEntry::parse(e) else {
+            return Err(Rejected::NotAJob("its fields are not those of a job (o, t, d)".into()));
+        };
+        let why = if !valid_node(&job.origin) {
+            format!(
+                "its origin {:?} is not a node name (1 to {MAX_NODE} of [A-Za-z0-9._-])",
+                cut(&job.origin)
+            )
+        } else if job.task_id == 0 {
+            "its task id is 0".into()
+        } else {
+            return Ok(job);
+        };
+        Err(Rejected::Invalid { job, why })
+    }
+}
+
+/// Whether `s` can be a node's name (`node_id`): it is part of key names and log lines.
+pub fn valid_node(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= MAX_NODE
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// A value quoted in a log line, cut short: it came from Redis, and may be anything.
+fn cut(s: &str) -> String {
+    s.chars().take(MAX_NODE).collect()
+}
+
+/// Puts the outcomes of `origin`'s jobs (one batch of `Reply` frames) in its reply stream, or,
+/// when no node of that name ever started nor runs now (no `epoch` key, which a web node makes
+/// at its first start, and no lease, which a running node renews every few seconds, also after
+/// Redis lost its data), in the dead letters with the reason: never into a stream nobody
+/// reads. EVAL, not EVALSHA: inside the consumer's MULTI, a script missing from Redis's cache
+/// would fail alone while the XACK and XDEL after it go through, and the outcome would be lost.
+pub fn add_outcomes(pipe: &mut Pipeline, keys: &Keys, origin: &str, outcomes: &[u8]) {
+    if !valid_node(origin) {
+        // Only the failure of a job refused for this very origin can get here: that job is in
+        // the dead letters already, with the reason, and no node can have this name.
+        return;
+    }
+    pipe.cmd("EVAL")
+        .arg(ADD_OUTCOMES)
+        .arg(4)
+        .arg(keys.replies_of(origin))
+        .arg(keys.epoch_of(origin))
+        .arg(keys.lease_of(origin))
+        .arg(&keys.dead)
+        .arg(origin)
+        .arg(outcomes)
+        .ignore();
+}
+
+const ADD_OUTCOMES: &str = "
+if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then
+  return redis.call('XADD', KEYS[1], '*', 'b', ARGV[2])
+end
+return redis.call('XADD', KEYS[4], '*', 'o', ARGV[1], 'b', ARGV[2], 'why',
+  'outcomes for node ' .. ARGV[1] .. ', which never started: nobody would read them')";
+
 /// A job's outcome, for its origin node.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ReplyEntry {
@@ -107,6 +187,24 @@ impl ReplyEntry {
             result: &self.result,
         }
         .encode(batch);
+    }
+}
+
+/// The outcomes of a reply stream entry as `Reply` frames naming it, appended to `out`; an
+/// error (and nothing appended) for an entry that is not a batch of outcomes: anyone who can
+/// write to Redis can write one, and it must neither stay for ever nor reach the master.
+pub fn outcomes_of_entry(e: &mut StreamEntry, out: &mut Vec<u8>) -> Result<usize, String> {
+    let Some(batch) = e.take(OUTCOMES) else {
+        return Err(format!("no field {OUTCOMES:?} with outcomes"));
+    };
+    let before = out.len();
+    match outcomes_of(&batch, &e.id, out) {
+        Ok(0) => Err("no outcome in it".into()),
+        Ok(n) => Ok(n),
+        Err(why) => {
+            out.truncate(before);
+            Err(why)
+        }
     }
 }
 
@@ -169,6 +267,48 @@ mod tests {
         job.add(&mut cmd);
         assert_eq!(JobEntry::parse(&mut fields_of(&cmd)), Some(job));
         assert_eq!(JobEntry::parse(&mut StreamEntry::default()), None, "a deleted entry is no job");
+    }
+
+    #[test]
+    fn a_job_from_redis_is_checked_before_it_runs() {
+        let job = JobEntry {
+            origin: "web-1".into(),
+            task_id: 9,
+            session: 0,
+            worker: 0,
+            context: Vec::new(),
+            data: b"{}".to_vec(),
+            replays: 0,
+        };
+        let entry = |job: &JobEntry| {
+            let mut cmd = redis::cmd("XADD");
+            job.add(&mut cmd);
+            fields_of(&cmd)
+        };
+        assert_eq!(JobEntry::checked(&mut entry(&job)), Ok(job.clone()));
+        let forged = JobEntry { origin: "web-1\nINFO forged".into(), ..job.clone() };
+        assert!(matches!(JobEntry::checked(&mut entry(&forged)), Err(Rejected::Invalid { .. })));
+        let zero = JobEntry { task_id: 0, ..job.clone() };
+        assert!(matches!(JobEntry::checked(&mut entry(&zero)), Err(Rejected::Invalid { .. })));
+        assert!(matches!(JobEntry::checked(&mut StreamEntry::default()), Err(Rejected::NotAJob(_))));
+        let mut no_data = StreamEntry { id: "1-0".into(), fields: vec![(b"o".to_vec(), b"web-1".to_vec())] };
+        assert!(matches!(JobEntry::checked(&mut no_data), Err(Rejected::NotAJob(_))));
+    }
+
+    #[test]
+    fn a_reply_entry_without_outcomes_is_refused() {
+        let mut out = Vec::new();
+        let mut none = StreamEntry { id: "1-0".into(), fields: vec![(b"x".to_vec(), b"y".to_vec())] };
+        assert!(outcomes_of_entry(&mut none, &mut out).is_err());
+        let mut empty =
+            StreamEntry { id: "1-0".into(), fields: vec![(OUTCOMES.as_bytes().to_vec(), Vec::new())] };
+        assert!(outcomes_of_entry(&mut empty, &mut out).is_err());
+        let mut partly = Vec::new();
+        ReplyEntry { task_id: 3, ..Default::default() }.encode(&mut partly);
+        partly.extend_from_slice(b"junk");
+        let mut bad = StreamEntry { id: "1-0".into(), fields: vec![(OUTCOMES.as_bytes().to_vec(), partly)] };
+        assert!(outcomes_of_entry(&mut bad, &mut out).is_err());
+        assert!(out.is_empty(), "nothing of a malformed entry reaches the master");
     }
 
     #[test]

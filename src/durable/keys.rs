@@ -38,6 +38,17 @@ impl Keys {
     pub fn replies_of(&self, node: &str) -> String {
         format!("{}:replies:{node}", self.tag)
     }
+
+    /// `node`'s start counter: it exists once a web node of that name has started, and so
+    /// tells a known origin from one that nobody will ever read replies for.
+    pub fn epoch_of(&self, node: &str) -> String {
+        format!("{}:epoch:{node}", self.tag)
+    }
+
+    /// `node`'s lease on its name: it exists while a node of that name runs.
+    pub fn lease_of(&self, node: &str) -> String {
+        format!("{}:lease:{node}", self.tag)
+    }
 }
 
 /// A task process's consumer name: stable per node and slot, so that a respawned process
@@ -57,6 +68,8 @@ mod tests {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
         assert_eq!(k.replies, k.replies_of("web-1"));
+        assert_eq!(k.epoch, k.epoch_of("web-1"));
+        assert_eq!(k.lease, k.lease_of("web-1"));
         assert_eq!(consumer_name("n2", 3), "n2/3");
     }
 }

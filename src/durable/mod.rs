@@ -56,6 +56,8 @@ impl Durable {
     pub fn from_config(config: &ServerConfig) -> Option<Durable> {
         let url = config.redis_url.clone()?;
         let node = config.node_id.clone().unwrap_or_else(host_name);
+        // Every Redis error this process describes is scrubbed of this URL's secrets.
+        redis_io::hide_secrets_of(&url);
         Some(Durable {
             shown: redact(&url),
             url,
@@ -68,14 +70,100 @@ impl Durable {
     }
 }
 
-/// `redis://user:secret@host` as `redis://user:***@host`: a password never reaches a log.
+/// Query parameters that carry a password in a Redis URL (`redis+unix:///path?pass=…`).
+const SECRET_PARAMS: [&str; 4] = ["pass", "password", "passwd", "pwd"];
+
+/// The URL with its passwords as `***`, in every form a Redis URL carries one:
+/// `redis://:secret@host`, `redis://user:secret@host`, `redis+unix:///path?pass=secret`,
+/// `…?password=secret`. A password never reaches a log, an error or `--check-config`.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
-    let end = rest.find('/').unwrap_or(rest.len());
-    let (authority, path) = rest.split_at(end);
-    let Some((userinfo, host)) = authority.rsplit_once('@') else { return url.to_string() };
-    let user = userinfo.split_once(':').map_or("", |(u, _)| u);
-    format!("{scheme}://{user}:***@{host}{path}")
+    let (before, query) = match rest.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (rest, None),
+    };
+    let end = before.find('/').unwrap_or(before.len());
+    let (authority, path) = before.split_at(end);
+    let mut out = format!("{scheme}://");
+    match authority.rsplit_once('@') {
+        // A user without a colon may be a password given alone: hidden too.
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => out.push_str(&format!("{user}:***@{host}")),
+            None => out.push_str(&format!("***@{host}")),
+        },
+        None => out.push_str(authority),
+    }
+    out.push_str(path);
+    if let Some(query) = query {
+        out.push('?');
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((k, _)) if is_secret_param(k) => format!("{k}=***"),
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
+fn is_secret_param(name: &str) -> bool {
+    SECRET_PARAMS.iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
+/// The secrets of a Redis URL, as written in it: what [`scrub`] takes out of a message.
+fn secrets(url: &str) -> Vec<String> {
+    let Some((_, rest)) = url.split_once("://") else { return Vec::new() };
+    let (before, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = &before[..before.find('/').unwrap_or(before.len())];
+    let mut found = Vec::new();
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        found.push(userinfo.split_once(':').map_or(userinfo, |(_, pass)| pass).to_string());
+    }
+    for pair in query.split('&') {
+        if let Some((k, v)) = pair.split_once('=') {
+            if is_secret_param(k) {
+                found.push(v.to_string());
+            }
+        }
+    }
+    // Also as the client library decodes them (%40 for @), in case an error quotes them so.
+    let decoded: Vec<String> =
+        found.iter().map(|s| percent_decode(s)).filter(|d| !found.contains(d)).collect();
+    found.extend(decoded);
+    found.retain(|s| !s.is_empty());
+    found
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `text` (an error from the client library, which may quote what it was given) without any
+/// secret of `url`.
+pub fn scrub(text: &str, url: &str) -> String {
+    let mut text = text.replace(url, &redact(url));
+    for secret in secrets(url) {
+        text = text.replace(&secret, "***");
+    }
+    text
 }
 
 /// The default node id: the host's name, which is what tells one machine from another.
@@ -96,7 +184,28 @@ mod tests {
     fn passwords_stay_out_of_messages() {
         assert_eq!(redact("redis://:s3cret@10.0.0.5:6379/0"), "redis://:***@10.0.0.5:6379/0");
         assert_eq!(redact("redis://app:s3cret@host"), "redis://app:***@host");
+        assert_eq!(redact("redis://s3cret@host"), "redis://***@host");
         assert_eq!(redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(redact("redis+unix:///run/redis.sock"), "redis+unix:///run/redis.sock");
+        assert_eq!(
+            redact("redis+unix:///run/r.sock?db=2&pass=s3cret"),
+            "redis+unix:///run/r.sock?db=2&pass=***"
+        );
+        assert_eq!(
+            redact("unix:///run/r.sock?password=s3cret&user=app"),
+            "unix:///run/r.sock?password=***&user=app"
+        );
+        assert_eq!(redact("redis://h:1/0?PASSWORD=s3cret"), "redis://h:1/0?PASSWORD=***");
+        for url in [
+            "redis://:s3cret@h",
+            "redis://u:s3cret@h/1",
+            "redis+unix:///x.sock?pass=s3cret",
+            "redis+unix:///x.sock?password=s3cret",
+            "redis://u:s3%63ret@h",
+        ] {
+            assert!(!redact(url).contains("s3c"), "{url}: {}", redact(url));
+            let said = scrub(&format!("failed at {url}: password s3cret refused"), url);
+            assert!(!said.contains("s3cret") && !said.contains("s3%63ret"), "{url}: {said}");
+        }
     }
 }

@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::{getpid, Pid};
 
 use super::consumer::{self, ConsumerSetup, Control};
-use super::startup::{lease_token, LEASE_TTL, RELEASE_LEASE};
+use super::startup::{self, lease_token, LEASE_TTL};
 use super::Durable;
 use crate::app::Application;
 use crate::config::ServerConfig;
@@ -37,17 +37,19 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     let shared = crate::shm::Shared::map().map_err(|e| format!("cannot map shared memory: {e}"))?;
     crate::logging::share_rotation(shared);
     // Fail now, with the reason, rather than in every task process.
-    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
+    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT)).map_err(|e| {
+        format!("invalid redis_url: cannot reach Redis at {}: {}", d.shown, super::redis_io::describe(&e))
+    })?;
     for warning in super::startup::check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
     super::startup::ensure_group(&mut conn, &d.keys)
-        .map_err(|e| format!("cannot create the consumer group: {e}"))?;
+        .map_err(|e| format!("cannot create the consumer group: {}", super::redis_io::describe(&e)))?;
     // Two task nodes of one name would share consumer names: the name is held while this runs.
-    super::startup::take_lease(&mut conn, d)?;
-    let mut lease =
-        Lease { conn: Some(conn), token: lease_token(std::process::id()), renewed: Instant::now() };
+    // The manager holds it: its life is the node's (a hung manager lets the name go).
+    let token = lease_token(std::process::id());
+    super::startup::take_lease(&mut conn, d, &token)?;
+    let mut lease = Lease { conn: Some(conn), token, renewed: Instant::now(), lost: false };
     process::set_title("taskd: task-node");
     // The task processes run the job code: as --user, like the server's pool.
     let credentials = match &config.user {
@@ -71,6 +73,24 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     tracing::info!("task node {} (pid {}): {count} task processes on {}", d.node, getpid(), d.keys.jobs);
     let mut stopping: Option<Instant> = None;
     loop {
+        // First, before any fork: a node that wakes from a hang learns whether its name is
+        // still its own before it starts a consumer under it.
+        if let Some(holder) = lease.renew_if_due(d) {
+            // Another run took the name (this one hung or lost Redis past the lease): two
+            // nodes of one name would run consumers of the same names. This one goes.
+            tracing::error!(
+                "task node {}: the name is held by another run now ({holder}): this one was stopped \
+                 or cut off from Redis for over {} s; it takes no more jobs and exits",
+                d.node,
+                LEASE_TTL.as_secs()
+            );
+            if stopping.is_none() {
+                stopping = Some(Instant::now() + config.max_wait() + Duration::from_secs(2));
+                for pid in slots.iter().filter_map(|s| s.pid) {
+                    let _ = kill(pid, Signal::SIGTERM);
+                }
+            }
+        }
         if stopping.is_none() {
             for (i, slot) in slots.iter_mut().enumerate() {
                 if slot.restart_at.is_some_and(|at| at <= Instant::now()) {
@@ -88,7 +108,6 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                 }
             }
         }
-        lease.renew_if_due(d);
         let next = slots.iter().filter_map(|s| s.restart_at).min().into_iter().chain([lease.due()]).min();
         let wait = match (stopping, next) {
             (Some(deadline), _) => deadline.saturating_duration_since(Instant::now()),
@@ -133,7 +152,7 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
             if slots.iter().all(|s| s.pid.is_none()) {
                 lease.release(d);
                 tracing::info!("task node {} stopped", d.node);
-                return Ok(0);
+                return Ok(i32::from(lease.lost));
             }
             if Instant::now() >= deadline {
                 tracing::warn!("task node {}: task processes did not stop in time; killing them", d.node);
@@ -142,7 +161,7 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                     process::wait_for(pid, Duration::from_secs(2));
                 }
                 lease.release(d);
-                return Ok(0);
+                return Ok(i32::from(lease.lost));
             }
         }
     }
@@ -153,6 +172,8 @@ struct Lease {
     conn: Option<redis::Connection>,
     token: String,
     renewed: Instant,
+    /// Another run holds the name now.
+    lost: bool,
 }
 
 impl Lease {
@@ -160,28 +181,33 @@ impl Lease {
         self.renewed + LEASE_TTL / 3
     }
 
-    fn renew_if_due(&mut self, d: &Durable) {
-        if Instant::now() < self.due() {
-            return;
+    /// Renews the lease when due; the holder's token if it is another run's now (once).
+    fn renew_if_due(&mut self, d: &Durable) -> Option<String> {
+        if self.lost || Instant::now() < self.due() {
+            return None;
         }
         self.renewed = Instant::now();
         if self.conn.is_none() {
             self.conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT)).ok();
         }
-        let Some(conn) = self.conn.as_mut() else { return };
-        let ttl = LEASE_TTL.as_millis() as u64;
-        let renewed: redis::RedisResult<()> =
-            redis::cmd("SET").arg(&d.keys.lease).arg(&self.token).arg("PX").arg(ttl).query(conn);
-        if let Err(e) = renewed {
-            tracing::debug!("cannot renew the node's name: {e}");
-            self.conn = None;
+        let conn = self.conn.as_mut()?;
+        match startup::renew_lease(conn, d, &self.token) {
+            Ok(startup::Lease::Held) => None,
+            Ok(startup::Lease::Lost(holder)) => {
+                self.lost = true;
+                Some(holder)
+            }
+            Err(e) => {
+                tracing::debug!("cannot renew the node's name: {}", super::redis_io::describe(&e));
+                self.conn = None;
+                None
+            }
         }
     }
 
     fn release(&mut self, d: &Durable) {
-        if let Some(conn) = self.conn.as_mut() {
-            let _: redis::RedisResult<redis::Value> =
-                redis::cmd("EVAL").arg(RELEASE_LEASE).arg(1).arg(&d.keys.lease).arg(&self.token).query(conn);
+        if let (Some(conn), false) = (self.conn.as_mut(), self.lost) {
+            startup::release_lease(conn, d, &self.token);
         }
     }
 }

@@ -24,9 +24,26 @@ pub fn is_connection_error(e: &RedisError) -> bool {
     e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
 }
 
+/// The Redis URL of this process, whose secrets no description of an error may show.
+static URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Makes [`describe`] scrub `url`'s passwords from what it says (the first URL given wins:
+/// a process talks to one Redis).
+pub fn hide_secrets_of(url: &str) {
+    let _ = URL.set(url.to_string());
+}
+
 /// An error as a sentence for a person (a timed-out read shows as "Resource temporarily
-/// unavailable" otherwise).
+/// unavailable" otherwise), without the password of the URL.
 pub fn describe(e: &RedisError) -> String {
+    let text = sentence(e);
+    match URL.get() {
+        Some(url) => super::scrub(&text, url),
+        None => text,
+    }
+}
+
+fn sentence(e: &RedisError) -> String {
     if e.is_timeout() {
         format!("Redis did not answer within {} s", REPLY_LIMIT.as_secs())
     } else if e.is_connection_refusal() {

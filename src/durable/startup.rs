@@ -21,56 +21,103 @@ pub struct Recovered {
     pub jobs: Vec<JobEntry>,
     /// Final replies kept for clients that were gone, oldest first.
     pub results: Vec<(u64, Vec<u8>)>,
+    /// The outcomes waiting in this node's reply stream (jobs that finished while it was
+    /// down), as `Reply` frames: acted on before the node serves, so that its first answer to
+    /// a `result` query already knows them.
+    pub replies: Vec<u8>,
+    /// The last reply stream entry read here: the bridge reads on from there.
+    pub replies_from: String,
 }
 
 /// Connects, checks the server, and recovers this node's state.
 pub fn prepare(d: &Durable) -> Result<Recovered, String> {
-    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
-        .map_err(|e| format!("invalid redis_url: cannot reach Redis at {}: {e}", d.shown))?;
+    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT)).map_err(|e| {
+        format!("invalid redis_url: cannot reach Redis at {}: {}", d.shown, redis_io::describe(&e))
+    })?;
     for warning in check_server(&mut conn) {
         tracing::warn!("{warning}");
     }
-    take_lease(&mut conn, d)?;
-    ensure_group(&mut conn, &d.keys).map_err(|e| format!("cannot create the consumer group: {e}"))?;
+    take_lease(&mut conn, d, &lease_token(std::process::id()))?;
+    ensure_group(&mut conn, &d.keys)
+        .map_err(|e| format!("cannot create the consumer group: {}", redis_io::describe(&e)))?;
     let epoch: u64 = redis::cmd("INCR")
         .arg(&d.keys.epoch)
         .query(&mut conn)
-        .map_err(|e| format!("cannot take a range of task ids: {e}"))?;
-    let jobs =
-        own_jobs(&mut conn, &d.keys, &d.node).map_err(|e| format!("cannot read the job stream: {e}"))?;
-    let results = kept_results(&mut conn, &d.keys).map_err(|e| format!("cannot read kept results: {e}"))?;
-    if !jobs.is_empty() || !results.is_empty() {
+        .map_err(|e| format!("cannot take a range of task ids: {}", redis_io::describe(&e)))?;
+    let jobs = own_jobs(&mut conn, &d.keys, &d.node)
+        .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
+    let results = kept_results(&mut conn, &d.keys)
+        .map_err(|e| format!("cannot read kept results: {}", redis_io::describe(&e)))?;
+    // After the job stream: a job that finishes between the two reads is in both (and its
+    // outcome finishes it), never in neither.
+    let (replies, outcomes, replies_from) = waiting_replies(&mut conn, &d.keys)
+        .map_err(|e| format!("cannot read the reply stream: {}", redis_io::describe(&e)))?;
+    if !jobs.is_empty() || !results.is_empty() || outcomes > 0 {
         tracing::info!(
-            "node {}: {} unfinished jobs taken back, {} kept results",
+            "node {}: {} unfinished jobs taken back, {} kept results, {} outcomes of jobs that finished while it was down",
             d.node,
             jobs.len(),
-            results.len()
+            results.len(),
+            outcomes
         );
     }
-    Ok(Recovered { first_task_id: epoch << EPOCH_SHIFT, jobs, results })
+    Ok(Recovered { first_task_id: epoch << EPOCH_SHIFT, jobs, results, replies, replies_from })
 }
 
-/// How long a node's lease on its name lasts unless renewed (the bridge renews it every third
-/// of that), and so how long a node killed on another host keeps its name.
+/// How long a node's lease on its name lasts unless renewed (renewed every third of that by
+/// the web node's master, through its bridge, or by the task node's manager), and so how long
+/// a node killed on another host, or hung, keeps its name.
 pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// This run's claim on the node name: `HOST:PID` of the master.
+/// This run's claim on the node name: `HOST:PID` of the master (or task-node manager).
 pub fn lease_token(master_pid: u32) -> String {
     format!("{}:{master_pid}", super::host_name())
 }
 
-/// Takes the node's name for this run, or says who has it. A lease left by a run on this host
-/// whose master is dead (a kill -9, a crash) is taken over at once.
-pub fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
-    let token = lease_token(std::process::id());
-    let ttl = LEASE_TTL.as_millis() as u64;
-    let failed = |e: redis::RedisError| format!("cannot take the node name {}: {e}", d.node);
+/// Takes the name from a dead holder: only if it is still that holder's (compare and set), so
+/// that two runs taking over at once cannot both win.
+const TAKE_OVER: &str = "
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] or not v then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0";
+
+/// Renews the name if it is still ours; takes it again if it lapsed and nobody took it (the
+/// node was stopped, or Redis was away, past the TTL: no other run holds the name). Returns
+/// 1, or the token of the run that holds it now.
+const RENEW: &str = "
+local v = redis.call('GET', KEYS[1])
+if v == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not v then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+return v";
+
+/// Gives the name back, if this run still holds it.
+const RELEASE: &str =
+    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
+
+fn lease_ttl_ms() -> u64 {
+    LEASE_TTL.as_millis() as u64
+}
+
+/// Takes the node's name for this run (`token`), or says who has it. A lease left by a run on
+/// this host whose master is dead (a kill -9, a crash) is taken over at once.
+pub fn take_lease(conn: &mut Connection, d: &Durable, token: &str) -> Result<(), String> {
+    let failed =
+        |e: redis::RedisError| format!("cannot take the node name {}: {}", d.node, redis_io::describe(&e));
     let taken: Option<String> = redis::cmd("SET")
         .arg(&d.keys.lease)
-        .arg(&token)
+        .arg(token)
         .arg("NX")
         .arg("PX")
-        .arg(ttl)
+        .arg(lease_ttl_ms())
         .query(conn)
         .map_err(failed)?;
     if taken.is_some() {
@@ -83,14 +130,20 @@ pub fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
         .and_then(|pid| pid.parse::<i32>().ok())
         .is_some_and(|pid| !alive(pid));
     if holder.is_empty() || dead_here {
-        let _: () = redis::cmd("SET")
-            .arg(&d.keys.lease)
-            .arg(&token)
-            .arg("PX")
-            .arg(ttl)
-            .query(conn)
+        let won: i64 = redis::Script::new(TAKE_OVER)
+            .key(&d.keys.lease)
+            .arg(&holder)
+            .arg(token)
+            .arg(lease_ttl_ms())
+            .invoke(conn)
             .map_err(failed)?;
-        return Ok(());
+        if won == 1 {
+            if dead_here {
+                tracing::info!("node {}: took over the name from {holder}, which is dead", d.node);
+            }
+            return Ok(());
+        }
+        return Err(format!("invalid node_id: {} was taken by another run just now; try again", d.node));
     }
     Err(format!(
         "invalid node_id: {} is in use by a running taskd ({holder}); give this one another --node-id, \
@@ -98,6 +151,34 @@ pub fn take_lease(conn: &mut Connection, d: &Durable) -> Result<(), String> {
         d.node,
         LEASE_TTL.as_secs()
     ))
+}
+
+/// Whether this run still holds the node's name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lease {
+    Held,
+    /// Another run holds it now: its token.
+    Lost(String),
+}
+
+/// Renews the lease if it is still `token`'s (compare and set on the token, never a blind SET
+/// that would take the name back from a run that took it meanwhile).
+pub fn renew_lease(conn: &mut Connection, d: &Durable, token: &str) -> redis::RedisResult<Lease> {
+    let v: Value =
+        redis::Script::new(RENEW).key(&d.keys.lease).arg(token).arg(lease_ttl_ms()).invoke(conn)?;
+    Ok(match v {
+        Value::Int(1) => Lease::Held,
+        other => Lease::Lost(as_text(other)),
+    })
+}
+
+/// Gives the name back if it is still `token`'s.
+pub fn release_lease(conn: &mut Connection, d: &Durable, token: &str) {
+    let released: redis::RedisResult<i64> =
+        redis::Script::new(RELEASE).key(&d.keys.lease).arg(token).invoke(conn);
+    if let Err(e) = released {
+        tracing::debug!("cannot give the node name back: {}", redis_io::describe(&e));
+    }
 }
 
 /// Whether process `pid` of this host runs (a zombie does not: it is only not reaped yet).
@@ -109,10 +190,6 @@ fn alive(pid: i32) -> bool {
         .unwrap_or(false);
     exists && !zombie
 }
-
-/// Gives the name back, if this run still holds it.
-pub const RELEASE_LEASE: &str =
-    "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// Creates the consumer group (and the stream) unless it exists. From id 0: a job added
 /// before the group existed is still run.
@@ -173,6 +250,40 @@ fn own_jobs(conn: &mut Connection, keys: &Keys, node: &str) -> redis::RedisResul
         );
     }
     Ok(jobs)
+}
+
+/// Every outcome in this node's reply stream, as `Reply` frames; how many; the last entry id.
+/// A malformed entry is logged and deleted.
+fn waiting_replies(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<(Vec<u8>, usize, String)> {
+    let mut frames = Vec::new();
+    let mut count = 0;
+    let mut last = "0-0".to_string();
+    loop {
+        let page: Value = redis::cmd("XRANGE")
+            .arg(&keys.replies)
+            .arg(format!("({last}"))
+            .arg("+")
+            .arg("COUNT")
+            .arg(1000)
+            .query(conn)?;
+        let entries = redis_io::entries(page);
+        let Some(end) = entries.last() else { break };
+        last.clone_from(&end.id);
+        for mut entry in entries {
+            match super::entry::outcomes_of_entry(&mut entry, &mut frames) {
+                Ok(n) => count += n,
+                Err(why) => {
+                    tracing::warn!(
+                        "reply entry {} of {} is malformed ({why}); deleted",
+                        entry.id,
+                        keys.replies
+                    );
+                    let _: Value = redis::cmd("XDEL").arg(&keys.replies).arg(&entry.id).query(conn)?;
+                }
+            }
+        }
+    }
+    Ok((frames, count, last))
 }
 
 fn kept_results(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<Vec<(u64, Vec<u8>)>> {

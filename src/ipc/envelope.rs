@@ -258,6 +258,14 @@ pub enum Frame<'a> {
         task_id: u64,
         line: &'a [u8],
     },
+    /// The master is alive: renew the node's lease on its name (sent by the master itself, so
+    /// that a master that hangs lets its name go).
+    RenewLease,
+    /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
+    /// run that holds it now, and this node must stop.
+    Lease {
+        holder: &'a [u8],
+    },
 }
 
 mod kind {
@@ -287,6 +295,8 @@ mod kind {
     pub const REPLY: u8 = 43;
     pub const TRIM: u8 = 44;
     pub const KEEP_RESULT: u8 = 45;
+    pub const RENEW_LEASE: u8 = 46;
+    pub const LEASE: u8 = 47;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -535,6 +545,8 @@ impl<'a> Frame<'a> {
             Frame::KeepResult { task_id, line } => {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
             }
+            Frame::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
+            Frame::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
         }
     }
 
@@ -653,6 +665,8 @@ impl<'a> Frame<'a> {
             },
             TRIM => Frame::Trim { entry: r.rest() },
             KEEP_RESULT => Frame::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
+            RENEW_LEASE => Frame::RenewLease,
+            LEASE => Frame::Lease { holder: r.rest() },
             other => return Err(DecodeError::UnknownKind(other)),
         };
         r.end()?;
@@ -789,6 +803,9 @@ mod tests {
         });
         roundtrip(Frame::Trim { entry: b"1-1" });
         roundtrip(Frame::KeepResult { task_id: 9, line: b"{}\n" });
+        roundtrip(Frame::RenewLease);
+        roundtrip(Frame::Lease { holder: b"" });
+        roundtrip(Frame::Lease { holder: b"host:42" });
     }
 
     #[test]

@@ -158,6 +158,15 @@ impl MailApp {
     fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
         let job: Job =
             serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?;
+        // Task data may come from Redis (durable jobs), which others can write: checked again as
+        // a client's request is (a newline in an address would forge a line of the log).
+        match job.kind {
+            Kind::Email => request::valid_email(&job.to)?,
+            Kind::Sms => request::valid_phone(&job.to)?,
+        };
+        if job.delay_ms.is_some_and(|ms| ms > request::MAX_DELAY_MS) {
+            return Err(format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS));
+        }
         let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
         let pid = ctx.info().pid;
         let (label, what) = match job.kind {

@@ -4,19 +4,24 @@
 //! The jobs workers commit in one reactor turn form a store batch, sent to the bridge process
 //! at the end of the turn. Until the bridge acknowledges the batch, what workers write to
 //! clients after it (their `accepted`, and anything later, in order) is held here; then it is
-//! released. If the batch could not be stored, its jobs fail with the reason, and what was held
-//! for their clients is dropped: such a client gets `failed`, never `accepted`.
+//! released. Only the sessions with a job in an unacknowledged batch wait (and everything after
+//! it for them, in order): while Redis hangs, another client's `stats` or bad request is
+//! answered at once. If the batch could not be stored, its jobs fail with the reason, and what
+//! was held for their clients is dropped: such a client gets `failed`, never `accepted`.
 //!
 //! Outcomes come back from the bridge as `Reply` frames (from any node's task processes), and
 //! are delivered like a local task process's; once acted on, the master asks the bridge to
 //! delete the reply entry. A reply for a job the master no longer has is a duplicate (the job
 //! ran twice: dropped) or the outcome of a job accepted before a restart (kept for `result`).
+//!
+//! The master also asks for each renewal of the node's name, and stops if another run has it.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::AsRawFd;
 
 use super::results::outcome_line;
 use super::*;
+use crate::durable::startup::LEASE_TTL;
 use crate::durable::Durable;
 
 pub const BRIDGE: Token = Token(5);
@@ -43,8 +48,21 @@ pub struct DurableState {
     sent: VecDeque<SentBatch>,
     /// Frames for clients held until the batch they follow is stored, with that batch.
     held: VecDeque<(u64, Vec<u8>)>,
+    /// The sessions whose output waits, each with the last batch it waits for.
+    waiting: HashMap<u64, u64>,
     pub duplicates: u64,
     pub bridge_restarts: u64,
+    /// When to ask the bridge to renew the node's name next: the master asks, so that a
+    /// master that hangs (SIGSTOP, a loop) lets its name lapse, and another run may take it.
+    pub lease_due: Instant,
+    /// Until when the name is surely still this node's (its last renewal, plus the lease).
+    lease_until: Instant,
+    /// Outcomes that came while that was not sure: acted on once the bridge says it is.
+    unsure: Vec<u8>,
+    /// Outcomes read from the reply stream at start, acted on once the bridge runs.
+    startup_replies: Vec<u8>,
+    /// The last reply stream entry read at start: every bridge reads on from there.
+    replies_from: String,
 }
 
 impl DurableState {
@@ -60,8 +78,15 @@ impl DurableState {
             acked: 0,
             sent: VecDeque::new(),
             held: VecDeque::new(),
+            waiting: HashMap::new(),
             duplicates: 0,
             bridge_restarts: 0,
+            lease_due: Instant::now() + LEASE_TTL / 3,
+            // Taken just before (at start, by `startup::prepare`).
+            lease_until: Instant::now() + LEASE_TTL - Duration::from_secs(1),
+            unsure: Vec::new(),
+            startup_replies: Vec::new(),
+            replies_from: "0-0".into(),
         }
     }
 
@@ -74,8 +99,18 @@ impl DurableState {
         self.open() || !self.held.is_empty()
     }
 
-    fn hold(&mut self, frame: &Frame<'_>) {
+    /// Output for `session` must wait: a job of it, or output before, is not released yet.
+    pub fn holds(&self, session: u64) -> bool {
+        self.waiting.contains_key(&session)
+    }
+
+    /// Holds `frame` until the batches sent so far are stored; what comes later for `session`
+    /// (0: none) waits behind it.
+    fn hold(&mut self, frame: &Frame<'_>, session: u64) {
         let tag = if self.open() { self.batch } else { self.last_sent };
+        if session != 0 {
+            self.waiting.insert(session, tag);
+        }
         match self.held.back_mut() {
             Some((t, bytes)) if *t == tag => frame.encode(bytes),
             _ => {
@@ -98,6 +133,7 @@ impl<A: Application> Master<'_, A> {
         let (master_end, child_end) = crate::ipc::channel::pair()?;
         let master_pid = nix::unistd::getpid();
         let d = state.d.clone();
+        let from = state.replies_from.clone();
         let shared = self.shared;
         let credentials = self.credentials;
         let pid = process::spawn(&[child_end.as_raw_fd()], || {
@@ -117,7 +153,7 @@ impl<A: Application> Master<'_, A> {
             }
             process::die_with_parent(master_pid);
             match child_end.try_clone() {
-                Ok(fd) => crate::durable::bridge::run(&d, fd, shared),
+                Ok(fd) => crate::durable::bridge::run(&d, fd, shared, &from),
                 Err(e) => {
                     tracing::error!("redis bridge: cannot take its channel: {e}");
                     1
@@ -135,6 +171,14 @@ impl<A: Application> Master<'_, A> {
         state.bridge_pid = Some(pid);
         for batch in &state.sent {
             state.bridge.output().extend_from_slice(&batch.frames);
+        }
+        // Outcomes of jobs that finished while this node was down: known before the first
+        // client is served (their deletion and keeping go through the bridge, now it runs).
+        let replies = std::mem::take(&mut state.startup_replies);
+        let mut pos = 0;
+        while let Ok(Some((frame, n))) = Frame::decode(&replies[pos..]) {
+            pos += n;
+            self.on_reply(&frame);
         }
         Ok(())
     }
@@ -163,24 +207,32 @@ impl<A: Application> Master<'_, A> {
                 Frame::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
                     .encode(&mut state.frames);
                 state.jobs.push(task_id);
+                if session != 0 {
+                    state.waiting.insert(session, state.batch);
+                }
                 false
             }
-            Frame::Send { .. }
-            | Frame::CloseSession { .. }
-            | Frame::QueryResult { .. }
-            | Frame::Stats { .. }
-                if state.holding() =>
+            Frame::Send { session, .. }
+            | Frame::CloseSession { session }
+            | Frame::QueryResult { session, .. }
+            | Frame::Stats { session }
+                if state.holds(session) =>
             {
-                state.hold(frame);
+                state.hold(frame, session);
                 true
             }
             _ => false,
         }
     }
 
-    /// Marks the jobs of this turn's batch as waiting for it, and sends it to the bridge.
+    /// Marks the jobs of this turn's batch as waiting for it, and sends it to the bridge; asks
+    /// for the node's name to be renewed when due.
     pub(super) fn end_store_batch(&mut self) {
         let Some(state) = self.durable.as_mut() else { return };
+        if Instant::now() >= state.lease_due {
+            state.bridge.send(&Frame::RenewLease);
+            state.lease_due = Instant::now() + LEASE_TTL / 3;
+        }
         if !state.open() {
             return;
         }
@@ -209,12 +261,19 @@ impl<A: Application> Master<'_, A> {
                 Ok(Some((frame, n))) => {
                     match frame {
                         Frame::Stored { batch, error } => self.on_stored(batch, error),
+                        Frame::Lease { holder } => self.on_lease(holder),
                         Frame::Reply { .. } => {
                             let state = self.durable.as_mut().expect("durable");
-                            if state.holding() {
-                                state.hold(&frame);
+                            if Instant::now() < state.lease_until {
+                                self.route_reply(&frame);
                             } else {
-                                self.on_reply(&frame);
+                                // Not sure the name is still ours (this master was asleep past
+                                // the lease): another node of the name may be acting on these.
+                                // They wait for the bridge's word, asked for at once.
+                                if state.unsure.is_empty() {
+                                    state.lease_due = Instant::now();
+                                }
+                                frame.encode(&mut state.unsure);
                             }
                         }
                         other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
@@ -235,6 +294,57 @@ impl<A: Application> Master<'_, A> {
         if let Some(state) = self.durable.as_mut() {
             state.bridge.restore_input(input);
         }
+    }
+
+    /// An outcome from the bridge, acted on now, or held behind what it must follow.
+    fn route_reply(&mut self, frame: &Frame<'_>) {
+        let Frame::Reply { task_id, .. } = *frame else { return };
+        // An outcome can overtake its batch's acknowledgement (two threads of the bridge
+        // write): it waits for it, and behind its session's held output.
+        let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
+        let Some(state) = self.durable.as_mut() else { return };
+        match job {
+            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold(frame, session),
+            _ => self.on_reply(frame),
+        }
+    }
+
+    /// The bridge renewed the node's name (`holder` empty), or found it held by another run.
+    fn on_lease(&mut self, holder: &[u8]) {
+        if !holder.is_empty() {
+            self.on_lease_lost(holder);
+            return;
+        }
+        let Some(state) = self.durable.as_mut() else { return };
+        // The renewal happened a moment before this word of it: a second of margin.
+        state.lease_until = Instant::now() + LEASE_TTL - Duration::from_secs(1);
+        let unsure = std::mem::take(&mut state.unsure);
+        let mut pos = 0;
+        while let Ok(Some((frame, n))) = Frame::decode(&unsure[pos..]) {
+            pos += n;
+            self.route_reply(&frame);
+        }
+    }
+
+    /// Another run took the node's name (this master hung, or was cut off from Redis, past the
+    /// lease): two nodes of one name would take each other's replies. This one stops now; its
+    /// jobs are in Redis, and the node that holds the name answers for them.
+    fn on_lease_lost(&mut self, holder: &[u8]) {
+        if self.exit_code.is_some() {
+            return;
+        }
+        tracing::error!(
+            "node {}: the name is held by another run now ({}): this one was stopped or cut off \
+             from Redis for over {} s; it takes no more jobs and exits",
+            self.config.node_id.as_deref().unwrap_or_default(),
+            String::from_utf8_lossy(holder),
+            LEASE_TTL.as_secs()
+        );
+        if let Some(pid) = self.manager_pid.take() {
+            let _ = kill(pid, Signal::SIGKILL);
+            process::wait_for(pid, Duration::from_secs(2));
+        }
+        self.exit_code = Some(1);
     }
 
     /// Every batch up to `batch` is stored (or failed, with `error`): release what waited.
@@ -261,6 +371,7 @@ impl<A: Application> Master<'_, A> {
                 release.push(bytes);
             }
         }
+        state.waiting.retain(|_, tag| *tag > acked);
         let why = String::from_utf8_lossy(error).into_owned();
         let lost: HashSet<u64> =
             failed.iter().filter_map(|&id| self.jobs.get(id).map(|j| j.session)).collect();
@@ -327,6 +438,10 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn recover(&mut self, recovered: crate::durable::startup::Recovered) {
         for (task_id, line) in recovered.results {
             self.results.record(task_id, line);
+        }
+        if let Some(state) = self.durable.as_mut() {
+            state.startup_replies = recovered.replies;
+            state.replies_from = recovered.replies_from;
         }
         for job in recovered.jobs {
             self.jobs.recover(

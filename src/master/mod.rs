@@ -386,7 +386,8 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(self.jobs.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
-            .chain(self.next_heartbeat);
+            .chain(self.next_heartbeat)
+            .chain(self.durable.as_ref().map(|d| d.lease_due));
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -413,17 +414,23 @@ impl<'a, A: Application> Master<'a, A> {
             self.finish_group(group_id);
         }
         self.end_store_batch();
-        // Output held for durable jobs still has to reach these connections.
-        if !self.durable.as_ref().is_some_and(DurableState::holding) {
-            let finished = std::mem::take(&mut self.maybe_finished);
-            for &key in &finished {
-                if self.conns.get(key).is_some_and(Conn::finished) {
-                    self.close_conn(key);
-                }
+        // Output held for durable jobs still has to reach these connections: they wait (the
+        // list is kept in place, so that its allocation serves every turn).
+        let mut finished = std::mem::take(&mut self.maybe_finished);
+        let mut waiting = 0;
+        for i in 0..finished.len() {
+            let key = finished[i];
+            let Some(conn) = self.conns.get(key).filter(|c| c.finished()) else { continue };
+            if self.durable.as_ref().is_some_and(|d| d.holds(conn.session)) {
+                finished[waiting] = key;
+                waiting += 1;
+            } else {
+                self.close_conn(key);
             }
-            self.maybe_finished = finished;
-            self.maybe_finished.clear();
         }
+        finished.truncate(waiting);
+        finished.append(&mut self.maybe_finished);
+        self.maybe_finished = finished;
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
