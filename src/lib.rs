@@ -134,8 +134,10 @@ pub fn run_notify<A: Application>(
         // Resolved once, so that every process of the node uses the same name.
         config.node_id = Some(durable::host_name());
     }
-    config.max_conn =
-        limits::raise_nofile(config.max_conn, limits::reserved_fds(config.worker_num, config.task_slots()));
+    // Metrics connections have their own limit, apart from max_conn: room for them too.
+    let reserved =
+        limits::reserved_fds(config.worker_num, config.task_slots()) + config.metrics_max_conn as u64;
+    config.max_conn = limits::raise_nofile(config.max_conn, reserved);
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);

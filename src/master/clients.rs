@@ -14,13 +14,21 @@ impl<A: Application> Master<'_, A> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and the like: the listener stays readable but edge-triggered
-                    // readiness will not fire again for the connections already waiting.
-                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
-                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                    let which = if ws { listeners::Listener::Ws } else { listeners::Listener::Line };
+                    if self.accept_failed(which, e) {
+                        continue;
+                    }
                     return;
                 }
             };
+            if ws && self.ws_handshakes_full() {
+                tracing::debug!(
+                    "refusing {peer}: ws_handshake_max ({}) upgrades under way",
+                    self.config.ws_handshake_max
+                );
+                let _ = io::Write::write(&mut stream, &ws::unavailable());
+                continue;
+            }
             if self.conns.len() >= self.config.max_conn {
                 tracing::warn!("refusing {peer}: max_conn ({}) connections already", self.config.max_conn);
                 let msg =
@@ -54,6 +62,7 @@ impl<A: Application> Master<'_, A> {
             if ws {
                 // A session once upgraded; until then an HTTP request.
                 conn.ws = Some(Box::new(ws::WsState::Handshake(Vec::new())));
+                self.ws_handshake_started(key, session);
             } else {
                 self.announce(key);
             }
@@ -75,7 +84,7 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn read_ws(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
-            match ws::read_opening(&mut conn.stream, buf) {
+            match ws::read_opening(&mut conn.stream, buf, &self.guard.origins) {
                 Ok(ws::Opening::Partial) => return,
                 Ok(ws::Opening::Http(response)) => {
                     conn.ws = None;
@@ -94,6 +103,7 @@ impl<A: Application> Master<'_, A> {
                     let socket =
                         ws::open(rest, self.config.package_max_length, self.config.buffer_output_size);
                     conn.ws = Some(Box::new(ws::WsState::Open(Box::new(socket))));
+                    self.ws_handshake_over();
                     self.announce(key);
                 }
                 Err(e) => {
@@ -187,6 +197,10 @@ impl<A: Application> Master<'_, A> {
         let rest = loop {
             match protocol::next_line(&data[pos..], max) {
                 Ok(Some((line, used))) => {
+                    if protocol::looks_like_http(line) {
+                        self.refuse_http(key);
+                        break None;
+                    }
                     self.dispatch_request(key, line);
                     pos += used;
                 }
@@ -313,6 +327,10 @@ impl<A: Application> Master<'_, A> {
         }
         let mut conn = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if !conn.announced {
+            // A WebSocket connection closed before its upgrade.
+            self.ws_handshake_over();
+        }
         self.counters.close_count += 1;
         tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
         if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {

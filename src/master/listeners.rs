@@ -1,0 +1,254 @@
+//! What bounds every listener: a deadline for each metrics exchange and WebSocket upgrade
+//! (`handshake_timeout`), the metrics connection limit, the line port's refusal of HTTP, and
+//! running out of descriptors, which refuses new connections instead of leaving them waiting.
+
+use super::*;
+
+/// How often running out of descriptors is logged at most (each refused connection is counted).
+const FD_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// A connection that must finish its handshake by a deadline.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Pending {
+    /// A WebSocket connection not upgraded yet (its session tells it from a later one).
+    Ws {
+        key: usize,
+        session: u64,
+    },
+    Metrics {
+        key: usize,
+        serial: u64,
+    },
+}
+
+/// Which listener an accept was for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Listener {
+    Line,
+    Ws,
+    Metrics,
+}
+
+/// The state of the listeners' limits, kept by the master.
+pub(super) struct Guard {
+    /// Which pages may open a WebSocket.
+    pub origins: crate::net::OriginPolicy,
+    /// Deadlines in the order of accepts (all the same length, so the front is the next one).
+    /// Entries of connections that finished in time stay until their deadline and are skipped.
+    pub deadlines: VecDeque<(Instant, Pending)>,
+    /// WebSocket connections not upgraded yet.
+    pub ws_handshaking: usize,
+    pub metrics_serial: u64,
+    /// A descriptor kept in reserve: out of descriptors, it is closed to accept (and close at
+    /// once) the connection waiting, so that the listener's queue does not fill with clients
+    /// that wait forever, then reopened.
+    spare: Option<std::fs::File>,
+    /// Connections refused for lack of descriptors since the last warning, and when that was.
+    fd_refused: u64,
+    fd_warned: Option<Instant>,
+}
+
+impl Guard {
+    pub fn new(config: &ServerConfig) -> Guard {
+        Guard {
+            origins: crate::net::OriginPolicy::new(&config.host, &config.ws_allow_origin),
+            deadlines: VecDeque::new(),
+            ws_handshaking: 0,
+            metrics_serial: 0,
+            spare: open_spare(),
+            fd_refused: 0,
+            fd_warned: None,
+        }
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.deadlines.front().map(|&(at, _)| at)
+    }
+}
+
+fn open_spare() -> Option<std::fs::File> {
+    std::fs::File::open("/dev/null").ok()
+}
+
+impl<A: Application> Master<'_, A> {
+    fn listener_of(&self, which: Listener) -> Option<&TcpListener> {
+        match which {
+            Listener::Line => self.listener.as_ref(),
+            Listener::Ws => self.ws_listener.as_ref(),
+            Listener::Metrics => self.metrics.as_ref(),
+        }
+    }
+
+    /// An accept on `which` failed with `e`; returns whether to go on accepting now.
+    ///
+    /// Out of descriptors (EMFILE, ENFILE) the connection waiting is accepted with the spare
+    /// descriptor and closed at once with a word of why: the client learns it now instead of
+    /// waiting in the queue for a descriptor that may never come, and the connections already
+    /// held are served as before. Without a spare, accepting is tried again shortly.
+    pub(super) fn accept_failed(&mut self, which: Listener, e: io::Error) -> bool {
+        let errno = e.raw_os_error().unwrap_or(0);
+        if errno == nix::libc::ECONNABORTED {
+            // The client gave up before it was accepted: on to the next one.
+            return true;
+        }
+        let out_of_fds = errno == nix::libc::EMFILE || errno == nix::libc::ENFILE;
+        if out_of_fds {
+            if let Some(spare) = self.guard.spare.take() {
+                drop(spare);
+                let refused = self.listener_of(which).map(|l| l.accept());
+                self.guard.spare = open_spare();
+                match refused {
+                    Some(Ok((mut stream, _))) => {
+                        let word = match which {
+                            Listener::Line => {
+                                protocol::error_line("the server is out of file descriptors; try again later")
+                            }
+                            Listener::Ws => ws::unavailable(),
+                            Listener::Metrics => metrics::unavailable(),
+                        };
+                        // Best effort: the socket is new, its buffer empty.
+                        let _ = io::Write::write(&mut stream, &word);
+                        self.fd_shortage(&e);
+                        return self.guard.spare.is_some();
+                    }
+                    Some(Err(again)) if again.kind() == io::ErrorKind::WouldBlock => return false,
+                    _ => {}
+                }
+            }
+        }
+        if out_of_fds {
+            self.fd_shortage(&e);
+        } else {
+            tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+        }
+        self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+        false
+    }
+
+    /// Counts a connection refused for lack of descriptors; warns now and then, not per client.
+    fn fd_shortage(&mut self, e: &io::Error) {
+        let g = &mut self.guard;
+        g.fd_refused += 1;
+        let now = Instant::now();
+        if g.fd_warned.is_none_or(|at| now - at >= FD_WARN_EVERY) {
+            tracing::warn!(
+                "out of file descriptors ({e}): refused {} new connection(s) (held: {} clients, {} metrics); \
+                 raise the open-file limit or lower max_conn / metrics_max_conn",
+                g.fd_refused,
+                self.conns.len(),
+                self.metrics_conns.len()
+            );
+            g.fd_refused = 0;
+            g.fd_warned = Some(now);
+        }
+    }
+
+    /// Whether a new WebSocket connection must be refused: too many are in their upgrade.
+    pub(super) fn ws_handshakes_full(&self) -> bool {
+        self.guard.ws_handshaking >= self.config.ws_handshake_max
+    }
+
+    /// A new WebSocket connection: its upgrade must be done by the deadline.
+    pub(super) fn ws_handshake_started(&mut self, key: usize, session: u64) {
+        self.guard.ws_handshaking += 1;
+        let at = Instant::now() + self.config.handshake_limit();
+        self.guard.deadlines.push_back((at, Pending::Ws { key, session }));
+    }
+
+    /// A WebSocket connection leaves its handshake (upgraded, or closed before).
+    pub(super) fn ws_handshake_over(&mut self) {
+        self.guard.ws_handshaking = self.guard.ws_handshaking.saturating_sub(1);
+    }
+
+    /// Closes the connections whose handshake is not done by its deadline.
+    pub(super) fn expire_handshakes(&mut self) {
+        let now = Instant::now();
+        while let Some(&(at, pending)) = self.guard.deadlines.front() {
+            if at > now {
+                break;
+            }
+            self.guard.deadlines.pop_front();
+            match pending {
+                Pending::Ws { key, session } => {
+                    // Announced: upgraded in time (a page or an error being written is not).
+                    let late = self.conns.get(key).filter(|c| c.session == session && !c.announced);
+                    if let Some(conn) = late {
+                        tracing::debug!(
+                            "WebSocket client {}: no upgrade within handshake_timeout ({}s); closing",
+                            conn.peer,
+                            self.config.handshake_timeout
+                        );
+                        self.close_conn(key);
+                    }
+                }
+                Pending::Metrics { key, serial } => {
+                    if self.metrics_conns.get(key).is_some_and(|c| c.serial == serial) {
+                        let mut conn = self.metrics_conns.remove(key);
+                        tracing::debug!(
+                            "metrics client: request not done within handshake_timeout ({}s); closing",
+                            self.config.handshake_timeout
+                        );
+                        let _ = self.poll.registry().deregister(&mut conn.stream);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A line on the line port was part of an HTTP request (a web page, most likely, made a
+    /// browser send it): one `error` line, then the connection is closed, as Redis does, and
+    /// nothing after that line is read.
+    pub(super) fn refuse_http(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        tracing::warn!(
+            "Possible SECURITY ATTACK detected: client {} sent an HTTP request to the line port \
+             (a web page trying to reach taskd through a browser?); closing the connection",
+            conn.peer
+        );
+        conn.queue(&protocol::error_line(
+            "this port speaks taskd's line protocol, not HTTP; closing the connection",
+        ));
+        conn.close_after_flush = true;
+        self.mark_dirty(key);
+    }
+
+    pub(super) fn accept_metrics(&mut self) {
+        loop {
+            let Some(listener) = &self.metrics else { return };
+            match listener.accept() {
+                Ok((mut stream, peer)) => {
+                    if self.metrics_conns.len() >= self.config.metrics_max_conn {
+                        tracing::debug!(
+                            "refusing metrics client {peer}: metrics_max_conn ({}) connections already",
+                            self.config.metrics_max_conn
+                        );
+                        let _ = io::Write::write(&mut stream, &metrics::unavailable());
+                        continue;
+                    }
+                    self.guard.metrics_serial += 1;
+                    let serial = self.guard.metrics_serial;
+                    let entry = self.metrics_conns.vacant_entry();
+                    let key = entry.key();
+                    let token = Token(METRICS_BASE + key);
+                    if self
+                        .poll
+                        .registry()
+                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+                        .is_ok()
+                    {
+                        entry.insert(metrics::MetricsConn::new(stream, serial));
+                        let at = Instant::now() + self.config.handshake_limit();
+                        self.guard.deadlines.push_back((at, Pending::Metrics { key, serial }));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if !self.accept_failed(Listener::Metrics, e) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
