@@ -92,47 +92,58 @@ impl<A: Application> Master<'_, A> {
             return true;
         }
         let out_of_fds = errno == nix::libc::EMFILE || errno == nix::libc::ENFILE;
-        if out_of_fds {
-            if let Some(spare) = self.guard.spare.take() {
-                drop(spare);
-                let refused = self.listener_of(which).map(|l| l.accept());
-                self.guard.spare = open_spare();
-                match refused {
-                    Some(Ok((mut stream, _))) => {
-                        let word = match which {
-                            Listener::Line => {
-                                protocol::error_line("the server is out of file descriptors; try again later")
-                            }
-                            Listener::Ws => ws::unavailable(),
-                            Listener::Metrics => metrics::unavailable(),
-                        };
-                        // Best effort: the socket is new, its buffer empty.
-                        let _ = io::Write::write(&mut stream, &word);
-                        self.fd_shortage(&e);
-                        return self.guard.spare.is_some();
-                    }
-                    Some(Err(again)) if again.kind() == io::ErrorKind::WouldBlock => return false,
-                    _ => {}
+        if !out_of_fds {
+            tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+            self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+            return false;
+        }
+        // A spare lost earlier (it could not be reopened then) is tried again first.
+        let spare = self.guard.spare.take().or_else(open_spare);
+        if let Some(spare) = spare {
+            drop(spare);
+            let refused = self.listener_of(which).map(|l| l.accept());
+            let answer = match refused {
+                Some(Ok((mut stream, _))) => {
+                    let word = match which {
+                        Listener::Line => {
+                            protocol::error_line("the server is out of file descriptors; try again later")
+                        }
+                        Listener::Ws => ws::unavailable(),
+                        Listener::Metrics => metrics::unavailable(),
+                    };
+                    // Best effort: the socket is new, its buffer empty.
+                    let _ = io::Write::write(&mut stream, &word);
+                    // Closed before the spare is reopened: it takes the descriptor back.
+                    drop(stream);
+                    Some(true)
                 }
+                Some(Err(again)) if again.kind() == io::ErrorKind::WouldBlock => Some(false),
+                _ => None,
+            };
+            self.guard.spare = open_spare();
+            if let Some(refused_one) = answer {
+                if refused_one {
+                    self.fd_shortage(&e, true);
+                }
+                // Go on with the next waiting connection, unless the spare is lost.
+                return refused_one && self.guard.spare.is_some();
             }
         }
-        if out_of_fds {
-            self.fd_shortage(&e);
-        } else {
-            tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
-        }
+        self.fd_shortage(&e, false);
         self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
         false
     }
 
-    /// Counts a connection refused for lack of descriptors; warns now and then, not per client.
-    fn fd_shortage(&mut self, e: &io::Error) {
+    /// Counts a connection refused for lack of descriptors (`refused`; else one left waiting
+    /// for a retry); warns now and then, not per client.
+    fn fd_shortage(&mut self, e: &io::Error, refused: bool) {
         let g = &mut self.guard;
-        g.fd_refused += 1;
+        g.fd_refused += u64::from(refused);
         let now = Instant::now();
         if g.fd_warned.is_none_or(|at| now - at >= FD_WARN_EVERY) {
             tracing::warn!(
-                "out of file descriptors ({e}): refused {} new connection(s) (held: {} clients, {} metrics); \
+                "out of file descriptors ({e}): refused {} new connection(s) since the last such warning \
+                 (held: {} clients, {} metrics); \
                  raise the open-file limit or lower max_conn / metrics_max_conn",
                 g.fd_refused,
                 self.conns.len(),
