@@ -162,8 +162,34 @@ impl<A: Application> Master<'_, A> {
     /// A new WebSocket connection: its upgrade must be done by the deadline.
     pub(super) fn ws_handshake_started(&mut self, key: usize, session: u64) {
         self.guard.ws_handshaking += 1;
+        self.push_deadline(Pending::Ws { key, session });
+    }
+
+    /// Whether a connection still has to finish its handshake by its deadline.
+    fn still_pending(&self, pending: Pending) -> bool {
+        match pending {
+            // Announced: upgraded in time (a page or an error being written is not).
+            Pending::Ws { key, session } => {
+                self.conns.get(key).is_some_and(|c| c.session == session && !c.announced)
+            }
+            Pending::Metrics { key, serial } => {
+                self.metrics_conns.get(key).is_some_and(|c| c.serial == serial)
+            }
+        }
+    }
+
+    fn push_deadline(&mut self, pending: Pending) {
         let at = Instant::now() + self.config.handshake_limit();
-        self.guard.deadlines.push_back((at, Pending::Ws { key, session }));
+        self.guard.deadlines.push_back((at, pending));
+        // The entries of connections done in time wait for their deadline to be dropped; with
+        // many quick ones and a long timeout they are dropped here instead, at a cost shared
+        // by the pushes that made them (the queue stays within twice what is pending).
+        let live = self.guard.ws_handshaking + self.metrics_conns.len();
+        if self.guard.deadlines.len() > 2 * live + 1024 {
+            let mut deadlines = std::mem::take(&mut self.guard.deadlines);
+            deadlines.retain(|&(_, p)| self.still_pending(p));
+            self.guard.deadlines = deadlines;
+        }
     }
 
     /// A WebSocket connection leaves its handshake (upgraded, or closed before).
@@ -179,28 +205,25 @@ impl<A: Application> Master<'_, A> {
                 break;
             }
             self.guard.deadlines.pop_front();
+            if !self.still_pending(pending) {
+                continue;
+            }
             match pending {
-                Pending::Ws { key, session } => {
-                    // Announced: upgraded in time (a page or an error being written is not).
-                    let late = self.conns.get(key).filter(|c| c.session == session && !c.announced);
-                    if let Some(conn) = late {
-                        tracing::debug!(
-                            "WebSocket client {}: no upgrade within handshake_timeout ({}s); closing",
-                            conn.peer,
-                            self.config.handshake_timeout
-                        );
-                        self.close_conn(key);
-                    }
+                Pending::Ws { key, .. } => {
+                    tracing::debug!(
+                        "WebSocket client {}: no upgrade within handshake_timeout ({}s); closing",
+                        self.conns[key].peer,
+                        self.config.handshake_timeout
+                    );
+                    self.close_conn(key);
                 }
-                Pending::Metrics { key, serial } => {
-                    if self.metrics_conns.get(key).is_some_and(|c| c.serial == serial) {
-                        let mut conn = self.metrics_conns.remove(key);
-                        tracing::debug!(
-                            "metrics client: request not done within handshake_timeout ({}s); closing",
-                            self.config.handshake_timeout
-                        );
-                        let _ = self.poll.registry().deregister(&mut conn.stream);
-                    }
+                Pending::Metrics { key, .. } => {
+                    let mut conn = self.metrics_conns.remove(key);
+                    tracing::debug!(
+                        "metrics client: request not done within handshake_timeout ({}s); closing",
+                        self.config.handshake_timeout
+                    );
+                    let _ = self.poll.registry().deregister(&mut conn.stream);
                 }
             }
         }
@@ -248,8 +271,7 @@ impl<A: Application> Master<'_, A> {
                         .is_ok()
                     {
                         entry.insert(metrics::MetricsConn::new(stream, serial));
-                        let at = Instant::now() + self.config.handshake_limit();
-                        self.guard.deadlines.push_back((at, Pending::Metrics { key, serial }));
+                        self.push_deadline(Pending::Metrics { key, serial });
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
