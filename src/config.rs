@@ -119,8 +119,8 @@ pub struct ServerConfig {
     /// Connections to the metrics endpoint held at once (they do not count toward max_conn);
     /// past it a new one gets 503 and is closed.
     pub metrics_max_conn: usize,
-    /// WebSocket connections still in their upgrade at once; past it a new one gets 503 and is
-    /// closed. Every WebSocket connection also counts toward max_conn.
+    /// WebSocket connections still in their upgrade at once (at most half of max_conn); past
+    /// it a new one gets 503 and is closed. Every WebSocket connection counts toward max_conn.
     pub ws_handshake_max: usize,
     /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
     /// own (`*`: any). A browser always sends `Origin`; other clients need not.

@@ -33,8 +33,10 @@ impl<A: Application> Master<'_, A> {
                 tracing::warn!("refusing {peer}: max_conn ({}) connections already", self.config.max_conn);
                 let msg =
                     format!("too many connections (max_conn {}); try again later", self.config.max_conn);
-                // Best effort: the socket is new, its buffer empty; the line fits at once.
-                let _ = io::Write::write(&mut stream, &protocol::error_line(&msg));
+                // An HTTP client (WebSocket port) is answered in HTTP.
+                let word = if ws { ws::unavailable() } else { protocol::error_line(&msg) };
+                // Best effort: the socket is new, its buffer empty; the answer fits at once.
+                let _ = io::Write::write(&mut stream, &word);
                 continue;
             }
             let entry = self.conns.vacant_entry();

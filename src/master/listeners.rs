@@ -154,9 +154,12 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    /// Whether a new WebSocket connection must be refused: too many are in their upgrade.
+    /// Whether a new WebSocket connection must be refused: too many are in their upgrade,
+    /// `ws_handshake_max`, and never more than half of `max_conn` (which may have been lowered
+    /// to fit the open-file limit), so that half-open upgrades leave room for the line port.
     pub(super) fn ws_handshakes_full(&self) -> bool {
-        self.guard.ws_handshaking >= self.config.ws_handshake_max
+        let limit = self.config.ws_handshake_max.min((self.config.max_conn / 2).max(1));
+        self.guard.ws_handshaking >= limit
     }
 
     /// A new WebSocket connection: its upgrade must be done by the deadline.
