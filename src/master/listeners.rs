@@ -121,12 +121,17 @@ impl<A: Application> Master<'_, A> {
                 _ => None,
             };
             self.guard.spare = open_spare();
-            if let Some(refused_one) = answer {
-                if refused_one {
+            match answer {
+                // Nobody was waiting after all.
+                Some(false) => return false,
+                Some(true) => {
                     self.fd_shortage(&e, true);
+                    // On with the next waiting connection; without a spare, by the retry below.
+                    if self.guard.spare.is_some() {
+                        return true;
+                    }
                 }
-                // Go on with the next waiting connection, unless the spare is lost.
-                return refused_one && self.guard.spare.is_some();
+                None => {}
             }
         }
         self.fd_shortage(&e, false);
