@@ -280,7 +280,8 @@ fn http_on_the_line_port_gets_one_error_and_a_close_and_no_job() {
     // Only the second `stats` was dispatched: no line of the HTTP requests reached a worker.
     assert_eq!(after["dispatch_count"].as_u64(), before["dispatch_count"].as_u64().map(|n| n + 1));
     let log = daemon.wait_log("Possible SECURITY ATTACK detected");
-    assert_eq!(log.matches("Possible SECURITY ATTACK").count(), requests.len());
+    // One warning per 10 s, however many: a page in a loop must not fill the disk.
+    assert_eq!(log.matches("Possible SECURITY ATTACK").count(), 1, "{log}");
     // Requests after a line that only mentions HTTP are still requests.
     let mut c = daemon.connect();
     c.submit("sms +8613800138000 upgrade to HTTP/1.1");

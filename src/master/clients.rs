@@ -22,15 +22,16 @@ impl<A: Application> Master<'_, A> {
                 }
             };
             if ws && self.ws_handshakes_full() {
-                tracing::debug!(
-                    "refusing {peer}: ws_handshake_max ({}) upgrades under way",
-                    self.config.ws_handshake_max
+                self.refused_full(
+                    peer,
+                    format_args!("too many WebSocket upgrades under way (ws_handshake_max)"),
                 );
                 let _ = io::Write::write(&mut stream, &ws::unavailable());
                 continue;
             }
             if self.conns.len() >= self.config.max_conn {
-                tracing::warn!("refusing {peer}: max_conn ({}) connections already", self.config.max_conn);
+                let max = self.config.max_conn;
+                self.refused_full(peer, format_args!("max_conn ({max}) connections already"));
                 let msg =
                     format!("too many connections (max_conn {}); try again later", self.config.max_conn);
                 // An HTTP client (WebSocket port) is answered in HTTP.
@@ -86,7 +87,8 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn read_ws(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
-            match ws::read_opening(&mut conn.stream, buf, &self.guard.origins) {
+            match ws::read_opening(&mut conn.stream, buf, &self.guard.origins, &mut self.guard.origin_warning)
+            {
                 Ok(ws::Opening::Partial) => return,
                 Ok(ws::Opening::Http(response)) => {
                     conn.ws = None;

@@ -4,8 +4,37 @@
 
 use super::*;
 
-/// How often running out of descriptors is logged at most (each refused connection is counted).
-const FD_WARN_EVERY: Duration = Duration::from_secs(10);
+/// How often one kind of refusal is logged at most: a client (or a web page in a loop) that
+/// is refused again and again must not fill the disk with the same warning.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// One warning per `WARN_EVERY` for one kind of event, with the number of those not logged.
+#[derive(Debug, Default)]
+pub(super) struct Throttle {
+    unlogged: u64,
+    logged: Option<Instant>,
+}
+
+impl Throttle {
+    /// Whether to log this event now; `Some(n)`: yes, and `n` like it were not logged since.
+    pub fn log(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        if self.logged.is_some_and(|at| now - at < WARN_EVERY) {
+            self.unlogged += 1;
+            return None;
+        }
+        self.logged = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// The tail of a throttled warning.
+pub(super) fn unlogged(n: u64) -> String {
+    match n {
+        0 => String::new(),
+        n => format!(" ({n} more like it since the last such warning)"),
+    }
+}
 
 /// A connection that must finish its handshake by a deadline.
 #[derive(Debug, Clone, Copy)]
@@ -43,9 +72,11 @@ pub(super) struct Guard {
     /// once) the connection waiting, so that the listener's queue does not fill with clients
     /// that wait forever, then reopened.
     spare: Option<std::fs::File>,
-    /// Connections refused for lack of descriptors since the last warning, and when that was.
-    fd_refused: u64,
-    fd_warned: Option<Instant>,
+    /// Warnings, one per kind and `WARN_EVERY`.
+    fd_warning: Throttle,
+    full_warning: Throttle,
+    http_warning: Throttle,
+    pub origin_warning: Throttle,
 }
 
 impl Guard {
@@ -56,8 +87,10 @@ impl Guard {
             ws_handshaking: 0,
             metrics_serial: 0,
             spare: open_spare(),
-            fd_refused: 0,
-            fd_warned: None,
+            fd_warning: Throttle::default(),
+            full_warning: Throttle::default(),
+            http_warning: Throttle::default(),
+            origin_warning: Throttle::default(),
         }
     }
 
@@ -125,7 +158,7 @@ impl<A: Application> Master<'_, A> {
                 // Nobody was waiting after all.
                 Some(false) => return false,
                 Some(true) => {
-                    self.fd_shortage(&e, true);
+                    self.fd_shortage(&e);
                     // On with the next waiting connection; without a spare, by the retry below.
                     if self.guard.spare.is_some() {
                         return true;
@@ -134,28 +167,28 @@ impl<A: Application> Master<'_, A> {
                 None => {}
             }
         }
-        self.fd_shortage(&e, false);
+        self.fd_shortage(&e);
         self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
         false
     }
 
-    /// Counts a connection refused for lack of descriptors (`refused`; else one left waiting
-    /// for a retry); warns now and then, not per client.
-    fn fd_shortage(&mut self, e: &io::Error, refused: bool) {
-        let g = &mut self.guard;
-        g.fd_refused += u64::from(refused);
-        let now = Instant::now();
-        if g.fd_warned.is_none_or(|at| now - at >= FD_WARN_EVERY) {
+    /// A connection refused (or left waiting) for lack of descriptors: warned now and then.
+    fn fd_shortage(&mut self, e: &io::Error) {
+        if let Some(n) = self.guard.fd_warning.log() {
             tracing::warn!(
-                "out of file descriptors ({e}): refused {} new connection(s) since the last such warning \
-                 (held: {} clients, {} metrics); \
-                 raise the open-file limit or lower max_conn / metrics_max_conn",
-                g.fd_refused,
+                "out of file descriptors ({e}): refusing new connections (held: {} clients, {} metrics); \
+                 raise the open-file limit or lower max_conn / metrics_max_conn{}",
                 self.conns.len(),
-                self.metrics_conns.len()
+                self.metrics_conns.len(),
+                unlogged(n)
             );
-            g.fd_refused = 0;
-            g.fd_warned = Some(now);
+        }
+    }
+
+    /// A new connection refused because a listener is at its limit: warned now and then.
+    pub(super) fn refused_full(&mut self, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+        if let Some(n) = self.guard.full_warning.log() {
+            tracing::warn!("refusing {peer}: {why}{}", unlogged(n));
         }
     }
 
@@ -242,11 +275,14 @@ impl<A: Application> Master<'_, A> {
     /// nothing after that line is read.
     pub(super) fn refuse_http(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
-        tracing::warn!(
-            "Possible SECURITY ATTACK detected: client {} sent an HTTP request to the line port \
-             (a web page trying to reach taskd through a browser?); closing the connection",
-            conn.peer
-        );
+        if let Some(n) = self.guard.http_warning.log() {
+            tracing::warn!(
+                "Possible SECURITY ATTACK detected: client {} sent an HTTP request to the line port \
+                 (a web page trying to reach taskd through a browser?); closing the connection{}",
+                conn.peer,
+                unlogged(n)
+            );
+        }
         conn.queue(&protocol::error_line(
             "this port speaks taskd's line protocol, not HTTP; closing the connection",
         ));
@@ -260,9 +296,10 @@ impl<A: Application> Master<'_, A> {
             match listener.accept() {
                 Ok((mut stream, peer)) => {
                     if self.metrics_conns.len() >= self.config.metrics_max_conn {
-                        tracing::debug!(
-                            "refusing metrics client {peer}: metrics_max_conn ({}) connections already",
-                            self.config.metrics_max_conn
+                        let max = self.config.metrics_max_conn;
+                        self.refused_full(
+                            peer,
+                            format_args!("metrics_max_conn ({max}) metrics connections already"),
                         );
                         let _ = io::Write::write(&mut stream, &metrics::unavailable());
                         continue;

@@ -55,6 +55,7 @@ pub fn read_opening(
     stream: &mut TcpStream,
     buf: &mut Vec<u8>,
     origins: &crate::net::OriginPolicy,
+    refusals: &mut super::listeners::Throttle,
 ) -> io::Result<Opening> {
     let mut chunk = [0u8; 2048];
     loop {
@@ -99,12 +100,15 @@ pub fn read_opening(
     let origin = header("origin");
     let local = stream.local_addr()?;
     if !origins.allows(origin.as_deref(), local) {
-        let origin: String = origin.unwrap_or_default().chars().take(200).collect();
-        let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-        tracing::warn!(
-            "refused a WebSocket upgrade from {peer}: a page of origin {origin:?} may not use taskd \
-             (same host only; see ws_allow_origin)"
-        );
+        if let Some(n) = refusals.log() {
+            let origin: String = origin.unwrap_or_default().chars().take(200).collect();
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            tracing::warn!(
+                "refused a WebSocket upgrade from {peer}: a page of origin {origin:?} may not use taskd \
+                 (same host only; see ws_allow_origin){}",
+                super::listeners::unlogged(n)
+            );
+        }
         return Ok(Opening::Http(http(
             "403 Forbidden",
             "text/plain",
