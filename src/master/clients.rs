@@ -23,15 +23,20 @@ impl<A: Application> Master<'_, A> {
             };
             if ws && self.ws_handshakes_full() {
                 self.refused_full(
+                    listeners::Listener::Ws,
                     peer,
-                    format_args!("too many WebSocket upgrades under way (ws_handshake_max)"),
+                    format_args!(
+                        "{} WebSocket upgrades under way already (ws_handshake_max, at most half of max_conn)",
+                        self.ws_handshake_limit()
+                    ),
                 );
                 let _ = io::Write::write(&mut stream, &ws::unavailable());
                 continue;
             }
             if self.conns.len() >= self.config.max_conn {
                 let max = self.config.max_conn;
-                self.refused_full(peer, format_args!("max_conn ({max}) connections already"));
+                let which = if ws { listeners::Listener::Ws } else { listeners::Listener::Line };
+                self.refused_full(which, peer, format_args!("max_conn ({max}) connections already"));
                 let msg =
                     format!("too many connections (max_conn {}); try again later", self.config.max_conn);
                 // An HTTP client (WebSocket port) is answered in HTTP.

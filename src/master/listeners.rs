@@ -74,7 +74,8 @@ pub(super) struct Guard {
     spare: Option<std::fs::File>,
     /// Warnings, one per kind and `WARN_EVERY`.
     fd_warning: Throttle,
-    full_warning: Throttle,
+    /// Per listener (`Listener as usize`): at its limit.
+    full_warning: [Throttle; 3],
     http_warning: Throttle,
     pub origin_warning: Throttle,
 }
@@ -88,7 +89,7 @@ impl Guard {
             metrics_serial: 0,
             spare: open_spare(),
             fd_warning: Throttle::default(),
-            full_warning: Throttle::default(),
+            full_warning: Default::default(),
             http_warning: Throttle::default(),
             origin_warning: Throttle::default(),
         }
@@ -186,8 +187,8 @@ impl<A: Application> Master<'_, A> {
     }
 
     /// A new connection refused because a listener is at its limit: warned now and then.
-    pub(super) fn refused_full(&mut self, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
-        if let Some(n) = self.guard.full_warning.log() {
+    pub(super) fn refused_full(&mut self, which: Listener, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+        if let Some(n) = self.guard.full_warning[which as usize].log() {
             tracing::warn!("refusing {peer}: {why}{}", unlogged(n));
         }
     }
@@ -196,8 +197,11 @@ impl<A: Application> Master<'_, A> {
     /// `ws_handshake_max`, and never more than half of `max_conn` (which may have been lowered
     /// to fit the open-file limit), so that half-open upgrades leave room for the line port.
     pub(super) fn ws_handshakes_full(&self) -> bool {
-        let limit = self.config.ws_handshake_max.min((self.config.max_conn / 2).max(1));
-        self.guard.ws_handshaking >= limit
+        self.guard.ws_handshaking >= self.ws_handshake_limit()
+    }
+
+    pub(super) fn ws_handshake_limit(&self) -> usize {
+        self.config.ws_handshake_max.min((self.config.max_conn / 2).max(1))
     }
 
     /// A new WebSocket connection: its upgrade must be done by the deadline.
@@ -298,6 +302,7 @@ impl<A: Application> Master<'_, A> {
                     if self.metrics_conns.len() >= self.config.metrics_max_conn {
                         let max = self.config.metrics_max_conn;
                         self.refused_full(
+                            Listener::Metrics,
                             peer,
                             format_args!("metrics_max_conn ({max}) metrics connections already"),
                         );
