@@ -22,7 +22,8 @@
 //! | [`ipc`] | all | the envelope and the socketpair channels |
 //! | [`signals`] | all | signals read from a signalfd |
 //! | [`shm`] | all | the task id counter and queue length, in shared memory |
-//! | [`protocol`] | master | line framing of the client wire format |
+//! | [`protocol`] | master | line framing of the client wire format (and telling HTTP from it) |
+//! | [`net`] | before the fork, master | binding listeners; which web origins may open a WebSocket |
 //! | [`app`] | worker, task | the `Application` trait and its contexts |
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
