@@ -131,7 +131,7 @@ options! {
     server.metrics_max_conn: usize,
     /// WebSocket connections in their upgrade at once (all count toward max_conn); more get HTTP 503 [default: 1024]
     server.ws_handshake_max: usize,
-    /// Origins whose web pages may open a WebSocket besides this host's, comma-separated (https://app.example.com,http://host:8080; * for any) [default: none]
+    /// Origins (scheme://host:port, comma-separated; * for any) whose web pages may open a WebSocket besides this host's [default: none]
     server.ws_allow_origin: OriginList => origin_list,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
