@@ -139,6 +139,14 @@ options! {
     server.redis_queue: String,
     /// Final replies kept for {"type":"result"} queries [default: 10000]
     server.result_keep: usize,
+    /// Seconds a metrics request or a WebSocket upgrade may take before it is closed [default: 5]
+    server.handshake_timeout: f64,
+    /// Metrics connections held at once (apart from max_conn); more get HTTP 503 [default: 16]
+    server.metrics_max_conn: usize,
+    /// WebSocket connections in their upgrade at once (all count toward max_conn); more get HTTP 503 [default: 1024]
+    server.ws_handshake_max: usize,
+    /// Origins (scheme://host:port, comma-separated; * for any) whose web pages may open a WebSocket besides this host's [default: none]
+    server.ws_allow_origin: OriginList => origin_list,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
     /// File that delivered messages are appended to [default: taskd-outbox.log]
@@ -153,6 +161,37 @@ impl std::str::FromStr for DispatchMode {
         let n: u8 = s.parse().map_err(|_| format!("{s:?} is not 1, 2 or 3"))?;
         DispatchMode::try_from(n)
     }
+}
+
+/// `ws_allow_origin`: a comma-separated list on the command line and in the environment, a
+/// list (or the same string) in the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OriginList(pub Vec<String>);
+
+impl std::str::FromStr for OriginList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(OriginList(s.split(',').map(str::trim).filter(|o| !o.is_empty()).map(String::from).collect()))
+    }
+}
+
+impl<'de> Deserialize<'de> for OriginList {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Form {
+            List(Vec<String>),
+            Text(String),
+        }
+        Ok(match Form::deserialize(d)? {
+            Form::List(list) => OriginList(list),
+            Form::Text(text) => text.parse().unwrap_or_default(),
+        })
+    }
+}
+
+fn origin_list(list: OriginList) -> Vec<String> {
+    list.0
 }
 
 #[derive(Debug, Parser)]
@@ -546,6 +585,16 @@ mod tests {
         assert_eq!(load_with_env(&node, &|_| None).unwrap().server.user.as_deref(), Some("nobody"));
         let err = load_with_env(&cli(&["--check-config", "status"]), &|_| None).unwrap_err();
         assert!(err.contains("--check-config"), "{err}");
+    }
+
+    #[test]
+    fn allowed_origins_are_a_list_in_the_file_and_comma_separated_elsewhere() {
+        let s = load(&cli(&["--ws-allow-origin", "https://a.example, http://b.example:8080"])).unwrap();
+        assert_eq!(s.server.ws_allow_origin, ["https://a.example", "http://b.example:8080"]);
+        let file: FileOptions = toml::from_str("ws_allow_origin = [\"https://a.example\"]").unwrap();
+        assert_eq!(file.ws_allow_origin, Some(OriginList(vec!["https://a.example".into()])));
+        let err = load(&cli(&["--ws-allow-origin", "evil.example"])).unwrap_err();
+        assert!(err.contains("ws_allow_origin"), "{err}");
     }
 
     #[test]

@@ -114,6 +114,18 @@ pub struct ServerConfig {
     pub redis_queue: String,
     /// Final replies kept for `{"type":"result"}` queries, most recent first.
     pub result_keep: usize,
+    /// Seconds a connection to the metrics endpoint, or one on the WebSocket port before its
+    /// upgrade (or its page) is done, may stay open: a half-sent request is closed after it.
+    pub handshake_timeout: f64,
+    /// Connections to the metrics endpoint held at once (they do not count toward max_conn);
+    /// past it a new one gets 503 and is closed.
+    pub metrics_max_conn: usize,
+    /// WebSocket connections still in their upgrade at once (at most half of max_conn); past
+    /// it a new one gets 503 and is closed. Every WebSocket connection counts toward max_conn.
+    pub ws_handshake_max: usize,
+    /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
+    /// own (`*`: any). A browser always sends `Origin`; other clients need not.
+    pub ws_allow_origin: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -151,6 +163,10 @@ impl Default for ServerConfig {
             node_id: None,
             redis_queue: "taskd".into(),
             result_keep: 10_000,
+            handshake_timeout: 5.0,
+            metrics_max_conn: 16,
+            ws_handshake_max: 1024,
+            ws_allow_origin: Vec::new(),
         }
     }
 }
@@ -251,6 +267,7 @@ impl ServerConfig {
         )?;
         check(self.result_keep >= 1, "result_keep", "must be at least 1")?;
         self.check_limits()?;
+        self.check_listeners()?;
         self.check_durable()
     }
 
@@ -343,6 +360,40 @@ impl ServerConfig {
                 self.task_timeout
             ),
         )
+    }
+
+    /// The limits of the metrics and WebSocket listeners.
+    pub fn check_listeners(&self) -> Result<(), InvalidOption> {
+        check(
+            self.handshake_timeout.is_finite() && (0.01..=3600.0).contains(&self.handshake_timeout),
+            "handshake_timeout",
+            format!("{} is not between 0.01 and 3600 seconds", self.handshake_timeout),
+        )?;
+        check(
+            (1..=65536).contains(&self.metrics_max_conn),
+            "metrics_max_conn",
+            format!("{} is not between 1 and 65536", self.metrics_max_conn),
+        )?;
+        check(
+            (1..=1 << 24).contains(&self.ws_handshake_max),
+            "ws_handshake_max",
+            format!("{} is not between 1 and 16777216", self.ws_handshake_max),
+        )?;
+        for origin in &self.ws_allow_origin {
+            check(
+                origin == "*" || crate::net::Origin::parse(origin).is_some(),
+                "ws_allow_origin",
+                format!(
+                    "{origin:?} is not an origin like https://app.example.com or http://host:8080 (or *)"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// How long a metrics exchange or a WebSocket upgrade may take.
+    pub fn handshake_limit(&self) -> Duration {
+        Duration::from_secs_f64(self.handshake_timeout)
     }
 
     /// The options of durable jobs, which only matter with `redis_url`.

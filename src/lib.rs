@@ -22,7 +22,8 @@
 //! | [`ipc`] | all | the envelope and the socketpair channels |
 //! | [`signals`] | all | signals read from a signalfd |
 //! | [`shm`] | all | the task id counter and queue length, in shared memory |
-//! | [`protocol`] | master | line framing of the client wire format |
+//! | [`protocol`] | master | line framing of the client wire format (and telling HTTP from it) |
+//! | [`net`] | before the fork, master | binding listeners; which web origins may open a WebSocket |
 //! | [`app`] | worker, task | the `Application` trait and its contexts |
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
@@ -140,8 +141,10 @@ pub fn run_notify<A: Application>(
         // Resolved once, so that every process of the node uses the same name.
         config.node_id = Some(durable::host_name());
     }
-    config.max_conn =
-        limits::raise_nofile(config.max_conn, limits::reserved_fds(config.worker_num, config.task_slots()));
+    // Metrics connections have their own limit, apart from max_conn: room for them too.
+    let reserved =
+        limits::reserved_fds(config.worker_num, config.task_slots()) + config.metrics_max_conn as u64;
+    config.max_conn = limits::raise_nofile(config.max_conn, reserved);
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);

@@ -28,6 +28,50 @@ pub fn next_line(buf: &[u8], max: usize) -> Result<Option<(&[u8], usize)>, LineT
     }
 }
 
+/// HTTP methods a browser (or `curl`) sends; with ` /` or ` http` after them a line is a
+/// request line even without its `HTTP/1.1` tail.
+const HTTP_METHODS: [&[u8]; 9] =
+    [b"GET", b"POST", b"PUT", b"HEAD", b"OPTIONS", b"CONNECT", b"DELETE", b"PATCH", b"TRACE"];
+
+/// Whether a request line is really part of an HTTP request: a request line (`POST / HTTP/1.1`,
+/// `GET /x`, any `METHOD TARGET HTTP/x.y`) or a `Host:` header. A web page can make a browser
+/// send one to any port (`fetch(url, {method: "POST", mode: "no-cors"})`), and its body lines
+/// would be taken as requests: such a connection is closed, as Redis does.
+pub fn looks_like_http(line: &[u8]) -> bool {
+    match line.first() {
+        Some(b'A'..=b'Z') => {}
+        Some(b'h') => return line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:"),
+        _ => return false,
+    }
+    if line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"host:") {
+        return true;
+    }
+    let Some(space) = memchr::memchr(b' ', line) else { return false };
+    let (method, rest) = (&line[..space], &line[space + 1..]);
+    if !method.iter().all(|&b| b.is_ascii_uppercase() || b == b'-') {
+        return false;
+    }
+    let starts_ci =
+        |prefix: &[u8]| rest.len() >= prefix.len() && rest[..prefix.len()].eq_ignore_ascii_case(prefix);
+    if HTTP_METHODS.contains(&method)
+        && (rest.starts_with(b"/") || starts_ci(b"http://") || starts_ci(b"https://"))
+    {
+        return true;
+    }
+    // METHOD TARGET HTTP/d.d, whatever the method.
+    match memchr::memchr(b' ', rest) {
+        Some(i) if i > 0 => {
+            let version = &rest[i + 1..];
+            version.len() == 8
+                && version.starts_with(b"HTTP/")
+                && version[5].is_ascii_digit()
+                && version[6] == b'.'
+                && version[7].is_ascii_digit()
+        }
+        _ => false,
+    }
+}
+
 /// An `error` reply line, as the master sends it for what never reaches a worker.
 pub fn error_line(message: &str) -> Vec<u8> {
     let mut line = serde_json::json!({ "event": "error", "error": message }).to_string().into_bytes();
@@ -61,6 +105,42 @@ mod tests {
         assert_eq!(next_line(b"", usize::MAX), Ok(None));
         assert_eq!(next_line(b"abc", usize::MAX), Ok(None));
         assert_eq!(next_line(b"abc\r\n", usize::MAX), Ok(Some((&b"abc"[..], 5))));
+    }
+
+    #[test]
+    fn http_request_lines_and_host_headers_are_told_apart_from_requests() {
+        for http in [
+            &b"POST / HTTP/1.1"[..],
+            b"GET / HTTP/1.0",
+            b"GET /",
+            b"GET /index.html",
+            b"PUT http://127.0.0.1:9501/",
+            b"CONNECT https://x",
+            b"OPTIONS /x",
+            b"PROPFIND /dav HTTP/1.1",
+            b"Host: 127.0.0.1:9501",
+            b"host:x",
+            b"HOST: x",
+        ] {
+            assert!(looks_like_http(http), "{}", String::from_utf8_lossy(http));
+        }
+        for request in [
+            &b"{\"type\":\"email\",\"to\":\"a@example.com\"}"[..],
+            b"stats",
+            b"email a@example.com hello",
+            b"sms +8613800138000 upgrade to HTTP/1.1",
+            b"Bob@example.com",
+            b"+8613800138000",
+            b"GET key",
+            b"GET",
+            b"",
+            b"hostname",
+            b"Hostile takeover",
+            b"SET x HTTP/1.1x",
+            b"get / http/1.1",
+        ] {
+            assert!(!looks_like_http(request), "{}", String::from_utf8_lossy(request));
+        }
     }
 
     #[test]

@@ -14,19 +14,35 @@ impl<A: Application> Master<'_, A> {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // EMFILE and the like: the listener stays readable but edge-triggered
-                    // readiness will not fire again for the connections already waiting.
-                    tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
-                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                    let which = if ws { listeners::Listener::Ws } else { listeners::Listener::Line };
+                    if self.accept_failed(which, e) {
+                        continue;
+                    }
                     return;
                 }
             };
+            if ws && self.ws_handshakes_full() {
+                self.refused_full(
+                    listeners::Listener::Ws,
+                    peer,
+                    format_args!(
+                        "{} WebSocket upgrades under way already (ws_handshake_max, at most half of max_conn)",
+                        self.ws_handshake_limit()
+                    ),
+                );
+                let _ = io::Write::write(&mut stream, &ws::unavailable());
+                continue;
+            }
             if self.conns.len() >= self.config.max_conn {
-                tracing::warn!("refusing {peer}: max_conn ({}) connections already", self.config.max_conn);
+                let max = self.config.max_conn;
+                let which = if ws { listeners::Listener::Ws } else { listeners::Listener::Line };
+                self.refused_full(which, peer, format_args!("max_conn ({max}) connections already"));
                 let msg =
                     format!("too many connections (max_conn {}); try again later", self.config.max_conn);
-                // Best effort: the socket is new, its buffer empty; the line fits at once.
-                let _ = io::Write::write(&mut stream, &protocol::error_line(&msg));
+                // An HTTP client (WebSocket port) is answered in HTTP.
+                let word = if ws { ws::unavailable() } else { protocol::error_line(&msg) };
+                // Best effort: the socket is new, its buffer empty; the answer fits at once.
+                let _ = io::Write::write(&mut stream, &word);
                 continue;
             }
             let entry = self.conns.vacant_entry();
@@ -54,6 +70,7 @@ impl<A: Application> Master<'_, A> {
             if ws {
                 // A session once upgraded; until then an HTTP request.
                 conn.ws = Some(Box::new(ws::WsState::Handshake(Vec::new())));
+                self.ws_handshake_started(key, session);
             } else {
                 self.announce(key);
             }
@@ -75,7 +92,8 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn read_ws(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
-            match ws::read_opening(&mut conn.stream, buf) {
+            match ws::read_opening(&mut conn.stream, buf, &self.guard.origins, &mut self.guard.origin_warning)
+            {
                 Ok(ws::Opening::Partial) => return,
                 Ok(ws::Opening::Http(response)) => {
                     conn.ws = None;
@@ -94,6 +112,7 @@ impl<A: Application> Master<'_, A> {
                     let socket =
                         ws::open(rest, self.config.package_max_length, self.config.buffer_output_size);
                     conn.ws = Some(Box::new(ws::WsState::Open(Box::new(socket))));
+                    self.ws_handshake_over();
                     self.announce(key);
                 }
                 Err(e) => {
@@ -187,6 +206,10 @@ impl<A: Application> Master<'_, A> {
         let rest = loop {
             match protocol::next_line(&data[pos..], max) {
                 Ok(Some((line, used))) => {
+                    if protocol::looks_like_http(line) {
+                        self.refuse_http(key);
+                        break None;
+                    }
                     self.dispatch_request(key, line);
                     pos += used;
                 }
@@ -313,6 +336,10 @@ impl<A: Application> Master<'_, A> {
         }
         let mut conn = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        if !conn.announced {
+            // A WebSocket connection closed before its upgrade.
+            self.ws_handshake_over();
+        }
         self.counters.close_count += 1;
         tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
         if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {

@@ -1,5 +1,6 @@
 //! The Prometheus endpoint: `GET /metrics` on `metrics_addr`, served by the master's reactor
-//! (one short HTTP/1.1 exchange per connection, then close).
+//! (one short HTTP/1.1 exchange per connection, then close). The exchange must be over within
+//! `handshake_timeout`, and at most `metrics_max_conn` are held at once (see `listeners`).
 
 use std::io::{self, Read, Write};
 
@@ -10,6 +11,8 @@ const MAX_REQUEST: usize = 8 * 1024;
 
 pub struct MetricsConn {
     pub stream: TcpStream,
+    /// Which connection this is, for its deadline (slab keys are reused).
+    pub serial: u64,
     request: Vec<u8>,
     response: Vec<u8>,
     written: usize,
@@ -25,8 +28,8 @@ pub enum Next {
 }
 
 impl MetricsConn {
-    pub fn new(stream: TcpStream) -> Self {
-        MetricsConn { stream, request: Vec::new(), response: Vec::new(), written: 0 }
+    pub fn new(stream: TcpStream, serial: u64) -> Self {
+        MetricsConn { stream, serial, request: Vec::new(), response: Vec::new(), written: 0 }
     }
 
     /// Reads what arrived; `body` renders the metrics once a whole request is in.
@@ -76,7 +79,17 @@ impl MetricsConn {
     }
 }
 
-fn response(status: &str, content_type: &str, body: &str) -> Vec<u8> {
+/// What a connection past `metrics_max_conn`, or one accepted while out of descriptors, is
+/// told before it is closed.
+pub fn unavailable() -> Vec<u8> {
+    response(
+        "503 Service Unavailable",
+        "text/plain",
+        "too many connections to the metrics endpoint; try again\n",
+    )
+}
+
+pub fn response(status: &str, content_type: &str, body: &str) -> Vec<u8> {
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()

@@ -12,6 +12,7 @@ mod conn;
 mod durable;
 mod jobs;
 mod lifecycle;
+mod listeners;
 mod metrics;
 mod pool;
 mod replay;
@@ -165,6 +166,8 @@ pub struct Master<'a, A: Application> {
     durable: Option<DurableState>,
     /// Why jobs still unfinished at exit are given up (for their clients and the log).
     stop_cause: String,
+    /// Handshake deadlines, connection limits and descriptor shortage of the listeners.
+    guard: listeners::Guard,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -252,6 +255,7 @@ impl<'a, A: Application> Master<'a, A> {
             results: Results::new(config.result_keep),
             durable,
             stop_cause: String::new(),
+            guard: listeners::Guard::new(config),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -387,7 +391,8 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
-            .chain(self.durable.as_ref().map(|d| d.lease_due));
+            .chain(self.durable.as_ref().map(|d| d.lease_due))
+            .chain(self.guard.next_deadline());
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -407,7 +412,9 @@ impl<'a, A: Application> Master<'a, A> {
             self.accept_retry = None;
             self.accept(false);
             self.accept(true);
+            self.accept_metrics();
         }
+        self.expire_handshakes();
         self.close_idle_conns();
         self.kill_hung_tasks();
         for group_id in self.jobs.expired_groups(Instant::now()) {
@@ -494,32 +501,6 @@ impl<'a, A: Application> Master<'a, A> {
         if let Some(state) = self.durable.as_mut().filter(|s| s.bridge.has_output()) {
             if let Err(e) = state.bridge.flush() {
                 tracing::error!("writing to the redis bridge failed: {e}");
-            }
-        }
-    }
-
-    fn accept_metrics(&mut self) {
-        loop {
-            let Some(listener) = &self.metrics else { return };
-            match listener.accept() {
-                Ok((mut stream, _)) => {
-                    let entry = self.metrics_conns.vacant_entry();
-                    let token = Token(METRICS_BASE + entry.key());
-                    if self
-                        .poll
-                        .registry()
-                        .register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-                        .is_ok()
-                    {
-                        entry.insert(metrics::MetricsConn::new(stream));
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!("metrics: accept failed: {e}");
-                    return;
-                }
             }
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! The frames (masking, fragmentation, ping/pong, the close handshake, size limits) are
 //! tungstenite's; this module only does the upgrade request, which it must see anyway to
-//! tell a page request from an upgrade.
+//! tell a page request from an upgrade, and to check its `Origin`: any web page open in a
+//! browser on this host could open a WebSocket to it otherwise (`ws_allow_origin`).
 
 use std::io::{self, Read};
 
@@ -48,8 +49,14 @@ pub enum Incoming {
     Broken(String),
 }
 
-/// Reads the upgrade request from a new connection.
-pub fn read_opening(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Opening> {
+/// Reads the upgrade request from a new connection; an upgrade from a page whose origin
+/// `origins` does not allow is refused with 403.
+pub fn read_opening(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    origins: &crate::net::OriginPolicy,
+    refusals: &mut super::listeners::Throttle,
+) -> io::Result<Opening> {
     let mut chunk = [0u8; 2048];
     loop {
         match stream.read(&mut chunk) {
@@ -89,6 +96,24 @@ pub fn read_opening(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<Ope
             Some("/") | Some("/index.html") => http("200 OK", "text/html; charset=utf-8", PAGE),
             _ => http("404 Not Found", "text/plain", "not found: the page is at /\n"),
         }));
+    }
+    let origin = header("origin");
+    let local = stream.local_addr()?;
+    if !origins.allows(origin.as_deref(), local) {
+        if let Some(n) = refusals.log() {
+            let origin: String = origin.unwrap_or_default().chars().take(200).collect();
+            let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+            tracing::warn!(
+                "refused a WebSocket upgrade from {peer}: a page of origin {origin:?} may not use taskd \
+                 (same host only; see ws_allow_origin){}",
+                super::listeners::unlogged(n)
+            );
+        }
+        return Ok(Opening::Http(http(
+            "403 Forbidden",
+            "text/plain",
+            "this page's origin may not open a WebSocket to taskd (see ws_allow_origin)\n",
+        )));
     }
     let (Some(key), Some("13")) = (header("sec-websocket-key"), header("sec-websocket-version").as_deref())
     else {
@@ -173,6 +198,12 @@ pub fn flush(ws: &mut WebSocketContext, stream: &mut TcpStream) -> Result<bool, 
         Err(Error::ConnectionClosed) => Ok(true),
         Err(e) => Err(e.to_string()),
     }
+}
+
+/// What a WebSocket connection past `ws_handshake_max`, or one accepted while out of
+/// descriptors, is told before it is closed.
+pub fn unavailable() -> Vec<u8> {
+    http("503 Service Unavailable", "text/plain", "too many connections; try again\n")
 }
 
 fn http(status: &str, content_type: &str, body: &str) -> Vec<u8> {
