@@ -706,10 +706,9 @@ fn a_redis_password_never_shows_in_messages() {
     assert!(log.contains("cannot reach Redis") && !log.contains(secret), "{log}");
 
     // The URL from the environment, so that it is not in `ps` (README).
-    let list = Command::new(env!("CARGO_BIN_EXE_taskd"))
-        .args(["dead-letter", "list"])
-        .env("TASKD_REDIS_URL", &url)
-        .output();
-    let list = list.expect("run taskd");
+    let list = common::run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_taskd")).args(["dead-letter", "list"]).env("TASKD_REDIS_URL", &url),
+        Duration::from_secs(60),
+    );
     assert!(list.status.success(), "{list:?}");
 }

@@ -287,41 +287,28 @@ fn http_on_the_line_port_gets_one_error_and_a_close_and_no_job() {
     c.submit("sms +8613800138000 upgrade to HTTP/1.1");
 }
 
-/// Where playwright-core is, when Debian's chromium and it are installed (`.ci/run` installs
-/// both); None (the test says it was skipped) otherwise, an error under CI.
-fn browser_modules() -> Option<std::path::PathBuf> {
-    let modules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-test/node_modules");
-    if std::path::Path::new("/usr/bin/chromium").exists() && modules.join("playwright-core").exists() {
-        return Some(modules);
-    }
-    let msg = "the browser test needs Debian's chromium and playwright-core \
-               (`.ci/run` installs both: apt-get install chromium; npm install --prefix target/browser-test playwright-core)";
-    if std::env::var("CI").is_ok() {
-        panic!("{msg}");
-    }
-    eprintln!("\n!!!!! SKIPPED, NOT PASSED: {msg} !!!!!\n");
-    None
-}
-
 /// The attack of the issue in a real browser: a page of another origin (another taskd's web
 /// page) tries taskd's WebSocket port and POSTs job lines to its line port; the same page
 /// served by taskd itself opens the WebSocket.
 #[test]
 fn a_page_of_another_origin_in_a_headless_browser_gets_nothing_from_taskd() {
-    let Some(modules) = browser_modules() else { return };
+    let Some(common::Browser { chromium, node, modules }) = common::browser() else { return };
     let target = Daemon::start(&["--ws-port", "0"]);
     let other = Daemon::start(&["--ws-port", "0"]);
     let (target_ws, other_ws) = (target.ws_addr.unwrap(), other.ws_addr.unwrap());
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/cross_origin.cjs");
     let run = |page: std::net::SocketAddr| {
-        let out = std::process::Command::new("node")
-            .arg(&script)
-            .arg(format!("http://{page}/"))
-            .arg(format!("ws://{target_ws}/"))
-            .arg(format!("http://{}/", target.addr))
-            .env("NODE_PATH", &modules)
-            .output()
-            .expect("node runs");
+        // Generous: Chromium starts slowly on a loaded machine.
+        let out = common::run_with_timeout(
+            std::process::Command::new(&node)
+                .arg(&script)
+                .arg(format!("http://{page}/"))
+                .arg(format!("ws://{target_ws}/"))
+                .arg(format!("http://{}/", target.addr))
+                .arg(&chromium)
+                .env("NODE_PATH", &modules),
+            Duration::from_secs(120),
+        );
         let text =
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{text}");

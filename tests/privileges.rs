@@ -32,6 +32,9 @@ fn as_root(test: &str) -> bool {
     false
 }
 
+/// How long a command of taskd that ends by itself may take before its test fails.
+const LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 fn nobody() -> nix::unistd::User {
     nix::unistd::User::from_name("nobody").unwrap().expect("a user named nobody")
 }
@@ -329,7 +332,7 @@ fn task_node_runs_its_task_processes_as_the_user_and_refuses_what_it_does_not_ta
         &["--ws-port", "9", "task-node"],
         &["task-node", "--worker-num", "2"],
     ] {
-        let out = Command::new(taskd).args(args).output().unwrap();
+        let out = common::run_with_timeout(Command::new(taskd).args(args), LIMIT);
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(
@@ -337,13 +340,13 @@ fn task_node_runs_its_task_processes_as_the_user_and_refuses_what_it_does_not_ta
             "{err}"
         );
     }
-    let help = Command::new(taskd).args(["task-node", "--help"]).output().unwrap();
+    let help = common::run_with_timeout(Command::new(taskd).args(["task-node", "--help"]), LIMIT);
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(
         help.contains("--user") && !help.contains("--metrics-addr") && !help.contains("--port"),
         "{help}"
     );
-    let help = Command::new(taskd).args(["stop", "--help"]).output().unwrap();
+    let help = common::run_with_timeout(Command::new(taskd).args(["stop", "--help"]), LIMIT);
     let help = String::from_utf8_lossy(&help.stdout);
     assert!(help.contains("--pid-file") && !help.contains("--worker-num"), "{help}");
 
@@ -436,7 +439,7 @@ fn daemon_mode_sets_its_umask_and_keeps_no_inherited_descriptor() {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
+    let out = common::run_with_timeout(&mut cmd, LIMIT);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let pid: u32 = std::fs::read_to_string(&pid_file).unwrap().lines().next().unwrap().parse().unwrap();
     let _guard = Detached(pid);

@@ -5,11 +5,15 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::Daemon;
 
 fn taskd(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_taskd")).args(args).env("NO_COLOR", "1").output().unwrap()
+    common::run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_taskd")).args(args).env("NO_COLOR", "1"),
+        Duration::from_secs(60),
+    )
 }
 
 /// `args` are refused with a sentence naming `option`, both by `--check-config` and by a start
@@ -68,11 +72,12 @@ fn the_config_file_and_the_environment_are_checked_alike() {
     let file = dir.path().join("taskd.toml");
     std::fs::write(&file, "task_timeout = 1e300\n").unwrap();
     refused(&["--config", file.to_str().unwrap()], "task_timeout");
-    let out = Command::new(env!("CARGO_BIN_EXE_taskd"))
-        .args(["--check-config"])
-        .env("TASKD_MAX_WAIT_TIME", "18446744073709551615")
-        .output()
-        .unwrap();
+    let out = common::run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_taskd"))
+            .args(["--check-config"])
+            .env("TASKD_MAX_WAIT_TIME", "18446744073709551615"),
+        Duration::from_secs(60),
+    );
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid max_wait_time"), "{out:?}");
 }

@@ -231,19 +231,7 @@ fn the_page_is_served_on_get_slash_and_other_requests_are_refused() {
 /// The page in a real headless browser: submit a job in the form, see it turn `done`.
 #[test]
 fn the_page_in_a_headless_browser_submits_a_job_and_shows_it_done() {
-    // Found on PATH, as `.ci/run` finds (or installs) them.
-    let (chromium, node) = (common::which("chromium"), common::which("node"));
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-test/node_modules");
-    let (Some(chromium), Some(node), true) = (chromium, node, modules.join("playwright-core").exists())
-    else {
-        common::cannot_run(
-            "browser",
-            "the browser test needs Debian's chromium and node on PATH and playwright-core in \
-             target/browser-test (apt-get install chromium nodejs npm; \
-             npm install --prefix target/browser-test playwright-core@1)",
-        );
-        return;
-    };
+    let Some(common::Browser { chromium, node, modules }) = common::browser() else { return };
     let (daemon, addr) = start(&["--simulate-ms", "700"]);
     let shot = daemon.dir.path().join("page.png");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/submit_job.cjs");

@@ -6,9 +6,9 @@
 const { chromium } = require("playwright-core");
 
 async function main() {
-  const [pageUrl, wsUrl, lineUrl] = process.argv.slice(2);
+  const [pageUrl, wsUrl, lineUrl, executablePath] = process.argv.slice(2);
   const browser = await chromium.launch({
-    executablePath: "/usr/bin/chromium",
+    executablePath,
     // The machine has no network beyond loopback: keep Chromium from reaching out.
     args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
            "--disable-background-networking", "--disable-component-update", "--disable-sync"],

@@ -708,3 +708,28 @@ impl Client {
         self.reader.get_ref().peer_addr().expect("peer address")
     }
 }
+
+/// What the browser tests run: Debian's chromium and node, found on PATH as `.ci/run` finds
+/// (or installs) them, and playwright-core in `target/browser-test`. Fails the test (through
+/// [`cannot_run`]) when one is missing, unless the skip is allowed: then `None`.
+pub struct Browser {
+    pub chromium: PathBuf,
+    pub node: PathBuf,
+    pub modules: PathBuf,
+}
+
+pub fn browser() -> Option<Browser> {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-test/node_modules");
+    if let (Some(chromium), Some(node), true) =
+        (which("chromium"), which("node"), modules.join("playwright-core").exists())
+    {
+        return Some(Browser { chromium, node, modules });
+    }
+    cannot_run(
+        "browser",
+        "the browser tests need Debian's chromium and node on PATH and playwright-core in \
+         target/browser-test (apt-get install chromium nodejs npm; \
+         npm install --prefix target/browser-test playwright-core@1)",
+    );
+    None
+}
