@@ -142,14 +142,15 @@ fn jobs_submitted_to_a_web_node_run_on_either_node() {
 fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    // The job fits in task_timeout (a longer one is killed by its own node).
+    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "3"]);
     let mut c = d.connect();
     let id = c.submit(&job(1, 2500))["task_id"].as_u64().unwrap();
     wait_for("node a to take the job", || {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
     a.kill_all();
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "1"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["event"], "done", "{done}");
     assert_eq!(done["attempts"], 2, "claimed and run a second time: {done}");
@@ -164,7 +165,7 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
     });
     assert!(b.log().contains("deleted consumer a/0"), "{}", b.log());
     // Live consumers stay, however long they wait for work.
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3500));
     assert!(!b.log().contains("deleted consumer b/"), "{}", b.log());
 }
 
@@ -172,15 +173,16 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
 fn a_job_that_ran_twice_gets_one_reply() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    // Node a has no task_timeout: a stalled run that resumes is not killed by its own node.
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1"]);
     let mut c = d.connect();
     let id = c.submit(&job(1, 2000))["task_id"].as_u64().unwrap();
     wait_for("node a to take the job", || {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
-    // Node a stalls past the claim time; node b claims the job and finishes it first.
+    // Node a stalls (no heartbeat) past node b's claim time; b claims the job, finishes it first.
     a.signal_group(Signal::SIGSTOP);
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "3"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["attempts"], 2, "{done}");
     // Node a wakes up and finishes its run too: its outcome is a duplicate.

@@ -1,0 +1,232 @@
+//! A consumer's pulse: a thread of the task process that keeps every job the process holds
+//! alive in Redis, and kills the process when the job it runs outlives `task_timeout`.
+//!
+//! Why a thread, and why here. Other consumers claim a job once it has been idle past the claim
+//! time, so the owner must touch its jobs while they wait and while they run; but the consumer's
+//! only thread is inside `on_task` for as long as a job runs, and that is application code that
+//! may never yield (a loop, a blocking call). So the beat comes from a second thread of the same
+//! process:
+//! - its life is exactly the life of the jobs' owner: a process that dies, is killed or is
+//!   stopped (SIGSTOP) stops beating with all its threads, and only then are its jobs claimed;
+//!   a manager or master beating for its slots would keep beating for a process that hangs;
+//! - the process knows what it holds and what runs since when (no new channel to its manager,
+//!   which a task node does not have);
+//! - it is fork-safe: a task process never forks (its manager forked it while single-threaded,
+//!   and STYLE's rule is about processes that fork); the thread starts after the fork, in the
+//!   child, and inherits its blocked signal mask, so SIGTERM still reaches the signalfd.
+//!
+//! A beat is one script, so it can never take a job back from a consumer that claimed it
+//! meanwhile (after this process stalled): it refreshes only what is pending under this
+//! consumer's own name, with `XCLAIM … JUSTID`, which resets the idle time without raising the
+//! delivery count. A job's delivery count thus counts the runs that died, not the waits.
+//!
+//! With a `task_timeout`, the same thread is the job's timer: past it, the process kills itself
+//! (SIGKILL, as the in-memory master kills a hung task process), and the job runs again in its
+//! slot's successor, which re-reads what its predecessor held; on its last attempt the thread
+//! first records it as failed, with the reason memory mode gives. Nobody else runs it meanwhile:
+//! it is kept alive until the kill.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::getpid;
+use redis::Connection;
+
+use super::consumer::{store, Completion, CLIENT_PREFIX};
+use super::entry::JobEntry;
+use super::keys::GROUP;
+use super::redis_io;
+use super::Durable;
+
+/// The longest time between two beats: well inside any claim time, so that a loaded machine or
+/// a slow Redis round trip does not make a live consumer look dead.
+const BEAT_MAX: Duration = Duration::from_secs(1);
+const BEAT_MIN: Duration = Duration::from_millis(20);
+/// Most entries one beat refreshes (a consumer holds its window: at most a few dozen).
+const BEAT_COUNT: usize = 1000;
+
+/// Refreshes the idle time of every entry pending under consumer ARGV[2] (at most ARGV[3] of
+/// them), in one step: what another consumer claimed meanwhile is not pending under this name,
+/// so it is left alone. JUSTID: the delivery count stays as it is.
+const BEAT: &str = r"
+local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
+if #held == 0 then return 0 end
+local cmd = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
+for _, e in ipairs(held) do cmd[#cmd + 1] = e[1] end
+cmd[#cmd + 1] = 'JUSTID'
+redis.call(unpack(cmd))
+return #held
+";
+
+/// What the consumer holds now, as its thread of beats sees it.
+#[derive(Default)]
+struct Held {
+    /// Jobs taken and not yet written back (waiting or running).
+    count: usize,
+    running: Option<Running>,
+}
+
+struct Running {
+    id: String,
+    job: Arc<JobEntry>,
+    attempt: u32,
+    since: Instant,
+}
+
+/// The consumer's side of its beat thread.
+pub struct Pulse {
+    held: Arc<Mutex<Held>>,
+}
+
+impl Pulse {
+    /// Starts the beat thread of consumer `me` (slot `slot`).
+    pub fn start(d: &Durable, me: &str, slot: u32) -> std::io::Result<Pulse> {
+        let held = Arc::new(Mutex::new(Held::default()));
+        let beat = Beat { held: Arc::clone(&held), d: d.clone(), me: me.to_string(), slot, conn: None };
+        std::thread::Builder::new().name("heartbeat".into()).spawn(move || beat.run())?;
+        Ok(Pulse { held })
+    }
+
+    /// The consumer holds `count` jobs now (taken, not yet written back).
+    pub fn holding(&self, count: usize) {
+        lock(&self.held).count = count;
+    }
+
+    /// The job of stream entry `id` starts running (its `attempt`-th run).
+    pub fn running(&self, id: &str, job: &Arc<JobEntry>, attempt: u32) {
+        lock(&self.held).running =
+            Some(Running { id: id.to_string(), job: Arc::clone(job), attempt, since: Instant::now() });
+    }
+
+    /// The running job has returned. Past its time limit, the beat thread may be killing the
+    /// process meanwhile: then this waits for the end rather than let the job's outcome out.
+    pub fn ran(&self) {
+        lock(&self.held).running = None;
+    }
+}
+
+fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
+    // The lock guards plain data, left whole by a panic: poisoning means nothing here.
+    held.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How often a consumer touches what it holds: a quarter of the claim time, at most a second.
+pub fn beat_interval(claim_after: Duration) -> Duration {
+    (claim_after / 4).clamp(BEAT_MIN, BEAT_MAX)
+}
+
+struct Beat {
+    held: Arc<Mutex<Held>>,
+    d: Durable,
+    me: String,
+    slot: u32,
+    conn: Option<Connection>,
+}
+
+impl Beat {
+    fn run(mut self) {
+        let every = beat_interval(self.d.claim_after);
+        let mut next_beat = Instant::now() + every;
+        loop {
+            let now = Instant::now();
+            let (count, deadline) = {
+                let shared = Arc::clone(&self.held);
+                let held = lock(&shared);
+                let deadline =
+                    self.d.task_limit.and_then(|limit| held.running.as_ref().map(|r| r.since + limit));
+                if deadline.is_some_and(|at| now >= at) {
+                    self.time_out(held);
+                }
+                (held.count, deadline)
+            };
+            if now >= next_beat {
+                if count > 0 {
+                    self.beat();
+                }
+                next_beat = Instant::now() + every;
+            }
+            let wake = deadline.map_or(next_beat, |at| at.min(next_beat));
+            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+        }
+    }
+
+    fn conn(&mut self) -> redis::RedisResult<&mut Connection> {
+        if self.conn.is_none() {
+            let mut conn = redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT))?;
+            // Named as the consumer: a live connection tells the sweeps that the consumer lives.
+            let name = format!("{CLIENT_PREFIX}{}", self.me);
+            let _: () = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn)?;
+            self.conn = Some(conn);
+        }
+        Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    fn beat(&mut self) {
+        let (jobs, me) = (self.d.keys.jobs.clone(), self.me.clone());
+        let done = self.conn().and_then(|conn| {
+            redis::cmd("EVAL")
+                .arg(BEAT)
+                .arg(1)
+                .arg(&jobs)
+                .arg(GROUP)
+                .arg(&me)
+                .arg(BEAT_COUNT)
+                .query::<i64>(conn)
+        });
+        if let Err(e) = done {
+            // The consumer's own connection says so too ("lost Redis"); here once per beat is
+            // too many lines for a warning.
+            tracing::debug!("{me}: heartbeat failed: {}", redis_io::describe(&e));
+            self.conn = None;
+        }
+    }
+
+    /// The running job is past `task_timeout`: kill this process, as the in-memory master
+    /// kills a task process whose job runs too long. On the job's last attempt, record it as
+    /// failed first. The lock stays held to the end, so the consumer cannot write an outcome
+    /// for the job meanwhile.
+    fn time_out(&mut self, held: MutexGuard<'_, Held>) -> ! {
+        let pid = std::process::id();
+        let limit = self.d.task_limit.map_or(0.0, |l| l.as_secs_f64());
+        if let Some(r) = &held.running {
+            tracing::warn!(
+                "task {} has run longer than task_timeout ({limit}s) in task {} (pid {pid}); killing it",
+                r.job.task_id,
+                self.slot
+            );
+            if r.attempt >= self.d.max_attempts {
+                let why = format!(
+                    "task process {pid} was killed: the task ran longer than task_timeout ({limit}s)"
+                );
+                tracing::warn!("task {} failed after {} attempt(s): {why}", r.job.task_id, r.attempt);
+                let dead =
+                    Completion::Dead { id: r.id.clone(), job: (*r.job).clone(), why, attempts: r.attempt };
+                let d = self.d.clone();
+                if let Err(e) = self.conn().and_then(|conn| store(conn, &d, std::slice::from_ref(&dead))) {
+                    tracing::warn!(
+                        "cannot record task {} as failed ({}); its next run will give up instead",
+                        r.job.task_id,
+                        redis_io::describe(&e)
+                    );
+                }
+            }
+        }
+        let _ = kill(getpid(), Signal::SIGKILL);
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn beats_well_inside_the_claim_time() {
+        assert_eq!(beat_interval(Duration::from_secs(2)), Duration::from_millis(500));
+        assert_eq!(beat_interval(Duration::from_secs(30)), Duration::from_secs(1));
+        assert_eq!(beat_interval(Duration::from_millis(40)), BEAT_MIN);
+    }
+}
