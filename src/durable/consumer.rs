@@ -196,10 +196,12 @@ fn run_one<A: Application>(
         return Completion::Drop { id: entry.id };
     };
     if attempt > d.max_attempts {
+        // Only a run whose process died counts (a live owner keeps its job, see heartbeat):
+        // killed, crashed, its node gone, or killed by its node past task_timeout.
         let why = format!(
-            "gave up after {} attempts: each run died with its task process or did not finish within {:?}",
+            "gave up after {} attempts: each run died with its task process (killed, crashed, its node gone{})",
             attempt - 1,
-            d.claim_after
+            d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
         tracing::warn!("task {}: {why}; moved to the dead letters", job.task_id);
         return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };

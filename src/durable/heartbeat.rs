@@ -26,7 +26,7 @@
 //! first records it as failed, with the reason memory mode gives. Nobody else runs it meanwhile:
 //! it is kept alive until the kill.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -65,7 +65,11 @@ struct Held {
     /// Jobs taken and not yet written back (waiting or running).
     count: usize,
     running: Option<Running>,
+    /// The beat thread waits for the consumer to hold something (an idle node costs nothing).
+    asleep: bool,
 }
+
+type Shared = Arc<(Mutex<Held>, Condvar)>;
 
 struct Running {
     id: String,
@@ -76,33 +80,37 @@ struct Running {
 
 /// The consumer's side of its beat thread.
 pub struct Pulse {
-    held: Arc<Mutex<Held>>,
+    shared: Shared,
 }
 
 impl Pulse {
     /// Starts the beat thread of consumer `me` (slot `slot`).
     pub fn start(d: &Durable, me: &str, slot: u32) -> std::io::Result<Pulse> {
-        let held = Arc::new(Mutex::new(Held::default()));
-        let beat = Beat { held: Arc::clone(&held), d: d.clone(), me: me.to_string(), slot, conn: None };
+        let shared: Shared = Arc::new((Mutex::new(Held::default()), Condvar::new()));
+        let beat = Beat { shared: Arc::clone(&shared), d: d.clone(), me: me.to_string(), slot, conn: None };
         std::thread::Builder::new().name("heartbeat".into()).spawn(move || beat.run())?;
-        Ok(Pulse { held })
+        Ok(Pulse { shared })
     }
 
     /// The consumer holds `count` jobs now (taken, not yet written back).
     pub fn holding(&self, count: usize) {
-        lock(&self.held).count = count;
+        let mut held = lock(&self.shared.0);
+        held.count = count;
+        if held.asleep && count > 0 {
+            self.shared.1.notify_one();
+        }
     }
 
     /// The job of stream entry `id` starts running (its `attempt`-th run).
     pub fn running(&self, id: &str, job: &Arc<JobEntry>, attempt: u32) {
-        lock(&self.held).running =
+        lock(&self.shared.0).running =
             Some(Running { id: id.to_string(), job: Arc::clone(job), attempt, since: Instant::now() });
     }
 
     /// The running job has returned. Past its time limit, the beat thread may be killing the
     /// process meanwhile: then this waits for the end rather than let the job's outcome out.
     pub fn ran(&self) {
-        lock(&self.held).running = None;
+        lock(&self.shared.0).running = None;
     }
 }
 
@@ -117,7 +125,7 @@ pub fn beat_interval(claim_after: Duration) -> Duration {
 }
 
 struct Beat {
-    held: Arc<Mutex<Held>>,
+    shared: Shared,
     d: Durable,
     me: String,
     slot: u32,
@@ -127,27 +135,34 @@ struct Beat {
 impl Beat {
     fn run(mut self) {
         let every = beat_interval(self.d.claim_after);
+        let shared = Arc::clone(&self.shared);
+        let (mutex, wake_up) = &*shared;
         let mut next_beat = Instant::now() + every;
+        let mut held = lock(mutex);
         loop {
             let now = Instant::now();
-            let (count, deadline) = {
-                let shared = Arc::clone(&self.held);
-                let held = lock(&shared);
-                let deadline =
-                    self.d.task_limit.and_then(|limit| held.running.as_ref().map(|r| r.since + limit));
-                if deadline.is_some_and(|at| now >= at) {
-                    self.time_out(held);
-                }
-                (held.count, deadline)
-            };
-            if now >= next_beat {
-                if count > 0 {
-                    self.beat();
-                }
+            let deadline = self.d.task_limit.and_then(|limit| held.running.as_ref().map(|r| r.since + limit));
+            if deadline.is_some_and(|at| now >= at) {
+                self.time_out(held);
+            }
+            if held.count == 0 && held.running.is_none() {
+                // Nothing to keep alive: sleep until the consumer takes something, which its
+                // read has just made fresh, so the first beat is due an interval later.
+                held.asleep = true;
+                held = wake_up.wait(held).unwrap_or_else(PoisonError::into_inner);
+                held.asleep = false;
                 next_beat = Instant::now() + every;
+                continue;
+            }
+            if now >= next_beat {
+                drop(held);
+                self.beat();
+                next_beat = Instant::now() + every;
+                held = lock(mutex);
+                continue;
             }
             let wake = deadline.map_or(next_beat, |at| at.min(next_beat));
-            std::thread::sleep(wake.saturating_duration_since(Instant::now()));
+            held = wake_up.wait_timeout(held, wake - now).unwrap_or_else(PoisonError::into_inner).0;
         }
     }
 
