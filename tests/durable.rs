@@ -486,6 +486,31 @@ fn outbox_by_task(nodes: &[&TaskNode]) -> HashMap<u64, Vec<Value>> {
     by
 }
 
+/// Makes node a's only consumer (`a/0`) hold three jobs of `delay_ms` at once, as a batch of
+/// quick-looking jobs would: it learns from quick jobs to take many, and is stopped while not
+/// reading until the three are in the stream. Its pid and the three task ids.
+fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, delay_ms: u64) -> (u32, Vec<u64>) {
+    for i in 0..30 {
+        c.send(&job(i, 0));
+    }
+    let mut quick = 0;
+    while quick < 30 {
+        let v = c.recv();
+        assert!(v["event"] == "accepted" || v["event"] == "done", "{v}");
+        quick += usize::from(v["event"] == "done");
+    }
+    let consumer = a.task_pids()[0];
+    let pid = nix::unistd::Pid::from_raw(consumer as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    wait_for("its blocking read to end", || (!redis.consumer_blocked("a/0")).then_some(()));
+    let slow: Vec<u64> = (30..33).map(|i| c.submit(&job(i, delay_ms))["task_id"].as_u64().unwrap()).collect();
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    wait_for("node a to hold the three slow jobs", || {
+        (redis.pending_consumers().iter().filter(|h| *h == "a/0").count() == 3).then_some(())
+    });
+    (consumer, slow)
+}
+
 #[test]
 fn a_whole_task_node_killed_mid_job_fails_none_and_each_job_runs_once_more() {
     let Some(redis) = Redis::start() else { return };
@@ -576,26 +601,7 @@ fn jobs_that_wait_in_a_consumer_past_the_claim_time_are_not_claimed_and_run_once
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
     let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "3"]);
     let mut c = d.connect();
-    // Quick jobs first: node a's consumer learns to take many at once.
-    for i in 0..30 {
-        c.send(&job(i, 0));
-    }
-    let mut quick = 0;
-    while quick < 30 {
-        let v = c.recv();
-        assert!(v["event"] == "accepted" || v["event"] == "done", "{v}");
-        quick += usize::from(v["event"] == "done");
-    }
-    // Stopped while not reading, it finds three slow jobs at once when it resumes.
-    let consumer = a.task_pids()[0];
-    let pid = nix::unistd::Pid::from_raw(consumer as i32);
-    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
-    wait_for("its blocking read to end", || (!redis.consumer_blocked("a/0")).then_some(()));
-    let slow: Vec<u64> = (30..33).map(|i| c.submit(&job(i, 2000))["task_id"].as_u64().unwrap()).collect();
-    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
-    wait_for("node a to hold the three slow jobs", || {
-        (redis.pending_consumers().iter().filter(|h| *h == "a/0").count() == 3).then_some(())
-    });
+    let (consumer, slow) = hold_three_slow_jobs(&redis, &a, &mut c, 2000);
     // Idle consumers on other nodes, while the third job waits 4 s on node a (claim time: 3 s).
     let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
     let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--task-timeout", "3"]);
@@ -610,5 +616,38 @@ fn jobs_that_wait_in_a_consumer_past_the_claim_time_are_not_claimed_and_run_once
     for log in [b.log(), e.log()] {
         assert!(!log.contains("claimed"), "a live consumer's job was claimed:\n{log}");
     }
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn a_stopped_consumer_resumed_leaves_the_jobs_others_claimed_meanwhile() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    // No task_timeout on node a: resumed, its running job is not killed, and it goes on.
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1"]);
+    let mut c = d.connect();
+    let (consumer, slow) = hold_three_slow_jobs(&redis, &a, &mut c, 1500);
+    // Stopped (no heartbeat) while it runs the first: node b claims all three and runs them.
+    wait_for("node a to start the first", || {
+        (!a.log_lines("sending email to user30@example.com").is_empty()).then_some(())
+    });
+    let pid = nix::unistd::Pid::from_raw(consumer as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    let got = finals(&mut c, &slow);
+    let b_pids = b.task_pids();
+    assert!(got.values().all(|v| b_pids.contains(&(v["task_pid"].as_u64().unwrap() as u32))), "{got:?}");
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    // Resumed, it finishes the run it was in (its outcome is a duplicate, dropped), then finds
+    // that the other two are no longer its own and leaves them.
+    let skipped = wait_for("node a to leave the claimed jobs", || {
+        let lines = a.log_lines("were claimed by another consumer");
+        (!lines.is_empty()).then_some(lines)
+    });
+    assert!(skipped[0].contains("2 jobs"), "{skipped:?}\n{}", a.log());
+    let on_a: Vec<u64> = a.outbox_lines().iter().filter_map(|l| l["task_id"].as_u64()).collect();
+    assert_eq!(on_a.iter().filter(|id| slow.contains(id)).count(), 1, "only the run it was in: {on_a:?}");
+    assert_eq!(b.outbox_lines().len(), 3);
+    assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply per job");
     stream_is_empty(&redis, "web-1");
 }

@@ -16,7 +16,7 @@
 //! node that is gone for good stops beating, and its jobs are claimed by the others after
 //! `claim_after` (XAUTOCLAIM), and its consumers deleted once they hold nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -160,10 +160,26 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
             }
         };
         // Everything it wrote back is out (take flushes first): it holds what it just took.
-        pulse.holding(entries.len());
+        pulse.took(entries.len());
         let mut done = Vec::new();
-        let count = entries.len();
-        for (i, (entry, attempt)) in entries.into_iter().enumerate() {
+        let mut queue: VecDeque<(StreamEntry, u32)> = entries.into();
+        while let Some((entry, attempt)) = queue.pop_front() {
+            if pulse.stale() {
+                // Stopped, or cut off from Redis, for two beats: run only what is still its own.
+                queue.push_front((entry, attempt));
+                match c.keep_own(&mut queue) {
+                    Ok(()) => {
+                        pulse.holding(queue.len() + done.len() + c.unsent.len());
+                        pulse.refreshed();
+                        continue;
+                    }
+                    Err(e) => {
+                        // What it did not run stays pending under its name: read back next.
+                        c.lost(&e);
+                        break;
+                    }
+                }
+            }
             let started = Instant::now();
             done.push(run_one(app, info, d, &pulse, entry, attempt));
             if matches!(done.last(), Some(Completion::Done { .. })) {
@@ -171,13 +187,15 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
                 c.timed(started.elapsed());
             }
             // A slow job's outcome goes out at once; quick ones go together.
-            if i + 1 == count || started.elapsed() >= Duration::from_millis(1) {
+            if queue.is_empty() || started.elapsed() >= Duration::from_millis(1) {
                 c.unsent.append(&mut done);
                 if let Err(e) = c.flush() {
                     c.lost(&e);
                 }
+                pulse.holding(queue.len() + c.unsent.len());
             }
         }
+        c.unsent.append(&mut done);
         pulse.holding(c.unsent.len());
     }
 }
@@ -352,6 +370,22 @@ impl Consumer<'_> {
                 (e, attempt)
             })
             .collect())
+    }
+
+    /// Keeps in `queue` only the jobs still pending under its name (another consumer may have
+    /// claimed them while it could not keep them alive), refreshing them.
+    fn keep_own(&mut self, queue: &mut VecDeque<(StreamEntry, u32)>) -> redis::RedisResult<()> {
+        let (d, me) = (self.d, self.me.clone());
+        let own: HashSet<String> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
+        let before = queue.len();
+        queue.retain(|(e, _)| own.contains(&e.id));
+        if queue.len() < before {
+            tracing::warn!(
+                "{me}: {} jobs it held were claimed by another consumer while it could not keep them alive; leaving them to it",
+                before - queue.len()
+            );
+        }
+        Ok(())
     }
 
     /// Takes over at most `want` jobs that other consumers took and left idle past

@@ -48,22 +48,27 @@ const BEAT_COUNT: usize = 1000;
 
 /// Refreshes the idle time of every entry pending under consumer ARGV[2] (at most ARGV[3] of
 /// them), in one step: what another consumer claimed meanwhile is not pending under this name,
-/// so it is left alone. JUSTID: the delivery count stays as it is.
+/// so it is left alone. JUSTID: the delivery count stays as it is. Returns their ids.
 const BEAT: &str = r"
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
-if #held == 0 then return 0 end
+if #held == 0 then return {} end
 local cmd = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
 for _, e in ipairs(held) do cmd[#cmd + 1] = e[1] end
 cmd[#cmd + 1] = 'JUSTID'
-redis.call(unpack(cmd))
-return #held
+return redis.call(unpack(cmd))
 ";
 
+/// One beat: refreshes what consumer `me` holds; the ids of its entries.
+pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResult<Vec<String>> {
+    redis::cmd("EVAL").arg(BEAT).arg(1).arg(&d.keys.jobs).arg(GROUP).arg(me).arg(BEAT_COUNT).query(conn)
+}
+
 /// What the consumer holds now, as its thread of beats sees it.
-#[derive(Default)]
 struct Held {
     /// Jobs taken and not yet written back (waiting or running).
     count: usize,
+    /// When all of them were last known to be this consumer's and fresh (taken or beaten).
+    fresh: Instant,
     running: Option<Running>,
     /// The beat thread waits for the consumer to hold something (an idle node costs nothing).
     asleep: bool,
@@ -81,24 +86,46 @@ struct Running {
 /// The consumer's side of its beat thread.
 pub struct Pulse {
     shared: Shared,
+    /// Past this without a beat (two missed), what it holds may have been claimed by another
+    /// consumer: a node's claim time is its own `task_timeout`, which may be shorter.
+    stale_after: Duration,
 }
 
 impl Pulse {
     /// Starts the beat thread of consumer `me` (slot `slot`).
     pub fn start(d: &Durable, me: &str, slot: u32) -> std::io::Result<Pulse> {
-        let shared: Shared = Arc::new((Mutex::new(Held::default()), Condvar::new()));
+        let held = Held { count: 0, fresh: Instant::now(), running: None, asleep: false };
+        let shared: Shared = Arc::new((Mutex::new(held), Condvar::new()));
         let beat = Beat { shared: Arc::clone(&shared), d: d.clone(), me: me.to_string(), slot, conn: None };
         std::thread::Builder::new().name("heartbeat".into()).spawn(move || beat.run())?;
-        Ok(Pulse { shared })
+        Ok(Pulse { shared, stale_after: beat_interval(d.claim_after) * 2 })
+    }
+
+    /// The consumer has just taken `count` jobs (fresh: a read or a claim resets their idle
+    /// time) and holds nothing else.
+    pub fn took(&self, count: usize) {
+        let mut held = lock(&self.shared.0);
+        held.count = count;
+        held.fresh = Instant::now();
+        if held.asleep && count > 0 {
+            self.shared.1.notify_one();
+        }
     }
 
     /// The consumer holds `count` jobs now (taken, not yet written back).
     pub fn holding(&self, count: usize) {
-        let mut held = lock(&self.shared.0);
-        held.count = count;
-        if held.asleep && count > 0 {
-            self.shared.1.notify_one();
-        }
+        lock(&self.shared.0).count = count;
+    }
+
+    /// Whether its beats have failed (Redis unreachable) or stopped (the process was stopped)
+    /// for so long that another consumer may have claimed what it holds.
+    pub fn stale(&self) -> bool {
+        lock(&self.shared.0).fresh.elapsed() >= self.stale_after
+    }
+
+    /// The consumer has beaten itself: what it holds is fresh.
+    pub fn refreshed(&self) {
+        lock(&self.shared.0).fresh = Instant::now();
     }
 
     /// The job of stream entry `id` starts running (its `attempt`-th run).
@@ -156,9 +183,14 @@ impl Beat {
             }
             if now >= next_beat {
                 drop(held);
-                self.beat();
+                let beaten = self.beat();
                 next_beat = Instant::now() + every;
                 held = lock(mutex);
+                // Fewer than it holds: some were claimed while it could not beat (the consumer
+                // checks before it starts the next one).
+                if beaten.is_some_and(|n| n >= held.count) {
+                    held.fresh = now;
+                }
                 continue;
             }
             let wake = deadline.map_or(next_beat, |at| at.min(next_beat));
@@ -177,23 +209,18 @@ impl Beat {
         Ok(self.conn.as_mut().expect("connected above"))
     }
 
-    fn beat(&mut self) {
-        let (jobs, me) = (self.d.keys.jobs.clone(), self.me.clone());
-        let done = self.conn().and_then(|conn| {
-            redis::cmd("EVAL")
-                .arg(BEAT)
-                .arg(1)
-                .arg(&jobs)
-                .arg(GROUP)
-                .arg(&me)
-                .arg(BEAT_COUNT)
-                .query::<i64>(conn)
-        });
-        if let Err(e) = done {
-            // The consumer's own connection says so too ("lost Redis"); here once per beat is
-            // too many lines for a warning.
-            tracing::debug!("{me}: heartbeat failed: {}", redis_io::describe(&e));
-            self.conn = None;
+    /// How many entries it refreshed; None if Redis could not be asked.
+    fn beat(&mut self) -> Option<usize> {
+        let (d, me) = (self.d.clone(), self.me.clone());
+        match self.conn().and_then(|conn| refresh(conn, &d, &me)) {
+            Ok(ids) => Some(ids.len()),
+            Err(e) => {
+                // The consumer's own connection says so too ("lost Redis"); here once per beat
+                // is too many lines for a warning.
+                tracing::debug!("{me}: heartbeat failed: {}", redis_io::describe(&e));
+                self.conn = None;
+                None
+            }
         }
     }
 
