@@ -12,13 +12,17 @@
 //! - the process knows what it holds and what runs since when (no new channel to its manager,
 //!   which a task node does not have);
 //! - it is fork-safe: a task process never forks (its manager forked it while single-threaded,
-//!   and STYLE's rule is about processes that fork); the thread starts after the fork, in the
-//!   child, and inherits its blocked signal mask, so SIGTERM still reaches the signalfd.
+//!   and STYLE's rule is about processes that fork; an application that starts a program from
+//!   `on_task` goes through fork+exec, which threads do not disturb); the thread starts after
+//!   the fork, in the child, and inherits its blocked signal mask, so SIGTERM still reaches the
+//!   signalfd.
 //!
 //! A beat is one script, so it can never take a job back from a consumer that claimed it
 //! meanwhile (after this process stalled): it refreshes only what is pending under this
 //! consumer's own name, with `XCLAIM … JUSTID`, which resets the idle time without raising the
-//! delivery count. A job's delivery count thus counts the runs that died, not the waits.
+//! delivery count. A job's delivery count thus counts the runs that died, not the waits. A
+//! consumer whose beats stopped or failed for two intervals asks, before it starts its next
+//! job, which of its jobs are still its own, and leaves the others to whoever claimed them.
 //!
 //! With a `task_timeout`, the same thread is the job's timer: past it, the process kills itself
 //! (SIGKILL, as the in-memory master kills a hung task process), and the job runs again in its
@@ -36,7 +40,7 @@ use redis::Connection;
 use super::consumer::{store, Completion, CLIENT_PREFIX};
 use super::entry::JobEntry;
 use super::keys::GROUP;
-use super::redis_io;
+use super::redis_io::{self, is_connection_error};
 use super::Durable;
 
 /// The longest time between two beats: well inside any claim time, so that a loaded machine or
@@ -202,8 +206,15 @@ impl Beat {
         if self.conn.is_none() {
             let mut conn = redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT))?;
             // Named as the consumer: a live connection tells the sweeps that the consumer lives.
+            // Not needed to beat (an ACL may forbid CLIENT): a refusal is no reason to stop.
             let name = format!("{CLIENT_PREFIX}{}", self.me);
-            let _: () = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn)?;
+            let named: redis::RedisResult<()> =
+                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn);
+            if let Err(e) = named {
+                if is_connection_error(&e) {
+                    return Err(e);
+                }
+            }
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
