@@ -651,3 +651,27 @@ fn a_stopped_consumer_resumed_leaves_the_jobs_others_claimed_meanwhile() {
     assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply per job");
     stream_is_empty(&redis, "web-1");
 }
+
+#[test]
+fn a_job_within_its_nodes_task_timeout_is_not_claimed_by_a_node_with_a_shorter_one() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "6"]);
+    let mut c = d.connect();
+    let id = c.submit(&job(1, 4000))["task_id"].as_u64().unwrap();
+    wait_for("node a to take the job", || {
+        redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
+    });
+    // Idle consumers whose claim time (their task_timeout, 2 s) is shorter than the job.
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["attempts"], 1, "{done}");
+    assert!(a.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    assert_eq!(outbox_by_task(&[&a, &b, &e]).get(&id).map_or(0, Vec::len), 1, "it ran once");
+    for log in [b.log(), e.log()] {
+        assert!(!log.contains("claimed"), "a live consumer's job was claimed:\n{log}");
+    }
+    stream_is_empty(&redis, "web-1");
+}
