@@ -126,8 +126,18 @@ fn jobs_submitted_to_a_web_node_run_on_either_node() {
     let d = web(&redis, "web-1", &["--task-worker-num", "1"]);
     let node = TaskNode::start(&redis, "n2", &["--task-worker-num", "2"]);
     let mut c = d.connect();
-    let ids: Vec<u64> = (0..30).map(|i| c.submit(&job(i, 40))["task_id"].as_u64().unwrap()).collect();
-    let got = finals(&mut c, &ids);
+    // Sent at once: on a loaded machine the first may be done before the last is accepted.
+    for i in 0..30 {
+        c.send(&job(i, 40));
+    }
+    let mut got: HashMap<u64, Value> = HashMap::new();
+    while got.len() < 30 {
+        let v = c.recv();
+        assert!(v["event"] == "accepted" || v["event"] == "done", "{v}");
+        if v["event"] == "done" {
+            assert!(got.insert(v["task_id"].as_u64().unwrap(), v.clone()).is_none(), "twice: {v}");
+        }
+    }
     let web_pids: Vec<u64> = d.pids_of("taskd: task").into_iter().map(u64::from).collect();
     let node_pids: Vec<u64> = node.task_pids().into_iter().map(u64::from).collect();
     let ran_by: Vec<u64> = got.values().map(|v| v["task_pid"].as_u64().unwrap()).collect();
@@ -142,14 +152,15 @@ fn jobs_submitted_to_a_web_node_run_on_either_node() {
 fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    // The job fits in task_timeout (a longer one is killed by its own node).
+    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "3"]);
     let mut c = d.connect();
     let id = c.submit(&job(1, 2500))["task_id"].as_u64().unwrap();
     wait_for("node a to take the job", || {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
     a.kill_all();
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "1"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["event"], "done", "{done}");
     assert_eq!(done["attempts"], 2, "claimed and run a second time: {done}");
@@ -164,7 +175,7 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
     });
     assert!(b.log().contains("deleted consumer a/0"), "{}", b.log());
     // Live consumers stay, however long they wait for work.
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3500));
     assert!(!b.log().contains("deleted consumer b/"), "{}", b.log());
 }
 
@@ -172,15 +183,16 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
 fn a_job_that_ran_twice_gets_one_reply() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    // Node a has no task_timeout: a stalled run that resumes is not killed by its own node.
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1"]);
     let mut c = d.connect();
     let id = c.submit(&job(1, 2000))["task_id"].as_u64().unwrap();
     wait_for("node a to take the job", || {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
-    // Node a stalls past the claim time; node b claims the job and finishes it first.
+    // Node a stalls (no heartbeat) past node b's claim time; b claims the job, finishes it first.
     a.signal_group(Signal::SIGSTOP);
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "1"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "3"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["attempts"], 2, "{done}");
     // Node a wakes up and finishes its run too: its outcome is a duplicate.
@@ -711,4 +723,206 @@ fn a_redis_password_never_shows_in_messages() {
         Duration::from_secs(60),
     );
     assert!(list.status.success(), "{list:?}");
+}
+
+// ---- Issue 16: a consumer holds only its window and keeps what it holds alive; a job past
+// task_timeout is killed by its own node (e-claim) ----
+
+/// Outbox lines of all `nodes`, by task id.
+fn outbox_by_task(nodes: &[&TaskNode]) -> HashMap<u64, Vec<Value>> {
+    let mut by: HashMap<u64, Vec<Value>> = HashMap::new();
+    for line in nodes.iter().flat_map(|n| n.outbox_lines()) {
+        by.entry(line["task_id"].as_u64().expect("task_id")).or_default().push(line);
+    }
+    by
+}
+
+/// Makes node a's only consumer (`a/0`) hold three jobs of `delay_ms` at once, as a batch of
+/// quick-looking jobs would: it learns from quick jobs to take many, and is stopped while not
+/// reading until the three are in the stream. Its pid and the three task ids.
+fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, delay_ms: u64) -> (u32, Vec<u64>) {
+    for i in 0..30 {
+        c.send(&job(i, 0));
+    }
+    let mut quick = 0;
+    while quick < 30 {
+        let v = c.recv();
+        assert!(v["event"] == "accepted" || v["event"] == "done", "{v}");
+        quick += usize::from(v["event"] == "done");
+    }
+    let consumer = a.task_pids()[0];
+    let pid = nix::unistd::Pid::from_raw(consumer as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    wait_for("its blocking read to end", || (!redis.consumer_blocked("a/0")).then_some(()));
+    let slow: Vec<u64> = (30..33).map(|i| c.submit(&job(i, delay_ms))["task_id"].as_u64().unwrap()).collect();
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    wait_for("node a to hold the three slow jobs", || {
+        (redis.pending_consumers().iter().filter(|h| *h == "a/0").count() == 3).then_some(())
+    });
+    (consumer, slow)
+}
+
+#[test]
+fn a_whole_task_node_killed_mid_job_fails_none_and_each_job_runs_once_more() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "8", "--task-timeout", "2"]);
+    wait_for("node a's 8 task processes", || (a.task_pids().len() == 8).then_some(()));
+    let mut c = d.connect();
+    let on_a: Vec<u64> = (0..8).map(|i| c.submit(&job(i, 1500))["task_id"].as_u64().unwrap()).collect();
+    wait_for("each of node a's consumers to hold one job", || {
+        let holders = redis.pending_consumers();
+        (holders.len() == 8 && holders.iter().all(|h| h.starts_with("a/"))).then_some(())
+    });
+    // The survivor is alive with fewer task processes, and busy with long jobs of its own (sent
+    // on another connection: node a's jobs may be done before they are accepted).
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    let mut c2 = d.connect();
+    let on_b: Vec<u64> = (8..10).map(|i| c2.submit(&job(i, 1500))["task_id"].as_u64().unwrap()).collect();
+    a.kill_all();
+
+    let all: Vec<u64> = on_a.iter().chain(&on_b).copied().collect();
+    let mut got = finals(&mut c, &on_a);
+    got.extend(finals(&mut c2, &on_b));
+    let runs = outbox_by_task(&[&a, &b]);
+    for &id in &all {
+        let v = &got[&id];
+        assert_eq!(v["event"], "done", "no job fails because a node died: {v}");
+        let lines = runs.get(&id).map(Vec::as_slice).unwrap_or_default();
+        assert_eq!(lines.len(), 1, "task {id} ran to completion once: {lines:?}");
+        assert_eq!(lines[0]["attempt"], v["attempts"], "{v} vs {lines:?}");
+        let finished_on_a = a.outbox_lines().iter().any(|l| l["task_id"].as_u64() == Some(id));
+        if on_a.contains(&id) && !finished_on_a {
+            // One run died with node a; waiting on node b never counts as a delivery.
+            assert_eq!(v["attempts"], 2, "{v}");
+            assert!(b.task_pids().contains(&(v["task_pid"].as_u64().unwrap() as u32)), "{v}");
+        } else {
+            assert!(v["attempts"].as_u64().unwrap() <= 2, "{v}");
+        }
+    }
+    assert!(b.log().contains("claimed 1 jobs"), "node b claims one job at a time:\n{}", b.log());
+    assert!(!b.log().contains("claimed 2 jobs"), "{}", b.log());
+    assert!(!b.log().contains("longer than task_timeout"), "{}", b.log());
+    assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply per job");
+    assert!(c2.try_recv(Duration::from_millis(100)).is_none(), "one reply per job");
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn a_job_past_task_timeout_is_killed_by_its_own_node_never_run_twice_at_once() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let args = ["--task-timeout", "2", "--task-retry-max", "1"];
+    let a = TaskNode::start(&redis, "a", &[&["--task-worker-num", "1"][..], &args].concat());
+    // Idle consumers that would claim the job if its owner did not keep it alive.
+    let b = TaskNode::start(&redis, "b", &[&["--task-worker-num", "2"][..], &args].concat());
+    let mut c = d.connect();
+    let id =
+        c.submit(r#"{"type":"email","to":"slow@example.com","delay_ms":4000}"#)["task_id"].as_u64().unwrap();
+    let failed = finals(&mut c, &[id]).remove(&id).unwrap();
+
+    // As in memory mode: killed at task_timeout, run again, and past task_retry_max failed
+    // with the reason.
+    assert_eq!(failed["event"], "failed", "{failed}");
+    assert_eq!(failed["attempts"], 2, "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("was killed: the task ran longer than task_timeout (2s)"), "{failed}");
+    let lines = |needle: &str| {
+        let mut l: Vec<String> = a.log_lines(needle).into_iter().chain(b.log_lines(needle)).collect();
+        l.sort(); // each line starts with its time
+        l
+    };
+    let started = lines("sending email to slow@example.com");
+    let killed = lines("has run longer than task_timeout (2s)");
+    assert_eq!(started.len(), 2, "two runs: {started:?}");
+    assert!(started[0].contains("(attempt 1)") && started[1].contains("(attempt 2)"), "{started:?}");
+    assert_eq!(killed.len(), 2, "each run killed by its own node: {killed:?}");
+    // One run at a time: the second started after the first was killed.
+    assert!(killed[0] < started[1], "{killed:?} {started:?}");
+    assert!(a.outbox_lines().is_empty() && b.outbox_lines().is_empty(), "no run finished");
+    let dead: redis::Value = redis.query(&["XRANGE", "{taskd}:dead", "-", "+"]);
+    assert!(format!("{dead:?}").contains("ran longer than task_timeout"), "{dead:?}");
+    assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply");
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn jobs_that_wait_in_a_consumer_past_the_claim_time_are_not_claimed_and_run_once() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "3"]);
+    let mut c = d.connect();
+    let (consumer, slow) = hold_three_slow_jobs(&redis, &a, &mut c, 2000);
+    // Idle consumers on other nodes, while the third job waits 4 s on node a (claim time: 3 s).
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    let got = finals(&mut c, &slow);
+    let runs = outbox_by_task(&[&a, &b, &e]);
+    for &id in &slow {
+        assert_eq!(got[&id]["event"], "done", "{}", got[&id]);
+        assert_eq!(got[&id]["attempts"], 1, "waiting is no delivery: {}", got[&id]);
+        assert_eq!(got[&id]["task_pid"].as_u64(), Some(u64::from(consumer)), "{}", got[&id]);
+        assert_eq!(runs.get(&id).map_or(0, Vec::len), 1, "task {id} ran once: {runs:?}");
+    }
+    for log in [b.log(), e.log()] {
+        assert!(!log.contains("claimed"), "a live consumer's job was claimed:\n{log}");
+    }
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn a_stopped_consumer_resumed_leaves_the_jobs_others_claimed_meanwhile() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    // No task_timeout on node a: resumed, its running job is not killed, and it goes on.
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1"]);
+    let mut c = d.connect();
+    let (consumer, slow) = hold_three_slow_jobs(&redis, &a, &mut c, 1500);
+    // Stopped (no heartbeat) while it runs the first: node b claims all three and runs them.
+    wait_for("node a to start the first", || {
+        (!a.log_lines("sending email to user30@example.com").is_empty()).then_some(())
+    });
+    let pid = nix::unistd::Pid::from_raw(consumer as i32);
+    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    let got = finals(&mut c, &slow);
+    let b_pids = b.task_pids();
+    assert!(got.values().all(|v| b_pids.contains(&(v["task_pid"].as_u64().unwrap() as u32))), "{got:?}");
+    nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+    // Resumed, it finishes the run it was in (its outcome is a duplicate, dropped), then finds
+    // that the other two are no longer its own and leaves them.
+    let skipped = wait_for("node a to leave the claimed jobs", || {
+        let lines = a.log_lines("were claimed by another consumer");
+        (!lines.is_empty()).then_some(lines)
+    });
+    assert!(skipped[0].contains("2 jobs"), "{skipped:?}\n{}", a.log());
+    let on_a: Vec<u64> = a.outbox_lines().iter().filter_map(|l| l["task_id"].as_u64()).collect();
+    assert_eq!(on_a.iter().filter(|id| slow.contains(id)).count(), 1, "only the run it was in: {on_a:?}");
+    assert_eq!(b.outbox_lines().len(), 3);
+    assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply per job");
+    stream_is_empty(&redis, "web-1");
+}
+
+#[test]
+fn a_job_within_its_nodes_task_timeout_is_not_claimed_by_a_node_with_a_shorter_one() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "6"]);
+    let mut c = d.connect();
+    let id = c.submit(&job(1, 4000))["task_id"].as_u64().unwrap();
+    wait_for("node a to take the job", || {
+        redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
+    });
+    // Idle consumers whose claim time (their task_timeout, 2 s) is shorter than the job.
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["attempts"], 1, "{done}");
+    assert!(a.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    assert_eq!(outbox_by_task(&[&a, &b, &e]).get(&id).map_or(0, Vec::len), 1, "it ran once");
+    for log in [b.log(), e.log()] {
+        assert!(!log.contains("claimed"), "a live consumer's job was claimed:\n{log}");
+    }
+    stream_is_empty(&redis, "web-1");
 }

@@ -5,17 +5,25 @@
 //! for ever). Past a job's attempts, the job goes to the dead letters with the reason and its
 //! origin gets `failed`.
 //!
+//! It holds no more jobs than it can start within a few ms (its window: about 2 ms of work, one
+//! job at a time while jobs are slow or of unknown length), whether it reads new jobs, reads
+//! back its own after a restart, or claims a dead consumer's; and it keeps every job it holds
+//! alive in Redis, waiting or running, from a thread of its own ([`super::heartbeat`]), which
+//! also kills the process when a job outlives `task_timeout`.
+//!
 //! What it took and did not finish stays in its pending list: its successor in the same slot
 //! (same consumer name) reads that first, and so does this process after any reconnect; a
-//! node that is gone for good has its jobs claimed by the others after `claim_after`
-//! (XAUTOCLAIM), and its consumers deleted once they hold nothing.
+//! node that is gone for good stops beating, and its jobs are claimed by the others after
+//! `claim_after` (XAUTOCLAIM), and its consumers deleted once they hold nothing.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
 use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
+use super::heartbeat::Pulse;
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::startup::{delivery_counts, ensure_group};
@@ -31,12 +39,15 @@ const BLOCK_MS: u64 = 500;
 /// they are slow, so that an idle consumer elsewhere can take the next one).
 const TAKE_BUDGET: f64 = 0.002;
 const TAKE_MAX: usize = 64;
-/// Jobs claimed from dead consumers per sweep.
-const CLAIM_COUNT: usize = 32;
-/// Each consumer's connection carries its name with this prefix, so that `CLIENT LIST` tells
+/// XAUTOCLAIM calls of one sweep at most. Each looks at up to 10 x COUNT pending entries and
+/// may claim fewer than COUNT with more left (a cursor that is not 0-0): the sweep goes on
+/// until it has its window, has seen the whole list, or has made this many calls (the next
+/// sweep goes on from the cursor).
+const CLAIM_CALLS: usize = 16;
+/// Each consumer's connections carry its name with this prefix, so that `CLIENT LIST` tells
 /// which consumers belong to a live process (Redis 7.0's consumer idle time does not: a read
 /// that finds nothing does not reset it).
-const CLIENT_PREFIX: &str = "taskd:";
+pub(super) const CLIENT_PREFIX: &str = "taskd:";
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Where a stop request comes from: the master's channel (web node) or signals (task node).
@@ -73,7 +84,7 @@ pub struct ConsumerSetup<'a> {
 }
 
 /// A finished job, to be written to Redis.
-enum Completion {
+pub(super) enum Completion {
     Done {
         id: String,
         origin: String,
@@ -108,6 +119,14 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
     }
     let me = consumer_name(&d.node, slot);
     tracing::debug!("task {slot} consumes {} as {me}", d.keys.jobs);
+    let pulse = match Pulse::start(d, &me, slot) {
+        Ok(p) => p,
+        Err(e) => {
+            // Without it, its jobs would be claimed by others while it runs them.
+            tracing::error!("task {slot} (pid {}): cannot start its heartbeat thread: {e}", info.pid);
+            return 1;
+        }
+    };
     let mut c = Consumer {
         d,
         me,
@@ -140,23 +159,44 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
                 continue;
             }
         };
+        // Everything it wrote back is out (take flushes first): it holds what it just took.
+        pulse.took(entries.len());
         let mut done = Vec::new();
-        let count = entries.len();
-        for (i, (entry, attempt)) in entries.into_iter().enumerate() {
+        let mut queue: VecDeque<(StreamEntry, u32)> = entries.into();
+        while let Some((entry, attempt)) = queue.pop_front() {
+            if pulse.stale() {
+                // Stopped, or cut off from Redis, for two beats: run only what is still its own.
+                queue.push_front((entry, attempt));
+                match c.keep_own(&mut queue) {
+                    Ok(()) => {
+                        pulse.holding(queue.len() + done.len() + c.unsent.len());
+                        pulse.refreshed();
+                        continue;
+                    }
+                    Err(e) => {
+                        // What it did not run stays pending under its name: read back next.
+                        c.lost(&e);
+                        break;
+                    }
+                }
+            }
             let started = Instant::now();
-            done.push(run_one(app, info, d, entry, attempt));
+            done.push(run_one(app, info, d, &pulse, entry, attempt));
             if matches!(done.last(), Some(Completion::Done { .. })) {
                 served += 1;
                 c.timed(started.elapsed());
             }
             // A slow job's outcome goes out at once; quick ones go together.
-            if i + 1 == count || started.elapsed() >= Duration::from_millis(1) {
+            if queue.is_empty() || started.elapsed() >= Duration::from_millis(1) {
                 c.unsent.append(&mut done);
                 if let Err(e) = c.flush() {
                     c.lost(&e);
                 }
+                pulse.holding(queue.len() + c.unsent.len());
             }
         }
+        c.unsent.append(&mut done);
+        pulse.holding(c.unsent.len());
     }
 }
 
@@ -164,6 +204,7 @@ fn run_one<A: Application>(
     app: &mut A,
     info: ProcessInfo,
     d: &Durable,
+    pulse: &Pulse,
     entry: StreamEntry,
     attempt: u32,
 ) -> Completion {
@@ -181,14 +222,19 @@ fn run_one<A: Application>(
         }
     };
     if attempt > d.max_attempts {
+        // Only a run whose process died counts (a live owner keeps its job, see heartbeat):
+        // killed, crashed, its node gone, or killed by its node past task_timeout.
         let why = format!(
-            "gave up after {} attempts: each run died with its task process or did not finish within {:?}",
+            "gave up after {} attempts: each run died with its task process (killed, crashed, its node gone{})",
             attempt - 1,
-            d.claim_after
+            d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
         tracing::warn!("task {}: {why}; moved to the dead letters", job.task_id);
         return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };
     }
+    // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
+    // that thread records it as failed (a dead letter needs the whole job).
+    let job = Arc::new(job);
     let task = Task {
         id: job.task_id,
         session: (job.session != 0).then_some(job.session),
@@ -199,7 +245,9 @@ fn run_one<A: Application>(
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
     let mut result = Err(format!("task {} panicked in task process {}", job.task_id, info.pid));
+    pulse.running(&entry.id, &job, attempt);
     guard(info.slot, "on_task", || result = app.on_task(&mut ctx, &task));
+    pulse.ran();
     let reply = std::mem::take(&mut ctx.reply);
     let (ok, result) = match result {
         Ok(bytes) => (true, bytes),
@@ -215,7 +263,7 @@ fn run_one<A: Application>(
         sends,
         result,
     };
-    Completion::Done { id: entry.id, origin: job.origin, reply }
+    Completion::Done { id: entry.id, origin: job.origin.clone(), reply }
 }
 
 struct Consumer<'a> {
@@ -260,6 +308,8 @@ impl Consumer<'_> {
             self.conn = None;
         } else {
             tracing::error!("Redis refused a command: {e}");
+            // What it read or claimed before the error is pending under its name: read it back.
+            self.recovering = true;
         }
         std::thread::sleep(self.backoff);
         self.backoff = (self.backoff * 2).min(RETRY_MAX);
@@ -287,9 +337,12 @@ impl Consumer<'_> {
         let sweep = Instant::now() >= self.next_sweep;
         let conn = self.conn()?;
         let fresh;
+        // Whichever way jobs come, no more than its window: what waits here is kept alive by the
+        // heartbeat, but another consumer could have started it.
         let entries = if recovering {
-            // Its own pending entries, from the start: no BLOCK, they are there or not.
-            let got = read_group(conn, d, &me, TAKE_MAX, None, "0")?;
+            // Its own pending entries, from the start: no BLOCK, they are there or not. What is
+            // left after this window stays pending under its name (and kept alive) for the next.
+            let got = read_group(conn, d, &me, count, None, "0")?;
             fresh = false;
             if got.is_empty() {
                 self.recovering = false;
@@ -299,8 +352,10 @@ impl Consumer<'_> {
             got
         } else if sweep {
             fresh = false;
-            let got = self.claim()?;
-            self.next_sweep = Instant::now() + jitter(d.claim_after / 2);
+            let (got, more) = self.claim(count)?;
+            // A full window and more to look at: sweep again as soon as these are run.
+            let wait = if more { Duration::ZERO } else { jitter(d.claim_after / 2) };
+            self.next_sweep = Instant::now() + wait;
             got
         } else {
             fresh = true;
@@ -325,25 +380,60 @@ impl Consumer<'_> {
             .collect())
     }
 
-    /// Takes over jobs that other consumers took and left idle past `claim_after`, and deletes
-    /// consumers that are gone and hold nothing.
-    fn claim(&mut self) -> redis::RedisResult<Vec<StreamEntry>> {
+    /// Keeps in `queue` only the jobs still pending under its name (another consumer may have
+    /// claimed them while it could not keep them alive), refreshing them.
+    fn keep_own(&mut self, queue: &mut VecDeque<(StreamEntry, u32)>) -> redis::RedisResult<()> {
+        let (d, me) = (self.d, self.me.clone());
+        let own: HashSet<String> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
+        let before = queue.len();
+        queue.retain(|(e, _)| own.contains(&e.id));
+        if queue.len() < before {
+            tracing::warn!(
+                "{me}: {} jobs it held were claimed by another consumer while it could not keep them alive; leaving them to it",
+                before - queue.len()
+            );
+        }
+        Ok(())
+    }
+
+    /// Takes over at most `want` jobs that other consumers took and left idle past
+    /// `claim_after` (a live consumer's never are: it beats), and deletes consumers that are gone
+    /// and hold nothing. Also says whether it got `want` and has not seen the whole list yet.
+    fn claim(&mut self, want: usize) -> redis::RedisResult<(Vec<StreamEntry>, bool)> {
         let (d, me) = (self.d, self.me.clone());
         let idle_ms = d.claim_after.as_millis() as u64;
-        let cursor = self.cursor.clone();
-        let conn = self.conn()?;
-        let v: Value = redis::cmd("XAUTOCLAIM")
-            .arg(&d.keys.jobs)
-            .arg(GROUP)
-            .arg(&me)
-            .arg(idle_ms)
-            .arg(&cursor)
-            .arg("COUNT")
-            .arg(CLAIM_COUNT)
-            .query(conn)?;
-        let mut parts = as_array(v).into_iter();
-        let next = parts.next().map(as_text).unwrap_or_else(|| "0-0".into());
-        let claimed = parts.next().map(redis_io::entries).unwrap_or_default();
+        let mut claimed = Vec::new();
+        for _ in 0..CLAIM_CALLS {
+            let cursor = self.cursor.clone();
+            let conn = self.conn()?;
+            let v: Value = redis::cmd("XAUTOCLAIM")
+                .arg(&d.keys.jobs)
+                .arg(GROUP)
+                .arg(&me)
+                .arg(idle_ms)
+                .arg(&cursor)
+                .arg("COUNT")
+                .arg(want - claimed.len())
+                .query(conn)?;
+            let mut parts = as_array(v).into_iter();
+            let next = parts.next().map(as_text).unwrap_or_else(|| "0-0".into());
+            claimed.extend(parts.next().map(redis_io::entries).unwrap_or_default());
+            let wrapped = next == "0-0";
+            if wrapped {
+                // A full pass over the pending list is done: a good time to forget the dead
+                // (a failure here is no reason to drop what was claimed).
+                if let Err(e) = remove_gone_consumers(conn, d, &me) {
+                    tracing::debug!("{me}: cannot delete gone consumers: {e}");
+                }
+            }
+            self.cursor = next;
+            if wrapped {
+                break;
+            }
+            if claimed.len() >= want {
+                break;
+            }
+        }
         if !claimed.is_empty() {
             tracing::warn!(
                 "{me}: claimed {} jobs idle for over {:?} (their consumer died or stalled)",
@@ -351,58 +441,67 @@ impl Consumer<'_> {
                 d.claim_after
             );
         }
-        // A full pass over the pending list is done: a good time to forget the dead.
-        if next == "0-0" {
-            remove_gone_consumers(conn, d, &me)?;
-        }
-        self.cursor = next;
-        Ok(claimed)
+        let more = claimed.len() >= want && self.cursor != "0-0";
+        Ok((claimed, more))
     }
 
-    /// Writes the finished jobs: for each, its outcome (or dead letter), XACK and XDEL, all in
-    /// one MULTI so that a job is never answered without being removed, or the reverse.
+    /// Writes the finished jobs it has not written yet (see [`store`]); kept for the next try
+    /// if that fails.
     fn flush(&mut self) -> redis::RedisResult<()> {
         if self.unsent.is_empty() {
             return Ok(());
         }
         let d = self.d;
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        // One reply entry per origin node, carrying all its outcomes.
-        let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
-        for c in &self.unsent {
-            match c {
-                Completion::Done { origin, reply, .. } => reply.encode(batch_for(&mut batches, origin)),
-                Completion::Dead { job, why, attempts, .. } => {
-                    let mut cmd = redis::cmd("XADD");
-                    cmd.arg(&d.keys.dead).arg("*");
-                    job.add(&mut cmd);
-                    cmd.arg("why").arg(why).arg("a").arg(*attempts);
-                    pipe.add_command(cmd).ignore();
-                    let failed = ReplyEntry {
-                        task_id: job.task_id,
-                        ok: false,
-                        attempts: *attempts,
-                        replays: job.replays,
-                        result: why.clone().into_bytes(),
-                        ..ReplyEntry::default()
-                    };
-                    failed.encode(batch_for(&mut batches, &job.origin));
-                }
-                Completion::Drop { .. } => {}
-            }
+        let unsent = std::mem::take(&mut self.unsent);
+        let stored = self.conn().and_then(|conn| store(conn, d, &unsent));
+        if stored.is_err() {
+            self.unsent = unsent;
         }
-        for (origin, outcomes) in &batches {
-            add_outcomes(&mut pipe, &d.keys, origin, outcomes);
-        }
-        let ids: Vec<&str> = self.unsent.iter().map(Completion::id).collect();
-        pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
-        pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
-        let conn = self.conn()?;
-        let _: Value = pipe.query(conn)?;
-        self.unsent.clear();
-        Ok(())
+        stored
     }
+}
+
+/// Writes finished jobs: for each, its outcome (or dead letter), XACK and XDEL, all in one
+/// MULTI so that a job is never answered without being removed, or the reverse.
+pub(super) fn store(
+    conn: &mut Connection,
+    d: &Durable,
+    completions: &[Completion],
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    // One reply entry per origin node, carrying all its outcomes.
+    let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
+    for c in completions {
+        match c {
+            Completion::Done { origin, reply, .. } => reply.encode(batch_for(&mut batches, origin)),
+            Completion::Dead { job, why, attempts, .. } => {
+                let mut cmd = redis::cmd("XADD");
+                cmd.arg(&d.keys.dead).arg("*");
+                job.add(&mut cmd);
+                cmd.arg("why").arg(why).arg("a").arg(*attempts);
+                pipe.add_command(cmd).ignore();
+                let failed = ReplyEntry {
+                    task_id: job.task_id,
+                    ok: false,
+                    attempts: *attempts,
+                    replays: job.replays,
+                    result: why.clone().into_bytes(),
+                    ..ReplyEntry::default()
+                };
+                failed.encode(batch_for(&mut batches, &job.origin));
+            }
+            Completion::Drop { .. } => {}
+        }
+    }
+    for (origin, outcomes) in &batches {
+        add_outcomes(&mut pipe, &d.keys, origin, outcomes);
+    }
+    let ids: Vec<&str> = completions.iter().map(Completion::id).collect();
+    pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
+    pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+    let _: Value = pipe.query(conn)?;
+    Ok(())
 }
 
 /// XREADGROUP of the job stream for consumer `me`, from `from` (`>`: new jobs; `0`: its own

@@ -14,6 +14,7 @@
 //! | [`startup`] | master, before the fork | checks of the server, the id range, recovery |
 //! | [`bridge`] | bridge | storing the master's jobs, passing it this node's replies |
 //! | [`consumer`] | task process | taking jobs, claiming abandoned ones, the dead letters |
+//! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
 //!
@@ -23,6 +24,7 @@ pub mod bridge;
 pub mod consumer;
 pub mod dead_letter;
 pub mod entry;
+pub mod heartbeat;
 pub mod keys;
 pub mod node;
 pub mod redis_io;
@@ -32,8 +34,8 @@ use std::time::Duration;
 
 use crate::config::ServerConfig;
 
-/// How long a job may stay with a consumer that took it before another one claims it, when
-/// `task_timeout` is not set.
+/// How long a job may stay idle (its owner not beating, see [`heartbeat`]) before another
+/// consumer claims it, when `task_timeout` is not set.
 pub const DEFAULT_CLAIM_AFTER: Duration = Duration::from_secs(30);
 
 /// Where the queue is and who this node is.
@@ -44,8 +46,11 @@ pub struct Durable {
     pub shown: String,
     pub node: String,
     pub keys: keys::Keys,
-    /// Idle time after which a taken job is claimed by another consumer (XAUTOCLAIM).
+    /// Idle time after which a taken job is claimed by another consumer (XAUTOCLAIM). A live
+    /// consumer's jobs never get there: it touches them every quarter of this (its heartbeat).
     pub claim_after: Duration,
+    /// `task_timeout`: a job running longer is killed with its task process, by that process.
+    pub task_limit: Option<Duration>,
     /// Runs of a job before it goes to the dead letters (`task_retry_max` + 1).
     pub max_attempts: u32,
     pub result_keep: usize,
@@ -64,6 +69,7 @@ impl Durable {
             keys: keys::Keys::new(&config.redis_queue, &node),
             node,
             claim_after: config.task_limit().unwrap_or(DEFAULT_CLAIM_AFTER),
+            task_limit: config.task_limit(),
             max_attempts: config.task_retry_max.saturating_add(1),
             result_keep: config.result_keep,
         })

@@ -114,6 +114,18 @@ impl Redis {
             .collect()
     }
 
+    /// Whether a connection named for consumer `consumer` (`taskd:NODE/SLOT`) is blocked in a
+    /// command now (an XREADGROUP waiting for jobs).
+    pub fn consumer_blocked(&self, consumer: &str) -> bool {
+        let list: String = self.query(&["CLIENT", "LIST", "TYPE", "normal"]);
+        let name = format!("name=taskd:{consumer}");
+        list.lines().any(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            fields.contains(&name.as_str())
+                && fields.iter().any(|f| f.strip_prefix("flags=").is_some_and(|flags| flags.contains('b')))
+        })
+    }
+
     /// Stops (SIGSTOP) or resumes (SIGCONT) the server: a Redis that hangs.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         if let Some(child) = &self.child {
@@ -189,6 +201,11 @@ impl TaskNode {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The lines of its log that contain `needle`.
+    pub fn log_lines(&self, needle: &str) -> Vec<String> {
+        self.log().lines().filter(|l| l.contains(needle)).map(str::to_string).collect()
     }
 
     pub fn outbox_lines(&self) -> Vec<serde_json::Value> {
