@@ -105,10 +105,13 @@ impl<A: Application> Master<'_, A> {
         }
         loop {
             let Some(conn) = self.conns.get_mut(key) else { return };
-            let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
-            if conn.read_closed || conn.close_after_flush {
+            if conn.read_closed || conn.close_after_flush || conn.paused {
                 return;
             }
+            if conn.input_over(self.config.input_buffer_size, self.config.input_requests_max) {
+                return self.pause(key);
+            }
+            let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
             match ws::read(socket, &mut conn.stream) {
                 ws::Incoming::Lines(lines) => {
                     conn.last_active = Instant::now();
@@ -144,12 +147,25 @@ impl<A: Application> Master<'_, A> {
             // Shutting down: what is already dispatched is answered, nothing new is read.
             return;
         }
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.paused {
+            if !conn.input_caught_up(self.config.input_buffer_size, self.config.input_requests_max) {
+                // Its workers are still behind: what it sends waits in the socket.
+                return;
+            }
+            conn.paused = false;
+            self.counters.input_paused -= 1;
+            if conn.ws.is_none() && !conn.partial.is_empty() {
+                // Complete lines read ahead before the pause come first.
+                self.take_lines(key, &[]);
+            }
+        }
         if self.conns.get(key).is_some_and(|c| c.ws.is_some()) {
             return self.read_ws(key);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(conn) = self.conns.get_mut(key) {
-            if conn.read_closed || conn.close_after_flush {
+            if conn.read_closed || conn.close_after_flush || conn.paused {
                 break;
             }
             match conn.read(&mut scratch) {
@@ -173,24 +189,36 @@ impl<A: Application> Master<'_, A> {
         self.scratch = scratch;
     }
 
-    /// Splits newly read bytes into request lines and dispatches each.
+    /// Splits newly read bytes into request lines and dispatches each, until the connection's
+    /// workers are too far behind (input flow control): then the rest is kept, unread lines
+    /// included, and the connection is paused.
     pub(super) fn take_lines(&mut self, key: usize, fresh: &[u8]) {
         let max = self.config.package_max_length;
-        let mut partial = std::mem::take(&mut self.conns[key].partial);
-        let data: &[u8] = if partial.is_empty() {
-            fresh
-        } else {
-            partial.extend_from_slice(fresh);
-            &partial
-        };
+        let (max_bytes, max_requests) = (self.config.input_buffer_size, self.config.input_requests_max);
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let mut held = std::mem::take(&mut conn.partial);
+        let before = held.len();
+        let from_held = !held.is_empty();
+        if from_held {
+            // Exactly what is needed: this buffer is counted against partial_lines_max.
+            held.reserve_exact(fresh.len());
+            held.extend_from_slice(fresh);
+        }
+        let data: &[u8] = if from_held { &held } else { fresh };
         let mut pos = 0;
-        let rest = loop {
+        let mut pause = false;
+        // Where the bytes to keep begin (None: keep nothing, the connection is lost).
+        let keep_from = loop {
+            if self.conns.get(key).is_none_or(|c| c.input_over(max_bytes, max_requests)) {
+                pause = true;
+                break Some(pos);
+            }
             match protocol::next_line(&data[pos..], max) {
                 Ok(Some((line, used))) => {
                     self.dispatch_request(key, line);
                     pos += used;
                 }
-                Ok(None) => break Some(&data[pos..]),
+                Ok(None) => break Some(pos),
                 Err(too_long) => {
                     let conn = &mut self.conns[key];
                     tracing::warn!(
@@ -209,9 +237,99 @@ impl<A: Application> Master<'_, A> {
                 }
             }
         };
-        let rest = rest.map(<[u8]>::to_vec).unwrap_or_default();
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.partial = rest;
+        let kept = match keep_from {
+            Some(from) if from < data.len() => {
+                if from_held {
+                    held.drain(..from);
+                    if held.capacity() > 2 * held.len() + 4096 {
+                        held.shrink_to_fit();
+                    }
+                    held
+                } else {
+                    fresh[from..].to_vec()
+                }
+            }
+            _ => Vec::new(),
+        };
+        let after = kept.len();
+        self.counters.partial_bytes = self.counters.partial_bytes - before + after;
+        let Some(conn) = self.conns.get_mut(key) else {
+            self.counters.partial_bytes -= after;
+            return;
+        };
+        conn.partial = kept;
+        if pause {
+            self.pause(key);
+        }
+        if after > before {
+            self.enforce_partial_budget();
+        }
+    }
+
+    /// Stops reading a connection until its workers catch up (`resume_paused`).
+    pub(super) fn pause(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if !conn.paused {
+            conn.paused = true;
+            self.counters.input_paused += 1;
+            self.counters.input_pauses += 1;
+            self.paused.push(key);
+        }
+    }
+
+    /// Reads again the paused connections whose workers have caught up.
+    pub(super) fn resume_paused(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let (max_bytes, max_requests) = (self.config.input_buffer_size, self.config.input_requests_max);
+        for key in std::mem::take(&mut self.paused) {
+            match self.conns.get(key) {
+                Some(conn) if conn.paused => {
+                    if conn.input_caught_up(max_bytes, max_requests) {
+                        self.read_conn(key);
+                    } else {
+                        self.paused.push(key);
+                    }
+                }
+                // Resumed already, or closed (a new connection under the key is not paused,
+                // or is listed itself).
+                _ => {}
+            }
+        }
+    }
+
+    /// Past `partial_lines_max`, the connection holding the largest unfinished line loses it:
+    /// it gets an error and is closed (its framing is lost). The largest, not the one that
+    /// read last, so that a client that is merely between two segments of a short line is
+    /// not cut off because others hold megabytes.
+    fn enforce_partial_budget(&mut self) {
+        let budget = self.config.partial_lines_max;
+        while self.counters.partial_bytes > budget {
+            let largest = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.partial.is_empty())
+                .max_by_key(|(_, c)| c.partial.len())
+                .map(|(key, c)| (key, c.partial.len()));
+            let Some((key, len)) = largest else { break };
+            let conn = &mut self.conns[key];
+            conn.partial = Vec::new();
+            self.counters.partial_bytes -= len;
+            self.counters.partial_refused += 1;
+            tracing::warn!(
+                "client {}: its unfinished request line ({len} bytes) does not fit partial_lines_max \
+                 ({budget} bytes for all connections); closing",
+                conn.peer
+            );
+            let msg = format!(
+                "server busy: too much unfinished input is held for all clients (partial_lines_max, \
+                 {budget} bytes), so this connection's unfinished request line of {len} bytes was \
+                 dropped; closing the connection"
+            );
+            conn.queue(&protocol::error_line(&msg));
+            conn.close_after_flush = true;
+            self.mark_dirty(key);
         }
     }
 
@@ -239,23 +357,28 @@ impl<A: Application> Master<'_, A> {
             }
         };
         self.counters.dispatch_count += 1;
-        self.deliver(worker, session, Delivery::Request, |seq, out| {
+        let bytes = self.deliver(worker, session, Delivery::Request, |seq, out| {
             Frame::Request { seq, session, data: line }.encode(out)
         });
+        let conn = &mut self.conns[key];
+        conn.input_requests += 1;
+        conn.input_bytes += bytes;
     }
 
-    /// Writes a delivery to a worker slot and keeps it until the slot commits it.
+    /// Writes a delivery to a worker slot and keeps it until the slot commits it; returns its
+    /// size.
     pub(super) fn deliver(
         &mut self,
         worker: usize,
         session: u64,
         kind: Delivery,
         encode: impl FnOnce(u64, &mut Vec<u8>),
-    ) {
+    ) -> usize {
         let slot = &mut self.workers[worker];
         let seq = slot.log.next_seq();
         let bytes = slot.log.push(seq, session, kind, |out| encode(seq, out));
         slot.chan.output().extend_from_slice(bytes);
+        bytes.len()
     }
 
     pub(super) fn conn_mut(&mut self, session: u64) -> Option<(usize, &mut Conn)> {
@@ -313,6 +436,10 @@ impl<A: Application> Master<'_, A> {
         }
         let mut conn = self.conns.remove(key);
         let _ = self.poll.registry().deregister(&mut conn.stream);
+        self.counters.partial_bytes -= conn.partial.len();
+        if conn.paused {
+            self.counters.input_paused -= 1;
+        }
         self.counters.close_count += 1;
         tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
         if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {

@@ -163,6 +163,8 @@ pub struct Master<'a, A: Application> {
     results: Results,
     /// Durable jobs (`redis_url`) only.
     durable: Option<DurableState>,
+    /// Connections paused by input flow control, to read again once their workers catch up.
+    paused: Vec<usize>,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -249,6 +251,7 @@ impl<'a, A: Application> Master<'a, A> {
             exit_code: None,
             results: Results::new(config.result_keep),
             durable,
+            paused: Vec::new(),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -420,6 +423,8 @@ impl<'a, A: Application> Master<'a, A> {
             self.maybe_finished = finished;
             self.maybe_finished.clear();
         }
+        self.resume_paused();
+        self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
