@@ -143,6 +143,9 @@ impl<A: Application> Master<'_, A> {
     }
 
     pub(super) fn read_conn(&mut self, key: usize) {
+        if self.conns.get(key).is_some_and(|c| c.lingering.is_some()) {
+            return self.linger_read(key);
+        }
         if !matches!(self.phase, Phase::Running) {
             // Shutting down: what is already dispatched is answered, nothing new is read.
             return;
@@ -391,7 +394,7 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn send_to_session(&mut self, session: u64, data: &[u8]) {
         let limit = self.config.buffer_output_size;
-        let Some((key, conn)) = self.conn_mut(session) else {
+        let Some((key, conn)) = self.conn_mut(session).filter(|(_, c)| c.lingering.is_none()) else {
             tracing::debug!("dropping {} bytes for closed session {session}", data.len());
             return;
         };
@@ -430,7 +433,65 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
+    /// Closes a connection; one closed after an error line, whose client may still be
+    /// sending, lingers first (`linger_read`).
     pub(super) fn close_conn(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.lingering.is_some() {
+            // Closing already: `linger_read` or `end_lingering` ends it.
+            return;
+        }
+        let mid_stream = conn.close_after_flush && !conn.read_closed && conn.unwritten() == 0;
+        if mid_stream && conn.stream.shutdown(std::net::Shutdown::Write).is_ok() {
+            let deadline = Instant::now() + LINGER;
+            conn.lingering = Some(deadline);
+            self.counters.partial_bytes -= conn.partial.len();
+            conn.partial = Vec::new();
+            self.lingering.push_back((key, conn.session, deadline));
+            // What arrived before this turn ended is read (and dropped) now.
+            return self.linger_read(key);
+        }
+        self.drop_conn(key);
+    }
+
+    /// Reads and drops what a lingering connection sends, and closes it at its end.
+    fn linger_read(&mut self, key: usize) {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // Bounded per event: a client that sends without end is closed at its deadline.
+        for _ in 0..16 {
+            let Some(conn) = self.conns.get_mut(key) else { break };
+            match conn.read(&mut scratch) {
+                Ok(0) => {
+                    self.drop_conn(key);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.drop_conn(key);
+                    break;
+                }
+            }
+        }
+        self.scratch = scratch;
+    }
+
+    /// Closes the lingering connections whose time is up.
+    pub(super) fn end_lingering(&mut self) {
+        let now = Instant::now();
+        while let Some(&(key, session, at)) = self.lingering.front() {
+            if at > now {
+                break;
+            }
+            self.lingering.pop_front();
+            if self.conns.get(key).is_some_and(|c| c.session == session && c.lingering.is_some()) {
+                self.drop_conn(key);
+            }
+        }
+    }
+
+    /// Closes a connection now.
+    fn drop_conn(&mut self, key: usize) {
         if !self.conns.contains(key) {
             return;
         }

@@ -47,6 +47,11 @@ pub struct Conn {
     /// Not read while its workers are behind; `partial` may then hold complete lines read
     /// ahead, handled first when reading resumes.
     pub paused: bool,
+    /// Closing after an error line: our side is shut down and what the client still sends is
+    /// read and dropped until it closes too or this deadline passes, so that the kernel does
+    /// not answer its unread bytes with a reset that destroys the error line (nginx's
+    /// lingering close).
+    pub lingering: Option<Instant>,
 }
 
 /// What a flush achieved.
@@ -76,6 +81,7 @@ impl Conn {
             input_requests: 0,
             input_bytes: 0,
             paused: false,
+            lingering: None,
         }
     }
 

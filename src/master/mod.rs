@@ -68,6 +68,9 @@ const POOL_STOP_LIMIT: Duration = Duration::from_secs(5);
 const HEARTBEAT_SCAN: Duration = Duration::from_secs(1);
 /// How long to wait before accepting again after running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long a connection closed after an error line may go on sending (read and dropped)
+/// before it is closed for good.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long the master waits for a dead manager's pool to die with it.
 const ORPHAN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -165,6 +168,8 @@ pub struct Master<'a, A: Application> {
     durable: Option<DurableState>,
     /// Connections paused by input flow control, to read again once their workers catch up.
     paused: Vec<usize>,
+    /// Connections in a lingering close (key, session, deadline), oldest first.
+    lingering: VecDeque<(usize, u64, Instant)>,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -252,6 +257,7 @@ impl<'a, A: Application> Master<'a, A> {
             results: Results::new(config.result_keep),
             durable,
             paused: Vec::new(),
+            lingering: VecDeque::new(),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -385,7 +391,8 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(self.jobs.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
-            .chain(self.next_heartbeat);
+            .chain(self.next_heartbeat)
+            .chain(self.lingering.front().map(|&(_, _, at)| at));
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -424,6 +431,7 @@ impl<'a, A: Application> Master<'a, A> {
             self.maybe_finished.clear();
         }
         self.resume_paused();
+        self.end_lingering();
         self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.dispatch_jobs();
         self.flush_conns();
