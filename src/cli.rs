@@ -90,7 +90,7 @@ options! {
     server.buffer_output_size: usize,
     /// Unhandled request bytes per connection past which it is not read until its worker catches up [default: 1048576]
     server.input_buffer_size: usize,
-    /// Unhandled requests per connection past which it is not read until its worker catches up [default: 1024]
+    /// Unhandled requests per connection past which it is not read until its worker catches up [default: 256]
     server.input_requests_max: usize,
     /// Bytes of unfinished request lines held for all connections; past it the largest is refused [default: 33554432]
     server.partial_lines_max: usize,

@@ -145,7 +145,7 @@ impl Default for ServerConfig {
             package_max_length: 2 * 1024 * 1024,
             buffer_output_size: 2 * 1024 * 1024,
             input_buffer_size: 1024 * 1024,
-            input_requests_max: 1024,
+            input_requests_max: 256,
             partial_lines_max: 32 * 1024 * 1024,
             task_queue_bytes_max: 64 * 1024 * 1024,
             task_queue_max: 10_000,

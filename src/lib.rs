@@ -136,6 +136,7 @@ pub fn run_notify<A: Application>(
     }
     config.max_conn =
         limits::raise_nofile(config.max_conn, limits::reserved_fds(config.worker_num, config.task_slots()));
+    limits::return_large_buffers();
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);

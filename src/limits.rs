@@ -1,4 +1,5 @@
-//! The open-file limit the master needs for `max_conn` connections, raised at start.
+//! The open-file limit the master needs for `max_conn` connections, raised at start; and
+//! the allocator told to give large buffers back, so that memory budgets hold for RSS.
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -43,4 +44,25 @@ pub fn raise_nofile(max_conn: usize, reserved: u64) -> usize {
         return usable;
     }
     max_conn
+}
+
+/// Buffers this large or larger get their own mapping, given back to the system when freed.
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Keeps glibc from raising its mmap threshold as large buffers come and go. By default a freed
+/// mapped buffer raises the threshold to its size (up to 32 MiB), after which unfinished lines,
+/// replay logs and reply buffers of megabytes come from the heap, whose freed middle is never
+/// given back: the master's RSS then stays at its peak long after the budget's bytes were
+/// freed, and growing a buffer copies it instead of remapping it. Called before the first fork,
+/// so every process inherits it.
+pub fn return_large_buffers() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets a parameter of the allocator; called while the process is
+        // single-threaded, before any fork.
+        let ok = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large buffers may stay resident");
+        }
+    }
 }
