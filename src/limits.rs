@@ -1,6 +1,8 @@
 //! The open-file limit the master needs for `max_conn` connections, raised at start; and
 //! the allocator told to give large buffers back, so that memory budgets hold for RSS.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
 /// Descriptors the daemon needs besides client connections: channels, listener, epoll, logs.
@@ -63,6 +65,27 @@ pub fn return_large_buffers() {
         let ok = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
         if ok != 1 {
             tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large buffers may stay resident");
+        }
+    }
+}
+
+/// Bytes of buffers freed since the heap was last trimmed.
+static FREED: AtomicUsize = AtomicUsize::new(0);
+/// How much freeing is worth a trim.
+const TRIM_EVERY: usize = 8 * 1024 * 1024;
+
+/// Client buffers of `bytes` were freed. A buffer that started small lives in the heap even
+/// once large (glibc serves a large request from free heap space before it maps), and glibc
+/// gives back only the top of the heap by itself: after a flood of unfinished lines the freed
+/// middle stays resident. Every `TRIM_EVERY` bytes freed, `malloc_trim` hands those pages back.
+pub fn freed(bytes: usize) {
+    let total = FREED.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if total >= TRIM_EVERY {
+        FREED.store(0, Ordering::Relaxed);
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+        unsafe {
+            nix::libc::malloc_trim(0);
         }
     }
 }

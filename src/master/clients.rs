@@ -318,6 +318,7 @@ impl<A: Application> Master<'_, A> {
             let Some((key, len)) = largest else { break };
             let conn = &mut self.conns[key];
             conn.partial = Vec::new();
+            crate::limits::freed(len);
             self.counters.partial_bytes -= len;
             self.counters.partial_refused += 1;
             tracing::warn!(
@@ -509,6 +510,9 @@ impl<A: Application> Master<'_, A> {
                 Frame::Close { seq, session }.encode(out)
             });
         }
+        let held = conn.held_bytes();
+        drop(conn);
+        crate::limits::freed(held);
     }
 
     pub(super) fn flush_conns(&mut self) {

@@ -89,6 +89,11 @@ impl Conn {
         self.out.extend_from_slice(data);
     }
 
+    /// The memory its buffers take.
+    pub fn held_bytes(&self) -> usize {
+        self.partial.capacity() + self.out.capacity()
+    }
+
     pub fn unwritten(&self) -> usize {
         self.out.len() - self.written
     }
