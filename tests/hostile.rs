@@ -487,3 +487,48 @@ fn an_email_body_past_email_body_max_gets_an_error() {
     let ok = client.submit(&format!("email a@example.com {}", "w".repeat(100)));
     assert_eq!(client.final_reply(&ok["task_id"], &mut Vec::new())["event"], "done");
 }
+
+#[test]
+fn many_connections_sending_unfinished_lines_at_once_each_get_the_error_or_are_held() {
+    let budget: u64 = 2 * 1024 * 1024;
+    let daemon = Daemon::start(&["--simulate-ms", "0", "--partial-lines-max", &budget.to_string()]);
+    let (piece, n) = (200_000u64, 30u64);
+    let addr = daemon.addr;
+    let senders: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                // A refused one lingers: the rest of its line is read and dropped, no reset.
+                c.send_raw(&vec![b'x'; piece as usize]);
+                c
+            })
+        })
+        .collect();
+    let mut hogs: Vec<Client> = senders.into_iter().map(|s| s.join().unwrap()).collect();
+    wait_for("every unfinished line read, held or refused", || {
+        let s = stats(&daemon);
+        let held = s["partial_lines_bytes"].as_u64()?;
+        let refused = s["partial_lines_refused"].as_u64()?;
+        (held % piece == 0 && refused + held / piece == n).then_some(())
+    });
+    let (mut refused, mut held) = (0, 0);
+    for c in &mut hogs {
+        match c.try_recv(Duration::from_millis(200)) {
+            Some(reply) => {
+                assert!(reply["error"].as_str().unwrap().contains("partial_lines_max"), "{reply}");
+                assert!(c.closed_by_server());
+                refused += 1;
+            }
+            None => {
+                assert!(!c.closed_by_server_now(), "a connection was closed without its error line");
+                c.send("");
+                assert!(c.recv()["error"].as_str().unwrap().contains("cannot read this request"));
+                held += 1;
+            }
+        }
+    }
+    assert_eq!(refused + held, n);
+    assert!(held * piece <= budget && held >= 1, "{held} held");
+    assert_eq!(stats(&daemon)["partial_lines_refused"], refused);
+    assert_serves(&daemon);
+}
