@@ -92,6 +92,8 @@ options! {
     server.input_buffer_size: usize,
     /// Unhandled requests per connection past which it is not read until its worker catches up [default: 256]
     server.input_requests_max: usize,
+    /// Unhandled request bytes of all connections past which none is read until the workers catch up [default: 8388608]
+    server.input_total_max: usize,
     /// Bytes of unfinished request lines held for all connections; past it the largest is refused [default: 33554432]
     server.partial_lines_max: usize,
     /// Bytes of queued or running jobs' payloads past which new ones get "server busy" [default: 67108864]

@@ -82,6 +82,9 @@ pub struct ServerConfig {
     pub input_buffer_size: usize,
     /// The same bound counted in requests.
     pub input_requests_max: usize,
+    /// The same for all connections together, in bytes: past it, no connection is read until
+    /// the workers catch up (a flood of large requests queues in the kernel, not here).
+    pub input_total_max: usize,
     /// Bytes of unfinished request lines (and input read ahead of a paused connection) held
     /// for all connections together; past it the largest is dropped with an error and closed.
     pub partial_lines_max: usize,
@@ -146,6 +149,7 @@ impl Default for ServerConfig {
             buffer_output_size: 2 * 1024 * 1024,
             input_buffer_size: 1024 * 1024,
             input_requests_max: 256,
+            input_total_max: 8 * 1024 * 1024,
             partial_lines_max: 32 * 1024 * 1024,
             task_queue_bytes_max: 64 * 1024 * 1024,
             task_queue_max: 10_000,
@@ -267,6 +271,14 @@ impl ServerConfig {
             format!("{} bytes is below the minimum of 1024", self.input_buffer_size),
         )?;
         check(self.input_requests_max >= 1, "input_requests_max", "must be at least 1")?;
+        check(
+            self.input_total_max >= self.input_buffer_size,
+            "input_total_max",
+            format!(
+                "{} bytes is below input_buffer_size ({}), the bound of one connection",
+                self.input_total_max, self.input_buffer_size
+            ),
+        )?;
         check(
             self.partial_lines_max >= line,
             "partial_lines_max",

@@ -532,3 +532,60 @@ fn many_connections_sending_unfinished_lines_at_once_each_get_the_error_or_are_h
     assert_eq!(stats(&daemon)["partial_lines_refused"], refused);
     assert_serves(&daemon);
 }
+
+#[test]
+fn a_flood_of_large_jobs_at_once_is_read_no_faster_than_the_workers_take_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "20000",
+        "--input-total-max",
+        "4194304",
+        "--task-queue-bytes-max",
+        "8388608",
+    ]);
+    daemon.wait_pool(2, 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, pid) = (stop.clone(), daemon.pid);
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(Ordering::Relaxed) {
+                max = max.max(rss_kb(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            max
+        })
+    };
+    let line = serde_json::json!({"type": "email", "to": "a@example.com", "body": "b".repeat(1024 * 1024)})
+        .to_string();
+    // 40 MiB of jobs arrive at once; the kernel holds what the master does not read yet.
+    let mut clients: Vec<Client> = (0..40).map(|_| daemon.connect()).collect();
+    for c in &mut clients {
+        c.send(&line);
+    }
+    let (mut accepted, mut busy) = (0, 0);
+    for c in &mut clients {
+        let reply = c.recv();
+        match reply["event"].as_str() {
+            Some("accepted") => accepted += 1,
+            Some("error") => {
+                assert!(reply["error"].as_str().unwrap().contains("task_queue_bytes_max"), "{reply}");
+                busy += 1;
+            }
+            _ => panic!("{reply}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let max_rss = sampler.join().unwrap();
+    let s = stats(&daemon);
+    println!("{accepted} accepted, {busy} busy; master RSS max {max_rss} kB; {s}");
+    assert_eq!(accepted + busy, 40);
+    assert!((1..=8).contains(&accepted), "{accepted} jobs of 1 MiB accepted under an 8 MiB budget");
+    assert!(s["input_pauses"].as_u64().unwrap() >= 1, "{s}");
+    // Only the `stats` request itself is in flight.
+    assert!(s["input_bytes"].as_u64().unwrap() < 64, "{s}");
+    // The held jobs (up to 8 MiB) and the requests in flight (up to 4 MiB, a few copies each).
+    assert!(max_rss < 96 * 1024, "master RSS reached {max_rss} kB");
+}

@@ -108,7 +108,9 @@ impl<A: Application> Master<'_, A> {
             if conn.read_closed || conn.close_after_flush || conn.paused {
                 return;
             }
-            if conn.input_over(self.config.input_buffer_size, self.config.input_requests_max) {
+            if conn.input_over(self.config.input_buffer_size, self.config.input_requests_max)
+                || self.counters.input_bytes >= self.config.input_total_max
+            {
                 return self.pause(key);
             }
             let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
@@ -152,8 +154,10 @@ impl<A: Application> Master<'_, A> {
         }
         let Some(conn) = self.conns.get_mut(key) else { return };
         if conn.paused {
-            if !conn.input_caught_up(self.config.input_buffer_size, self.config.input_requests_max) {
-                // Its workers are still behind: what it sends waits in the socket.
+            if !conn.input_caught_up(self.config.input_buffer_size, self.config.input_requests_max)
+                || self.counters.input_bytes >= self.config.input_total_max
+            {
+                // Its workers (or all workers) are still behind: what it sends waits in the socket.
                 return;
             }
             conn.paused = false;
@@ -169,6 +173,11 @@ impl<A: Application> Master<'_, A> {
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(conn) = self.conns.get_mut(key) {
             if conn.read_closed || conn.close_after_flush || conn.paused {
+                break;
+            }
+            if self.counters.input_bytes >= self.config.input_total_max {
+                // All workers are as far behind as they may get: not even read into a buffer.
+                self.pause(key);
                 break;
             }
             match conn.read(&mut scratch) {
@@ -212,7 +221,8 @@ impl<A: Application> Master<'_, A> {
         let mut pause = false;
         // Where the bytes to keep begin (None: keep nothing, the connection is lost).
         let keep_from = loop {
-            if self.conns.get(key).is_none_or(|c| c.input_over(max_bytes, max_requests)) {
+            let all_full = self.counters.input_bytes >= self.config.input_total_max;
+            if all_full || self.conns.get(key).is_none_or(|c| c.input_over(max_bytes, max_requests)) {
                 pause = true;
                 break Some(pos);
             }
@@ -289,7 +299,8 @@ impl<A: Application> Master<'_, A> {
         for key in std::mem::take(&mut self.paused) {
             match self.conns.get(key) {
                 Some(conn) if conn.paused => {
-                    if conn.input_caught_up(max_bytes, max_requests) {
+                    let all_full = self.counters.input_bytes >= self.config.input_total_max;
+                    if !all_full && conn.input_caught_up(max_bytes, max_requests) {
                         self.read_conn(key);
                     } else {
                         self.paused.push(key);
@@ -367,6 +378,7 @@ impl<A: Application> Master<'_, A> {
         let conn = &mut self.conns[key];
         conn.input_requests += 1;
         conn.input_bytes += bytes;
+        self.counters.input_bytes += bytes;
     }
 
     /// Writes a delivery to a worker slot and keeps it until the slot commits it; returns its

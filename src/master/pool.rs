@@ -113,6 +113,7 @@ impl<A: Application> Master<'_, A> {
                 Delivery::Request => {
                     *served += 1;
                     counters.request_count += 1;
+                    counters.input_bytes = counters.input_bytes.saturating_sub(entry.bytes());
                 }
                 Delivery::Finish => {}
                 Delivery::Connect | Delivery::Close => return,

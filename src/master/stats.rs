@@ -31,6 +31,8 @@ pub struct Counters {
     /// Connections not read now (input flow control), and how many times one was paused.
     pub input_paused: u64,
     pub input_pauses: u64,
+    /// Bytes of requests sent to workers and not committed yet, all connections together.
+    pub input_bytes: usize,
 }
 
 impl Counters {
@@ -55,6 +57,7 @@ impl Counters {
             partial_refused: 0,
             input_paused: 0,
             input_pauses: 0,
+            input_bytes: 0,
         }
     }
 }
@@ -129,6 +132,8 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         obj.insert("input_pauses".into(), c.input_pauses.into());
         obj.insert("input_buffer_size".into(), cfg.input_buffer_size.into());
         obj.insert("input_requests_max".into(), cfg.input_requests_max.into());
+        obj.insert("input_bytes".into(), c.input_bytes.into());
+        obj.insert("input_total_max".into(), cfg.input_total_max.into());
         obj.insert("partial_lines_bytes".into(), c.partial_bytes.into());
         obj.insert("partial_lines_max".into(), cfg.partial_lines_max.into());
         obj.insert("partial_lines_refused".into(), c.partial_refused.into());
@@ -185,6 +190,18 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
         "counter",
         "Times a connection was paused by input flow control.",
         c.input_pauses,
+    );
+    metric(
+        "input_bytes",
+        "gauge",
+        "Bytes of requests sent to workers, not handled yet.",
+        c.input_bytes as u64,
+    );
+    metric(
+        "input_max_bytes",
+        "gauge",
+        "Budget of requests in flight to workers (input_total_max).",
+        s.config.input_total_max as u64,
     );
     metric("partial_lines_bytes", "gauge", "Bytes of unfinished request lines held.", c.partial_bytes as u64);
     metric(
