@@ -16,6 +16,9 @@
 //!    and wait. Then, per connection: it got the `error` line naming partial_lines_max (and
 //!    was closed), it was closed without one (lost), or it is still held; master RSS against
 //!    the budget, and the master's own count (`stats`).
+//! 5. A fresh daemon whose jobs take 20 s (`--simulate-ms 20000`); `--big-jobs` connections
+//!    each send an email job with a 1 MiB body at once: how many are accepted, how many get
+//!    "server busy" (task_queue_bytes_max), and the master's RSS.
 //!
 //! It starts `target/release/taskd --port 0 --simulate-ms 0 --log-level error` (plus any
 //! `--taskd-arg`) in its own process group and stops it at the end (a guard kills it).
@@ -52,6 +55,9 @@ struct Args {
     /// Bytes each of them sends without a newline.
     #[arg(long, default_value_t = 2_000_000)]
     line_bytes: usize,
+    /// Connections sending a 1 MiB email job at once in part 5.
+    #[arg(long, default_value_t = 100)]
+    big_jobs: usize,
     /// The binary (default: target/release/taskd).
     #[arg(long)]
     taskd: Option<PathBuf>,
@@ -68,10 +74,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(args: &Args) -> Daemon {
+        Self::start_simulating(args, 0)
+    }
+
+    fn start_simulating(args: &Args, simulate_ms: u64) -> Daemon {
         let path = args.taskd.clone().unwrap_or_else(|| PathBuf::from("target/release/taskd"));
         let dir = tempfile::tempdir().expect("temp dir");
         let mut cmd = Command::new(&path);
-        cmd.args(["--port", "0", "--simulate-ms", "0", "--log-level", "error", "--outbox"])
+        cmd.args(["--port", "0", "--log-level", "error", "--simulate-ms"])
+            .arg(simulate_ms.to_string())
+            .arg("--outbox")
             .arg(dir.path().join("outbox.log"))
             .args(&args.taskd_args)
             .stdin(Stdio::null())
@@ -295,6 +307,60 @@ fn main() {
 
     // 4. Unfinished lines.
     partial_lines(&args);
+    // 5. Large jobs at once.
+    big_jobs(&args);
+}
+
+fn big_jobs(args: &Args) {
+    let daemon = Daemon::start_simulating(args, 20_000);
+    thread::sleep(Duration::from_millis(300));
+    let pid = daemon.pid();
+    let stop = Arc::new(AtomicBool::new(false));
+    let rss = sample_rss(pid, stop.clone());
+    let line =
+        format!("{{\"type\":\"email\",\"to\":\"a@example.com\",\"body\":\"{}\"}}\n", "b".repeat(1 << 20));
+    let conns: Vec<TcpStream> = (0..args.big_jobs)
+        .map(|_| {
+            let s = TcpStream::connect(daemon.addr).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            s
+        })
+        .collect();
+    let writers: Vec<_> = conns
+        .iter()
+        .map(|s| {
+            let (mut s, line) = (s.try_clone().unwrap(), line.clone());
+            thread::spawn(move || s.write_all(line.as_bytes()))
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap().expect("sending a job");
+    }
+    let (mut accepted, mut busy, mut other) = (0, 0, 0);
+    for s in &conns {
+        let mut reply = String::new();
+        let _ = BufReader::new(s).read_line(&mut reply);
+        if reply.contains("\"accepted\"") {
+            accepted += 1;
+        } else if reply.contains("task_queue_bytes_max") {
+            busy += 1;
+        } else {
+            other += 1;
+        }
+    }
+    thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let rss_max = rss.join().unwrap();
+    let s = daemon.stats();
+    println!(
+        "{} email jobs with a 1 MiB body at once: {accepted} accepted, {busy} server busy, {other} other; \
+         task_queue_bytes {} of {}; master RSS max {rss_max} kB ({:.1} MB), then {} kB",
+        args.big_jobs,
+        s["task_queue_bytes"],
+        s["task_queue_bytes_max"],
+        rss_max as f64 / 1024.0,
+        rss_kb(pid)
+    );
 }
 
 fn partial_lines(args: &Args) {
