@@ -1,5 +1,6 @@
 //! The master's client side: accepting, reading request lines (TCP and WebSocket),
-//! dispatching them to workers, writing replies, closing sessions.
+//! dispatching them to workers, writing replies, closing sessions. Reading is paced by the
+//! workers (input flow control) and unfinished lines share one budget (`partial_lines_max`).
 
 use super::*;
 
