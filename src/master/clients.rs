@@ -470,11 +470,12 @@ impl<A: Application> Master<'_, A> {
 
     /// Reads and drops what a lingering connection sends, and closes it at its end.
     fn linger_read(&mut self, key: usize) {
-        let mut scratch = std::mem::take(&mut self.scratch);
+        // Its own buffer: this may run while a read holds the shared scratch.
+        let mut sink = [0u8; 16 * 1024];
         // Bounded per event: a client that sends without end is closed at its deadline.
         for _ in 0..16 {
             let Some(conn) = self.conns.get_mut(key) else { break };
-            match conn.read(&mut scratch) {
+            match conn.read(&mut sink) {
                 Ok(0) => {
                     self.drop_conn(key);
                     break;
@@ -487,7 +488,6 @@ impl<A: Application> Master<'_, A> {
                 }
             }
         }
-        self.scratch = scratch;
     }
 
     /// Closes the lingering connections whose time is up.
