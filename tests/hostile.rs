@@ -589,3 +589,31 @@ fn a_flood_of_large_jobs_at_once_is_read_no_faster_than_the_workers_take_it() {
     // The held jobs (up to 8 MiB) and the requests in flight (up to 4 MiB, a few copies each).
     assert!(max_rss < 96 * 1024, "master RSS reached {max_rss} kB");
 }
+
+#[test]
+fn a_websocket_client_that_pipelines_is_paced_too_and_gets_one_answer_per_message() {
+    use tungstenite::Message;
+    let daemon = Daemon::start(&["--ws-port", "0", "--simulate-ms", "0", "--input-requests-max", "8"]);
+    let addr = daemon.ws_addr.expect("a WebSocket listener");
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/")).expect("WebSocket handshake");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    }
+    let n = 2000;
+    for i in 0..n {
+        ws.send(Message::text(format!("x{i}"))).unwrap();
+    }
+    ws.send(Message::text("stats")).unwrap();
+    let mut errors = 0;
+    let stats = loop {
+        let Message::Text(t) = ws.read().expect("a message") else { continue };
+        let reply: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        match reply["event"].as_str() {
+            Some("error") => errors += 1,
+            Some("stats") => break reply,
+            _ => panic!("{reply}"),
+        }
+    };
+    assert_eq!(errors, n, "one answer per message");
+    assert!(stats["input_pauses"].as_u64().unwrap() >= 1, "{stats}");
+}
