@@ -90,6 +90,8 @@ pub trait Application: 'static {
 pub enum TaskError {
     /// `task_queue_max` jobs are queued or running.
     Busy { queued: u64, limit: u64 },
+    /// The jobs held already take `task_queue_bytes_max` bytes, or would with this one.
+    QueueBytes { held: u64, limit: u64 },
     /// Larger than `package_max_length`.
     TooLarge { len: usize, limit: usize },
     /// `task_to` a slot that does not exist.
@@ -104,6 +106,11 @@ impl fmt::Display for TaskError {
             TaskError::Busy { queued, limit } => {
                 write!(f, "server busy, retry later ({queued} jobs queued, limit {limit})")
             }
+            TaskError::QueueBytes { held, limit } => write!(
+                f,
+                "server busy, retry later: the jobs waiting or running hold {held} bytes, and this one \
+                 would take them past task_queue_bytes_max ({limit} bytes)"
+            ),
             TaskError::TooLarge { len, limit } => {
                 write!(f, "task of {len} bytes exceeds package_max_length ({limit} bytes)")
             }
@@ -154,6 +161,7 @@ impl std::error::Error for TaskWaitError {}
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TaskLimits {
     pub task_queue_max: u64,
+    pub task_queue_bytes_max: u64,
     pub package_max_length: usize,
     pub task_worker_num: usize,
     /// Jobs go to Redis (`redis_url`).
@@ -168,6 +176,8 @@ pub struct WorkerCtx<'a> {
     pub(crate) info: ProcessInfo,
     /// Tasks this worker submitted that the master has not counted yet.
     pub(crate) uncounted_tasks: &'a mut u64,
+    /// Their payload bytes (for `task_queue_bytes_max`).
+    pub(crate) uncounted_bytes: &'a mut u64,
     pub(crate) limits: TaskLimits,
     pub(crate) callbacks: &'a mut HashMap<TaskId, Callback>,
     /// The channel to the master, for the calls that wait.
@@ -267,7 +277,8 @@ impl WorkerCtx<'_> {
         items: &[&[u8]],
         timeout: Duration,
     ) -> Result<Vec<Option<Result<Vec<u8>, TaskWaitError>>>, TaskWaitError> {
-        self.check_room(items.len() as u64).map_err(TaskWaitError::Refused)?;
+        let bytes = items.iter().map(|i| i.len() as u64).sum();
+        self.check_room(items.len() as u64, bytes).map_err(TaskWaitError::Refused)?;
         for item in items {
             self.check_size(item).map_err(TaskWaitError::Refused)?;
         }
@@ -290,6 +301,7 @@ impl WorkerCtx<'_> {
         let results =
             self.link.wait_results(self.out, &ids, deadline).map_err(|_| TaskWaitError::Disconnected)?;
         *self.uncounted_tasks = 0;
+        *self.uncounted_bytes = 0;
         Ok(results.into_iter().map(|r| r.map(|res| res.map_err(TaskWaitError::Failed))).collect())
     }
 
@@ -304,7 +316,8 @@ impl WorkerCtx<'_> {
         items: &[&[u8]],
         timeout: Option<Duration>,
     ) -> Result<TaskId, TaskError> {
-        self.check_room(items.len() as u64)?;
+        let bytes = items.iter().map(|i| i.len() as u64).sum::<u64>() + context.len() as u64;
+        self.check_room(items.len() as u64, bytes)?;
         for item in items {
             self.check_size(item)?;
         }
@@ -318,6 +331,7 @@ impl WorkerCtx<'_> {
                 .encode(self.out);
         }
         *self.uncounted_tasks += items.len() as u64;
+        *self.uncounted_bytes += bytes;
         Ok(group_id)
     }
 
@@ -329,7 +343,7 @@ impl WorkerCtx<'_> {
         Ok(())
     }
 
-    fn check_room(&self, n: u64) -> Result<(), TaskError> {
+    fn check_room(&self, n: u64, bytes: u64) -> Result<(), TaskError> {
         if self.limits.durable && self.shared.durable_down() {
             return Err(TaskError::Unavailable(
                 "the job queue is unavailable: Redis cannot be reached; retry later".into(),
@@ -339,6 +353,11 @@ impl WorkerCtx<'_> {
         let limit = self.limits.task_queue_max;
         if queued + n > limit {
             return Err(TaskError::Busy { queued, limit });
+        }
+        let held = self.shared.job_bytes() + *self.uncounted_bytes;
+        let limit = self.limits.task_queue_bytes_max;
+        if held + bytes > limit {
+            return Err(TaskError::QueueBytes { held, limit });
         }
         Ok(())
     }
@@ -352,9 +371,11 @@ impl WorkerCtx<'_> {
         flags: u8,
     ) -> Result<TaskId, TaskError> {
         self.check_size(data)?;
-        self.check_room(1)?;
+        let bytes = (context.len() + data.len()) as u64;
+        self.check_room(1, bytes)?;
         let task_id = self.shared.next_task_id();
         *self.uncounted_tasks += 1;
+        *self.uncounted_bytes += bytes;
         Frame::Task { task_id, session, target, group: 0, flags, context, data }.encode(self.out);
         Ok(task_id)
     }

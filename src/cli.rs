@@ -102,6 +102,16 @@ options! {
     server.package_max_length: usize,
     /// Unread reply bytes after which a client is disconnected [default: 2097152]
     server.buffer_output_size: usize,
+    /// Unhandled request bytes per connection past which it is not read until its worker catches up [default: 1048576]
+    server.input_buffer_size: usize,
+    /// Unhandled requests per connection past which it is not read until its worker catches up [default: 256]
+    server.input_requests_max: usize,
+    /// Unhandled request bytes of all connections past which none is read until the workers catch up [default: 8388608]
+    server.input_total_max: usize,
+    /// Bytes of unfinished request lines held for all connections; past it the largest is refused [default: 33554432]
+    server.partial_lines_max: usize,
+    /// Bytes of queued or running jobs' payloads past which new ones get "server busy" [default: 67108864]
+    server.task_queue_bytes_max: u64,
     /// Queued or running jobs past which new ones get "server busy" [default: 10000]
     server.task_queue_max: u64,
     /// Runs of a job whose task process died, beyond the first [default: 2]
@@ -153,6 +163,8 @@ options! {
     mail.outbox: PathBuf,
     /// Milliseconds a batch waits for its slowest job [default: 30000]
     mail.batch_timeout_ms: u64,
+    /// Longest email body in bytes [default: 1048576]
+    mail.email_body_max: usize,
 }
 
 impl std::str::FromStr for DispatchMode {

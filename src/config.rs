@@ -76,6 +76,21 @@ pub struct ServerConfig {
     pub package_max_length: usize,
     /// A client that lets this many reply bytes pile up unread is disconnected.
     pub buffer_output_size: usize,
+    /// Input flow control: request bytes one connection may have sent that its worker has
+    /// not handled yet; past it the master stops reading that connection until the worker
+    /// has caught up halfway (the client is slowed down, never disconnected for it).
+    pub input_buffer_size: usize,
+    /// The same bound counted in requests.
+    pub input_requests_max: usize,
+    /// The same for all connections together, in bytes: past it, no connection is read until
+    /// the workers catch up (a flood of large requests queues in the kernel, not here).
+    pub input_total_max: usize,
+    /// Bytes of unfinished request lines (and input read ahead of a paused connection) held
+    /// for all connections together; past it the largest is dropped with an error and closed.
+    pub partial_lines_max: usize,
+    /// Bytes of job payloads held in the master (queued or running); past it a new job gets
+    /// "server busy", as past `task_queue_max`.
+    pub task_queue_bytes_max: u64,
     /// Past this many queued or running jobs, new ones are refused ("server busy").
     pub task_queue_max: u64,
     /// How many times a job whose task process died is run again before it fails.
@@ -145,6 +160,11 @@ impl Default for ServerConfig {
             task_max_request: 0,
             package_max_length: 2 * 1024 * 1024,
             buffer_output_size: 2 * 1024 * 1024,
+            input_buffer_size: 1024 * 1024,
+            input_requests_max: 256,
+            input_total_max: 8 * 1024 * 1024,
+            partial_lines_max: 32 * 1024 * 1024,
+            task_queue_bytes_max: 64 * 1024 * 1024,
             task_queue_max: 10_000,
             task_retry_max: 2,
             task_timeout: DEFAULT_TASK_TIMEOUT,
@@ -268,6 +288,7 @@ impl ServerConfig {
         check(self.result_keep >= 1, "result_keep", "must be at least 1")?;
         self.check_limits()?;
         self.check_listeners()?;
+        self.check_budgets()?;
         self.check_durable()
     }
 
@@ -358,6 +379,41 @@ impl ServerConfig {
             format!(
                 "{ms} ms is longer than task_timeout ({}s): the job would be killed before it finishes",
                 self.task_timeout
+            ),
+        )
+    }
+
+    /// Input flow control and the memory budgets: each must hold at least one request.
+    pub fn check_budgets(&self) -> Result<(), InvalidOption> {
+        let line = self.package_max_length;
+        check(
+            self.input_buffer_size >= 1024,
+            "input_buffer_size",
+            format!("{} bytes is below the minimum of 1024", self.input_buffer_size),
+        )?;
+        check(self.input_requests_max >= 1, "input_requests_max", "must be at least 1")?;
+        check(
+            self.input_total_max >= self.input_buffer_size,
+            "input_total_max",
+            format!(
+                "{} bytes is below input_buffer_size ({}), the bound of one connection",
+                self.input_total_max, self.input_buffer_size
+            ),
+        )?;
+        check(
+            self.partial_lines_max >= line,
+            "partial_lines_max",
+            format!(
+                "{} bytes is below package_max_length ({line}): a request line that long could never be held",
+                self.partial_lines_max
+            ),
+        )?;
+        check(
+            self.task_queue_bytes_max >= line as u64,
+            "task_queue_bytes_max",
+            format!(
+                "{} bytes is below package_max_length ({line}): a job that large could never be queued",
+                self.task_queue_bytes_max
             ),
         )
     }

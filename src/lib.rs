@@ -145,6 +145,7 @@ pub fn run_notify<A: Application>(
     let reserved =
         limits::reserved_fds(config.worker_num, config.task_slots()) + config.metrics_max_conn as u64;
     config.max_conn = limits::raise_nofile(config.max_conn, reserved);
+    limits::return_large_buffers();
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);

@@ -1,4 +1,7 @@
-//! The open-file limit the master needs for `max_conn` connections, raised at start.
+//! The open-file limit the master needs for `max_conn` connections, raised at start; and
+//! the allocator told to give large buffers back, so that memory budgets hold for RSS.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::sys::resource::{getrlimit, setrlimit, Resource};
 
@@ -43,4 +46,46 @@ pub fn raise_nofile(max_conn: usize, reserved: u64) -> usize {
         return usable;
     }
     max_conn
+}
+
+/// Buffers this large or larger get their own mapping, given back to the system when freed.
+const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Keeps glibc from raising its mmap threshold as large buffers come and go. By default a freed
+/// mapped buffer raises the threshold to its size (up to 32 MiB), after which unfinished lines,
+/// replay logs and reply buffers of megabytes come from the heap, whose freed middle is never
+/// given back: the master's RSS then stays at its peak long after the budget's bytes were
+/// freed, and growing a buffer copies it instead of remapping it. Called before the first fork,
+/// so every process inherits it.
+pub fn return_large_buffers() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: mallopt only sets a parameter of the allocator; called while the process is
+        // single-threaded, before any fork.
+        let ok = unsafe { nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) };
+        if ok != 1 {
+            tracing::debug!("mallopt(M_MMAP_THRESHOLD) refused; large buffers may stay resident");
+        }
+    }
+}
+
+/// Bytes of buffers freed since the heap was last trimmed.
+static FREED: AtomicUsize = AtomicUsize::new(0);
+/// How much freeing is worth a trim.
+const TRIM_EVERY: usize = 8 * 1024 * 1024;
+
+/// Client buffers of `bytes` were freed. A buffer that started small lives in the heap even
+/// once large (glibc serves a large request from free heap space before it maps), and glibc
+/// gives back only the top of the heap by itself: after a flood of unfinished lines the freed
+/// middle stays resident. Every `TRIM_EVERY` bytes freed, `malloc_trim` hands those pages back.
+pub fn freed(bytes: usize) {
+    let total = FREED.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    if total >= TRIM_EVERY {
+        FREED.store(0, Ordering::Relaxed);
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
+    }
 }

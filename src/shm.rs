@@ -19,6 +19,8 @@ pub struct Shared {
     /// Durable jobs only: nonzero while the Redis bridge cannot reach Redis, so that workers
     /// refuse new jobs at once with a clear error instead of holding their clients.
     durable_down: AtomicU64,
+    /// Bytes of the payloads of the jobs the master holds; written by the master only.
+    job_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -65,6 +67,14 @@ impl Shared {
 
     pub fn set_jobs_pending(&self, n: u64) {
         self.jobs_pending.store(n, Ordering::Relaxed);
+    }
+
+    pub fn job_bytes(&self) -> u64 {
+        self.job_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_job_bytes(&self, n: u64) {
+        self.job_bytes.store(n, Ordering::Relaxed);
     }
 
     pub fn count_late_result(&self) {

@@ -132,6 +132,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
     tracing::debug!("worker {slot} started (pid {})", info.pid);
     let limits = TaskLimits {
         task_queue_max: config.task_queue_max,
+        task_queue_bytes_max: config.task_queue_bytes_max,
         package_max_length: config.package_max_length,
         task_worker_num: config.task_worker_num,
         durable: config.redis_url.is_some(),
@@ -140,6 +141,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
     let mut served: u64 = 0;
     let mut out = Vec::new();
     let mut uncounted_tasks = 0;
+    let mut uncounted_bytes = 0;
     let mut callbacks: HashMap<TaskId, Callback> = HashMap::new();
     loop {
         // Frames read while a callback waited are already here: handle them before sleeping.
@@ -176,6 +178,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                 shared,
                 info,
                 uncounted_tasks: &mut uncounted_tasks,
+                uncounted_bytes: &mut uncounted_bytes,
                 limits,
                 callbacks: &mut callbacks,
                 link: &mut link,
@@ -274,6 +277,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         if !out.is_empty() {
             link.channel.output().append(&mut out);
             uncounted_tasks = 0;
+            uncounted_bytes = 0;
         }
         // A burst's buffer is not kept for the quiet that follows (a worker stays small).
         if out.capacity() > 64 * 1024 {

@@ -247,3 +247,383 @@ fn many_concurrent_connections_each_submit_a_job_and_get_both_replies() {
         (rss_held as f64 - rss_idle as f64) / n as f64
     );
 }
+
+// ---- Input flow control and memory budgets (issue 14) ----
+
+fn stats(daemon: &Daemon) -> serde_json::Value {
+    let mut c = daemon.connect();
+    c.send("stats");
+    c.recv()
+}
+
+#[test]
+fn a_blaster_that_never_reads_is_slowed_down_the_master_stays_small_and_sigterm_ends_it() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut daemon = Daemon::start(&["--simulate-ms", "0"]);
+    daemon.wait_pool(2, 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cut_off = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let blaster = {
+        let (stop, cut_off, sent, addr) = (stop.clone(), cut_off.clone(), sent.clone(), daemon.addr);
+        std::thread::spawn(move || {
+            // The issue's blaster: `x` lines as fast as the socket takes them, replies never
+            // read; a new connection each time it is cut off.
+            let chunk = "x\n".repeat(32 * 1024);
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(mut s) = TcpStream::connect(addr) else { continue };
+                s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+                while !stop.load(Ordering::Relaxed) {
+                    match s.write(chunk.as_bytes()) {
+                        Ok(n) => {
+                            sent.fetch_add(n as u64, Ordering::Relaxed);
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => {
+                            cut_off.fetch_add(1, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    let (mut max_rss, mut served) = (0, 0);
+    wait_for("the blaster to be paused, cut off for not reading, and the others served", || {
+        max_rss = max_rss.max(rss_kb(daemon.pid));
+        assert_serves(&daemon);
+        served += 1;
+        let s = stats(&daemon);
+        let paused = s["input_pauses"].as_u64()? >= 1;
+        (paused && cut_off.load(Ordering::Relaxed) >= 3 && served >= 20).then_some(())
+    });
+    max_rss = max_rss.max(rss_kb(daemon.pid));
+    println!(
+        "blaster: {} bytes sent, cut off {} times; master RSS max {max_rss} kB; {served} jobs of others served",
+        sent.load(Ordering::Relaxed),
+        cut_off.load(Ordering::Relaxed)
+    );
+    assert!(max_rss < 64 * 1024, "master RSS reached {max_rss} kB");
+    daemon.wait_log("does not read its replies");
+    // SIGTERM with the blaster still at it: the daemon stops (within max_wait_time, as for any
+    // client that does not read), exit 0.
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = daemon.wait_exit(common::DEADLINE);
+    stop.store(true, Ordering::Relaxed);
+    blaster.join().unwrap();
+    assert!(status.is_some_and(|s| s.success()), "exit after SIGTERM: {status:?}");
+}
+
+#[test]
+fn a_pipelining_client_that_reads_gets_exactly_one_answer_per_line_through_flow_control() {
+    // Tight bounds, so that the connection is paused and resumed many times.
+    let daemon =
+        Daemon::start(&["--simulate-ms", "0", "--input-requests-max", "8", "--input-buffer-size", "1024"]);
+    let stream = TcpStream::connect(daemon.addr).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut recv = |limit: Duration| -> Option<serde_json::Value> {
+        use std::io::BufRead;
+        reader.get_ref().set_read_timeout(Some(limit)).unwrap();
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(n) if n > 0 => Some(serde_json::from_str(&line).unwrap()),
+            _ => None,
+        }
+    };
+    let lines = 20_000;
+    let jobs = lines / 100;
+    let sender = std::thread::spawn(move || {
+        let mut batch = String::new();
+        for i in 0..lines {
+            if i % 100 == 0 {
+                batch.push_str(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+                batch.push('\n');
+            } else {
+                batch.push_str(&format!("x{i}\n"));
+            }
+            if batch.len() > 16 * 1024 {
+                writer.write_all(batch.as_bytes()).unwrap();
+                batch.clear();
+            }
+        }
+        writer.write_all(batch.as_bytes()).unwrap();
+        writer.write_all(b"stats\n").unwrap();
+    });
+    let (mut errors, mut accepted, mut done) = (0, 0, 0);
+    let last = loop {
+        let reply = recv(common::DEADLINE).expect("a reply");
+        match reply["event"].as_str() {
+            Some("error") => errors += 1,
+            Some("accepted") => accepted += 1,
+            Some("done") => done += 1,
+            Some("stats") => break reply,
+            other => panic!("unexpected {other:?}: {reply}"),
+        }
+    };
+    sender.join().unwrap();
+    while done < jobs {
+        assert_eq!(recv(common::DEADLINE).expect("a done")["event"], "done");
+        done += 1;
+    }
+    assert_eq!((errors, accepted, done), (lines - jobs, jobs, jobs));
+    assert!(recv(Duration::from_millis(300)).is_none(), "one answer per line");
+    assert!(last["input_pauses"].as_u64().unwrap() >= 1, "flow control never paused it: {last}");
+    assert_eq!(last["input_requests_max"], 8);
+}
+
+#[test]
+fn past_partial_lines_max_the_largest_unfinished_lines_get_an_error_and_the_rest_are_held() {
+    let budget = 2 * 1024 * 1024;
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "0",
+        "--partial-lines-max",
+        &budget.to_string(),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]);
+    let piece = 200_000;
+    let n = 20;
+    let mut hogs: Vec<Client> = Vec::new();
+    for i in 0..n {
+        let mut c = daemon.connect();
+        c.send_raw(&vec![b'x'; piece]);
+        hogs.push(c);
+        // One at a time, read whole by the master before the next: whoever is dropped had
+        // sent everything, so its error line is not lost to a reset.
+        wait_for("the master to read the unfinished line", || {
+            let s = stats(&daemon);
+            let held = s["partial_lines_bytes"].as_u64()?;
+            let refused = s["partial_lines_refused"].as_u64()?;
+            (held + refused * piece as u64 == (i + 1) * piece as u64).then_some(())
+        });
+    }
+    let s = stats(&daemon);
+    let fit = budget / piece;
+    assert_eq!(s["partial_lines_bytes"], fit * piece, "{s}");
+    assert_eq!(s["partial_lines_refused"], n as usize - fit, "{s}");
+    assert_eq!(s["partial_lines_max"], budget);
+    let (mut refused, mut held) = (0, 0);
+    for c in &mut hogs {
+        match c.try_recv(Duration::from_millis(200)) {
+            Some(reply) => {
+                assert_eq!(reply["event"], "error");
+                let error = reply["error"].as_str().unwrap();
+                assert!(error.contains("partial_lines_max") && error.contains("200000 bytes"), "{error}");
+                assert!(c.closed_by_server());
+                refused += 1;
+            }
+            None => {
+                // Still held: ending the line gets it its answer.
+                c.send("");
+                assert!(c.recv()["error"].as_str().unwrap().contains("cannot read this request"));
+                held += 1;
+            }
+        }
+    }
+    assert_eq!((refused, held), (n as usize - fit, fit));
+    assert_serves(&daemon);
+    let metrics = common::http_get(daemon.metrics_addr.unwrap(), "/metrics");
+    assert!(metrics.contains(&format!("taskd_partial_lines_max_bytes {budget}")), "{metrics}");
+    assert!(metrics.contains("taskd_partial_lines_bytes 0"), "{metrics}");
+    assert!(metrics.contains(&format!("taskd_partial_lines_refused_total {}", n as usize - fit)));
+}
+
+#[test]
+fn past_task_queue_bytes_max_a_job_gets_server_busy_with_a_sentence() {
+    let daemon = Daemon::start(&[
+        "--task-queue-bytes-max",
+        "2097152",
+        "--task-worker-num",
+        "1",
+        "--simulate-ms",
+        "2000",
+    ]);
+    let big =
+        |to: &str| serde_json::json!({"type": "email", "to": to, "body": "b".repeat(700_000)}).to_string();
+    let mut client = daemon.connect();
+    let a = client.submit(&big("one@example.com"));
+    let b = client.submit(&big("two@example.com"));
+    client.send(&big("three@example.com"));
+    let busy = client.recv();
+    assert_eq!(busy["event"], "error", "{busy}");
+    let error = busy["error"].as_str().unwrap();
+    assert!(
+        error.starts_with("server busy, retry later")
+            && error.contains("task_queue_bytes_max (2097152 bytes)"),
+        "{error}"
+    );
+    let s = stats(&daemon);
+    assert!(s["task_queue_bytes"].as_u64().unwrap() >= 1_400_000, "{s}");
+    assert_eq!(s["task_queue_bytes_max"], 2097152);
+    // A small job still fits beside them.
+    let small = client.submit("small@example.com");
+    let mut others = Vec::new();
+    for id in [&a["task_id"], &b["task_id"], &small["task_id"]] {
+        if !others.iter().any(|r: &serde_json::Value| &r["task_id"] == id && r["event"] == "done") {
+            assert_eq!(client.final_reply(id, &mut others)["event"], "done");
+        }
+    }
+    // Room again once they are done.
+    wait_for("the payloads to be given back", || (stats(&daemon)["task_queue_bytes"] == 0).then_some(()));
+    let c = client.submit(&big("four@example.com"));
+    assert_eq!(client.final_reply(&c["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn an_email_body_past_email_body_max_gets_an_error() {
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    let mut client = daemon.connect();
+    let line =
+        serde_json::json!({"type": "email", "to": "a@example.com", "body": "b".repeat(1024 * 1024 + 1)})
+            .to_string();
+    client.send(&line);
+    let reply = client.recv();
+    assert_eq!(reply["event"], "error");
+    assert_eq!(reply["error"], "field \"body\" is 1048577 bytes, longer than email_body_max (1048576 bytes)");
+    drop(daemon);
+
+    let daemon = Daemon::start(&["--simulate-ms", "0", "--email-body-max", "100"]);
+    let mut client = daemon.connect();
+    client.send(&format!("email a@example.com {}", "w".repeat(101)));
+    assert!(client.recv()["error"].as_str().unwrap().contains("email_body_max (100 bytes)"));
+    let ok = client.submit(&format!("email a@example.com {}", "w".repeat(100)));
+    assert_eq!(client.final_reply(&ok["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn many_connections_sending_unfinished_lines_at_once_each_get_the_error_or_are_held() {
+    let budget: u64 = 2 * 1024 * 1024;
+    let daemon = Daemon::start(&["--simulate-ms", "0", "--partial-lines-max", &budget.to_string()]);
+    let (piece, n) = (200_000u64, 30u64);
+    let addr = daemon.addr;
+    let senders: Vec<_> = (0..n)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr);
+                // A refused one lingers: the rest of its line is read and dropped, no reset.
+                c.send_raw(&vec![b'x'; piece as usize]);
+                c
+            })
+        })
+        .collect();
+    let mut hogs: Vec<Client> = senders.into_iter().map(|s| s.join().unwrap()).collect();
+    wait_for("every unfinished line read, held or refused", || {
+        let s = stats(&daemon);
+        let held = s["partial_lines_bytes"].as_u64()?;
+        let refused = s["partial_lines_refused"].as_u64()?;
+        (held % piece == 0 && refused + held / piece == n).then_some(())
+    });
+    let (mut refused, mut held) = (0, 0);
+    for c in &mut hogs {
+        match c.try_recv(Duration::from_millis(200)) {
+            Some(reply) => {
+                assert!(reply["error"].as_str().unwrap().contains("partial_lines_max"), "{reply}");
+                assert!(c.closed_by_server());
+                refused += 1;
+            }
+            None => {
+                assert!(!c.closed_by_server_now(), "a connection was closed without its error line");
+                c.send("");
+                assert!(c.recv()["error"].as_str().unwrap().contains("cannot read this request"));
+                held += 1;
+            }
+        }
+    }
+    assert_eq!(refused + held, n);
+    assert!(held * piece <= budget && held >= 1, "{held} held");
+    assert_eq!(stats(&daemon)["partial_lines_refused"], refused);
+    assert_serves(&daemon);
+}
+
+#[test]
+fn a_flood_of_large_jobs_at_once_is_read_no_faster_than_the_workers_take_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "20000",
+        "--input-total-max",
+        "4194304",
+        "--task-queue-bytes-max",
+        "8388608",
+    ]);
+    daemon.wait_pool(2, 4);
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (stop, pid) = (stop.clone(), daemon.pid);
+        std::thread::spawn(move || {
+            let mut max = 0;
+            while !stop.load(Ordering::Relaxed) {
+                max = max.max(rss_kb(pid));
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            max
+        })
+    };
+    let line = serde_json::json!({"type": "email", "to": "a@example.com", "body": "b".repeat(1024 * 1024)})
+        .to_string();
+    // 40 MiB of jobs arrive at once; the kernel holds what the master does not read yet.
+    let mut clients: Vec<Client> = (0..40).map(|_| daemon.connect()).collect();
+    for c in &mut clients {
+        c.send(&line);
+    }
+    let (mut accepted, mut busy) = (0, 0);
+    for c in &mut clients {
+        let reply = c.recv();
+        match reply["event"].as_str() {
+            Some("accepted") => accepted += 1,
+            Some("error") => {
+                assert!(reply["error"].as_str().unwrap().contains("task_queue_bytes_max"), "{reply}");
+                busy += 1;
+            }
+            _ => panic!("{reply}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let max_rss = sampler.join().unwrap();
+    let s = stats(&daemon);
+    println!("{accepted} accepted, {busy} busy; master RSS max {max_rss} kB; {s}");
+    assert_eq!(accepted + busy, 40);
+    assert!((1..=8).contains(&accepted), "{accepted} jobs of 1 MiB accepted under an 8 MiB budget");
+    assert!(s["input_pauses"].as_u64().unwrap() >= 1, "{s}");
+    // Only the `stats` request itself is in flight.
+    assert!(s["input_bytes"].as_u64().unwrap() < 64, "{s}");
+    // The held jobs (up to 8 MiB) and the requests in flight (up to 4 MiB, a few copies each).
+    assert!(max_rss < 96 * 1024, "master RSS reached {max_rss} kB");
+}
+
+#[test]
+fn a_websocket_client_that_pipelines_is_paced_too_and_gets_one_answer_per_message() {
+    use tungstenite::Message;
+    let daemon = Daemon::start(&["--ws-port", "0", "--simulate-ms", "0", "--input-requests-max", "8"]);
+    let addr = daemon.ws_addr.expect("a WebSocket listener");
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/")).expect("WebSocket handshake");
+    if let tungstenite::stream::MaybeTlsStream::Plain(s) = ws.get_ref() {
+        s.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    }
+    let n = 2000;
+    for i in 0..n {
+        ws.send(Message::text(format!("x{i}"))).unwrap();
+    }
+    ws.send(Message::text("stats")).unwrap();
+    let mut errors = 0;
+    let stats = loop {
+        let Message::Text(t) = ws.read().expect("a message") else { continue };
+        let reply: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+        match reply["event"].as_str() {
+            Some("error") => errors += 1,
+            Some("stats") => break reply,
+            _ => panic!("{reply}"),
+        }
+    };
+    assert_eq!(errors, n, "one answer per message");
+    assert!(stats["input_pauses"].as_u64().unwrap() >= 1, "{stats}");
+}

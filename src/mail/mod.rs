@@ -27,11 +27,18 @@ pub struct MailConfig {
     pub outbox: PathBuf,
     /// How long a batch waits for its slowest job before answering with what is done.
     pub batch_timeout_ms: u64,
+    /// Longest email body in bytes: a job's payload is held in the master until it is done.
+    pub email_body_max: usize,
 }
 
 impl Default for MailConfig {
     fn default() -> Self {
-        MailConfig { simulate_ms: 1000, outbox: PathBuf::from("taskd-outbox.log"), batch_timeout_ms: 30_000 }
+        MailConfig {
+            simulate_ms: 1000,
+            outbox: PathBuf::from("taskd-outbox.log"),
+            batch_timeout_ms: 30_000,
+            email_body_max: request::FieldLimits::default().email_body_max,
+        }
     }
 }
 
@@ -109,7 +116,10 @@ impl MailApp {
             TaskError::Busy { queued, limit } => json!({
                 "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
             }),
-            TaskError::TooLarge { .. } | TaskError::NoSuchTaskProcess { .. } | TaskError::Unavailable(_) => {
+            TaskError::TooLarge { .. }
+            | TaskError::QueueBytes { .. }
+            | TaskError::NoSuchTaskProcess { .. }
+            | TaskError::Unavailable(_) => {
                 json!({"event": "error", "error": err.to_string()})
             }
         };
@@ -227,7 +237,8 @@ impl Application for MailApp {
     }
 
     fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]) {
-        let parsed = request::parse(data).and_then(|r| {
+        let limits = request::FieldLimits { email_body_max: self.config.email_body_max };
+        let parsed = request::parse_with(data, &limits).and_then(|r| {
             let jobs = match &r {
                 Request::Job(job) => std::slice::from_ref(job),
                 Request::Batch(jobs) => &jobs[..],

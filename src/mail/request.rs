@@ -10,6 +10,9 @@ pub const MAX_SUBJECT: usize = 998;
 pub const MAX_SMS_TEXT: usize = 1600;
 /// Most jobs in one batch.
 pub const MAX_BATCH: usize = 100;
+/// Longest email body by default (bytes): a job's payload is held in the master until it is
+/// done, so its size is a memory budget (`email_body_max`).
+pub const DEFAULT_EMAIL_BODY_MAX: usize = 1024 * 1024;
 /// Longest simulated delivery a job may ask for.
 pub const MAX_DELAY_MS: u64 = 3_600_000;
 
@@ -70,11 +73,29 @@ pub enum Request {
     Result(u64),
 }
 
+/// The field limits the operator sets; the others are fixed by the standards above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldLimits {
+    /// Longest email body, in bytes.
+    pub email_body_max: usize,
+}
+
+impl Default for FieldLimits {
+    fn default() -> Self {
+        FieldLimits { email_body_max: DEFAULT_EMAIL_BODY_MAX }
+    }
+}
+
 const HELP: &str = "expected an email address, a phone number, `email ADDRESS [text]`, `sms NUMBER [text]`, \
 a JSON job such as {\"type\":\"email\",\"to\":\"a@example.com\"}, `stats`, or {\"type\":\"result\",\"task_id\":N}";
 
-/// Reads one request line (without its line ending).
+/// Reads one request line (without its line ending), with the default field limits.
 pub fn parse(line: &[u8]) -> Result<Request, String> {
+    parse_with(line, &FieldLimits::default())
+}
+
+/// Reads one request line (without its line ending).
+pub fn parse_with(line: &[u8], limits: &FieldLimits) -> Result<Request, String> {
     let line = std::str::from_utf8(line)
         .map_err(|e| format!("request is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))?;
     if line.contains('\0') {
@@ -85,7 +106,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
         return Err(format!("empty request: {HELP}"));
     }
     if line.starts_with('{') || line.starts_with('[') || line.starts_with('"') {
-        return parse_json(line);
+        return parse_json(line, limits);
     }
     let (word, rest) = match line.split_once(char::is_whitespace) {
         Some((w, r)) => (w, r.trim()),
@@ -99,6 +120,7 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
                 return Err("`email` needs an address: email ADDRESS [text]".into());
             }
             let to = valid_email(to)?;
+            check_body(text, limits)?;
             let body = (!text.is_empty()).then(|| text.to_string());
             Ok(Request::Job(Job {
                 kind: Kind::Email,
@@ -157,16 +179,16 @@ fn split_word(s: &str) -> (&str, &str) {
     }
 }
 
-fn parse_json(line: &str) -> Result<Request, String> {
+fn parse_json(line: &str, limits: &FieldLimits) -> Result<Request, String> {
     let value: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(obj) = value else {
         return Err(format!("a JSON request must be an object, not {}", type_name(&value)));
     };
     match obj.get("type") {
         None => Err("missing field \"type\": use \"email\", \"sms\" or \"batch\"".into()),
-        Some(Value::String(t)) if t == "batch" => parse_batch(&obj),
+        Some(Value::String(t)) if t == "batch" => parse_batch(&obj, limits),
         Some(Value::String(t)) if t == "result" => parse_result(&obj),
-        Some(_) => parse_job(&obj).map(Request::Job),
+        Some(_) => parse_job(&obj, limits).map(Request::Job),
     }
 }
 
@@ -187,7 +209,7 @@ fn parse_result(obj: &Map<String, Value>) -> Result<Request, String> {
     }
 }
 
-fn parse_batch(obj: &Map<String, Value>) -> Result<Request, String> {
+fn parse_batch(obj: &Map<String, Value>, limits: &FieldLimits) -> Result<Request, String> {
     for key in obj.keys() {
         if key != "type" && key != "jobs" {
             return Err(format!(
@@ -215,12 +237,12 @@ fn parse_batch(obj: &Map<String, Value>) -> Result<Request, String> {
         if job.get("type").and_then(Value::as_str) == Some("batch") {
             return Err(format!("job {i} of the batch is itself a batch: batches do not nest"));
         }
-        out.push(parse_job(job).map_err(|e| format!("job {i} of the batch: {e}"))?);
+        out.push(parse_job(job, limits).map_err(|e| format!("job {i} of the batch: {e}"))?);
     }
     Ok(Request::Batch(out))
 }
 
-fn parse_job(obj: &Map<String, Value>) -> Result<Job, String> {
+fn parse_job(obj: &Map<String, Value>, limits: &FieldLimits) -> Result<Job, String> {
     let kind = match obj.get("type") {
         None => return Err("missing field \"type\": use \"email\" or \"sms\"".into()),
         Some(Value::String(t)) => match t.as_str() {
@@ -285,6 +307,7 @@ fn parse_job(obj: &Map<String, Value>) -> Result<Job, String> {
         }
     }
     let body = optional_string(obj, "body")?;
+    check_body(body.as_deref().unwrap_or(""), limits)?;
     let text = optional_string(obj, "text")?;
     check_sms_text(text.as_deref())?;
     Ok(Job { kind, to, subject, body, text, delay_ms, task_worker })
@@ -296,6 +319,17 @@ fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(other) => Err(format!("field {key:?} must be a string, not {}", type_name(other))),
     }
+}
+
+fn check_body(body: &str, limits: &FieldLimits) -> Result<(), String> {
+    let max = limits.email_body_max;
+    if body.len() > max {
+        return Err(format!(
+            "field \"body\" is {} bytes, longer than email_body_max ({max} bytes)",
+            body.len()
+        ));
+    }
+    Ok(())
 }
 
 fn check_sms_text(text: Option<&str>) -> Result<(), String> {
@@ -452,6 +486,23 @@ mod tests {
         assert!(err(br#"{"type":"batch","jobs":[{"type":"email"}]}"#).starts_with("job 0 of the batch"));
         assert!(err(b"hello world").contains("cannot read this request"));
         assert!(err(b"email").contains("needs an address"));
+    }
+
+    #[test]
+    fn an_email_body_past_its_limit_is_refused_in_every_form() {
+        let limits = FieldLimits { email_body_max: 10 };
+        let ok = format!(r#"{{"type":"email","to":"a@example.com","body":"{}"}}"#, "b".repeat(10));
+        assert!(parse_with(ok.as_bytes(), &limits).is_ok());
+        let long = format!(r#"{{"type":"email","to":"a@example.com","body":"{}"}}"#, "b".repeat(11));
+        let error = parse_with(long.as_bytes(), &limits).unwrap_err();
+        assert!(error.contains("11 bytes, longer than email_body_max (10 bytes)"), "{error}");
+        let typed = format!("email a@example.com {}", "w".repeat(11));
+        assert!(parse_with(typed.as_bytes(), &limits).unwrap_err().contains("email_body_max"));
+        let batch = format!(r#"{{"type":"batch","jobs":[{}]}}"#, long);
+        assert!(parse_with(batch.as_bytes(), &limits).unwrap_err().starts_with("job 0 of the batch"));
+        // The default is the documented 1 MiB.
+        let at_default = format!("email a@example.com {}", "w".repeat(DEFAULT_EMAIL_BODY_MAX + 1));
+        assert!(parse(at_default.as_bytes()).unwrap_err().contains("email_body_max"));
     }
 
     #[test]

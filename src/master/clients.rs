@@ -1,5 +1,6 @@
 //! The master's client side: accepting, reading request lines (TCP and WebSocket),
-//! dispatching them to workers, writing replies, closing sessions.
+//! dispatching them to workers, writing replies, closing sessions. Reading is paced by the
+//! workers (input flow control) and unfinished lines share one budget (`partial_lines_max`).
 
 use super::*;
 
@@ -124,10 +125,15 @@ impl<A: Application> Master<'_, A> {
         }
         loop {
             let Some(conn) = self.conns.get_mut(key) else { return };
-            let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
-            if conn.read_closed || conn.close_after_flush {
+            if conn.read_closed || conn.close_after_flush || conn.paused {
                 return;
             }
+            if conn.input_over(self.config.input_buffer_size, self.config.input_requests_max)
+                || self.counters.input_bytes >= self.config.input_total_max
+            {
+                return self.pause(key);
+            }
+            let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
             match ws::read(socket, &mut conn.stream) {
                 ws::Incoming::Lines(lines) => {
                     conn.last_active = Instant::now();
@@ -159,16 +165,39 @@ impl<A: Application> Master<'_, A> {
     }
 
     pub(super) fn read_conn(&mut self, key: usize) {
+        if self.conns.get(key).is_some_and(|c| c.lingering.is_some()) {
+            return self.linger_read(key);
+        }
         if !matches!(self.phase, Phase::Running) {
             // Shutting down: what is already dispatched is answered, nothing new is read.
             return;
+        }
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.paused {
+            if !conn.input_caught_up(self.config.input_buffer_size, self.config.input_requests_max)
+                || self.counters.input_bytes >= self.config.input_total_max
+            {
+                // Its workers (or all workers) are still behind: what it sends waits in the socket.
+                return;
+            }
+            conn.paused = false;
+            self.counters.input_paused -= 1;
+            if conn.ws.is_none() && !conn.partial.is_empty() {
+                // Complete lines read ahead before the pause come first.
+                self.take_lines(key, &[]);
+            }
         }
         if self.conns.get(key).is_some_and(|c| c.ws.is_some()) {
             return self.read_ws(key);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         while let Some(conn) = self.conns.get_mut(key) {
-            if conn.read_closed || conn.close_after_flush {
+            if conn.read_closed || conn.close_after_flush || conn.paused {
+                break;
+            }
+            if self.counters.input_bytes >= self.config.input_total_max {
+                // All workers are as far behind as they may get: not even read into a buffer.
+                self.pause(key);
                 break;
             }
             match conn.read(&mut scratch) {
@@ -192,18 +221,31 @@ impl<A: Application> Master<'_, A> {
         self.scratch = scratch;
     }
 
-    /// Splits newly read bytes into request lines and dispatches each.
+    /// Splits newly read bytes into request lines and dispatches each, until the connection's
+    /// workers are too far behind (input flow control): then the rest is kept, unread lines
+    /// included, and the connection is paused.
     pub(super) fn take_lines(&mut self, key: usize, fresh: &[u8]) {
         let max = self.config.package_max_length;
-        let mut partial = std::mem::take(&mut self.conns[key].partial);
-        let data: &[u8] = if partial.is_empty() {
-            fresh
-        } else {
-            partial.extend_from_slice(fresh);
-            &partial
-        };
+        let (max_bytes, max_requests) = (self.config.input_buffer_size, self.config.input_requests_max);
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let mut held = std::mem::take(&mut conn.partial);
+        let before = held.len();
+        let from_held = !held.is_empty();
+        if from_held {
+            // Exactly what is needed: this buffer is counted against partial_lines_max.
+            held.reserve_exact(fresh.len());
+            held.extend_from_slice(fresh);
+        }
+        let data: &[u8] = if from_held { &held } else { fresh };
         let mut pos = 0;
-        let rest = loop {
+        let mut pause = false;
+        // Where the bytes to keep begin (None: keep nothing, the connection is lost).
+        let keep_from = loop {
+            let all_full = self.counters.input_bytes >= self.config.input_total_max;
+            if all_full || self.conns.get(key).is_none_or(|c| c.input_over(max_bytes, max_requests)) {
+                pause = true;
+                break Some(pos);
+            }
             match protocol::next_line(&data[pos..], max) {
                 Ok(Some((line, used))) => {
                     if protocol::looks_like_http(line) {
@@ -213,7 +255,7 @@ impl<A: Application> Master<'_, A> {
                     self.dispatch_request(key, line);
                     pos += used;
                 }
-                Ok(None) => break Some(&data[pos..]),
+                Ok(None) => break Some(pos),
                 Err(too_long) => {
                     let conn = &mut self.conns[key];
                     tracing::warn!(
@@ -232,9 +274,101 @@ impl<A: Application> Master<'_, A> {
                 }
             }
         };
-        let rest = rest.map(<[u8]>::to_vec).unwrap_or_default();
-        if let Some(conn) = self.conns.get_mut(key) {
-            conn.partial = rest;
+        let kept = match keep_from {
+            Some(from) if from < data.len() => {
+                if from_held {
+                    held.drain(..from);
+                    if held.capacity() > 2 * held.len() + 4096 {
+                        held.shrink_to_fit();
+                    }
+                    held
+                } else {
+                    fresh[from..].to_vec()
+                }
+            }
+            _ => Vec::new(),
+        };
+        let after = kept.len();
+        self.counters.partial_bytes = self.counters.partial_bytes - before + after;
+        let Some(conn) = self.conns.get_mut(key) else {
+            self.counters.partial_bytes -= after;
+            return;
+        };
+        conn.partial = kept;
+        if pause {
+            self.pause(key);
+        }
+        if after > before {
+            self.enforce_partial_budget();
+        }
+    }
+
+    /// Stops reading a connection until its workers catch up (`resume_paused`).
+    pub(super) fn pause(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if !conn.paused {
+            conn.paused = true;
+            self.counters.input_paused += 1;
+            self.counters.input_pauses += 1;
+            self.paused.push(key);
+        }
+    }
+
+    /// Reads again the paused connections whose workers have caught up.
+    pub(super) fn resume_paused(&mut self) {
+        if self.paused.is_empty() {
+            return;
+        }
+        let (max_bytes, max_requests) = (self.config.input_buffer_size, self.config.input_requests_max);
+        for key in std::mem::take(&mut self.paused) {
+            match self.conns.get(key) {
+                Some(conn) if conn.paused => {
+                    let all_full = self.counters.input_bytes >= self.config.input_total_max;
+                    if !all_full && conn.input_caught_up(max_bytes, max_requests) {
+                        self.read_conn(key);
+                    } else {
+                        self.paused.push(key);
+                    }
+                }
+                // Resumed already, or closed (a new connection under the key is not paused,
+                // or is listed itself).
+                _ => {}
+            }
+        }
+    }
+
+    /// Past `partial_lines_max`, the connection holding the largest unfinished line loses it:
+    /// it gets an error and is closed (its framing is lost). The largest, not the one that
+    /// read last, so that a client that is merely between two segments of a short line is
+    /// not cut off because others hold megabytes.
+    fn enforce_partial_budget(&mut self) {
+        let budget = self.config.partial_lines_max;
+        while self.counters.partial_bytes > budget {
+            let largest = self
+                .conns
+                .iter()
+                .filter(|(_, c)| !c.partial.is_empty())
+                .max_by_key(|(_, c)| c.partial.len())
+                .map(|(key, c)| (key, c.partial.len()));
+            let Some((key, len)) = largest else { break };
+            let conn = &mut self.conns[key];
+            conn.partial = Vec::new();
+            crate::limits::freed(len);
+            self.counters.partial_bytes -= len;
+            self.counters.partial_refused += 1;
+            tracing::warn!(
+                "client {}: its unfinished request line ({len} bytes) does not fit partial_lines_max \
+                 ({budget} bytes for all connections); closing",
+                conn.peer
+            );
+            let msg = format!(
+                "server busy: too much unfinished input is held for all clients (partial_lines_max, \
+                 {budget} bytes), so this connection's unfinished request line of {len} bytes was \
+                 dropped; closing the connection"
+            );
+            conn.queue(&protocol::error_line(&msg));
+            conn.close_after_flush = true;
+            self.mark_dirty(key);
         }
     }
 
@@ -262,23 +396,29 @@ impl<A: Application> Master<'_, A> {
             }
         };
         self.counters.dispatch_count += 1;
-        self.deliver(worker, session, Delivery::Request, |seq, out| {
+        let bytes = self.deliver(worker, session, Delivery::Request, |seq, out| {
             Frame::Request { seq, session, data: line }.encode(out)
         });
+        let conn = &mut self.conns[key];
+        conn.input_requests += 1;
+        conn.input_bytes += bytes;
+        self.counters.input_bytes += bytes;
     }
 
-    /// Writes a delivery to a worker slot and keeps it until the slot commits it.
+    /// Writes a delivery to a worker slot and keeps it until the slot commits it; returns its
+    /// size.
     pub(super) fn deliver(
         &mut self,
         worker: usize,
         session: u64,
         kind: Delivery,
         encode: impl FnOnce(u64, &mut Vec<u8>),
-    ) {
+    ) -> usize {
         let slot = &mut self.workers[worker];
         let seq = slot.log.next_seq();
         let bytes = slot.log.push(seq, session, kind, |out| encode(seq, out));
         slot.chan.output().extend_from_slice(bytes);
+        bytes.len()
     }
 
     pub(super) fn conn_mut(&mut self, session: u64) -> Option<(usize, &mut Conn)> {
@@ -291,7 +431,7 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn send_to_session(&mut self, session: u64, data: &[u8]) {
         let limit = self.config.buffer_output_size;
-        let Some((key, conn)) = self.conn_mut(session) else {
+        let Some((key, conn)) = self.conn_mut(session).filter(|(_, c)| c.lingering.is_none()) else {
             tracing::debug!("dropping {} bytes for closed session {session}", data.len());
             return;
         };
@@ -330,7 +470,65 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
+    /// Closes a connection; one closed after an error line, whose client may still be
+    /// sending, lingers first (`linger_read`).
     pub(super) fn close_conn(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        if conn.lingering.is_some() {
+            // Closing already: `linger_read` or `end_lingering` ends it.
+            return;
+        }
+        let mid_stream = conn.close_after_flush && !conn.read_closed && conn.unwritten() == 0;
+        if mid_stream && conn.stream.shutdown(std::net::Shutdown::Write).is_ok() {
+            let deadline = Instant::now() + LINGER;
+            conn.lingering = Some(deadline);
+            self.counters.partial_bytes -= conn.partial.len();
+            conn.partial = Vec::new();
+            self.lingering.push_back((key, conn.session, deadline));
+            // What arrived before this turn ended is read (and dropped) now.
+            return self.linger_read(key);
+        }
+        self.drop_conn(key);
+    }
+
+    /// Reads and drops what a lingering connection sends, and closes it at its end.
+    fn linger_read(&mut self, key: usize) {
+        // Its own buffer: this may run while a read holds the shared scratch.
+        let mut sink = [0u8; 16 * 1024];
+        // Bounded per event: a client that sends without end is closed at its deadline.
+        for _ in 0..16 {
+            let Some(conn) = self.conns.get_mut(key) else { break };
+            match conn.read(&mut sink) {
+                Ok(0) => {
+                    self.drop_conn(key);
+                    break;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(_) => {
+                    self.drop_conn(key);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Closes the lingering connections whose time is up.
+    pub(super) fn end_lingering(&mut self) {
+        let now = Instant::now();
+        while let Some(&(key, session, at)) = self.lingering.front() {
+            if at > now {
+                break;
+            }
+            self.lingering.pop_front();
+            if self.conns.get(key).is_some_and(|c| c.session == session && c.lingering.is_some()) {
+                self.drop_conn(key);
+            }
+        }
+    }
+
+    /// Closes a connection now.
+    fn drop_conn(&mut self, key: usize) {
         if !self.conns.contains(key) {
             return;
         }
@@ -340,6 +538,10 @@ impl<A: Application> Master<'_, A> {
             // A WebSocket connection closed before its upgrade.
             self.ws_handshake_over();
         }
+        self.counters.partial_bytes -= conn.partial.len();
+        if conn.paused {
+            self.counters.input_paused -= 1;
+        }
         self.counters.close_count += 1;
         tracing::debug!("client {} closed (session {})", conn.peer, conn.session);
         if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {
@@ -348,6 +550,9 @@ impl<A: Application> Master<'_, A> {
                 Frame::Close { seq, session }.encode(out)
             });
         }
+        let held = conn.held_bytes();
+        drop(conn);
+        crate::limits::freed(held);
     }
 
     pub(super) fn flush_conns(&mut self) {

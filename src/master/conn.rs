@@ -41,6 +41,17 @@ pub struct Conn {
     pub ws: Option<Box<WsState>>,
     /// Its workers were told of it (on_connect), so they are told when it closes.
     pub announced: bool,
+    /// Input flow control: requests sent to workers and not committed yet, and their bytes.
+    pub input_requests: usize,
+    pub input_bytes: usize,
+    /// Not read while its workers are behind; `partial` may then hold complete lines read
+    /// ahead, handled first when reading resumes.
+    pub paused: bool,
+    /// Closing after an error line: our side is shut down and what the client still sends is
+    /// read and dropped until it closes too or this deadline passes, so that the kernel does
+    /// not answer its unread bytes with a reset that destroys the error line (nginx's
+    /// lingering close).
+    pub lingering: Option<Instant>,
 }
 
 /// What a flush achieved.
@@ -67,11 +78,20 @@ impl Conn {
             last_active: Instant::now(),
             ws: None,
             announced: false,
+            input_requests: 0,
+            input_bytes: 0,
+            paused: false,
+            lingering: None,
         }
     }
 
     pub fn queue(&mut self, data: &[u8]) {
         self.out.extend_from_slice(data);
+    }
+
+    /// The memory its buffers take.
+    pub fn held_bytes(&self) -> usize {
+        self.partial.capacity() + self.out.capacity()
     }
 
     pub fn unwritten(&self) -> usize {
@@ -109,6 +129,24 @@ impl Conn {
                 other => return other,
             }
         }
+    }
+
+    /// Whether its workers are as far behind as it may get (`input_buffer_size` bytes or
+    /// `input_requests_max` requests not handled): then it is not read.
+    pub fn input_over(&self, max_bytes: usize, max_requests: usize) -> bool {
+        self.input_bytes >= max_bytes || self.input_requests >= max_requests
+    }
+
+    /// Whether a paused connection may be read again: its workers caught up halfway, so that
+    /// reading resumes in long stretches rather than one request at a time.
+    pub fn input_caught_up(&self, max_bytes: usize, max_requests: usize) -> bool {
+        self.input_bytes <= max_bytes / 2 && self.input_requests <= max_requests / 2
+    }
+
+    /// A worker committed one request of this connection, of `bytes` as delivered.
+    pub fn input_committed(&mut self, bytes: usize) {
+        self.input_requests = self.input_requests.saturating_sub(1);
+        self.input_bytes = self.input_bytes.saturating_sub(bytes);
     }
 
     /// Whether nothing more will happen on this connection: safe to close.

@@ -74,6 +74,8 @@ pub struct Jobs {
     /// Jobs waiting for one given task process (`task_to`), per slot.
     targeted: HashMap<u32, VecDeque<u64>>,
     pub groups: HashMap<u64, Group>,
+    /// Bytes of the payloads (data and context) of every job in `all` (`task_queue_bytes_max`).
+    bytes: usize,
 }
 
 impl Jobs {
@@ -136,7 +138,9 @@ impl Jobs {
             batch: 0,
             reply: Vec::new(),
         };
-        if self.all.insert(task_id, job).is_some() {
+        self.bytes += context.len() + data.len();
+        if let Some(old) = self.all.insert(task_id, job) {
+            self.bytes -= old.context.len() + old.data.len();
             tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
         }
         if self.durable {
@@ -184,7 +188,14 @@ impl Jobs {
     }
 
     pub fn remove(&mut self, task_id: u64) -> Option<Job> {
-        self.all.remove(&task_id)
+        let job = self.all.remove(&task_id)?;
+        self.bytes -= job.context.len() + job.data.len();
+        Some(job)
+    }
+
+    /// Bytes of the payloads of the jobs held (queued or running).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     pub fn len(&self) -> usize {

@@ -69,6 +69,9 @@ const POOL_STOP_LIMIT: Duration = Duration::from_secs(5);
 const HEARTBEAT_SCAN: Duration = Duration::from_secs(1);
 /// How long to wait before accepting again after running out of descriptors.
 const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+/// How long a connection closed after an error line may go on sending (read and dropped)
+/// before it is closed for good.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long the master waits for a dead manager's pool to die with it.
 const ORPHAN_LIMIT: Duration = Duration::from_secs(2);
 
@@ -168,6 +171,10 @@ pub struct Master<'a, A: Application> {
     stop_cause: String,
     /// Handshake deadlines, connection limits and descriptor shortage of the listeners.
     guard: listeners::Guard,
+    /// Connections paused by input flow control, to read again once their workers catch up.
+    paused: Vec<usize>,
+    /// Connections in a lingering close (key, session, deadline), oldest first.
+    lingering: VecDeque<(usize, u64, Instant)>,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -256,6 +263,8 @@ impl<'a, A: Application> Master<'a, A> {
             durable,
             stop_cause: String::new(),
             guard: listeners::Guard::new(config),
+            paused: Vec::new(),
+            lingering: VecDeque::new(),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -392,7 +401,8 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
             .chain(self.durable.as_ref().map(|d| d.lease_due))
-            .chain(self.guard.next_deadline());
+            .chain(self.guard.next_deadline())
+            .chain(self.lingering.front().map(|&(_, _, at)| at));
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -438,6 +448,9 @@ impl<'a, A: Application> Master<'a, A> {
         finished.truncate(waiting);
         finished.append(&mut self.maybe_finished);
         self.maybe_finished = finished;
+        self.resume_paused();
+        self.end_lingering();
+        self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();

@@ -113,6 +113,7 @@ impl<A: Application> Master<'_, A> {
                 Delivery::Request => {
                     *served += 1;
                     counters.request_count += 1;
+                    counters.input_bytes = counters.input_bytes.saturating_sub(entry.bytes());
                 }
                 Delivery::Finish => {}
                 Delivery::Connect | Delivery::Close => return,
@@ -121,6 +122,10 @@ impl<A: Application> Master<'_, A> {
             if let Some(conn) = conns.get_mut(key) {
                 if conn.session == entry.session {
                     conn.outstanding = conn.outstanding.saturating_sub(1);
+                    if entry.kind == Delivery::Request {
+                        // Input flow control: its worker caught up by this much.
+                        conn.input_committed(entry.bytes());
+                    }
                     if conn.read_closed {
                         maybe_finished.push(key);
                     }

@@ -21,8 +21,16 @@ pub struct Entry {
     pub seq: u64,
     pub session: u64,
     pub kind: Delivery,
-    /// Logical offset just past this entry's bytes.
+    /// Logical offsets of this entry's first byte and just past its last.
+    start: u64,
     end: u64,
+}
+
+impl Entry {
+    /// The size of the delivery as written (for input flow control).
+    pub fn bytes(&self) -> usize {
+        (self.end - self.start) as usize
+    }
 }
 
 #[derive(Default)]
@@ -56,7 +64,8 @@ impl ReplayLog {
         let start = self.bytes.len();
         encode(&mut self.bytes);
         let end = self.base + self.bytes.len() as u64;
-        self.entries.push_back(Entry { seq, session, kind, end });
+        let first = self.base + start as u64;
+        self.entries.push_back(Entry { seq, session, kind, start: first, end });
         self.requests += (kind == Delivery::Request) as usize;
         &self.bytes[start..]
     }
@@ -125,8 +134,8 @@ mod tests {
         let _b = push(&mut log, b"bbb");
         let _c = push(&mut log, b"c");
         let mut committed = Vec::new();
-        log.commit(a, |e| committed.push(e.seq));
-        assert_eq!(committed, vec![a]);
+        log.commit(a, |e| committed.push((e.seq, e.bytes())));
+        assert_eq!(committed, vec![(a, 2)]);
         assert_eq!(log.uncommitted(), b"bbbc");
         assert_eq!(log.len(), 2);
         assert_eq!(log.requests(), 2);

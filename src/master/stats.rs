@@ -24,6 +24,15 @@ pub struct Counters {
     pub fork_failures: u64,
     /// Results that came after their group was answered at its timeout.
     pub late_results_dropped: u64,
+    /// Bytes of unfinished request lines (and input read ahead) held for all connections.
+    pub partial_bytes: usize,
+    /// Connections dropped because their unfinished line did not fit `partial_lines_max`.
+    pub partial_refused: u64,
+    /// Connections not read now (input flow control), and how many times one was paused.
+    pub input_paused: u64,
+    pub input_pauses: u64,
+    /// Bytes of requests sent to workers and not committed yet, all connections together.
+    pub input_bytes: usize,
 }
 
 impl Counters {
@@ -44,6 +53,11 @@ impl Counters {
             task_crashes: 0,
             fork_failures: 0,
             late_results_dropped: 0,
+            partial_bytes: 0,
+            partial_refused: 0,
+            input_paused: 0,
+            input_pauses: 0,
+            input_bytes: 0,
         }
     }
 }
@@ -111,6 +125,21 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "results_kept": s.results_kept,
         "processes": processes,
     });
+    if let Some(obj) = line.as_object_mut() {
+        // Input flow control and the memory budgets: each use beside its limit.
+        let cfg = s.config;
+        obj.insert("input_paused_num".into(), c.input_paused.into());
+        obj.insert("input_pauses".into(), c.input_pauses.into());
+        obj.insert("input_buffer_size".into(), cfg.input_buffer_size.into());
+        obj.insert("input_requests_max".into(), cfg.input_requests_max.into());
+        obj.insert("input_bytes".into(), c.input_bytes.into());
+        obj.insert("input_total_max".into(), cfg.input_total_max.into());
+        obj.insert("partial_lines_bytes".into(), c.partial_bytes.into());
+        obj.insert("partial_lines_max".into(), cfg.partial_lines_max.into());
+        obj.insert("partial_lines_refused".into(), c.partial_refused.into());
+        obj.insert("task_queue_bytes".into(), s.jobs.bytes().into());
+        obj.insert("task_queue_bytes_max".into(), cfg.task_queue_bytes_max.into());
+    }
     if let (Some(d), Some(obj)) = (&s.durable, line.as_object_mut()) {
         obj.insert("durable".into(), d.clone());
     }
@@ -149,6 +178,56 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
     metric("task_crashes_total", "counter", "Task processes that died abnormally.", c.task_crashes);
     metric("fork_failures_total", "counter", "Pool processes the manager could not fork.", c.fork_failures);
+    // Input flow control and the memory budgets.
+    metric(
+        "input_paused_connections",
+        "gauge",
+        "Connections not read until their worker catches up.",
+        c.input_paused,
+    );
+    metric(
+        "input_pauses_total",
+        "counter",
+        "Times a connection was paused by input flow control.",
+        c.input_pauses,
+    );
+    metric(
+        "input_bytes",
+        "gauge",
+        "Bytes of requests sent to workers, not handled yet.",
+        c.input_bytes as u64,
+    );
+    metric(
+        "input_max_bytes",
+        "gauge",
+        "Budget of requests in flight to workers (input_total_max).",
+        s.config.input_total_max as u64,
+    );
+    metric("partial_lines_bytes", "gauge", "Bytes of unfinished request lines held.", c.partial_bytes as u64);
+    metric(
+        "partial_lines_max_bytes",
+        "gauge",
+        "Budget of unfinished request lines (partial_lines_max).",
+        s.config.partial_lines_max as u64,
+    );
+    metric(
+        "partial_lines_refused_total",
+        "counter",
+        "Connections closed because their unfinished line did not fit partial_lines_max.",
+        c.partial_refused,
+    );
+    metric(
+        "task_queue_bytes",
+        "gauge",
+        "Bytes of the payloads of queued or running jobs.",
+        s.jobs.bytes() as u64,
+    );
+    metric(
+        "task_queue_max_bytes",
+        "gauge",
+        "Budget of job payloads (task_queue_bytes_max).",
+        s.config.task_queue_bytes_max,
+    );
     if let Some(d) = &s.durable {
         let n = |key: &str| d[key].as_u64().unwrap_or(0);
         let up = d["redis_up"].as_bool().unwrap_or(false);
