@@ -93,8 +93,14 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn read_ws(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
-            match ws::read_opening(&mut conn.stream, buf, &self.guard.origins, &mut self.guard.origin_warning)
-            {
+            let refused = &mut self.counters.listeners[listeners::Listener::Ws as usize].origin;
+            match ws::read_opening(
+                &mut conn.stream,
+                buf,
+                &self.guard.origins,
+                &mut self.guard.origin_warning,
+                refused,
+            ) {
                 Ok(ws::Opening::Partial) => return,
                 Ok(ws::Opening::Http(response)) => {
                     conn.ws = None;

@@ -56,6 +56,7 @@ pub fn read_opening(
     buf: &mut Vec<u8>,
     origins: &crate::net::OriginPolicy,
     refusals: &mut super::listeners::Throttle,
+    refused: &mut u64,
 ) -> io::Result<Opening> {
     let mut chunk = [0u8; 2048];
     loop {
@@ -100,6 +101,7 @@ pub fn read_opening(
     let origin = header("origin");
     let local = stream.local_addr()?;
     if !origins.allows(origin.as_deref(), local) {
+        *refused += 1;
         if let Some(n) = refusals.log() {
             let origin: String = origin.unwrap_or_default().chars().take(200).collect();
             let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
