@@ -33,6 +33,10 @@ pub struct Counters {
     pub input_pauses: u64,
     /// Bytes of requests sent to workers and not committed yet, all connections together.
     pub input_bytes: usize,
+    /// Reply bytes waiting for slow readers, all connections together (`output_total_max`),
+    /// and connections disconnected for holding the most past it.
+    pub output_bytes: usize,
+    pub output_refused: u64,
     /// Refusals and timeouts per listener (`Listener as usize`: line, WebSocket, metrics).
     pub listeners: [Refusals; 3],
 }
@@ -79,6 +83,8 @@ impl Counters {
             input_paused: 0,
             input_pauses: 0,
             input_bytes: 0,
+            output_bytes: 0,
+            output_refused: 0,
             listeners: Default::default(),
         }
     }
@@ -161,6 +167,9 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         obj.insert("partial_lines_refused".into(), c.partial_refused.into());
         obj.insert("task_queue_bytes".into(), s.jobs.bytes().into());
         obj.insert("task_queue_bytes_max".into(), cfg.task_queue_bytes_max.into());
+        obj.insert("output_bytes".into(), c.output_bytes.into());
+        obj.insert("output_total_max".into(), cfg.output_total_max.into());
+        obj.insert("output_refused".into(), c.output_refused.into());
         // Each listener's refusals and timeouts: `line_refused_full`, `ws_refused_origin`, …
         for (name, r) in LISTENERS.iter().zip(&c.listeners) {
             obj.insert(format!("{name}_refused_full"), r.full.into());
@@ -262,6 +271,19 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
         "gauge",
         "Budget of job payloads (task_queue_bytes_max).",
         s.config.task_queue_bytes_max,
+    );
+    metric("output_bytes", "gauge", "Reply bytes waiting for slow readers.", c.output_bytes as u64);
+    metric(
+        "output_max_bytes",
+        "gauge",
+        "Budget of reply bytes waiting for slow readers (output_total_max).",
+        s.config.output_total_max as u64,
+    );
+    metric(
+        "output_refused_total",
+        "counter",
+        "Connections disconnected for holding the most unread replies past output_total_max.",
+        c.output_refused,
     );
     if let Some(d) = &s.durable {
         let n = |key: &str| d[key].as_u64().unwrap_or(0);
