@@ -808,3 +808,30 @@ fn websocket_messages_being_received_count_in_partial_lines_max_and_the_largest_
     assert_eq!(s["partial_lines_bytes"], 0, "nothing held once the messages are whole: {s}");
     assert_serves(&daemon);
 }
+
+#[test]
+fn replies_held_for_a_websocket_client_that_does_not_read_are_counted_and_uncounted_once_read() {
+    use tungstenite::Message;
+    let daemon = Daemon::start(&["--ws-port", "0", "--buffer-output-size", "16777216"]);
+    let addr = daemon.ws_addr.expect("a WebSocket listener");
+    let stream = connect_small_window(addr).unwrap();
+    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
+    // About 2 kB of reply each, none read for now: more than the kernel's buffers take (the
+    // server's send buffer may grow to 4 MB).
+    let n = 4000;
+    for _ in 0..n {
+        ws.send(Message::text("stats")).unwrap();
+    }
+    let held = wait_for("replies to pile up in the master", || {
+        let held = stats(&daemon)["output_bytes"].as_u64()?;
+        (held > 200_000).then_some(held)
+    });
+    assert!(held < 16 * 1024 * 1024, "{held}");
+    ws.get_ref().set_read_timeout(Some(common::DEADLINE)).unwrap();
+    for i in 0..n {
+        let Message::Text(text) = ws.read().expect("a reply") else { panic!("a text message") };
+        assert!(text.as_str().contains("\"event\":\"stats\""), "reply {i}: {text}");
+    }
+    // All written: nothing is counted for it any more.
+    wait_for("the count back to 0", || (stats(&daemon)["output_bytes"] == 0).then_some(()));
+}
