@@ -542,6 +542,7 @@ mod tests {
         refused(ServerConfig { max_request_grace: u64::MAX, ..Default::default() }, "max_request_grace");
         refused(ServerConfig { task_retry_max: u32::MAX, ..Default::default() }, "task_retry_max");
         refused(ServerConfig { log_level: "verbose".into(), ..Default::default() }, "log_level");
+        refused(ServerConfig { output_total_max: 1 << 20, ..Default::default() }, "output_total_max");
         // The bounds themselves pass, and 0 still means no limit.
         for t in [0.0, 0.001, 86_400.0] {
             ServerConfig { task_timeout: t, ..Default::default() }.validate().unwrap();
