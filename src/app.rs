@@ -45,7 +45,8 @@ pub struct Finished<'a> {
     /// What the submitter attached with [`WorkerCtx::task_for`]: everything `on_finish` needs,
     /// since the worker that submitted the task may have been replaced since.
     pub context: &'a [u8],
-    /// `on_task`'s return value, or why the task could not be done.
+    /// `on_task`'s return value, or why the task could not be done. For a group: `Ok` and
+    /// empty, or `Err` when the group was cut short (the server stopping) with why.
     pub result: Result<&'a [u8], &'a str>,
     /// The task process that ran it last (0 if none did).
     pub task_pid: u32,

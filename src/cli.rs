@@ -102,6 +102,8 @@ options! {
     server.package_max_length: usize,
     /// Unread reply bytes after which a client is disconnected [default: 2097152]
     server.buffer_output_size: usize,
+    /// Unread reply bytes of all connections past which the one holding the most is disconnected [default: 67108864]
+    server.output_total_max: usize,
     /// Unhandled request bytes per connection past which it is not read until its worker catches up [default: 1048576]
     server.input_buffer_size: usize,
     /// Unhandled requests per connection past which it is not read until its worker catches up [default: 256]

@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub package_max_length: usize,
     /// A client that lets this many reply bytes pile up unread is disconnected.
     pub buffer_output_size: usize,
+    /// Reply bytes waiting for slow readers, all connections together; past it the
+    /// connection holding the most is disconnected, as one past `buffer_output_size` is.
+    pub output_total_max: usize,
     /// Input flow control: request bytes one connection may have sent that its worker has
     /// not handled yet; past it the master stops reading that connection until the worker
     /// has caught up halfway (the client is slowed down, never disconnected for it).
@@ -160,6 +163,7 @@ impl Default for ServerConfig {
             task_max_request: 0,
             package_max_length: 2 * 1024 * 1024,
             buffer_output_size: 2 * 1024 * 1024,
+            output_total_max: 64 * 1024 * 1024,
             input_buffer_size: 1024 * 1024,
             input_requests_max: 256,
             input_total_max: 8 * 1024 * 1024,
@@ -401,6 +405,14 @@ impl ServerConfig {
             ),
         )?;
         check(
+            self.output_total_max >= self.buffer_output_size,
+            "output_total_max",
+            format!(
+                "{} bytes is below buffer_output_size ({}), the bound of one connection",
+                self.output_total_max, self.buffer_output_size
+            ),
+        )?;
+        check(
             self.partial_lines_max >= line,
             "partial_lines_max",
             format!(
@@ -530,6 +542,7 @@ mod tests {
         refused(ServerConfig { max_request_grace: u64::MAX, ..Default::default() }, "max_request_grace");
         refused(ServerConfig { task_retry_max: u32::MAX, ..Default::default() }, "task_retry_max");
         refused(ServerConfig { log_level: "verbose".into(), ..Default::default() }, "log_level");
+        refused(ServerConfig { output_total_max: 1 << 20, ..Default::default() }, "output_total_max");
         // The bounds themselves pass, and 0 still means no limit.
         for t in [0.0, 0.001, 86_400.0] {
             ServerConfig { task_timeout: t, ..Default::default() }.validate().unwrap();

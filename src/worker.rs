@@ -210,7 +210,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                 }
                 Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result } => {
                     let group = flags & task_flags::GROUP != 0;
-                    let outcomes = if group {
+                    let mut outcomes = if group {
                         decode_outcomes(result).unwrap_or_else(|e| {
                             tracing::error!("worker {slot}: corrupt group result for task {task_id}: {e}");
                             Vec::new()
@@ -218,6 +218,9 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                     } else {
                         vec![(ok, result)]
                     };
+                    // A group cut short (at shutdown) carries its error after its members'.
+                    let cut = if group && !ok { outcomes.pop() } else { None };
+                    let cut = cut.map(|(_, why)| String::from_utf8_lossy(why));
                     let texts: Vec<_> =
                         outcomes.iter().map(|(_, bytes)| String::from_utf8_lossy(bytes)).collect();
                     let as_outcome = |k: usize| -> Outcome<'_> {
@@ -228,7 +231,8 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                         }
                     };
                     let (result, members) = if group {
-                        (Ok(&b""[..]), Some((0..outcomes.len()).map(as_outcome).collect()))
+                        let result = cut.as_deref().map_or(Ok(&b""[..]), Err);
+                        (result, Some((0..outcomes.len()).map(as_outcome).collect()))
                     } else {
                         (as_outcome(0), None)
                     };

@@ -78,6 +78,18 @@ fn a_half_sent_request_is_closed_after_handshake_timeout_on_the_metrics_and_webs
     socket.send(Message::text("stats")).unwrap();
     let reply = socket.read().unwrap();
     assert!(reply.to_text().unwrap().contains("\"event\":\"stats\""), "{reply}");
+    // Each timeout is counted, per listener, in `stats` and in the scrape.
+    let s = stats(&daemon);
+    assert_eq!(
+        (&s["metrics_handshake_timeouts"], &s["ws_handshake_timeouts"]),
+        (&1.into(), &1.into()),
+        "{s}"
+    );
+    let scrape = common::http_get(metrics, "/metrics");
+    for listener in ["ws", "metrics"] {
+        let line = format!("taskd_listener_handshake_timeouts_total{{listener=\"{listener}\"}} 1\n");
+        assert!(scrape.contains(&line), "{line} in {scrape}");
+    }
 }
 
 #[test]
@@ -139,6 +151,9 @@ fn half_open_connections_past_the_metrics_and_websocket_limits_are_refused_while
     let s = stats(&daemon);
     // The 4 half-open WebSocket connections count toward max_conn (with the one held client).
     assert!(s["connection_num"].as_u64().unwrap() >= 5, "{s}");
+    // Every refusal is counted, per listener.
+    assert_eq!((&s["metrics_refused_full"], &s["ws_refused_full"]), (&20.into(), &20.into()), "{s}");
+    assert_eq!(s["line_refused_full"], 0, "{s}");
     // Once the half-open ones go, a scrape and an upgrade get through again.
     drop(scrapes);
     drop(upgrades);
@@ -148,6 +163,9 @@ fn half_open_connections_past_the_metrics_and_websocket_limits_are_refused_while
         read_until_closed(&mut s).starts_with("HTTP/1.1 200").then_some(())
     });
     tungstenite::connect(format!("ws://{ws}/")).expect("upgrade after the half-open ones left");
+    let scrape = common::http_get(metrics, "/metrics");
+    let line = "taskd_listener_refused_total{listener=\"ws\",reason=\"full\"} 20\n";
+    assert!(scrape.contains(line), "{line} in {scrape}");
 }
 
 /// Lowers the open-file limit of a running process (prlimit(2)).
@@ -208,6 +226,10 @@ fn out_of_descriptors_new_connections_are_refused_at_once_and_the_held_ones_serv
         c.send("stats");
         (c.try_recv(DEADLINE)?["event"] == "stats").then_some(())
     });
+    // Each connection refused for lack of descriptors is counted (the wait above may have
+    // been refused too, before descriptors were back).
+    let s = stats(&daemon);
+    assert!(s["line_refused_no_fd"].as_u64().unwrap() >= refused as u64, "{refused} at least: {s}");
 }
 
 /// Opens a WebSocket with an `Origin` header (None: without one); the HTTP status.
@@ -247,6 +269,8 @@ fn a_websocket_upgrade_from_another_origin_gets_403_and_same_host_and_allowed_on
     }
     let log = daemon.wait_log("refused a WebSocket upgrade");
     assert!(log.contains("\"http://evil.example\""), "the log names the origin: {log}");
+    let s = stats(&daemon);
+    assert_eq!((&s["ws_refused_origin"], &s["ws_refused_full"]), (&4.into(), &0.into()), "{s}");
 }
 
 #[test]
@@ -277,6 +301,7 @@ fn http_on_the_line_port_gets_one_error_and_a_close_and_no_job() {
     }
     let after = stats(&daemon);
     assert_eq!(after["tasks_accepted"], 0, "{after}");
+    assert_eq!(after["line_refused_http"], 3, "each HTTP request is counted: {after}");
     // Only the second `stats` was dispatched: no line of the HTTP requests reached a worker.
     assert_eq!(after["dispatch_count"].as_u64(), before["dispatch_count"].as_u64().map(|n| n + 1));
     let log = daemon.wait_log("Possible SECURITY ATTACK detected");

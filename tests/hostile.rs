@@ -90,8 +90,9 @@ fn a_client_that_never_reads_is_cut_off_and_others_see_no_stall() {
     let rss_before = rss_kb(daemon.pid);
     let mut hog = TcpStream::connect(daemon.addr).unwrap();
     hog.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
-    // Each `stats` answer is over a kilobyte; never read any of them.
-    let batch = "stats\n".repeat(50);
+    // Each `stats` answer is about 2 kB; never read any of them. A few at a time: the hog is
+    // to fall behind over several rounds, not all at once.
+    let batch = "stats\n".repeat(20);
     let start = Instant::now();
     let mut cut_off = false;
     // Others served while the hog was still connected with replies piling up: a master that
@@ -626,4 +627,211 @@ fn a_websocket_client_that_pipelines_is_paced_too_and_gets_one_answer_per_messag
     };
     assert_eq!(errors, n, "one answer per message");
     assert!(stats["input_pauses"].as_u64().unwrap() >= 1, "{stats}");
+}
+
+/// A connection whose receive buffer is small (set before connecting, so the window is too):
+/// what it does not read piles up in the server, not in the kernel.
+fn connect_small_window(addr: std::net::SocketAddr) -> std::io::Result<TcpStream> {
+    use nix::sys::socket::{
+        connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    use std::os::fd::AsRawFd;
+    let std::net::SocketAddr::V4(v4) = addr else { panic!("the tests listen on IPv4") };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    setsockopt(&fd, sockopt::RcvBuf, &4096)?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(v4))?;
+    Ok(TcpStream::from(fd))
+}
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn past_output_total_max_the_clients_holding_the_most_unread_replies_are_cut_off_and_others_served() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    // Each hog may hold as much as the whole budget: only the total can cut them off.
+    let budget: u64 = 2 * 1024 * 1024;
+    let b = budget.to_string();
+    // Few requests in flight per connection: another client's request waits behind few.
+    let args = [
+        "--simulate-ms",
+        "0",
+        "--buffer-output-size",
+        &b,
+        "--output-total-max",
+        &b,
+        "--input-requests-max",
+        "16",
+    ];
+    let daemon = Daemon::start(&[&args[..], &["--metrics-addr", "127.0.0.1:0"]].concat());
+    daemon.wait_pool(2, 4);
+    let rss_before = rss_kb(daemon.pid);
+    let stop = Arc::new(AtomicBool::new(false));
+    let cut_off = Arc::new(AtomicU64::new(0));
+    // 16 clients that ask for `stats` (over a kilobyte each) and never read: 16 × 2 MiB
+    // without the total. One that is cut off connects again.
+    let hogs: Vec<_> = (0..16)
+        .map(|_| {
+            let (stop, cut_off, addr) = (stop.clone(), cut_off.clone(), daemon.addr);
+            std::thread::spawn(move || {
+                let chunk = "stats\n".repeat(200);
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(mut s) = connect_small_window(addr) else { continue };
+                    s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        match s.write(chunk.as_bytes()) {
+                            Ok(_) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => {
+                                cut_off.fetch_add(1, Ordering::Relaxed);
+                                break;
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let (mut served, mut most) = (0, 0);
+    // The hogs' replies are made as fast as the workers make `stats`: on a loaded machine that
+    // takes a while, so this waits longer than `wait_for` does.
+    let start = Instant::now();
+    let last = loop {
+        assert!(start.elapsed() < 3 * common::DEADLINE, "no hog cut off by output_total_max");
+        assert_serves(&daemon);
+        served += 1;
+        let s = stats(&daemon);
+        let held = s["output_bytes"].as_u64().unwrap();
+        assert!(held <= budget, "{held} bytes of replies held, over the budget: {s}");
+        most = most.max(held);
+        if s["output_refused"].as_u64().unwrap() >= 6 && served >= 5 {
+            break s;
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    for hog in hogs {
+        hog.join().unwrap();
+    }
+    let peak = peak_rss_kb(daemon.pid);
+    println!(
+        "output_total_max: {} connections cut ({} seen by hogs), at most {most} bytes of replies held; \
+         master RSS {rss_before} kB before, peak {peak} kB; {served} jobs of others served",
+        last["output_refused"],
+        cut_off.load(Ordering::Relaxed)
+    );
+    assert_eq!(last["output_total_max"], budget);
+    // None was cut by its own bound: each held less than the budget when the total cut it.
+    assert!(!daemon.log().contains("over buffer_output_size"), "{}", daemon.log());
+    daemon.wait_log("the most of all while all connections' pending replies are over output_total_max");
+    // 16 × 2 MiB would be 32 MiB; the master stays well under that.
+    assert!(peak.saturating_sub(rss_before) < 20 * 1024, "the master grew by {} kB", peak - rss_before);
+    assert_serves(&daemon);
+    let metrics = common::http_get(daemon.metrics_addr.unwrap(), "/metrics");
+    assert!(metrics.contains(&format!("taskd_output_max_bytes {budget}")), "{metrics}");
+    assert!(metrics.contains("taskd_output_refused_total "), "{metrics}");
+}
+
+/// The header of a masked text frame of `len` bytes with the mask 0 (the payload goes as is).
+fn ws_frame_header(len: u64) -> Vec<u8> {
+    let mut header = vec![0x81, 0x80 | 127];
+    header.extend_from_slice(&len.to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    header
+}
+
+#[test]
+fn websocket_messages_being_received_count_in_partial_lines_max_and_the_largest_are_refused() {
+    use tungstenite::Message;
+    let budget = 2 * 1024 * 1024;
+    let daemon =
+        Daemon::start(&["--ws-port", "0", "--simulate-ms", "0", "--partial-lines-max", &budget.to_string()]);
+    let addr = daemon.ws_addr.expect("a WebSocket listener");
+    // Each sends 200,000 bytes of a 300,000-byte message, and waits.
+    let (piece, whole, n) = (200_000usize, 300_000u64, 20u64);
+    let held_per = (ws_frame_header(whole).len() + piece) as u64;
+    let mut hogs = Vec::new();
+    for i in 0..n {
+        let stream = TcpStream::connect(addr).unwrap();
+        let (mut ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
+        let mut bytes = ws_frame_header(whole);
+        bytes.extend_from_slice(&vec![b'x'; piece]);
+        ws.get_mut().write_all(&bytes).unwrap();
+        hogs.push(ws);
+        // One at a time, read whole by the master before the next.
+        wait_for("the master to read the unfinished message", || {
+            let s = stats(&daemon);
+            let held = s["partial_lines_bytes"].as_u64()?;
+            let refused = s["partial_lines_refused"].as_u64()?;
+            (held + refused * held_per == (i + 1) * held_per).then_some(())
+        });
+    }
+    let s = stats(&daemon);
+    let fit = budget as u64 / held_per;
+    assert_eq!(s["partial_lines_bytes"], fit * held_per, "{s}");
+    assert_eq!(s["partial_lines_refused"], n - fit, "{s}");
+    let (mut refused, mut held) = (0, 0);
+    for ws in &mut hogs {
+        ws.get_ref().set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        match ws.read() {
+            Ok(Message::Text(text)) => {
+                let reply: serde_json::Value = serde_json::from_str(text.as_str()).unwrap();
+                let error = reply["error"].as_str().unwrap_or_default();
+                assert!(
+                    error.contains("partial_lines_max") && error.contains("WebSocket message"),
+                    "{reply}"
+                );
+                ws.get_ref().set_read_timeout(Some(common::DEADLINE)).unwrap();
+                assert!(matches!(ws.read(), Ok(Message::Close(_))), "then a close frame");
+                refused += 1;
+            }
+            Err(tungstenite::Error::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Still held: the rest of the message gets it its answer.
+                ws.get_mut().write_all(&vec![b'x'; (whole as usize) - piece]).unwrap();
+                ws.get_ref().set_read_timeout(Some(common::DEADLINE)).unwrap();
+                let Ok(Message::Text(text)) = ws.read() else { panic!("an answer to the message") };
+                assert!(text.as_str().contains("\"error\""), "{text}");
+                held += 1;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((refused, held), (n - fit, fit));
+    let s = stats(&daemon);
+    assert_eq!(s["partial_lines_bytes"], 0, "nothing held once the messages are whole: {s}");
+    assert_serves(&daemon);
+}
+
+#[test]
+fn replies_held_for_a_websocket_client_that_does_not_read_are_counted_and_uncounted_once_read() {
+    use tungstenite::Message;
+    let daemon = Daemon::start(&["--ws-port", "0", "--buffer-output-size", "16777216"]);
+    let addr = daemon.ws_addr.expect("a WebSocket listener");
+    let stream = connect_small_window(addr).unwrap();
+    let (mut ws, _) = tungstenite::client(format!("ws://{addr}/"), stream).expect("upgrade");
+    // About 2 kB of reply each, none read for now: more than the kernel's buffers take (the
+    // server's send buffer may grow to 4 MB).
+    let n = 4000;
+    for _ in 0..n {
+        ws.send(Message::text("stats")).unwrap();
+    }
+    let held = wait_for("replies to pile up in the master", || {
+        let held = stats(&daemon)["output_bytes"].as_u64()?;
+        (held > 200_000).then_some(held)
+    });
+    assert!(held < 16 * 1024 * 1024, "{held}");
+    ws.get_ref().set_read_timeout(Some(common::DEADLINE)).unwrap();
+    for i in 0..n {
+        let Message::Text(text) = ws.read().expect("a reply") else { panic!("a text message") };
+        assert!(text.as_str().contains("\"event\":\"stats\""), "reply {i}: {text}");
+    }
+    // All written: nothing is counted for it any more.
+    wait_for("the count back to 0", || (stats(&daemon)["output_bytes"] == 0).then_some(()));
 }

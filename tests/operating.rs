@@ -347,8 +347,9 @@ fn sigterm_past_max_wait_time_answers_every_running_and_queued_job_failed() {
 }
 
 #[test]
-fn a_batch_cut_by_shutdown_gets_one_answer_with_each_unfinished_member_failed() {
-    let mut daemon = Daemon::start(&["--task-worker-num", "1", "--max-wait-time", "1", "--simulate-ms", "0"]);
+fn a_batch_cut_by_shutdown_gets_one_failed_with_its_finished_and_unfinished_members() {
+    // Three task processes: each member runs at once on its own; the first one never ends.
+    let mut daemon = Daemon::start(&["--task-worker-num", "3", "--max-wait-time", "1", "--simulate-ms", "0"]);
     let mut client = daemon.connect();
     client.send(
         r#"{"type":"batch","jobs":[{"type":"email","to":"first@example.com","delay_ms":60000},{"type":"sms","to":"+15551234567"},{"type":"email","to":"third@example.com"}]}"#,
@@ -356,20 +357,25 @@ fn a_batch_cut_by_shutdown_gets_one_answer_with_each_unfinished_member_failed() 
     let accepted = client.recv();
     assert_eq!(accepted["event"], "accepted", "{accepted}");
     daemon.wait_log("sending email to first@example.com");
+    wait_for("the two short members to be delivered", || (daemon.outbox_lines().len() == 2).then_some(()));
     daemon.signal(Signal::SIGTERM);
     let finals = finals_until_closed(&mut client);
     let batch = accepted["task_id"].as_u64().unwrap();
     assert_eq!(finals.keys().copied().collect::<Vec<_>>(), vec![batch], "{finals:?}");
     assert_eq!(finals[&batch].len(), 1, "one answer for the batch: {finals:?}");
-    let results = finals[&batch][0]["results"].as_array().unwrap().clone();
+    let answer = &finals[&batch][0];
+    assert_eq!(answer["event"], "failed", "{answer}");
+    assert!(answer["error"].as_str().unwrap_or_default().starts_with("server stopping: "), "{answer}");
+    let results = answer["results"].as_array().unwrap().clone();
     assert_eq!(results.len(), 3, "{results:?}");
-    for member in &results {
-        let error = member["error"].as_str().unwrap_or_default();
-        assert!(error.starts_with("server stopping: "), "{member}");
-    }
     assert_eq!(results[0]["to"], "first@example.com");
+    let error = results[0]["error"].as_str().unwrap_or_default();
+    assert!(error.starts_with("server stopping: "), "{}", results[0]);
+    for member in &results[1..] {
+        assert!(member["result"].is_string(), "a finished member keeps its result: {member}");
+    }
     assert!(daemon.wait_exit(common::DEADLINE).expect("exits").success());
-    assert!(daemon.log().contains("gave up 3 jobs at shutdown"), "{}", daemon.log());
+    assert!(daemon.log().contains("gave up 1 jobs at shutdown"), "{}", daemon.log());
 }
 
 #[test]

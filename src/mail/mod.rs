@@ -288,7 +288,16 @@ impl Application for MailApp {
                     }
                 })
                 .collect();
-            json!({"event": "done", "task_id": finished.id, "type": "batch", "results": results})
+            match finished.result {
+                Ok(_) => {
+                    json!({"event": "done", "task_id": finished.id, "type": "batch", "results": results})
+                }
+                // Cut short at shutdown: one `failed` for the batch, with what is known of each.
+                Err(e) => {
+                    tracing::warn!("batch {} failed: {e}", finished.id);
+                    json!({"event": "failed", "task_id": finished.id, "type": "batch", "error": e, "results": results})
+                }
+            }
         } else {
             let to = context.to.first().cloned().unwrap_or_default();
             match finished.result {

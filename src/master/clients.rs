@@ -93,8 +93,14 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn read_ws(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
         if let Some(ws::WsState::Handshake(buf)) = conn.ws.as_deref_mut() {
-            match ws::read_opening(&mut conn.stream, buf, &self.guard.origins, &mut self.guard.origin_warning)
-            {
+            let refused = &mut self.counters.listeners[listeners::Listener::Ws as usize].origin;
+            match ws::read_opening(
+                &mut conn.stream,
+                buf,
+                &self.guard.origins,
+                &mut self.guard.origin_warning,
+                refused,
+            ) {
                 Ok(ws::Opening::Partial) => return,
                 Ok(ws::Opening::Http(response)) => {
                     conn.ws = None;
@@ -134,7 +140,10 @@ impl<A: Application> Master<'_, A> {
                 return self.pause(key);
             }
             let Some(ws::WsState::Open(socket)) = conn.ws.as_deref_mut() else { return };
-            match ws::read(socket, &mut conn.stream) {
+            let incoming = ws::read(socket, &mut conn.stream);
+            self.account_ws_input(key);
+            let Some(conn) = self.conns.get_mut(key) else { return };
+            match incoming {
                 ws::Incoming::Lines(lines) => {
                     conn.last_active = Instant::now();
                     for line in lines {
@@ -347,26 +356,36 @@ impl<A: Application> Master<'_, A> {
             let largest = self
                 .conns
                 .iter()
-                .filter(|(_, c)| !c.partial.is_empty())
-                .max_by_key(|(_, c)| c.partial.len())
-                .map(|(key, c)| (key, c.partial.len()));
+                .filter(|(_, c)| c.partial_held() > 0)
+                .max_by_key(|(_, c)| c.partial_held())
+                .map(|(key, c)| (key, c.partial_held()));
             let Some((key, len)) = largest else { break };
             let conn = &mut self.conns[key];
+            let what = if conn.ws.is_some() { "WebSocket message" } else { "request line" };
+            crate::limits::freed(conn.partial.len());
             conn.partial = Vec::new();
-            crate::limits::freed(len);
+            // A WebSocket message stays in tungstenite's buffer until the connection is
+            // dropped (soon: nothing more is read from it), no longer counted.
+            conn.ws_in_counted = 0;
             self.counters.partial_bytes -= len;
             self.counters.partial_refused += 1;
             tracing::warn!(
-                "client {}: its unfinished request line ({len} bytes) does not fit partial_lines_max \
+                "client {}: its unfinished {what} ({len} bytes) does not fit partial_lines_max \
                  ({budget} bytes for all connections); closing",
                 conn.peer
             );
             let msg = format!(
                 "server busy: too much unfinished input is held for all clients (partial_lines_max, \
-                 {budget} bytes), so this connection's unfinished request line of {len} bytes was \
+                 {budget} bytes), so this connection's unfinished {what} of {len} bytes was \
                  dropped; closing the connection"
             );
-            conn.queue(&protocol::error_line(&msg));
+            let line = protocol::error_line(&msg);
+            match conn.ws.as_deref_mut() {
+                Some(ws::WsState::Open(socket)) => {
+                    ws::refuse(socket, &mut conn.stream, &line, ws::CloseCode::Again);
+                }
+                _ => conn.queue(&line),
+            }
             conn.close_after_flush = true;
             self.mark_dirty(key);
         }
@@ -446,6 +465,7 @@ impl<A: Application> Master<'_, A> {
                 return;
             }
             self.mark_dirty(key);
+            self.account_output(key);
             return;
         }
         conn.queue(data);
@@ -459,6 +479,58 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         self.mark_dirty(key);
+        self.account_output(key);
+    }
+
+    /// Brings `output_bytes` up to date with what connection `key` holds now; past
+    /// `output_total_max`, the connections holding the most are disconnected.
+    fn account_output(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        let now = conn.output_held();
+        if now == conn.out_counted {
+            return;
+        }
+        self.counters.output_bytes = self.counters.output_bytes - conn.out_counted + now;
+        conn.out_counted = now;
+        if self.counters.output_bytes > self.config.output_total_max {
+            self.enforce_output_budget();
+        }
+    }
+
+    /// Past `output_total_max`, the connection holding the most unread replies is disconnected,
+    /// as one past `buffer_output_size` is, until the rest fits: a few clients that do not
+    /// read, each within its own bound, cannot add up to an unbounded master.
+    fn enforce_output_budget(&mut self) {
+        let budget = self.config.output_total_max;
+        while self.counters.output_bytes > budget {
+            let largest =
+                self.conns.iter().max_by_key(|(_, c)| c.out_counted).map(|(key, c)| (key, c.out_counted));
+            let Some((key, held)) = largest.filter(|&(_, held)| held > 0) else { break };
+            self.counters.output_refused += 1;
+            tracing::warn!(
+                "client {} does not read its replies: {held} bytes pending, the most of all while all \
+                 connections' pending replies are over output_total_max ({budget}); disconnecting",
+                self.conns[key].peer
+            );
+            self.drop_conn(key);
+        }
+    }
+
+    /// Brings `partial_bytes` up to date with the WebSocket message connection `key` is
+    /// receiving; past `partial_lines_max`, the largest holders are refused.
+    fn account_ws_input(&mut self, key: usize) {
+        let Some(conn) = self.conns.get_mut(key) else { return };
+        // Once refused (closing), what it holds is no longer counted.
+        let now = if conn.close_after_flush { 0 } else { conn.ws_input_held() };
+        if now == conn.ws_in_counted {
+            return;
+        }
+        let grew = now > conn.ws_in_counted;
+        self.counters.partial_bytes = self.counters.partial_bytes - conn.ws_in_counted + now;
+        conn.ws_in_counted = now;
+        if grew {
+            self.enforce_partial_budget();
+        }
     }
 
     pub(super) fn mark_dirty(&mut self, key: usize) {
@@ -482,8 +554,9 @@ impl<A: Application> Master<'_, A> {
         if mid_stream && conn.stream.shutdown(std::net::Shutdown::Write).is_ok() {
             let deadline = Instant::now() + LINGER;
             conn.lingering = Some(deadline);
-            self.counters.partial_bytes -= conn.partial.len();
+            self.counters.partial_bytes -= conn.partial_held();
             conn.partial = Vec::new();
+            conn.ws_in_counted = 0;
             self.lingering.push_back((key, conn.session, deadline));
             // What arrived before this turn ended is read (and dropped) now.
             return self.linger_read(key);
@@ -538,7 +611,8 @@ impl<A: Application> Master<'_, A> {
             // A WebSocket connection closed before its upgrade.
             self.ws_handshake_over();
         }
-        self.counters.partial_bytes -= conn.partial.len();
+        self.counters.partial_bytes -= conn.partial_held();
+        self.counters.output_bytes -= conn.out_counted;
         if conn.paused {
             self.counters.input_paused -= 1;
         }
@@ -560,7 +634,10 @@ impl<A: Application> Master<'_, A> {
         for &key in &dirty {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             conn.dirty = false;
-            match conn.flush() {
+            let flushed = conn.flush();
+            self.account_output(key);
+            let Some(conn) = self.conns.get_mut(key) else { continue };
+            match flushed {
                 Ok(Flushed::All) => {
                     if conn.finished() {
                         self.close_conn(key);

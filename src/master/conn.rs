@@ -52,6 +52,10 @@ pub struct Conn {
     /// not answer its unread bytes with a reset that destroys the error line (nginx's
     /// lingering close).
     pub lingering: Option<Instant>,
+    /// What of `output_held` and of a WebSocket's `input_held` the master's totals count now
+    /// (`Counters::output_bytes`, `Counters::partial_bytes`), so each change is a difference.
+    pub out_counted: usize,
+    pub ws_in_counted: usize,
 }
 
 /// What a flush achieved.
@@ -82,6 +86,8 @@ impl Conn {
             input_bytes: 0,
             paused: false,
             lingering: None,
+            out_counted: 0,
+            ws_in_counted: 0,
         }
     }
 
@@ -96,6 +102,28 @@ impl Conn {
 
     pub fn unwritten(&self) -> usize {
         self.out.len() - self.written
+    }
+
+    /// Reply bytes held for the client: its unwritten output and a WebSocket's unwritten frames.
+    pub fn output_held(&self) -> usize {
+        self.unwritten()
+            + match self.ws.as_deref() {
+                Some(WsState::Open(socket)) => socket.output_held(),
+                _ => 0,
+            }
+    }
+
+    /// Bytes of a WebSocket message being received (0 on a line connection).
+    pub fn ws_input_held(&self) -> usize {
+        match self.ws.as_deref() {
+            Some(WsState::Open(socket)) => socket.input_held(),
+            _ => 0,
+        }
+    }
+
+    /// Its share of `partial_lines_max`: an unfinished line, or a WebSocket message.
+    pub fn partial_held(&self) -> usize {
+        self.partial.len() + self.ws_in_counted
     }
 
     pub fn flush(&mut self) -> io::Result<Flushed> {

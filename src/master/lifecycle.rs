@@ -343,7 +343,7 @@ impl<A: Application> Master<'_, A> {
     /// Gives up every job not finished (queued, or in a task process) once shutdown can wait
     /// no longer: each client gets its job's `failed` through its worker's `on_finish` (the
     /// deliveries go before the worker's Stop, so a live worker answers them first). A batch
-    /// answers with each unfinished member's error. Durable jobs are not given up: they stay
+    /// answers one `failed` with its members' outcomes, each unfinished one's error among them. Durable jobs are not given up: they stay
     /// in Redis for another node (or this one, restarted), and their clients are told so.
     pub(super) fn give_up_jobs(&mut self, cause: &str) {
         let mut ids = self.jobs.ids();
@@ -357,17 +357,32 @@ impl<A: Application> Master<'_, A> {
         self.jobs.clear_queues();
         let why = format!("server stopping: {cause} before the job finished");
         let durable = self.durable.is_some();
+        // A batch is cut as a whole: one `failed` with its members' outcomes so far.
+        let batch_why = format!("server stopping: {cause} before the batch finished");
         for &task_id in &ids {
             if durable {
                 self.leave_in_redis(task_id, cause);
+            } else if self.jobs.get(task_id).is_some_and(|job| job.group != 0) {
+                // Answered with its batch below, as one of its members still missing.
+                self.jobs.remove(task_id);
+                self.counters.tasks_failed += 1;
             } else {
                 self.finish_job(task_id, 0, false, why.as_bytes());
             }
         }
-        // Groups whose members were all given up are answered already; any other now.
+        self.shared.set_jobs_pending(self.jobs.len() as u64);
+        // Each batch left (members given up are kept in it, not answered alone) fails now.
         let groups: Vec<u64> = self.jobs.groups.keys().copied().collect();
         for &group_id in &groups {
-            self.finish_group_as(group_id, Some(&why));
+            let cause = if durable {
+                format!(
+                    "server stopping: {cause}; the batch's unfinished jobs stay queued in Redis \
+                     and will run on another node (or on this one once restarted)"
+                )
+            } else {
+                batch_why.clone()
+            };
+            self.finish_group_as(group_id, Some(&cause));
         }
         if durable {
             tracing::warn!(
@@ -402,11 +417,9 @@ impl<A: Application> Master<'_, A> {
         };
         if job.group != 0 {
             if let Some(group) = self.jobs.groups.get_mut(&job.group) {
+                // The batch is answered as a whole once every job is left (`give_up_jobs`).
                 group.outcomes[job.index as usize] =
                     Some(MemberOutcome { ok: false, result: text.into_bytes(), attempts: job.attempts });
-                if group.complete() {
-                    self.finish_group(job.group);
-                }
             }
             return;
         }
@@ -457,8 +470,11 @@ impl<A: Application> Master<'_, A> {
                             continue;
                         }
                         let line = if flags & task_flags::GROUP != 0 {
-                            let members = decode_outcomes(result).unwrap_or_default();
-                            results::group_line(task_id, &members)
+                            let mut members = decode_outcomes(result).unwrap_or_default();
+                            // A group cut short carries its error after its members' outcomes.
+                            let cut = if ok { None } else { members.pop() };
+                            let cut = cut.map(|(_, why)| String::from_utf8_lossy(why));
+                            results::group_line(task_id, &members, cut.as_deref())
                         } else {
                             results::outcome_line(task_id, ok, result, attempts)
                         };

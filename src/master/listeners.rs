@@ -159,6 +159,7 @@ impl<A: Application> Master<'_, A> {
                 // Nobody was waiting after all.
                 Some(false) => return false,
                 Some(true) => {
+                    self.counters.listeners[which as usize].no_fd += 1;
                     self.fd_shortage(&e);
                     // On with the next waiting connection; without a spare, by the retry below.
                     if self.guard.spare.is_some() {
@@ -188,6 +189,7 @@ impl<A: Application> Master<'_, A> {
 
     /// A new connection refused because a listener is at its limit: warned now and then.
     pub(super) fn refused_full(&mut self, which: Listener, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+        self.counters.listeners[which as usize].full += 1;
         if let Some(n) = self.guard.full_warning[which as usize].log() {
             tracing::warn!("refusing {peer}: {why}{}", unlogged(n));
         }
@@ -255,6 +257,7 @@ impl<A: Application> Master<'_, A> {
             }
             match pending {
                 Pending::Ws { key, .. } => {
+                    self.counters.listeners[Listener::Ws as usize].timeouts += 1;
                     tracing::debug!(
                         "WebSocket client {}: no upgrade within handshake_timeout ({}s); closing",
                         self.conns[key].peer,
@@ -263,6 +266,7 @@ impl<A: Application> Master<'_, A> {
                     self.close_conn(key);
                 }
                 Pending::Metrics { key, .. } => {
+                    self.counters.listeners[Listener::Metrics as usize].timeouts += 1;
                     let mut conn = self.metrics_conns.remove(key);
                     tracing::debug!(
                         "metrics client: request not done within handshake_timeout ({}s); closing",
@@ -279,6 +283,7 @@ impl<A: Application> Master<'_, A> {
     /// nothing after that line is read.
     pub(super) fn refuse_http(&mut self, key: usize) {
         let Some(conn) = self.conns.get_mut(key) else { return };
+        self.counters.listeners[Listener::Line as usize].http += 1;
         if let Some(n) = self.guard.http_warning.log() {
             tracing::warn!(
                 "Possible SECURITY ATTACK detected: client {} sent an HTTP request to the line port \

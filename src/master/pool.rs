@@ -277,12 +277,15 @@ impl<A: Application> Master<'_, A> {
         self.finish_group_as(group_id, None);
     }
 
-    /// `finish_group`, with `missing` (if given) as the error of each member still missing.
-    pub(super) fn finish_group_as(&mut self, group_id: u64, missing: Option<&str>) {
+    /// `finish_group`, or with `cut` (if given) the group cut short (at shutdown): it fails
+    /// with `cut` as its error and as the error of each member still missing; the members
+    /// that finished keep their outcomes. A cut group's finish is `ok: false` and carries
+    /// `cut` as one more outcome after its members' (the worker takes it as the group's error).
+    pub(super) fn finish_group_as(&mut self, group_id: u64, cut: Option<&str>) {
         let Some(group) = self.jobs.groups.remove(&group_id) else { return };
         let mut result = Vec::new();
         let mut attempts = 0;
-        let missing = match missing {
+        let missing = match cut {
             Some(why) => why.to_string(),
             None => format!("timed out after {} ms", group.timeout.as_millis()),
         };
@@ -300,11 +303,14 @@ impl<A: Application> Master<'_, A> {
                 }
             }
         }
+        if let Some(why) = cut {
+            encode_outcome(false, why.as_bytes(), &mut result);
+        }
         let session = group.session;
         // As for a single job (`finish_job`): kept for a client that cannot read it now.
         let gone = self.client_gone(session);
         if gone || self.durable.is_some() {
-            let line = results::group_line(group_id, &members);
+            let line = results::group_line(group_id, &members, cut);
             if gone {
                 self.keep_in_redis(group_id, &line);
             }
@@ -317,7 +323,7 @@ impl<A: Application> Master<'_, A> {
                 session,
                 task_pid: 0,
                 attempts,
-                ok: true,
+                ok: cut.is_none(),
                 flags: task_flags::GROUP,
                 context: &group.context,
                 result: &result,

@@ -55,8 +55,9 @@ pub fn outcome_line(task_id: u64, ok: bool, result: &[u8], attempts: u32) -> Vec
 }
 
 /// The reply line the master keeps for a group of tasks: each member's result or error, in
-/// order.
-pub fn group_line(group_id: u64, members: &[(bool, &[u8])]) -> Vec<u8> {
+/// order. A group's final line: `done`, or `failed` with `cut` as its error when it was cut short
+/// (at shutdown); `results` lists every member's outcome either way.
+pub fn group_line(group_id: u64, members: &[(bool, &[u8])], cut: Option<&str>) -> Vec<u8> {
     let results: Vec<serde_json::Value> = members
         .iter()
         .map(|&(ok, bytes)| {
@@ -68,9 +69,13 @@ pub fn group_line(group_id: u64, members: &[(bool, &[u8])]) -> Vec<u8> {
             }
         })
         .collect();
-    let mut line = serde_json::json!({"event": "done", "task_id": group_id, "results": results})
-        .to_string()
-        .into_bytes();
+    let value = match cut {
+        None => serde_json::json!({"event": "done", "task_id": group_id, "results": results}),
+        Some(why) => {
+            serde_json::json!({"event": "failed", "task_id": group_id, "error": why, "results": results})
+        }
+    };
+    let mut line = value.to_string().into_bytes();
     line.push(b'\n');
     line
 }
@@ -99,8 +104,12 @@ mod tests {
         assert_eq!(v["error"], "boom");
         assert_eq!(v["attempts"], 3);
         let g: serde_json::Value =
-            serde_json::from_slice(&group_line(9, &[(true, b"sent"), (false, b"timed out")])).unwrap();
+            serde_json::from_slice(&group_line(9, &[(true, b"sent"), (false, b"timed out")], None)).unwrap();
         assert_eq!(g["results"][0]["result"], "sent");
         assert_eq!(g["results"][1]["error"], "timed out");
+        let cut = group_line(9, &[(true, b"sent"), (false, b"stopping")], Some("server stopping"));
+        let c: serde_json::Value = serde_json::from_slice(&cut).unwrap();
+        assert_eq!((&c["event"], &c["error"]), (&"failed".into(), &"server stopping".into()));
+        assert_eq!(c["results"][0]["result"], "sent");
     }
 }

@@ -33,7 +33,32 @@ pub struct Counters {
     pub input_pauses: u64,
     /// Bytes of requests sent to workers and not committed yet, all connections together.
     pub input_bytes: usize,
+    /// Reply bytes waiting for slow readers, all connections together (`output_total_max`),
+    /// and connections disconnected for holding the most past it.
+    pub output_bytes: usize,
+    pub output_refused: u64,
+    /// Refusals and timeouts per listener (`Listener as usize`: line, WebSocket, metrics).
+    pub listeners: [Refusals; 3],
 }
+
+/// What one listener refused or timed out since the start.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Refusals {
+    /// New connections refused at the listener's limit (`max_conn`, `ws_handshake_max`,
+    /// `metrics_max_conn`): an error line or a 503.
+    pub full: u64,
+    /// New connections refused for lack of file descriptors.
+    pub no_fd: u64,
+    /// Connections closed for not finishing their upgrade or request in `handshake_timeout`.
+    pub timeouts: u64,
+    /// WebSocket upgrades from a page whose `Origin` is not allowed (403).
+    pub origin: u64,
+    /// Line-port connections closed for sending HTTP.
+    pub http: u64,
+}
+
+/// The listeners' names, in `Listener as usize` order.
+const LISTENERS: [&str; 3] = ["line", "ws", "metrics"];
 
 impl Counters {
     pub fn new() -> Self {
@@ -58,6 +83,9 @@ impl Counters {
             input_paused: 0,
             input_pauses: 0,
             input_bytes: 0,
+            output_bytes: 0,
+            output_refused: 0,
+            listeners: Default::default(),
         }
     }
 }
@@ -139,6 +167,22 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         obj.insert("partial_lines_refused".into(), c.partial_refused.into());
         obj.insert("task_queue_bytes".into(), s.jobs.bytes().into());
         obj.insert("task_queue_bytes_max".into(), cfg.task_queue_bytes_max.into());
+        obj.insert("output_bytes".into(), c.output_bytes.into());
+        obj.insert("output_total_max".into(), cfg.output_total_max.into());
+        obj.insert("output_refused".into(), c.output_refused.into());
+        // Each listener's refusals and timeouts: `line_refused_full`, `ws_refused_origin`, …
+        for (name, r) in LISTENERS.iter().zip(&c.listeners) {
+            obj.insert(format!("{name}_refused_full"), r.full.into());
+            obj.insert(format!("{name}_refused_no_fd"), r.no_fd.into());
+            if *name == "line" {
+                obj.insert(format!("{name}_refused_http"), r.http.into());
+            } else {
+                obj.insert(format!("{name}_handshake_timeouts"), r.timeouts.into());
+            }
+            if *name == "ws" {
+                obj.insert(format!("{name}_refused_origin"), r.origin.into());
+            }
+        }
     }
     if let (Some(d), Some(obj)) = (&s.durable, line.as_object_mut()) {
         obj.insert("durable".into(), d.clone());
@@ -228,6 +272,19 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
         "Budget of job payloads (task_queue_bytes_max).",
         s.config.task_queue_bytes_max,
     );
+    metric("output_bytes", "gauge", "Reply bytes waiting for slow readers.", c.output_bytes as u64);
+    metric(
+        "output_max_bytes",
+        "gauge",
+        "Budget of reply bytes waiting for slow readers (output_total_max).",
+        s.config.output_total_max as u64,
+    );
+    metric(
+        "output_refused_total",
+        "counter",
+        "Connections disconnected for holding the most unread replies past output_total_max.",
+        c.output_refused,
+    );
     if let Some(d) = &s.durable {
         let n = |key: &str| d[key].as_u64().unwrap_or(0);
         let up = d["redis_up"].as_bool().unwrap_or(false);
@@ -250,6 +307,30 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
             "Times the redis bridge was replaced.",
             n("bridge_restarts"),
         );
+    }
+    let _ =
+        writeln!(out, "# HELP taskd_listener_refused_total New connections or requests a listener refused.");
+    let _ = writeln!(out, "# TYPE taskd_listener_refused_total counter");
+    for (name, r) in LISTENERS.iter().zip(&c.listeners) {
+        let mut reasons = vec![("full", r.full), ("no_fd", r.no_fd)];
+        match *name {
+            "line" => reasons.push(("http", r.http)),
+            "ws" => reasons.push(("origin", r.origin)),
+            _ => {}
+        }
+        for (reason, n) in reasons {
+            let _ =
+                writeln!(out, "taskd_listener_refused_total{{listener=\"{name}\",reason=\"{reason}\"}} {n}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP taskd_listener_handshake_timeouts_total Connections closed for not finishing their upgrade or request within handshake_timeout."
+    );
+    let _ = writeln!(out, "# TYPE taskd_listener_handshake_timeouts_total counter");
+    for (name, r) in LISTENERS.iter().zip(&c.listeners).skip(1) {
+        let _ =
+            writeln!(out, "taskd_listener_handshake_timeouts_total{{listener=\"{name}\"}} {}", r.timeouts);
     }
     let _ = writeln!(
         out,
