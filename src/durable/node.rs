@@ -193,7 +193,8 @@ fn publish_lease(asked: u64) {
 
 /// Whether a task process may take or start a job now: on a task node, only while its
 /// manager's last renewal of the node's name is known to hold. A web node's task processes
-/// (no page) answer yes: their master guards the name.
+/// (no page) answer yes: their master guards the name and stops its pool when it finds it
+/// taken, but publishes no such deadline (yet), so this window is open there.
 pub fn lease_known_valid() -> bool {
     LEASE_PAGE.get().is_none_or(|page| boot_clock_ms() < page.lease_until_ms())
 }
