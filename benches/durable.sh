@@ -6,7 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"
-cargo build --release --examples -q
+# The daemon too: loadgen starts target/release/taskd, which --examples alone does not build.
+cargo build --release --bins --examples -q
 work="$(mktemp -d)"
 redis_pid=""
 cleanup() {

@@ -151,6 +151,8 @@ options! {
     server.redis_queue: String,
     /// Final replies kept for {"type":"result"} queries [default: 10000]
     server.result_keep: usize,
+    /// Durable jobs: seconds a taken job may go without its consumer's heartbeat before another node claims it (1 to 86400) [default: 10]
+    server.claim_timeout: f64,
     /// Seconds a metrics request or a WebSocket upgrade may take before it is closed [default: 5]
     server.handshake_timeout: f64,
     /// Metrics connections held at once (apart from max_conn); more get HTTP 503 [default: 16]
@@ -314,6 +316,7 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
             "node_id",
             "redis_queue",
             "result_keep",
+            "claim_timeout",
             "simulate_ms",
             "outbox",
         ],

@@ -132,6 +132,10 @@ pub struct ServerConfig {
     pub redis_queue: String,
     /// Final replies kept for `{"type":"result"}` queries, most recent first.
     pub result_keep: usize,
+    /// Durable jobs: seconds a job taken by a consumer may go without its heartbeat before
+    /// another consumer claims it (its consumer died or is stopped). Live consumers beat a
+    /// quarter of this apart (at most 500 ms), whatever the job's length.
+    pub claim_timeout: f64,
     /// Seconds a connection to the metrics endpoint, or one on the WebSocket port before its
     /// upgrade (or its page) is done, may stay open: a half-sent request is closed after it.
     pub handshake_timeout: f64,
@@ -187,6 +191,7 @@ impl Default for ServerConfig {
             node_id: None,
             redis_queue: "taskd".into(),
             result_keep: 10_000,
+            claim_timeout: DEFAULT_CLAIM_TIMEOUT,
             handshake_timeout: 5.0,
             metrics_max_conn: 16,
             ws_handshake_max: 1024,
@@ -198,6 +203,12 @@ impl Default for ServerConfig {
 /// A job may run five minutes unless the operator says otherwise: without a bound, two slow
 /// jobs hold a two-process pool for as long as they like.
 pub const DEFAULT_TASK_TIMEOUT: f64 = 300.0;
+/// A dead node's durable jobs are taken over after 10 s: live consumers beat every 500 ms,
+/// so that is 20 beats missed, which no live consumer on a loaded machine comes near.
+pub const DEFAULT_CLAIM_TIMEOUT: f64 = 10.0;
+/// The shortest claim time: two beats of the slowest-beating node (500 ms apart), so that a
+/// node with this claim time never takes a live consumer's job, whatever its peers' settings.
+pub const MIN_CLAIM_TIMEOUT: f64 = 1.0;
 /// The longest duration any option takes: one day. Longer values are almost always a typo (a
 /// number of milliseconds given as seconds), and past `u64` seconds the clock arithmetic of
 /// the master overflows.
@@ -307,6 +318,15 @@ impl ServerConfig {
                 "{:?} is not 0 (no limit) or from 0.001 to {MAX_SECONDS} seconds (one day): a job that may \
                  run longer holds a task process for good, and a shorter limit kills every job",
                 self.task_timeout
+            ),
+        )?;
+        check(
+            (MIN_CLAIM_TIMEOUT..=day).contains(&self.claim_timeout),
+            "claim_timeout",
+            format!(
+                "{:?} is not from {MIN_CLAIM_TIMEOUT} to {MAX_SECONDS} seconds (one day): every live consumer \
+                 beats up to 500 ms apart, so a shorter claim time would take jobs from live consumers",
+                self.claim_timeout
             ),
         )?;
         check(
@@ -495,6 +515,16 @@ impl ServerConfig {
         (self.task_timeout > 0.0).then(|| Duration::try_from_secs_f64(self.task_timeout).ok()).flatten()
     }
 
+    /// Durable jobs: how long a taken job may go without its consumer's heartbeat before
+    /// another claims it. `validate` keeps `claim_timeout` within its range; an unvalidated
+    /// value out of it is the default rather than a panic.
+    pub fn claim_limit(&self) -> Duration {
+        Duration::try_from_secs_f64(self.claim_timeout)
+            .ok()
+            .filter(|d| d.as_secs_f64() >= MIN_CLAIM_TIMEOUT)
+            .unwrap_or(Duration::from_secs_f64(DEFAULT_CLAIM_TIMEOUT))
+    }
+
     /// Task slots (and channels) to create: room for the pool to grow by SIGTTIN.
     pub fn task_slots(&self) -> usize {
         self.task_worker_num.max(self.task_worker_max)
@@ -538,6 +568,18 @@ mod tests {
             refused(ServerConfig { task_timeout: t, ..Default::default() }, "task_timeout");
         }
         refused(ServerConfig { max_wait_time: u64::MAX, ..Default::default() }, "max_wait_time");
+        for t in [0.0, 0.5, -1.0, f64::NAN, f64::INFINITY, 86_400.5, 1e300] {
+            refused(ServerConfig { claim_timeout: t, ..Default::default() }, "claim_timeout");
+        }
+        for t in [1.0, 2.5, 86_400.0] {
+            let c = ServerConfig { claim_timeout: t, ..Default::default() };
+            c.validate().unwrap();
+            assert_eq!(c.claim_limit(), Duration::from_secs_f64(t));
+        }
+        assert_eq!(
+            ServerConfig { claim_timeout: f64::NAN, ..Default::default() }.claim_limit().as_secs(),
+            10
+        );
         refused(ServerConfig { heartbeat_idle_time: u64::MAX, ..Default::default() }, "heartbeat_idle_time");
         refused(ServerConfig { max_request_grace: u64::MAX, ..Default::default() }, "max_request_grace");
         refused(ServerConfig { task_retry_max: u32::MAX, ..Default::default() }, "task_retry_max");

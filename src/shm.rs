@@ -21,6 +21,10 @@ pub struct Shared {
     durable_down: AtomicU64,
     /// Bytes of the payloads of the jobs the master holds; written by the master only.
     job_bytes: AtomicU64,
+    /// Durable task node only: until when (ms of [`boot_clock_ms`]) the node's name is surely
+    /// its own in Redis, written by its manager at each renewal of the lease; 0: not known.
+    /// Its task processes take and start no job past it (see `durable::node`).
+    lease_until_ms: AtomicU64,
 }
 
 impl Shared {
@@ -77,6 +81,15 @@ impl Shared {
         self.job_bytes.store(n, Ordering::Relaxed);
     }
 
+    /// Until when (ms of [`boot_clock_ms`]) the node's name is surely its own; 0: not known.
+    pub fn lease_until_ms(&self) -> u64 {
+        self.lease_until_ms.load(Ordering::Acquire)
+    }
+
+    pub fn set_lease_until_ms(&self, ms: u64) {
+        self.lease_until_ms.store(ms, Ordering::Release);
+    }
+
     pub fn count_late_result(&self) {
         self.late_results.fetch_add(1, Ordering::Relaxed);
     }
@@ -93,6 +106,21 @@ impl Shared {
     pub fn bump_log_generation(&self) -> u64 {
         self.log_generation.fetch_add(1, Ordering::Relaxed) + 1
     }
+}
+
+/// Milliseconds of CLOCK_BOOTTIME: one clock for every process of the host (deadlines written
+/// by one process and read by another), which keeps running while the machine is suspended, as
+/// a lease's time to live in Redis does (CLOCK_MONOTONIC, and so `Instant`, stops then).
+pub fn boot_clock_ms() -> u64 {
+    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to the pointer, which points to a local that
+    // lives across the call; CLOCK_BOOTTIME exists on every Linux since 2.6.39.
+    let rc = unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        // Not reachable on Linux; past every deadline: a lease is then never taken as valid.
+        return u64::MAX;
+    }
+    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
 }
 
 #[cfg(test)]

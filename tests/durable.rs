@@ -160,7 +160,7 @@ fn a_dead_task_nodes_job_is_claimed_by_another_node_and_answered_once() {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
     a.kill_all();
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--claim-timeout", "2"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["event"], "done", "{done}");
     assert_eq!(done["attempts"], 2, "claimed and run a second time: {done}");
@@ -192,7 +192,7 @@ fn a_job_that_ran_twice_gets_one_reply() {
     });
     // Node a stalls (no heartbeat) past node b's claim time; b claims the job, finishes it first.
     a.signal_group(Signal::SIGSTOP);
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--task-timeout", "3"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "1", "--claim-timeout", "1"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["attempts"], 2, "{done}");
     // Node a wakes up and finishes its run too: its outcome is a duplicate.
@@ -556,7 +556,19 @@ fn a_node_that_hung_past_its_lease_finds_its_name_taken_and_exits() {
     });
     let twin = TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
     let web_twin = web(&redis, "w1", &["--task-worker-num", "0"]);
-    node.signal_group(Signal::SIGCONT);
+    // Jobs wait in the stream (the new run's two consumers take one at a time) when the old
+    // node's task processes wake, before their manager (which would soon SIGTERM them): they
+    // use the same consumer names as the new run, and must take none of them.
+    let mut c = web_twin.connect();
+    let waiting: Vec<u64> = (0..10).map(|i| c.submit(&job(i, 300))["task_id"].as_u64().unwrap()).collect();
+    for &pid in &old_tasks {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT);
+    }
+    wait_for("the old task processes to find the name not theirs", || {
+        (node.log_lines("the node's name is not known to be its own").len() == old_tasks.len()).then_some(())
+    });
+    assert!(redis.xlen("{taskd}:jobs") > redis.pending(), "jobs were there to take");
+    node.signal(Signal::SIGCONT);
     master.signal(Signal::SIGCONT);
 
     let status = node.wait_exit().expect("exit status");
@@ -570,12 +582,21 @@ fn a_node_that_hung_past_its_lease_finds_its_name_taken_and_exits() {
     // The names stay with the new runs, which keep working.
     assert!(lease_of(&redis, "n1").is_some_and(|t| t.ends_with(&format!(":{}", twin.pid))));
     assert!(lease_of(&redis, "w1").is_some_and(|t| t.ends_with(&format!(":{}", web_twin.pid))));
-    let mut c = web_twin.connect();
-    let id = c.submit(&job(1, 10))["task_id"].as_u64().unwrap();
-    let done = finals(&mut c, &[id]).remove(&id).unwrap();
-    assert_eq!(done["event"], "done", "{done}");
-    assert!(twin.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    let mut c2 = web_twin.connect();
+    let id = c2.submit(&job(11, 10))["task_id"].as_u64().unwrap();
+    let mut got = finals(&mut c, &waiting);
+    got.extend(finals(&mut c2, &[id]));
+    let twin_pids = twin.task_pids();
+    for v in got.values() {
+        assert_eq!(v["event"], "done", "{v}");
+        assert!(twin_pids.contains(&(v["task_pid"].as_u64().unwrap() as u32)), "{v}");
+    }
+    // The woken task processes took and ran nothing.
+    assert!(node.outbox_lines().is_empty(), "{:?}", node.outbox_lines());
+    assert!(node.log_lines("sending email").is_empty(), "{}", node.log());
+    assert_eq!(twin.outbox_lines().len(), 11);
     assert!(!twin.log().contains("held by another run"), "{}", twin.log());
+    assert!(!twin.log().contains("not known to be its own"), "{}", twin.log());
 }
 
 #[test]
@@ -766,7 +787,8 @@ fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, delay_ms: u
 fn a_whole_task_node_killed_mid_job_fails_none_and_each_job_runs_once_more() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let mut a = TaskNode::start(&redis, "a", &["--task-worker-num", "8", "--task-timeout", "2"]);
+    let args = ["--task-timeout", "2", "--claim-timeout", "2"];
+    let mut a = TaskNode::start(&redis, "a", &[&["--task-worker-num", "8"][..], &args].concat());
     wait_for("node a's 8 task processes", || (a.task_pids().len() == 8).then_some(()));
     let mut c = d.connect();
     let on_a: Vec<u64> = (0..8).map(|i| c.submit(&job(i, 1500))["task_id"].as_u64().unwrap()).collect();
@@ -776,7 +798,7 @@ fn a_whole_task_node_killed_mid_job_fails_none_and_each_job_runs_once_more() {
     });
     // The survivor is alive with fewer task processes, and busy with long jobs of its own (sent
     // on another connection: node a's jobs may be done before they are accepted).
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    let b = TaskNode::start(&redis, "b", &[&["--task-worker-num", "2"][..], &args].concat());
     let mut c2 = d.connect();
     let on_b: Vec<u64> = (8..10).map(|i| c2.submit(&job(i, 1500))["task_id"].as_u64().unwrap()).collect();
     a.kill_all();
@@ -812,7 +834,7 @@ fn a_whole_task_node_killed_mid_job_fails_none_and_each_job_runs_once_more() {
 fn a_job_past_task_timeout_is_killed_by_its_own_node_never_run_twice_at_once() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let args = ["--task-timeout", "2", "--task-retry-max", "1"];
+    let args = ["--task-timeout", "2", "--task-retry-max", "1", "--claim-timeout", "1"];
     let a = TaskNode::start(&redis, "a", &[&["--task-worker-num", "1"][..], &args].concat());
     // Idle consumers that would claim the job if its owner did not keep it alive.
     let b = TaskNode::start(&redis, "b", &[&["--task-worker-num", "2"][..], &args].concat());
@@ -850,12 +872,12 @@ fn a_job_past_task_timeout_is_killed_by_its_own_node_never_run_twice_at_once() {
 fn jobs_that_wait_in_a_consumer_past_the_claim_time_are_not_claimed_and_run_once() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "3"]);
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--claim-timeout", "2"]);
     let mut c = d.connect();
     let (consumer, slow) = hold_three_slow_jobs(&redis, &a, &mut c, 2000);
-    // Idle consumers on other nodes, while the third job waits 4 s on node a (claim time: 3 s).
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
-    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    // Idle consumers on other nodes, while the third job waits 4 s on node a (claim time: 2 s).
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--claim-timeout", "2"]);
+    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--claim-timeout", "2"]);
     let got = finals(&mut c, &slow);
     let runs = outbox_by_task(&[&a, &b, &e]);
     for &id in &slow {
@@ -884,7 +906,7 @@ fn a_stopped_consumer_resumed_leaves_the_jobs_others_claimed_meanwhile() {
     });
     let pid = nix::unistd::Pid::from_raw(consumer as i32);
     nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "3"]);
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--claim-timeout", "1"]);
     let got = finals(&mut c, &slow);
     let b_pids = b.task_pids();
     assert!(got.values().all(|v| b_pids.contains(&(v["task_pid"].as_u64().unwrap() as u32))), "{got:?}");
@@ -904,18 +926,19 @@ fn a_stopped_consumer_resumed_leaves_the_jobs_others_claimed_meanwhile() {
 }
 
 #[test]
-fn a_job_within_its_nodes_task_timeout_is_not_claimed_by_a_node_with_a_shorter_one() {
+fn a_live_job_on_a_node_with_a_long_claim_time_is_not_claimed_by_a_node_with_the_shortest() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
-    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--task-timeout", "6"]);
+    // Node a beats at its slowest (500 ms apart: its claim time is 300 s).
+    let a = TaskNode::start(&redis, "a", &["--task-worker-num", "1", "--claim-timeout", "300"]);
     let mut c = d.connect();
     let id = c.submit(&job(1, 4000))["task_id"].as_u64().unwrap();
     wait_for("node a to take the job", || {
         redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
     });
-    // Idle consumers whose claim time (their task_timeout, 2 s) is shorter than the job.
-    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--task-timeout", "2"]);
-    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--task-timeout", "2"]);
+    // Idle consumers with the shortest claim time there is (1 s), much shorter than the job.
+    let b = TaskNode::start(&redis, "b", &["--task-worker-num", "2", "--claim-timeout", "1"]);
+    let e = TaskNode::start(&redis, "e", &["--task-worker-num", "2", "--claim-timeout", "1"]);
     let done = finals(&mut c, &[id]).remove(&id).unwrap();
     assert_eq!(done["event"], "done", "{done}");
     assert_eq!(done["attempts"], 1, "{done}");
@@ -924,5 +947,33 @@ fn a_job_within_its_nodes_task_timeout_is_not_claimed_by_a_node_with_a_shorter_o
     for log in [b.log(), e.log()] {
         assert!(!log.contains("claimed"), "a live consumer's job was claimed:\n{log}");
     }
+    stream_is_empty(&redis, "web-1");
+}
+
+// ---- Issue 16 (h-durable): the claim time is its own option, and a node that wakes past its
+// lease takes nothing ----
+
+#[test]
+fn a_killed_nodes_job_is_taken_over_after_claim_timeout_long_before_task_timeout() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    // The default task_timeout, said out loud: before claim_timeout, it was also the claim time.
+    let args = ["--task-timeout", "300", "--claim-timeout", "2"];
+    let mut a = TaskNode::start(&redis, "a", &[&["--task-worker-num", "1"][..], &args].concat());
+    let mut c = d.connect();
+    let id = c.submit(&job(1, 1000))["task_id"].as_u64().unwrap();
+    wait_for("node a to take the job", || {
+        redis.pending_consumers().contains(&"a/0".to_string()).then_some(())
+    });
+    a.kill_all();
+    let b = TaskNode::start(&redis, "b", &[&["--task-worker-num", "1"][..], &args].concat());
+    // Claimed once idle past 2 s, not 300: `finals` gives up if no reply comes within the
+    // suite's deadline (20 s), far below task_timeout.
+    let done = finals(&mut c, &[id]).remove(&id).unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert!(b.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    assert!(b.log().contains("claimed 1 jobs idle for over 2s"), "{}", b.log());
+    assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply");
     stream_is_empty(&redis, "web-1");
 }

@@ -14,7 +14,11 @@
 //! What it took and did not finish stays in its pending list: its successor in the same slot
 //! (same consumer name) reads that first, and so does this process after any reconnect; a
 //! node that is gone for good stops beating, and its jobs are claimed by the others after
-//! `claim_after` (XAUTOCLAIM), and its consumers deleted once they hold nothing.
+//! `claim_timeout` (XAUTOCLAIM), and its consumers deleted once they hold nothing.
+//!
+//! On a task node it takes and starts no job while the node's name is not known to be its own
+//! (its manager has not renewed the lease in time: the node woke from a hang, and a node of
+//! the same name, using the same consumer names, may have started meanwhile).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -135,6 +139,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
         next_sweep: Instant::now() + jitter(d.claim_after / 2),
         cursor: "0-0".into(),
         job_seconds: None,
+        fenced: false,
         unsent: Vec::new(),
         backoff: Duration::from_millis(100),
     };
@@ -164,6 +169,12 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
         let mut done = Vec::new();
         let mut queue: VecDeque<(StreamEntry, u32)> = entries.into();
         while let Some((entry, attempt)) = queue.pop_front() {
+            if !c.lease_known_valid() {
+                // The node woke from a hang past its lease: a node of its name may be running
+                // these now. They stay pending under its name, read back if the name is kept.
+                c.recovering = true;
+                break;
+            }
             if pulse.stale() {
                 // Stopped, or cut off from Redis, for two beats: run only what is still its own.
                 queue.push_front((entry, attempt));
@@ -276,6 +287,8 @@ struct Consumer<'a> {
     /// Where the XAUTOCLAIM scan of the pending list goes on from.
     cursor: String,
     job_seconds: Option<f64>,
+    /// Taking nothing because the node's name is not known to be its own (said once).
+    fenced: bool,
     /// Finished jobs not yet written to Redis (it was away): written first once it is back.
     unsent: Vec<Completion>,
     backoff: Duration,
@@ -328,9 +341,33 @@ impl Consumer<'_> {
         }
     }
 
+    /// Whether the node's name is surely its own now (see [`super::node::lease_known_valid`]);
+    /// says so once when it is not, and once when it is again.
+    fn lease_known_valid(&mut self) -> bool {
+        let valid = super::node::lease_known_valid();
+        if valid == self.fenced {
+            self.fenced = !valid;
+            if valid {
+                tracing::info!("{}: the node's name is its own again; taking jobs", self.me);
+            } else {
+                tracing::warn!(
+                    "{}: the node's name is not known to be its own (its lease was not renewed in time); \
+                     taking and starting no job until its manager renews it",
+                    self.me
+                );
+            }
+        }
+        valid
+    }
+
     /// The next jobs to run, each with its attempt number.
     fn take(&mut self) -> redis::RedisResult<Vec<(StreamEntry, u32)>> {
         self.flush()?;
+        if !self.lease_known_valid() {
+            // Not even its own pending jobs: they may be another run's now, under its names.
+            std::thread::sleep(Duration::from_millis(100));
+            return Ok(Vec::new());
+        }
         let count = self.take_count();
         let (d, me) = (self.d, self.me.clone());
         let recovering = self.recovering;

@@ -43,9 +43,10 @@ use super::keys::GROUP;
 use super::redis_io::{self, is_connection_error};
 use super::Durable;
 
-/// The longest time between two beats: well inside any claim time, so that a loaded machine or
-/// a slow Redis round trip does not make a live consumer look dead.
-const BEAT_MAX: Duration = Duration::from_secs(1);
+/// The longest time between two beats: half the shortest claim time any node may have
+/// (`claim_timeout` is at least 1 s), so that nodes with different claim times can share a
+/// queue: a node never claims a live consumer's job, whatever the owner's own claim time.
+const BEAT_MAX: Duration = Duration::from_millis(500);
 const BEAT_MIN: Duration = Duration::from_millis(20);
 /// Most entries one beat refreshes (a consumer holds its window: at most a few dozen).
 const BEAT_COUNT: usize = 1000;
@@ -91,7 +92,8 @@ struct Running {
 pub struct Pulse {
     shared: Shared,
     /// Past this without a beat (two missed), what it holds may have been claimed by another
-    /// consumer: a node's claim time is its own `task_timeout`, which may be shorter.
+    /// consumer. Two beats are at most 1 s, the shortest claim time any node may have: another
+    /// node's shorter claim time cannot take a job before its owner would check.
     stale_after: Duration,
 }
 
@@ -150,7 +152,7 @@ fn lock(held: &Mutex<Held>) -> MutexGuard<'_, Held> {
     held.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// How often a consumer touches what it holds: a quarter of the claim time, at most a second.
+/// How often a consumer touches what it holds: a quarter of the claim time, at most 500 ms.
 pub fn beat_interval(claim_after: Duration) -> Duration {
     (claim_after / 4).clamp(BEAT_MIN, BEAT_MAX)
 }
@@ -278,8 +280,15 @@ mod tests {
 
     #[test]
     fn beats_well_inside_the_claim_time() {
+        assert_eq!(beat_interval(Duration::from_secs(1)), Duration::from_millis(250));
         assert_eq!(beat_interval(Duration::from_secs(2)), Duration::from_millis(500));
-        assert_eq!(beat_interval(Duration::from_secs(30)), Duration::from_secs(1));
+        assert_eq!(beat_interval(Duration::from_secs(300)), Duration::from_millis(500));
         assert_eq!(beat_interval(Duration::from_millis(40)), BEAT_MIN);
+        // Whatever a node's own claim time, two of its beats fit in the shortest any node
+        // may have: it checks what is still its own before another node could claim it.
+        for claim in [1.0, 2.0, 10.0, 86_400.0] {
+            let two = beat_interval(Duration::from_secs_f64(claim)) * 2;
+            assert!(two.as_secs_f64() <= crate::config::MIN_CLAIM_TIMEOUT, "{claim}");
+        }
     }
 }

@@ -34,10 +34,6 @@ use std::time::Duration;
 
 use crate::config::ServerConfig;
 
-/// How long a job may stay idle (its owner not beating, see [`heartbeat`]) before another
-/// consumer claims it, when `task_timeout` is not set.
-pub const DEFAULT_CLAIM_AFTER: Duration = Duration::from_secs(30);
-
 /// Where the queue is and who this node is.
 #[derive(Debug, Clone)]
 pub struct Durable {
@@ -46,8 +42,9 @@ pub struct Durable {
     pub shown: String,
     pub node: String,
     pub keys: keys::Keys,
-    /// Idle time after which a taken job is claimed by another consumer (XAUTOCLAIM). A live
-    /// consumer's jobs never get there: it touches them every quarter of this (its heartbeat).
+    /// Idle time after which a taken job is claimed by another consumer (XAUTOCLAIM):
+    /// `claim_timeout`. A live consumer's jobs never get there: it touches them every quarter
+    /// of this, at most 500 ms apart (its heartbeat), so it is not tied to `task_timeout`.
     pub claim_after: Duration,
     /// `task_timeout`: a job running longer is killed with its task process, by that process.
     pub task_limit: Option<Duration>,
@@ -68,7 +65,7 @@ impl Durable {
             url,
             keys: keys::Keys::new(&config.redis_queue, &node),
             node,
-            claim_after: config.task_limit().unwrap_or(DEFAULT_CLAIM_AFTER),
+            claim_after: config.claim_limit(),
             task_limit: config.task_limit(),
             max_attempts: config.task_retry_max.saturating_add(1),
             result_keep: config.result_keep,
