@@ -48,6 +48,7 @@ pub mod process;
 pub mod protocol;
 pub mod shm;
 pub mod signals;
+pub mod supervisor;
 pub mod task_worker;
 pub mod worker;
 

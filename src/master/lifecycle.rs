@@ -203,8 +203,8 @@ impl<A: Application> Master<'_, A> {
             if Some(reaped.pid) == self.manager_pid {
                 self.manager_pid = None;
                 self.on_manager_exit(reaped.reason);
-            } else if self.durable.as_ref().is_some_and(|d| d.bridge_pid == Some(reaped.pid)) {
-                self.on_bridge_exit(reaped.reason);
+            } else if let Some(exit) = self.durable.as_mut().and_then(|d| d.bridge_sup.exited(reaped)) {
+                self.on_bridge_exit(exit.reason);
             } else if let Some(r) = &mut self.recovery {
                 r.orphans.remove(&reaped.pid.as_raw());
             }

@@ -400,7 +400,7 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
-            .chain(self.durable.as_ref().map(|d| d.lease_due))
+            .chain(self.durable.as_ref().map(|d| d.next_timer()))
             .chain(self.guard.next_deadline())
             .chain(self.lingering.front().map(|&(_, _, at)| at));
         for d in others {
@@ -431,6 +431,9 @@ impl<'a, A: Application> Master<'a, A> {
             self.finish_group(group_id);
         }
         self.end_store_batch();
+        if let Err(e) = self.spawn_bridge() {
+            tracing::error!("cannot start a new redis bridge: {e}");
+        }
         // Output held for durable jobs still has to reach these connections: they wait (the
         // list is kept in place, so that its allocation serves every turn).
         let mut finished = std::mem::take(&mut self.maybe_finished);
@@ -511,7 +514,7 @@ impl<'a, A: Application> Master<'a, A> {
                 tracing::error!("writing to the manager failed: {e}");
             }
         }
-        if let Some(state) = self.durable.as_mut().filter(|s| s.bridge.has_output()) {
+        if let Some(state) = self.durable.as_mut().filter(|s| s.bridge_running() && s.bridge.has_output()) {
             if let Err(e) = state.bridge.flush() {
                 tracing::error!("writing to the redis bridge failed: {e}");
             }
