@@ -214,7 +214,9 @@ impl<'a, A: Application> Master<'a, A> {
             poll.registry().register(chan.source(), Token(SLOT_BASE + worker_slots.len() + i), both)?;
             let mut slot = TaskSlot::new(chan, ch.child_end);
             // Slots past task_worker_num are room for SIGTTIN to grow the pool.
-            slot.enabled = i < config.task_worker_num;
+            if i >= config.task_worker_num {
+                slot.life = slots::Life::Retired;
+            }
             task_slots.push(slot);
         }
         // Pool processes orphaned by a dying manager come to us, so we know when they are gone.
