@@ -17,7 +17,7 @@ use nix::unistd::{getpid, Pid};
 use crate::app::Application;
 use crate::config::ServerConfig;
 use crate::ipc::{Channel, Frame, ReadState, Role};
-use crate::process;
+use crate::process::{self, ProcessError};
 use crate::shm::Shared;
 use crate::signals::{self, Signals};
 use crate::supervisor::{Supervisor, STOP_GRACE};
@@ -50,10 +50,10 @@ pub struct ManagerSetup<'a> {
     pub credentials: Option<process::Credentials>,
 }
 
-pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
-    process::set_title("taskd: manager");
+/// Runs the manager until the pool has stopped (Ok) or the master is gone.
+pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> Result<(), ProcessError> {
     process::die_with_parent(setup.master_pid);
-    let mut signals = match Signals::open(&[
+    let mut signals = Signals::open(&[
         Signal::SIGCHLD,
         Signal::SIGTERM,
         Signal::SIGINT,
@@ -62,30 +62,15 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
         Signal::SIGUSR2,
         Signal::SIGTTIN,
         Signal::SIGTTOU,
-    ]) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::error!("manager: cannot set up signals: {e}");
-            return 1;
-        }
-    };
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!("manager: cannot create its poller: {e}");
-            return 1;
-        }
-    };
+    ])
+    .map_err(ProcessError::io("cannot set up signals"))?;
+    let mut poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
     let mut master = Channel::new(setup.master_channel);
     let sig_fd = signals.raw_fd();
-    let registered = poll
-        .registry()
+    poll.registry()
         .register(master.source(), MASTER, Interest::READABLE | Interest::WRITABLE)
-        .and_then(|()| poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE));
-    if let Err(e) = registered {
-        tracing::error!("manager: cannot watch its channels: {e}");
-        return 1;
-    }
+        .and_then(|()| poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE))
+        .map_err(ProcessError::io("cannot watch its channels"))?;
 
     let mut slots: Vec<Slot> = Vec::new();
     // The master's SlotReady is the gate: a successor waits for its channel to be cleaned.
@@ -119,8 +104,8 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
         let timeout = manager.sup.next_timer().map(|at| at.saturating_duration_since(Instant::now()));
         if let Err(e) = poll.poll(&mut events, timeout) {
             if e.kind() != std::io::ErrorKind::Interrupted {
-                tracing::error!("manager: poll failed: {e}");
-                return 1;
+                manager.sup.kill_all(Signal::SIGKILL);
+                return Err(ProcessError::Io { what: "poll failed", source: e });
             }
         }
         for sig in signals.pending() {
@@ -134,24 +119,24 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> i32 {
             }
         }
         manager.reap_children();
-        match manager.read_master() {
-            Ok(ReadState::Open) => {}
-            Ok(ReadState::Closed) | Err(_) => {
-                tracing::error!("manager: the master is gone; stopping the pool");
-                manager.sup.kill_all(Signal::SIGKILL);
-                return 1;
-            }
+        let read = manager.read_master();
+        if !matches!(read, Ok(ReadState::Open)) {
+            // Without the master, the pool has no one to serve: it goes too.
+            manager.sup.kill_all(Signal::SIGKILL);
+            return Err(match read {
+                Err(e) => e,
+                Ok(_) => ProcessError::MasterGone,
+            });
         }
         manager.start_due();
         if let Err(e) = manager.master.flush() {
-            tracing::error!("manager: cannot write to the master: {e}");
             manager.sup.kill_all(Signal::SIGKILL);
-            return 1;
+            return Err(ProcessError::Io { what: "cannot write to the master", source: e });
         }
         if manager.sup.stopping() {
             if manager.sup.all_stopped() {
                 tracing::info!("manager: pool stopped");
-                return 0;
+                return Ok(());
             }
             // The Stop message first (the master's), then SIGTERM, then SIGKILL.
             manager.sup.escalate();
@@ -200,16 +185,13 @@ impl<A: Application> Manager<'_, A> {
         }
     }
 
-    fn read_master(&mut self) -> std::io::Result<ReadState> {
-        let state = self.master.fill()?;
+    fn read_master(&mut self) -> Result<ReadState, ProcessError> {
+        let state = self.master.fill().map_err(ProcessError::io("reading from the master failed"))?;
         loop {
             let frame = match self.master.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("manager: corrupt message from the master: {e}");
-                    return Err(std::io::ErrorKind::InvalidData.into());
-                }
+                Err(e) => return Err(ProcessError::Corrupt(e)),
             };
             match frame {
                 Frame::SlotReady { role, slot } => {
@@ -257,33 +239,21 @@ fn fork_slot<A: Application>(
 ) -> std::io::Result<Pid> {
     let manager_pid = getpid();
     let (role, index, child_end) = (slot.role, slot.index, &slot.child_end);
-    process::spawn(&[child_end.as_raw_fd()], || {
-        process::set_title(&format!("taskd: {role} {index}"));
+    process::spawn(&format!("{role} {index}"), &[child_end.as_raw_fd()], || {
         if let Some(creds) = credentials {
-            if let Err(e) = process::drop_privileges(creds) {
-                tracing::error!("{role} {index}: cannot switch to uid {} gid {}: {e}", creds.uid, creds.gid);
-                return 1;
-            }
+            process::drop_privileges(creds).map_err(|source| ProcessError::Credentials { creds, source })?;
         }
         // After the switch of user, which clears the parent-death signal; a manager that
         // died in between is caught by the check of the parent's pid.
         process::die_with_parent(manager_pid);
-        if let Err(e) = signals::set_blocked(&POOL_BLOCKED) {
-            tracing::error!("{role} {index}: cannot set its signal mask: {e}");
-            return 1;
-        }
+        signals::set_blocked(&POOL_BLOCKED).map_err(ProcessError::io("cannot set its signal mask"))?;
         // This process owns the slot's channel end from here on.
-        let channel = match child_end.try_clone() {
-            Ok(owned) => Channel::new(owned),
-            Err(e) => {
-                tracing::error!("{role} {index}: cannot take its channel: {e}");
-                return 1;
-            }
-        };
+        let channel =
+            Channel::new(child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?);
         match role {
             Role::Worker => worker::run(app, worker::WorkerSetup { slot: index, channel, shared, config }),
             Role::Task => match crate::durable::Durable::from_config(config) {
-                Some(d) => crate::durable::consumer::run(
+                Some(d) => ProcessError::from_status(crate::durable::consumer::run(
                     app,
                     crate::durable::consumer::ConsumerSetup {
                         slot: index,
@@ -291,7 +261,7 @@ fn fork_slot<A: Application>(
                         durable: &d,
                         task_max_request: config.task_max_request,
                     },
-                ),
+                )),
                 None => task_worker::run(app, task_worker::TaskSetup { slot: index, channel, config }),
             },
         }

@@ -14,7 +14,7 @@ use super::startup::{self, lease_token, LEASE_TTL};
 use super::Durable;
 use crate::app::Application;
 use crate::config::ServerConfig;
-use crate::process;
+use crate::process::{self, ProcessError};
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
 
@@ -157,24 +157,15 @@ fn fork_consumer<A: Application>(
     credentials: Option<process::Credentials>,
 ) -> std::io::Result<Pid> {
     let parent = getpid();
-    process::spawn(&[], || {
-        process::set_title(&format!("taskd: task {slot}"));
+    process::spawn(&format!("task {slot}"), &[], || {
         if let Some(creds) = credentials {
-            if let Err(e) = process::drop_privileges(creds) {
-                tracing::error!("task {slot}: cannot switch to uid {} gid {}: {e}", creds.uid, creds.gid);
-                return 1;
-            }
+            process::drop_privileges(creds).map_err(|source| ProcessError::Credentials { creds, source })?;
         }
         // After the switch of user, which clears the parent-death signal.
         process::die_with_parent(parent);
-        let signals = match Signals::open(&[Signal::SIGTERM, Signal::SIGINT]) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("task {slot}: cannot set up signals: {e}");
-                return 1;
-            }
-        };
-        consumer::run(
+        let signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT])
+            .map_err(ProcessError::io("cannot set up signals"))?;
+        ProcessError::from_status(consumer::run(
             app,
             ConsumerSetup {
                 slot,
@@ -182,6 +173,6 @@ fn fork_consumer<A: Application>(
                 durable: d,
                 task_max_request: config.task_max_request,
             },
-        )
+        ))
     })
 }

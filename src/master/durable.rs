@@ -23,6 +23,7 @@ use super::results::outcome_line;
 use super::*;
 use crate::durable::startup::LEASE_TTL;
 use crate::durable::Durable;
+use crate::process::ProcessError;
 use crate::supervisor::Supervisor;
 
 pub const BRIDGE: Token = Token(5);
@@ -514,24 +515,15 @@ fn fork_bridge(
     credentials: Option<process::Credentials>,
 ) -> io::Result<Pid> {
     let master_pid = nix::unistd::getpid();
-    process::spawn(&[child_end.as_raw_fd()], || {
-        process::set_title("taskd: redis bridge");
+    process::spawn("redis bridge", &[child_end.as_raw_fd()], || {
         // It reads what anyone who can write to Redis wrote: not as root, with --user.
         // Before its threads start, and before the parent-death signal, which a change of
         // user clears.
         if let Some(creds) = credentials {
-            if let Err(e) = process::drop_privileges(creds) {
-                tracing::error!("redis bridge: cannot switch to uid {} gid {}: {e}", creds.uid, creds.gid);
-                return 1;
-            }
+            process::drop_privileges(creds).map_err(|source| ProcessError::Credentials { creds, source })?;
         }
         process::die_with_parent(master_pid);
-        match child_end.try_clone() {
-            Ok(fd) => crate::durable::bridge::run(d, fd, shared, replies_from),
-            Err(e) => {
-                tracing::error!("redis bridge: cannot take its channel: {e}");
-                1
-            }
-        }
+        let fd = child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?;
+        ProcessError::from_status(crate::durable::bridge::run(d, fd, shared, replies_from))
     })
 }

@@ -300,18 +300,15 @@ impl<'a, A: Application> Master<'a, A> {
         let shared = self.shared;
         let credentials = self.credentials;
         let app = &mut *self.app;
-        let pid = process::spawn(&keep, move || {
+        let pid = process::spawn("manager", &keep, move || {
             // The manager's own descriptors for the ends it was handed (kept open by `keep`).
             let owned =
                 |fds: &[&OwnedFd]| fds.iter().map(|fd| fd.try_clone()).collect::<io::Result<Vec<_>>>();
+            let take = || -> io::Result<_> {
+                Ok((manager_end.try_clone()?, owned(&worker_ends)?, owned(&task_ends)?))
+            };
             let (master_channel, workers, tasks) =
-                match (manager_end.try_clone(), owned(&worker_ends), owned(&task_ends)) {
-                    (Ok(m), Ok(w), Ok(t)) => (m, w, t),
-                    _ => {
-                        tracing::error!("manager: cannot take over the channels");
-                        return 1;
-                    }
-                };
+                take().map_err(process::ProcessError::io("cannot take over the channels"))?;
             manager::run(
                 app,
                 manager::ManagerSetup {
