@@ -1,6 +1,7 @@
 //! `taskd task-node`: a manager and its task processes, nothing else. The task processes take
-//! jobs from the shared stream; the manager forks them, reaps them and forks a successor for
-//! each one that exits, until SIGTERM or SIGINT.
+//! jobs from the shared stream; the manager keeps them with the one [`Supervisor`] (no gate: a
+//! successor reads its own pending jobs again from Redis), until SIGTERM or SIGINT, or until
+//! another run holds the node's name.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
