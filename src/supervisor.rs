@@ -101,14 +101,6 @@ impl Supervisor {
         self.slots.len() - 1
     }
 
-    pub fn len(&self) -> usize {
-        self.slots.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.slots.is_empty()
-    }
-
     pub fn stopping(&self) -> bool {
         self.stop.is_some()
     }
