@@ -15,10 +15,11 @@
 //! | module | runs in | owns |
 //! | --- | --- | --- |
 //! | [`master`] | master | the reactor, client connections, dispatch, the books |
-//! | [`manager`] | manager | forking, reaping and respawning the pool |
+//! | [`manager`] | manager | the pool: a supervisor, with the master's gate before a respawn |
 //! | [`worker`] | worker | `on_receive`, `on_finish`, commits |
 //! | [`task_worker`] | task process | `on_task` |
-//! | [`process`] | all | the only `fork`, process titles, reaping |
+//! | [`process`] | all | the only `fork`, process titles, reaping, why a child ended (`ProcessError`) |
+//! | [`supervisor`] | manager, task node, master | every child's slot: respawn and back-off, reaping, timers, stop (SIGTERM → SIGKILL) |
 //! | [`ipc`] | all | the envelope and the socketpair channels |
 //! | [`signals`] | all | signals read from a signalfd |
 //! | [`shm`] | all | the task id counter and queue length, in shared memory |
@@ -48,6 +49,7 @@ pub mod process;
 pub mod protocol;
 pub mod shm;
 pub mod signals;
+pub mod supervisor;
 pub mod task_worker;
 pub mod worker;
 

@@ -1,11 +1,15 @@
 //! How taskd makes and names processes: the only `fork`, the child's start-up hygiene, the
-//! process title, and reaping.
+//! process title, reaping, and why a child ended ([`ProcessError`]).
 //!
 //! Every process forks only while it is single-threaded (taskd starts no threads at all), and
-//! a child never returns into its parent's code: it runs its entry and ends with `_exit`.
+//! a child never returns into its parent's code: it runs its entry and ends with `_exit`. Its
+//! entry returns a [`ProcessError`] and `?`s through its set-up: [`spawn`] logs it, once, and
+//! picks the exit status from it. Which slot the child fills and when it is replaced is the
+//! [`crate::supervisor`]'s.
 
 use std::collections::HashSet;
 use std::ffi::CString;
+use std::fmt;
 use std::io::{self, Write};
 use std::os::fd::{OwnedFd, RawFd};
 use std::time::Duration;
@@ -14,23 +18,96 @@ use nix::sys::signal::Signal;
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, getppid, ForkResult, Pid};
 
+use crate::ipc::envelope::DecodeError;
 use crate::ipc::ExitReason;
 
-/// Forks a child that runs `entry` and exits with the code it returns.
+/// Why a process's entry ended it: what it was doing when a call failed. [`spawn`] logs it
+/// (`worker 0 (pid 41): cannot watch its channel: …`) and exits with [`ProcessError::status`].
+#[derive(Debug)]
+pub enum ProcessError {
+    /// A call of its set-up or of its loop failed: `what` says which, as a person reads it.
+    Io { what: &'static str, source: io::Error },
+    /// It could not take the user and group it runs as.
+    Credentials { creds: Credentials, source: io::Error },
+    /// The application's `on_worker_start` refused to start (a missing outbox, say).
+    Start(String),
+    /// The master (every channel's other end) sent bytes that do not decode: the link cannot
+    /// be trusted.
+    Corrupt(DecodeError),
+    /// The master is gone (its channel closed) while the process still had work.
+    MasterGone,
+    /// It logged why already and ends with this status: the entries of the redis bridge and
+    /// of a consumer, which return a bare status.
+    Status(i32),
+}
+
+impl ProcessError {
+    /// A closure for `map_err`: `what` failed with an I/O error.
+    pub fn io(what: &'static str) -> impl FnOnce(io::Error) -> ProcessError {
+        move |source| ProcessError::Io { what, source }
+    }
+
+    /// The exit status it ends with (what the supervisor's back-off and the logs see).
+    pub fn status(&self) -> i32 {
+        match *self {
+            ProcessError::Status(code) => code,
+            _ => 1,
+        }
+    }
+
+    /// An entry's bare status, as a result: 0 is a clean end.
+    pub fn from_status(code: i32) -> Result<(), ProcessError> {
+        if code == 0 {
+            Ok(())
+        } else {
+            Err(ProcessError::Status(code))
+        }
+    }
+}
+
+impl fmt::Display for ProcessError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ProcessError::Io { what, source } => write!(f, "{what}: {source}"),
+            ProcessError::Credentials { creds, source } => {
+                write!(f, "cannot switch to uid {} gid {}: {source}", creds.uid, creds.gid)
+            }
+            ProcessError::Start(why) => write!(f, "cannot start: {why}"),
+            ProcessError::Corrupt(e) => write!(f, "corrupt message from the master: {e}"),
+            ProcessError::MasterGone => f.write_str("the master is gone"),
+            ProcessError::Status(code) => write!(f, "exited with status {code}"),
+        }
+    }
+}
+
+impl std::error::Error for ProcessError {}
+
+/// Forks a child named `name` (its process title is `taskd: NAME`) that runs `entry`; an error
+/// it returns is logged here, once, and picks its exit status (0 when it returns `Ok`).
 ///
 /// In the child, every inherited file descriptor except stdio and `keep` is closed first, so
 /// that no process holds a client socket, a listening socket or another slot's channel it does
 /// not own (a client must see its connection close when the master closes it).
-pub fn spawn(keep: &[RawFd], entry: impl FnOnce() -> i32) -> io::Result<Pid> {
+pub fn spawn(
+    name: &str,
+    keep: &[RawFd],
+    entry: impl FnOnce() -> Result<(), ProcessError>,
+) -> io::Result<Pid> {
     match fork_now()? {
         ForkResult::Parent { child } => Ok(child),
         ForkResult::Child => {
-            let code = match close_inherited_fds(keep) {
-                Ok(()) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(entry)).unwrap_or(101),
-                Err(e) => {
-                    tracing::error!("child could not close inherited descriptors: {e}");
-                    1
+            set_title(&format!("taskd: {name}"));
+            let result =
+                close_inherited_fds(keep).map_err(ProcessError::io("cannot close inherited descriptors"));
+            let code = match result.map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(entry))) {
+                Ok(Ok(Ok(()))) => 0,
+                Ok(Ok(Err(ProcessError::Status(code)))) => code,
+                Ok(Ok(Err(e))) | Err(e) => {
+                    tracing::error!("{name} (pid {}): {e}", std::process::id());
+                    e.status()
                 }
+                // The panic hook has logged it.
+                Ok(Err(_)) => 101,
             };
             exit_now(code)
         }

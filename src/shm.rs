@@ -141,11 +141,11 @@ mod tests {
     fn a_forked_process_shares_the_page() {
         let shared = Shared::map().unwrap();
         let before = shared.next_task_id();
-        let child = crate::process::spawn(&[], || {
+        let child = crate::process::spawn("test child", &[], || {
             shared.next_task_id();
             shared.next_task_id();
             shared.set_jobs_pending(7);
-            0
+            Ok(())
         })
         .unwrap();
         let start = std::time::Instant::now();

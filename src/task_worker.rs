@@ -12,6 +12,7 @@ use crate::app::{Application, ProcessInfo, Task, TaskCtx};
 use crate::config::ServerConfig;
 use crate::ipc::envelope::frame_len;
 use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::process::ProcessError;
 use crate::worker::{flush_all, guard};
 
 const CHANNEL: Token = Token(0);
@@ -23,27 +24,17 @@ pub struct TaskSetup<'a> {
     pub config: &'a ServerConfig,
 }
 
-pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
+/// Runs the task process until it is told to stop, reaches `task_max_request` or loses the
+/// master (Ok), or until a call on its link fails.
+pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), ProcessError> {
     let TaskSetup { slot, mut channel, config } = setup;
     let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
-    let mut poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!("task {slot}: cannot create its poller: {e}");
-            return 1;
-        }
-    };
-    if let Err(e) =
-        poll.registry().register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
-    {
-        tracing::error!("task {slot}: cannot watch its channel: {e}");
-        return 1;
-    }
+    let mut poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
+    poll.registry()
+        .register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
+        .map_err(ProcessError::io("cannot watch its channel"))?;
     let mut events = Events::with_capacity(8);
-    if let Err(e) = app.on_worker_start(&info) {
-        tracing::error!("task {slot} (pid {}): cannot start: {e}", info.pid);
-        return 1;
-    }
+    app.on_worker_start(&info).map_err(ProcessError::Start)?;
     tracing::debug!("task {slot} started (pid {})", info.pid);
 
     let limit = config.task_max_request;
@@ -52,27 +43,17 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
     loop {
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() != std::io::ErrorKind::Interrupted {
-                tracing::error!("task {slot}: poll failed: {e}");
-                return 1;
+                return Err(ProcessError::Io { what: "poll failed", source: e });
             }
         }
-        let state = match channel.fill() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("task {slot}: reading its channel failed: {e}");
-                return 1;
-            }
-        };
+        let state = channel.fill().map_err(ProcessError::io("reading its channel failed"))?;
         let mut stop = None;
         let mut since_flush = Instant::now();
         loop {
             let frame = match channel.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("task {slot}: corrupt message from the master: {e}");
-                    return 1;
-                }
+                Err(e) => return Err(ProcessError::Corrupt(e)),
             };
             match frame {
                 Frame::RunTask { task_id, session, attempt, src_worker, data } => {
@@ -108,24 +89,20 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
             let more_waiting = matches!(frame_len(channel.input()), Ok(Some(_)));
             if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
                 channel.output().append(&mut out);
-                if let Err(e) = flush_all(&mut poll, &mut events, &mut channel) {
-                    tracing::error!("task {slot}: writing to the master failed: {e}");
-                    return 1;
-                }
+                flush_all(&mut poll, &mut events, &mut channel)
+                    .map_err(ProcessError::io("writing to the master failed"))?;
                 since_flush = Instant::now();
             }
         }
         channel.output().append(&mut out);
-        if let Err(e) = flush_all(&mut poll, &mut events, &mut channel) {
-            tracing::error!("task {slot}: writing to the master failed: {e}");
-            return 1;
-        }
+        flush_all(&mut poll, &mut events, &mut channel)
+            .map_err(ProcessError::io("writing to the master failed"))?;
         if let Some(why) = stop {
             tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
-            return 0;
+            return Ok(());
         }
         if state == ReadState::Closed {
-            return 0;
+            return Ok(());
         }
     }
 }

@@ -16,6 +16,7 @@ use crate::app::{Application, Callback, Finished, Outcome, ProcessInfo, TaskId, 
 use crate::config::ServerConfig;
 use crate::ipc::envelope::{decode_outcomes, frame_len, task_flags};
 use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::process::ProcessError;
 use crate::shm::Shared;
 
 const CHANNEL: Token = Token(0);
@@ -105,30 +106,18 @@ impl Link {
     }
 }
 
-/// Runs the worker until it is told to stop, reaches `max_request` or loses the master.
-/// Returns the process exit code.
-pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
+/// Runs the worker until it is told to stop, reaches `max_request` or loses the master (Ok),
+/// or until a call on its link fails.
+pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> Result<(), ProcessError> {
     let WorkerSetup { slot, mut channel, shared, config } = setup;
     let info = ProcessInfo { role: Role::Worker, slot, pid: std::process::id() };
     let limit = request_limit(config.max_request, config.max_request_grace);
-    let poll = match Poll::new() {
-        Ok(p) => p,
-        Err(e) => {
-            tracing::error!("worker {slot}: cannot create its poller: {e}");
-            return 1;
-        }
-    };
-    if let Err(e) =
-        poll.registry().register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
-    {
-        tracing::error!("worker {slot}: cannot watch its channel: {e}");
-        return 1;
-    }
+    let poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
+    poll.registry()
+        .register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
+        .map_err(ProcessError::io("cannot watch its channel"))?;
     let mut link = Link { channel, poll, events: Events::with_capacity(8), handled_seq: 0 };
-    if let Err(e) = app.on_worker_start(&info) {
-        tracing::error!("worker {slot} (pid {}): cannot start: {e}", info.pid);
-        return 1;
-    }
+    app.on_worker_start(&info).map_err(ProcessError::Start)?;
     tracing::debug!("worker {slot} started (pid {})", info.pid);
     let limits = TaskLimits {
         task_queue_max: config.task_queue_max,
@@ -148,17 +137,13 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         if !matches!(frame_len(link.channel.input()), Ok(Some(_))) {
             if let Err(e) = link.poll.poll(&mut link.events, None) {
                 if e.kind() != io::ErrorKind::Interrupted {
-                    tracing::error!("worker {slot}: poll failed: {e}");
-                    return 1;
+                    return Err(ProcessError::Io { what: "poll failed", source: e });
                 }
             }
         }
         let state = match link.channel.fill() {
             Ok(s) => s,
-            Err(e) => {
-                tracing::error!("worker {slot}: reading its channel failed: {e}");
-                return 1;
-            }
+            Err(e) => return Err(ProcessError::Io { what: "reading its channel failed", source: e }),
         };
         // Handled from a buffer of its own, so that a waiting callback can read the channel.
         let mut input = link.channel.take_input();
@@ -168,10 +153,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
             let (frame, len) = match Frame::decode(input.data()) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("worker {slot}: corrupt message from the master: {e}");
-                    return 1;
-                }
+                Err(e) => return Err(ProcessError::Corrupt(e)),
             };
             let mut ctx = WorkerCtx {
                 out: &mut out,
@@ -287,17 +269,15 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         if out.capacity() > 64 * 1024 {
             out = Vec::new();
         }
-        if let Err(e) = flush_all(&mut link.poll, &mut link.events, &mut link.channel) {
-            tracing::error!("worker {slot}: writing to the master failed: {e}");
-            return 1;
-        }
+        flush_all(&mut link.poll, &mut link.events, &mut link.channel)
+            .map_err(ProcessError::io("writing to the master failed"))?;
         if let Some(why) = stop {
             tracing::info!("worker {slot} (pid {}) exits: {why}, after {served} requests", info.pid);
-            return 0;
+            return Ok(());
         }
         if state == ReadState::Closed {
             tracing::debug!("worker {slot}: the master is gone");
-            return 0;
+            return Ok(());
         }
     }
 }

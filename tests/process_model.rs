@@ -273,7 +273,7 @@ fn killing_the_master_leaves_no_process_behind() {
 fn sigterm_finishes_in_flight_jobs_then_every_process_exits_with_0() {
     // The manager logs each pool process's end at debug level.
     let mut daemon =
-        Daemon::start_env(&["--simulate-ms", "700"], &[("RUST_LOG", "info,taskd::manager=debug")])
+        Daemon::start_env(&["--simulate-ms", "700"], &[("RUST_LOG", "info,taskd::supervisor=debug")])
             .unwrap_or_else(|(status, log)| panic!("taskd did not start ({status}):\n{log}"));
     let pool = daemon.wait_pool(2, 4);
     let mut client = daemon.connect();

@@ -1,13 +1,14 @@
 //! `taskd task-node`: a manager and its task processes, nothing else. The task processes take
-//! jobs from the shared stream; the manager forks them, reaps them and forks a successor for
-//! each one that exits, until SIGTERM or SIGINT.
+//! jobs from the shared stream; the manager keeps them with the one [`Supervisor`] (no gate: a
+//! successor reads its own pending jobs again from Redis), until SIGTERM or SIGINT, or until
+//! another run holds the node's name.
 
 use std::io::Write;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-use nix::sys::signal::{kill, Signal};
+use nix::sys::signal::Signal;
 use nix::unistd::{getpid, Pid};
 
 use super::consumer::{self, ConsumerSetup, Control};
@@ -15,20 +16,10 @@ use super::startup::{self, lease_token, LEASE_TTL};
 use super::Durable;
 use crate::app::Application;
 use crate::config::ServerConfig;
-use crate::process;
+use crate::process::{self, ProcessError};
 use crate::shm::{boot_clock_ms, Shared};
 use crate::signals::Signals;
-
-/// A process that lived less than this before exiting is respawned after a growing pause.
-const SHORT_LIFE: Duration = Duration::from_secs(1);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-
-struct Slot {
-    pid: Option<Pid>,
-    started: Instant,
-    restart_at: Option<Instant>,
-    backoff: Duration,
-}
+use crate::supervisor::Supervisor;
 
 /// Runs a task node until it is stopped; returns the exit status.
 pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> Result<i32, String> {
@@ -62,21 +53,19 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
         None => None,
     };
     let count = config.task_worker_num.max(1);
-    let mut slots: Vec<Slot> = (0..count)
-        .map(|_| Slot {
-            pid: None,
-            started: Instant::now(),
-            restart_at: Some(Instant::now()),
-            backoff: SHORT_LIFE / 10,
-        })
-        .collect();
+    // No gate: a consumer's successor reads its own pending jobs again from Redis.
+    let mut sup = Supervisor::new(format!("task node {}", d.node), false);
+    for i in 0..count {
+        sup.add(format!("task {i}"), true);
+    }
     let mut out = std::io::stdout().lock();
     let _ =
         writeln!(out, "taskd task-node {} taking jobs from {} with {count} task processes", d.node, d.shown);
     let _ = out.flush();
     drop(out);
     tracing::info!("task node {} (pid {}): {count} task processes on {}", d.node, getpid(), d.keys.jobs);
-    let mut stopping: Option<Instant> = None;
+    // A task process is asked with SIGTERM, and has this long to finish its job.
+    let grace = config.max_wait() + Duration::from_secs(2);
     loop {
         // First, before any fork: a node that wakes from a hang learns whether its name is
         // still its own before it starts a consumer under it.
@@ -89,36 +78,11 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                 d.node,
                 LEASE_TTL.as_secs()
             );
-            if stopping.is_none() {
-                stopping = Some(Instant::now() + config.max_wait() + Duration::from_secs(2));
-                for pid in slots.iter().filter_map(|s| s.pid) {
-                    let _ = kill(pid, Signal::SIGTERM);
-                }
-            }
+            sup.begin_stop(Some(Signal::SIGTERM), grace);
         }
-        if stopping.is_none() {
-            for (i, slot) in slots.iter_mut().enumerate() {
-                if slot.restart_at.is_some_and(|at| at <= Instant::now()) {
-                    slot.restart_at = None;
-                    match fork_consumer(app, config, d, i as u32, credentials) {
-                        Ok(pid) => {
-                            slot.pid = Some(pid);
-                            slot.started = Instant::now();
-                        }
-                        Err(e) => {
-                            tracing::error!("cannot fork task {i}: {e}; retrying in 1s");
-                            slot.restart_at = Some(Instant::now() + Duration::from_secs(1));
-                        }
-                    }
-                }
-            }
-        }
-        let next = slots.iter().filter_map(|s| s.restart_at).min().into_iter().chain([lease.due()]).min();
-        let wait = match (stopping, next) {
-            (Some(deadline), _) => deadline.saturating_duration_since(Instant::now()),
-            (None, Some(at)) => at.saturating_duration_since(Instant::now()),
-            (None, None) => Duration::from_secs(60),
-        };
+        sup.start_due(|i| fork_consumer(app, config, d, i as u32, credentials));
+        let next = sup.next_timer().into_iter().chain([lease.due()]).min();
+        let wait = next.map_or(Duration::from_secs(60), |at| at.saturating_duration_since(Instant::now()));
         let ms = PollTimeout::try_from(wait.as_millis().min(60_000) as i32).unwrap_or(PollTimeout::MAX);
         let _ = poll(&mut [PollFd::new(signals.as_fd(), PollFlags::POLLIN)], ms);
         for sig in signals.pending() {
@@ -128,46 +92,20 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
                     Ok(false) => {}
                     Err(e) => tracing::error!("SIGHUP: cannot reopen the log file: {e}"),
                 }
-            } else if sig != Signal::SIGCHLD && stopping.is_none() {
+            } else if sig != Signal::SIGCHLD && !sup.stopping() {
                 tracing::info!("task node {}: {sig}: stopping its task processes", d.node);
-                let limit = config.max_wait() + Duration::from_secs(2);
-                stopping = Some(Instant::now() + limit);
-                for pid in slots.iter().filter_map(|s| s.pid) {
-                    let _ = kill(pid, Signal::SIGTERM);
-                }
+                sup.begin_stop(Some(Signal::SIGTERM), grace);
             }
         }
-        for reaped in process::reap() {
-            let Some((i, slot)) = slots.iter_mut().enumerate().find(|(_, s)| s.pid == Some(reaped.pid))
-            else {
-                continue;
-            };
-            slot.pid = None;
-            if stopping.is_some() {
-                continue;
-            }
-            let lived = slot.started.elapsed();
-            slot.backoff =
-                if lived < SHORT_LIFE { (slot.backoff * 2).min(BACKOFF_MAX) } else { SHORT_LIFE / 10 };
-            let delay = if lived < SHORT_LIFE { slot.backoff } else { Duration::ZERO };
-            tracing::info!("task {i} (pid {}) {}; respawning", reaped.pid, reaped.reason);
-            slot.restart_at = Some(Instant::now() + delay);
-        }
-        if let Some(deadline) = stopping {
-            if slots.iter().all(|s| s.pid.is_none()) {
+        sup.reap();
+        if sup.stopping() {
+            if sup.all_stopped() {
                 lease.release(d);
                 tracing::info!("task node {} stopped", d.node);
                 return Ok(i32::from(lease.lost));
             }
-            if Instant::now() >= deadline {
-                tracing::warn!("task node {}: task processes did not stop in time; killing them", d.node);
-                for pid in slots.iter().filter_map(|s| s.pid) {
-                    let _ = kill(pid, Signal::SIGKILL);
-                    process::wait_for(pid, Duration::from_secs(2));
-                }
-                lease.release(d);
-                return Ok(i32::from(lease.lost));
-            }
+            // Past the grace: SIGKILL.
+            sup.escalate();
         }
     }
 }
@@ -260,24 +198,15 @@ fn fork_consumer<A: Application>(
     credentials: Option<process::Credentials>,
 ) -> std::io::Result<Pid> {
     let parent = getpid();
-    process::spawn(&[], || {
-        process::set_title(&format!("taskd: task {slot}"));
+    process::spawn(&format!("task {slot}"), &[], || {
         if let Some(creds) = credentials {
-            if let Err(e) = process::drop_privileges(creds) {
-                tracing::error!("task {slot}: cannot switch to uid {} gid {}: {e}", creds.uid, creds.gid);
-                return 1;
-            }
+            process::drop_privileges(creds).map_err(|source| ProcessError::Credentials { creds, source })?;
         }
         // After the switch of user, which clears the parent-death signal.
         process::die_with_parent(parent);
-        let signals = match Signals::open(&[Signal::SIGTERM, Signal::SIGINT]) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!("task {slot}: cannot set up signals: {e}");
-                return 1;
-            }
-        };
-        consumer::run(
+        let signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT])
+            .map_err(ProcessError::io("cannot set up signals"))?;
+        ProcessError::from_status(consumer::run(
             app,
             ConsumerSetup {
                 slot,
@@ -285,6 +214,6 @@ fn fork_consumer<A: Application>(
                 durable: d,
                 task_max_request: config.task_max_request,
             },
-        )
+        ))
     })
 }

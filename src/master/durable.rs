@@ -17,12 +17,14 @@
 //! The master also asks for each renewal of the node's name, and stops if another run has it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::results::outcome_line;
 use super::*;
 use crate::durable::startup::LEASE_TTL;
 use crate::durable::Durable;
+use crate::process::ProcessError;
+use crate::supervisor::Supervisor;
 
 pub const BRIDGE: Token = Token(5);
 
@@ -37,7 +39,9 @@ struct SentBatch {
 pub struct DurableState {
     pub d: Durable,
     pub bridge: Channel,
-    pub bridge_pid: Option<Pid>,
+    /// The bridge's slot: respawned, with the back-off of a crash at start, by the one
+    /// supervisor every child has.
+    pub bridge_sup: Supervisor,
     /// The batch this turn's jobs go in, its frames and its jobs.
     batch: u64,
     frames: Vec<u8>,
@@ -70,7 +74,11 @@ impl DurableState {
         DurableState {
             d,
             bridge,
-            bridge_pid: None,
+            bridge_sup: {
+                let mut sup = Supervisor::new("master", false);
+                sup.add("redis bridge", true);
+                sup
+            },
             batch: 1,
             frames: Vec::new(),
             jobs: Vec::new(),
@@ -124,43 +132,41 @@ impl DurableState {
     pub fn unacked(&self) -> usize {
         self.sent.len()
     }
+
+    /// A bridge runs to read what is written to its channel.
+    pub fn bridge_running(&self) -> bool {
+        self.bridge_sup.pid(0).is_some()
+    }
+
+    /// When the master must wake next for this: a renewal of the name, or a bridge to start.
+    pub fn next_timer(&self) -> Instant {
+        self.bridge_sup.next_timer().map_or(self.lease_due, |at| at.min(self.lease_due))
+    }
 }
 
 impl<A: Application> Master<'_, A> {
-    /// Forks the bridge process over a new channel; sends it every batch not acknowledged.
+    /// Forks the bridge process over a new channel if it is due (at start, or once the
+    /// back-off after a death is over); sends it every batch not acknowledged.
     pub fn spawn_bridge(&mut self) -> io::Result<()> {
         let Some(state) = self.durable.as_mut() else { return Ok(()) };
-        let (master_end, child_end) = crate::ipc::channel::pair()?;
-        let master_pid = nix::unistd::getpid();
         let d = state.d.clone();
         let from = state.replies_from.clone();
         let shared = self.shared;
         let credentials = self.credentials;
-        let pid = process::spawn(&[child_end.as_raw_fd()], || {
-            process::set_title("taskd: redis bridge");
-            // It reads what anyone who can write to Redis wrote: not as root, with --user.
-            // Before its threads start, and before the parent-death signal, which a change of
-            // user clears.
-            if let Some(creds) = credentials {
-                if let Err(e) = process::drop_privileges(creds) {
-                    tracing::error!(
-                        "redis bridge: cannot switch to uid {} gid {}: {e}",
-                        creds.uid,
-                        creds.gid
-                    );
-                    return 1;
-                }
-            }
-            process::die_with_parent(master_pid);
-            match child_end.try_clone() {
-                Ok(fd) => crate::durable::bridge::run(&d, fd, shared, &from),
-                Err(e) => {
-                    tracing::error!("redis bridge: cannot take its channel: {e}");
-                    1
-                }
-            }
-        })?;
-        drop(child_end);
+        let mut ours = None;
+        let tried = state.bridge_sup.start_due(|_| {
+            let (master_end, child_end) = crate::ipc::channel::pair()?;
+            let pid = fork_bridge(&d, child_end, shared, &from, credentials)?;
+            ours = Some(master_end);
+            Ok(pid)
+        });
+        let Some(master_end) = ours else {
+            // Not due yet, or the fork failed (the supervisor tries again in a second).
+            return match tried.into_iter().next() {
+                Some((_, Err(e))) => Err(e),
+                _ => Ok(()),
+            };
+        };
         let _ = self.poll.registry().deregister(state.bridge.source());
         state.bridge = Channel::new(master_end);
         self.poll.registry().register(
@@ -168,7 +174,6 @@ impl<A: Application> Master<'_, A> {
             BRIDGE,
             Interest::READABLE | Interest::WRITABLE,
         )?;
-        state.bridge_pid = Some(pid);
         for batch in &state.sent {
             state.bridge.output().extend_from_slice(&batch.frames);
         }
@@ -188,7 +193,6 @@ impl<A: Application> Master<'_, A> {
         // What it wrote before it died still counts (fewer batches to send again).
         self.read_bridge();
         let Some(state) = self.durable.as_mut() else { return };
-        state.bridge_pid = None;
         state.bridge_restarts += 1;
         tracing::error!(
             "the redis bridge {reason}; starting a new one ({} store batches to send again)",
@@ -284,7 +288,7 @@ impl<A: Application> Master<'_, A> {
                 Err(e) => {
                     tracing::error!("the redis bridge sent a corrupt message ({e}); replacing it");
                     input.consume(input.data().len());
-                    if let Some(pid) = self.durable.as_ref().and_then(|s| s.bridge_pid) {
+                    if let Some(pid) = self.durable.as_ref().and_then(|s| s.bridge_sup.pid(0)) {
                         let _ = kill(pid, Signal::SIGKILL);
                     }
                     break;
@@ -498,11 +502,28 @@ impl<A: Application> Master<'_, A> {
         if let Ok((closed, _)) = crate::ipc::channel::pair() {
             state.bridge = Channel::new(closed);
         }
-        if let Some(pid) = state.bridge_pid.take() {
-            if process::wait_for(pid, Duration::from_secs(2)).is_none() {
-                let _ = kill(pid, Signal::SIGKILL);
-                process::wait_for(pid, Duration::from_secs(1));
-            }
-        }
+        state.bridge_sup.stop_and_wait(Duration::from_secs(2));
     }
+}
+
+/// Forks the redis bridge over `child_end`.
+fn fork_bridge(
+    d: &Durable,
+    child_end: OwnedFd,
+    shared: &'static crate::shm::Shared,
+    replies_from: &str,
+    credentials: Option<process::Credentials>,
+) -> io::Result<Pid> {
+    let master_pid = nix::unistd::getpid();
+    process::spawn("redis bridge", &[child_end.as_raw_fd()], || {
+        // It reads what anyone who can write to Redis wrote: not as root, with --user.
+        // Before its threads start, and before the parent-death signal, which a change of
+        // user clears.
+        if let Some(creds) = credentials {
+            process::drop_privileges(creds).map_err(|source| ProcessError::Credentials { creds, source })?;
+        }
+        process::die_with_parent(master_pid);
+        let fd = child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?;
+        ProcessError::from_status(crate::durable::bridge::run(d, fd, shared, replies_from))
+    })
 }

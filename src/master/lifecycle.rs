@@ -60,11 +60,8 @@ impl<A: Application> Master<'_, A> {
             }
             Role::Task => {
                 let Some(t) = self.tasks.get_mut(slot) else { return };
+                // Taken out of the pool while its predecessor was being replaced: asked to stop.
                 t.started(pid);
-                if !t.enabled {
-                    // Taken out of the pool while its predecessor was being replaced.
-                    t.ask_to_stop();
-                }
             }
         }
         if self.reloading == Some((role, slot as u32)) {
@@ -85,8 +82,8 @@ impl<A: Application> Master<'_, A> {
                 self.read_worker(slot);
                 let w = &mut self.workers[slot];
                 empty_channel(&mut w.chan, &w.child_end, Role::Worker, slot);
-                let WorkerSlot { chan, log, .. } = w;
-                chan.output().extend_from_slice(log.uncommitted());
+                let WorkerSlot { chan, books, .. } = w;
+                chan.output().extend_from_slice(books.log.uncommitted());
                 w.exited();
                 if !reason.is_clean() {
                     self.counters.worker_crashes += 1;
@@ -203,8 +200,8 @@ impl<A: Application> Master<'_, A> {
             if Some(reaped.pid) == self.manager_pid {
                 self.manager_pid = None;
                 self.on_manager_exit(reaped.reason);
-            } else if self.durable.as_ref().is_some_and(|d| d.bridge_pid == Some(reaped.pid)) {
-                self.on_bridge_exit(reaped.reason);
+            } else if let Some(exit) = self.durable.as_mut().and_then(|d| d.bridge_sup.exited(reaped)) {
+                self.on_bridge_exit(exit.reason);
             } else if let Some(r) = &mut self.recovery {
                 r.orphans.remove(&reaped.pid.as_raw());
             }
@@ -223,9 +220,8 @@ impl<A: Application> Master<'_, A> {
         let orphans: HashSet<i32> = self
             .workers
             .iter()
-            .map(|w| w.pid)
-            .chain(self.tasks.iter().map(|t| t.pid))
-            .filter(|&p| p != 0)
+            .filter_map(|w| w.pid())
+            .chain(self.tasks.iter().filter_map(|t| t.pid()))
             .map(|p| p as i32)
             .collect();
         self.recovery = Some(ManagerRecovery { orphans, deadline: Instant::now() + ORPHAN_LIMIT });
@@ -245,11 +241,11 @@ impl<A: Application> Master<'_, A> {
         self.recovery = None;
         let died = ExitReason::Signal(Signal::SIGKILL as i32);
         for i in 0..self.workers.len() {
-            let pid = self.workers[i].pid;
+            let pid = self.workers[i].pid().unwrap_or(0);
             self.clean_slot(Role::Worker, i, pid, died);
         }
         for j in 0..self.tasks.len() {
-            let pid = self.tasks[j].pid;
+            let pid = self.tasks[j].pid().unwrap_or(0);
             self.clean_slot(Role::Task, j, pid, died);
         }
         // A new channel: the old one may hold half a message of the dead manager.
@@ -274,11 +270,11 @@ impl<A: Application> Master<'_, A> {
     /// SIGTTIN: one task process more (up to `task_worker_max`); SIGTTOU: one fewer (down to
     /// one), the last one finishing what it was given first.
     pub(super) fn scale_tasks(&mut self, grow: bool) {
-        let enabled = self.tasks.iter().filter(|t| t.enabled).count();
+        let enabled = self.tasks.iter().filter(|t| t.in_pool()).count();
         let slot = if grow {
-            self.tasks.iter().position(|t| !t.enabled)
+            self.tasks.iter().position(|t| !t.in_pool())
         } else if enabled > 1 {
-            self.tasks.iter().rposition(|t| t.enabled)
+            self.tasks.iter().rposition(|t| t.in_pool())
         } else {
             None
         };
@@ -291,9 +287,10 @@ impl<A: Application> Master<'_, A> {
             return;
         };
         let t = &mut self.tasks[j];
-        t.enabled = grow;
-        if !grow {
-            t.ask_to_stop();
+        if grow {
+            t.enlist();
+        } else {
+            t.retire();
         }
         self.manager.send(&Frame::SlotActive { role: Role::Task, slot: j as u32, active: grow });
         let now = enabled + grow as usize - !grow as usize;

@@ -214,7 +214,9 @@ impl<'a, A: Application> Master<'a, A> {
             poll.registry().register(chan.source(), Token(SLOT_BASE + worker_slots.len() + i), both)?;
             let mut slot = TaskSlot::new(chan, ch.child_end);
             // Slots past task_worker_num are room for SIGTTIN to grow the pool.
-            slot.enabled = i < config.task_worker_num;
+            if i >= config.task_worker_num {
+                slot.life = slots::Life::Retired;
+            }
             task_slots.push(slot);
         }
         // Pool processes orphaned by a dying manager come to us, so we know when they are gone.
@@ -298,18 +300,15 @@ impl<'a, A: Application> Master<'a, A> {
         let shared = self.shared;
         let credentials = self.credentials;
         let app = &mut *self.app;
-        let pid = process::spawn(&keep, move || {
+        let pid = process::spawn("manager", &keep, move || {
             // The manager's own descriptors for the ends it was handed (kept open by `keep`).
             let owned =
                 |fds: &[&OwnedFd]| fds.iter().map(|fd| fd.try_clone()).collect::<io::Result<Vec<_>>>();
+            let take = || -> io::Result<_> {
+                Ok((manager_end.try_clone()?, owned(&worker_ends)?, owned(&task_ends)?))
+            };
             let (master_channel, workers, tasks) =
-                match (manager_end.try_clone(), owned(&worker_ends), owned(&task_ends)) {
-                    (Ok(m), Ok(w), Ok(t)) => (m, w, t),
-                    _ => {
-                        tracing::error!("manager: cannot take over the channels");
-                        return 1;
-                    }
-                };
+                take().map_err(process::ProcessError::io("cannot take over the channels"))?;
             manager::run(
                 app,
                 manager::ManagerSetup {
@@ -400,7 +399,7 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
-            .chain(self.durable.as_ref().map(|d| d.lease_due))
+            .chain(self.durable.as_ref().map(|d| d.next_timer()))
             .chain(self.guard.next_deadline())
             .chain(self.lingering.front().map(|&(_, _, at)| at));
         for d in others {
@@ -431,6 +430,9 @@ impl<'a, A: Application> Master<'a, A> {
             self.finish_group(group_id);
         }
         self.end_store_batch();
+        if let Err(e) = self.spawn_bridge() {
+            tracing::error!("cannot start a new redis bridge: {e}");
+        }
         // Output held for durable jobs still has to reach these connections: they wait (the
         // list is kept in place, so that its allocation serves every turn).
         let mut finished = std::mem::take(&mut self.maybe_finished);
@@ -511,7 +513,7 @@ impl<'a, A: Application> Master<'a, A> {
                 tracing::error!("writing to the manager failed: {e}");
             }
         }
-        if let Some(state) = self.durable.as_mut().filter(|s| s.bridge.has_output()) {
+        if let Some(state) = self.durable.as_mut().filter(|s| s.bridge_running() && s.bridge.has_output()) {
             if let Err(e) = state.bridge.flush() {
                 tracing::error!("writing to the redis bridge failed: {e}");
             }

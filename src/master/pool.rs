@@ -49,7 +49,8 @@ impl<A: Application> Master<'_, A> {
         self.workers[i].chan.restore_input(input);
         if let Some(e) = corrupt {
             let w = &mut self.workers[i];
-            replace_corrupt(&mut w.chan, Role::Worker, i, w.pid, e);
+            let pid = w.pid();
+            replace_corrupt(&mut w.chan, Role::Worker, i, pid, e);
         }
     }
 
@@ -108,7 +109,7 @@ impl<A: Application> Master<'_, A> {
         let Master { workers, conns, counters, maybe_finished, .. } = self;
         let slot = &mut workers[i];
         let served = &mut slot.served;
-        slot.log.commit(seq, |entry| {
+        slot.books.log.commit(seq, |entry| {
             match entry.kind {
                 Delivery::Request => {
                     *served += 1;
@@ -162,7 +163,8 @@ impl<A: Application> Master<'_, A> {
         self.tasks[j].chan.restore_input(input);
         if let Some(e) = corrupt {
             let t = &mut self.tasks[j];
-            replace_corrupt(&mut t.chan, Role::Task, j, t.pid, e);
+            let pid = t.pid();
+            replace_corrupt(&mut t.chan, Role::Task, j, pid, e);
         }
     }
 
@@ -178,7 +180,7 @@ impl<A: Application> Master<'_, A> {
                     }
                 }
                 slot.served += 1;
-                let pid = slot.pid;
+                let pid = slot.pid().unwrap_or(0);
                 self.job_outcome(task_id, pid, ok, reply, result);
             }
             other => tracing::warn!("task {j}: ignoring unexpected message {other:?}"),
@@ -380,16 +382,14 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn kill_hung_tasks(&mut self) {
         let Some(limit) = self.config.task_limit() else { return };
         for (j, t) in self.tasks.iter_mut().enumerate() {
-            let hung =
-                t.alive && t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
-            if let (true, Some(&task_id)) = (hung, t.inflight.front()) {
+            let hung = t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
+            if let (true, Some(pid), Some(&task_id)) = (hung, t.pid(), t.inflight.front()) {
                 tracing::warn!(
-                    "task {task_id} has run longer than task_timeout ({}s) in task {j} (pid {}); killing it",
+                    "task {task_id} has run longer than task_timeout ({}s) in task {j} (pid {pid}); killing it",
                     self.config.task_timeout,
-                    t.pid
                 );
                 t.timed_out = Some(task_id);
-                let _ = kill(Pid::from_raw(t.pid as i32), Signal::SIGKILL);
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
     }
@@ -397,10 +397,10 @@ impl<A: Application> Master<'_, A> {
 
 /// A process that sent bytes that do not decode cannot be trusted with its channel: what it
 /// sent is dropped and it is killed; its death hands its work to a successor.
-fn replace_corrupt(chan: &mut Channel, role: Role, slot: usize, pid: u32, e: DecodeError) {
-    tracing::error!("{role} {slot} (pid {pid}) sent a corrupt message ({e}); replacing it");
+fn replace_corrupt(chan: &mut Channel, role: Role, slot: usize, pid: Option<u32>, e: DecodeError) {
+    tracing::error!("{role} {slot} (pid {}) sent a corrupt message ({e}); replacing it", pid.unwrap_or(0));
     chan.discard_input();
-    if pid != 0 {
+    if let Some(pid) = pid {
         let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
     }
 }

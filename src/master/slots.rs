@@ -1,7 +1,9 @@
-//! The master's view of each slot of the pool: its channel, its current process, and what
-//! that process has not finished.
+//! The master's view of each slot of the pool: its channel, where its process is in its life,
+//! and what that process has not finished (its books: a worker's replay log, a task
+//! process's jobs).
 
 use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
@@ -11,61 +13,131 @@ const PREFETCH_BUDGET: f64 = 0.002;
 use super::replay::ReplayLog;
 use crate::ipc::{Channel, Frame};
 
-pub struct WorkerSlot {
+/// Where a slot's process is in its life, as the master knows it from the manager's reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Life {
+    /// No process: the manager is starting one (or will, once the slot is clean).
+    Starting,
+    Running {
+        pid: u32,
+        since: Instant,
+    },
+    /// Asked to exit (reload, shrink, shutdown) once it has finished what it was given;
+    /// `retiring`: out of the pool, nothing replaces it.
+    Stopping {
+        pid: u32,
+        retiring: bool,
+    },
+    /// Out of the pool (room for SIGTTIN to grow it), no process.
+    Retired,
+}
+
+/// What a slot's books say about its process: whether it holds unfinished work, and what to
+/// forget when it is gone.
+pub trait Books {
+    fn is_empty(&self) -> bool;
+    /// The process is gone (what it had not finished has been handed back already).
+    fn process_gone(&mut self) {}
+}
+
+/// One slot of the pool. It reads as its books (`slot.log`, `slot.inflight`) through `Deref`.
+pub struct Slot<B> {
     pub chan: Channel,
     /// The slot's child end, to empty it when a process dies.
     pub child_end: OwnedFd,
-    /// The current process (0: none running).
-    pub pid: u32,
-    pub alive: bool,
-    /// Deliveries not committed yet.
-    pub log: ReplayLog,
-    /// Requests handled by the current process.
+    pub life: Life,
+    /// Requests (or jobs) handled by the current process.
     pub served: u64,
     pub starts: u64,
-    /// Asked to stop (reload); no longer counted as available.
-    pub stopping: bool,
+    pub books: B,
 }
 
-impl WorkerSlot {
-    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
-        WorkerSlot {
-            chan,
-            child_end,
-            pid: 0,
-            alive: false,
-            log: ReplayLog::default(),
-            served: 0,
-            starts: 0,
-            stopping: false,
-        }
-    }
+pub type WorkerSlot = Slot<WorkerBooks>;
+pub type TaskSlot = Slot<TaskBooks>;
 
+impl<B: Books + Default> Slot<B> {
+    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
+        Slot { chan, child_end, life: Life::Starting, served: 0, starts: 0, books: B::default() }
+    }
+}
+
+impl<B: Books> Slot<B> {
+    /// The manager started `pid` in this slot. Taken out of the pool while its predecessor was
+    /// being replaced, it is asked to stop at once.
     pub fn started(&mut self, pid: u32) {
-        self.pid = pid;
-        self.alive = true;
+        let retired =
+            self.life == Life::Retired || matches!(self.life, Life::Stopping { retiring: true, .. });
+        self.life = Life::Running { pid, since: Instant::now() };
         self.served = 0;
         self.starts += 1;
-        self.stopping = false;
-    }
-
-    pub fn exited(&mut self) {
-        self.alive = false;
-        self.pid = 0;
-    }
-
-    /// Asks the process to exit once it has handled what is queued before this.
-    pub fn ask_to_stop(&mut self) -> bool {
-        if !self.alive || self.stopping {
-            return false;
+        if retired {
+            self.retire();
         }
-        self.stopping = true;
+    }
+
+    /// Its process is gone.
+    pub fn exited(&mut self) {
+        self.life = match self.life {
+            Life::Stopping { retiring: true, .. } | Life::Retired => Life::Retired,
+            _ => Life::Starting,
+        };
+        self.books.process_gone();
+    }
+
+    /// Asks the process to exit once it has handled what is queued before this; false if
+    /// none runs or it was asked already.
+    pub fn ask_to_stop(&mut self) -> bool {
+        let Life::Running { pid, .. } = self.life else { return false };
+        self.life = Life::Stopping { pid, retiring: false };
         self.chan.send(&Frame::Stop);
         true
     }
 
+    /// Takes the slot out of the pool: its process (if any) is asked to stop, and not replaced.
+    pub fn retire(&mut self) {
+        self.life = match self.life {
+            Life::Running { pid, .. } => {
+                self.chan.send(&Frame::Stop);
+                Life::Stopping { pid, retiring: true }
+            }
+            Life::Stopping { pid, .. } => Life::Stopping { pid, retiring: true },
+            Life::Starting | Life::Retired => Life::Retired,
+        };
+    }
+
+    /// Takes the slot back into the pool: a process that is stopping is replaced.
+    pub fn enlist(&mut self) {
+        self.life = match self.life {
+            Life::Stopping { pid, .. } => Life::Stopping { pid, retiring: false },
+            Life::Retired => Life::Starting,
+            life => life,
+        };
+    }
+
+    /// Part of the pool (a process runs or will).
+    pub fn in_pool(&self) -> bool {
+        !matches!(self.life, Life::Retired | Life::Stopping { retiring: true, .. })
+    }
+
+    /// Its process, while one runs.
+    pub fn pid(&self) -> Option<u32> {
+        match self.life {
+            Life::Running { pid, .. } | Life::Stopping { pid, .. } => Some(pid),
+            Life::Starting | Life::Retired => None,
+        }
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.pid().is_some()
+    }
+
+    /// Running, and not asked to stop: may be given more.
+    pub fn accepts_work(&self) -> bool {
+        matches!(self.life, Life::Running { .. })
+    }
+
     pub fn state(&self) -> &'static str {
-        match (self.alive, self.log.is_empty()) {
+        match (self.is_alive(), self.books.is_empty()) {
             (false, _) => "starting",
             (true, true) => "idle",
             (true, false) => "busy",
@@ -73,11 +145,34 @@ impl WorkerSlot {
     }
 }
 
-pub struct TaskSlot {
-    pub chan: Channel,
-    pub child_end: OwnedFd,
-    pub pid: u32,
-    pub alive: bool,
+impl<B> Deref for Slot<B> {
+    type Target = B;
+    fn deref(&self) -> &B {
+        &self.books
+    }
+}
+
+impl<B> DerefMut for Slot<B> {
+    fn deref_mut(&mut self) -> &mut B {
+        &mut self.books
+    }
+}
+
+/// A worker slot's books: the deliveries its process has not committed.
+#[derive(Default)]
+pub struct WorkerBooks {
+    pub log: ReplayLog,
+}
+
+impl Books for WorkerBooks {
+    fn is_empty(&self) -> bool {
+        self.log.is_empty()
+    }
+}
+
+/// A task slot's books: the jobs sent to its process, and how long they take.
+#[derive(Default)]
+pub struct TaskBooks {
     /// Jobs sent to the current process, in the order it runs them.
     pub inflight: VecDeque<u64>,
     /// When the job at the head of `inflight` started (for `task_timeout`).
@@ -86,46 +181,20 @@ pub struct TaskSlot {
     pub timed_out: Option<u64>,
     /// A moving average of how long this slot's jobs take (for the prefetch).
     pub job_seconds: Option<f64>,
-    /// Part of the pool now (SIGTTIN/SIGTTOU move the boundary).
-    pub enabled: bool,
-    pub served: u64,
-    pub starts: u64,
-    pub stopping: bool,
 }
 
-impl TaskSlot {
-    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
-        TaskSlot {
-            chan,
-            child_end,
-            pid: 0,
-            alive: false,
-            inflight: VecDeque::new(),
-            running_since: None,
-            timed_out: None,
-            job_seconds: None,
-            enabled: true,
-            served: 0,
-            starts: 0,
-            stopping: false,
-        }
+impl Books for TaskBooks {
+    fn is_empty(&self) -> bool {
+        self.inflight.is_empty()
     }
 
-    pub fn started(&mut self, pid: u32) {
-        self.pid = pid;
-        self.alive = true;
-        self.served = 0;
-        self.starts += 1;
-        self.stopping = false;
-    }
-
-    pub fn exited(&mut self) {
-        self.alive = false;
-        self.pid = 0;
+    fn process_gone(&mut self) {
         self.running_since = None;
         self.timed_out = None;
     }
+}
 
+impl TaskBooks {
     /// Records that the job at the head of `inflight` changed.
     pub fn head_changed(&mut self) {
         self.running_since = (!self.inflight.is_empty()).then(Instant::now);
@@ -154,28 +223,6 @@ impl TaskSlot {
         };
         ahead.clamp(1, max)
     }
-
-    pub fn accepts_work(&self) -> bool {
-        self.alive && !self.stopping && self.enabled
-    }
-
-    /// Asks the process to exit after the job it is running.
-    pub fn ask_to_stop(&mut self) -> bool {
-        if !self.alive || self.stopping {
-            return false;
-        }
-        self.stopping = true;
-        self.chan.send(&Frame::Stop);
-        true
-    }
-
-    pub fn state(&self) -> &'static str {
-        match (self.alive, self.inflight.is_empty()) {
-            (false, _) => "starting",
-            (true, true) => "idle",
-            (true, false) => "busy",
-        }
-    }
 }
 
 #[cfg(test)]
@@ -198,5 +245,38 @@ mod tests {
         t.job_seconds = Some(0.000_001);
         assert_eq!(t.room(64), 64, "never past the configured most");
         assert_eq!(t.room(1), 1, "task_prefetch 1 turns it off");
+    }
+
+    #[test]
+    fn a_slot_taken_out_of_the_pool_is_not_refilled_until_taken_back() {
+        let mut t = slot();
+        assert!(!t.is_alive() && t.in_pool());
+        t.started(10);
+        assert!(t.accepts_work() && t.pid() == Some(10));
+        t.retire();
+        assert_eq!(t.life, Life::Stopping { pid: 10, retiring: true });
+        assert!(!t.accepts_work() && !t.in_pool() && t.is_alive());
+        assert!(!t.ask_to_stop(), "asked already");
+        t.exited();
+        assert_eq!(t.life, Life::Retired);
+        // A successor forked before the manager heard of the shrink is stopped at once.
+        t.started(11);
+        assert_eq!(t.life, Life::Stopping { pid: 11, retiring: true });
+        t.enlist();
+        t.exited();
+        assert_eq!(t.life, Life::Starting, "back in the pool: replaced");
+    }
+
+    #[test]
+    fn a_reload_replaces_the_process() {
+        let mut t = slot();
+        t.started(10);
+        assert!(t.ask_to_stop());
+        assert!(t.in_pool() && !t.accepts_work());
+        t.exited();
+        assert_eq!(t.life, Life::Starting);
+        assert_eq!(t.pid(), None);
+        t.started(12);
+        assert_eq!((t.starts, t.state()), (2, "idle"));
     }
 }

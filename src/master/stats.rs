@@ -116,13 +116,13 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
     ];
     for (i, w) in s.workers.iter().enumerate() {
         processes.push(json!({
-            "role": "worker", "slot": i, "pid": w.pid, "state": w.state(),
+            "role": "worker", "slot": i, "pid": w.pid().unwrap_or(0), "state": w.state(),
             "served": w.served, "pending": w.log.len(), "restarts": w.starts.saturating_sub(1),
         }));
     }
-    for (i, t) in s.tasks.iter().enumerate().filter(|(_, t)| t.enabled || t.alive) {
+    for (i, t) in s.tasks.iter().enumerate().filter(|(_, t)| t.in_pool() || t.is_alive()) {
         processes.push(json!({
-            "role": "task", "slot": i, "pid": t.pid, "state": t.state(),
+            "role": "task", "slot": i, "pid": t.pid().unwrap_or(0), "state": t.state(),
             "served": t.served, "running": t.inflight.len(), "restarts": t.starts.saturating_sub(1),
         }));
     }
@@ -137,9 +137,9 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "request_count": c.request_count,
         "dispatch_count": c.dispatch_count,
         "worker_num": s.config.worker_num,
-        "idle_worker_num": s.workers.iter().filter(|w| w.alive && w.log.is_empty()).count(),
-        "task_worker_num": s.tasks.iter().filter(|t| t.enabled).count(),
-        "idle_task_worker_num": s.tasks.iter().filter(|t| t.alive && t.inflight.is_empty()).count(),
+        "idle_worker_num": s.workers.iter().filter(|w| w.is_alive() && w.log.is_empty()).count(),
+        "task_worker_num": s.tasks.iter().filter(|t| t.in_pool()).count(),
+        "idle_task_worker_num": s.tasks.iter().filter(|t| t.is_alive() && t.inflight.is_empty()).count(),
         "tasking_num": tasking,
         "task_queue_num": s.jobs.queued(),
         "tasks_accepted": c.tasks_accepted,
