@@ -177,7 +177,7 @@ pub fn run_notify<A: Application>(
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
-            .map_err(|source| StartError::Io { what: "cannot write the pid file", source })?;
+            .map_err(|e| StartError::Other(format!("cannot write the pid file: {e}")))?;
     }
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
