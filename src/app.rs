@@ -235,7 +235,8 @@ impl WorkerCtx<'_> {
     ) -> Result<TaskId, TaskError> {
         if self.limits.durable {
             return Err(TaskError::Unavailable(
-                "task_to is not available with durable jobs (redis_url): a job runs on whichever node takes it"
+                "this server keeps its jobs in Redis (redis_url), and whichever node is free runs each one: \
+                 a job cannot be sent to one task process (task_worker, task_to)"
                     .into(),
             ));
         }

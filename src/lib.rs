@@ -131,8 +131,7 @@ pub fn run_notify<A: Application>(
     };
     let ws = match config.ws_port {
         Some(port) => Some(
-            net::bind_listener(&config.host, port, config.backlog)
-                .map_err(|e| StartError::Other(format!("invalid ws_port: {e}")))?,
+            net::bind_listener(&config.host, port, config.backlog).map_err(|e| bind_error("--ws-port", e))?,
         ),
         None => None,
     };
@@ -243,5 +242,17 @@ fn bind_metrics(addr: &str) -> Result<std::net::TcpListener, StartError> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
         .ok_or_else(|| StartError::Other(format!("invalid metrics_addr {addr:?}: expected HOST:PORT")))?;
-    net::bind_listener(host, port, 128).map_err(|e| StartError::Other(format!("invalid metrics_addr: {e}")))
+    net::bind_listener(host, port, 128).map_err(|e| bind_error("--metrics-addr", e))
+}
+
+/// A listener of `option` could not be bound: the sentence names the option and the address
+/// (the line port's own error points at `--port`).
+fn bind_error(option: &str, e: net::BindError) -> StartError {
+    StartError::Other(match e {
+        net::BindError::InUse(addr) => format!(
+            "cannot listen on {addr} for {option}: address already in use (another process, or \
+             another of taskd's own listeners, holds it: choose another {option})"
+        ),
+        other => format!("invalid {option}: {other}"),
+    })
 }

@@ -146,6 +146,12 @@ fn jobs_submitted_to_a_web_node_run_on_either_node() {
     assert!(ran_by.iter().any(|p| node_pids.contains(p)), "none ran on the task node ({ran_by:?})");
     assert_eq!(d.outbox_lines().len() + node.outbox_lines().len(), 30, "each job delivered once");
     stream_is_empty(&redis, "web-1");
+    // A job for one task process cannot be durable: a sentence, not the library's call's name.
+    c.send(r#"{"type":"email","to":"one@example.com","task_worker":0}"#);
+    let refused = c.recv();
+    let why = refused["error"].as_str().unwrap_or_default();
+    assert!(why.contains("keeps its jobs in Redis") && why.contains("task_worker"), "{refused}");
+    assert!(!why.starts_with("task_to"), "{refused}");
 }
 
 #[test]
@@ -459,9 +465,11 @@ fn startup_warns_when_redis_could_lose_or_evict_jobs() {
 #[test]
 fn without_redis_the_daemon_says_why_and_task_node_needs_a_url() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("redis+unix://{}/none.sock", dir.path().display());
+    let url = format!("redis+unix://{}/none.sock?pass=hunter2", dir.path().display());
     let err = Daemon::try_start(&["--redis-url", &url]).err().expect("no Redis: no start");
-    assert!(err.1.contains("cannot reach Redis"), "{err:?}");
+    assert!(err.1.contains("cannot reach Redis at redis+unix://"), "{err:?}");
+    // The URL is fine, Redis is down: not "invalid redis_url"; and its password stays hidden.
+    assert!(!err.1.contains("invalid redis_url") && !err.1.contains("hunter2"), "{err:?}");
     let out = taskd(&["task-node"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-url"), "{out:?}");

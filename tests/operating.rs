@@ -486,3 +486,22 @@ fn a_durable_job_is_left_in_redis_at_shutdown_and_its_client_is_told_so() {
     let node = common::durable::TaskNode::start(&redis, "tasks", &["--task-worker-num", "1"]);
     wait_for("the job to run on the task node", || (node.outbox_lines().len() == 1).then_some(()));
 }
+
+#[test]
+fn a_listener_in_use_is_named_by_its_option_and_address() {
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = blocker.local_addr().unwrap();
+    let port = addr.port().to_string();
+    let metrics = addr.to_string();
+    for (args, option) in [
+        (["--metrics-addr", metrics.as_str()], "--metrics-addr"),
+        (["--ws-port", port.as_str()], "--ws-port"),
+    ] {
+        let err = Daemon::try_start(&args).err().expect("the address is taken: no start").1;
+        assert!(
+            err.contains(&format!("cannot listen on {addr} for {option}: address already in use")),
+            "{err}"
+        );
+        assert!(!err.contains("see --port"), "{err}");
+    }
+}
