@@ -117,6 +117,7 @@ impl MailApp {
                 "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
             }),
             TaskError::TooLarge { .. }
+            | TaskError::ExceedsQueue { .. }
             | TaskError::QueueBytes { .. }
             | TaskError::NoSuchTaskProcess { .. }
             | TaskError::Unavailable(_) => {
