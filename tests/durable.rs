@@ -287,6 +287,7 @@ fn past_its_attempts_a_job_is_dead_lettered_and_an_operator_replays_it() {
     let url = redis.url.as_str();
     let list = taskd(&["dead-letter", "list", "--redis-url", url]);
     assert!(list.status.success(), "{list:?}");
+    assert!(String::from_utf8_lossy(&list.stderr).is_empty(), "{list:?}");
     let lines: Vec<Value> =
         String::from_utf8_lossy(&list.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -296,10 +297,20 @@ fn past_its_attempts_a_job_is_dead_lettered_and_an_operator_replays_it() {
     let unknown = taskd(&["dead-letter", "replay", "--redis-url", url, "1-1"]);
     assert_eq!(unknown.status.code(), Some(1), "an unknown id is an error");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("1-1"));
+    // An entry that is no job: --all skips it and says so.
+    let junk: String = redis.query(&["XADD", "{taskd}:dead", "*", "x", "y"]);
     let replay = taskd(&["dead-letter", "replay", "--all", "--redis-url", url]);
     assert!(replay.status.success(), "{replay:?}");
     assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 1 jobs"));
-    assert_eq!(redis.xlen("{taskd}:dead"), 0);
+    let said = String::from_utf8_lossy(&replay.stderr);
+    assert!(said.contains(&format!("skipped dead letter {junk}: it is not a job entry")), "{said}");
+    assert!(said.contains("skipped 1 entries"), "{said}");
+    assert_eq!(redis.xlen("{taskd}:dead"), 1);
+    let _: u64 = redis.query(&["XDEL", "{taskd}:dead", &junk]);
+    // None left: `list` says so on stderr, stdout stays JSON lines (none).
+    let list = taskd(&["dead-letter", "list", "--redis-url", url]);
+    assert!(list.status.success() && list.stdout.is_empty(), "{list:?}");
+    assert!(String::from_utf8_lossy(&list.stderr).contains("no dead jobs in {taskd}:dead"), "{list:?}");
 
     // The replayed run's outcome is kept for the client, who asks for it.
     let done = wait_for("the replayed job's result", || {
