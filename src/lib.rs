@@ -29,6 +29,7 @@
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
 //! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
+//! | [`throttle`] | all | one warning per kind and 10 s under a flood, with the count of the rest |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
 pub mod app;
@@ -49,6 +50,7 @@ pub mod protocol;
 pub mod shm;
 pub mod signals;
 pub mod task_worker;
+pub mod throttle;
 pub mod worker;
 
 pub use app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskId, WorkerCtx};

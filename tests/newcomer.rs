@@ -52,3 +52,22 @@ fn the_result_of_a_delivered_job_is_kept_for_a_query() {
     let why = unknown["error"].as_str().unwrap();
     assert!(why.contains("no job of that id is running") && why.contains("2 kept now"), "{unknown}");
 }
+
+#[test]
+fn a_flood_of_refused_jobs_writes_one_warning_not_one_each() {
+    let daemon = Daemon::start(&["--task-queue-max", "1", "--simulate-ms", "3000"]);
+    let mut client = daemon.connect();
+    client.submit("held@example.com");
+    for i in 0..50 {
+        client.send(&format!("flood{i}@example.com"));
+    }
+    for _ in 0..50 {
+        let busy = client.recv();
+        assert!(busy["error"].as_str().is_some_and(|e| e.starts_with("server busy")), "{busy}");
+    }
+    // Every answer was written after its worker logged (or held back) its warning.
+    client.send("stats");
+    while client.recv()["event"] != "stats" {}
+    let log = daemon.log();
+    assert_eq!(log.matches("task not accepted").count(), 1, "{log}");
+}

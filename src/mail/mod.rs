@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, WorkerCtx};
 use crate::ipc::Role;
+use crate::throttle::Throttle;
 use outbox::Outbox;
 use request::{Job, Kind, Request};
 
@@ -89,11 +90,20 @@ pub struct MailApp {
     pid: u32,
     /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
     run_limit: Option<Duration>,
+    /// Warnings of refused jobs, one per kind of refusal and 10 s: a flood of them (a full
+    /// queue) must not flood the log.
+    refusals: [Throttle; 6],
 }
 
 impl MailApp {
     pub fn new(config: MailConfig) -> Self {
-        MailApp { config, outbox: None, pid: std::process::id(), run_limit: None }
+        MailApp {
+            config,
+            outbox: None,
+            pid: std::process::id(),
+            run_limit: None,
+            refusals: Default::default(),
+        }
     }
 
     /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
@@ -110,8 +120,18 @@ impl MailApp {
         Self::reply(ctx, session, json!({"event": "error", "error": message}));
     }
 
-    fn refused(ctx: &mut WorkerCtx<'_>, session: SessionId, err: TaskError) {
-        tracing::warn!("task not accepted: {err}");
+    fn refused(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, err: TaskError) {
+        let kind = match err {
+            TaskError::Busy { .. } => 0,
+            TaskError::QueueBytes { .. } => 1,
+            TaskError::TooLarge { .. } => 2,
+            TaskError::ExceedsQueue { .. } => 3,
+            TaskError::NoSuchTaskProcess { .. } => 4,
+            TaskError::Unavailable(_) => 5,
+        };
+        if let Some(n) = self.refusals[kind].log() {
+            tracing::warn!("task not accepted: {err}{}", crate::throttle::unlogged(n));
+        }
         let value = match err {
             TaskError::Busy { queued, limit } => json!({
                 "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
@@ -144,7 +164,7 @@ impl MailApp {
                     Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid };
                 Self::reply(ctx, session, accepted);
             }
-            Err(e) => Self::refused(ctx, session, e),
+            Err(e) => self.refused(ctx, session, e),
         }
     }
 
@@ -162,7 +182,7 @@ impl MailApp {
                 session,
                 json!({"event": "accepted", "task_id": task_id, "type": "batch", "count": jobs.len(), "worker_pid": self.pid}),
             ),
-            Err(e) => Self::refused(ctx, session, e),
+            Err(e) => self.refused(ctx, session, e),
         }
     }
 
