@@ -158,7 +158,7 @@ impl MailApp {
         };
         match submitted {
             Ok(task_id) => {
-                tracing::info!("{} to {} accepted as task {task_id}", job.kind.name(), job.to);
+                tracing::info!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 let kind = job.kind.name();
                 let accepted =
                     Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid };
@@ -205,14 +205,14 @@ impl MailApp {
             Kind::Sms => ("SMS", "SMS"),
         };
         if delay.is_zero() {
-            tracing::debug!("task {}: {what} to {}", task.id, job.to);
+            tracing::debug!("job {}: {what} to {}", task.id, job.to);
         } else {
-            tracing::info!("task {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
+            tracing::info!("job {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
             // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
             let steps = 5u32;
             for i in 1..=steps {
                 std::thread::sleep(delay / steps);
-                tracing::info!("task {}: {i}/{steps} done", task.id);
+                tracing::info!("job {}: {i}/{steps} done", task.id);
             }
         }
         let outbox = self.outbox.as_mut().ok_or("the outbox is not open")?;
@@ -292,7 +292,7 @@ impl Application for MailApp {
         let context: Context = match serde_json::from_slice(finished.context) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!("task {}: unreadable context: {e}", finished.id);
+                tracing::error!("job {}: unreadable context: {e}", finished.id);
                 return;
             }
         };
@@ -314,18 +314,18 @@ impl Application for MailApp {
             let to = context.to.first().cloned().unwrap_or_default();
             match finished.result {
                 Ok(r) if finished.replied => {
-                    tracing::info!("task {} done: {}", finished.id, text(r));
+                    tracing::info!("job {} done: {}", finished.id, text(r));
                     return;
                 }
                 Ok(r) => {
-                    tracing::info!("task {} done: {}", finished.id, text(r));
+                    tracing::info!("job {} done: {}", finished.id, text(r));
                     json!({
                         "event": "done", "task_id": finished.id, "type": context.kind, "to": to,
                         "result": text(r), "task_pid": finished.task_pid, "attempts": finished.attempts,
                     })
                 }
                 Err(e) => {
-                    tracing::warn!("task {} failed: {e}", finished.id);
+                    tracing::warn!("job {} failed: {e}", finished.id);
                     json!({
                         "event": "failed", "task_id": finished.id, "type": context.kind, "to": to,
                         "error": e, "attempts": finished.attempts,

@@ -374,7 +374,7 @@ impl<A: Application> Master<'_, A> {
                 t.alive && t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
             if let (true, Some(&task_id)) = (hung, t.inflight.front()) {
                 tracing::warn!(
-                    "task {task_id} has run longer than task_timeout ({}s) in task {j} (pid {}); killing it",
+                    "job {task_id} has run longer than task_timeout ({}s) in task process {j} (pid {}); killing it",
                     self.config.task_timeout,
                     t.pid
                 );
