@@ -83,7 +83,11 @@ impl PidFile {
             move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{p}: {e}"))
         };
         crate::files::replace(&addr_file, format!("{addr}\n").as_bytes(), mode).map_err(named(&addr_file))?;
-        crate::files::replace(path, format!("{pid}\n").as_bytes(), mode).map_err(named(path))
+        crate::files::replace(path, format!("{pid}\n").as_bytes(), mode).map_err(|e| {
+            // No address file without its pid file.
+            let _ = std::fs::remove_file(&addr_file);
+            named(path)(e)
+        })
     }
 
     /// Removes the file (and the address beside it) if it still names `pid` (a newer daemon
