@@ -46,8 +46,8 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
             .map(|l| common::log_time(l).expect("a timestamp"))
             .collect()
     };
-    let accepted_at = times(format!("accepted as task {id}"));
-    let kills = times(format!("task {id} has run longer than task_timeout (0.4s)"));
+    let accepted_at = times(format!("accepted as job {id}"));
+    let kills = times(format!("job {id} has run longer than task_timeout (0.4s)"));
     assert_eq!((accepted_at.len(), kills.len()), (1, 2), "{log}");
     for (start, kill) in [(accepted_at[0], kills[0]), (kills[0], kills[1])] {
         let ran = kill - start;
