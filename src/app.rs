@@ -95,6 +95,9 @@ pub enum TaskError {
     QueueBytes { held: u64, limit: u64 },
     /// Larger than `package_max_length`.
     TooLarge { len: usize, limit: usize },
+    /// More jobs (or bytes, `bytes` set) at once than the queue holds even when empty: retrying
+    /// can never help, so it is not "busy".
+    ExceedsQueue { size: u64, limit: u64, bytes: bool },
     /// `task_to` a slot that does not exist.
     NoSuchTaskProcess { slot: u32, count: usize },
     /// Durable jobs cannot be taken now (Redis is unreachable), or not this way; the reason.
@@ -111,6 +114,16 @@ impl fmt::Display for TaskError {
                 f,
                 "server busy, retry later: the jobs waiting or running hold {held} bytes, and this one \
                  would take them past task_queue_bytes_max ({limit} bytes)"
+            ),
+            TaskError::ExceedsQueue { size, limit, bytes: false } => write!(
+                f,
+                "too large for the queue ({size} jobs, the queue holds {limit}: task_queue_max); \
+                 send them in smaller batches"
+            ),
+            TaskError::ExceedsQueue { size, limit, bytes: true } => write!(
+                f,
+                "too large for the queue ({size} bytes, the queue holds {limit} bytes: \
+                 task_queue_bytes_max)"
             ),
             TaskError::TooLarge { len, limit } => {
                 write!(f, "task of {len} bytes exceeds package_max_length ({limit} bytes)")
@@ -236,7 +249,8 @@ impl WorkerCtx<'_> {
     ) -> Result<TaskId, TaskError> {
         if self.limits.durable {
             return Err(TaskError::Unavailable(
-                "task_to is not available with durable jobs (redis_url): a job runs on whichever node takes it"
+                "this server keeps its jobs in Redis (redis_url), and whichever node is free runs each one: \
+                 a job cannot be sent to one task process (task_worker, task_to)"
                     .into(),
             ));
         }
@@ -352,6 +366,16 @@ impl WorkerCtx<'_> {
         }
         let queued = self.shared.jobs_pending() + *self.uncounted_tasks;
         let limit = self.limits.task_queue_max;
+        if n > limit {
+            return Err(TaskError::ExceedsQueue { size: n, limit, bytes: false });
+        }
+        if bytes > self.limits.task_queue_bytes_max {
+            return Err(TaskError::ExceedsQueue {
+                size: bytes,
+                limit: self.limits.task_queue_bytes_max,
+                bytes: true,
+            });
+        }
         if queued + n > limit {
             return Err(TaskError::Busy { queued, limit });
         }

@@ -238,7 +238,7 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
-    /// Stop the daemon gracefully and wait until it is gone (exit 0; 3 if it was not running).
+    /// Stop the daemon gracefully and wait until it is gone (exit 0, also if it was not running).
     Stop {
         /// Seconds to wait for it to exit [default: max_wait_time + 10]
         #[arg(long)]
@@ -246,7 +246,7 @@ pub enum Command {
         #[command(flatten)]
         options: FlagOptions,
     },
-    /// Replace every worker (SIGUSR1), or every task process with --tasks (SIGUSR2).
+    /// Replace every worker (SIGUSR1), or every task process with --tasks (SIGUSR2) (exit 7 if not running).
     Reload {
         #[arg(long)]
         tasks: bool,

@@ -1,6 +1,18 @@
 //! Running taskd as a service: the pid file, and the control commands (`stop`, `reload`,
-//! `status`) that find the daemon through it. Exit codes follow the LSB init script
-//! conventions, so scripts can rely on them: 0 done / running, 1 failed, 3 not running.
+//! `status`) that find the daemon through it.
+//!
+//! The pid file holds the master's pid alone, on one line, as nginx, Redis and systemd's
+//! `PIDFile=` expect (`kill $(cat taskd.pid)` works). The address `taskd status` asks for its
+//! `stats` is in a second file beside it, [`addr_path`] (`taskd.pid` → `taskd.addr`), written
+//! first and removed last, the same safe way.
+//!
+//! Exit codes follow the LSB init script conventions, so scripts can rely on them:
+//!
+//! | command | 0 | 1 | 3 | 4 | 6 | 7 |
+//! | --- | --- | --- | --- | --- | --- | --- |
+//! | `status` | running | dead, pid file left | not running | unknown (no --pid-file, unreadable) | | |
+//! | `stop` | stopped, or was not running | still running after the timeout | | no permission | no --pid-file | |
+//! | `reload` | signalled | | | no permission | no --pid-file | not running |
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -11,37 +23,79 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 pub const EXIT_OK: u8 = 0;
+/// Generic failure; for `status`: dead, but its pid file is still there.
 pub const EXIT_FAILED: u8 = 1;
+/// `status` only: not running.
 pub const EXIT_NOT_RUNNING: u8 = 3;
+/// `status`: its state is unknown; other commands: insufficient privilege.
+pub const EXIT_UNKNOWN: u8 = 4;
+/// Not configured: there is no pid file to find the daemon by.
+pub const EXIT_NOT_CONFIGURED: u8 = 6;
+/// `reload` (any action but `stop` and `status`) of a daemon that is not running.
+pub const EXIT_RELOAD_NOT_RUNNING: u8 = 7;
 
-/// What the pid file says: the master's pid, then the address it listens on.
+/// Where the address of the daemon of pid file `path` is kept: beside it, `.addr` for its
+/// extension (`taskd.pid` → `taskd.addr`; a pid file named `x.addr` gets `x.addr.addr`).
+pub fn addr_path(path: &Path) -> PathBuf {
+    if path.extension().is_some_and(|e| e == "addr") {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".addr");
+        return PathBuf::from(name);
+    }
+    path.with_extension("addr")
+}
+
+/// What the pid file (and the address file beside it) say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PidFile {
     pub pid: u32,
+    /// None when the address file is missing or unreadable: `status` then says less.
     pub addr: Option<SocketAddr>,
 }
 
 impl PidFile {
+    /// Reads the pid (the whole file, one number: a trailing newline is forgiven) and the
+    /// address beside it.
     pub fn read(path: &Path) -> std::io::Result<PidFile> {
         let text = std::fs::read_to_string(path)?;
-        let mut lines = text.lines();
-        let pid = lines.next().and_then(|l| l.trim().parse().ok()).ok_or_else(|| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, "no pid on its first line")
+        let pid = text.trim().parse().map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "{} does not hold a pid: {:?}",
+                    path.display(),
+                    text.chars().take(40).collect::<String>()
+                ),
+            )
         })?;
-        let addr = lines.next().and_then(|l| l.trim().parse().ok());
+        let addr = std::fs::read_to_string(addr_path(path)).ok().and_then(|a| a.trim().parse().ok());
         Ok(PidFile { pid, addr })
     }
 
-    /// Writes the file atomically (a reader never sees half of it), mode 0644, through an
-    /// exclusive create of a temporary that follows no link planted at its name.
+    /// Writes the address file, then the pid file, each atomically (a reader never sees half
+    /// of one), mode 0644, through an exclusive create of a temporary that follows no link
+    /// planted at its name. An error names the file.
     pub fn write(path: &Path, pid: u32, addr: SocketAddr) -> std::io::Result<()> {
-        crate::files::replace(path, format!("{pid}\n{addr}\n").as_bytes(), crate::files::PID_MODE)
+        let mode = crate::files::PID_MODE;
+        let addr_file = addr_path(path);
+        let named = |p: &Path| {
+            let p = p.display().to_string();
+            move |e: std::io::Error| std::io::Error::new(e.kind(), format!("{p}: {e}"))
+        };
+        crate::files::replace(&addr_file, format!("{addr}\n").as_bytes(), mode).map_err(named(&addr_file))?;
+        crate::files::replace(path, format!("{pid}\n").as_bytes(), mode).map_err(|e| {
+            // No address file without its pid file.
+            let _ = std::fs::remove_file(&addr_file);
+            named(path)(e)
+        })
     }
 
-    /// Removes the file if it still names `pid` (a newer daemon may have taken it over).
+    /// Removes the file (and the address beside it) if it still names `pid` (a newer daemon
+    /// may have taken it over).
     pub fn remove_if_ours(path: &Path, pid: u32) {
         if PidFile::read(path).is_ok_and(|f| f.pid == pid) {
             let _ = std::fs::remove_file(path);
+            let _ = std::fs::remove_file(addr_path(path));
         }
     }
 }
@@ -69,30 +123,70 @@ pub fn check_not_running(path: &Path) -> Result<(), String> {
     }
 }
 
-/// The daemon a control command acts on; otherwise the exit code, said to the user.
-fn find_daemon(pid_file: Option<&PathBuf>) -> Result<PidFile, u8> {
-    let Some(path) = pid_file else {
+/// What the pid file says about the daemon.
+#[derive(Debug)]
+enum Found {
+    Running(PidFile),
+    /// No pid file: not running (or never started with this one).
+    NoPidFile,
+    /// A pid file whose process is gone (or is not taskd): it died without removing it.
+    Stale(u32),
+    /// The pid file cannot be read or holds no pid: the state is unknown.
+    Unreadable(std::io::Error),
+}
+
+fn find(path: &Path) -> Found {
+    match PidFile::read(path) {
+        Ok(f) if is_taskd_master(f.pid) => Found::Running(f),
+        Ok(f) => Found::Stale(f.pid),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Found::NoPidFile,
+        Err(e) => Found::Unreadable(e),
+    }
+}
+
+/// The pid file a control command needs; without one, says so (LSB: not configured).
+fn configured(pid_file: Option<&PathBuf>, code: u8) -> Result<&Path, u8> {
+    pid_file.map(PathBuf::as_path).ok_or_else(|| {
         eprintln!("taskd: this command needs --pid-file (or pid_file in the config, or TASKD_PID_FILE)");
-        return Err(EXIT_FAILED);
-    };
-    running(path).ok_or_else(|| {
-        println!("taskd is not running (pid file {})", path.display());
-        EXIT_NOT_RUNNING
+        code
     })
 }
 
 fn signal(pid: u32, sig: Signal) -> Result<(), u8> {
     kill(Pid::from_raw(pid as i32), sig).map_err(|e| {
         eprintln!("taskd: cannot send {sig} to pid {pid}: {e}");
-        EXIT_FAILED
+        if e == nix::errno::Errno::EPERM {
+            EXIT_UNKNOWN
+        } else {
+            EXIT_FAILED
+        }
     })
 }
 
-/// `taskd stop`: SIGTERM, then wait until the master is gone.
+/// `taskd stop`: SIGTERM, then wait until the master is gone. Stopping a daemon that is not
+/// running succeeds (LSB), and says so.
 pub fn stop(pid_file: Option<&PathBuf>, timeout: Duration) -> u8 {
-    let daemon = match find_daemon(pid_file) {
-        Ok(d) => d,
+    let path = match configured(pid_file, EXIT_NOT_CONFIGURED) {
+        Ok(p) => p,
         Err(code) => return code,
+    };
+    let daemon = match find(path) {
+        Found::Running(d) => d,
+        Found::NoPidFile => {
+            println!("taskd is not running (no pid file {}): nothing to stop", path.display());
+            return EXIT_OK;
+        }
+        Found::Stale(pid) => {
+            println!(
+                "taskd is not running (pid file {} names pid {pid}, which is not taskd): nothing to stop",
+                path.display()
+            );
+            return EXIT_OK;
+        }
+        Found::Unreadable(e) => {
+            eprintln!("taskd: cannot read the pid file {}: {e}", path.display());
+            return if e.kind() == std::io::ErrorKind::PermissionDenied { EXIT_UNKNOWN } else { EXIT_FAILED };
+        }
     };
     if let Err(code) = signal(daemon.pid, Signal::SIGTERM) {
         return code;
@@ -111,9 +205,20 @@ pub fn stop(pid_file: Option<&PathBuf>, timeout: Duration) -> u8 {
 
 /// `taskd reload [--tasks]`: a rolling replacement of the workers or the task processes.
 pub fn reload(pid_file: Option<&PathBuf>, tasks: bool) -> u8 {
-    let daemon = match find_daemon(pid_file) {
-        Ok(d) => d,
+    let path = match configured(pid_file, EXIT_NOT_CONFIGURED) {
+        Ok(p) => p,
         Err(code) => return code,
+    };
+    let daemon = match find(path) {
+        Found::Running(d) => d,
+        Found::NoPidFile | Found::Stale(_) => {
+            eprintln!("taskd: cannot reload: taskd is not running (pid file {})", path.display());
+            return EXIT_RELOAD_NOT_RUNNING;
+        }
+        Found::Unreadable(e) => {
+            eprintln!("taskd: cannot read the pid file {}: {e}", path.display());
+            return if e.kind() == std::io::ErrorKind::PermissionDenied { EXIT_UNKNOWN } else { EXIT_FAILED };
+        }
     };
     let (sig, what) = if tasks { (Signal::SIGUSR2, "task processes") } else { (Signal::SIGUSR1, "workers") };
     match signal(daemon.pid, sig) {
@@ -127,23 +232,47 @@ pub fn reload(pid_file: Option<&PathBuf>, tasks: bool) -> u8 {
 
 /// `taskd status`: running or not, and the daemon's own `stats` when it answers.
 pub fn status(pid_file: Option<&PathBuf>) -> u8 {
-    let daemon = match find_daemon(pid_file) {
-        Ok(d) => d,
+    let path = match configured(pid_file, EXIT_UNKNOWN) {
+        Ok(p) => p,
         Err(code) => return code,
     };
-    let stats = daemon.addr.and_then(|addr| fetch_stats(addr).ok());
-    match stats {
-        Some(stats) => {
-            let uptime = stats["uptime_ms"].as_u64().unwrap_or(0) / 1000;
+    let daemon = match find(path) {
+        Found::Running(d) => d,
+        Found::NoPidFile => {
+            println!("taskd is not running (no pid file {})", path.display());
+            return EXIT_NOT_RUNNING;
+        }
+        Found::Stale(pid) => {
             println!(
-                "taskd is running: pid {}, listening on {}, up {}s",
-                daemon.pid,
-                daemon.addr.map(|a| a.to_string()).unwrap_or_default(),
-                uptime
+                "taskd is not running, but its pid file {} is left, naming pid {pid}: it did not stop \
+                 cleanly (killed?)",
+                path.display()
             );
+            return EXIT_FAILED;
+        }
+        Found::Unreadable(e) => {
+            println!("taskd status unknown: cannot read the pid file {}: {e}", path.display());
+            return EXIT_UNKNOWN;
+        }
+    };
+    let stats = daemon.addr.and_then(|addr| fetch_stats(addr).ok());
+    match (stats, daemon.addr) {
+        (Some(stats), Some(addr)) => {
+            let uptime = stats["uptime_ms"].as_u64().unwrap_or(0) / 1000;
+            println!("taskd is running: pid {}, listening on {addr}, up {uptime}s", daemon.pid);
             println!("{}", serde_json::to_string_pretty(&stats).unwrap_or_default());
         }
-        None => println!("taskd is running: pid {} (it did not answer a stats request)", daemon.pid),
+        (_, None) => println!(
+            "taskd is running: pid {} (its address file {} cannot be read, so no stats)",
+            daemon.pid,
+            addr_path(path).display()
+        ),
+        (None, Some(addr)) => {
+            println!(
+                "taskd is running: pid {}, listening on {addr} (it did not answer a stats request)",
+                daemon.pid
+            )
+        }
     }
     EXIT_OK
 }
@@ -175,12 +304,38 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("taskd.pid");
         PidFile::write(&path, 1234, "127.0.0.1:9501".parse().unwrap()).unwrap();
+        // The pid alone, one line: `kill $(cat taskd.pid)`, systemd's PIDFile=.
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1234\n");
+        assert_eq!(std::fs::read_to_string(dir.path().join("taskd.addr")).unwrap(), "127.0.0.1:9501\n");
         let f = PidFile::read(&path).unwrap();
         assert_eq!(f, PidFile { pid: 1234, addr: Some("127.0.0.1:9501".parse().unwrap()) });
         PidFile::remove_if_ours(&path, 99);
         assert!(path.exists());
         PidFile::remove_if_ours(&path, 1234);
         assert!(!path.exists());
+        assert!(!addr_path(&path).exists());
+    }
+
+    #[test]
+    fn the_address_file_never_is_the_pid_file() {
+        assert_eq!(addr_path(Path::new("/run/taskd.pid")), Path::new("/run/taskd.addr"));
+        assert_eq!(addr_path(Path::new("/run/taskd")), Path::new("/run/taskd.addr"));
+        assert_eq!(addr_path(Path::new("/run/x.addr")), Path::new("/run/x.addr.addr"));
+    }
+
+    #[test]
+    fn a_pid_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir").join("taskd.pid");
+        let err = PidFile::write(&path, 1, "127.0.0.1:1".parse().unwrap()).unwrap_err();
+        assert!(err.to_string().contains("missing-dir"), "{err}");
+        let garbage = dir.path().join("garbage.pid");
+        std::fs::write(&garbage, "127.0.0.1:9501\n").unwrap();
+        let err = PidFile::read(&garbage).unwrap_err();
+        assert!(
+            err.to_string().contains("garbage.pid") && err.to_string().contains("does not hold a pid"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -30,6 +30,7 @@
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
 //! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
+//! | [`throttle`] | all | one warning per kind and 10 s under a flood, with the count of the rest |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
 pub mod app;
@@ -51,6 +52,7 @@ pub mod shm;
 pub mod signals;
 pub mod supervisor;
 pub mod task_worker;
+pub mod throttle;
 pub mod worker;
 
 pub use app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskId, WorkerCtx};
@@ -133,8 +135,7 @@ pub fn run_notify<A: Application>(
     };
     let ws = match config.ws_port {
         Some(port) => Some(
-            net::bind_listener(&config.host, port, config.backlog)
-                .map_err(|e| StartError::Other(format!("invalid ws_port: {e}")))?,
+            net::bind_listener(&config.host, port, config.backlog).map_err(|e| bind_error("--ws-port", e))?,
         ),
         None => None,
     };
@@ -179,7 +180,7 @@ pub fn run_notify<A: Application>(
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
-            .map_err(|source| StartError::Io { what: "cannot write the pid file", source })?;
+            .map_err(|e| StartError::Other(format!("cannot write the pid file: {e}")))?;
     }
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
@@ -245,5 +246,17 @@ fn bind_metrics(addr: &str) -> Result<std::net::TcpListener, StartError> {
         .rsplit_once(':')
         .and_then(|(h, p)| Some((h.trim_matches(['[', ']']), p.parse::<u16>().ok()?)))
         .ok_or_else(|| StartError::Other(format!("invalid metrics_addr {addr:?}: expected HOST:PORT")))?;
-    net::bind_listener(host, port, 128).map_err(|e| StartError::Other(format!("invalid metrics_addr: {e}")))
+    net::bind_listener(host, port, 128).map_err(|e| bind_error("--metrics-addr", e))
+}
+
+/// A listener of `option` could not be bound: the sentence names the option and the address
+/// (the line port's own error points at `--port`).
+fn bind_error(option: &str, e: net::BindError) -> StartError {
+    StartError::Other(match e {
+        net::BindError::InUse(addr) => format!(
+            "cannot listen on {addr} for {option}: address already in use (another process, or \
+             another of taskd's own listeners, holds it: choose another {option})"
+        ),
+        other => format!("invalid {option}: {other}"),
+    })
 }

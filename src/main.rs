@@ -81,8 +81,12 @@ fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u
     let d = durable_settings(settings, "dead-letter")?;
     match action {
         DeadLetterAction::List { limit, .. } => {
-            taskd::durable::dead_letter::list(&d, *limit, &mut std::io::stdout().lock())
+            let n = taskd::durable::dead_letter::list(&d, *limit, &mut std::io::stdout().lock())
                 .map_err(|e| (1, e))?;
+            if n == 0 {
+                // On stderr: stdout stays one JSON line per dead job, for scripts.
+                eprintln!("taskd: no dead jobs in {}", d.keys.dead);
+            }
         }
         DeadLetterAction::Replay { ids, all, .. } => {
             if ids.is_empty() && !all {
@@ -91,8 +95,14 @@ fn dead_letter(settings: &Settings, action: &DeadLetterAction) -> Result<i32, (u
                     "name the dead jobs to replay (ids from `taskd dead-letter list`), or --all".into(),
                 ));
             }
-            let n = taskd::durable::dead_letter::replay(&d, ids).map_err(|e| (1, e))?;
-            println!("replayed {n} jobs into {}", d.keys.jobs);
+            let done = taskd::durable::dead_letter::replay(&d, ids).map_err(|e| (1, e))?;
+            println!("replayed {} jobs into {}", done.count, d.keys.jobs);
+            for (id, why) in &done.skipped {
+                eprintln!("taskd: skipped dead letter {id}: {why}; left in {}", d.keys.dead);
+            }
+            if !done.skipped.is_empty() {
+                eprintln!("taskd: skipped {} entries that cannot be replayed", done.skipped.len());
+            }
         }
     }
     Ok(0)

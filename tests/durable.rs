@@ -146,6 +146,12 @@ fn jobs_submitted_to_a_web_node_run_on_either_node() {
     assert!(ran_by.iter().any(|p| node_pids.contains(p)), "none ran on the task node ({ran_by:?})");
     assert_eq!(d.outbox_lines().len() + node.outbox_lines().len(), 30, "each job delivered once");
     stream_is_empty(&redis, "web-1");
+    // A job for one task process cannot be durable: a sentence, not the library's call's name.
+    c.send(r#"{"type":"email","to":"one@example.com","task_worker":0}"#);
+    let refused = c.recv();
+    let why = refused["error"].as_str().unwrap_or_default();
+    assert!(why.contains("keeps its jobs in Redis") && why.contains("task_worker"), "{refused}");
+    assert!(!why.starts_with("task_to"), "{refused}");
 }
 
 #[test]
@@ -281,6 +287,7 @@ fn past_its_attempts_a_job_is_dead_lettered_and_an_operator_replays_it() {
     let url = redis.url.as_str();
     let list = taskd(&["dead-letter", "list", "--redis-url", url]);
     assert!(list.status.success(), "{list:?}");
+    assert!(String::from_utf8_lossy(&list.stderr).is_empty(), "{list:?}");
     let lines: Vec<Value> =
         String::from_utf8_lossy(&list.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
@@ -290,10 +297,20 @@ fn past_its_attempts_a_job_is_dead_lettered_and_an_operator_replays_it() {
     let unknown = taskd(&["dead-letter", "replay", "--redis-url", url, "1-1"]);
     assert_eq!(unknown.status.code(), Some(1), "an unknown id is an error");
     assert!(String::from_utf8_lossy(&unknown.stderr).contains("1-1"));
+    // An entry that is no job: --all skips it and says so.
+    let junk: String = redis.query(&["XADD", "{taskd}:dead", "*", "x", "y"]);
     let replay = taskd(&["dead-letter", "replay", "--all", "--redis-url", url]);
     assert!(replay.status.success(), "{replay:?}");
     assert!(String::from_utf8_lossy(&replay.stdout).contains("replayed 1 jobs"));
-    assert_eq!(redis.xlen("{taskd}:dead"), 0);
+    let said = String::from_utf8_lossy(&replay.stderr);
+    assert!(said.contains(&format!("skipped dead letter {junk}: it is not a job entry")), "{said}");
+    assert!(said.contains("skipped 1 entries"), "{said}");
+    assert_eq!(redis.xlen("{taskd}:dead"), 1);
+    let _: u64 = redis.query(&["XDEL", "{taskd}:dead", &junk]);
+    // None left: `list` says so on stderr, stdout stays JSON lines (none).
+    let list = taskd(&["dead-letter", "list", "--redis-url", url]);
+    assert!(list.status.success() && list.stdout.is_empty(), "{list:?}");
+    assert!(String::from_utf8_lossy(&list.stderr).contains("no dead jobs in {taskd}:dead"), "{list:?}");
 
     // The replayed run's outcome is kept for the client, who asks for it.
     let done = wait_for("the replayed job's result", || {
@@ -459,9 +476,11 @@ fn startup_warns_when_redis_could_lose_or_evict_jobs() {
 #[test]
 fn without_redis_the_daemon_says_why_and_task_node_needs_a_url() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("redis+unix://{}/none.sock", dir.path().display());
+    let url = format!("redis+unix://{}/none.sock?pass=hunter2", dir.path().display());
     let err = Daemon::try_start(&["--redis-url", &url]).err().expect("no Redis: no start");
-    assert!(err.1.contains("cannot reach Redis"), "{err:?}");
+    assert!(err.1.contains("cannot reach Redis at redis+unix://"), "{err:?}");
+    // The URL is fine, Redis is down: not "invalid redis_url"; and its password stays hidden.
+    assert!(!err.1.contains("invalid redis_url") && !err.1.contains("hunter2"), "{err:?}");
     let out = taskd(&["task-node"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--redis-url"), "{out:?}");

@@ -36,7 +36,7 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
     let log = daemon.log();
     assert!(log.contains("running it again (attempt 2 of 2)"), "{log}");
     // Each run was killed for its timeout, not before it and not long after: the first from the
-    // worker's `accepted as task` line (the job went to a stopped task process at once), the
+    // worker's `accepted as job` line (the job went to a stopped task process at once), the
     // second from the first kill (when it was sent again); at least task_timeout, at most 10 s
     // (25 × task_timeout, for a loaded machine).
     let id = &accepted["task_id"];
@@ -46,8 +46,8 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
             .map(|l| common::log_time(l).expect("a timestamp"))
             .collect()
     };
-    let accepted_at = times(format!("accepted as task {id}"));
-    let kills = times(format!("task {id} has run longer than task_timeout (0.4s)"));
+    let accepted_at = times(format!("accepted as job {id}"));
+    let kills = times(format!("job {id} has run longer than task_timeout (0.4s)"));
     assert_eq!((accepted_at.len(), kills.len()), (1, 2), "{log}");
     for (start, kill) in [(accepted_at[0], kills[0]), (kills[0], kills[1])] {
         let ran = kill - start;
@@ -363,14 +363,14 @@ fn a_result_of_a_killed_workers_task_reaches_on_finish_of_its_successor() {
     assert_eq!(accepted["worker_pid"], worker);
     kill9(worker);
     daemon.wait_log(&format!("respawned worker 0: old pid {worker}"));
-    daemon.wait_log("task 1: sending email");
+    daemon.wait_log("job 1: sending email");
     kill9(task);
     let failed = client.final_reply(&accepted["task_id"], &mut Vec::new());
     assert_eq!(failed["event"], "failed", "{failed}");
     assert_eq!(failed["to"], "orphan@example.com", "the context came back with the result");
     assert_eq!(failed["error"], format!("task process {task} killed by signal 9 (SIGKILL)"));
     let log = daemon.log();
-    let successor_line = log.lines().find(|l| l.contains("task 1 failed")).unwrap();
+    let successor_line = log.lines().find(|l| l.contains("job 1 failed")).unwrap();
     assert!(!successor_line.contains(&format!("[{worker}]")), "logged by the successor: {successor_line}");
 }
 

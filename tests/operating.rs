@@ -66,6 +66,9 @@ fn daemon_mode_pid_file_and_every_control_command() {
     let addr: std::net::SocketAddr =
         stdout.trim().strip_prefix("taskd listening on ").unwrap().parse().unwrap();
     let pid = pid_in(&pid_file);
+    // The pid alone, one line (nginx, Redis, systemd's PIDFile=): `kill $(cat taskd.pid)` works.
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), format!("{pid}\n"));
+    assert_eq!(std::fs::read_to_string(dir.path().join("taskd.addr")).unwrap(), format!("{addr}\n"));
     // Detached: its own session, no terminal, stdio on /dev/null (stderr on the log file).
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split_whitespace().collect();
@@ -123,9 +126,66 @@ fn daemon_mode_pid_file_and_every_control_command() {
     assert_eq!(stop.status.code(), Some(0), "{}", text(&stop));
     assert!(is_dead(pid));
     assert!(!pid_file.exists(), "the pid file is removed on a clean exit");
-    assert_eq!(taskd(&["status", "--pid-file", p]).status.code(), Some(3));
-    assert_eq!(taskd(&["stop", "--pid-file", p]).status.code(), Some(3));
+    assert!(!dir.path().join("taskd.addr").exists(), "and the address beside it");
     assert!(std::fs::read_to_string(&log).unwrap().contains("taskd stopped"));
+    lsb_exit_codes_when_not_running(&pid_file);
+}
+
+/// The LSB init script exit codes of the control commands when the daemon is not running.
+fn lsb_exit_codes_when_not_running(pid_file: &Path) {
+    let p = pid_file.to_str().unwrap();
+    let code = |args: &[&str]| {
+        let out = taskd(args);
+        (out.status.code(), text(&out))
+    };
+    // No pid file: status 3 (not running), stop 0 (stopping a stopped service succeeds),
+    // reload 7 (not running).
+    let (status, said) = code(&["status", "--pid-file", p]);
+    assert_eq!(status, Some(3), "{said}");
+    assert!(said.contains("not running"), "{said}");
+    let (stop, said) = code(&["stop", "--pid-file", p]);
+    assert_eq!(stop, Some(0), "{said}");
+    assert!(said.contains("not running") && said.contains("nothing to stop"), "{said}");
+    let (reload, said) = code(&["reload", "--pid-file", p]);
+    assert_eq!(reload, Some(7), "{said}");
+    assert!(said.contains("not running"), "{said}");
+    // A pid file left by a daemon that died (here: a pid that is not taskd): status 1.
+    std::fs::write(pid_file, format!("{}\n", std::process::id())).unwrap();
+    let (status, said) = code(&["status", "--pid-file", p]);
+    assert_eq!(status, Some(1), "{said}");
+    assert!(said.contains("pid file") && said.contains("is left"), "{said}");
+    assert_eq!(code(&["stop", "--pid-file", p]).0, Some(0));
+    assert_eq!(code(&["reload", "--tasks", "--pid-file", p]).0, Some(7));
+    // A pid file that holds no pid: status unknown (4), naming the file.
+    std::fs::write(pid_file, "not a pid\n").unwrap();
+    let (status, said) = code(&["status", "--pid-file", p]);
+    assert_eq!(status, Some(4), "{said}");
+    assert!(said.contains(p) && said.contains("does not hold a pid"), "{said}");
+    std::fs::remove_file(pid_file).unwrap();
+    // No pid file configured: status unknown (4); stop and reload not configured (6).
+    assert_eq!(code(&["status"]).0, Some(4));
+    let (stop, said) = code(&["stop"]);
+    assert_eq!(stop, Some(6), "{said}");
+    assert!(said.contains("needs --pid-file"), "{said}");
+    assert_eq!(code(&["reload"]).0, Some(6));
+}
+
+#[test]
+fn a_pid_file_that_cannot_be_written_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("no-such-dir").join("taskd.pid");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+    let outbox = dir.path().join("outbox.log");
+    common::tag(cmd.args(["--port", "0", "--outbox", outbox.to_str().unwrap()]));
+    cmd.args(["--pid-file", pid_file.to_str().unwrap()]);
+    let _leftovers = common::Leftovers::guard();
+    let out = common::run_with_timeout(&mut cmd, common::DEADLINE);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot write the pid file") && text(&out).contains("no-such-dir"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -431,4 +491,23 @@ fn a_durable_job_is_left_in_redis_at_shutdown_and_its_client_is_told_so() {
     // A task node runs it.
     let node = common::durable::TaskNode::start(&redis, "tasks", &["--task-worker-num", "1"]);
     wait_for("the job to run on the task node", || (node.outbox_lines().len() == 1).then_some(()));
+}
+
+#[test]
+fn a_listener_in_use_is_named_by_its_option_and_address() {
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = blocker.local_addr().unwrap();
+    let port = addr.port().to_string();
+    let metrics = addr.to_string();
+    for (args, option) in [
+        (["--metrics-addr", metrics.as_str()], "--metrics-addr"),
+        (["--ws-port", port.as_str()], "--ws-port"),
+    ] {
+        let err = Daemon::try_start(&args).err().expect("the address is taken: no start").1;
+        assert!(
+            err.contains(&format!("cannot listen on {addr} for {option}: address already in use")),
+            "{err}"
+        );
+        assert!(!err.contains("see --port"), "{err}");
+    }
 }

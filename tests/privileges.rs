@@ -141,12 +141,18 @@ fn a_link_planted_at_the_pid_files_temporary_name_is_not_followed() {
     std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let pid_file = run.join("taskd.pid");
     plant_link(&secret, &run.join("taskd.pid.tmp"));
+    // The address file beside it is written the same way.
+    plant_link(&secret, &run.join("taskd.addr.tmp"));
     let daemon = Daemon::start(&["--pid-file", pid_file.to_str().unwrap()]);
     untouched(&secret);
     let text = std::fs::read_to_string(&pid_file).unwrap();
-    assert_eq!(text, format!("{}\n{}\n", daemon.pid, daemon.addr));
+    assert_eq!(text, format!("{}\n", daemon.pid));
     assert_eq!(mode_and_owner(&pid_file), (0o644, 0));
+    let addr_file = run.join("taskd.addr");
+    assert_eq!(std::fs::read_to_string(&addr_file).unwrap(), format!("{}\n", daemon.addr));
+    assert_eq!(mode_and_owner(&addr_file), (0o644, 0));
     assert!(!run.join("taskd.pid.tmp").exists(), "the planted link is gone, its target kept");
+    assert!(!run.join("taskd.addr.tmp").exists(), "the planted link is gone, its target kept");
 }
 
 #[test]
@@ -231,13 +237,13 @@ fn with_user_a_rotated_log_and_outbox_are_reopened_by_every_process() {
     assert_eq!(done["task_pid"].as_u64(), Some(task), "the same task process, not a new one");
     let id = second["task_id"].as_u64().unwrap();
     let new_log = wait_for("the task's last lines in the new log", || {
-        std::fs::read_to_string(&log).ok().filter(|t| t.contains(&format!("task {id} done")))
+        std::fs::read_to_string(&log).ok().filter(|t| t.contains(&format!("job {id} done")))
     });
     assert!(
         new_log.contains(&format!("worker 0[{worker}]: email to after@example.com accepted")),
         "{new_log}"
     );
-    assert!(new_log.contains(&format!("task 0[{task}]: task {id}: sending email")), "{new_log}");
+    assert!(new_log.contains(&format!("task 0[{task}]: job {id}: sending email")), "{new_log}");
     assert!(!std::fs::read_to_string(&old_log).unwrap().contains("after@example.com"));
     let lines = |p: &Path| std::fs::read_to_string(p).unwrap_or_default().lines().count();
     assert_eq!((lines(&old_outbox), lines(&outbox)), (1, 1), "one delivery in each outbox");

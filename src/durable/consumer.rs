@@ -240,7 +240,7 @@ fn run_one<A: Application>(
             attempt - 1,
             d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
-        tracing::warn!("task {}: {why}; moved to the dead letters", job.task_id);
+        tracing::warn!("job {}: {why}; moved to the dead letters", job.task_id);
         return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };
     }
     // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
@@ -255,7 +255,7 @@ fn run_one<A: Application>(
     };
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
-    let mut result = Err(format!("task {} panicked in task process {}", job.task_id, info.pid));
+    let mut result = Err(format!("job {} panicked in task process {}", job.task_id, info.pid));
     pulse.running(&entry.id, &job, attempt);
     guard(info.slot, "on_task", || result = app.on_task(&mut ctx, &task));
     pulse.ran();

@@ -56,9 +56,17 @@ pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, St
     Ok(entries.len())
 }
 
-/// Puts the named dead jobs (all of them with `ids` empty) back into the job stream; returns
-/// how many. An id that is not in the dead letters is an error, and nothing is replayed.
-pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
+/// What `replay` did: how many jobs went back, and each entry it left where it is, with why.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    pub count: usize,
+    pub skipped: Vec<(String, &'static str)>,
+}
+
+/// Puts the named dead jobs (all of them with `ids` empty) back into the job stream; says how
+/// many, and which entries it skipped (they cannot be run). An id that is not in the dead
+/// letters is an error, and nothing is replayed.
+pub fn replay(d: &Durable, ids: &[String]) -> Result<Replayed, String> {
     let mut conn = connect(d)?;
     let all = read_all(&mut conn, d, usize::MAX >> 1)?;
     let chosen: Vec<&StreamEntry> = if ids.is_empty() {
@@ -73,10 +81,17 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
     let mut pipe = redis::pipe();
     pipe.atomic();
     let mut count = 0;
+    let mut skipped = Vec::new();
     for e in chosen {
         let mut e = e.clone();
         let Some(mut job) = JobEntry::parse(&mut e) else {
-            tracing::warn!("dead letter {} is not a job; left where it is", e.id);
+            // Said by the caller: the command line has no logger to warn through.
+            let why = if e.get(OUTCOMES).is_some() {
+                "it holds the outcomes of jobs of a node that never started, not a job to run"
+            } else {
+                "it is not a job entry (malformed, or written by someone else)"
+            };
+            skipped.push((e.id.clone(), why));
             continue;
         };
         job.replays += 1;
@@ -91,5 +106,5 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<usize, String> {
         let _: Value =
             pipe.query(&mut conn).map_err(|e| format!("cannot replay: {}", redis_io::describe(&e)))?;
     }
-    Ok(count)
+    Ok(Replayed { count, skipped })
 }

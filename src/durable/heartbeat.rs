@@ -246,7 +246,7 @@ impl Beat {
         let limit = self.d.task_limit.map_or(0.0, |l| l.as_secs_f64());
         if let Some(r) = &held.running {
             tracing::warn!(
-                "task {} has run longer than task_timeout ({limit}s) in task {} (pid {pid}); killing it",
+                "job {} has run longer than task_timeout ({limit}s) in task process {} (pid {pid}); killing it",
                 r.job.task_id,
                 self.slot
             );
@@ -254,7 +254,7 @@ impl Beat {
                 let why = format!(
                     "task process {pid} was killed: the task ran longer than task_timeout ({limit}s)"
                 );
-                tracing::warn!("task {} failed after {} attempt(s): {why}", r.job.task_id, r.attempt);
+                tracing::warn!("job {} failed after {} attempt(s): {why}", r.job.task_id, r.attempt);
                 let dead =
                     Completion::Dead { id: r.id.clone(), job: (*r.job).clone(), why, attempts: r.attempt };
                 let d = self.d.clone();

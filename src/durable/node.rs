@@ -30,9 +30,8 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     let shared = crate::shm::Shared::map().map_err(|e| format!("cannot map shared memory: {e}"))?;
     crate::logging::share_rotation(shared);
     // Fail now, with the reason, rather than in every task process.
-    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT)).map_err(|e| {
-        format!("invalid redis_url: cannot reach Redis at {}: {}", d.shown, super::redis_io::describe(&e))
-    })?;
+    let mut conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT))
+        .map_err(|e| format!("cannot reach Redis at {}: {}", d.shown, super::redis_io::describe(&e)))?;
     for warning in super::startup::check_server(&mut conn) {
         tracing::warn!("{warning}");
     }

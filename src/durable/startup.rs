@@ -31,9 +31,8 @@ pub struct Recovered {
 
 /// Connects, checks the server, and recovers this node's state.
 pub fn prepare(d: &Durable) -> Result<Recovered, String> {
-    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT)).map_err(|e| {
-        format!("invalid redis_url: cannot reach Redis at {}: {}", d.shown, redis_io::describe(&e))
-    })?;
+    let mut conn = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
+        .map_err(|e| format!("cannot reach Redis at {}: {}", d.shown, redis_io::describe(&e)))?;
     for warning in check_server(&mut conn) {
         tracing::warn!("{warning}");
     }

@@ -15,6 +15,7 @@ use serde_json::json;
 
 use crate::app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, WorkerCtx};
 use crate::ipc::Role;
+use crate::throttle::Throttle;
 use outbox::Outbox;
 use request::{Job, Kind, Request};
 
@@ -89,11 +90,20 @@ pub struct MailApp {
     pid: u32,
     /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
     run_limit: Option<Duration>,
+    /// Warnings of refused jobs, one per kind of refusal and 10 s: a flood of them (a full
+    /// queue) must not flood the log.
+    refusals: [Throttle; 6],
 }
 
 impl MailApp {
     pub fn new(config: MailConfig) -> Self {
-        MailApp { config, outbox: None, pid: std::process::id(), run_limit: None }
+        MailApp {
+            config,
+            outbox: None,
+            pid: std::process::id(),
+            run_limit: None,
+            refusals: Default::default(),
+        }
     }
 
     /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
@@ -110,13 +120,24 @@ impl MailApp {
         Self::reply(ctx, session, json!({"event": "error", "error": message}));
     }
 
-    fn refused(ctx: &mut WorkerCtx<'_>, session: SessionId, err: TaskError) {
-        tracing::warn!("task not accepted: {err}");
+    fn refused(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, err: TaskError) {
+        let kind = match err {
+            TaskError::Busy { .. } => 0,
+            TaskError::QueueBytes { .. } => 1,
+            TaskError::TooLarge { .. } => 2,
+            TaskError::ExceedsQueue { .. } => 3,
+            TaskError::NoSuchTaskProcess { .. } => 4,
+            TaskError::Unavailable(_) => 5,
+        };
+        if let Some(n) = self.refusals[kind].log() {
+            tracing::warn!("task not accepted: {err}{}", crate::throttle::unlogged(n));
+        }
         let value = match err {
             TaskError::Busy { queued, limit } => json!({
                 "event": "error", "error": "server busy, retry later", "queued": queued, "task_queue_max": limit,
             }),
             TaskError::TooLarge { .. }
+            | TaskError::ExceedsQueue { .. }
             | TaskError::QueueBytes { .. }
             | TaskError::NoSuchTaskProcess { .. }
             | TaskError::Unavailable(_) => {
@@ -137,13 +158,13 @@ impl MailApp {
         };
         match submitted {
             Ok(task_id) => {
-                tracing::info!("{} to {} accepted as task {task_id}", job.kind.name(), job.to);
+                tracing::info!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 let kind = job.kind.name();
                 let accepted =
                     Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid };
                 Self::reply(ctx, session, accepted);
             }
-            Err(e) => Self::refused(ctx, session, e),
+            Err(e) => self.refused(ctx, session, e),
         }
     }
 
@@ -161,7 +182,7 @@ impl MailApp {
                 session,
                 json!({"event": "accepted", "task_id": task_id, "type": "batch", "count": jobs.len(), "worker_pid": self.pid}),
             ),
-            Err(e) => Self::refused(ctx, session, e),
+            Err(e) => self.refused(ctx, session, e),
         }
     }
 
@@ -184,14 +205,14 @@ impl MailApp {
             Kind::Sms => ("SMS", "SMS"),
         };
         if delay.is_zero() {
-            tracing::debug!("task {}: {what} to {}", task.id, job.to);
+            tracing::debug!("job {}: {what} to {}", task.id, job.to);
         } else {
-            tracing::info!("task {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
+            tracing::info!("job {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
             // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
             let steps = 5u32;
             for i in 1..=steps {
                 std::thread::sleep(delay / steps);
-                tracing::info!("task {}: {i}/{steps} done", task.id);
+                tracing::info!("job {}: {i}/{steps} done", task.id);
             }
         }
         let outbox = self.outbox.as_mut().ok_or("the outbox is not open")?;
@@ -271,7 +292,7 @@ impl Application for MailApp {
         let context: Context = match serde_json::from_slice(finished.context) {
             Ok(c) => c,
             Err(e) => {
-                tracing::error!("task {}: unreadable context: {e}", finished.id);
+                tracing::error!("job {}: unreadable context: {e}", finished.id);
                 return;
             }
         };
@@ -302,18 +323,18 @@ impl Application for MailApp {
             let to = context.to.first().cloned().unwrap_or_default();
             match finished.result {
                 Ok(r) if finished.replied => {
-                    tracing::info!("task {} done: {}", finished.id, text(r));
+                    tracing::info!("job {} done: {}", finished.id, text(r));
                     return;
                 }
                 Ok(r) => {
-                    tracing::info!("task {} done: {}", finished.id, text(r));
+                    tracing::info!("job {} done: {}", finished.id, text(r));
                     json!({
                         "event": "done", "task_id": finished.id, "type": context.kind, "to": to,
                         "result": text(r), "task_pid": finished.task_pid, "attempts": finished.attempts,
                     })
                 }
                 Err(e) => {
-                    tracing::warn!("task {} failed: {e}", finished.id);
+                    tracing::warn!("job {} failed: {e}", finished.id);
                     json!({
                         "event": "failed", "task_id": finished.id, "type": context.kind, "to": to,
                         "error": e, "attempts": finished.attempts,

@@ -473,8 +473,11 @@ impl<A: Application> Master<'_, A> {
                 "event": "error",
                 "task_id": task_id,
                 "error": format!(
-                    "unknown task_id {task_id}: not running, and not among the {} most recent results kept",
-                    self.config.result_keep
+                    "unknown task_id {task_id}: no job of that id is running, and its result is not among \
+                     those kept (the last {} final replies, result_keep, within {} MiB: {} kept now)",
+                    self.config.result_keep,
+                    results::KEPT_BYTES_MAX >> 20,
+                    self.results.len()
                 ),
             })
             .to_string()

@@ -131,12 +131,12 @@ impl<A: Application> Master<'_, A> {
                         } else {
                             format!("task process {pid} {reason}")
                         };
-                        tracing::warn!("task {task_id} failed after {attempts} attempt(s): {why}");
+                        tracing::warn!("job {task_id} failed after {attempts} attempt(s): {why}");
                         self.finish_job(task_id, pid, false, why.as_bytes());
                     } else {
                         self.counters.tasks_retried += 1;
                         tracing::warn!(
-                            "task {task_id} was running in task process {pid} ({reason}); running it again (attempt {} of {})",
+                            "job {task_id} was running in task process {pid} ({reason}); running it again (attempt {} of {})",
                             attempts + 1,
                             self.config.task_retry_max + 1
                         );

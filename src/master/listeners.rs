@@ -4,37 +4,9 @@
 
 use super::*;
 
-/// How often one kind of refusal is logged at most: a client (or a web page in a loop) that
-/// is refused again and again must not fill the disk with the same warning.
-const WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// One warning per `WARN_EVERY` for one kind of event, with the number of those not logged.
-#[derive(Debug, Default)]
-pub(super) struct Throttle {
-    unlogged: u64,
-    logged: Option<Instant>,
-}
-
-impl Throttle {
-    /// Whether to log this event now; `Some(n)`: yes, and `n` like it were not logged since.
-    pub fn log(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        if self.logged.is_some_and(|at| now - at < WARN_EVERY) {
-            self.unlogged += 1;
-            return None;
-        }
-        self.logged = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
-
-/// The tail of a throttled warning.
-pub(super) fn unlogged(n: u64) -> String {
-    match n {
-        0 => String::new(),
-        n => format!(" ({n} more like it since the last such warning)"),
-    }
-}
+// The rate limit of repeated warnings (one module for the whole crate); `Throttle` is named
+// here too for the listeners' users (`ws.rs`).
+pub(super) use crate::throttle::{unlogged, Throttle};
 
 /// A connection that must finish its handshake by a deadline.
 #[derive(Debug, Clone, Copy)]
@@ -74,6 +46,8 @@ pub(super) struct Guard {
     spare: Option<std::fs::File>,
     /// Warnings, one per kind and `WARN_EVERY`.
     fd_warning: Throttle,
+    /// Any other accept failure (retried every `ACCEPT_RETRY`).
+    accept_warning: Throttle,
     /// Per listener (`Listener as usize`): at its limit.
     full_warning: [Throttle; 3],
     http_warning: Throttle,
@@ -89,6 +63,7 @@ impl Guard {
             metrics_serial: 0,
             spare: open_spare(),
             fd_warning: Throttle::default(),
+            accept_warning: Throttle::default(),
             full_warning: Default::default(),
             http_warning: Throttle::default(),
             origin_warning: Throttle::default(),
@@ -127,7 +102,9 @@ impl<A: Application> Master<'_, A> {
         }
         let out_of_fds = errno == nix::libc::EMFILE || errno == nix::libc::ENFILE;
         if !out_of_fds {
-            tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}");
+            if let Some(n) = self.guard.accept_warning.log() {
+                tracing::warn!("accept failed: {e}; retrying in {ACCEPT_RETRY:?}{}", unlogged(n));
+            }
             self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
             return false;
         }

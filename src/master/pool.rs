@@ -195,11 +195,9 @@ impl<A: Application> Master<'_, A> {
                 if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
                     job.flags |= task_flags::REPLIED;
                     let session = job.session;
-                    if self.durable.is_some() || self.client_gone(session) {
-                        // Kept for a `result` query (see `finish_job`).
-                        if let Some(job) = self.jobs.get_mut(task_id) {
-                            job.reply = reply.to_vec();
-                        }
+                    // Kept for a `result` query (see `finish_job`).
+                    if let Some(job) = self.jobs.get_mut(task_id) {
+                        job.reply = reply.to_vec();
                     }
                     self.send_to_session(session, reply);
                 }
@@ -224,11 +222,12 @@ impl<A: Application> Master<'_, A> {
             }
             return;
         };
-        // The final reply is kept for a `result` query when its client cannot have it (gone,
-        // or the node restarted since); with durable jobs always, as the record of which jobs
-        // are finished, so that a second outcome of one is dropped.
+        // The final reply is kept for a `result` query (the last result_keep): for a client
+        // that cannot have it (gone, or the node restarted since), and for one that had it and
+        // asks again (as Celery's users do); with durable jobs it is also the record of which
+        // jobs are finished, so that a second outcome of one is dropped.
         let gone = self.client_gone(job.session);
-        if job.group == 0 && job.flags & task_flags::WAIT == 0 && (gone || self.durable.is_some()) {
+        if job.group == 0 && job.flags & task_flags::WAIT == 0 {
             let line = match std::mem::take(&mut job.reply) {
                 r if r.is_empty() => results::outcome_line(task_id, ok, result, job.attempts),
                 r => r,
@@ -309,15 +308,12 @@ impl<A: Application> Master<'_, A> {
             encode_outcome(false, why.as_bytes(), &mut result);
         }
         let session = group.session;
-        // As for a single job (`finish_job`): kept for a client that cannot read it now.
-        let gone = self.client_gone(session);
-        if gone || self.durable.is_some() {
-            let line = results::group_line(group_id, &members, cut);
-            if gone {
-                self.keep_in_redis(group_id, &line);
-            }
-            self.results.record(group_id, line);
+        // As for a single job (`finish_job`): kept for a `result` query.
+        let line = results::group_line(group_id, &members, cut);
+        if self.client_gone(session) {
+            self.keep_in_redis(group_id, &line);
         }
+        self.results.record(group_id, line);
         self.deliver(group.worker as usize, session, Delivery::Finish, |seq, out| {
             Frame::Finish {
                 seq,
@@ -385,7 +381,7 @@ impl<A: Application> Master<'_, A> {
             let hung = t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
             if let (true, Some(pid), Some(&task_id)) = (hung, t.pid(), t.inflight.front()) {
                 tracing::warn!(
-                    "task {task_id} has run longer than task_timeout ({}s) in task {j} (pid {pid}); killing it",
+                    "job {task_id} has run longer than task_timeout ({}s) in task process {j} (pid {pid}); killing it",
                     self.config.task_timeout,
                 );
                 t.timed_out = Some(task_id);

@@ -1,29 +1,52 @@
 //! The final replies of the most recent jobs, for `{"type":"result","task_id":N}`: a client
-//! that lost its connection (or a daemon restarted under it) asks again and gets the reply.
+//! that lost its connection (or a daemon restarted under it) asks again and gets the reply;
+//! so does one that had it, as Celery's `AsyncResult` users expect. Bounded twice: the last
+//! `result_keep` replies, and at most [`KEPT_BYTES_MAX`] bytes of them (a job's result may be
+//! as large as `package_max_length`).
 
 use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
+/// Bytes of kept replies past which the oldest go, whatever `result_keep` allows.
+pub const KEPT_BYTES_MAX: usize = 64 << 20;
+
 pub struct Results {
     keep: usize,
+    max_bytes: usize,
+    bytes: usize,
     lines: FxHashMap<u64, Vec<u8>>,
-    /// Oldest first; the oldest goes when there are more than `keep`.
+    /// Oldest first; the oldest goes when there are more than `keep`, or over `max_bytes`.
     order: VecDeque<u64>,
 }
 
 impl Results {
     pub fn new(keep: usize) -> Self {
-        Results { keep: keep.max(1), lines: FxHashMap::default(), order: VecDeque::new() }
+        Results::with_bytes(keep, KEPT_BYTES_MAX)
+    }
+
+    pub fn with_bytes(keep: usize, max_bytes: usize) -> Self {
+        Results {
+            keep: keep.max(1),
+            max_bytes,
+            bytes: 0,
+            lines: FxHashMap::default(),
+            order: VecDeque::new(),
+        }
     }
 
     pub fn record(&mut self, task_id: u64, line: Vec<u8>) {
-        if self.lines.insert(task_id, line).is_none() {
-            self.order.push_back(task_id);
+        self.bytes += line.len();
+        match self.lines.insert(task_id, line) {
+            Some(old) => self.bytes -= old.len(),
+            None => self.order.push_back(task_id),
         }
-        while self.order.len() > self.keep {
+        // The newest stays even when it alone is over `max_bytes`: the bound is then one reply.
+        while self.order.len() > self.keep || (self.bytes > self.max_bytes && self.order.len() > 1) {
             if let Some(old) = self.order.pop_front() {
-                self.lines.remove(&old);
+                if let Some(line) = self.lines.remove(&old) {
+                    self.bytes -= line.len();
+                }
             }
         }
     }
@@ -38,6 +61,12 @@ impl Results {
 
     pub fn len(&self) -> usize {
         self.lines.len()
+    }
+
+    /// Bytes of the replies kept.
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -95,6 +124,20 @@ mod tests {
         assert_eq!(r.get(2), Some(&b"b2"[..]));
         assert_eq!(r.get(3), Some(&b"c"[..]));
         assert_eq!(r.len(), 2);
+        assert_eq!(r.bytes(), 3);
+    }
+
+    #[test]
+    fn keeps_no_more_than_its_bytes() {
+        let mut r = Results::with_bytes(100, 10);
+        for id in 0..10 {
+            r.record(id, vec![b'x'; 4]);
+        }
+        assert_eq!((r.len(), r.bytes()), (2, 8), "the oldest went to stay within 10 bytes");
+        assert!(r.contains(9) && r.contains(8));
+        r.record(10, vec![b'y'; 50]);
+        assert_eq!((r.len(), r.bytes()), (1, 50), "one over the bound is kept alone");
+        assert_eq!(r.get(10).map(<[u8]>::len), Some(50));
     }
 
     #[test]

@@ -1,0 +1,73 @@
+//! What a newcomer trips on (issue 22): answers that say what is true, and no silence where a
+//! person expects a word.
+
+mod common;
+
+use common::Daemon;
+
+#[test]
+fn a_batch_larger_than_the_queue_is_too_large_not_busy() {
+    let daemon = Daemon::start(&["--task-queue-max", "3", "--simulate-ms", "0"]);
+    let mut client = daemon.connect();
+    let jobs: Vec<String> =
+        (0..5).map(|i| format!(r#"{{"type":"email","to":"u{i}@example.com"}}"#)).collect();
+    client.send(&format!(r#"{{"type":"batch","jobs":[{}]}}"#, jobs.join(",")));
+    let refused = client.recv();
+    assert_eq!(refused["event"], "error", "{refused}");
+    let why = refused["error"].as_str().unwrap();
+    assert!(why.starts_with("too large for the queue (5 jobs, the queue holds 3"), "{refused}");
+    assert!(!why.contains("busy"), "{refused}");
+    // One that fits is accepted, the queue being empty.
+    client.send(&format!(r#"{{"type":"batch","jobs":[{}]}}"#, jobs[..3].join(",")));
+    assert_eq!(client.recv()["event"], "accepted");
+}
+
+#[test]
+fn the_result_of_a_delivered_job_is_kept_for_a_query() {
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    let mut client = daemon.connect();
+    let accepted = client.submit("kept@example.com");
+    let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done");
+    // The client had its `done`; asked again (from another connection), the same line.
+    let mut other = daemon.connect();
+    other.send(&format!(r#"{{"type":"result","task_id":{}}}"#, accepted["task_id"]));
+    assert_eq!(other.recv(), done);
+    // A batch's reply too.
+    other.send(r#"{"type":"batch","jobs":[{"type":"sms","to":"+8613800138000"},{"type":"email","to":"kept2@example.com"}]}"#);
+    let batch = other.recv();
+    assert_eq!(batch["event"], "accepted", "{batch}");
+    let done = other.final_reply(&batch["task_id"], &mut Vec::new());
+    other.send(&format!(r#"{{"type":"result","task_id":{}}}"#, batch["task_id"]));
+    let again = other.recv();
+    // The master's record of a batch has each member's result (not the application's `to`).
+    let results = |v: &serde_json::Value| -> Vec<serde_json::Value> {
+        v["results"].as_array().unwrap().iter().map(|m| m["result"].clone()).collect()
+    };
+    assert_eq!(again["event"], "done", "{again}");
+    assert_eq!(results(&again), results(&done), "{again} vs {done}");
+    // An id never given out: what is true, not "not among the 10000 most recent".
+    other.send(r#"{"type":"result","task_id":999999}"#);
+    let unknown = other.recv();
+    let why = unknown["error"].as_str().unwrap();
+    assert!(why.contains("no job of that id is running") && why.contains("2 kept now"), "{unknown}");
+}
+
+#[test]
+fn a_flood_of_refused_jobs_writes_one_warning_not_one_each() {
+    let daemon = Daemon::start(&["--task-queue-max", "1", "--simulate-ms", "3000"]);
+    let mut client = daemon.connect();
+    client.submit("held@example.com");
+    for i in 0..50 {
+        client.send(&format!("flood{i}@example.com"));
+    }
+    for _ in 0..50 {
+        let busy = client.recv();
+        assert!(busy["error"].as_str().is_some_and(|e| e.starts_with("server busy")), "{busy}");
+    }
+    // Every answer was written after its worker logged (or held back) its warning.
+    client.send("stats");
+    while client.recv()["event"] != "stats" {}
+    let log = daemon.log();
+    assert_eq!(log.matches("task not accepted").count(), 1, "{log}");
+}
