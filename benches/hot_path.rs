@@ -4,7 +4,7 @@
 //! `cargo bench --bench hot_path`
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use taskd::ipc::Frame;
+use taskd::ipc::{FromWorker, ToWorker};
 use taskd::mail::request;
 use taskd::protocol::next_line;
 
@@ -43,7 +43,7 @@ fn envelope(c: &mut Criterion) {
         let mut out = Vec::with_capacity(256);
         b.iter(|| {
             out.clear();
-            Frame::Task {
+            FromWorker::Task {
                 task_id: 42,
                 session: 7 << 24,
                 target: -1,
@@ -57,7 +57,7 @@ fn envelope(c: &mut Criterion) {
         })
     });
     let mut buf = Vec::new();
-    Frame::Finish {
+    ToWorker::Finish {
         seq: 1,
         task_id: 42,
         session: 7,
@@ -70,7 +70,7 @@ fn envelope(c: &mut Criterion) {
     }
     .encode(&mut buf);
     g.bench_function("decode finish", |b| {
-        b.iter(|| Frame::decode(black_box(&buf)).map(|f| f.map(|(_, n)| n)))
+        b.iter(|| ToWorker::decode(black_box(&buf)).map(|f| f.map(|(_, n)| n)))
     });
     g.finish();
 }

@@ -16,7 +16,7 @@ use nix::unistd::{getpid, Pid};
 
 use crate::app::Application;
 use crate::config::ServerConfig;
-use crate::ipc::{Channel, ExitReason, Frame, ReadState, Role};
+use crate::ipc::{Channel, ExitReason, FromManager, ManagerToMaster, ReadState, Role, ToManager};
 use crate::process;
 use crate::shm::Shared;
 use crate::signals::{self, Signals};
@@ -209,7 +209,7 @@ struct Manager<'a, A> {
     app: &'a mut A,
     config: &'a ServerConfig,
     shared: &'static Shared,
-    master: Channel,
+    master: ManagerToMaster,
     slots: Vec<Slot>,
     /// Set once the master asked for shutdown: the deadline for the pool to be gone.
     stopping: Option<Instant>,
@@ -249,7 +249,7 @@ impl<A: Application> Manager<'_, A> {
             }
             // This process owns the slot's channel end from here on.
             let channel = match child_end.try_clone() {
-                Ok(owned) => Channel::new(owned),
+                Ok(owned) => owned,
                 Err(e) => {
                     tracing::error!("{role} {index}: cannot take its channel: {e}");
                     return 1;
@@ -264,7 +264,7 @@ impl<A: Application> Manager<'_, A> {
                         app,
                         crate::durable::consumer::ConsumerSetup {
                             slot: index,
-                            control: crate::durable::consumer::Control::Master(channel),
+                            control: crate::durable::consumer::Control::Master(Channel::new(channel)),
                             durable: &d,
                             task_max_request: config.task_max_request,
                         },
@@ -282,12 +282,12 @@ impl<A: Application> Manager<'_, A> {
                     None => tracing::debug!("forked {role} {index} as pid {pid}"),
                 }
                 self.slots[i].state = State::Running { pid, since: Instant::now() };
-                self.master.send(&Frame::Started { role, slot: index, pid: pid.as_raw() as u32 });
+                self.master.send(&FromManager::Started { role, slot: index, pid: pid.as_raw() as u32 });
             }
             Err(e) => {
                 tracing::error!("cannot fork {role} {index}: {e}; retrying in 1s");
                 let text = e.to_string();
-                self.master.send(&Frame::ForkFailed { role, slot: index, error: text.as_bytes() });
+                self.master.send(&FromManager::ForkFailed { role, slot: index, error: text.as_bytes() });
                 let (old_pid, reason) = previous.unwrap_or((Pid::from_raw(0), ExitReason::Code(0)));
                 self.slots[i].state =
                     State::BackingOff { at: Instant::now() + Duration::from_secs(1), old_pid, reason };
@@ -325,7 +325,7 @@ impl<A: Application> Manager<'_, A> {
             } else {
                 State::Exited { old_pid: reaped.pid, reason: reaped.reason, lived }
             };
-            self.master.send(&Frame::Exited {
+            self.master.send(&FromManager::Exited {
                 role: slot.role,
                 slot: slot.index,
                 pid: reaped.pid.as_raw() as u32,
@@ -347,10 +347,9 @@ impl<A: Application> Manager<'_, A> {
                 }
             };
             match frame {
-                Frame::SlotReady { role, slot } => self.slot_ready(role, slot),
-                Frame::SlotActive { role, slot, active } => self.set_active(role, slot, active),
-                Frame::Shutdown => self.begin_stop(),
-                other => tracing::warn!("manager: ignoring unexpected message {other:?}"),
+                ToManager::SlotReady { role, slot } => self.slot_ready(role, slot),
+                ToManager::SlotActive { role, slot, active } => self.set_active(role, slot, active),
+                ToManager::Shutdown => self.begin_stop(),
             }
         }
         Ok(state)

@@ -10,8 +10,10 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::app::{Application, ProcessInfo, Task, TaskCtx};
 use crate::config::ServerConfig;
+use std::os::fd::OwnedFd;
+
 use crate::ipc::envelope::frame_len;
-use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::ipc::{Channel, FromTask, ReadState, Role, TaskToMaster, ToTask};
 use crate::worker::{flush_all, guard};
 
 const CHANNEL: Token = Token(0);
@@ -19,12 +21,14 @@ const BATCH_WINDOW: Duration = Duration::from_millis(1);
 
 pub struct TaskSetup<'a> {
     pub slot: u32,
-    pub channel: Channel,
+    /// The task process's end of its slot's channel.
+    pub channel: OwnedFd,
     pub config: &'a ServerConfig,
 }
 
 pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
-    let TaskSetup { slot, mut channel, config } = setup;
+    let TaskSetup { slot, channel, config } = setup;
+    let mut channel: TaskToMaster = Channel::new(channel);
     let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
     let mut poll = match Poll::new() {
         Ok(p) => p,
@@ -75,7 +79,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
                 }
             };
             match frame {
-                Frame::RunTask { task_id, session, attempt, src_worker, data } => {
+                ToTask::RunTask { task_id, session, attempt, src_worker, data } => {
                     let task = Task {
                         id: task_id,
                         session: (session != 0).then_some(session),
@@ -88,9 +92,9 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
                     guard(slot, "on_task", || result = app.on_task(&mut ctx, &task));
                     let reply = std::mem::take(&mut ctx.reply);
                     match &result {
-                        Ok(bytes) => Frame::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
+                        Ok(bytes) => FromTask::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
                         Err(why) => {
-                            Frame::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() }
+                            FromTask::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() }
                         }
                     }
                     .encode(&mut out);
@@ -99,8 +103,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
                         stop = Some(format!("reached task_max_request ({limit})"));
                     }
                 }
-                Frame::Stop => stop = Some("asked to stop".to_string()),
-                other => tracing::warn!("task {slot}: ignoring unexpected message {other:?}"),
+                ToTask::Stop => stop = Some("asked to stop".to_string()),
             }
             if stop.is_some() {
                 break;

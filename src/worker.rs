@@ -14,22 +14,25 @@ use mio::{Events, Interest, Poll, Token};
 
 use crate::app::{Application, Callback, Finished, Outcome, ProcessInfo, TaskId, TaskLimits, WorkerCtx};
 use crate::config::ServerConfig;
-use crate::ipc::envelope::{decode_outcomes, frame_len, task_flags};
-use crate::ipc::{Channel, Frame, ReadState, Role};
+use std::os::fd::OwnedFd;
+
+use crate::ipc::envelope::{decode_outcomes, frame_len, task_flags, Message};
+use crate::ipc::{Channel, FromWorker, ReadState, Role, ToWorker, WorkerToMaster};
 use crate::shm::Shared;
 
 const CHANNEL: Token = Token(0);
 
 pub struct WorkerSetup<'a> {
     pub slot: u32,
-    pub channel: Channel,
+    /// The worker's end of its slot's channel.
+    pub channel: OwnedFd,
     pub shared: &'static Shared,
     pub config: &'a ServerConfig,
 }
 
 /// A worker's connection to the master, and what the waiting calls need of it.
 pub struct Link {
-    channel: Channel,
+    channel: WorkerToMaster,
     poll: Poll,
     events: Events,
     /// The last delivery fully handled: a commit may name it even in the middle of a callback.
@@ -48,7 +51,7 @@ impl Link {
         ids: &[TaskId],
         deadline: Instant,
     ) -> io::Result<Vec<WaitResult>> {
-        Frame::Commit { seq: self.handled_seq }.encode(out);
+        FromWorker::Commit { seq: self.handled_seq }.encode(out);
         self.channel.output().append(out);
         flush_all(&mut self.poll, &mut self.events, &mut self.channel)?;
         let mut results = vec![None; ids.len()];
@@ -75,8 +78,8 @@ impl Link {
         let mut found = 0;
         let mut pos = 0;
         loop {
-            let (hit, len) = match Frame::decode(&self.channel.input()[pos..]) {
-                Ok(Some((Frame::Finish { task_id, flags, ok, result, .. }, len)))
+            let (hit, len) = match ToWorker::decode(&self.channel.input()[pos..]) {
+                Ok(Some((ToWorker::Finish { task_id, flags, ok, result, .. }, len)))
                     if flags & task_flags::WAIT != 0 =>
                 {
                     match ids.iter().position(|&id| id == task_id) {
@@ -108,7 +111,8 @@ impl Link {
 /// Runs the worker until it is told to stop, reaches `max_request` or loses the master.
 /// Returns the process exit code.
 pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
-    let WorkerSetup { slot, mut channel, shared, config } = setup;
+    let WorkerSetup { slot, channel, shared, config } = setup;
+    let mut channel: WorkerToMaster = Channel::new(channel);
     let info = ProcessInfo { role: Role::Worker, slot, pid: std::process::id() };
     let limit = request_limit(config.max_request, config.max_request_grace);
     let poll = match Poll::new() {
@@ -165,7 +169,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         let mut last_seq = None;
         let mut stop = None;
         loop {
-            let (frame, len) = match Frame::decode(input.data()) {
+            let (frame, len) = match ToWorker::decode(input.data()) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -184,7 +188,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                 link: &mut link,
             };
             match frame {
-                Frame::Request { seq, session, data } => {
+                ToWorker::Request { seq, session, data } => {
                     guard(slot, "on_receive", || app.on_receive(&mut ctx, session, data));
                     last_seq = Some(seq);
                     served += 1;
@@ -192,23 +196,33 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                         stop = Some(format!("reached max_request ({limit})"));
                     }
                 }
-                Frame::Connect { seq, session, peer } => {
+                ToWorker::Connect { seq, session, peer } => {
                     let peer = String::from_utf8_lossy(peer);
                     guard(slot, "on_connect", || app.on_connect(&mut ctx, session, &peer));
                     last_seq = Some(seq);
                 }
-                Frame::Close { seq, session } => {
+                ToWorker::Close { seq, session } => {
                     guard(slot, "on_close", || app.on_close(&mut ctx, session));
                     last_seq = Some(seq);
                 }
-                Frame::Finish { task_id, flags, .. } if flags & task_flags::WAIT != 0 => {
+                ToWorker::Finish { task_id, flags, .. } if flags & task_flags::WAIT != 0 => {
                     // Its waiter timed out, or was an earlier process of this slot.
                     shared.count_late_result();
                     tracing::info!(
                         "worker {slot}: result of task {task_id} came after its wait ended; dropped"
                     );
                 }
-                Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result } => {
+                ToWorker::Finish {
+                    seq,
+                    task_id,
+                    session,
+                    task_pid,
+                    attempts,
+                    ok,
+                    flags,
+                    context,
+                    result,
+                } => {
                     let group = flags & task_flags::GROUP != 0;
                     let outcomes = if group {
                         decode_outcomes(result).unwrap_or_else(|e| {
@@ -256,8 +270,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
                     }
                     last_seq = Some(seq);
                 }
-                Frame::Stop => stop = Some("asked to stop".to_string()),
-                other => tracing::warn!("worker {slot}: ignoring unexpected message {other:?}"),
+                ToWorker::Stop => stop = Some("asked to stop".to_string()),
             }
             input.consume(len);
             if let Some(seq) = last_seq {
@@ -272,7 +285,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> i32 {
         link.channel.discard_input();
         link.channel.restore_input(input);
         if let Some(seq) = last_seq {
-            Frame::Commit { seq }.encode(&mut out);
+            FromWorker::Commit { seq }.encode(&mut out);
         }
         if !out.is_empty() {
             link.channel.output().append(&mut out);
@@ -306,7 +319,11 @@ pub(crate) fn guard(slot: u32, what: &str, f: impl FnOnce()) {
 }
 
 /// Writes all pending output, waiting for the socket to drain when it is full.
-pub(crate) fn flush_all(poll: &mut Poll, events: &mut Events, channel: &mut Channel) -> std::io::Result<()> {
+pub(crate) fn flush_all<Tx: Message, Rx: Message>(
+    poll: &mut Poll,
+    events: &mut Events,
+    channel: &mut Channel<Tx, Rx>,
+) -> std::io::Result<()> {
     while !channel.flush()? {
         match poll.poll(events, Some(Duration::from_secs(1))) {
             Ok(()) => {}

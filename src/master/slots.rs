@@ -9,10 +9,10 @@ use std::time::Instant;
 const PREFETCH_BUDGET: f64 = 0.002;
 
 use super::replay::ReplayLog;
-use crate::ipc::{Channel, Frame};
+use crate::ipc::{MasterToTask, MasterToWorker, ToTask, ToWorker};
 
 pub struct WorkerSlot {
-    pub chan: Channel,
+    pub chan: MasterToWorker,
     /// The slot's child end, to empty it when a process dies.
     pub child_end: OwnedFd,
     /// The current process (0: none running).
@@ -28,7 +28,7 @@ pub struct WorkerSlot {
 }
 
 impl WorkerSlot {
-    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
+    pub fn new(chan: MasterToWorker, child_end: OwnedFd) -> Self {
         WorkerSlot {
             chan,
             child_end,
@@ -60,7 +60,7 @@ impl WorkerSlot {
             return false;
         }
         self.stopping = true;
-        self.chan.send(&Frame::Stop);
+        self.chan.send(&ToWorker::Stop);
         true
     }
 
@@ -74,7 +74,7 @@ impl WorkerSlot {
 }
 
 pub struct TaskSlot {
-    pub chan: Channel,
+    pub chan: MasterToTask,
     pub child_end: OwnedFd,
     pub pid: u32,
     pub alive: bool,
@@ -94,7 +94,7 @@ pub struct TaskSlot {
 }
 
 impl TaskSlot {
-    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
+    pub fn new(chan: MasterToTask, child_end: OwnedFd) -> Self {
         TaskSlot {
             chan,
             child_end,
@@ -165,7 +165,7 @@ impl TaskSlot {
             return false;
         }
         self.stopping = true;
-        self.chan.send(&Frame::Stop);
+        self.chan.send(&ToTask::Stop);
         true
     }
 
@@ -184,7 +184,7 @@ mod tests {
 
     fn slot() -> TaskSlot {
         let (a, b) = crate::ipc::channel::pair().unwrap();
-        TaskSlot::new(Channel::new(a), b)
+        TaskSlot::new(crate::ipc::Channel::new(a), b)
     }
 
     #[test]
