@@ -4,6 +4,7 @@
 //! `cargo bench --bench hot_path`
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use taskd::ipc::envelope::Finish;
 use taskd::ipc::{FromWorker, ToWorker};
 use taskd::mail::request;
 use taskd::protocol::next_line;
@@ -57,7 +58,7 @@ fn envelope(c: &mut Criterion) {
         })
     });
     let mut buf = Vec::new();
-    ToWorker::Finish {
+    ToWorker::Finish(Finish {
         seq: 1,
         task_id: 42,
         session: 7,
@@ -67,7 +68,7 @@ fn envelope(c: &mut Criterion) {
         flags: 0,
         context: br#"{"type":"email","to":["alice@example.com"]}"#,
         result: b"Email:alice@example.com, sent",
-    }
+    })
     .encode(&mut buf);
     g.bench_function("decode finish", |b| {
         b.iter(|| ToWorker::decode(black_box(&buf)).map(|f| f.map(|(_, n)| n)))

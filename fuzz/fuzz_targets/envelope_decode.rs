@@ -18,14 +18,14 @@
 
 use libfuzzer_sys::fuzz_target;
 use taskd::ipc::envelope::{
-    decode_outcomes, encode_outcome, frame_kind, frame_len, FromBridge, FromManager, FromTask, FromWorker,
+    decode_outcomes, encode_outcome, frame_kind, frame_len, Finish, FromBridge, FromManager, FromTask, FromWorker,
     Message, ToBridge, ToClient, ToManager, ToTask, ToWorker, COMMIT_KIND,
 };
 
 fuzz_target!(|data: &[u8]| {
     read_all::<ToWorker>(data, |frame| {
         // A group's finish carries its members' outcomes; any finish's result must not panic.
-        if let ToWorker::Finish { result, .. } = frame {
+        if let ToWorker::Finish(Finish { result, .. }) = frame {
             check_outcomes(result);
         }
     });

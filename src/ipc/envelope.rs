@@ -157,22 +157,26 @@ pub enum ToWorker<'a> {
     /// A client's connection is gone.
     Close { seq: u64, session: u64 },
     /// A task this slot submitted has finished (or failed for good).
-    Finish {
-        seq: u64,
-        task_id: u64,
-        session: u64,
-        task_pid: u32,
-        attempts: u32,
-        ok: bool,
-        /// [`task_flags`]: `GROUP` when `result` holds the outcomes of a group's members
-        /// ([`decode_outcomes`]), and the flags the task was submitted with. A finish of a
-        /// `WAIT` task is no delivery: its `seq` is 0 and it is never replayed.
-        flags: u8,
-        context: &'a [u8],
-        result: &'a [u8],
-    },
+    Finish(Finish<'a>),
     /// Exit cleanly after what is before this in the channel (reload, shutdown).
     Stop,
+}
+
+/// A task's final outcome, for the worker slot that submitted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish<'a> {
+    pub seq: u64,
+    pub task_id: u64,
+    pub session: u64,
+    pub task_pid: u32,
+    pub attempts: u32,
+    pub ok: bool,
+    /// [`task_flags`]: `GROUP` when `result` holds the outcomes of a group's members
+    /// ([`decode_outcomes`]), and the flags the task was submitted with. A finish of a
+    /// `WAIT` task is no delivery: its `seq` is 0 and it is never replayed.
+    pub flags: u8,
+    pub context: &'a [u8],
+    pub result: &'a [u8],
 }
 
 /// Worker -> master: what handling its deliveries produced, ended by a commit.
@@ -513,19 +517,27 @@ impl<'a> ToWorker<'a> {
                 Writer::begin(out, CONNECT).u64(seq).u64(session).rest(peer).finish()
             }
             ToWorker::Close { seq, session } => Writer::begin(out, CLOSE).u64(seq).u64(session).finish(),
-            ToWorker::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result } => {
-                Writer::begin(out, FINISH)
-                    .u64(seq)
-                    .u64(task_id)
-                    .u64(session)
-                    .u32(task_pid)
-                    .u32(attempts)
-                    .u8(ok as u8)
-                    .u8(flags)
-                    .sized(context)
-                    .rest(result)
-                    .finish()
-            }
+            ToWorker::Finish(Finish {
+                seq,
+                task_id,
+                session,
+                task_pid,
+                attempts,
+                ok,
+                flags,
+                context,
+                result,
+            }) => Writer::begin(out, FINISH)
+                .u64(seq)
+                .u64(task_id)
+                .u64(session)
+                .u32(task_pid)
+                .u32(attempts)
+                .u8(ok as u8)
+                .u8(flags)
+                .sized(context)
+                .rest(result)
+                .finish(),
             ToWorker::Stop => Writer::begin(out, STOP).finish(),
         }
     }
@@ -543,7 +555,7 @@ impl<'a> ToWorker<'a> {
                     ToWorker::Connect { seq: r.u64("seq")?, session: r.u64("session")?, peer: r.rest() }
                 }
                 CLOSE => ToWorker::Close { seq: r.u64("seq")?, session: r.u64("session")? },
-                FINISH => ToWorker::Finish {
+                FINISH => ToWorker::Finish(Finish {
                     seq: r.u64("seq")?,
                     task_id: r.u64("task_id")?,
                     session: r.u64("session")?,
@@ -553,7 +565,7 @@ impl<'a> ToWorker<'a> {
                     flags: r.u8("flags")?,
                     context: r.sized("context")?,
                     result: r.rest(),
-                },
+                }),
                 STOP => ToWorker::Stop,
                 other => return Err(DecodeError::UnknownKind(other)),
             })
@@ -972,7 +984,7 @@ mod tests {
         roundtrip::<ToWorker>(ToWorker::Request { seq: 7, session: 1 << 40, data: b"alice@example.com" });
         roundtrip::<ToWorker>(ToWorker::Connect { seq: 1, session: 2, peer: b"127.0.0.1:5000" });
         roundtrip::<ToWorker>(ToWorker::Close { seq: 3, session: 4 });
-        roundtrip::<ToWorker>(ToWorker::Finish {
+        roundtrip::<ToWorker>(ToWorker::Finish(Finish {
             seq: 9,
             task_id: 10,
             session: 11,
@@ -982,7 +994,7 @@ mod tests {
             flags: task_flags::GROUP,
             context: b"{\"to\":\"x\"}",
             result: b"task process 1234 killed by signal 9",
-        });
+        }));
         roundtrip::<ToWorker>(ToWorker::Stop);
         roundtrip::<FromWorker>(FromWorker::Client(ToClient::Send {
             session: 5,

@@ -439,7 +439,7 @@ impl<A: Application> Master<'_, A> {
                         line.push(b'\n');
                         lines.push((session, line));
                     }
-                    ToWorker::Finish { task_id, session, attempts, ok, flags, result, .. } => {
+                    ToWorker::Finish(Finish { task_id, session, attempts, ok, flags, result, .. }) => {
                         if session == 0 || flags & (task_flags::WAIT | task_flags::REPLIED) != 0 {
                             continue;
                         }

@@ -37,7 +37,7 @@ use slab::Slab;
 use crate::app::Application;
 use crate::config::{DispatchMode, ServerConfig};
 use crate::ipc::channel::drain_fd;
-use crate::ipc::envelope::{encode_outcome, task_flags, DecodeError};
+use crate::ipc::envelope::{encode_outcome, task_flags, DecodeError, Finish};
 use crate::ipc::{
     Channel, ExitReason, FromBridge, FromManager, FromTask, FromWorker, MasterToBridge, MasterToManager,
     Role, SlotChannel, ToBridge, ToClient, ToManager, ToTask, ToWorker,

@@ -212,7 +212,7 @@ impl<A: Application> Master<'_, A> {
         let session = job.session;
         let finish = |seq, out: &mut Vec<u8>| {
             let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
-            ToWorker::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result }
+            ToWorker::Finish(Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result })
                 .encode(out)
         };
         if job.flags & task_flags::WAIT != 0 {
@@ -262,7 +262,7 @@ impl<A: Application> Master<'_, A> {
             self.results.record(group_id, line);
         }
         self.deliver(group.worker as usize, session, Delivery::Finish, |seq, out| {
-            ToWorker::Finish {
+            ToWorker::Finish(Finish {
                 seq,
                 task_id: group_id,
                 session,
@@ -272,7 +272,7 @@ impl<A: Application> Master<'_, A> {
                 flags: task_flags::GROUP,
                 context: &group.context,
                 result: &result,
-            }
+            })
             .encode(out)
         });
     }
