@@ -80,24 +80,9 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
             };
             match frame {
                 ToTask::RunTask { task_id, session, attempt, src_worker, data } => {
-                    let task = Task {
-                        id: task_id,
-                        session: (session != 0).then_some(session),
-                        attempt,
-                        src_worker,
-                        data,
-                    };
-                    let mut ctx = TaskCtx { out: &mut out, info, reply: Vec::new() };
-                    let mut result = Err(format!("task {task_id} panicked in task process {}", info.pid));
-                    guard(slot, "on_task", || result = app.on_task(&mut ctx, &task));
-                    let reply = std::mem::take(&mut ctx.reply);
-                    match &result {
-                        Ok(bytes) => FromTask::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
-                        Err(why) => {
-                            FromTask::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() }
-                        }
-                    }
-                    .encode(&mut out);
+                    let session = (session != 0).then_some(session);
+                    let task = Task { id: task_id, session, attempt, src_worker, data };
+                    on_run_task(app, info, &task, &mut out);
                     served += 1;
                     if limit != 0 && served >= limit {
                         stop = Some(format!("reached task_max_request ({limit})"));
@@ -131,4 +116,18 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> i32 {
             return 0;
         }
     }
+}
+
+/// Runs one task and appends its outcome (with the reply it set, if any) to `out`.
+fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, out: &mut Vec<u8>) {
+    let task_id = task.id;
+    let mut ctx = TaskCtx { out, info, reply: Vec::new() };
+    let mut result = Err(format!("task {task_id} panicked in task process {}", info.pid));
+    guard(info.slot, "on_task", || result = app.on_task(&mut ctx, task));
+    let reply = std::mem::take(&mut ctx.reply);
+    match &result {
+        Ok(bytes) => FromTask::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
+        Err(why) => FromTask::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() },
+    }
+    .encode(out);
 }
