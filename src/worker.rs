@@ -466,3 +466,51 @@ pub(crate) fn per_process_random() -> u64 {
     x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     x ^ (x >> 31)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ipc::envelope::encode_outcome;
+
+    fn finish<'a>(ok: bool, flags: u8, result: &'a [u8]) -> Finish<'a> {
+        Finish {
+            seq: 3,
+            task_id: 9,
+            session: 0,
+            task_pid: 77,
+            attempts: 2,
+            ok,
+            flags,
+            context: b"ctx",
+            result,
+        }
+    }
+
+    #[test]
+    fn a_finish_is_what_on_finish_gets() {
+        let f = finish(false, task_flags::REPLIED, b"smtp said \xff no");
+        let outcomes = Outcomes::of(&f, 0);
+        let done = Finished::from_frame(&f, &outcomes);
+        assert_eq!((done.id, done.session, done.context), (9, None, &b"ctx"[..]));
+        assert_eq!((done.task_pid, done.attempts, done.replied), (77, 2, true));
+        assert_eq!(done.result, Err("smtp said \u{fffd} no"));
+        assert!(done.members.is_none());
+    }
+
+    #[test]
+    fn a_groups_finish_has_each_members_outcome_in_order() {
+        let mut result = Vec::new();
+        encode_outcome(true, b"sent", &mut result);
+        encode_outcome(false, b"timed out after 5 ms", &mut result);
+        let f = Finish { session: 4, ..finish(true, task_flags::GROUP, &result) };
+        let outcomes = Outcomes::of(&f, 0);
+        let done = Finished::from_frame(&f, &outcomes);
+        assert_eq!(done.session, Some(4));
+        assert_eq!(done.result, Ok(&b""[..]));
+        assert_eq!(done.members, Some(vec![Ok(&b"sent"[..]), Err("timed out after 5 ms")]));
+        // A corrupt combined result reads as a group with no member, not as a crash.
+        let f = finish(true, task_flags::GROUP, &result[..3]);
+        let outcomes = Outcomes::of(&f, 0);
+        assert_eq!(Finished::from_frame(&f, &outcomes).members, Some(vec![]));
+    }
+}
