@@ -19,7 +19,7 @@
 use libfuzzer_sys::fuzz_target;
 use taskd::ipc::envelope::{
     decode_outcomes, encode_outcome, frame_kind, frame_len, Finish, FromBridge, FromManager, FromTask, FromWorker,
-    Message, ToBridge, ToClient, ToManager, ToTask, ToWorker, COMMIT_KIND,
+    Message, Reply, ToBridge, ToClient, ToManager, ToTask, ToWorker, COMMIT_KIND,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
     read_all::<ToBridge>(data, |_| {});
     read_all::<FromBridge>(data, |frame| {
         // The task processes' output that travels with an outcome is read too.
-        if let FromBridge::Reply { sends, .. } = frame {
+        if let FromBridge::Reply(Reply { sends, .. }) = frame {
             read_all::<FromTask>(sends, |_| {});
         }
     });

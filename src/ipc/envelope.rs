@@ -303,23 +303,27 @@ pub enum ToBridge<'a> {
 pub enum FromBridge<'a> {
     /// Every batch up to `batch` is stored (`error` empty), or could not be (the reason).
     Stored { batch: u64, error: &'a [u8] },
-    /// A job's outcome, read from this node's reply stream (entry `entry`). `sends` holds the
-    /// [`FromTask::Send`] frames its task process wrote for sessions, encoded.
-    Reply {
-        task_id: u64,
-        ok: bool,
-        attempts: u32,
-        task_pid: u32,
-        /// How many times an operator replayed it from the dead-letter stream.
-        replays: u32,
-        entry: &'a [u8],
-        reply: &'a [u8],
-        sends: &'a [u8],
-        result: &'a [u8],
-    },
+    /// A job's outcome, read from this node's reply stream.
+    Reply(Reply<'a>),
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
+}
+
+/// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply<'a> {
+    pub task_id: u64,
+    pub ok: bool,
+    pub attempts: u32,
+    pub task_pid: u32,
+    /// How many times an operator replayed it from the dead-letter stream.
+    pub replays: u32,
+    pub entry: &'a [u8],
+    pub reply: &'a [u8],
+    /// The [`FromTask::Send`] frames its task process wrote for sessions, encoded.
+    pub sends: &'a [u8],
+    pub result: &'a [u8],
 }
 
 /// Kind bytes, unique across every link (a frame read on the wrong link is an unknown kind).
@@ -871,25 +875,31 @@ impl<'a> ToBridge<'a> {
     }
 }
 
+impl Reply<'_> {
+    /// Appends this outcome as a [`FromBridge::Reply`] frame, length prefix included.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *self;
+        Writer::begin(out, kind::REPLY)
+            .u64(task_id)
+            .u8(ok as u8)
+            .u32(attempts)
+            .u32(task_pid)
+            .u32(replays)
+            .sized(entry)
+            .sized(reply)
+            .sized(sends)
+            .rest(result)
+            .finish()
+    }
+}
+
 impl<'a> FromBridge<'a> {
     /// Appends this frame, length prefix included, to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         use kind::*;
         match *self {
             FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
-            FromBridge::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } => {
-                Writer::begin(out, REPLY)
-                    .u64(task_id)
-                    .u8(ok as u8)
-                    .u32(attempts)
-                    .u32(task_pid)
-                    .u32(replays)
-                    .sized(entry)
-                    .sized(reply)
-                    .sized(sends)
-                    .rest(result)
-                    .finish()
-            }
+            FromBridge::Reply(ref reply) => reply.encode(out),
             FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
         }
     }
@@ -900,7 +910,7 @@ impl<'a> FromBridge<'a> {
         decode_frame(buf, |k, r| {
             Ok(match k {
                 STORED => FromBridge::Stored { batch: r.u64("batch")?, error: r.rest() },
-                REPLY => FromBridge::Reply {
+                REPLY => FromBridge::Reply(Reply {
                     task_id: r.u64("task id")?,
                     ok: r.bool("ok")?,
                     attempts: r.u32("attempts")?,
@@ -910,7 +920,7 @@ impl<'a> FromBridge<'a> {
                     reply: r.sized("reply")?,
                     sends: r.sized("sends")?,
                     result: r.rest(),
-                },
+                }),
                 LEASE => FromBridge::Lease { holder: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
@@ -1085,7 +1095,7 @@ mod tests {
         roundtrip::<ToBridge>(ToBridge::RenewLease);
         roundtrip::<FromBridge>(FromBridge::Stored { batch: 2, error: b"" });
         roundtrip::<FromBridge>(FromBridge::Stored { batch: 3, error: b"Redis is down" });
-        roundtrip::<FromBridge>(FromBridge::Reply {
+        roundtrip::<FromBridge>(FromBridge::Reply(Reply {
             task_id: 5,
             ok: true,
             attempts: 2,
@@ -1095,7 +1105,7 @@ mod tests {
             reply: b"{\"event\":\"done\"}\n",
             sends: b"",
             result: b"sent",
-        });
+        }));
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
     }
@@ -1112,7 +1122,7 @@ mod tests {
         ToClient::Send { session: 0x0102, data: b"hi" }.encode(&mut again);
         assert_eq!(again, buf);
         let mut reply = Vec::new();
-        FromBridge::Reply {
+        FromBridge::Reply(Reply {
             task_id: 1,
             ok: true,
             attempts: 1,
@@ -1122,7 +1132,7 @@ mod tests {
             reply: b"",
             sends: &buf,
             result: b"r",
-        }
+        })
         .encode(&mut reply);
         assert_eq!(reply[4], 43);
         assert_eq!(reply.len(), 4 + 1 + 8 + 1 + 4 + 4 + 4 + 4 + 4 + 4 + buf.len() + 1);

@@ -23,6 +23,7 @@ use super::results::outcome_line;
 use super::*;
 use crate::durable::startup::LEASE_TTL;
 use crate::durable::Durable;
+use crate::ipc::envelope::Reply;
 
 pub const BRIDGE: Token = Token(5);
 
@@ -38,7 +39,7 @@ struct SentBatch {
 enum Held {
     /// Workers' frames for clients ([`ToClient`]).
     Clients(Vec<u8>),
-    /// Outcomes from the bridge ([`FromBridge::Reply`]).
+    /// Outcomes from the bridge ([`FromBridge::Reply`] frames).
     Replies(Vec<u8>),
 }
 
@@ -119,8 +120,8 @@ impl DurableState {
     }
 
     /// Holds an outcome from the bridge, for `session` (0: none), as [`DurableState::hold`].
-    fn hold_reply(&mut self, frame: &FromBridge<'_>, session: u64) {
-        self.hold_frame(session, true, |bytes| frame.encode(bytes));
+    fn hold_reply(&mut self, reply: &Reply<'_>, session: u64) {
+        self.hold_frame(session, true, |bytes| reply.encode(bytes));
     }
 
     fn hold_frame(&mut self, session: u64, reply: bool, encode: impl FnOnce(&mut Vec<u8>)) {
@@ -194,9 +195,9 @@ impl<A: Application> Master<'_, A> {
         // client is served (their deletion and keeping go through the bridge, now it runs).
         let replies = std::mem::take(&mut state.startup_replies);
         let mut pos = 0;
-        while let Ok(Some((frame, n))) = FromBridge::decode(&replies[pos..]) {
+        while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&replies[pos..]) {
             pos += n;
-            self.on_reply(&frame);
+            self.on_reply(&reply);
         }
         Ok(())
     }
@@ -287,10 +288,10 @@ impl<A: Application> Master<'_, A> {
         match frame {
             FromBridge::Stored { batch, error } => self.on_stored(batch, error),
             FromBridge::Lease { holder } => self.on_lease(holder),
-            FromBridge::Reply { .. } => {
+            FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {
-                    self.route_reply(&frame);
+                    self.route_reply(&reply);
                 } else {
                     // Not sure the name is still ours (this master was asleep past the lease):
                     // another node of the name may be acting on these. They wait for the
@@ -298,22 +299,22 @@ impl<A: Application> Master<'_, A> {
                     if state.unsure.is_empty() {
                         state.lease_due = Instant::now();
                     }
-                    frame.encode(&mut state.unsure);
+                    reply.encode(&mut state.unsure);
                 }
             }
         }
     }
 
     /// An outcome from the bridge, acted on now, or held behind what it must follow.
-    fn route_reply(&mut self, frame: &FromBridge<'_>) {
-        let FromBridge::Reply { task_id, .. } = *frame else { return };
+    fn route_reply(&mut self, reply: &Reply<'_>) {
+        let task_id = reply.task_id;
         // An outcome can overtake its batch's acknowledgement (two threads of the bridge
         // write): it waits for it, and behind its session's held output.
         let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
         let Some(state) = self.durable.as_mut() else { return };
         match job {
-            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold_reply(frame, session),
-            _ => self.on_reply(frame),
+            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold_reply(reply, session),
+            _ => self.on_reply(reply),
         }
     }
 
@@ -328,9 +329,9 @@ impl<A: Application> Master<'_, A> {
         state.lease_until = Instant::now() + LEASE_TTL - Duration::from_secs(1);
         let unsure = std::mem::take(&mut state.unsure);
         let mut pos = 0;
-        while let Ok(Some((frame, n))) = FromBridge::decode(&unsure[pos..]) {
+        while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&unsure[pos..]) {
             pos += n;
-            self.route_reply(&frame);
+            self.route_reply(&reply);
         }
     }
 
@@ -401,9 +402,9 @@ impl<A: Application> Master<'_, A> {
                     }
                 }
                 Held::Replies(bytes) => {
-                    while let Ok(Some((frame, n))) = FromBridge::decode(&bytes[pos..]) {
+                    while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&bytes[pos..]) {
                         pos += n;
-                        self.on_reply(&frame);
+                        self.on_reply(&reply);
                     }
                 }
             }
@@ -413,12 +414,8 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    fn on_reply(&mut self, frame: &FromBridge<'_>) {
-        let FromBridge::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } =
-            *frame
-        else {
-            return;
-        };
+    fn on_reply(&mut self, frame: &Reply<'_>) {
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *frame;
         let Some(state) = self.durable.as_mut() else { return };
         state.bridge.send(&ToBridge::Trim { entry });
         if let Some(job) = self.jobs.get_mut(task_id) {
