@@ -4,7 +4,8 @@
 //! `cargo bench --bench hot_path`
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
-use taskd::ipc::Frame;
+use taskd::ipc::envelope::Finish;
+use taskd::ipc::{FromWorker, ToWorker};
 use taskd::mail::request;
 use taskd::protocol::next_line;
 
@@ -43,7 +44,7 @@ fn envelope(c: &mut Criterion) {
         let mut out = Vec::with_capacity(256);
         b.iter(|| {
             out.clear();
-            Frame::Task {
+            FromWorker::Task {
                 task_id: 42,
                 session: 7 << 24,
                 target: -1,
@@ -57,7 +58,7 @@ fn envelope(c: &mut Criterion) {
         })
     });
     let mut buf = Vec::new();
-    Frame::Finish {
+    ToWorker::Finish(Finish {
         seq: 1,
         task_id: 42,
         session: 7,
@@ -67,10 +68,10 @@ fn envelope(c: &mut Criterion) {
         flags: 0,
         context: br#"{"type":"email","to":["alice@example.com"]}"#,
         result: b"Email:alice@example.com, sent",
-    }
+    })
     .encode(&mut buf);
     g.bench_function("decode finish", |b| {
-        b.iter(|| Frame::decode(black_box(&buf)).map(|f| f.map(|(_, n)| n)))
+        b.iter(|| ToWorker::decode(black_box(&buf)).map(|f| f.map(|(_, n)| n)))
     });
     g.finish();
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::ipc::envelope::task_flags;
-use crate::ipc::Frame;
+use crate::ipc::{FromTask, FromWorker, ToClient};
 use crate::shm::Shared;
 use crate::worker::Link;
 
@@ -206,23 +206,23 @@ impl WorkerCtx<'_> {
     /// Sends bytes to a client session (written as they are: add your own line ending).
     /// A session that has closed meanwhile is skipped.
     pub fn send(&mut self, session: SessionId, data: &[u8]) {
-        Frame::Send { session, data }.encode(self.out);
+        ToClient::Send { session, data }.encode(self.out);
     }
 
     /// Closes a client session once what was sent to it is written.
     pub fn close(&mut self, session: SessionId) {
-        Frame::CloseSession { session }.encode(self.out);
+        ToClient::CloseSession { session }.encode(self.out);
     }
 
     /// Sends the server's statistics to a session, as one JSON line.
     pub fn send_stats(&mut self, session: SessionId) {
-        Frame::Stats { session }.encode(self.out);
+        ToClient::Stats { session }.encode(self.out);
     }
 
     /// Sends a session what the master knows of task `task_id`, as one JSON line: its final
     /// reply (kept for the last `result_keep` jobs), `running`, or an error if it is unknown.
     pub fn send_result(&mut self, session: SessionId, task_id: TaskId) {
-        Frame::QueryResult { session, task_id }.encode(self.out);
+        ToClient::QueryResult { session, task_id }.encode(self.out);
     }
 
     /// Hands a task to the task pool without waiting; its result comes to `on_finish`.
@@ -300,7 +300,7 @@ impl WorkerCtx<'_> {
         let mut ids = Vec::with_capacity(items.len());
         for data in items {
             let task_id = self.shared.next_task_id();
-            Frame::Task {
+            FromWorker::Task {
                 task_id,
                 session: 0,
                 target: -1,
@@ -339,10 +339,10 @@ impl WorkerCtx<'_> {
         let group_id = self.shared.next_task_id();
         let timeout_ms = timeout.map_or(0, |t| t.as_millis().max(1) as u64);
         let size = items.len() as u32;
-        Frame::Group { group_id, session, size, timeout_ms, context }.encode(self.out);
+        FromWorker::Group { group_id, session, size, timeout_ms, context }.encode(self.out);
         for data in items {
             let task_id = self.shared.next_task_id();
-            Frame::Task { task_id, session, target: -1, group: group_id, flags: 0, context: b"", data }
+            FromWorker::Task { task_id, session, target: -1, group: group_id, flags: 0, context: b"", data }
                 .encode(self.out);
         }
         *self.uncounted_tasks += items.len() as u64;
@@ -401,7 +401,7 @@ impl WorkerCtx<'_> {
         let task_id = self.shared.next_task_id();
         *self.uncounted_tasks += 1;
         *self.uncounted_bytes += bytes;
-        Frame::Task { task_id, session, target, group: 0, flags, context, data }.encode(self.out);
+        FromWorker::Task { task_id, session, target, group: 0, flags, context, data }.encode(self.out);
         Ok(task_id)
     }
 }
@@ -422,7 +422,7 @@ impl TaskCtx<'_> {
     /// jobs (`redis_url`), they travel with the task's outcome instead, to the node that has the
     /// session.
     pub fn send(&mut self, session: SessionId, data: &[u8]) {
-        Frame::Send { session, data }.encode(self.out);
+        FromTask::Send { session, data }.encode(self.out);
     }
 
     /// Sets the bytes the task's session gets together with its result, in the same message:

@@ -20,7 +20,7 @@
 //! | [`task_worker`] | task process | `on_task` |
 //! | [`process`] | all | the only `fork`, process titles, reaping, why a child ended (`ProcessError`) |
 //! | [`supervisor`] | manager, task node, master | every child's slot: respawn and back-off, reaping, timers, stop (SIGTERM → SIGKILL) |
-//! | [`ipc`] | all | the envelope and the socketpair channels |
+//! | [`ipc`] | all | the envelope, each link's messages (`ToWorker`/`FromWorker`, `ToTask`/`FromTask`, `ToManager`/`FromManager`, `ToBridge`/`FromBridge`), the socketpair channels typed by them |
 //! | [`signals`] | all | signals read from a signalfd |
 //! | [`shm`] | all | the task id counter and queue length, in shared memory |
 //! | [`protocol`] | master | line framing of the client wire format (and telling HTTP from it) |

@@ -16,7 +16,7 @@ use nix::unistd::{getpid, Pid};
 
 use crate::app::Application;
 use crate::config::ServerConfig;
-use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::ipc::{Channel, FromManager, ManagerToMaster, ReadState, Role, ToManager};
 use crate::process::{self, ProcessError};
 use crate::shm::Shared;
 use crate::signals::{self, Signals};
@@ -65,7 +65,7 @@ pub fn run<A: Application>(app: &mut A, setup: ManagerSetup<'_>) -> Result<(), P
     ])
     .map_err(ProcessError::io("cannot set up signals"))?;
     let mut poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
-    let mut master = Channel::new(setup.master_channel);
+    let mut master: ManagerToMaster = Channel::new(setup.master_channel);
     let sig_fd = signals.raw_fd();
     poll.registry()
         .register(master.source(), MASTER, Interest::READABLE | Interest::WRITABLE)
@@ -148,7 +148,7 @@ struct Manager<'a, A> {
     app: &'a mut A,
     config: &'a ServerConfig,
     shared: &'static Shared,
-    master: Channel,
+    master: ManagerToMaster,
     slots: Vec<Slot>,
     sup: Supervisor,
     credentials: Option<process::Credentials>,
@@ -163,10 +163,10 @@ impl<A: Application> Manager<'_, A> {
         for (i, result) in started {
             let (role, slot) = (slots[i].role, slots[i].index);
             match result {
-                Ok(pid) => master.send(&Frame::Started { role, slot, pid: pid.as_raw() as u32 }),
+                Ok(pid) => master.send(&FromManager::Started { role, slot, pid: pid.as_raw() as u32 }),
                 Err(e) => {
                     let text = e.to_string();
-                    master.send(&Frame::ForkFailed { role, slot, error: text.as_bytes() });
+                    master.send(&FromManager::ForkFailed { role, slot, error: text.as_bytes() });
                 }
             }
         }
@@ -175,7 +175,7 @@ impl<A: Application> Manager<'_, A> {
     fn reap_children(&mut self) {
         for exit in self.sup.reap() {
             let slot = &self.slots[exit.slot];
-            self.master.send(&Frame::Exited {
+            self.master.send(&FromManager::Exited {
                 role: slot.role,
                 slot: slot.index,
                 pid: exit.pid.as_raw() as u32,
@@ -194,19 +194,18 @@ impl<A: Application> Manager<'_, A> {
                 Err(e) => return Err(ProcessError::Corrupt(e)),
             };
             match frame {
-                Frame::SlotReady { role, slot } => {
+                ToManager::SlotReady { role, slot } => {
                     if let Some(i) = self.find(role, slot) {
                         self.sup.release(i);
                     }
                 }
-                Frame::SlotActive { role, slot, active } => self.set_active(role, slot, active),
-                Frame::Shutdown => {
+                ToManager::SlotActive { role, slot, active } => self.set_active(role, slot, active),
+                ToManager::Shutdown => {
                     tracing::info!("manager: stopping the pool");
                     // The master has already sent each process a Stop; signals follow only for
                     // one that is still busy in a long callback when the grace period ends.
                     self.sup.begin_stop(None, STOP_GRACE);
                 }
-                other => tracing::warn!("manager: ignoring unexpected message {other:?}"),
             }
         }
         Ok(state)
@@ -248,8 +247,7 @@ fn fork_slot<A: Application>(
         process::die_with_parent(manager_pid);
         signals::set_blocked(&POOL_BLOCKED).map_err(ProcessError::io("cannot set its signal mask"))?;
         // This process owns the slot's channel end from here on.
-        let channel =
-            Channel::new(child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?);
+        let channel = child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?;
         match role {
             Role::Worker => worker::run(app, worker::WorkerSetup { slot: index, channel, shared, config }),
             Role::Task => match crate::durable::Durable::from_config(config) {
@@ -257,7 +255,7 @@ fn fork_slot<A: Application>(
                     app,
                     crate::durable::consumer::ConsumerSetup {
                         slot: index,
-                        control: crate::durable::consumer::Control::Master(channel),
+                        control: crate::durable::consumer::Control::Master(Channel::new(channel)),
                         durable: &d,
                         task_max_request: config.task_max_request,
                     },

@@ -4,6 +4,7 @@
 //! Results are written as soon as a task ends, except that a run of quick tasks already
 //! waiting in the channel is answered in one write (at most a millisecond late).
 
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
@@ -11,7 +12,7 @@ use mio::{Events, Interest, Poll, Token};
 use crate::app::{Application, ProcessInfo, Task, TaskCtx};
 use crate::config::ServerConfig;
 use crate::ipc::envelope::frame_len;
-use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::ipc::{Channel, FromTask, ReadState, Role, TaskToMaster, ToTask};
 use crate::process::ProcessError;
 use crate::worker::{flush_all, guard};
 
@@ -20,14 +21,16 @@ const BATCH_WINDOW: Duration = Duration::from_millis(1);
 
 pub struct TaskSetup<'a> {
     pub slot: u32,
-    pub channel: Channel,
+    /// The task process's end of its slot's channel.
+    pub channel: OwnedFd,
     pub config: &'a ServerConfig,
 }
 
 /// Runs the task process until it is told to stop, reaches `task_max_request` or loses the
 /// master (Ok), or until a call on its link fails.
 pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), ProcessError> {
-    let TaskSetup { slot, mut channel, config } = setup;
+    let TaskSetup { slot, channel, config } = setup;
+    let mut channel: TaskToMaster = Channel::new(channel);
     let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
     let mut poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
     poll.registry()
@@ -56,32 +59,16 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
                 Err(e) => return Err(ProcessError::Corrupt(e)),
             };
             match frame {
-                Frame::RunTask { task_id, session, attempt, src_worker, data } => {
-                    let task = Task {
-                        id: task_id,
-                        session: (session != 0).then_some(session),
-                        attempt,
-                        src_worker,
-                        data,
-                    };
-                    let mut ctx = TaskCtx { out: &mut out, info, reply: Vec::new() };
-                    let mut result = Err(format!("task {task_id} panicked in task process {}", info.pid));
-                    guard(slot, "on_task", || result = app.on_task(&mut ctx, &task));
-                    let reply = std::mem::take(&mut ctx.reply);
-                    match &result {
-                        Ok(bytes) => Frame::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
-                        Err(why) => {
-                            Frame::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() }
-                        }
-                    }
-                    .encode(&mut out);
+                ToTask::RunTask { task_id, session, attempt, src_worker, data } => {
+                    let session = (session != 0).then_some(session);
+                    let task = Task { id: task_id, session, attempt, src_worker, data };
+                    on_run_task(app, info, &task, &mut out);
                     served += 1;
                     if limit != 0 && served >= limit {
                         stop = Some(format!("reached task_max_request ({limit})"));
                     }
                 }
-                Frame::Stop => stop = Some("asked to stop".to_string()),
-                other => tracing::warn!("task {slot}: ignoring unexpected message {other:?}"),
+                ToTask::Stop => stop = Some("asked to stop".to_string()),
             }
             if stop.is_some() {
                 break;
@@ -105,4 +92,18 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             return Ok(());
         }
     }
+}
+
+/// Runs one task and appends its outcome (with the reply it set, if any) to `out`.
+fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, out: &mut Vec<u8>) {
+    let task_id = task.id;
+    let mut ctx = TaskCtx { out, info, reply: Vec::new() };
+    let mut result = Err(format!("job {task_id} panicked in task process {}", info.pid));
+    guard(info.slot, "on_task", || result = app.on_task(&mut ctx, task));
+    let reply = std::mem::take(&mut ctx.reply);
+    match &result {
+        Ok(bytes) => FromTask::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
+        Err(why) => FromTask::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() },
+    }
+    .encode(out);
 }

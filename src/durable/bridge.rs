@@ -23,8 +23,7 @@ use super::entry::{outcomes_of_entry, JobEntry};
 use super::redis_io::{self, is_connection_error};
 use super::startup::{self, lease_token};
 use super::Durable;
-use crate::ipc::envelope::frame_len;
-use crate::ipc::Frame;
+use crate::ipc::envelope::{FromBridge, ToBridge};
 use crate::shm::Shared;
 
 /// How long one XREAD of the reply stream blocks.
@@ -173,33 +172,29 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
             }
         }
         let mut used = 0;
-        while let Ok(Some(n)) = frame_len(&pending[used..]) {
-            match Frame::decode(&pending[used..used + n]) {
-                Ok(Some((frame, _))) => match frame {
-                    Frame::Store { task_id, session, worker, context, data, .. } => items.push(Item::Store {
-                        task_id,
-                        session,
-                        worker,
-                        context: context.to_vec(),
-                        data: data.to_vec(),
-                    }),
-                    Frame::StoreEnd { batch } => items.push(Item::End(batch)),
-                    Frame::Trim { entry } => trims.push(entry.to_vec()),
-                    Frame::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
-                    Frame::RenewLease => renew = true,
-                    other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
-                },
+        loop {
+            let (frame, n) = match ToBridge::decode(&pending[used..]) {
+                Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::error!("redis bridge: corrupt message from the master: {e}");
                     return 1;
                 }
+            };
+            match frame {
+                ToBridge::Store { task_id, session, worker, context, data, .. } => items.push(Item::Store {
+                    task_id,
+                    session,
+                    worker,
+                    context: context.to_vec(),
+                    data: data.to_vec(),
+                }),
+                ToBridge::StoreEnd { batch } => items.push(Item::End(batch)),
+                ToBridge::Trim { entry } => trims.push(entry.to_vec()),
+                ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
+                ToBridge::RenewLease => renew = true,
             }
             used += n;
-        }
-        if frame_len(&pending[used..]).is_err() {
-            tracing::error!("redis bridge: corrupt message from the master");
-            return 1;
         }
         pending.drain(..used);
         if items.is_empty() && trims.is_empty() && keeps.is_empty() {
@@ -228,7 +223,7 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
                 }
                 Item::End(batch) => {
                     let error = open_error.take().unwrap_or_default();
-                    Frame::Stored { batch, error: error.as_bytes() }.encode(&mut acks);
+                    FromBridge::Stored { batch, error: error.as_bytes() }.encode(&mut acks);
                 }
             }
         }
@@ -264,7 +259,7 @@ fn renew_if_asked(link: &mut Link<'_>, token: &str, asked: &mut bool, out: &Mast
         }
     };
     let mut frame = Vec::new();
-    Frame::Lease { holder: holder.as_bytes() }.encode(&mut frame);
+    FromBridge::Lease { holder: holder.as_bytes() }.encode(&mut frame);
     // A master that is gone is seen by the next read of its channel.
     let _ = send(out, &frame);
 }

@@ -33,7 +33,7 @@ use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry}
 use super::startup::{delivery_counts, ensure_group};
 use super::Durable;
 use crate::app::{Application, ProcessInfo, Task, TaskCtx};
-use crate::ipc::{Channel, Frame, ReadState, Role};
+use crate::ipc::{ReadState, Role, TaskToMaster, ToTask};
 use crate::signals::Signals;
 use crate::worker::guard;
 
@@ -56,7 +56,7 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Where a stop request comes from: the master's channel (web node) or signals (task node).
 pub enum Control {
-    Master(Channel),
+    Master(TaskToMaster),
     Signals(Signals),
 }
 
@@ -68,8 +68,12 @@ impl Control {
                     return Some("the master is gone".into());
                 }
                 while let Ok(Some(frame)) = channel.next_frame() {
-                    if frame == Frame::Stop {
-                        return Some("asked to stop".into());
+                    match frame {
+                        ToTask::Stop => return Some("asked to stop".into()),
+                        // The master gives a consumer no job: it takes them from Redis.
+                        ToTask::RunTask { task_id, .. } => {
+                            tracing::error!("task {task_id} handed to a consumer of durable jobs; not run")
+                        }
                     }
                 }
                 None

@@ -3,7 +3,7 @@
 
 use redis::{Cmd, Pipeline};
 
-use crate::ipc::Frame;
+use crate::ipc::envelope::{FromBridge, Reply};
 
 use super::keys::Keys;
 use super::redis_io::StreamEntry;
@@ -175,7 +175,7 @@ impl ReplyEntry {
     /// Appends this outcome to a batch, as the `Reply` frame the origin's master will get
     /// (without its stream entry id, which Redis gives the batch).
     pub fn encode(&self, batch: &mut Vec<u8>) {
-        Frame::Reply {
+        FromBridge::Reply(Reply {
             task_id: self.task_id,
             ok: self.ok,
             attempts: self.attempts,
@@ -185,7 +185,7 @@ impl ReplyEntry {
             reply: &self.reply,
             sends: &self.sends,
             result: &self.result,
-        }
+        })
         .encode(batch);
     }
 }
@@ -214,14 +214,34 @@ pub fn outcomes_of(batch: &[u8], id: &str, out: &mut Vec<u8>) -> Result<usize, S
     let mut pos = 0;
     let mut count = 0;
     while pos < batch.len() {
-        match Frame::decode(&batch[pos..]) {
+        match FromBridge::decode(&batch[pos..]) {
             Ok(Some((
-                Frame::Reply { task_id, ok, attempts, task_pid, replays, reply, sends, result, .. },
+                FromBridge::Reply(Reply {
+                    task_id,
+                    ok,
+                    attempts,
+                    task_pid,
+                    replays,
+                    reply,
+                    sends,
+                    result,
+                    ..
+                }),
                 n,
             ))) => {
                 let entry = id.as_bytes();
-                Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result }
-                    .encode(out);
+                FromBridge::Reply(Reply {
+                    task_id,
+                    ok,
+                    attempts,
+                    task_pid,
+                    replays,
+                    entry,
+                    reply,
+                    sends,
+                    result,
+                })
+                .encode(out);
                 pos += n;
                 count += 1;
             }
@@ -333,14 +353,20 @@ mod tests {
         two.encode(&mut batch);
         let mut out = Vec::new();
         assert_eq!(outcomes_of(&batch, "5-0", &mut out), Ok(2));
-        let (first, n) = Frame::decode(&out).unwrap().unwrap();
+        let (first, n) = FromBridge::decode(&out).unwrap().unwrap();
         assert!(
-            matches!(first, Frame::Reply { task_id: 9, ok: false, attempts: 3, entry: b"5-0", .. }),
+            matches!(
+                first,
+                FromBridge::Reply(Reply { task_id: 9, ok: false, attempts: 3, entry: b"5-0", .. })
+            ),
             "{first:?}"
         );
-        let (second, _) = Frame::decode(&out[n..]).unwrap().unwrap();
+        let (second, _) = FromBridge::decode(&out[n..]).unwrap().unwrap();
         assert!(
-            matches!(second, Frame::Reply { task_id: 10, ok: true, reply: b"{}\n", entry: b"5-0", .. }),
+            matches!(
+                second,
+                FromBridge::Reply(Reply { task_id: 10, ok: true, reply: b"{}\n", entry: b"5-0", .. })
+            ),
             "{second:?}"
         );
         assert!(outcomes_of(b"garbage!", "1-0", &mut Vec::new()).is_err());

@@ -4,13 +4,22 @@
 //! takes them, so one slow process can never stall the one writing to it. Reads drain the
 //! socket until `WouldBlock` (mio is edge-triggered) into a buffer that keeps a partial frame
 //! for the next turn.
+//!
+//! A channel end is typed by what it writes and what it reads (`Channel<Tx, Rx>`, as sozu's
+//! command channel): the master's end of a worker's channel writes [`ToWorker`] and reads
+//! [`FromWorker`], the worker's end the reverse, so a frame cannot be sent on the wrong link,
+//! and [`Channel::drain`] hands each reader only the messages its link carries.
+//!
+//! [`ToWorker`]: super::envelope::ToWorker
+//! [`FromWorker`]: super::envelope::FromWorker
 
 use std::io::{self, Read, Write};
+use std::marker::PhantomData;
 use std::os::fd::OwnedFd;
 
 use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
-use super::envelope::{DecodeError, Frame};
+use super::envelope::{frame_kind, frame_len, DecodeError, FromWorker, Message, COMMIT_KIND};
 
 /// Reads are made into at least this much free buffer space.
 const READ_CHUNK: usize = 64 * 1024;
@@ -32,11 +41,13 @@ pub enum ReadState {
     Closed,
 }
 
-pub struct Channel {
+/// One end of a channel: it writes `Tx` messages and reads `Rx` ones (see [`Message`]).
+pub struct Channel<Tx, Rx> {
     stream: mio::net::UnixStream,
     input: Input,
     output: Vec<u8>,
     written: usize,
+    link: PhantomData<fn(Tx) -> Rx>,
 }
 
 /// Bytes read from a channel and not handled yet. It can be taken out of its channel while
@@ -77,13 +88,14 @@ impl Input {
     }
 }
 
-impl Channel {
-    pub fn new(fd: OwnedFd) -> Channel {
+impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
+    pub fn new(fd: OwnedFd) -> Self {
         Channel {
             stream: mio::net::UnixStream::from_std(std::os::unix::net::UnixStream::from(fd)),
             input: Input::default(),
             output: Vec::new(),
             written: 0,
+            link: PhantomData,
         }
     }
 
@@ -143,11 +155,53 @@ impl Channel {
         self.input = input;
     }
 
+    /// Hands every complete frame read so far to `handle`, in order, consuming each; a partial
+    /// frame stays for the next read. A corrupt one stops it (what came before is handled):
+    /// its error is returned, and the caller says what it means (the input is left as it is).
+    ///
+    /// The channel is `chan(owner)`, and its input is taken out of it meanwhile: `handle` gets
+    /// `owner` whole, and may write to any channel, this one included.
+    pub fn drain<O>(
+        owner: &mut O,
+        chan: impl Fn(&mut O) -> &mut Self,
+        handle: impl FnMut(&mut O, Rx::Of<'_>),
+    ) -> Result<(), DecodeError> {
+        Self::drain_upto(owner, chan, |data| (data.len(), None), handle)
+    }
+
+    /// [`Channel::drain`], up to the end of what `upto` finds in the input: how many bytes
+    /// to handle, and an error found past them (returned once they are handled).
+    fn drain_upto<O>(
+        owner: &mut O,
+        chan: impl Fn(&mut O) -> &mut Self,
+        upto: impl FnOnce(&[u8]) -> (usize, Option<DecodeError>),
+        mut handle: impl FnMut(&mut O, Rx::Of<'_>),
+    ) -> Result<(), DecodeError> {
+        let mut input = chan(owner).take_input();
+        let (mut left, beyond) = upto(input.data());
+        let mut outcome = beyond.map_or(Ok(()), Err);
+        while left > 0 {
+            let (frame, n) = match Rx::decode(&input.data()[..left]) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            };
+            handle(owner, frame);
+            input.consume(n);
+            left -= n;
+        }
+        chan(owner).restore_input(input);
+        outcome
+    }
+
     /// Decodes the next complete frame of the input and consumes it.
     /// The frame borrows the channel; copy what must outlive the next call.
-    pub fn next_frame(&mut self) -> Result<Option<Frame<'_>>, DecodeError> {
+    pub fn next_frame(&mut self) -> Result<Option<Rx::Of<'_>>, DecodeError> {
         let inp = &mut self.input;
-        match Frame::decode(&inp.buf[inp.start..inp.end])? {
+        match Rx::decode(&inp.buf[inp.start..inp.end])? {
             Some((frame, used)) => {
                 inp.start += used;
                 Ok(Some(frame))
@@ -171,8 +225,8 @@ impl Channel {
     }
 
     /// Appends a frame to the output; [`Channel::flush`] sends it.
-    pub fn send(&mut self, frame: &Frame<'_>) {
-        frame.encode(&mut self.output);
+    pub fn send(&mut self, frame: &Tx::Of<'_>) {
+        Tx::encode(frame, &mut self.output);
     }
 
     /// The output buffer, for callers that encode in place.
@@ -223,6 +277,37 @@ impl Channel {
     }
 }
 
+impl<Tx: Message> Channel<Tx, FromWorker<'static>> {
+    /// [`Channel::drain`] for a worker's output, which counts only once committed: up to the
+    /// end of its last complete commit; the rest waits for the commit that ends it.
+    pub fn drain_committed<O>(
+        owner: &mut O,
+        chan: impl Fn(&mut O) -> &mut Self,
+        handle: impl FnMut(&mut O, FromWorker<'_>),
+    ) -> Result<(), DecodeError> {
+        Self::drain_upto(owner, chan, committed, handle)
+    }
+}
+
+/// Where the last complete commit in `data` ends (found without decoding), and the error of a
+/// frame whose length is corrupt.
+fn committed(data: &[u8]) -> (usize, Option<DecodeError>) {
+    let mut pos = 0;
+    let mut end = 0;
+    loop {
+        match frame_len(&data[pos..]) {
+            Ok(Some(n)) => {
+                if frame_kind(&data[pos..pos + n]) == COMMIT_KIND {
+                    end = pos + n;
+                }
+                pos += n;
+            }
+            Ok(None) => return (end, None),
+            Err(e) => return (end, Some(e)),
+        }
+    }
+}
+
 /// Reads and throws away whatever waits in a socket (non-blocking), returning the byte count.
 /// The master uses it on a dead process's end of a channel before its successor starts, so
 /// that no half-read frame is left at the head of the stream.
@@ -243,24 +328,26 @@ pub fn drain_fd(fd: &OwnedFd) -> io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::envelope::{FromTask, ToClient, ToTask, ToWorker};
 
     #[test]
     fn frames_cross_a_pair_in_order_and_large_ones_arrive_whole() {
         let (a, b) = pair().unwrap();
-        let (mut a, mut b) = (Channel::new(a), Channel::new(b));
+        let mut a: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut b: Channel<ToWorker<'static>, FromWorker<'static>> = Channel::new(b);
         let big = vec![b'x'; 3 * 1024 * 1024];
-        a.send(&Frame::Send { session: 1, data: b"hello" });
-        a.send(&Frame::Send { session: 2, data: &big });
-        a.send(&Frame::Commit { seq: 9 });
+        a.send(&FromWorker::Client(ToClient::Send { session: 1, data: b"hello" }));
+        a.send(&FromWorker::Client(ToClient::Send { session: 2, data: &big }));
+        a.send(&FromWorker::Commit { seq: 9 });
         let mut got = Vec::new();
         while got.len() < 3 {
             a.flush().unwrap();
             b.fill().unwrap();
             while let Some(frame) = b.next_frame().unwrap() {
                 got.push(match frame {
-                    Frame::Send { session, data } => (session, data.len()),
-                    Frame::Commit { seq } => (seq, 0),
-                    other => panic!("unexpected {other:?}"),
+                    FromWorker::Client(ToClient::Send { session, data }) => (session, data.len()),
+                    FromWorker::Commit { seq } => (seq, 0),
+                    other => panic!("not sent: {other:?}"),
                 });
             }
         }
@@ -268,12 +355,98 @@ mod tests {
         assert!(!a.has_output());
     }
 
+    /// Whoever owns the channel, as the master owns its slots' channels.
+    struct Owner {
+        chan: Channel<ToTask<'static>, FromTask<'static>>,
+        seen: Vec<u64>,
+    }
+
+    #[test]
+    fn drain_hands_over_complete_frames_and_keeps_a_partial_one() {
+        let (a, b) = pair().unwrap();
+        let mut task: Channel<FromTask<'static>, ToTask<'static>> = Channel::new(a);
+        let mut owner = Owner { chan: Channel::new(b), seen: Vec::new() };
+        for task_id in 1..=3 {
+            task.send(&FromTask::TaskDone { task_id, ok: true, reply: b"", result: b"r" });
+        }
+        let mut partial = Vec::new();
+        FromTask::TaskDone { task_id: 4, ok: true, reply: b"", result: b"r" }.encode(&mut partial);
+        task.output().extend_from_slice(&partial[..7]);
+        task.flush().unwrap();
+        owner.chan.fill().unwrap();
+        let drained = Channel::drain(
+            &mut owner,
+            |o| &mut o.chan,
+            |o, frame| {
+                let FromTask::TaskDone { task_id, .. } = frame else { panic!("not sent: {frame:?}") };
+                o.seen.push(task_id);
+                // The handler may write to the channel it reads.
+                o.chan.send(&ToTask::Stop);
+            },
+        );
+        assert_eq!(drained, Ok(()));
+        assert_eq!(owner.seen, [1, 2, 3]);
+        assert_eq!(owner.chan.input(), &partial[..7]);
+        assert_eq!(owner.chan.pending_output(), 3 * 5);
+    }
+
+    #[test]
+    fn drain_stops_at_a_corrupt_frame_after_handling_what_came_before() {
+        let (a, b) = pair().unwrap();
+        let mut task: Channel<FromTask<'static>, ToTask<'static>> = Channel::new(a);
+        let mut owner = Owner { chan: Channel::new(b), seen: Vec::new() };
+        task.send(&FromTask::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" });
+        // A frame of another link: no task process writes it.
+        ToWorker::Stop.encode(task.output());
+        task.send(&FromTask::TaskDone { task_id: 2, ok: true, reply: b"", result: b"" });
+        task.flush().unwrap();
+        owner.chan.fill().unwrap();
+        let drained = Channel::drain(
+            &mut owner,
+            |o| &mut o.chan,
+            |o, frame| {
+                let FromTask::TaskDone { task_id, .. } = frame else { panic!("not sent: {frame:?}") };
+                o.seen.push(task_id);
+            },
+        );
+        // The kind byte of a stop (5): unknown to the task link's reader of the master.
+        assert_eq!(drained, Err(DecodeError::UnknownKind(5)));
+        assert_eq!(owner.seen, [1]);
+    }
+
+    struct Master {
+        chan: Channel<ToWorker<'static>, FromWorker<'static>>,
+        seen: Vec<String>,
+    }
+
+    #[test]
+    fn a_workers_output_counts_once_committed() {
+        let (a, b) = pair().unwrap();
+        let mut worker: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut master = Master { chan: Channel::new(b), seen: Vec::new() };
+        worker.send(&FromWorker::Client(ToClient::Stats { session: 1 }));
+        worker.send(&FromWorker::Commit { seq: 1 });
+        worker.send(&FromWorker::Client(ToClient::Stats { session: 2 }));
+        worker.flush().unwrap();
+        master.chan.fill().unwrap();
+        let record = |m: &mut Master, frame: FromWorker<'_>| m.seen.push(format!("{frame:?}"));
+        assert_eq!(Channel::drain_committed(&mut master, |m| &mut m.chan, record), Ok(()));
+        assert_eq!(master.seen, ["Client(Stats { session: 1 })", "Commit { seq: 1 }"]);
+        // The uncommitted rest waits for its commit.
+        worker.send(&FromWorker::Commit { seq: 2 });
+        worker.flush().unwrap();
+        master.chan.fill().unwrap();
+        assert_eq!(Channel::drain_committed(&mut master, |m| &mut m.chan, record), Ok(()));
+        assert_eq!(master.seen[2..], ["Client(Stats { session: 2 })", "Commit { seq: 2 }"]);
+        assert!(master.chan.input().is_empty());
+    }
+
     #[test]
     fn closed_peer_reads_as_closed_and_drain_empties_a_socket() {
         let (a, b) = pair().unwrap();
         nix::unistd::write(&a, b"leftover").unwrap();
         assert_eq!(drain_fd(&b).unwrap(), 8);
-        let mut b = Channel::new(b);
+        let mut b: Channel<ToTask<'static>, FromTask<'static>> = Channel::new(b);
         drop(a);
         assert_eq!(b.fill().unwrap(), ReadState::Closed);
     }

@@ -1,9 +1,16 @@
-//! The binary envelope every IPC message travels in.
+//! The binary envelope every IPC message travels in, and the messages of each link.
 //!
 //! A frame is `[u32 len][u8 kind][fixed header][variable bytes]`, little endian, where `len`
 //! counts everything after itself. Payloads (request lines, task JSON, replies) are opaque
 //! bytes: the master routes frames by their fixed header and never parses the JSON inside.
 //! Decoding borrows from the read buffer, so routing a frame copies nothing.
+//!
+//! Each link has a message type per direction, over the one reader and writer below:
+//! master -> worker [`ToWorker`], worker -> master [`FromWorker`] (its output for clients,
+//! [`ToClient`], is a type of its own too); master <-> task process [`ToTask`] / [`FromTask`];
+//! master <-> manager [`ToManager`] / [`FromManager`]; master <-> Redis bridge [`ToBridge`] /
+//! [`FromBridge`]. Kind bytes are unique across links, so a frame of one link read on another
+//! is corrupt, not misread.
 
 use std::fmt;
 
@@ -79,55 +86,104 @@ impl fmt::Display for ExitReason {
     }
 }
 
-/// One message between two taskd processes.
+/// The messages of one direction of one link, each link with its own types: a channel is typed
+/// by what it writes and what it reads ([`crate::ipc::Channel`]), so that a frame sent on the
+/// wrong link does not compile and every reader's `match` is exhaustive.
+///
+/// `Self` is the message type with its byte fields borrowing for `'static`, used only as a
+/// name for the type; [`Message::Of`] is the same type borrowing from the buffer it was read
+/// from (zero copy).
+pub trait Message {
+    type Of<'a>: fmt::Debug;
+    /// Appends `msg`, length prefix included, to `out`.
+    fn encode(msg: &Self::Of<'_>, out: &mut Vec<u8>);
+    /// Decodes the first frame of `buf`. `Ok(None)`: not all of it has arrived yet. On
+    /// success, also returns how many bytes of `buf` the frame took.
+    fn decode(buf: &[u8]) -> Result<Option<(Self::Of<'_>, usize)>, DecodeError>;
+}
+
+/// Implements [`Message`] for a message type with an `encode` and a `decode` of its own.
+macro_rules! message {
+    ($ty:ident) => {
+        impl Message for $ty {
+            type Of<'a> = $ty;
+            #[inline]
+            fn encode(msg: &$ty, out: &mut Vec<u8>) {
+                msg.encode(out)
+            }
+            #[inline]
+            fn decode(buf: &[u8]) -> Result<Option<($ty, usize)>, DecodeError> {
+                $ty::decode(buf)
+            }
+        }
+    };
+    ($($ty:ident<'_>),*) => {$(
+        impl Message for $ty<'static> {
+            type Of<'a> = $ty<'a>;
+            #[inline]
+            fn encode(msg: &$ty<'_>, out: &mut Vec<u8>) {
+                msg.encode(out)
+            }
+            #[inline]
+            fn decode(buf: &[u8]) -> Result<Option<($ty<'_>, usize)>, DecodeError> {
+                $ty::decode(buf)
+            }
+        }
+    )*};
+}
+
+message!(
+    ToWorker<'_>,
+    FromWorker<'_>,
+    ToClient<'_>,
+    ToTask<'_>,
+    FromTask<'_>,
+    FromManager<'_>,
+    ToBridge<'_>,
+    FromBridge<'_>
+);
+message!(ToManager);
+
+// ---- master <-> worker ----
+
+/// Master -> worker: deliveries, each numbered per slot so that the worker can commit them,
+/// and the request to stop.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame<'a> {
-    // master -> worker: deliveries, each numbered per slot so the worker can commit them.
+pub enum ToWorker<'a> {
     /// One request line from a client session.
-    Request {
-        seq: u64,
-        session: u64,
-        data: &'a [u8],
-    },
+    Request { seq: u64, session: u64, data: &'a [u8] },
     /// A client connected (dispatch mode 2 only, so it is ordered with the requests).
-    Connect {
-        seq: u64,
-        session: u64,
-        peer: &'a [u8],
-    },
+    Connect { seq: u64, session: u64, peer: &'a [u8] },
     /// A client's connection is gone.
-    Close {
-        seq: u64,
-        session: u64,
-    },
+    Close { seq: u64, session: u64 },
     /// A task this slot submitted has finished (or failed for good).
-    Finish {
-        seq: u64,
-        task_id: u64,
-        session: u64,
-        task_pid: u32,
-        attempts: u32,
-        ok: bool,
-        /// [`task_flags`]: `GROUP` when `result` holds the outcomes of a group's members
-        /// ([`decode_outcomes`]), and the flags the task was submitted with. A finish of a
-        /// `WAIT` task is no delivery: its `seq` is 0 and it is never replayed.
-        flags: u8,
-        context: &'a [u8],
-        result: &'a [u8],
-    },
+    Finish(Finish<'a>),
     /// Exit cleanly after what is before this in the channel (reload, shutdown).
     Stop,
+}
 
-    // worker or task process -> master.
-    /// Bytes for a client session; the master writes them if the session still exists.
-    Send {
-        session: u64,
-        data: &'a [u8],
-    },
-    /// Close a client session after its pending output is written.
-    CloseSession {
-        session: u64,
-    },
+/// A task's final outcome, for the worker slot that submitted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finish<'a> {
+    pub seq: u64,
+    pub task_id: u64,
+    pub session: u64,
+    pub task_pid: u32,
+    pub attempts: u32,
+    pub ok: bool,
+    /// [`task_flags`]: `GROUP` when `result` holds the outcomes of a group's members
+    /// ([`decode_outcomes`]), and the flags the task was submitted with. A finish of a
+    /// `WAIT` task is no delivery: its `seq` is 0 and it is never replayed.
+    pub flags: u8,
+    pub context: &'a [u8],
+    pub result: &'a [u8],
+}
+
+/// Worker -> master: what handling its deliveries produced, ended by a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromWorker<'a> {
+    /// Output for a client session.
+    Client(ToClient<'a>),
     /// A new task. `session` 0 means none; `target` is a task slot, or -1 for any idle one;
     /// `group` is the group it belongs to (0: none).
     Task {
@@ -142,24 +198,44 @@ pub enum Frame<'a> {
     },
     /// A group of tasks whose outcomes are delivered together, as one finish of `group_id`;
     /// its `size` member tasks follow. `timeout_ms` (0: none) bounds the wait for them.
-    Group {
-        group_id: u64,
-        session: u64,
-        size: u32,
-        timeout_ms: u64,
-        context: &'a [u8],
-    },
+    Group { group_id: u64, session: u64, size: u32, timeout_ms: u64, context: &'a [u8] },
     /// Every delivery up to and including `seq` has been handled; frames before this one
     /// are the complete output of that handling.
-    Commit {
-        seq: u64,
-    },
-    /// Write the server's statistics to this session as one JSON line.
-    Stats {
-        session: u64,
-    },
+    Commit { seq: u64 },
+}
 
-    // master <-> task process.
+/// What a worker writes for a client session (part of [`FromWorker`], and a message type of
+/// its own for the output the master holds back while a durable job is being stored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToClient<'a> {
+    /// Bytes for a client session; the master writes them if the session still exists.
+    Send { session: u64, data: &'a [u8] },
+    /// Close a client session after its pending output is written.
+    CloseSession { session: u64 },
+    /// Write what is known of task `task_id` to this session: its final reply, or that it is
+    /// still running, or that it is unknown.
+    QueryResult { session: u64, task_id: u64 },
+    /// Write the server's statistics to this session as one JSON line.
+    Stats { session: u64 },
+}
+
+impl ToClient<'_> {
+    /// The session it is for.
+    pub fn session(&self) -> u64 {
+        match *self {
+            ToClient::Send { session, .. }
+            | ToClient::CloseSession { session }
+            | ToClient::QueryResult { session, .. }
+            | ToClient::Stats { session } => session,
+        }
+    }
+}
+
+// ---- master <-> task process ----
+
+/// Master -> task process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToTask<'a> {
     RunTask {
         task_id: u64,
         session: u64,
@@ -167,107 +243,92 @@ pub enum Frame<'a> {
         src_worker: u32,
         data: &'a [u8],
     },
-    /// A task's outcome; `reply` (may be empty) goes to its session together with it.
-    TaskDone {
-        task_id: u64,
-        ok: bool,
-        reply: &'a [u8],
-        result: &'a [u8],
-    },
+    /// Exit cleanly after what is before this in the channel (reload, shutdown).
+    Stop,
+}
 
-    // manager <-> master.
-    Started {
-        role: Role,
-        slot: u32,
-        pid: u32,
-    },
-    Exited {
-        role: Role,
-        slot: u32,
-        pid: u32,
-        reason: ExitReason,
-        uptime_ms: u64,
-    },
-    ForkFailed {
-        role: Role,
-        slot: u32,
-        error: &'a [u8],
-    },
+/// Task process -> master. With durable jobs, a task process's `Send` frames travel with its
+/// job's outcome, in the `sends` of a [`FromBridge::Reply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromTask<'a> {
+    /// Bytes for a client session, at once (`TaskCtx::send`).
+    Send { session: u64, data: &'a [u8] },
+    /// A task's outcome; `reply` (may be empty) goes to its session together with it.
+    TaskDone { task_id: u64, ok: bool, reply: &'a [u8], result: &'a [u8] },
+}
+
+// ---- master <-> manager ----
+
+/// Master -> manager.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToManager {
     /// The master has cleaned the slot's channel: the manager may fork its next process.
-    SlotReady {
-        role: Role,
-        slot: u32,
-    },
+    SlotReady { role: Role, slot: u32 },
     /// Stop the pool and exit.
     Shutdown,
     /// Grow (`active`) or shrink the pool by this slot (SIGTTIN / SIGTTOU to the master): an
     /// inactive slot's process is not replaced when it exits.
-    SlotActive {
-        role: Role,
-        slot: u32,
-        active: bool,
-    },
+    SlotActive { role: Role, slot: u32, active: bool },
+}
 
-    // worker -> master.
-    /// Write what is known of task `task_id` to this session: its final reply, or that it is
-    /// still running, or that it is unknown.
-    QueryResult {
-        session: u64,
-        task_id: u64,
-    },
+/// Manager -> master: its processes coming and going.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromManager<'a> {
+    Started { role: Role, slot: u32, pid: u32 },
+    Exited { role: Role, slot: u32, pid: u32, reason: ExitReason, uptime_ms: u64 },
+    ForkFailed { role: Role, slot: u32, error: &'a [u8] },
+}
 
-    // master <-> Redis bridge (durable jobs only).
+// ---- master <-> Redis bridge (durable jobs only) ----
+
+/// Master -> bridge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToBridge<'a> {
     /// Put this job in the stream; part of store batch `batch`.
-    Store {
-        batch: u64,
-        task_id: u64,
-        session: u64,
-        worker: u32,
-        context: &'a [u8],
-        data: &'a [u8],
-    },
+    Store { batch: u64, task_id: u64, session: u64, worker: u32, context: &'a [u8], data: &'a [u8] },
     /// Batch `batch` is complete: acknowledge it once all its jobs are stored.
-    StoreEnd {
-        batch: u64,
-    },
-    /// Every batch up to `batch` is stored (`error` empty), or could not be (the reason).
-    Stored {
-        batch: u64,
-        error: &'a [u8],
-    },
-    /// A job's outcome, read from this node's reply stream (entry `entry`). `sends` holds the
-    /// `Send` frames its task process wrote for sessions, encoded.
-    Reply {
-        task_id: u64,
-        ok: bool,
-        attempts: u32,
-        task_pid: u32,
-        /// How many times an operator replayed it from the dead-letter stream.
-        replays: u32,
-        entry: &'a [u8],
-        reply: &'a [u8],
-        sends: &'a [u8],
-        result: &'a [u8],
-    },
+    StoreEnd { batch: u64 },
     /// The reply stream entry has been acted on: delete it.
-    Trim {
-        entry: &'a [u8],
-    },
+    Trim { entry: &'a [u8] },
     /// Keep this final reply in Redis: its client is gone, and may come back to ask for it.
-    KeepResult {
-        task_id: u64,
-        line: &'a [u8],
-    },
+    KeepResult { task_id: u64, line: &'a [u8] },
     /// The master is alive: renew the node's lease on its name (sent by the master itself, so
     /// that a master that hangs lets its name go).
     RenewLease,
-    /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
-    /// run that holds it now, and this node must stop.
-    Lease {
-        holder: &'a [u8],
-    },
 }
 
+/// Bridge -> master. `Reply` frames are also what task processes of any node write to the reply
+/// stream in Redis (without their `entry`), and what a restarted master reads from it at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromBridge<'a> {
+    /// Every batch up to `batch` is stored (`error` empty), or could not be (the reason).
+    Stored { batch: u64, error: &'a [u8] },
+    /// A job's outcome, read from this node's reply stream.
+    Reply(Reply<'a>),
+    /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
+    /// run that holds it now, and this node must stop.
+    Lease { holder: &'a [u8] },
+}
+
+/// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply<'a> {
+    pub task_id: u64,
+    pub ok: bool,
+    pub attempts: u32,
+    pub task_pid: u32,
+    /// How many times an operator replayed it from the dead-letter stream.
+    pub replays: u32,
+    pub entry: &'a [u8],
+    pub reply: &'a [u8],
+    /// The [`FromTask::Send`] frames its task process wrote for sessions, encoded.
+    pub sends: &'a [u8],
+    pub result: &'a [u8],
+}
+
+/// Kind bytes, unique across every link (a frame read on the wrong link is an unknown kind).
+/// They are part of the format Redis keeps (`Reply` and `Send` frames in the reply stream):
+/// never renumber one.
 mod kind {
     pub const REQUEST: u8 = 1;
     pub const CONNECT: u8 = 2;
@@ -432,69 +493,295 @@ impl<'a> Reader<'a> {
     }
 }
 
-impl<'a> Frame<'a> {
+/// Decodes the first frame of `buf` with `body`, which reads the fields after the kind byte.
+#[inline]
+fn decode_frame<'a, T>(
+    buf: &'a [u8],
+    body: impl FnOnce(u8, &mut Reader<'a>) -> Result<T, DecodeError>,
+) -> Result<Option<(T, usize)>, DecodeError> {
+    let Some(total) = frame_len(buf)? else {
+        return Ok(None);
+    };
+    let mut r = Reader { buf: &buf[LEN_BYTES..total] };
+    let k = r.u8("kind")?;
+    let msg = body(k, &mut r)?;
+    r.end()?;
+    Ok(Some((msg, total)))
+}
+
+impl<'a> ToWorker<'a> {
     /// Appends this frame, length prefix included, to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         use kind::*;
         match *self {
-            Frame::Request { seq, session, data } => {
+            ToWorker::Request { seq, session, data } => {
                 Writer::begin(out, REQUEST).u64(seq).u64(session).rest(data).finish()
             }
-            Frame::Connect { seq, session, peer } => {
+            ToWorker::Connect { seq, session, peer } => {
                 Writer::begin(out, CONNECT).u64(seq).u64(session).rest(peer).finish()
             }
-            Frame::Close { seq, session } => Writer::begin(out, CLOSE).u64(seq).u64(session).finish(),
-            Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result } => {
-                Writer::begin(out, FINISH)
-                    .u64(seq)
-                    .u64(task_id)
-                    .u64(session)
-                    .u32(task_pid)
-                    .u32(attempts)
-                    .u8(ok as u8)
-                    .u8(flags)
-                    .sized(context)
-                    .rest(result)
-                    .finish()
-            }
-            Frame::Stop => Writer::begin(out, STOP).finish(),
-            Frame::Send { session, data } => Writer::begin(out, SEND).u64(session).rest(data).finish(),
-            Frame::CloseSession { session } => Writer::begin(out, CLOSE_SESSION).u64(session).finish(),
-            Frame::Task { task_id, session, target, group, flags, context, data } => Writer::begin(out, TASK)
+            ToWorker::Close { seq, session } => Writer::begin(out, CLOSE).u64(seq).u64(session).finish(),
+            ToWorker::Finish(Finish {
+                seq,
+                task_id,
+                session,
+                task_pid,
+                attempts,
+                ok,
+                flags,
+                context,
+                result,
+            }) => Writer::begin(out, FINISH)
+                .u64(seq)
                 .u64(task_id)
                 .u64(session)
-                .i32(target)
-                .u64(group)
+                .u32(task_pid)
+                .u32(attempts)
+                .u8(ok as u8)
                 .u8(flags)
                 .sized(context)
-                .rest(data)
+                .rest(result)
                 .finish(),
-            Frame::Group { group_id, session, size, timeout_ms, context } => Writer::begin(out, GROUP)
+            ToWorker::Stop => Writer::begin(out, STOP).finish(),
+        }
+    }
+
+    /// Decodes the first frame of `buf`. `Ok(None)`: not all of it has arrived yet.
+    /// On success, also returns how many bytes of `buf` the frame took.
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                REQUEST => {
+                    ToWorker::Request { seq: r.u64("seq")?, session: r.u64("session")?, data: r.rest() }
+                }
+                CONNECT => {
+                    ToWorker::Connect { seq: r.u64("seq")?, session: r.u64("session")?, peer: r.rest() }
+                }
+                CLOSE => ToWorker::Close { seq: r.u64("seq")?, session: r.u64("session")? },
+                FINISH => ToWorker::Finish(Finish {
+                    seq: r.u64("seq")?,
+                    task_id: r.u64("task_id")?,
+                    session: r.u64("session")?,
+                    task_pid: r.u32("task_pid")?,
+                    attempts: r.u32("attempts")?,
+                    ok: r.bool("ok")?,
+                    flags: r.u8("flags")?,
+                    context: r.sized("context")?,
+                    result: r.rest(),
+                }),
+                STOP => ToWorker::Stop,
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
+    }
+}
+
+impl<'a> FromWorker<'a> {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            FromWorker::Client(ref c) => c.encode(out),
+            FromWorker::Task { task_id, session, target, group, flags, context, data } => {
+                Writer::begin(out, TASK)
+                    .u64(task_id)
+                    .u64(session)
+                    .i32(target)
+                    .u64(group)
+                    .u8(flags)
+                    .sized(context)
+                    .rest(data)
+                    .finish()
+            }
+            FromWorker::Group { group_id, session, size, timeout_ms, context } => Writer::begin(out, GROUP)
                 .u64(group_id)
                 .u64(session)
                 .u32(size)
                 .u64(timeout_ms)
                 .rest(context)
                 .finish(),
-            Frame::Commit { seq } => Writer::begin(out, COMMIT).u64(seq).finish(),
-            Frame::Stats { session } => Writer::begin(out, STATS).u64(session).finish(),
-            Frame::RunTask { task_id, session, attempt, src_worker, data } => Writer::begin(out, RUN_TASK)
+            FromWorker::Commit { seq } => Writer::begin(out, COMMIT).u64(seq).finish(),
+        }
+    }
+
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                TASK => FromWorker::Task {
+                    task_id: r.u64("task_id")?,
+                    session: r.u64("session")?,
+                    target: r.i32("target")?,
+                    group: r.u64("group")?,
+                    flags: r.u8("flags")?,
+                    context: r.sized("context")?,
+                    data: r.rest(),
+                },
+                GROUP => FromWorker::Group {
+                    group_id: r.u64("group_id")?,
+                    session: r.u64("session")?,
+                    size: r.u32("size")?,
+                    timeout_ms: r.u64("timeout")?,
+                    context: r.rest(),
+                },
+                COMMIT => FromWorker::Commit { seq: r.u64("seq")? },
+                other => FromWorker::Client(ToClient::decode_body(other, r)?),
+            })
+        })
+    }
+
+    /// True for the frame that ends a worker's transaction.
+    pub fn is_commit(&self) -> bool {
+        matches!(self, FromWorker::Commit { .. })
+    }
+}
+
+impl<'a> ToClient<'a> {
+    /// Appends this frame, length prefix included, to `out`: the same bytes as the
+    /// [`FromWorker::Client`] that holds it.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            ToClient::Send { session, data } => Writer::begin(out, SEND).u64(session).rest(data).finish(),
+            ToClient::CloseSession { session } => Writer::begin(out, CLOSE_SESSION).u64(session).finish(),
+            ToClient::QueryResult { session, task_id } => {
+                Writer::begin(out, QUERY_RESULT).u64(session).u64(task_id).finish()
+            }
+            ToClient::Stats { session } => Writer::begin(out, STATS).u64(session).finish(),
+        }
+    }
+
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        decode_frame(buf, Self::decode_body)
+    }
+
+    fn decode_body(k: u8, r: &mut Reader<'a>) -> Result<Self, DecodeError> {
+        use kind::*;
+        Ok(match k {
+            SEND => ToClient::Send { session: r.u64("session")?, data: r.rest() },
+            CLOSE_SESSION => ToClient::CloseSession { session: r.u64("session")? },
+            QUERY_RESULT => ToClient::QueryResult { session: r.u64("session")?, task_id: r.u64("task id")? },
+            STATS => ToClient::Stats { session: r.u64("session")? },
+            other => return Err(DecodeError::UnknownKind(other)),
+        })
+    }
+}
+
+impl<'a> ToTask<'a> {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            ToTask::RunTask { task_id, session, attempt, src_worker, data } => Writer::begin(out, RUN_TASK)
                 .u64(task_id)
                 .u64(session)
                 .u32(attempt)
                 .u32(src_worker)
                 .rest(data)
                 .finish(),
-            Frame::TaskDone { task_id, ok, reply, result } => {
+            ToTask::Stop => Writer::begin(out, STOP).finish(),
+        }
+    }
+
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                RUN_TASK => ToTask::RunTask {
+                    task_id: r.u64("task_id")?,
+                    session: r.u64("session")?,
+                    attempt: r.u32("attempt")?,
+                    src_worker: r.u32("src_worker")?,
+                    data: r.rest(),
+                },
+                STOP => ToTask::Stop,
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
+    }
+}
+
+impl<'a> FromTask<'a> {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            FromTask::Send { session, data } => Writer::begin(out, SEND).u64(session).rest(data).finish(),
+            FromTask::TaskDone { task_id, ok, reply, result } => {
                 Writer::begin(out, TASK_DONE).u64(task_id).u8(ok as u8).sized(reply).rest(result).finish()
             }
-            Frame::Started { role, slot, pid } => {
+        }
+    }
+
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                SEND => FromTask::Send { session: r.u64("session")?, data: r.rest() },
+                TASK_DONE => FromTask::TaskDone {
+                    task_id: r.u64("task_id")?,
+                    ok: r.bool("ok")?,
+                    reply: r.sized("reply")?,
+                    result: r.rest(),
+                },
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
+    }
+}
+
+impl ToManager {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            ToManager::SlotReady { role, slot } => {
+                Writer::begin(out, SLOT_READY).u8(role.code()).u32(slot).finish()
+            }
+            ToManager::Shutdown => Writer::begin(out, SHUTDOWN).finish(),
+            ToManager::SlotActive { role, slot, active } => {
+                Writer::begin(out, SLOT_ACTIVE).u8(role.code()).u32(slot).u8(active as u8).finish()
+            }
+        }
+    }
+
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                SLOT_READY => {
+                    ToManager::SlotReady { role: Role::from_code(r.u8("role")?)?, slot: r.u32("slot")? }
+                }
+                SHUTDOWN => ToManager::Shutdown,
+                SLOT_ACTIVE => ToManager::SlotActive {
+                    role: Role::from_code(r.u8("role")?)?,
+                    slot: r.u32("slot")?,
+                    active: r.bool("active")?,
+                },
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
+    }
+}
+
+impl<'a> FromManager<'a> {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            FromManager::Started { role, slot, pid } => {
                 Writer::begin(out, STARTED).u8(role.code()).u32(slot).u32(pid).finish()
             }
-            Frame::Exited { role, slot, pid, reason, uptime_ms } => {
+            FromManager::Exited { role, slot, pid, reason, uptime_ms } => {
                 let (how, value) = match reason {
-                    ExitReason::Code(c) => (0, c),
-                    ExitReason::Signal(s) => (1, s),
+                    ExitReason::Code(c) => (0u8, c),
+                    ExitReason::Signal(s) => (1u8, s),
                 };
                 Writer::begin(out, EXITED)
                     .u8(role.code())
@@ -505,20 +792,50 @@ impl<'a> Frame<'a> {
                     .u64(uptime_ms)
                     .finish()
             }
-            Frame::ForkFailed { role, slot, error } => {
+            FromManager::ForkFailed { role, slot, error } => {
                 Writer::begin(out, FORK_FAILED).u8(role.code()).u32(slot).rest(error).finish()
             }
-            Frame::SlotReady { role, slot } => {
-                Writer::begin(out, SLOT_READY).u8(role.code()).u32(slot).finish()
-            }
-            Frame::Shutdown => Writer::begin(out, SHUTDOWN).finish(),
-            Frame::SlotActive { role, slot, active } => {
-                Writer::begin(out, SLOT_ACTIVE).u8(role.code()).u32(slot).u8(active as u8).finish()
-            }
-            Frame::QueryResult { session, task_id } => {
-                Writer::begin(out, QUERY_RESULT).u64(session).u64(task_id).finish()
-            }
-            Frame::Store { batch, task_id, session, worker, context, data } => Writer::begin(out, STORE)
+        }
+    }
+
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                STARTED => FromManager::Started {
+                    role: Role::from_code(r.u8("role")?)?,
+                    slot: r.u32("slot")?,
+                    pid: r.u32("pid")?,
+                },
+                EXITED => {
+                    let role = Role::from_code(r.u8("role")?)?;
+                    let slot = r.u32("slot")?;
+                    let pid = r.u32("pid")?;
+                    let reason = match r.u8("exit kind")? {
+                        0 => ExitReason::Code(r.i32("exit code")?),
+                        1 => ExitReason::Signal(r.i32("signal")?),
+                        _ => return Err(DecodeError::BadField("exit kind")),
+                    };
+                    FromManager::Exited { role, slot, pid, reason, uptime_ms: r.u64("uptime")? }
+                }
+                FORK_FAILED => FromManager::ForkFailed {
+                    role: Role::from_code(r.u8("role")?)?,
+                    slot: r.u32("slot")?,
+                    error: r.rest(),
+                },
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
+    }
+}
+
+impl<'a> ToBridge<'a> {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            ToBridge::Store { batch, task_id, session, worker, context, data } => Writer::begin(out, STORE)
                 .u64(batch)
                 .u64(task_id)
                 .u64(session)
@@ -526,156 +843,88 @@ impl<'a> Frame<'a> {
                 .sized(context)
                 .rest(data)
                 .finish(),
-            Frame::StoreEnd { batch } => Writer::begin(out, STORE_END).u64(batch).finish(),
-            Frame::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
-            Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } => {
-                Writer::begin(out, REPLY)
-                    .u64(task_id)
-                    .u8(ok as u8)
-                    .u32(attempts)
-                    .u32(task_pid)
-                    .u32(replays)
-                    .sized(entry)
-                    .sized(reply)
-                    .sized(sends)
-                    .rest(result)
-                    .finish()
-            }
-            Frame::Trim { entry } => Writer::begin(out, TRIM).rest(entry).finish(),
-            Frame::KeepResult { task_id, line } => {
+            ToBridge::StoreEnd { batch } => Writer::begin(out, STORE_END).u64(batch).finish(),
+            ToBridge::Trim { entry } => Writer::begin(out, TRIM).rest(entry).finish(),
+            ToBridge::KeepResult { task_id, line } => {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
             }
-            Frame::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
-            Frame::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
+            ToBridge::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
         }
     }
 
-    /// Decodes the first frame of `buf`. `Ok(None)`: not all of it has arrived yet.
-    /// On success, also returns how many bytes of `buf` the frame took.
-    pub fn decode(buf: &'a [u8]) -> Result<Option<(Frame<'a>, usize)>, DecodeError> {
-        let Some(total) = frame_len(buf)? else {
-            return Ok(None);
-        };
-        let body = &buf[LEN_BYTES..total];
-        Ok(Some((Self::decode_body(body)?, total)))
-    }
-
-    fn decode_body(body: &'a [u8]) -> Result<Frame<'a>, DecodeError> {
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
         use kind::*;
-        let mut r = Reader { buf: body };
-        let k = r.u8("kind")?;
-        let frame = match k {
-            REQUEST => Frame::Request { seq: r.u64("seq")?, session: r.u64("session")?, data: r.rest() },
-            CONNECT => Frame::Connect { seq: r.u64("seq")?, session: r.u64("session")?, peer: r.rest() },
-            CLOSE => Frame::Close { seq: r.u64("seq")?, session: r.u64("session")? },
-            FINISH => Frame::Finish {
-                seq: r.u64("seq")?,
-                task_id: r.u64("task_id")?,
-                session: r.u64("session")?,
-                task_pid: r.u32("task_pid")?,
-                attempts: r.u32("attempts")?,
-                ok: r.bool("ok")?,
-                flags: r.u8("flags")?,
-                context: r.sized("context")?,
-                result: r.rest(),
-            },
-            STOP => Frame::Stop,
-            SEND => Frame::Send { session: r.u64("session")?, data: r.rest() },
-            CLOSE_SESSION => Frame::CloseSession { session: r.u64("session")? },
-            TASK => Frame::Task {
-                task_id: r.u64("task_id")?,
-                session: r.u64("session")?,
-                target: r.i32("target")?,
-                group: r.u64("group")?,
-                flags: r.u8("flags")?,
-                context: r.sized("context")?,
-                data: r.rest(),
-            },
-            GROUP => Frame::Group {
-                group_id: r.u64("group_id")?,
-                session: r.u64("session")?,
-                size: r.u32("size")?,
-                timeout_ms: r.u64("timeout")?,
-                context: r.rest(),
-            },
-            COMMIT => Frame::Commit { seq: r.u64("seq")? },
-            STATS => Frame::Stats { session: r.u64("session")? },
-            RUN_TASK => Frame::RunTask {
-                task_id: r.u64("task_id")?,
-                session: r.u64("session")?,
-                attempt: r.u32("attempt")?,
-                src_worker: r.u32("src_worker")?,
-                data: r.rest(),
-            },
-            TASK_DONE => Frame::TaskDone {
-                task_id: r.u64("task_id")?,
-                ok: r.bool("ok")?,
-                reply: r.sized("reply")?,
-                result: r.rest(),
-            },
-            STARTED => Frame::Started {
-                role: Role::from_code(r.u8("role")?)?,
-                slot: r.u32("slot")?,
-                pid: r.u32("pid")?,
-            },
-            EXITED => {
-                let role = Role::from_code(r.u8("role")?)?;
-                let slot = r.u32("slot")?;
-                let pid = r.u32("pid")?;
-                let reason = match r.u8("exit kind")? {
-                    0 => ExitReason::Code(r.i32("exit code")?),
-                    1 => ExitReason::Signal(r.i32("signal")?),
-                    _ => return Err(DecodeError::BadField("exit kind")),
-                };
-                Frame::Exited { role, slot, pid, reason, uptime_ms: r.u64("uptime")? }
-            }
-            FORK_FAILED => Frame::ForkFailed {
-                role: Role::from_code(r.u8("role")?)?,
-                slot: r.u32("slot")?,
-                error: r.rest(),
-            },
-            SLOT_READY => Frame::SlotReady { role: Role::from_code(r.u8("role")?)?, slot: r.u32("slot")? },
-            SHUTDOWN => Frame::Shutdown,
-            SLOT_ACTIVE => Frame::SlotActive {
-                role: Role::from_code(r.u8("role")?)?,
-                slot: r.u32("slot")?,
-                active: r.bool("active")?,
-            },
-            QUERY_RESULT => Frame::QueryResult { session: r.u64("session")?, task_id: r.u64("task id")? },
-            STORE => Frame::Store {
-                batch: r.u64("batch")?,
-                task_id: r.u64("task id")?,
-                session: r.u64("session")?,
-                worker: r.u32("worker")?,
-                context: r.sized("context")?,
-                data: r.rest(),
-            },
-            STORE_END => Frame::StoreEnd { batch: r.u64("batch")? },
-            STORED => Frame::Stored { batch: r.u64("batch")?, error: r.rest() },
-            REPLY => Frame::Reply {
-                task_id: r.u64("task id")?,
-                ok: r.bool("ok")?,
-                attempts: r.u32("attempts")?,
-                task_pid: r.u32("task pid")?,
-                replays: r.u32("replays")?,
-                entry: r.sized("entry")?,
-                reply: r.sized("reply")?,
-                sends: r.sized("sends")?,
-                result: r.rest(),
-            },
-            TRIM => Frame::Trim { entry: r.rest() },
-            KEEP_RESULT => Frame::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
-            RENEW_LEASE => Frame::RenewLease,
-            LEASE => Frame::Lease { holder: r.rest() },
-            other => return Err(DecodeError::UnknownKind(other)),
-        };
-        r.end()?;
-        Ok(frame)
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                STORE => ToBridge::Store {
+                    batch: r.u64("batch")?,
+                    task_id: r.u64("task id")?,
+                    session: r.u64("session")?,
+                    worker: r.u32("worker")?,
+                    context: r.sized("context")?,
+                    data: r.rest(),
+                },
+                STORE_END => ToBridge::StoreEnd { batch: r.u64("batch")? },
+                TRIM => ToBridge::Trim { entry: r.rest() },
+                KEEP_RESULT => ToBridge::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
+                RENEW_LEASE => ToBridge::RenewLease,
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
+    }
+}
+
+impl Reply<'_> {
+    /// Appends this outcome as a [`FromBridge::Reply`] frame, length prefix included.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *self;
+        Writer::begin(out, kind::REPLY)
+            .u64(task_id)
+            .u8(ok as u8)
+            .u32(attempts)
+            .u32(task_pid)
+            .u32(replays)
+            .sized(entry)
+            .sized(reply)
+            .sized(sends)
+            .rest(result)
+            .finish()
+    }
+}
+
+impl<'a> FromBridge<'a> {
+    /// Appends this frame, length prefix included, to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        use kind::*;
+        match *self {
+            FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
+            FromBridge::Reply(ref reply) => reply.encode(out),
+            FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
+        }
     }
 
-    /// True for the frame that ends a worker's transaction.
-    pub fn is_commit(&self) -> bool {
-        matches!(self, Frame::Commit { .. })
+    /// Decodes the first frame of `buf` (see [`ToWorker::decode`]).
+    pub fn decode(buf: &'a [u8]) -> Result<Option<(Self, usize)>, DecodeError> {
+        use kind::*;
+        decode_frame(buf, |k, r| {
+            Ok(match k {
+                STORED => FromBridge::Stored { batch: r.u64("batch")?, error: r.rest() },
+                REPLY => FromBridge::Reply(Reply {
+                    task_id: r.u64("task id")?,
+                    ok: r.bool("ok")?,
+                    attempts: r.u32("attempts")?,
+                    task_pid: r.u32("task pid")?,
+                    replays: r.u32("replays")?,
+                    entry: r.sized("entry")?,
+                    reply: r.sized("reply")?,
+                    sends: r.sized("sends")?,
+                    result: r.rest(),
+                }),
+                LEASE => FromBridge::Lease { holder: r.rest() },
+                other => return Err(DecodeError::UnknownKind(other)),
+            })
+        })
     }
 }
 
@@ -727,24 +976,25 @@ pub const COMMIT_KIND: u8 = kind::COMMIT;
 mod tests {
     use super::*;
 
-    fn roundtrip(frame: Frame<'_>) {
+    fn roundtrip<M: Message>(msg: M::Of<'_>) {
         let mut buf = Vec::new();
-        frame.encode(&mut buf);
-        let (back, used) = Frame::decode(&buf).unwrap().unwrap();
-        assert_eq!(back, frame);
+        M::encode(&msg, &mut buf);
+        let (back, used) = M::decode(&buf).unwrap().unwrap();
+        // Compared as printed: the two borrow from different buffers.
+        assert_eq!(format!("{back:?}"), format!("{msg:?}"));
         assert_eq!(used, buf.len());
         // Every strict prefix is "need more bytes", never an error or a wrong frame.
         for cut in 0..buf.len() {
-            assert_eq!(Frame::decode(&buf[..cut]), Ok(None), "prefix of {cut} bytes");
+            assert!(matches!(M::decode(&buf[..cut]), Ok(None)), "prefix of {cut} bytes");
         }
     }
 
     #[test]
-    fn every_kind_roundtrips() {
-        roundtrip(Frame::Request { seq: 7, session: 1 << 40, data: b"alice@example.com" });
-        roundtrip(Frame::Connect { seq: 1, session: 2, peer: b"127.0.0.1:5000" });
-        roundtrip(Frame::Close { seq: 3, session: 4 });
-        roundtrip(Frame::Finish {
+    fn master_worker_link_roundtrips() {
+        roundtrip::<ToWorker>(ToWorker::Request { seq: 7, session: 1 << 40, data: b"alice@example.com" });
+        roundtrip::<ToWorker>(ToWorker::Connect { seq: 1, session: 2, peer: b"127.0.0.1:5000" });
+        roundtrip::<ToWorker>(ToWorker::Close { seq: 3, session: 4 });
+        roundtrip::<ToWorker>(ToWorker::Finish(Finish {
             seq: 9,
             task_id: 10,
             session: 11,
@@ -754,11 +1004,16 @@ mod tests {
             flags: task_flags::GROUP,
             context: b"{\"to\":\"x\"}",
             result: b"task process 1234 killed by signal 9",
-        });
-        roundtrip(Frame::Stop);
-        roundtrip(Frame::Send { session: 5, data: b"{\"event\":\"done\"}\n" });
-        roundtrip(Frame::CloseSession { session: 5 });
-        roundtrip(Frame::Task {
+        }));
+        roundtrip::<ToWorker>(ToWorker::Stop);
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Send {
+            session: 5,
+            data: b"{\"event\":\"done\"}\n",
+        }));
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::CloseSession { session: 5 }));
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Stats { session: 8 }));
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::QueryResult { session: 3, task_id: 1 << 33 }));
+        roundtrip::<FromWorker>(FromWorker::Task {
             task_id: 1,
             session: 0,
             target: 2,
@@ -767,30 +1022,80 @@ mod tests {
             context: b"",
             data: b"{}",
         });
-        roundtrip(Frame::Group { group_id: 4, session: 5, size: 3, timeout_ms: 2000, context: b"ctx" });
-        roundtrip(Frame::Commit { seq: u64::MAX });
-        roundtrip(Frame::Stats { session: 8 });
-        roundtrip(Frame::RunTask { task_id: 1, session: 2, attempt: 1, src_worker: 3, data: b"x" });
-        roundtrip(Frame::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" });
-        roundtrip(Frame::TaskDone { task_id: 1, ok: true, reply: b"{\"event\":\"done\"}\n", result: b"x" });
-        roundtrip(Frame::Started { role: Role::Task, slot: 3, pid: 99 });
-        roundtrip(Frame::Exited {
+        roundtrip::<FromWorker>(FromWorker::Group {
+            group_id: 4,
+            session: 5,
+            size: 3,
+            timeout_ms: 2000,
+            context: b"ctx",
+        });
+        roundtrip::<FromWorker>(FromWorker::Commit { seq: u64::MAX });
+        roundtrip::<ToClient>(ToClient::Send { session: 5, data: b"x" });
+        roundtrip::<ToClient>(ToClient::CloseSession { session: 5 });
+        roundtrip::<ToClient>(ToClient::QueryResult { session: 3, task_id: 1 << 33 });
+        roundtrip::<ToClient>(ToClient::Stats { session: 8 });
+    }
+
+    #[test]
+    fn master_task_link_roundtrips() {
+        roundtrip::<ToTask>(ToTask::RunTask {
+            task_id: 1,
+            session: 2,
+            attempt: 1,
+            src_worker: 3,
+            data: b"x",
+        });
+        roundtrip::<ToTask>(ToTask::Stop);
+        roundtrip::<FromTask>(FromTask::Send { session: 5, data: b"progress\n" });
+        roundtrip::<FromTask>(FromTask::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" });
+        roundtrip::<FromTask>(FromTask::TaskDone {
+            task_id: 1,
+            ok: true,
+            reply: b"{\"event\":\"done\"}\n",
+            result: b"x",
+        });
+    }
+
+    #[test]
+    fn master_manager_link_roundtrips() {
+        roundtrip::<ToManager>(ToManager::SlotReady { role: Role::Task, slot: 2 });
+        roundtrip::<ToManager>(ToManager::SlotActive { role: Role::Task, slot: 3, active: false });
+        roundtrip::<ToManager>(ToManager::Shutdown);
+        roundtrip::<FromManager>(FromManager::Started { role: Role::Task, slot: 3, pid: 99 });
+        roundtrip::<FromManager>(FromManager::Exited {
             role: Role::Worker,
             slot: 0,
             pid: 42,
             reason: ExitReason::Signal(9),
             uptime_ms: 1500,
         });
-        roundtrip(Frame::ForkFailed { role: Role::Worker, slot: 1, error: b"EAGAIN" });
-        roundtrip(Frame::SlotReady { role: Role::Task, slot: 2 });
-        roundtrip(Frame::SlotActive { role: Role::Task, slot: 3, active: false });
-        roundtrip(Frame::Shutdown);
-        roundtrip(Frame::QueryResult { session: 3, task_id: 1 << 33 });
-        roundtrip(Frame::Store { batch: 2, task_id: 5, session: 6, worker: 1, context: b"ctx", data: b"{}" });
-        roundtrip(Frame::StoreEnd { batch: 2 });
-        roundtrip(Frame::Stored { batch: 2, error: b"" });
-        roundtrip(Frame::Stored { batch: 3, error: b"Redis is down" });
-        roundtrip(Frame::Reply {
+        roundtrip::<FromManager>(FromManager::Exited {
+            role: Role::Task,
+            slot: 1,
+            pid: 43,
+            reason: ExitReason::Code(-1),
+            uptime_ms: 0,
+        });
+        roundtrip::<FromManager>(FromManager::ForkFailed { role: Role::Worker, slot: 1, error: b"EAGAIN" });
+    }
+
+    #[test]
+    fn master_bridge_link_roundtrips() {
+        roundtrip::<ToBridge>(ToBridge::Store {
+            batch: 2,
+            task_id: 5,
+            session: 6,
+            worker: 1,
+            context: b"ctx",
+            data: b"{}",
+        });
+        roundtrip::<ToBridge>(ToBridge::StoreEnd { batch: 2 });
+        roundtrip::<ToBridge>(ToBridge::Trim { entry: b"1-1" });
+        roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
+        roundtrip::<ToBridge>(ToBridge::RenewLease);
+        roundtrip::<FromBridge>(FromBridge::Stored { batch: 2, error: b"" });
+        roundtrip::<FromBridge>(FromBridge::Stored { batch: 3, error: b"Redis is down" });
+        roundtrip::<FromBridge>(FromBridge::Reply(Reply {
             task_id: 5,
             ok: true,
             attempts: 2,
@@ -800,39 +1105,88 @@ mod tests {
             reply: b"{\"event\":\"done\"}\n",
             sends: b"",
             result: b"sent",
-        });
-        roundtrip(Frame::Trim { entry: b"1-1" });
-        roundtrip(Frame::KeepResult { task_id: 9, line: b"{}\n" });
-        roundtrip(Frame::RenewLease);
-        roundtrip(Frame::Lease { holder: b"" });
-        roundtrip(Frame::Lease { holder: b"host:42" });
+        }));
+        roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
+        roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
+    }
+
+    #[test]
+    fn the_wire_format_is_unchanged() {
+        // Redis keeps `Reply` frames, and the `Send` frames inside them, across restarts and
+        // upgrades: their bytes are fixed.
+        let mut buf = Vec::new();
+        FromTask::Send { session: 0x0102, data: b"hi" }.encode(&mut buf);
+        assert_eq!(buf, [11, 0, 0, 0, 10, 2, 1, 0, 0, 0, 0, 0, 0, b'h', b'i']);
+        // A worker's output for a client is the same frame, whichever type wrote it.
+        let mut again = Vec::new();
+        ToClient::Send { session: 0x0102, data: b"hi" }.encode(&mut again);
+        assert_eq!(again, buf);
+        let mut reply = Vec::new();
+        FromBridge::Reply(Reply {
+            task_id: 1,
+            ok: true,
+            attempts: 1,
+            task_pid: 2,
+            replays: 0,
+            entry: b"",
+            reply: b"",
+            sends: &buf,
+            result: b"r",
+        })
+        .encode(&mut reply);
+        assert_eq!(reply[4], 43);
+        assert_eq!(reply.len(), 4 + 1 + 8 + 1 + 4 + 4 + 4 + 4 + 4 + 4 + buf.len() + 1);
+    }
+
+    #[test]
+    fn a_frame_of_another_link_is_corrupt() {
+        let mut buf = Vec::new();
+        FromTask::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" }.encode(&mut buf);
+        let done = kind::TASK_DONE;
+        assert_eq!(ToWorker::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(FromWorker::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(ToClient::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(ToTask::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(ToManager::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(FromManager::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(ToBridge::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        assert_eq!(FromBridge::decode(&buf), Err(DecodeError::UnknownKind(done)));
+        // A worker's commit is no output for a client.
+        buf.clear();
+        FromWorker::Commit { seq: 1 }.encode(&mut buf);
+        assert_eq!(ToClient::decode(&buf), Err(DecodeError::UnknownKind(kind::COMMIT)));
     }
 
     #[test]
     fn several_frames_in_one_buffer_decode_in_order() {
         let mut buf = Vec::new();
-        Frame::Send { session: 1, data: b"a" }.encode(&mut buf);
-        Frame::Commit { seq: 1 }.encode(&mut buf);
-        let (first, n) = Frame::decode(&buf).unwrap().unwrap();
-        assert_eq!(first, Frame::Send { session: 1, data: b"a" });
-        let (second, m) = Frame::decode(&buf[n..]).unwrap().unwrap();
+        ToClient::Send { session: 1, data: b"a" }.encode(&mut buf);
+        FromWorker::Commit { seq: 1 }.encode(&mut buf);
+        let (first, n) = FromWorker::decode(&buf).unwrap().unwrap();
+        assert_eq!(first, FromWorker::Client(ToClient::Send { session: 1, data: b"a" }));
+        let (second, m) = FromWorker::decode(&buf[n..]).unwrap().unwrap();
         assert!(second.is_commit());
         assert_eq!(frame_kind(&buf[n..n + m]), COMMIT_KIND);
     }
 
     #[test]
     fn corrupt_frames_are_errors() {
-        assert_eq!(Frame::decode(&[0, 0, 0, 0]), Err(DecodeError::Truncated("kind")));
-        assert_eq!(Frame::decode(&[1, 0, 0, 0, 200]), Err(DecodeError::UnknownKind(200)));
+        assert_eq!(ToWorker::decode(&[0, 0, 0, 0]), Err(DecodeError::Truncated("kind")));
+        assert_eq!(ToWorker::decode(&[1, 0, 0, 0, 200]), Err(DecodeError::UnknownKind(200)));
         let huge = ((MAX_FRAME + 1) as u32).to_le_bytes();
-        assert!(matches!(Frame::decode(&huge), Err(DecodeError::TooLarge(_))));
+        assert!(matches!(FromTask::decode(&huge), Err(DecodeError::TooLarge(_))));
         // A commit whose seq is cut short.
-        assert_eq!(Frame::decode(&[3, 0, 0, 0, kind::COMMIT, 1, 2]), Err(DecodeError::Truncated("seq")));
+        assert_eq!(FromWorker::decode(&[3, 0, 0, 0, kind::COMMIT, 1, 2]), Err(DecodeError::Truncated("seq")));
+        // Bytes after the last field.
+        assert_eq!(
+            ToTask::decode(&[2, 0, 0, 0, kind::STOP, 0]),
+            Err(DecodeError::BadField("trailing bytes"))
+        );
         // A bool that is neither 0 nor 1.
         let mut buf = Vec::new();
-        Frame::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" }.encode(&mut buf);
+        FromTask::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" }.encode(&mut buf);
         buf[4 + 1 + 8] = 7;
-        assert_eq!(Frame::decode(&buf), Err(DecodeError::BadField("ok")));
+        assert_eq!(FromTask::decode(&buf), Err(DecodeError::BadField("ok")));
     }
 
     #[test]

@@ -85,7 +85,7 @@ impl<A: Application> Master<'_, A> {
         if self.config.dispatch_mode == DispatchMode::Fixed {
             let (session, worker, peer) = (conn.session, conn.worker, conn.peer.to_string());
             self.deliver(worker as usize, session, Delivery::Connect, |seq, out| {
-                Frame::Connect { seq, session, peer: peer.as_bytes() }.encode(out)
+                ToWorker::Connect { seq, session, peer: peer.as_bytes() }.encode(out)
             });
         }
     }
@@ -416,7 +416,7 @@ impl<A: Application> Master<'_, A> {
         };
         self.counters.dispatch_count += 1;
         let bytes = self.deliver(worker, session, Delivery::Request, |seq, out| {
-            Frame::Request { seq, session, data: line }.encode(out)
+            ToWorker::Request { seq, session, data: line }.encode(out)
         });
         let conn = &mut self.conns[key];
         conn.input_requests += 1;
@@ -621,7 +621,7 @@ impl<A: Application> Master<'_, A> {
         if conn.announced && self.config.dispatch_mode == DispatchMode::Fixed {
             let session = conn.session;
             self.deliver(conn.worker as usize, session, Delivery::Close, |seq, out| {
-                Frame::Close { seq, session }.encode(out)
+                ToWorker::Close { seq, session }.encode(out)
             });
         }
         let held = conn.held_bytes();

@@ -23,6 +23,7 @@ use super::results::outcome_line;
 use super::*;
 use crate::durable::startup::LEASE_TTL;
 use crate::durable::Durable;
+use crate::ipc::envelope::Reply;
 use crate::process::ProcessError;
 use crate::supervisor::Supervisor;
 
@@ -36,9 +37,17 @@ struct SentBatch {
     jobs: Vec<u64>,
 }
 
+/// Held output, in its order of arrival: each run of one link's frames in one buffer.
+enum Held {
+    /// Workers' frames for clients ([`ToClient`]).
+    Clients(Vec<u8>),
+    /// Outcomes from the bridge ([`FromBridge::Reply`] frames).
+    Replies(Vec<u8>),
+}
+
 pub struct DurableState {
     pub d: Durable,
-    pub bridge: Channel,
+    pub bridge: MasterToBridge,
     /// The bridge's slot: respawned, with the back-off of a crash at start, by the one
     /// supervisor every child has.
     pub bridge_sup: Supervisor,
@@ -50,8 +59,8 @@ pub struct DurableState {
     last_sent: u64,
     acked: u64,
     sent: VecDeque<SentBatch>,
-    /// Frames for clients held until the batch they follow is stored, with that batch.
-    held: VecDeque<(u64, Vec<u8>)>,
+    /// Output held until the batch it follows is stored, with that batch.
+    held: VecDeque<(u64, Held)>,
     /// The sessions whose output waits, each with the last batch it waits for.
     waiting: HashMap<u64, u64>,
     pub duplicates: u64,
@@ -70,7 +79,7 @@ pub struct DurableState {
 }
 
 impl DurableState {
-    pub fn new(d: Durable, bridge: Channel) -> Self {
+    pub fn new(d: Durable, bridge: MasterToBridge) -> Self {
         DurableState {
             d,
             bridge,
@@ -112,19 +121,29 @@ impl DurableState {
         self.waiting.contains_key(&session)
     }
 
-    /// Holds `frame` until the batches sent so far are stored; what comes later for `session`
-    /// (0: none) waits behind it.
-    fn hold(&mut self, frame: &Frame<'_>, session: u64) {
+    /// Holds a worker's `frame` for a client until the batches sent so far are stored; what
+    /// comes later for its session waits behind it.
+    fn hold(&mut self, frame: &ToClient<'_>) {
+        self.hold_frame(frame.session(), false, |bytes| frame.encode(bytes));
+    }
+
+    /// Holds an outcome from the bridge, for `session` (0: none), as [`DurableState::hold`].
+    fn hold_reply(&mut self, reply: &Reply<'_>, session: u64) {
+        self.hold_frame(session, true, |bytes| reply.encode(bytes));
+    }
+
+    fn hold_frame(&mut self, session: u64, reply: bool, encode: impl FnOnce(&mut Vec<u8>)) {
         let tag = if self.open() { self.batch } else { self.last_sent };
         if session != 0 {
             self.waiting.insert(session, tag);
         }
         match self.held.back_mut() {
-            Some((t, bytes)) if *t == tag => frame.encode(bytes),
+            Some((t, Held::Clients(bytes))) if *t == tag && !reply => encode(bytes),
+            Some((t, Held::Replies(bytes))) if *t == tag && reply => encode(bytes),
             _ => {
                 let mut bytes = Vec::new();
-                frame.encode(&mut bytes);
-                self.held.push_back((tag, bytes));
+                encode(&mut bytes);
+                self.held.push_back((tag, if reply { Held::Replies(bytes) } else { Held::Clients(bytes) }));
             }
         }
     }
@@ -181,9 +200,9 @@ impl<A: Application> Master<'_, A> {
         // client is served (their deletion and keeping go through the bridge, now it runs).
         let replies = std::mem::take(&mut state.startup_replies);
         let mut pos = 0;
-        while let Ok(Some((frame, n))) = Frame::decode(&replies[pos..]) {
+        while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&replies[pos..]) {
             pos += n;
-            self.on_reply(&frame);
+            self.on_reply(&reply);
         }
         Ok(())
     }
@@ -204,11 +223,11 @@ impl<A: Application> Master<'_, A> {
     }
 
     /// A worker's frame, as durable jobs need it handled; false: handle it as usual.
-    pub(super) fn durable_worker_frame(&mut self, i: usize, frame: &Frame<'_>) -> bool {
+    pub(super) fn durable_worker_frame(&mut self, i: usize, frame: &FromWorker<'_>) -> bool {
         let Some(state) = self.durable.as_mut() else { return false };
         match *frame {
-            Frame::Task { task_id, session, context, data, .. } => {
-                Frame::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
+            FromWorker::Task { task_id, session, context, data, .. } => {
+                ToBridge::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
                     .encode(&mut state.frames);
                 state.jobs.push(task_id);
                 if session != 0 {
@@ -216,16 +235,11 @@ impl<A: Application> Master<'_, A> {
                 }
                 false
             }
-            Frame::Send { session, .. }
-            | Frame::CloseSession { session }
-            | Frame::QueryResult { session, .. }
-            | Frame::Stats { session }
-                if state.holds(session) =>
-            {
-                state.hold(frame, session);
+            FromWorker::Client(ref c) if state.holds(c.session()) => {
+                state.hold(c);
                 true
             }
-            _ => false,
+            FromWorker::Client(_) | FromWorker::Group { .. } | FromWorker::Commit { .. } => false,
         }
     }
 
@@ -234,7 +248,7 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn end_store_batch(&mut self) {
         let Some(state) = self.durable.as_mut() else { return };
         if Instant::now() >= state.lease_due {
-            state.bridge.send(&Frame::RenewLease);
+            state.bridge.send(&ToBridge::RenewLease);
             state.lease_due = Instant::now() + LEASE_TTL / 3;
         }
         if !state.open() {
@@ -246,7 +260,7 @@ impl<A: Application> Master<'_, A> {
                 job.batch = n;
             }
         }
-        Frame::StoreEnd { batch: n }.encode(&mut state.frames);
+        ToBridge::StoreEnd { batch: n }.encode(&mut state.frames);
         let frames = std::mem::take(&mut state.frames);
         state.bridge.output().extend_from_slice(&frames);
         state.sent.push_back(SentBatch { n, frames, jobs: std::mem::take(&mut state.jobs) });
@@ -259,57 +273,52 @@ impl<A: Application> Master<'_, A> {
         if let Err(e) = state.bridge.fill() {
             tracing::error!("reading from the redis bridge failed: {e}");
         }
-        let mut input = state.bridge.take_input();
-        loop {
-            match Frame::decode(input.data()) {
-                Ok(Some((frame, n))) => {
-                    match frame {
-                        Frame::Stored { batch, error } => self.on_stored(batch, error),
-                        Frame::Lease { holder } => self.on_lease(holder),
-                        Frame::Reply { .. } => {
-                            let state = self.durable.as_mut().expect("durable");
-                            if Instant::now() < state.lease_until {
-                                self.route_reply(&frame);
-                            } else {
-                                // Not sure the name is still ours (this master was asleep past
-                                // the lease): another node of the name may be acting on these.
-                                // They wait for the bridge's word, asked for at once.
-                                if state.unsure.is_empty() {
-                                    state.lease_due = Instant::now();
-                                }
-                                frame.encode(&mut state.unsure);
-                            }
-                        }
-                        other => tracing::warn!("redis bridge: ignoring unexpected message {other:?}"),
-                    }
-                    input.consume(n);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("the redis bridge sent a corrupt message ({e}); replacing it");
-                    input.consume(input.data().len());
-                    if let Some(pid) = self.durable.as_ref().and_then(|s| s.bridge_sup.pid(0)) {
-                        let _ = kill(pid, Signal::SIGKILL);
-                    }
-                    break;
-                }
+        if let Err(e) = Channel::drain(self, Self::bridge, |m, frame| m.on_bridge_frame(frame)) {
+            tracing::error!("the redis bridge sent a corrupt message ({e}); replacing it");
+            self.bridge().discard_input();
+            if let Some(pid) = self.durable.as_ref().and_then(|s| s.bridge_sup.pid(0)) {
+                let _ = kill(pid, Signal::SIGKILL);
             }
         }
-        if let Some(state) = self.durable.as_mut() {
-            state.bridge.restore_input(input);
+    }
+
+    /// The bridge's channel, once durable jobs are known to be on (they are for the master's
+    /// whole life).
+    fn bridge(&mut self) -> &mut MasterToBridge {
+        &mut self.durable.as_mut().expect("durable jobs are on").bridge
+    }
+
+    fn on_bridge_frame(&mut self, frame: FromBridge<'_>) {
+        match frame {
+            FromBridge::Stored { batch, error } => self.on_stored(batch, error),
+            FromBridge::Lease { holder } => self.on_lease(holder),
+            FromBridge::Reply(reply) => {
+                let Some(state) = self.durable.as_mut() else { return };
+                if Instant::now() < state.lease_until {
+                    self.route_reply(&reply);
+                } else {
+                    // Not sure the name is still ours (this master was asleep past the lease):
+                    // another node of the name may be acting on these. They wait for the
+                    // bridge's word, asked for at once.
+                    if state.unsure.is_empty() {
+                        state.lease_due = Instant::now();
+                    }
+                    reply.encode(&mut state.unsure);
+                }
+            }
         }
     }
 
     /// An outcome from the bridge, acted on now, or held behind what it must follow.
-    fn route_reply(&mut self, frame: &Frame<'_>) {
-        let Frame::Reply { task_id, .. } = *frame else { return };
+    fn route_reply(&mut self, reply: &Reply<'_>) {
+        let task_id = reply.task_id;
         // An outcome can overtake its batch's acknowledgement (two threads of the bridge
         // write): it waits for it, and behind its session's held output.
         let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
         let Some(state) = self.durable.as_mut() else { return };
         match job {
-            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold(frame, session),
-            _ => self.on_reply(frame),
+            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold_reply(reply, session),
+            _ => self.on_reply(reply),
         }
     }
 
@@ -324,9 +333,9 @@ impl<A: Application> Master<'_, A> {
         state.lease_until = Instant::now() + LEASE_TTL - Duration::from_secs(1);
         let unsure = std::mem::take(&mut state.unsure);
         let mut pos = 0;
-        while let Ok(Some((frame, n))) = Frame::decode(&unsure[pos..]) {
+        while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&unsure[pos..]) {
             pos += n;
-            self.route_reply(&frame);
+            self.route_reply(&reply);
         }
     }
 
@@ -371,8 +380,8 @@ impl<A: Application> Master<'_, A> {
         let acked = state.acked;
         let mut release = Vec::new();
         while state.held.front().is_some_and(|(tag, _)| *tag <= acked) {
-            if let Some((_, bytes)) = state.held.pop_front() {
-                release.push(bytes);
+            if let Some((_, held)) = state.held.pop_front() {
+                release.push(held);
             }
         }
         state.waiting.retain(|_, tag| *tag > acked);
@@ -382,16 +391,25 @@ impl<A: Application> Master<'_, A> {
         if !failed.is_empty() {
             tracing::error!("{} jobs not stored: {why}", failed.len());
         }
-        for bytes in release {
+        for held in release {
             let mut pos = 0;
-            while let Ok(Some((frame, n))) = Frame::decode(&bytes[pos..]) {
-                pos += n;
-                match frame {
-                    // A client whose job was not stored gets its failure, not `accepted`.
-                    Frame::Send { session, .. } | Frame::CloseSession { session }
-                        if lost.contains(&session) => {}
-                    Frame::Reply { .. } => self.on_reply(&frame),
-                    other => self.on_client_frame(other),
+            match held {
+                Held::Clients(bytes) => {
+                    while let Ok(Some((frame, n))) = ToClient::decode(&bytes[pos..]) {
+                        pos += n;
+                        match frame {
+                            // A client whose job was not stored gets its failure, not `accepted`.
+                            ToClient::Send { session, .. } | ToClient::CloseSession { session }
+                                if lost.contains(&session) => {}
+                            other => self.on_client_frame(other),
+                        }
+                    }
+                }
+                Held::Replies(bytes) => {
+                    while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&bytes[pos..]) {
+                        pos += n;
+                        self.on_reply(&reply);
+                    }
                 }
             }
         }
@@ -400,19 +418,16 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    fn on_reply(&mut self, frame: &Frame<'_>) {
-        let Frame::Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *frame
-        else {
-            return;
-        };
+    fn on_reply(&mut self, frame: &Reply<'_>) {
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *frame;
         let Some(state) = self.durable.as_mut() else { return };
-        state.bridge.send(&Frame::Trim { entry });
+        state.bridge.send(&ToBridge::Trim { entry });
         if let Some(job) = self.jobs.get_mut(task_id) {
             job.attempts = job.attempts.max(attempts);
             // A recovered job's sessions belong to the master before the restart.
             if job.session != 0 {
                 let mut pos = 0;
-                while let Ok(Some((Frame::Send { session, data }, n))) = Frame::decode(&sends[pos..]) {
+                while let Ok(Some((FromTask::Send { session, data }, n))) = FromTask::decode(&sends[pos..]) {
                     pos += n;
                     self.send_to_session(session, data);
                 }
@@ -425,7 +440,7 @@ impl<A: Application> Master<'_, A> {
         } else {
             let line =
                 if reply.is_empty() { outcome_line(task_id, ok, result, attempts) } else { reply.to_vec() };
-            state.bridge.send(&Frame::KeepResult { task_id, line: &line });
+            state.bridge.send(&ToBridge::KeepResult { task_id, line: &line });
             self.results.record(task_id, line);
         }
     }
@@ -434,7 +449,7 @@ impl<A: Application> Master<'_, A> {
     /// that it outlives a restart of this node.
     pub(super) fn keep_in_redis(&mut self, task_id: u64, line: &[u8]) {
         if let Some(state) = self.durable.as_mut() {
-            state.bridge.send(&Frame::KeepResult { task_id, line });
+            state.bridge.send(&ToBridge::KeepResult { task_id, line });
         }
     }
 

@@ -2,47 +2,34 @@
 //! a dead manager, signals, rolling reload and shutdown.
 
 use super::*;
-use crate::ipc::envelope::decode_outcomes;
+use crate::ipc::envelope::{decode_outcomes, Message};
 
 impl<A: Application> Master<'_, A> {
     pub(super) fn read_manager(&mut self) {
         let state = self.manager.fill();
-        let mut input = self.manager.take_input();
-        loop {
-            match Frame::decode(input.data()) {
-                Ok(Some((frame, n))) => {
-                    self.on_manager_frame(frame);
-                    input.consume(n);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("corrupt message from the manager: {e}");
-                    input.consume(input.data().len());
-                    break;
-                }
-            }
+        if let Err(e) = Channel::drain(self, |m| &mut m.manager, |m, frame| m.on_manager_frame(frame)) {
+            tracing::error!("corrupt message from the manager: {e}");
+            self.manager.discard_input();
         }
-        self.manager.restore_input(input);
         if let Err(e) = state {
             tracing::error!("reading the manager's channel failed: {e}");
         }
     }
 
-    pub(super) fn on_manager_frame(&mut self, frame: Frame<'_>) {
+    pub(super) fn on_manager_frame(&mut self, frame: FromManager<'_>) {
         match frame {
-            Frame::Started { role, slot, pid } => self.on_started(role, slot as usize, pid),
-            Frame::Exited { role, slot, pid, reason, uptime_ms: _ } => {
+            FromManager::Started { role, slot, pid } => self.on_started(role, slot as usize, pid),
+            FromManager::Exited { role, slot, pid, reason, uptime_ms: _ } => {
                 self.clean_slot(role, slot as usize, pid, reason);
-                self.manager.send(&Frame::SlotReady { role, slot });
+                self.manager.send(&ToManager::SlotReady { role, slot });
             }
-            Frame::ForkFailed { role, slot, error } => {
+            FromManager::ForkFailed { role, slot, error } => {
                 self.counters.fork_failures += 1;
                 tracing::error!(
                     "the manager could not fork {role} {slot}: {}",
                     String::from_utf8_lossy(error)
                 );
             }
-            other => tracing::warn!("ignoring unexpected message from the manager: {other:?}"),
         }
     }
 
@@ -292,7 +279,7 @@ impl<A: Application> Master<'_, A> {
         } else {
             t.retire();
         }
-        self.manager.send(&Frame::SlotActive { role: Role::Task, slot: j as u32, active: grow });
+        self.manager.send(&ToManager::SlotActive { role: Role::Task, slot: j as u32, active: grow });
         let now = enabled + grow as usize - !grow as usize;
         tracing::info!(
             "task pool {} to {now} process(es) (task {j})",
@@ -451,10 +438,10 @@ impl<A: Application> Master<'_, A> {
         for w in &self.workers {
             let data = w.log.uncommitted();
             let mut pos = 0;
-            while let Ok(Some((frame, n))) = Frame::decode(&data[pos..]) {
+            while let Ok(Some((frame, n))) = ToWorker::decode(&data[pos..]) {
                 pos += n;
                 match frame {
-                    Frame::Request { session, .. } => {
+                    ToWorker::Request { session, .. } => {
                         requests += 1;
                         let error = format!("server stopping: {cause} before this request was handled");
                         let mut line =
@@ -462,7 +449,7 @@ impl<A: Application> Master<'_, A> {
                         line.push(b'\n');
                         lines.push((session, line));
                     }
-                    Frame::Finish { task_id, session, attempts, ok, flags, result, .. } => {
+                    ToWorker::Finish(Finish { task_id, session, attempts, ok, flags, result, .. }) => {
                         if session == 0 || flags & (task_flags::WAIT | task_flags::REPLIED) != 0 {
                             continue;
                         }
@@ -477,7 +464,8 @@ impl<A: Application> Master<'_, A> {
                         };
                         lines.push((session, line));
                     }
-                    _ => {}
+                    // No answer is owed for these.
+                    ToWorker::Connect { .. } | ToWorker::Close { .. } | ToWorker::Stop => {}
                 }
             }
         }
@@ -495,7 +483,12 @@ impl<A: Application> Master<'_, A> {
 
 /// Leaves a dead process's channel clean for its successor: no half frame it wrote, nothing
 /// it did not read (what it had not finished is queued again from the master's books).
-fn empty_channel(chan: &mut Channel, child_end: &OwnedFd, role: Role, slot: usize) {
+fn empty_channel<Tx: Message, Rx: Message>(
+    chan: &mut Channel<Tx, Rx>,
+    child_end: &OwnedFd,
+    role: Role,
+    slot: usize,
+) {
     chan.discard_input();
     if let Err(e) = drain_fd(child_end) {
         tracing::error!("{role} {slot}: cannot empty its channel: {e}");

@@ -37,8 +37,11 @@ use slab::Slab;
 use crate::app::Application;
 use crate::config::{DispatchMode, ServerConfig};
 use crate::ipc::channel::drain_fd;
-use crate::ipc::envelope::{encode_outcome, frame_kind, frame_len, task_flags, COMMIT_KIND};
-use crate::ipc::{Channel, ExitReason, Frame, Role, SlotChannel};
+use crate::ipc::envelope::{encode_outcome, task_flags, DecodeError, Finish};
+use crate::ipc::{
+    Channel, ExitReason, FromBridge, FromManager, FromTask, FromWorker, MasterToBridge, MasterToManager,
+    Role, SlotChannel, ToBridge, ToClient, ToManager, ToTask, ToWorker,
+};
 use crate::manager;
 use crate::process;
 use crate::protocol;
@@ -137,7 +140,7 @@ pub struct Master<'a, A: Application> {
     ws_listener: Option<TcpListener>,
     credentials: Option<process::Credentials>,
     signals: Signals,
-    manager: Channel,
+    manager: MasterToManager,
     /// The manager's end of its channel, kept to hand to a new manager.
     manager_end: OwnedFd,
     manager_pid: Option<Pid>,
@@ -467,12 +470,12 @@ impl<'a, A: Application> Master<'a, A> {
                         self.give_up_jobs(&self.stop_cause.clone());
                     }
                     for w in &mut self.workers {
-                        w.chan.send(&Frame::Stop);
+                        w.chan.send(&ToWorker::Stop);
                     }
                     for t in &mut self.tasks {
-                        t.chan.send(&Frame::Stop);
+                        t.chan.send(&ToTask::Stop);
                     }
-                    self.manager.send(&Frame::Shutdown);
+                    self.manager.send(&ToManager::Shutdown);
                     self.flush_channels();
                     self.phase = Phase::Stopping { deadline: Instant::now() + POOL_STOP_LIMIT };
                     if self.manager_pid.is_none() {

@@ -2,7 +2,7 @@
 //! handing jobs to task processes.
 
 use super::*;
-use crate::ipc::envelope::DecodeError;
+use crate::ipc::envelope::Message;
 
 impl<A: Application> Master<'_, A> {
     pub(super) fn read_worker(&mut self, i: usize) {
@@ -14,56 +14,25 @@ impl<A: Application> Master<'_, A> {
 
     /// Acts on the committed part of a worker's output; the rest waits for its commit.
     pub(super) fn handle_worker_input(&mut self, i: usize) {
-        let mut input = self.workers[i].chan.take_input();
-        let data = input.data();
-        // Find where the last complete commit ends.
-        let mut pos = 0;
-        let mut committed = 0;
-        let corrupt = loop {
-            match frame_len(&data[pos..]) {
-                Ok(Some(n)) => {
-                    if frame_kind(&data[pos..pos + n]) == COMMIT_KIND {
-                        committed = pos + n;
-                    }
-                    pos += n;
-                }
-                Ok(None) => break None,
-                Err(e) => break Some(e),
-            }
-        };
-        let mut pos = 0;
-        while pos < committed {
-            match Frame::decode(&data[pos..committed]) {
-                Ok(Some((frame, n))) => {
-                    self.on_worker_frame(i, frame);
-                    pos += n;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("worker {i}: corrupt message: {e}");
-                    break;
-                }
-            }
-        }
-        input.consume(committed);
-        self.workers[i].chan.restore_input(input);
-        if let Some(e) = corrupt {
+        let drained = Channel::drain_committed(
+            self,
+            |m| &mut m.workers[i].chan,
+            |m, frame| m.on_worker_frame(i, frame),
+        );
+        if let Err(e) = drained {
             let w = &mut self.workers[i];
             let pid = w.pid();
             replace_corrupt(&mut w.chan, Role::Worker, i, pid, e);
         }
     }
 
-    pub(super) fn on_worker_frame(&mut self, i: usize, frame: Frame<'_>) {
+    pub(super) fn on_worker_frame(&mut self, i: usize, frame: FromWorker<'_>) {
         if self.durable_worker_frame(i, &frame) {
             return;
         }
         match frame {
-            Frame::Send { .. }
-            | Frame::CloseSession { .. }
-            | Frame::QueryResult { .. }
-            | Frame::Stats { .. } => self.on_client_frame(frame),
-            Frame::Task { task_id, session, target, group, flags, context, data } => {
+            FromWorker::Client(frame) => self.on_client_frame(frame),
+            FromWorker::Task { task_id, session, target, group, flags, context, data } => {
                 let target = u32::try_from(target).ok().filter(|&t| (t as usize) < self.tasks.len());
                 self.jobs.accept(task_id, i as u32, session, JobSpec { group, target, flags }, context, data);
                 self.counters.tasks_accepted += 1;
@@ -75,33 +44,31 @@ impl<A: Application> Master<'_, A> {
                 }
                 self.shared.set_jobs_pending(self.jobs.len() as u64);
             }
-            Frame::Group { group_id, session, size, timeout_ms, context } => {
+            FromWorker::Group { group_id, session, size, timeout_ms, context } => {
                 self.jobs.open_group(group_id, i as u32, session, size, timeout_ms, context);
                 if let Some((_, conn)) = self.conn_mut(session) {
                     conn.outstanding += 1;
                 }
             }
-            Frame::Commit { seq } => self.commit(i, seq),
-            other => tracing::warn!("worker {i}: ignoring unexpected message {other:?}"),
+            FromWorker::Commit { seq } => self.commit(i, seq),
         }
     }
 
     /// What a worker wrote for clients (also when it was held for durable jobs).
-    pub(super) fn on_client_frame(&mut self, frame: Frame<'_>) {
+    pub(super) fn on_client_frame(&mut self, frame: ToClient<'_>) {
         match frame {
-            Frame::Send { session, data } => self.send_to_session(session, data),
-            Frame::CloseSession { session } => {
+            ToClient::Send { session, data } => self.send_to_session(session, data),
+            ToClient::CloseSession { session } => {
                 if let Some((key, conn)) = self.conn_mut(session) {
                     conn.close_after_flush = true;
                     self.mark_dirty(key);
                 }
             }
-            Frame::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
-            Frame::Stats { session } => {
+            ToClient::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
+            ToClient::Stats { session } => {
                 let line = self.stats_line();
                 self.send_to_session(session, &line);
             }
-            other => tracing::warn!("ignoring a message that is not for clients: {other:?}"),
         }
     }
 
@@ -145,33 +112,18 @@ impl<A: Application> Master<'_, A> {
     }
 
     pub(super) fn handle_task_input(&mut self, j: usize) {
-        let mut input = self.tasks[j].chan.take_input();
-        let mut corrupt = None;
-        loop {
-            match Frame::decode(input.data()) {
-                Ok(Some((frame, n))) => {
-                    self.on_task_frame(j, frame);
-                    input.consume(n);
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    corrupt = Some(e);
-                    break;
-                }
-            }
-        }
-        self.tasks[j].chan.restore_input(input);
-        if let Some(e) = corrupt {
+        let drained = Channel::drain(self, |m| &mut m.tasks[j].chan, |m, frame| m.on_task_frame(j, frame));
+        if let Err(e) = drained {
             let t = &mut self.tasks[j];
             let pid = t.pid();
             replace_corrupt(&mut t.chan, Role::Task, j, pid, e);
         }
     }
 
-    pub(super) fn on_task_frame(&mut self, j: usize, frame: Frame<'_>) {
+    pub(super) fn on_task_frame(&mut self, j: usize, frame: FromTask<'_>) {
         match frame {
-            Frame::Send { session, data } => self.send_to_session(session, data),
-            Frame::TaskDone { task_id, ok, reply, result } => {
+            FromTask::Send { session, data } => self.send_to_session(session, data),
+            FromTask::TaskDone { task_id, ok, reply, result } => {
                 let slot = &mut self.tasks[j];
                 if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
                     slot.inflight.remove(pos);
@@ -183,7 +135,6 @@ impl<A: Application> Master<'_, A> {
                 let pid = slot.pid().unwrap_or(0);
                 self.job_outcome(task_id, pid, ok, reply, result);
             }
-            other => tracing::warn!("task {j}: ignoring unexpected message {other:?}"),
         }
     }
 
@@ -262,7 +213,7 @@ impl<A: Application> Master<'_, A> {
         let session = job.session;
         let finish = |seq, out: &mut Vec<u8>| {
             let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
-            Frame::Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result }
+            ToWorker::Finish(Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result })
                 .encode(out)
         };
         if job.flags & task_flags::WAIT != 0 {
@@ -315,7 +266,7 @@ impl<A: Application> Master<'_, A> {
         }
         self.results.record(group_id, line);
         self.deliver(group.worker as usize, session, Delivery::Finish, |seq, out| {
-            Frame::Finish {
+            ToWorker::Finish(Finish {
                 seq,
                 task_id: group_id,
                 session,
@@ -325,7 +276,7 @@ impl<A: Application> Master<'_, A> {
                 flags: task_flags::GROUP,
                 context: &group.context,
                 result: &result,
-            }
+            })
             .encode(out)
         });
     }
@@ -360,7 +311,7 @@ impl<A: Application> Master<'_, A> {
         let Some(job) = self.jobs.get_mut(task_id) else { return };
         job.attempts += 1;
         let slot = &mut self.tasks[j];
-        Frame::RunTask {
+        ToTask::RunTask {
             task_id,
             session: job.session,
             attempt: job.attempts,
@@ -393,7 +344,13 @@ impl<A: Application> Master<'_, A> {
 
 /// A process that sent bytes that do not decode cannot be trusted with its channel: what it
 /// sent is dropped and it is killed; its death hands its work to a successor.
-fn replace_corrupt(chan: &mut Channel, role: Role, slot: usize, pid: Option<u32>, e: DecodeError) {
+fn replace_corrupt<Tx: Message, Rx: Message>(
+    chan: &mut Channel<Tx, Rx>,
+    role: Role,
+    slot: usize,
+    pid: Option<u32>,
+    e: DecodeError,
+) {
     tracing::error!("{role} {slot} (pid {}) sent a corrupt message ({e}); replacing it", pid.unwrap_or(0));
     chan.discard_input();
     if let Some(pid) = pid {

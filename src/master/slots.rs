@@ -11,7 +11,7 @@ use std::time::Instant;
 const PREFETCH_BUDGET: f64 = 0.002;
 
 use super::replay::ReplayLog;
-use crate::ipc::{Channel, Frame};
+use crate::ipc::{MasterToTask, MasterToWorker, ToTask, ToWorker};
 
 /// Where a slot's process is in its life, as the master knows it from the manager's reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,14 +35,18 @@ pub enum Life {
 /// What a slot's books say about its process: whether it holds unfinished work, and what to
 /// forget when it is gone.
 pub trait Books {
+    /// The master's end of the slot's link.
+    type Chan;
+    /// Asks the slot's process to exit once it has handled what is queued before this.
+    fn send_stop(chan: &mut Self::Chan);
     fn is_empty(&self) -> bool;
     /// The process is gone (what it had not finished has been handed back already).
     fn process_gone(&mut self) {}
 }
 
 /// One slot of the pool. It reads as its books (`slot.log`, `slot.inflight`) through `Deref`.
-pub struct Slot<B> {
-    pub chan: Channel,
+pub struct Slot<B: Books> {
+    pub chan: B::Chan,
     /// The slot's child end, to empty it when a process dies.
     pub child_end: OwnedFd,
     pub life: Life,
@@ -56,7 +60,7 @@ pub type WorkerSlot = Slot<WorkerBooks>;
 pub type TaskSlot = Slot<TaskBooks>;
 
 impl<B: Books + Default> Slot<B> {
-    pub fn new(chan: Channel, child_end: OwnedFd) -> Self {
+    pub fn new(chan: B::Chan, child_end: OwnedFd) -> Self {
         Slot { chan, child_end, life: Life::Starting, served: 0, starts: 0, books: B::default() }
     }
 }
@@ -89,7 +93,7 @@ impl<B: Books> Slot<B> {
     pub fn ask_to_stop(&mut self) -> bool {
         let Life::Running { pid, .. } = self.life else { return false };
         self.life = Life::Stopping { pid, retiring: false };
-        self.chan.send(&Frame::Stop);
+        B::send_stop(&mut self.chan);
         true
     }
 
@@ -97,7 +101,7 @@ impl<B: Books> Slot<B> {
     pub fn retire(&mut self) {
         self.life = match self.life {
             Life::Running { pid, .. } => {
-                self.chan.send(&Frame::Stop);
+                B::send_stop(&mut self.chan);
                 Life::Stopping { pid, retiring: true }
             }
             Life::Stopping { pid, .. } => Life::Stopping { pid, retiring: true },
@@ -145,14 +149,14 @@ impl<B: Books> Slot<B> {
     }
 }
 
-impl<B> Deref for Slot<B> {
+impl<B: Books> Deref for Slot<B> {
     type Target = B;
     fn deref(&self) -> &B {
         &self.books
     }
 }
 
-impl<B> DerefMut for Slot<B> {
+impl<B: Books> DerefMut for Slot<B> {
     fn deref_mut(&mut self) -> &mut B {
         &mut self.books
     }
@@ -165,6 +169,10 @@ pub struct WorkerBooks {
 }
 
 impl Books for WorkerBooks {
+    type Chan = MasterToWorker;
+    fn send_stop(chan: &mut MasterToWorker) {
+        chan.send(&ToWorker::Stop);
+    }
     fn is_empty(&self) -> bool {
         self.log.is_empty()
     }
@@ -184,6 +192,10 @@ pub struct TaskBooks {
 }
 
 impl Books for TaskBooks {
+    type Chan = MasterToTask;
+    fn send_stop(chan: &mut MasterToTask) {
+        chan.send(&ToTask::Stop);
+    }
     fn is_empty(&self) -> bool {
         self.inflight.is_empty()
     }
@@ -231,7 +243,7 @@ mod tests {
 
     fn slot() -> TaskSlot {
         let (a, b) = crate::ipc::channel::pair().unwrap();
-        TaskSlot::new(Channel::new(a), b)
+        TaskSlot::new(crate::ipc::Channel::new(a), b)
     }
 
     #[test]
