@@ -15,7 +15,7 @@ for line in sys.stdin:
     msg = json.loads(line)
     tid, job, attempt = msg["task_id"], msg["job"], msg["attempt"]
     what = job.get("do", "echo")
-    if what == "die" and attempt == 1:
+    if (what == "die" and attempt == 1) or what == "die-always":
         os.kill(os.getpid(), 9)
     if what == "hang":
         time.sleep(3600)
@@ -129,6 +129,11 @@ fn a_handler_killed_mid_job_runs_the_job_again_on_a_new_handler() {
     assert_eq!(done["event"], "done", "{done}");
     assert_eq!((done["attempts"].as_u64(), done["result"]["attempt"].as_u64()), (Some(2), Some(2)), "{done}");
     daemon.wait_log("ended mid-job");
+    // On its last attempt the job fails with the handler's fault, not a task process's death.
+    let failed = run(&mut client, r#"{"type":"echo","do":"die-always"}"#);
+    assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(3)), "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("ended mid-job") && error.contains("no attempts left"), "{failed}");
 }
 
 #[test]

@@ -105,6 +105,9 @@ pub struct MailApp {
     /// Warnings of refused jobs, one per kind of refusal and 10 s: a flood of them (a full
     /// queue) must not flood the log.
     refusals: [Throttle; 6],
+    /// The server's `task_retry_max`: a handler's job on its last attempt fails with the
+    /// handler's reason rather than by its task process's death.
+    retry_max: Option<u32>,
     /// The types with an external handler, for the workers' parser.
     handled: Vec<String>,
     /// The handlers this task process has started (none in a worker).
@@ -121,6 +124,7 @@ impl MailApp {
             pid: std::process::id(),
             run_limit: None,
             refusals: Default::default(),
+            retry_max: None,
             handled,
             handlers,
         }
@@ -129,6 +133,12 @@ impl MailApp {
     /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
     pub fn with_run_limit(mut self, limit: Option<Duration>) -> Self {
         self.run_limit = limit;
+        self
+    }
+
+    /// Lets a handler's job that cannot run again fail with its reason (`task_retry_max`).
+    pub fn with_retry_max(mut self, retry_max: u32) -> Self {
+        self.retry_max = Some(retry_max);
         self
     }
 
@@ -229,6 +239,9 @@ impl MailApp {
                 serde_json::to_vec(&result).map_err(|e| format!("cannot encode the handler's result: {e}"))
             }
             Outcome::Failed(why) => Err(why),
+            Outcome::Again(why) if self.retry_max.is_some_and(|max| task.attempt > max) => {
+                Err(format!("{why} (attempt {}: no attempts left)", task.attempt))
+            }
             Outcome::Again(why) => {
                 // Only the master retries a job, and it does so when the task process running
                 // it dies: this keeps one path for attempts, task_retry_max and the job's one
