@@ -27,6 +27,8 @@ macro_rules! options {
         #[serde(deny_unknown_fields)]
         pub struct FileOptions {
             $( pub $field: Option<$ty>, )*
+            /// `[handlers]`: job type → command (a table, so not in the flat list).
+            pub handlers: Option<std::collections::BTreeMap<String, String>>,
         }
 
         /// Every option's name (its TOML key).
@@ -55,6 +57,7 @@ macro_rules! options {
         impl Settings {
             fn apply_file(&mut self, file: FileOptions) {
                 $( if let Some(v) = file.$field { self.$part.$field = $($wrap)?(v); } )*
+                if let Some(handlers) = file.handlers { self.mail.handlers = handlers; }
             }
             fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
                 $(
@@ -169,6 +172,8 @@ options! {
     mail.batch_timeout_ms: u64,
     /// Longest email body in bytes [default: 1048576]
     mail.email_body_max: usize,
+    /// Jobs an external handler runs before it is replaced (0: no limit) [default: 0]
+    mail.handler_max_jobs: u64,
 }
 
 impl std::str::FromStr for DispatchMode {
@@ -225,6 +230,10 @@ pub struct Cli {
     pub check_config: bool,
     #[command(flatten)]
     pub options: FlagOptions,
+    /// Run jobs of TYPE with an external program (repeatable): TYPE='python3 /srv/jobs/resize.py'.
+    /// Adds to (or replaces a type of) the config file's [handlers] table
+    #[arg(long = "handler", value_name = "TYPE=COMMAND")]
+    pub handlers: Vec<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -451,12 +460,31 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
     }
     settings.apply_env(env)?;
     settings.apply_flags(&cli.flags());
+    for spec in &cli.handlers {
+        let (kind, command) = crate::handler::parse_spec(spec)?;
+        settings.mail.handlers.insert(kind, command);
+    }
     settings.server.validate().map_err(|e| e.to_string())?;
+    settings.check_handlers().map_err(|e| e.to_string())?;
     settings.check_mail_times().map_err(|e| e.to_string())?;
     Ok(settings)
 }
 
 impl Settings {
+    /// External handlers: valid types and commands, and (for now) memory mode only.
+    fn check_handlers(&self) -> Result<(), crate::config::InvalidOption> {
+        use crate::config::InvalidOption;
+        crate::handler::validate(&self.mail.handlers)
+            .map_err(|reason| InvalidOption { option: "handlers", reason })?;
+        if !self.mail.handlers.is_empty() && self.server.redis_url.is_some() {
+            let reason = "handlers run only without redis_url for now: durable jobs and task nodes \
+                          do not run them yet"
+                .to_string();
+            return Err(InvalidOption { option: "handlers", reason });
+        }
+        Ok(())
+    }
+
     /// The application's durations, checked with the server's (`ServerConfig::check_limits`).
     fn check_mail_times(&self) -> Result<(), crate::config::InvalidOption> {
         use crate::config::{InvalidOption, MAX_SECONDS};
@@ -612,6 +640,33 @@ mod tests {
         assert_eq!(file.ws_allow_origin, Some(OriginList(vec!["https://a.example".into()])));
         let err = load(&cli(&["--ws-allow-origin", "evil.example"])).unwrap_err();
         assert!(err.contains("ws_allow_origin"), "{err}");
+    }
+
+    #[test]
+    fn handlers_come_from_the_file_and_from_repeated_flags() {
+        let dir = std::env::temp_dir().join(format!("taskd-handlers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("t.toml");
+        std::fs::write(&file, "handler_max_jobs = 5\n[handlers]\nresize = \"python3 r.py\"\nemail = \"m\"\n")
+            .unwrap();
+        let path = file.to_str().unwrap();
+        let s = load(&cli(&["--config", path, "--handler", "email=php mail.php", "--handler", "pdf=./pdf"]))
+            .unwrap();
+        assert_eq!(s.mail.handler_max_jobs, 5);
+        let handlers: Vec<(&str, &str)> = s.mail.handlers.iter().map(|(k, v)| (&k[..], &v[..])).collect();
+        assert_eq!(handlers, [("email", "php mail.php"), ("pdf", "./pdf"), ("resize", "python3 r.py")]);
+        let back: FileOptions = toml::from_str(&s.to_toml()).unwrap();
+        let mut again = Settings::default();
+        again.apply_file(back);
+        assert_eq!(again, s);
+        for bad in ["resize", "Big=x", "batch=x", "x=", "x=sh -c 'oops"] {
+            assert!(load(&cli(&["--handler", bad])).is_err(), "{bad}");
+        }
+        std::fs::write(&file, "[handlers]\nresult = \"x\"\n").unwrap();
+        assert!(load(&cli(&["--config", path])).unwrap_err().contains("handlers"));
+        let err = load(&cli(&["--handler", "a=b", "--redis-url", "redis://h"])).unwrap_err();
+        assert!(err.contains("without redis_url"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

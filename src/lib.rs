@@ -39,6 +39,7 @@ pub mod config;
 pub mod control;
 pub mod durable;
 pub mod files;
+pub mod handler;
 pub mod ipc;
 pub mod limits;
 pub mod logging;

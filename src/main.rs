@@ -156,7 +156,9 @@ fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
         // Type=notify under systemd; a no-op elsewhere.
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     };
-    let app = MailApp::new(settings.mail.clone()).with_run_limit(server.task_limit());
+    let app = MailApp::new(settings.mail.clone())
+        .with_run_limit(server.task_limit())
+        .with_retry_max(server.task_retry_max);
     let result = taskd::run_notify(server, Some(listener), app, ready);
     result.map_err(|e| {
         if let Some(fd) = report.take() {

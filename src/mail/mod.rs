@@ -7,6 +7,7 @@
 pub mod outbox;
 pub mod request;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, WorkerCtx};
+use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
 use crate::throttle::Throttle;
 use outbox::Outbox;
@@ -30,6 +32,14 @@ pub struct MailConfig {
     pub batch_timeout_ms: u64,
     /// Longest email body in bytes: a job's payload is held in the master until it is done.
     pub email_body_max: usize,
+    /// Jobs a handler runs before its task process replaces it (0: no limit), as
+    /// `task_max_request` does for task processes: a handler that leaks is bounded.
+    #[serde(default)]
+    pub handler_max_jobs: u64,
+    /// External handlers (`--handler TYPE=COMMAND`, `[handlers]`): job type → command. Last,
+    /// since it is a table in the config file.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handlers: BTreeMap<String, String>,
 }
 
 impl Default for MailConfig {
@@ -39,6 +49,8 @@ impl Default for MailConfig {
             outbox: PathBuf::from("taskd-outbox.log"),
             batch_timeout_ms: 30_000,
             email_body_max: request::FieldLimits::default().email_body_max,
+            handler_max_jobs: 0,
+            handlers: BTreeMap::new(),
         }
     }
 }
@@ -93,22 +105,40 @@ pub struct MailApp {
     /// Warnings of refused jobs, one per kind of refusal and 10 s: a flood of them (a full
     /// queue) must not flood the log.
     refusals: [Throttle; 6],
+    /// The server's `task_retry_max`: a handler's job on its last attempt fails with the
+    /// handler's reason rather than by its task process's death.
+    retry_max: Option<u32>,
+    /// The types with an external handler, for the workers' parser.
+    handled: Vec<String>,
+    /// The handlers this task process has started (none in a worker).
+    handlers: Handlers,
 }
 
 impl MailApp {
     pub fn new(config: MailConfig) -> Self {
+        let handled = config.handlers.keys().cloned().collect();
+        let handlers = Handlers::new(&config.handlers, config.handler_max_jobs);
         MailApp {
             config,
             outbox: None,
             pid: std::process::id(),
             run_limit: None,
             refusals: Default::default(),
+            retry_max: None,
+            handled,
+            handlers,
         }
     }
 
     /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
     pub fn with_run_limit(mut self, limit: Option<Duration>) -> Self {
         self.run_limit = limit;
+        self
+    }
+
+    /// Lets a handler's job that cannot run again fail with its reason (`task_retry_max`).
+    pub fn with_retry_max(mut self, retry_max: u32) -> Self {
+        self.retry_max = Some(retry_max);
         self
     }
 
@@ -168,6 +198,64 @@ impl MailApp {
         }
     }
 
+    /// A job for an external handler: passed on as the client wrote it.
+    fn submit_handled(
+        &mut self,
+        ctx: &mut WorkerCtx<'_>,
+        session: SessionId,
+        kind: &str,
+        job: &serde_json::Map<String, serde_json::Value>,
+    ) {
+        let context = Context { kind: kind.into(), to: Vec::new() };
+        let (Ok(context), Ok(data)) = (serde_json::to_vec(&context), serde_json::to_vec(job)) else {
+            return Self::error(ctx, session, "internal error: cannot encode the job");
+        };
+        match ctx.task_for(session, &context, &data) {
+            Ok(task_id) => {
+                tracing::info!("{kind} job accepted as job {task_id}");
+                let accepted =
+                    json!({"event": "accepted", "task_id": task_id, "type": kind, "worker_pid": self.pid});
+                Self::reply(ctx, session, accepted);
+            }
+            Err(e) => self.refused(ctx, session, e),
+        }
+    }
+
+    /// Runs a job on its external handler, in this task process.
+    fn run_handled(
+        &mut self,
+        ctx: &mut TaskCtx<'_>,
+        task: &Task<'_>,
+        kind: &str,
+        job: &serde_json::Value,
+    ) -> Result<Vec<u8>, String> {
+        match self.handlers.run(kind, task.id, task.attempt, job) {
+            Outcome::Done(result) => {
+                let pid = ctx.info().pid;
+                ctx.reply(&line(&json!({
+                    "event": "done", "task_id": task.id, "type": kind, "result": &result,
+                    "task_pid": pid, "attempts": task.attempt,
+                })));
+                serde_json::to_vec(&result).map_err(|e| format!("cannot encode the handler's result: {e}"))
+            }
+            Outcome::Failed(why) => Err(why),
+            Outcome::Again(why) if self.retry_max.is_some_and(|max| task.attempt > max) => {
+                Err(format!("{why} (attempt {}: no attempts left)", task.attempt))
+            }
+            Outcome::Again(why) => {
+                // Only the master retries a job, and it does so when the task process running
+                // it dies: this keeps one path for attempts, task_retry_max and the job's one
+                // final event. The handler dies with us (parent-death signal).
+                tracing::warn!(
+                    "job {} (attempt {}): {why}; task process exits so that the job runs again",
+                    task.id,
+                    task.attempt
+                );
+                crate::process::exit_now(1)
+            }
+        }
+    }
+
     fn submit_batch(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, jobs: &[Job]) {
         let context = Context { kind: "batch".into(), to: jobs.iter().map(|j| j.to.clone()).collect() };
         let encoded: Result<Vec<Vec<u8>>, _> = jobs.iter().map(serde_json::to_vec).collect();
@@ -187,8 +275,20 @@ impl MailApp {
     }
 
     fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
-        let job: Job =
-            serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?;
+        let job: Job = if self.handlers.is_empty() {
+            serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?
+        } else {
+            // A handler may override a built-in type: look at the type first.
+            let value: serde_json::Value =
+                serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?;
+            match value.get("type").and_then(serde_json::Value::as_str) {
+                Some(kind) if self.handlers.handles(kind) => {
+                    let kind = kind.to_string();
+                    return self.run_handled(ctx, task, &kind, &value);
+                }
+                _ => serde_json::from_value(value).map_err(|e| format!("task data is not a job: {e}"))?,
+            }
+        };
         // Task data may come from Redis (durable jobs), which others can write: checked again as
         // a client's request is (a newline in an address would forge a line of the log).
         match job.kind {
@@ -259,7 +359,7 @@ impl Application for MailApp {
 
     fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]) {
         let limits = request::FieldLimits { email_body_max: self.config.email_body_max };
-        let parsed = request::parse_with(data, &limits).and_then(|r| {
+        let parsed = request::parse_for(data, &limits, &self.handled).and_then(|r| {
             let jobs = match &r {
                 Request::Job(job) => std::slice::from_ref(job),
                 Request::Batch(jobs) => &jobs[..],
@@ -274,7 +374,17 @@ impl Application for MailApp {
             }
             Ok(Request::Stats) => ctx.send_stats(session),
             Ok(Request::Result(task_id)) => ctx.send_result(session, task_id),
+            // `email ADDRESS` or a bare address, when a handler overrides the type.
+            Ok(Request::Job(job)) if self.handled.iter().any(|k| k == job.kind.name()) => {
+                match serde_json::to_value(&job) {
+                    Ok(serde_json::Value::Object(obj)) => {
+                        self.submit_handled(ctx, session, job.kind.name(), &obj)
+                    }
+                    _ => Self::error(ctx, session, "internal error: cannot encode the job"),
+                }
+            }
             Ok(Request::Job(job)) => self.submit_job(ctx, session, &job),
+            Ok(Request::Handled { kind, job }) => self.submit_handled(ctx, session, &kind, &job),
             Ok(Request::Batch(jobs)) => self.submit_batch(ctx, session, &jobs),
         }
     }
@@ -335,10 +445,17 @@ impl Application for MailApp {
                 }
                 Err(e) => {
                     tracing::warn!("job {} failed: {e}", finished.id);
-                    json!({
+                    let mut failed = json!({
                         "event": "failed", "task_id": finished.id, "type": context.kind, "to": to,
                         "error": e, "attempts": finished.attempts,
-                    })
+                    });
+                    // A handler's job has no recipient that taskd knows of.
+                    if context.to.is_empty() {
+                        if let Some(obj) = failed.as_object_mut() {
+                            obj.remove("to");
+                        }
+                    }
+                    failed
                 }
             }
         };

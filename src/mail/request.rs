@@ -71,6 +71,12 @@ pub enum Request {
     Stats,
     /// `{"type":"result","task_id":N}`: what became of a job submitted earlier.
     Result(u64),
+    /// A job of a type an external handler runs (`--handler`): the object as the client sent
+    /// it, which only the handler reads.
+    Handled {
+        kind: String,
+        job: Map<String, Value>,
+    },
 }
 
 /// The field limits the operator sets; the others are fixed by the standards above.
@@ -96,6 +102,12 @@ pub fn parse(line: &[u8]) -> Result<Request, String> {
 
 /// Reads one request line (without its line ending).
 pub fn parse_with(line: &[u8], limits: &FieldLimits) -> Result<Request, String> {
+    parse_for(line, limits, &[])
+}
+
+/// Reads one request line; a JSON job whose type is one of `handled` (the types with an
+/// external handler, which may override "email" or "sms") is taken as it is, for its handler.
+pub fn parse_for(line: &[u8], limits: &FieldLimits, handled: &[String]) -> Result<Request, String> {
     let line = std::str::from_utf8(line)
         .map_err(|e| format!("request is not valid UTF-8 (invalid byte at offset {})", e.valid_up_to()))?;
     if line.contains('\0') {
@@ -106,7 +118,7 @@ pub fn parse_with(line: &[u8], limits: &FieldLimits) -> Result<Request, String> 
         return Err(format!("empty request: {HELP}"));
     }
     if line.starts_with('{') || line.starts_with('[') || line.starts_with('"') {
-        return parse_json(line, limits);
+        return parse_json(line, limits, handled);
     }
     let (word, rest) = match line.split_once(char::is_whitespace) {
         Some((w, r)) => (w, r.trim()),
@@ -179,7 +191,7 @@ fn split_word(s: &str) -> (&str, &str) {
     }
 }
 
-fn parse_json(line: &str, limits: &FieldLimits) -> Result<Request, String> {
+fn parse_json(line: &str, limits: &FieldLimits, handled: &[String]) -> Result<Request, String> {
     let Strict(value) = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
     let Value::Object(obj) = value else {
         return Err(format!("a JSON request must be an object, not {}", type_name(&value)));
@@ -188,6 +200,12 @@ fn parse_json(line: &str, limits: &FieldLimits) -> Result<Request, String> {
         None => Err("missing field \"type\": use \"email\", \"sms\" or \"batch\"".into()),
         Some(Value::String(t)) if t == "batch" => parse_batch(&obj, limits),
         Some(Value::String(t)) if t == "result" => parse_result(&obj),
+        Some(Value::String(t)) if handled.contains(t) => Ok(Request::Handled { kind: t.clone(), job: obj }),
+        Some(Value::String(t)) if !handled.is_empty() && t != "email" && t != "sms" => {
+            let mut known: Vec<String> = ["email", "sms"].iter().map(|k| format!("{k:?}")).collect();
+            known.extend(handled.iter().filter(|k| *k != "email" && *k != "sms").map(|k| format!("{k:?}")));
+            Err(format!("unknown type {}: known types are {}, or \"batch\"", quoted(t), known.join(", ")))
+        }
         Some(_) => parse_job(&obj, limits).map(Request::Job),
     }
 }
@@ -539,6 +557,24 @@ mod tests {
             Ok(Request::Batch(jobs)) => assert_eq!(jobs.len(), 2),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_handled_type_is_taken_whole_and_an_unknown_one_names_the_known_types() {
+        let handled = ["resize".to_string(), "email".to_string()];
+        let limits = FieldLimits::default();
+        match parse_for(br#"{"type":"resize","w":3,"url":"x"}"#, &limits, &handled) {
+            Ok(Request::Handled { kind, job }) => {
+                assert_eq!((kind.as_str(), job.get("w")), ("resize", Some(&3.into())))
+            }
+            other => panic!("{other:?}"),
+        }
+        // An overridden built-in type is not checked as an email: the handler reads it.
+        let email = parse_for(br#"{"type":"email","to":"not an address","x":1}"#, &limits, &handled);
+        assert!(matches!(email, Ok(Request::Handled { .. })), "{email:?}");
+        let e = parse_for(br#"{"type":"fax"}"#, &limits, &handled).unwrap_err();
+        assert!(e.contains("unknown type \"fax\": known types are \"email\", \"sms\", \"resize\""), "{e}");
+        assert!(parse_for(br#"{"type":"sms","to":"+15551234567"}"#, &limits, &handled).is_ok());
     }
 
     #[test]

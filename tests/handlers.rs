@@ -1,0 +1,215 @@
+//! Handlers in any language (issue 18, memory mode): jobs run by a Python or shell program a
+//! task process keeps as its child, spoken to in JSON lines, with its faults.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::{Client, Daemon};
+use serde_json::Value;
+
+/// A handler in Python: echoes its pid, attempt and job; `"do"` in the job picks a fault.
+const PYTHON: &str = r#"
+import json, os, sys, time
+for line in sys.stdin:
+    msg = json.loads(line)
+    tid, job, attempt = msg["task_id"], msg["job"], msg["attempt"]
+    what = job.get("do", "echo")
+    if (what == "die" and attempt == 1) or what == "die-always":
+        os.kill(os.getpid(), 9)
+    if what == "hang":
+        time.sleep(3600)
+    if what == "garbage":
+        print("this is not json", flush=True)
+        continue
+    if what == "other-id":
+        print(json.dumps({"task_id": tid + 1000, "result": 1}), flush=True)
+        continue
+    if what == "fail":
+        print(json.dumps({"task_id": tid, "error": "bad input", "retry": False}), flush=True)
+        continue
+    if what == "say":
+        print("hello from the handler", file=sys.stderr, flush=True)
+    print(json.dumps({"task_id": tid, "result": {"pid": os.getpid(), "attempt": attempt, "job": job}}), flush=True)
+"#;
+
+/// A mail handler in shell, to override the built-in `email`.
+const SHELL: &str = r#"
+while read -r line; do
+  id=${line#*\"task_id\":}; id=${id%%,*}
+  printf '{"task_id":%s,"result":"sent by the shell handler"}\n' "$id"
+done
+"#;
+
+struct Scripts {
+    _dir: tempfile::TempDir,
+    python: PathBuf,
+    shell: PathBuf,
+}
+
+/// The handlers, written into a temp dir; `None` (after `cannot_run`) without python3.
+fn scripts() -> Option<Scripts> {
+    if common::which("python3").is_none() {
+        common::cannot_run("python", "python3 is not installed: the handler tests run a Python handler");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let python = dir.path().join("handler.py");
+    let shell = dir.path().join("mail.sh");
+    std::fs::write(&python, PYTHON).unwrap();
+    std::fs::write(&shell, SHELL).unwrap();
+    Some(Scripts { _dir: dir, python, shell })
+}
+
+fn start(scripts: &Scripts, extra: &[&str]) -> Daemon {
+    let echo = format!("echo=python3 {}", scripts.python.display());
+    let mut args = vec!["--worker-num", "1", "--task-worker-num", "1", "--handler", &echo];
+    args.extend_from_slice(extra);
+    Daemon::start(&args)
+}
+
+/// Submits `line`, returns the job's final reply.
+fn run(client: &mut Client, line: &str) -> Value {
+    let accepted = client.submit(line);
+    client.final_reply(&accepted["task_id"], &mut Vec::new())
+}
+
+#[test]
+fn a_handled_job_is_accepted_then_done_with_the_result_and_its_stderr_is_logged() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &[]);
+    let mut client = daemon.connect();
+    let accepted = client.submit(r#"{"type":"echo","do":"say","n":[1,2]}"#);
+    assert_eq!(accepted["type"], "echo", "{accepted}");
+    let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["result"]["job"]["n"], serde_json::json!([1, 2]), "{done}");
+    assert_eq!((done["attempts"].as_u64(), done["result"]["attempt"].as_u64()), (Some(1), Some(1)), "{done}");
+    let log = daemon.wait_log("hello from the handler");
+    let line = log.lines().find(|l| l.contains("hello from the handler")).unwrap();
+    assert!(line.contains("task 0"), "logged under the task process's name: {line}");
+
+    client.send(r#"{"type":"fax","to":"x"}"#);
+    let error = client.recv();
+    assert_eq!(error["event"], "error", "{error}");
+    let text = error["error"].as_str().unwrap();
+    assert!(
+        text.contains("unknown type \"fax\"") && text.contains("\"echo\"") && text.contains("\"email\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_handler_overrides_the_built_in_email() {
+    let Some(scripts) = scripts() else { return };
+    let mail = format!("email=sh {}", scripts.shell.display());
+    let daemon = start(&scripts, &["--handler", &mail]);
+    let mut client = daemon.connect();
+    for line in [r#"{"type":"email","to":"a@example.com","template":"welcome"}"#, "email b@example.com hi"] {
+        let done = run(&mut client, line);
+        assert_eq!(
+            (&done["event"], &done["result"]),
+            (&"done".into(), &"sent by the shell handler".into()),
+            "{done}"
+        );
+    }
+    // The built-in delivery did not run: it would have written to the outbox.
+    assert!(daemon.outbox_lines().is_empty(), "{:?}", daemon.outbox_lines());
+    // SMS is still built in.
+    let done = run(&mut client, r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    assert_eq!(done["result"], "SMS:+15551234567, sent", "{done}");
+}
+
+#[test]
+fn a_handler_killed_mid_job_runs_the_job_again_on_a_new_handler() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &[]);
+    let mut client = daemon.connect();
+    let done = run(&mut client, r#"{"type":"echo","do":"die"}"#);
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!((done["attempts"].as_u64(), done["result"]["attempt"].as_u64()), (Some(2), Some(2)), "{done}");
+    daemon.wait_log("ended mid-job");
+    // On its last attempt the job fails with the handler's fault, not a task process's death.
+    let failed = run(&mut client, r#"{"type":"echo","do":"die-always"}"#);
+    assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(3)), "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("ended mid-job") && error.contains("no attempts left"), "{failed}");
+}
+
+#[test]
+fn a_wrong_answer_fails_the_job_with_the_reason_and_restarts_the_handler() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &[]);
+    let mut client = daemon.connect();
+    let first = run(&mut client, r#"{"type":"echo"}"#);
+    let pid = first["result"]["pid"].as_u64().unwrap();
+    let failed = run(&mut client, r#"{"type":"echo","do":"garbage"}"#);
+    assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(1)), "{failed}");
+    assert!(
+        failed["error"].as_str().unwrap().contains("\"this is not json\" is not a JSON answer"),
+        "{failed}"
+    );
+    let failed = run(&mut client, r#"{"type":"echo","do":"other-id"}"#);
+    assert!(failed["error"].as_str().unwrap().contains("the answer is for task_id"), "{failed}");
+    let after = run(&mut client, r#"{"type":"echo"}"#);
+    assert_eq!(after["event"], "done", "{after}");
+    assert_ne!(after["result"]["pid"].as_u64(), Some(pid), "a new handler after a wrong answer");
+}
+
+#[test]
+fn retry_false_fails_at_once() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &[]);
+    let mut client = daemon.connect();
+    let failed = run(&mut client, r#"{"type":"echo","do":"fail"}"#);
+    assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(1)), "{failed}");
+    assert_eq!(failed["error"], "handler: bad input", "{failed}");
+}
+
+#[test]
+fn a_missing_command_fails_its_jobs_and_is_logged_once() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &["--handler", "ghost=/nonexistent/ghost-handler --flag"]);
+    let mut client = daemon.connect();
+    for _ in 0..3 {
+        let failed = run(&mut client, r#"{"type":"ghost"}"#);
+        assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(1)), "{failed}");
+        assert!(failed["error"].as_str().unwrap().contains("cannot start the handler of ghost"), "{failed}");
+    }
+    // The other handler still works, in the same task process.
+    assert_eq!(run(&mut client, r#"{"type":"echo"}"#)["event"], "done");
+    // The task process says why once; each job's failure is logged as any job's is.
+    let log = daemon.log();
+    let said =
+        log.lines().filter(|l| l.contains("task 0[") && l.contains("cannot start the handler")).count();
+    assert_eq!(said, 1, "{log}");
+}
+
+#[test]
+fn handler_max_jobs_recycles_the_handler() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &["--handler-max-jobs", "2"]);
+    let mut client = daemon.connect();
+    let pids: Vec<u64> =
+        (0..5).map(|_| run(&mut client, r#"{"type":"echo"}"#)["result"]["pid"].as_u64().unwrap()).collect();
+    assert!(pids[0] == pids[1] && pids[2] == pids[3], "{pids:?}");
+    assert!(pids[1] != pids[2] && pids[3] != pids[4], "{pids:?}");
+    assert!(common::is_dead(pids[0] as u32), "the replaced handler is gone");
+    daemon.wait_log("replaced after 2 jobs (handler_max_jobs)");
+}
+
+#[test]
+fn a_handler_that_does_not_answer_within_task_timeout_dies_with_its_task_process() {
+    let Some(scripts) = scripts() else { return };
+    let daemon = start(&scripts, &["--task-timeout", "1", "--task-retry-max", "0"]);
+    let mut client = daemon.connect();
+    let failed = run(&mut client, r#"{"type":"echo","do":"hang"}"#);
+    assert_eq!(failed["event"], "failed", "{failed}");
+    let log = daemon.log();
+    let started = log.lines().find(|l| l.contains("handler echo started (pid ")).expect("handler started");
+    let pid: u32 = started.split("(pid ").nth(1).and_then(|s| s.split(')').next()).unwrap().parse().unwrap();
+    common::wait_for("the hung handler to die with its task process", || common::is_dead(pid).then_some(()));
+    // The next job runs on a new task process and a new handler.
+    let done = run(&mut client, r#"{"type":"echo"}"#);
+    assert_ne!(done["result"]["pid"].as_u64(), Some(u64::from(pid)), "{done}");
+}
