@@ -154,7 +154,12 @@ pub fn run_notify<A: Application>(
     logging::share_rotation(shared);
     let durable = match durable::Durable::from_config(config) {
         Some(d) => {
+            // The lease is taken in `prepare`: the pool's consumers take jobs while the name is
+            // surely this node's, from this ask on (renewed by the master, see lease_gate).
+            let asked = durable::lease_gate::now_ms();
             let recovered = durable::startup::prepare(&d).map_err(StartError::Other)?;
+            durable::lease_gate::share(shared);
+            durable::lease_gate::held_since_ask(asked);
             shared.set_task_id_base(recovered.first_task_id);
             tracing::info!("durable jobs: node {} on {} ({})", d.node, d.shown, d.keys.jobs);
             Some((d, recovered))

@@ -618,6 +618,55 @@ fn a_node_that_hung_past_its_lease_finds_its_name_taken_and_exits() {
     assert!(!twin.log().contains("not known to be its own"), "{}", twin.log());
 }
 
+/// The same for a web node with task processes of its own: its master holds the name and
+/// publishes until when it is surely its own; woken before their master, its task processes
+/// take nothing under the consumer names a new run of the node uses now.
+#[test]
+fn a_web_node_that_hung_past_its_lease_lets_its_task_processes_take_nothing() {
+    let Some(redis) = Redis::start() else { return };
+    let mut old = web(&redis, "w2", &["--task-worker-num", "2"]);
+    bridge_of(&old);
+    let old_tasks = old
+        .wait_pool(2, 2)
+        .iter()
+        .filter(|p| p.args.starts_with("taskd: task"))
+        .map(|p| p.pid)
+        .collect::<Vec<_>>();
+    assert_eq!(old_tasks.len(), 2);
+    // The whole node hangs: master, manager, workers, task processes and bridge.
+    let group = nix::unistd::Pid::from_raw(old.pid as i32);
+    nix::sys::signal::killpg(group, Signal::SIGSTOP).unwrap();
+    wait_for("the name to lapse", || lease_of(&redis, "w2").is_none().then_some(()));
+    let twin = web(&redis, "w2", &["--task-worker-num", "2"]);
+    let mut c = twin.connect();
+    let waiting: Vec<u64> = (0..10).map(|i| c.submit(&job(i, 300))["task_id"].as_u64().unwrap()).collect();
+    for &pid in &old_tasks {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGCONT);
+    }
+    wait_for("the old task processes to find the name not theirs", || {
+        (old.log().matches("the node's name is not known to be its own").count() == old_tasks.len())
+            .then_some(())
+    });
+    nix::sys::signal::killpg(group, Signal::SIGCONT).unwrap();
+    let status = old.wait_exit(common::DEADLINE).expect("the old master exits");
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(old.log().contains("the name is held by another run now"), "{}", old.log());
+    wait_for("the old node's task processes to be gone", || {
+        old_tasks.iter().all(|&p| is_dead(p)).then_some(())
+    });
+
+    let got = finals(&mut c, &waiting);
+    let twin_tasks = twin.pids_of("taskd: task");
+    for v in got.values() {
+        assert_eq!(v["event"], "done", "{v}");
+        assert!(twin_tasks.contains(&(v["task_pid"].as_u64().unwrap() as u32)), "{v}");
+    }
+    // The woken task processes took and ran nothing.
+    assert!(old.outbox_lines().is_empty(), "{:?}", old.outbox_lines());
+    assert!(!old.log().contains("sending email"), "{}", old.log());
+    assert!(lease_of(&redis, "w2").is_some_and(|t| t.ends_with(&format!(":{}", twin.pid))));
+}
+
 #[test]
 fn a_hung_redis_holds_only_the_clients_whose_jobs_wait_on_it() {
     let Some(redis) = Redis::start() else { return };

@@ -71,3 +71,23 @@ fn a_flood_of_refused_jobs_writes_one_warning_not_one_each() {
     let log = daemon.log();
     assert_eq!(log.matches("task not accepted").count(), 1, "{log}");
 }
+
+#[test]
+fn clients_that_send_over_long_lines_write_one_warning_not_one_each() {
+    let daemon = Daemon::start(&["--package-max-length", "1024"]);
+    let long = "x".repeat(2000);
+    for _ in 0..20 {
+        let mut client = daemon.connect();
+        client.send(&long);
+        let refused = client.recv();
+        assert!(
+            refused["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("request line longer than package_max_length")),
+            "{refused}"
+        );
+    }
+    // Every answer was written after the master logged (or held back) its warning.
+    let log = daemon.log();
+    assert_eq!(log.matches("longer than package_max_length (1024 bytes); closing").count(), 1, "{log}");
+}

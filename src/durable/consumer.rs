@@ -16,7 +16,8 @@
 //! node that is gone for good stops beating, and its jobs are claimed by the others after
 //! `claim_timeout` (XAUTOCLAIM), and its consumers deleted once they hold nothing.
 //!
-//! On a task node it takes and starts no job while the node's name is not known to be its own
+//! On any node (a task node, or a web node with its own task processes) it takes and starts no
+//! job while the node's name is not known to be its own
 //! (its manager has not renewed the lease in time: the node woke from a hang, and a node of
 //! the same name, using the same consumer names, may have started meanwhile).
 
@@ -337,10 +338,10 @@ impl Consumer<'_> {
         }
     }
 
-    /// Whether the node's name is surely its own now (see [`super::node::lease_known_valid`]);
+    /// Whether the node's name is surely its own now (see [`super::lease_gate::known_valid`]);
     /// says so once when it is not, and once when it is again.
     fn lease_known_valid(&mut self) -> bool {
-        let valid = super::node::lease_known_valid();
+        let valid = super::lease_gate::known_valid();
         if valid == self.fenced {
             self.fenced = !valid;
             if valid {

@@ -26,6 +26,7 @@ pub mod dead_letter;
 pub mod entry;
 pub mod heartbeat;
 pub mod keys;
+pub mod lease_gate;
 pub mod node;
 pub mod redis_io;
 pub mod startup;

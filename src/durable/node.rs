@@ -4,7 +4,6 @@
 //! another run holds the node's name.
 
 use std::io::Write;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -12,12 +11,12 @@ use nix::sys::signal::Signal;
 use nix::unistd::{getpid, Pid};
 
 use super::consumer::{self, ConsumerSetup, Control};
+use super::lease_gate;
 use super::startup::{self, lease_token, LEASE_TTL};
 use super::Durable;
 use crate::app::Application;
 use crate::config::ServerConfig;
 use crate::process::{self, ProcessError};
-use crate::shm::{boot_clock_ms, Shared};
 use crate::signals::Signals;
 use crate::supervisor::Supervisor;
 
@@ -40,10 +39,10 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     // Two task nodes of one name would share consumer names: the name is held while this runs.
     // The manager holds it: its life is the node's (a hung manager lets the name go).
     let token = lease_token(std::process::id());
-    let asked = boot_clock_ms();
+    let asked = lease_gate::now_ms();
     super::startup::take_lease(&mut conn, d, &token)?;
-    let _ = LEASE_PAGE.set(shared);
-    publish_lease(asked);
+    lease_gate::share(shared);
+    lease_gate::held_since_ask(asked);
     let mut lease = Lease { conn: Some(conn), token, renewed: Instant::now(), lost: false };
     process::set_title("taskd: task-node");
     // The task processes run the job code: as --user, like the server's pool.
@@ -109,33 +108,6 @@ pub fn run<A: Application>(app: &mut A, config: &ServerConfig, d: &Durable) -> R
     }
 }
 
-/// The page through which the manager tells its task processes until when the node's name is
-/// surely its own: set once, before the first fork, so every task process has it. A task node
-/// that wakes from a hang (SIGSTOP, a paused VM) wakes with its task processes; until the
-/// manager has renewed the lease (or found it taken, and sent SIGTERM), they must take no job:
-/// a node of the same name may have started meanwhile, and uses the same consumer names.
-static LEASE_PAGE: OnceLock<&'static Shared> = OnceLock::new();
-
-/// The margin kept under the lease's time to live: for the two hosts' clocks to differ in rate.
-const LEASE_MARGIN: Duration = Duration::from_secs(1);
-
-/// The lease was taken or renewed by a request sent at `asked` (ms of the boot clock): Redis
-/// keeps it at least until `asked` + its time to live, so it is surely this node's until then.
-fn publish_lease(asked: u64) {
-    if let Some(page) = LEASE_PAGE.get() {
-        let valid = (LEASE_TTL - LEASE_MARGIN).as_millis() as u64;
-        page.set_lease_until_ms(asked.saturating_add(valid));
-    }
-}
-
-/// Whether a task process may take or start a job now: on a task node, only while its
-/// manager's last renewal of the node's name is known to hold. A web node's task processes
-/// (no page) answer yes: their master guards the name and stops its pool when it finds it
-/// taken, but publishes no such deadline (yet), so this window is open there.
-pub fn lease_known_valid() -> bool {
-    LEASE_PAGE.get().is_none_or(|page| boot_clock_ms() < page.lease_until_ms())
-}
-
 /// This node's hold on its name, renewed from the manager's loop.
 struct Lease {
     conn: Option<redis::Connection>,
@@ -160,18 +132,16 @@ impl Lease {
             self.conn = super::redis_io::connect(&d.url, Some(super::redis_io::REPLY_LIMIT)).ok();
         }
         let conn = self.conn.as_mut()?;
-        let asked = boot_clock_ms();
+        let asked = lease_gate::now_ms();
         match startup::renew_lease(conn, d, &self.token) {
             Ok(startup::Lease::Held) => {
-                publish_lease(asked);
+                lease_gate::held_since_ask(asked);
                 None
             }
             Ok(startup::Lease::Lost(holder)) => {
                 self.lost = true;
                 // Before the SIGTERM: a task process that has not read it yet takes nothing.
-                if let Some(page) = LEASE_PAGE.get() {
-                    page.set_lease_until_ms(0);
-                }
+                lease_gate::lost();
                 Some(holder)
             }
             Err(e) => {

@@ -3,6 +3,18 @@
 //! workers (input flow control) and unfinished lines share one budget (`partial_lines_max`).
 
 use super::*;
+use crate::throttle::{unlogged, Throttle};
+
+/// One rate limit per kind of warning a client's misbehaviour causes: a flood of clients that
+/// send over-long lines or never read must not write a line each (the first one of a kind
+/// is logged with its peer, then one per 10 s with the count of the others).
+#[derive(Default)]
+pub(super) struct Warnings {
+    too_long: Throttle,
+    partial_budget: Throttle,
+    slow_reader: Throttle,
+    output_budget: Throttle,
+}
 
 impl<A: Application> Master<'_, A> {
     /// Accepts on the line port, or with `ws` on the WebSocket port.
@@ -267,11 +279,14 @@ impl<A: Application> Master<'_, A> {
                 Ok(None) => break Some(pos),
                 Err(too_long) => {
                     let conn = &mut self.conns[key];
-                    tracing::warn!(
-                        "client {}: request line longer than package_max_length ({} bytes); closing",
-                        conn.peer,
-                        too_long.limit
-                    );
+                    if let Some(n) = self.warnings.too_long.log() {
+                        tracing::warn!(
+                            "client {}: request line longer than package_max_length ({} bytes); closing{}",
+                            conn.peer,
+                            too_long.limit,
+                            unlogged(n)
+                        );
+                    }
                     let msg = format!(
                         "request line longer than package_max_length ({} bytes); closing the connection",
                         too_long.limit
@@ -369,11 +384,14 @@ impl<A: Application> Master<'_, A> {
             conn.ws_in_counted = 0;
             self.counters.partial_bytes -= len;
             self.counters.partial_refused += 1;
-            tracing::warn!(
-                "client {}: its unfinished {what} ({len} bytes) does not fit partial_lines_max \
-                 ({budget} bytes for all connections); closing",
-                conn.peer
-            );
+            if let Some(n) = self.warnings.partial_budget.log() {
+                tracing::warn!(
+                    "client {}: its unfinished {what} ({len} bytes) does not fit partial_lines_max \
+                     ({budget} bytes for all connections); closing{}",
+                    conn.peer,
+                    unlogged(n)
+                );
+            }
             let msg = format!(
                 "server busy: too much unfinished input is held for all clients (partial_lines_max, \
                  {budget} bytes), so this connection's unfinished {what} of {len} bytes was \
@@ -457,10 +475,13 @@ impl<A: Application> Master<'_, A> {
         if let Some(state) = conn.ws.as_deref_mut() {
             let ws::WsState::Open(socket) = state else { return };
             if let Err(why) = ws::send(socket, &mut conn.stream, data) {
-                tracing::warn!(
-                    "WebSocket client {} does not read its replies ({why}); disconnecting",
-                    conn.peer
-                );
+                let peer = conn.peer;
+                if let Some(n) = self.warnings.slow_reader.log() {
+                    tracing::warn!(
+                        "WebSocket client {peer} does not read its replies ({why}); disconnecting{}",
+                        unlogged(n)
+                    );
+                }
                 self.close_conn(key);
                 return;
             }
@@ -470,11 +491,13 @@ impl<A: Application> Master<'_, A> {
         }
         conn.queue(data);
         if conn.unwritten() > limit {
-            tracing::warn!(
-                "client {} does not read its replies: {} bytes pending, over buffer_output_size ({limit}); disconnecting",
-                conn.peer,
-                conn.unwritten()
-            );
+            let (peer, pending) = (conn.peer, conn.unwritten());
+            if let Some(n) = self.warnings.slow_reader.log() {
+                tracing::warn!(
+                    "client {peer} does not read its replies: {pending} bytes pending, over buffer_output_size ({limit}); disconnecting{}",
+                    unlogged(n)
+                );
+            }
             self.close_conn(key);
             return;
         }
@@ -507,11 +530,14 @@ impl<A: Application> Master<'_, A> {
                 self.conns.iter().max_by_key(|(_, c)| c.out_counted).map(|(key, c)| (key, c.out_counted));
             let Some((key, held)) = largest.filter(|&(_, held)| held > 0) else { break };
             self.counters.output_refused += 1;
-            tracing::warn!(
-                "client {} does not read its replies: {held} bytes pending, the most of all while all \
-                 connections' pending replies are over output_total_max ({budget}); disconnecting",
-                self.conns[key].peer
-            );
+            if let Some(n) = self.warnings.output_budget.log() {
+                tracing::warn!(
+                    "client {} does not read its replies: {held} bytes pending, the most of all while all \
+                     connections' pending replies are over output_total_max ({budget}); disconnecting{}",
+                    self.conns[key].peer,
+                    unlogged(n)
+                );
+            }
             self.drop_conn(key);
         }
     }

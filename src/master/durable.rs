@@ -70,6 +70,10 @@ pub struct DurableState {
     pub lease_due: Instant,
     /// Until when the name is surely still this node's (its last renewal, plus the lease).
     lease_until: Instant,
+    /// When the oldest renewal not answered yet was asked for (boot clock, ms). The bridge
+    /// folds the asks it has not served into one renewal, so an answer "still ours" surely
+    /// holds from this ask on (see [`crate::durable::lease_gate`]), never from a later one.
+    lease_asked: Option<u64>,
     /// Outcomes that came while that was not sure: acted on once the bridge says it is.
     unsure: Vec<u8>,
     /// Outcomes read from the reply stream at start, acted on once the bridge runs.
@@ -102,6 +106,7 @@ impl DurableState {
             // Taken just before (at start, by `startup::prepare`).
             lease_until: Instant::now() + LEASE_TTL - Duration::from_secs(1),
             unsure: Vec::new(),
+            lease_asked: None,
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
         }
@@ -188,6 +193,8 @@ impl<A: Application> Master<'_, A> {
         };
         let _ = self.poll.registry().deregister(state.bridge.source());
         state.bridge = Channel::new(master_end);
+        // The dead bridge's renewals are answered by no one.
+        state.lease_asked = None;
         self.poll.registry().register(
             state.bridge.source(),
             BRIDGE,
@@ -249,6 +256,7 @@ impl<A: Application> Master<'_, A> {
         let Some(state) = self.durable.as_mut() else { return };
         if Instant::now() >= state.lease_due {
             state.bridge.send(&ToBridge::RenewLease);
+            state.lease_asked.get_or_insert_with(crate::durable::lease_gate::now_ms);
             state.lease_due = Instant::now() + LEASE_TTL / 3;
         }
         if !state.open() {
@@ -331,6 +339,10 @@ impl<A: Application> Master<'_, A> {
         let Some(state) = self.durable.as_mut() else { return };
         // The renewal happened a moment before this word of it: a second of margin.
         state.lease_until = Instant::now() + LEASE_TTL - Duration::from_secs(1);
+        // The pool's consumers take jobs while the name is surely this node's: from the ask.
+        if let Some(asked) = state.lease_asked.take() {
+            crate::durable::lease_gate::held_since_ask(asked);
+        }
         let unsure = std::mem::take(&mut state.unsure);
         let mut pos = 0;
         while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&unsure[pos..]) {
@@ -343,6 +355,8 @@ impl<A: Application> Master<'_, A> {
     /// lease): two nodes of one name would take each other's replies. This one stops now; its
     /// jobs are in Redis, and the node that holds the name answers for them.
     fn on_lease_lost(&mut self, holder: &[u8]) {
+        // First: a consumer of the pool that has not been stopped yet takes nothing more.
+        crate::durable::lease_gate::lost();
         if self.exit_code.is_some() {
             return;
         }

@@ -174,6 +174,8 @@ pub struct Master<'a, A: Application> {
     stop_cause: String,
     /// Handshake deadlines, connection limits and descriptor shortage of the listeners.
     guard: listeners::Guard,
+    /// Rate limits of the warnings a client's misbehaviour repeats (see [`clients::Warnings`]).
+    warnings: clients::Warnings,
     /// Connections paused by input flow control, to read again once their workers catch up.
     paused: Vec<usize>,
     /// Connections in a lingering close (key, session, deadline), oldest first.
@@ -268,6 +270,7 @@ impl<'a, A: Application> Master<'a, A> {
             durable,
             stop_cause: String::new(),
             guard: listeners::Guard::new(config),
+            warnings: clients::Warnings::default(),
             paused: Vec::new(),
             lingering: VecDeque::new(),
         };
