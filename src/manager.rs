@@ -251,7 +251,7 @@ fn fork_slot<A: Application>(
         match role {
             Role::Worker => worker::run(app, worker::WorkerSetup { slot: index, channel, shared, config }),
             Role::Task => match crate::durable::Durable::from_config(config) {
-                Some(d) => ProcessError::from_status(crate::durable::consumer::run(
+                Some(d) => crate::durable::consumer::run(
                     app,
                     crate::durable::consumer::ConsumerSetup {
                         slot: index,
@@ -259,7 +259,7 @@ fn fork_slot<A: Application>(
                         durable: &d,
                         task_max_request: config.task_max_request,
                     },
-                )),
+                ),
                 None => task_worker::run(app, task_worker::TaskSetup { slot: index, channel, config }),
             },
         }

@@ -36,9 +36,6 @@ pub enum ProcessError {
     Corrupt(DecodeError),
     /// The master is gone (its channel closed) while the process still had work.
     MasterGone,
-    /// It logged why already and ends with this status: the entries of the redis bridge and
-    /// of a consumer, which return a bare status.
-    Status(i32),
 }
 
 impl ProcessError {
@@ -47,21 +44,10 @@ impl ProcessError {
         move |source| ProcessError::Io { what, source }
     }
 
-    /// The exit status it ends with (what the supervisor's back-off and the logs see).
+    /// The exit status it ends with (what the supervisor's back-off and the logs see): every
+    /// error is an unclean end, 1.
     pub fn status(&self) -> i32 {
-        match *self {
-            ProcessError::Status(code) => code,
-            _ => 1,
-        }
-    }
-
-    /// An entry's bare status, as a result: 0 is a clean end.
-    pub fn from_status(code: i32) -> Result<(), ProcessError> {
-        if code == 0 {
-            Ok(())
-        } else {
-            Err(ProcessError::Status(code))
-        }
+        1
     }
 }
 
@@ -75,7 +61,6 @@ impl fmt::Display for ProcessError {
             ProcessError::Start(why) => write!(f, "cannot start: {why}"),
             ProcessError::Corrupt(e) => write!(f, "corrupt message from the master: {e}"),
             ProcessError::MasterGone => f.write_str("the master is gone"),
-            ProcessError::Status(code) => write!(f, "exited with status {code}"),
         }
     }
 }
@@ -101,7 +86,6 @@ pub fn spawn(
                 close_inherited_fds(keep).map_err(ProcessError::io("cannot close inherited descriptors"));
             let code = match result.map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(entry))) {
                 Ok(Ok(Ok(()))) => 0,
-                Ok(Ok(Err(ProcessError::Status(code)))) => code,
                 Ok(Ok(Err(e))) | Err(e) => {
                     tracing::error!("{name} (pid {}): {e}", std::process::id());
                     e.status()

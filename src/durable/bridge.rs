@@ -24,6 +24,7 @@ use super::redis_io::{self, is_connection_error};
 use super::startup::{self, lease_token};
 use super::Durable;
 use crate::ipc::envelope::{FromBridge, ToBridge};
+use crate::process::ProcessError;
 use crate::shm::Shared;
 
 /// How long one XREAD of the reply stream blocks.
@@ -36,19 +37,18 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 
 type MasterOut = Arc<Mutex<UnixStream>>;
 
-/// The bridge process's body; returns its exit status.
+/// The bridge process's body: `Ok` when the master closed the channel (a clean stop).
 /// `replies_from`: the last reply stream entry the master has already seen (read at start).
-pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared, replies_from: &str) -> i32 {
+pub fn run(
+    d: &Durable,
+    channel: OwnedFd,
+    shared: &'static Shared,
+    replies_from: &str,
+) -> Result<(), ProcessError> {
     let stream = UnixStream::from(channel);
     let prepared = stream.set_nonblocking(false).and_then(|()| stream.try_clone());
-    let out: MasterOut = match prepared {
-        Ok(s) => Arc::new(Mutex::new(s)),
-        Err(e) => {
-            tracing::error!("redis bridge: cannot use its channel: {e}");
-            return 1;
-        }
-    };
-    let replies = {
+    let out: MasterOut = Arc::new(Mutex::new(prepared.map_err(ProcessError::io("cannot use its channel"))?));
+    {
         let (d, out, from) = (d.clone(), Arc::clone(&out), replies_from.to_string());
         std::thread::Builder::new().name("replies".into()).spawn(move || {
             // Without this thread no outcome would reach the master: if it fails, the whole
@@ -58,11 +58,8 @@ pub fn run(d: &Durable, channel: OwnedFd, shared: &'static Shared, replies_from:
             tracing::error!("redis bridge: the reply reader failed; the bridge exits");
             crate::process::exit_now(1)
         })
-    };
-    if let Err(e) = replies {
-        tracing::error!("redis bridge: cannot start its reply reader: {e}");
-        return 1;
     }
+    .map_err(ProcessError::io("cannot start its reply reader"))?;
     store_loop(d, stream, &out, shared)
 }
 
@@ -130,7 +127,12 @@ impl Link<'_> {
     }
 }
 
-fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'static Shared) -> i32 {
+fn store_loop(
+    d: &Durable,
+    mut input: UnixStream,
+    out: &MasterOut,
+    shared: &'static Shared,
+) -> Result<(), ProcessError> {
     let mut link = Link { d, shared, conn: None, retry_at: Instant::now(), backoff: RETRY_MIN };
     let _ = link.get();
     // The master took the node's name at start. It asks for each renewal itself (a master
@@ -155,7 +157,7 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
                 if let Ok(conn) = link.get() {
                     startup::release_lease(conn, d, &token);
                 }
-                return 0;
+                return Ok(());
             }
             Ok(n) => pending.extend_from_slice(&buf[..n]),
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
@@ -166,20 +168,14 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => {
-                tracing::error!("redis bridge: reading from the master failed: {e}");
-                return 1;
-            }
+            Err(e) => return Err(ProcessError::Io { what: "reading from the master failed", source: e }),
         }
         let mut used = 0;
         loop {
             let (frame, n) = match ToBridge::decode(&pending[used..]) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => {
-                    tracing::error!("redis bridge: corrupt message from the master: {e}");
-                    return 1;
-                }
+                Err(e) => return Err(ProcessError::Corrupt(e)),
             };
             match frame {
                 ToBridge::Store { task_id, session, worker, context, data, .. } => items.push(Item::Store {
@@ -233,7 +229,8 @@ fn store_loop(d: &Durable, mut input: UnixStream, out: &MasterOut, shared: &'sta
             keeps.clear();
         }
         if !acks.is_empty() && send(out, &acks).is_err() {
-            return 0;
+            // The master closed its end: as good as a clean stop, nobody is left to tell.
+            return Ok(());
         }
         renew_if_asked(&mut link, &token, &mut renew, out);
     }

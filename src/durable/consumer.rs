@@ -35,6 +35,7 @@ use super::startup::{delivery_counts, ensure_group};
 use super::Durable;
 use crate::app::{Application, ProcessInfo, Task, TaskCtx};
 use crate::ipc::{ReadState, Role, TaskToMaster, ToTask};
+use crate::process::ProcessError;
 use crate::signals::Signals;
 use crate::worker::guard;
 
@@ -119,23 +120,14 @@ impl Completion {
     }
 }
 
-pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
+pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), ProcessError> {
     let ConsumerSetup { slot, mut control, durable: d, task_max_request } = setup;
     let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
-    if let Err(e) = app.on_worker_start(&info) {
-        tracing::error!("task {slot} (pid {}): cannot start: {e}", info.pid);
-        return 1;
-    }
+    app.on_worker_start(&info).map_err(ProcessError::Start)?;
     let me = consumer_name(&d.node, slot);
     tracing::debug!("task {slot} consumes {} as {me}", d.keys.jobs);
-    let pulse = match Pulse::start(d, &me, slot) {
-        Ok(p) => p,
-        Err(e) => {
-            // Without it, its jobs would be claimed by others while it runs them.
-            tracing::error!("task {slot} (pid {}): cannot start its heartbeat thread: {e}", info.pid);
-            return 1;
-        }
-    };
+    // Without it, its jobs would be claimed by others while it runs them.
+    let pulse = Pulse::start(d, &me, slot).map_err(ProcessError::io("cannot start its heartbeat thread"))?;
     let mut c = Consumer {
         d,
         me,
@@ -153,14 +145,14 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> i32 {
         if let Some(why) = control.stop_requested() {
             // What it took and did not run stays pending under its name (see the module doc).
             tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
-            return 0;
+            return Ok(());
         }
         if task_max_request != 0 && served >= task_max_request {
             tracing::info!(
                 "task {slot} (pid {}) exits: reached task_max_request ({task_max_request})",
                 info.pid
             );
-            return 0;
+            return Ok(());
         }
         let entries = match c.take() {
             Ok(e) => e,

@@ -175,7 +175,7 @@ fn fork_consumer<A: Application>(
         process::die_with_parent(parent);
         let signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT])
             .map_err(ProcessError::io("cannot set up signals"))?;
-        ProcessError::from_status(consumer::run(
+        consumer::run(
             app,
             ConsumerSetup {
                 slot,
@@ -183,6 +183,6 @@ fn fork_consumer<A: Application>(
                 durable: d,
                 task_max_request: config.task_max_request,
             },
-        ))
+        )
     })
 }

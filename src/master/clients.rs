@@ -427,7 +427,7 @@ impl<A: Application> Master<'_, A> {
                     .min_by_key(|&w| {
                         let slot = &self.workers[w];
                         // Busy means holding requests; a pending result is quick to handle.
-                        (!slot.is_alive() as usize, slot.log.requests(), slot.log.len())
+                        (!slot.is_alive() as usize, slot.books.log.requests(), slot.books.log.len())
                     })
                     .unwrap_or(0)
             }
@@ -452,7 +452,7 @@ impl<A: Application> Master<'_, A> {
         encode: impl FnOnce(u64, &mut Vec<u8>),
     ) -> usize {
         let slot = &mut self.workers[worker];
-        let seq = slot.log.next_seq();
+        let seq = slot.books.log.next_seq();
         let bytes = slot.books.log.push(seq, session, kind, |out| encode(seq, out));
         slot.chan.output().extend_from_slice(bytes);
         bytes.len()

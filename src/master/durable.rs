@@ -556,6 +556,6 @@ fn fork_bridge(
         }
         process::die_with_parent(master_pid);
         let fd = child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?;
-        ProcessError::from_status(crate::durable::bridge::run(d, fd, shared, replies_from))
+        crate::durable::bridge::run(d, fd, shared, replies_from)
     })
 }

@@ -38,10 +38,10 @@ impl<A: Application> Master<'_, A> {
             Role::Worker => {
                 let Some(w) = self.workers.get_mut(slot) else { return };
                 w.started(pid);
-                if !w.log.is_empty() {
+                if !w.books.log.is_empty() {
                     tracing::debug!(
                         "worker {slot} (pid {pid}) takes over {} pending deliveries",
-                        w.log.len()
+                        w.books.log.len()
                     );
                 }
             }
@@ -77,7 +77,7 @@ impl<A: Application> Master<'_, A> {
                 }
                 tracing::debug!(
                     "worker {slot} (pid {pid}) {reason}; {} deliveries wait for its successor",
-                    w.log.len()
+                    w.books.log.len()
                 );
             }
             Role::Task => {
@@ -87,8 +87,8 @@ impl<A: Application> Master<'_, A> {
                 self.read_task(slot);
                 let t = &mut self.tasks[slot];
                 empty_channel(&mut t.chan, &t.child_end, Role::Task, slot);
-                let inflight: Vec<u64> = t.inflight.drain(..).collect();
-                let timed_out = t.timed_out;
+                let inflight: Vec<u64> = t.books.inflight.drain(..).collect();
+                let timed_out = t.books.timed_out;
                 t.exited();
                 if !reason.is_clean() {
                     self.counters.task_crashes += 1;
@@ -163,7 +163,7 @@ impl<A: Application> Master<'_, A> {
                     "{sig}: shutting down; no new connections; waiting up to {}s for {} jobs and {} requests in flight",
                     self.config.max_wait_time,
                     self.jobs.len(),
-                    self.workers.iter().map(|w| w.log.len()).sum::<usize>()
+                    self.workers.iter().map(|w| w.books.log.len()).sum::<usize>()
                 );
                 for mut listener in [self.listener.take(), self.ws_listener.take()].into_iter().flatten() {
                     let _ = self.poll.registry().deregister(&mut listener);
@@ -436,7 +436,7 @@ impl<A: Application> Master<'_, A> {
         let mut lines: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut requests = 0;
         for w in &self.workers {
-            let data = w.log.uncommitted();
+            let data = w.books.log.uncommitted();
             let mut pos = 0;
             while let Ok(Some((frame, n))) = ToWorker::decode(&data[pos..]) {
                 pos += n;

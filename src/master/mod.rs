@@ -391,8 +391,8 @@ impl<'a, A: Application> Master<'a, A> {
         let task_deadlines = self.config.task_limit().and_then(|limit| {
             self.tasks
                 .iter()
-                .filter(|t| t.timed_out.is_none())
-                .filter_map(|t| t.running_since)
+                .filter(|t| t.books.timed_out.is_none())
+                .filter_map(|t| t.books.running_since)
                 .min()
                 .map(|since| since + limit)
         });
@@ -417,7 +417,7 @@ impl<'a, A: Application> Master<'a, A> {
     fn drained(&self) -> bool {
         self.durable.as_ref().is_none_or(|d| !d.holding() && d.unacked() == 0)
             && self.jobs.is_empty()
-            && self.workers.iter().all(|w| w.log.is_empty())
+            && self.workers.iter().all(|w| w.books.log.is_empty())
             && self.conns.iter().all(|(_, c)| c.unwritten() == 0)
     }
 

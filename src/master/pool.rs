@@ -125,10 +125,10 @@ impl<A: Application> Master<'_, A> {
             FromTask::Send { session, data } => self.send_to_session(session, data),
             FromTask::TaskDone { task_id, ok, reply, result } => {
                 let slot = &mut self.tasks[j];
-                if let Some(pos) = slot.inflight.iter().position(|&id| id == task_id) {
-                    slot.inflight.remove(pos);
+                if let Some(pos) = slot.books.inflight.iter().position(|&id| id == task_id) {
+                    slot.books.inflight.remove(pos);
                     if pos == 0 {
-                        slot.head_finished();
+                        slot.books.head_finished();
                     }
                 }
                 slot.served += 1;
@@ -286,7 +286,8 @@ impl<A: Application> Master<'_, A> {
         let prefetch = self.config.task_prefetch;
         // Jobs for one given task process first: only that process can take them.
         for j in 0..self.tasks.len() {
-            while self.tasks[j].accepts_work() && self.tasks[j].inflight.len() < self.tasks[j].room(prefetch)
+            while self.tasks[j].accepts_work()
+                && self.tasks[j].books.inflight.len() < self.tasks[j].books.room(prefetch)
             {
                 let Some(task_id) = self.jobs.pop_targeted(j as u32) else { break };
                 self.run_on(j, task_id);
@@ -297,8 +298,8 @@ impl<A: Application> Master<'_, A> {
                 .tasks
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| t.accepts_work() && t.inflight.len() < t.room(prefetch))
-                .min_by_key(|(_, t)| t.inflight.len())
+                .filter(|(_, t)| t.accepts_work() && t.books.inflight.len() < t.books.room(prefetch))
+                .min_by_key(|(_, t)| t.books.inflight.len())
                 .map(|(j, _)| j);
             let Some(j) = best else { return };
             self.jobs.pop_front();
@@ -319,9 +320,9 @@ impl<A: Application> Master<'_, A> {
             data: &job.data,
         }
         .encode(slot.chan.output());
-        slot.inflight.push_back(task_id);
-        if slot.inflight.len() == 1 {
-            slot.head_changed();
+        slot.books.inflight.push_back(task_id);
+        if slot.books.inflight.len() == 1 {
+            slot.books.head_changed();
         }
     }
 
@@ -329,13 +330,14 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn kill_hung_tasks(&mut self) {
         let Some(limit) = self.config.task_limit() else { return };
         for (j, t) in self.tasks.iter_mut().enumerate() {
-            let hung = t.timed_out.is_none() && t.running_since.is_some_and(|s| s.elapsed() >= limit);
-            if let (true, Some(pid), Some(&task_id)) = (hung, t.pid(), t.inflight.front()) {
+            let hung =
+                t.books.timed_out.is_none() && t.books.running_since.is_some_and(|s| s.elapsed() >= limit);
+            if let (true, Some(pid), Some(&task_id)) = (hung, t.pid(), t.books.inflight.front()) {
                 tracing::warn!(
                     "job {task_id} has run longer than task_timeout ({}s) in task process {j} (pid {pid}); killing it",
                     self.config.task_timeout,
                 );
-                t.timed_out = Some(task_id);
+                t.books.timed_out = Some(task_id);
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }

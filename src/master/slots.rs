@@ -3,7 +3,6 @@
 //! process's jobs).
 
 use std::collections::VecDeque;
-use std::ops::{Deref, DerefMut};
 use std::os::fd::OwnedFd;
 use std::time::Instant;
 
@@ -44,7 +43,8 @@ pub trait Books {
     fn process_gone(&mut self) {}
 }
 
-/// One slot of the pool. It reads as its books (`slot.log`, `slot.inflight`) through `Deref`.
+/// One slot of the pool: its process's life and its link, and its books (`slot.books.log`,
+/// `slot.books.inflight`).
 pub struct Slot<B: Books> {
     pub chan: B::Chan,
     /// The slot's child end, to empty it when a process dies.
@@ -149,19 +149,6 @@ impl<B: Books> Slot<B> {
     }
 }
 
-impl<B: Books> Deref for Slot<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.books
-    }
-}
-
-impl<B: Books> DerefMut for Slot<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.books
-    }
-}
-
 /// A worker slot's books: the deliveries its process has not committed.
 #[derive(Default)]
 pub struct WorkerBooks {
@@ -249,14 +236,14 @@ mod tests {
     #[test]
     fn prefetch_follows_how_long_jobs_take() {
         let mut t = slot();
-        assert_eq!(t.room(64), 1, "one at a time until a job has been timed");
-        t.job_seconds = Some(1.0);
-        assert_eq!(t.room(64), 1, "slow jobs: one at a time");
-        t.job_seconds = Some(0.0001);
-        assert_eq!(t.room(64), 20, "quick jobs: about 2 ms of work ahead");
-        t.job_seconds = Some(0.000_001);
-        assert_eq!(t.room(64), 64, "never past the configured most");
-        assert_eq!(t.room(1), 1, "task_prefetch 1 turns it off");
+        assert_eq!(t.books.room(64), 1, "one at a time until a job has been timed");
+        t.books.job_seconds = Some(1.0);
+        assert_eq!(t.books.room(64), 1, "slow jobs: one at a time");
+        t.books.job_seconds = Some(0.0001);
+        assert_eq!(t.books.room(64), 20, "quick jobs: about 2 ms of work ahead");
+        t.books.job_seconds = Some(0.000_001);
+        assert_eq!(t.books.room(64), 64, "never past the configured most");
+        assert_eq!(t.books.room(1), 1, "task_prefetch 1 turns it off");
     }
 
     #[test]

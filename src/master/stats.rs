@@ -117,16 +117,16 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
     for (i, w) in s.workers.iter().enumerate() {
         processes.push(json!({
             "role": "worker", "slot": i, "pid": w.pid().unwrap_or(0), "state": w.state(),
-            "served": w.served, "pending": w.log.len(), "restarts": w.starts.saturating_sub(1),
+            "served": w.served, "pending": w.books.log.len(), "restarts": w.starts.saturating_sub(1),
         }));
     }
     for (i, t) in s.tasks.iter().enumerate().filter(|(_, t)| t.in_pool() || t.is_alive()) {
         processes.push(json!({
             "role": "task", "slot": i, "pid": t.pid().unwrap_or(0), "state": t.state(),
-            "served": t.served, "running": t.inflight.len(), "restarts": t.starts.saturating_sub(1),
+            "served": t.served, "running": t.books.inflight.len(), "restarts": t.starts.saturating_sub(1),
         }));
     }
-    let tasking: usize = s.tasks.iter().map(|t| t.inflight.len()).sum();
+    let tasking: usize = s.tasks.iter().map(|t| t.books.inflight.len()).sum();
     let mut line = json!({
         "event": "stats",
         "start_time": c.start_time,
@@ -137,9 +137,9 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "request_count": c.request_count,
         "dispatch_count": c.dispatch_count,
         "worker_num": s.config.worker_num,
-        "idle_worker_num": s.workers.iter().filter(|w| w.is_alive() && w.log.is_empty()).count(),
+        "idle_worker_num": s.workers.iter().filter(|w| w.is_alive() && w.books.log.is_empty()).count(),
         "task_worker_num": s.tasks.iter().filter(|t| t.in_pool()).count(),
-        "idle_task_worker_num": s.tasks.iter().filter(|t| t.is_alive() && t.inflight.is_empty()).count(),
+        "idle_task_worker_num": s.tasks.iter().filter(|t| t.is_alive() && t.books.inflight.is_empty()).count(),
         "tasking_num": tasking,
         "task_queue_num": s.jobs.queued(),
         "tasks_accepted": c.tasks_accepted,
@@ -216,7 +216,7 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
         "Jobs run again after their task process died.",
         c.tasks_retried,
     );
-    let running: usize = s.tasks.iter().map(|t| t.inflight.len()).sum();
+    let running: usize = s.tasks.iter().map(|t| t.books.inflight.len()).sum();
     metric("tasks_running", "gauge", "Jobs in task processes now.", running as u64);
     metric("tasks_queued", "gauge", "Jobs waiting for a task process.", s.jobs.queued() as u64);
     metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
