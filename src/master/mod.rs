@@ -176,6 +176,8 @@ pub struct Master<'a, A: Application> {
     guard: listeners::Guard,
     /// Rate limits of the warnings a client's misbehaviour repeats (see [`clients::Warnings`]).
     warnings: clients::Warnings,
+    /// `task_timeout` as a duration, once: it is read every reactor turn.
+    task_limit: Option<Duration>,
     /// Connections paused by input flow control, to read again once their workers catch up.
     paused: Vec<usize>,
     /// Connections in a lingering close (key, session, deadline), oldest first.
@@ -271,6 +273,7 @@ impl<'a, A: Application> Master<'a, A> {
             stop_cause: String::new(),
             guard: listeners::Guard::new(config),
             warnings: clients::Warnings::default(),
+            task_limit: config.task_limit(),
             paused: Vec::new(),
             lingering: VecDeque::new(),
         };
@@ -388,7 +391,7 @@ impl<'a, A: Application> Master<'a, A> {
             Phase::Running => None,
             Phase::Draining { deadline } | Phase::Stopping { deadline } => Some(deadline),
         };
-        let task_deadlines = self.config.task_limit().and_then(|limit| {
+        let task_deadlines = self.task_limit.and_then(|limit| {
             self.tasks
                 .iter()
                 .filter(|t| t.books.timed_out.is_none())

@@ -328,10 +328,12 @@ impl<A: Application> Master<'_, A> {
 
     /// Kills a task process whose job has run past `task_timeout`; its death re-runs the job.
     pub(super) fn kill_hung_tasks(&mut self) {
-        let Some(limit) = self.config.task_limit() else { return };
+        let Some(limit) = self.task_limit else { return };
+        // One reading of the clock for the whole pool, every turn.
+        let now = Instant::now();
         for (j, t) in self.tasks.iter_mut().enumerate() {
-            let hung =
-                t.books.timed_out.is_none() && t.books.running_since.is_some_and(|s| s.elapsed() >= limit);
+            let hung = t.books.timed_out.is_none()
+                && t.books.running_since.is_some_and(|s| now.saturating_duration_since(s) >= limit);
             if let (true, Some(pid), Some(&task_id)) = (hung, t.pid(), t.books.inflight.front()) {
                 tracing::warn!(
                     "job {task_id} has run longer than task_timeout ({}s) in task process {j} (pid {pid}); killing it",
