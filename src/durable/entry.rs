@@ -215,33 +215,9 @@ pub fn outcomes_of(batch: &[u8], id: &str, out: &mut Vec<u8>) -> Result<usize, S
     let mut count = 0;
     while pos < batch.len() {
         match FromBridge::decode(&batch[pos..]) {
-            Ok(Some((
-                FromBridge::Reply(Reply {
-                    task_id,
-                    ok,
-                    attempts,
-                    task_pid,
-                    replays,
-                    reply,
-                    sends,
-                    result,
-                    ..
-                }),
-                n,
-            ))) => {
-                let entry = id.as_bytes();
-                FromBridge::Reply(Reply {
-                    task_id,
-                    ok,
-                    attempts,
-                    task_pid,
-                    replays,
-                    entry,
-                    reply,
-                    sends,
-                    result,
-                })
-                .encode(out);
+            Ok(Some((FromBridge::Reply(reply), n))) => {
+                // The same outcome, naming the stream entry it was read from.
+                FromBridge::Reply(Reply { entry: id.as_bytes(), ..reply }).encode(out);
                 pos += n;
                 count += 1;
             }
