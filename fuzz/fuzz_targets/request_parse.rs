@@ -42,6 +42,8 @@ fuzz_target!(|data: &[u8]| {
             let text = String::from_utf8_lossy(data);
             assert!(text.contains(&task_id.to_string()), "task id {task_id} not in {text:?}");
         }
+        // Without handlers configured (plain `parse`), no type is an external handler's.
+        Ok(Request::Handled { kind, .. }) => panic!("a handled job of type {kind:?} without handlers"),
         Err(message) => assert!(!message.trim().is_empty(), "empty error message"),
     }
 });
