@@ -274,23 +274,7 @@ fn a_blaster_that_never_reads_is_slowed_down_the_master_stays_small_and_sigterm_
             let chunk = "x\n".repeat(32 * 1024);
             while !stop.load(Ordering::Relaxed) {
                 let Ok(mut s) = TcpStream::connect(addr) else { continue };
-                s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
-                while !stop.load(Ordering::Relaxed) {
-                    match s.write(chunk.as_bytes()) {
-                        Ok(n) => {
-                            sent.fetch_add(n as u64, Ordering::Relaxed);
-                        }
-                        Err(e)
-                            if matches!(
-                                e.kind(),
-                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                            ) => {}
-                        Err(_) => {
-                            cut_off.fetch_add(1, Ordering::Relaxed);
-                            break;
-                        }
-                    }
-                }
+                write_until_cut_off(&mut s, chunk.as_bytes(), &stop, &cut_off, &sent);
             }
         })
     };
@@ -681,21 +665,7 @@ fn past_output_total_max_the_clients_holding_the_most_unread_replies_are_cut_off
                 let chunk = "stats\n".repeat(200);
                 while !stop.load(Ordering::Relaxed) {
                     let Ok(mut s) = connect_small_window(addr) else { continue };
-                    s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
-                    while !stop.load(Ordering::Relaxed) {
-                        match s.write(chunk.as_bytes()) {
-                            Ok(_) => {}
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => {
-                                cut_off.fetch_add(1, Ordering::Relaxed);
-                                break;
-                            }
-                        }
-                    }
+                    write_until_cut_off(&mut s, chunk.as_bytes(), &stop, &cut_off, &AtomicU64::new(0));
                 }
             })
         })
@@ -834,4 +804,29 @@ fn replies_held_for_a_websocket_client_that_does_not_read_are_counted_and_uncoun
     }
     // All written: nothing is counted for it any more.
     wait_for("the count back to 0", || (stats(&daemon)["output_bytes"] == 0).then_some(()));
+}
+
+/// A client that writes `chunk` again and again and never reads, until `stop` or until the
+/// server cuts it off (counted in `cut_off`); what the socket took is added to `sent`.
+fn write_until_cut_off(
+    s: &mut TcpStream,
+    chunk: &[u8],
+    stop: &std::sync::atomic::AtomicBool,
+    cut_off: &std::sync::atomic::AtomicU64,
+    sent: &std::sync::atomic::AtomicU64,
+) {
+    use std::sync::atomic::Ordering;
+    s.set_write_timeout(Some(Duration::from_millis(100))).unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        match s.write(chunk) {
+            Ok(n) => {
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => {
+                cut_off.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+        }
+    }
 }
