@@ -14,7 +14,7 @@
 use std::time::Duration;
 
 use serde_json::json;
-use taskd::{Application, Finished, SessionId, Task, TaskCtx, WorkerCtx};
+use taskd::{Application, Finished, SessionId, Task, TaskCtx, TaskFailure, WorkerCtx};
 
 struct Shout;
 
@@ -92,7 +92,7 @@ impl Application for Shout {
         }
     }
 
-    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         let asked = text(task.data);
         for word in asked.split_whitespace() {
             if let Some(ms) = word.strip_prefix("sleep=").and_then(|v| v.parse().ok()) {
@@ -100,7 +100,7 @@ impl Application for Shout {
             }
         }
         if asked.contains("fail") {
-            return Err(format!("task {} was asked to fail", task.id));
+            return Err(TaskFailure::Permanent(format!("task {} was asked to fail", task.id)));
         }
         Ok(format!("pid={} slot={} {}", ctx.info().pid, ctx.info().slot, asked.to_uppercase()).into_bytes())
     }

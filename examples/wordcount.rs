@@ -14,7 +14,7 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use taskd::{Application, Finished, SessionId, Task, TaskCtx, WorkerCtx};
+use taskd::{Application, Finished, SessionId, Task, TaskCtx, TaskFailure, WorkerCtx};
 
 struct WordCount;
 
@@ -44,7 +44,7 @@ impl Application for WordCount {
         ctx.send(session, reply.as_bytes());
     }
 
-    fn on_task(&mut self, _ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+    fn on_task(&mut self, _ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         let text = std::str::from_utf8(task.data).map_err(|_| "the line is not UTF-8".to_string())?;
         let words = text.split_whitespace().count();
         let chars = text.chars().count();

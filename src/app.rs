@@ -80,10 +80,54 @@ pub trait Application: 'static {
     fn on_receive(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, data: &[u8]);
     /// In a worker: a client's connection is gone (dispatch mode 2 only).
     fn on_close(&mut self, _ctx: &mut WorkerCtx<'_>, _session: SessionId) {}
-    /// In a task process: run one task; the value returned is the task's result (finish).
-    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String>;
+    /// In a task process: run one task; the value returned is the task's result (finish), or
+    /// why there is none and whether the server should run it again ([`TaskFailure`]; a
+    /// `String` converts to a permanent failure, so `Err(why.to_string())` and `?` just work).
+    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure>;
     /// In a worker of the slot that submitted the task: the task is done or failed for good.
     fn on_finish(&mut self, _ctx: &mut WorkerCtx<'_>, _finished: &Finished<'_>) {}
+}
+
+/// Why a task produced no result, and what the server does about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskFailure {
+    /// No attempt can succeed: the job fails now with this reason.
+    Permanent(String),
+    /// This attempt failed, another may succeed (a provider down or busy): the server runs the
+    /// job again after a back-off with full jitter (`retry_after`, when the other side named a
+    /// time), until its delivery retries are spent; then it fails with this reason.
+    Transient { error: String, retry_after: Option<Duration> },
+    /// The job may not run yet (a rate limit): it waits `wait` in the delayed queue and runs
+    /// again; this run does not count as an attempt.
+    NotYet { wait: Duration, why: String },
+}
+
+impl TaskFailure {
+    /// The reason, as the job's `failed` or `retrying` line says it.
+    pub fn reason(&self) -> &str {
+        match self {
+            TaskFailure::Permanent(why) | TaskFailure::NotYet { why, .. } => why,
+            TaskFailure::Transient { error, .. } => error,
+        }
+    }
+}
+
+impl From<String> for TaskFailure {
+    fn from(why: String) -> Self {
+        TaskFailure::Permanent(why)
+    }
+}
+
+impl From<&str> for TaskFailure {
+    fn from(why: &str) -> Self {
+        TaskFailure::Permanent(why.to_string())
+    }
+}
+
+impl fmt::Display for TaskFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.reason())
+    }
 }
 
 /// Why a task was not accepted.

@@ -27,6 +27,7 @@
 //! | [`net`] | before the fork, master | binding listeners; which web origins may open a WebSocket |
 //! | [`app`] | worker, task | the `Application` trait and its contexts |
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
+//! | [`delivery`] | task | ways to deliver a message (outbox, SMTP, SMS over HTTP) behind one trait |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
 //! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
@@ -37,6 +38,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod delivery;
 pub mod durable;
 pub mod files;
 pub mod handler;
@@ -56,7 +58,9 @@ pub mod task_worker;
 pub mod throttle;
 pub mod worker;
 
-pub use app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskId, WorkerCtx};
+pub use app::{
+    Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, TaskId, WorkerCtx,
+};
 pub use config::{DispatchMode, ServerConfig};
 
 use std::io::{self, Write};

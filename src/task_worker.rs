@@ -98,12 +98,15 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
 fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, out: &mut Vec<u8>) {
     let task_id = task.id;
     let mut ctx = TaskCtx { out, info, reply: Vec::new() };
-    let mut result = Err(format!("job {task_id} panicked in task process {}", info.pid));
+    let mut result = Err(format!("job {task_id} panicked in task process {}", info.pid).into());
     guard(info.slot, "on_task", || result = app.on_task(&mut ctx, task));
     let reply = std::mem::take(&mut ctx.reply);
+    // Until the delayed queue exists, every failure is final (the master has one path for it).
     match &result {
         Ok(bytes) => FromTask::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
-        Err(why) => FromTask::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() },
+        Err(failure) => {
+            FromTask::TaskDone { task_id, ok: false, reply: &reply, result: failure.reason().as_bytes() }
+        }
     }
     .encode(out);
 }

@@ -252,14 +252,15 @@ fn run_one<A: Application>(
     };
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
-    let mut result = Err(format!("job {} panicked in task process {}", job.task_id, info.pid));
+    let mut result = Err(format!("job {} panicked in task process {}", job.task_id, info.pid).into());
     pulse.running(&entry.id, &job, attempt);
     guard(info.slot, "on_task", || result = app.on_task(&mut ctx, &task));
     pulse.ran();
     let reply = std::mem::take(&mut ctx.reply);
     let (ok, result) = match result {
         Ok(bytes) => (true, bytes),
-        Err(why) => (false, why.into_bytes()),
+        // Until the delayed queue is in Redis, every failure is final.
+        Err(failure) => (false, failure.reason().as_bytes().to_vec()),
     };
     let reply = ReplyEntry {
         task_id: job.task_id,

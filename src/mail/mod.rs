@@ -14,7 +14,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::app::{Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, WorkerCtx};
+use crate::app::{
+    Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, WorkerCtx,
+};
 use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
 use crate::throttle::Throttle;
@@ -407,8 +409,8 @@ impl Application for MailApp {
         tracing::debug!("session {session} closed");
     }
 
-    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
-        self.deliver(ctx, task)
+    fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
+        self.deliver(ctx, task).map_err(TaskFailure::from)
     }
 
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {
