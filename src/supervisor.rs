@@ -3,7 +3,7 @@
 //!
 //! The manager uses it for the pool (and adds its gate: a dead process's successor waits until
 //! the master has cleaned the slot's channel), `taskd task-node` for its task processes, and the
-//! master for the redis bridge. How to fork a slot's process is the caller's: [`process::spawn`]
+//! master for the manager and the redis bridge. How to fork a slot's process is the caller's: [`process::spawn`]
 //! inside the closure given to [`Supervisor::start`] and [`Supervisor::start_due`].
 //!
 //! One rule for every child: a process that dies within [`FAST_DEATH`] of its start, other than

@@ -367,10 +367,7 @@ impl<A: Application> Master<'_, A> {
             String::from_utf8_lossy(holder),
             LEASE_TTL.as_secs()
         );
-        if let Some(pid) = self.manager_pid.take() {
-            let _ = kill(pid, Signal::SIGKILL);
-            process::wait_for(pid, Duration::from_secs(2));
-        }
+        self.kill_manager();
         self.exit_code = Some(1);
     }
 

@@ -173,10 +173,7 @@ impl<A: Application> Master<'_, A> {
             _ => {
                 tracing::warn!("{sig} again: stopping now");
                 self.stop_cause = format!("a second {sig} stopped the server at once");
-                if let Some(pid) = self.manager_pid {
-                    let _ = kill(pid, Signal::SIGKILL);
-                    process::wait_for(pid, Duration::from_secs(2));
-                }
+                self.kill_manager();
                 self.exit_code = Some(1);
             }
         }
@@ -184,9 +181,8 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn reap(&mut self) {
         for reaped in process::reap() {
-            if Some(reaped.pid) == self.manager_pid {
-                self.manager_pid = None;
-                self.on_manager_exit(reaped.reason);
+            if let Some(exit) = self.manager_sup.exited(reaped) {
+                self.on_manager_exit(exit.reason);
             } else if let Some(exit) = self.durable.as_mut().and_then(|d| d.bridge_sup.exited(reaped)) {
                 self.on_bridge_exit(exit.reason);
             } else if let Some(r) = &mut self.recovery {
@@ -248,10 +244,9 @@ impl<A: Application> Master<'_, A> {
             }
             Err(e) => tracing::error!("cannot create a channel for a new manager: {e}"),
         }
-        if let Err(e) = self.spawn_manager() {
-            tracing::error!("cannot fork a new manager: {e}; stopping");
-            self.exit_code = Some(1);
-        }
+        // Forked by `spawn_manager` at the end of a turn, at once or after the back-off of a
+        // manager that died soon after its start; a fork that fails is tried again.
+        self.manager_sup.release(MANAGER_SLOT);
     }
 
     /// SIGTTIN: one task process more (up to `task_worker_max`); SIGTTOU: one fewer (down to

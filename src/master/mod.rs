@@ -47,6 +47,7 @@ use crate::process;
 use crate::protocol;
 use crate::shm::Shared;
 use crate::signals::Signals;
+use crate::supervisor::Supervisor;
 
 use conn::{Conn, Flushed, KEY_BITS, KEY_MASK};
 use durable::{DurableState, BRIDGE};
@@ -143,7 +144,9 @@ pub struct Master<'a, A: Application> {
     manager: MasterToManager,
     /// The manager's end of its channel, kept to hand to a new manager.
     manager_end: OwnedFd,
-    manager_pid: Option<Pid>,
+    /// The manager's slot: one that dies is replaced with the back-off every child gets (a
+    /// manager that dies at start is not forked in a tight loop), once its pool is gone.
+    manager_sup: Supervisor,
     recovery: Option<ManagerRecovery>,
     workers: Vec<WorkerSlot>,
     tasks: Vec<TaskSlot>,
@@ -250,7 +253,11 @@ impl<'a, A: Application> Master<'a, A> {
             signals,
             manager,
             manager_end,
-            manager_pid: None,
+            manager_sup: {
+                let mut sup = Supervisor::new("master", true);
+                sup.add("manager", true);
+                sup
+            },
             recovery: None,
             workers: worker_slots,
             tasks: task_slots,
@@ -296,43 +303,34 @@ impl<'a, A: Application> Master<'a, A> {
         self.metrics.as_ref().and_then(|l| l.local_addr().ok())
     }
 
-    /// Forks the manager, which forks the pool.
+    /// The manager running now, if any.
+    fn manager_pid(&self) -> Option<Pid> {
+        self.manager_sup.pid(MANAGER_SLOT)
+    }
+
+    /// Stops the manager now (SIGKILL), and so its pool (parent-death signal): no successor.
+    fn kill_manager(&mut self) {
+        self.manager_sup.kill_all(Signal::SIGKILL);
+        self.manager_sup.stop_and_wait(Duration::from_secs(2));
+    }
+
+    /// Forks the manager, which forks the pool, if it is due: at start, or once a dead one's
+    /// pool is gone and its back-off is over.
     pub fn spawn_manager(&mut self) -> io::Result<()> {
-        let master_pid = nix::unistd::getpid();
-        let mut keep: Vec<RawFd> = vec![self.manager_end.as_raw_fd()];
-        keep.extend(self.workers.iter().map(|w| w.child_end.as_raw_fd()));
-        keep.extend(self.tasks.iter().map(|t| t.child_end.as_raw_fd()));
-        let manager_end = &self.manager_end;
-        let worker_ends: Vec<&OwnedFd> = self.workers.iter().map(|w| &w.child_end).collect();
-        let task_ends: Vec<&OwnedFd> = self.tasks.iter().map(|t| &t.child_end).collect();
-        let config = self.config;
-        let shared = self.shared;
-        let credentials = self.credentials;
+        let handover = ManagerHandover {
+            manager_end: &self.manager_end,
+            worker_ends: self.workers.iter().map(|w| &w.child_end).collect(),
+            task_ends: self.tasks.iter().map(|t| &t.child_end).collect(),
+            config: self.config,
+            shared: self.shared,
+            credentials: self.credentials,
+        };
         let app = &mut *self.app;
-        let pid = process::spawn("manager", &keep, move || {
-            // The manager's own descriptors for the ends it was handed (kept open by `keep`).
-            let owned =
-                |fds: &[&OwnedFd]| fds.iter().map(|fd| fd.try_clone()).collect::<io::Result<Vec<_>>>();
-            let take = || -> io::Result<_> {
-                Ok((manager_end.try_clone()?, owned(&worker_ends)?, owned(&task_ends)?))
-            };
-            let (master_channel, workers, tasks) =
-                take().map_err(process::ProcessError::io("cannot take over the channels"))?;
-            manager::run(
-                app,
-                manager::ManagerSetup {
-                    config,
-                    shared,
-                    master_channel,
-                    workers,
-                    tasks,
-                    master_pid,
-                    credentials,
-                },
-            )
-        })?;
-        self.manager_pid = Some(pid);
-        Ok(())
+        let tried = self.manager_sup.start_due(|_| fork_manager(&mut *app, &handover));
+        match tried.into_iter().next() {
+            Some((_, Err(e))) => Err(e),
+            _ => Ok(()),
+        }
     }
 
     /// Runs the reactor until the daemon stops; returns the exit code.
@@ -409,6 +407,7 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
             .chain(self.durable.as_ref().map(|d| d.next_timer()))
+            .chain(self.manager_sup.next_timer())
             .chain(self.guard.next_deadline())
             .chain(self.lingering.front().map(|&(_, _, at)| at));
         for d in others {
@@ -426,6 +425,11 @@ impl<'a, A: Application> Master<'a, A> {
 
     fn end_turn(&mut self) {
         self.finish_manager_recovery();
+        if !matches!(self.phase, Phase::Stopping { .. }) {
+            if let Err(e) = self.spawn_manager() {
+                tracing::error!("cannot fork a new manager: {e}");
+            }
+        }
         if self.accept_retry.is_some_and(|at| Instant::now() >= at) {
             self.accept_retry = None;
             self.accept(false);
@@ -484,7 +488,7 @@ impl<'a, A: Application> Master<'a, A> {
                     self.manager.send(&ToManager::Shutdown);
                     self.flush_channels();
                     self.phase = Phase::Stopping { deadline: Instant::now() + POOL_STOP_LIMIT };
-                    if self.manager_pid.is_none() {
+                    if self.manager_pid().is_none() {
                         self.exit_code = Some(0);
                     }
                 }
@@ -492,10 +496,7 @@ impl<'a, A: Application> Master<'a, A> {
             Phase::Stopping { deadline } => {
                 if Instant::now() >= deadline {
                     tracing::warn!("the pool did not stop in time; killing it");
-                    if let Some(pid) = self.manager_pid {
-                        let _ = kill(pid, Signal::SIGKILL);
-                        process::wait_for(pid, Duration::from_secs(2));
-                    }
+                    self.kill_manager();
                     self.exit_code = Some(0);
                 }
             }
@@ -547,7 +548,7 @@ impl<'a, A: Application> Master<'a, A> {
             counters: &self.counters,
             config: self.config,
             master_pid: std::process::id(),
-            manager_pid: self.manager_pid.map(|p| p.as_raw() as u32),
+            manager_pid: self.manager_pid().map(|p| p.as_raw() as u32),
             connections: self.conns.len(),
             workers: &self.workers,
             tasks: &self.tasks,
@@ -577,4 +578,39 @@ fn watch_listener(poll: &Poll, listener: std::net::TcpListener, token: Token) ->
     let mut listener = TcpListener::from_std(listener);
     poll.registry().register(&mut listener, token, Interest::READABLE)?;
     Ok(listener)
+}
+
+/// The manager's slot in [`Master::manager_sup`].
+const MANAGER_SLOT: usize = 0;
+
+/// What a new manager is handed: the ends of every channel, which outlive any manager.
+struct ManagerHandover<'a> {
+    manager_end: &'a OwnedFd,
+    worker_ends: Vec<&'a OwnedFd>,
+    task_ends: Vec<&'a OwnedFd>,
+    config: &'a ServerConfig,
+    shared: &'static Shared,
+    credentials: Option<process::Credentials>,
+}
+
+/// Forks a manager with `h`'s channel ends.
+fn fork_manager<A: Application>(app: &mut A, h: &ManagerHandover<'_>) -> io::Result<Pid> {
+    let master_pid = nix::unistd::getpid();
+    let mut keep: Vec<RawFd> = vec![h.manager_end.as_raw_fd()];
+    keep.extend(h.worker_ends.iter().map(|fd| fd.as_raw_fd()));
+    keep.extend(h.task_ends.iter().map(|fd| fd.as_raw_fd()));
+    let (config, shared, credentials) = (h.config, h.shared, h.credentials);
+    process::spawn("manager", &keep, move || {
+        // The manager's own descriptors for the ends it was handed (kept open by `keep`).
+        let owned = |fds: &[&OwnedFd]| fds.iter().map(|fd| fd.try_clone()).collect::<io::Result<Vec<_>>>();
+        let take = || -> io::Result<_> {
+            Ok((h.manager_end.try_clone()?, owned(&h.worker_ends)?, owned(&h.task_ends)?))
+        };
+        let (master_channel, workers, tasks) =
+            take().map_err(process::ProcessError::io("cannot take over the channels"))?;
+        manager::run(
+            app,
+            manager::ManagerSetup { config, shared, master_channel, workers, tasks, master_pid, credentials },
+        )
+    })
 }
