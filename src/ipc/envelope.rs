@@ -255,6 +255,15 @@ pub enum FromTask<'a> {
     Send { session: u64, data: &'a [u8] },
     /// A task's outcome; `reply` (may be empty) goes to its session together with it.
     TaskDone { task_id: u64, ok: bool, reply: &'a [u8], result: &'a [u8] },
+    /// A run of a task that may succeed later (`TaskFailure::Transient` or `NotYet`): the
+    /// master decides whether and when it runs again. `wait_ms` is the wait the task asks for
+    /// (a `Retry-After`, a rate limit), `u64::MAX` for none.
+    TaskRetry { task_id: u64, not_yet: bool, wait_ms: u64, error: &'a [u8] },
+}
+
+impl FromTask<'_> {
+    /// `TaskRetry`'s `wait_ms` for no wait asked.
+    pub const NO_WAIT: u64 = u64::MAX;
 }
 
 // ---- master <-> manager ----
@@ -343,6 +352,7 @@ mod kind {
     pub const GROUP: u8 = 15;
     pub const RUN_TASK: u8 = 20;
     pub const TASK_DONE: u8 = 21;
+    pub const TASK_RETRY: u8 = 22;
     pub const STARTED: u8 = 30;
     pub const EXITED: u8 = 31;
     pub const FORK_FAILED: u8 = 32;
@@ -714,6 +724,12 @@ impl<'a> FromTask<'a> {
             FromTask::TaskDone { task_id, ok, reply, result } => {
                 Writer::begin(out, TASK_DONE).u64(task_id).u8(ok as u8).sized(reply).rest(result).finish()
             }
+            FromTask::TaskRetry { task_id, not_yet, wait_ms, error } => Writer::begin(out, TASK_RETRY)
+                .u64(task_id)
+                .u8(not_yet as u8)
+                .u64(wait_ms)
+                .rest(error)
+                .finish(),
         }
     }
 
@@ -728,6 +744,12 @@ impl<'a> FromTask<'a> {
                     ok: r.bool("ok")?,
                     reply: r.sized("reply")?,
                     result: r.rest(),
+                },
+                TASK_RETRY => FromTask::TaskRetry {
+                    task_id: r.u64("task_id")?,
+                    not_yet: r.bool("not_yet")?,
+                    wait_ms: r.u64("wait_ms")?,
+                    error: r.rest(),
                 },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
@@ -1048,6 +1070,18 @@ mod tests {
         roundtrip::<ToTask>(ToTask::Stop);
         roundtrip::<FromTask>(FromTask::Send { session: 5, data: b"progress\n" });
         roundtrip::<FromTask>(FromTask::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" });
+        roundtrip::<FromTask>(FromTask::TaskRetry {
+            task_id: 9,
+            not_yet: false,
+            wait_ms: 1500,
+            error: b"421 busy",
+        });
+        roundtrip::<FromTask>(FromTask::TaskRetry {
+            task_id: 9,
+            not_yet: true,
+            wait_ms: FromTask::NO_WAIT,
+            error: b"",
+        });
         roundtrip::<FromTask>(FromTask::TaskDone {
             task_id: 1,
             ok: true,
