@@ -51,6 +51,18 @@ impl Policy {
     }
 }
 
+/// The non-final line a client gets before a delivery retry: `attempt` is the run to come,
+/// `in_ms` how long it waits, `error` why the last one failed.
+pub fn retrying_line(task_id: u64, attempt: u32, wait: Duration, error: &str) -> Vec<u8> {
+    let in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+    let value = serde_json::json!({
+        "event": "retrying", "task_id": task_id, "attempt": attempt, "in_ms": in_ms, "error": error,
+    });
+    let mut line = value.to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
 /// A small per-process random source (splitmix64), seeded after fork.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);

@@ -159,3 +159,125 @@ fn a_graceful_stop_answers_a_job_waiting_for_its_retry() {
     let status = daemon.wait_exit(Duration::from_secs(15)).expect("the daemon stops without waiting");
     assert!(status.success(), "{status:?}");
 }
+
+// ---- the library's TaskFailure, through examples/task_api.rs: "not yet", and Redis ----
+
+/// Reads lines until task `id`'s `done` or `failed`; returns it and the lines before it.
+fn final_of(client: &mut Client, id: &Value) -> (Value, Vec<Value>) {
+    let mut others = Vec::new();
+    let last = client.final_reply(id, &mut others);
+    (last, others)
+}
+
+fn api(extra: &[&str]) -> Daemon {
+    let mut args = vec!["--worker-num", "1", "--task-worker-num", "1"];
+    args.extend_from_slice(extra);
+    Daemon::start_example("task_api", &args)
+}
+
+#[test]
+fn a_task_told_not_yet_waits_in_the_delayed_queue_without_counting_an_attempt() {
+    let daemon = api(&[]);
+    let mut client = daemon.connect();
+    client.send("to 0 notyet=200 hello");
+    let accepted = client.recv();
+    assert_eq!(accepted["event"], "accepted", "{accepted}");
+    // While it waits, its task process is free for another job.
+    client.send("to 0 quick");
+    let second = client.recv();
+    let (done, before) = final_of(&mut client, &second["task_id"]);
+    assert_eq!(done["event"], "done", "{done}");
+    assert!(before.is_empty(), "{before:?}");
+    let (done, before) = final_of(&mut client, &accepted["task_id"]);
+    assert_eq!((&done["event"], done["attempts"].as_u64()), (&"done".into(), Some(1)), "{done}");
+    assert!(before.is_empty(), "no retrying line for a wait that is not a retry: {before:?}");
+}
+
+mod durable {
+    use super::*;
+    use common::durable::Redis;
+
+    fn web(redis: &Redis, node: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec!["--redis-url", redis.url.as_str(), "--node-id", node];
+        args.extend_from_slice(extra);
+        api(&args)
+    }
+
+    #[test]
+    fn a_transient_failure_is_retried_through_the_delayed_set_in_redis() {
+        let Some(redis) = Redis::start() else { return };
+        let daemon = web(&redis, "web-1", &["--retry-base-ms", "20", "--retry-cap-ms", "50"]);
+        let mut client = daemon.connect();
+        client.send("cb flaky=2 hello");
+        let accepted = client.recv();
+        assert_eq!(accepted["event"], "accepted", "{accepted}");
+        let mut before = Vec::new();
+        let last = loop {
+            let line = client.recv();
+            if line["event"] == "callback" || line["event"] == "done" {
+                break line;
+            }
+            before.push(line);
+        };
+        assert!(last["result"].as_str().unwrap().contains("FLAKY=2 HELLO"), "{last}");
+        assert_eq!(before.len(), 2, "{before:?}");
+        for (k, line) in before.iter().enumerate() {
+            assert_eq!(
+                (&line["event"], &line["task_id"]),
+                (&"retrying".into(), &accepted["task_id"]),
+                "{line}"
+            );
+            assert_eq!(line["attempt"].as_u64(), Some(k as u64 + 2), "{line}");
+            assert!(line["error"].as_str().unwrap().contains("was asked to fail"), "{line}");
+        }
+        // Nothing is left behind in Redis.
+        common::wait_for("the delayed set and the job stream to empty", || {
+            let delayed: u64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+            (delayed == 0 && redis.xlen("{taskd}:jobs") == 0 && redis.pending() == 0).then_some(())
+        });
+        let keys: Vec<String> = redis.query(&["KEYS", "{taskd}:delayed*"]);
+        assert!(keys.is_empty(), "{keys:?}");
+    }
+
+    #[test]
+    fn a_job_waiting_in_redis_for_its_retry_survives_a_restart_of_the_daemon() {
+        let Some(redis) = Redis::start() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        let quick = ["--retry-base-ms", "300", "--retry-cap-ms", "300"];
+        let daemon = web(&redis, "web-1", &quick);
+        let mut client = daemon.connect();
+        client.send(&format!("cb until={}", marker.display()));
+        let accepted = client.recv();
+        let id = accepted["task_id"].as_u64().expect("task_id");
+        let retrying = client.recv();
+        assert_eq!(retrying["event"], "retrying", "{retrying}");
+        common::wait_for("the job to wait in the delayed set", || {
+            let delayed: u64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+            (delayed == 1).then_some(())
+        });
+        kill(&daemon);
+        drop(client);
+        drop(daemon);
+        std::fs::write(&marker, b"").unwrap();
+        let daemon = web(&redis, "web-1", &quick);
+        let mut client = daemon.connect();
+        let done = common::wait_for("the job to finish after the restart", || {
+            client.send(&format!("result {id}"));
+            let line = client.recv();
+            (line["event"] == "done").then_some(line)
+        });
+        assert!(done["attempts"].as_u64().is_some_and(|a| a >= 2), "{done}");
+    }
+
+    /// `kill -9` the master; waits until every process of the daemon is gone.
+    fn kill(d: &Daemon) {
+        let group: Vec<u32> =
+            common::processes().into_iter().filter(|p| p.pgid == d.pid).map(|p| p.pid).collect();
+        d.signal(Signal::SIGKILL);
+        common::wait_for("the killed daemon's processes to be gone", || {
+            common::reap_orphans(&group);
+            group.iter().all(|&p| common::is_dead(p)).then_some(())
+        });
+    }
+}

@@ -333,6 +333,9 @@ pub struct Reply<'a> {
     /// The [`FromTask::Send`] frames its task process wrote for sessions, encoded.
     pub sends: &'a [u8],
     pub result: &'a [u8],
+    /// Not the outcome: the job waits for a delivery retry in Redis, and `reply` is its
+    /// client's non-final `retrying` line (a frame of kind `REPLY_RETRYING`, same fields).
+    pub retrying: bool,
 }
 
 /// Kind bytes, unique across every link (a frame read on the wrong link is an unknown kind).
@@ -368,6 +371,7 @@ mod kind {
     pub const KEEP_RESULT: u8 = 45;
     pub const RENEW_LEASE: u8 = 46;
     pub const LEASE: u8 = 47;
+    pub const REPLY_RETRYING: u8 = 48;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -900,8 +904,8 @@ impl<'a> ToBridge<'a> {
 impl Reply<'_> {
     /// Appends this outcome as a [`FromBridge::Reply`] frame, length prefix included.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *self;
-        Writer::begin(out, kind::REPLY)
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } = *self;
+        Writer::begin(out, if retrying { kind::REPLY_RETRYING } else { kind::REPLY })
             .u64(task_id)
             .u8(ok as u8)
             .u32(attempts)
@@ -932,7 +936,8 @@ impl<'a> FromBridge<'a> {
         decode_frame(buf, |k, r| {
             Ok(match k {
                 STORED => FromBridge::Stored { batch: r.u64("batch")?, error: r.rest() },
-                REPLY => FromBridge::Reply(Reply {
+                REPLY | REPLY_RETRYING => FromBridge::Reply(Reply {
+                    retrying: k == REPLY_RETRYING,
                     task_id: r.u64("task id")?,
                     ok: r.bool("ok")?,
                     attempts: r.u32("attempts")?,
@@ -1139,6 +1144,19 @@ mod tests {
             reply: b"{\"event\":\"done\"}\n",
             sends: b"",
             result: b"sent",
+            retrying: false,
+        }));
+        roundtrip::<FromBridge>(FromBridge::Reply(Reply {
+            task_id: 5,
+            ok: false,
+            attempts: 1,
+            task_pid: 77,
+            replays: 0,
+            entry: b"1700000000000-1",
+            reply: b"{\"event\":\"retrying\"}\n",
+            sends: b"",
+            result: b"421 try later",
+            retrying: true,
         }));
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
@@ -1166,6 +1184,7 @@ mod tests {
             reply: b"",
             sends: &buf,
             result: b"r",
+            retrying: false,
         })
         .encode(&mut reply);
         assert_eq!(reply[4], 43);

@@ -202,7 +202,7 @@ impl<A: Application> Master<'_, A> {
             self.retry.max_retries
         );
         if tells_client && !self.client_gone(session) {
-            let line = results::retrying_line(task_id, attempt, wait, error);
+            let line = crate::retry::retrying_line(task_id, attempt, wait, error);
             self.send_to_session(session, &line);
         }
     }

@@ -83,18 +83,6 @@ pub fn outcome_line(task_id: u64, ok: bool, result: &[u8], attempts: u32) -> Vec
     line
 }
 
-/// The non-final line a client gets before a delivery retry: `attempt` is the run to come,
-/// `in_ms` how long it waits, `error` why the last one failed.
-pub fn retrying_line(task_id: u64, attempt: u32, wait: std::time::Duration, error: &str) -> Vec<u8> {
-    let in_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
-    let value = serde_json::json!({
-        "event": "retrying", "task_id": task_id, "attempt": attempt, "in_ms": in_ms, "error": error,
-    });
-    let mut line = value.to_string().into_bytes();
-    line.push(b'\n');
-    line
-}
-
 /// The reply line the master keeps for a group of tasks: each member's result or error, in
 /// order. A group's final line: `done`, or `failed` with `cut` as its error when it was cut short
 /// (at shutdown); `results` lists every member's outcome either way.
