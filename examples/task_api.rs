@@ -60,7 +60,10 @@ impl Application for Shout {
                     reply(
                         ctx,
                         session,
-                        json!({"event": "callback", "task_id": done.id, "asked": asked, "result": result}),
+                        json!({
+                            "event": "callback", "task_id": done.id, "asked": asked, "result": result,
+                            "attempts": done.attempts,
+                        }),
                     );
                 });
                 match submitted {

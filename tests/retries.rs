@@ -220,6 +220,7 @@ mod durable {
             before.push(line);
         };
         assert!(last["result"].as_str().unwrap().contains("FLAKY=2 HELLO"), "{last}");
+        assert_eq!(last["attempts"].as_u64(), Some(3), "{last}");
         assert_eq!(before.len(), 2, "{before:?}");
         for (k, line) in before.iter().enumerate() {
             assert_eq!(
@@ -237,6 +238,13 @@ mod durable {
         });
         let keys: Vec<String> = redis.query(&["KEYS", "{taskd}:delayed*"]);
         assert!(keys.is_empty(), "{keys:?}");
+
+        // "Not yet" waits in Redis too, without counting an attempt or telling the client.
+        client.send("cb notyet=100 later");
+        let accepted = client.recv();
+        let last = client.recv();
+        assert_eq!((&last["event"], last["attempts"].as_u64()), (&"callback".into(), Some(1)), "{last}");
+        assert_eq!(last["task_id"], accepted["task_id"], "{last}");
     }
 
     #[test]
@@ -259,9 +267,17 @@ mod durable {
         kill(&daemon);
         drop(client);
         drop(daemon);
-        std::fs::write(&marker, b"").unwrap();
         let daemon = web(&redis, "web-1", &quick);
         let mut client = daemon.connect();
+        // The restarted node took the job back from Redis: it knows it is not finished.
+        client.send(&format!("result {id}"));
+        let running = client.recv();
+        assert_eq!(
+            (&running["event"], running["task_id"].as_u64()),
+            (&"running".into(), Some(id)),
+            "{running}"
+        );
+        std::fs::write(&marker, b"").unwrap();
         let done = common::wait_for("the job to finish after the restart", || {
             client.send(&format!("result {id}"));
             let line = client.recv();

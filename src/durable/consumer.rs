@@ -3,7 +3,9 @@
 //! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
 //! into its origin's reply stream, XACK, XDEL (XACK alone would leave the entry in the stream
 //! for ever). Past a job's attempts, the job goes to the dead letters with the reason and its
-//! origin gets `failed`.
+//! origin gets `failed`. A job that failed transiently (or may not run yet) is parked in the
+//! delayed set instead, with a `retrying` notice for its origin, and every consumer moves due
+//! jobs back into the stream every few hundred ms ([`PARK`], [`MOVE_DUE`]).
 //!
 //! It holds no more jobs than it can start within a few ms (its window: about 2 ms of work, one
 //! job at a time while jobs are slow or of unknown length), whether it reads new jobs, reads
@@ -150,6 +152,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         fenced: false,
         unsent: Vec::new(),
         next_move: Instant::now(),
+        move_refused: Default::default(),
         backoff: Duration::from_millis(100),
     };
     let mut served: u64 = 0;
@@ -353,6 +356,8 @@ struct Consumer<'a> {
     unsent: Vec<Completion>,
     /// When to move due jobs from the delayed set into the stream next.
     next_move: Instant,
+    /// Warnings of a refused move: one per 10 s.
+    move_refused: crate::throttle::Throttle,
     backoff: Duration,
 }
 
@@ -433,9 +438,22 @@ impl Consumer<'_> {
         if Instant::now() >= self.next_move {
             self.next_move = Instant::now() + MOVE_EVERY;
             let d = self.d;
-            let moved = move_due(self.conn()?, d)?;
-            if moved > 0 {
-                tracing::debug!("{}: moved {moved} due jobs from the delayed set to the stream", self.me);
+            match move_due(self.conn()?, d) {
+                Ok(0) => {}
+                Ok(moved) => {
+                    tracing::debug!("{}: moved {moved} due jobs from the delayed set to the stream", self.me)
+                }
+                Err(e) if is_connection_error(&e) => return Err(e),
+                // Refused (a script error): taking jobs goes on; the move is tried again later.
+                Err(e) => {
+                    if let Some(n) = self.move_refused.log() {
+                        tracing::warn!(
+                            "{}: Redis refused to move due jobs back into the stream: {e}{}",
+                            self.me,
+                            crate::throttle::unlogged(n)
+                        );
+                    }
+                }
             }
         }
         let count = self.take_count();
@@ -569,7 +587,8 @@ impl Consumer<'_> {
 }
 
 /// Writes finished jobs: for each, its outcome (or dead letter), XACK and XDEL, all in one
-/// MULTI so that a job is never answered without being removed, or the reverse.
+/// MULTI so that a job is never answered without being removed, or the reverse; a job to run
+/// later is parked (see [`PARK`]) in the same MULTI, with its `retrying` notice.
 pub(super) fn store(
     conn: &mut Connection,
     d: &Durable,
@@ -599,12 +618,15 @@ pub(super) fn store(
                 failed.encode(batch_for(&mut batches, &job.origin));
             }
             Completion::Drop { .. } => {}
-            Completion::Later { job, wait, notice, .. } => {
+            Completion::Later { id, job, wait, notice } => {
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(PARK)
-                    .arg(2)
+                    .arg(3)
                     .arg(&d.keys.delayed)
                     .arg(d.keys.delayed_job(job.task_id))
+                    .arg(&d.keys.jobs)
+                    .arg(GROUP)
+                    .arg(id)
                     .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
                     .arg(job.task_id);
                 job.add(&mut cmd);
@@ -618,23 +640,34 @@ pub(super) fn store(
     for (origin, outcomes) in &batches {
         add_outcomes(&mut pipe, &d.keys, origin, outcomes);
     }
-    let ids: Vec<&str> = completions.iter().map(Completion::id).collect();
-    pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
-    pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+    // A parked job's entry is acknowledged and deleted by its script.
+    let ids: Vec<&str> =
+        completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id).collect();
+    if !ids.is_empty() {
+        pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
+        pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+    }
     let _: Value = pipe.query(conn)?;
     Ok(())
 }
 
-/// Parks a job in the delayed set (KEYS[1]) for ARGV[1] ms from Redis's clock, as task id
-/// ARGV[2], its fields (ARGV[3..]) in the hash KEYS[2]. Run in the consumer's MULTI, with the
-/// XACK and XDEL of its stream entry: the job is in exactly one place at any time. EVAL, not
-/// EVALSHA, as in `add_outcomes`.
+/// Parks a job: acknowledges and deletes its stream entry ARGV[2] (group ARGV[1]) in the job
+/// stream KEYS[3], puts its fields (ARGV[5..]) in the hash KEYS[2] and its task id ARGV[4] in
+/// the delayed set KEYS[1], due ARGV[3] ms from now on Redis's clock. One script, so the job is
+/// in exactly one place at any time; nothing is written if the set is not a sorted set. EVAL,
+/// not EVALSHA, as in `add_outcomes`.
 const PARK: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'zset' and kind ~= 'none' then
+  return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[2])
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[1]), ARGV[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
 return 1";
 
 /// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job
@@ -646,8 +679,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 for _, id in ipairs(due) do
   local h = ARGV[1] .. id
-  local f = redis.call('HGETALL', h)
-  if #f > 0 then redis.call('XADD', KEYS[2], '*', unpack(f)) end
+  if redis.call('TYPE', h).ok == 'hash' then
+    local f = redis.call('HGETALL', h)
+    if #f > 0 then redis.call('XADD', KEYS[2], '*', unpack(f)) end
+  end
   redis.call('DEL', h)
   redis.call('ZREM', KEYS[1], id)
 end
