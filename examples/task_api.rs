@@ -6,9 +6,14 @@
 //! cb hello            task_with: a callback instead of on_finish -> accepted, then callback
 //! wait 500 hello      task_wait: wait up to 500 ms              -> waited (or error)
 //! all 500 a b c       task_wait_all: three tasks, wait for all  -> all
+//! result 7           what the server knows of task 7            -> its final line, or running
 //! ```
 //!
-//! A task's text may hold `sleep=MS` to make it slow. Run it:
+//! A task's text may hold `sleep=MS` to make it slow, `fail` to fail it, `flaky=N` to fail its
+//! first N runs transiently (the server retries it after a back-off; the client sees
+//! `retrying`), `until=PATH` to fail transiently until PATH exists, and `notyet=MS` to be told
+//! "not yet" once per task process (it waits MS in the delayed queue, not counted as an
+//! attempt). Run it:
 //! `cargo run --example task_api -- --port 9601`, then `nc 127.0.0.1 9601`.
 
 use std::time::Duration;
@@ -16,7 +21,11 @@ use std::time::Duration;
 use serde_json::json;
 use taskd::{Application, Finished, SessionId, Task, TaskCtx, TaskFailure, WorkerCtx};
 
-struct Shout;
+#[derive(Default)]
+struct Shout {
+    /// Tasks this task process has told "not yet" (`notyet=MS`).
+    told_not_yet: std::collections::HashSet<u64>,
+}
 
 fn reply(ctx: &mut WorkerCtx<'_>, session: SessionId, value: serde_json::Value) {
     ctx.send(session, format!("{value}\n").as_bytes());
@@ -51,7 +60,10 @@ impl Application for Shout {
                     reply(
                         ctx,
                         session,
-                        json!({"event": "callback", "task_id": done.id, "asked": asked, "result": result}),
+                        json!({
+                            "event": "callback", "task_id": done.id, "asked": asked, "result": result,
+                            "attempts": done.attempts,
+                        }),
                     );
                 });
                 match submitted {
@@ -84,10 +96,14 @@ impl Application for Shout {
                     Err(e) => reply(ctx, session, json!({"event": "error", "error": e.to_string()})),
                 }
             }
+            ("result", [id]) => match id.parse() {
+                Ok(id) => ctx.send_result(session, id),
+                Err(_) => reply(ctx, session, json!({"event": "error", "error": "result TASK_ID"})),
+            },
             _ => reply(
                 ctx,
                 session,
-                json!({"event": "error", "error": "to SLOT TEXT | cb TEXT | wait MS TEXT | all MS T…"}),
+                json!({"event": "error", "error": "to SLOT TEXT | cb TEXT | wait MS TEXT | all MS T… | result ID"}),
             ),
         }
     }
@@ -99,7 +115,27 @@ impl Application for Shout {
                 std::thread::sleep(Duration::from_millis(ms));
             }
         }
-        if asked.contains("fail") {
+        for word in asked.split_whitespace() {
+            if let Some(n) = word.strip_prefix("flaky=").and_then(|v| v.parse::<u32>().ok()) {
+                if task.attempt <= n {
+                    let error = format!("attempt {} of task {} was asked to fail", task.attempt, task.id);
+                    return Err(TaskFailure::Transient { error, retry_after: None });
+                }
+            }
+            if let Some(path) = word.strip_prefix("until=") {
+                if !std::path::Path::new(path).exists() {
+                    let error = format!("{path} does not exist yet");
+                    return Err(TaskFailure::Transient { error, retry_after: None });
+                }
+            }
+            if let Some(ms) = word.strip_prefix("notyet=").and_then(|v| v.parse().ok()) {
+                if self.told_not_yet.insert(task.id) {
+                    let why = "asked to wait".to_string();
+                    return Err(TaskFailure::NotYet { wait: Duration::from_millis(ms), why });
+                }
+            }
+        }
+        if asked.split_whitespace().any(|w| w == "fail") {
             return Err(TaskFailure::Permanent(format!("task {} was asked to fail", task.id)));
         }
         Ok(format!("pid={} slot={} {}", ctx.info().pid, ctx.info().slot, asked.to_uppercase()).into_bytes())
@@ -114,7 +150,12 @@ impl Application for Shout {
         } else {
             "on_finish"
         };
-        reply(ctx, session, json!({"event": "done", "task_id": done.id, "result": result, "via": via}));
+        let attempts = done.attempts;
+        reply(
+            ctx,
+            session,
+            json!({"event": "done", "task_id": done.id, "result": result, "via": via, "attempts": attempts}),
+        );
     }
 }
 
@@ -123,15 +164,24 @@ fn main() {
         taskd::ServerConfig { port: 9601, worker_num: 2, task_worker_num: 3, ..Default::default() };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().and_then(|v| v.parse::<u64>().ok());
+        let given = args.next();
+        let value = given.as_deref().and_then(|v| v.parse::<u64>().ok());
         match (flag.as_str(), value) {
+            // Durable jobs in Redis (see the README): the URL and this node's name.
+            ("--redis-url", _) if given.is_some() => config.redis_url = given,
+            ("--node-id", _) if given.is_some() => config.node_id = given,
+            ("--retry-base-ms", Some(v)) => config.retry_base_ms = v,
+            ("--retry-cap-ms", Some(v)) => config.retry_cap_ms = v,
             ("--port", Some(v)) => config.port = v as u16,
             ("--worker-num", Some(v)) => config.worker_num = v as usize,
             ("--task-worker-num", Some(v)) => config.task_worker_num = v as usize,
             // WebSocket clients only, no line port: `run_websocket`.
             ("--ws-only", Some(v)) => config.ws_port = Some(v as u16),
             _ => {
-                eprintln!("usage: task_api [--port N | --ws-only N] [--worker-num N] [--task-worker-num N]");
+                eprintln!(
+                    "usage: task_api [--port N | --ws-only N] [--worker-num N] [--task-worker-num N] \
+                     [--redis-url URL --node-id NAME] [--retry-base-ms MS] [--retry-cap-ms MS]"
+                );
                 std::process::exit(2);
             }
         }
@@ -141,7 +191,7 @@ fn main() {
         std::process::exit(2);
     }
     if config.ws_port.is_some() {
-        match taskd::run_websocket(&config, Shout) {
+        match taskd::run_websocket(&config, Shout::default()) {
             Ok(code) => std::process::exit(code),
             Err(e) => {
                 eprintln!("task_api: {e}");
@@ -156,7 +206,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match taskd::run(&config, listener, Shout) {
+    match taskd::run(&config, listener, Shout::default()) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("task_api: {e}");

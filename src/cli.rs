@@ -121,6 +121,12 @@ options! {
     server.task_queue_max: u64,
     /// Runs of a job whose task process died, beyond the first [default: 2]
     server.task_retry_max: u32,
+    /// Runs of a job whose delivery failed transiently, beyond the first, each after a back-off [default: 5]
+    server.delivery_retry_max: u32,
+    /// Back-off before retry n: random in [0, min(cap, base·2^(n-1))] ms [default: 1000]
+    server.retry_base_ms: u64,
+    /// Longest back-off, and longest Retry-After honoured, in ms [default: 300000]
+    server.retry_cap_ms: u64,
     /// Seconds a task may run before its process is killed and the job retried, up to 86400; 0 = no limit [default: 300]
     server.task_timeout: f64,
     /// Seconds a graceful shutdown waits for in-flight jobs (up to 86400); then each unfinished job gets `failed` [default: 3]
@@ -314,6 +320,9 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
             "task_worker_num",
             "task_max_request",
             "task_retry_max",
+            "delivery_retry_max",
+            "retry_base_ms",
+            "retry_cap_ms",
             "task_timeout",
             "max_wait_time",
             "log_level",

@@ -98,6 +98,15 @@ pub struct ServerConfig {
     pub task_queue_max: u64,
     /// How many times a job whose task process died is run again before it fails.
     pub task_retry_max: u32,
+    /// Delivery retries: how many more times a job whose `on_task` failed transiently
+    /// (`TaskFailure::Transient`) runs, after a back-off, before it fails. Apart from
+    /// `task_retry_max`, which counts deaths of task processes.
+    pub delivery_retry_max: u32,
+    /// The back-off before retry n (from 1) is a random time in
+    /// [0, min(retry_cap_ms, retry_base_ms · 2^(n-1))] (full jitter).
+    pub retry_base_ms: u64,
+    /// The longest back-off, and the longest wait a `Retry-After` may ask for.
+    pub retry_cap_ms: u64,
     /// Seconds a task may run before its process is killed and the job retried (0 = no limit).
     pub task_timeout: f64,
     /// Seconds a graceful shutdown waits for in-flight jobs; then each job not finished is
@@ -175,6 +184,9 @@ impl Default for ServerConfig {
             task_queue_bytes_max: 64 * 1024 * 1024,
             task_queue_max: 10_000,
             task_retry_max: 2,
+            delivery_retry_max: 5,
+            retry_base_ms: 1000,
+            retry_cap_ms: 300_000,
             task_timeout: DEFAULT_TASK_TIMEOUT,
             max_wait_time: 3,
             task_prefetch: 64,
@@ -363,6 +375,21 @@ impl ServerConfig {
                 "{} is more than 100: a job that died with its task process 100 times is a loop, not bad luck",
                 self.task_retry_max
             ),
+        )?;
+        check(
+            self.delivery_retry_max <= 100,
+            "delivery_retry_max",
+            format!("{} is more than 100: past that, a delivery is not coming back", self.delivery_retry_max),
+        )?;
+        check(
+            (1..=MAX_SECONDS * 1000).contains(&self.retry_cap_ms),
+            "retry_cap_ms",
+            format!("{} is not between 1 and {} (one day)", self.retry_cap_ms, MAX_SECONDS * 1000),
+        )?;
+        check(
+            (1..=self.retry_cap_ms).contains(&self.retry_base_ms),
+            "retry_base_ms",
+            format!("{} is not between 1 and retry_cap_ms ({})", self.retry_base_ms, self.retry_cap_ms),
         )?;
         check(
             self.task_queue_max <= 100_000_000,

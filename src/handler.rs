@@ -114,9 +114,9 @@ pub enum Outcome {
     /// Failed for good, with the reason: the handler said `"retry":false`, answered with
     /// something that is not an answer to this job, or cannot be started.
     Failed(String),
-    /// The job must run again: the handler died mid-job or said `"retry":true`. The caller
-    /// makes the task process exit, so that the master runs it again (attempt + 1) exactly as
-    /// for a task process that dies, and still ends it with one final event.
+    /// The job may succeed if run again: the handler died mid-job or said `"retry":true`. The
+    /// caller returns a transient failure (`TaskFailure::Transient`): the master runs it again
+    /// after a back-off, up to `delivery_retry_max`, then fails it with this reason.
     Again(String),
 }
 

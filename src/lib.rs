@@ -27,6 +27,7 @@
 //! | [`net`] | before the fork, master | binding listeners; which web origins may open a WebSocket |
 //! | [`app`] | worker, task | the `Application` trait and its contexts |
 //! | [`mail`] | worker, task | the built-in email/SMS application of the `taskd` binary |
+//! | [`retry`] | master, task | delivery retries: how many, and the back-off (full jitter) before each |
 //! | [`delivery`] | task | ways to deliver a message (outbox, SMTP, SMS over HTTP) behind one trait |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
@@ -51,6 +52,7 @@ pub mod master;
 pub mod net;
 pub mod process;
 pub mod protocol;
+pub mod retry;
 pub mod shm;
 pub mod signals;
 pub mod supervisor;

@@ -158,8 +158,7 @@ fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     };
     let app = MailApp::new(settings.mail.clone())
         .with_run_limit(server.task_limit())
-        .with_trusted_tasks(server.redis_url.is_none())
-        .with_retry_max(server.task_retry_max);
+        .with_trusted_tasks(server.redis_url.is_none());
     let result = taskd::run_notify(server, Some(listener), app, ready);
     result.map_err(|e| {
         if let Some(fd) = report.take() {

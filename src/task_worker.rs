@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
-use crate::app::{Application, ProcessInfo, Task, TaskCtx};
+use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
 use crate::config::ServerConfig;
 use crate::ipc::envelope::frame_len;
 use crate::ipc::{Channel, FromTask, ReadState, Role, TaskToMaster, ToTask};
@@ -101,11 +101,22 @@ fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, 
     let mut result = Err(format!("job {task_id} panicked in task process {}", info.pid).into());
     guard(info.slot, "on_task", || result = app.on_task(&mut ctx, task));
     let reply = std::mem::take(&mut ctx.reply);
-    // Until the delayed queue exists, every failure is final (the master has one path for it).
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1);
     match &result {
         Ok(bytes) => FromTask::TaskDone { task_id, ok: true, reply: &reply, result: bytes },
-        Err(failure) => {
-            FromTask::TaskDone { task_id, ok: false, reply: &reply, result: failure.reason().as_bytes() }
+        Err(TaskFailure::Permanent(why)) => {
+            FromTask::TaskDone { task_id, ok: false, reply: &reply, result: why.as_bytes() }
+        }
+        // The master decides whether and when it runs again (delivery_retry_max, back-off);
+        // a reply set by a run that is not the last is not sent.
+        Err(TaskFailure::Transient { error, retry_after }) => FromTask::TaskRetry {
+            task_id,
+            not_yet: false,
+            wait_ms: retry_after.map_or(FromTask::NO_WAIT, ms),
+            error: error.as_bytes(),
+        },
+        Err(TaskFailure::NotYet { wait, why }) => {
+            FromTask::TaskRetry { task_id, not_yet: true, wait_ms: ms(*wait), error: why.as_bytes() }
         }
     }
     .encode(out);

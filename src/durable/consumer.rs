@@ -3,7 +3,9 @@
 //! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
 //! into its origin's reply stream, XACK, XDEL (XACK alone would leave the entry in the stream
 //! for ever). Past a job's attempts, the job goes to the dead letters with the reason and its
-//! origin gets `failed`.
+//! origin gets `failed`. A job that failed transiently (or may not run yet) is parked in the
+//! delayed set instead, with a `retrying` notice for its origin, and every consumer moves due
+//! jobs back into the stream every few hundred ms ([`PARK`], [`MOVE_DUE`]).
 //!
 //! It holds no more jobs than it can start within a few ms (its window: about 2 ms of work, one
 //! job at a time while jobs are slow or of unknown length), whether it reads new jobs, reads
@@ -33,7 +35,7 @@ use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::startup::{delivery_counts, ensure_group};
 use super::Durable;
-use crate::app::{Application, ProcessInfo, Task, TaskCtx};
+use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
 use crate::ipc::{ReadState, Role, TaskToMaster, ToTask};
 use crate::process::ProcessError;
 use crate::signals::Signals;
@@ -110,12 +112,23 @@ pub(super) enum Completion {
     Drop {
         id: String,
     },
+    /// To run again after `wait` (a delivery retry, or "not yet"): parked in the delayed set
+    /// with its attempts and retries so far; `notice` (a non-final reply) tells its origin.
+    Later {
+        id: String,
+        job: JobEntry,
+        wait: Duration,
+        notice: Option<ReplyEntry>,
+    },
 }
 
 impl Completion {
     fn id(&self) -> &str {
         match self {
-            Completion::Done { id, .. } | Completion::Dead { id, .. } | Completion::Drop { id } => id,
+            Completion::Done { id, .. }
+            | Completion::Dead { id, .. }
+            | Completion::Drop { id }
+            | Completion::Later { id, .. } => id,
         }
     }
 }
@@ -138,9 +151,12 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         job_seconds: None,
         fenced: false,
         unsent: Vec::new(),
+        next_move: Instant::now(),
+        move_refused: Default::default(),
         backoff: Duration::from_millis(100),
     };
     let mut served: u64 = 0;
+    let mut rng = crate::retry::Rng::new();
     loop {
         if let Some(why) = control.stop_requested() {
             // What it took and did not run stays pending under its name (see the module doc).
@@ -189,8 +205,8 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 }
             }
             let started = Instant::now();
-            done.push(run_one(app, info, d, &pulse, entry, attempt));
-            if matches!(done.last(), Some(Completion::Done { .. })) {
+            done.push(run_one(app, info, d, &pulse, entry, attempt, &mut rng));
+            if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
                 c.timed(started.elapsed());
             }
@@ -215,7 +231,10 @@ fn run_one<A: Application>(
     pulse: &Pulse,
     entry: StreamEntry,
     attempt: u32,
+    rng: &mut crate::retry::Rng,
 ) -> Completion {
+    // `attempt` is the entry's delivery count: the runs since it was added, whose deaths
+    // count against task_retry_max; the task sees the job's run (`job.attempts` + it).
     let mut entry = entry;
     let job = match JobEntry::checked(&mut entry) {
         Ok(job) => job,
@@ -226,7 +245,7 @@ fn run_one<A: Application>(
         Err(Rejected::Invalid { job, why }) => {
             let why = format!("not run: {why}");
             tracing::warn!("job stream entry {}: {why}; moved to the dead letters", entry.id);
-            return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };
+            return Completion::Dead { id: entry.id, job: *job, why, attempts: attempt - 1 };
         }
     };
     if attempt > d.max_attempts {
@@ -242,11 +261,12 @@ fn run_one<A: Application>(
     }
     // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
     // that thread records it as failed (a dead letter needs the whole job).
+    let run = job.attempts.saturating_add(attempt);
     let job = Arc::new(job);
     let task = Task {
         id: job.task_id,
         session: (job.session != 0).then_some(job.session),
-        attempt,
+        attempt: run,
         src_worker: job.worker,
         data: &job.data,
     };
@@ -259,20 +279,65 @@ fn run_one<A: Application>(
     let reply = std::mem::take(&mut ctx.reply);
     let (ok, result) = match result {
         Ok(bytes) => (true, bytes),
-        // Until the delayed queue is in Redis, every failure is final.
-        Err(failure) => (false, failure.reason().as_bytes().to_vec()),
+        Err(TaskFailure::Permanent(why)) => (false, why.into_bytes()),
+        Err(TaskFailure::Transient { error, retry_after }) => {
+            let n = job.retries + 1;
+            match d.retry.wait(n, retry_after, rng) {
+                Some(wait) => {
+                    let next = JobEntry { attempts: run, retries: n, ..(*job).clone() };
+                    return later(entry.id, next, wait, Some((info.pid, sends, error)));
+                }
+                None => (false, error.into_bytes()),
+            }
+        }
+        Err(TaskFailure::NotYet { wait, .. }) => {
+            // Not an attempt: the next run has the same number.
+            let next = JobEntry { attempts: run - 1, ..(*job).clone() };
+            return later(entry.id, next, wait.min(crate::retry::NOT_YET_MAX), None);
+        }
     };
     let reply = ReplyEntry {
         task_id: job.task_id,
         ok,
-        attempts: attempt,
+        attempts: run,
         task_pid: info.pid,
         replays: job.replays,
         reply,
         sends,
         result,
+        retrying: false,
     };
     Completion::Done { id: entry.id, origin: job.origin.clone(), reply }
+}
+
+/// A job to park in the delayed set; after a transient failure (`failed`: the task pid, its
+/// sends and the error), with a `retrying` notice for its origin.
+fn later(id: String, job: JobEntry, wait: Duration, failed: Option<(u32, Vec<u8>, String)>) -> Completion {
+    let notice = failed.map(|(task_pid, sends, error)| {
+        tracing::info!(
+            "job {}: attempt {} failed ({error}); runs again in {} ms",
+            job.task_id,
+            job.attempts,
+            wait.as_millis()
+        );
+        let line = if job.session != 0 {
+            crate::retry::retrying_line(job.task_id, job.attempts + 1, wait, &error)
+        } else {
+            Vec::new()
+        };
+        ReplyEntry {
+            task_id: job.task_id,
+            ok: false,
+            attempts: job.attempts,
+            task_pid,
+            replays: job.replays,
+            reply: line,
+            sends,
+            result: error.into_bytes(),
+            retrying: true,
+        }
+    });
+    Completion::Later { id, job, wait, notice }
 }
 
 struct Consumer<'a> {
@@ -289,6 +354,10 @@ struct Consumer<'a> {
     fenced: bool,
     /// Finished jobs not yet written to Redis (it was away): written first once it is back.
     unsent: Vec<Completion>,
+    /// When to move due jobs from the delayed set into the stream next.
+    next_move: Instant,
+    /// Warnings of a refused move: one per 10 s.
+    move_refused: crate::throttle::Throttle,
     backoff: Duration,
 }
 
@@ -365,6 +434,27 @@ impl Consumer<'_> {
             // Not even its own pending jobs: they may be another run's now, under its names.
             std::thread::sleep(Duration::from_millis(100));
             return Ok(Vec::new());
+        }
+        if Instant::now() >= self.next_move {
+            self.next_move = Instant::now() + MOVE_EVERY;
+            let d = self.d;
+            match move_due(self.conn()?, d) {
+                Ok(0) => {}
+                Ok(moved) => {
+                    tracing::debug!("{}: moved {moved} due jobs from the delayed set to the stream", self.me)
+                }
+                Err(e) if is_connection_error(&e) => return Err(e),
+                // Refused (a script error): taking jobs goes on; the move is tried again later.
+                Err(e) => {
+                    if let Some(n) = self.move_refused.log() {
+                        tracing::warn!(
+                            "{}: Redis refused to move due jobs back into the stream: {e}{}",
+                            self.me,
+                            crate::throttle::unlogged(n)
+                        );
+                    }
+                }
+            }
         }
         let count = self.take_count();
         let (d, me) = (self.d, self.me.clone());
@@ -497,7 +587,8 @@ impl Consumer<'_> {
 }
 
 /// Writes finished jobs: for each, its outcome (or dead letter), XACK and XDEL, all in one
-/// MULTI so that a job is never answered without being removed, or the reverse.
+/// MULTI so that a job is never answered without being removed, or the reverse; a job to run
+/// later is parked (see [`PARK`]) in the same MULTI, with its `retrying` notice.
 pub(super) fn store(
     conn: &mut Connection,
     d: &Durable,
@@ -527,16 +618,92 @@ pub(super) fn store(
                 failed.encode(batch_for(&mut batches, &job.origin));
             }
             Completion::Drop { .. } => {}
+            Completion::Later { id, job, wait, notice } => {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(PARK)
+                    .arg(3)
+                    .arg(&d.keys.delayed)
+                    .arg(d.keys.delayed_job(job.task_id))
+                    .arg(&d.keys.jobs)
+                    .arg(GROUP)
+                    .arg(id)
+                    .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
+                    .arg(job.task_id);
+                job.add(&mut cmd);
+                pipe.add_command(cmd).ignore();
+                if let Some(notice) = notice {
+                    notice.encode(batch_for(&mut batches, &job.origin));
+                }
+            }
         }
     }
     for (origin, outcomes) in &batches {
         add_outcomes(&mut pipe, &d.keys, origin, outcomes);
     }
-    let ids: Vec<&str> = completions.iter().map(Completion::id).collect();
-    pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
-    pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+    // A parked job's entry is acknowledged and deleted by its script.
+    let ids: Vec<&str> =
+        completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id).collect();
+    if !ids.is_empty() {
+        pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
+        pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+    }
     let _: Value = pipe.query(conn)?;
     Ok(())
+}
+
+/// Parks a job: acknowledges and deletes its stream entry ARGV[2] (group ARGV[1]) in the job
+/// stream KEYS[3], puts its fields (ARGV[5..]) in the hash KEYS[2] and its task id ARGV[4] in
+/// the delayed set KEYS[1], due ARGV[3] ms from now on Redis's clock. One script, so the job is
+/// in exactly one place at any time; nothing is written if the set is not a sorted set. EVAL,
+/// not EVALSHA, as in `add_outcomes`.
+const PARK: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'zset' and kind ~= 'none' then
+  return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
+redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[3], ARGV[2])
+return 1";
+
+/// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job
+/// stream (KEYS[2]), at most ARGV[2] of them; ARGV[1] is the prefix of their hashes. Atomic:
+/// consumers of every node run it, one at a time by construction, and none moves a job twice.
+const MOVE_DUE: &str = "
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+for _, id in ipairs(due) do
+  local h = ARGV[1] .. id
+  if redis.call('TYPE', h).ok == 'hash' then
+    local f = redis.call('HGETALL', h)
+    if #f > 0 then redis.call('XADD', KEYS[2], '*', unpack(f)) end
+  end
+  redis.call('DEL', h)
+  redis.call('ZREM', KEYS[1], id)
+end
+return #due";
+
+/// How often a consumer moves due jobs back into the stream (at most; an idle one blocks in
+/// XREADGROUP up to `BLOCK_MS` between two looks).
+const MOVE_EVERY: Duration = Duration::from_millis(250);
+/// Jobs one move takes at most (the script holds Redis while it runs).
+const MOVE_MAX: usize = 200;
+
+/// Moves due jobs of the delayed set back into the job stream (see [`MOVE_DUE`]).
+fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
+    redis::cmd("EVAL")
+        .arg(MOVE_DUE)
+        .arg(2)
+        .arg(&d.keys.delayed)
+        .arg(&d.keys.jobs)
+        .arg(format!("{}:", d.keys.delayed))
+        .arg(MOVE_MAX)
+        .query(conn)
 }
 
 /// XREADGROUP of the job stream for consumer `me`, from `from` (`>`: new jobs; `0`: its own

@@ -95,6 +95,8 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<Replayed, String> {
             continue;
         };
         job.replays += 1;
+        // An operator's replay is a fresh chance: its delivery retries start again.
+        job.retries = 0;
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&d.keys.jobs).arg("*");
         job.add(&mut cmd);

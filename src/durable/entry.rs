@@ -25,6 +25,10 @@ pub struct JobEntry {
     pub data: Vec<u8>,
     /// Replays from the dead letters so far.
     pub replays: u32,
+    /// Runs before this stream entry (it came back from the delayed queue), and delivery
+    /// retries so far: a run's attempt is `attempts` + the entry's delivery count.
+    pub attempts: u32,
+    pub retries: u32,
 }
 
 impl JobEntry {
@@ -58,6 +62,12 @@ impl JobEntry {
         if self.replays > 0 {
             cmd.arg("rp").arg(self.replays);
         }
+        if self.attempts > 0 {
+            cmd.arg("a").arg(self.attempts);
+        }
+        if self.retries > 0 {
+            cmd.arg("rt").arg(self.retries);
+        }
     }
 
     /// None for an entry that is not a job (deleted, or written by something else).
@@ -68,6 +78,8 @@ impl JobEntry {
             session: e.number("s").unwrap_or(0),
             worker: e.number("w").and_then(|w| u32::try_from(w).ok()).unwrap_or(0),
             replays: e.number("rp").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            attempts: e.number("a").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            retries: e.number("rt").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             origin: String::from_utf8(e.take("o")?).ok()?,
             data: e.take("d")?,
             context: e.take("c").unwrap_or_default(),
@@ -82,7 +94,7 @@ pub enum Rejected {
     /// Not a job (deleted meanwhile, or not written by taskd): acknowledged and deleted.
     NotAJob(String),
     /// A job whose fields are out of bounds: not run, dead-lettered with the reason.
-    Invalid { job: JobEntry, why: String },
+    Invalid { job: Box<JobEntry>, why: String },
 }
 
 impl JobEntry {
@@ -104,7 +116,7 @@ impl JobEntry {
         } else {
             return Ok(job);
         };
-        Err(Rejected::Invalid { job, why })
+        Err(Rejected::Invalid { job: Box::new(job), why })
     }
 }
 
@@ -165,6 +177,8 @@ pub struct ReplyEntry {
     pub sends: Vec<u8>,
     /// `on_task`'s result, or why the job failed.
     pub result: Vec<u8>,
+    /// Not an outcome: the job waits for a delivery retry, `reply` is its `retrying` line.
+    pub retrying: bool,
 }
 
 /// The field of a reply stream entry that holds its outcomes: one entry carries every outcome
@@ -185,6 +199,7 @@ impl ReplyEntry {
             reply: &self.reply,
             sends: &self.sends,
             result: &self.result,
+            retrying: self.retrying,
         })
         .encode(batch);
     }
@@ -258,6 +273,8 @@ mod tests {
             context: b"{\"to\":[\"a\"]}".to_vec(),
             data: b"{\"type\":\"email\"}".to_vec(),
             replays: 2,
+            attempts: 4,
+            retries: 3,
         };
         let mut cmd = redis::cmd("XADD");
         job.add(&mut cmd);
@@ -275,6 +292,8 @@ mod tests {
             context: Vec::new(),
             data: b"{}".to_vec(),
             replays: 0,
+            attempts: 0,
+            retries: 0,
         };
         let entry = |job: &JobEntry| {
             let mut cmd = redis::cmd("XADD");

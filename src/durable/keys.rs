@@ -11,6 +11,10 @@ pub struct Keys {
     pub jobs: String,
     /// Jobs that failed past their attempts, for an operator to list and replay.
     pub dead: String,
+    /// Jobs waiting for a delivery retry or a rate limit: a sorted set of task ids by due
+    /// time (ms), each job's fields in the hash `delayed_job(task_id)`; moved back into
+    /// `jobs` when due.
+    pub delayed: String,
     /// This node's own keys.
     pub replies: String,
     pub results: String,
@@ -26,12 +30,18 @@ impl Keys {
         Keys {
             jobs: format!("{tag}:jobs"),
             dead: format!("{tag}:dead"),
+            delayed: format!("{tag}:delayed"),
             replies: format!("{tag}:replies:{node}"),
             results: format!("{tag}:results:{node}"),
             epoch: format!("{tag}:epoch:{node}"),
             lease: format!("{tag}:lease:{node}"),
             tag,
         }
+    }
+
+    /// The fields of a job waiting in `delayed`, as its job stream entry will hold them.
+    pub fn delayed_job(&self, task_id: u64) -> String {
+        format!("{}:delayed:{task_id}", self.tag)
     }
 
     /// The stream where the outcomes of `node`'s jobs go, for that node to read.
@@ -64,7 +74,17 @@ mod tests {
     #[test]
     fn every_key_shares_the_hash_tag() {
         let k = Keys::new("q1", "web-1");
-        for key in [&k.jobs, &k.dead, &k.replies, &k.results, &k.epoch, &k.lease, &k.replies_of("web-2")] {
+        for key in [
+            &k.jobs,
+            &k.dead,
+            &k.delayed,
+            &k.delayed_job(7),
+            &k.replies,
+            &k.results,
+            &k.epoch,
+            &k.lease,
+            &k.replies_of("web-2"),
+        ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
         assert_eq!(k.replies, k.replies_of("web-1"));

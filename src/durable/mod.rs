@@ -52,6 +52,8 @@ pub struct Durable {
     /// Runs of a job before it goes to the dead letters (`task_retry_max` + 1).
     pub max_attempts: u32,
     pub result_keep: usize,
+    /// Delivery retries (`delivery_retry_max`) and their back-off.
+    pub retry: crate::retry::Policy,
 }
 
 impl Durable {
@@ -70,6 +72,7 @@ impl Durable {
             task_limit: config.task_limit(),
             max_attempts: config.task_retry_max.saturating_add(1),
             result_keep: config.result_keep,
+            retry: crate::retry::Policy::from_config(config),
         })
     }
 }

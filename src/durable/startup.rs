@@ -248,6 +248,28 @@ fn own_jobs(conn: &mut Connection, keys: &Keys, node: &str) -> redis::RedisResul
             entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
         );
     }
+    // And those waiting in the delayed set for a retry (after the stream: one moved back in
+    // between is in both, and taken once).
+    let mut seen: std::collections::HashSet<u64> = jobs.iter().map(|j| j.task_id).collect();
+    let mut start = 0;
+    loop {
+        let ids: Vec<String> =
+            redis::cmd("ZRANGE").arg(&keys.delayed).arg(start).arg(start + 999).query(conn)?;
+        if ids.is_empty() {
+            break;
+        }
+        start += ids.len();
+        // Anyone who can write to Redis can write a member: one that is not a task id is skipped.
+        for id in ids.iter().filter_map(|id| id.parse::<u64>().ok()) {
+            let fields: Vec<(Vec<u8>, Vec<u8>)> =
+                redis::cmd("HGETALL").arg(keys.delayed_job(id)).query(conn)?;
+            let mut entry = redis_io::StreamEntry { id: String::new(), fields };
+            match JobEntry::parse(&mut entry) {
+                Some(job) if job.origin == node && seen.insert(job.task_id) => jobs.push(job),
+                _ => {}
+            }
+        }
+    }
     Ok(jobs)
 }
 

@@ -255,6 +255,15 @@ pub enum FromTask<'a> {
     Send { session: u64, data: &'a [u8] },
     /// A task's outcome; `reply` (may be empty) goes to its session together with it.
     TaskDone { task_id: u64, ok: bool, reply: &'a [u8], result: &'a [u8] },
+    /// A run of a task that may succeed later (`TaskFailure::Transient` or `NotYet`): the
+    /// master decides whether and when it runs again. `wait_ms` is the wait the task asks for
+    /// (a `Retry-After`, a rate limit), `u64::MAX` for none.
+    TaskRetry { task_id: u64, not_yet: bool, wait_ms: u64, error: &'a [u8] },
+}
+
+impl FromTask<'_> {
+    /// `TaskRetry`'s `wait_ms` for no wait asked.
+    pub const NO_WAIT: u64 = u64::MAX;
 }
 
 // ---- master <-> manager ----
@@ -324,6 +333,9 @@ pub struct Reply<'a> {
     /// The [`FromTask::Send`] frames its task process wrote for sessions, encoded.
     pub sends: &'a [u8],
     pub result: &'a [u8],
+    /// Not the outcome: the job waits for a delivery retry in Redis, and `reply` is its
+    /// client's non-final `retrying` line (a frame of kind `REPLY_RETRYING`, same fields).
+    pub retrying: bool,
 }
 
 /// Kind bytes, unique across every link (a frame read on the wrong link is an unknown kind).
@@ -343,6 +355,7 @@ mod kind {
     pub const GROUP: u8 = 15;
     pub const RUN_TASK: u8 = 20;
     pub const TASK_DONE: u8 = 21;
+    pub const TASK_RETRY: u8 = 22;
     pub const STARTED: u8 = 30;
     pub const EXITED: u8 = 31;
     pub const FORK_FAILED: u8 = 32;
@@ -358,6 +371,7 @@ mod kind {
     pub const KEEP_RESULT: u8 = 45;
     pub const RENEW_LEASE: u8 = 46;
     pub const LEASE: u8 = 47;
+    pub const REPLY_RETRYING: u8 = 48;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -714,6 +728,12 @@ impl<'a> FromTask<'a> {
             FromTask::TaskDone { task_id, ok, reply, result } => {
                 Writer::begin(out, TASK_DONE).u64(task_id).u8(ok as u8).sized(reply).rest(result).finish()
             }
+            FromTask::TaskRetry { task_id, not_yet, wait_ms, error } => Writer::begin(out, TASK_RETRY)
+                .u64(task_id)
+                .u8(not_yet as u8)
+                .u64(wait_ms)
+                .rest(error)
+                .finish(),
         }
     }
 
@@ -728,6 +748,12 @@ impl<'a> FromTask<'a> {
                     ok: r.bool("ok")?,
                     reply: r.sized("reply")?,
                     result: r.rest(),
+                },
+                TASK_RETRY => FromTask::TaskRetry {
+                    task_id: r.u64("task_id")?,
+                    not_yet: r.bool("not_yet")?,
+                    wait_ms: r.u64("wait_ms")?,
+                    error: r.rest(),
                 },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
@@ -878,8 +904,8 @@ impl<'a> ToBridge<'a> {
 impl Reply<'_> {
     /// Appends this outcome as a [`FromBridge::Reply`] frame, length prefix included.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *self;
-        Writer::begin(out, kind::REPLY)
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } = *self;
+        Writer::begin(out, if retrying { kind::REPLY_RETRYING } else { kind::REPLY })
             .u64(task_id)
             .u8(ok as u8)
             .u32(attempts)
@@ -910,7 +936,8 @@ impl<'a> FromBridge<'a> {
         decode_frame(buf, |k, r| {
             Ok(match k {
                 STORED => FromBridge::Stored { batch: r.u64("batch")?, error: r.rest() },
-                REPLY => FromBridge::Reply(Reply {
+                REPLY | REPLY_RETRYING => FromBridge::Reply(Reply {
+                    retrying: k == REPLY_RETRYING,
                     task_id: r.u64("task id")?,
                     ok: r.bool("ok")?,
                     attempts: r.u32("attempts")?,
@@ -1048,6 +1075,18 @@ mod tests {
         roundtrip::<ToTask>(ToTask::Stop);
         roundtrip::<FromTask>(FromTask::Send { session: 5, data: b"progress\n" });
         roundtrip::<FromTask>(FromTask::TaskDone { task_id: 1, ok: true, reply: b"", result: b"" });
+        roundtrip::<FromTask>(FromTask::TaskRetry {
+            task_id: 9,
+            not_yet: false,
+            wait_ms: 1500,
+            error: b"421 busy",
+        });
+        roundtrip::<FromTask>(FromTask::TaskRetry {
+            task_id: 9,
+            not_yet: true,
+            wait_ms: FromTask::NO_WAIT,
+            error: b"",
+        });
         roundtrip::<FromTask>(FromTask::TaskDone {
             task_id: 1,
             ok: true,
@@ -1105,6 +1144,19 @@ mod tests {
             reply: b"{\"event\":\"done\"}\n",
             sends: b"",
             result: b"sent",
+            retrying: false,
+        }));
+        roundtrip::<FromBridge>(FromBridge::Reply(Reply {
+            task_id: 5,
+            ok: false,
+            attempts: 1,
+            task_pid: 77,
+            replays: 0,
+            entry: b"1700000000000-1",
+            reply: b"{\"event\":\"retrying\"}\n",
+            sends: b"",
+            result: b"421 try later",
+            retrying: true,
         }));
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
@@ -1132,6 +1184,7 @@ mod tests {
             reply: b"",
             sends: &buf,
             result: b"r",
+            retrying: false,
         })
         .encode(&mut reply);
         assert_eq!(reply[4], 43);

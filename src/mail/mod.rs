@@ -110,9 +110,6 @@ pub struct MailApp {
     /// Warnings of refused jobs, one per kind of refusal and 10 s: a flood of them (a full
     /// queue) must not flood the log.
     refusals: [Throttle; 6],
-    /// The server's `task_retry_max`: a handler's job on its last attempt fails with the
-    /// handler's reason rather than by its task process's death.
-    retry_max: Option<u32>,
     /// The types with an external handler, for the workers' parser.
     handled: Vec<String>,
     /// The handlers this task process has started (none in a worker).
@@ -130,7 +127,6 @@ impl MailApp {
             run_limit: None,
             trusted_tasks: false,
             refusals: Default::default(),
-            retry_max: None,
             handled,
             handlers,
         }
@@ -146,12 +142,6 @@ impl MailApp {
     /// write to Redis can forge): the task processes skip checking each job's address again.
     pub fn with_trusted_tasks(mut self, trusted: bool) -> Self {
         self.trusted_tasks = trusted;
-        self
-    }
-
-    /// Lets a handler's job that cannot run again fail with its reason (`task_retry_max`).
-    pub fn with_retry_max(mut self, retry_max: u32) -> Self {
-        self.retry_max = Some(retry_max);
         self
     }
 
@@ -241,7 +231,7 @@ impl MailApp {
         task: &Task<'_>,
         kind: &str,
         job: &serde_json::Value,
-    ) -> Result<Vec<u8>, String> {
+    ) -> Result<Vec<u8>, TaskFailure> {
         match self.handlers.run(kind, task.id, task.attempt, job) {
             Outcome::Done(result) => {
                 let pid = ctx.info().pid;
@@ -249,23 +239,13 @@ impl MailApp {
                     "event": "done", "task_id": task.id, "type": kind, "result": &result,
                     "task_pid": pid, "attempts": task.attempt,
                 })));
-                serde_json::to_vec(&result).map_err(|e| format!("cannot encode the handler's result: {e}"))
+                serde_json::to_vec(&result)
+                    .map_err(|e| TaskFailure::Permanent(format!("cannot encode the handler's result: {e}")))
             }
-            Outcome::Failed(why) => Err(why),
-            Outcome::Again(why) if self.retry_max.is_some_and(|max| task.attempt > max) => {
-                Err(format!("{why} (attempt {}: no attempts left)", task.attempt))
-            }
-            Outcome::Again(why) => {
-                // Only the master retries a job, and it does so when the task process running
-                // it dies: this keeps one path for attempts, task_retry_max and the job's one
-                // final event. The handler dies with us (parent-death signal).
-                tracing::warn!(
-                    "job {} (attempt {}): {why}; task process exits so that the job runs again",
-                    task.id,
-                    task.attempt
-                );
-                crate::process::exit_now(1)
-            }
+            Outcome::Failed(why) => Err(TaskFailure::Permanent(why)),
+            // The master runs it again after a back-off (delivery_retry_max); the handler,
+            // if it is alive, keeps running.
+            Outcome::Again(why) => Err(TaskFailure::Transient { error: why, retry_after: None }),
         }
     }
 
@@ -287,7 +267,7 @@ impl MailApp {
         }
     }
 
-    fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+    fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         let job: Job = if self.handlers.is_empty() {
             serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?
         } else {
@@ -311,7 +291,9 @@ impl MailApp {
                 Kind::Sms => request::valid_phone(&job.to)?,
             };
             if job.delay_ms.is_some_and(|ms| ms > request::MAX_DELAY_MS) {
-                return Err(format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS));
+                return Err(
+                    format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS).into()
+                );
             }
         }
         let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
@@ -410,7 +392,7 @@ impl Application for MailApp {
     }
 
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
-        self.deliver(ctx, task).map_err(TaskFailure::from)
+        self.deliver(ctx, task)
     }
 
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {

@@ -430,9 +430,14 @@ impl<A: Application> Master<'_, A> {
     }
 
     fn on_reply(&mut self, frame: &Reply<'_>) {
-        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result } = *frame;
+        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } =
+            *frame;
         let Some(state) = self.durable.as_mut() else { return };
         state.bridge.send(&ToBridge::Trim { entry });
+        if retrying {
+            self.on_retrying_reply(task_id, attempts, reply, sends);
+            return;
+        }
         if let Some(job) = self.jobs.get_mut(task_id) {
             job.attempts = job.attempts.max(attempts);
             // A recovered job's sessions belong to the master before the restart.
@@ -453,6 +458,25 @@ impl<A: Application> Master<'_, A> {
                 if reply.is_empty() { outcome_line(task_id, ok, result, attempts) } else { reply.to_vec() };
             state.bridge.send(&ToBridge::KeepResult { task_id, line: &line });
             self.results.record(task_id, line);
+        }
+    }
+
+    /// A durable job waits in Redis for a delivery retry: not its outcome. Its client, if
+    /// still here, gets the `retrying` line the consumer wrote.
+    fn on_retrying_reply(&mut self, task_id: u64, attempts: u32, line: &[u8], sends: &[u8]) {
+        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        job.attempts = job.attempts.max(attempts);
+        let (session, tells) = (job.session, job.group == 0 && job.flags & task_flags::WAIT == 0);
+        self.counters.delivery_retries += 1;
+        if session != 0 {
+            let mut pos = 0;
+            while let Ok(Some((FromTask::Send { session, data }, n))) = FromTask::decode(&sends[pos..]) {
+                pos += n;
+                self.send_to_session(session, data);
+            }
+        }
+        if tells && !line.is_empty() && !self.client_gone(session) {
+            self.send_to_session(session, line);
         }
     }
 

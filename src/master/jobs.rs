@@ -14,8 +14,11 @@ pub struct Job {
     pub session: u64,
     pub context: Vec<u8>,
     pub data: Vec<u8>,
-    /// How many times it was handed to a task process.
+    /// How many times it was handed to a task process (a run told "not yet" does not count).
     pub attempts: u32,
+    /// Delivery retries it has had (`delivery_retry_max`), and the error of the last one.
+    pub retries: u32,
+    pub last_error: String,
     /// The group it belongs to (0: none) and its place in it.
     pub group: u64,
     pub index: u32,
@@ -131,6 +134,8 @@ impl Jobs {
             context: context.to_vec(),
             data: data.to_vec(),
             attempts: 0,
+            retries: 0,
+            last_error: String::new(),
             group,
             index,
             target,

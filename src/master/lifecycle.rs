@@ -109,7 +109,8 @@ impl<A: Application> Master<'_, A> {
                         continue;
                     }
                     let attempts = job.attempts;
-                    if attempts > self.config.task_retry_max {
+                    // Delivery retries are not deaths: only the runs that died count here.
+                    if attempts.saturating_sub(job.retries) > self.config.task_retry_max {
                         let why = if timed_out == Some(task_id) {
                             format!(
                                 "task process {pid} was killed: the task ran longer than task_timeout ({}s)",

@@ -9,6 +9,7 @@
 
 mod clients;
 mod conn;
+mod delayed;
 mod durable;
 mod jobs;
 mod lifecycle;
@@ -154,6 +155,11 @@ pub struct Master<'a, A: Application> {
     accepted: u64,
     round_robin: usize,
     jobs: Jobs,
+    /// Jobs that may not run yet (a delivery retry's back-off, a rate limit).
+    delayed: delayed::Delayed,
+    /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
+    retry: crate::retry::Policy,
+    rng: crate::retry::Rng,
     /// Connections with output to write at the end of this turn.
     dirty: Vec<usize>,
     /// Connections to close at the end of this turn if nothing more can happen on them.
@@ -265,6 +271,9 @@ impl<'a, A: Application> Master<'a, A> {
             accepted: 0,
             round_robin: 0,
             jobs: Jobs::default(),
+            delayed: delayed::Delayed::default(),
+            retry: crate::retry::Policy::from_config(config),
+            rng: crate::retry::Rng::new(),
             dirty: Vec::new(),
             maybe_finished: Vec::new(),
             scratch: vec![0; SCRATCH],
@@ -403,6 +412,7 @@ impl<'a, A: Application> Master<'a, A> {
             .map(|r| r.deadline)
             .into_iter()
             .chain(self.jobs.next_deadline())
+            .chain(self.delayed.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
@@ -466,6 +476,7 @@ impl<'a, A: Application> Master<'a, A> {
         self.resume_paused();
         self.end_lingering();
         self.shared.set_job_bytes(self.jobs.bytes() as u64);
+        self.release_delayed();
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
@@ -553,6 +564,7 @@ impl<'a, A: Application> Master<'a, A> {
             workers: &self.workers,
             tasks: &self.tasks,
             jobs: &self.jobs,
+            delayed: self.delayed.len(),
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
             durable: self.durable.as_ref().map(|d| {

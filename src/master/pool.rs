@@ -124,17 +124,116 @@ impl<A: Application> Master<'_, A> {
         match frame {
             FromTask::Send { session, data } => self.send_to_session(session, data),
             FromTask::TaskDone { task_id, ok, reply, result } => {
-                let slot = &mut self.tasks[j];
-                if let Some(pos) = slot.books.inflight.iter().position(|&id| id == task_id) {
-                    slot.books.inflight.remove(pos);
-                    if pos == 0 {
-                        slot.books.head_finished();
-                    }
-                }
-                slot.served += 1;
-                let pid = slot.pid().unwrap_or(0);
+                let pid = self.task_ran(j, task_id);
                 self.job_outcome(task_id, pid, ok, reply, result);
             }
+            FromTask::TaskRetry { task_id, not_yet, wait_ms, error } => {
+                let pid = self.task_ran(j, task_id);
+                let wait = (wait_ms != FromTask::NO_WAIT).then(|| Duration::from_millis(wait_ms));
+                self.retry_job(task_id, pid, not_yet, wait, &String::from_utf8_lossy(error));
+            }
+        }
+    }
+
+    /// Task slot `j` is done with a run of `task_id`: it holds it no longer. Its pid.
+    fn task_ran(&mut self, j: usize, task_id: u64) -> u32 {
+        let slot = &mut self.tasks[j];
+        if let Some(pos) = slot.books.inflight.iter().position(|&id| id == task_id) {
+            slot.books.inflight.remove(pos);
+            if pos == 0 {
+                slot.books.head_finished();
+            }
+        }
+        slot.served += 1;
+        slot.pid().unwrap_or(0)
+    }
+
+    // ---- delivery retries and the delayed queue ----
+
+    /// A run of a job failed transiently (`not_yet`: it may not run yet, a rate limit): it
+    /// waits in the delayed queue, holding no task process, then runs again; or, past
+    /// `delivery_retry_max` (or while the daemon stops), it fails with `error`.
+    pub(super) fn retry_job(
+        &mut self,
+        task_id: u64,
+        task_pid: u32,
+        not_yet: bool,
+        asked: Option<Duration>,
+        error: &str,
+    ) {
+        let Some(job) = self.jobs.get_mut(task_id) else {
+            tracing::warn!("retry of unknown task {task_id} dropped");
+            return;
+        };
+        if !matches!(self.phase, Phase::Running) {
+            let why = format!("server stopping before the job could run again (its last attempt: {error})");
+            self.finish_job(task_id, task_pid, false, why.as_bytes());
+            return;
+        }
+        let wait = if not_yet {
+            // Not an attempt: the next run has the same number.
+            job.attempts = job.attempts.saturating_sub(1);
+            asked.unwrap_or_default().min(crate::retry::NOT_YET_MAX)
+        } else {
+            let n = job.retries + 1;
+            let Some(wait) = self.retry.wait(n, asked, &mut self.rng) else {
+                tracing::warn!("job {task_id} failed after {} attempt(s): {error}", job.attempts);
+                self.finish_job(task_id, task_pid, false, error.as_bytes());
+                return;
+            };
+            job.retries = n;
+            wait
+        };
+        job.last_error.clear();
+        job.last_error.push_str(error);
+        let (session, attempt) = (job.session, job.attempts + 1);
+        let tells_client = !not_yet && job.group == 0 && job.flags & task_flags::WAIT == 0;
+        self.delayed.push(Instant::now() + wait, task_id);
+        if not_yet {
+            tracing::debug!("job {task_id} may not run yet ({error}); waits {} ms", wait.as_millis());
+            return;
+        }
+        self.counters.delivery_retries += 1;
+        tracing::info!(
+            "job {task_id}: attempt {} failed ({error}); runs again in {} ms (retry {} of {})",
+            attempt - 1,
+            wait.as_millis(),
+            attempt - 1,
+            self.retry.max_retries
+        );
+        if tells_client && !self.client_gone(session) {
+            let line = crate::retry::retrying_line(task_id, attempt, wait, error);
+            self.send_to_session(session, &line);
+        }
+    }
+
+    /// Jobs whose wait is over go back to the head of the task queue, earliest first. Once
+    /// the daemon stops, none runs again: each fails at once, so that the drain does not wait
+    /// out a back-off (which may be minutes) and the client hears now, not at max_wait_time.
+    pub(super) fn release_delayed(&mut self) {
+        if self.delayed.is_empty() {
+            return;
+        }
+        if !matches!(self.phase, Phase::Running) {
+            for task_id in self.delayed.drain() {
+                let Some(job) = self.jobs.get(task_id) else { continue };
+                let why = format!(
+                    "server stopping before the job could run again (its last attempt: {})",
+                    job.last_error
+                );
+                self.finish_job(task_id, 0, false, why.as_bytes());
+            }
+            return;
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        while let Some(task_id) = self.delayed.pop_due(now) {
+            if self.jobs.get(task_id).is_some() {
+                due.push(task_id);
+            }
+        }
+        for &task_id in due.iter().rev() {
+            self.jobs.push_front(task_id);
         }
     }
 

@@ -19,6 +19,8 @@ pub struct Counters {
     pub tasks_done: u64,
     pub tasks_failed: u64,
     pub tasks_retried: u64,
+    /// Delivery retries scheduled (`TaskFailure::Transient`), apart from `tasks_retried`.
+    pub delivery_retries: u64,
     pub worker_crashes: u64,
     pub task_crashes: u64,
     pub fork_failures: u64,
@@ -74,6 +76,7 @@ impl Counters {
             tasks_done: 0,
             tasks_failed: 0,
             tasks_retried: 0,
+            delivery_retries: 0,
             worker_crashes: 0,
             task_crashes: 0,
             fork_failures: 0,
@@ -99,6 +102,8 @@ pub struct Snapshot<'a> {
     pub workers: &'a [WorkerSlot],
     pub tasks: &'a [TaskSlot],
     pub jobs: &'a Jobs,
+    /// Jobs in the delayed queue (waiting for a retry or a rate limit).
+    pub delayed: usize,
     /// Waited-for results that came after their waiter gave up (counted by the workers).
     pub late_wait_results: u64,
     /// Final replies kept for `result` queries.
@@ -142,10 +147,12 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "idle_task_worker_num": s.tasks.iter().filter(|t| t.is_alive() && t.books.inflight.is_empty()).count(),
         "tasking_num": tasking,
         "task_queue_num": s.jobs.queued(),
+        "delayed": s.delayed,
         "tasks_accepted": c.tasks_accepted,
         "tasks_done": c.tasks_done,
         "tasks_failed": c.tasks_failed,
         "tasks_retried": c.tasks_retried,
+        "retries": c.delivery_retries,
         "worker_crashes": c.worker_crashes,
         "task_crashes": c.task_crashes,
         "fork_failures": c.fork_failures,
@@ -219,6 +226,18 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     let running: usize = s.tasks.iter().map(|t| t.books.inflight.len()).sum();
     metric("tasks_running", "gauge", "Jobs in task processes now.", running as u64);
     metric("tasks_queued", "gauge", "Jobs waiting for a task process.", s.jobs.queued() as u64);
+    metric(
+        "tasks_delayed",
+        "gauge",
+        "Jobs waiting in the delayed queue (retry back-off, rate limit).",
+        s.delayed as u64,
+    );
+    metric(
+        "delivery_retries_total",
+        "counter",
+        "Delivery retries scheduled after a transient failure.",
+        c.delivery_retries,
+    );
     metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
     metric("task_crashes_total", "counter", "Task processes that died abnormally.", c.task_crashes);
     metric("fork_failures_total", "counter", "Pool processes the manager could not fork.", c.fork_failures);
