@@ -275,6 +275,19 @@ mod tests {
         assert_eq!(gcra_take(&tat, 10_000, 100), Err(100));
     }
 
+    /// Without Redis, a node keeps its own limit (and asks Redis again later).
+    #[test]
+    fn the_local_limit_stands_in_while_redis_cannot_be_asked() {
+        let keys = crate::durable::keys::Keys::new("q", "n");
+        let mut limiter = Limiter::new(None, Some("1/m".parse().unwrap()))
+            .unwrap()
+            .with_redis("redis+unix:///nonexistent/redis.sock", &keys);
+        assert_eq!(limiter.take(Channel::Sms), Ok(()));
+        let wait = limiter.take(Channel::Sms).unwrap_err();
+        assert!(wait > Duration::from_secs(50) && wait <= Duration::from_secs(60), "{wait:?}");
+        assert!(limiter.redis.as_ref().unwrap().retry_at.is_some());
+    }
+
     /// What the page is for: task processes (forked children) taking turns at once never pass
     /// 1 + rate × elapsed between them, whatever their number.
     #[test]

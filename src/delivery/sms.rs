@@ -393,10 +393,63 @@ mod tests {
             ureq::Error::HostNotFound,
             ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
             ureq::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+            ureq::Error::Timeout(ureq::Timeout::Global),
+            ureq::Error::Timeout(ureq::Timeout::Connect),
         ] {
             assert!(matches!(classify_io(&e, "http://x"), Error::Transient { .. }), "{e}");
         }
         assert!(matches!(classify_io(&ureq::Error::BadUri("x".into()), "x"), Error::Permanent { .. }));
+    }
+
+    /// A real connection refused and a provider that does not answer in time, end to end
+    /// through the client.
+    #[test]
+    fn a_closed_port_and_a_silent_provider_are_transient() {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
+        for (port, what) in [(port, "refused"), (silent_port, "timed out")] {
+            let mut sms = Sms::new(&SmsSettings {
+                url: format!("http://127.0.0.1:{port}/sms"),
+                preset: Preset::Webhook,
+                from: None,
+                token: Some("t".into()),
+                connect_timeout: Duration::from_secs(5),
+                timeout: Duration::from_millis(300),
+                scope: "s".into(),
+            })
+            .unwrap();
+            let message = Message {
+                task_id: 1,
+                attempt: 1,
+                to: "+15551230001",
+                subject: None,
+                body: None,
+                text: Some("x"),
+            };
+            match sms.send(&message) {
+                Err(Error::Transient { message, retry_after: None }) => {
+                    assert!(message.contains(what), "{message}")
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        drop(silent);
+    }
+
+    #[test]
+    fn the_key_names_the_queue_or_the_daemon() {
+        let memory = crate::config::ServerConfig::default();
+        let scope = idempotency_scope(&memory, 1234);
+        assert!(scope.starts_with("taskd-") && scope.ends_with("-1234"), "{scope}");
+        let durable = crate::config::ServerConfig {
+            redis_url: Some("redis://h".into()),
+            redis_queue: "q1".into(),
+            ..Default::default()
+        };
+        assert_eq!(idempotency_scope(&durable, 1234), "taskd-q1", "the same on every node and run");
     }
 
     #[test]
