@@ -2,7 +2,9 @@
 //!
 //! A worker reads the request, hands the job to the task pool and answers `accepted` at once;
 //! a task process "delivers" it (simulated: it takes `simulate_ms`, logs its progress and
-//! appends the message to the outbox file); the worker that submitted it answers `done`.
+//! appends the message to the outbox file; an SMS goes to a provider's HTTP API instead with
+//! `sms_url`, see `delivery::sms`), each channel within its rate limit (`delivery::rate`); the
+//! worker that submitted it answers `done`.
 
 pub mod outbox;
 pub mod request;
