@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::config::{DispatchMode, ServerConfig};
+use crate::delivery::{rate::Rate, sms::Preset};
 use crate::logging::LogFormat;
 use crate::mail::MailConfig;
 
@@ -180,6 +181,22 @@ options! {
     mail.email_body_max: usize,
     /// Jobs an external handler runs before it is replaced (0: no limit) [default: 0]
     mail.handler_max_jobs: u64,
+    /// Send SMS to this HTTP API instead of the outbox: Twilio's Messages URL with the account SID and auth token as userinfo (https://SID:TOKEN@api.twilio.com/2010-04-01/Accounts/SID/Messages.json), or a webhook's URL; prefer TASKD_SMS_URL or the config file for a URL with a password
+    mail.sms_url: String => Some,
+    /// twilio (form To/From/Body, basic auth, the answer's sid) or webhook (JSON to/text/task_id, bearer token, the answer's id) [default: twilio]
+    mail.sms_preset: Preset,
+    /// The SMS sender's number or name (Twilio's From; required by the twilio preset)
+    mail.sms_from: String => Some,
+    /// The webhook's bearer token, or Twilio's auth token when --sms-url names only the SID; prefer TASKD_SMS_TOKEN or the config file
+    mail.sms_token: String => Some,
+    /// Milliseconds connecting to the SMS provider may take [default: 5000]
+    mail.sms_connect_timeout_ms: u64,
+    /// Milliseconds a whole SMS request may take [default: 15000]
+    mail.sms_timeout_ms: u64,
+    /// Most SMS sent by all task processes (all nodes of a Redis queue) together: N/s, N/m or N/h, e.g. 5/s [default: no limit]
+    mail.sms_rate: Rate => Some,
+    /// Most emails sent the same way, whatever the transport, e.g. 50/s [default: no limit]
+    mail.smtp_rate: Rate => Some,
 }
 
 impl std::str::FromStr for DispatchMode {
@@ -337,6 +354,14 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
             "claim_timeout",
             "simulate_ms",
             "outbox",
+            "sms_url",
+            "sms_preset",
+            "sms_from",
+            "sms_token",
+            "sms_connect_timeout_ms",
+            "sms_timeout_ms",
+            "sms_rate",
+            "smtp_rate",
         ],
         "a task node runs only task processes, which take their jobs from Redis: it listens on no \
          port, has no workers and no pid file",
@@ -476,6 +501,7 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
     settings.server.validate().map_err(|e| e.to_string())?;
     settings.check_handlers().map_err(|e| e.to_string())?;
     settings.check_mail_times().map_err(|e| e.to_string())?;
+    settings.mail.check_delivery().map_err(|e| e.to_string())?;
     Ok(settings)
 }
 
@@ -526,7 +552,11 @@ impl Settings {
         let mut server = self.server.clone();
         server.redis_url = server.redis_url.as_deref().map(crate::durable::redact);
         let mut out = toml::to_string(&server).unwrap_or_default();
-        out.push_str(&toml::to_string(&self.mail).unwrap_or_default());
+        // The same for the SMS provider's password and token.
+        let mut mail = self.mail.clone();
+        mail.sms_url = mail.sms_url.as_deref().map(crate::durable::redact);
+        mail.sms_token = mail.sms_token.map(|_| "***".into());
+        out.push_str(&toml::to_string(&mail).unwrap_or_default());
         out
     }
 }
@@ -676,6 +706,29 @@ mod tests {
         let err = load(&cli(&["--handler", "a=b", "--redis-url", "redis://h"])).unwrap_err();
         assert!(err.contains("without redis_url"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn sms_secrets_come_from_the_environment_and_never_show() {
+        let env = |name: &str| match name {
+            "TASKD_SMS_URL" => Some("https://AC1:s3cretPW@api.twilio.com/x".to_string()),
+            "TASKD_SMS_TOKEN" => Some("t0kenXY".to_string()),
+            _ => None,
+        };
+        let s = load_with_env(&cli(&["--sms-from", "+15005550006", "--sms-rate", "5/s"]), &env).unwrap();
+        assert_eq!(s.mail.sms_token.as_deref(), Some("t0kenXY"));
+        assert_eq!(s.mail.sms_rate.map(|r| r.to_string()).as_deref(), Some("5/s"));
+        let shown = s.to_toml();
+        assert!(!shown.contains("s3cretPW") && !shown.contains("t0kenXY"), "{shown}");
+        assert!(shown.contains("AC1:***@api.twilio.com") && shown.contains("sms_rate = \"5/s\""), "{shown}");
+        let err = load_with_env(&cli(&[]), &env).unwrap_err();
+        assert!(err.contains("sms_from") && !err.contains("s3cretPW"), "{err}");
+        let err =
+            load_with_env(&cli(&["--sms-url", "ftp://u:s3cretPW@h", "--sms-preset", "webhook"]), &|_| None)
+                .unwrap_err();
+        assert!(err.contains("sms_url") && !err.contains("s3cretPW"), "{err}");
+        assert!(Cli::try_parse_args(["taskd", "--smtp-rate", "5/d"]).is_err());
+        assert!(Cli::try_parse_args(["taskd", "--sms-preset", "nexmo"]).is_err());
     }
 
     #[test]

@@ -72,7 +72,7 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
     open_outbox(settings, owner)?;
-    let mut app = MailApp::new(settings.mail.clone());
+    let mut app = MailApp::new(settings.mail.clone()).with_delivery(&server).map_err(|e| (1, e))?;
     taskd::durable::node::run(&mut app, &server, &d).map_err(|e| (1, e))
 }
 
@@ -158,7 +158,9 @@ fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     };
     let app = MailApp::new(settings.mail.clone())
         .with_run_limit(server.task_limit())
-        .with_trusted_tasks(server.redis_url.is_none());
+        .with_trusted_tasks(server.redis_url.is_none())
+        .with_delivery(server)
+        .map_err(|e| (1, e))?;
     let result = taskd::run_notify(server, Some(listener), app, ready);
     result.map_err(|e| {
         if let Some(fd) = report.take() {

@@ -108,6 +108,34 @@ impl Shared {
     }
 }
 
+/// A zeroed array of `n` atomics in shared memory, for state that every process of a node
+/// updates without asking the master (the rate limiters' clocks, `delivery::rate`). Call
+/// before forking, as [`Shared::map`]; never unmapped.
+pub fn map_atomics(n: usize) -> std::io::Result<&'static [AtomicU64]> {
+    let Some(len) = NonZeroUsize::new(n.max(1).saturating_mul(std::mem::size_of::<AtomicU64>())) else {
+        return Err(std::io::Error::other("no room to map"));
+    };
+    // SAFETY: as in `Shared::map`: a fresh anonymous mapping is zero-filled and page-aligned,
+    // and `n` zeroed `AtomicU64`s are valid; never unmapped, inherited by forked children.
+    unsafe {
+        let ptr =
+            mmap_anonymous(None, len, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_SHARED)?;
+        Ok(std::slice::from_raw_parts(ptr.as_ptr() as *const AtomicU64, n))
+    }
+}
+
+/// Microseconds of CLOCK_BOOTTIME (see [`boot_clock_ms`]): the rate limiters' clock, one for
+/// every process of the host.
+pub fn boot_clock_us() -> u64 {
+    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: as in `boot_clock_ms`.
+    let rc = unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return u64::MAX;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000).saturating_add(ts.tv_nsec as u64 / 1000)
+}
+
 /// Milliseconds of CLOCK_BOOTTIME: one clock for every process of the host (deadlines written
 /// by one process and read by another), which keeps running while the machine is suspended, as
 /// a lease's time to live in Redis does (CLOCK_MONOTONIC, and so `Instant`, stops then).

@@ -6,6 +6,11 @@
 //! | module | owns |
 //! | --- | --- |
 //! | this one | the trait, the message, the receipt, the classes of failure |
+//! | [`sms`] | SMS over an HTTP API (Twilio form or JSON webhook), its failure classes |
+//! | [`rate`] | rate limits per channel, shared by a node's task processes (or a queue's nodes) |
+
+pub mod rate;
+pub mod sms;
 
 use std::fmt;
 use std::time::Duration;

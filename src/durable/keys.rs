@@ -55,6 +55,12 @@ impl Keys {
         format!("{}:epoch:{node}", self.tag)
     }
 
+    /// The rate limit of a delivery channel (`sms`, `email`), shared by every node of the
+    /// queue: the channel's theoretical arrival time (GCRA, see `delivery::rate`).
+    pub fn rate_of(&self, channel: &str) -> String {
+        format!("{}:rate:{channel}", self.tag)
+    }
+
     /// `node`'s lease on its name: it exists while a node of that name runs.
     pub fn lease_of(&self, node: &str) -> String {
         format!("{}:lease:{node}", self.tag)
@@ -90,6 +96,7 @@ mod tests {
         assert_eq!(k.replies, k.replies_of("web-1"));
         assert_eq!(k.epoch, k.epoch_of("web-1"));
         assert_eq!(k.lease, k.lease_of("web-1"));
+        assert_eq!(k.rate_of("sms"), "{q1}:rate:sms");
         assert_eq!(consumer_name("n2", 3), "n2/3");
     }
 }

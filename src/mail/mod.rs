@@ -2,7 +2,9 @@
 //!
 //! A worker reads the request, hands the job to the task pool and answers `accepted` at once;
 //! a task process "delivers" it (simulated: it takes `simulate_ms`, logs its progress and
-//! appends the message to the outbox file); the worker that submitted it answers `done`.
+//! appends the message to the outbox file; an SMS goes to a provider's HTTP API instead with
+//! `sms_url`, see `delivery::sms`), each channel within its rate limit (`delivery::rate`); the
+//! worker that submitted it answers `done`.
 
 pub mod outbox;
 pub mod request;
@@ -17,6 +19,9 @@ use serde_json::json;
 use crate::app::{
     Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, WorkerCtx,
 };
+use crate::delivery::rate::{Channel, Limiter, Rate};
+use crate::delivery::sms::{self, Preset, Sms, SmsSettings};
+use crate::delivery::{self, Transport};
 use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
 use crate::throttle::Throttle;
@@ -38,6 +43,31 @@ pub struct MailConfig {
     /// `task_max_request` does for task processes: a handler that leaks is bounded.
     #[serde(default)]
     pub handler_max_jobs: u64,
+    // ---- SMS over HTTP and rate limits (`delivery::sms`, `delivery::rate`) ----
+    /// The SMS provider's endpoint (`http://` or `https://`); None: SMS go to the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms_url: Option<String>,
+    /// The shape of the request: `twilio` (form, basic auth) or `webhook` (JSON, bearer).
+    #[serde(default)]
+    pub sms_preset: Preset,
+    /// The sender's number or name (Twilio's `From`; the webhook's `from` when set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms_from: Option<String>,
+    /// The webhook's bearer token, or Twilio's auth token when the URL names only the SID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms_token: Option<String>,
+    /// How long connecting to the provider may take.
+    #[serde(default = "default_sms_connect_timeout_ms")]
+    pub sms_connect_timeout_ms: u64,
+    /// How long a whole request may take (connecting, sending, the answer).
+    #[serde(default = "default_sms_timeout_ms")]
+    pub sms_timeout_ms: u64,
+    /// SMS sent per second, minute or hour by every task process (every node) together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sms_rate: Option<Rate>,
+    /// The same for email, whatever its transport.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_rate: Option<Rate>,
     /// External handlers (`--handler TYPE=COMMAND`, `[handlers]`): job type → command. Last,
     /// since it is a table in the config file.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -52,8 +82,71 @@ impl Default for MailConfig {
             batch_timeout_ms: 30_000,
             email_body_max: request::FieldLimits::default().email_body_max,
             handler_max_jobs: 0,
+            sms_url: None,
+            sms_preset: Preset::default(),
+            sms_from: None,
+            sms_token: None,
+            sms_connect_timeout_ms: default_sms_connect_timeout_ms(),
+            sms_timeout_ms: default_sms_timeout_ms(),
+            sms_rate: None,
+            smtp_rate: None,
             handlers: BTreeMap::new(),
         }
+    }
+}
+
+fn default_sms_connect_timeout_ms() -> u64 {
+    5_000
+}
+
+fn default_sms_timeout_ms() -> u64 {
+    15_000
+}
+
+/// The longest `sms_timeout_ms` and `sms_connect_timeout_ms`: a provider that has not answered
+/// in five minutes holds a task process for nothing.
+pub const MAX_SMS_TIMEOUT_MS: u64 = 300_000;
+
+impl MailConfig {
+    /// The SMS transport's settings, if SMS go to a provider; `scope` makes the jobs'
+    /// `Idempotency-Key`s unique beyond their ids (`sms::idempotency_scope`).
+    pub fn sms_settings(&self, scope: String) -> Option<SmsSettings> {
+        Some(SmsSettings {
+            url: self.sms_url.clone()?,
+            preset: self.sms_preset,
+            from: self.sms_from.clone(),
+            token: self.sms_token.clone(),
+            connect_timeout: Duration::from_millis(self.sms_connect_timeout_ms),
+            timeout: Duration::from_millis(self.sms_timeout_ms),
+            scope,
+        })
+    }
+
+    /// The SMS and rate options, checked at start: the reason never quotes a secret.
+    pub fn check_delivery(&self) -> Result<(), crate::config::InvalidOption> {
+        use crate::config::InvalidOption;
+        for (option, ms) in
+            [("sms_connect_timeout_ms", self.sms_connect_timeout_ms), ("sms_timeout_ms", self.sms_timeout_ms)]
+        {
+            if !(1..=MAX_SMS_TIMEOUT_MS).contains(&ms) {
+                let reason = format!("{ms} is not from 1 to {MAX_SMS_TIMEOUT_MS} ms (five minutes)");
+                return Err(InvalidOption { option, reason });
+            }
+        }
+        if let Some(settings) = self.sms_settings(String::new()) {
+            sms::validate(&settings).map_err(|reason| InvalidOption { option: "sms_url", reason })?;
+        }
+        Ok(())
+    }
+}
+
+/// A transport's failure as the server acts on it.
+fn failure(e: delivery::Error) -> TaskFailure {
+    match e {
+        delivery::Error::Transient { message, retry_after } => {
+            TaskFailure::Transient { error: message, retry_after }
+        }
+        delivery::Error::Permanent { message } => TaskFailure::Permanent(message),
     }
 }
 
@@ -114,6 +207,11 @@ pub struct MailApp {
     handled: Vec<String>,
     /// The handlers this task process has started (none in a worker).
     handlers: Handlers,
+    /// SMS over HTTP: the settings (from the start), the transport (per task process).
+    sms_settings: Option<SmsSettings>,
+    sms: Option<Sms>,
+    /// The channels' rate limits, shared by the node's task processes (mapped before the fork).
+    limiter: Option<Limiter>,
 }
 
 impl MailApp {
@@ -129,7 +227,83 @@ impl MailApp {
             refusals: Default::default(),
             handled,
             handlers,
+            sms_settings: None,
+            sms: None,
+            limiter: None,
         }
+    }
+
+    /// Real delivery, chosen once at start from the config: SMS to the provider of `sms_url`,
+    /// and the channels' rate limits (the queue's, in Redis, with durable jobs). Call before
+    /// the fork: the limits live in shared memory mapped here.
+    pub fn with_delivery(mut self, server: &crate::config::ServerConfig) -> Result<Self, String> {
+        let started_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.sms_settings = self.config.sms_settings(sms::idempotency_scope(server, started_ms));
+        let limiter = Limiter::new(self.config.smtp_rate, self.config.sms_rate)
+            .map_err(|e| format!("cannot map shared memory for the rate limits: {e}"))?;
+        self.limiter = Some(match &server.redis_url {
+            Some(url) => limiter.with_redis(url, &crate::durable::keys::Keys::new(&server.redis_queue, "")),
+            None => limiter,
+        });
+        Ok(self)
+    }
+
+    /// Takes the channel's turn to send, or says how long the job must wait (a rate limit).
+    /// Until the delayed queue runs such jobs again, the server fails them with `why`.
+    fn take_turn(&mut self, kind: Kind) -> Result<(), TaskFailure> {
+        let channel = match kind {
+            Kind::Email => Channel::Email,
+            Kind::Sms => Channel::Sms,
+        };
+        let Some(limiter) = &mut self.limiter else { return Ok(()) };
+        limiter.take(channel).map_err(|wait| TaskFailure::NotYet {
+            wait,
+            why: format!(
+                "rate limit: {} {} reached, next turn in {} ms",
+                channel.option(),
+                limiter.rate(channel).map(|r| r.to_string()).unwrap_or_default(),
+                wait.as_millis().max(1)
+            ),
+        })
+    }
+
+    /// Sends an SMS to the provider; the `done` carries its message id.
+    fn send_sms(
+        &mut self,
+        ctx: &mut TaskCtx<'_>,
+        task: &Task<'_>,
+        job: &Job,
+    ) -> Result<Vec<u8>, TaskFailure> {
+        let sms = self.sms.as_mut().ok_or("the SMS transport is not ready")?;
+        let message = delivery::Message {
+            task_id: task.id,
+            attempt: task.attempt,
+            to: &job.to,
+            subject: None,
+            body: None,
+            text: job.text.as_deref(),
+        };
+        tracing::info!("job {}: sending SMS to {} (attempt {})", task.id, job.to, task.attempt);
+        let receipt = sms.send(&message).map_err(failure)?;
+        Ok(Self::done(ctx, task, job, receipt.answer))
+    }
+
+    /// Answers the job's `done` from here (the shortest path), with its result.
+    fn done(ctx: &mut TaskCtx<'_>, task: &Task<'_>, job: &Job, result: String) -> Vec<u8> {
+        let pid = ctx.info().pid;
+        let (kind, to, attempts) = (job.kind.name(), &job.to[..], task.attempt);
+        ctx.reply(&line(&Done {
+            event: "done",
+            task_id: task.id,
+            kind,
+            to,
+            result: &result,
+            task_pid: pid,
+            attempts,
+        }));
+        result.into_bytes()
     }
 
     /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
@@ -296,6 +470,10 @@ impl MailApp {
                 );
             }
         }
+        self.take_turn(job.kind)?;
+        if job.kind == Kind::Sms && self.sms.is_some() {
+            return self.send_sms(ctx, task, &job);
+        }
         let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
         let pid = ctx.info().pid;
         let (label, what) = match job.kind {
@@ -320,17 +498,7 @@ impl MailApp {
         let result = format!("{label}:{}, sent", job.to);
         // The client's `done` leaves with the result, straight from here: the shortest path,
         // and never for a run that died (it runs again and answers then).
-        let (kind, to, attempts) = (job.kind.name(), &job.to[..], task.attempt);
-        ctx.reply(&line(&Done {
-            event: "done",
-            task_id: task.id,
-            kind,
-            to,
-            result: &result,
-            task_pid: pid,
-            attempts,
-        }));
-        Ok(result.into_bytes())
+        Ok(Self::done(ctx, task, &job, result))
     }
 }
 
@@ -347,6 +515,9 @@ impl Application for MailApp {
             let outbox = Outbox::open(&self.config.outbox)
                 .map_err(|e| format!("cannot open the outbox {}: {e}", self.config.outbox.display()))?;
             self.outbox = Some(outbox);
+            if let Some(settings) = &self.sms_settings {
+                self.sms = Some(Sms::new(settings)?);
+            }
         }
         Ok(())
     }
