@@ -124,22 +124,11 @@ pub fn map_atomics(n: usize) -> std::io::Result<&'static [AtomicU64]> {
     }
 }
 
-/// Microseconds of CLOCK_BOOTTIME (see [`boot_clock_ms`]): the rate limiters' clock, one for
-/// every process of the host.
+/// Microseconds of CLOCK_BOOTTIME: one clock for every process of the host (deadlines written
+/// by one process and read by another, the rate limiters' turns), which keeps running while the
+/// machine is suspended, as a lease's time to live in Redis does (CLOCK_MONOTONIC, and so
+/// `Instant`, stops then).
 pub fn boot_clock_us() -> u64 {
-    let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: as in `boot_clock_ms`.
-    let rc = unsafe { nix::libc::clock_gettime(nix::libc::CLOCK_BOOTTIME, &mut ts) };
-    if rc != 0 {
-        return u64::MAX;
-    }
-    (ts.tv_sec as u64).saturating_mul(1_000_000).saturating_add(ts.tv_nsec as u64 / 1000)
-}
-
-/// Milliseconds of CLOCK_BOOTTIME: one clock for every process of the host (deadlines written
-/// by one process and read by another), which keeps running while the machine is suspended, as
-/// a lease's time to live in Redis does (CLOCK_MONOTONIC, and so `Instant`, stops then).
-pub fn boot_clock_ms() -> u64 {
     let mut ts = nix::libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec to the pointer, which points to a local that
     // lives across the call; CLOCK_BOOTTIME exists on every Linux since 2.6.39.
@@ -148,7 +137,15 @@ pub fn boot_clock_ms() -> u64 {
         // Not reachable on Linux; past every deadline: a lease is then never taken as valid.
         return u64::MAX;
     }
-    (ts.tv_sec as u64).saturating_mul(1000).saturating_add(ts.tv_nsec as u64 / 1_000_000)
+    (ts.tv_sec as u64).saturating_mul(1_000_000).saturating_add(ts.tv_nsec as u64 / 1000)
+}
+
+/// Milliseconds of [`boot_clock_us`] (u64::MAX, past every deadline, if the clock failed).
+pub fn boot_clock_ms() -> u64 {
+    match boot_clock_us() {
+        u64::MAX => u64::MAX,
+        us => us / 1000,
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -39,14 +39,7 @@ impl Provider {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start python3");
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = stdout.read_line(&mut line);
-            let _ = tx.send(line);
-            let _ = stdout.read_to_end(&mut Vec::new());
-        });
+        let rx = common::first_lines(child.stdout.take().expect("stdout"), 1);
         let line = rx.recv_timeout(DEADLINE).unwrap_or_default();
         let port = line.trim().strip_prefix("listening ").and_then(|p| p.parse().ok());
         let mut provider = Provider { child, port: 0, record, _dir: dir };

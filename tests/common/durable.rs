@@ -1,7 +1,6 @@
 //! A real `redis-server` per test (a unix socket in a temp dir, AOF on), and `taskd task-node`
 //! processes: each killed and reaped by a Drop guard, also when the test fails.
 
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -183,16 +182,7 @@ impl TaskNode {
             .spawn()
             .expect("spawn taskd task-node");
         let pid = child.id();
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        // A pipe has no read timeout: a thread reads the first line, then drains the rest.
-        let (first_tx, first_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut first = String::new();
-            let _ = stdout.read_line(&mut first);
-            let _ = first_tx.send(first);
-            let mut sink = Vec::new();
-            let _ = stdout.read_to_end(&mut sink);
-        });
+        let first_rx = super::first_lines(child.stdout.take().expect("stdout"), 1);
         let node = TaskNode { child: Some(child), pid, dir, outbox, log_path };
         let first = first_rx.recv_timeout(super::DEADLINE).unwrap_or_default();
         assert!(first.starts_with("taskd task-node "), "task-node did not start: {first:?}\n{}", node.log());

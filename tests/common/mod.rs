@@ -94,21 +94,10 @@ impl Daemon {
             .process_group(0);
         let mut child = cmd.spawn().expect("spawn taskd");
         let pid = child.id();
-        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-        // Other listeners get a line each, after the first. A pipe has no read timeout: a
-        // thread reads the lines (then keeps draining stdout so the daemon never blocks on it)
-        // and this one waits for them with a deadline.
+        let stdout = child.stdout.take().expect("stdout");
+        // Other listeners get a line each, after the first.
         let extra = args.contains(&"--metrics-addr") as usize + args.contains(&"--ws-port") as usize;
-        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for _ in 0..=extra {
-                let mut line = String::new();
-                let _ = stdout.read_line(&mut line);
-                let _ = lines_tx.send(line);
-            }
-            let mut sink = Vec::new();
-            let _ = stdout.read_to_end(&mut sink);
-        });
+        let lines_rx = first_lines(stdout, extra + 1);
         let started = Instant::now();
         let next_line = || lines_rx.recv_timeout(DEADLINE.saturating_sub(started.elapsed())).ok();
         let first = next_line();
@@ -732,4 +721,21 @@ pub fn browser() -> Option<Browser> {
          npm install --prefix target/browser-test playwright-core@1)",
     );
     None
+}
+
+/// The first `n` lines a child prints, as they come. A pipe has no read timeout: a thread reads
+/// them (then keeps draining the pipe, so that the child never blocks on it) and the caller
+/// waits on the receiver with a deadline.
+pub fn first_lines(stdout: std::process::ChildStdout, n: usize) -> std::sync::mpsc::Receiver<String> {
+    let mut stdout = BufReader::new(stdout);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for _ in 0..n {
+            let mut line = String::new();
+            let _ = stdout.read_line(&mut line);
+            let _ = tx.send(line);
+        }
+        let _ = stdout.read_to_end(&mut Vec::new());
+    });
+    rx
 }
