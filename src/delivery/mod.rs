@@ -6,6 +6,11 @@
 //! | module | owns |
 //! | --- | --- |
 //! | this one | the trait, the message, the receipt, the classes of failure |
+//! | `outbox` | the outbox file (no `--smtp-url`): a simulated delivery, one JSON line per message |
+//! | `smtp` | email over SMTP (`--smtp-url`): lettre's pooled client, STARTTLS or TLS by rustls |
+
+pub mod outbox;
+pub mod smtp;
 
 use std::fmt;
 use std::time::Duration;

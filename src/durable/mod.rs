@@ -140,7 +140,8 @@ fn secrets(url: &str) -> Vec<String> {
     found
 }
 
-fn percent_decode(s: &str) -> String {
+/// `%40` as `@`: what a URL's user name or password means.
+pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -1,10 +1,10 @@
 //! The built-in application of the `taskd` binary: email and SMS jobs, as in the seeds.
 //!
 //! A worker reads the request, hands the job to the task pool and answers `accepted` at once;
-//! a task process "delivers" it (simulated: it takes `simulate_ms`, logs its progress and
-//! appends the message to the outbox file); the worker that submitted it answers `done`.
+//! a task process delivers it through a transport (`delivery`: email over SMTP with
+//! `--smtp-url`; else simulated: it takes `simulate_ms`, logs its progress and appends the
+//! message to the outbox file); the worker that submitted it answers `done`.
 
-pub mod outbox;
 pub mod request;
 
 use std::collections::BTreeMap;
@@ -17,10 +17,12 @@ use serde_json::json;
 use crate::app::{
     Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, WorkerCtx,
 };
+use crate::delivery::outbox::Outbox;
+use crate::delivery::smtp::{Smtp, SmtpSettings};
+use crate::delivery::{self, Transport};
 use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
 use crate::throttle::Throttle;
-use outbox::Outbox;
 use request::{Job, Kind, Request};
 
 /// Options of the email/SMS application.
@@ -38,6 +40,16 @@ pub struct MailConfig {
     /// `task_max_request` does for task processes: a handler that leaks is bounded.
     #[serde(default)]
     pub handler_max_jobs: u64,
+    /// Email over SMTP: the relay, `smtp://USER:PASS@HOST:587` (STARTTLS required unless
+    /// `?tls=opportunistic` or `?tls=none`) or `smtps://…:465`. None: emails go to the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_url: Option<String>,
+    /// The sender of every email (`Shop <noreply@example.com>`); needed with `smtp_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail_from: Option<String>,
+    /// CA certificates (PEM) the relay's certificate is checked against, instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_ca_file: Option<PathBuf>,
     /// External handlers (`--handler TYPE=COMMAND`, `[handlers]`): job type → command. Last,
     /// since it is a table in the config file.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -52,6 +64,9 @@ impl Default for MailConfig {
             batch_timeout_ms: 30_000,
             email_body_max: request::FieldLimits::default().email_body_max,
             handler_max_jobs: 0,
+            smtp_url: None,
+            mail_from: None,
+            smtp_ca_file: None,
             handlers: BTreeMap::new(),
         }
     }
@@ -101,6 +116,9 @@ struct Context {
 pub struct MailApp {
     config: MailConfig,
     outbox: Option<Outbox>,
+    /// The relay, when emails go by SMTP (`with_smtp`), and this task process's pool to it.
+    smtp: Option<SmtpSettings>,
+    email: Option<Smtp>,
     pid: u32,
     /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
     run_limit: Option<Duration>,
@@ -126,6 +144,8 @@ impl MailApp {
         MailApp {
             config,
             outbox: None,
+            smtp: None,
+            email: None,
             pid: std::process::id(),
             run_limit: None,
             trusted_tasks: false,
@@ -152,6 +172,12 @@ impl MailApp {
     /// Lets a handler's job that cannot run again fail with its reason (`task_retry_max`).
     pub fn with_retry_max(mut self, retry_max: u32) -> Self {
         self.retry_max = Some(retry_max);
+        self
+    }
+
+    /// Emails go to this relay (`smtp_url`) instead of the outbox.
+    pub fn with_smtp(mut self, smtp: Option<SmtpSettings>) -> Self {
+        self.smtp = smtp;
         self
     }
 
@@ -287,7 +313,7 @@ impl MailApp {
         }
     }
 
-    fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, String> {
+    fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         let job: Job = if self.handlers.is_empty() {
             serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?
         } else {
@@ -297,7 +323,7 @@ impl MailApp {
             match value.get("type").and_then(serde_json::Value::as_str) {
                 Some(kind) if self.handlers.handles(kind) => {
                     let kind = kind.to_string();
-                    return self.run_handled(ctx, task, &kind, &value);
+                    return self.run_handled(ctx, task, &kind, &value).map_err(TaskFailure::from);
                 }
                 _ => serde_json::from_value(value).map_err(|e| format!("task data is not a job: {e}"))?,
             }
@@ -311,31 +337,36 @@ impl MailApp {
                 Kind::Sms => request::valid_phone(&job.to)?,
             };
             if job.delay_ms.is_some_and(|ms| ms > request::MAX_DELAY_MS) {
-                return Err(format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS));
+                return Err(
+                    format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS).into()
+                );
             }
         }
         let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
         let pid = ctx.info().pid;
-        let (label, what) = match job.kind {
-            Kind::Email => ("Email", "email"),
-            Kind::Sms => ("SMS", "SMS"),
+        let message = delivery::Message {
+            task_id: task.id,
+            attempt: task.attempt,
+            to: &job.to,
+            subject: job.subject.as_deref(),
+            body: job.body.as_deref(),
+            text: job.text.as_deref(),
         };
-        if delay.is_zero() {
-            tracing::debug!("job {}: {what} to {}", task.id, job.to);
-        } else {
-            tracing::info!("job {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
-            // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
-            let steps = 5u32;
-            for i in 1..=steps {
-                std::thread::sleep(delay / steps);
-                tracing::info!("job {}: {i}/{steps} done", task.id);
+        let mut outbox;
+        let transport: &mut dyn Transport = match (job.kind, self.email.as_mut()) {
+            (Kind::Email, Some(smtp)) => smtp,
+            _ => {
+                outbox = self.outbox.as_mut().ok_or("the outbox is not open")?.for_job(job.kind, delay, pid);
+                &mut outbox
             }
-        }
-        let outbox = self.outbox.as_mut().ok_or("the outbox is not open")?;
-        outbox
-            .append(&job, task.id, task.attempt, pid)
-            .map_err(|e| format!("cannot write to the outbox: {e}"))?;
-        let result = format!("{label}:{}, sent", job.to);
+        };
+        let result = transport.send(&message).map_err(|e| match e {
+            delivery::Error::Transient { message, retry_after } => {
+                TaskFailure::Transient { error: message, retry_after }
+            }
+            delivery::Error::Permanent { message } => TaskFailure::Permanent(message),
+        })?;
+        let result = result.answer;
         // The client's `done` leaves with the result, straight from here: the shortest path,
         // and never for a run that died (it runs again and answers then).
         let (kind, to, attempts) = (job.kind.name(), &job.to[..], task.attempt);
@@ -354,7 +385,16 @@ impl MailApp {
 
 impl Application for MailApp {
     fn on_start(&mut self, addr: std::net::SocketAddr) {
-        tracing::info!("email/SMS service ready on {addr}; outbox {}", self.config.outbox.display());
+        match &self.smtp {
+            Some(smtp) => tracing::info!(
+                "email/SMS service ready on {addr}; email via {}, SMS to the outbox {}",
+                smtp.shown(),
+                self.config.outbox.display()
+            ),
+            None => {
+                tracing::info!("email/SMS service ready on {addr}; outbox {}", self.config.outbox.display())
+            }
+        }
     }
 
     fn on_worker_start(&mut self, info: &ProcessInfo) -> Result<(), String> {
@@ -365,6 +405,10 @@ impl Application for MailApp {
             let outbox = Outbox::open(&self.config.outbox)
                 .map_err(|e| format!("cannot open the outbox {}: {e}", self.config.outbox.display()))?;
             self.outbox = Some(outbox);
+            // Its own pool, made after the fork: no connection is shared between processes.
+            if let Some(settings) = &self.smtp {
+                self.email = Some(Smtp::new(settings)?);
+            }
         }
         Ok(())
     }
@@ -410,7 +454,7 @@ impl Application for MailApp {
     }
 
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
-        self.deliver(ctx, task).map_err(TaskFailure::from)
+        self.deliver(ctx, task)
     }
 
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {
