@@ -266,6 +266,23 @@ impl Transport for Smtp {
     }
 }
 
+/// The TLS error under a network error (rustls's, wrapped in an `io::Error`): an untrusted
+/// certificate, a failed handshake.
+fn tls_failure(e: &lettre::transport::smtp::Error) -> Option<&rustls::Error> {
+    let mut source = std::error::Error::source(e);
+    while let Some(err) = source {
+        if let Some(tls) = err.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        // `io::Error::source` skips the error it wraps: look at that one too.
+        if let Some(tls) = err.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()?.downcast_ref()) {
+            return Some(tls);
+        }
+        source = err.source();
+    }
+    None
+}
+
 /// A failure of lettre's client as a class of delivery failure: a 4xx reply, a refused, reset
 /// or timed-out connection may pass (transient); a 5xx reply will not, nor will a relay whose
 /// TLS cannot be trusted or that offers no STARTTLS where it is required (permanent: the
@@ -286,7 +303,7 @@ pub fn classify(e: &lettre::transport::smtp::Error, settings: &SmtpSettings) -> 
             Error::Permanent { message: format!("relay {relay} answered {message}") }
         };
     }
-    if e.is_tls() {
+    if e.is_tls() || tls_failure(e).is_some() {
         return Error::Permanent {
             message: scrub(format!("TLS with relay {relay} failed (not sent): {reason}")),
         };
