@@ -392,3 +392,43 @@ fn a_task_process_killed_mid_send_sends_again_with_the_same_message_id() {
     assert_eq!(ids[0], ids[1], "the same Message-ID on both attempts");
     assert!(ids[0].as_str().unwrap().starts_with(&format!("<taskd.{}.", accepted["task_id"])));
 }
+
+#[test]
+fn a_task_node_delivers_durable_jobs_by_smtp() {
+    let Some(()) = relay_tools() else { return };
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let certs_dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(certs_dir.path());
+    let relay = Relay::start(Some(&certs), false, Some(&format!("app:{PASSWORD}")));
+    let url = relay.url("smtp", Some(&format!("app:{PASSWORD}")), "");
+    let web = Daemon::start(&["--redis-url", &redis.url, "--node-id", "web-1", "--task-worker-num", "0"]);
+    let node = common::durable::TaskNode::start(
+        &redis,
+        "mail-1",
+        &[
+            "--task-worker-num",
+            "1",
+            "--smtp-url",
+            &url,
+            "--mail-from",
+            "noreply@shop.test",
+            "--smtp-ca-file",
+            certs.ca.to_str().unwrap(),
+        ],
+    );
+    let done = run_job(&web, &email("ivan@example.com", "Durable", "through Redis"));
+    assert_eq!(done["event"], "done", "{done}");
+    assert!(done["result"].as_str().unwrap().starts_with("250 2.0.0 Ok: queued as"), "{done}");
+    assert_eq!(done["task_pid"], node.task_pids()[0], "{done}");
+    let messages = relay.messages();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    // Durable ids are unique across the queue's nodes and runs: the queue names them.
+    assert_eq!(messages[0]["message_id"], format!("<taskd.{}.taskd@shop.test>", done["task_id"]));
+    assert_eq!((&messages[0]["tls"], &messages[0]["login"]), (&Value::Bool(true), &Value::from("app")));
+    assert!(node.outbox_lines().is_empty());
+    for pid in std::iter::once(node.pid).chain(node.task_pids()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        assert!(!String::from_utf8_lossy(&cmdline).contains(PASSWORD), "ps shows the password of {pid}");
+    }
+    assert!(!node.log().contains(PASSWORD), "{}", node.log());
+}
