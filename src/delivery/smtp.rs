@@ -151,7 +151,32 @@ impl SmtpSettings {
             .map(|c| if c.is_ascii_alphanumeric() || "-_".contains(c) { c } else { '-' })
             .collect();
         let id_domain = from.email.domain().to_string();
-        Ok(SmtpSettings { url: parsed, shown: crate::durable::redact(url), from, ca, id_tag, id_domain })
+        let settings =
+            SmtpSettings { url: parsed, shown: crate::durable::redact(url), from, ca, id_tag, id_domain };
+        // Now, in the master, rather than in every task process (which would fail to start).
+        settings.tls()?;
+        Ok(settings)
+    }
+
+    /// How the connection is protected, with the CAs its certificate is checked against.
+    fn tls(&self) -> Result<Tls, String> {
+        let parameters = || {
+            let mut builder = TlsParameters::builder(self.url.host.clone());
+            if !self.ca.is_empty() {
+                // The private CA only: a relay with a private certificate is trusted for it.
+                builder = builder.certificate_store(CertificateStore::None);
+                for cert in &self.ca {
+                    builder = builder.add_root_certificate(cert.clone());
+                }
+            }
+            builder.build_rustls().map_err(|e| format!("cannot set up TLS for {}: {e}", self.shown))
+        };
+        Ok(match self.url.tls {
+            TlsMode::Implicit => Tls::Wrapper(parameters()?),
+            TlsMode::Required => Tls::Required(parameters()?),
+            TlsMode::Opportunistic => Tls::Opportunistic(parameters()?),
+            TlsMode::None => Tls::None,
+        })
     }
 
     /// The relay as logs show it.
@@ -203,23 +228,7 @@ pub struct Smtp {
 impl Smtp {
     pub fn new(settings: &SmtpSettings) -> Result<Smtp, String> {
         let url = &settings.url;
-        let tls_parameters = || {
-            let mut builder = TlsParameters::builder(url.host.clone());
-            if !settings.ca.is_empty() {
-                // The private CA only: a relay with a private certificate is trusted for it.
-                builder = builder.certificate_store(CertificateStore::None);
-                for cert in &settings.ca {
-                    builder = builder.add_root_certificate(cert.clone());
-                }
-            }
-            builder.build_rustls().map_err(|e| format!("cannot set up TLS for {}: {e}", settings.shown))
-        };
-        let tls = match url.tls {
-            TlsMode::Implicit => Tls::Wrapper(tls_parameters()?),
-            TlsMode::Required => Tls::Required(tls_parameters()?),
-            TlsMode::Opportunistic => Tls::Opportunistic(tls_parameters()?),
-            TlsMode::None => Tls::None,
-        };
+        let tls = settings.tls()?;
         let mut builder = SmtpTransport::builder_dangerous(url.host.clone())
             .port(url.port)
             .tls(tls)
