@@ -8,6 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-1000}"
+# Extra taskd flags for the taskd runs (default: none, the seed settings).
+extra=(${TASKD_BENCH_ARGS:-})
 cargo build --release --bins -q
 work="$(mktemp -d)"
 pids=()
@@ -59,7 +61,7 @@ EOF
 through_taskd() { # $1: smtp url, rest: taskd flags
   local url="$1"; shift
   target/release/taskd --port 0 --outbox "$work/outbox.log" --log-level warn --smtp-url "$url" \
-    --mail-from 'Shop <noreply@shop.test>' "$@" >"$work/taskd.out" 2>"$work/taskd.log" &
+    --mail-from 'Shop <noreply@shop.test>' "$@" "${extra[@]}" >"$work/taskd.out" 2>"$work/taskd.log" &
   local taskd=$!
   pids+=($taskd)
   for _ in $(seq 200); do grep -q 'listening on' "$work/taskd.out" 2>/dev/null && break; sleep 0.05; done

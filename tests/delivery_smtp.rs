@@ -115,6 +115,10 @@ impl Relay {
     /// `tls`: offer STARTTLS (or, `implicit`, TLS from the first byte) with these certificates;
     /// `auth`: require this USER:PASS.
     fn start(tls: Option<&Certs>, implicit: bool, auth: Option<&str>) -> Relay {
+        Self::start_with(tls, implicit, auth, &[])
+    }
+
+    fn start_with(tls: Option<&Certs>, implicit: bool, auth: Option<&str>, extra: &[&str]) -> Relay {
         let dir = tempfile::tempdir().unwrap();
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/common/smtp_relay.py");
         let mut cmd = Command::new(PYTHON);
@@ -128,9 +132,11 @@ impl Relay {
         if let Some(auth) = auth {
             cmd.args(["--auth", auth]);
         }
+        cmd.args(extra);
         common::tag(&mut cmd);
-        let mut child =
-            cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        // Its own complaints (a client that gave up mid-STARTTLS) go to a file, not the terminal.
+        let log = std::fs::File::create(dir.path().join("relay.log")).unwrap();
+        let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(log).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -431,4 +437,28 @@ fn a_task_node_delivers_durable_jobs_by_smtp() {
         assert!(!String::from_utf8_lossy(&cmdline).contains(PASSWORD), "ps shows the password of {pid}");
     }
     assert!(!node.log().contains(PASSWORD), "{}", node.log());
+}
+
+#[test]
+fn a_kept_connection_the_relay_closed_is_replaced_without_failing_the_job() {
+    let Some(()) = relay_tools() else { return };
+    // The relay closes a connection idle for 1 s (421, as Postfix does after its timeout).
+    let relay = Relay::start_with(None, false, None, &["--idle-timeout", "1"]);
+    let daemon = Daemon::start(&[
+        "--task-worker-num",
+        "1",
+        "--smtp-url",
+        &relay.url("smtp", None, "?tls=none"),
+        "--mail-from",
+        "noreply@shop.test",
+    ]);
+    let first = run_job(&daemon, &email("judy@example.com", "One", "first"));
+    assert_eq!(first["event"], "done", "{first}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let second = run_job(&daemon, &email("judy@example.com", "Two", "second"));
+    assert_eq!(second["event"], "done", "{second}");
+    assert_eq!(second["attempts"], 1, "{second}");
+    let messages = relay.messages();
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert_ne!(messages[0]["peer"], messages[1]["peer"], "a new connection");
 }

@@ -1,5 +1,6 @@
 //! Email over SMTP (`--smtp-url`): each email job goes to one relay, through lettre's blocking
-//! client with a connection pool (one per task process, made after the fork), TLS by rustls.
+//! SMTP client on a connection kept between emails (one per task process, made after the
+//! fork), TLS by rustls.
 //!
 //! The URL: `smtp://[USER:PASS@]HOST[:PORT][?tls=required|opportunistic|none]` (STARTTLS,
 //! port 587; `required` unless the URL says otherwise) or `smtps://[USER:PASS@]HOST[:PORT]`
@@ -10,14 +11,15 @@
 //! [`SmtpSettings::new`]), so a recipient can tell a repeat of a run that died mid-send.
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lettre::message::header::ContentType;
 use lettre::message::Mailbox;
-use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{SmtpTransport, Transport as _};
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use lettre::transport::smtp::client::{Certificate, CertificateStore, SmtpConnection, Tls, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
 
 use super::{Error, Message, Receipt, Transport};
 
@@ -218,27 +220,112 @@ fn read_ca_file(path: &Path) -> Result<Vec<Certificate>, String> {
     Ok(certs)
 }
 
-/// The SMTP transport of one task process: a pool of connections to the relay (none is opened
-/// until the first email; one stays open between emails, up to a minute idle).
+/// The SMTP transport of one task process: its pool of connections to the relay, which is one
+/// connection (a task process sends one email at a time), opened at the first email, kept
+/// between emails and replaced after [`IDLE_MAX`] idle. A kept connection is used without a
+/// NOOP first (a round trip per email): if the relay closed it meanwhile, the transaction fails
+/// at its first command, before anything was accepted, and runs once more on a new connection.
+///
+/// lettre's own pool (`SmtpTransport`) is not used: its `send` writes a message's content and
+/// its final `.` in two writes, and on a kept connection Nagle's algorithm holds the second
+/// until the relay's delayed ACK, some 40 ms per email. Here the content and the `.` go in one.
 pub struct Smtp {
-    mailer: SmtpTransport,
     settings: SmtpSettings,
+    tls: Tls,
+    hello: ClientId,
+    credentials: Option<Credentials>,
+    /// The kept connection, and when its last transaction ended.
+    conn: Option<(SmtpConnection, Instant)>,
 }
+
+/// How long a connection may stay idle before it is replaced rather than reused.
+const IDLE_MAX: Duration = Duration::from_secs(60);
+
+/// How long the relay may take to answer one command (or to take the message after DATA).
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+type SmtpError = lettre::transport::smtp::Error;
 
 impl Smtp {
     pub fn new(settings: &SmtpSettings) -> Result<Smtp, String> {
         let url = &settings.url;
-        let tls = settings.tls()?;
-        let mut builder = SmtpTransport::builder_dangerous(url.host.clone())
-            .port(url.port)
-            .tls(tls)
-            .timeout(Some(TIMEOUT))
-            // One task process sends one email at a time: one connection, kept between emails.
-            .pool_config(PoolConfig::new().max_size(2).idle_timeout(Duration::from_secs(60)));
-        if let (Some(user), Some(pass)) = (&url.user, &url.pass) {
-            builder = builder.credentials(Credentials::new(user.clone(), pass.clone()));
+        let credentials = match (&url.user, &url.pass) {
+            (Some(user), Some(pass)) => Some(Credentials::new(user.clone(), pass.clone())),
+            _ => None,
+        };
+        Ok(Smtp {
+            tls: settings.tls()?,
+            hello: ClientId::default(),
+            credentials,
+            conn: None,
+            settings: settings.clone(),
+        })
+    }
+
+    /// A new connection: greeting, EHLO, STARTTLS (as `smtp_url` says), login.
+    fn connect(&self) -> Result<SmtpConnection, SmtpError> {
+        let url = &self.settings.url;
+        let wrapper = match &self.tls {
+            Tls::Wrapper(parameters) => Some(parameters),
+            _ => None,
+        };
+        let mut conn = SmtpConnection::connect(
+            (url.host.as_str(), url.port),
+            Some(TIMEOUT),
+            &self.hello,
+            wrapper,
+            None,
+        )?;
+        match &self.tls {
+            Tls::Opportunistic(parameters) if conn.can_starttls() => {
+                conn.starttls(parameters, &self.hello)?
+            }
+            // Fails, and nothing is sent, if the relay does not offer it.
+            Tls::Required(parameters) => conn.starttls(parameters, &self.hello)?,
+            _ => {}
         }
-        Ok(Smtp { mailer: builder.build(), settings: settings.clone() })
+        if let Some(credentials) = &self.credentials {
+            conn.auth(&[Mechanism::Plain, Mechanism::Login], credentials)?;
+        }
+        Ok(conn)
+    }
+
+    /// The kept connection (and true) unless it has been idle too long, else a new one.
+    fn connection(&mut self) -> Result<(SmtpConnection, bool), SmtpError> {
+        if let Some((mut conn, since)) = self.conn.take() {
+            if since.elapsed() < IDLE_MAX {
+                return Ok((conn, true));
+            }
+            conn.abort();
+        }
+        Ok((self.connect()?, false))
+    }
+
+    /// One transaction on the kept connection or a new one; the connection is kept after a
+    /// success, dropped after a failure.
+    fn transact(&mut self, email: &lettre::Message) -> Result<Response, SmtpError> {
+        let (mut conn, kept) = self.connection()?;
+        let result = match transaction(&mut conn, email) {
+            // The relay closed the kept connection meanwhile (or says it is closing it): nothing
+            // was taken; once more, on a new one.
+            Err((Stage::Mail, _)) if kept => {
+                conn.abort();
+                conn = self.connect()?;
+                transaction(&mut conn, email)
+            }
+            other => other,
+        };
+        match result {
+            Ok(response) => {
+                self.conn = Some((conn, Instant::now()));
+                Ok(response)
+            }
+            Err((_, e)) => {
+                // Whatever state the transaction was left in, this connection is done.
+                conn.abort();
+                Err(e)
+            }
+        }
     }
 
     fn build(&self, message: &Message<'_>) -> Result<lettre::Message, Error> {
@@ -258,14 +345,64 @@ impl Smtp {
     }
 }
 
-/// How long the relay may take to answer one command (or to take the message after DATA).
-const TIMEOUT: Duration = Duration::from_secs(60);
+/// Where a transaction failed: at its first command, or later.
+enum Stage {
+    Mail,
+    Later,
+}
+
+/// One mail transaction on `conn` (as lettre's `SmtpConnection::send`, but the content and its
+/// final `.` in one write).
+fn transaction(conn: &mut SmtpConnection, email: &lettre::Message) -> Result<Response, (Stage, SmtpError)> {
+    let envelope = email.envelope();
+    let content = email.formatted();
+    let mut options = Vec::new();
+    let non_ascii =
+        envelope.from().into_iter().chain(envelope.to()).any(|a| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii && conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !content.is_ascii() && conn.server_info().supports_feature(Extension::EightBitMime) {
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    let Ok(text) = std::str::from_utf8(&content) else {
+        // Not from this builder (UTF-8 throughout); lettre's own way, in two writes.
+        return conn.send(envelope, &content).map_err(|e| (Stage::Later, e));
+    };
+    conn.command(Mail::new(envelope.from().cloned(), options)).map_err(|e| (Stage::Mail, e))?;
+    let later = |e| (Stage::Later, e);
+    for to in envelope.to() {
+        conn.command(Rcpt::new(to.clone(), Vec::new())).map_err(later)?;
+    }
+    conn.command(Data).map_err(later)?;
+    conn.command(Content(text)).map_err(later)
+}
+
+/// A message's content as DATA sends it: a `.` doubled at the start of a line, then `CRLF.CRLF`.
+struct Content<'a>(&'a str);
+
+impl std::fmt::Display for Content<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.starts_with('.') {
+            f.write_str(".")?;
+        }
+        let mut lines = self.0.split("\r\n.");
+        if let Some(first) = lines.next() {
+            f.write_str(first)?;
+        }
+        for line in lines {
+            f.write_str("\r\n..")?;
+            f.write_str(line)?;
+        }
+        f.write_str("\r\n.\r\n")
+    }
+}
 
 impl Transport for Smtp {
     fn send(&mut self, message: &Message<'_>) -> Result<Receipt, Error> {
         let email = self.build(message)?;
         tracing::debug!("job {}: email to {} via {}", message.task_id, message.to, self.settings.shown);
-        match self.mailer.send(&email) {
+        match self.transact(&email) {
             Ok(response) => {
                 let text: Vec<&str> = response.message().collect();
                 Ok(Receipt { answer: format!("{} {}", response.code(), text.join(" ")) })

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """A real SMTP relay for the tests (Debian's python3-aiosmtpd, for Debian's /usr/bin/python3).
 
-    smtp_relay.py --dir DIR [--cert CERT --key KEY [--implicit]] [--auth USER:PASS]
+    smtp_relay.py --dir DIR [--cert CERT --key KEY [--implicit]] [--auth USER:PASS] [--idle-timeout S]
 
 Listens on 127.0.0.1 (a port of its choice), prints `port N` on stdout once it accepts, and
 appends one JSON line per message that reached DATA to DIR/messages.jsonl: envelope, every
@@ -105,6 +105,7 @@ def main():
     parser.add_argument("--key")
     parser.add_argument("--implicit", action="store_true")
     parser.add_argument("--auth")
+    parser.add_argument("--idle-timeout", type=float, help="close a connection idle this many seconds (421)")
     args = parser.parse_args()
 
     context = None
@@ -129,6 +130,8 @@ def main():
     elif context is not None:
         kwargs["tls_context"] = context
 
+    if args.idle_timeout:
+        kwargs["timeout"] = args.idle_timeout
     relay = Relay(args.dir)
     # Port 0 is not taken by aiosmtpd's readiness check: find a free port first.
     import socket
