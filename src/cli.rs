@@ -197,6 +197,12 @@ options! {
     mail.sms_rate: Rate => Some,
     /// Most emails sent the same way, whatever the transport, e.g. 50/s [default: no limit]
     mail.smtp_rate: Rate => Some,
+    /// Send emails to this SMTP relay instead of the outbox: smtp://USER:PASS@HOST:587 (STARTTLS required; ?tls=opportunistic or ?tls=none for a local relay) or smtps://USER:PASS@HOST:465 (TLS). Give it in TASKD_SMTP_URL or the config file: the password is hidden from logs and --check-config [default: none]
+    mail.smtp_url: String => Some,
+    /// The sender of every email, e.g. 'Shop <noreply@example.com>' (needed with --smtp-url)
+    mail.mail_from: String => Some,
+    /// Trust the relay's certificate only if one of these CA certificates (PEM) signed it, instead of the system's CAs
+    mail.smtp_ca_file: PathBuf => Some,
 }
 
 impl std::str::FromStr for DispatchMode {
@@ -362,6 +368,9 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
             "sms_timeout_ms",
             "sms_rate",
             "smtp_rate",
+            "smtp_url",
+            "mail_from",
+            "smtp_ca_file",
         ],
         "a task node runs only task processes, which take their jobs from Redis: it listens on no \
          port, has no workers and no pid file",
@@ -502,6 +511,7 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
     settings.check_handlers().map_err(|e| e.to_string())?;
     settings.check_mail_times().map_err(|e| e.to_string())?;
     settings.mail.check_delivery().map_err(|e| e.to_string())?;
+    settings.check_smtp().map_err(|e| e.to_string())?;
     Ok(settings)
 }
 
@@ -539,6 +549,39 @@ impl Settings {
     }
 }
 
+impl Settings {
+    /// Email over SMTP: a URL taskd can use and a sender, or neither (the outbox); the CA file
+    /// is read at start (`SmtpSettings::new`).
+    fn check_smtp(&self) -> Result<(), crate::config::InvalidOption> {
+        use crate::config::InvalidOption;
+        use crate::delivery::smtp::{parse_mail_from, SmtpUrl, TlsMode};
+        let mail = &self.mail;
+        let Some(url) = &mail.smtp_url else {
+            for (option, given) in
+                [("mail_from", mail.mail_from.is_some()), ("smtp_ca_file", mail.smtp_ca_file.is_some())]
+            {
+                if given {
+                    let reason = "it goes with smtp_url: without it, emails go to the outbox".to_string();
+                    return Err(InvalidOption { option, reason });
+                }
+            }
+            return Ok(());
+        };
+        let parsed = SmtpUrl::parse(url).map_err(|reason| InvalidOption { option: "smtp_url", reason })?;
+        let Some(from) = &mail.mail_from else {
+            let reason =
+                "needed with smtp_url: the sender of every email, e.g. 'Shop <noreply@example.com>'".into();
+            return Err(InvalidOption { option: "mail_from", reason });
+        };
+        parse_mail_from(from).map_err(|reason| InvalidOption { option: "mail_from", reason })?;
+        if mail.smtp_ca_file.is_some() && parsed.tls == TlsMode::None {
+            let reason = "smtp_url says ?tls=none: no certificate is checked".to_string();
+            return Err(InvalidOption { option: "smtp_ca_file", reason });
+        }
+        Ok(())
+    }
+}
+
 fn read_file(path: &Path) -> Result<FileOptions, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
@@ -556,6 +599,7 @@ impl Settings {
         let mut mail = self.mail.clone();
         mail.sms_url = mail.sms_url.as_deref().map(crate::durable::redact);
         mail.sms_token = mail.sms_token.map(|_| "***".into());
+        mail.smtp_url = mail.smtp_url.as_deref().map(crate::durable::redact);
         out.push_str(&toml::to_string(&mail).unwrap_or_default());
         out
     }

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use taskd::cli::{self, Cli, Command, DeadLetterAction, Settings};
 use taskd::control;
-use taskd::mail::{outbox::Outbox, MailApp};
+use taskd::delivery::outbox::Outbox;
+use taskd::delivery::smtp::SmtpSettings;
+use taskd::mail::MailApp;
 use taskd::process::Credentials;
 
 fn main() -> ExitCode {
@@ -72,7 +74,9 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
     open_outbox(settings, owner)?;
-    let mut app = MailApp::new(settings.mail.clone()).with_delivery(&server).map_err(|e| (1, e))?;
+    let smtp = smtp_settings(settings)?;
+    let mut app =
+        MailApp::new(settings.mail.clone()).with_smtp(smtp).with_delivery(&server).map_err(|e| (1, e))?;
     taskd::durable::node::run(&mut app, &server, &d).map_err(|e| (1, e))
 }
 
@@ -126,6 +130,24 @@ fn open_outbox(settings: &Settings, owner: Option<Credentials>) -> Result<(), (u
     Ok(())
 }
 
+/// Email over SMTP (`smtp_url`), checked and its CA file read before anything forks.
+fn smtp_settings(settings: &Settings) -> Result<Option<SmtpSettings>, (u8, String)> {
+    let mail = &settings.mail;
+    let (Some(url), Some(from)) = (&mail.smtp_url, &mail.mail_from) else { return Ok(None) };
+    // What makes a task id unique beyond this run: durable ids are unique across the queue's
+    // nodes and runs; in memory they start again at each start of the daemon.
+    let tag = match &settings.server.redis_url {
+        Some(_) => settings.server.redis_queue.clone(),
+        None => {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+            format!("{}-{}", taskd::durable::host_name(), now.map(|d| d.as_millis()).unwrap_or(0))
+        }
+    };
+    SmtpSettings::new(url, from, mail.smtp_ca_file.as_deref(), &tag)
+        .map(Some)
+        .map_err(|e| (2, format!("invalid smtp settings: {e}")))
+}
+
 /// Runs the daemon; an error is an exit code and a sentence for the terminal.
 fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     let server = &settings.server;
@@ -140,6 +162,7 @@ fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     taskd::logging::init(&server.log_level, server.log_format, server.log_file.as_deref())
         .map_err(|e| (2, e))?;
     open_outbox(settings, owner)?;
+    let smtp = smtp_settings(settings)?;
     let listener = taskd::net::bind_listener(&server.host, server.port, server.backlog)
         .map_err(|e| (1, e.to_string()))?;
     let mut report: Option<OwnedFd> = None;
@@ -159,6 +182,7 @@ fn serve(settings: &Settings) -> Result<i32, (u8, String)> {
     let app = MailApp::new(settings.mail.clone())
         .with_run_limit(server.task_limit())
         .with_trusted_tasks(server.redis_url.is_none())
+        .with_smtp(smtp)
         .with_delivery(server)
         .map_err(|e| (1, e))?;
     let result = taskd::run_notify(server, Some(listener), app, ready);

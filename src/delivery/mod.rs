@@ -8,9 +8,13 @@
 //! | this one | the trait, the message, the receipt, the classes of failure |
 //! | [`sms`] | SMS over an HTTP API (Twilio form or JSON webhook), its failure classes |
 //! | [`rate`] | rate limits per channel, shared by a node's task processes (or a queue's nodes) |
+//! | [`outbox`] | the outbox file: a simulated delivery, one JSON line per message |
+//! | [`smtp`] | email over SMTP (`--smtp-url`): one kept connection per task process, TLS by rustls |
 
+pub mod outbox;
 pub mod rate;
 pub mod sms;
+pub mod smtp;
 
 use std::fmt;
 use std::time::Duration;

@@ -143,6 +143,7 @@ fn secrets(url: &str) -> Vec<String> {
     found
 }
 
+/// `%40` as `@`: what a URL's user name or password means.
 pub(crate) fn percent_decode(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());

@@ -1,12 +1,11 @@
 //! The built-in application of the `taskd` binary: email and SMS jobs, as in the seeds.
 //!
 //! A worker reads the request, hands the job to the task pool and answers `accepted` at once;
-//! a task process "delivers" it (simulated: it takes `simulate_ms`, logs its progress and
-//! appends the message to the outbox file; an SMS goes to a provider's HTTP API instead with
-//! `sms_url`, see `delivery::sms`), each channel within its rate limit (`delivery::rate`); the
-//! worker that submitted it answers `done`.
+//! a task process delivers it through a transport (`delivery`): email over SMTP with
+//! `--smtp-url`, SMS to a provider's HTTP API with `sms_url`, else simulated (it takes
+//! `simulate_ms`, logs its progress and appends the message to the outbox file); each channel
+//! within its rate limit (`delivery::rate`); the worker that submitted it answers `done`.
 
-pub mod outbox;
 pub mod request;
 
 use std::collections::BTreeMap;
@@ -19,13 +18,14 @@ use serde_json::json;
 use crate::app::{
     Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, WorkerCtx,
 };
+use crate::delivery::outbox::Outbox;
 use crate::delivery::rate::{Channel, Limiter, Rate};
 use crate::delivery::sms::{self, Preset, Sms, SmsSettings};
+use crate::delivery::smtp::{Smtp, SmtpSettings};
 use crate::delivery::{self, Transport};
 use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
 use crate::throttle::Throttle;
-use outbox::Outbox;
 use request::{Job, Kind, Request};
 
 /// Options of the email/SMS application.
@@ -68,6 +68,16 @@ pub struct MailConfig {
     /// The same for email, whatever its transport.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_rate: Option<Rate>,
+    /// Email over SMTP: the relay, `smtp://USER:PASS@HOST:587` (STARTTLS required unless
+    /// `?tls=opportunistic` or `?tls=none`) or `smtps://…:465`. None: emails go to the outbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_url: Option<String>,
+    /// The sender of every email (`Shop <noreply@example.com>`); needed with `smtp_url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mail_from: Option<String>,
+    /// CA certificates (PEM) the relay's certificate is checked against, instead of the system's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub smtp_ca_file: Option<PathBuf>,
     /// External handlers (`--handler TYPE=COMMAND`, `[handlers]`): job type → command. Last,
     /// since it is a table in the config file.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -90,6 +100,9 @@ impl Default for MailConfig {
             sms_timeout_ms: default_sms_timeout_ms(),
             sms_rate: None,
             smtp_rate: None,
+            smtp_url: None,
+            mail_from: None,
+            smtp_ca_file: None,
             handlers: BTreeMap::new(),
         }
     }
@@ -194,6 +207,9 @@ struct Context {
 pub struct MailApp {
     config: MailConfig,
     outbox: Option<Outbox>,
+    /// The relay, when emails go by SMTP (`with_smtp`), and this task process's pool to it.
+    smtp: Option<SmtpSettings>,
+    email: Option<Smtp>,
     pid: u32,
     /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
     run_limit: Option<Duration>,
@@ -221,6 +237,8 @@ impl MailApp {
         MailApp {
             config,
             outbox: None,
+            smtp: None,
+            email: None,
             pid: std::process::id(),
             run_limit: None,
             trusted_tasks: false,
@@ -316,6 +334,12 @@ impl MailApp {
     /// write to Redis can forge): the task processes skip checking each job's address again.
     pub fn with_trusted_tasks(mut self, trusted: bool) -> Self {
         self.trusted_tasks = trusted;
+        self
+    }
+
+    /// Emails go to this relay (`smtp_url`) instead of the outbox.
+    pub fn with_smtp(mut self, smtp: Option<SmtpSettings>) -> Self {
+        self.smtp = smtp;
         self
     }
 
@@ -476,26 +500,23 @@ impl MailApp {
         }
         let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
         let pid = ctx.info().pid;
-        let (label, what) = match job.kind {
-            Kind::Email => ("Email", "email"),
-            Kind::Sms => ("SMS", "SMS"),
+        let message = delivery::Message {
+            task_id: task.id,
+            attempt: task.attempt,
+            to: &job.to,
+            subject: job.subject.as_deref(),
+            body: job.body.as_deref(),
+            text: job.text.as_deref(),
         };
-        if delay.is_zero() {
-            tracing::debug!("job {}: {what} to {}", task.id, job.to);
-        } else {
-            tracing::info!("job {}: sending {what} to {} (attempt {})", task.id, job.to, task.attempt);
-            // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
-            let steps = 5u32;
-            for i in 1..=steps {
-                std::thread::sleep(delay / steps);
-                tracing::info!("job {}: {i}/{steps} done", task.id);
+        let mut outbox;
+        let transport: &mut dyn Transport = match (job.kind, self.email.as_mut()) {
+            (Kind::Email, Some(smtp)) => smtp,
+            _ => {
+                outbox = self.outbox.as_mut().ok_or("the outbox is not open")?.for_job(job.kind, delay, pid);
+                &mut outbox
             }
-        }
-        let outbox = self.outbox.as_mut().ok_or("the outbox is not open")?;
-        outbox
-            .append(&job, task.id, task.attempt, pid)
-            .map_err(|e| format!("cannot write to the outbox: {e}"))?;
-        let result = format!("{label}:{}, sent", job.to);
+        };
+        let result = transport.send(&message).map_err(failure)?.answer;
         // The client's `done` leaves with the result, straight from here: the shortest path,
         // and never for a run that died (it runs again and answers then).
         Ok(Self::done(ctx, task, &job, result))
@@ -504,7 +525,14 @@ impl MailApp {
 
 impl Application for MailApp {
     fn on_start(&mut self, addr: std::net::SocketAddr) {
-        tracing::info!("email/SMS service ready on {addr}; outbox {}", self.config.outbox.display());
+        let outbox = self.config.outbox.display();
+        let email =
+            self.smtp.as_ref().map_or_else(|| format!("the outbox {outbox}"), |s| s.shown().to_string());
+        let sms = match &self.sms_settings {
+            Some(_) => format!("the {} API", self.config.sms_preset),
+            None => format!("the outbox {outbox}"),
+        };
+        tracing::info!("email/SMS service ready on {addr}; email via {email}, SMS to {sms}");
     }
 
     fn on_worker_start(&mut self, info: &ProcessInfo) -> Result<(), String> {
@@ -517,6 +545,10 @@ impl Application for MailApp {
             self.outbox = Some(outbox);
             if let Some(settings) = &self.sms_settings {
                 self.sms = Some(Sms::new(settings)?);
+            }
+            // Its own connection, made after the fork: no connection is shared between processes.
+            if let Some(settings) = &self.smtp {
+                self.email = Some(Smtp::new(settings)?);
             }
         }
         Ok(())

@@ -1,16 +1,19 @@
 //! The outbox: where a simulated delivery leaves its message, one JSON line per message, so
-//! a user can see what was sent. Every task process appends to the same file; each line is
+//! a user can see what was sent (the transport without `--smtp-url`, and for SMS without a
+//! provider). A simulated delivery takes `simulate_ms` (or the job's `delay_ms`) and logs its
+//! progress, as the seeds do. Every task process appends to the same file; each line is
 //! one `write` on an `O_APPEND` descriptor, so lines of different processes never interleave.
 //! After a rotation (SIGHUP, see `logging`), each writer reopens it before its next line.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::request::Job;
+use super::{Error, Message, Receipt, Transport};
+use crate::mail::request::Kind;
 
 /// One delivered message, as a line of the outbox.
 #[derive(Serialize)]
@@ -65,19 +68,25 @@ impl Outbox {
         }
     }
 
-    pub fn append(&mut self, job: &Job, task_id: u64, attempt: u32, task_pid: u32) -> io::Result<()> {
+    /// This outbox as the transport of one job of `kind`, whose simulated delivery takes `delay`
+    /// (a job's `delay_ms`, else `simulate_ms`), run by task process `task_pid`.
+    pub fn for_job(&mut self, kind: Kind, delay: Duration, task_pid: u32) -> OutboxDelivery<'_> {
+        OutboxDelivery { outbox: self, kind, delay, task_pid }
+    }
+
+    pub fn append(&mut self, message: &Message<'_>, kind: Kind, task_pid: u32) -> io::Result<()> {
         self.follow_rotation();
         let sent_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let entry = Entry {
             sent_at_ms: sent_at,
-            task_id,
-            attempt,
+            task_id: message.task_id,
+            attempt: message.attempt,
             task_pid,
-            kind: job.kind.name(),
-            to: &job.to,
-            subject: job.subject.as_deref(),
-            body: job.body.as_deref(),
-            text: job.text.as_deref(),
+            kind: kind.name(),
+            to: message.to,
+            subject: message.subject,
+            body: message.body,
+            text: message.text,
         };
         let mut line = serde_json::to_vec(&entry).map_err(io::Error::other)?;
         line.push(b'\n');
@@ -90,5 +99,39 @@ impl Outbox {
             ));
         }
         Ok(())
+    }
+}
+
+/// The outbox delivering one job: a [`Transport`] that simulates the delivery's time, then
+/// appends the message.
+pub struct OutboxDelivery<'a> {
+    outbox: &'a mut Outbox,
+    kind: Kind,
+    delay: Duration,
+    task_pid: u32,
+}
+
+impl Transport for OutboxDelivery<'_> {
+    fn send(&mut self, message: &Message<'_>) -> Result<Receipt, Error> {
+        let (label, what) = match self.kind {
+            Kind::Email => ("Email", "email"),
+            Kind::Sms => ("SMS", "SMS"),
+        };
+        let id = message.task_id;
+        if self.delay.is_zero() {
+            tracing::debug!("job {id}: {what} to {}", message.to);
+        } else {
+            tracing::info!("job {id}: sending {what} to {} (attempt {})", message.to, message.attempt);
+            // Progress in steps, as the seeds print it ("Task N 已完成了 i/5 的任务").
+            let steps = 5u32;
+            for i in 1..=steps {
+                std::thread::sleep(self.delay / steps);
+                tracing::info!("job {id}: {i}/{steps} done");
+            }
+        }
+        self.outbox
+            .append(message, self.kind, self.task_pid)
+            .map_err(|e| Error::Permanent { message: format!("cannot write to the outbox: {e}") })?;
+        Ok(Receipt { answer: format!("{label}:{}, sent", message.to) })
     }
 }
