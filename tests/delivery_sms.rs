@@ -292,3 +292,34 @@ fn two_task_nodes_share_one_rate_limit_through_redis() {
     );
     assert_rate_bound(&sent, 2, lines.len());
 }
+
+#[test]
+fn a_busy_or_failing_provider_is_tried_again_after_its_retry_after_then_done() {
+    let script = json!({"+15551230429": [
+        {"status": 429, "retry_after": "1", "body": "{\"message\":\"Too Many Requests\"}"},
+        {"status": 500, "body": "down"},
+        {}
+    ]});
+    let Some(provider) = Provider::start(script) else { return };
+    let url = provider.url("AC1:tok@", "/sms");
+    let d = Daemon::start(&["--sms-url", &url, "--sms-from", "+15005550006", "--retry-base-ms", "50"]);
+    let mut c = d.connect();
+    let accepted = c.submit(r#"{"type":"sms","to":"+15551230429","text":"code 42"}"#);
+    let mut before = Vec::new();
+    let done = c.final_reply(&accepted["task_id"], &mut before);
+    assert_eq!(done["event"], "done", "{done} after {before:?}");
+    assert_eq!(done["attempts"], 3, "{done}");
+    assert!(done["result"].as_str().unwrap().starts_with("SM"), "{done}");
+    let retrying: Vec<_> = before.iter().filter(|r| r["event"] == "retrying").collect();
+    assert_eq!(retrying.len(), 2, "{before:?}");
+    // The provider's Retry-After (1 s) is the wait, not the 50 ms back-off.
+    assert_eq!(retrying[0]["in_ms"], 1000, "{before:?}");
+    assert_eq!(retrying[0]["attempt"], 2, "{before:?}");
+    assert!(retrying[0]["error"].as_str().unwrap().contains("HTTP 429"), "{before:?}");
+    assert!(retrying[1]["error"].as_str().unwrap().contains("HTTP 500: down"), "{before:?}");
+    // Retry 2 has no Retry-After: full jitter within min(cap, base * 2) = 100 ms.
+    assert!(retrying[1]["in_ms"].as_u64().unwrap() <= 100, "full jitter within base * 2: {before:?}");
+    let sent: Vec<_> =
+        provider.requests().into_iter().filter(|r| r["body"].as_str().unwrap().contains("429")).collect();
+    assert_eq!(sent.len(), 3, "three requests for three attempts");
+}
