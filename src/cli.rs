@@ -153,8 +153,14 @@ options! {
     server.user: String => Some,
     /// Run workers and task processes with this group (default: the user's group)
     server.group: String => Some,
-    /// Durable jobs in Redis Streams: redis://HOST:PORT or redis+unix:///PATH (off when unset)
+    /// Durable jobs in Redis Streams: redis://HOST:PORT, rediss://HOST:PORT (TLS) or redis+unix:///PATH (off when unset)
     server.redis_url: String => Some,
+    /// rediss://: PEM CA certificates that sign the Redis server's certificate [default: the system's]
+    server.redis_ca_file: PathBuf => Some,
+    /// rediss://: this client's PEM certificate, for mutual TLS (with --redis-key-file)
+    server.redis_cert_file: PathBuf => Some,
+    /// rediss://: the key of --redis-cert-file (read before the pool drops privileges)
+    server.redis_key_file: PathBuf => Some,
     /// This node's name in the shared queue; a restart with the same one resumes its jobs [default: host name]
     server.node_id: String => Some,
     /// Name of the shared queue (its keys are {NAME}:...) [default: taskd]
@@ -354,6 +360,9 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
             "user",
             "group",
             "redis_url",
+            "redis_ca_file",
+            "redis_cert_file",
+            "redis_key_file",
             "node_id",
             "redis_queue",
             "result_keep",
@@ -377,7 +386,7 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "dead-letter",
-        &["redis_url", "redis_queue", "node_id"],
+        &["redis_url", "redis_ca_file", "redis_cert_file", "redis_key_file", "redis_queue", "node_id"],
         "it only reads and writes the dead-letter stream in Redis",
     ),
 ];

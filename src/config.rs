@@ -134,6 +134,14 @@ pub struct ServerConfig {
     /// Durable jobs: the Redis server that holds them (`redis://HOST:PORT`,
     /// `redis+unix:///PATH`). None: jobs live in the master's memory, and no Redis code runs.
     pub redis_url: Option<String>,
+    /// `rediss://`: PEM CA certificates the server's certificate must be signed by (a private
+    /// CA), instead of the system's.
+    pub redis_ca_file: Option<PathBuf>,
+    /// `rediss://`: this client's PEM certificate and key, for a server that asks for one
+    /// (mutual TLS). Read by the master before anything forks, so that a pool running as
+    /// `user` needs no access to the key.
+    pub redis_cert_file: Option<PathBuf>,
+    pub redis_key_file: Option<PathBuf>,
     /// This node's name among the nodes sharing the queue; a restarted node takes its
     /// unfinished jobs back by it (default: the host name).
     pub node_id: Option<String>,
@@ -200,6 +208,9 @@ impl Default for ServerConfig {
             user: None,
             group: None,
             redis_url: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
             node_id: None,
             redis_queue: "taskd".into(),
             result_keep: 10_000,
@@ -515,11 +526,27 @@ impl ServerConfig {
     pub fn check_durable(&self) -> Result<(), InvalidOption> {
         if let Some(url) = &self.redis_url {
             check(
-                ["redis://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
+                ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
                 "redis_url",
-                format!("{:?} is not redis://HOST:PORT or redis+unix:///PATH", crate::durable::redact(url)),
+                format!(
+                    "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS) or redis+unix:///PATH",
+                    crate::durable::redact(url)
+                ),
             )?;
         }
+        let tls = self.redis_url.as_deref().is_some_and(|url| url.starts_with("rediss://"));
+        for (option, given) in [
+            ("redis_ca_file", self.redis_ca_file.is_some()),
+            ("redis_cert_file", self.redis_cert_file.is_some()),
+            ("redis_key_file", self.redis_key_file.is_some()),
+        ] {
+            check(!given || tls, option, "it goes with a rediss:// redis_url (TLS)")?;
+        }
+        check(
+            self.redis_cert_file.is_some() == self.redis_key_file.is_some(),
+            if self.redis_cert_file.is_some() { "redis_key_file" } else { "redis_cert_file" },
+            "a client certificate needs its key, and a key its certificate (mutual TLS)",
+        )?;
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64

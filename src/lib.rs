@@ -159,6 +159,8 @@ pub fn run_notify<A: Application>(
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);
+    // The TLS files are read here, before the fork, by a process that may still read them.
+    durable::redis_io::set_up(config).map_err(StartError::Other)?;
     let durable = match durable::Durable::from_config(config) {
         Some(d) => {
             // The lease is taken in `prepare`: the pool's consumers take jobs while the name is

@@ -1,18 +1,86 @@
 //! Connecting to Redis, and reading stream entries out of its replies.
+//!
+//! [`set_up`] runs once, in the master (or the task node's manager, or `taskd dead-letter`)
+//! before anything forks: it reads the TLS files (`--redis-ca-file`, and the client's
+//! certificate and key for mutual TLS) while the process may still read them, and every
+//! process after the fork connects with what it built.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::{Connection, RedisError, Value};
+
+use crate::config::ServerConfig;
 
 /// How long a command that does not block may take before the connection counts as broken.
 pub const REPLY_LIMIT: Duration = Duration::from_secs(5);
 const CONNECT_LIMIT: Duration = Duration::from_secs(2);
 
+/// Where this process's connections go: built by [`set_up`] before the fork.
+struct Target {
+    url: String,
+    client: redis::Client,
+    /// The CA file the server's certificate is checked against, for the error that says it
+    /// does not verify (None: the system's CAs).
+    ca_file: Option<PathBuf>,
+}
+
+static TARGET: OnceLock<Target> = OnceLock::new();
+
+/// Reads the TLS settings of `config`'s Redis URL and builds the client every later
+/// [`connect`] to that URL uses. A file that cannot be read or holds no PEM certificate is an
+/// error naming its option, now rather than at the first connection of each process.
+pub fn set_up(config: &ServerConfig) -> Result<(), String> {
+    let Some(url) = &config.redis_url else { return Ok(()) };
+    hide_secrets_of(url);
+    if TARGET.get().is_some_and(|t| &t.url == url) {
+        return Ok(());
+    }
+    let invalid = |e: RedisError| format!("invalid redis_url {}: {}", super::redact(url), describe(&e));
+    let client = if url.starts_with("rediss://") {
+        let root_cert = match &config.redis_ca_file {
+            Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
+            None => None,
+        };
+        let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read_pem(cert, "redis_cert_file", "CERTIFICATE")?,
+                client_key: read_pem(key, "redis_key_file", "PRIVATE KEY")?,
+            }),
+            _ => None,
+        };
+        redis::Client::build_with_tls(url.as_str(), redis::TlsCertificates { client_tls, root_cert })
+            .map_err(invalid)?
+    } else {
+        redis::Client::open(url.as_str()).map_err(invalid)?
+    };
+    let _ = TARGET.set(Target { url: url.clone(), client, ca_file: config.redis_ca_file.clone() });
+    Ok(())
+}
+
+/// The bytes of a PEM file, which must hold at least one `-----BEGIN …{kind}-----` block.
+fn read_pem(path: &Path, option: &str, kind: &str) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("invalid {option}: cannot read {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.trim_end().ends_with(&format!("{kind}-----")));
+    if !found {
+        return Err(format!("invalid {option}: {} holds no PEM {kind}", path.display()));
+    }
+    Ok(bytes)
+}
+
 /// Opens a connection. `reply_limit` None: no client-side limit, for the connections that
 /// block in XREAD/XREADGROUP (a reply timeout shorter than BLOCK would give up on a read that
 /// Redis still carries out, moving entries into the pending list with nobody to run them).
 pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, RedisError> {
-    let client = redis::Client::open(url)?;
+    let client = match TARGET.get() {
+        Some(target) if target.url == url => target.client.clone(),
+        _ => redis::Client::open(url)?,
+    };
     let conn = client.get_connection_with_timeout(CONNECT_LIMIT)?;
     conn.set_read_timeout(reply_limit)?;
     conn.set_write_timeout(Some(REPLY_LIMIT))?;
@@ -44,7 +112,9 @@ pub fn describe(e: &RedisError) -> String {
 }
 
 fn sentence(e: &RedisError) -> String {
-    if e.is_timeout() {
+    if let Some(tls) = tls_error(e) {
+        tls_sentence(tls)
+    } else if e.is_timeout() {
         format!("Redis did not answer within {} s", REPLY_LIMIT.as_secs())
     } else if e.is_connection_refusal() {
         format!("Redis refused the connection ({e}): is redis-server running?")
@@ -52,6 +122,45 @@ fn sentence(e: &RedisError) -> String {
         format!("the connection to Redis was lost ({e})")
     } else {
         e.to_string()
+    }
+}
+
+/// The TLS failure under a connection's error, if that is what it was: rustls's error, in the
+/// I/O error the client library keeps behind an `Arc`.
+fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
+    use std::error::Error;
+    type Inner = std::sync::Arc<dyn Error + Send + Sync>;
+    let inner = e.source()?.downcast_ref::<Inner>()?;
+    let io = (**inner).downcast_ref::<std::io::Error>()?;
+    io.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// What failed in the TLS handshake, and what to do about it.
+fn tls_sentence(e: &rustls::Error) -> String {
+    let ca = TARGET.get().and_then(|t| t.ca_file.as_deref());
+    let against = match ca {
+        Some(path) => format!("the CA certificates of {} (redis_ca_file)", path.display()),
+        None => "the system's CA certificates (give the server's CA with --redis-ca-file)".into(),
+    };
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. }) => {
+            format!("the Redis server's TLS certificate is not valid for the host name of redis_url ({e})")
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            format!("the Redis server's TLS certificate does not verify against {against} ({e})")
+        }
+        rustls::Error::AlertReceived(
+            alert @ (rustls::AlertDescription::CertificateRequired
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::HandshakeFailure),
+        ) => format!(
+            "the Redis server refused the TLS handshake ({alert:?}): it wants a client certificate it \
+             trusts (--redis-cert-file, --redis-key-file)"
+        ),
+        other => format!("TLS with the Redis server failed: {other}"),
     }
 }
 

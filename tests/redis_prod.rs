@@ -1,0 +1,247 @@
+//! Durable jobs on production Redis setups, each against the real thing started by the test:
+//! TLS (`rediss://`, certificates made here with openssl), mutual TLS.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::durable::{Redis, TaskNode};
+use common::{Client, Daemon};
+use serde_json::Value;
+
+fn job(i: usize) -> String {
+    format!(r#"{{"type":"email","to":"user{i}@example.com","delay_ms":0}}"#)
+}
+
+/// Submits `n` jobs and reads every reply; panics unless each is accepted and then `done`.
+fn all_done(c: &mut Client, n: usize) -> HashMap<u64, Value> {
+    for i in 0..n {
+        c.send(&job(i));
+    }
+    let (mut accepted, mut got) = (0, HashMap::new());
+    while accepted < n || got.len() < n {
+        let v = c.recv();
+        match v["event"].as_str() {
+            Some("accepted") => accepted += 1,
+            Some("done") => {
+                got.insert(v["task_id"].as_u64().expect("task_id"), v);
+            }
+            _ => panic!("neither accepted nor done: {v}"),
+        }
+    }
+    got
+}
+
+fn taskd(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_taskd"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    common::run_with_timeout(&mut cmd, common::DEADLINE)
+}
+
+/// A port nobody listens on now (the OS's choice, released): redis-server takes it.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+// ---- TLS ----
+
+/// A test CA, the server's certificate (for 127.0.0.1 and localhost) and a client's, all
+/// signed by it; and another CA that signed none of them.
+struct Certs {
+    _dir: tempfile::TempDir,
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    other_ca: PathBuf,
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = common::run_with_timeout(Command::new("openssl").current_dir(dir).args(args), common::DEADLINE);
+    assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Makes the certificates, or None where openssl is missing (`cannot_run`).
+fn certs() -> Option<Certs> {
+    if common::which("openssl").is_none() {
+        common::cannot_run(
+            "redis",
+            "the TLS tests make their certificates with openssl (apt-get install openssl)",
+        );
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    for ca in ["ca", "other-ca"] {
+        let (key, crt, subj) = (format!("{ca}.key"), format!("{ca}.crt"), format!("/CN=taskd test {ca}"));
+        let mut args = vec!["req", "-x509", "-days", "2", "-subj", &subj, "-keyout", &key, "-out", &crt];
+        args.extend_from_slice(&ec);
+        openssl(d, &args);
+    }
+    std::fs::write(d.join("server.ext"), "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
+    std::fs::write(d.join("client.ext"), "extendedKeyUsage=clientAuth\n").expect("ext");
+    for (name, subj) in [("server", "/CN=localhost"), ("client", "/CN=taskd")] {
+        let (key, csr, crt, ext) =
+            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        let mut args = vec!["req", "-subj", subj, "-keyout", &key, "-out", &csr];
+        args.extend_from_slice(&ec);
+        openssl(d, &args);
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
+                "-out",
+                &crt,
+            ],
+        );
+    }
+    Some(Certs {
+        ca: d.join("ca.crt"),
+        server_cert: d.join("server.crt"),
+        server_key: d.join("server.key"),
+        client_cert: d.join("client.crt"),
+        client_key: d.join("client.key"),
+        other_ca: d.join("other-ca.crt"),
+        _dir: dir,
+    })
+}
+
+/// A redis-server whose only TCP port is TLS (`auth_clients`: whether it asks for a client
+/// certificate); its `rediss://` URL. The guard's own connections use its unix socket.
+fn tls_redis(certs: &Certs, auth_clients: &str) -> Option<(Redis, String)> {
+    let port = free_port().to_string();
+    let path = |p: &Path| p.display().to_string();
+    let (cert, key, ca) = (path(&certs.server_cert), path(&certs.server_key), path(&certs.ca));
+    let redis = Redis::start_with(&[
+        "--tls-port",
+        &port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        auth_clients,
+    ])?;
+    Some((redis, format!("rediss://127.0.0.1:{port}")))
+}
+
+fn web_args<'a>(url: &'a str, tls: &'a [&'a str], extra: &'a [&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["--redis-url", url, "--node-id", "web-1", "--simulate-ms", "0"];
+    all.extend_from_slice(tls);
+    all.extend_from_slice(extra);
+    all
+}
+
+#[test]
+fn jobs_are_done_over_tls_and_a_server_that_does_not_verify_is_named_clearly() {
+    let Some(certs) = certs() else { return };
+    let Some((redis, url)) = tls_redis(&certs, "no") else { return };
+    let ca = certs.ca.display().to_string();
+    let tls = ["--redis-ca-file", ca.as_str()];
+
+    // The web node's bridge and its own consumers, and a task node's, all over TLS (the
+    // server has no plain TCP port): every job is done.
+    let d = Daemon::start(&web_args(&url, &tls, &["--task-worker-num", "1"]));
+    let mut node_args = vec!["--task-worker-num", "2", "--simulate-ms", "0"];
+    node_args.extend_from_slice(&tls);
+    let node = TaskNode::start_url(&url, "tasks-a", &node_args);
+    let mut c = d.connect();
+    let done = all_done(&mut c, 40);
+    assert_eq!(done.len(), 40);
+    // Every consumer connects over TLS: the web node's and the task node's.
+    common::wait_for("every consumer connected", || {
+        let clients: String = redis.query(&["CLIENT", "LIST", "TYPE", "normal"]);
+        ["name=taskd:web-1/0", "name=taskd:tasks-a/0", "name=taskd:tasks-a/1"]
+            .iter()
+            .all(|name| clients.contains(name))
+            .then_some(())
+    });
+    drop(node);
+
+    // `taskd dead-letter` over TLS (the URL from the environment, as the README says).
+    let list = taskd(&["dead-letter", "list", "--redis-ca-file", &ca], &[("TASKD_REDIS_URL", &url)]);
+    assert!(list.status.success(), "{list:?}");
+
+    // A CA that did not sign the server's certificate: the start fails, naming the file.
+    let other = certs.other_ca.display().to_string();
+    let mut args = web_args(&url, &[], &[]);
+    args.extend_from_slice(&["--redis-ca-file", &other]);
+    args[3] = "web-2";
+    let (_, log) = Daemon::try_start(&args).err().expect("a server signed by another CA is refused");
+    assert!(
+        log.contains("TLS certificate does not verify against the CA certificates of")
+            && log.contains(&other),
+        "{log}"
+    );
+    let list = taskd(&["dead-letter", "list", "--redis-ca-file", &other], &[("TASKD_REDIS_URL", &url)]);
+    let said = String::from_utf8_lossy(&list.stderr);
+    assert!(!list.status.success() && said.contains("does not verify") && said.contains(&other), "{said}");
+
+    // A CA file that holds no certificate is refused before anything connects.
+    let (_, log) = Daemon::try_start(&web_args(
+        &url,
+        &["--redis-ca-file", &certs.client_key.display().to_string()],
+        &[],
+    ))
+    .err()
+    .expect("a key is no CA file");
+    assert!(log.contains("invalid redis_ca_file") && log.contains("holds no PEM CERTIFICATE"), "{log}");
+    // And the TLS options without rediss:// are an error naming them.
+    let plain = taskd(&["--redis-url", "redis://127.0.0.1:1", "--redis-ca-file", &ca, "--check-config"], &[]);
+    assert!(String::from_utf8_lossy(&plain.stderr).contains("redis_ca_file"), "{plain:?}");
+}
+
+#[test]
+fn mutual_tls_needs_the_client_certificate_and_works_with_it() {
+    let Some(certs) = certs() else { return };
+    let Some((_redis, url)) = tls_redis(&certs, "yes") else { return };
+    let ca = certs.ca.display().to_string();
+    let (cert, key) = (certs.client_cert.display().to_string(), certs.client_key.display().to_string());
+
+    // Without a client certificate, the server ends the handshake: the start fails saying so.
+    let (_, log) = Daemon::try_start(&web_args(&url, &["--redis-ca-file", &ca], &[]))
+        .err()
+        .expect("no client certificate, no connection");
+    assert!(log.contains("wants a client certificate") && log.contains("--redis-cert-file"), "{log}");
+
+    let tls = [
+        "--redis-ca-file",
+        ca.as_str(),
+        "--redis-cert-file",
+        cert.as_str(),
+        "--redis-key-file",
+        key.as_str(),
+    ];
+    let d = Daemon::start(&web_args(&url, &tls, &["--task-worker-num", "0"]));
+    let mut node_args = vec!["--task-worker-num", "2", "--simulate-ms", "0"];
+    node_args.extend_from_slice(&tls);
+    let node = TaskNode::start_url(&url, "tasks-a", &node_args);
+    let mut c = d.connect();
+    assert_eq!(all_done(&mut c, 20).len(), 20);
+    assert_eq!(node.outbox_lines().len(), 20, "the task node ran them all");
+    let mut dl = vec!["dead-letter", "list"];
+    dl.extend_from_slice(&tls);
+    let list = taskd(&dl, &[("TASKD_REDIS_URL", &url)]);
+    assert!(list.status.success(), "{list:?}");
+}
