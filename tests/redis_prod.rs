@@ -245,3 +245,59 @@ fn mutual_tls_needs_the_client_certificate_and_works_with_it() {
     let list = taskd(&dl, &[("TASKD_REDIS_URL", &url)]);
     assert!(list.status.success(), "{list:?}");
 }
+
+// ---- ACL ----
+
+/// The README's `ACL SETUSER taskd …` line, with `password` in place of PASS.
+fn readme_acl_line(password: &str) -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).expect("README");
+    let line = readme.lines().find(|l| l.starts_with("ACL SETUSER taskd ")).expect("the README's ACL line");
+    line.split_whitespace().skip(1).map(|w| w.replace("PASS", password)).collect()
+}
+
+#[test]
+fn the_readmes_acl_user_runs_durable_jobs() {
+    let Some(redis) = Redis::start() else { return };
+    let line = readme_acl_line("acl-s3cret");
+    let args: Vec<&str> = line.iter().map(String::as_str).collect();
+    let mut cmd = redis::cmd("ACL");
+    for a in &args {
+        cmd.arg(*a);
+    }
+    let mut admin = redis.conn().expect("connect");
+    let _: () = cmd.query(&mut admin).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let url = format!("{}?user=taskd&pass=acl-s3cret", redis.url);
+
+    let d = Daemon::start(&[
+        "--redis-url",
+        &url,
+        "--node-id",
+        "web-1",
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "1",
+    ]);
+    let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--simulate-ms", "0"]);
+    let mut c = d.connect();
+    assert_eq!(all_done(&mut c, 40).len(), 40);
+    let list = taskd(&["dead-letter", "list"], &[("TASKD_REDIS_URL", &url)]);
+    assert!(list.status.success(), "{list:?}");
+    // Nothing else was refused: not a script's call (the sweeps of the delayed set, the
+    // beats, the claims ran meanwhile), not a command of the bridge.
+    let log = d.log() + &node.log();
+    for line in log.lines().filter(|l| l.contains("NOPERM") || l.contains("ERROR")) {
+        assert!(line.contains("CONFIG GET refused") || line.contains("may not run CLIENT"), "{line}\n{log}");
+    }
+    for said in ["CONFIG GET refused", "may not run CLIENT LIST or CLIENT SETNAME"] {
+        assert_eq!(d.log().matches(said).count(), 1, "{said} once in\n{}", d.log());
+        assert_eq!(node.log().matches(said).count(), 1, "{said} once in\n{}", node.log());
+    }
+    // The user really is limited: what taskd does not need is refused.
+    let mut as_taskd =
+        redis::Client::open(url.as_str()).expect("url").get_connection().expect("connect as taskd");
+    let flush: redis::RedisResult<()> = redis::cmd("FLUSHALL").query(&mut as_taskd);
+    assert!(flush.is_err_and(|e| e.code() == Some("NOPERM")));
+    let other: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("other:key").query(&mut as_taskd);
+    assert!(other.is_err_and(|e| e.code() == Some("NOPERM")));
+}
