@@ -161,6 +161,8 @@ options! {
     server.redis_cert_file: PathBuf => Some,
     /// rediss://: the key of --redis-cert-file (read before the pool drops privileges)
     server.redis_key_file: PathBuf => Some,
+    /// Replicas that must hold a job (Redis WAIT, up to 2 s) before it is accepted (0 to 64) [default: 0]
+    server.redis_wait_replicas: u32,
     /// This node's name in the shared queue; a restart with the same one resumes its jobs [default: host name]
     server.node_id: String => Some,
     /// Name of the shared queue (its keys are {NAME}:...) [default: taskd]

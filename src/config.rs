@@ -142,6 +142,9 @@ pub struct ServerConfig {
     /// `user` needs no access to the key.
     pub redis_cert_file: Option<PathBuf>,
     pub redis_key_file: Option<PathBuf>,
+    /// Replicas that must have each batch of jobs (Redis WAIT) before its clients get
+    /// `accepted`: a failover to one of them loses no accepted job. 0: the master's word.
+    pub redis_wait_replicas: u32,
     /// This node's name among the nodes sharing the queue; a restarted node takes its
     /// unfinished jobs back by it (default: the host name).
     pub node_id: Option<String>,
@@ -211,6 +214,7 @@ impl Default for ServerConfig {
             redis_ca_file: None,
             redis_cert_file: None,
             redis_key_file: None,
+            redis_wait_replicas: 0,
             node_id: None,
             redis_queue: "taskd".into(),
             result_keep: 10_000,
@@ -526,14 +530,18 @@ impl ServerConfig {
     pub fn check_durable(&self) -> Result<(), InvalidOption> {
         if let Some(url) = &self.redis_url {
             check(
-                ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
+                ["redis://", "rediss://", "redis+unix://", "unix://", "redis+sentinel://"]
+                    .iter()
+                    .any(|p| url.starts_with(p)),
                 "redis_url",
                 format!(
-                    "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS) or redis+unix:///PATH",
+                    "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH or \
+                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER",
                     crate::durable::redact(url)
                 ),
             )?;
         }
+        check(self.redis_wait_replicas <= 64, "redis_wait_replicas", "at most 64 replicas")?;
         let tls = self.redis_url.as_deref().is_some_and(|url| url.starts_with("rediss://"));
         for (option, given) in [
             ("redis_ca_file", self.redis_ca_file.is_some()),

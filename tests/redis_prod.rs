@@ -301,3 +301,206 @@ fn the_readmes_acl_user_runs_durable_jobs() {
     let other: redis::RedisResult<Option<String>> = redis::cmd("GET").arg("other:key").query(&mut as_taskd);
     assert!(other.is_err_and(|e| e.code() == Some("NOPERM")));
 }
+
+// ---- Sentinel ----
+
+/// A `redis-sentinel` process, killed and reaped on drop.
+struct Sentinel {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    fn start(master_port: u16) -> Sentinel {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor taskdm 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds taskdm 1000\nsentinel failover-timeout taskdm 10000\n\
+                 sentinel parallel-syncs taskdm 2\n",
+                dir.path().display()
+            ),
+        )
+        .expect("sentinel.conf");
+        let log = std::fs::File::create(dir.path().join("sentinel.log")).expect("log");
+        let child = Command::new("redis-sentinel")
+            .arg(&conf)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(std::process::Stdio::null())
+            .process_group(0)
+            .spawn()
+            .expect("start redis-sentinel");
+        Sentinel { child, port, _dir: dir }
+    }
+
+    fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
+        let info = redis::ConnectionAddr::Tcp("127.0.0.1".into(), self.port);
+        let mut conn = redis::Client::open(info).ok()?.get_connection().ok()?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query(&mut conn).ok()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the client saw of one request.
+enum Answer {
+    Accepted(u64),
+    Refused,
+}
+
+/// Sends one job; reads until its answer, filing the final replies of earlier jobs.
+fn one_job(
+    c: &mut Client,
+    i: usize,
+    accepted: &HashMap<u64, std::time::Instant>,
+    finals: &mut HashMap<u64, Value>,
+    refused: &mut std::collections::HashSet<u64>,
+) -> Answer {
+    c.send(&job(i));
+    loop {
+        let v = c.recv();
+        let id = v["task_id"].as_u64();
+        match (v["event"].as_str(), id) {
+            (Some("accepted"), Some(id)) => return Answer::Accepted(id),
+            (Some("done" | "failed"), Some(id)) if accepted.contains_key(&id) => {
+                assert!(finals.insert(id, v).is_none(), "a second final reply for {id}");
+            }
+            // The outcome of a job refused with "failed" because too few replicas confirmed it
+            // in time (it was in the master, and ran): see the README.
+            (Some("done" | "failed"), Some(id)) if refused.contains(&id) => {}
+            // Not stored (Redis gone, or too few replicas confirmed it): this request's answer.
+            (Some("failed"), id) => {
+                refused.extend(id);
+                return Answer::Refused;
+            }
+            (Some("error"), _) => return Answer::Refused,
+            _ => panic!("unexpected reply {v}"),
+        }
+    }
+}
+
+#[test]
+fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica() {
+    if common::which("redis-sentinel").is_none() {
+        common::cannot_run("redis", "this test needs redis-sentinel (apt-get install redis-sentinel)");
+        return;
+    }
+    let master_port = free_port();
+    let Some(mut master) = Redis::start_with(&["--port", &master_port.to_string()]) else { return };
+    let mp = master_port.to_string();
+    let replicas: Vec<Redis> = (0..2)
+        .filter_map(|_| {
+            Redis::start_with(&["--port", &free_port().to_string(), "--replicaof", "127.0.0.1", &mp])
+        })
+        .collect();
+    common::wait_for("both replicas in sync", || {
+        let info: String = master.query(&["INFO", "replication"]);
+        (info.matches("state=online").count() == 2).then_some(())
+    });
+    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master_port)).collect();
+    common::wait_for("the Sentinels to know each other and the replicas", || {
+        sentinels
+            .iter()
+            .all(|s| {
+                let others: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "sentinels", "taskdm"]);
+                let replicas: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "replicas", "taskdm"]);
+                others.is_some_and(|o| o.len() == 2) && replicas.is_some_and(|r| r.len() == 2)
+            })
+            .then_some(())
+    });
+    let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+    let url = format!("redis+sentinel://{}/taskdm", hosts.join(","));
+
+    let d = Daemon::start(&[
+        "--redis-url",
+        &url,
+        "--node-id",
+        "web-1",
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "2",
+        "--redis-wait-replicas",
+        "1",
+    ]);
+    let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--simulate-ms", "0"]);
+    let mut c = d.connect();
+    let mut accepted: HashMap<u64, std::time::Instant> = HashMap::new();
+    let mut finals: HashMap<u64, Value> = HashMap::new();
+    let mut refused_ids = std::collections::HashSet::new();
+    let (mut refused, mut i) = (0, 0);
+    let mut killed_at = None;
+    let mut last_before = None;
+    let mut first_after = None;
+    let mut after = 0;
+    let started = std::time::Instant::now();
+    // Jobs go on being sent through the failover, until 200 are accepted by the new master.
+    while after < 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(90),
+            "no job accepted again after the failover"
+        );
+        i += 1;
+        match one_job(&mut c, i, &accepted, &mut finals, &mut refused_ids) {
+            Answer::Accepted(id) => {
+                let now = std::time::Instant::now();
+                accepted.insert(id, now);
+                match killed_at {
+                    None => last_before = Some(now),
+                    Some(_) => {
+                        first_after.get_or_insert(now);
+                        after += 1;
+                    }
+                }
+            }
+            Answer::Refused => refused += 1,
+        }
+        if killed_at.is_none() && accepted.len() == 300 {
+            master.kill();
+            killed_at = Some(std::time::Instant::now());
+        }
+    }
+    // Every accepted job is done: none was lost with the master.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while finals.len() < accepted.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let missing: Vec<&u64> = accepted.keys().filter(|id| !finals.contains_key(id)).take(10).collect();
+        let v = c
+            .try_recv(left)
+            .unwrap_or_else(|| panic!("accepted jobs lost: {missing:?} of {}", accepted.len()));
+        if let Some(id) = v["task_id"].as_u64().filter(|id| accepted.contains_key(id)) {
+            if v["event"] == "done" || v["event"] == "failed" {
+                finals.insert(id, v);
+            }
+        }
+    }
+    let failed: Vec<&Value> = finals.values().filter(|v| v["event"] != "done").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    d.wait_log("Sentinel: master taskdm moved from");
+    let (before, after_at) = (last_before.expect("accepted before"), first_after.expect("accepted after"));
+    eprintln!(
+        "FIGURES sentinel failover: {} accepted ({} after the failover), {refused} refused meanwhile; \
+         no job accepted for {:.2} s (kill -9 to the first accepted after it: {:.2} s); lost: 0",
+        accepted.len(),
+        after,
+        after_at.duration_since(before).as_secs_f64(),
+        after_at.duration_since(killed_at.expect("killed")).as_secs_f64()
+    );
+    drop(node);
+    drop(replicas);
+}

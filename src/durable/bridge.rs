@@ -202,11 +202,14 @@ fn store_loop(
             Ok(conn) => {
                 let pipe = pipeline(d, &items, &keeps, &trims);
                 let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
-                done.map(|_| ()).map_err(|e| {
-                    let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
-                    link.failed(&e);
-                    text
-                })
+                match done {
+                    Ok(replies) => replicated(d, &items, &replies),
+                    Err(e) => {
+                        let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
+                        link.failed(&e);
+                        Err(text)
+                    }
+                }
             }
         };
         let mut acks = Vec::new();
@@ -322,7 +325,29 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
     }
 }
 
-/// One round's commands: the jobs, the kept results, the deletion of acted-on replies.
+/// How long a round waits for `redis_wait_replicas` replicas to have its jobs.
+const WAIT_LIMIT_MS: u64 = 2000;
+
+/// Whether enough replicas have this round's jobs: WAIT's answer, the pipeline's only one.
+/// Too few: the jobs are in the master but could be lost by a failover, so their clients
+/// get `failed` (as when Redis hangs, such a job may still run; its outcome is then dropped).
+fn replicated(d: &Durable, items: &[Item], replies: &[Value]) -> Result<(), String> {
+    if d.wait_replicas == 0 || !items.iter().any(|i| matches!(i, Item::Store { .. })) {
+        return Ok(());
+    }
+    let got = replies.last().and_then(redis_io::as_int).unwrap_or(0);
+    if got >= i64::from(d.wait_replicas) {
+        return Ok(());
+    }
+    Err(format!(
+        "Redis has the job, but only {got} of the {} replicas it must reach (redis_wait_replicas) \
+         confirmed it within {WAIT_LIMIT_MS} ms",
+        d.wait_replicas
+    ))
+}
+
+/// One round's commands: the jobs, the kept results, the deletion of acted-on replies; then,
+/// with `redis_wait_replicas`, a WAIT for the replicas to have them (the only reply kept).
 fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for item in items {
@@ -352,6 +377,9 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
         ids.sort_unstable();
         ids.dedup();
         pipe.cmd("XDEL").arg(&d.keys.replies).arg(ids).ignore();
+    }
+    if d.wait_replicas > 0 && items.iter().any(|i| matches!(i, Item::Store { .. })) {
+        pipe.cmd("WAIT").arg(d.wait_replicas).arg(WAIT_LIMIT_MS);
     }
     pipe
 }

@@ -54,6 +54,8 @@ pub struct Durable {
     pub result_keep: usize,
     /// Delivery retries (`delivery_retry_max`) and their back-off.
     pub retry: crate::retry::Policy,
+    /// `redis_wait_replicas`: replicas that must have a batch before it is acknowledged.
+    pub wait_replicas: u32,
 }
 
 impl Durable {
@@ -73,6 +75,7 @@ impl Durable {
             max_attempts: config.task_retry_max.saturating_add(1),
             result_keep: config.result_keep,
             retry: crate::retry::Policy::from_config(config),
+            wait_replicas: config.redis_wait_replicas,
         })
     }
 }

@@ -20,10 +20,17 @@ const CONNECT_LIMIT: Duration = Duration::from_secs(2);
 /// Where this process's connections go: built by [`set_up`] before the fork.
 struct Target {
     url: String,
-    client: redis::Client,
+    way: Way,
     /// The CA file the server's certificate is checked against, for the error that says it
     /// does not verify (None: the system's CAs).
     ca_file: Option<PathBuf>,
+}
+
+enum Way {
+    /// One server (`redis://`, `rediss://`, `redis+unix://`).
+    Direct(redis::Client),
+    /// The master that a set of Sentinels names (`redis+sentinel://`), asked at each connect.
+    Sentinel(SentinelSet),
 }
 
 static TARGET: OnceLock<Target> = OnceLock::new();
@@ -38,7 +45,12 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
         return Ok(());
     }
     let invalid = |e: RedisError| format!("invalid redis_url {}: {}", super::redact(url), describe(&e));
-    let client = if url.starts_with("rediss://") {
+    let way = if url.starts_with(SENTINEL_SCHEME) {
+        Way::Sentinel(
+            SentinelSet::parse(url)
+                .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
+        )
+    } else if url.starts_with("rediss://") {
         let root_cert = match &config.redis_ca_file {
             Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
             None => None,
@@ -50,13 +62,143 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
             }),
             _ => None,
         };
-        redis::Client::build_with_tls(url.as_str(), redis::TlsCertificates { client_tls, root_cert })
-            .map_err(invalid)?
+        Way::Direct(
+            redis::Client::build_with_tls(url.as_str(), redis::TlsCertificates { client_tls, root_cert })
+                .map_err(invalid)?,
+        )
     } else {
-        redis::Client::open(url.as_str()).map_err(invalid)?
+        Way::Direct(redis::Client::open(url.as_str()).map_err(invalid)?)
     };
-    let _ = TARGET.set(Target { url: url.clone(), client, ca_file: config.redis_ca_file.clone() });
+    let _ = TARGET.set(Target { url: url.clone(), way, ca_file: config.redis_ca_file.clone() });
     Ok(())
+}
+
+/// `redis+sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER_NAME`: the password is the
+/// master's; the Sentinels are asked without one.
+pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// How long one Sentinel may take to answer, so that a dead one delays a lookup by no more.
+const SENTINEL_LIMIT: Duration = Duration::from_secs(1);
+const SENTINEL_PORT: u16 = 26379;
+
+struct SentinelSet {
+    sentinels: Vec<(String, u16)>,
+    master: String,
+    /// The master's user, password and database, on a placeholder address.
+    template: redis::ConnectionInfo,
+}
+
+impl SentinelSet {
+    fn parse(url: &str) -> Result<SentinelSet, String> {
+        let rest = url.strip_prefix(SENTINEL_SCHEME).ok_or("not a redis+sentinel:// URL")?;
+        let (before, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, master) =
+            before.split_once('/').ok_or("no master name after the Sentinels (/NAME)")?;
+        let master = master.trim_end_matches('/');
+        if master.is_empty() || master.contains('/') {
+            return Err(
+                "name the master after the Sentinels: redis+sentinel://HOST:PORT,HOST:PORT/NAME".into()
+            );
+        }
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let mut sentinels = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let (name, port) = match host.rsplit_once(':') {
+                Some((name, port)) => (
+                    name,
+                    port.parse::<u16>().map_err(|_| format!("{host:?} is not HOST:PORT of a Sentinel"))?,
+                ),
+                None => (host, SENTINEL_PORT),
+            };
+            sentinels.push((name.trim_matches(['[', ']']).to_string(), port));
+        }
+        if sentinels.is_empty() {
+            return Err("no Sentinel named: redis+sentinel://HOST:PORT,HOST:PORT/NAME".into());
+        }
+        let db = query.split('&').find_map(|kv| kv.strip_prefix("db=")).unwrap_or("0");
+        let template =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/{db}"))
+                .map_err(|e| e.to_string())?;
+        Ok(SentinelSet { sentinels, master: master.to_string(), template })
+    }
+
+    /// Asks each Sentinel in turn where the master is, and connects there if the server
+    /// answers ROLE as a master (a Sentinel may still name the old one during a failover).
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let mut why = Vec::new();
+        for (host, port) in &self.sentinels {
+            let (ip, master_port) = match self.ask(host, *port) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    why.push(format!("Sentinel {host}:{port}: {e}"));
+                    continue;
+                }
+            };
+            let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(ip.clone(), master_port));
+            let tried = redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT));
+            let mut conn = match tried {
+                Ok(conn) => conn,
+                Err(e) => {
+                    why.push(format!("Sentinel {host}:{port} names {ip}:{master_port}: {}", sentence(&e)));
+                    continue;
+                }
+            };
+            conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
+            let role: Value = redis::cmd("ROLE").query(&mut conn)?;
+            match as_array(role).into_iter().next().map(as_text).as_deref() {
+                Some("master") => {
+                    noticed_master(&self.master, &format!("{ip}:{master_port}"));
+                    return Ok(conn);
+                }
+                other => why.push(format!(
+                    "Sentinel {host}:{port} names {ip}:{master_port}, which is a {} (a failover is under way)",
+                    other.unwrap_or("server of unknown role")
+                )),
+            }
+        }
+        Err(RedisError::from((
+            redis::ErrorKind::Io,
+            SENTINEL_FAILED,
+            format!("no master {} found: {}", self.master, why.join("; ")),
+        )))
+    }
+
+    fn ask(&self, host: &str, port: u16) -> Result<(String, u16), RedisError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
+            host.to_string(),
+            port,
+        ))?;
+        let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
+        conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
+        conn.set_write_timeout(Some(SENTINEL_LIMIT))?;
+        let addr: Option<Vec<String>> =
+            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master).query(&mut conn)?;
+        match addr.as_deref() {
+            Some([ip, port]) => match port.parse() {
+                Ok(port) => Ok((ip.clone(), port)),
+                Err(_) => Err(RedisError::from((redis::ErrorKind::Parse, "a master port that is no number"))),
+            },
+            _ => Err(RedisError::from((redis::ErrorKind::Io, "it knows no master of that name"))),
+        }
+    }
+}
+
+const SENTINEL_FAILED: &str = "Redis Sentinel";
+
+/// Logs where the master is, when this process first learns it and when it moved.
+fn noticed_master(name: &str, addr: &str) {
+    static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if *last != addr {
+        if last.is_empty() {
+            tracing::info!("Sentinel: master {name} is at {addr}");
+        } else {
+            tracing::warn!("Sentinel: master {name} moved from {last} to {addr} (failover)");
+        }
+        addr.clone_into(&mut last);
+    }
 }
 
 /// The bytes of a PEM file, which must hold at least one `-----BEGIN …{kind}-----` block.
@@ -77,11 +219,13 @@ fn read_pem(path: &Path, option: &str, kind: &str) -> Result<Vec<u8>, String> {
 /// block in XREAD/XREADGROUP (a reply timeout shorter than BLOCK would give up on a read that
 /// Redis still carries out, moving entries into the pending list with nobody to run them).
 pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, RedisError> {
-    let client = match TARGET.get() {
-        Some(target) if target.url == url => target.client.clone(),
-        _ => redis::Client::open(url)?,
+    let conn = match TARGET.get() {
+        Some(Target { url: set_up, way: Way::Sentinel(set), .. }) if set_up == url => set.connect()?,
+        Some(Target { url: set_up, way: Way::Direct(client), .. }) if set_up == url => {
+            client.get_connection_with_timeout(CONNECT_LIMIT)?
+        }
+        _ => redis::Client::open(url)?.get_connection_with_timeout(CONNECT_LIMIT)?,
     };
-    let conn = client.get_connection_with_timeout(CONNECT_LIMIT)?;
     conn.set_read_timeout(reply_limit)?;
     conn.set_write_timeout(Some(REPLY_LIMIT))?;
     Ok(conn)
@@ -89,7 +233,12 @@ pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, R
 
 /// Whether an error means the connection is gone (reconnect), rather than a refused command.
 pub fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+    // READONLY: the server became a replica (a Sentinel failover): the master is elsewhere now.
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.code() == Some("READONLY")
 }
 
 /// The Redis URL of this process, whose secrets no description of an error may show.
@@ -114,6 +263,8 @@ pub fn describe(e: &RedisError) -> String {
 fn sentence(e: &RedisError) -> String {
     if let Some(tls) = tls_error(e) {
         tls_sentence(tls)
+    } else if e.to_string().starts_with(SENTINEL_FAILED) {
+        e.detail().unwrap_or(SENTINEL_FAILED).to_string()
     } else if e.is_timeout() {
         format!("Redis did not answer within {} s", REPLY_LIMIT.as_secs())
     } else if e.is_connection_refusal() {
@@ -258,6 +409,22 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn reads_a_sentinel_url() {
+        let set = SentinelSet::parse("redis+sentinel://app:s3cret@10.0.0.5:26380,sentinel-b/mymaster?db=2")
+            .unwrap();
+        assert_eq!(set.sentinels, vec![("10.0.0.5".to_string(), 26380), ("sentinel-b".to_string(), 26379)]);
+        assert_eq!(set.master, "mymaster");
+        let redis = set.template.redis_settings();
+        assert_eq!((redis.username(), redis.password(), redis.db()), (Some("app"), Some("s3cret"), 2));
+        for bad in
+            ["redis+sentinel://h:1", "redis+sentinel://h:1/", "redis+sentinel:///m", "redis+sentinel://h:x/m"]
+        {
+            assert!(SentinelSet::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(super::super::redact("redis+sentinel://:pw@h:1,h:2/m"), "redis+sentinel://:***@h:1,h:2/m");
     }
 
     #[test]
