@@ -530,13 +530,20 @@ impl ServerConfig {
     pub fn check_durable(&self) -> Result<(), InvalidOption> {
         if let Some(url) = &self.redis_url {
             check(
-                ["redis://", "rediss://", "redis+unix://", "unix://", "redis+sentinel://"]
-                    .iter()
-                    .any(|p| url.starts_with(p)),
+                [
+                    "redis://",
+                    "rediss://",
+                    "redis+unix://",
+                    "unix://",
+                    "redis+sentinel://",
+                    "redis+cluster://",
+                ]
+                .iter()
+                .any(|p| url.starts_with(p)),
                 "redis_url",
                 format!(
-                    "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH or \
-                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER",
+                    "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, \
+                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER or redis+cluster://HOST:PORT,HOST:PORT",
                     crate::durable::redact(url)
                 ),
             )?;

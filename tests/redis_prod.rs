@@ -504,3 +504,96 @@ fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica(
     drop(node);
     drop(replicas);
 }
+
+// ---- Cluster ----
+
+#[test]
+fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
+    if common::which("redis-cli").is_none() {
+        common::cannot_run(
+            "redis",
+            "this test creates its cluster with redis-cli (apt-get install redis-tools)",
+        );
+        return;
+    }
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let nodes: Vec<Redis> = ports
+        .iter()
+        .filter_map(|p| {
+            Redis::start_with(&[
+                "--port",
+                &p.to_string(),
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ])
+        })
+        .collect();
+    if nodes.len() < 3 {
+        return;
+    }
+    let mut create = Command::new("redis-cli");
+    create.arg("--cluster").arg("create");
+    for p in &ports {
+        create.arg(format!("127.0.0.1:{p}"));
+    }
+    create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+    let made = common::run_with_timeout(&mut create, common::DEADLINE);
+    assert!(made.status.success(), "{made:?}");
+    common::wait_for("the cluster to be up on every node", || {
+        nodes
+            .iter()
+            .all(|n| n.query::<String>(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+            .then_some(())
+    });
+    // One queue for each node: names whose slot that node serves.
+    // The node that serves a key's slot answers for it; the others answer MOVED.
+    let owner_of = |queue: &str| -> usize {
+        let key = format!("{{{queue}}}:probe");
+        (0..3)
+            .find(|&i| {
+                let mut conn = nodes[i].conn().expect("connect");
+                redis::cmd("EXISTS").arg(&key).query::<i64>(&mut conn).is_ok()
+            })
+            .expect("a node serves the slot")
+    };
+    let mut queues: Vec<Option<String>> = vec![None, None, None];
+    for n in 0..200 {
+        let q = format!("q{n}");
+        let i = owner_of(&q);
+        queues[i].get_or_insert(q);
+        if queues.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    let queues: Vec<String> = queues.into_iter().map(|q| q.expect("a queue on each node")).collect();
+    let url = format!("redis+cluster://127.0.0.1:{}", ports[0]);
+    for (i, queue) in queues.iter().enumerate() {
+        let node_id = format!("web-{queue}");
+        let d = Daemon::start(&[
+            "--redis-url",
+            &url,
+            "--redis-queue",
+            queue,
+            "--node-id",
+            &node_id,
+            "--simulate-ms",
+            "0",
+            "--task-worker-num",
+            "0",
+        ]);
+        let tasks = TaskNode::start_url(
+            &url,
+            &format!("tasks-{queue}"),
+            &["--task-worker-num", "2", "--simulate-ms", "0", "--redis-queue", queue],
+        );
+        let mut c = d.connect();
+        assert_eq!(all_done(&mut c, 20).len(), 20, "queue {queue}");
+        assert_eq!(tasks.outbox_lines().len(), 20);
+        // Its keys are on the node that serves its slot.
+        let epoch: i64 = nodes[i].query(&["EXISTS", &format!("{{{queue}}}:epoch:{node_id}")]);
+        assert_eq!(epoch, 1, "queue {queue} on node {i}");
+        assert!(d.log().contains("Redis Cluster: the node of slot"), "{}", d.log());
+    }
+}

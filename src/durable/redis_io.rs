@@ -31,6 +31,9 @@ enum Way {
     Direct(redis::Client),
     /// The master that a set of Sentinels names (`redis+sentinel://`), asked at each connect.
     Sentinel(SentinelSet),
+    /// The node of a Redis Cluster that serves the queue's hash slot (`redis+cluster://`),
+    /// asked at each connect: every key of a queue shares its hash tag, so one node has them.
+    Cluster(ClusterSet),
 }
 
 static TARGET: OnceLock<Target> = OnceLock::new();
@@ -45,7 +48,12 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
         return Ok(());
     }
     let invalid = |e: RedisError| format!("invalid redis_url {}: {}", super::redact(url), describe(&e));
-    let way = if url.starts_with(SENTINEL_SCHEME) {
+    let way = if url.starts_with(CLUSTER_SCHEME) {
+        Way::Cluster(
+            ClusterSet::parse(url, &config.redis_queue)
+                .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
+        )
+    } else if url.starts_with(SENTINEL_SCHEME) {
         Way::Sentinel(
             SentinelSet::parse(url)
                 .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
@@ -149,7 +157,7 @@ impl SentinelSet {
             let role: Value = redis::cmd("ROLE").query(&mut conn)?;
             match as_array(role).into_iter().next().map(as_text).as_deref() {
                 Some("master") => {
-                    noticed_master(&self.master, &format!("{ip}:{master_port}"));
+                    noticed_master(&format!("Sentinel: master {}", self.master), &format!("{ip}:{master_port}"));
                     return Ok(conn);
                 }
                 other => why.push(format!(
@@ -160,7 +168,7 @@ impl SentinelSet {
         }
         Err(RedisError::from((
             redis::ErrorKind::Io,
-            SENTINEL_FAILED,
+            LOOKUP_FAILED,
             format!("no master {} found: {}", self.master, why.join("; ")),
         )))
     }
@@ -185,17 +193,122 @@ impl SentinelSet {
     }
 }
 
-const SENTINEL_FAILED: &str = "Redis Sentinel";
+const LOOKUP_FAILED: &str = "Redis lookup";
+
+/// `redis+cluster://[USER:PASS@]HOST:PORT,HOST:PORT`: some nodes of the cluster.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+struct ClusterSet {
+    seeds: Vec<(String, u16)>,
+    /// The hash slot of the queue's tag.
+    slot: u16,
+    /// The user and password, on a placeholder address.
+    template: redis::ConnectionInfo,
+}
+
+impl ClusterSet {
+    fn parse(url: &str, queue: &str) -> Result<ClusterSet, String> {
+        let rest = url.strip_prefix(CLUSTER_SCHEME).ok_or("not a redis+cluster:// URL")?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let mut seeds = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let (name, port) = host.rsplit_once(':').ok_or_else(|| format!("{host:?} is not HOST:PORT"))?;
+            let port = port.parse::<u16>().map_err(|_| format!("{host:?} is not HOST:PORT"))?;
+            seeds.push((name.trim_matches(['[', ']']).to_string(), port));
+        }
+        if seeds.is_empty() {
+            return Err("no node named: redis+cluster://HOST:PORT,HOST:PORT".into());
+        }
+        let template =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/"))
+                .map_err(|e| e.to_string())?;
+        Ok(ClusterSet { seeds, slot: hash_slot(queue.as_bytes()), template })
+    }
+
+    /// Asks the nodes in turn which one serves the queue's slot (CLUSTER SLOTS), and connects
+    /// there. A slot moved later answers MOVED, which counts as a lost connection: the next
+    /// connect asks again.
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let mut why = Vec::new();
+        for (host, port) in &self.seeds {
+            let owner = match self.owner(host, *port) {
+                Ok(Some(owner)) => owner,
+                Ok(None) => {
+                    why.push(format!("{host}:{port}: no node serves slot {}", self.slot));
+                    continue;
+                }
+                Err(e) => {
+                    why.push(format!("{host}:{port}: {}", sentence(&e)));
+                    continue;
+                }
+            };
+            let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(owner.0.clone(), owner.1));
+            match redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT)) {
+                Ok(conn) => {
+                    noticed_master(
+                        &format!("Redis Cluster: the node of slot {}", self.slot),
+                        &format!("{}:{}", owner.0, owner.1),
+                    );
+                    return Ok(conn);
+                }
+                Err(e) => why.push(format!("{host}:{port} names {}:{}: {}", owner.0, owner.1, sentence(&e))),
+            }
+        }
+        Err(RedisError::from((
+            redis::ErrorKind::Io,
+            LOOKUP_FAILED,
+            format!("no Redis Cluster node found for slot {}: {}", self.slot, why.join("; ")),
+        )))
+    }
+
+    fn owner(&self, host: &str, port: u16) -> Result<Option<(String, u16)>, RedisError> {
+        let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port));
+        let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
+        conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+        for range in as_array(slots) {
+            let mut parts = as_array(range).into_iter();
+            let (Some(start), Some(end), Some(master)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            let (Some(start), Some(end)) = (as_int(&start), as_int(&end)) else { continue };
+            if !(start..=end).contains(&i64::from(self.slot)) {
+                continue;
+            }
+            let mut node = as_array(master).into_iter();
+            let ip = node.next().map(as_text).filter(|ip| !ip.is_empty()).unwrap_or_else(|| host.to_string());
+            let owner_port = node.next().as_ref().and_then(as_int).and_then(|p| u16::try_from(p).ok());
+            return Ok(owner_port.map(|p| (ip, p)));
+        }
+        Ok(None)
+    }
+}
+
+/// Redis Cluster's hash slot of a key whose hash tag is `tag` (CRC16/XMODEM mod 16384).
+fn hash_slot(tag: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in tag {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
 
 /// Logs where the master is, when this process first learns it and when it moved.
-fn noticed_master(name: &str, addr: &str) {
+fn noticed_master(what: &str, addr: &str) {
     static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
     let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
     if *last != addr {
         if last.is_empty() {
-            tracing::info!("Sentinel: master {name} is at {addr}");
+            tracing::info!("{what} is at {addr}");
         } else {
-            tracing::warn!("Sentinel: master {name} moved from {last} to {addr} (failover)");
+            tracing::warn!("{what} moved from {last} to {addr} (failover)");
         }
         addr.clone_into(&mut last);
     }
@@ -221,6 +334,7 @@ fn read_pem(path: &Path, option: &str, kind: &str) -> Result<Vec<u8>, String> {
 pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, RedisError> {
     let conn = match TARGET.get() {
         Some(Target { url: set_up, way: Way::Sentinel(set), .. }) if set_up == url => set.connect()?,
+        Some(Target { url: set_up, way: Way::Cluster(set), .. }) if set_up == url => set.connect()?,
         Some(Target { url: set_up, way: Way::Direct(client), .. }) if set_up == url => {
             client.get_connection_with_timeout(CONNECT_LIMIT)?
         }
@@ -239,6 +353,8 @@ pub fn is_connection_error(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.code() == Some("READONLY")
+        // MOVED: the queue's slot went to another node of the cluster.
+        || e.code() == Some("MOVED")
 }
 
 /// The Redis URL of this process, whose secrets no description of an error may show.
@@ -263,8 +379,8 @@ pub fn describe(e: &RedisError) -> String {
 fn sentence(e: &RedisError) -> String {
     if let Some(tls) = tls_error(e) {
         tls_sentence(tls)
-    } else if e.to_string().starts_with(SENTINEL_FAILED) {
-        e.detail().unwrap_or(SENTINEL_FAILED).to_string()
+    } else if e.to_string().starts_with(LOOKUP_FAILED) {
+        e.detail().unwrap_or(LOOKUP_FAILED).to_string()
     } else if e.is_timeout() {
         format!("Redis did not answer within {} s", REPLY_LIMIT.as_secs())
     } else if e.is_connection_refusal() {
@@ -409,6 +525,17 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn finds_the_hash_slot_of_a_queue() {
+        // As CLUSTER KEYSLOT answers for "{taskd}:jobs" and "{foo}bar".
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"123456789"), 0x31C3, "CRC16/XMODEM's check value");
+        let set = ClusterSet::parse("redis+cluster://:pw@h1:7000,h2:7001", "foo").unwrap();
+        assert_eq!(set.seeds.len(), 2);
+        assert_eq!(set.slot, 12182);
+        assert!(ClusterSet::parse("redis+cluster://h1", "q").is_err());
     }
 
     #[test]
