@@ -35,6 +35,7 @@
 //! | [`throttle`] | all | one warning per kind and 10 s under a flood, with the count of the rest |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -189,6 +190,15 @@ pub fn run_notify<A: Application>(
             return Err(StartError::Other("nothing to listen on: no TCP listener and no ws_port".into()))
         }
     };
+    // The dashboard's token, only where there is a page to open it with.
+    let admin_token = match config.ws_port {
+        Some(_) => admin::AdminToken::load_or_generate(
+            config.admin_token_file.as_deref(),
+            config.pid_file.as_deref(),
+        )
+        .map_err(|e| StartError::Other(e.to_string()))?,
+        None => None,
+    };
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
@@ -209,6 +219,7 @@ pub fn run_notify<A: Application>(
         workers,
         tasks,
         durable,
+        admin_token,
     };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
         master.spawn_bridge()?;
