@@ -174,6 +174,7 @@
         $("dashboard").hidden = false;
         $("token-form").hidden = true;
         $("procs").hidden = true;
+        $("jobs-title").hidden = false;
         return true;
       }
       $("action-result").textContent = JSON.stringify(m);
