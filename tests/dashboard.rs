@@ -248,3 +248,78 @@ fn the_dashboard_in_a_headless_browser() {
         std::fs::copy(&shot, dest).unwrap();
     }
 }
+
+/// A durable node's dashboard: its nodes, and two dead letters, one replayed from the page
+/// (it runs and ends `done`), one discarded.
+#[test]
+fn a_dead_letter_replayed_from_the_page_ends_done() {
+    let Some(common::Browser { chromium, node, modules }) = common::browser() else { return };
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let s = start(&["--redis-url", redis.url.as_str(), "--node-id", "web-1", "--task-worker-num", "1"]);
+    // Two jobs of this node that failed past their attempts, as a consumer leaves them.
+    let dead = |task_id: &str, to: &str| -> String {
+        let data = format!(r#"{{"type":"email","to":"{to}"}}"#);
+        redis.query(&[
+            "XADD",
+            "{taskd}:dead",
+            "*",
+            "o",
+            "web-1",
+            "t",
+            task_id,
+            "s",
+            "0",
+            "w",
+            "0",
+            "d",
+            &data,
+            "a",
+            "3",
+            "why",
+            "gave up after 3 attempts: <b>relay down</b>",
+        ])
+    };
+    let replay_id = dead("900001", "dead@example.com");
+    let discard_id = dead("900002", "dropped@example.com");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dead_letters.cjs");
+    let out = common::run_with_timeout(
+        Command::new(node)
+            .arg(&script)
+            .arg(format!("http://{}/", s.ws))
+            .arg(&s.token)
+            .arg(&replay_id)
+            .arg(&discard_id)
+            .arg(&chromium)
+            .env("NODE_PATH", &modules),
+        Duration::from_secs(180),
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    println!("{text}");
+    assert!(out.status.success(), "{text}\n{}", s.daemon.log());
+    assert!(text.contains("nodes: web-1 this node"), "{text}");
+    assert!(text.contains("dead@example.com gave up after 3 attempts: <b>relay down</b>"), "{text}");
+    assert!(text.contains(&format!(
+        "confirm: Run dead letter {replay_id} (task 900001, to dead@example.com) again?"
+    )));
+    assert!(text.contains("\"action\":\"replay\",\"ok\":true"), "{text}");
+    assert!(text.contains("\"action\":\"discard\",\"ok\":true"), "{text}");
+    assert!(text.contains("both gone from the page"), "{text}");
+    assert_eq!(redis.xlen("{taskd}:dead"), 0);
+    // The replayed job ran: delivered, and its outcome kept on its node as `done`.
+    common::wait_for("the replayed job to be delivered", || {
+        s.daemon.outbox_lines().iter().any(|m| m["to"] == "dead@example.com").then_some(())
+    });
+    assert!(!s.daemon.outbox_lines().iter().any(|m| m["to"] == "dropped@example.com"));
+    let mut ws = ws_connect(s.ws);
+    send(&mut ws, serde_json::json!({"admin": "hello", "token": s.token}));
+    assert_eq!(answer(&mut ws)["ok"], true);
+    let outcome = common::wait_for("the replayed job's outcome", || {
+        send(&mut ws, serde_json::json!({"admin": "lookup", "task_id": 900001}));
+        let found = answer(&mut ws);
+        (found["state"] == "done").then_some(found)
+    });
+    assert_eq!(outcome["outcome"]["to"], "dead@example.com", "{outcome}");
+    let log = s.daemon.log();
+    assert!(log.contains(&format!("asks to replay dead letter \"{replay_id}\"")), "{log}");
+    assert!(log.contains(&format!("dead letter \"{discard_id}\" discarded")), "{log}");
+}

@@ -88,10 +88,8 @@ impl<A: Application> Master<'_, A> {
                 tracing::info!("dashboard: {peer} looks up task {task_id}");
                 reply(&action, true, self.lookup(task_id))
             }
-            _ => match self.durable_admin(key, session, peer, &action, &req) {
-                Some(line) => line,
-                None => reply(&action, false, json!({"error": format!("unknown admin action {action:?}")})),
-            },
+            "replay" | "discard" => return self.durable_admin(session, peer, &action, &req),
+            _ => reply(&action, false, json!({"error": format!("unknown admin action {action:?}")})),
         };
         self.send_to_session(session, &line);
     }
@@ -156,6 +154,7 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         self.dashboard.tick(now);
+        self.ask_overview(now);
         let mut sessions = std::mem::take(&mut self.dashboard.sessions);
         sessions.retain(|&s| self.conn_mut(s).is_some());
         if !sessions.is_empty() {
@@ -248,24 +247,81 @@ impl<A: Application> Master<'_, A> {
     }
 }
 
+/// How often the nodes and dead letters are read while a dashboard is open.
+const OVERVIEW_EVERY: Duration = Duration::from_secs(2);
+/// The request id of the periodic overview (operators' requests count from 1).
+const OVERVIEW: u64 = 0;
+
 impl<A: Application> Master<'_, A> {
-    /// Durable jobs: the node's link to Redis, for the page.
+    /// Durable jobs: the node's link to Redis, the nodes and the dead letters, for the page.
     fn durable_dashboard(&self) -> Option<Value> {
         let d = self.durable.as_ref()?;
-        Some(json!({"node_id": d.d.node, "redis_up": !self.shared.durable_down(),
-                    "store_batches_unacked": d.unacked()}))
+        let mut v = json!({"node_id": d.d.node, "redis_up": !self.shared.durable_down(),
+                           "store_batches_unacked": d.unacked()});
+        if let (Some(obj), Some(Value::Object(seen))) = (v.as_object_mut(), &self.dashboard.durable_overview)
+        {
+            for k in ["nodes", "dead", "dead_total"] {
+                if let Some(x) = seen.get(k) {
+                    obj.insert(k.into(), x.clone());
+                }
+            }
+        }
+        Some(v)
     }
 
-    /// Admin actions on durable jobs (none yet): `None` for an action that is not one.
-    fn durable_admin(
-        &mut self,
-        _key: usize,
-        _session: u64,
-        _peer: std::net::SocketAddr,
-        _action: &str,
-        _req: &Value,
-    ) -> Option<Vec<u8>> {
-        None
+    /// Replays or discards a dead letter (`req["id"]`): the bridge does it, and its answer
+    /// goes to `session` (see `on_admin_answer`).
+    fn durable_admin(&mut self, session: u64, peer: std::net::SocketAddr, action: &str, req: &Value) {
+        let id: String = req["id"].as_str().unwrap_or("").chars().take(64).collect();
+        let Some(state) = self.durable.as_mut().filter(|s| s.bridge_running()) else {
+            let why = if self.durable.is_none() {
+                "no durable jobs here (--redis-url): no dead letters"
+            } else {
+                "the redis bridge is restarting; try again"
+            };
+            return self.send_to_session(session, &reply(action, false, json!({"error": why})));
+        };
+        tracing::info!("dashboard: {peer} asks to {action} dead letter {id:?}");
+        self.dashboard.last_request += 1;
+        let request = self.dashboard.last_request;
+        let op = json!({"op": action, "id": id}).to_string();
+        state.bridge.send(&ToBridge::Admin { request, op: op.as_bytes() });
+        self.dashboard.pending.insert(request, (session, peer, action.to_string(), id));
+    }
+
+    /// The bridge answered a dashboard request.
+    pub(super) fn on_admin_answer(&mut self, request: u64, answer: &[u8]) {
+        let answer: Value = serde_json::from_slice(answer).unwrap_or(Value::Null);
+        if request == OVERVIEW {
+            if answer["ok"] == true {
+                self.dashboard.durable_overview = Some(answer);
+            }
+            return;
+        }
+        let Some((session, peer, action, id)) = self.dashboard.pending.remove(&request) else { return };
+        let ok = answer["ok"] == true;
+        if ok {
+            tracing::info!("dashboard: dead letter {id:?} {action}ed, as {peer} asked: {answer}");
+        } else {
+            tracing::warn!("dashboard: cannot {action} dead letter {id:?} for {peer}: {}", answer["error"]);
+        }
+        let mut extra = answer;
+        if let Some(obj) = extra.as_object_mut() {
+            obj.remove("ok");
+        }
+        self.send_to_session(session, &reply(&action, ok, extra));
+        // The page sees the change with the next push.
+        self.dashboard.next_overview = Instant::now();
+    }
+
+    /// While a dashboard is open: ask the bridge for the nodes and dead letters now and then.
+    fn ask_overview(&mut self, now: Instant) {
+        if self.dashboard.sessions.is_empty() || now < self.dashboard.next_overview {
+            return;
+        }
+        let Some(state) = self.durable.as_mut().filter(|s| s.bridge_running()) else { return };
+        state.bridge.send(&ToBridge::Admin { request: OVERVIEW, op: br#"{"op":"overview"}"# });
+        self.dashboard.next_overview = now + OVERVIEW_EVERY;
     }
 }
 

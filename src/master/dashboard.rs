@@ -52,6 +52,13 @@ pub struct Dashboard {
     failed: u64,
     failures: VecDeque<Failure>,
     pub next_tick: Instant,
+    /// Durable jobs: the nodes and dead letters, as the bridge last read them, and when to
+    /// ask again (only while a dashboard is open).
+    pub durable_overview: Option<serde_json::Value>,
+    pub next_overview: Instant,
+    /// Operators' requests the bridge is running: request id -> (session, peer, action, id).
+    pub pending: std::collections::HashMap<u64, (u64, std::net::SocketAddr, String, String)>,
+    pub last_request: u64,
 }
 
 impl Dashboard {
@@ -65,6 +72,10 @@ impl Dashboard {
             failed: 0,
             failures: VecDeque::with_capacity(FAILURES),
             next_tick: Instant::now() + TICK,
+            durable_overview: None,
+            next_overview: Instant::now(),
+            pending: Default::default(),
+            last_request: 0,
         }
     }
 
