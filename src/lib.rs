@@ -31,6 +31,7 @@
 //! | [`delivery`] | task | ways to deliver a message (outbox, SMTP, SMS over HTTP) behind one trait |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
+//! | [`admin`] | before the fork, master | the operator dashboard's token (read, or generated 0600 beside the pid file; compared in constant time) |
 //! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
 //! | [`throttle`] | all | one warning per kind and 10 s under a flood, with the count of the rest |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
