@@ -179,6 +179,8 @@ options! {
     server.ws_handshake_max: usize,
     /// Origins (scheme://host:port, comma-separated; * for any) whose web pages may open a WebSocket besides this host's [default: none]
     server.ws_allow_origin: OriginList => origin_list,
+    /// The operator's dashboard on --ws-port opens with the token in this file [default: one generated at start, written 0600 next to --pid-file; neither: no dashboard]
+    server.admin_token_file: PathBuf => Some,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
     /// File that delivered messages are appended to [default: taskd-outbox.log]

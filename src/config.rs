@@ -168,6 +168,10 @@ pub struct ServerConfig {
     /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
     /// own (`*`: any). A browser always sends `Origin`; other clients need not.
     pub ws_allow_origin: Vec<String>,
+    /// The token that opens the operator's dashboard on the WebSocket port, read from this
+    /// file; None: one is generated at start, written 0600 next to the pid file (no pid file
+    /// either: no dashboard).
+    pub admin_token_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -223,6 +227,7 @@ impl Default for ServerConfig {
             metrics_max_conn: 16,
             ws_handshake_max: 1024,
             ws_allow_origin: Vec::new(),
+            admin_token_file: None,
         }
     }
 }

@@ -31,10 +31,12 @@
 //! | [`delivery`] | task | ways to deliver a message (outbox, SMTP, SMS over HTTP) behind one trait |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
+//! | [`admin`] | before the fork, master | the operator dashboard's token (read, or generated 0600 beside the pid file; compared in constant time) |
 //! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
 //! | [`throttle`] | all | one warning per kind and 10 s under a flood, with the count of the rest |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -191,6 +193,15 @@ pub fn run_notify<A: Application>(
             return Err(StartError::Other("nothing to listen on: no TCP listener and no ws_port".into()))
         }
     };
+    // The dashboard's token, only where there is a page to open it with.
+    let admin_token = match config.ws_port {
+        Some(_) => admin::AdminToken::load_or_generate(
+            config.admin_token_file.as_deref(),
+            config.pid_file.as_deref(),
+        )
+        .map_err(|e| StartError::Other(e.to_string()))?,
+        None => None,
+    };
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
@@ -211,6 +222,7 @@ pub fn run_notify<A: Application>(
         workers,
         tasks,
         durable,
+        admin_token,
     };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
         master.spawn_bridge()?;

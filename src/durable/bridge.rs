@@ -145,6 +145,7 @@ fn store_loop(
     let mut items: Vec<Item> = Vec::new();
     let mut trims: Vec<Vec<u8>> = Vec::new();
     let mut keeps: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
     loop {
@@ -189,10 +190,24 @@ fn store_loop(
                 ToBridge::Trim { entry } => trims.push(entry.to_vec()),
                 ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
                 ToBridge::RenewLease => renew = true,
+                ToBridge::Admin { request, op } => admin.push((request, op.to_vec())),
             }
             used += n;
         }
         pending.drain(..used);
+        // The dashboard's requests: small, and rare (one overview every two seconds while a
+        // dashboard is open); answered before this round's jobs, which wait that long.
+        for (request, op) in admin.drain(..) {
+            let answer = match link.get() {
+                Ok(conn) => super::admin::handle(conn, d, &op),
+                Err(why) => serde_json::json!({"ok": false, "error": why}),
+            };
+            let mut frame = Vec::new();
+            FromBridge::AdminAnswer { request, answer: answer.to_string().as_bytes() }.encode(&mut frame);
+            if send(out, &frame).is_err() {
+                return Ok(());
+            }
+        }
         if items.is_empty() && trims.is_empty() && keeps.is_empty() {
             renew_if_asked(&mut link, &token, &mut renew, out);
             continue;

@@ -20,6 +20,7 @@
 //!
 //! Without `--redis-url`, none of this runs: the master keeps its jobs in memory.
 
+pub mod admin;
 pub mod bridge;
 pub mod consumer;
 pub mod dead_letter;

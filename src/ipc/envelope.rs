@@ -304,6 +304,9 @@ pub enum ToBridge<'a> {
     /// The master is alive: renew the node's lease on its name (sent by the master itself, so
     /// that a master that hangs lets its name go).
     RenewLease,
+    /// An operator's request from the dashboard (`op`: JSON, see `durable::admin`); answered
+    /// by an [`FromBridge::AdminAnswer`] with the same `request`.
+    Admin { request: u64, op: &'a [u8] },
 }
 
 /// Bridge -> master. `Reply` frames are also what task processes of any node write to the reply
@@ -317,6 +320,8 @@ pub enum FromBridge<'a> {
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
+    /// The answer (JSON) to [`ToBridge::Admin`] `request`.
+    AdminAnswer { request: u64, answer: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -372,6 +377,9 @@ mod kind {
     pub const RENEW_LEASE: u8 = 46;
     pub const LEASE: u8 = 47;
     pub const REPLY_RETRYING: u8 = 48;
+    // The dashboard's requests to the bridge (60-69 are the dashboard's).
+    pub const ADMIN: u8 = 60;
+    pub const ADMIN_ANSWER: u8 = 61;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -875,6 +883,7 @@ impl<'a> ToBridge<'a> {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
             }
             ToBridge::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
+            ToBridge::Admin { request, op } => Writer::begin(out, ADMIN).u64(request).rest(op).finish(),
         }
     }
 
@@ -895,6 +904,7 @@ impl<'a> ToBridge<'a> {
                 TRIM => ToBridge::Trim { entry: r.rest() },
                 KEEP_RESULT => ToBridge::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
                 RENEW_LEASE => ToBridge::RenewLease,
+                ADMIN => ToBridge::Admin { request: r.u64("request")?, op: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -927,6 +937,9 @@ impl<'a> FromBridge<'a> {
             FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
             FromBridge::Reply(ref reply) => reply.encode(out),
             FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
+            FromBridge::AdminAnswer { request, answer } => {
+                Writer::begin(out, ADMIN_ANSWER).u64(request).rest(answer).finish()
+            }
         }
     }
 
@@ -949,6 +962,7 @@ impl<'a> FromBridge<'a> {
                     result: r.rest(),
                 }),
                 LEASE => FromBridge::Lease { holder: r.rest() },
+                ADMIN_ANSWER => FromBridge::AdminAnswer { request: r.u64("request")?, answer: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -1132,6 +1146,7 @@ mod tests {
         roundtrip::<ToBridge>(ToBridge::Trim { entry: b"1-1" });
         roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip::<ToBridge>(ToBridge::RenewLease);
+        roundtrip::<ToBridge>(ToBridge::Admin { request: 7, op: br#"{"op":"overview"}"# });
         roundtrip::<FromBridge>(FromBridge::Stored { batch: 2, error: b"" });
         roundtrip::<FromBridge>(FromBridge::Stored { batch: 3, error: b"Redis is down" });
         roundtrip::<FromBridge>(FromBridge::Reply(Reply {
@@ -1160,6 +1175,7 @@ mod tests {
         }));
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
+        roundtrip::<FromBridge>(FromBridge::AdminAnswer { request: 7, answer: b"{}" });
     }
 
     #[test]

@@ -300,6 +300,7 @@ impl<A: Application> Master<'_, A> {
         match frame {
             FromBridge::Stored { batch, error } => self.on_stored(batch, error),
             FromBridge::Lease { holder } => self.on_lease(holder),
+            FromBridge::AdminAnswer { request, answer } => self.on_admin_answer(request, answer),
             FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {

@@ -30,6 +30,8 @@ pub struct Job {
     pub batch: u64,
     /// The reply its task process sent the client (`TaskCtx::reply`), kept for `result`.
     pub reply: Vec<u8>,
+    /// When the master accepted it (the dashboard's latency: accept to outcome).
+    pub accepted: Instant,
 }
 
 /// A member's outcome: whether it succeeded, its result or error text, and how many times it
@@ -142,6 +144,7 @@ impl Jobs {
             flags,
             batch: 0,
             reply: Vec::new(),
+            accepted: Instant::now(),
         };
         self.bytes += context.len() + data.len();
         if let Some(old) = self.all.insert(task_id, job) {

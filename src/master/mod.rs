@@ -7,8 +7,10 @@
 //! reports that a process died, the master cleans that slot's channel and hands the
 //! successor everything the dead process had not finished.
 
+mod admin;
 mod clients;
 mod conn;
+mod dashboard;
 mod delayed;
 mod durable;
 mod jobs;
@@ -109,6 +111,8 @@ pub struct MasterSetup<'a> {
     pub tasks: Vec<SlotChannel>,
     /// Durable jobs: the queue, and what a previous run of this node left in it.
     pub durable: Option<(crate::durable::Durable, crate::durable::startup::Recovered)>,
+    /// The token of the operator's dashboard (with a WebSocket port only).
+    pub admin_token: Option<crate::admin::AdminToken>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +195,9 @@ pub struct Master<'a, A: Application> {
     paused: Vec<usize>,
     /// Connections in a lingering close (key, session, deadline), oldest first.
     lingering: VecDeque<(usize, u64, Instant)>,
+    /// The operator's dashboard: its samples, failures and sessions.
+    dashboard: dashboard::Dashboard,
+    admin_warnings: admin::AdminWarnings,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -206,7 +213,21 @@ impl<'a, A: Application> Master<'a, A> {
             workers,
             tasks,
             durable,
+            admin_token,
         } = setup;
+        match &admin_token {
+            Some(t) => {
+                let how = if t.generated { "generated at this start, " } else { "" };
+                tracing::info!(
+                    "dashboard: the admin token is in {} ({how}readable by its owner only); open the web page with #token=<the token>",
+                    t.path.display()
+                );
+            }
+            None if ws.is_some() => tracing::info!(
+                "dashboard: off (no admin token: give --admin-token-file, or --pid-file to have one generated beside it)"
+            ),
+            None => {}
+        }
         let local_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
         let poll = Poll::new()?;
@@ -292,6 +313,8 @@ impl<'a, A: Application> Master<'a, A> {
             task_limit: config.task_limit(),
             paused: Vec::new(),
             lingering: VecDeque::new(),
+            dashboard: dashboard::Dashboard::new(admin_token),
+            admin_warnings: admin::AdminWarnings::default(),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -388,6 +411,9 @@ impl<'a, A: Application> Master<'a, A> {
                 self.answer_what_is_left();
                 self.flush_conns();
                 self.stop_bridge();
+                if let Some(t) = &self.dashboard.token {
+                    t.remove_generated();
+                }
                 return code;
             }
         }
@@ -419,7 +445,8 @@ impl<'a, A: Application> Master<'a, A> {
             .chain(self.durable.as_ref().map(|d| d.next_timer()))
             .chain(self.manager_sup.next_timer())
             .chain(self.guard.next_deadline())
-            .chain(self.lingering.front().map(|&(_, _, at)| at));
+            .chain(self.lingering.front().map(|&(_, _, at)| at))
+            .chain(Some(self.dashboard.next_tick));
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -475,6 +502,7 @@ impl<'a, A: Application> Master<'a, A> {
         self.maybe_finished = finished;
         self.resume_paused();
         self.end_lingering();
+        self.dashboard_tick();
         self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.release_delayed();
         self.dispatch_jobs();

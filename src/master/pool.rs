@@ -291,7 +291,9 @@ impl<A: Application> Master<'_, A> {
             self.counters.tasks_done += 1;
         } else {
             self.counters.tasks_failed += 1;
+            self.dashboard.failure(task_id, &job.data, result, job.attempts);
         }
+        self.dashboard.finished(ok, job.accepted.elapsed());
         self.shared.set_jobs_pending(self.jobs.len() as u64);
         if job.group != 0 {
             let Some(group) = self.jobs.groups.get_mut(&job.group) else {
