@@ -181,6 +181,8 @@ options! {
     mail.email_body_max: usize,
     /// Jobs an external handler runs before it is replaced (0: no limit) [default: 0]
     mail.handler_max_jobs: u64,
+    /// Milliseconds a job's deduplication "key" stays taken after the job ended [default: 3600000]
+    mail.dedup_ttl_ms: u64,
     /// Send SMS to this HTTP API instead of the outbox: Twilio's Messages URL with the account SID and auth token as userinfo (https://SID:TOKEN@api.twilio.com/2010-04-01/Accounts/SID/Messages.json), or a webhook's URL; prefer TASKD_SMS_URL or the config file for a URL with a password
     mail.sms_url: String => Some,
     /// twilio (form To/From/Body, basic auth, the answer's sid) or webhook (JSON to/text/task_id, bearer token, the answer's id) [default: twilio]
@@ -533,11 +535,11 @@ impl Settings {
     /// The application's durations, checked with the server's (`ServerConfig::check_limits`).
     fn check_mail_times(&self) -> Result<(), crate::config::InvalidOption> {
         use crate::config::{InvalidOption, MAX_SECONDS};
-        use crate::mail::request::MAX_DELAY_MS;
+        use crate::mail::request::MAX_SIMULATE_MS;
         let (simulate, batch) = (self.mail.simulate_ms, self.mail.batch_timeout_ms);
-        if simulate > MAX_DELAY_MS {
+        if simulate > MAX_SIMULATE_MS {
             let reason =
-                format!("{simulate} ms is more than {MAX_DELAY_MS} (one hour), the most a job may take");
+                format!("{simulate} ms is more than {MAX_SIMULATE_MS} (one hour), the most a job may take");
             return Err(InvalidOption { option: "simulate_ms", reason });
         }
         self.server.check_run_time("simulate_ms", simulate)?;

@@ -421,7 +421,7 @@ impl ServerConfig {
 
     /// Whether a job that takes `ms` milliseconds can finish within `task_timeout`: a job set
     /// to take longer would only be killed and run again until it fails. `option` names where
-    /// the time came from (`simulate_ms`, a job's `delay_ms`).
+    /// the time came from (`simulate_ms`, a job's own).
     pub fn check_run_time(&self, option: &'static str, ms: u64) -> Result<(), InvalidOption> {
         let Some(limit) = self.task_limit() else { return Ok(()) };
         check(
@@ -625,10 +625,10 @@ mod tests {
     fn a_job_may_not_be_set_to_run_longer_than_task_timeout() {
         let c = ServerConfig::default();
         assert_eq!(c.task_limit(), Some(Duration::from_secs(300)));
-        c.check_run_time("delay_ms", 300_000).unwrap();
-        let err = c.check_run_time("delay_ms", 300_001).unwrap_err();
+        c.check_run_time("simulate_ms", 300_000).unwrap();
+        let err = c.check_run_time("simulate_ms", 300_001).unwrap_err();
         assert!(err.to_string().contains("300001 ms is longer than task_timeout (300s)"), "{err}");
         let unlimited = ServerConfig { task_timeout: 0.0, ..Default::default() };
-        unlimited.check_run_time("delay_ms", u64::MAX).unwrap();
+        unlimited.check_run_time("simulate_ms", u64::MAX).unwrap();
     }
 }

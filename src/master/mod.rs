@@ -9,6 +9,7 @@
 
 mod clients;
 mod conn;
+mod dedup;
 mod delayed;
 mod durable;
 mod jobs;
@@ -18,6 +19,7 @@ mod metrics;
 mod pool;
 mod replay;
 mod results;
+mod schedule;
 mod slots;
 mod stats;
 mod ws;
@@ -157,6 +159,12 @@ pub struct Master<'a, A: Application> {
     jobs: Jobs,
     /// Jobs that may not run yet (a delivery retry's back-off, a rate limit).
     delayed: delayed::Delayed,
+    /// The options of the next `Task` frame (its `run_at`, priority, key), sent just before it.
+    pending_options: Option<schedule::Options>,
+    /// Deduplication keys, and duplicates to tell once their worker's turn is committed, so
+    /// after their `accepted`: (session, the first job's id, its final line if it ended).
+    keys: dedup::Keys,
+    duplicates: Vec<(u64, u64, Option<Vec<u8>>)>,
     /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
     retry: crate::retry::Policy,
     rng: crate::retry::Rng,
@@ -272,6 +280,9 @@ impl<'a, A: Application> Master<'a, A> {
             round_robin: 0,
             jobs: Jobs::default(),
             delayed: delayed::Delayed::default(),
+            pending_options: None,
+            keys: dedup::Keys::default(),
+            duplicates: Vec::new(),
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),
             dirty: Vec::new(),
@@ -565,6 +576,7 @@ impl<'a, A: Application> Master<'a, A> {
             tasks: &self.tasks,
             jobs: &self.jobs,
             delayed: self.delayed.len(),
+            dedup_keys: self.keys.len(),
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
             durable: self.durable.as_ref().map(|d| {
