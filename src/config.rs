@@ -157,6 +157,11 @@ pub struct ServerConfig {
     /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
     /// own (`*`: any). A browser always sends `Origin`; other clients need not.
     pub ws_allow_origin: Vec<String>,
+    /// Periodic jobs (`[[schedule]]`): each tick, the master hands the entry's job to a
+    /// worker as a request from no client. Written apart at the end of the file (a TOML array
+    /// of tables must follow the plain keys).
+    #[serde(skip)]
+    pub schedules: Vec<crate::schedule::ScheduleSpec>,
 }
 
 impl Default for ServerConfig {
@@ -208,6 +213,7 @@ impl Default for ServerConfig {
             metrics_max_conn: 16,
             ws_handshake_max: 1024,
             ws_allow_origin: Vec::new(),
+            schedules: Vec::new(),
         }
     }
 }

@@ -53,6 +53,7 @@ pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod retry;
+pub mod schedule;
 pub mod shm;
 pub mod signals;
 pub mod supervisor;

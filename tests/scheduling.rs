@@ -225,3 +225,77 @@ fn a_second_job_with_the_same_key_is_not_run_and_its_client_gets_the_firsts_fina
     assert_eq!(again.1["event"], "done", "{:?}", again);
     assert_eq!(again.1["task_id"], again.0["task_id"]);
 }
+
+#[test]
+fn a_schedule_in_the_config_file_runs_its_job_at_each_tick_and_stats_show_its_last_and_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[schedule]]
+name = "heartbeat"
+cron = "* * * * * *"
+timezone = "Europe/Paris"
+missed = "skip"
+job = { type = "sms", to = "+15550001111", text = "tick", simulate_ms = 0 }
+"#,
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let daemon = Daemon::start(&["--worker-num", "2", "--task-worker-num", "1", "--config", path]);
+    let lines = wait_for("three ticks in the outbox", || {
+        let lines: Vec<Value> =
+            daemon.outbox_lines().into_iter().filter(|l| l["to"] == "+15550001111").collect();
+        (lines.len() >= 3).then_some(lines)
+    });
+    let mut ids: Vec<u64> = lines.iter().map(|l| l["task_id"].as_u64().unwrap()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), lines.len(), "a tick's job ran twice: {lines:?}");
+    let mut c = daemon.connect();
+    let s = stats(&mut c);
+    let entry = &s["schedules"][0];
+    assert_eq!(
+        (entry["name"].as_str(), entry["timezone"].as_str()),
+        (Some("heartbeat"), Some("Europe/Paris"))
+    );
+    assert!(entry["runs"].as_u64().unwrap() >= 3, "{entry}");
+    let (last, next) = (entry["last_run"].as_str().unwrap(), entry["next_run"].as_str().unwrap());
+    let ms = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp_millis();
+    assert!(ms(next) > ms(last) - 1000, "{entry}");
+    // Ticks are whole seconds.
+    assert_eq!(ms(next) % 1000, 0, "{entry}");
+}
+
+#[test]
+fn a_schedule_that_cannot_be_read_stops_the_daemon_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (entry, says) in [
+        (
+            r#"name = "r"
+cron = "0 8 * * *"
+job = { type = "sms", to = "+15550001111" }"#,
+            "six fields",
+        ),
+        (
+            r#"name = "r"
+cron = "0 0 8 * * *"
+timezone = "Mars/Olympus"
+job = { type = "sms", to = "+15550001111" }"#,
+            "IANA",
+        ),
+        (
+            r#"name = "r"
+cron = "0 0 8 * * *"
+job = { type = "sms", to = "not a number" }"#,
+            "its job",
+        ),
+    ] {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, format!("[[schedule]]\n{entry}\n")).unwrap();
+        let Err((_, log)) = Daemon::try_start(&["--config", config.to_str().unwrap()]) else {
+            panic!("started with {entry}");
+        };
+        assert!(log.contains("invalid schedule") && log.contains(says), "{entry}: {log}");
+    }
+}

@@ -16,6 +16,7 @@ mod jobs;
 mod lifecycle;
 mod listeners;
 mod metrics;
+mod periodic;
 mod pool;
 mod replay;
 mod results;
@@ -164,6 +165,8 @@ pub struct Master<'a, A: Application> {
     /// Deduplication keys, and duplicates to tell once their worker's turn is committed, so
     /// after their `accepted`: (session, the first job's id, its final line if it ended).
     keys: dedup::Keys,
+    /// Periodic jobs (`[[schedule]]`).
+    periodic: periodic::Periodic,
     duplicates: Vec<(u64, u64, Option<Vec<u8>>)>,
     /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
     retry: crate::retry::Policy,
@@ -282,6 +285,7 @@ impl<'a, A: Application> Master<'a, A> {
             delayed: delayed::Delayed::default(),
             pending_options: None,
             keys: dedup::Keys::default(),
+            periodic: periodic::Periodic::new(&config.schedules),
             duplicates: Vec::new(),
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),
@@ -424,6 +428,7 @@ impl<'a, A: Application> Master<'a, A> {
             .into_iter()
             .chain(self.jobs.next_deadline())
             .chain(self.delayed.next_deadline())
+            .chain(self.periodic.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
@@ -488,6 +493,7 @@ impl<'a, A: Application> Master<'a, A> {
         self.end_lingering();
         self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.release_delayed();
+        self.run_schedules();
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
@@ -577,6 +583,7 @@ impl<'a, A: Application> Master<'a, A> {
             jobs: &self.jobs,
             delayed: self.delayed.len(),
             dedup_keys: self.keys.len(),
+            schedules: self.schedules_stats(),
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
             durable: self.durable.as_ref().map(|d| {

@@ -114,6 +114,8 @@ pub struct Snapshot<'a> {
     pub delayed: usize,
     /// Deduplication keys held.
     pub dedup_keys: usize,
+    /// Each periodic job: name, cron, runs, missed, last_run, next_run.
+    pub schedules: serde_json::Value,
     /// Waited-for results that came after their waiter gave up (counted by the workers).
     pub late_wait_results: u64,
     /// Final replies kept for `result` queries.
@@ -167,6 +169,7 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "tasks_cancelled": c.tasks_cancelled,
         "duplicates": c.duplicates,
         "dedup_keys": s.dedup_keys,
+        "schedules": s.schedules,
         "task_queue_by_priority": {
             "high": s.jobs.queued_by_priority()[0],
             "normal": s.jobs.queued_by_priority()[1],
@@ -381,6 +384,25 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     );
     for (p, n) in crate::app::Priority::ALL.iter().zip(s.jobs.queued_by_priority()) {
         let _ = writeln!(out, "taskd_tasks_queued_by_priority{{priority=\"{}\"}} {n}", p.name());
+    }
+    let _ = writeln!(
+        out,
+        "# HELP taskd_schedule_runs_total Ticks of a periodic job run.\n# TYPE taskd_schedule_runs_total counter"
+    );
+    let schedules = s.schedules.as_array().map(Vec::as_slice).unwrap_or_default();
+    for e in schedules {
+        let _ = writeln!(out, "taskd_schedule_runs_total{{schedule={}}} {}", e["name"], e["runs"]);
+    }
+    for (metric, field, help) in [
+        ("schedule_last_run_timestamp_seconds", "last_run", "When a periodic job last ran (Unix time)."),
+        ("schedule_next_run_timestamp_seconds", "next_run", "When a periodic job runs next (Unix time)."),
+    ] {
+        let _ = writeln!(out, "# HELP taskd_{metric} {help}\n# TYPE taskd_{metric} gauge");
+        for e in schedules {
+            let t = e[field].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            let secs = t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
+            let _ = writeln!(out, "taskd_{metric}{{schedule={}}} {secs}", e["name"]);
+        }
     }
     let _ = writeln!(
         out,
