@@ -395,7 +395,13 @@ impl WorkerCtx<'_> {
     /// `{"event":"cancelled","task_id":N}` as the task's final line (and its `on_finish` is
     /// not called), or an `error` saying why it cannot be cancelled (running, ended, unknown).
     pub fn cancel(&mut self, session: SessionId, task_id: TaskId) {
-        ToClient::Cancel { session, task_id }.encode(self.out);
+        ToClient::Cancel { session, task_id, token: b"" }.encode(self.out);
+    }
+
+    /// Like [`WorkerCtx::cancel`], for the operator (`taskd cancel N`): any session's job, if
+    /// `token` is the one the daemon keeps beside its pid file. The session gets the answer.
+    pub fn cancel_as_operator(&mut self, session: SessionId, task_id: TaskId, token: &str) {
+        ToClient::Cancel { session, task_id, token: token.as_bytes() }.encode(self.out);
     }
 
     /// Like [`WorkerCtx::task_for`], run by the task process of slot `task_slot` (Swoole's

@@ -301,6 +301,13 @@ pub enum Command {
         #[command(flatten)]
         options: FlagOptions,
     },
+    /// Cancel job N if it has not started (its client gets "cancelled"); exit 0 if it was, 1 if not.
+    Cancel {
+        /// The job's task_id, as its `accepted` line gave it
+        task_id: u64,
+        #[command(flatten)]
+        options: FlagOptions,
+    },
     /// Run only a manager and task processes that take durable jobs from Redis (--redis-url):
     /// a second machine's share of the work.
     TaskNode {
@@ -342,6 +349,7 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
     ("stop", &["pid_file", "max_wait_time"], "it finds the running daemon through its pid file"),
     ("reload", &["pid_file"], "it finds the running daemon through its pid file"),
     ("status", &["pid_file"], "it finds the running daemon through its pid file"),
+    ("cancel", &["pid_file"], "it finds the running daemon through its pid file"),
     (
         "task-node",
         &[
@@ -428,6 +436,7 @@ impl Cli {
             Some(Command::Stop { options, .. })
             | Some(Command::Reload { options, .. })
             | Some(Command::Status { options })
+            | Some(Command::Cancel { options, .. })
             | Some(Command::TaskNode { options }) => Some(options),
             Some(Command::DeadLetter { action, options }) => {
                 flags.merge(options);
@@ -450,6 +459,7 @@ impl Cli {
             Command::Stop { .. } => "stop",
             Command::Reload { .. } => "reload",
             Command::Status { .. } => "status",
+            Command::Cancel { .. } => "cancel",
             Command::TaskNode { .. } => "task-node",
             Command::DeadLetter { .. } => "dead-letter",
         })

@@ -299,3 +299,39 @@ job = { type = "sms", to = "not a number" }"#,
         assert!(log.contains("invalid schedule") && log.contains(says), "{entry}: {log}");
     }
 }
+
+#[test]
+fn the_operator_cancels_any_connections_job_with_taskd_cancel_and_no_one_else_can() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("taskd.pid");
+    let pid_arg = pid_file.to_str().unwrap();
+    let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "1", "--pid-file", pid_arg]);
+    let token_file = dir.path().join("taskd.token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the operator token is for the daemon's user only");
+    let mut c = daemon.connect();
+    let job = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000}"#);
+    let id = job["task_id"].as_u64().unwrap();
+    // A wrong token cancels nothing.
+    let mut other = daemon.connect();
+    other.send(&format!(r#"{{"type":"cancel","task_id":{id},"token":"00"}}"#));
+    let refused = other.recv();
+    assert!(refused["error"].as_str().unwrap().contains("token"), "{refused}");
+    let taskd = env!("CARGO_BIN_EXE_taskd");
+    let run = |id: u64| {
+        common::run_with_timeout(
+            std::process::Command::new(taskd).args(["cancel", &id.to_string(), "--pid-file", pid_arg]),
+            common::DEADLINE,
+        )
+    };
+    let out = run(id);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("cancelled"), "{out:?}");
+    // Its own client gets its final line.
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": id}));
+    let again = run(id);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("has ended"), "{again:?}");
+    assert!(sent(&daemon, &job["task_id"]).is_empty());
+}

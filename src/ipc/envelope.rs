@@ -222,9 +222,10 @@ pub enum ToClient<'a> {
     QueryResult { session: u64, task_id: u64 },
     /// Write the server's statistics to this session as one JSON line.
     Stats { session: u64 },
-    /// Cancel task `task_id` for this session (which must have submitted it): the job's
-    /// `cancelled` line, or an error saying why it cannot be.
-    Cancel { session: u64, task_id: u64 },
+    /// Cancel task `task_id` for this session (which must have submitted it, unless it shows
+    /// the operator's `token`; empty: none): the job's `cancelled` line, or an error saying why
+    /// it cannot be.
+    Cancel { session: u64, task_id: u64, token: &'a [u8] },
 }
 
 impl ToClient<'_> {
@@ -692,8 +693,8 @@ impl<'a> ToClient<'a> {
                 Writer::begin(out, QUERY_RESULT).u64(session).u64(task_id).finish()
             }
             ToClient::Stats { session } => Writer::begin(out, STATS).u64(session).finish(),
-            ToClient::Cancel { session, task_id } => {
-                Writer::begin(out, CANCEL).u64(session).u64(task_id).finish()
+            ToClient::Cancel { session, task_id, token } => {
+                Writer::begin(out, CANCEL).u64(session).u64(task_id).rest(token).finish()
             }
         }
     }
@@ -710,7 +711,9 @@ impl<'a> ToClient<'a> {
             CLOSE_SESSION => ToClient::CloseSession { session: r.u64("session")? },
             QUERY_RESULT => ToClient::QueryResult { session: r.u64("session")?, task_id: r.u64("task id")? },
             STATS => ToClient::Stats { session: r.u64("session")? },
-            CANCEL => ToClient::Cancel { session: r.u64("session")?, task_id: r.u64("task id")? },
+            CANCEL => {
+                ToClient::Cancel { session: r.u64("session")?, task_id: r.u64("task id")?, token: r.rest() }
+            }
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -1096,7 +1099,12 @@ mod tests {
             dedup_ttl_ms: 60_000,
             key: b"order-42:receipt",
         });
-        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Cancel { session: 3, task_id: 9 }));
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Cancel { session: 3, task_id: 9, token: b"" }));
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Cancel {
+            session: 3,
+            task_id: 9,
+            token: b"00ff",
+        }));
         roundtrip::<ToClient>(ToClient::Send { session: 5, data: b"x" });
         roundtrip::<ToClient>(ToClient::CloseSession { session: 5 });
         roundtrip::<ToClient>(ToClient::QueryResult { session: 3, task_id: 1 << 33 });

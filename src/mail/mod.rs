@@ -596,7 +596,8 @@ impl Application for MailApp {
             }
             Ok(Request::Stats) => ctx.send_stats(session),
             Ok(Request::Result(task_id)) => ctx.send_result(session, task_id),
-            Ok(Request::Cancel(task_id)) => ctx.cancel(session, task_id),
+            Ok(Request::Cancel(task_id, None)) => ctx.cancel(session, task_id),
+            Ok(Request::Cancel(task_id, Some(token))) => ctx.cancel_as_operator(session, task_id, &token),
             // `email ADDRESS` or a bare address, when a handler overrides the type.
             Ok(Request::Job(job)) if self.handled.iter().any(|k| k == job.kind.name()) => {
                 match serde_json::to_value(&job) {

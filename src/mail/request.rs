@@ -112,8 +112,9 @@ pub enum Request {
     Stats,
     /// `{"type":"result","task_id":N}`: what became of a job submitted earlier.
     Result(u64),
-    /// `{"type":"cancel","task_id":N}`: take back a job of this connection not started yet.
-    Cancel(u64),
+    /// `{"type":"cancel","task_id":N}`: take back a job of this connection not started yet;
+    /// with `"token"` (`taskd cancel N`), any connection's.
+    Cancel(u64, Option<String>),
     /// A job of a type an external handler runs (`--handler`): the object as the client sent
     /// it, which only the handler reads.
     Handled {
@@ -215,7 +216,7 @@ fn parse_json(line: &str, limits: &FieldLimits, handled: &[String]) -> Result<Re
         None => Err("missing field \"type\": use \"email\", \"sms\" or \"batch\"".into()),
         Some(Value::String(t)) if t == "batch" => parse_batch(&obj, limits),
         Some(Value::String(t)) if t == "result" => parse_task_id(&obj, "a result query").map(Request::Result),
-        Some(Value::String(t)) if t == "cancel" => parse_task_id(&obj, "a cancel").map(Request::Cancel),
+        Some(Value::String(t)) if t == "cancel" => parse_cancel(obj),
         Some(Value::String(t)) if handled.contains(t) => Ok(Request::Handled { kind: t.clone(), job: obj }),
         Some(Value::String(t)) if !handled.is_empty() && t != "email" && t != "sms" => {
             let mut known: Vec<String> = ["email", "sms"].iter().map(|k| format!("{k:?}")).collect();
@@ -290,6 +291,16 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
         }
         Ok(Value::Object(obj))
     }
+}
+
+/// `{"type":"cancel","task_id":N}`, with the operator's `"token"` if `taskd cancel` sent it.
+fn parse_cancel(mut obj: Map<String, Value>) -> Result<Request, String> {
+    let token = match obj.remove("token") {
+        None => None,
+        Some(Value::String(t)) => Some(t),
+        Some(other) => return Err(format!("field \"token\" must be a string, not {}", type_name(&other))),
+    };
+    parse_task_id(&obj, "a cancel").map(|id| Request::Cancel(id, token))
 }
 
 /// The task id of a request that names one job (`result`, `cancel`: `what` it is).
@@ -820,6 +831,10 @@ mod tests {
             let e = err(line.as_bytes());
             assert!(e.contains(says), "{line}: {e}");
         }
-        assert_eq!(parse(br#"{"type":"cancel","task_id":42}"#), Ok(Request::Cancel(42)));
+        assert_eq!(parse(br#"{"type":"cancel","task_id":42}"#), Ok(Request::Cancel(42, None)));
+        assert_eq!(
+            parse(br#"{"type":"cancel","task_id":42,"token":"ab"}"#),
+            Ok(Request::Cancel(42, Some("ab".into())))
+        );
     }
 }

@@ -112,6 +112,8 @@ pub struct MasterSetup<'a> {
     pub tasks: Vec<SlotChannel>,
     /// Durable jobs: the queue, and what a previous run of this node left in it.
     pub durable: Option<(crate::durable::Durable, crate::durable::startup::Recovered)>,
+    /// The token of `taskd cancel N` (kept beside the pid file), if there is a pid file.
+    pub control_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +169,8 @@ pub struct Master<'a, A: Application> {
     keys: dedup::Keys,
     /// Periodic jobs (`[[schedule]]`).
     periodic: periodic::Periodic,
+    /// Who shows this token may cancel any job (`taskd cancel N`).
+    control_token: Option<String>,
     duplicates: Vec<(u64, u64, Option<Vec<u8>>)>,
     /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
     retry: crate::retry::Policy,
@@ -217,6 +221,7 @@ impl<'a, A: Application> Master<'a, A> {
             workers,
             tasks,
             durable,
+            control_token,
         } = setup;
         let local_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
@@ -286,6 +291,7 @@ impl<'a, A: Application> Master<'a, A> {
             pending_options: None,
             keys: dedup::Keys::default(),
             periodic: periodic::Periodic::new(&config.schedules),
+            control_token,
             duplicates: Vec::new(),
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),

@@ -111,7 +111,7 @@ impl<A: Application> Master<'_, A> {
                 }
             }
             ToClient::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
-            ToClient::Cancel { session, task_id } => self.cancel_job(Some(session), task_id),
+            ToClient::Cancel { session, task_id, token } => self.cancel_job(session, task_id, token),
             ToClient::Stats { session } => {
                 let line = self.stats_line();
                 self.send_to_session(session, &line);

@@ -44,6 +44,11 @@ pub fn due_at(run_at_ms: u64, wall: SystemTime, now: Instant) -> Option<Instant>
     now.checked_add(Duration::from_millis(ahead))
 }
 
+/// Whether two tokens are equal, in a time that does not tell how much of one matched.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A job's `cancelled` line.
 pub fn cancelled_line(task_id: u64) -> Vec<u8> {
     let mut line = serde_json::json!({"event": "cancelled", "task_id": task_id}).to_string().into_bytes();
@@ -155,17 +160,31 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    /// A client's `cancel`: the job's `cancelled` line answers it, or an `error` does.
-    pub(super) fn cancel_job(&mut self, session: Option<u64>, task_id: u64) {
-        if let Err(why) = self.cancel(session, task_id) {
-            if let Some(session) = session {
+    /// A client's `cancel` (the operator's, with its `token`): the job's `cancelled` line
+    /// answers it, or an `error` does.
+    pub(super) fn cancel_job(&mut self, session: u64, task_id: u64, token: &[u8]) {
+        let operator = !token.is_empty();
+        let answer = if !operator {
+            self.cancel(Some(session), task_id)
+        } else if self.control_token.as_deref().is_some_and(|t| same(t.as_bytes(), token)) {
+            self.cancel(None, task_id)
+        } else {
+            Err("the operator token does not match the one beside the pid file (taskd cancel reads it)"
+                .into())
+        };
+        let line = match answer {
+            // Its own client had the line; the operator's connection gets it too.
+            Ok(()) if operator => cancelled_line(task_id),
+            Ok(()) => return,
+            Err(why) => {
                 let mut line = serde_json::json!({"event": "error", "task_id": task_id, "error": why})
                     .to_string()
                     .into_bytes();
                 line.push(b'\n');
-                self.send_to_session(session, &line);
+                line
             }
-        }
+        };
+        self.send_to_session(session, &line);
     }
 }
 
