@@ -172,6 +172,11 @@ pub struct ServerConfig {
     /// file; None: one is generated at start, written 0600 next to the pid file (no pid file
     /// either: no dashboard).
     pub admin_token_file: Option<PathBuf>,
+    /// Periodic jobs (`[[schedule]]`): each tick, the master hands the entry's job to a
+    /// worker as a request from no client. Written apart at the end of the file (a TOML array
+    /// of tables must follow the plain keys).
+    #[serde(skip)]
+    pub schedules: Vec<crate::schedule::ScheduleSpec>,
 }
 
 impl Default for ServerConfig {
@@ -228,6 +233,7 @@ impl Default for ServerConfig {
             ws_handshake_max: 1024,
             ws_allow_origin: Vec::new(),
             admin_token_file: None,
+            schedules: Vec::new(),
         }
     }
 }
@@ -441,7 +447,7 @@ impl ServerConfig {
 
     /// Whether a job that takes `ms` milliseconds can finish within `task_timeout`: a job set
     /// to take longer would only be killed and run again until it fails. `option` names where
-    /// the time came from (`simulate_ms`, a job's `delay_ms`).
+    /// the time came from (`simulate_ms`, a job's own).
     pub fn check_run_time(&self, option: &'static str, ms: u64) -> Result<(), InvalidOption> {
         let Some(limit) = self.task_limit() else { return Ok(()) };
         check(
@@ -672,10 +678,10 @@ mod tests {
     fn a_job_may_not_be_set_to_run_longer_than_task_timeout() {
         let c = ServerConfig::default();
         assert_eq!(c.task_limit(), Some(Duration::from_secs(300)));
-        c.check_run_time("delay_ms", 300_000).unwrap();
-        let err = c.check_run_time("delay_ms", 300_001).unwrap_err();
+        c.check_run_time("simulate_ms", 300_000).unwrap();
+        let err = c.check_run_time("simulate_ms", 300_001).unwrap_err();
         assert!(err.to_string().contains("300001 ms is longer than task_timeout (300s)"), "{err}");
         let unlimited = ServerConfig { task_timeout: 0.0, ..Default::default() };
-        unlimited.check_run_time("delay_ms", u64::MAX).unwrap();
+        unlimited.check_run_time("simulate_ms", u64::MAX).unwrap();
     }
 }

@@ -55,6 +55,7 @@ pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod retry;
+pub mod schedule;
 pub mod shm;
 pub mod signals;
 pub mod supervisor;
@@ -207,6 +208,14 @@ pub fn run_notify<A: Application>(
         control::PidFile::write(path, pid, addr)
             .map_err(|e| StartError::Other(format!("cannot write the pid file: {e}")))?;
     }
+    // The operator's token for `taskd cancel N`, beside the pid file (none without one).
+    let control_token = match &config.pid_file {
+        Some(path) => Some(
+            control::write_token(path)
+                .map_err(|e| StartError::Other(format!("cannot write the operator token: {e}")))?,
+        ),
+        None => None,
+    };
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
     process::set_title("taskd: master");
@@ -223,6 +232,7 @@ pub fn run_notify<A: Application>(
         tasks,
         durable,
         admin_token,
+        control_token,
     };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
         master.spawn_bridge()?;

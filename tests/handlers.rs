@@ -116,7 +116,7 @@ fn a_handler_overrides_the_built_in_email() {
     // The built-in delivery did not run: it would have written to the outbox.
     assert!(daemon.outbox_lines().is_empty(), "{:?}", daemon.outbox_lines());
     // SMS is still built in.
-    let done = run(&mut client, r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    let done = run(&mut client, r#"{"type":"sms","to":"+15551234567","simulate_ms":0}"#);
     assert_eq!(done["result"], "SMS:+15551234567, sent", "{done}");
 }
 

@@ -246,7 +246,10 @@ impl<A: Application> Master<'_, A> {
                 state.hold(c);
                 true
             }
-            FromWorker::Client(_) | FromWorker::Group { .. } | FromWorker::Commit { .. } => false,
+            FromWorker::Client(_)
+            | FromWorker::Group { .. }
+            | FromWorker::TaskOptions { .. }
+            | FromWorker::Commit { .. } => false,
         }
     }
 

@@ -11,15 +11,18 @@ mod admin;
 mod clients;
 mod conn;
 mod dashboard;
+mod dedup;
 mod delayed;
 mod durable;
 mod jobs;
 mod lifecycle;
 mod listeners;
 mod metrics;
+mod periodic;
 mod pool;
 mod replay;
 mod results;
+mod schedule;
 mod slots;
 mod stats;
 mod ws;
@@ -113,6 +116,8 @@ pub struct MasterSetup<'a> {
     pub durable: Option<(crate::durable::Durable, crate::durable::startup::Recovered)>,
     /// The token of the operator's dashboard (with a WebSocket port only).
     pub admin_token: Option<crate::admin::AdminToken>,
+    /// The token of `taskd cancel N` (kept beside the pid file), if there is a pid file.
+    pub control_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,6 +166,16 @@ pub struct Master<'a, A: Application> {
     jobs: Jobs,
     /// Jobs that may not run yet (a delivery retry's back-off, a rate limit).
     delayed: delayed::Delayed,
+    /// The options of the next `Task` frame (its `run_at`, priority, key), sent just before it.
+    pending_options: Option<schedule::Options>,
+    /// Deduplication keys, and duplicates to tell once their worker's turn is committed, so
+    /// after their `accepted`: (session, the first job's id, its final line if it ended).
+    keys: dedup::Keys,
+    /// Periodic jobs (`[[schedule]]`).
+    periodic: periodic::Periodic,
+    /// Who shows this token may cancel any job (`taskd cancel N`).
+    control_token: Option<String>,
+    duplicates: Vec<(u64, u64, Option<Vec<u8>>)>,
     /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
     retry: crate::retry::Policy,
     rng: crate::retry::Rng,
@@ -214,6 +229,7 @@ impl<'a, A: Application> Master<'a, A> {
             tasks,
             durable,
             admin_token,
+            control_token,
         } = setup;
         match &admin_token {
             Some(t) => {
@@ -293,6 +309,11 @@ impl<'a, A: Application> Master<'a, A> {
             round_robin: 0,
             jobs: Jobs::default(),
             delayed: delayed::Delayed::default(),
+            pending_options: None,
+            keys: dedup::Keys::default(),
+            periodic: periodic::Periodic::new(&config.schedules),
+            control_token,
+            duplicates: Vec::new(),
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),
             dirty: Vec::new(),
@@ -439,6 +460,7 @@ impl<'a, A: Application> Master<'a, A> {
             .into_iter()
             .chain(self.jobs.next_deadline())
             .chain(self.delayed.next_deadline())
+            .chain(self.periodic.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
@@ -505,6 +527,7 @@ impl<'a, A: Application> Master<'a, A> {
         self.dashboard_tick();
         self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.release_delayed();
+        self.run_schedules();
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
@@ -593,6 +616,8 @@ impl<'a, A: Application> Master<'a, A> {
             tasks: &self.tasks,
             jobs: &self.jobs,
             delayed: self.delayed.len(),
+            dedup_keys: self.keys.len(),
+            schedules: self.schedules_stats(),
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
             durable: self.durable.as_ref().map(|d| {
