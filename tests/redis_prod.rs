@@ -12,7 +12,7 @@ use common::{Client, Daemon};
 use serde_json::Value;
 
 fn job(i: usize) -> String {
-    format!(r#"{{"type":"email","to":"user{i}@example.com","delay_ms":0}}"#)
+    format!(r#"{{"type":"email","to":"user{i}@example.com","simulate_ms":0}}"#)
 }
 
 /// Submits `n` jobs and reads every reply; panics unless each is accepted and then `done`.
