@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-5}"
-cargo build --release --bins --examples -q
+[ -n "${TASKD_BENCH_NO_BUILD:-}" ] || cargo build --release --bins --examples -q
 work="$(mktemp -d)"
 pids=()
 cleanup() {
