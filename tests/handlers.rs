@@ -218,3 +218,110 @@ fn a_handler_that_does_not_answer_within_task_timeout_dies_with_its_task_process
     let done = run(&mut client, r#"{"type":"echo"}"#);
     assert_ne!(done["result"]["pid"].as_u64(), Some(u64::from(pid)), "{done}");
 }
+
+// ----- examples/handlers and examples/clients -----
+
+/// `examples/…` from the crate's root, as the README runs them.
+fn example(path: &str) -> String {
+    format!("{}/examples/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Whether every tool is installed; if not, `cannot_run` says which (and the test returns).
+fn have(key: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| common::which(t).is_none()).collect();
+    if !missing.is_empty() {
+        common::cannot_run(key, &format!("{} not installed: the example needs it", missing.join(", ")));
+    }
+    missing.is_empty()
+}
+
+/// A daemon whose `wordcount` jobs run on the example handler `command`.
+fn wordcount_daemon(command: &str) -> Daemon {
+    let handler = format!("wordcount={command}");
+    Daemon::start(&["--worker-num", "1", "--task-worker-num", "2", "--handler", &handler])
+}
+
+/// Runs an example client (`tool examples/clients/FILE ADDR JOB`): its stdout, as JSON lines.
+fn run_client(tool: &str, file: &str, daemon: &Daemon, job: &str) -> Vec<Value> {
+    let out = common::run_with_timeout(
+        std::process::Command::new(tool)
+            .arg(example(&format!("clients/{file}")))
+            .arg(daemon.addr.to_string())
+            .arg(job),
+        common::DEADLINE,
+    );
+    assert!(out.status.success(), "{tool} {file}: {}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{file} printed {l:?}, not a reply: {e}")))
+        .collect()
+}
+
+/// The example handler of one language counts words and refuses a job without text for good;
+/// the client in the same language submits both and reads to the final reply.
+fn example_in(lang: &str, tool: &str, handler: &str, client: &str) {
+    let daemon = wordcount_daemon(&format!("{tool} {}", example(&format!("handlers/{handler}"))));
+    let replies = run_client(tool, client, &daemon, r#"{"type":"wordcount","text":"one two  three\nfour"}"#);
+    assert_eq!(replies.len(), 2, "accepted, then done: {replies:?}");
+    assert_eq!(
+        (&replies[0]["event"], &replies[0]["type"]),
+        (&"accepted".into(), &"wordcount".into()),
+        "{replies:?}"
+    );
+    let done = &replies[1];
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["task_id"], replies[0]["task_id"], "{done}");
+    assert_eq!(done["result"], serde_json::json!({"words": 4, "by": lang}), "{done}");
+
+    let replies = run_client(tool, client, &daemon, r#"{"type":"wordcount","text":7}"#);
+    let failed = replies.last().unwrap();
+    assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(1)), "{replies:?}");
+    assert_eq!(failed["error"], "handler: the job needs a \"text\" string", "{failed}");
+}
+
+#[test]
+fn the_python_example_handler_and_client() {
+    if have("python", &["python3"]) {
+        example_in("python", "python3", "wordcount.py", "submit.py");
+    }
+}
+
+#[test]
+fn the_php_example_handler_and_client() {
+    if have("php", &["php"]) {
+        example_in("php", "php", "wordcount.php", "submit.php");
+    }
+}
+
+#[test]
+fn the_node_example_handler_and_client() {
+    if have("node", &["node"]) {
+        example_in("node", "node", "wordcount.js", "submit.js");
+    }
+}
+
+#[test]
+fn the_shell_example_handler() {
+    if !have("jq", &["sh", "jq", "wc"]) {
+        return;
+    }
+    let daemon = wordcount_daemon(&format!("sh {}", example("handlers/wordcount.sh")));
+    let mut client = daemon.connect();
+    let done = run(&mut client, r#"{"type":"wordcount","text":"it's a \"quoted\"\ttext"}"#);
+    assert_eq!(done["result"], serde_json::json!({"words": 4, "by": "sh"}), "{done}");
+    let failed = run(&mut client, r#"{"type":"wordcount"}"#);
+    assert_eq!(failed["error"], "handler: the job needs a \"text\" string", "{failed}");
+}
+
+#[test]
+fn the_readme_shows_the_example_clients_as_they_are() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (lang, file) in [("python", "submit.py"), ("php", "submit.php"), ("js", "submit.js")] {
+        let link = format!("(examples/clients/{file})):\n\n```{lang}\n");
+        let start = readme.find(&link).unwrap_or_else(|| panic!("the README shows {file} after its link"))
+            + link.len();
+        let block = &readme[start..start + readme[start..].find("```").unwrap()];
+        let source = std::fs::read_to_string(example(&format!("clients/{file}"))).unwrap();
+        assert!(source.contains(block), "the README's {file} is not the example's code:\n{block}");
+    }
+}
