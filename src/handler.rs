@@ -9,8 +9,8 @@
 //! for `task_timeout`, or stopped, takes its handler with it, and the job's retry (the
 //! master's, as for any task process that dies) runs on a fresh one.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
@@ -123,10 +123,16 @@ pub enum Outcome {
 /// One handler process and its pipes.
 struct Running {
     child: Child,
-    stdin: ChildStdin,
+    /// Buffered: the jobs written ahead go out together, when the task process waits for an
+    /// answer (one write, and one wake-up of the handler, for a burst of jobs).
+    stdin: BufWriter<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     /// Jobs it has answered, for `handler_max_jobs`.
     jobs: u64,
+    /// Jobs written ahead ([`Handlers::send_ahead`]) whose answers are not read yet, in order,
+    /// with the length of each line, and their sum.
+    ahead: VecDeque<(u64, usize)>,
+    ahead_bytes: usize,
 }
 
 impl Running {
@@ -136,7 +142,8 @@ impl Running {
 
     /// Kills and reaps it. Only between jobs or after a fault: nothing it holds is lost.
     fn stop(mut self) {
-        drop(self.stdin);
+        // Without flushing what is buffered: it may not read any more.
+        drop(self.stdin.into_parts().0);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -171,8 +178,40 @@ impl Handlers {
         self.commands.contains_key(kind)
     }
 
+    /// Writes a job that `run` follows for soon (in the order of these calls) to its running
+    /// handler now, so that the handler goes from one job to the next without waiting for
+    /// the task process. Not past `handler_max_jobs`: a job written ahead runs on this handler.
+    /// If the handler dies or is replaced first, `run` writes the job again to its successor
+    /// (the job may then have run twice, as after any death mid-job).
+    pub fn send_ahead(&mut self, kind: &str, task_id: u64, attempt: u32, job: &Value) {
+        let Some(running) = self.running.get_mut(kind) else { return };
+        let room = self.max_jobs == 0 || running.jobs + (running.ahead.len() as u64) + 1 < self.max_jobs;
+        let line = job_line(task_id, attempt, job);
+        // Bytes ahead stay below what a pipe holds: a write never waits for a handler that
+        // is itself waiting for the task process to read its answers.
+        if room && running.ahead_bytes + line.len() <= AHEAD_BYTES && running.stdin.write_all(&line).is_ok() {
+            running.ahead.push_back((task_id, line.len()));
+            running.ahead_bytes += line.len();
+        }
+    }
+
     /// Runs one job on the handler of its type, starting the handler if need be.
     pub fn run(&mut self, kind: &str, task_id: u64, attempt: u32, job: &Value) -> Outcome {
+        // Jobs written ahead are answered in order: one run out of that order (the master
+        // sent it elsewhere) would read another job's answer. A new handler then.
+        let out_of_order = self
+            .running
+            .get(kind)
+            .is_some_and(|r| r.ahead.front().is_some_and(|&(first, _)| first != task_id));
+        if out_of_order {
+            if let Some(running) = self.running.remove(kind) {
+                tracing::info!(
+                    "handler {kind} (pid {}) replaced: jobs written ahead ran elsewhere",
+                    running.pid()
+                );
+                running.stop();
+            }
+        }
         let Some(argv) = self.commands.get(kind) else {
             return Outcome::Failed(format!("no handler for type {kind:?}"));
         };
@@ -221,12 +260,28 @@ impl Handlers {
 /// How a reason given by the handler itself starts (its `"error"`), as opposed to a fault.
 const HANDLER_SAID: &str = "handler: ";
 
-/// Writes the job line and reads the answer line.
+/// Most bytes of jobs written ahead and not answered: half of a pipe's default capacity.
+const AHEAD_BYTES: usize = 32 * 1024;
+
+/// A job's line to its handler.
+fn job_line(task_id: u64, attempt: u32, job: &Value) -> Vec<u8> {
+    let mut line = json!({"task_id": task_id, "attempt": attempt, "job": job}).to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
+/// Writes the job line (unless it was written ahead) and reads the answer line.
 fn exchange(kind: &str, running: &mut Running, task_id: u64, attempt: u32, job: &Value) -> Outcome {
     let pid = running.pid();
-    let mut line = json!({"task_id": task_id, "attempt": attempt, "job": job}).to_string();
-    line.push('\n');
-    if let Err(e) = running.stdin.write_all(line.as_bytes()).and_then(|()| running.stdin.flush()) {
+    let sent = match running.ahead.front() {
+        Some(&(first, len)) if first == task_id => {
+            running.ahead.pop_front();
+            running.ahead_bytes -= len;
+            Ok(())
+        }
+        _ => running.stdin.write_all(&job_line(task_id, attempt, job)),
+    };
+    if let Err(e) = sent.and_then(|()| running.stdin.flush()) {
         return Outcome::Again(format!("the handler of {kind} (pid {pid}) cannot take the job: {e}"));
     }
     let mut answer = Vec::new();
@@ -352,7 +407,14 @@ fn spawn(kind: &str, argv: &[String]) -> io::Result<Running> {
         let _ = child.wait();
         return Err(io::Error::other(format!("cannot start the thread that logs its stderr: {e}")));
     }
-    Ok(Running { child, stdin, stdout: BufReader::new(stdout), jobs: 0 })
+    Ok(Running {
+        child,
+        stdin: BufWriter::new(stdin),
+        stdout: BufReader::new(stdout),
+        jobs: 0,
+        ahead: VecDeque::new(),
+        ahead_bytes: 0,
+    })
 }
 
 #[cfg(test)]
@@ -417,5 +479,34 @@ mod tests {
             Outcome::Failed(why) => assert!(why.contains("cannot start"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn jobs_written_ahead_are_answered_in_order() {
+        let script = "while read line; do id=${line#*\\\"task_id\\\":}; id=${id%%,*}; \
+                      echo \"{\\\"task_id\\\":$id,\\\"result\\\":$id}\"; done";
+        let config = BTreeMap::from([("echo".to_string(), format!("sh -c '{script}'"))]);
+        let mut handlers = Handlers::new(&config, 0);
+        let job = json!({"type": "echo"});
+        assert_eq!(handlers.run("echo", 1, 1, &job), Outcome::Done(json!(1)));
+        for id in 2..=5 {
+            handlers.send_ahead("echo", id, 1, &job);
+        }
+        assert_eq!(handlers.running["echo"].ahead.len(), 4);
+        for id in 2..=5 {
+            assert_eq!(handlers.run("echo", id, 1, &job), Outcome::Done(json!(id)));
+        }
+        // Run out of the order written: a new handler, and each job gets its own answer.
+        handlers.send_ahead("echo", 6, 1, &job);
+        handlers.send_ahead("echo", 7, 1, &job);
+        assert_eq!(handlers.run("echo", 7, 1, &job), Outcome::Done(json!(7)));
+        assert_eq!(handlers.run("echo", 6, 1, &job), Outcome::Done(json!(6)));
+        // handler_max_jobs bounds what is written ahead: the rest is written when it runs.
+        let mut handlers = Handlers::new(&config, 3);
+        assert_eq!(handlers.run("echo", 1, 1, &job), Outcome::Done(json!(1)));
+        for id in 2..=5 {
+            handlers.send_ahead("echo", id, 1, &job);
+        }
+        assert_eq!(handlers.running["echo"].ahead.len(), 1, "one more before the third job ends it");
     }
 }

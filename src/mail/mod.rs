@@ -598,6 +598,19 @@ impl Application for MailApp {
         self.deliver(ctx, task)
     }
 
+    /// A handler's job waiting behind the one about to run is written to its handler now.
+    fn on_task_ahead(&mut self, task: &Task<'_>) {
+        if self.handlers.is_empty() {
+            return;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(task.data) else { return };
+        if let Some(kind) = value.get("type").and_then(serde_json::Value::as_str) {
+            if self.handlers.handles(kind) {
+                self.handlers.send_ahead(kind, task.id, task.attempt, &value);
+            }
+        }
+    }
+
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {
         let Some(session) = finished.session else { return };
         let context: Context = match serde_json::from_slice(finished.context) {
