@@ -157,6 +157,13 @@ pub struct ServerConfig {
     /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
     /// own (`*`: any). A browser always sends `Origin`; other clients need not.
     pub ws_allow_origin: Vec<String>,
+    /// Durable jobs: the job types with a lane of their own (`{q}:jobs:TYPE`), which the
+    /// application names (a handler's type, or one queued for other nodes), not an option.
+    #[serde(skip)]
+    pub job_lanes: Vec<String>,
+    /// Of those, the ones this node runs: its consumers read their lanes.
+    #[serde(skip)]
+    pub run_lanes: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -208,6 +215,8 @@ impl Default for ServerConfig {
             metrics_max_conn: 16,
             ws_handshake_max: 1024,
             ws_allow_origin: Vec::new(),
+            job_lanes: Vec::new(),
+            run_lanes: Vec::new(),
         }
     }
 }

@@ -325,3 +325,116 @@ fn the_readme_shows_the_example_clients_as_they_are() {
         assert!(source.contains(block), "the README's {file} is not the example's code:\n{block}");
     }
 }
+
+// ----- durable jobs (--redis-url, taskd task-node) -----
+
+/// A handler that asks for a retry on a job's first attempt and answers on the next; it
+/// appends one line per run to the file named by the job's `"runs"`.
+const FLAKY: &str = r#"
+import json, os, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    job = msg["job"]
+    with open(job["runs"], "a") as f:
+        f.write(f"{msg['task_id']} {msg['attempt']}\n")
+    if msg["attempt"] == 1:
+        print(json.dumps({"task_id": msg["task_id"], "error": "try later", "retry": True}), flush=True)
+    else:
+        print(json.dumps({"task_id": msg["task_id"], "result": {"pid": os.getpid(), "attempt": msg["attempt"]}}), flush=True)
+"#;
+
+#[test]
+fn a_durable_handler_job_that_asks_for_a_retry_runs_twice_in_its_lane_and_ends_done() {
+    let Some(scripts) = scripts() else { return };
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let flaky = scripts.python.with_file_name("flaky.py");
+    std::fs::write(&flaky, FLAKY).unwrap();
+    let runs = scripts.python.with_file_name("runs.txt");
+    let handler = format!("flaky=python3 {}", flaky.display());
+    let daemon = Daemon::start(&[
+        "--redis-url",
+        &redis.url,
+        "--node-id",
+        "web",
+        "--task-worker-num",
+        "1",
+        "--handler",
+        &handler,
+        "--retry-base-ms",
+        "10",
+        "--retry-cap-ms",
+        "50",
+    ]);
+    let mut client = daemon.connect();
+    let line = serde_json::json!({"type": "flaky", "runs": runs}).to_string();
+    let accepted = client.submit(&line);
+    let mut others = Vec::new();
+    let done = client.final_reply(&accepted["task_id"], &mut others);
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!((done["attempts"].as_u64(), done["result"]["attempt"].as_u64()), (Some(2), Some(2)), "{done}");
+    assert!(others.iter().any(|v| v["event"] == "retrying"), "a retrying notice first: {others:?}");
+    let id = accepted["task_id"].as_u64().unwrap();
+    let ran = std::fs::read_to_string(&runs).unwrap();
+    assert_eq!(ran, format!("{id} 1\n{id} 2\n"), "exactly two runs");
+    // It went through its lane, parked and back, and nothing is left anywhere.
+    common::wait_for("the lane and the delayed set to empty", || {
+        let left = redis.xlen("{taskd}:jobs:flaky") + redis.query::<u64>(&["ZCARD", "{taskd}:delayed"]);
+        (left == 0).then_some(())
+    });
+    // Added to its lane by the web node, and again when its retry was due: never to the main
+    // stream, which every node reads.
+    let added = |key: &str| -> i64 {
+        let info: std::collections::HashMap<String, redis::Value> = redis.query(&["XINFO", "STREAM", key]);
+        match info.get("entries-added") {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("XINFO STREAM {key}: entries-added {other:?}"),
+        }
+    };
+    assert_eq!((added("{taskd}:jobs:flaky"), added("{taskd}:jobs")), (2, 0));
+    assert_eq!(redis.xlen("{taskd}:dead"), 0);
+}
+
+#[test]
+fn a_type_no_node_runs_stays_queued_in_its_lane_until_a_task_node_with_its_handler_comes() {
+    let Some(scripts) = scripts() else { return };
+    let Some(redis) = common::durable::Redis::start() else { return };
+    // The web node accepts `echo` jobs but runs none; a task node without the handler runs email only.
+    let daemon = Daemon::start(&[
+        "--redis-url",
+        &redis.url,
+        "--node-id",
+        "web",
+        "--task-worker-num",
+        "1",
+        "--queue-types",
+        "echo",
+    ]);
+    let plain = common::durable::TaskNode::start(&redis, "plain", &["--task-worker-num", "1"]);
+    let mut client = daemon.connect();
+    let echo = client.submit(r#"{"type":"echo","n":1}"#);
+    // An email submitted after it is done: the consumers run, and leave the echo job alone.
+    let mail = client.submit(r#"{"type":"email","to":"a@example.com","delay_ms":0}"#);
+    let mut others = Vec::new();
+    let done = client.final_reply(&mail["task_id"], &mut others);
+    assert_eq!(done["event"], "done", "{done}");
+    assert!(others.iter().all(|v| v["task_id"] != echo["task_id"]), "{others:?}");
+    assert_eq!(redis.xlen("{taskd}:jobs:echo"), 1, "queued in its lane");
+    assert_eq!(redis.xlen("{taskd}:dead"), 0, "not dead-lettered");
+    common::wait_for("stats to show the queued job in its lane", || {
+        client.send("stats");
+        (client.recv()["durable"]["lanes"]["echo"] == 1).then_some(())
+    });
+    drop(plain);
+    // A node that can run it takes it.
+    let handler = format!("echo=python3 {}", scripts.python.display());
+    let runner = common::durable::TaskNode::start(
+        &redis,
+        "runner",
+        &["--task-worker-num", "1", "--handler", &handler],
+    );
+    let done = client.final_reply(&echo["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["result"]["job"]["n"], 1, "{done}");
+    assert!(runner.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
+    common::wait_for("the lane to empty", || (redis.xlen("{taskd}:jobs:echo") == 0).then_some(()));
+}

@@ -317,6 +317,9 @@ pub enum FromBridge<'a> {
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
+    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…}}` (the main stream and
+    /// each lane this node routes to), read every second or so, for `stats`.
+    Depths { json: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -372,6 +375,7 @@ mod kind {
     pub const RENEW_LEASE: u8 = 46;
     pub const LEASE: u8 = 47;
     pub const REPLY_RETRYING: u8 = 48;
+    pub const QUEUE_DEPTHS: u8 = 80;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -927,6 +931,7 @@ impl<'a> FromBridge<'a> {
             FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
             FromBridge::Reply(ref reply) => reply.encode(out),
             FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
+            FromBridge::Depths { json } => Writer::begin(out, QUEUE_DEPTHS).rest(json).finish(),
         }
     }
 
@@ -949,6 +954,7 @@ impl<'a> FromBridge<'a> {
                     result: r.rest(),
                 }),
                 LEASE => FromBridge::Lease { holder: r.rest() },
+                QUEUE_DEPTHS => FromBridge::Depths { json: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
