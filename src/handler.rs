@@ -13,6 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -22,6 +23,14 @@ pub const MAX_TYPE_LEN: usize = 32;
 pub const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// Longest stderr line logged as one line; a longer one is cut into pieces.
 const MAX_LOG_LINE: u64 = 4096;
+/// A handler that fails (dies, or answers wrongly) this soon after its start is started again
+/// only after a wait that doubles with each such failure in a row, from `RESTART_MIN` to
+/// `RESTART_MAX` (as the pool restarts a process that dies at start): a handler that crashes
+/// on start cannot turn each job into a fork. One that answered, or lived longer, starts over.
+const QUICK_FAILURE: Duration = Duration::from_secs(1);
+const RESTART_MIN: Duration = Duration::from_millis(50);
+const RESTART_MAX: Duration = Duration::from_secs(2);
+
 /// Types the request parser keeps for itself.
 const RESERVED: &[&str] = &["batch", "result", "stats"];
 
@@ -129,6 +138,7 @@ struct Running {
     stdout: BufReader<ChildStdout>,
     /// Jobs it has answered, for `handler_max_jobs`.
     jobs: u64,
+    started: Instant,
     /// Jobs written ahead ([`Handlers::send_ahead`]) whose answers are not read yet, in order,
     /// with the length of each line, and their sum.
     ahead: VecDeque<(u64, usize)>,
@@ -158,6 +168,8 @@ pub struct Handlers {
     /// then each of their jobs fails with it (the start is still tried each time: a program
     /// installed later is found, and a failed exec costs one fork, not a loop).
     unstartable: HashMap<String, String>,
+    /// Handlers of each type that failed soon after their start, in a row (see `QUICK_FAILURE`).
+    quick_failures: HashMap<String, u32>,
 }
 
 impl Handlers {
@@ -167,7 +179,13 @@ impl Handlers {
             .iter()
             .filter_map(|(kind, command)| split_command(command).ok().map(|argv| (kind.clone(), argv)))
             .collect();
-        Handlers { commands, max_jobs, running: HashMap::new(), unstartable: HashMap::new() }
+        Handlers {
+            commands,
+            max_jobs,
+            running: HashMap::new(),
+            unstartable: HashMap::new(),
+            quick_failures: HashMap::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -216,6 +234,15 @@ impl Handlers {
             return Outcome::Failed(format!("no handler for type {kind:?}"));
         };
         if !self.running.contains_key(kind) {
+            if let Some(wait) = self.quick_failures.get(kind).map(|&n| restart_wait(n)) {
+                tracing::warn!(
+                    "handler {kind} failed within {}s of its start {} time(s) in a row; starting it again in {} ms",
+                    QUICK_FAILURE.as_secs(),
+                    self.quick_failures[kind],
+                    wait.as_millis()
+                );
+                std::thread::sleep(wait);
+            }
             match spawn(kind, argv) {
                 Ok(running) => {
                     self.unstartable.remove(kind);
@@ -242,8 +269,18 @@ impl Handlers {
             // An answer `{"error":…}` for this job: the handler is fine.
             Outcome::Failed(why) | Outcome::Again(why) => why.starts_with(HANDLER_SAID),
         };
+        if healthy {
+            self.quick_failures.remove(kind);
+        }
         if recycle || !healthy {
             if let Some(running) = self.running.remove(kind) {
+                if !healthy {
+                    if running.started.elapsed() < QUICK_FAILURE {
+                        *self.quick_failures.entry(kind.to_string()).or_default() += 1;
+                    } else {
+                        self.quick_failures.remove(kind);
+                    }
+                }
                 let (pid, jobs) = (running.pid(), running.jobs);
                 if healthy {
                     tracing::info!(
@@ -255,6 +292,11 @@ impl Handlers {
         }
         outcome
     }
+}
+
+/// The wait before starting a handler again after `n` quick failures in a row.
+fn restart_wait(n: u32) -> Duration {
+    RESTART_MIN.saturating_mul(1 << n.saturating_sub(1).min(16)).min(RESTART_MAX)
 }
 
 /// How a reason given by the handler itself starts (its `"error"`), as opposed to a fault.
@@ -412,6 +454,7 @@ fn spawn(kind: &str, argv: &[String]) -> io::Result<Running> {
         stdin: BufWriter::new(stdin),
         stdout: BufReader::new(stdout),
         jobs: 0,
+        started: Instant::now(),
         ahead: VecDeque::new(),
         ahead_bytes: 0,
     })
@@ -479,6 +522,12 @@ mod tests {
             Outcome::Failed(why) => assert!(why.contains("cannot start"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_handler_failing_at_start_waits_longer_each_time() {
+        let ms = |n| restart_wait(n).as_millis();
+        assert_eq!([ms(1), ms(2), ms(3), ms(6), ms(40)], [50, 100, 200, 1600, 2000]);
     }
 
     #[test]

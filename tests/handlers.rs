@@ -162,6 +162,27 @@ fn a_wrong_answer_fails_the_job_with_the_reason_and_restarts_the_handler() {
 }
 
 #[test]
+fn a_handler_that_fails_at_start_is_started_again_after_a_growing_wait() {
+    let Some(scripts) = scripts() else { return };
+    let crash = "crash=sh -c 'read line; exit 3'";
+    let retries = ["--delivery-retry-max", "3", "--retry-base-ms", "1", "--retry-cap-ms", "5"];
+    let daemon = start(&scripts, &[&["--handler", crash][..], &retries[..]].concat());
+    let mut client = daemon.connect();
+    let failed = run(&mut client, r#"{"type":"crash"}"#);
+    assert_eq!((&failed["event"], failed["attempts"].as_u64()), (&"failed".into(), Some(4)), "{failed}");
+    let log = daemon.log();
+    let waits: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("handler crash failed within 1s of its start"))
+        .filter_map(|l| l.rsplit("starting it again in ").next())
+        .collect();
+    assert_eq!(waits, ["50 ms", "100 ms", "200 ms"], "{log}");
+    // A handler that answers starts over: the other type was never held back.
+    assert_eq!(run(&mut client, r#"{"type":"echo"}"#)["event"], "done");
+    assert!(!log.contains("handler echo failed within"), "{log}");
+}
+
+#[test]
 fn retry_false_fails_at_once() {
     let Some(scripts) = scripts() else { return };
     let daemon = start(&scripts, &[]);
