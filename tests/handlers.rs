@@ -116,7 +116,7 @@ fn a_handler_overrides_the_built_in_email() {
     // The built-in delivery did not run: it would have written to the outbox.
     assert!(daemon.outbox_lines().is_empty(), "{:?}", daemon.outbox_lines());
     // SMS is still built in.
-    let done = run(&mut client, r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    let done = run(&mut client, r#"{"type":"sms","to":"+15551234567","simulate_ms":0}"#);
     assert_eq!(done["result"], "SMS:+15551234567, sent", "{done}");
 }
 
@@ -434,7 +434,7 @@ fn a_type_no_node_runs_stays_queued_in_its_lane_until_a_task_node_with_its_handl
     let mut client = daemon.connect();
     let echo = client.submit(r#"{"type":"echo","n":1}"#);
     // An email submitted after it is done: the consumers run, and leave the echo job alone.
-    let mail = client.submit(r#"{"type":"email","to":"a@example.com","delay_ms":0}"#);
+    let mail = client.submit(r#"{"type":"email","to":"a@example.com","simulate_ms":0}"#);
     let mut others = Vec::new();
     let done = client.final_reply(&mail["task_id"], &mut others);
     assert_eq!(done["event"], "done", "{done}");

@@ -377,7 +377,16 @@ impl Consumer<'_> {
             // No reply limit: this connection blocks in XREADGROUP.
             let mut conn = redis_io::connect(&self.d.url, None)?;
             let name = format!("{CLIENT_PREFIX}{}", self.me);
-            let _: () = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn)?;
+            // The name tells the sweeps that this consumer lives. A user whose ACL forbids
+            // CLIENT goes on unnamed (the master warned at start): then no sweep deletes
+            // consumers, as it cannot tell the live ones.
+            let named: redis::RedisResult<()> =
+                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn);
+            if let Err(e) = named {
+                if is_connection_error(&e) {
+                    return Err(e);
+                }
+            }
             for stream in self.d.streams() {
                 ensure_group_of(&mut conn, &stream)?;
             }

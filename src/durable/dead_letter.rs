@@ -97,12 +97,7 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<Replayed, String> {
         job.replays += 1;
         // An operator's replay is a fresh chance: its delivery retries start again.
         job.retries = 0;
-        // Back into the lane it came from (`ln`, a handler's type), else the main stream.
-        let lane = e
-            .get("ln")
-            .and_then(|l| std::str::from_utf8(l).ok())
-            .filter(|l| crate::handler::check_type(l).is_ok());
-        let stream = lane.map_or_else(|| d.keys.jobs.clone(), |l| d.keys.lane(l));
+        let stream = d.replay_stream(&e);
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&stream).arg("*");
         job.add(&mut cmd);

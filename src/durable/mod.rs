@@ -20,6 +20,7 @@
 //!
 //! Without `--redis-url`, none of this runs: the master keeps its jobs in memory.
 
+pub mod admin;
 pub mod bridge;
 pub mod consumer;
 pub mod dead_letter;
@@ -59,6 +60,8 @@ pub struct Durable {
     pub routes: Vec<String>,
     /// The lanes this node's consumers read besides the main stream: the types it can run.
     pub lanes: Vec<String>,
+    /// `redis_wait_replicas`: replicas that must have a batch before it is acknowledged.
+    pub wait_replicas: u32,
 }
 
 impl Durable {
@@ -80,6 +83,7 @@ impl Durable {
             retry: crate::retry::Policy::from_config(config),
             routes: config.job_lanes.clone(),
             lanes: config.run_lanes.clone(),
+            wait_replicas: config.redis_wait_replicas,
         })
     }
 
@@ -104,6 +108,16 @@ impl Durable {
             }
         }
         self.keys.jobs.clone()
+    }
+
+    /// Where a dead letter replayed goes: back into the lane it came from (its field `ln`, a
+    /// handler's type), else the main stream.
+    pub fn replay_stream(&self, dead: &redis_io::StreamEntry) -> String {
+        let lane = dead.get("ln").and_then(|l| std::str::from_utf8(l).ok());
+        match lane.filter(|l| crate::handler::check_type(l).is_ok()) {
+            Some(lane) => self.keys.lane(lane),
+            None => self.keys.jobs.clone(),
+        }
     }
 
     /// The type of a lane's stream key (None for the main stream).

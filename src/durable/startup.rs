@@ -208,16 +208,42 @@ pub fn ensure_group_of(conn: &mut Connection, stream: &str) -> redis::RedisResul
     }
 }
 
-/// What could lose or evict acknowledged jobs, in the server's settings.
+/// What could lose or evict acknowledged jobs, in the server's settings; and what taskd does
+/// without the commands an ACL user may lack (CONFIG, CLIENT).
 pub fn check_server(conn: &mut Connection) -> Vec<String> {
+    let mut warnings = Vec::new();
+    // CLIENT LIST of the pub/sub clients: the same right as of all (client|list), at no cost.
+    let listed: redis::RedisResult<Value> =
+        redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub").query(conn);
+    if let Err(e) = listed {
+        warnings.push(format!(
+            "this Redis user may not run CLIENT LIST or CLIENT SETNAME ({}): consumers' connections \
+             go unnamed and the consumers of dead task processes are left in the group rather than \
+             deleted (they hold no job; XINFO CONSUMERS lists them; allow +client|setname \
+             +client|list to have them deleted)",
+            redis_io::describe(&e)
+        ));
+    }
+    let mut refused = None;
     let mut get = |name: &str| -> Option<String> {
-        let v: Value = redis::cmd("CONFIG").arg("GET").arg(name).query(conn).ok()?;
-        as_array(v).into_iter().nth(1).map(as_text)
+        let v: redis::RedisResult<Value> = redis::cmd("CONFIG").arg("GET").arg(name).query(conn);
+        match v {
+            Ok(v) => as_array(v).into_iter().nth(1).map(as_text),
+            Err(e) => {
+                refused.get_or_insert_with(|| redis_io::describe(&e));
+                None
+            }
+        }
     };
     let (Some(aof), Some(fsync), Some(policy)) =
         (get("appendonly"), get("appendfsync"), get("maxmemory-policy"))
     else {
-        return vec!["cannot read Redis's settings (CONFIG GET refused): durability of jobs unchecked".into()];
+        warnings.push(format!(
+            "cannot read Redis's settings (CONFIG GET refused: {}): durability of jobs unchecked; \
+             make sure the server runs with appendonly yes and maxmemory-policy noeviction",
+            refused.unwrap_or_default()
+        ));
+        return warnings;
     };
     let mut warnings = Vec::new();
     if aof != "yes" {

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{
-    Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, WorkerCtx,
+    Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, TaskOptions,
+    WorkerCtx,
 };
 use crate::delivery::outbox::Outbox;
 use crate::delivery::rate::{Channel, Limiter, Rate};
@@ -31,7 +32,7 @@ use request::{Job, Kind, Request};
 /// Options of the email/SMS application.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailConfig {
-    /// How long a simulated delivery takes, unless a job says otherwise (`delay_ms`).
+    /// How long a simulated delivery takes, unless a job says otherwise (its `simulate_ms`).
     pub simulate_ms: u64,
     /// Where delivered messages are appended, one JSON line each.
     pub outbox: PathBuf,
@@ -39,6 +40,9 @@ pub struct MailConfig {
     pub batch_timeout_ms: u64,
     /// Longest email body in bytes: a job's payload is held in the master until it is done.
     pub email_body_max: usize,
+    /// How long a job's deduplication `key` stays taken after the job ended.
+    #[serde(default = "default_dedup_ttl_ms")]
+    pub dedup_ttl_ms: u64,
     /// Jobs a handler runs before its task process replaces it (0: no limit), as
     /// `task_max_request` does for task processes: a handler that leaks is bounded.
     #[serde(default)]
@@ -96,6 +100,7 @@ impl Default for MailConfig {
             batch_timeout_ms: 30_000,
             email_body_max: request::FieldLimits::default().email_body_max,
             handler_max_jobs: 0,
+            dedup_ttl_ms: default_dedup_ttl_ms(),
             sms_url: None,
             sms_preset: Preset::default(),
             sms_from: None,
@@ -111,6 +116,10 @@ impl Default for MailConfig {
             handlers: BTreeMap::new(),
         }
     }
+}
+
+fn default_dedup_ttl_ms() -> u64 {
+    3_600_000
 }
 
 fn default_sms_connect_timeout_ms() -> u64 {
@@ -185,6 +194,9 @@ struct Accepted<'a> {
     kind: &'a str,
     to: &'a str,
     worker_pid: u32,
+    /// When it runs, for a job scheduled ahead (RFC 3339, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -216,7 +228,7 @@ pub struct MailApp {
     smtp: Option<SmtpSettings>,
     email: Option<Smtp>,
     pid: u32,
-    /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
+    /// The server's `task_timeout`: no job may ask for a longer delivery (`simulate_ms`).
     run_limit: Option<Duration>,
     /// Task data comes only from this node's own workers, which validated it (no Redis): not
     /// checked again per job. False by default: a task node's jobs come from Redis.
@@ -330,7 +342,7 @@ impl MailApp {
         result.into_bytes()
     }
 
-    /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
+    /// Refuses jobs whose `simulate_ms` is longer than `limit` (the server's `task_timeout`).
     pub fn with_run_limit(mut self, limit: Option<Duration>) -> Self {
         self.run_limit = limit;
         self
@@ -389,16 +401,23 @@ impl MailApp {
         let (Ok(context), Ok(data)) = (serde_json::to_vec(&context), serde_json::to_vec(job)) else {
             return Self::error(ctx, session, "internal error: cannot encode the job");
         };
+        let options = TaskOptions {
+            run_at: job.run_at_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+            priority: job.priority,
+            key: job.key.clone(),
+            dedup_ttl: Duration::from_millis(self.config.dedup_ttl_ms),
+        };
         let submitted = match job.task_worker {
             Some(slot) => ctx.task_to(slot, session, &context, &data),
-            None => ctx.task_for(session, &context, &data),
+            None => ctx.task_for_with(session, &context, &data, &options),
         };
         match submitted {
             Ok(task_id) => {
                 tracing::info!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 let kind = job.kind.name();
+                let run_at = job.run_at_ms.map(crate::app::rfc3339);
                 let accepted =
-                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid };
+                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid, run_at };
                 Self::reply(ctx, session, accepted);
             }
             Err(e) => self.refused(ctx, session, e),
@@ -494,17 +513,19 @@ impl MailApp {
                 Kind::Email => request::valid_email(&job.to)?,
                 Kind::Sms => request::valid_phone(&job.to)?,
             };
-            if job.delay_ms.is_some_and(|ms| ms > request::MAX_DELAY_MS) {
-                return Err(
-                    format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS).into()
-                );
+            if job.simulate_ms.is_some_and(|ms| ms > request::MAX_SIMULATE_MS) {
+                return Err(format!(
+                    "task data is not a job: simulate_ms above {}",
+                    request::MAX_SIMULATE_MS
+                )
+                .into());
             }
         }
         self.take_turn(job.kind)?;
         if job.kind == Kind::Sms && self.sms.is_some() {
             return self.send_sms(ctx, task, &job);
         }
-        let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
+        let delay = Duration::from_millis(job.simulate_ms.unwrap_or(self.config.simulate_ms));
         let pid = ctx.info().pid;
         let message = delivery::Message {
             task_id: task.id,
@@ -581,6 +602,8 @@ impl Application for MailApp {
             }
             Ok(Request::Stats) => ctx.send_stats(session),
             Ok(Request::Result(task_id)) => ctx.send_result(session, task_id),
+            Ok(Request::Cancel(task_id, None)) => ctx.cancel(session, task_id),
+            Ok(Request::Cancel(task_id, Some(token))) => ctx.cancel_as_operator(session, task_id, &token),
             // `email ADDRESS` or a bare address, when a handler overrides the type.
             Ok(Request::Job(job)) if self.handled.iter().any(|k| k == job.kind.name()) => {
                 match serde_json::to_value(&job) {

@@ -249,7 +249,10 @@ impl<A: Application> Master<'_, A> {
                 state.hold(c);
                 true
             }
-            FromWorker::Client(_) | FromWorker::Group { .. } | FromWorker::Commit { .. } => false,
+            FromWorker::Client(_)
+            | FromWorker::Group { .. }
+            | FromWorker::TaskOptions { .. }
+            | FromWorker::Commit { .. } => false,
         }
     }
 
@@ -308,6 +311,7 @@ impl<A: Application> Master<'_, A> {
                     state.depths = serde_json::from_slice(json).ok();
                 }
             }
+            FromBridge::AdminAnswer { request, answer } => self.on_admin_answer(request, answer),
             FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {
