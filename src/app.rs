@@ -84,6 +84,12 @@ pub trait Application: 'static {
     /// why there is none and whether the server should run it again ([`TaskFailure`]; a
     /// `String` converts to a permanent failure, so `Err(why.to_string())` and `?` just work).
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure>;
+    /// In a task process: `task` waits in the channel (the next to run, or behind it), and `on_task` follows
+    /// for it, in order, unless the process ends first (then the master runs it again, as any
+    /// job of a process that died). An application may start it early, as the external
+    /// handlers do: their jobs are written ahead, so a handler runs a burst of them without
+    /// waiting for the task process between two. Not called for durable jobs.
+    fn on_task_ahead(&mut self, _task: &Task<'_>) {}
     /// In a worker of the slot that submitted the task: the task is done or failed for good.
     fn on_finish(&mut self, _ctx: &mut WorkerCtx<'_>, _finished: &Finished<'_>) {}
 }

@@ -194,6 +194,8 @@ options! {
     mail.email_body_max: usize,
     /// Jobs an external handler runs before it is replaced (0: no limit) [default: 0]
     mail.handler_max_jobs: u64,
+    /// With redis_url: job types (comma-separated) this node accepts and queues for the task nodes whose handlers run them; it does not run them itself [default: none]
+    mail.queue_types: OriginList => origin_list,
     /// Milliseconds a job's deduplication "key" stays taken after the job ended [default: 3600000]
     mail.dedup_ttl_ms: u64,
     /// Send SMS to this HTTP API instead of the outbox: Twilio's Messages URL with the account SID and auth token as userinfo (https://SID:TOKEN@api.twilio.com/2010-04-01/Accounts/SID/Messages.json), or a webhook's URL; prefer TASKD_SMS_URL or the config file for a URL with a password
@@ -276,7 +278,7 @@ pub struct Cli {
     pub options: FlagOptions,
     /// Run jobs of TYPE with an external program (repeatable): TYPE='python3 /srv/jobs/resize.py'.
     /// Adds to (or replaces a type of) the config file's [handlers] table
-    #[arg(long = "handler", value_name = "TYPE=COMMAND")]
+    #[arg(long = "handler", value_name = "TYPE=COMMAND", global = true)]
     pub handlers: Vec<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -544,18 +546,37 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
     Ok(settings)
 }
 
+/// Job types of the application itself: their durable jobs stay in the main stream.
+const BUILT_IN: [&str; 2] = ["email", "sms"];
+
 impl Settings {
-    /// External handlers: valid types and commands, and (for now) memory mode only.
-    fn check_handlers(&self) -> Result<(), crate::config::InvalidOption> {
+    /// External handlers: valid types and commands; queued types only for durable jobs. Then
+    /// the lanes of durable jobs: every such type has one, but the built-in email and sms,
+    /// which stay in the main stream that every node reads.
+    fn check_handlers(&mut self) -> Result<(), crate::config::InvalidOption> {
         use crate::config::InvalidOption;
         crate::handler::validate(&self.mail.handlers)
             .map_err(|reason| InvalidOption { option: "handlers", reason })?;
-        if !self.mail.handlers.is_empty() && self.server.redis_url.is_some() {
-            let reason = "handlers run only without redis_url for now: durable jobs and task nodes \
-                          do not run them yet"
-                .to_string();
-            return Err(InvalidOption { option: "handlers", reason });
+        let queued = &self.mail.queue_types;
+        if !queued.is_empty() && self.server.redis_url.is_none() {
+            let reason =
+                "needs redis_url: the jobs wait in Redis for the task nodes that run them".to_string();
+            return Err(InvalidOption { option: "queue_types", reason });
         }
+        for kind in queued {
+            crate::handler::check_type(kind)
+                .map_err(|reason| InvalidOption { option: "queue_types", reason })?;
+            if BUILT_IN.contains(&kind.as_str()) {
+                let reason = format!("{kind:?} is built in: every node runs it");
+                return Err(InvalidOption { option: "queue_types", reason });
+            }
+        }
+        let own = self.mail.handlers.keys().filter(|k| !BUILT_IN.contains(&k.as_str()));
+        self.server.run_lanes = own.cloned().collect();
+        let mut lanes: Vec<String> = self.server.run_lanes.iter().chain(queued).cloned().collect();
+        lanes.sort();
+        lanes.dedup();
+        self.server.job_lanes = lanes;
         Ok(())
     }
 
@@ -810,14 +831,26 @@ mod tests {
         let back: FileOptions = toml::from_str(&s.to_toml()).unwrap();
         let mut again = Settings::default();
         again.apply_file(back);
-        assert_eq!(again, s);
+        // The lanes are the application's, not options: not in the file.
+        let mut expected = s.clone();
+        (expected.server.job_lanes, expected.server.run_lanes) = Default::default();
+        assert_eq!(again, expected);
+        assert_eq!(s.server.run_lanes, ["pdf", "resize"], "email stays built in");
         for bad in ["resize", "Big=x", "batch=x", "x=", "x=sh -c 'oops"] {
             assert!(load(&cli(&["--handler", bad])).is_err(), "{bad}");
         }
         std::fs::write(&file, "[handlers]\nresult = \"x\"\n").unwrap();
         assert!(load(&cli(&["--config", path])).unwrap_err().contains("handlers"));
-        let err = load(&cli(&["--handler", "a=b", "--redis-url", "redis://h"])).unwrap_err();
-        assert!(err.contains("without redis_url"), "{err}");
+        let s = load(&cli(&["--handler", "a=b", "--redis-url", "redis://h", "--queue-types", "img,pdf,a"]))
+            .unwrap();
+        assert_eq!(
+            (&s.server.run_lanes[..], &s.server.job_lanes[..]),
+            (&["a".to_string()][..], &["a", "img", "pdf"].map(String::from)[..])
+        );
+        let err = load(&cli(&["--queue-types", "img"])).unwrap_err();
+        assert!(err.contains("queue_types") && err.contains("redis_url"), "{err}");
+        let err = load(&cli(&["--queue-types", "email", "--redis-url", "redis://h"])).unwrap_err();
+        assert!(err.contains("built in"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -168,6 +168,13 @@ pub struct ServerConfig {
     /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
     /// own (`*`: any). A browser always sends `Origin`; other clients need not.
     pub ws_allow_origin: Vec<String>,
+    /// Durable jobs: the job types with a lane of their own (`{q}:jobs:TYPE`), which the
+    /// application names (a handler's type, or one queued for other nodes), not an option.
+    #[serde(skip)]
+    pub job_lanes: Vec<String>,
+    /// Of those, the ones this node runs: its consumers read their lanes.
+    #[serde(skip)]
+    pub run_lanes: Vec<String>,
     /// The token that opens the operator's dashboard on the WebSocket port, read from this
     /// file; None: one is generated at start, written 0600 next to the pid file (no pid file
     /// either: no dashboard).
@@ -232,6 +239,8 @@ impl Default for ServerConfig {
             metrics_max_conn: 16,
             ws_handshake_max: 1024,
             ws_allow_origin: Vec::new(),
+            job_lanes: Vec::new(),
+            run_lanes: Vec::new(),
             admin_token_file: None,
             schedules: Vec::new(),
         }

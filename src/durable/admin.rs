@@ -159,7 +159,7 @@ fn replay(conn: &mut Connection, d: &Durable, id: &str) -> Result<Value, String>
         job.replays += 1;
         job.retries = 0;
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&d.keys.jobs).arg("*");
+        cmd.arg(d.replay_stream(&entry)).arg("*");
         job.add(&mut cmd);
         pipe.add_command(cmd).ignore();
         pipe.cmd("XDEL").arg(dead).arg(id);

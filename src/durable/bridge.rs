@@ -285,6 +285,7 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
     // On from what the master read before it served: everything up to there, it acted on.
     let mut last = from;
     let mut frames = Vec::new();
+    let mut next_depths = Instant::now();
     loop {
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -324,6 +325,12 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
             }
         };
         frames.clear();
+        if Instant::now() >= next_depths {
+            next_depths = Instant::now() + DEPTHS_EVERY;
+            if let Ok(json) = depths(c, d) {
+                FromBridge::Depths { json: json.as_bytes() }.encode(&mut frames);
+            }
+        }
         for mut entry in entries {
             last.clone_from(&entry.id);
             if let Err(why) = outcomes_of_entry(&mut entry, &mut frames) {
@@ -338,6 +345,24 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
             crate::process::exit_now(0);
         }
     }
+}
+
+/// How often the reply reader tells the master how many jobs wait in Redis (for `stats`).
+const DEPTHS_EVERY: Duration = Duration::from_secs(1);
+
+/// `{"jobs":N,"lanes":{"TYPE":N,…}}`: the length of the main job stream and of each lane this
+/// node routes jobs to (waiting or running: a finished job's entry is deleted). A lane that no
+/// node's handler runs grows here.
+fn depths(conn: &mut Connection, d: &Durable) -> redis::RedisResult<String> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN").arg(&d.keys.jobs);
+    for kind in &d.routes {
+        pipe.cmd("XLEN").arg(d.keys.lane(kind));
+    }
+    let lengths: Vec<u64> = pipe.query(conn)?;
+    let lanes: serde_json::Map<String, serde_json::Value> =
+        d.routes.iter().zip(lengths.iter().skip(1)).map(|(k, n)| (k.clone(), (*n).into())).collect();
+    Ok(serde_json::json!({"jobs": lengths.first().copied().unwrap_or(0), "lanes": lanes}).to_string())
 }
 
 /// How long a round waits for `redis_wait_replicas` replicas to have its jobs.
@@ -368,7 +393,8 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
     for item in items {
         if let Item::Store { task_id, session, worker, context, data } = item {
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(&d.keys.jobs).arg("*");
+            // The lane of a handler's type: only nodes that can run it read it.
+            cmd.arg(d.stream_of(data)).arg("*");
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
             pipe.add_command(cmd).ignore();
         }

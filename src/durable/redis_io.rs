@@ -509,6 +509,20 @@ pub fn entries(v: Value) -> Vec<StreamEntry> {
         .collect()
 }
 
+/// The entries of each stream of an XREAD or XREADGROUP reply, with the stream's key; none on
+/// a timeout.
+pub fn read_streams(v: Value) -> Vec<(String, StreamEntry)> {
+    let mut out = Vec::new();
+    for stream in as_array(v) {
+        let mut parts = as_array(stream).into_iter();
+        let key = parts.next().map(as_text).unwrap_or_default();
+        for entry in parts.next().map(entries).unwrap_or_default() {
+            out.push((key.clone(), entry));
+        }
+    }
+    out
+}
+
 /// The entries of the first (only) stream of an XREAD or XREADGROUP reply; none on a timeout.
 pub fn read_entries(v: Value) -> Vec<StreamEntry> {
     let Some(first) = as_array(v).into_iter().next() else {

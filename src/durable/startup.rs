@@ -43,7 +43,9 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
         .arg(&d.keys.epoch)
         .query(&mut conn)
         .map_err(|e| format!("cannot take a range of task ids: {}", redis_io::describe(&e)))?;
-    let jobs = own_jobs(&mut conn, &d.keys, &d.node)
+    let mut streams = vec![d.keys.jobs.clone()];
+    streams.extend(d.routes.iter().map(|kind| d.keys.lane(kind)));
+    let jobs = own_jobs(&mut conn, &d.keys, &streams, &d.node)
         .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
     let results = kept_results(&mut conn, &d.keys)
         .map_err(|e| format!("cannot read kept results: {}", redis_io::describe(&e)))?;
@@ -193,8 +195,13 @@ fn alive(pid: i32) -> bool {
 /// Creates the consumer group (and the stream) unless it exists. From id 0: a job added
 /// before the group existed is still run.
 pub fn ensure_group(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<()> {
+    ensure_group_of(conn, &keys.jobs)
+}
+
+/// The same for one stream: the main one or a type's lane.
+pub fn ensure_group_of(conn: &mut Connection, stream: &str) -> redis::RedisResult<()> {
     let created: redis::RedisResult<Value> =
-        redis::cmd("XGROUP").arg("CREATE").arg(&keys.jobs).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         other => other.map(|_| ()),
@@ -260,19 +267,27 @@ pub fn check_server(conn: &mut Connection) -> Vec<String> {
     warnings
 }
 
-fn own_jobs(conn: &mut Connection, keys: &Keys, node: &str) -> redis::RedisResult<Vec<JobEntry>> {
+/// This node's jobs in `streams` (the main one and its lanes) and in the delayed set.
+fn own_jobs(
+    conn: &mut Connection,
+    keys: &Keys,
+    streams: &[String],
+    node: &str,
+) -> redis::RedisResult<Vec<JobEntry>> {
     let mut jobs = Vec::new();
-    let mut from = "-".to_string();
-    loop {
-        let page: Value =
-            redis::cmd("XRANGE").arg(&keys.jobs).arg(&from).arg("+").arg("COUNT").arg(1000).query(conn)?;
-        let entries = redis_io::entries(page);
-        let Some(last) = entries.last() else { break };
-        from = format!("({}", last.id);
-        let entries = entries.into_iter();
-        jobs.extend(
-            entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
-        );
+    for stream in streams {
+        let mut from = "-".to_string();
+        loop {
+            let page: Value =
+                redis::cmd("XRANGE").arg(stream).arg(&from).arg("+").arg("COUNT").arg(1000).query(conn)?;
+            let entries = redis_io::entries(page);
+            let Some(last) = entries.last() else { break };
+            from = format!("({}", last.id);
+            let entries = entries.into_iter();
+            jobs.extend(
+                entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
+            );
+        }
     }
     // And those waiting in the delayed set for a retry (after the stream: one moved back in
     // between is in both, and taken once).
@@ -344,12 +359,12 @@ fn kept_results(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<Vec<(u
 /// The delivery count of each entry pending for `consumer`, by id.
 pub fn delivery_counts(
     conn: &mut Connection,
-    keys: &Keys,
+    stream: &str,
     consumer: &str,
     count: usize,
 ) -> redis::RedisResult<Vec<(String, u32)>> {
     let v: Value = redis::cmd("XPENDING")
-        .arg(&keys.jobs)
+        .arg(stream)
         .arg(GROUP)
         .arg("-")
         .arg("+")

@@ -330,6 +330,9 @@ pub enum FromBridge<'a> {
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
+    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…}}` (the main stream and
+    /// each lane this node routes to), read every second or so, for `stats`.
+    Depths { json: &'a [u8] },
     /// The answer (JSON) to [`ToBridge::Admin`] `request`.
     AdminAnswer { request: u64, answer: &'a [u8] },
 }
@@ -387,6 +390,7 @@ mod kind {
     pub const RENEW_LEASE: u8 = 46;
     pub const LEASE: u8 = 47;
     pub const REPLY_RETRYING: u8 = 48;
+    pub const QUEUE_DEPTHS: u8 = 80;
     // The dashboard's requests to the bridge (60-69 are the dashboard's).
     pub const ADMIN: u8 = 60;
     pub const ADMIN_ANSWER: u8 = 61;
@@ -972,6 +976,7 @@ impl<'a> FromBridge<'a> {
             FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
             FromBridge::Reply(ref reply) => reply.encode(out),
             FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
+            FromBridge::Depths { json } => Writer::begin(out, QUEUE_DEPTHS).rest(json).finish(),
             FromBridge::AdminAnswer { request, answer } => {
                 Writer::begin(out, ADMIN_ANSWER).u64(request).rest(answer).finish()
             }
@@ -997,6 +1002,7 @@ impl<'a> FromBridge<'a> {
                     result: r.rest(),
                 }),
                 LEASE => FromBridge::Lease { holder: r.rest() },
+                QUEUE_DEPTHS => FromBridge::Depths { json: r.rest() },
                 ADMIN_ANSWER => FromBridge::AdminAnswer { request: r.u64("request")?, answer: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })

@@ -82,6 +82,10 @@ pub struct MailConfig {
     /// CA certificates (PEM) the relay's certificate is checked against, instead of the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_ca_file: Option<PathBuf>,
+    /// Durable jobs: types this node accepts and queues, each in its lane, for the task nodes
+    /// whose handlers run them; it does not run them itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue_types: Vec<String>,
     /// External handlers (`--handler TYPE=COMMAND`, `[handlers]`): job type → command. Last,
     /// since it is a table in the config file.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -108,6 +112,7 @@ impl Default for MailConfig {
             smtp_url: None,
             mail_from: None,
             smtp_ca_file: None,
+            queue_types: Vec::new(),
             handlers: BTreeMap::new(),
         }
     }
@@ -244,7 +249,8 @@ pub struct MailApp {
 
 impl MailApp {
     pub fn new(config: MailConfig) -> Self {
-        let handled = config.handlers.keys().cloned().collect();
+        // Queued types are accepted here and run by another node's handler.
+        let handled = config.handlers.keys().chain(&config.queue_types).cloned().collect();
         let handlers = Handlers::new(&config.handlers, config.handler_max_jobs);
         MailApp {
             config,
@@ -619,6 +625,19 @@ impl Application for MailApp {
 
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         self.deliver(ctx, task)
+    }
+
+    /// A handler's job waiting behind the one about to run is written to its handler now.
+    fn on_task_ahead(&mut self, task: &Task<'_>) {
+        if self.handlers.is_empty() {
+            return;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(task.data) else { return };
+        if let Some(kind) = value.get("type").and_then(serde_json::Value::as_str) {
+            if self.handlers.handles(kind) {
+                self.handlers.send_ahead(kind, task.id, task.attempt, &value);
+            }
+        }
     }
 
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {

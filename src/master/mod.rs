@@ -621,13 +621,18 @@ impl<'a, A: Application> Master<'a, A> {
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
             durable: self.durable.as_ref().map(|d| {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "node_id": d.d.node,
                     "redis_up": !self.shared.durable_down(),
                     "store_batches_unacked": d.unacked(),
                     "duplicate_replies_dropped": d.duplicates,
                     "bridge_restarts": d.bridge_restarts,
-                })
+                });
+                // `jobs` and `lanes`: what waits (or runs) in Redis, up to a second old.
+                if let (Some(obj), Some(serde_json::Value::Object(depths))) = (v.as_object_mut(), &d.depths) {
+                    obj.extend(depths.clone());
+                }
+                v
             }),
         }
     }
