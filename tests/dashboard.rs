@@ -118,6 +118,10 @@ fn the_token_is_generated_private_and_opens_the_pushed_dashboard() {
     assert!(tasks.iter().all(|p| p["pid"].as_u64().unwrap() > 0 && p["rss_kib"].as_u64().unwrap() > 0));
     let next = recv(&mut admin).unwrap();
     assert_eq!(next["event"], "dashboard");
+    for key in ["high", "normal", "low"] {
+        assert!(next["queues"]["by_priority"][key].is_u64(), "{next}");
+    }
+    assert!(next["queues"]["scheduled"].is_u64() && next["schedules"].is_array(), "{next}");
     assert!(next["sample"]["t"].is_u64() && next.get("history").is_none(), "{next}");
 
     // Actions: grow, then look a job up.
@@ -228,6 +232,7 @@ fn the_dashboard_in_a_headless_browser() {
     );
     assert!(text.contains("wrong token: dashboard hidden: true"), "{text}");
     assert!(text.contains("with token: dashboard shown, address: clean"), "{text}");
+    assert!(text.contains("scheduled: 1 | high/normal/low: "), "{text}");
     assert!(text.contains("jobs chart rose: from 0 to"), "{text}");
     assert!(text.contains("restart shown after"), "{text}");
     assert!(

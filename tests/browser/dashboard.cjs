@@ -82,6 +82,15 @@ async function main() {
     console.log("failure shown:", await failure.first().locator("td.reason").innerText(),
       "| elements in it:", await page.locator("#failures tbody img, #failures tbody b").count());
 
+    // 6b. A job scheduled a minute ahead shows under "scheduled"; the depth per priority is there.
+    await page.evaluate(() => window.taskd.send({ type: "email", to: "later@example.com", body: "later",
+      run_in_ms: 60000, priority: "low" }));
+    await page.waitForFunction(() => Number(document.getElementById("tile-scheduled").textContent) >= 1,
+      null, { timeout: WAIT });
+    console.log("scheduled:", await page.locator("#tile-scheduled").innerText(),
+      "| high/normal/low:", await page.evaluate(() => ["high", "normal", "low"]
+        .map(p => document.getElementById("tile-" + p).textContent).join("/")));
+
     // 7. Actions, confirmed: grow the pool; look a job up.
     await page.click("button[data-action=grow]");
     await page.waitForFunction(() => /"action":"grow"/.test(document.getElementById("action-result").textContent),
