@@ -88,6 +88,24 @@ impl<A: Application> Master<'_, A> {
                 tracing::info!("dashboard: {peer} looks up task {task_id}");
                 reply(&action, true, self.lookup(task_id))
             }
+            "cancel" => {
+                let Some(task_id) =
+                    req["task_id"].as_u64().or_else(|| req["task_id"].as_str()?.trim().parse().ok())
+                else {
+                    let why = "task_id must be a number";
+                    return self.send_to_session(session, &reply(&action, false, json!({"error": why})));
+                };
+                tracing::info!("dashboard: {peer} asks to cancel task {task_id}");
+                // The operator's path (as `taskd cancel N`): any connection's job; its own
+                // client gets its `cancelled` line.
+                match self.cancel(None, task_id) {
+                    Ok(()) => {
+                        tracing::info!("dashboard: task {task_id} cancelled, asked by {peer}");
+                        reply(&action, true, json!({"task_id": task_id}))
+                    }
+                    Err(why) => reply(&action, false, json!({"task_id": task_id, "error": why})),
+                }
+            }
             "replay" | "discard" => return self.durable_admin(session, peer, &action, &req),
             _ => reply(&action, false, json!({"error": format!("unknown admin action {action:?}")})),
         };

@@ -171,6 +171,12 @@
     act({ admin: "lookup", task_id: ev.target.task_id.value.trim() });
   });
 
+  $("cancel").addEventListener("submit", ev => {
+    ev.preventDefault();
+    const id = ev.target.task_id.value.trim();
+    act({ admin: "cancel", task_id: id }, `Cancel job ${id}? It never runs; its client gets "cancelled".`);
+  });
+
   taskd.handlers.push(m => {
     if (m.event === "dashboard") { dashboard(m); return true; }
     if (m.event === "admin") {
