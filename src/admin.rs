@@ -1,5 +1,7 @@
-//! The admin token that opens the operator's dashboard on the WebSocket port: read from
-//! `admin_token_file`, or generated at start and written (0600) next to the pid file.
+//! The operator's token: it opens the dashboard on the WebSocket port and lets `taskd cancel N`
+//! cancel any connection's job. Read from `admin_token_file`, or generated at start and written
+//! (0600) next to the pid file; with neither, there is no token, so no dashboard and no
+//! `taskd cancel` (a client still cancels its own jobs).
 //!
 //! The WebSocket port is reachable by every local user and every page in a browser on the
 //! host (DESIGN §7): what the dashboard shows and does (pids, failures, growing the pool,
@@ -89,7 +91,12 @@ impl AdminToken {
 
     /// Whether `given` is the token, in time that does not depend on where they differ.
     pub fn matches(&self, given: &str) -> bool {
-        constant_time_eq(self.secret.as_bytes(), given.as_bytes())
+        self.matches_bytes(given.as_bytes())
+    }
+
+    /// [`matches`](Self::matches) for a token as it came off the wire.
+    pub fn matches_bytes(&self, given: &[u8]) -> bool {
+        constant_time_eq(self.secret.as_bytes(), given)
     }
 
     /// Removes a generated token's file (at exit).
@@ -100,9 +107,22 @@ impl AdminToken {
     }
 }
 
-/// `taskd.pid` → `taskd.admin-token` beside it.
+/// `taskd.pid` → `taskd.admin-token` beside it (a pid file named `x.admin-token` gets
+/// `x.admin-token.admin-token`: the token never overwrites the pid file).
 pub fn generated_path(pid_file: &Path) -> PathBuf {
-    pid_file.with_extension("admin-token")
+    let token = pid_file.with_extension("admin-token");
+    if token == pid_file {
+        let mut name = pid_file.as_os_str().to_owned();
+        name.push(".admin-token");
+        return PathBuf::from(name);
+    }
+    token
+}
+
+/// The token `taskd cancel` presents: the operator's file, else the one generated beside the
+/// pid file.
+pub fn path_for_cli(file: Option<&Path>, pid_file: &Path) -> PathBuf {
+    file.map_or_else(|| generated_path(pid_file), Path::to_path_buf)
 }
 
 /// Compares every byte whatever the first difference (only the length may show).
@@ -146,6 +166,11 @@ mod tests {
         assert!(err.to_string().contains("fewer than 16"), "{err}");
         token.remove_generated();
         assert!(!token.path.exists());
+        // Never the pid file itself.
+        let odd = Path::new("/run/x.admin-token");
+        assert_eq!(generated_path(odd), Path::new("/run/x.admin-token.admin-token"));
+        assert_eq!(path_for_cli(None, &pid), dir.join("taskd.admin-token"));
+        assert_eq!(path_for_cli(Some(Path::new("/etc/t")), &pid), Path::new("/etc/t"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

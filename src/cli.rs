@@ -182,7 +182,7 @@ options! {
     server.ws_handshake_max: usize,
     /// Origins (scheme://host:port, comma-separated; * for any) whose web pages may open a WebSocket besides this host's [default: none]
     server.ws_allow_origin: OriginList => origin_list,
-    /// The operator's dashboard on --ws-port opens with the token in this file [default: one generated at start, written 0600 next to --pid-file; neither: no dashboard]
+    /// The operator's token, for the dashboard on --ws-port and `taskd cancel` [default: one generated at start, written 0600 next to --pid-file; neither: no dashboard, no taskd cancel]
     server.admin_token_file: PathBuf => Some,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
@@ -361,7 +361,11 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
     ("stop", &["pid_file", "max_wait_time"], "it finds the running daemon through its pid file"),
     ("reload", &["pid_file"], "it finds the running daemon through its pid file"),
     ("status", &["pid_file"], "it finds the running daemon through its pid file"),
-    ("cancel", &["pid_file"], "it finds the running daemon through its pid file"),
+    (
+        "cancel",
+        &["pid_file", "admin_token_file"],
+        "it finds the running daemon through its pid file and presents its admin token",
+    ),
     (
         "task-node",
         &[

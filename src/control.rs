@@ -46,32 +46,6 @@ pub fn addr_path(path: &Path) -> PathBuf {
     path.with_extension("addr")
 }
 
-/// Where the daemon of pid file `path` keeps its operator token (`taskd.pid` → `taskd.token`),
-/// mode 0600: who can read it may cancel any job (`taskd cancel N`), as who can signal the
-/// master may stop it.
-pub fn token_path(path: &Path) -> PathBuf {
-    let token = addr_path(path).with_extension("token");
-    if token == path {
-        // A pid file named `x.token`: its token goes to `x.token.token`.
-        let mut name = path.as_os_str().to_owned();
-        name.push(".token");
-        return PathBuf::from(name);
-    }
-    token
-}
-
-/// Writes a fresh random operator token beside the pid file; returns it.
-pub fn write_token(path: &Path) -> std::io::Result<String> {
-    use std::io::Read;
-    let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    let file = token_path(path);
-    crate::files::replace(&file, format!("{token}\n").as_bytes(), 0o600)
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
-    Ok(token)
-}
-
 /// What the pid file (and the address file beside it) say.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PidFile {
@@ -123,7 +97,6 @@ impl PidFile {
         if PidFile::read(path).is_ok_and(|f| f.pid == pid) {
             let _ = std::fs::remove_file(path);
             let _ = std::fs::remove_file(addr_path(path));
-            let _ = std::fs::remove_file(token_path(path));
         }
     }
 }
@@ -305,10 +278,11 @@ pub fn status(pid_file: Option<&PathBuf>) -> u8 {
     EXIT_OK
 }
 
-/// `taskd cancel N`: asks the daemon, over its own port with the operator token kept beside
-/// its pid file, to cancel job N. Prints the answer; 0 if the job was cancelled, 1 if not (the
-/// answer says why), 4 if the token cannot be read, 6 without a pid file, 7 if not running.
-pub fn cancel(pid_file: Option<&PathBuf>, task_id: u64) -> u8 {
+/// `taskd cancel N`: asks the daemon, over its own port with the operator's admin token (the
+/// dashboard's: `admin_token_file`, or the one generated beside the pid file), to cancel job N.
+/// Prints the answer; 0 if the job was cancelled, 1 if not (the answer says why), 4 if the
+/// token cannot be read, 6 without a pid file, 7 if not running.
+pub fn cancel(pid_file: Option<&PathBuf>, admin_token_file: Option<&Path>, task_id: u64) -> u8 {
     let path = match configured(pid_file, EXIT_NOT_CONFIGURED) {
         Ok(p) => p,
         Err(code) => return code,
@@ -321,12 +295,13 @@ pub fn cancel(pid_file: Option<&PathBuf>, task_id: u64) -> u8 {
         eprintln!("taskd: cannot read the daemon's address file {}", addr_path(path).display());
         return EXIT_UNKNOWN;
     };
-    let token = match std::fs::read_to_string(token_path(path)) {
+    let token_file = crate::admin::path_for_cli(admin_token_file, path);
+    let token = match std::fs::read_to_string(&token_file) {
         Ok(t) => t.trim().to_string(),
         Err(e) => {
             eprintln!(
-                "taskd: cannot read the operator token {}: {e} (run as the daemon's user or root)",
-                token_path(path).display()
+                "taskd: cannot read the admin token {}: {e} (run as the daemon's user or root; give the daemon's --admin-token-file if it has one)",
+                token_file.display()
             );
             return EXIT_UNKNOWN;
         }

@@ -194,28 +194,23 @@ pub fn run_notify<A: Application>(
             return Err(StartError::Other("nothing to listen on: no TCP listener and no ws_port".into()))
         }
     };
-    // The dashboard's token, only where there is a page to open it with.
-    let admin_token = match config.ws_port {
-        Some(_) => admin::AdminToken::load_or_generate(
-            config.admin_token_file.as_deref(),
-            config.pid_file.as_deref(),
-        )
-        .map_err(|e| StartError::Other(e.to_string()))?,
-        None => None,
-    };
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
             .map_err(|e| StartError::Other(format!("cannot write the pid file: {e}")))?;
     }
-    // The operator's token for `taskd cancel N`, beside the pid file (none without one).
-    let control_token = match &config.pid_file {
-        Some(path) => Some(
-            control::write_token(path)
-                .map_err(|e| StartError::Other(format!("cannot write the operator token: {e}")))?,
-        ),
-        None => None,
-    };
+    // The operator's one token: it opens the dashboard on the WebSocket port and lets
+    // `taskd cancel N` (over the line port) cancel any connection's job, so it is loaded even
+    // without --ws-port.
+    let admin_token =
+        admin::AdminToken::load_or_generate(config.admin_token_file.as_deref(), config.pid_file.as_deref())
+            .map_err(|e| {
+            if let Some(path) = &config.pid_file {
+                control::PidFile::remove_if_ours(path, pid);
+            }
+            StartError::Other(e.to_string())
+        })?;
+
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
     process::set_title("taskd: master");
@@ -232,7 +227,6 @@ pub fn run_notify<A: Application>(
         tasks,
         durable,
         admin_token,
-        control_token,
     };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
         master.spawn_bridge()?;
@@ -244,6 +238,10 @@ pub fn run_notify<A: Application>(
         Err(source) => {
             if let Some(path) = &config.pid_file {
                 control::PidFile::remove_if_ours(path, pid);
+                // A token generated at this start goes with it (never the operator's own file).
+                if config.admin_token_file.is_none() {
+                    let _ = std::fs::remove_file(admin::generated_path(path));
+                }
             }
             return Err(StartError::Io { what: "cannot start the master", source });
         }

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
         }
         Some(Command::Reload { tasks, .. }) => return ExitCode::from(control::reload(pid_file, *tasks)),
         Some(Command::Status { .. }) => return ExitCode::from(control::status(pid_file)),
-        Some(Command::Cancel { task_id, .. }) => return ExitCode::from(control::cancel(pid_file, *task_id)),
+        Some(Command::Cancel { task_id, .. }) => {
+            let token_file = settings.server.admin_token_file.as_deref();
+            return ExitCode::from(control::cancel(pid_file, token_file, *task_id));
+        }
         Some(Command::TaskNode { .. }) => return report(task_node(&settings)),
         Some(Command::DeadLetter { action, .. }) => return report(dead_letter(&settings, action)),
         None => {}

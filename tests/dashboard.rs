@@ -118,6 +118,10 @@ fn the_token_is_generated_private_and_opens_the_pushed_dashboard() {
     assert!(tasks.iter().all(|p| p["pid"].as_u64().unwrap() > 0 && p["rss_kib"].as_u64().unwrap() > 0));
     let next = recv(&mut admin).unwrap();
     assert_eq!(next["event"], "dashboard");
+    for key in ["high", "normal", "low"] {
+        assert!(next["queues"]["by_priority"][key].is_u64(), "{next}");
+    }
+    assert!(next["queues"]["scheduled"].is_u64() && next["schedules"].is_array(), "{next}");
     assert!(next["sample"]["t"].is_u64() && next.get("history").is_none(), "{next}");
 
     // Actions: grow, then look a job up.
@@ -207,6 +211,11 @@ fn the_dashboard_in_a_headless_browser() {
         "--handler",
         &handler,
     ]);
+    // A client's job a minute ahead, for the page to cancel.
+    let mut client = s.daemon.connect();
+    let later =
+        client.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000,"priority":"low"}"#);
+    let later_id = later["task_id"].as_u64().unwrap();
     let shot = dir.path().join("dashboard.png");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.cjs");
     let out = common::run_with_timeout(
@@ -216,7 +225,8 @@ fn the_dashboard_in_a_headless_browser() {
             .arg(&s.token)
             .arg(&shot)
             .arg(&chromium)
-            .env("NODE_PATH", &modules),
+            .env("NODE_PATH", &modules)
+            .env("CANCEL_ID", later_id.to_string()),
         Duration::from_secs(240),
     );
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
@@ -228,6 +238,26 @@ fn the_dashboard_in_a_headless_browser() {
     );
     assert!(text.contains("wrong token: dashboard hidden: true"), "{text}");
     assert!(text.contains("with token: dashboard shown, address: clean"), "{text}");
+    assert!(text.contains("scheduled: 1 | high/normal/low: "), "{text}");
+    let cancel_line = text.lines().find(|l| l.starts_with("cancel: ")).unwrap_or_default();
+    assert!(
+        cancel_line.contains(r#""action":"cancel""#)
+            && cancel_line.contains(r#""ok":true"#)
+            && cancel_line.contains(&format!(r#""task_id":{later_id}"#)),
+        "{text}"
+    );
+    assert!(text.contains("scheduled after cancel: 0"), "{text}");
+    // Its client gets its final line; the log says who asked; it never reaches the outbox.
+    assert_eq!(client.recv(), serde_json::json!({"event": "cancelled", "task_id": later_id}));
+    let log = s.daemon.log();
+    assert!(log.contains(&format!("dashboard: task {later_id} cancelled, asked by 127.0.0.1:")), "{log}");
+    let mut asker = s.daemon.connect();
+    asker.send("stats");
+    let stats = asker.recv();
+    assert_eq!(stats["tasks_cancelled"], 1, "{stats}");
+    assert_eq!(stats["delayed"], 0, "nothing left waiting to run it: {stats}");
+    let outbox = s.daemon.outbox_lines();
+    assert!(outbox.iter().all(|l| l["task_id"] != later_id), "{outbox:?}");
     assert!(text.contains("jobs chart rose: from 0 to"), "{text}");
     assert!(text.contains("restart shown after"), "{text}");
     assert!(

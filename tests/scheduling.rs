@@ -304,9 +304,12 @@ fn the_operator_cancels_any_connections_job_with_taskd_cancel_and_no_one_else_ca
     let pid_file = dir.path().join("taskd.pid");
     let pid_arg = pid_file.to_str().unwrap();
     let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "1", "--pid-file", pid_arg]);
-    let token_file = dir.path().join("taskd.token");
+    // One token for the operator: the dashboard's, generated beside the pid file (even
+    // without --ws-port), and no second one.
+    let token_file = dir.path().join("taskd.admin-token");
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the operator token is for the daemon's user only");
+    assert_eq!(mode, 0o600, "the admin token is for the daemon's user only");
+    assert!(!dir.path().join("taskd.token").exists(), "no second token");
     let mut c = daemon.connect();
     let job = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000}"#);
     let id = job["task_id"].as_u64().unwrap();
@@ -331,4 +334,56 @@ fn the_operator_cancels_any_connections_job_with_taskd_cancel_and_no_one_else_ca
     assert_eq!(again.status.code(), Some(1), "{again:?}");
     assert!(String::from_utf8_lossy(&again.stdout).contains("has ended"), "{again:?}");
     assert!(sent(&daemon, &job["task_id"]).is_empty());
+    let mut daemon = daemon;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait_exit(common::DEADLINE).is_some());
+    assert!(!token_file.exists(), "the generated token goes with the daemon");
+}
+
+#[test]
+fn taskd_cancel_uses_the_operators_admin_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("taskd.pid");
+    let token_file = dir.path().join("operator-token");
+    std::fs::write(&token_file, "an-operator-chosen-token-0123\n").unwrap();
+    let (pid_arg, token_arg) = (pid_file.to_str().unwrap(), token_file.to_str().unwrap());
+    let daemon =
+        Daemon::start(&["--task-worker-num", "1", "--pid-file", pid_arg, "--admin-token-file", token_arg]);
+    assert!(!dir.path().join("taskd.admin-token").exists(), "none generated beside a given one");
+    let mut c = daemon.connect();
+    let job = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000}"#);
+    let id = job["task_id"].as_u64().unwrap().to_string();
+    let taskd = env!("CARGO_BIN_EXE_taskd");
+    let run = |extra: &[&str]| {
+        common::run_with_timeout(
+            std::process::Command::new(taskd).args(["cancel", &id, "--pid-file", pid_arg]).args(extra),
+            common::DEADLINE,
+        )
+    };
+    // Without the daemon's --admin-token-file it looks beside the pid file: nothing there.
+    let missing = run(&[]);
+    assert_eq!(missing.status.code(), Some(4), "{missing:?}");
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("taskd.admin-token"), "{missing:?}");
+    let out = run(&["--admin-token-file", token_arg]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": job["task_id"]}));
+    let mut daemon = daemon;
+    daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(daemon.wait_exit(common::DEADLINE).is_some());
+    assert!(token_file.exists(), "the operator's own file is never removed");
+}
+
+#[test]
+fn without_a_pid_file_or_token_file_an_operator_cancel_is_refused() {
+    let daemon = Daemon::start(&["--task-worker-num", "1"]);
+    daemon.wait_log("no admin token");
+    let mut c = daemon.connect();
+    let job = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000}"#);
+    let id = job["task_id"].as_u64().unwrap();
+    let mut other = daemon.connect();
+    other.send(&format!(r#"{{"type":"cancel","task_id":{id},"token":"anything-at-all-0123"}}"#));
+    assert!(other.recv()["error"].as_str().unwrap().contains("admin token"));
+    // Its own connection still may.
+    c.send(&format!(r#"{{"type":"cancel","task_id":{id}}}"#));
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": id}));
 }

@@ -88,6 +88,24 @@ impl<A: Application> Master<'_, A> {
                 tracing::info!("dashboard: {peer} looks up task {task_id}");
                 reply(&action, true, self.lookup(task_id))
             }
+            "cancel" => {
+                let Some(task_id) =
+                    req["task_id"].as_u64().or_else(|| req["task_id"].as_str()?.trim().parse().ok())
+                else {
+                    let why = "task_id must be a number";
+                    return self.send_to_session(session, &reply(&action, false, json!({"error": why})));
+                };
+                tracing::info!("dashboard: {peer} asks to cancel task {task_id}");
+                // The operator's path (as `taskd cancel N`): any connection's job; its own
+                // client gets its `cancelled` line.
+                match self.cancel(None, task_id) {
+                    Ok(()) => {
+                        tracing::info!("dashboard: task {task_id} cancelled, asked by {peer}");
+                        reply(&action, true, json!({"task_id": task_id}))
+                    }
+                    Err(why) => reply(&action, false, json!({"task_id": task_id, "error": why})),
+                }
+            }
             "replay" | "discard" => return self.durable_admin(session, peer, &action, &req),
             _ => reply(&action, false, json!({"error": format!("unknown admin action {action:?}")})),
         };
@@ -196,6 +214,8 @@ impl<A: Application> Master<'_, A> {
             processes.push(proc_row("bridge", None, pid, "running", json!({})));
         }
         let retrying = self.jobs_waiting_to_retry();
+        let scheduled = self.jobs_scheduled(dashboard::unix_ms());
+        let [high, normal, low] = self.jobs.queued_by_priority();
         let c = &self.counters;
         let mut line = json!({
             "event": "dashboard",
@@ -207,8 +227,11 @@ impl<A: Application> Master<'_, A> {
                 "running": self.tasks.iter().map(|t| t.books.inflight.len()).sum::<usize>(),
                 "delayed": self.delayed.len(),
                 "retrying": retrying,
-                "rate_limited": self.delayed.len().saturating_sub(retrying),
+                "scheduled": scheduled,
+                "rate_limited": self.delayed.len().saturating_sub(retrying + scheduled),
+                "by_priority": {"high": high, "normal": normal, "low": low},
             },
+            "schedules": self.schedules_stats(),
             "totals": {
                 "accepted": c.tasks_accepted, "done": c.tasks_done, "failed": c.tasks_failed,
                 "retries": c.delivery_retries, "task_crashes": c.task_crashes,
@@ -233,7 +256,20 @@ impl<A: Application> Master<'_, A> {
         out
     }
 
-    /// Jobs in the delayed queue after a failed attempt (the others wait for a rate limit).
+    /// Jobs waiting for their `run_at` (not yet tried: a retry's wait is counted apart).
+    fn jobs_scheduled(&self, now_ms: u64) -> usize {
+        if self.delayed.is_empty() {
+            return 0;
+        }
+        self.jobs
+            .ids()
+            .into_iter()
+            .filter_map(|id| self.jobs.get(id))
+            .filter(|j| j.run_at_ms > now_ms && j.last_error.is_empty())
+            .count()
+    }
+
+    /// Jobs in the delayed queue after a failed attempt (the others wait for their run_at or a rate limit).
     fn jobs_waiting_to_retry(&self) -> usize {
         if self.delayed.is_empty() {
             return 0;

@@ -114,10 +114,8 @@ pub struct MasterSetup<'a> {
     pub tasks: Vec<SlotChannel>,
     /// Durable jobs: the queue, and what a previous run of this node left in it.
     pub durable: Option<(crate::durable::Durable, crate::durable::startup::Recovered)>,
-    /// The token of the operator's dashboard (with a WebSocket port only).
+    /// The operator's token: the dashboard's, and `taskd cancel N`'s.
     pub admin_token: Option<crate::admin::AdminToken>,
-    /// The token of `taskd cancel N` (kept beside the pid file), if there is a pid file.
-    pub control_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,8 +171,6 @@ pub struct Master<'a, A: Application> {
     keys: dedup::Keys,
     /// Periodic jobs (`[[schedule]]`).
     periodic: periodic::Periodic,
-    /// Who shows this token may cancel any job (`taskd cancel N`).
-    control_token: Option<String>,
     duplicates: Vec<(u64, u64, Option<Vec<u8>>)>,
     /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
     retry: crate::retry::Policy,
@@ -229,20 +225,19 @@ impl<'a, A: Application> Master<'a, A> {
             tasks,
             durable,
             admin_token,
-            control_token,
         } = setup;
         match &admin_token {
             Some(t) => {
                 let how = if t.generated { "generated at this start, " } else { "" };
+                let page = if ws.is_some() { "the dashboard (open the web page with #token=<the token>) and " } else { "" };
                 tracing::info!(
-                    "dashboard: the admin token is in {} ({how}readable by its owner only); open the web page with #token=<the token>",
+                    "dashboard: the admin token is in {} ({how}readable by its owner only); it opens {page}`taskd cancel N`",
                     t.path.display()
                 );
             }
-            None if ws.is_some() => tracing::info!(
-                "dashboard: off (no admin token: give --admin-token-file, or --pid-file to have one generated beside it)"
+            None => tracing::info!(
+                "no admin token: the dashboard is off and `taskd cancel N` refused (give --admin-token-file, or --pid-file to have one generated beside it)"
             ),
-            None => {}
         }
         let local_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
@@ -312,7 +307,6 @@ impl<'a, A: Application> Master<'a, A> {
             pending_options: None,
             keys: dedup::Keys::default(),
             periodic: periodic::Periodic::new(&config.schedules),
-            control_token,
             duplicates: Vec::new(),
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),

@@ -44,11 +44,6 @@ pub fn due_at(run_at_ms: u64, wall: SystemTime, now: Instant) -> Option<Instant>
     now.checked_add(Duration::from_millis(ahead))
 }
 
-/// Whether two tokens are equal, in a time that does not tell how much of one matched.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A job's `cancelled` line.
 pub fn cancelled_line(task_id: u64) -> Vec<u8> {
     let mut line = serde_json::json!({"event": "cancelled", "task_id": task_id}).to_string().into_bytes();
@@ -166,10 +161,10 @@ impl<A: Application> Master<'_, A> {
         let operator = !token.is_empty();
         let answer = if !operator {
             self.cancel(Some(session), task_id)
-        } else if self.control_token.as_deref().is_some_and(|t| same(t.as_bytes(), token)) {
+        } else if self.dashboard.token.as_ref().is_some_and(|t| t.matches_bytes(token)) {
             self.cancel(None, task_id)
         } else {
-            Err("the operator token does not match the one beside the pid file (taskd cancel reads it)"
+            Err("the admin token does not match (taskd cancel reads the daemon's --admin-token-file, or the one generated beside the pid file)"
                 .into())
         };
         let line = match answer {

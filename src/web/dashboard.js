@@ -137,6 +137,11 @@
     $("tile-running").textContent = q.running;
     $("tile-retrying").textContent = q.retrying;
     $("tile-limited").textContent = q.rate_limited;
+    $("tile-scheduled").textContent = q.scheduled;
+    $("tile-high").textContent = q.by_priority.high;
+    $("tile-normal").textContent = q.by_priority.normal;
+    $("tile-low").textContent = q.by_priority.low;
+    $("tile-schedules").textContent = m.schedules.length;
     $("tile-done").textContent = m.totals.done;
     $("tile-failed").textContent = m.totals.failed;
     processes(m.processes);
@@ -164,6 +169,12 @@
     ev.preventDefault();
     // Reads only: nothing to confirm.
     act({ admin: "lookup", task_id: ev.target.task_id.value.trim() });
+  });
+
+  $("cancel").addEventListener("submit", ev => {
+    ev.preventDefault();
+    const id = ev.target.task_id.value.trim();
+    act({ admin: "cancel", task_id: id }, `Cancel job ${id}? It never runs; its client gets "cancelled".`);
   });
 
   taskd.handlers.push(m => {

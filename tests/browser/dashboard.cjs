@@ -82,6 +82,23 @@ async function main() {
     console.log("failure shown:", await failure.first().locator("td.reason").innerText(),
       "| elements in it:", await page.locator("#failures tbody img, #failures tbody b").count());
 
+    // 6b. A job a client scheduled a minute ahead (task id CANCEL_ID) shows under "scheduled";
+    // cancelled from the page (confirmed), the count goes back.
+    const cancelId = process.env.CANCEL_ID;
+    await page.waitForFunction(() => Number(document.getElementById("tile-scheduled").textContent) >= 1,
+      null, { timeout: WAIT });
+    console.log("scheduled:", await page.locator("#tile-scheduled").innerText(),
+      "| high/normal/low:", await page.evaluate(() => ["high", "normal", "low"]
+        .map(p => document.getElementById("tile-" + p).textContent).join("/")));
+    await page.fill("#cancel input[name=task_id]", cancelId);
+    await page.click("#cancel button");
+    await page.waitForFunction(() => /"action":"cancel"/.test(document.getElementById("action-result").textContent),
+      null, { timeout: WAIT });
+    console.log("cancel:", (await page.locator("#action-result").innerText()).replace(/\s+/g, " "));
+    await page.waitForFunction(() => document.getElementById("tile-scheduled").textContent === "0",
+      null, { timeout: WAIT });
+    console.log("scheduled after cancel:", await page.locator("#tile-scheduled").innerText());
+
     // 7. Actions, confirmed: grow the pool; look a job up.
     await page.click("button[data-action=grow]");
     await page.waitForFunction(() => /"action":"grow"/.test(document.getElementById("action-result").textContent),
