@@ -234,8 +234,8 @@ impl Priority {
 /// What a task may ask for beyond "run it now" ([`WorkerCtx::task_for_with`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TaskOptions {
-    /// Not before this time: until then it waits in the master's delayed queue, holding no
-    /// task process. A time in the past runs now.
+    /// Not before this time: until then it waits in the master's delayed queue (with durable
+    /// jobs, in Redis's delayed set), holding no task process. A time in the past runs now.
     pub run_at: Option<std::time::SystemTime>,
     pub priority: Priority,
     /// Deduplication: while a task with this key is waiting or running, or for `dedup_ttl`
@@ -372,10 +372,10 @@ impl WorkerCtx<'_> {
         if options.is_default() {
             return self.task_for(session, context, data);
         }
-        if self.limits.durable {
+        if self.limits.durable && (options.priority != Priority::Normal || options.key.is_some()) {
             return Err(TaskError::Unavailable(
-                "this server keeps its jobs in Redis (redis_url): run_at, run_in_ms, priority and key \
-                 are not available with durable jobs yet"
+                "this server keeps its jobs in Redis (redis_url): priority and key are not available \
+                 with durable jobs yet (run_at and run_in_ms are)"
                     .into(),
             ));
         }

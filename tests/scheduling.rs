@@ -387,3 +387,69 @@ fn without_a_pid_file_or_token_file_an_operator_cancel_is_refused() {
     c.send(&format!(r#"{{"type":"cancel","task_id":{id}}}"#));
     assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": id}));
 }
+
+// ---- durable jobs (`--redis-url`) ----
+
+fn web(redis: &common::durable::Redis, node: &str, args: &[&str]) -> Daemon {
+    let mut all = vec!["--redis-url", redis.url.as_str(), "--node-id", node];
+    all.extend_from_slice(args);
+    Daemon::start(&all)
+}
+
+/// `kill -9` a daemon's master; waits until every process of the daemon is gone.
+fn kill_daemon(d: &Daemon) {
+    let group: Vec<u32> =
+        common::processes().into_iter().filter(|p| p.pgid == d.pid).map(|p| p.pid).collect();
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    wait_for("the killed daemon's processes to be gone", || {
+        common::reap_orphans(&group);
+        group.iter().all(|&p| common::is_dead(p)).then_some(())
+    });
+}
+
+#[test]
+fn a_durable_job_scheduled_ahead_survives_kill_9_of_its_web_node_and_runs_once() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    // The web node runs no job itself: the task node's outbox is the one record of each run.
+    let first = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
+    let mut c = first.connect();
+    let before = unix_ms();
+    let accepted = c.submit(r#"{"type":"sms","to":"+15550003333","run_in_ms":3000,"simulate_ms":0}"#);
+    assert_eq!(accepted["event"], "accepted", "{accepted}");
+    let id = accepted["task_id"].as_u64().unwrap();
+    let at = run_at_ms(&accepted);
+    assert!(at >= before + 3000, "run_at {at} is before its run_in_ms from {before}");
+    // `accepted` means Redis has it, parked in the delayed set with its fields.
+    let member = format!("web-1:{id}");
+    let score: Option<String> = redis.query(&["ZSCORE", "{taskd}:delayed", &member]);
+    assert_eq!(score.as_deref(), Some(at.to_string().as_str()), "parked until its run_at");
+    let fields: i64 = redis.query(&["HLEN", &format!("{{taskd}}:delayed:{member}")]);
+    assert!(fields > 0);
+    kill_daemon(&first);
+
+    // Run by the task node at its time, though its web node is gone; its outcome waits in
+    // web-1's reply stream for the node of that name to come back.
+    let ran = wait_for("the job to run", || {
+        let lines: Vec<Value> = node.outbox_lines().into_iter().filter(|l| l["task_id"] == id).collect();
+        (!lines.is_empty()).then_some(lines)
+    });
+    assert!(ran[0]["sent_at_ms"].as_u64().unwrap() >= at, "ran before its time: {:?}", ran[0]);
+    let again = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut c = again.connect();
+    let done = wait_for("its outcome on the restarted node", || {
+        c.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+        let v = c.recv();
+        (v["event"] != "running").then_some(v)
+    });
+    assert_eq!(done["event"], "done", "{done}");
+    // Once: nothing left in Redis to run it again, and one line in the outbox.
+    let later = c.submit(r#"{"type":"sms","to":"+15550004444","simulate_ms":0}"#)["task_id"].clone();
+    wait_for("a later job to run", || {
+        node.outbox_lines().iter().any(|l| l["task_id"] == later).then_some(())
+    });
+    let zcard: i64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+    assert_eq!(zcard, 0);
+    let runs = node.outbox_lines().into_iter().filter(|l| l["task_id"] == id).count();
+    assert_eq!(runs, 1, "{:?}", node.outbox_lines());
+}

@@ -70,7 +70,15 @@ fn send(out: &MasterOut, bytes: &[u8]) -> io::Result<()> {
 
 /// Something the master asked for, in order.
 enum Item {
-    Store { task_id: u64, session: u64, worker: u32, context: Vec<u8>, data: Vec<u8> },
+    /// `run_at_ms`: a job for later (Unix ms), parked in the delayed set; 0: into the stream.
+    Store {
+        task_id: u64,
+        session: u64,
+        worker: u32,
+        run_at_ms: u64,
+        context: Vec<u8>,
+        data: Vec<u8>,
+    },
     End(u64),
 }
 
@@ -148,6 +156,8 @@ fn store_loop(
     let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
+    // The time of the next job to store, from the `StoreAt` frame right before it.
+    let mut next_at: Option<(u64, u64)> = None;
     loop {
         // Idle, it sleeps until the master writes; while Redis is away, it wakes every second
         // to find it again, so that workers take jobs again without waiting for one to fail.
@@ -183,9 +193,11 @@ fn store_loop(
                     task_id,
                     session,
                     worker,
+                    run_at_ms: next_at.take().filter(|(id, _)| *id == task_id).map_or(0, |(_, at)| at),
                     context: context.to_vec(),
                     data: data.to_vec(),
                 }),
+                ToBridge::StoreAt { task_id, run_at_ms } => next_at = Some((task_id, run_at_ms)),
                 ToBridge::StoreEnd { batch } => items.push(Item::End(batch)),
                 ToBridge::Trim { entry } => trims.push(entry.to_vec()),
                 ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
@@ -364,6 +376,20 @@ fn depths(conn: &mut Connection, d: &Durable) -> redis::RedisResult<String> {
         d.routes.iter().zip(lengths.iter().skip(1)).map(|(k, n)| (k.clone(), (*n).into())).collect();
     Ok(serde_json::json!({"jobs": lengths.first().copied().unwrap_or(0), "lanes": lanes}).to_string())
 }
+/// Parks a job for later: its fields (ARGV[3..]) in the hash KEYS[2], its member ARGV[2] in the
+/// delayed set KEYS[1] with the score ARGV[1] (its `run_at`, Unix ms). The consumers of every
+/// node move it into the stream when due (`consumer::MOVE_DUE`), as they do a delivery retry.
+/// One script, so that a job is never in the set without its fields; nothing is written if the
+/// set is not a sorted set.
+const SCHEDULE: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'zset' and kind ~= 'none' then
+  return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[1], tonumber(ARGV[1]), ARGV[2])
+return 1";
 
 /// How long a round waits for `redis_wait_replicas` replicas to have its jobs.
 const WAIT_LIMIT_MS: u64 = 2000;
@@ -391,11 +417,30 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value]) -> Result<(), Stri
 fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for item in items {
-        if let Item::Store { task_id, session, worker, context, data } = item {
-            let mut cmd = redis::cmd("XADD");
+        if let Item::Store { task_id, session, worker, run_at_ms, context, data } = item {
             // The lane of a handler's type: only nodes that can run it read it.
-            cmd.arg(d.stream_of(data)).arg("*");
+            let stream = d.stream_of(data);
+            let mut cmd;
+            if *run_at_ms > 0 {
+                let member = d.keys.scheduled_member(&d.node, *task_id);
+                cmd = redis::cmd("EVAL");
+                cmd.arg(SCHEDULE)
+                    .arg(2)
+                    .arg(&d.keys.delayed)
+                    .arg(d.keys.delayed_hash(&member))
+                    .arg(*run_at_ms)
+                    .arg(&member);
+            } else {
+                cmd = redis::cmd("XADD");
+                cmd.arg(&stream).arg("*");
+            }
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
+            // A parked job goes into its own lane when due (`consumer::MOVE_DUE`).
+            if *run_at_ms > 0 {
+                if let Some(lane) = d.lane_of(&stream) {
+                    cmd.arg("ln").arg(lane);
+                }
+            }
             pipe.add_command(cmd).ignore();
         }
     }

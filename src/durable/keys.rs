@@ -58,6 +58,18 @@ impl Keys {
         format!("{}:delayed:{task_id}", self.tag)
     }
 
+    /// The member of a job for later (`run_at`) in `delayed`: its node's name and its id, as
+    /// task ids are only unique within a node.
+    pub fn scheduled_member(&self, node: &str, task_id: u64) -> String {
+        format!("{node}:{task_id}")
+    }
+
+    /// The hash of the fields of the member `member` of `delayed` (a task id, or a
+    /// [`Keys::scheduled_member`]).
+    pub fn delayed_hash(&self, member: &str) -> String {
+        format!("{}:delayed:{member}", self.tag)
+    }
+
     /// The stream where the outcomes of `node`'s jobs go, for that node to read.
     pub fn replies_of(&self, node: &str) -> String {
         format!("{}:replies:{node}", self.tag)
@@ -114,5 +126,7 @@ mod tests {
         assert_eq!(k.rate_of("sms"), "{q1}:rate:sms");
         assert_eq!(consumer_name("n2", 3), "n2/3");
         assert_eq!(k.lane("resize"), format!("{}resize", k.lane_prefix()));
+        assert_eq!(k.delayed_hash(&k.scheduled_member("web-1", 7)), "{q1}:delayed:web-1:7");
+        assert_eq!(k.delayed_hash("7"), k.delayed_job(7));
     }
 }

@@ -300,10 +300,17 @@ fn own_jobs(
             break;
         }
         start += ids.len();
-        // Anyone who can write to Redis can write a member: one that is not a task id is skipped.
-        for id in ids.iter().filter_map(|id| id.parse::<u64>().ok()) {
+        // A retry's member is its task id; a job for later's, `NODE:ID` (only this node's are
+        // read). Anyone who can write to Redis can write a member: any other is skipped.
+        let mine = |m: &&String| {
+            m.parse::<u64>().is_ok()
+                || m.strip_prefix(node)
+                    .and_then(|r| r.strip_prefix(':'))
+                    .is_some_and(|id| id.parse::<u64>().is_ok())
+        };
+        for member in ids.iter().filter(mine) {
             let fields: Vec<(Vec<u8>, Vec<u8>)> =
-                redis::cmd("HGETALL").arg(keys.delayed_job(id)).query(conn)?;
+                redis::cmd("HGETALL").arg(keys.delayed_hash(member)).query(conn)?;
             let mut entry = redis_io::StreamEntry { id: String::new(), fields };
             match JobEntry::parse(&mut entry) {
                 Some(job) if job.origin == node && seen.insert(job.task_id) => jobs.push(job),

@@ -307,6 +307,9 @@ pub enum ToBridge<'a> {
     Store { batch: u64, task_id: u64, session: u64, worker: u32, context: &'a [u8], data: &'a [u8] },
     /// Batch `batch` is complete: acknowledge it once all its jobs are stored.
     StoreEnd { batch: u64 },
+    /// The next `Store` (same `task_id`) is a job for later: park it in the delayed set until
+    /// `run_at_ms` (Unix ms), not in the stream.
+    StoreAt { task_id: u64, run_at_ms: u64 },
     /// The reply stream entry has been acted on: delete it.
     Trim { entry: &'a [u8] },
     /// Keep this final reply in Redis: its client is gone, and may come back to ask for it.
@@ -391,6 +394,7 @@ mod kind {
     pub const LEASE: u8 = 47;
     pub const REPLY_RETRYING: u8 = 48;
     pub const QUEUE_DEPTHS: u8 = 80;
+    pub const STORE_AT: u8 = 49;
     // The dashboard's requests to the bridge (60-69 are the dashboard's).
     pub const ADMIN: u8 = 60;
     pub const ADMIN_ANSWER: u8 = 61;
@@ -917,6 +921,9 @@ impl<'a> ToBridge<'a> {
                 .rest(data)
                 .finish(),
             ToBridge::StoreEnd { batch } => Writer::begin(out, STORE_END).u64(batch).finish(),
+            ToBridge::StoreAt { task_id, run_at_ms } => {
+                Writer::begin(out, STORE_AT).u64(task_id).u64(run_at_ms).finish()
+            }
             ToBridge::Trim { entry } => Writer::begin(out, TRIM).rest(entry).finish(),
             ToBridge::KeepResult { task_id, line } => {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
@@ -940,6 +947,7 @@ impl<'a> ToBridge<'a> {
                     data: r.rest(),
                 },
                 STORE_END => ToBridge::StoreEnd { batch: r.u64("batch")? },
+                STORE_AT => ToBridge::StoreAt { task_id: r.u64("task id")?, run_at_ms: r.u64("run_at_ms")? },
                 TRIM => ToBridge::Trim { entry: r.rest() },
                 KEEP_RESULT => ToBridge::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
                 RENEW_LEASE => ToBridge::RenewLease,
@@ -1197,6 +1205,7 @@ mod tests {
             data: b"{}",
         });
         roundtrip::<ToBridge>(ToBridge::StoreEnd { batch: 2 });
+        roundtrip::<ToBridge>(ToBridge::StoreAt { task_id: 7, run_at_ms: 1_798_099_200_000 });
         roundtrip::<ToBridge>(ToBridge::Trim { entry: b"1-1" });
         roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip::<ToBridge>(ToBridge::RenewLease);

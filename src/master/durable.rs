@@ -237,6 +237,15 @@ impl<A: Application> Master<'_, A> {
         let Some(state) = self.durable.as_mut() else { return false };
         match *frame {
             FromWorker::Task { task_id, session, context, data, .. } => {
+                // A job for later is parked in Redis's delayed set, where it survives this
+                // node; the consumers of any node move it into the stream when it is due.
+                let run_at_ms =
+                    self.pending_options.as_ref().filter(|o| o.task_id == task_id).map(|o| o.run_at_ms);
+                if let Some(run_at_ms) =
+                    run_at_ms.filter(|&ms| ms > crate::app::unix_ms(std::time::SystemTime::now()))
+                {
+                    ToBridge::StoreAt { task_id, run_at_ms }.encode(&mut state.frames);
+                }
                 ToBridge::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
                     .encode(&mut state.frames);
                 state.jobs.push(task_id);

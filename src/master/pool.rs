@@ -64,7 +64,9 @@ impl<A: Application> Master<'_, A> {
                     }
                 }
                 let mut spec = JobSpec::now(group, target, flags);
-                let due = options.as_ref().and_then(schedule::Options::due);
+                // A durable job's time is kept in Redis (see `durable_worker_frame`).
+                let due =
+                    options.as_ref().filter(|_| self.durable.is_none()).and_then(schedule::Options::due);
                 if let Some(o) = &options {
                     spec.priority = o.priority;
                     spec.delayed = due.is_some();
