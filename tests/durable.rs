@@ -1047,3 +1047,74 @@ fn a_killed_nodes_job_is_taken_over_after_claim_timeout_long_before_task_timeout
     assert!(c.try_recv(Duration::from_millis(500)).is_none(), "one reply");
     stream_is_empty(&redis, "web-1");
 }
+
+/// Reads lines until `last`'s final one; every final line of one of `firsts` seen on the way.
+fn finals_of_until(c: &mut Client, firsts: &[u64], last: u64) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let v = c.recv();
+        let id = v["task_id"].as_u64();
+        let is_final = v["event"] == "done" || v["event"] == "failed";
+        if is_final && id.is_some_and(|id| firsts.contains(&id)) {
+            seen.push(v);
+        } else if is_final && id == Some(last) {
+            return seen;
+        }
+    }
+}
+
+/// The bridge gave up on a store (Redis hung past 5 s) and the client got `failed`; once
+/// Redis goes on, it stores the job after all and a task process of the node runs it. Its
+/// outcome reaches the master for a task it has finished: dropped, and so is its reply.
+#[test]
+fn a_job_failed_while_redis_hung_and_run_after_all_gets_no_second_final_line() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "1"]);
+    d.wait_log("redis bridge: connected");
+    let mut c = d.connect();
+    redis.signal(Signal::SIGSTOP);
+    c.send("a@example.com");
+    let failed = c.recv();
+    assert_eq!(failed["event"], "failed", "{failed}");
+    let first = failed["task_id"].as_u64().expect("task_id");
+    redis.signal(Signal::SIGCONT);
+    // The job was in Redis's input when it stopped: it runs, and its outcome is acted on.
+    wait_for("the failed job to run after all", || {
+        d.outbox_lines().iter().any(|l| l["task_id"].as_u64() == Some(first)).then_some(())
+    });
+    stream_is_empty(&redis, "web-1");
+    // A later job's `done` comes after anything the master sent for the first.
+    let second = wait_for("a job accepted again", || {
+        c.send("b@example.com");
+        let v = c.recv();
+        (v["event"] == "accepted").then(|| v["task_id"].as_u64().expect("task_id"))
+    });
+    let extra = finals_of_until(&mut c, &[first], second);
+    assert!(extra.is_empty(), "a second final line for task {first}: {extra:?}");
+}
+
+/// `--redis-wait-replicas 1` with no replica at all: WAIT confirms 0 within its limit. The
+/// job is in Redis and runs, so its client gets `accepted` saying so (`"replicas": 0`), then
+/// exactly one `done`; the node warns.
+#[test]
+fn too_few_replicas_is_accepted_with_their_number_and_done_once() {
+    let Some(redis) = Redis::start() else { return };
+    let d =
+        web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "1", "--redis-wait-replicas", "1"]);
+    d.wait_log("redis bridge: connected");
+    let mut c = d.connect();
+    let mut ids = Vec::new();
+    for to in ["a@example.com", "b@example.com"] {
+        let accepted = c.submit(to);
+        assert_eq!(accepted["replicas"], 0, "{accepted}");
+        let id = accepted["task_id"].as_u64().expect("task_id");
+        assert_eq!(finals(&mut c, &[id])[&id]["event"], "done");
+        ids.push(id);
+    }
+    // One more job proves that no second line for the first two was on its way.
+    let third = c.submit("c@example.com")["task_id"].as_u64().expect("task_id");
+    let extra = finals_of_until(&mut c, &ids, third);
+    assert!(extra.is_empty(), "a second final line: {extra:?}");
+    d.wait_log("0 of the 1 replicas");
+    stream_is_empty(&redis, "web-1");
+}

@@ -158,6 +158,9 @@ fn store_loop(
     let mut open_error: Option<String> = None;
     // The time of the next job to store, from the `StoreAt` frame right before it.
     let mut next_at: Option<(u64, u64)> = None;
+    // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
+    let mut open_replicas = FromBridge::ALL_REPLICAS;
+    let mut short = crate::throttle::Throttle::default();
     loop {
         // Idle, it sleeps until the master writes; while Redis is away, it wakes every second
         // to find it again, so that workers take jobs again without waiting for one to fail.
@@ -230,7 +233,7 @@ fn store_loop(
                 let pipe = pipeline(d, &items, &keeps, &trims);
                 let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
                 match done {
-                    Ok(replies) => replicated(d, &items, &replies),
+                    Ok(replies) => Ok(replicated(d, &items, &replies, &mut short)),
                     Err(e) => {
                         let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
                         link.failed(&e);
@@ -242,14 +245,14 @@ fn store_loop(
         let mut acks = Vec::new();
         for item in items.drain(..) {
             match item {
-                Item::Store { .. } => {
-                    if let Err(e) = &outcome {
-                        open_error = Some(e.clone());
-                    }
-                }
+                Item::Store { .. } => match &outcome {
+                    Err(e) => open_error = Some(e.clone()),
+                    Ok(replicas) => open_replicas = open_replicas.min(*replicas),
+                },
                 Item::End(batch) => {
                     let error = open_error.take().unwrap_or_default();
-                    FromBridge::Stored { batch, error: error.as_bytes() }.encode(&mut acks);
+                    let replicas = std::mem::replace(&mut open_replicas, FromBridge::ALL_REPLICAS);
+                    FromBridge::Stored { batch, replicas, error: error.as_bytes() }.encode(&mut acks);
                 }
             }
         }
@@ -394,22 +397,29 @@ return 1";
 /// How long a round waits for `redis_wait_replicas` replicas to have its jobs.
 const WAIT_LIMIT_MS: u64 = 2000;
 
-/// Whether enough replicas have this round's jobs: WAIT's answer, the pipeline's only one.
-/// Too few: the jobs are in the master but could be lost by a failover, so their clients
-/// get `failed` (as when Redis hangs, such a job may still run; its outcome is then dropped).
-fn replicated(d: &Durable, items: &[Item], replies: &[Value]) -> Result<(), String> {
+/// How many replicas have this round's jobs, by WAIT's answer (the pipeline's only one), when
+/// fewer than `redis_wait_replicas`; [`FromBridge::ALL_REPLICAS`] when enough (or not asked).
+/// Too few is no failure: the jobs are in the master (XADD has run, nothing takes it back)
+/// and will run; they are lost only if the master dies before a replica has them. So their
+/// clients get `accepted` with the number, and the node warns (once per 10 s).
+fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate::throttle::Throttle) -> u32 {
     if d.wait_replicas == 0 || !items.iter().any(|i| matches!(i, Item::Store { .. })) {
-        return Ok(());
+        return FromBridge::ALL_REPLICAS;
     }
-    let got = replies.last().and_then(redis_io::as_int).unwrap_or(0);
+    let got = replies.last().and_then(redis_io::as_int).unwrap_or(0).max(0);
     if got >= i64::from(d.wait_replicas) {
-        return Ok(());
+        return FromBridge::ALL_REPLICAS;
     }
-    Err(format!(
-        "Redis has the job, but only {got} of the {} replicas it must reach (redis_wait_replicas) \
-         confirmed it within {WAIT_LIMIT_MS} ms",
-        d.wait_replicas
-    ))
+    if let Some(unlogged) = warned.log() {
+        tracing::warn!(
+            "redis bridge: jobs stored, but only {got} of the {} replicas they must reach \
+             (redis_wait_replicas) confirmed them within {WAIT_LIMIT_MS} ms: accepted with \
+             \"replicas\": {got}; they are lost if the Redis master dies before a replica has them{}",
+            d.wait_replicas,
+            crate::throttle::unlogged(unlogged)
+        );
+    }
+    u32::try_from(got).unwrap_or(0)
 }
 
 /// One round's commands: the jobs, the kept results, the deletion of acted-on replies; then,

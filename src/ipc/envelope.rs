@@ -327,7 +327,9 @@ pub enum ToBridge<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FromBridge<'a> {
     /// Every batch up to `batch` is stored (`error` empty), or could not be (the reason).
-    Stored { batch: u64, error: &'a [u8] },
+    /// `replicas`: how many replicas WAIT confirmed when that was fewer than
+    /// `redis_wait_replicas` (the jobs are stored on the master only), else [`Self::ALL_REPLICAS`].
+    Stored { batch: u64, replicas: u32, error: &'a [u8] },
     /// A job's outcome, read from this node's reply stream.
     Reply(Reply<'a>),
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
@@ -977,11 +979,16 @@ impl Reply<'_> {
 }
 
 impl<'a> FromBridge<'a> {
+    /// [`FromBridge::Stored`]'s `replicas` when every replica asked for confirmed (or none was).
+    pub const ALL_REPLICAS: u32 = u32::MAX;
+
     /// Appends this frame, length prefix included, to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
         use kind::*;
         match *self {
-            FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
+            FromBridge::Stored { batch, replicas, error } => {
+                Writer::begin(out, STORED).u64(batch).u32(replicas).rest(error).finish()
+            }
             FromBridge::Reply(ref reply) => reply.encode(out),
             FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
             FromBridge::Depths { json } => Writer::begin(out, QUEUE_DEPTHS).rest(json).finish(),
@@ -996,7 +1003,11 @@ impl<'a> FromBridge<'a> {
         use kind::*;
         decode_frame(buf, |k, r| {
             Ok(match k {
-                STORED => FromBridge::Stored { batch: r.u64("batch")?, error: r.rest() },
+                STORED => FromBridge::Stored {
+                    batch: r.u64("batch")?,
+                    replicas: r.u32("replicas")?,
+                    error: r.rest(),
+                },
                 REPLY | REPLY_RETRYING => FromBridge::Reply(Reply {
                     retrying: k == REPLY_RETRYING,
                     task_id: r.u64("task id")?,
@@ -1210,8 +1221,12 @@ mod tests {
         roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip::<ToBridge>(ToBridge::RenewLease);
         roundtrip::<ToBridge>(ToBridge::Admin { request: 7, op: br#"{"op":"overview"}"# });
-        roundtrip::<FromBridge>(FromBridge::Stored { batch: 2, error: b"" });
-        roundtrip::<FromBridge>(FromBridge::Stored { batch: 3, error: b"Redis is down" });
+        roundtrip::<FromBridge>(FromBridge::Stored {
+            batch: 2,
+            replicas: FromBridge::ALL_REPLICAS,
+            error: b"",
+        });
+        roundtrip::<FromBridge>(FromBridge::Stored { batch: 3, replicas: 0, error: b"Redis is down" });
         roundtrip::<FromBridge>(FromBridge::Reply(Reply {
             task_id: 5,
             ok: true,

@@ -313,7 +313,7 @@ impl<A: Application> Master<'_, A> {
 
     fn on_bridge_frame(&mut self, frame: FromBridge<'_>) {
         match frame {
-            FromBridge::Stored { batch, error } => self.on_stored(batch, error),
+            FromBridge::Stored { batch, replicas, error } => self.on_stored(batch, replicas, error),
             FromBridge::Lease { holder } => self.on_lease(holder),
             FromBridge::Depths { json } => {
                 if let Some(state) = self.durable.as_mut() {
@@ -393,12 +393,18 @@ impl<A: Application> Master<'_, A> {
     }
 
     /// Every batch up to `batch` is stored (or failed, with `error`): release what waited.
-    fn on_stored(&mut self, batch: u64, error: &[u8]) {
+    /// `replicas` below [`FromBridge::ALL_REPLICAS`]: stored, but fewer replicas than asked
+    /// confirmed it; each job's `accepted` says how many.
+    fn on_stored(&mut self, batch: u64, replicas: u32, error: &[u8]) {
         let Some(state) = self.durable.as_mut() else { return };
         let mut failed = Vec::new();
+        let mut short = HashSet::new();
         while state.sent.front().is_some_and(|b| b.n <= batch) {
             let Some(done) = state.sent.pop_front() else { break };
             if error.is_empty() {
+                if replicas != FromBridge::ALL_REPLICAS {
+                    short.extend(done.jobs.iter().copied());
+                }
                 for task_id in done.jobs {
                     if let Some(job) = self.jobs.get_mut(task_id) {
                         job.batch = 0;
@@ -423,6 +429,12 @@ impl<A: Application> Master<'_, A> {
         if !failed.is_empty() {
             tracing::error!("{} jobs not stored: {why}", failed.len());
         }
+        // Failed first: an outcome held behind the batch (the job was stored after all, and
+        // ran) then finds its job finished, and is dropped with its reply as a second one.
+        // The client hears `failed` only (from its worker, after what is released here).
+        for task_id in failed {
+            self.finish_job(task_id, 0, false, why.as_bytes());
+        }
         for held in release {
             let mut pos = 0;
             match held {
@@ -433,6 +445,10 @@ impl<A: Application> Master<'_, A> {
                             // A client whose job was not stored gets its failure, not `accepted`.
                             ToClient::Send { session, .. } | ToClient::CloseSession { session }
                                 if lost.contains(&session) => {}
+                            ToClient::Send { session, data } if !short.is_empty() => {
+                                let data = with_replicas(data, &short, replicas);
+                                self.on_client_frame(ToClient::Send { session, data: &data });
+                            }
                             other => self.on_client_frame(other),
                         }
                     }
@@ -444,9 +460,6 @@ impl<A: Application> Master<'_, A> {
                     }
                 }
             }
-        }
-        for task_id in failed {
-            self.finish_job(task_id, 0, false, why.as_bytes());
         }
     }
 
@@ -600,4 +613,25 @@ fn fork_bridge(
         let fd = child_end.try_clone().map_err(ProcessError::io("cannot take its channel"))?;
         crate::durable::bridge::run(d, fd, shared, replies_from)
     })
+}
+
+/// `data` (a worker's lines for a client) with `"replicas": n` added to the `accepted` line of
+/// each job of `short`; other lines as they are.
+fn with_replicas(data: &[u8], short: &HashSet<u64>, n: u32) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 16);
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+            Ok(mut v)
+                if v.get("event").and_then(|e| e.as_str()) == Some("accepted")
+                    && v.get("task_id").and_then(|t| t.as_u64()).is_some_and(|t| short.contains(&t)) =>
+            {
+                v.insert("replicas".into(), n.into());
+                out.extend_from_slice(serde_json::Value::Object(v).to_string().as_bytes());
+                out.extend_from_slice(&line[body.len()..]);
+            }
+            _ => out.extend_from_slice(line),
+        }
+    }
+    out
 }
