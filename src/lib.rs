@@ -45,6 +45,7 @@ pub mod files;
 pub mod handler;
 pub mod ipc;
 pub mod limits;
+pub mod log_format;
 pub mod logging;
 pub mod mail;
 pub mod manager;
