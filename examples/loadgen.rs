@@ -7,6 +7,7 @@
 //! target/release/examples/loadgen --matrix                 the README table: 1/8/64 conns × window 1/64
 //! target/release/examples/loadgen --taskd-arg=--worker-num=1 --taskd-arg=--task-worker-num=1
 //! target/release/examples/loadgen --addr 127.0.0.1:9501 [--pid MASTER_PID]   a running daemon
+//! target/release/examples/loadgen --job-type noop --taskd-arg=--handler=noop='python3 benches/noop_handler.py'
 //! ```
 //!
 //! By default it starts the real binary (`target/release/taskd`, or `--taskd PATH`) with
@@ -22,7 +23,9 @@
 //! `done`: both count as errors. After `--warmup` seconds, the run counts for `--seconds`:
 //! jobs/s is the number of `done` lines that arrived in that time divided by it, and a job's
 //! latency runs from the write that sent it to the read that brought its `done` (the `to`
-//! address names the job, so no second lookup through `task_id` is needed). Then the clients
+//! address names the job, so no second lookup through `task_id` is needed). With `--job-type
+//! TYPE` a job is `{"type":"TYPE","to":"user{i}@example.com"}` instead, for a handler
+//! (`--handler`), whose result must carry the `"to"` back (`{"to":…}`). Then the clients
 //! stop sending and wait for every job still outstanding, so the next run starts clean.
 //!
 //! When it started the daemon itself (or got its master's `--pid`) it also reports the CPU time
@@ -109,6 +112,10 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Send `{"type":TYPE,"to":"user{i}@example.com"}` jobs (for a handler whose result is
+    /// `{"to":…}`, the job's own) instead of bare addresses.
+    #[arg(long, value_name = "TYPE")]
+    job_type: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -164,7 +171,8 @@ fn run_main(args: &Args) -> Result<(), String> {
         let counted = Duration::from_secs_f64(args.matrix_seconds);
         let mut cells = Vec::new();
         for &(conns, window) in &MATRIX {
-            let cfg = RunCfg { conns, window, warmup, counted, threads: args.threads, timeout };
+            let line = request_line(args);
+            let cfg = RunCfg { conns, window, warmup, counted, threads: args.threads, timeout, line };
             let r = run(&addr, &cfg, master)?;
             if !args.json {
                 eprintln!("{}", r.summary());
@@ -181,6 +189,7 @@ fn run_main(args: &Args) -> Result<(), String> {
             counted: Duration::from_secs_f64(args.seconds),
             threads: args.threads,
             timeout,
+            line: request_line(args),
         };
         let r = run(&addr, &cfg, master)?;
         if args.json {
@@ -499,6 +508,8 @@ struct RunCfg {
     counted: Duration,
     threads: usize,
     timeout: Duration,
+    /// What a request line is: `prefix`, the job's number, `suffix`.
+    line: (Vec<u8>, Vec<u8>),
 }
 
 /// When the counted time starts and ends, shared by every client thread.
@@ -615,6 +626,17 @@ impl RunResult {
     }
 }
 
+/// A request line is `prefix`, the job's number, `suffix`.
+fn request_line(args: &Args) -> (Vec<u8>, Vec<u8>) {
+    match &args.job_type {
+        None => (b"user".to_vec(), b"@example.com\n".to_vec()),
+        Some(kind) => {
+            let prefix = format!("{{\"type\":{},\"to\":\"user", json!(kind));
+            (prefix.into_bytes(), b"@example.com\"}\n".to_vec())
+        }
+    }
+}
+
 fn connect(addr: &str) -> Result<StdTcpStream, String> {
     let mut last = format!("{addr} resolves to nothing");
     for a in addr.to_socket_addrs().map_err(|e| format!("cannot resolve {addr}: {e}"))? {
@@ -644,7 +666,8 @@ fn run(addr: &str, cfg: &RunCfg, master: Option<i32>) -> Result<RunResult, Strin
         .into_iter()
         .map(|streams| {
             let (window, timeout, stop) = (cfg.window, cfg.timeout, Arc::clone(&stop));
-            thread::spawn(move || client_loop(streams, window, begin, clock, timeout, &stop))
+            let line = cfg.line.clone();
+            thread::spawn(move || client_loop(streams, window, &line, begin, clock, timeout, &stop))
         })
         .collect();
 
@@ -760,16 +783,16 @@ impl Conn {
     }
 
     /// Tops the window up to `window` jobs outstanding and writes what it can.
-    fn refill(&mut self, window: usize, tally: &mut Tally) -> io::Result<()> {
+    fn refill(&mut self, window: usize, line: &(Vec<u8>, Vec<u8>), tally: &mut Tally) -> io::Result<()> {
         let missing = window.saturating_sub(self.outstanding());
         if missing > 0 {
             let now = Instant::now();
             for _ in 0..missing {
                 let seq = self.next_seq;
                 self.next_seq += 1;
-                self.wbuf.extend_from_slice(b"user");
+                self.wbuf.extend_from_slice(&line.0);
                 push_u64(&mut self.wbuf, seq);
-                self.wbuf.extend_from_slice(b"@example.com\n");
+                self.wbuf.extend_from_slice(&line.1);
                 self.pending.insert(seq, now);
             }
             tally.sent += missing as u64;
@@ -910,6 +933,7 @@ fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
 fn client_loop(
     streams: Vec<StdTcpStream>,
     window: usize,
+    line: &(Vec<u8>, Vec<u8>),
     begin: Instant,
     clock: Clock,
     timeout: Duration,
@@ -946,7 +970,7 @@ fn client_loop(
         thread::sleep(begin - now);
     }
     for c in &mut conns {
-        c.refill(window, &mut tally).map_err(|e| io_err("write", e))?;
+        c.refill(window, line, &mut tally).map_err(|e| io_err("write", e))?;
     }
     let mut stopping = false;
     let mut last_progress = Instant::now();
@@ -990,7 +1014,7 @@ fn client_loop(
             if stopping {
                 c.flush().map_err(|e| io_err("write", e))?;
             } else {
-                c.refill(window, &mut tally).map_err(|e| io_err("write", e))?;
+                c.refill(window, line, &mut tally).map_err(|e| io_err("write", e))?;
             }
         }
     }

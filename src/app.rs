@@ -84,6 +84,12 @@ pub trait Application: 'static {
     /// why there is none and whether the server should run it again ([`TaskFailure`]; a
     /// `String` converts to a permanent failure, so `Err(why.to_string())` and `?` just work).
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure>;
+    /// In a task process: `task` waits in the channel (the next to run, or behind it), and `on_task` follows
+    /// for it, in order, unless the process ends first (then the master runs it again, as any
+    /// job of a process that died). An application may start it early, as the external
+    /// handlers do: their jobs are written ahead, so a handler runs a burst of them without
+    /// waiting for the task process between two. Not called for durable jobs.
+    fn on_task_ahead(&mut self, _task: &Task<'_>) {}
     /// In a worker of the slot that submitted the task: the task is done or failed for good.
     fn on_finish(&mut self, _ctx: &mut WorkerCtx<'_>, _finished: &Finished<'_>) {}
 }
@@ -186,6 +192,80 @@ impl fmt::Display for TaskError {
 
 impl std::error::Error for TaskError {}
 
+/// A job's priority: under load, task processes take high, normal and low jobs in a weighted
+/// fair order (6:3:1), so that every priority gets its share and none starves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Priority> {
+        Priority::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Its place in [`Priority::ALL`], as the envelope carries it.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn from_index(i: u8) -> Priority {
+        match i {
+            0 => Priority::High,
+            2 => Priority::Low,
+            _ => Priority::Normal,
+        }
+    }
+}
+
+/// What a task may ask for beyond "run it now" ([`WorkerCtx::task_for_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskOptions {
+    /// Not before this time: until then it waits in the master's delayed queue, holding no
+    /// task process. A time in the past runs now.
+    pub run_at: Option<std::time::SystemTime>,
+    pub priority: Priority,
+    /// Deduplication: while a task with this key is waiting or running, or for `dedup_ttl`
+    /// after it ended, another with the same key is not run; its session gets a `duplicate`
+    /// line naming the first, then the first's final reply.
+    pub key: Option<String>,
+    pub dedup_ttl: Duration,
+}
+
+impl TaskOptions {
+    /// Whether it asks for anything but the defaults.
+    pub fn is_default(&self) -> bool {
+        self.run_at.is_none() && self.priority == Priority::Normal && self.key.is_none()
+    }
+}
+
+/// Milliseconds since the Unix epoch (0 for a time before it).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis().min(u64::MAX as u128) as u64)
+}
+
+/// A Unix time in ms as RFC 3339 in UTC, to the millisecond (`2026-12-24T08:00:00.000Z`).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = i64::try_from(ms / 1000).unwrap_or(i64::MAX);
+    match chrono::DateTime::from_timestamp(secs, (ms % 1000) as u32 * 1_000_000) {
+        Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        None => format!("{ms} ms after 1970"),
+    }
+}
+
 /// A per-task callback ([`WorkerCtx::task_with`]), called instead of `on_finish`.
 pub type Callback = Box<dyn FnOnce(&mut WorkerCtx<'_>, &Finished<'_>)>;
 
@@ -278,6 +358,56 @@ impl WorkerCtx<'_> {
     /// `on_finish` (whatever worker process of this slot receives it).
     pub fn task_for(&mut self, session: SessionId, context: &[u8], data: &[u8]) -> Result<TaskId, TaskError> {
         self.submit(session, context, data, -1, 0)
+    }
+
+    /// Like [`WorkerCtx::task_for`], with [`TaskOptions`]: a time to run it, a priority, a
+    /// deduplication key.
+    pub fn task_for_with(
+        &mut self,
+        session: SessionId,
+        context: &[u8],
+        data: &[u8],
+        options: &TaskOptions,
+    ) -> Result<TaskId, TaskError> {
+        if options.is_default() {
+            return self.task_for(session, context, data);
+        }
+        if self.limits.durable {
+            return Err(TaskError::Unavailable(
+                "this server keeps its jobs in Redis (redis_url): run_at, run_in_ms, priority and key \
+                 are not available with durable jobs yet"
+                    .into(),
+            ));
+        }
+        self.check_size(data)?;
+        let bytes = (context.len() + data.len()) as u64;
+        self.check_room(1, bytes)?;
+        let task_id = self.shared.next_task_id();
+        *self.uncounted_tasks += 1;
+        *self.uncounted_bytes += bytes;
+        FromWorker::TaskOptions {
+            task_id,
+            run_at_ms: options.run_at.map_or(0, |t| unix_ms(t).max(1)),
+            priority: options.priority.index() as u8,
+            dedup_ttl_ms: options.dedup_ttl.as_millis().min(u64::MAX as u128) as u64,
+            key: options.key.as_deref().unwrap_or("").as_bytes(),
+        }
+        .encode(self.out);
+        FromWorker::Task { task_id, session, target: -1, group: 0, flags: 0, context, data }.encode(self.out);
+        Ok(task_id)
+    }
+
+    /// Cancels task `task_id`, submitted by `session`, if it has not started: the session gets
+    /// `{"event":"cancelled","task_id":N}` as the task's final line (and its `on_finish` is
+    /// not called), or an `error` saying why it cannot be cancelled (running, ended, unknown).
+    pub fn cancel(&mut self, session: SessionId, task_id: TaskId) {
+        ToClient::Cancel { session, task_id, token: b"" }.encode(self.out);
+    }
+
+    /// Like [`WorkerCtx::cancel`], for the operator (`taskd cancel N`): any session's job, if
+    /// `token` is the one the daemon keeps beside its pid file. The session gets the answer.
+    pub fn cancel_as_operator(&mut self, session: SessionId, task_id: TaskId, token: &str) {
+        ToClient::Cancel { session, task_id, token: token.as_bytes() }.encode(self.out);
     }
 
     /// Like [`WorkerCtx::task_for`], run by the task process of slot `task_slot` (Swoole's

@@ -30,6 +30,8 @@ macro_rules! options {
             $( pub $field: Option<$ty>, )*
             /// `[handlers]`: job type → command (a table, so not in the flat list).
             pub handlers: Option<std::collections::BTreeMap<String, String>>,
+            /// `[[schedule]]`: periodic jobs (an array of tables).
+            pub schedule: Option<Vec<crate::schedule::ScheduleSpec>>,
         }
 
         /// Every option's name (its TOML key).
@@ -59,6 +61,7 @@ macro_rules! options {
             fn apply_file(&mut self, file: FileOptions) {
                 $( if let Some(v) = file.$field { self.$part.$field = $($wrap)?(v); } )*
                 if let Some(handlers) = file.handlers { self.mail.handlers = handlers; }
+                if let Some(schedules) = file.schedule { self.server.schedules = schedules; }
             }
             fn apply_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
                 $(
@@ -153,8 +156,16 @@ options! {
     server.user: String => Some,
     /// Run workers and task processes with this group (default: the user's group)
     server.group: String => Some,
-    /// Durable jobs in Redis Streams: redis://HOST:PORT or redis+unix:///PATH (off when unset)
+    /// Durable jobs in Redis Streams: redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, redis+sentinel://H:P,H:P/MASTER, redis+cluster://H:P,H:P (off when unset)
     server.redis_url: String => Some,
+    /// rediss://: PEM CA certificates that sign the Redis server's certificate [default: the system's]
+    server.redis_ca_file: PathBuf => Some,
+    /// rediss://: this client's PEM certificate, for mutual TLS (with --redis-key-file)
+    server.redis_cert_file: PathBuf => Some,
+    /// rediss://: the key of --redis-cert-file (read before the pool drops privileges)
+    server.redis_key_file: PathBuf => Some,
+    /// Replicas that must hold a job (Redis WAIT, up to 2 s) before it is accepted (0 to 64) [default: 0]
+    server.redis_wait_replicas: u32,
     /// This node's name in the shared queue; a restart with the same one resumes its jobs [default: host name]
     server.node_id: String => Some,
     /// Name of the shared queue (its keys are {NAME}:...) [default: taskd]
@@ -171,6 +182,8 @@ options! {
     server.ws_handshake_max: usize,
     /// Origins (scheme://host:port, comma-separated; * for any) whose web pages may open a WebSocket besides this host's [default: none]
     server.ws_allow_origin: OriginList => origin_list,
+    /// The operator's dashboard on --ws-port opens with the token in this file [default: one generated at start, written 0600 next to --pid-file; neither: no dashboard]
+    server.admin_token_file: PathBuf => Some,
     /// Milliseconds a simulated delivery takes [default: 1000]
     mail.simulate_ms: u64,
     /// File that delivered messages are appended to [default: taskd-outbox.log]
@@ -181,6 +194,10 @@ options! {
     mail.email_body_max: usize,
     /// Jobs an external handler runs before it is replaced (0: no limit) [default: 0]
     mail.handler_max_jobs: u64,
+    /// With redis_url: job types (comma-separated) this node accepts and queues for the task nodes whose handlers run them; it does not run them itself [default: none]
+    mail.queue_types: OriginList => origin_list,
+    /// Milliseconds a job's deduplication "key" stays taken after the job ended [default: 3600000]
+    mail.dedup_ttl_ms: u64,
     /// Send SMS to this HTTP API instead of the outbox: Twilio's Messages URL with the account SID and auth token as userinfo (https://SID:TOKEN@api.twilio.com/2010-04-01/Accounts/SID/Messages.json), or a webhook's URL; prefer TASKD_SMS_URL or the config file for a URL with a password
     mail.sms_url: String => Some,
     /// twilio (form To/From/Body, basic auth, the answer's sid) or webhook (JSON to/text/task_id, bearer token, the answer's id) [default: twilio]
@@ -261,7 +278,7 @@ pub struct Cli {
     pub options: FlagOptions,
     /// Run jobs of TYPE with an external program (repeatable): TYPE='python3 /srv/jobs/resize.py'.
     /// Adds to (or replaces a type of) the config file's [handlers] table
-    #[arg(long = "handler", value_name = "TYPE=COMMAND")]
+    #[arg(long = "handler", value_name = "TYPE=COMMAND", global = true)]
     pub handlers: Vec<String>,
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -293,6 +310,13 @@ pub enum Command {
     },
     /// Say whether the daemon runs, with its pids, uptime and counters (exit 0; 3 if not).
     Status {
+        #[command(flatten)]
+        options: FlagOptions,
+    },
+    /// Cancel job N if it has not started (its client gets "cancelled"); exit 0 if it was, 1 if not.
+    Cancel {
+        /// The job's task_id, as its `accepted` line gave it
+        task_id: u64,
         #[command(flatten)]
         options: FlagOptions,
     },
@@ -337,6 +361,7 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
     ("stop", &["pid_file", "max_wait_time"], "it finds the running daemon through its pid file"),
     ("reload", &["pid_file"], "it finds the running daemon through its pid file"),
     ("status", &["pid_file"], "it finds the running daemon through its pid file"),
+    ("cancel", &["pid_file"], "it finds the running daemon through its pid file"),
     (
         "task-node",
         &[
@@ -354,6 +379,9 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
             "user",
             "group",
             "redis_url",
+            "redis_ca_file",
+            "redis_cert_file",
+            "redis_key_file",
             "node_id",
             "redis_queue",
             "result_keep",
@@ -377,7 +405,7 @@ pub const SUBCOMMAND_OPTIONS: &[(&str, &[&str], &str)] = &[
     ),
     (
         "dead-letter",
-        &["redis_url", "redis_queue", "node_id"],
+        &["redis_url", "redis_ca_file", "redis_cert_file", "redis_key_file", "redis_queue", "node_id"],
         "it only reads and writes the dead-letter stream in Redis",
     ),
 ];
@@ -423,6 +451,7 @@ impl Cli {
             Some(Command::Stop { options, .. })
             | Some(Command::Reload { options, .. })
             | Some(Command::Status { options })
+            | Some(Command::Cancel { options, .. })
             | Some(Command::TaskNode { options }) => Some(options),
             Some(Command::DeadLetter { action, options }) => {
                 flags.merge(options);
@@ -445,6 +474,7 @@ impl Cli {
             Command::Stop { .. } => "stop",
             Command::Reload { .. } => "reload",
             Command::Status { .. } => "status",
+            Command::Cancel { .. } => "cancel",
             Command::TaskNode { .. } => "task-node",
             Command::DeadLetter { .. } => "dead-letter",
         })
@@ -512,32 +542,52 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
     settings.check_mail_times().map_err(|e| e.to_string())?;
     settings.mail.check_delivery().map_err(|e| e.to_string())?;
     settings.check_smtp().map_err(|e| e.to_string())?;
+    settings.check_schedules()?;
     Ok(settings)
 }
 
+/// Job types of the application itself: their durable jobs stay in the main stream.
+const BUILT_IN: [&str; 2] = ["email", "sms"];
+
 impl Settings {
-    /// External handlers: valid types and commands, and (for now) memory mode only.
-    fn check_handlers(&self) -> Result<(), crate::config::InvalidOption> {
+    /// External handlers: valid types and commands; queued types only for durable jobs. Then
+    /// the lanes of durable jobs: every such type has one, but the built-in email and sms,
+    /// which stay in the main stream that every node reads.
+    fn check_handlers(&mut self) -> Result<(), crate::config::InvalidOption> {
         use crate::config::InvalidOption;
         crate::handler::validate(&self.mail.handlers)
             .map_err(|reason| InvalidOption { option: "handlers", reason })?;
-        if !self.mail.handlers.is_empty() && self.server.redis_url.is_some() {
-            let reason = "handlers run only without redis_url for now: durable jobs and task nodes \
-                          do not run them yet"
-                .to_string();
-            return Err(InvalidOption { option: "handlers", reason });
+        let queued = &self.mail.queue_types;
+        if !queued.is_empty() && self.server.redis_url.is_none() {
+            let reason =
+                "needs redis_url: the jobs wait in Redis for the task nodes that run them".to_string();
+            return Err(InvalidOption { option: "queue_types", reason });
         }
+        for kind in queued {
+            crate::handler::check_type(kind)
+                .map_err(|reason| InvalidOption { option: "queue_types", reason })?;
+            if BUILT_IN.contains(&kind.as_str()) {
+                let reason = format!("{kind:?} is built in: every node runs it");
+                return Err(InvalidOption { option: "queue_types", reason });
+            }
+        }
+        let own = self.mail.handlers.keys().filter(|k| !BUILT_IN.contains(&k.as_str()));
+        self.server.run_lanes = own.cloned().collect();
+        let mut lanes: Vec<String> = self.server.run_lanes.iter().chain(queued).cloned().collect();
+        lanes.sort();
+        lanes.dedup();
+        self.server.job_lanes = lanes;
         Ok(())
     }
 
     /// The application's durations, checked with the server's (`ServerConfig::check_limits`).
     fn check_mail_times(&self) -> Result<(), crate::config::InvalidOption> {
         use crate::config::{InvalidOption, MAX_SECONDS};
-        use crate::mail::request::MAX_DELAY_MS;
+        use crate::mail::request::MAX_SIMULATE_MS;
         let (simulate, batch) = (self.mail.simulate_ms, self.mail.batch_timeout_ms);
-        if simulate > MAX_DELAY_MS {
+        if simulate > MAX_SIMULATE_MS {
             let reason =
-                format!("{simulate} ms is more than {MAX_DELAY_MS} (one hour), the most a job may take");
+                format!("{simulate} ms is more than {MAX_SIMULATE_MS} (one hour), the most a job may take");
             return Err(InvalidOption { option: "simulate_ms", reason });
         }
         self.server.check_run_time("simulate_ms", simulate)?;
@@ -589,6 +639,36 @@ fn read_file(path: &Path) -> Result<FileOptions, String> {
 }
 
 impl Settings {
+    /// The `[[schedule]]` entries: each valid, and its job one this application takes.
+    fn check_schedules(&self) -> Result<(), String> {
+        let schedules = &self.server.schedules;
+        crate::schedule::check_all(schedules).map_err(|e| format!("invalid schedule: {e}"))?;
+        if !schedules.is_empty() && self.server.redis_url.is_some() {
+            return Err(
+                "invalid schedule: [[schedule]] runs only without redis_url for now: with durable \
+                        jobs every web node would run each tick, where a tick must run once across the nodes"
+                    .into(),
+            );
+        }
+        let limits = crate::mail::request::FieldLimits { email_body_max: self.mail.email_body_max };
+        let handled: Vec<String> = self.mail.handlers.keys().cloned().collect();
+        for s in schedules {
+            let line = serde_json::to_vec(&s.job).unwrap_or_default();
+            match crate::mail::request::parse_for(&line, &limits, &handled) {
+                Ok(crate::mail::request::Request::Job(_) | crate::mail::request::Request::Handled { .. }) => {
+                }
+                Ok(_) => {
+                    return Err(format!(
+                        "invalid schedule: {}: its job must be an email, SMS or handler job",
+                        s.name
+                    ))
+                }
+                Err(e) => return Err(format!("invalid schedule: {}: its job: {e}", s.name)),
+            }
+        }
+        Ok(())
+    }
+
     /// The effective configuration in the config file's format.
     pub fn to_toml(&self) -> String {
         // --check-config prints this: the Redis password stays out of it (and of the terminal).
@@ -601,6 +681,16 @@ impl Settings {
         mail.sms_token = mail.sms_token.map(|_| "***".into());
         mail.smtp_url = mail.smtp_url.as_deref().map(crate::durable::redact);
         out.push_str(&toml::to_string(&mail).unwrap_or_default());
+        // Arrays of tables last: after them, a plain key would belong to the last table.
+        #[derive(serde::Serialize)]
+        struct Schedules<'a> {
+            schedule: &'a [crate::schedule::ScheduleSpec],
+        }
+        if !self.server.schedules.is_empty() {
+            out.push_str(
+                &toml::to_string(&Schedules { schedule: &self.server.schedules }).unwrap_or_default(),
+            );
+        }
         out
     }
 }
@@ -741,14 +831,26 @@ mod tests {
         let back: FileOptions = toml::from_str(&s.to_toml()).unwrap();
         let mut again = Settings::default();
         again.apply_file(back);
-        assert_eq!(again, s);
+        // The lanes are the application's, not options: not in the file.
+        let mut expected = s.clone();
+        (expected.server.job_lanes, expected.server.run_lanes) = Default::default();
+        assert_eq!(again, expected);
+        assert_eq!(s.server.run_lanes, ["pdf", "resize"], "email stays built in");
         for bad in ["resize", "Big=x", "batch=x", "x=", "x=sh -c 'oops"] {
             assert!(load(&cli(&["--handler", bad])).is_err(), "{bad}");
         }
         std::fs::write(&file, "[handlers]\nresult = \"x\"\n").unwrap();
         assert!(load(&cli(&["--config", path])).unwrap_err().contains("handlers"));
-        let err = load(&cli(&["--handler", "a=b", "--redis-url", "redis://h"])).unwrap_err();
-        assert!(err.contains("without redis_url"), "{err}");
+        let s = load(&cli(&["--handler", "a=b", "--redis-url", "redis://h", "--queue-types", "img,pdf,a"]))
+            .unwrap();
+        assert_eq!(
+            (&s.server.run_lanes[..], &s.server.job_lanes[..]),
+            (&["a".to_string()][..], &["a", "img", "pdf"].map(String::from)[..])
+        );
+        let err = load(&cli(&["--queue-types", "img"])).unwrap_err();
+        assert!(err.contains("queue_types") && err.contains("redis_url"), "{err}");
+        let err = load(&cli(&["--queue-types", "email", "--redis-url", "redis://h"])).unwrap_err();
+        assert!(err.contains("built in"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -782,5 +884,29 @@ mod tests {
         let mut again = Settings::default();
         again.apply_file(back);
         assert_eq!(again, s);
+    }
+
+    #[test]
+    fn schedules_are_read_from_the_file_checked_and_written_back_last() {
+        let dir = std::env::temp_dir().join(format!("taskd-schedules-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("taskd.toml");
+        let path = file.to_str().unwrap();
+        std::fs::write(
+            &file,
+            "simulate_ms = 5\n[[schedule]]\nname = \"r\"\ncron = \"0 0 6 * * *\"\nmissed = \"once\"\n\
+             job = { type = \"email\", to = \"a@example.com\" }\n",
+        )
+        .unwrap();
+        let s = load(&cli(&["--config", path])).unwrap();
+        assert_eq!(s.server.schedules.len(), 1);
+        assert_eq!(s.server.schedules[0].missed, crate::schedule::Missed::Once);
+        let back: FileOptions = toml::from_str(&s.to_toml()).unwrap();
+        assert_eq!(back.schedule.as_deref(), Some(&s.server.schedules[..]));
+        assert_eq!(back.simulate_ms, Some(5));
+        // Not with durable jobs yet.
+        let err = load(&cli(&["--config", path, "--redis-url", "redis://127.0.0.1:1"])).unwrap_err();
+        assert!(err.contains("invalid schedule") && err.contains("redis_url"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

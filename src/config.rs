@@ -134,6 +134,17 @@ pub struct ServerConfig {
     /// Durable jobs: the Redis server that holds them (`redis://HOST:PORT`,
     /// `redis+unix:///PATH`). None: jobs live in the master's memory, and no Redis code runs.
     pub redis_url: Option<String>,
+    /// `rediss://`: PEM CA certificates the server's certificate must be signed by (a private
+    /// CA), instead of the system's.
+    pub redis_ca_file: Option<PathBuf>,
+    /// `rediss://`: this client's PEM certificate and key, for a server that asks for one
+    /// (mutual TLS). Read by the master before anything forks, so that a pool running as
+    /// `user` needs no access to the key.
+    pub redis_cert_file: Option<PathBuf>,
+    pub redis_key_file: Option<PathBuf>,
+    /// Replicas that must have each batch of jobs (Redis WAIT) before its clients get
+    /// `accepted`: a failover to one of them loses no accepted job. 0: the master's word.
+    pub redis_wait_replicas: u32,
     /// This node's name among the nodes sharing the queue; a restarted node takes its
     /// unfinished jobs back by it (default: the host name).
     pub node_id: Option<String>,
@@ -157,6 +168,22 @@ pub struct ServerConfig {
     /// Origins (`scheme://host[:port]`) whose pages may open a WebSocket, besides this host's
     /// own (`*`: any). A browser always sends `Origin`; other clients need not.
     pub ws_allow_origin: Vec<String>,
+    /// Durable jobs: the job types with a lane of their own (`{q}:jobs:TYPE`), which the
+    /// application names (a handler's type, or one queued for other nodes), not an option.
+    #[serde(skip)]
+    pub job_lanes: Vec<String>,
+    /// Of those, the ones this node runs: its consumers read their lanes.
+    #[serde(skip)]
+    pub run_lanes: Vec<String>,
+    /// The token that opens the operator's dashboard on the WebSocket port, read from this
+    /// file; None: one is generated at start, written 0600 next to the pid file (no pid file
+    /// either: no dashboard).
+    pub admin_token_file: Option<PathBuf>,
+    /// Periodic jobs (`[[schedule]]`): each tick, the master hands the entry's job to a
+    /// worker as a request from no client. Written apart at the end of the file (a TOML array
+    /// of tables must follow the plain keys).
+    #[serde(skip)]
+    pub schedules: Vec<crate::schedule::ScheduleSpec>,
 }
 
 impl Default for ServerConfig {
@@ -200,6 +227,10 @@ impl Default for ServerConfig {
             user: None,
             group: None,
             redis_url: None,
+            redis_ca_file: None,
+            redis_cert_file: None,
+            redis_key_file: None,
+            redis_wait_replicas: 0,
             node_id: None,
             redis_queue: "taskd".into(),
             result_keep: 10_000,
@@ -208,6 +239,10 @@ impl Default for ServerConfig {
             metrics_max_conn: 16,
             ws_handshake_max: 1024,
             ws_allow_origin: Vec::new(),
+            job_lanes: Vec::new(),
+            run_lanes: Vec::new(),
+            admin_token_file: None,
+            schedules: Vec::new(),
         }
     }
 }
@@ -421,7 +456,7 @@ impl ServerConfig {
 
     /// Whether a job that takes `ms` milliseconds can finish within `task_timeout`: a job set
     /// to take longer would only be killed and run again until it fails. `option` names where
-    /// the time came from (`simulate_ms`, a job's `delay_ms`).
+    /// the time came from (`simulate_ms`, a job's own).
     pub fn check_run_time(&self, option: &'static str, ms: u64) -> Result<(), InvalidOption> {
         let Some(limit) = self.task_limit() else { return Ok(()) };
         check(
@@ -515,11 +550,38 @@ impl ServerConfig {
     pub fn check_durable(&self) -> Result<(), InvalidOption> {
         if let Some(url) = &self.redis_url {
             check(
-                ["redis://", "redis+unix://", "unix://"].iter().any(|p| url.starts_with(p)),
+                [
+                    "redis://",
+                    "rediss://",
+                    "redis+unix://",
+                    "unix://",
+                    "redis+sentinel://",
+                    "redis+cluster://",
+                ]
+                .iter()
+                .any(|p| url.starts_with(p)),
                 "redis_url",
-                format!("{:?} is not redis://HOST:PORT or redis+unix:///PATH", crate::durable::redact(url)),
+                format!(
+                    "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, \
+                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER or redis+cluster://HOST:PORT,HOST:PORT",
+                    crate::durable::redact(url)
+                ),
             )?;
         }
+        check(self.redis_wait_replicas <= 64, "redis_wait_replicas", "at most 64 replicas")?;
+        let tls = self.redis_url.as_deref().is_some_and(|url| url.starts_with("rediss://"));
+        for (option, given) in [
+            ("redis_ca_file", self.redis_ca_file.is_some()),
+            ("redis_cert_file", self.redis_cert_file.is_some()),
+            ("redis_key_file", self.redis_key_file.is_some()),
+        ] {
+            check(!given || tls, option, "it goes with a rediss:// redis_url (TLS)")?;
+        }
+        check(
+            self.redis_cert_file.is_some() == self.redis_key_file.is_some(),
+            if self.redis_cert_file.is_some() { "redis_key_file" } else { "redis_cert_file" },
+            "a client certificate needs its key, and a key its certificate (mutual TLS)",
+        )?;
         let name_ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
@@ -625,10 +687,10 @@ mod tests {
     fn a_job_may_not_be_set_to_run_longer_than_task_timeout() {
         let c = ServerConfig::default();
         assert_eq!(c.task_limit(), Some(Duration::from_secs(300)));
-        c.check_run_time("delay_ms", 300_000).unwrap();
-        let err = c.check_run_time("delay_ms", 300_001).unwrap_err();
+        c.check_run_time("simulate_ms", 300_000).unwrap();
+        let err = c.check_run_time("simulate_ms", 300_001).unwrap_err();
         assert!(err.to_string().contains("300001 ms is longer than task_timeout (300s)"), "{err}");
         let unlimited = ServerConfig { task_timeout: 0.0, ..Default::default() };
-        unlimited.check_run_time("delay_ms", u64::MAX).unwrap();
+        unlimited.check_run_time("simulate_ms", u64::MAX).unwrap();
     }
 }

@@ -13,6 +13,7 @@
 //! | `status` | running | dead, pid file left | not running | unknown (no --pid-file, unreadable) | | |
 //! | `stop` | stopped, or was not running | still running after the timeout | | no permission | no --pid-file | |
 //! | `reload` | signalled | | | no permission | no --pid-file | not running |
+//! | `cancel N` | cancelled | not cancelled | | token unreadable | no --pid-file | not running |
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -43,6 +44,32 @@ pub fn addr_path(path: &Path) -> PathBuf {
         return PathBuf::from(name);
     }
     path.with_extension("addr")
+}
+
+/// Where the daemon of pid file `path` keeps its operator token (`taskd.pid` → `taskd.token`),
+/// mode 0600: who can read it may cancel any job (`taskd cancel N`), as who can signal the
+/// master may stop it.
+pub fn token_path(path: &Path) -> PathBuf {
+    let token = addr_path(path).with_extension("token");
+    if token == path {
+        // A pid file named `x.token`: its token goes to `x.token.token`.
+        let mut name = path.as_os_str().to_owned();
+        name.push(".token");
+        return PathBuf::from(name);
+    }
+    token
+}
+
+/// Writes a fresh random operator token beside the pid file; returns it.
+pub fn write_token(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let file = token_path(path);
+    crate::files::replace(&file, format!("{token}\n").as_bytes(), 0o600)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+    Ok(token)
 }
 
 /// What the pid file (and the address file beside it) say.
@@ -96,6 +123,7 @@ impl PidFile {
         if PidFile::read(path).is_ok_and(|f| f.pid == pid) {
             let _ = std::fs::remove_file(path);
             let _ = std::fs::remove_file(addr_path(path));
+            let _ = std::fs::remove_file(token_path(path));
         }
     }
 }
@@ -277,8 +305,56 @@ pub fn status(pid_file: Option<&PathBuf>) -> u8 {
     EXIT_OK
 }
 
+/// `taskd cancel N`: asks the daemon, over its own port with the operator token kept beside
+/// its pid file, to cancel job N. Prints the answer; 0 if the job was cancelled, 1 if not (the
+/// answer says why), 4 if the token cannot be read, 6 without a pid file, 7 if not running.
+pub fn cancel(pid_file: Option<&PathBuf>, task_id: u64) -> u8 {
+    let path = match configured(pid_file, EXIT_NOT_CONFIGURED) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let Found::Running(daemon) = find(path) else {
+        eprintln!("taskd is not running (pid file {})", path.display());
+        return EXIT_RELOAD_NOT_RUNNING;
+    };
+    let Some(addr) = daemon.addr else {
+        eprintln!("taskd: cannot read the daemon's address file {}", addr_path(path).display());
+        return EXIT_UNKNOWN;
+    };
+    let token = match std::fs::read_to_string(token_path(path)) {
+        Ok(t) => t.trim().to_string(),
+        Err(e) => {
+            eprintln!(
+                "taskd: cannot read the operator token {}: {e} (run as the daemon's user or root)",
+                token_path(path).display()
+            );
+            return EXIT_UNKNOWN;
+        }
+    };
+    let line = serde_json::json!({"type": "cancel", "task_id": task_id, "token": token}).to_string();
+    match ask(addr, &line) {
+        Ok(answer) => {
+            println!("{answer}");
+            if answer["event"] == "cancelled" {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            }
+        }
+        Err(e) => {
+            eprintln!("taskd: asking the daemon at {addr} failed: {e}");
+            EXIT_FAILED
+        }
+    }
+}
+
 /// Asks the daemon for its `stats` line over its own port.
 pub fn fetch_stats(addr: SocketAddr) -> std::io::Result<serde_json::Value> {
+    ask(addr, "stats")
+}
+
+/// Sends the daemon one request line over its own port; its one answer.
+fn ask(addr: SocketAddr, request: &str) -> std::io::Result<serde_json::Value> {
     let mut addr = addr;
     if addr.ip().is_unspecified() {
         addr.set_ip(if addr.is_ipv4() {
@@ -289,7 +365,7 @@ pub fn fetch_stats(addr: SocketAddr) -> std::io::Result<serde_json::Value> {
     }
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(b"stats\n")?;
+    stream.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))

@@ -9,10 +9,11 @@
 //! for `task_timeout`, or stopped, takes its handler with it, and the job's retry (the
 //! master's, as for any task process that dies) runs on a fresh one.
 
-use std::collections::{BTreeMap, HashMap};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
@@ -22,6 +23,14 @@ pub const MAX_TYPE_LEN: usize = 32;
 pub const MAX_ANSWER: usize = 16 * 1024 * 1024;
 /// Longest stderr line logged as one line; a longer one is cut into pieces.
 const MAX_LOG_LINE: u64 = 4096;
+/// A handler that fails (dies, or answers wrongly) this soon after its start is started again
+/// only after a wait that doubles with each such failure in a row, from `RESTART_MIN` to
+/// `RESTART_MAX` (as the pool restarts a process that dies at start): a handler that crashes
+/// on start cannot turn each job into a fork. One that answered, or lived longer, starts over.
+const QUICK_FAILURE: Duration = Duration::from_secs(1);
+const RESTART_MIN: Duration = Duration::from_millis(50);
+const RESTART_MAX: Duration = Duration::from_secs(2);
+
 /// Types the request parser keeps for itself.
 const RESERVED: &[&str] = &["batch", "result", "stats"];
 
@@ -123,10 +132,17 @@ pub enum Outcome {
 /// One handler process and its pipes.
 struct Running {
     child: Child,
-    stdin: ChildStdin,
+    /// Buffered: the jobs written ahead go out together, when the task process waits for an
+    /// answer (one write, and one wake-up of the handler, for a burst of jobs).
+    stdin: BufWriter<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     /// Jobs it has answered, for `handler_max_jobs`.
     jobs: u64,
+    started: Instant,
+    /// Jobs written ahead ([`Handlers::send_ahead`]) whose answers are not read yet, in order,
+    /// with the length of each line, and their sum.
+    ahead: VecDeque<(u64, usize)>,
+    ahead_bytes: usize,
 }
 
 impl Running {
@@ -136,7 +152,8 @@ impl Running {
 
     /// Kills and reaps it. Only between jobs or after a fault: nothing it holds is lost.
     fn stop(mut self) {
-        drop(self.stdin);
+        // Without flushing what is buffered: it may not read any more.
+        drop(self.stdin.into_parts().0);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -151,6 +168,8 @@ pub struct Handlers {
     /// then each of their jobs fails with it (the start is still tried each time: a program
     /// installed later is found, and a failed exec costs one fork, not a loop).
     unstartable: HashMap<String, String>,
+    /// Handlers of each type that failed soon after their start, in a row (see `QUICK_FAILURE`).
+    quick_failures: HashMap<String, u32>,
 }
 
 impl Handlers {
@@ -160,7 +179,13 @@ impl Handlers {
             .iter()
             .filter_map(|(kind, command)| split_command(command).ok().map(|argv| (kind.clone(), argv)))
             .collect();
-        Handlers { commands, max_jobs, running: HashMap::new(), unstartable: HashMap::new() }
+        Handlers {
+            commands,
+            max_jobs,
+            running: HashMap::new(),
+            unstartable: HashMap::new(),
+            quick_failures: HashMap::new(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -171,12 +196,53 @@ impl Handlers {
         self.commands.contains_key(kind)
     }
 
+    /// Writes a job that `run` follows for soon (in the order of these calls) to its running
+    /// handler now, so that the handler goes from one job to the next without waiting for
+    /// the task process. Not past `handler_max_jobs`: a job written ahead runs on this handler.
+    /// If the handler dies or is replaced first, `run` writes the job again to its successor
+    /// (the job may then have run twice, as after any death mid-job).
+    pub fn send_ahead(&mut self, kind: &str, task_id: u64, attempt: u32, job: &Value) {
+        let Some(running) = self.running.get_mut(kind) else { return };
+        let room = self.max_jobs == 0 || running.jobs + (running.ahead.len() as u64) + 1 < self.max_jobs;
+        let line = job_line(task_id, attempt, job);
+        // Bytes ahead stay below what a pipe holds: a write never waits for a handler that
+        // is itself waiting for the task process to read its answers.
+        if room && running.ahead_bytes + line.len() <= AHEAD_BYTES && running.stdin.write_all(&line).is_ok() {
+            running.ahead.push_back((task_id, line.len()));
+            running.ahead_bytes += line.len();
+        }
+    }
+
     /// Runs one job on the handler of its type, starting the handler if need be.
     pub fn run(&mut self, kind: &str, task_id: u64, attempt: u32, job: &Value) -> Outcome {
+        // Jobs written ahead are answered in order: one run out of that order (the master
+        // sent it elsewhere) would read another job's answer. A new handler then.
+        let out_of_order = self
+            .running
+            .get(kind)
+            .is_some_and(|r| r.ahead.front().is_some_and(|&(first, _)| first != task_id));
+        if out_of_order {
+            if let Some(running) = self.running.remove(kind) {
+                tracing::info!(
+                    "handler {kind} (pid {}) replaced: jobs written ahead ran elsewhere",
+                    running.pid()
+                );
+                running.stop();
+            }
+        }
         let Some(argv) = self.commands.get(kind) else {
             return Outcome::Failed(format!("no handler for type {kind:?}"));
         };
         if !self.running.contains_key(kind) {
+            if let Some(wait) = self.quick_failures.get(kind).map(|&n| restart_wait(n)) {
+                tracing::warn!(
+                    "handler {kind} failed within {}s of its start {} time(s) in a row; starting it again in {} ms",
+                    QUICK_FAILURE.as_secs(),
+                    self.quick_failures[kind],
+                    wait.as_millis()
+                );
+                std::thread::sleep(wait);
+            }
             match spawn(kind, argv) {
                 Ok(running) => {
                     self.unstartable.remove(kind);
@@ -203,8 +269,18 @@ impl Handlers {
             // An answer `{"error":…}` for this job: the handler is fine.
             Outcome::Failed(why) | Outcome::Again(why) => why.starts_with(HANDLER_SAID),
         };
+        if healthy {
+            self.quick_failures.remove(kind);
+        }
         if recycle || !healthy {
             if let Some(running) = self.running.remove(kind) {
+                if !healthy {
+                    if running.started.elapsed() < QUICK_FAILURE {
+                        *self.quick_failures.entry(kind.to_string()).or_default() += 1;
+                    } else {
+                        self.quick_failures.remove(kind);
+                    }
+                }
                 let (pid, jobs) = (running.pid(), running.jobs);
                 if healthy {
                     tracing::info!(
@@ -218,15 +294,36 @@ impl Handlers {
     }
 }
 
+/// The wait before starting a handler again after `n` quick failures in a row.
+fn restart_wait(n: u32) -> Duration {
+    RESTART_MIN.saturating_mul(1 << n.saturating_sub(1).min(16)).min(RESTART_MAX)
+}
+
 /// How a reason given by the handler itself starts (its `"error"`), as opposed to a fault.
 const HANDLER_SAID: &str = "handler: ";
 
-/// Writes the job line and reads the answer line.
+/// Most bytes of jobs written ahead and not answered: half of a pipe's default capacity.
+const AHEAD_BYTES: usize = 32 * 1024;
+
+/// A job's line to its handler.
+fn job_line(task_id: u64, attempt: u32, job: &Value) -> Vec<u8> {
+    let mut line = json!({"task_id": task_id, "attempt": attempt, "job": job}).to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
+/// Writes the job line (unless it was written ahead) and reads the answer line.
 fn exchange(kind: &str, running: &mut Running, task_id: u64, attempt: u32, job: &Value) -> Outcome {
     let pid = running.pid();
-    let mut line = json!({"task_id": task_id, "attempt": attempt, "job": job}).to_string();
-    line.push('\n');
-    if let Err(e) = running.stdin.write_all(line.as_bytes()).and_then(|()| running.stdin.flush()) {
+    let sent = match running.ahead.front() {
+        Some(&(first, len)) if first == task_id => {
+            running.ahead.pop_front();
+            running.ahead_bytes -= len;
+            Ok(())
+        }
+        _ => running.stdin.write_all(&job_line(task_id, attempt, job)),
+    };
+    if let Err(e) = sent.and_then(|()| running.stdin.flush()) {
         return Outcome::Again(format!("the handler of {kind} (pid {pid}) cannot take the job: {e}"));
     }
     let mut answer = Vec::new();
@@ -352,7 +449,15 @@ fn spawn(kind: &str, argv: &[String]) -> io::Result<Running> {
         let _ = child.wait();
         return Err(io::Error::other(format!("cannot start the thread that logs its stderr: {e}")));
     }
-    Ok(Running { child, stdin, stdout: BufReader::new(stdout), jobs: 0 })
+    Ok(Running {
+        child,
+        stdin: BufWriter::new(stdin),
+        stdout: BufReader::new(stdout),
+        jobs: 0,
+        started: Instant::now(),
+        ahead: VecDeque::new(),
+        ahead_bytes: 0,
+    })
 }
 
 #[cfg(test)]
@@ -417,5 +522,40 @@ mod tests {
             Outcome::Failed(why) => assert!(why.contains("cannot start"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_handler_failing_at_start_waits_longer_each_time() {
+        let ms = |n| restart_wait(n).as_millis();
+        assert_eq!([ms(1), ms(2), ms(3), ms(6), ms(40)], [50, 100, 200, 1600, 2000]);
+    }
+
+    #[test]
+    fn jobs_written_ahead_are_answered_in_order() {
+        let script = "while read line; do id=${line#*\\\"task_id\\\":}; id=${id%%,*}; \
+                      echo \"{\\\"task_id\\\":$id,\\\"result\\\":$id}\"; done";
+        let config = BTreeMap::from([("echo".to_string(), format!("sh -c '{script}'"))]);
+        let mut handlers = Handlers::new(&config, 0);
+        let job = json!({"type": "echo"});
+        assert_eq!(handlers.run("echo", 1, 1, &job), Outcome::Done(json!(1)));
+        for id in 2..=5 {
+            handlers.send_ahead("echo", id, 1, &job);
+        }
+        assert_eq!(handlers.running["echo"].ahead.len(), 4);
+        for id in 2..=5 {
+            assert_eq!(handlers.run("echo", id, 1, &job), Outcome::Done(json!(id)));
+        }
+        // Run out of the order written: a new handler, and each job gets its own answer.
+        handlers.send_ahead("echo", 6, 1, &job);
+        handlers.send_ahead("echo", 7, 1, &job);
+        assert_eq!(handlers.run("echo", 7, 1, &job), Outcome::Done(json!(7)));
+        assert_eq!(handlers.run("echo", 6, 1, &job), Outcome::Done(json!(6)));
+        // handler_max_jobs bounds what is written ahead: the rest is written when it runs.
+        let mut handlers = Handlers::new(&config, 3);
+        assert_eq!(handlers.run("echo", 1, 1, &job), Outcome::Done(json!(1)));
+        for id in 2..=5 {
+            handlers.send_ahead("echo", id, 1, &job);
+        }
+        assert_eq!(handlers.running["echo"].ahead.len(), 1, "one more before the third job ends it");
     }
 }

@@ -31,10 +31,12 @@
 //! | [`delivery`] | task | ways to deliver a message (outbox, SMTP, SMS over HTTP) behind one trait |
 //! | [`cli`], [`config`], [`limits`] | before the fork | flags, the TOML file, validation, RLIMIT_NOFILE |
 //! | [`control`] | control commands | the pid file; `taskd stop`, `reload`, `status` |
+//! | [`admin`] | before the fork, master | the operator dashboard's token (read, or generated 0600 beside the pid file; compared in constant time) |
 //! | [`files`] | all | opening the files taskd writes: no planted links, explicit modes and owner |
 //! | [`throttle`] | all | one warning per kind and 10 s under a flood, with the count of the rest |
 //! | [`durable`] | bridge, task processes, task nodes | durable jobs in Redis Streams (`redis_url`) |
 
+pub mod admin;
 pub mod app;
 pub mod cli;
 pub mod config;
@@ -54,6 +56,7 @@ pub mod net;
 pub mod process;
 pub mod protocol;
 pub mod retry;
+pub mod schedule;
 pub mod shm;
 pub mod signals;
 pub mod supervisor;
@@ -160,6 +163,8 @@ pub fn run_notify<A: Application>(
     let config = &config;
     let shared = shm::Shared::map().map_err(io_err("cannot map shared memory"))?;
     logging::share_rotation(shared);
+    // The TLS files are read here, before the fork, by a process that may still read them.
+    durable::redis_io::set_up(config).map_err(StartError::Other)?;
     let durable = match durable::Durable::from_config(config) {
         Some(d) => {
             // The lease is taken in `prepare`: the pool's consumers take jobs while the name is
@@ -190,11 +195,28 @@ pub fn run_notify<A: Application>(
             return Err(StartError::Other("nothing to listen on: no TCP listener and no ws_port".into()))
         }
     };
+    // The dashboard's token, only where there is a page to open it with.
+    let admin_token = match config.ws_port {
+        Some(_) => admin::AdminToken::load_or_generate(
+            config.admin_token_file.as_deref(),
+            config.pid_file.as_deref(),
+        )
+        .map_err(|e| StartError::Other(e.to_string()))?,
+        None => None,
+    };
     let pid = std::process::id();
     if let Some(path) = &config.pid_file {
         control::PidFile::write(path, pid, addr)
             .map_err(|e| StartError::Other(format!("cannot write the pid file: {e}")))?;
     }
+    // The operator's token for `taskd cancel N`, beside the pid file (none without one).
+    let control_token = match &config.pid_file {
+        Some(path) => Some(
+            control::write_token(path)
+                .map_err(|e| StartError::Other(format!("cannot write the operator token: {e}")))?,
+        ),
+        None => None,
+    };
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
     process::set_title("taskd: master");
@@ -210,6 +232,8 @@ pub fn run_notify<A: Application>(
         workers,
         tasks,
         durable,
+        admin_token,
+        control_token,
     };
     let started = master::Master::new(&mut app, setup).and_then(|mut master| {
         master.spawn_bridge()?;

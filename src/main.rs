@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         }
         Some(Command::Reload { tasks, .. }) => return ExitCode::from(control::reload(pid_file, *tasks)),
         Some(Command::Status { .. }) => return ExitCode::from(control::status(pid_file)),
+        Some(Command::Cancel { task_id, .. }) => return ExitCode::from(control::cancel(pid_file, *task_id)),
         Some(Command::TaskNode { .. }) => return report(task_node(&settings)),
         Some(Command::DeadLetter { action, .. }) => return report(dead_letter(&settings, action)),
         None => {}
@@ -52,6 +53,8 @@ fn report(result: Result<i32, (u8, String)>) -> ExitCode {
 }
 
 fn durable_settings(settings: &Settings, command: &str) -> Result<taskd::durable::Durable, (u8, String)> {
+    // The TLS files are read now, before a task node forks (and drops privileges).
+    taskd::durable::redis_io::set_up(&settings.server).map_err(|e| (2, e))?;
     taskd::durable::Durable::from_config(&settings.server)
         .ok_or_else(|| (2, format!("`taskd {command}` needs --redis-url (or redis_url in the config file)")))
 }

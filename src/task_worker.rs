@@ -2,7 +2,9 @@
 //! a time, and sends back its result (finish).
 //!
 //! Results are written as soon as a task ends, except that a run of quick tasks already
-//! waiting in the channel is answered in one write (at most a millisecond late).
+//! waiting in the channel is answered in one write (at most a millisecond late). The tasks
+//! waiting in the channel are shown to the application first ([`Application::on_task_ahead`]),
+//! so that it may start them early.
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
@@ -43,6 +45,8 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     let limit = config.task_max_request;
     let mut served: u64 = 0;
     let mut out = Vec::new();
+    // The tasks at the head of the channel's input already shown to `on_task_ahead`.
+    let mut shown: usize = 0;
     loop {
         crate::logging::hold(false);
         if let Err(e) = poll.poll(&mut events, None) {
@@ -51,6 +55,8 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             }
         }
         let state = channel.fill().map_err(ProcessError::io("reading its channel failed"))?;
+        let room = if limit == 0 { u64::MAX } else { limit.saturating_sub(served) };
+        shown = show_ahead(app, info, channel.input(), shown, room);
         let mut stop = None;
         let mut since_flush = Instant::now();
         loop {
@@ -62,6 +68,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             };
             match frame {
                 ToTask::RunTask { task_id, session, attempt, src_worker, data } => {
+                    shown = shown.saturating_sub(1);
                     let session = (session != 0).then_some(session);
                     let task = Task { id: task_id, session, attempt, src_worker, data };
                     // A job with others queued behind it is one of a burst: its lines wait
@@ -107,6 +114,33 @@ fn second_frame_waiting(input: &[u8]) -> bool {
         Ok(Some(first)) => matches!(frame_len(&input[first..]), Ok(Some(_))),
         _ => false,
     }
+}
+
+/// Shows the application the tasks in `input` after the first `shown` (already shown), up to
+/// a stop, a frame not complete yet, or `room` tasks in all (what it may still run before
+/// `task_max_request`); returns how many are shown now.
+fn show_ahead<A: Application>(
+    app: &mut A,
+    info: ProcessInfo,
+    input: &[u8],
+    shown: usize,
+    room: u64,
+) -> usize {
+    let mut at = 0;
+    let mut seen = 0;
+    while (seen as u64) < room {
+        let Ok(Some((frame, n))) = ToTask::decode(&input[at..]) else { break };
+        let ToTask::RunTask { task_id, session, attempt, src_worker, data } = frame else { break };
+        // The first one too, which runs next: written before the others, it keeps their order.
+        if seen >= shown {
+            let task =
+                Task { id: task_id, session: (session != 0).then_some(session), attempt, src_worker, data };
+            guard(info.slot, "on_task_ahead", || app.on_task_ahead(&task));
+        }
+        seen += 1;
+        at += n;
+    }
+    seen.max(shown)
 }
 
 /// Runs one task and appends its outcome (with the reply it set, if any) to `out`.

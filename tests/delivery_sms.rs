@@ -133,7 +133,7 @@ fn the_webhook_preset_posts_json_with_a_bearer_token_and_an_idempotency_key() {
     let key = header(r, "idempotency-key");
     assert!(key.starts_with("taskd-") && key.ends_with(&format!("-{id}")), "{key}");
     // Email still goes to the outbox.
-    assert_eq!(run(&mut c, r#"{"type":"email","to":"a@example.com","delay_ms":0}"#)["event"], "done");
+    assert_eq!(run(&mut c, r#"{"type":"email","to":"a@example.com","simulate_ms":0}"#)["event"], "done");
     assert_eq!(d.outbox_lines().len(), 1);
 }
 
@@ -273,7 +273,7 @@ fn two_task_nodes_share_one_rate_limit_through_redis() {
     let mut c = d.connect();
     let to: Vec<String> = (0..8).map(|i| format!("user{i}@example.com")).collect();
     let lines: Vec<String> =
-        to.iter().map(|t| format!(r#"{{"type":"email","to":"{t}","delay_ms":0}}"#)).collect();
+        to.iter().map(|t| format!(r#"{{"type":"email","to":"{t}","simulate_ms":0}}"#)).collect();
     // The limit is the queue's: a turn taken in Redis 2 s ahead holds every node back.
     let time: Vec<String> = redis.query(&["TIME"]);
     let redis_now_us = time[0].parse::<u64>().unwrap() * 1_000_000 + time[1].parse::<u64>().unwrap();

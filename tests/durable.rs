@@ -18,8 +18,8 @@ fn web(redis: &Redis, node: &str, args: &[&str]) -> Daemon {
     Daemon::start(&all)
 }
 
-fn job(i: usize, delay_ms: u64) -> String {
-    format!(r#"{{"type":"email","to":"user{i}@example.com","delay_ms":{delay_ms}}}"#)
+fn job(i: usize, simulate_ms: u64) -> String {
+    format!(r#"{{"type":"email","to":"user{i}@example.com","simulate_ms":{simulate_ms}}}"#)
 }
 
 /// Every `done` or `failed` line, by task id, until each of `ids` has one.
@@ -826,10 +826,10 @@ fn outbox_by_task(nodes: &[&TaskNode]) -> HashMap<u64, Vec<Value>> {
     by
 }
 
-/// Makes node a's only consumer (`a/0`) hold three jobs of `delay_ms` at once, as a batch of
+/// Makes node a's only consumer (`a/0`) hold three jobs of `simulate_ms` at once, as a batch of
 /// quick-looking jobs would: it learns from quick jobs to take many, and is stopped while not
 /// reading until the three are in the stream. Its pid and the three task ids.
-fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, delay_ms: u64) -> (u32, Vec<u64>) {
+fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, simulate_ms: u64) -> (u32, Vec<u64>) {
     for i in 0..30 {
         c.send(&job(i, 0));
     }
@@ -843,7 +843,8 @@ fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, delay_ms: u
     let pid = nix::unistd::Pid::from_raw(consumer as i32);
     nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
     wait_for("its blocking read to end", || (!redis.consumer_blocked("a/0")).then_some(()));
-    let slow: Vec<u64> = (30..33).map(|i| c.submit(&job(i, delay_ms))["task_id"].as_u64().unwrap()).collect();
+    let slow: Vec<u64> =
+        (30..33).map(|i| c.submit(&job(i, simulate_ms))["task_id"].as_u64().unwrap()).collect();
     nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
     wait_for("node a to hold the three slow jobs", || {
         (redis.pending_consumers().iter().filter(|h| *h == "a/0").count() == 3).then_some(())
@@ -907,8 +908,9 @@ fn a_job_past_task_timeout_is_killed_by_its_own_node_never_run_twice_at_once() {
     // Idle consumers that would claim the job if its owner did not keep it alive.
     let b = TaskNode::start(&redis, "b", &[&["--task-worker-num", "2"][..], &args].concat());
     let mut c = d.connect();
-    let id =
-        c.submit(r#"{"type":"email","to":"slow@example.com","delay_ms":4000}"#)["task_id"].as_u64().unwrap();
+    let id = c.submit(r#"{"type":"email","to":"slow@example.com","simulate_ms":4000}"#)["task_id"]
+        .as_u64()
+        .unwrap();
     let failed = finals(&mut c, &[id]).remove(&id).unwrap();
 
     // As in memory mode: killed at task_timeout, run again, and past task_retry_max failed

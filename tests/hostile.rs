@@ -17,7 +17,7 @@ fn rss_kb(pid: u32) -> u64 {
 
 fn assert_serves(daemon: &Daemon) {
     let mut client = daemon.connect();
-    let accepted = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    let accepted = client.submit(r#"{"type":"sms","to":"+15551234567","simulate_ms":0}"#);
     assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
 }
 
@@ -66,7 +66,7 @@ fn garbage_gets_one_clear_error_each_and_the_next_request_works() {
         (br#"{"type":"sms","to":"+0012"}"#.to_vec(), "invalid phone number"),
         (br#"{"type":"sms","to":"call me maybe"}"#.to_vec(), "invalid phone number"),
         (long_subject.into_bytes(), "longer than 998"),
-        (br#"{"type":"email","to":"a@example.com","delay_ms":"soon"}"#.to_vec(), "delay_ms"),
+        (br#"{"type":"email","to":"a@example.com","simulate_ms":"soon"}"#.to_vec(), "simulate_ms"),
     ];
     for (line, expect) in &cases {
         let mut bytes = line.clone();
@@ -131,7 +131,7 @@ fn idle_connections_close_after_heartbeat_idle_time_but_not_while_a_job_runs() {
     let daemon = Daemon::start(&["--heartbeat-idle-time", "1", "--simulate-ms", "0"]);
     let mut idle = daemon.connect();
     let mut waiting = daemon.connect();
-    let accepted = waiting.submit(r#"{"type":"email","to":"patient@example.com","delay_ms":2500}"#);
+    let accepted = waiting.submit(r#"{"type":"email","to":"patient@example.com","simulate_ms":2500}"#);
     let start = Instant::now();
     assert!(idle.closed_by_server(), "the silent connection is closed");
     assert!(start.elapsed() < Duration::from_secs(5));
@@ -328,7 +328,7 @@ fn a_pipelining_client_that_reads_gets_exactly_one_answer_per_line_through_flow_
         let mut batch = String::new();
         for i in 0..lines {
             if i % 100 == 0 {
-                batch.push_str(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+                batch.push_str(r#"{"type":"sms","to":"+15551234567","simulate_ms":0}"#);
                 batch.push('\n');
             } else {
                 batch.push_str(&format!("x{i}\n"));

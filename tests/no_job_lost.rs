@@ -27,7 +27,7 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), Signal::SIGSTOP);
     }
     let mut client = daemon.connect();
-    let accepted = client.submit(r#"{"type":"email","to":"slow@example.com","delay_ms":0}"#);
+    let accepted = client.submit(r#"{"type":"email","to":"slow@example.com","simulate_ms":0}"#);
     let failed = client.final_reply(&accepted["task_id"], &mut Vec::new());
     assert_eq!(failed["event"], "failed", "{failed}");
     let error = failed["error"].as_str().unwrap();
@@ -55,7 +55,7 @@ fn a_hung_task_is_killed_at_task_timeout_retried_then_failed_with_the_reason() {
     }
     // The killed processes were replaced, and the daemon keeps serving.
     daemon.wait_pool(2, 2);
-    let next = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    let next = client.submit(r#"{"type":"sms","to":"+15551234567","simulate_ms":0}"#);
     assert_eq!(client.final_reply(&next["task_id"], &mut Vec::new())["event"], "done");
 }
 
@@ -359,7 +359,7 @@ fn a_result_of_a_killed_workers_task_reaches_on_finish_of_its_successor() {
     let worker = pool.iter().find(|p| p.args == "taskd: worker 0").unwrap().pid;
     let task = pool.iter().find(|p| p.args == "taskd: task 0").unwrap().pid;
     let mut client = daemon.connect();
-    let accepted = client.submit(r#"{"type":"email","to":"orphan@example.com","delay_ms":5000}"#);
+    let accepted = client.submit(r#"{"type":"email","to":"orphan@example.com","simulate_ms":5000}"#);
     assert_eq!(accepted["worker_pid"], worker);
     kill9(worker);
     daemon.wait_log(&format!("respawned worker 0: old pid {worker}"));

@@ -384,7 +384,7 @@ fn finals_until_closed(
 fn sigterm_past_max_wait_time_answers_every_running_and_queued_job_failed() {
     let mut daemon = Daemon::start(&["--task-worker-num", "1", "--max-wait-time", "1", "--simulate-ms", "0"]);
     let mut long = daemon.connect();
-    let running = long.submit(r#"{"type":"email","to":"long@example.com","delay_ms":60000}"#)["task_id"]
+    let running = long.submit(r#"{"type":"email","to":"long@example.com","simulate_ms":60000}"#)["task_id"]
         .as_u64()
         .unwrap();
     daemon.wait_log("sending email to long@example.com");
@@ -418,7 +418,7 @@ fn a_batch_cut_by_shutdown_gets_one_failed_with_its_finished_and_unfinished_memb
     let mut daemon = Daemon::start(&["--task-worker-num", "3", "--max-wait-time", "1", "--simulate-ms", "0"]);
     let mut client = daemon.connect();
     client.send(
-        r#"{"type":"batch","jobs":[{"type":"email","to":"first@example.com","delay_ms":60000},{"type":"sms","to":"+15551234567"},{"type":"email","to":"third@example.com"}]}"#,
+        r#"{"type":"batch","jobs":[{"type":"email","to":"first@example.com","simulate_ms":60000},{"type":"sms","to":"+15551234567"},{"type":"email","to":"third@example.com"}]}"#,
     );
     let accepted = client.recv();
     assert_eq!(accepted["event"], "accepted", "{accepted}");
@@ -449,7 +449,7 @@ fn a_second_sigterm_stops_at_once_and_still_answers_every_job() {
     let mut daemon =
         Daemon::start(&["--task-worker-num", "1", "--max-wait-time", "60", "--simulate-ms", "0"]);
     let mut client = daemon.connect();
-    let mut ids = vec![client.submit(r#"{"type":"email","to":"long@example.com","delay_ms":60000}"#)
+    let mut ids = vec![client.submit(r#"{"type":"email","to":"long@example.com","simulate_ms":60000}"#)
         ["task_id"]
         .as_u64()
         .unwrap()];

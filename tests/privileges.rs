@@ -101,7 +101,7 @@ fn start_as_nobody(tmp: &Path, args: &[&str]) -> Daemon {
 }
 
 fn job(to: &str, simulate_ms: u64) -> String {
-    format!(r#"{{"type":"email","to":"{to}","delay_ms":{simulate_ms}}}"#)
+    format!(r#"{{"type":"email","to":"{to}","simulate_ms":{simulate_ms}}}"#)
 }
 
 #[test]

@@ -79,7 +79,7 @@ fn email_and_sms_in_every_form_are_accepted_then_done() {
             "Email:c@example.com, sent",
         ),
         (
-            r#"{"type":"sms","to":"+15551234567","text":"t","delay_ms":0}"#,
+            r#"{"type":"sms","to":"+15551234567","text":"t","simulate_ms":0}"#,
             "sms",
             "+15551234567",
             "SMS:+15551234567, sent",
@@ -176,7 +176,7 @@ fn a_task_process_killed_mid_job_is_respawned_and_the_job_still_completes() {
     assert_ne!(done["task_pid"].as_u64().unwrap() as u32, pid);
     daemon.wait_pool(2, 2);
     // And the daemon keeps serving.
-    let next = client.submit(r#"{"type":"sms","to":"+15551234567","delay_ms":0}"#);
+    let next = client.submit(r#"{"type":"sms","to":"+15551234567","simulate_ms":0}"#);
     assert_eq!(client.final_reply(&next["task_id"], &mut Vec::new())["event"], "done");
 }
 
@@ -430,7 +430,7 @@ fn a_batch_fans_out_and_answers_one_done_with_every_result_in_order() {
     let daemon = Daemon::start(&["--simulate-ms", "300"]);
     let mut client = daemon.connect();
     let accepted = client.submit(
-        r#"{"type":"batch","jobs":[{"type":"email","to":"a@example.com"},{"type":"sms","to":"+15551234567"},{"type":"email","to":"b@example.com","delay_ms":0}]}"#,
+        r#"{"type":"batch","jobs":[{"type":"email","to":"a@example.com"},{"type":"sms","to":"+15551234567"},{"type":"email","to":"b@example.com","simulate_ms":0}]}"#,
     );
     assert_eq!(accepted["type"], "batch");
     assert_eq!(accepted["count"], 3);

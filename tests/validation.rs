@@ -92,7 +92,7 @@ fn the_bounds_themselves_are_accepted_and_the_default_bounds_a_job() {
     // 0 still means no limit when set explicitly.
     let daemon = Daemon::start(&["--task-timeout", "0", "--simulate-ms", "0"]);
     let mut client = daemon.connect();
-    client.submit(r#"{"type":"email","to":"patient@example.com","delay_ms":3600000}"#);
+    client.submit(r#"{"type":"email","to":"patient@example.com","simulate_ms":3600000}"#);
 }
 
 #[test]
@@ -116,26 +116,26 @@ fn log_level_takes_levels_and_filters_but_refuses_other_words() {
 fn a_job_may_not_ask_for_a_delivery_longer_than_task_timeout() {
     let daemon = Daemon::start(&["--task-timeout", "2", "--simulate-ms", "0"]);
     let mut client = daemon.connect();
-    client.send(r#"{"type":"email","to":"slow@example.com","delay_ms":2001}"#);
+    client.send(r#"{"type":"email","to":"slow@example.com","simulate_ms":2001}"#);
     let reply = client.recv();
     assert_eq!(reply["event"], "error", "{reply}");
     let error = reply["error"].as_str().unwrap();
-    assert!(error.contains("delay_ms") && error.contains("2001 ms"), "{error}");
+    assert!(error.contains("simulate_ms") && error.contains("2001 ms"), "{error}");
     assert!(error.contains("task_timeout (2000 ms)"), "names both values: {error}");
     // A batch with one such member is refused whole; a delivery within the limit runs.
     client.send(
-        r#"{"type":"batch","jobs":[{"type":"sms","to":"+15551234567"},{"type":"email","to":"slow@example.com","delay_ms":9000}]}"#,
+        r#"{"type":"batch","jobs":[{"type":"sms","to":"+15551234567"},{"type":"email","to":"slow@example.com","simulate_ms":9000}]}"#,
     );
     let reply = client.recv();
     assert_eq!(reply["event"], "error", "{reply}");
     assert!(reply["error"].as_str().unwrap().contains("9000 ms"), "{reply}");
-    let accepted = client.submit(r#"{"type":"email","to":"within@example.com","delay_ms":1000}"#);
+    let accepted = client.submit(r#"{"type":"email","to":"within@example.com","simulate_ms":1000}"#);
     let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
     assert_eq!(done["event"], "done", "{done}");
     // With the default, past five minutes.
     let daemon = Daemon::start(&["--simulate-ms", "0"]);
     let mut client = daemon.connect();
-    client.send(r#"{"type":"sms","to":"+15551234567","delay_ms":3600000}"#);
+    client.send(r#"{"type":"sms","to":"+15551234567","simulate_ms":3600000}"#);
     let reply = client.recv();
     assert!(reply["error"].as_str().unwrap().contains("task_timeout (300000 ms)"), "{reply}");
 }

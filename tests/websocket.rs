@@ -218,9 +218,8 @@ fn the_page_is_served_on_get_slash_and_other_requests_are_refused() {
     let (_daemon, addr) = start(&[]);
     let page = http_get(addr, "GET / HTTP/1.1\r\nHost: x\r\n\r\n");
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
-    assert!(
-        page.contains("text/html") && page.contains("<title>taskd</title>") && page.contains("new WebSocket")
-    );
+    assert!(page.contains("text/html") && page.contains("<title>taskd</title>") && page.contains("/app.js"));
+    assert!(http_get(addr, "GET /app.js HTTP/1.1\r\nHost: x\r\n\r\n").contains("new WebSocket"));
     assert!(http_get(addr, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n").starts_with("HTTP/1.1 404"));
     assert!(
         http_get(addr, "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").starts_with("HTTP/1.1 405")

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
             jobs.iter().for_each(check_job);
         }
         Ok(Request::Stats) => {}
-        Ok(Request::Result(task_id)) => {
+        Ok(Request::Result(task_id) | Request::Cancel(task_id, _)) => {
             // A task id read from a line is echoed back in the answer: it must be what was sent.
             let text = String::from_utf8_lossy(data);
             assert!(text.contains(&task_id.to_string()), "task id {task_id} not in {text:?}");

@@ -1,6 +1,6 @@
 //! The outbox: where a simulated delivery leaves its message, one JSON line per message, so
 //! a user can see what was sent (the transport without `--smtp-url`, and for SMS without a
-//! provider). A simulated delivery takes `simulate_ms` (or the job's `delay_ms`) and logs its
+//! provider). A simulated delivery takes `simulate_ms` (or the job's own `simulate_ms`) and logs its
 //! progress, as the seeds do. Every task process appends to the same file; each line is
 //! one `write` on an `O_APPEND` descriptor, so lines of different processes never interleave.
 //! After a rotation (SIGHUP, see `logging`), each writer reopens it before its next line.
@@ -69,7 +69,7 @@ impl Outbox {
     }
 
     /// This outbox as the transport of one job of `kind`, whose simulated delivery takes `delay`
-    /// (a job's `delay_ms`, else `simulate_ms`), run by task process `task_pid`.
+    /// (a job's own `simulate_ms`, else the server's), run by task process `task_pid`.
     pub fn for_job(&mut self, kind: Kind, delay: Duration, task_pid: u32) -> OutboxDelivery<'_> {
         OutboxDelivery { outbox: self, kind, delay, task_pid }
     }

@@ -145,6 +145,7 @@ fn store_loop(
     let mut items: Vec<Item> = Vec::new();
     let mut trims: Vec<Vec<u8>> = Vec::new();
     let mut keeps: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
     loop {
@@ -189,10 +190,24 @@ fn store_loop(
                 ToBridge::Trim { entry } => trims.push(entry.to_vec()),
                 ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
                 ToBridge::RenewLease => renew = true,
+                ToBridge::Admin { request, op } => admin.push((request, op.to_vec())),
             }
             used += n;
         }
         pending.drain(..used);
+        // The dashboard's requests: small, and rare (one overview every two seconds while a
+        // dashboard is open); answered before this round's jobs, which wait that long.
+        for (request, op) in admin.drain(..) {
+            let answer = match link.get() {
+                Ok(conn) => super::admin::handle(conn, d, &op),
+                Err(why) => serde_json::json!({"ok": false, "error": why}),
+            };
+            let mut frame = Vec::new();
+            FromBridge::AdminAnswer { request, answer: answer.to_string().as_bytes() }.encode(&mut frame);
+            if send(out, &frame).is_err() {
+                return Ok(());
+            }
+        }
         if items.is_empty() && trims.is_empty() && keeps.is_empty() {
             renew_if_asked(&mut link, &token, &mut renew, out);
             continue;
@@ -202,11 +217,14 @@ fn store_loop(
             Ok(conn) => {
                 let pipe = pipeline(d, &items, &keeps, &trims);
                 let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
-                done.map(|_| ()).map_err(|e| {
-                    let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
-                    link.failed(&e);
-                    text
-                })
+                match done {
+                    Ok(replies) => replicated(d, &items, &replies),
+                    Err(e) => {
+                        let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
+                        link.failed(&e);
+                        Err(text)
+                    }
+                }
             }
         };
         let mut acks = Vec::new();
@@ -267,6 +285,7 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
     // On from what the master read before it served: everything up to there, it acted on.
     let mut last = from;
     let mut frames = Vec::new();
+    let mut next_depths = Instant::now();
     loop {
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -306,6 +325,12 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
             }
         };
         frames.clear();
+        if Instant::now() >= next_depths {
+            next_depths = Instant::now() + DEPTHS_EVERY;
+            if let Ok(json) = depths(c, d) {
+                FromBridge::Depths { json: json.as_bytes() }.encode(&mut frames);
+            }
+        }
         for mut entry in entries {
             last.clone_from(&entry.id);
             if let Err(why) = outcomes_of_entry(&mut entry, &mut frames) {
@@ -322,13 +347,54 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
     }
 }
 
-/// One round's commands: the jobs, the kept results, the deletion of acted-on replies.
+/// How often the reply reader tells the master how many jobs wait in Redis (for `stats`).
+const DEPTHS_EVERY: Duration = Duration::from_secs(1);
+
+/// `{"jobs":N,"lanes":{"TYPE":N,…}}`: the length of the main job stream and of each lane this
+/// node routes jobs to (waiting or running: a finished job's entry is deleted). A lane that no
+/// node's handler runs grows here.
+fn depths(conn: &mut Connection, d: &Durable) -> redis::RedisResult<String> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("XLEN").arg(&d.keys.jobs);
+    for kind in &d.routes {
+        pipe.cmd("XLEN").arg(d.keys.lane(kind));
+    }
+    let lengths: Vec<u64> = pipe.query(conn)?;
+    let lanes: serde_json::Map<String, serde_json::Value> =
+        d.routes.iter().zip(lengths.iter().skip(1)).map(|(k, n)| (k.clone(), (*n).into())).collect();
+    Ok(serde_json::json!({"jobs": lengths.first().copied().unwrap_or(0), "lanes": lanes}).to_string())
+}
+
+/// How long a round waits for `redis_wait_replicas` replicas to have its jobs.
+const WAIT_LIMIT_MS: u64 = 2000;
+
+/// Whether enough replicas have this round's jobs: WAIT's answer, the pipeline's only one.
+/// Too few: the jobs are in the master but could be lost by a failover, so their clients
+/// get `failed` (as when Redis hangs, such a job may still run; its outcome is then dropped).
+fn replicated(d: &Durable, items: &[Item], replies: &[Value]) -> Result<(), String> {
+    if d.wait_replicas == 0 || !items.iter().any(|i| matches!(i, Item::Store { .. })) {
+        return Ok(());
+    }
+    let got = replies.last().and_then(redis_io::as_int).unwrap_or(0);
+    if got >= i64::from(d.wait_replicas) {
+        return Ok(());
+    }
+    Err(format!(
+        "Redis has the job, but only {got} of the {} replicas it must reach (redis_wait_replicas) \
+         confirmed it within {WAIT_LIMIT_MS} ms",
+        d.wait_replicas
+    ))
+}
+
+/// One round's commands: the jobs, the kept results, the deletion of acted-on replies; then,
+/// with `redis_wait_replicas`, a WAIT for the replicas to have them (the only reply kept).
 fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for item in items {
         if let Item::Store { task_id, session, worker, context, data } = item {
             let mut cmd = redis::cmd("XADD");
-            cmd.arg(&d.keys.jobs).arg("*");
+            // The lane of a handler's type: only nodes that can run it read it.
+            cmd.arg(d.stream_of(data)).arg("*");
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
             pipe.add_command(cmd).ignore();
         }
@@ -352,6 +418,9 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
         ids.sort_unstable();
         ids.dedup();
         pipe.cmd("XDEL").arg(&d.keys.replies).arg(ids).ignore();
+    }
+    if d.wait_replicas > 0 && items.iter().any(|i| matches!(i, Item::Store { .. })) {
+        pipe.cmd("WAIT").arg(d.wait_replicas).arg(WAIT_LIMIT_MS);
     }
     pipe
 }

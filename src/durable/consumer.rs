@@ -1,5 +1,8 @@
 //! A task process of durable jobs: a consumer of the job stream, on a web node or a task node.
 //!
+//! It reads the main job stream and the lanes of the job types its node's handlers run (see
+//! [`super::keys::Keys::lane`]), so a job waits for a node that can run it.
+//!
 //! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
 //! into its origin's reply stream, XACK, XDEL (XACK alone would leave the entry in the stream
 //! for ever). Past a job's attempts, the job goes to the dead letters with the reason and its
@@ -33,7 +36,7 @@ use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::heartbeat::Pulse;
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
-use super::startup::{delivery_counts, ensure_group};
+use super::startup::{delivery_counts, ensure_group_of};
 use super::Durable;
 use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
 use crate::ipc::{ReadState, Role, TaskToMaster, ToTask};
@@ -95,27 +98,34 @@ pub struct ConsumerSetup<'a> {
     pub task_max_request: u64,
 }
 
+/// Where a job's entry is: its stream (the main one, or a type's lane) and its id there.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct At {
+    pub stream: String,
+    pub id: String,
+}
+
 /// A finished job, to be written to Redis.
 pub(super) enum Completion {
     Done {
-        id: String,
+        id: At,
         origin: String,
         reply: ReplyEntry,
     },
     Dead {
-        id: String,
+        id: At,
         job: JobEntry,
         why: String,
         attempts: u32,
     },
     /// Not a job (deleted meanwhile, or unreadable): only to be acknowledged.
     Drop {
-        id: String,
+        id: At,
     },
     /// To run again after `wait` (a delivery retry, or "not yet"): parked in the delayed set
     /// with its attempts and retries so far; `notice` (a non-final reply) tells its origin.
     Later {
-        id: String,
+        id: At,
         job: JobEntry,
         wait: Duration,
         notice: Option<ReplyEntry>,
@@ -123,7 +133,7 @@ pub(super) enum Completion {
 }
 
 impl Completion {
-    fn id(&self) -> &str {
+    fn id(&self) -> &At {
         match self {
             Completion::Done { id, .. }
             | Completion::Dead { id, .. }
@@ -147,7 +157,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         conn: None,
         recovering: true,
         next_sweep: Instant::now() + jitter(d.claim_after / 2),
-        cursor: "0-0".into(),
+        cursors: HashMap::new(),
         job_seconds: None,
         fenced: false,
         unsent: Vec::new(),
@@ -180,8 +190,8 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         // Everything it wrote back is out (take flushes first): it holds what it just took.
         pulse.took(entries.len());
         let mut done = Vec::new();
-        let mut queue: VecDeque<(StreamEntry, u32)> = entries.into();
-        while let Some((entry, attempt)) = queue.pop_front() {
+        let mut queue: VecDeque<(At, StreamEntry, u32)> = entries.into();
+        while let Some((at, entry, attempt)) = queue.pop_front() {
             if !c.lease_known_valid() {
                 // The node woke from a hang past its lease: a node of its name may be running
                 // these now. They stay pending under its name, read back if the name is kept.
@@ -190,7 +200,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
             if pulse.stale() {
                 // Stopped, or cut off from Redis, for two beats: run only what is still its own.
-                queue.push_front((entry, attempt));
+                queue.push_front((at, entry, attempt));
                 match c.keep_own(&mut queue) {
                     Ok(()) => {
                         pulse.holding(queue.len() + done.len() + c.unsent.len());
@@ -205,7 +215,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 }
             }
             let started = Instant::now();
-            done.push(run_one(app, info, d, &pulse, entry, attempt, &mut rng));
+            done.push(run_one(app, info, d, &pulse, (at, entry), attempt, &mut rng));
             if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
                 c.timed(started.elapsed());
@@ -229,7 +239,7 @@ fn run_one<A: Application>(
     info: ProcessInfo,
     d: &Durable,
     pulse: &Pulse,
-    entry: StreamEntry,
+    (at, entry): (At, StreamEntry),
     attempt: u32,
     rng: &mut crate::retry::Rng,
 ) -> Completion {
@@ -240,12 +250,12 @@ fn run_one<A: Application>(
         Ok(job) => job,
         Err(Rejected::NotAJob(why)) => {
             tracing::warn!("job stream entry {} is not a job ({why}); dropped", entry.id);
-            return Completion::Drop { id: entry.id };
+            return Completion::Drop { id: at };
         }
         Err(Rejected::Invalid { job, why }) => {
             let why = format!("not run: {why}");
             tracing::warn!("job stream entry {}: {why}; moved to the dead letters", entry.id);
-            return Completion::Dead { id: entry.id, job: *job, why, attempts: attempt - 1 };
+            return Completion::Dead { id: at, job: *job, why, attempts: attempt - 1 };
         }
     };
     if attempt > d.max_attempts {
@@ -257,7 +267,7 @@ fn run_one<A: Application>(
             d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
         tracing::warn!("job {}: {why}; moved to the dead letters", job.task_id);
-        return Completion::Dead { id: entry.id, job, why, attempts: attempt - 1 };
+        return Completion::Dead { id: at, job, why, attempts: attempt - 1 };
     }
     // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
     // that thread records it as failed (a dead letter needs the whole job).
@@ -273,7 +283,7 @@ fn run_one<A: Application>(
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
     let mut result = Err(format!("job {} panicked in task process {}", job.task_id, info.pid).into());
-    pulse.running(&entry.id, &job, attempt);
+    pulse.running(&at, &job, attempt);
     guard(info.slot, "on_task", || result = app.on_task(&mut ctx, &task));
     pulse.ran();
     let reply = std::mem::take(&mut ctx.reply);
@@ -285,7 +295,7 @@ fn run_one<A: Application>(
             match d.retry.wait(n, retry_after, rng) {
                 Some(wait) => {
                     let next = JobEntry { attempts: run, retries: n, ..(*job).clone() };
-                    return later(entry.id, next, wait, Some((info.pid, sends, error)));
+                    return later(at, next, wait, Some((info.pid, sends, error)));
                 }
                 None => (false, error.into_bytes()),
             }
@@ -293,7 +303,7 @@ fn run_one<A: Application>(
         Err(TaskFailure::NotYet { wait, .. }) => {
             // Not an attempt: the next run has the same number.
             let next = JobEntry { attempts: run - 1, ..(*job).clone() };
-            return later(entry.id, next, wait.min(crate::retry::NOT_YET_MAX), None);
+            return later(at, next, wait.min(crate::retry::NOT_YET_MAX), None);
         }
     };
     let reply = ReplyEntry {
@@ -307,12 +317,12 @@ fn run_one<A: Application>(
         result,
         retrying: false,
     };
-    Completion::Done { id: entry.id, origin: job.origin.clone(), reply }
+    Completion::Done { id: at, origin: job.origin.clone(), reply }
 }
 
 /// A job to park in the delayed set; after a transient failure (`failed`: the task pid, its
 /// sends and the error), with a `retrying` notice for its origin.
-fn later(id: String, job: JobEntry, wait: Duration, failed: Option<(u32, Vec<u8>, String)>) -> Completion {
+fn later(id: At, job: JobEntry, wait: Duration, failed: Option<(u32, Vec<u8>, String)>) -> Completion {
     let notice = failed.map(|(task_pid, sends, error)| {
         tracing::info!(
             "job {}: attempt {} failed ({error}); runs again in {} ms",
@@ -347,8 +357,8 @@ struct Consumer<'a> {
     /// Reading back its own pending entries (after a start or a reconnect).
     recovering: bool,
     next_sweep: Instant,
-    /// Where the XAUTOCLAIM scan of the pending list goes on from.
-    cursor: String,
+    /// Where the XAUTOCLAIM scan of each stream's pending list goes on from.
+    cursors: HashMap<String, String>,
     job_seconds: Option<f64>,
     /// Taking nothing because the node's name is not known to be its own (said once).
     fenced: bool,
@@ -367,8 +377,19 @@ impl Consumer<'_> {
             // No reply limit: this connection blocks in XREADGROUP.
             let mut conn = redis_io::connect(&self.d.url, None)?;
             let name = format!("{CLIENT_PREFIX}{}", self.me);
-            let _: () = redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn)?;
-            ensure_group(&mut conn, &self.d.keys)?;
+            // The name tells the sweeps that this consumer lives. A user whose ACL forbids
+            // CLIENT goes on unnamed (the master warned at start): then no sweep deletes
+            // consumers, as it cannot tell the live ones.
+            let named: redis::RedisResult<()> =
+                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn);
+            if let Err(e) = named {
+                if is_connection_error(&e) {
+                    return Err(e);
+                }
+            }
+            for stream in self.d.streams() {
+                ensure_group_of(&mut conn, &stream)?;
+            }
             self.conn = Some(conn);
             self.recovering = true;
             self.backoff = Duration::from_millis(100);
@@ -427,8 +448,8 @@ impl Consumer<'_> {
         valid
     }
 
-    /// The next jobs to run, each with its attempt number.
-    fn take(&mut self) -> redis::RedisResult<Vec<(StreamEntry, u32)>> {
+    /// The next jobs to run, each with where it is and its attempt number.
+    fn take(&mut self) -> redis::RedisResult<Vec<(At, StreamEntry, u32)>> {
         self.flush()?;
         if !self.lease_known_valid() {
             // Not even its own pending jobs: they may be another run's now, under its names.
@@ -490,28 +511,36 @@ impl Consumer<'_> {
             return Ok(Vec::new());
         }
         // Reading one's history and claiming count as deliveries: Redis keeps the number.
-        let counts: HashMap<String, u32> = if fresh {
-            HashMap::new()
-        } else {
+        let mut counts: HashMap<At, u32> = HashMap::new();
+        if !fresh {
+            let mut streams: Vec<&String> = entries.iter().map(|(s, _)| s).collect();
+            streams.sort();
+            streams.dedup();
+            let streams: Vec<String> = streams.into_iter().cloned().collect();
             let conn = self.conn()?;
-            delivery_counts(conn, &d.keys, &me, 10_000)?.into_iter().collect()
-        };
+            for stream in streams {
+                for (id, n) in delivery_counts(conn, &stream, &me, 10_000)? {
+                    counts.insert(At { stream: stream.clone(), id }, n);
+                }
+            }
+        }
         Ok(entries
             .into_iter()
-            .map(|e| {
-                let attempt = counts.get(&e.id).copied().unwrap_or(1);
-                (e, attempt)
+            .map(|(stream, e)| {
+                let at = At { stream, id: e.id.clone() };
+                let attempt = counts.get(&at).copied().unwrap_or(1);
+                (at, e, attempt)
             })
             .collect())
     }
 
     /// Keeps in `queue` only the jobs still pending under its name (another consumer may have
     /// claimed them while it could not keep them alive), refreshing them.
-    fn keep_own(&mut self, queue: &mut VecDeque<(StreamEntry, u32)>) -> redis::RedisResult<()> {
+    fn keep_own(&mut self, queue: &mut VecDeque<(At, StreamEntry, u32)>) -> redis::RedisResult<()> {
         let (d, me) = (self.d, self.me.clone());
-        let own: HashSet<String> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
+        let own: HashSet<At> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
         let before = queue.len();
-        queue.retain(|(e, _)| own.contains(&e.id));
+        queue.retain(|(at, _, _)| own.contains(at));
         if queue.len() < before {
             tracing::warn!(
                 "{me}: {} jobs it held were claimed by another consumer while it could not keep them alive; leaving them to it",
@@ -524,39 +553,49 @@ impl Consumer<'_> {
     /// Takes over at most `want` jobs that other consumers took and left idle past
     /// `claim_after` (a live consumer's never are: it beats), and deletes consumers that are gone
     /// and hold nothing. Also says whether it got `want` and has not seen the whole list yet.
-    fn claim(&mut self, want: usize) -> redis::RedisResult<(Vec<StreamEntry>, bool)> {
+    fn claim(&mut self, want: usize) -> redis::RedisResult<(Vec<(String, StreamEntry)>, bool)> {
         let (d, me) = (self.d, self.me.clone());
         let idle_ms = d.claim_after.as_millis() as u64;
         let mut claimed = Vec::new();
-        for _ in 0..CLAIM_CALLS {
-            let cursor = self.cursor.clone();
-            let conn = self.conn()?;
-            let v: Value = redis::cmd("XAUTOCLAIM")
-                .arg(&d.keys.jobs)
-                .arg(GROUP)
-                .arg(&me)
-                .arg(idle_ms)
-                .arg(&cursor)
-                .arg("COUNT")
-                .arg(want - claimed.len())
-                .query(conn)?;
-            let mut parts = as_array(v).into_iter();
-            let next = parts.next().map(as_text).unwrap_or_else(|| "0-0".into());
-            claimed.extend(parts.next().map(redis_io::entries).unwrap_or_default());
-            let wrapped = next == "0-0";
-            if wrapped {
-                // A full pass over the pending list is done: a good time to forget the dead
-                // (a failure here is no reason to drop what was claimed).
-                if let Err(e) = remove_gone_consumers(conn, d, &me) {
-                    tracing::debug!("{me}: cannot delete gone consumers: {e}");
-                }
-            }
-            self.cursor = next;
-            if wrapped {
-                break;
-            }
+        let mut more = false;
+        // Each stream in turn (the main one, then the lanes), while the window has room.
+        for stream in d.streams() {
             if claimed.len() >= want {
+                more = true;
                 break;
+            }
+            for _ in 0..CLAIM_CALLS {
+                let cursor = self.cursors.get(&stream).cloned().unwrap_or_else(|| "0-0".into());
+                let conn = self.conn()?;
+                let v: Value = redis::cmd("XAUTOCLAIM")
+                    .arg(&stream)
+                    .arg(GROUP)
+                    .arg(&me)
+                    .arg(idle_ms)
+                    .arg(&cursor)
+                    .arg("COUNT")
+                    .arg(want - claimed.len())
+                    .query(conn)?;
+                let mut parts = as_array(v).into_iter();
+                let next = parts.next().map(as_text).unwrap_or_else(|| "0-0".into());
+                let got = parts.next().map(redis_io::entries).unwrap_or_default();
+                claimed.extend(got.into_iter().map(|e| (stream.clone(), e)));
+                let wrapped = next == "0-0";
+                if wrapped {
+                    // A full pass over the pending list is done: a good time to forget the dead
+                    // (a failure here is no reason to drop what was claimed).
+                    if let Err(e) = remove_gone_consumers(conn, d, &stream, &me) {
+                        tracing::debug!("{me}: cannot delete gone consumers: {e}");
+                    }
+                }
+                self.cursors.insert(stream.clone(), next);
+                if wrapped {
+                    break;
+                }
+                if claimed.len() >= want {
+                    more = true;
+                    break;
+                }
             }
         }
         if !claimed.is_empty() {
@@ -566,7 +605,6 @@ impl Consumer<'_> {
                 d.claim_after
             );
         }
-        let more = claimed.len() >= want && self.cursor != "0-0";
         Ok((claimed, more))
     }
 
@@ -601,11 +639,15 @@ pub(super) fn store(
     for c in completions {
         match c {
             Completion::Done { origin, reply, .. } => reply.encode(batch_for(&mut batches, origin)),
-            Completion::Dead { job, why, attempts, .. } => {
+            Completion::Dead { id, job, why, attempts } => {
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(&d.keys.dead).arg("*");
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
+                // A replay puts it back into its lane.
+                if let Some(lane) = d.lane_of(&id.stream) {
+                    cmd.arg("ln").arg(lane);
+                }
                 pipe.add_command(cmd).ignore();
                 let failed = ReplyEntry {
                     task_id: job.task_id,
@@ -624,12 +666,16 @@ pub(super) fn store(
                     .arg(3)
                     .arg(&d.keys.delayed)
                     .arg(d.keys.delayed_job(job.task_id))
-                    .arg(&d.keys.jobs)
+                    .arg(&id.stream)
                     .arg(GROUP)
-                    .arg(id)
+                    .arg(&id.id)
                     .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
                     .arg(job.task_id);
                 job.add(&mut cmd);
+                // Moved back into its own lane when due (`MOVE_DUE`).
+                if let Some(lane) = d.lane_of(&id.stream) {
+                    cmd.arg("ln").arg(lane);
+                }
                 pipe.add_command(cmd).ignore();
                 if let Some(notice) = notice {
                     notice.encode(batch_for(&mut batches, &job.origin));
@@ -640,12 +686,18 @@ pub(super) fn store(
     for (origin, outcomes) in &batches {
         add_outcomes(&mut pipe, &d.keys, origin, outcomes);
     }
-    // A parked job's entry is acknowledged and deleted by its script.
-    let ids: Vec<&str> =
-        completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id).collect();
-    if !ids.is_empty() {
-        pipe.cmd("XACK").arg(&d.keys.jobs).arg(GROUP).arg(&ids).ignore();
-        pipe.cmd("XDEL").arg(&d.keys.jobs).arg(&ids).ignore();
+    // A parked job's entry is acknowledged and deleted by its script; the others, stream by
+    // stream.
+    let mut by_stream: Vec<(&str, Vec<&str>)> = Vec::new();
+    for at in completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id) {
+        match by_stream.iter_mut().find(|(s, _)| *s == at.stream) {
+            Some((_, ids)) => ids.push(&at.id),
+            None => by_stream.push((&at.stream, vec![&at.id])),
+        }
+    }
+    for (stream, ids) in &by_stream {
+        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
+        pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
     }
     let _: Value = pipe.query(conn)?;
     Ok(())
@@ -671,8 +723,9 @@ redis.call('XDEL', KEYS[3], ARGV[2])
 return 1";
 
 /// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job
-/// stream (KEYS[2]), at most ARGV[2] of them; ARGV[1] is the prefix of their hashes. Atomic:
-/// consumers of every node run it, one at a time by construction, and none moves a job twice.
+/// stream (KEYS[2]), or into their lane (ARGV[3] and the type in their field `ln`), at most
+/// ARGV[2] of them; ARGV[1] is the prefix of their hashes. Atomic: consumers of every node run
+/// it, one at a time by construction, and none moves a job twice.
 const MOVE_DUE: &str = "
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -681,7 +734,10 @@ for _, id in ipairs(due) do
   local h = ARGV[1] .. id
   if redis.call('TYPE', h).ok == 'hash' then
     local f = redis.call('HGETALL', h)
-    if #f > 0 then redis.call('XADD', KEYS[2], '*', unpack(f)) end
+    local dest = KEYS[2]
+    local lane = redis.call('HGET', h, 'ln')
+    if lane then dest = ARGV[3] .. lane end
+    if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
   end
   redis.call('DEL', h)
   redis.call('ZREM', KEYS[1], id)
@@ -703,11 +759,13 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
         .arg(&d.keys.jobs)
         .arg(format!("{}:", d.keys.delayed))
         .arg(MOVE_MAX)
+        .arg(d.keys.lane_prefix())
         .query(conn)
 }
 
-/// XREADGROUP of the job stream for consumer `me`, from `from` (`>`: new jobs; `0`: its own
-/// pending ones).
+/// XREADGROUP of the streams it reads (the main one and its lanes) for consumer `me`, from
+/// `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a read
+/// may bring a little more than one window.
 fn read_group(
     conn: &mut Connection,
     d: &Durable,
@@ -715,14 +773,19 @@ fn read_group(
     count: usize,
     block_ms: Option<u64>,
     from: &str,
-) -> redis::RedisResult<Vec<StreamEntry>> {
+) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+    let streams = d.streams();
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(count);
     if let Some(ms) = block_ms {
         cmd.arg("BLOCK").arg(ms);
     }
-    let v: Value = cmd.arg("STREAMS").arg(&d.keys.jobs).arg(from).query(conn)?;
-    Ok(redis_io::read_entries(v))
+    cmd.arg("STREAMS").arg(&streams);
+    for _ in &streams {
+        cmd.arg(from);
+    }
+    let v: Value = cmd.query(conn)?;
+    Ok(redis_io::read_streams(v))
 }
 
 /// The outcomes going to `origin` in this flush.
@@ -769,7 +832,12 @@ fn live_consumers(conn: &mut Connection) -> redis::RedisResult<Vec<String>> {
         .collect())
 }
 
-fn remove_gone_consumers(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResult<()> {
+fn remove_gone_consumers(
+    conn: &mut Connection,
+    d: &Durable,
+    stream: &str,
+    me: &str,
+) -> redis::RedisResult<()> {
     let live = match live_consumers(conn) {
         Ok(live) => live,
         Err(e) => {
@@ -781,7 +849,7 @@ fn remove_gone_consumers(conn: &mut Connection, d: &Durable, me: &str) -> redis:
     let removed: Vec<String> = redis::cmd("EVAL")
         .arg(REMOVE_GONE)
         .arg(1)
-        .arg(&d.keys.jobs)
+        .arg(stream)
         .arg(GROUP)
         .arg(d.claim_after.as_millis() as u64)
         .arg(me)

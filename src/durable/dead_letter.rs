@@ -97,8 +97,9 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<Replayed, String> {
         job.replays += 1;
         // An operator's replay is a fresh chance: its delivery retries start again.
         job.retries = 0;
+        let stream = d.replay_stream(&e);
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(&d.keys.jobs).arg("*");
+        cmd.arg(&stream).arg("*");
         job.add(&mut cmd);
         pipe.add_command(cmd).ignore();
         pipe.cmd("XDEL").arg(&d.keys.dead).arg(&e.id).ignore();

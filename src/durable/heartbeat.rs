@@ -37,7 +37,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::getpid;
 use redis::Connection;
 
-use super::consumer::{store, Completion, CLIENT_PREFIX};
+use super::consumer::{store, At, Completion, CLIENT_PREFIX};
 use super::entry::JobEntry;
 use super::keys::GROUP;
 use super::redis_io::{self, is_connection_error};
@@ -63,9 +63,20 @@ cmd[#cmd + 1] = 'JUSTID'
 return redis.call(unpack(cmd))
 ";
 
-/// One beat: refreshes what consumer `me` holds; the ids of its entries.
-pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResult<Vec<String>> {
-    redis::cmd("EVAL").arg(BEAT).arg(1).arg(&d.keys.jobs).arg(GROUP).arg(me).arg(BEAT_COUNT).query(conn)
+/// One beat: refreshes what consumer `me` holds, in each stream it reads (one round trip);
+/// where its entries are.
+pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResult<Vec<At>> {
+    let streams = d.streams();
+    let mut pipe = redis::pipe();
+    for stream in &streams {
+        pipe.cmd("EVAL").arg(BEAT).arg(1).arg(stream).arg(GROUP).arg(me).arg(BEAT_COUNT);
+    }
+    let ids: Vec<Vec<String>> = pipe.query(conn)?;
+    Ok(streams
+        .iter()
+        .zip(ids)
+        .flat_map(|(stream, ids)| ids.into_iter().map(|id| At { stream: stream.clone(), id }))
+        .collect())
 }
 
 /// What the consumer holds now, as its thread of beats sees it.
@@ -82,7 +93,7 @@ struct Held {
 type Shared = Arc<(Mutex<Held>, Condvar)>;
 
 struct Running {
-    id: String,
+    id: At,
     job: Arc<JobEntry>,
     attempt: u32,
     since: Instant,
@@ -135,9 +146,9 @@ impl Pulse {
     }
 
     /// The job of stream entry `id` starts running (its `attempt`-th run).
-    pub fn running(&self, id: &str, job: &Arc<JobEntry>, attempt: u32) {
+    pub fn running(&self, id: &At, job: &Arc<JobEntry>, attempt: u32) {
         lock(&self.shared.0).running =
-            Some(Running { id: id.to_string(), job: Arc::clone(job), attempt, since: Instant::now() });
+            Some(Running { id: id.clone(), job: Arc::clone(job), attempt, since: Instant::now() });
     }
 
     /// The running job has returned. Past its time limit, the beat thread may be killing the

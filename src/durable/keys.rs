@@ -7,7 +7,8 @@ pub const GROUP: &str = "taskd";
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Keys {
     tag: String,
-    /// Every job not finished yet, from any node.
+    /// Every job not finished yet, from any node, but for the types that have a lane of their
+    /// own (see [`Keys::lane`]).
     pub jobs: String,
     /// Jobs that failed past their attempts, for an operator to list and replay.
     pub dead: String,
@@ -37,6 +38,19 @@ impl Keys {
             lease: format!("{tag}:lease:{node}"),
             tag,
         }
+    }
+
+    /// The job stream of a handler's type (`{q}:jobs:resize`): only the consumers of nodes
+    /// with a handler for it read it, so nodes specialise, and a type that no node runs stays
+    /// there, queued, instead of failing where it cannot run. The built-in email and SMS jobs
+    /// stay in `jobs`, which every consumer reads.
+    pub fn lane(&self, kind: &str) -> String {
+        format!("{}:jobs:{kind}", self.tag)
+    }
+
+    /// What a lane's key starts with: `MOVE_DUE` puts a parked job back with it.
+    pub fn lane_prefix(&self) -> String {
+        format!("{}:jobs:", self.tag)
     }
 
     /// The fields of a job waiting in `delayed`, as its job stream entry will hold them.
@@ -90,6 +104,7 @@ mod tests {
             &k.epoch,
             &k.lease,
             &k.replies_of("web-2"),
+            &k.lane("resize"),
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
@@ -98,5 +113,6 @@ mod tests {
         assert_eq!(k.lease, k.lease_of("web-1"));
         assert_eq!(k.rate_of("sms"), "{q1}:rate:sms");
         assert_eq!(consumer_name("n2", 3), "n2/3");
+        assert_eq!(k.lane("resize"), format!("{}resize", k.lane_prefix()));
     }
 }

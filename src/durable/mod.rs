@@ -20,6 +20,7 @@
 //!
 //! Without `--redis-url`, none of this runs: the master keeps its jobs in memory.
 
+pub mod admin;
 pub mod bridge;
 pub mod consumer;
 pub mod dead_letter;
@@ -54,6 +55,13 @@ pub struct Durable {
     pub result_keep: usize,
     /// Delivery retries (`delivery_retry_max`) and their back-off.
     pub retry: crate::retry::Policy,
+    /// Job types that go to a lane of their own ([`keys::Keys::lane`]) when this node stores
+    /// them: those its handlers run and those it queues for other nodes (`queue_types`).
+    pub routes: Vec<String>,
+    /// The lanes this node's consumers read besides the main stream: the types it can run.
+    pub lanes: Vec<String>,
+    /// `redis_wait_replicas`: replicas that must have a batch before it is acknowledged.
+    pub wait_replicas: u32,
 }
 
 impl Durable {
@@ -73,7 +81,48 @@ impl Durable {
             max_attempts: config.task_retry_max.saturating_add(1),
             result_keep: config.result_keep,
             retry: crate::retry::Policy::from_config(config),
+            routes: config.job_lanes.clone(),
+            lanes: config.run_lanes.clone(),
+            wait_replicas: config.redis_wait_replicas,
         })
+    }
+
+    /// The streams this node's consumers read: the main one, then its lanes.
+    pub fn streams(&self) -> Vec<String> {
+        std::iter::once(self.keys.jobs.clone()).chain(self.lanes.iter().map(|k| self.keys.lane(k))).collect()
+    }
+
+    /// The stream a job of `data` goes to: the lane of its `"type"` if it has one here, else
+    /// the main stream. Only JSON objects with a routed type are looked into.
+    pub fn stream_of(&self, data: &[u8]) -> String {
+        if !self.routes.is_empty() {
+            #[derive(serde::Deserialize)]
+            struct Typed<'a> {
+                #[serde(rename = "type", borrow)]
+                kind: Option<std::borrow::Cow<'a, str>>,
+            }
+            if let Ok(Typed { kind: Some(kind) }) = serde_json::from_slice::<Typed<'_>>(data) {
+                if self.routes.iter().any(|r| *r == kind) {
+                    return self.keys.lane(&kind);
+                }
+            }
+        }
+        self.keys.jobs.clone()
+    }
+
+    /// Where a dead letter replayed goes: back into the lane it came from (its field `ln`, a
+    /// handler's type), else the main stream.
+    pub fn replay_stream(&self, dead: &redis_io::StreamEntry) -> String {
+        let lane = dead.get("ln").and_then(|l| std::str::from_utf8(l).ok());
+        match lane.filter(|l| crate::handler::check_type(l).is_ok()) {
+            Some(lane) => self.keys.lane(lane),
+            None => self.keys.jobs.clone(),
+        }
+    }
+
+    /// The type of a lane's stream key (None for the main stream).
+    pub fn lane_of(&self, stream: &str) -> Option<String> {
+        stream.strip_prefix(&self.keys.lane_prefix()).map(str::to_string)
     }
 }
 

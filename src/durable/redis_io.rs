@@ -1,19 +1,345 @@
 //! Connecting to Redis, and reading stream entries out of its replies.
+//!
+//! [`set_up`] runs once, in the master (or the task node's manager, or `taskd dead-letter`)
+//! before anything forks: it reads the TLS files (`--redis-ca-file`, and the client's
+//! certificate and key for mutual TLS) while the process may still read them, and every
+//! process after the fork connects with what it built.
 
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use redis::{Connection, RedisError, Value};
+
+use crate::config::ServerConfig;
 
 /// How long a command that does not block may take before the connection counts as broken.
 pub const REPLY_LIMIT: Duration = Duration::from_secs(5);
 const CONNECT_LIMIT: Duration = Duration::from_secs(2);
 
+/// Where this process's connections go: built by [`set_up`] before the fork.
+struct Target {
+    url: String,
+    way: Way,
+    /// The CA file the server's certificate is checked against, for the error that says it
+    /// does not verify (None: the system's CAs).
+    ca_file: Option<PathBuf>,
+}
+
+enum Way {
+    /// One server (`redis://`, `rediss://`, `redis+unix://`).
+    Direct(redis::Client),
+    /// The master that a set of Sentinels names (`redis+sentinel://`), asked at each connect.
+    Sentinel(SentinelSet),
+    /// The node of a Redis Cluster that serves the queue's hash slot (`redis+cluster://`),
+    /// asked at each connect: every key of a queue shares its hash tag, so one node has them.
+    Cluster(ClusterSet),
+}
+
+static TARGET: OnceLock<Target> = OnceLock::new();
+
+/// Reads the TLS settings of `config`'s Redis URL and builds the client every later
+/// [`connect`] to that URL uses. A file that cannot be read or holds no PEM certificate is an
+/// error naming its option, now rather than at the first connection of each process.
+pub fn set_up(config: &ServerConfig) -> Result<(), String> {
+    let Some(url) = &config.redis_url else { return Ok(()) };
+    hide_secrets_of(url);
+    if TARGET.get().is_some_and(|t| &t.url == url) {
+        return Ok(());
+    }
+    let invalid = |e: RedisError| format!("invalid redis_url {}: {}", super::redact(url), describe(&e));
+    let way = if url.starts_with(CLUSTER_SCHEME) {
+        Way::Cluster(
+            ClusterSet::parse(url, &config.redis_queue)
+                .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
+        )
+    } else if url.starts_with(SENTINEL_SCHEME) {
+        Way::Sentinel(
+            SentinelSet::parse(url)
+                .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
+        )
+    } else if url.starts_with("rediss://") {
+        let root_cert = match &config.redis_ca_file {
+            Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
+            None => None,
+        };
+        let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
+            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+                client_cert: read_pem(cert, "redis_cert_file", "CERTIFICATE")?,
+                client_key: read_pem(key, "redis_key_file", "PRIVATE KEY")?,
+            }),
+            _ => None,
+        };
+        Way::Direct(
+            redis::Client::build_with_tls(url.as_str(), redis::TlsCertificates { client_tls, root_cert })
+                .map_err(invalid)?,
+        )
+    } else {
+        Way::Direct(redis::Client::open(url.as_str()).map_err(invalid)?)
+    };
+    let _ = TARGET.set(Target { url: url.clone(), way, ca_file: config.redis_ca_file.clone() });
+    Ok(())
+}
+
+/// `redis+sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER_NAME`: the password is the
+/// master's; the Sentinels are asked without one.
+pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// How long one Sentinel may take to answer, so that a dead one delays a lookup by no more.
+const SENTINEL_LIMIT: Duration = Duration::from_secs(1);
+const SENTINEL_PORT: u16 = 26379;
+
+struct SentinelSet {
+    sentinels: Vec<(String, u16)>,
+    master: String,
+    /// The master's user, password and database, on a placeholder address.
+    template: redis::ConnectionInfo,
+}
+
+impl SentinelSet {
+    fn parse(url: &str) -> Result<SentinelSet, String> {
+        let rest = url.strip_prefix(SENTINEL_SCHEME).ok_or("not a redis+sentinel:// URL")?;
+        let (before, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, master) =
+            before.split_once('/').ok_or("no master name after the Sentinels (/NAME)")?;
+        let master = master.trim_end_matches('/');
+        if master.is_empty() || master.contains('/') {
+            return Err(
+                "name the master after the Sentinels: redis+sentinel://HOST:PORT,HOST:PORT/NAME".into()
+            );
+        }
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let mut sentinels = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let (name, port) = match host.rsplit_once(':') {
+                Some((name, port)) => (
+                    name,
+                    port.parse::<u16>().map_err(|_| format!("{host:?} is not HOST:PORT of a Sentinel"))?,
+                ),
+                None => (host, SENTINEL_PORT),
+            };
+            sentinels.push((name.trim_matches(['[', ']']).to_string(), port));
+        }
+        if sentinels.is_empty() {
+            return Err("no Sentinel named: redis+sentinel://HOST:PORT,HOST:PORT/NAME".into());
+        }
+        let db = query.split('&').find_map(|kv| kv.strip_prefix("db=")).unwrap_or("0");
+        let template =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/{db}"))
+                .map_err(|e| e.to_string())?;
+        Ok(SentinelSet { sentinels, master: master.to_string(), template })
+    }
+
+    /// Asks each Sentinel in turn where the master is, and connects there if the server
+    /// answers ROLE as a master (a Sentinel may still name the old one during a failover).
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let mut why = Vec::new();
+        for (host, port) in &self.sentinels {
+            let (ip, master_port) = match self.ask(host, *port) {
+                Ok(addr) => addr,
+                Err(e) => {
+                    why.push(format!("Sentinel {host}:{port}: {e}"));
+                    continue;
+                }
+            };
+            let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(ip.clone(), master_port));
+            let tried = redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT));
+            let mut conn = match tried {
+                Ok(conn) => conn,
+                Err(e) => {
+                    why.push(format!("Sentinel {host}:{port} names {ip}:{master_port}: {}", sentence(&e)));
+                    continue;
+                }
+            };
+            conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
+            let role: Value = redis::cmd("ROLE").query(&mut conn)?;
+            match as_array(role).into_iter().next().map(as_text).as_deref() {
+                Some("master") => {
+                    noticed_master(&format!("Sentinel: master {}", self.master), &format!("{ip}:{master_port}"));
+                    return Ok(conn);
+                }
+                other => why.push(format!(
+                    "Sentinel {host}:{port} names {ip}:{master_port}, which is a {} (a failover is under way)",
+                    other.unwrap_or("server of unknown role")
+                )),
+            }
+        }
+        Err(RedisError::from((
+            redis::ErrorKind::Io,
+            LOOKUP_FAILED,
+            format!("no master {} found: {}", self.master, why.join("; ")),
+        )))
+    }
+
+    fn ask(&self, host: &str, port: u16) -> Result<(String, u16), RedisError> {
+        let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
+            host.to_string(),
+            port,
+        ))?;
+        let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
+        conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
+        conn.set_write_timeout(Some(SENTINEL_LIMIT))?;
+        let addr: Option<Vec<String>> =
+            redis::cmd("SENTINEL").arg("get-master-addr-by-name").arg(&self.master).query(&mut conn)?;
+        match addr.as_deref() {
+            Some([ip, port]) => match port.parse() {
+                Ok(port) => Ok((ip.clone(), port)),
+                Err(_) => Err(RedisError::from((redis::ErrorKind::Parse, "a master port that is no number"))),
+            },
+            _ => Err(RedisError::from((redis::ErrorKind::Io, "it knows no master of that name"))),
+        }
+    }
+}
+
+const LOOKUP_FAILED: &str = "Redis lookup";
+
+/// `redis+cluster://[USER:PASS@]HOST:PORT,HOST:PORT`: some nodes of the cluster.
+pub const CLUSTER_SCHEME: &str = "redis+cluster://";
+
+struct ClusterSet {
+    seeds: Vec<(String, u16)>,
+    /// The hash slot of the queue's tag.
+    slot: u16,
+    /// The user and password, on a placeholder address.
+    template: redis::ConnectionInfo,
+}
+
+impl ClusterSet {
+    fn parse(url: &str, queue: &str) -> Result<ClusterSet, String> {
+        let rest = url.strip_prefix(CLUSTER_SCHEME).ok_or("not a redis+cluster:// URL")?;
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (format!("{u}@"), h),
+            None => (String::new(), authority),
+        };
+        let mut seeds = Vec::new();
+        for host in hosts.split(',').filter(|h| !h.is_empty()) {
+            let (name, port) = host.rsplit_once(':').ok_or_else(|| format!("{host:?} is not HOST:PORT"))?;
+            let port = port.parse::<u16>().map_err(|_| format!("{host:?} is not HOST:PORT"))?;
+            seeds.push((name.trim_matches(['[', ']']).to_string(), port));
+        }
+        if seeds.is_empty() {
+            return Err("no node named: redis+cluster://HOST:PORT,HOST:PORT".into());
+        }
+        let template =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/"))
+                .map_err(|e| e.to_string())?;
+        Ok(ClusterSet { seeds, slot: hash_slot(queue.as_bytes()), template })
+    }
+
+    /// Asks the nodes in turn which one serves the queue's slot (CLUSTER SLOTS), and connects
+    /// there. A slot moved later answers MOVED, which counts as a lost connection: the next
+    /// connect asks again.
+    fn connect(&self) -> Result<Connection, RedisError> {
+        let mut why = Vec::new();
+        for (host, port) in &self.seeds {
+            let owner = match self.owner(host, *port) {
+                Ok(Some(owner)) => owner,
+                Ok(None) => {
+                    why.push(format!("{host}:{port}: no node serves slot {}", self.slot));
+                    continue;
+                }
+                Err(e) => {
+                    why.push(format!("{host}:{port}: {}", sentence(&e)));
+                    continue;
+                }
+            };
+            let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(owner.0.clone(), owner.1));
+            match redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT)) {
+                Ok(conn) => {
+                    noticed_master(
+                        &format!("Redis Cluster: the node of slot {}", self.slot),
+                        &format!("{}:{}", owner.0, owner.1),
+                    );
+                    return Ok(conn);
+                }
+                Err(e) => why.push(format!("{host}:{port} names {}:{}: {}", owner.0, owner.1, sentence(&e))),
+            }
+        }
+        Err(RedisError::from((
+            redis::ErrorKind::Io,
+            LOOKUP_FAILED,
+            format!("no Redis Cluster node found for slot {}: {}", self.slot, why.join("; ")),
+        )))
+    }
+
+    fn owner(&self, host: &str, port: u16) -> Result<Option<(String, u16)>, RedisError> {
+        let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port));
+        let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
+        conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn)?;
+        for range in as_array(slots) {
+            let mut parts = as_array(range).into_iter();
+            let (Some(start), Some(end), Some(master)) = (parts.next(), parts.next(), parts.next()) else {
+                continue;
+            };
+            let (Some(start), Some(end)) = (as_int(&start), as_int(&end)) else { continue };
+            if !(start..=end).contains(&i64::from(self.slot)) {
+                continue;
+            }
+            let mut node = as_array(master).into_iter();
+            let ip = node.next().map(as_text).filter(|ip| !ip.is_empty()).unwrap_or_else(|| host.to_string());
+            let owner_port = node.next().as_ref().and_then(as_int).and_then(|p| u16::try_from(p).ok());
+            return Ok(owner_port.map(|p| (ip, p)));
+        }
+        Ok(None)
+    }
+}
+
+/// Redis Cluster's hash slot of a key whose hash tag is `tag` (CRC16/XMODEM mod 16384).
+fn hash_slot(tag: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in tag {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc % 16384
+}
+
+/// Logs where the master is, when this process first learns it and when it moved.
+fn noticed_master(what: &str, addr: &str) {
+    static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    if *last != addr {
+        if last.is_empty() {
+            tracing::info!("{what} is at {addr}");
+        } else {
+            tracing::warn!("{what} moved from {last} to {addr} (failover)");
+        }
+        addr.clone_into(&mut last);
+    }
+}
+
+/// The bytes of a PEM file, which must hold at least one `-----BEGIN …{kind}-----` block.
+fn read_pem(path: &Path, option: &str, kind: &str) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("invalid {option}: cannot read {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&bytes);
+    let found = text
+        .lines()
+        .any(|line| line.starts_with("-----BEGIN ") && line.trim_end().ends_with(&format!("{kind}-----")));
+    if !found {
+        return Err(format!("invalid {option}: {} holds no PEM {kind}", path.display()));
+    }
+    Ok(bytes)
+}
+
 /// Opens a connection. `reply_limit` None: no client-side limit, for the connections that
 /// block in XREAD/XREADGROUP (a reply timeout shorter than BLOCK would give up on a read that
 /// Redis still carries out, moving entries into the pending list with nobody to run them).
 pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, RedisError> {
-    let client = redis::Client::open(url)?;
-    let conn = client.get_connection_with_timeout(CONNECT_LIMIT)?;
+    let conn = match TARGET.get() {
+        Some(Target { url: set_up, way: Way::Sentinel(set), .. }) if set_up == url => set.connect()?,
+        Some(Target { url: set_up, way: Way::Cluster(set), .. }) if set_up == url => set.connect()?,
+        Some(Target { url: set_up, way: Way::Direct(client), .. }) if set_up == url => {
+            client.get_connection_with_timeout(CONNECT_LIMIT)?
+        }
+        _ => redis::Client::open(url)?.get_connection_with_timeout(CONNECT_LIMIT)?,
+    };
     conn.set_read_timeout(reply_limit)?;
     conn.set_write_timeout(Some(REPLY_LIMIT))?;
     Ok(conn)
@@ -21,7 +347,14 @@ pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, R
 
 /// Whether an error means the connection is gone (reconnect), rather than a refused command.
 pub fn is_connection_error(e: &RedisError) -> bool {
-    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+    // READONLY: the server became a replica (a Sentinel failover): the master is elsewhere now.
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.code() == Some("READONLY")
+        // MOVED: the queue's slot went to another node of the cluster.
+        || e.code() == Some("MOVED")
 }
 
 /// The Redis URL of this process, whose secrets no description of an error may show.
@@ -44,7 +377,11 @@ pub fn describe(e: &RedisError) -> String {
 }
 
 fn sentence(e: &RedisError) -> String {
-    if e.is_timeout() {
+    if let Some(tls) = tls_error(e) {
+        tls_sentence(tls)
+    } else if e.to_string().starts_with(LOOKUP_FAILED) {
+        e.detail().unwrap_or(LOOKUP_FAILED).to_string()
+    } else if e.is_timeout() {
         format!("Redis did not answer within {} s", REPLY_LIMIT.as_secs())
     } else if e.is_connection_refusal() {
         format!("Redis refused the connection ({e}): is redis-server running?")
@@ -52,6 +389,45 @@ fn sentence(e: &RedisError) -> String {
         format!("the connection to Redis was lost ({e})")
     } else {
         e.to_string()
+    }
+}
+
+/// The TLS failure under a connection's error, if that is what it was: rustls's error, in the
+/// I/O error the client library keeps behind an `Arc`.
+fn tls_error(e: &RedisError) -> Option<&rustls::Error> {
+    use std::error::Error;
+    type Inner = std::sync::Arc<dyn Error + Send + Sync>;
+    let inner = e.source()?.downcast_ref::<Inner>()?;
+    let io = (**inner).downcast_ref::<std::io::Error>()?;
+    io.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// What failed in the TLS handshake, and what to do about it.
+fn tls_sentence(e: &rustls::Error) -> String {
+    let ca = TARGET.get().and_then(|t| t.ca_file.as_deref());
+    let against = match ca {
+        Some(path) => format!("the CA certificates of {} (redis_ca_file)", path.display()),
+        None => "the system's CA certificates (give the server's CA with --redis-ca-file)".into(),
+    };
+    match e {
+        rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName)
+        | rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForNameContext { .. }) => {
+            format!("the Redis server's TLS certificate is not valid for the host name of redis_url ({e})")
+        }
+        rustls::Error::InvalidCertificate(_) => {
+            format!("the Redis server's TLS certificate does not verify against {against} ({e})")
+        }
+        rustls::Error::AlertReceived(
+            alert @ (rustls::AlertDescription::CertificateRequired
+            | rustls::AlertDescription::BadCertificate
+            | rustls::AlertDescription::UnknownCA
+            | rustls::AlertDescription::CertificateUnknown
+            | rustls::AlertDescription::HandshakeFailure),
+        ) => format!(
+            "the Redis server refused the TLS handshake ({alert:?}): it wants a client certificate it \
+             trusts (--redis-cert-file, --redis-key-file)"
+        ),
+        other => format!("TLS with the Redis server failed: {other}"),
     }
 }
 
@@ -133,6 +509,20 @@ pub fn entries(v: Value) -> Vec<StreamEntry> {
         .collect()
 }
 
+/// The entries of each stream of an XREAD or XREADGROUP reply, with the stream's key; none on
+/// a timeout.
+pub fn read_streams(v: Value) -> Vec<(String, StreamEntry)> {
+    let mut out = Vec::new();
+    for stream in as_array(v) {
+        let mut parts = as_array(stream).into_iter();
+        let key = parts.next().map(as_text).unwrap_or_default();
+        for entry in parts.next().map(entries).unwrap_or_default() {
+            out.push((key.clone(), entry));
+        }
+    }
+    out
+}
+
 /// The entries of the first (only) stream of an XREAD or XREADGROUP reply; none on a timeout.
 pub fn read_entries(v: Value) -> Vec<StreamEntry> {
     let Some(first) = as_array(v).into_iter().next() else {
@@ -149,6 +539,33 @@ mod tests {
 
     fn bulk(s: &str) -> Value {
         Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn finds_the_hash_slot_of_a_queue() {
+        // As CLUSTER KEYSLOT answers for "{taskd}:jobs" and "{foo}bar".
+        assert_eq!(hash_slot(b"foo"), 12182);
+        assert_eq!(hash_slot(b"123456789"), 0x31C3, "CRC16/XMODEM's check value");
+        let set = ClusterSet::parse("redis+cluster://:pw@h1:7000,h2:7001", "foo").unwrap();
+        assert_eq!(set.seeds.len(), 2);
+        assert_eq!(set.slot, 12182);
+        assert!(ClusterSet::parse("redis+cluster://h1", "q").is_err());
+    }
+
+    #[test]
+    fn reads_a_sentinel_url() {
+        let set = SentinelSet::parse("redis+sentinel://app:s3cret@10.0.0.5:26380,sentinel-b/mymaster?db=2")
+            .unwrap();
+        assert_eq!(set.sentinels, vec![("10.0.0.5".to_string(), 26380), ("sentinel-b".to_string(), 26379)]);
+        assert_eq!(set.master, "mymaster");
+        let redis = set.template.redis_settings();
+        assert_eq!((redis.username(), redis.password(), redis.db()), (Some("app"), Some("s3cret"), 2));
+        for bad in
+            ["redis+sentinel://h:1", "redis+sentinel://h:1/", "redis+sentinel:///m", "redis+sentinel://h:x/m"]
+        {
+            assert!(SentinelSet::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(super::super::redact("redis+sentinel://:pw@h:1,h:2/m"), "redis+sentinel://:***@h:1,h:2/m");
     }
 
     #[test]

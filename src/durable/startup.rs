@@ -43,7 +43,9 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
         .arg(&d.keys.epoch)
         .query(&mut conn)
         .map_err(|e| format!("cannot take a range of task ids: {}", redis_io::describe(&e)))?;
-    let jobs = own_jobs(&mut conn, &d.keys, &d.node)
+    let mut streams = vec![d.keys.jobs.clone()];
+    streams.extend(d.routes.iter().map(|kind| d.keys.lane(kind)));
+    let jobs = own_jobs(&mut conn, &d.keys, &streams, &d.node)
         .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
     let results = kept_results(&mut conn, &d.keys)
         .map_err(|e| format!("cannot read kept results: {}", redis_io::describe(&e)))?;
@@ -193,24 +195,55 @@ fn alive(pid: i32) -> bool {
 /// Creates the consumer group (and the stream) unless it exists. From id 0: a job added
 /// before the group existed is still run.
 pub fn ensure_group(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<()> {
+    ensure_group_of(conn, &keys.jobs)
+}
+
+/// The same for one stream: the main one or a type's lane.
+pub fn ensure_group_of(conn: &mut Connection, stream: &str) -> redis::RedisResult<()> {
     let created: redis::RedisResult<Value> =
-        redis::cmd("XGROUP").arg("CREATE").arg(&keys.jobs).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(GROUP).arg("0").arg("MKSTREAM").query(conn);
     match created {
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         other => other.map(|_| ()),
     }
 }
 
-/// What could lose or evict acknowledged jobs, in the server's settings.
+/// What could lose or evict acknowledged jobs, in the server's settings; and what taskd does
+/// without the commands an ACL user may lack (CONFIG, CLIENT).
 pub fn check_server(conn: &mut Connection) -> Vec<String> {
+    let mut warnings = Vec::new();
+    // CLIENT LIST of the pub/sub clients: the same right as of all (client|list), at no cost.
+    let listed: redis::RedisResult<Value> =
+        redis::cmd("CLIENT").arg("LIST").arg("TYPE").arg("pubsub").query(conn);
+    if let Err(e) = listed {
+        warnings.push(format!(
+            "this Redis user may not run CLIENT LIST or CLIENT SETNAME ({}): consumers' connections \
+             go unnamed and the consumers of dead task processes are left in the group rather than \
+             deleted (they hold no job; XINFO CONSUMERS lists them; allow +client|setname \
+             +client|list to have them deleted)",
+            redis_io::describe(&e)
+        ));
+    }
+    let mut refused = None;
     let mut get = |name: &str| -> Option<String> {
-        let v: Value = redis::cmd("CONFIG").arg("GET").arg(name).query(conn).ok()?;
-        as_array(v).into_iter().nth(1).map(as_text)
+        let v: redis::RedisResult<Value> = redis::cmd("CONFIG").arg("GET").arg(name).query(conn);
+        match v {
+            Ok(v) => as_array(v).into_iter().nth(1).map(as_text),
+            Err(e) => {
+                refused.get_or_insert_with(|| redis_io::describe(&e));
+                None
+            }
+        }
     };
     let (Some(aof), Some(fsync), Some(policy)) =
         (get("appendonly"), get("appendfsync"), get("maxmemory-policy"))
     else {
-        return vec!["cannot read Redis's settings (CONFIG GET refused): durability of jobs unchecked".into()];
+        warnings.push(format!(
+            "cannot read Redis's settings (CONFIG GET refused: {}): durability of jobs unchecked; \
+             make sure the server runs with appendonly yes and maxmemory-policy noeviction",
+            refused.unwrap_or_default()
+        ));
+        return warnings;
     };
     let mut warnings = Vec::new();
     if aof != "yes" {
@@ -234,19 +267,27 @@ pub fn check_server(conn: &mut Connection) -> Vec<String> {
     warnings
 }
 
-fn own_jobs(conn: &mut Connection, keys: &Keys, node: &str) -> redis::RedisResult<Vec<JobEntry>> {
+/// This node's jobs in `streams` (the main one and its lanes) and in the delayed set.
+fn own_jobs(
+    conn: &mut Connection,
+    keys: &Keys,
+    streams: &[String],
+    node: &str,
+) -> redis::RedisResult<Vec<JobEntry>> {
     let mut jobs = Vec::new();
-    let mut from = "-".to_string();
-    loop {
-        let page: Value =
-            redis::cmd("XRANGE").arg(&keys.jobs).arg(&from).arg("+").arg("COUNT").arg(1000).query(conn)?;
-        let entries = redis_io::entries(page);
-        let Some(last) = entries.last() else { break };
-        from = format!("({}", last.id);
-        let entries = entries.into_iter();
-        jobs.extend(
-            entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
-        );
+    for stream in streams {
+        let mut from = "-".to_string();
+        loop {
+            let page: Value =
+                redis::cmd("XRANGE").arg(stream).arg(&from).arg("+").arg("COUNT").arg(1000).query(conn)?;
+            let entries = redis_io::entries(page);
+            let Some(last) = entries.last() else { break };
+            from = format!("({}", last.id);
+            let entries = entries.into_iter();
+            jobs.extend(
+                entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
+            );
+        }
     }
     // And those waiting in the delayed set for a retry (after the stream: one moved back in
     // between is in both, and taken once).
@@ -318,12 +359,12 @@ fn kept_results(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<Vec<(u
 /// The delivery count of each entry pending for `consumer`, by id.
 pub fn delivery_counts(
     conn: &mut Connection,
-    keys: &Keys,
+    stream: &str,
     consumer: &str,
     count: usize,
 ) -> redis::RedisResult<Vec<(String, u32)>> {
     let v: Value = redis::cmd("XPENDING")
-        .arg(&keys.jobs)
+        .arg(stream)
         .arg(GROUP)
         .arg("-")
         .arg("+")

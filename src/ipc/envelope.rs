@@ -196,6 +196,11 @@ pub enum FromWorker<'a> {
         context: &'a [u8],
         data: &'a [u8],
     },
+    /// What the next `Task` frame of the same `task_id` asks for beyond running now
+    /// ([`crate::app::TaskOptions`]): not before `run_at_ms` (Unix ms, 0: now), its
+    /// `priority` (0 high, 1 normal, 2 low), and a deduplication `key` (empty: none) held for
+    /// `dedup_ttl_ms` after the job ends.
+    TaskOptions { task_id: u64, run_at_ms: u64, priority: u8, dedup_ttl_ms: u64, key: &'a [u8] },
     /// A group of tasks whose outcomes are delivered together, as one finish of `group_id`;
     /// its `size` member tasks follow. `timeout_ms` (0: none) bounds the wait for them.
     Group { group_id: u64, session: u64, size: u32, timeout_ms: u64, context: &'a [u8] },
@@ -217,6 +222,10 @@ pub enum ToClient<'a> {
     QueryResult { session: u64, task_id: u64 },
     /// Write the server's statistics to this session as one JSON line.
     Stats { session: u64 },
+    /// Cancel task `task_id` for this session (which must have submitted it, unless it shows
+    /// the operator's `token`; empty: none): the job's `cancelled` line, or an error saying why
+    /// it cannot be.
+    Cancel { session: u64, task_id: u64, token: &'a [u8] },
 }
 
 impl ToClient<'_> {
@@ -226,6 +235,7 @@ impl ToClient<'_> {
             ToClient::Send { session, .. }
             | ToClient::CloseSession { session }
             | ToClient::QueryResult { session, .. }
+            | ToClient::Cancel { session, .. }
             | ToClient::Stats { session } => session,
         }
     }
@@ -304,6 +314,9 @@ pub enum ToBridge<'a> {
     /// The master is alive: renew the node's lease on its name (sent by the master itself, so
     /// that a master that hangs lets its name go).
     RenewLease,
+    /// An operator's request from the dashboard (`op`: JSON, see `durable::admin`); answered
+    /// by an [`FromBridge::AdminAnswer`] with the same `request`.
+    Admin { request: u64, op: &'a [u8] },
 }
 
 /// Bridge -> master. `Reply` frames are also what task processes of any node write to the reply
@@ -317,6 +330,11 @@ pub enum FromBridge<'a> {
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
+    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…}}` (the main stream and
+    /// each lane this node routes to), read every second or so, for `stats`.
+    Depths { json: &'a [u8] },
+    /// The answer (JSON) to [`ToBridge::Admin`] `request`.
+    AdminAnswer { request: u64, answer: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -372,6 +390,13 @@ mod kind {
     pub const RENEW_LEASE: u8 = 46;
     pub const LEASE: u8 = 47;
     pub const REPLY_RETRYING: u8 = 48;
+    pub const QUEUE_DEPTHS: u8 = 80;
+    // The dashboard's requests to the bridge (60-69 are the dashboard's).
+    pub const ADMIN: u8 = 60;
+    pub const ADMIN_ANSWER: u8 = 61;
+    // Scheduling, priorities, deduplication and cancel (17-19, 23-29, 49-59 are theirs).
+    pub const TASK_OPTIONS: u8 = 17;
+    pub const CANCEL: u8 = 18;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -615,6 +640,15 @@ impl<'a> FromWorker<'a> {
                 .u64(timeout_ms)
                 .rest(context)
                 .finish(),
+            FromWorker::TaskOptions { task_id, run_at_ms, priority, dedup_ttl_ms, key } => {
+                Writer::begin(out, TASK_OPTIONS)
+                    .u64(task_id)
+                    .u64(run_at_ms)
+                    .u8(priority)
+                    .u64(dedup_ttl_ms)
+                    .rest(key)
+                    .finish()
+            }
             FromWorker::Commit { seq } => Writer::begin(out, COMMIT).u64(seq).finish(),
         }
     }
@@ -640,6 +674,13 @@ impl<'a> FromWorker<'a> {
                     timeout_ms: r.u64("timeout")?,
                     context: r.rest(),
                 },
+                TASK_OPTIONS => FromWorker::TaskOptions {
+                    task_id: r.u64("task_id")?,
+                    run_at_ms: r.u64("run_at_ms")?,
+                    priority: r.u8("priority")?,
+                    dedup_ttl_ms: r.u64("dedup_ttl_ms")?,
+                    key: r.rest(),
+                },
                 COMMIT => FromWorker::Commit { seq: r.u64("seq")? },
                 other => FromWorker::Client(ToClient::decode_body(other, r)?),
             })
@@ -664,6 +705,9 @@ impl<'a> ToClient<'a> {
                 Writer::begin(out, QUERY_RESULT).u64(session).u64(task_id).finish()
             }
             ToClient::Stats { session } => Writer::begin(out, STATS).u64(session).finish(),
+            ToClient::Cancel { session, task_id, token } => {
+                Writer::begin(out, CANCEL).u64(session).u64(task_id).rest(token).finish()
+            }
         }
     }
 
@@ -679,6 +723,9 @@ impl<'a> ToClient<'a> {
             CLOSE_SESSION => ToClient::CloseSession { session: r.u64("session")? },
             QUERY_RESULT => ToClient::QueryResult { session: r.u64("session")?, task_id: r.u64("task id")? },
             STATS => ToClient::Stats { session: r.u64("session")? },
+            CANCEL => {
+                ToClient::Cancel { session: r.u64("session")?, task_id: r.u64("task id")?, token: r.rest() }
+            }
             other => return Err(DecodeError::UnknownKind(other)),
         })
     }
@@ -875,6 +922,7 @@ impl<'a> ToBridge<'a> {
                 Writer::begin(out, KEEP_RESULT).u64(task_id).rest(line).finish()
             }
             ToBridge::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
+            ToBridge::Admin { request, op } => Writer::begin(out, ADMIN).u64(request).rest(op).finish(),
         }
     }
 
@@ -895,6 +943,7 @@ impl<'a> ToBridge<'a> {
                 TRIM => ToBridge::Trim { entry: r.rest() },
                 KEEP_RESULT => ToBridge::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
                 RENEW_LEASE => ToBridge::RenewLease,
+                ADMIN => ToBridge::Admin { request: r.u64("request")?, op: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -927,6 +976,10 @@ impl<'a> FromBridge<'a> {
             FromBridge::Stored { batch, error } => Writer::begin(out, STORED).u64(batch).rest(error).finish(),
             FromBridge::Reply(ref reply) => reply.encode(out),
             FromBridge::Lease { holder } => Writer::begin(out, LEASE).rest(holder).finish(),
+            FromBridge::Depths { json } => Writer::begin(out, QUEUE_DEPTHS).rest(json).finish(),
+            FromBridge::AdminAnswer { request, answer } => {
+                Writer::begin(out, ADMIN_ANSWER).u64(request).rest(answer).finish()
+            }
         }
     }
 
@@ -949,6 +1002,8 @@ impl<'a> FromBridge<'a> {
                     result: r.rest(),
                 }),
                 LEASE => FromBridge::Lease { holder: r.rest() },
+                QUEUE_DEPTHS => FromBridge::Depths { json: r.rest() },
+                ADMIN_ANSWER => FromBridge::AdminAnswer { request: r.u64("request")?, answer: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -1057,6 +1112,19 @@ mod tests {
             context: b"ctx",
         });
         roundtrip::<FromWorker>(FromWorker::Commit { seq: u64::MAX });
+        roundtrip::<FromWorker>(FromWorker::TaskOptions {
+            task_id: 6,
+            run_at_ms: 1_798_099_200_000,
+            priority: 2,
+            dedup_ttl_ms: 60_000,
+            key: b"order-42:receipt",
+        });
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Cancel { session: 3, task_id: 9, token: b"" }));
+        roundtrip::<FromWorker>(FromWorker::Client(ToClient::Cancel {
+            session: 3,
+            task_id: 9,
+            token: b"00ff",
+        }));
         roundtrip::<ToClient>(ToClient::Send { session: 5, data: b"x" });
         roundtrip::<ToClient>(ToClient::CloseSession { session: 5 });
         roundtrip::<ToClient>(ToClient::QueryResult { session: 3, task_id: 1 << 33 });
@@ -1132,6 +1200,7 @@ mod tests {
         roundtrip::<ToBridge>(ToBridge::Trim { entry: b"1-1" });
         roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip::<ToBridge>(ToBridge::RenewLease);
+        roundtrip::<ToBridge>(ToBridge::Admin { request: 7, op: br#"{"op":"overview"}"# });
         roundtrip::<FromBridge>(FromBridge::Stored { batch: 2, error: b"" });
         roundtrip::<FromBridge>(FromBridge::Stored { batch: 3, error: b"Redis is down" });
         roundtrip::<FromBridge>(FromBridge::Reply(Reply {
@@ -1160,6 +1229,7 @@ mod tests {
         }));
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
+        roundtrip::<FromBridge>(FromBridge::AdminAnswer { request: 7, answer: b"{}" });
     }
 
     #[test]

@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::app::{
-    Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, WorkerCtx,
+    Application, Finished, ProcessInfo, SessionId, Task, TaskCtx, TaskError, TaskFailure, TaskOptions,
+    WorkerCtx,
 };
 use crate::delivery::outbox::Outbox;
 use crate::delivery::rate::{Channel, Limiter, Rate};
@@ -31,7 +32,7 @@ use request::{Job, Kind, Request};
 /// Options of the email/SMS application.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MailConfig {
-    /// How long a simulated delivery takes, unless a job says otherwise (`delay_ms`).
+    /// How long a simulated delivery takes, unless a job says otherwise (its `simulate_ms`).
     pub simulate_ms: u64,
     /// Where delivered messages are appended, one JSON line each.
     pub outbox: PathBuf,
@@ -39,6 +40,9 @@ pub struct MailConfig {
     pub batch_timeout_ms: u64,
     /// Longest email body in bytes: a job's payload is held in the master until it is done.
     pub email_body_max: usize,
+    /// How long a job's deduplication `key` stays taken after the job ended.
+    #[serde(default = "default_dedup_ttl_ms")]
+    pub dedup_ttl_ms: u64,
     /// Jobs a handler runs before its task process replaces it (0: no limit), as
     /// `task_max_request` does for task processes: a handler that leaks is bounded.
     #[serde(default)]
@@ -78,6 +82,10 @@ pub struct MailConfig {
     /// CA certificates (PEM) the relay's certificate is checked against, instead of the system's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub smtp_ca_file: Option<PathBuf>,
+    /// Durable jobs: types this node accepts and queues, each in its lane, for the task nodes
+    /// whose handlers run them; it does not run them itself.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queue_types: Vec<String>,
     /// External handlers (`--handler TYPE=COMMAND`, `[handlers]`): job type → command. Last,
     /// since it is a table in the config file.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -92,6 +100,7 @@ impl Default for MailConfig {
             batch_timeout_ms: 30_000,
             email_body_max: request::FieldLimits::default().email_body_max,
             handler_max_jobs: 0,
+            dedup_ttl_ms: default_dedup_ttl_ms(),
             sms_url: None,
             sms_preset: Preset::default(),
             sms_from: None,
@@ -103,9 +112,14 @@ impl Default for MailConfig {
             smtp_url: None,
             mail_from: None,
             smtp_ca_file: None,
+            queue_types: Vec::new(),
             handlers: BTreeMap::new(),
         }
     }
+}
+
+fn default_dedup_ttl_ms() -> u64 {
+    3_600_000
 }
 
 fn default_sms_connect_timeout_ms() -> u64 {
@@ -180,6 +194,9 @@ struct Accepted<'a> {
     kind: &'a str,
     to: &'a str,
     worker_pid: u32,
+    /// When it runs, for a job scheduled ahead (RFC 3339, UTC).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_at: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -211,7 +228,7 @@ pub struct MailApp {
     smtp: Option<SmtpSettings>,
     email: Option<Smtp>,
     pid: u32,
-    /// The server's `task_timeout`: no job may ask for a longer delivery (`delay_ms`).
+    /// The server's `task_timeout`: no job may ask for a longer delivery (`simulate_ms`).
     run_limit: Option<Duration>,
     /// Task data comes only from this node's own workers, which validated it (no Redis): not
     /// checked again per job. False by default: a task node's jobs come from Redis.
@@ -232,7 +249,8 @@ pub struct MailApp {
 
 impl MailApp {
     pub fn new(config: MailConfig) -> Self {
-        let handled = config.handlers.keys().cloned().collect();
+        // Queued types are accepted here and run by another node's handler.
+        let handled = config.handlers.keys().chain(&config.queue_types).cloned().collect();
         let handlers = Handlers::new(&config.handlers, config.handler_max_jobs);
         MailApp {
             config,
@@ -324,7 +342,7 @@ impl MailApp {
         result.into_bytes()
     }
 
-    /// Refuses jobs whose `delay_ms` is longer than `limit` (the server's `task_timeout`).
+    /// Refuses jobs whose `simulate_ms` is longer than `limit` (the server's `task_timeout`).
     pub fn with_run_limit(mut self, limit: Option<Duration>) -> Self {
         self.run_limit = limit;
         self
@@ -383,16 +401,23 @@ impl MailApp {
         let (Ok(context), Ok(data)) = (serde_json::to_vec(&context), serde_json::to_vec(job)) else {
             return Self::error(ctx, session, "internal error: cannot encode the job");
         };
+        let options = TaskOptions {
+            run_at: job.run_at_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
+            priority: job.priority,
+            key: job.key.clone(),
+            dedup_ttl: Duration::from_millis(self.config.dedup_ttl_ms),
+        };
         let submitted = match job.task_worker {
             Some(slot) => ctx.task_to(slot, session, &context, &data),
-            None => ctx.task_for(session, &context, &data),
+            None => ctx.task_for_with(session, &context, &data, &options),
         };
         match submitted {
             Ok(task_id) => {
                 tracing::info!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 let kind = job.kind.name();
+                let run_at = job.run_at_ms.map(crate::app::rfc3339);
                 let accepted =
-                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid };
+                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid, run_at };
                 Self::reply(ctx, session, accepted);
             }
             Err(e) => self.refused(ctx, session, e),
@@ -488,17 +513,19 @@ impl MailApp {
                 Kind::Email => request::valid_email(&job.to)?,
                 Kind::Sms => request::valid_phone(&job.to)?,
             };
-            if job.delay_ms.is_some_and(|ms| ms > request::MAX_DELAY_MS) {
-                return Err(
-                    format!("task data is not a job: delay_ms above {}", request::MAX_DELAY_MS).into()
-                );
+            if job.simulate_ms.is_some_and(|ms| ms > request::MAX_SIMULATE_MS) {
+                return Err(format!(
+                    "task data is not a job: simulate_ms above {}",
+                    request::MAX_SIMULATE_MS
+                )
+                .into());
             }
         }
         self.take_turn(job.kind)?;
         if job.kind == Kind::Sms && self.sms.is_some() {
             return self.send_sms(ctx, task, &job);
         }
-        let delay = Duration::from_millis(job.delay_ms.unwrap_or(self.config.simulate_ms));
+        let delay = Duration::from_millis(job.simulate_ms.unwrap_or(self.config.simulate_ms));
         let pid = ctx.info().pid;
         let message = delivery::Message {
             task_id: task.id,
@@ -575,6 +602,8 @@ impl Application for MailApp {
             }
             Ok(Request::Stats) => ctx.send_stats(session),
             Ok(Request::Result(task_id)) => ctx.send_result(session, task_id),
+            Ok(Request::Cancel(task_id, None)) => ctx.cancel(session, task_id),
+            Ok(Request::Cancel(task_id, Some(token))) => ctx.cancel_as_operator(session, task_id, &token),
             // `email ADDRESS` or a bare address, when a handler overrides the type.
             Ok(Request::Job(job)) if self.handled.iter().any(|k| k == job.kind.name()) => {
                 match serde_json::to_value(&job) {
@@ -596,6 +625,19 @@ impl Application for MailApp {
 
     fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         self.deliver(ctx, task)
+    }
+
+    /// A handler's job waiting behind the one about to run is written to its handler now.
+    fn on_task_ahead(&mut self, task: &Task<'_>) {
+        if self.handlers.is_empty() {
+            return;
+        }
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(task.data) else { return };
+        if let Some(kind) = value.get("type").and_then(serde_json::Value::as_str) {
+            if self.handlers.handles(kind) {
+                self.handlers.send_ahead(kind, task.id, task.attempt, &value);
+            }
+        }
     }
 
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {

@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::app::Priority;
+
 /// Longest email subject accepted (RFC 5322 caps a header line at 998 characters).
 pub const MAX_SUBJECT: usize = 998;
 /// Longest SMS text accepted (ten concatenated 160-character segments).
@@ -14,14 +16,19 @@ pub const MAX_BATCH: usize = 100;
 /// done, so its size is a memory budget (`email_body_max`).
 pub const DEFAULT_EMAIL_BODY_MAX: usize = 1024 * 1024;
 /// Longest simulated delivery a job may ask for.
-pub const MAX_DELAY_MS: u64 = 3_600_000;
+pub const MAX_SIMULATE_MS: u64 = 3_600_000;
+/// Furthest ahead a job may be scheduled (`run_at`, `run_in_ms`): a year and a day. A waiting
+/// job is held in the master's memory, within `task_queue_max`.
+pub const MAX_RUN_AHEAD_MS: u64 = 366 * 24 * 3_600_000;
+/// Longest deduplication key, in bytes.
+pub const MAX_KEY: usize = 200;
 
-/// Refuses a job whose `delay_ms` is longer than `task_timeout` (`limit`, if set): it would be
-/// killed before it finishes, and run again until it fails, holding a task process each time.
+/// Refuses a job whose `simulate_ms` is longer than `task_timeout` (`limit`, if set): it would
+/// be killed before it finishes, and run again until it fails, holding a task process each time.
 pub fn check_delay(job: &Job, limit: Option<std::time::Duration>) -> Result<(), String> {
-    match (job.delay_ms, limit) {
+    match (job.simulate_ms, limit) {
         (Some(ms), Some(limit)) if u128::from(ms) > limit.as_millis() => Err(format!(
-            "field \"delay_ms\" ({ms} ms) is longer than the server's task_timeout ({} ms): \
+            "field \"simulate_ms\" ({ms} ms) is longer than the server's task_timeout ({} ms): \
              the job would be killed before it finishes",
             limit.as_millis()
         )),
@@ -57,11 +64,45 @@ pub struct Job {
     pub body: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub delay_ms: Option<u64>,
+    /// How long its simulated delivery takes (`delay_ms` before: a job stored in Redis by an
+    /// older node still reads).
+    #[serde(default, alias = "delay_ms", skip_serializing_if = "Option::is_none")]
+    pub simulate_ms: Option<u64>,
     /// Run it on this task process (`task_to`); any idle one if absent.
     #[serde(default, skip_serializing)]
     pub task_worker: Option<u32>,
+    /// Not before this time (Unix ms, from `run_at` or `run_in_ms`): for the master, not the
+    /// task process.
+    #[serde(skip)]
+    pub run_at_ms: Option<u64>,
+    #[serde(skip)]
+    pub priority: Priority,
+    /// Deduplication key (`key`).
+    #[serde(skip)]
+    pub key: Option<String>,
+}
+
+impl Job {
+    /// A job to `to` with no optional field set.
+    pub fn to(kind: Kind, to: String) -> Job {
+        Job {
+            kind,
+            to,
+            subject: None,
+            body: None,
+            text: None,
+            simulate_ms: None,
+            task_worker: None,
+            run_at_ms: None,
+            priority: Priority::Normal,
+            key: None,
+        }
+    }
+
+    /// Whether it asks for a time, a priority or a key (which the master acts on).
+    pub fn scheduled(&self) -> bool {
+        self.run_at_ms.is_some() || self.priority != Priority::Normal || self.key.is_some()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +112,9 @@ pub enum Request {
     Stats,
     /// `{"type":"result","task_id":N}`: what became of a job submitted earlier.
     Result(u64),
+    /// `{"type":"cancel","task_id":N}`: take back a job of this connection not started yet;
+    /// with `"token"` (`taskd cancel N`), any connection's.
+    Cancel(u64, Option<String>),
     /// A job of a type an external handler runs (`--handler`): the object as the client sent
     /// it, which only the handler reads.
     Handled {
@@ -134,15 +178,7 @@ pub fn parse_for(line: &[u8], limits: &FieldLimits, handled: &[String]) -> Resul
             let to = valid_email(to)?;
             check_body(text, limits)?;
             let body = (!text.is_empty()).then(|| text.to_string());
-            Ok(Request::Job(Job {
-                kind: Kind::Email,
-                to,
-                subject: None,
-                body,
-                text: None,
-                delay_ms: None,
-                task_worker: None,
-            }))
+            Ok(Request::Job(Job { body, ..Job::to(Kind::Email, to) }))
         }
         "sms" => {
             let (to, text) = split_word(rest);
@@ -152,34 +188,14 @@ pub fn parse_for(line: &[u8], limits: &FieldLimits, handled: &[String]) -> Resul
             let to = valid_phone(to)?;
             let text = (!text.is_empty()).then(|| text.to_string());
             check_sms_text(text.as_deref())?;
-            Ok(Request::Job(Job {
-                kind: Kind::Sms,
-                to,
-                subject: None,
-                body: None,
-                text,
-                delay_ms: None,
-                task_worker: None,
-            }))
+            Ok(Request::Job(Job { text, ..Job::to(Kind::Sms, to) }))
         }
-        _ if rest.is_empty() && word.contains('@') => Ok(Request::Job(Job {
-            kind: Kind::Email,
-            to: valid_email(word)?,
-            subject: None,
-            body: None,
-            text: None,
-            delay_ms: None,
-            task_worker: None,
-        })),
-        _ if rest.is_empty() && looks_like_phone(word) => Ok(Request::Job(Job {
-            kind: Kind::Sms,
-            to: valid_phone(word)?,
-            subject: None,
-            body: None,
-            text: None,
-            delay_ms: None,
-            task_worker: None,
-        })),
+        _ if rest.is_empty() && word.contains('@') => {
+            Ok(Request::Job(Job::to(Kind::Email, valid_email(word)?)))
+        }
+        _ if rest.is_empty() && looks_like_phone(word) => {
+            Ok(Request::Job(Job::to(Kind::Sms, valid_phone(word)?)))
+        }
         _ => Err(format!("cannot read this request: {HELP}")),
     }
 }
@@ -199,7 +215,8 @@ fn parse_json(line: &str, limits: &FieldLimits, handled: &[String]) -> Result<Re
     match obj.get("type") {
         None => Err("missing field \"type\": use \"email\", \"sms\" or \"batch\"".into()),
         Some(Value::String(t)) if t == "batch" => parse_batch(&obj, limits),
-        Some(Value::String(t)) if t == "result" => parse_result(&obj),
+        Some(Value::String(t)) if t == "result" => parse_task_id(&obj, "a result query").map(Request::Result),
+        Some(Value::String(t)) if t == "cancel" => parse_cancel(obj),
         Some(Value::String(t)) if handled.contains(t) => Ok(Request::Handled { kind: t.clone(), job: obj }),
         Some(Value::String(t)) if !handled.is_empty() && t != "email" && t != "sms" => {
             let mut known: Vec<String> = ["email", "sms"].iter().map(|k| format!("{k:?}")).collect();
@@ -276,20 +293,27 @@ impl<'de> serde::de::Visitor<'de> for StrictVisitor {
     }
 }
 
-fn parse_result(obj: &Map<String, Value>) -> Result<Request, String> {
+/// `{"type":"cancel","task_id":N}`, with the operator's `"token"` if `taskd cancel` sent it.
+fn parse_cancel(mut obj: Map<String, Value>) -> Result<Request, String> {
+    let token = match obj.remove("token") {
+        None => None,
+        Some(Value::String(t)) => Some(t),
+        Some(other) => return Err(format!("field \"token\" must be a string, not {}", type_name(&other))),
+    };
+    parse_task_id(&obj, "a cancel").map(|id| Request::Cancel(id, token))
+}
+
+/// The task id of a request that names one job (`result`, `cancel`: `what` it is).
+fn parse_task_id(obj: &Map<String, Value>, what: &str) -> Result<u64, String> {
     if let Some(key) = obj.keys().find(|k| *k != "type" && *k != "task_id") {
-        return Err(format!(
-            "unknown field {} in a result query: it has \"type\" and \"task_id\"",
-            quoted(key)
-        ));
+        return Err(format!("unknown field {} in {what}: it has \"type\" and \"task_id\"", quoted(key)));
     }
     match obj.get("task_id") {
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Request::Result)
-            .ok_or_else(|| "field \"task_id\" must be a whole number".to_string()),
+        Some(Value::Number(n)) => {
+            n.as_u64().ok_or_else(|| "field \"task_id\" must be a whole number".to_string())
+        }
         Some(other) => Err(format!("field \"task_id\" must be a number, not {}", type_name(other))),
-        None => Err("a result query needs \"task_id\": the id `accepted` gave".into()),
+        None => Err(format!("{what} needs \"task_id\": the id `accepted` gave")),
     }
 }
 
@@ -321,7 +345,14 @@ fn parse_batch(obj: &Map<String, Value>, limits: &FieldLimits) -> Result<Request
         if job.get("type").and_then(Value::as_str) == Some("batch") {
             return Err(format!("job {i} of the batch is itself a batch: batches do not nest"));
         }
-        out.push(parse_job(job, limits).map_err(|e| format!("job {i} of the batch: {e}"))?);
+        let job = parse_job(job, limits).map_err(|e| format!("job {i} of the batch: {e}"))?;
+        if job.scheduled() {
+            return Err(format!(
+                "job {i} of the batch: \"run_at\", \"run_in_ms\", \"priority\" and \"key\" are for single jobs, \
+                 not members of a batch"
+            ));
+        }
+        out.push(job);
     }
     Ok(Request::Batch(out))
 }
@@ -338,10 +369,31 @@ fn parse_job(obj: &Map<String, Value>, limits: &FieldLimits) -> Result<Job, Stri
         },
         Some(other) => return Err(format!("field \"type\" must be a string, not {}", type_name(other))),
     };
-    let allowed: &[&str] = match kind {
-        Kind::Email => &["type", "to", "subject", "body", "delay_ms", "task_worker"],
-        Kind::Sms => &["type", "to", "text", "delay_ms", "task_worker"],
+    const EMAIL: &[&str] = &[
+        "type",
+        "to",
+        "subject",
+        "body",
+        "simulate_ms",
+        "task_worker",
+        "run_at",
+        "run_in_ms",
+        "priority",
+        "key",
+    ];
+    const SMS: &[&str] =
+        &["type", "to", "text", "simulate_ms", "task_worker", "run_at", "run_in_ms", "priority", "key"];
+    let allowed = match kind {
+        Kind::Email => EMAIL,
+        Kind::Sms => SMS,
     };
+    if obj.contains_key("delay_ms") {
+        return Err(
+            "field \"delay_ms\" is no more: \"simulate_ms\" sets how long the simulated delivery \
+                    takes; to run the job later, use \"run_at\" (RFC 3339 or Unix seconds) or \"run_in_ms\""
+                .into(),
+        );
+    }
     for key in obj.keys() {
         if !allowed.contains(&key.as_str()) {
             return Err(format!(
@@ -363,13 +415,37 @@ fn parse_job(obj: &Map<String, Value>, limits: &FieldLimits) -> Result<Job, Stri
         Kind::Email => valid_email(to)?,
         Kind::Sms => valid_phone(to)?,
     };
-    let delay_ms = match obj.get("delay_ms") {
+    let simulate_ms = match obj.get("simulate_ms") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) => match n.as_u64() {
-            Some(ms) if ms <= MAX_DELAY_MS => Some(ms),
-            _ => return Err(format!("field \"delay_ms\" must be a whole number from 0 to {MAX_DELAY_MS}")),
+            Some(ms) if ms <= MAX_SIMULATE_MS => Some(ms),
+            _ => {
+                return Err(format!(
+                    "field \"simulate_ms\" must be a whole number from 0 to {MAX_SIMULATE_MS}"
+                ))
+            }
         },
-        Some(other) => return Err(format!("field \"delay_ms\" must be a number, not {}", type_name(other))),
+        Some(other) => {
+            return Err(format!("field \"simulate_ms\" must be a number, not {}", type_name(other)))
+        }
+    };
+    let run_at_ms = parse_run_at(obj, crate::app::unix_ms(std::time::SystemTime::now()))?;
+    let priority = match obj.get("priority") {
+        None | Some(Value::Null) => Priority::Normal,
+        Some(Value::String(p)) => Priority::from_name(p).ok_or_else(|| {
+            format!("field \"priority\" must be \"high\", \"normal\" or \"low\", not {}", quoted(p))
+        })?,
+        Some(other) => return Err(format!("field \"priority\" must be a string, not {}", type_name(other))),
+    };
+    let key = match obj.get("key") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(k)) if k.is_empty() || k.len() > MAX_KEY || k.chars().any(char::is_control) => {
+            return Err(format!(
+                "field \"key\" must be 1 to {MAX_KEY} bytes of text without control characters"
+            ))
+        }
+        Some(Value::String(k)) => Some(k.clone()),
+        Some(other) => return Err(format!("field \"key\" must be a string, not {}", type_name(other))),
     };
     let task_worker = match obj.get("task_worker") {
         None | Some(Value::Null) => None,
@@ -394,7 +470,56 @@ fn parse_job(obj: &Map<String, Value>, limits: &FieldLimits) -> Result<Job, Stri
     check_body(body.as_deref().unwrap_or(""), limits)?;
     let text = optional_string(obj, "text")?;
     check_sms_text(text.as_deref())?;
-    Ok(Job { kind, to, subject, body, text, delay_ms, task_worker })
+    if task_worker.is_some() && (run_at_ms.is_some() || priority != Priority::Normal || key.is_some()) {
+        return Err(
+            "field \"task_worker\" cannot go with \"run_at\", \"run_in_ms\", \"priority\" or \"key\"".into(),
+        );
+    }
+    Ok(Job { kind, to, subject, body, text, simulate_ms, task_worker, run_at_ms, priority, key })
+}
+
+/// When a job asks to run (`run_at`: RFC 3339 or Unix seconds; `run_in_ms`: from `now_ms`),
+/// in Unix ms; None: at once.
+fn parse_run_at(obj: &Map<String, Value>, now_ms: u64) -> Result<Option<u64>, String> {
+    let at = match (obj.get("run_at"), obj.get("run_in_ms")) {
+        (None | Some(Value::Null), None | Some(Value::Null)) => return Ok(None),
+        (Some(a), Some(b)) if !a.is_null() && !b.is_null() => {
+            return Err("give \"run_at\" or \"run_in_ms\", not both".into())
+        }
+        (Some(Value::String(s)), _) => match chrono::DateTime::parse_from_rfc3339(s.trim()) {
+            Ok(t) => u64::try_from(t.timestamp_millis())
+                .map_err(|_| "field \"run_at\" is before 1970".to_string())?,
+            Err(e) => {
+                return Err(format!(
+                    "field \"run_at\" is not an RFC 3339 time such as \"2026-12-24T08:00:00Z\" ({e}), \
+                     nor Unix seconds"
+                ))
+            }
+        },
+        (Some(Value::Number(n)), _) => match n.as_f64() {
+            Some(secs) if secs >= 0.0 && secs.is_finite() => (secs * 1000.0).round() as u64,
+            _ => return Err("field \"run_at\" in Unix seconds must be a number from 0".into()),
+        },
+        (Some(other), _) if !other.is_null() => {
+            return Err(format!("field \"run_at\" must be a string or a number, not {}", type_name(other)))
+        }
+        (_, Some(Value::Number(n))) => match n.as_u64() {
+            Some(ms) if ms <= MAX_RUN_AHEAD_MS => now_ms + ms,
+            _ => {
+                return Err(format!(
+                    "field \"run_in_ms\" must be a whole number from 0 to {MAX_RUN_AHEAD_MS}"
+                ))
+            }
+        },
+        (_, Some(other)) => {
+            return Err(format!("field \"run_in_ms\" must be a number, not {}", type_name(other)))
+        }
+        (_, None) => return Ok(None),
+    };
+    if at > now_ms.saturating_add(MAX_RUN_AHEAD_MS) {
+        return Err("field \"run_at\" is more than 366 days ahead: a waiting job is held in memory".into());
+    }
+    Ok(Some(at))
 }
 
 fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
@@ -531,8 +656,8 @@ mod tests {
         let text = r#"{"a":[1,-2,0.5,1e300,true,null,{},[]],"b":{"c":"d\u00e9"},"e":""}"#;
         let Strict(strict) = serde_json::from_str(text).unwrap();
         assert_eq!(strict, serde_json::from_str::<Value>(text).unwrap());
-        let j = job(r#"{"type":"email","to":"a@example.com","subject":"s","delay_ms":5}"#);
-        assert_eq!((j.to.as_str(), j.delay_ms), ("a@example.com", Some(5)));
+        let j = job(r#"{"type":"email","to":"a@example.com","subject":"s","simulate_ms":5}"#);
+        assert_eq!((j.to.as_str(), j.simulate_ms), ("a@example.com", Some(5)));
     }
 
     #[test]
@@ -545,8 +670,8 @@ mod tests {
         assert_eq!(typed.text.as_deref(), Some("hello there"));
         let typed = job("EMAIL bob@example.org hi bob");
         assert_eq!((typed.to.as_str(), typed.body.as_deref()), ("bob@example.org", Some("hi bob")));
-        let j = job(r#"{"type":"email","to":"a@example.com","subject":"s","body":"b","delay_ms":5}"#);
-        assert_eq!((j.subject.as_deref(), j.body.as_deref(), j.delay_ms), (Some("s"), Some("b"), Some(5)));
+        let j = job(r#"{"type":"email","to":"a@example.com","subject":"s","body":"b","simulate_ms":5}"#);
+        assert_eq!((j.subject.as_deref(), j.body.as_deref(), j.simulate_ms), (Some("s"), Some("b"), Some(5)));
         let j = job(r#"{"type":"sms","to":"+8613800138000","text":"t"}"#);
         assert_eq!(j.text.as_deref(), Some("t"));
         assert_eq!(parse(b"stats"), Ok(Request::Stats));
@@ -594,7 +719,7 @@ mod tests {
             .contains("\"subject\" must be a string"));
         assert!(err(br#"{"type":"email","to":"a@example.com","subjet":"x"}"#)
             .contains("unknown field \"subjet\""));
-        assert!(err(br#"{"type":"email","to":"a@example.com","delay_ms":-1}"#).contains("delay_ms"));
+        assert!(err(br#"{"type":"email","to":"a@example.com","simulate_ms":-1}"#).contains("simulate_ms"));
         let long =
             format!(r#"{{"type":"email","to":"a@example.com","subject":"{}"}}"#, "x".repeat(MAX_SUBJECT + 1));
         assert!(err(long.as_bytes()).contains("longer than"));
@@ -654,5 +779,62 @@ mod tests {
         for bad in ["+0123456789", "123", "+1234567890123456", "12-34-567"] {
             assert!(valid_phone(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn delay_ms_is_refused_with_a_sentence_that_names_simulate_ms_and_run_at() {
+        let e = err(br#"{"type":"email","to":"a@example.com","delay_ms":5}"#);
+        assert!(e.contains("delay_ms") && e.contains("simulate_ms") && e.contains("run_at"), "{e}");
+        // A job stored by an older node (task data) still reads.
+        let old: Job = serde_json::from_str(r#"{"type":"sms","to":"+15551234567","delay_ms":7}"#).unwrap();
+        assert_eq!(old.simulate_ms, Some(7));
+    }
+
+    #[test]
+    fn run_at_reads_rfc3339_and_unix_seconds_and_run_in_ms_counts_from_now() {
+        let j = job(r#"{"type":"email","to":"a@example.com","run_at":"2026-12-24T09:00:00+01:00"}"#);
+        assert_eq!(j.run_at_ms, Some(1_798_099_200_000));
+        let j = job(r#"{"type":"email","to":"a@example.com","run_at":1798099200.5}"#);
+        assert_eq!(j.run_at_ms, Some(1_798_099_200_500));
+        let before = crate::app::unix_ms(std::time::SystemTime::now());
+        let j = job(r#"{"type":"sms","to":"+15551234567","run_in_ms":90000,"priority":"low","key":"k-1"}"#);
+        let at = j.run_at_ms.unwrap();
+        assert!(at >= before + 90_000 && at < before + 100_000, "{at}");
+        assert_eq!((j.priority, j.key.as_deref()), (Priority::Low, Some("k-1")));
+        // Not serialized into the task data: the master acts on them, not the task process.
+        let data = serde_json::to_string(&j).unwrap();
+        assert!(!data.contains("run_") && !data.contains("priority") && !data.contains("k-1"), "{data}");
+    }
+
+    #[test]
+    fn bad_times_priorities_and_keys_each_get_their_sentence() {
+        for (line, says) in [
+            (r#"{"type":"email","to":"a@example.com","run_at":"tomorrow"}"#, "RFC 3339"),
+            (r#"{"type":"email","to":"a@example.com","run_at":-5}"#, "Unix seconds"),
+            (
+                r#"{"type":"email","to":"a@example.com","run_at":"2026-12-24T08:00:00Z","run_in_ms":5}"#,
+                "not both",
+            ),
+            (r#"{"type":"email","to":"a@example.com","run_in_ms":-1}"#, "run_in_ms"),
+            (r#"{"type":"email","to":"a@example.com","run_at":"2999-01-01T00:00:00Z"}"#, "366 days"),
+            (r#"{"type":"email","to":"a@example.com","priority":"urgent"}"#, "\"low\""),
+            (r#"{"type":"email","to":"a@example.com","key":""}"#, "key"),
+            (r#"{"type":"email","to":"a@example.com","key":"a\nb"}"#, "control"),
+            (r#"{"type":"email","to":"a@example.com","key":"k","task_worker":0}"#, "task_worker"),
+            (
+                r#"{"type":"batch","jobs":[{"type":"email","to":"a@example.com","run_in_ms":5}]}"#,
+                "single jobs",
+            ),
+            (r#"{"type":"cancel"}"#, "task_id"),
+            (r#"{"type":"cancel","task_id":1,"x":2}"#, "unknown field"),
+        ] {
+            let e = err(line.as_bytes());
+            assert!(e.contains(says), "{line}: {e}");
+        }
+        assert_eq!(parse(br#"{"type":"cancel","task_id":42}"#), Ok(Request::Cancel(42, None)));
+        assert_eq!(
+            parse(br#"{"type":"cancel","task_id":42,"token":"ab"}"#),
+            Ok(Request::Cancel(42, Some("ab".into())))
+        );
     }
 }

@@ -159,7 +159,11 @@ impl<A: Application> Master<'_, A> {
                 ws::Incoming::Lines(lines) => {
                     conn.last_active = Instant::now();
                     for line in lines {
-                        self.dispatch_request(key, &line);
+                        // The dashboard's requests are the master's own, never a worker's.
+                        match admin::parse_admin(&line) {
+                            Some(req) => self.admin_request(key, req),
+                            None => self.dispatch_request(key, &line),
+                        }
                     }
                 }
                 ws::Incoming::Binary => {

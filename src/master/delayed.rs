@@ -33,6 +33,11 @@ impl Delayed {
         self.heap.peek().map(|Reverse((due, _, _))| *due)
     }
 
+    /// Takes a job out before it is due (it was cancelled).
+    pub fn remove(&mut self, task_id: u64) {
+        self.heap.retain(|Reverse((_, _, id))| *id != task_id);
+    }
+
     pub fn len(&self) -> usize {
         self.heap.len()
     }

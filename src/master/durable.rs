@@ -65,6 +65,8 @@ pub struct DurableState {
     waiting: HashMap<u64, u64>,
     pub duplicates: u64,
     pub bridge_restarts: u64,
+    /// What the bridge last read of the queue's depth in Redis, for `stats`.
+    pub depths: Option<serde_json::Value>,
     /// When to ask the bridge to renew the node's name next: the master asks, so that a
     /// master that hangs (SIGSTOP, a loop) lets its name lapse, and another run may take it.
     pub lease_due: Instant,
@@ -101,6 +103,7 @@ impl DurableState {
             held: VecDeque::new(),
             waiting: HashMap::new(),
             duplicates: 0,
+            depths: None,
             bridge_restarts: 0,
             lease_due: Instant::now() + LEASE_TTL / 3,
             // Taken just before (at start, by `startup::prepare`).
@@ -246,7 +249,10 @@ impl<A: Application> Master<'_, A> {
                 state.hold(c);
                 true
             }
-            FromWorker::Client(_) | FromWorker::Group { .. } | FromWorker::Commit { .. } => false,
+            FromWorker::Client(_)
+            | FromWorker::Group { .. }
+            | FromWorker::TaskOptions { .. }
+            | FromWorker::Commit { .. } => false,
         }
     }
 
@@ -300,6 +306,12 @@ impl<A: Application> Master<'_, A> {
         match frame {
             FromBridge::Stored { batch, error } => self.on_stored(batch, error),
             FromBridge::Lease { holder } => self.on_lease(holder),
+            FromBridge::Depths { json } => {
+                if let Some(state) = self.durable.as_mut() {
+                    state.depths = serde_json::from_slice(json).ok();
+                }
+            }
+            FromBridge::AdminAnswer { request, answer } => self.on_admin_answer(request, answer),
             FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {

@@ -8,6 +8,23 @@ use std::collections::{HashMap, VecDeque};
 use rustc_hash::FxHashMap;
 use std::time::{Duration, Instant};
 
+use crate::app::Priority;
+
+/// Where a job is: what a `cancel` may do with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    /// In a task queue, waiting for a task process.
+    Queued,
+    /// In the delayed queue: its `run_at`, a retry's back-off or a rate limit.
+    Delayed,
+    /// Handed to a task process.
+    Running,
+}
+
+/// The weights of the weighted fair order of the priorities (high, normal, low): of ten jobs
+/// started while all three wait, six are high, three normal, one low.
+pub const WEIGHTS: [i64; 3] = [6, 3, 1];
+
 pub struct Job {
     /// The worker slot that submitted it (its `on_finish` gets the outcome).
     pub worker: u32,
@@ -30,6 +47,14 @@ pub struct Job {
     pub batch: u64,
     /// The reply its task process sent the client (`TaskCtx::reply`), kept for `result`.
     pub reply: Vec<u8>,
+    /// When the master accepted it (the dashboard's latency: accept to outcome).
+    pub accepted: Instant,
+    pub priority: Priority,
+    pub state: JobState,
+    /// When it was asked to run (Unix ms; 0: at once).
+    pub run_at_ms: u64,
+    /// Its deduplication key, if any (freed when it ends).
+    pub key: Option<String>,
 }
 
 /// A member's outcome: whether it succeeded, its result or error text, and how many times it
@@ -63,6 +88,15 @@ pub struct JobSpec {
     pub group: u64,
     pub target: Option<u32>,
     pub flags: u8,
+    pub priority: Priority,
+    /// It waits in the delayed queue, not in a task queue (its `run_at` is to come).
+    pub delayed: bool,
+}
+
+impl JobSpec {
+    pub fn now(group: u64, target: Option<u32>, flags: u8) -> Self {
+        JobSpec { group, target, flags, priority: Priority::Normal, delayed: false }
+    }
 }
 
 #[derive(Default)]
@@ -72,8 +106,13 @@ pub struct Jobs {
     /// Keyed by task id with FxHash: ids are ours, not an attacker's, and SipHash was a
     /// measurable part of the master's time per job.
     all: FxHashMap<u64, Job>,
-    /// Jobs waiting for any task process, oldest first.
-    queue: VecDeque<u64>,
+    /// Jobs waiting for any task process, one queue per priority, oldest first.
+    queue: [VecDeque<u64>; 3],
+    /// Smooth weighted round robin (nginx's) over the priorities with jobs waiting: each
+    /// pick adds every such priority's weight to its credit, takes the largest, and takes
+    /// the sum back from it. Over any ten picks the shares are 6:3:1, spread out, and no
+    /// priority waits more than a cycle.
+    credit: [i64; 3],
     /// Jobs waiting for one given task process (`task_to`), per slot.
     targeted: HashMap<u32, VecDeque<u64>>,
     pub groups: HashMap<u64, Group>,
@@ -114,7 +153,7 @@ impl Jobs {
         context: &[u8],
         data: &[u8],
     ) {
-        let JobSpec { group, target, flags } = spec;
+        let JobSpec { group, target, flags, priority, delayed } = spec;
         let mut index = 0;
         if group != 0 {
             match self.groups.get_mut(&group) {
@@ -142,24 +181,29 @@ impl Jobs {
             flags,
             batch: 0,
             reply: Vec::new(),
+            accepted: Instant::now(),
+            priority,
+            state: if delayed { JobState::Delayed } else { JobState::Queued },
+            run_at_ms: 0,
+            key: None,
         };
         self.bytes += context.len() + data.len();
         if let Some(old) = self.all.insert(task_id, job) {
             self.bytes -= old.context.len() + old.data.len();
             tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
         }
-        if self.durable {
+        if self.durable || delayed {
             return;
         }
         match target {
             Some(slot) => self.targeted.entry(slot).or_default().push_back(task_id),
-            None => self.queue.push_back(task_id),
+            None => self.queue[priority.index()].push_back(task_id),
         }
     }
 
     /// A durable job this node accepted before it restarted: no client waits for it now.
     pub fn recover(&mut self, task_id: u64, worker: u32, context: &[u8], data: &[u8]) {
-        let spec = JobSpec { group: 0, target: None, flags: 0 };
+        let spec = JobSpec::now(0, None, 0);
         self.accept(task_id, worker, 0, spec, context, data);
     }
 
@@ -167,12 +211,59 @@ impl Jobs {
         self.all.get(&task_id)
     }
 
+    /// The priority whose job starts next, and the credits after that pick.
+    fn pick(&self) -> Option<(usize, [i64; 3])> {
+        let waiting: Vec<usize> = (0..3).filter(|&p| !self.queue[p].is_empty()).collect();
+        if waiting.is_empty() {
+            return None;
+        }
+        let mut credit = self.credit;
+        let total: i64 = waiting.iter().map(|&p| WEIGHTS[p]).sum();
+        for &p in &waiting {
+            credit[p] += WEIGHTS[p];
+        }
+        // The largest credit; among equals the higher priority.
+        let best = waiting.iter().copied().max_by_key(|&p| (credit[p], std::cmp::Reverse(p)))?;
+        credit[best] -= total;
+        Some((best, credit))
+    }
+
+    /// The job that starts next (weighted fair order of the priorities).
     pub fn front(&self) -> Option<u64> {
-        self.queue.front().copied()
+        let (p, _) = self.pick()?;
+        self.queue[p].front().copied()
     }
 
     pub fn pop_front(&mut self) -> Option<u64> {
-        self.queue.pop_front()
+        let (p, credit) = self.pick()?;
+        // A priority that waits no more forgets its credit: it does not come back owed.
+        self.credit = credit;
+        for q in 0..3 {
+            if self.queue[q].is_empty() && q != p {
+                self.credit[q] = 0;
+            }
+        }
+        let id = self.queue[p].pop_front();
+        if self.queue[p].is_empty() {
+            self.credit[p] = 0;
+        }
+        id
+    }
+
+    /// Takes a job out of its task queue (it is cancelled). Whether it was there.
+    pub fn unqueue(&mut self, task_id: u64) -> bool {
+        let Some(job) = self.all.get(&task_id) else { return false };
+        let queue = match job.target {
+            Some(slot) => self.targeted.entry(slot).or_default(),
+            None => &mut self.queue[job.priority.index()],
+        };
+        match queue.iter().position(|&id| id == task_id) {
+            Some(pos) => {
+                queue.remove(pos);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The oldest job waiting for task slot `slot` in particular.
@@ -182,9 +273,11 @@ impl Jobs {
 
     /// Puts a job back at the head of its queue (its process died before finishing it).
     pub fn push_front(&mut self, task_id: u64) {
-        match self.all.get(&task_id).and_then(|j| j.target) {
+        let Some(job) = self.all.get_mut(&task_id) else { return };
+        job.state = JobState::Queued;
+        match job.target {
             Some(slot) => self.targeted.entry(slot).or_default().push_front(task_id),
-            None => self.queue.push_front(task_id),
+            None => self.queue[job.priority.index()].push_front(task_id),
         }
     }
 
@@ -218,12 +311,18 @@ impl Jobs {
 
     /// Empties the queues (at shutdown, once every job in them has been given up).
     pub fn clear_queues(&mut self) {
-        self.queue.clear();
+        self.queue.iter_mut().for_each(VecDeque::clear);
         self.targeted.clear();
     }
 
     pub fn queued(&self) -> usize {
-        self.queue.len() + self.targeted.values().map(VecDeque::len).sum::<usize>()
+        self.queue.iter().map(VecDeque::len).sum::<usize>()
+            + self.targeted.values().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Jobs waiting for any task process, per priority (high, normal, low).
+    pub fn queued_by_priority(&self) -> [usize; 3] {
+        [self.queue[0].len(), self.queue[1].len(), self.queue[2].len()]
     }
 
     /// The earliest group deadline, for the reactor's timeout.
@@ -234,5 +333,60 @@ impl Jobs {
     /// Groups whose deadline has passed.
     pub fn expired_groups(&self, now: Instant) -> Vec<u64> {
         self.groups.iter().filter(|(_, g)| g.deadline.is_some_and(|d| d <= now)).map(|(&id, _)| id).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn accept(jobs: &mut Jobs, id: u64, priority: Priority) {
+        let spec = JobSpec { priority, ..JobSpec::now(0, None, 0) };
+        jobs.accept(id, 0, 0, spec, b"", b"");
+    }
+
+    #[test]
+    fn priorities_share_the_task_processes_six_three_one() {
+        let mut jobs = Jobs::default();
+        for i in 0..100 {
+            accept(&mut jobs, i, Priority::High);
+            accept(&mut jobs, 1000 + i, Priority::Normal);
+            accept(&mut jobs, 2000 + i, Priority::Low);
+        }
+        let mut counts = [0; 3];
+        for _ in 0..50 {
+            let id = jobs.pop_front().unwrap();
+            assert_eq!(jobs.front().map(|_| ()), Some(()));
+            counts[(id / 1000) as usize] += 1;
+        }
+        assert_eq!(counts, [30, 15, 5]);
+    }
+
+    #[test]
+    fn a_low_job_behind_a_flood_of_high_ones_starts_within_ten_picks() {
+        let mut jobs = Jobs::default();
+        for i in 0..1000 {
+            accept(&mut jobs, i, Priority::High);
+        }
+        accept(&mut jobs, 5000, Priority::Low);
+        let at = (0..1001).position(|_| jobs.pop_front() == Some(5000)).unwrap();
+        assert!(at < 10, "the low job started after {at} high ones");
+    }
+
+    #[test]
+    fn front_is_what_pop_front_takes_and_a_cancelled_job_leaves_its_queue() {
+        let mut jobs = Jobs::default();
+        accept(&mut jobs, 1, Priority::Low);
+        accept(&mut jobs, 2, Priority::High);
+        accept(&mut jobs, 3, Priority::Normal);
+        assert!(jobs.unqueue(3));
+        assert!(!jobs.unqueue(3));
+        let mut order = Vec::new();
+        while let Some(id) = jobs.front() {
+            assert_eq!(jobs.pop_front(), Some(id));
+            order.push(id);
+        }
+        assert_eq!(order, vec![2, 1]);
+        assert_eq!(jobs.queued(), 0);
     }
 }

@@ -144,8 +144,12 @@ impl<A: Application> Master<'_, A> {
                 Signal::SIGCHLD => self.reap(),
                 Signal::SIGUSR1 => self.start_reload(Role::Worker),
                 Signal::SIGUSR2 => self.start_reload(Role::Task),
-                Signal::SIGTTIN => self.scale_tasks(true),
-                Signal::SIGTTOU => self.scale_tasks(false),
+                Signal::SIGTTIN => {
+                    let _ = self.scale_tasks(true, "SIGTTIN");
+                }
+                Signal::SIGTTOU => {
+                    let _ = self.scale_tasks(false, "SIGTTOU");
+                }
                 Signal::SIGHUP => match crate::logging::reopen() {
                     Ok(true) => tracing::info!("SIGHUP: log file reopened"),
                     Ok(false) => tracing::info!("SIGHUP: no log file to reopen (logs go to stderr)"),
@@ -252,7 +256,7 @@ impl<A: Application> Master<'_, A> {
 
     /// SIGTTIN: one task process more (up to `task_worker_max`); SIGTTOU: one fewer (down to
     /// one), the last one finishing what it was given first.
-    pub(super) fn scale_tasks(&mut self, grow: bool) {
+    pub(super) fn scale_tasks(&mut self, grow: bool, who: &str) -> Result<usize, String> {
         let enabled = self.tasks.iter().filter(|t| t.in_pool()).count();
         let slot = if grow {
             self.tasks.iter().position(|t| !t.in_pool())
@@ -263,11 +267,9 @@ impl<A: Application> Master<'_, A> {
         };
         let Some(j) = slot else {
             let limit = if grow { format!("task_worker_max ({})", self.tasks.len()) } else { "one".into() };
-            tracing::warn!(
-                "{}: the task pool is at {limit} already",
-                if grow { "SIGTTIN" } else { "SIGTTOU" }
-            );
-            return;
+            let why = format!("the task pool is at {limit} already");
+            tracing::warn!("{who}: {why}");
+            return Err(why);
         };
         let t = &mut self.tasks[j];
         if grow {
@@ -278,9 +280,10 @@ impl<A: Application> Master<'_, A> {
         self.manager.send(&ToManager::SlotActive { role: Role::Task, slot: j as u32, active: grow });
         let now = enabled + grow as usize - !grow as usize;
         tracing::info!(
-            "task pool {} to {now} process(es) (task {j})",
+            "task pool {} to {now} process(es) (task {j}), asked by {who}",
             if grow { "grows" } else { "shrinks" }
         );
+        Ok(now)
     }
 
     pub(super) fn start_reload(&mut self, role: Role) {

@@ -7,17 +7,22 @@
 //! reports that a process died, the master cleans that slot's channel and hands the
 //! successor everything the dead process had not finished.
 
+mod admin;
 mod clients;
 mod conn;
+mod dashboard;
+mod dedup;
 mod delayed;
 mod durable;
 mod jobs;
 mod lifecycle;
 mod listeners;
 mod metrics;
+mod periodic;
 mod pool;
 mod replay;
 mod results;
+mod schedule;
 mod slots;
 mod stats;
 mod ws;
@@ -109,6 +114,10 @@ pub struct MasterSetup<'a> {
     pub tasks: Vec<SlotChannel>,
     /// Durable jobs: the queue, and what a previous run of this node left in it.
     pub durable: Option<(crate::durable::Durable, crate::durable::startup::Recovered)>,
+    /// The token of the operator's dashboard (with a WebSocket port only).
+    pub admin_token: Option<crate::admin::AdminToken>,
+    /// The token of `taskd cancel N` (kept beside the pid file), if there is a pid file.
+    pub control_token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +166,16 @@ pub struct Master<'a, A: Application> {
     jobs: Jobs,
     /// Jobs that may not run yet (a delivery retry's back-off, a rate limit).
     delayed: delayed::Delayed,
+    /// The options of the next `Task` frame (its `run_at`, priority, key), sent just before it.
+    pending_options: Option<schedule::Options>,
+    /// Deduplication keys, and duplicates to tell once their worker's turn is committed, so
+    /// after their `accepted`: (session, the first job's id, its final line if it ended).
+    keys: dedup::Keys,
+    /// Periodic jobs (`[[schedule]]`).
+    periodic: periodic::Periodic,
+    /// Who shows this token may cancel any job (`taskd cancel N`).
+    control_token: Option<String>,
+    duplicates: Vec<(u64, u64, Option<Vec<u8>>)>,
     /// `delivery_retry_max` and the back-off, and the randomness of its jitter.
     retry: crate::retry::Policy,
     rng: crate::retry::Rng,
@@ -191,6 +210,9 @@ pub struct Master<'a, A: Application> {
     paused: Vec<usize>,
     /// Connections in a lingering close (key, session, deadline), oldest first.
     lingering: VecDeque<(usize, u64, Instant)>,
+    /// The operator's dashboard: its samples, failures and sessions.
+    dashboard: dashboard::Dashboard,
+    admin_warnings: admin::AdminWarnings,
 }
 
 impl<'a, A: Application> Master<'a, A> {
@@ -206,7 +228,22 @@ impl<'a, A: Application> Master<'a, A> {
             workers,
             tasks,
             durable,
+            admin_token,
+            control_token,
         } = setup;
+        match &admin_token {
+            Some(t) => {
+                let how = if t.generated { "generated at this start, " } else { "" };
+                tracing::info!(
+                    "dashboard: the admin token is in {} ({how}readable by its owner only); open the web page with #token=<the token>",
+                    t.path.display()
+                );
+            }
+            None if ws.is_some() => tracing::info!(
+                "dashboard: off (no admin token: give --admin-token-file, or --pid-file to have one generated beside it)"
+            ),
+            None => {}
+        }
         let local_addr = listener.as_ref().map(|l| l.local_addr()).transpose()?;
         let (manager_master_end, manager_end) = crate::ipc::channel::pair()?;
         let poll = Poll::new()?;
@@ -272,6 +309,11 @@ impl<'a, A: Application> Master<'a, A> {
             round_robin: 0,
             jobs: Jobs::default(),
             delayed: delayed::Delayed::default(),
+            pending_options: None,
+            keys: dedup::Keys::default(),
+            periodic: periodic::Periodic::new(&config.schedules),
+            control_token,
+            duplicates: Vec::new(),
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),
             dirty: Vec::new(),
@@ -292,6 +334,8 @@ impl<'a, A: Application> Master<'a, A> {
             task_limit: config.task_limit(),
             paused: Vec::new(),
             lingering: VecDeque::new(),
+            dashboard: dashboard::Dashboard::new(admin_token),
+            admin_warnings: admin::AdminWarnings::default(),
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
@@ -388,6 +432,9 @@ impl<'a, A: Application> Master<'a, A> {
                 self.answer_what_is_left();
                 self.flush_conns();
                 self.stop_bridge();
+                if let Some(t) = &self.dashboard.token {
+                    t.remove_generated();
+                }
                 return code;
             }
         }
@@ -413,13 +460,15 @@ impl<'a, A: Application> Master<'a, A> {
             .into_iter()
             .chain(self.jobs.next_deadline())
             .chain(self.delayed.next_deadline())
+            .chain(self.periodic.next_deadline())
             .chain(task_deadlines)
             .chain(self.accept_retry)
             .chain(self.next_heartbeat)
             .chain(self.durable.as_ref().map(|d| d.next_timer()))
             .chain(self.manager_sup.next_timer())
             .chain(self.guard.next_deadline())
-            .chain(self.lingering.front().map(|&(_, _, at)| at));
+            .chain(self.lingering.front().map(|&(_, _, at)| at))
+            .chain(Some(self.dashboard.next_tick));
         for d in others {
             deadline = Some(deadline.map_or(d, |x| x.min(d)));
         }
@@ -475,8 +524,10 @@ impl<'a, A: Application> Master<'a, A> {
         self.maybe_finished = finished;
         self.resume_paused();
         self.end_lingering();
+        self.dashboard_tick();
         self.shared.set_job_bytes(self.jobs.bytes() as u64);
         self.release_delayed();
+        self.run_schedules();
         self.dispatch_jobs();
         self.flush_conns();
         self.flush_channels();
@@ -565,16 +616,23 @@ impl<'a, A: Application> Master<'a, A> {
             tasks: &self.tasks,
             jobs: &self.jobs,
             delayed: self.delayed.len(),
+            dedup_keys: self.keys.len(),
+            schedules: self.schedules_stats(),
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
             durable: self.durable.as_ref().map(|d| {
-                serde_json::json!({
+                let mut v = serde_json::json!({
                     "node_id": d.d.node,
                     "redis_up": !self.shared.durable_down(),
                     "store_batches_unacked": d.unacked(),
                     "duplicate_replies_dropped": d.duplicates,
                     "bridge_restarts": d.bridge_restarts,
-                })
+                });
+                // `jobs` and `lanes`: what waits (or runs) in Redis, up to a second old.
+                if let (Some(obj), Some(serde_json::Value::Object(depths))) = (v.as_object_mut(), &d.depths) {
+                    obj.extend(depths.clone());
+                }
+                v
             }),
         }
     }

@@ -32,9 +32,52 @@ impl<A: Application> Master<'_, A> {
         }
         match frame {
             FromWorker::Client(frame) => self.on_client_frame(frame),
+            FromWorker::TaskOptions { task_id, run_at_ms, priority, dedup_ttl_ms, key } => {
+                self.pending_options =
+                    Some(schedule::Options::read(task_id, run_at_ms, priority, dedup_ttl_ms, key));
+            }
             FromWorker::Task { task_id, session, target, group, flags, context, data } => {
                 let target = u32::try_from(target).ok().filter(|&t| (t as usize) < self.tasks.len());
-                self.jobs.accept(task_id, i as u32, session, JobSpec { group, target, flags }, context, data);
+                let options = self.pending_options.take().filter(|o| o.task_id == task_id);
+                if let Some(key) = options.as_ref().and_then(|o| o.key.as_deref()) {
+                    let ttl = options.as_ref().map_or(Duration::ZERO, |o| o.dedup_ttl);
+                    match self.keys.claim(key, task_id, ttl, session, Instant::now()) {
+                        dedup::Claim::Taken => {}
+                        claim => {
+                            // Not run: its client hears of the first job, after its `accepted`.
+                            let first = match claim {
+                                dedup::Claim::Waiting { first } | dedup::Claim::Ended { first, .. } => first,
+                                dedup::Claim::Taken => 0,
+                            };
+                            self.counters.duplicates += 1;
+                            tracing::info!("job {task_id} has the key of job {first}: not run");
+                            if let Some((_, conn)) = self.conn_mut(session) {
+                                conn.outstanding += 1;
+                            }
+                            let line = match claim {
+                                dedup::Claim::Ended { line, .. } => Some(line),
+                                _ => None,
+                            };
+                            self.duplicates.push((session, first, line));
+                            return;
+                        }
+                    }
+                }
+                let mut spec = JobSpec::now(group, target, flags);
+                let due = options.as_ref().and_then(schedule::Options::due);
+                if let Some(o) = &options {
+                    spec.priority = o.priority;
+                    spec.delayed = due.is_some();
+                }
+                self.jobs.accept(task_id, i as u32, session, spec, context, data);
+                if let (Some(o), Some(job)) = (&options, self.jobs.get_mut(task_id)) {
+                    job.run_at_ms = o.run_at_ms;
+                    job.key = o.key.clone();
+                }
+                if let Some(due) = due {
+                    self.delayed.push(due, task_id);
+                    self.counters.scheduled += 1;
+                }
                 self.counters.tasks_accepted += 1;
                 // A waited-for task is answered by its waiter's request, not on its own.
                 if group == 0 && flags & task_flags::WAIT == 0 {
@@ -50,7 +93,10 @@ impl<A: Application> Master<'_, A> {
                     conn.outstanding += 1;
                 }
             }
-            FromWorker::Commit { seq } => self.commit(i, seq),
+            FromWorker::Commit { seq } => {
+                self.commit(i, seq);
+                self.tell_duplicates();
+            }
         }
     }
 
@@ -65,6 +111,7 @@ impl<A: Application> Master<'_, A> {
                 }
             }
             ToClient::QueryResult { session, task_id } => self.answer_result_query(session, task_id),
+            ToClient::Cancel { session, task_id, token } => self.cancel_job(session, task_id, token),
             ToClient::Stats { session } => {
                 let line = self.stats_line();
                 self.send_to_session(session, &line);
@@ -186,6 +233,7 @@ impl<A: Application> Master<'_, A> {
         };
         job.last_error.clear();
         job.last_error.push_str(error);
+        job.state = jobs::JobState::Delayed;
         let (session, attempt) = (job.session, job.attempts + 1);
         let tells_client = !not_yet && job.group == 0 && job.flags & task_flags::WAIT == 0;
         self.delayed.push(Instant::now() + wait, task_id);
@@ -217,10 +265,17 @@ impl<A: Application> Master<'_, A> {
         if !matches!(self.phase, Phase::Running) {
             for task_id in self.delayed.drain() {
                 let Some(job) = self.jobs.get(task_id) else { continue };
-                let why = format!(
-                    "server stopping before the job could run again (its last attempt: {})",
-                    job.last_error
-                );
+                let why = if job.attempts == 0 {
+                    format!(
+                        "server stopping before the job's time came (run_at {})",
+                        crate::app::rfc3339(job.run_at_ms)
+                    )
+                } else {
+                    format!(
+                        "server stopping before the job could run again (its last attempt: {})",
+                        job.last_error
+                    )
+                };
                 self.finish_job(task_id, 0, false, why.as_bytes());
             }
             return;
@@ -285,13 +340,18 @@ impl<A: Application> Master<'_, A> {
             if gone {
                 self.keep_in_redis(task_id, &line);
             }
+            if let Some(key) = job.key.take() {
+                self.key_released(&key, task_id, &line, false);
+            }
             self.results.record(task_id, line);
         }
         if ok {
             self.counters.tasks_done += 1;
         } else {
             self.counters.tasks_failed += 1;
+            self.dashboard.failure(task_id, &job.data, result, job.attempts);
         }
+        self.dashboard.finished(ok, job.accepted.elapsed());
         self.shared.set_jobs_pending(self.jobs.len() as u64);
         if job.group != 0 {
             let Some(group) = self.jobs.groups.get_mut(&job.group) else {
@@ -410,6 +470,7 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn run_on(&mut self, j: usize, task_id: u64) {
         let Some(job) = self.jobs.get_mut(task_id) else { return };
         job.attempts += 1;
+        job.state = jobs::JobState::Running;
         let slot = &mut self.tasks[j];
         ToTask::RunTask {
             task_id,

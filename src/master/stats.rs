@@ -21,6 +21,11 @@ pub struct Counters {
     pub tasks_retried: u64,
     /// Delivery retries scheduled (`TaskFailure::Transient`), apart from `tasks_retried`.
     pub delivery_retries: u64,
+    /// Jobs accepted with a `run_at` to come, and jobs cancelled before they started.
+    pub scheduled: u64,
+    pub tasks_cancelled: u64,
+    /// Jobs not run because another held their key.
+    pub duplicates: u64,
     pub worker_crashes: u64,
     pub task_crashes: u64,
     pub fork_failures: u64,
@@ -77,6 +82,9 @@ impl Counters {
             tasks_failed: 0,
             tasks_retried: 0,
             delivery_retries: 0,
+            scheduled: 0,
+            tasks_cancelled: 0,
+            duplicates: 0,
             worker_crashes: 0,
             task_crashes: 0,
             fork_failures: 0,
@@ -104,6 +112,10 @@ pub struct Snapshot<'a> {
     pub jobs: &'a Jobs,
     /// Jobs in the delayed queue (waiting for a retry or a rate limit).
     pub delayed: usize,
+    /// Deduplication keys held.
+    pub dedup_keys: usize,
+    /// Each periodic job: name, cron, runs, missed, last_run, next_run.
+    pub schedules: serde_json::Value,
     /// Waited-for results that came after their waiter gave up (counted by the workers).
     pub late_wait_results: u64,
     /// Final replies kept for `result` queries.
@@ -153,6 +165,16 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "tasks_failed": c.tasks_failed,
         "tasks_retried": c.tasks_retried,
         "retries": c.delivery_retries,
+        "scheduled": c.scheduled,
+        "tasks_cancelled": c.tasks_cancelled,
+        "duplicates": c.duplicates,
+        "dedup_keys": s.dedup_keys,
+        "schedules": s.schedules,
+        "task_queue_by_priority": {
+            "high": s.jobs.queued_by_priority()[0],
+            "normal": s.jobs.queued_by_priority()[1],
+            "low": s.jobs.queued_by_priority()[2],
+        },
         "worker_crashes": c.worker_crashes,
         "task_crashes": c.task_crashes,
         "fork_failures": c.fork_failures,
@@ -238,6 +260,10 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
         "Delivery retries scheduled after a transient failure.",
         c.delivery_retries,
     );
+    metric("tasks_scheduled_total", "counter", "Jobs accepted with a run_at to come.", c.scheduled);
+    metric("tasks_cancelled_total", "counter", "Jobs cancelled before they started.", c.tasks_cancelled);
+    metric("tasks_duplicate_total", "counter", "Jobs not run: another held their key.", c.duplicates);
+    metric("dedup_keys", "gauge", "Deduplication keys held.", s.dedup_keys as u64);
     metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
     metric("task_crashes_total", "counter", "Task processes that died abnormally.", c.task_crashes);
     metric("fork_failures_total", "counter", "Pool processes the manager could not fork.", c.fork_failures);
@@ -350,6 +376,33 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     for (name, r) in LISTENERS.iter().zip(&c.listeners).skip(1) {
         let _ =
             writeln!(out, "taskd_listener_handshake_timeouts_total{{listener=\"{name}\"}} {}", r.timeouts);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP taskd_tasks_queued_by_priority Jobs waiting for a task process, per priority.\n\
+         # TYPE taskd_tasks_queued_by_priority gauge"
+    );
+    for (p, n) in crate::app::Priority::ALL.iter().zip(s.jobs.queued_by_priority()) {
+        let _ = writeln!(out, "taskd_tasks_queued_by_priority{{priority=\"{}\"}} {n}", p.name());
+    }
+    let _ = writeln!(
+        out,
+        "# HELP taskd_schedule_runs_total Ticks of a periodic job run.\n# TYPE taskd_schedule_runs_total counter"
+    );
+    let schedules = s.schedules.as_array().map(Vec::as_slice).unwrap_or_default();
+    for e in schedules {
+        let _ = writeln!(out, "taskd_schedule_runs_total{{schedule={}}} {}", e["name"], e["runs"]);
+    }
+    for (metric, field, help) in [
+        ("schedule_last_run_timestamp_seconds", "last_run", "When a periodic job last ran (Unix time)."),
+        ("schedule_next_run_timestamp_seconds", "next_run", "When a periodic job runs next (Unix time)."),
+    ] {
+        let _ = writeln!(out, "# HELP taskd_{metric} {help}\n# TYPE taskd_{metric} gauge");
+        for e in schedules {
+            let t = e[field].as_str().and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+            let secs = t.map_or(0.0, |t| t.timestamp_millis() as f64 / 1000.0);
+            let _ = writeln!(out, "taskd_{metric}{{schedule={}}} {secs}", e["name"]);
+        }
     }
     let _ = writeln!(
         out,

@@ -17,6 +17,21 @@ use tungstenite::{Error, Message};
 
 /// The page served on `GET /`: static, no build step, no external assets.
 pub const PAGE: &str = include_str!("../web/index.html");
+/// The page's other files, served from the binary: no CDN, nothing fetched from elsewhere.
+/// uPlot (MIT) draws the dashboard's charts; its licence is served beside it.
+const ASSETS: &[(&str, &str, &str)] = &[
+    ("/app.js", "text/javascript; charset=utf-8", include_str!("../web/app.js")),
+    ("/dashboard.js", "text/javascript; charset=utf-8", include_str!("../web/dashboard.js")),
+    ("/style.css", "text/css; charset=utf-8", include_str!("../web/style.css")),
+    ("/uPlot.iife.min.js", "text/javascript; charset=utf-8", include_str!("../web/vendor/uPlot.iife.min.js")),
+    ("/uPlot.min.css", "text/css; charset=utf-8", include_str!("../web/vendor/uPlot.min.css")),
+    ("/uPlot.LICENSE", "text/plain; charset=utf-8", include_str!("../web/vendor/uPlot.LICENSE")),
+];
+/// Only the page's own scripts and styles run, its only connection is its WebSocket, and no
+/// other page may frame it: a text from a job that got into the page as markup could still
+/// run nothing.
+pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+                       connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 /// An upgrade request larger than this is refused.
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -249,9 +264,13 @@ pub fn read_opening(
         return Ok(Opening::Http(http("405 Method Not Allowed", "text/plain", "GET only\n")));
     }
     if !upgrade {
-        return Ok(Opening::Http(match req.path {
-            Some("/") | Some("/index.html") => http("200 OK", "text/html; charset=utf-8", PAGE),
-            _ => http("404 Not Found", "text/plain", "not found: the page is at /\n"),
+        return Ok(Opening::Http(match req.path.map(|p| p.split('?').next().unwrap_or(p)) {
+            Some("/") | Some("/index.html") => page("text/html; charset=utf-8", PAGE),
+            Some(path) => match ASSETS.iter().find(|(p, _, _)| *p == path) {
+                Some((_, content_type, body)) => page(content_type, body),
+                None => http("404 Not Found", "text/plain", "not found: the page is at /\n"),
+            },
+            None => http("404 Not Found", "text/plain", "not found: the page is at /\n"),
         }));
     }
     let origin = header("origin");
@@ -384,6 +403,16 @@ pub fn flush(ws: &mut Socket, stream: &mut TcpStream) -> Result<bool, String> {
 /// descriptors, is told before it is closed.
 pub fn unavailable() -> Vec<u8> {
     http("503 Service Unavailable", "text/plain", "too many connections; try again\n")
+}
+
+/// A file of the page, with the Content-Security-Policy.
+fn page(content_type: &str, body: &str) -> Vec<u8> {
+    format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nContent-Security-Policy: {CSP}\r\n\
+         X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\nCache-Control: no-cache\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
 }
 
 fn http(status: &str, content_type: &str, body: &str) -> Vec<u8> {

@@ -14,7 +14,9 @@ async function main() {
            "--disable-background-networking", "--disable-component-update", "--disable-sync"],
   });
   try {
-    const page = await browser.newPage();
+    // The attacker's page is served by another taskd, whose Content-Security-Policy would stop
+    // the attack in the page itself: an attacker's own page has no such policy.
+    const page = await browser.newPage({ bypassCSP: true });
     await page.goto(pageUrl);
     const ws = await page.evaluate(url => new Promise(resolve => {
       const socket = new WebSocket(url);

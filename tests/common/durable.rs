@@ -164,13 +164,18 @@ pub struct TaskNode {
 
 impl TaskNode {
     pub fn start(redis: &Redis, node_id: &str, args: &[&str]) -> TaskNode {
+        Self::start_url(&redis.url, node_id, args)
+    }
+
+    /// On another URL of the server than the test's own (TLS, an ACL user, Sentinel).
+    pub fn start_url(url: &str, node_id: &str, args: &[&str]) -> TaskNode {
         let dir = tempfile::tempdir().expect("temp dir");
         let outbox = dir.path().join("outbox.log");
         let log_path = dir.path().join("task-node.log");
         let log = std::fs::File::create(&log_path).expect("log file");
         let mut child = Command::new(Path::new(env!("CARGO_BIN_EXE_taskd")))
             .arg("task-node")
-            .args(["--redis-url", &redis.url, "--node-id", node_id, "--outbox"])
+            .args(["--redis-url", url, "--node-id", node_id, "--outbox"])
             .arg(&outbox)
             .args(args)
             .env("RUST_LOG", "info")

@@ -1,0 +1,334 @@
+//! Scheduled, prioritised and cancellable jobs (issue 19), against the real binary: `run_at` /
+//! `run_in_ms` wait in the master's delayed queue and run at their time, never before; `cancel`
+//! takes back a job not started, which then never reaches the outbox; `priority` shares the
+//! task processes 6:3:1, so a low job is not held back by a flood of high ones.
+
+mod common;
+
+use common::{wait_for, Client, Daemon};
+use serde_json::Value;
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// `run_at` of an `accepted` line (RFC 3339), in Unix ms.
+fn run_at_ms(accepted: &Value) -> u64 {
+    let text = accepted["run_at"].as_str().unwrap_or_else(|| panic!("no run_at in {accepted}"));
+    chrono::DateTime::parse_from_rfc3339(text).unwrap().timestamp_millis() as u64
+}
+
+fn stats(client: &mut Client) -> Value {
+    client.send("stats");
+    let s = client.recv();
+    assert_eq!(s["event"], "stats", "{s}");
+    s
+}
+
+/// The outbox lines of job `task_id`.
+fn sent(daemon: &Daemon, task_id: &Value) -> Vec<Value> {
+    daemon.outbox_lines().into_iter().filter(|l| &l["task_id"] == task_id).collect()
+}
+
+#[test]
+fn a_job_scheduled_ahead_is_accepted_at_once_waits_holding_no_task_process_and_runs_at_its_time() {
+    let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "2"]);
+    let mut c = daemon.connect();
+    let before = unix_ms();
+    let accepted = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":1500,"simulate_ms":0}"#);
+    let id = accepted["task_id"].clone();
+    let at = run_at_ms(&accepted);
+    assert!(at >= before + 1500, "run_at {at} is before its run_in_ms from {before}");
+    // Waiting, it holds no task process and is in the delayed queue.
+    let s = stats(&mut c);
+    assert_eq!((s["delayed"].as_u64(), s["tasking_num"].as_u64()), (Some(1), Some(0)), "{s}");
+    assert_eq!(s["scheduled"], 1, "{s}");
+    let done = c.final_reply(&id, &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let lines = sent(&daemon, &id);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let sent_at = lines[0]["sent_at_ms"].as_u64().unwrap();
+    assert!(sent_at >= at, "sent at {sent_at}, before its run_at {at}");
+
+    // RFC 3339 with an offset, and Unix seconds: both run, neither before its time.
+    let soon = chrono::DateTime::from_timestamp_millis((unix_ms() + 1200) as i64)
+        .unwrap()
+        .with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap())
+        .to_rfc3339();
+    let a = c.submit(&format!(r#"{{"type":"sms","to":"+15551234567","run_at":"{soon}","simulate_ms":0}}"#));
+    let secs = (unix_ms() + 1000) as f64 / 1000.0;
+    let b = c.submit(&format!(r#"{{"type":"sms","to":"+15551234568","run_at":{secs},"simulate_ms":0}}"#));
+    // b is due first: the two `done` lines come in either order.
+    let mut finals = vec![c.recv(), c.recv()];
+    finals.sort_by_key(|r| r["task_id"].as_u64());
+    assert!(finals.iter().all(|r| r["event"] == "done"), "{finals:?}");
+    for accepted in [&a, &b] {
+        let id = accepted["task_id"].clone();
+        let sent_at = sent(&daemon, &id)[0]["sent_at_ms"].as_u64().unwrap();
+        assert!(sent_at >= run_at_ms(accepted), "{accepted} sent at {sent_at}");
+    }
+    // A time in the past runs at once, and says when it was asked for.
+    let past =
+        c.submit(r#"{"type":"sms","to":"+15551234569","run_at":"2001-09-09T01:46:40Z","simulate_ms":0}"#);
+    assert_eq!(past["run_at"], "2001-09-09T01:46:40.000Z");
+    assert_eq!(c.final_reply(&past["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
+fn delay_ms_is_refused_naming_simulate_ms_and_run_at() {
+    let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "1"]);
+    let mut c = daemon.connect();
+    c.send(r#"{"type":"email","to":"a@example.com","delay_ms":5000}"#);
+    let reply = c.recv();
+    assert_eq!(reply["event"], "error", "{reply}");
+    let error = reply["error"].as_str().unwrap();
+    assert!(
+        error.contains("simulate_ms") && error.contains("run_at") && error.contains("delay_ms"),
+        "{error}"
+    );
+    assert_eq!(c.submit(r#"{"type":"email","to":"a@example.com","simulate_ms":0}"#)["event"], "accepted");
+}
+
+#[test]
+fn a_cancelled_job_ends_cancelled_and_never_reaches_the_outbox_and_a_started_one_cannot_be() {
+    let daemon = Daemon::start(&["--worker-num", "2", "--task-worker-num", "1"]);
+    let mut c = daemon.connect();
+    // Scheduled: cancelled while it waits in the delayed queue.
+    let later = c.submit(r#"{"type":"email","to":"never@example.com","run_in_ms":1500,"simulate_ms":0}"#);
+    let later_id = later["task_id"].clone();
+    c.send(&format!(r#"{{"type":"cancel","task_id":{later_id}}}"#));
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": later_id}));
+
+    // Queued: the only task process is busy with a long job.
+    let long = c.submit(r#"{"type":"email","to":"long@example.com","simulate_ms":3000}"#);
+    let queued = c.submit(r#"{"type":"sms","to":"+15550000001","simulate_ms":0}"#);
+    wait_for("the long job to start", || (stats(&mut c)["tasking_num"] == 1).then_some(()));
+    // Another connection may not cancel it.
+    let mut other = daemon.connect();
+    other.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, queued["task_id"]));
+    let refused = other.recv();
+    assert_eq!(refused["event"], "error", "{refused}");
+    assert!(refused["error"].as_str().unwrap().contains("not submitted by this connection"), "{refused}");
+    // A running one cannot be cancelled; the queued one can.
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, long["task_id"]));
+    let running = c.recv();
+    assert_eq!(running["event"], "error", "{running}");
+    assert!(running["error"].as_str().unwrap().contains("running"), "{running}");
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, queued["task_id"]));
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": queued["task_id"]}));
+
+    let done = c.final_reply(&long["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    // An ended one cannot be cancelled either, and `result` tells a cancelled one.
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, long["task_id"]));
+    let ended = c.recv();
+    assert!(ended["error"].as_str().unwrap().contains("has ended"), "{ended}");
+    c.send(&format!(r#"{{"type":"result","task_id":{later_id}}}"#));
+    assert_eq!(c.recv()["event"], "cancelled");
+
+    // Past the cancelled job's time, with a job sent after it done: neither cancelled job
+    // reached the outbox, nor ran.
+    let after = c.submit(r#"{"type":"sms","to":"+15550000002","run_in_ms":1600,"simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&after["task_id"], &mut Vec::new())["event"], "done");
+    let outbox: Vec<Value> = daemon.outbox_lines();
+    assert!(
+        sent(&daemon, &later_id).is_empty() && sent(&daemon, &queued["task_id"]).is_empty(),
+        "{outbox:?}"
+    );
+    assert_eq!(outbox.len(), 2, "{outbox:?}");
+    let s = stats(&mut c);
+    assert_eq!((s["tasks_cancelled"].as_u64(), s["delayed"].as_u64()), (Some(2), Some(0)), "{s}");
+    // Nothing more comes for the cancelled jobs.
+    assert!(c.try_recv(std::time::Duration::from_millis(300)).is_none());
+}
+
+#[test]
+fn a_flood_of_high_jobs_does_not_hold_back_a_low_one_beyond_its_weighted_share() {
+    let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "1"]);
+    let mut c = daemon.connect();
+    // The only task process is busy while the flood and the low job queue up behind it.
+    let long = c.submit(r#"{"type":"email","to":"long@example.com","simulate_ms":4000}"#);
+    let flood: String = (0..1000)
+        .map(|i| {
+            format!("{{\"type\":\"sms\",\"to\":\"+1555{i:07}\",\"priority\":\"high\",\"simulate_ms\":0}}\n")
+        })
+        .collect();
+    c.send_raw(flood.as_bytes());
+    for _ in 0..1000 {
+        assert_eq!(c.recv()["event"], "accepted");
+    }
+    let low = c.submit(r#"{"type":"email","to":"low@example.com","priority":"low","simulate_ms":0}"#);
+    let s = stats(&mut c);
+    assert_eq!(
+        (
+            s["tasking_num"].as_u64(),
+            s["task_queue_by_priority"]["high"].as_u64(),
+            s["task_queue_by_priority"]["low"].as_u64()
+        ),
+        (Some(1), Some(1000), Some(1)),
+        "the flood and the low job were to wait behind the long job: {s}"
+    );
+    assert_eq!(c.final_reply(&low["task_id"], &mut Vec::new())["event"], "done");
+    let outbox = daemon.outbox_lines();
+    let first = outbox.iter().position(|l| l["task_id"] == long["task_id"]).unwrap();
+    let at = outbox.iter().position(|l| l["task_id"] == low["task_id"]).unwrap();
+    // High and low waiting, the shares are 6:1: the low job is among the first seven to start,
+    // not behind the 1,000 (as in a strict priority order).
+    let highs_before = at - first - 1;
+    assert!(highs_before < 7, "{highs_before} high jobs ran before the low one");
+    // The flood still runs to its end: the long job, 1,000 high, the low one.
+    wait_for("the flood to be delivered", || (daemon.outbox_lines().len() == 1002).then_some(()));
+}
+
+#[test]
+fn a_second_job_with_the_same_key_is_not_run_and_its_client_gets_the_firsts_final_line() {
+    let daemon = Daemon::start(&["--worker-num", "2", "--task-worker-num", "2", "--dedup-ttl-ms", "1500"]);
+    let (mut a, mut b) = (daemon.connect(), daemon.connect());
+    let job = r#"{"type":"email","to":"receipt@example.com","key":"order-42:receipt","simulate_ms":800}"#;
+    let first = a.submit(job);
+    let first_id = first["task_id"].clone();
+    // While it runs: the duplicate's client hears of the first, then gets its final line.
+    let second = b.submit(job);
+    assert_ne!(second["task_id"], first_id);
+    assert_eq!(b.recv(), serde_json::json!({"event": "duplicate", "task_id": first_id}));
+    let done = a.final_reply(&first_id, &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(b.recv(), done, "the duplicate's client gets the first's final line");
+    // Within dedup_ttl after it ended: at once.
+    let third = b.submit(job);
+    assert_eq!(b.recv(), serde_json::json!({"event": "duplicate", "task_id": first_id}));
+    assert_eq!(b.recv(), done);
+    assert_ne!(third["task_id"], first_id);
+    // Another key runs; the first key's job ran once.
+    let other =
+        a.submit(r#"{"type":"email","to":"receipt@example.com","key":"order-43:receipt","simulate_ms":0}"#);
+    assert_eq!(a.final_reply(&other["task_id"], &mut Vec::new())["event"], "done");
+    let to_42: Vec<Value> = daemon.outbox_lines().into_iter().filter(|l| l["task_id"] == first_id).collect();
+    assert_eq!(daemon.outbox_lines().len(), 2, "{:?}", daemon.outbox_lines());
+    assert_eq!(to_42.len(), 1);
+    let s = stats(&mut a);
+    assert_eq!(s["duplicates"], 2, "{s}");
+    // Past dedup_ttl the key is free again: a new job with it runs.
+    let again = wait_for("the key to be free after dedup_ttl", || {
+        let accepted = a.submit(job);
+        match a.recv() {
+            r if r["event"] == "duplicate" => {
+                assert_eq!(a.recv(), done);
+                None
+            }
+            r => Some((accepted, r)),
+        }
+    });
+    assert_eq!(again.1["event"], "done", "{:?}", again);
+    assert_eq!(again.1["task_id"], again.0["task_id"]);
+}
+
+#[test]
+fn a_schedule_in_the_config_file_runs_its_job_at_each_tick_and_stats_show_its_last_and_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[schedule]]
+name = "heartbeat"
+cron = "* * * * * *"
+timezone = "Europe/Paris"
+missed = "skip"
+job = { type = "sms", to = "+15550001111", text = "tick", simulate_ms = 0 }
+"#,
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    let daemon = Daemon::start(&["--worker-num", "2", "--task-worker-num", "1", "--config", path]);
+    let lines = wait_for("three ticks in the outbox", || {
+        let lines: Vec<Value> =
+            daemon.outbox_lines().into_iter().filter(|l| l["to"] == "+15550001111").collect();
+        (lines.len() >= 3).then_some(lines)
+    });
+    let mut ids: Vec<u64> = lines.iter().map(|l| l["task_id"].as_u64().unwrap()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), lines.len(), "a tick's job ran twice: {lines:?}");
+    let mut c = daemon.connect();
+    let s = stats(&mut c);
+    let entry = &s["schedules"][0];
+    assert_eq!(
+        (entry["name"].as_str(), entry["timezone"].as_str()),
+        (Some("heartbeat"), Some("Europe/Paris"))
+    );
+    assert!(entry["runs"].as_u64().unwrap() >= 3, "{entry}");
+    let (last, next) = (entry["last_run"].as_str().unwrap(), entry["next_run"].as_str().unwrap());
+    let ms = |t: &str| chrono::DateTime::parse_from_rfc3339(t).unwrap().timestamp_millis();
+    assert!(ms(next) > ms(last) - 1000, "{entry}");
+    // Ticks are whole seconds.
+    assert_eq!(ms(next) % 1000, 0, "{entry}");
+}
+
+#[test]
+fn a_schedule_that_cannot_be_read_stops_the_daemon_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    for (entry, says) in [
+        (
+            r#"name = "r"
+cron = "0 8 * * *"
+job = { type = "sms", to = "+15550001111" }"#,
+            "six fields",
+        ),
+        (
+            r#"name = "r"
+cron = "0 0 8 * * *"
+timezone = "Mars/Olympus"
+job = { type = "sms", to = "+15550001111" }"#,
+            "IANA",
+        ),
+        (
+            r#"name = "r"
+cron = "0 0 8 * * *"
+job = { type = "sms", to = "not a number" }"#,
+            "its job",
+        ),
+    ] {
+        let config = dir.path().join("bad.toml");
+        std::fs::write(&config, format!("[[schedule]]\n{entry}\n")).unwrap();
+        let Err((_, log)) = Daemon::try_start(&["--config", config.to_str().unwrap()]) else {
+            panic!("started with {entry}");
+        };
+        assert!(log.contains("invalid schedule") && log.contains(says), "{entry}: {log}");
+    }
+}
+
+#[test]
+fn the_operator_cancels_any_connections_job_with_taskd_cancel_and_no_one_else_can() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("taskd.pid");
+    let pid_arg = pid_file.to_str().unwrap();
+    let daemon = Daemon::start(&["--worker-num", "1", "--task-worker-num", "1", "--pid-file", pid_arg]);
+    let token_file = dir.path().join("taskd.token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the operator token is for the daemon's user only");
+    let mut c = daemon.connect();
+    let job = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000}"#);
+    let id = job["task_id"].as_u64().unwrap();
+    // A wrong token cancels nothing.
+    let mut other = daemon.connect();
+    other.send(&format!(r#"{{"type":"cancel","task_id":{id},"token":"00"}}"#));
+    let refused = other.recv();
+    assert!(refused["error"].as_str().unwrap().contains("token"), "{refused}");
+    let taskd = env!("CARGO_BIN_EXE_taskd");
+    let run = |id: u64| {
+        common::run_with_timeout(
+            std::process::Command::new(taskd).args(["cancel", &id.to_string(), "--pid-file", pid_arg]),
+            common::DEADLINE,
+        )
+    };
+    let out = run(id);
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && said.contains("cancelled"), "{out:?}");
+    // Its own client gets its final line.
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": id}));
+    let again = run(id);
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("has ended"), "{again:?}");
+    assert!(sent(&daemon, &job["task_id"]).is_empty());
+}
