@@ -11,9 +11,11 @@
 //! ```
 //!
 //! By default it starts the real binary (`target/release/taskd`, or `--taskd PATH`) with
-//! `--port 0 --simulate-ms 0 --outbox <tmpfile> --log-level warn` and any `--taskd-arg` flags,
-//! reads its first stdout line (`taskd listening on ADDR`), and stops it at the end (SIGTERM,
-//! then wait), also on an error or Ctrl-C: a guard does it when it is dropped.
+//! `--port 0 --simulate-ms 0 --outbox <tmpfile> --log-file <tmpfile>` and any `--taskd-arg`
+//! flags: the default configuration (info logging, to a file as a service would), whose per-job
+//! lines are part of the cost; `--taskd-arg=--log-level=warn` measures without them. It reads
+//! the daemon's first stdout line (`taskd listening on ADDR`), and stops it at the end
+//! (SIGTERM, then wait), also on an error or Ctrl-C: a guard does it when it is dropped.
 //!
 //! Each of `--conns` connections pipelines bare-address jobs (`user{i}@example.com\n`) with at
 //! most `--window` of them outstanding. Every job gets an `accepted` line, then a `done` line;
@@ -251,12 +253,13 @@ fn sleep_until_checked(deadline: Instant) -> Result<(), String> {
 // The daemon it starts
 
 /// A taskd started by the load generator; dropping it stops it (SIGTERM, wait, SIGKILL if it
-/// does not go within 10 s) and removes its outbox.
+/// does not go within 10 s) and removes its outbox and log.
 struct Daemon {
     child: Child,
     path: PathBuf,
     addr: String,
     outbox: PathBuf,
+    log: PathBuf,
 }
 
 impl Daemon {
@@ -282,8 +285,11 @@ impl Daemon {
             nanos.subsec_nanos()
         ));
         let mut cmd = Command::new(&path);
-        cmd.args(["--port", "0", "--simulate-ms", "0", "--log-level", "warn", "--outbox"])
+        let log = outbox.with_extension("log");
+        cmd.args(["--port", "0", "--simulate-ms", "0", "--outbox"])
             .arg(&outbox)
+            .arg("--log-file")
+            .arg(&log)
             .args(&args.taskd_args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -300,7 +306,7 @@ impl Daemon {
         let mut child = cmd.spawn().map_err(|e| format!("cannot start {}: {e}", path.display()))?;
         let stdout = child.stdout.take().expect("stdout is piped");
         // The guard exists from here on, so every error below stops the daemon.
-        let mut daemon = Daemon { child, path, addr: String::new(), outbox };
+        let mut daemon = Daemon { child, path, addr: String::new(), outbox, log };
 
         // Read the first line in a thread, so that a daemon that never prints is noticed; then
         // keep forwarding its stdout (other listeners' lines) to stderr, so it never gets EPIPE.
@@ -376,6 +382,7 @@ impl Drop for Daemon {
             }
         }
         let _ = std::fs::remove_file(&self.outbox);
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 

@@ -47,6 +47,7 @@ pub mod files;
 pub mod handler;
 pub mod ipc;
 pub mod limits;
+pub mod log_format;
 pub mod logging;
 pub mod mail;
 pub mod manager;

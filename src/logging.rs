@@ -8,15 +8,22 @@
 //! each new file for the pool's user, mode 0640, before the pool reopens it; a process that
 //! cannot reopen its log says so on the old one.
 //! The subscriber writes synchronously (no background thread), so it is fork-safe.
+//!
+//! The processes on the job path (workers and task processes) hold their info, debug and trace
+//! lines back and write them in one `write` when they are about to wait (see [`hold_lines`]):
+//! at the default level each job has its lines, and one write per line cost half the
+//! throughput. A warning or an error is written at once, with the lines held before it; a
+//! panic writes them before its message; `_exit` writes them; only a SIGKILL loses them, and
+//! then the master logs the death and the job it held.
 
 use std::fmt::Write as _;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
+use tracing::{Event, Level, Metadata, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, MakeWriter};
@@ -24,6 +31,7 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::EnvFilter;
 
 use crate::files;
+use crate::log_format;
 use crate::process::Credentials;
 use crate::shm::Shared;
 
@@ -59,6 +67,68 @@ static OWNER: OnceLock<Credentials> = OnceLock::new();
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 /// Files besides the log that the pool appends to and reopens on a rotation (the outbox).
 static POOL_FILES: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
+/// This process's pid, read once per process rather than once per line.
+static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// In a child right after `fork`: its lines carry its own pid.
+pub fn forked() {
+    PID.store(std::process::id(), Ordering::Relaxed);
+}
+
+fn pid() -> u32 {
+    match PID.load(Ordering::Relaxed) {
+        0 => {
+            let pid = std::process::id();
+            PID.store(pid, Ordering::Relaxed);
+            pid
+        }
+        pid => pid,
+    }
+}
+
+/// Whether this process holds its info and quieter lines back (see [`hold_lines`]).
+static HOLDING: AtomicBool = AtomicBool::new(false);
+/// The lines held back, written by [`flush`].
+static HELD: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// Past this many bytes held, they are written without waiting for [`flush`].
+const HELD_MAX: usize = 64 * 1024;
+
+/// From now on this process holds its info, debug and trace lines back until [`flush`] (which
+/// its loop calls before it waits), until a warning or an error, until 64 KiB are held, or
+/// until it panics or exits. For the processes on the job path, which log per job.
+pub fn hold_lines() {
+    hold(true);
+}
+
+/// Holds lines back from now on (as [`hold_lines`]), or, with `false`, writes those held and
+/// every line as it is logged: for a process that knows when it is in a burst.
+pub fn hold(on: bool) {
+    static PANIC_HOOK: std::sync::Once = std::sync::Once::new();
+    if !on {
+        HOLDING.store(false, Ordering::Relaxed);
+        flush();
+        return;
+    }
+    HOLDING.store(true, Ordering::Relaxed);
+    PANIC_HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |panic| {
+            // What led up to the panic goes before its message.
+            flush();
+            previous(panic);
+        }));
+    });
+}
+
+/// Writes the lines held back, if any.
+pub fn flush() {
+    let Ok(mut held) = HELD.lock() else { return };
+    if !held.is_empty() {
+        // Nothing better to do with a log that cannot be written than to go on.
+        let _ = io::stderr().write_all(&held);
+        held.clear();
+    }
+}
 
 /// The pool runs as `owner`: the log file and the files of [`rotate_with_log`] are created
 /// for (and handed to) that user. Call before [`init`].
@@ -181,6 +251,7 @@ fn follow_rotation() {
     let current = shared.log_generation();
     if SEEN_GENERATION.load(Ordering::Relaxed) != current {
         SEEN_GENERATION.store(current, Ordering::Relaxed);
+        flush();
         if let Err(e) = point_stderr_at(path) {
             complain(&format!(
                 "cannot reopen the log file {} after a rotation: {e}; still logging here",
@@ -194,7 +265,7 @@ fn follow_rotation() {
 /// logging through the subscriber again would re-enter it.
 fn complain(message: &str) {
     let process = PROCESS.read().map(|p| p.clone()).unwrap_or_default();
-    let pid = std::process::id();
+    let pid = pid();
     let mut time = String::new();
     let _ = SystemTime.format_time(&mut Writer::new(&mut time));
     let line = match FORMAT.get() {
@@ -207,14 +278,62 @@ fn complain(message: &str) {
     let _ = writeln!(io::stderr(), "{line}");
 }
 
-/// Writes each line to stderr, after following a rotation.
+/// Writes each line to stderr, after following a rotation; or holds it back (see
+/// [`hold_lines`]).
 struct Stderr;
 
 impl<'a> MakeWriter<'a> for Stderr {
-    type Writer = io::Stderr;
-    fn make_writer(&'a self) -> io::Stderr {
+    type Writer = Line;
+    fn make_writer(&'a self) -> Line {
         follow_rotation();
-        io::stderr()
+        flush();
+        Line::Now(io::stderr())
+    }
+
+    fn make_writer_for(&'a self, meta: &Metadata<'_>) -> Line {
+        let quiet = matches!(*meta.level(), Level::INFO | Level::DEBUG | Level::TRACE);
+        if quiet && HOLDING.load(Ordering::Relaxed) {
+            // A line held now goes to the file of now: after a rotation, the new one.
+            follow_rotation();
+            Line::Held
+        } else {
+            // A warning or an error now, after what was held (a crash may follow it).
+            self.make_writer()
+        }
+    }
+}
+
+/// Where one line goes: to stderr now, or to the lines held back.
+enum Line {
+    Now(io::Stderr),
+    Held,
+}
+
+impl io::Write for Line {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Line::Now(stderr) => stderr.write(buf),
+            Line::Held => {
+                let full = match HELD.lock() {
+                    Ok(mut held) => {
+                        held.extend_from_slice(buf);
+                        held.len() >= HELD_MAX
+                    }
+                    Err(_) => return io::stderr().write(buf),
+                };
+                if full {
+                    flush();
+                }
+                Ok(buf.len())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Line::Now(stderr) => stderr.flush(),
+            Line::Held => Ok(()),
+        }
     }
 }
 
@@ -230,21 +349,33 @@ where
 {
     fn format_event(
         &self,
-        ctx: &FmtContext<'_, S, N>,
+        _ctx: &FmtContext<'_, S, N>,
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let process = PROCESS.read().map(|p| p.clone()).unwrap_or_default();
-        let pid = std::process::id();
+        let pid = pid();
         let level = *event.metadata().level();
         match self.format {
             LogFormat::Human => {
-                SystemTime.format_time(&mut writer)?;
-                write!(writer, " {level:>5} {process}[{pid}]: ")?;
-                ctx.format_fields(writer.by_ref(), event)?;
-                writeln!(writer)
+                let mut line = String::with_capacity(160);
+                log_format::timestamp(std::time::SystemTime::now(), &mut line);
+                line.push_str(match level {
+                    Level::ERROR => " ERROR ",
+                    Level::WARN => "  WARN ",
+                    Level::INFO => "  INFO ",
+                    Level::DEBUG => " DEBUG ",
+                    Level::TRACE => " TRACE ",
+                });
+                if let Ok(process) = PROCESS.read() {
+                    line.push_str(&process);
+                }
+                let _ = write!(line, "[{pid}]: ");
+                event.record(&mut log_format::HumanFields { out: &mut line, scratch: String::new() });
+                line.push('\n');
+                writer.write_str(&line)
             }
             LogFormat::Json => {
+                let process = PROCESS.read().map(|p| p.clone()).unwrap_or_default();
                 let mut timestamp = String::new();
                 SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
                 let mut fields = JsonFields(serde_json::Map::new());

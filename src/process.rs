@@ -101,12 +101,17 @@ pub fn spawn(
 /// The one `fork` of taskd.
 fn fork_now() -> io::Result<ForkResult> {
     // Anything buffered now would otherwise be written twice, once by each process.
+    crate::logging::flush();
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
     // SAFETY: no process of taskd that forks has started a thread (the one with threads, the
     // redis bridge, never forks), so the child is a complete copy of a single-threaded process; callers make the child `_exit` rather than return into code
     // that would run the parent's destructors twice.
-    unsafe { fork() }.map_err(io::Error::from)
+    let forked = unsafe { fork() }.map_err(io::Error::from)?;
+    if let ForkResult::Child = forked {
+        crate::logging::forked();
+    }
+    Ok(forked)
 }
 
 /// The first step of `--daemonize`, before taskd opens anything: closes every descriptor above
@@ -202,6 +207,7 @@ pub fn drop_privileges(creds: Credentials) -> io::Result<()> {
 
 /// Ends the process without running the parent's destructors or atexit handlers.
 pub fn exit_now(code: i32) -> ! {
+    crate::logging::flush();
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
     // SAFETY: `_exit` is async-signal-safe and takes no pointers; nothing runs after it.

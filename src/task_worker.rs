@@ -48,6 +48,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     // The tasks at the head of the channel's input already shown to `on_task_ahead`.
     let mut shown: usize = 0;
     loop {
+        crate::logging::hold(false);
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(ProcessError::Io { what: "poll failed", source: e });
@@ -59,6 +60,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
         let mut stop = None;
         let mut since_flush = Instant::now();
         loop {
+            let burst = second_frame_waiting(channel.input());
             let frame = match channel.next_frame() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
@@ -69,6 +71,10 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
                     shown = shown.saturating_sub(1);
                     let session = (session != 0).then_some(session);
                     let task = Task { id: task_id, session, attempt, src_worker, data };
+                    // A job with others queued behind it is one of a burst: its lines wait
+                    // for the burst's end. The last (or only) one's lines go out as they are
+                    // logged, so a job that hangs or is killed leaves what it was doing.
+                    crate::logging::hold(burst);
                     on_run_task(app, info, &task, &mut out);
                     served += 1;
                     if limit != 0 && served >= limit {
@@ -82,6 +88,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             }
             let more_waiting = matches!(frame_len(channel.input()), Ok(Some(_)));
             if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
+                crate::logging::flush();
                 channel.output().append(&mut out);
                 flush_all(&mut poll, &mut events, &mut channel)
                     .map_err(ProcessError::io("writing to the master failed"))?;
@@ -98,6 +105,14 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
         if state == ReadState::Closed {
             return Ok(());
         }
+    }
+}
+
+/// Whether a complete frame waits behind the first one of `input`.
+fn second_frame_waiting(input: &[u8]) -> bool {
+    match frame_len(input) {
+        Ok(Some(first)) => matches!(frame_len(&input[first..]), Ok(Some(_))),
+        _ => false,
     }
 }
 

@@ -63,6 +63,7 @@ impl Link {
             if missing == 0 || now >= deadline {
                 return Ok(results);
             }
+            crate::logging::flush();
             match self.poll.poll(&mut self.events, Some(deadline - now)) {
                 Err(e) if e.kind() != io::ErrorKind::Interrupted => return Err(e),
                 _ => {}
@@ -121,6 +122,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> Result<(), Pr
         .register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
         .map_err(ProcessError::io("cannot watch its channel"))?;
     let link = Link { channel, poll, events: Events::with_capacity(8), handled_seq: 0 };
+    crate::logging::hold_lines();
     app.on_worker_start(&info).map_err(ProcessError::Start)?;
     tracing::debug!("worker {slot} started (pid {})", info.pid);
     let limits = TaskLimits {
@@ -196,6 +198,7 @@ impl<A: Application> Worker<'_, A> {
         if matches!(frame_len(self.link.channel.input()), Ok(Some(_))) {
             return Ok(());
         }
+        crate::logging::flush();
         match self.link.poll.poll(&mut self.link.events, None) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
             _ => Ok(()),

@@ -238,19 +238,25 @@ fn json_logs_name_every_process_and_the_log_file_reopens_on_sighup() {
     let mut client = daemon.connect();
     let a = client.submit("before@example.com");
     client.final_reply(&a["task_id"], &mut Vec::new());
-    let before = std::fs::read_to_string(&log).unwrap();
-    let processes: std::collections::HashSet<String> = before
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
-            assert!(v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(), "{l}");
-            assert!(v["pid"].as_u64().unwrap() > 0);
-            v["process"].as_str().unwrap().split(' ').next().unwrap().to_string()
-        })
-        .collect();
-    for role in ["master", "manager", "worker", "task"] {
-        assert!(processes.contains(role), "no log line from a {role}: {processes:?}");
-    }
+    // A worker and a task process write their info lines in batches, when they are about to
+    // wait: soon after the reply, not necessarily before it.
+    let roles = ["master", "manager", "worker", "task"];
+    wait_for("a log line from every kind of process", || {
+        let before = std::fs::read_to_string(&log).ok()?;
+        let processes: std::collections::HashSet<String> = before
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}"));
+                assert!(
+                    v["timestamp"].is_string() && v["level"].is_string() && v["message"].is_string(),
+                    "{l}"
+                );
+                assert!(v["pid"].as_u64().unwrap() > 0);
+                v["process"].as_str().unwrap().split(' ').next().unwrap().to_string()
+            })
+            .collect();
+        roles.iter().all(|role| processes.contains(*role)).then_some(())
+    });
     // Rotate: move the file away, SIGHUP the master; every process writes to the new file.
     let rotated = dir.path().join("taskd.log.1");
     std::fs::rename(&log, &rotated).unwrap();
