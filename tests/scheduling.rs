@@ -318,6 +318,8 @@ fn the_operator_cancels_any_connections_job_with_taskd_cancel_and_no_one_else_ca
     other.send(&format!(r#"{{"type":"cancel","task_id":{id},"token":"00"}}"#));
     let refused = other.recv();
     assert!(refused["error"].as_str().unwrap().contains("token"), "{refused}");
+    // Each guess at the token costs a connection.
+    assert!(other.closed_by_server(), "the connection stays open after a wrong token");
     let taskd = env!("CARGO_BIN_EXE_taskd");
     let run = |id: u64| {
         common::run_with_timeout(

@@ -159,12 +159,14 @@ impl<A: Application> Master<'_, A> {
     /// answers it, or an `error` does.
     pub(super) fn cancel_job(&mut self, session: u64, task_id: u64, token: &[u8]) {
         let operator = !token.is_empty();
+        let mut wrong_token = false;
         let answer = if !operator {
             self.cancel(Some(session), task_id)
         } else if self.dashboard.token.as_ref().is_some_and(|t| t.matches_bytes(token)) {
             self.cancel(None, task_id)
         } else {
-            Err("the admin token does not match (taskd cancel reads the daemon's --admin-token-file, or the one generated beside the pid file)"
+            wrong_token = true;
+            Err("the admin token does not match (taskd cancel reads the daemon's --admin-token-file, or the one generated beside the pid file); closing the connection"
                 .into())
         };
         let line = match answer {
@@ -180,6 +182,14 @@ impl<A: Application> Master<'_, A> {
             }
         };
         self.send_to_session(session, &line);
+        // As the dashboard does: each guess at the token costs a connection.
+        if wrong_token {
+            if let Some((key, conn)) = self.conn_mut(session) {
+                tracing::warn!("client {}: a cancel with a wrong admin token; closing", conn.peer);
+                conn.close_after_flush = true;
+                self.mark_dirty(key);
+            }
+        }
     }
 }
 
