@@ -79,9 +79,7 @@ impl<A: Application> Master<'_, A> {
                 reply(&action, true, json!({"role": role.to_string()}))
             }
             "lookup" => {
-                let Some(task_id) =
-                    req["task_id"].as_u64().or_else(|| req["task_id"].as_str()?.trim().parse().ok())
-                else {
+                let Some(task_id) = requested_task_id(&req) else {
                     let why = "task_id must be a number";
                     return self.send_to_session(session, &reply(&action, false, json!({"error": why})));
                 };
@@ -89,9 +87,7 @@ impl<A: Application> Master<'_, A> {
                 reply(&action, true, self.lookup(task_id))
             }
             "cancel" => {
-                let Some(task_id) =
-                    req["task_id"].as_u64().or_else(|| req["task_id"].as_str()?.trim().parse().ok())
-                else {
+                let Some(task_id) = requested_task_id(&req) else {
                     let why = "task_id must be a number";
                     return self.send_to_session(session, &reply(&action, false, json!({"error": why})));
                 };
@@ -368,6 +364,11 @@ fn proc_row(role: &str, slot: Option<usize>, pid: Option<u32>, state: &str, extr
         obj.extend(more);
     }
     row
+}
+
+/// The `task_id` of an admin request: a number, or a number typed into the page's field.
+fn requested_task_id(req: &serde_json::Value) -> Option<u64> {
+    req["task_id"].as_u64().or_else(|| req["task_id"].as_str()?.trim().parse().ok())
 }
 
 #[cfg(test)]
