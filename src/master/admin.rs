@@ -209,8 +209,7 @@ impl<A: Application> Master<'_, A> {
             let pid = state.bridge_sup.pid(0).map(|p| p.as_raw() as u32);
             processes.push(proc_row("bridge", None, pid, "running", json!({})));
         }
-        let retrying = self.jobs_waiting_to_retry();
-        let scheduled = self.jobs_scheduled(dashboard::unix_ms());
+        let (scheduled, retrying) = self.jobs_delayed(dashboard::unix_ms());
         let [high, normal, low] = self.jobs.queued_by_priority();
         let c = &self.counters;
         let mut line = json!({
@@ -252,30 +251,21 @@ impl<A: Application> Master<'_, A> {
         out
     }
 
-    /// Jobs waiting for their `run_at` (not yet tried: a retry's wait is counted apart).
-    fn jobs_scheduled(&self, now_ms: u64) -> usize {
+    /// Jobs waiting for their `run_at` (not yet tried), and jobs in the delayed queue after a
+    /// failed attempt (the others there wait for a rate limit): one walk over the jobs.
+    fn jobs_delayed(&self, now_ms: u64) -> (usize, usize) {
         if self.delayed.is_empty() {
-            return 0;
+            return (0, 0);
         }
-        self.jobs
-            .ids()
-            .into_iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter(|j| j.run_at_ms > now_ms && j.last_error.is_empty())
-            .count()
-    }
-
-    /// Jobs in the delayed queue after a failed attempt (the others wait for their run_at or a rate limit).
-    fn jobs_waiting_to_retry(&self) -> usize {
-        if self.delayed.is_empty() {
-            return 0;
+        let (mut scheduled, mut retrying) = (0, 0);
+        for job in self.jobs.ids().into_iter().filter_map(|id| self.jobs.get(id)) {
+            if !job.last_error.is_empty() {
+                retrying += 1;
+            } else if job.run_at_ms > now_ms {
+                scheduled += 1;
+            }
         }
-        self.jobs
-            .ids()
-            .into_iter()
-            .filter_map(|id| self.jobs.get(id))
-            .filter(|j| !j.last_error.is_empty())
-            .count()
+        (scheduled, retrying)
     }
 }
 
