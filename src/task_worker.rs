@@ -49,6 +49,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     let mut shown: usize = 0;
     loop {
         crate::logging::hold(false);
+        crate::logging::before_wait();
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(ProcessError::Io { what: "poll failed", source: e });
