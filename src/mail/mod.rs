@@ -27,6 +27,7 @@ use crate::delivery::smtp::{Smtp, SmtpSettings};
 use crate::delivery::{self, Transport};
 use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
+use crate::json_line::JsonLine;
 use crate::throttle::Throttle;
 use request::{Job, Kind, Request};
 
@@ -186,32 +187,6 @@ fn line(value: &impl Serialize) -> Vec<u8> {
     out
 }
 
-/// The replies on every job's path, serialized straight from these (no map built per reply).
-#[derive(Serialize)]
-struct Accepted<'a> {
-    event: &'static str,
-    task_id: u64,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    to: &'a str,
-    worker_pid: u32,
-    /// When it runs, for a job scheduled ahead (RFC 3339, UTC).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    run_at: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Done<'a> {
-    event: &'static str,
-    task_id: u64,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    to: &'a str,
-    result: &'a str,
-    task_pid: u32,
-    attempts: u32,
-}
-
 /// What `on_finish` needs to answer a job: carried with the task, since the worker that
 /// submitted it may have been replaced by the time it finishes.
 #[derive(Debug, Serialize, Deserialize)]
@@ -343,15 +318,10 @@ impl MailApp {
             let _ = write!(text, "{attempts})");
             tracing::info!(message = text.as_str());
         }
-        ctx.reply(&line(&Done {
-            event: "done",
-            task_id: task.id,
-            kind,
-            to,
-            result: &result,
-            task_pid: pid,
-            attempts,
-        }));
+        let mut done = JsonLine::new(128 + result.len() + to.len());
+        done.str("event", "done").num("task_id", task.id).str("type", kind).str("to", to);
+        done.str("result", &result).num("task_pid", pid.into()).num("attempts", attempts.into());
+        ctx.reply(&done.finish());
         result.into_bytes()
     }
 
@@ -437,11 +407,14 @@ impl MailApp {
                 } else {
                     tracing::debug!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 }
-                let kind = job.kind.name();
-                let run_at = job.run_at_ms.map(crate::app::rfc3339);
-                let accepted =
-                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid, run_at };
-                Self::reply(ctx, session, accepted);
+                let mut accepted = JsonLine::new(96 + job.to.len());
+                accepted.str("event", "accepted").num("task_id", task_id).str("type", job.kind.name());
+                accepted.str("to", &job.to).num("worker_pid", self.pid.into());
+                // When it runs, for a job scheduled ahead (RFC 3339, UTC).
+                if let Some(run_at) = job.run_at_ms.map(crate::app::rfc3339) {
+                    accepted.str("run_at", &run_at);
+                }
+                ctx.send(session, &accepted.finish());
             }
             Err(e) => self.refused(ctx, session, e),
         }
