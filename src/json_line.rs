@@ -60,8 +60,13 @@ impl JsonLine {
 }
 
 /// `value` in decimal.
-fn push_u64(out: &mut Vec<u8>, mut value: u64) {
-    let mut digits = [0u8; 20];
+fn push_u64(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(decimal(value, &mut [0; 20]));
+}
+
+/// `value`'s decimal digits, written into the end of `digits` (without `core::fmt`, whose
+/// machinery costs more than the digits on these lines).
+pub fn decimal(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut at = digits.len();
     loop {
         at -= 1;
@@ -71,7 +76,7 @@ fn push_u64(out: &mut Vec<u8>, mut value: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    &digits[at..]
 }
 
 /// `s` as a JSON string, quoted, escaped as serde_json escapes it: `"` and `\` with a

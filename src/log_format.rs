@@ -49,6 +49,12 @@ fn push_digits(out: &mut String, mut value: u32, width: usize) {
     out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or("??????"));
 }
 
+/// `value` in decimal, without `core::fmt`.
+pub fn push_u64(out: &mut String, value: u64) {
+    // The digits are ASCII.
+    out.push_str(std::str::from_utf8(crate::json_line::decimal(value, &mut [0; 20])).unwrap_or("?"));
+}
+
 /// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -184,6 +190,15 @@ impl Visit for HumanFields<'_> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 99, 100, 4_294_967_295, u64::MAX] {
+            let mut out = String::from("x");
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
+        }
+    }
 
     #[test]
     fn timestamps_match_rfc_3339_in_utc() {

@@ -378,7 +378,9 @@ where
                 if let Ok(process) = PROCESS.read() {
                     line.push_str(&process);
                 }
-                let _ = write!(line, "[{pid}]: ");
+                line.push('[');
+                log_format::push_u64(&mut line, pid.into());
+                line.push_str("]: ");
                 event.record(&mut log_format::HumanFields { out: &mut line });
                 line.push('\n');
                 writer.write_str(&line)
