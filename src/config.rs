@@ -148,7 +148,8 @@ pub struct ServerConfig {
     /// This node's name among the nodes sharing the queue; a restarted node takes its
     /// unfinished jobs back by it (default: the host name).
     pub node_id: Option<String>,
-    /// The queue's name: every key of it is `{NAME}:...` (one Redis Cluster hash slot).
+    /// The queue's name: every key of it is `{NAME}:...` (one Redis Cluster hash slot). A task
+    /// node may serve several, comma-separated ([`ServerConfig::queues`]).
     pub redis_queue: String,
     /// Final replies kept for `{"type":"result"}` queries, most recent first.
     pub result_keep: usize,
@@ -590,10 +591,17 @@ impl ServerConfig {
         if let Some(node) = &self.node_id {
             check(name_ok(node), "node_id", format!("{node:?} is not 1 to 64 of [A-Za-z0-9._-]"))?;
         }
+        let queues = self.queues();
+        for queue in &queues {
+            check(name_ok(queue), "redis_queue", format!("{queue:?} is not 1 to 64 of [A-Za-z0-9._-]"))?;
+        }
+        let mut names = queues.clone();
+        names.sort_unstable();
+        names.dedup();
         check(
-            name_ok(&self.redis_queue),
+            names.len() == queues.len(),
             "redis_queue",
-            format!("{:?} is not 1 to 64 of [A-Za-z0-9._-]", self.redis_queue),
+            format!("{:?} names a queue twice", self.redis_queue),
         )?;
         Ok(())
     }
@@ -612,6 +620,12 @@ impl ServerConfig {
             .ok()
             .filter(|d| d.as_secs_f64() >= MIN_CLAIM_TIMEOUT)
             .unwrap_or(Duration::from_secs_f64(DEFAULT_CLAIM_TIMEOUT))
+    }
+
+    /// The queues `redis_queue` names (`a,b,c`): a web node stores into one, a task node
+    /// serves each (see `durable::node`).
+    pub fn queues(&self) -> Vec<&str> {
+        self.redis_queue.split(',').map(str::trim).collect()
     }
 
     /// Task slots (and channels) to create: room for the pool to grow by SIGTTIN.

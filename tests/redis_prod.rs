@@ -507,82 +507,109 @@ fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica(
 
 // ---- Cluster ----
 
-#[test]
-fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
-    if common::which("redis-cli").is_none() {
-        common::cannot_run(
-            "redis",
-            "this test creates its cluster with redis-cli (apt-get install redis-tools)",
-        );
-        return;
-    }
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let nodes: Vec<Redis> = ports
-        .iter()
-        .filter_map(|p| {
-            Redis::start_with(&[
-                "--port",
-                &p.to_string(),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ])
-        })
-        .collect();
-    if nodes.len() < 3 {
-        return;
-    }
-    let mut create = Command::new("redis-cli");
-    create.arg("--cluster").arg("create");
-    for p in &ports {
-        create.arg(format!("127.0.0.1:{p}"));
-    }
-    create.args(["--cluster-replicas", "0", "--cluster-yes"]);
-    let made = common::run_with_timeout(&mut create, common::DEADLINE);
-    assert!(made.status.success(), "{made:?}");
-    common::wait_for("the cluster to be up on every node", || {
-        nodes
+/// A three-node Redis Cluster (no replicas) made by `redis-cli --cluster create`, and a queue
+/// name whose slot each node serves (`queues[i]` on `nodes[i]`).
+struct Cluster {
+    nodes: Vec<Redis>,
+    ports: Vec<u16>,
+    queues: Vec<String>,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        if common::which("redis-cli").is_none() {
+            common::cannot_run(
+                "redis",
+                "this test creates its cluster with redis-cli (apt-get install redis-tools)",
+            );
+            return None;
+        }
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes: Vec<Redis> = ports
             .iter()
-            .all(|n| n.query::<String>(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-            .then_some(())
-    });
-    // One queue for each node: names whose slot that node serves.
-    // The node that serves a key's slot answers for it; the others answer MOVED.
-    let owner_of = |queue: &str| -> usize {
+            .filter_map(|p| {
+                Redis::start_with(&[
+                    "--port",
+                    &p.to_string(),
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ])
+            })
+            .collect();
+        if nodes.len() < 3 {
+            return None;
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let made = common::run_with_timeout(&mut create, common::DEADLINE);
+        assert!(made.status.success(), "{made:?}");
+        common::wait_for("the cluster to be up on every node", || {
+            nodes
+                .iter()
+                .all(|n| n.query::<String>(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                .then_some(())
+        });
+        let mut cluster = Cluster { nodes, ports, queues: Vec::new() };
+        // One queue for each node: names whose slot that node serves.
+        let mut queues: Vec<Option<String>> = vec![None, None, None];
+        for n in 0..200 {
+            let q = format!("q{n}");
+            let i = cluster.owner_of(&q);
+            queues[i].get_or_insert(q);
+            if queues.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        cluster.queues = queues.into_iter().map(|q| q.expect("a queue on each node")).collect();
+        Some(cluster)
+    }
+
+    /// The node that serves a queue's slot: it answers for its keys, the others MOVED (and
+    /// while the slot moves, the importing node answers ASK for a key it does not have yet).
+    fn owner_of(&self, queue: &str) -> usize {
         let key = format!("{{{queue}}}:probe");
         (0..3)
             .find(|&i| {
-                let mut conn = nodes[i].conn().expect("connect");
+                let mut conn = self.nodes[i].conn().expect("connect");
                 redis::cmd("EXISTS").arg(&key).query::<i64>(&mut conn).is_ok()
             })
             .expect("a node serves the slot")
-    };
-    let mut queues: Vec<Option<String>> = vec![None, None, None];
-    for n in 0..200 {
-        let q = format!("q{n}");
-        let i = owner_of(&q);
-        queues[i].get_or_insert(q);
-        if queues.iter().all(Option::is_some) {
-            break;
-        }
     }
-    let queues: Vec<String> = queues.into_iter().map(|q| q.expect("a queue on each node")).collect();
-    let url = format!("redis+cluster://127.0.0.1:{}", ports[0]);
-    for (i, queue) in queues.iter().enumerate() {
+
+    fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.ports[0])
+    }
+}
+
+/// A web node of `queue` on `url` that runs no job itself.
+fn web_node_of(url: &str, queue: &str) -> Daemon {
+    Daemon::start(&[
+        "--redis-url",
+        url,
+        "--redis-queue",
+        queue,
+        "--node-id",
+        &format!("web-{queue}"),
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "0",
+    ])
+}
+
+#[test]
+fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.url();
+    for (i, queue) in cluster.queues.iter().enumerate() {
         let node_id = format!("web-{queue}");
-        let d = Daemon::start(&[
-            "--redis-url",
-            &url,
-            "--redis-queue",
-            queue,
-            "--node-id",
-            &node_id,
-            "--simulate-ms",
-            "0",
-            "--task-worker-num",
-            "0",
-        ]);
+        let d = web_node_of(&url, queue);
         let tasks = TaskNode::start_url(
             &url,
             &format!("tasks-{queue}"),
@@ -592,8 +619,116 @@ fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
         assert_eq!(all_done(&mut c, 20).len(), 20, "queue {queue}");
         assert_eq!(tasks.outbox_lines().len(), 20);
         // Its keys are on the node that serves its slot.
-        let epoch: i64 = nodes[i].query(&["EXISTS", &format!("{{{queue}}}:epoch:{node_id}")]);
+        let epoch: i64 = cluster.nodes[i].query(&["EXISTS", &format!("{{{queue}}}:epoch:{node_id}")]);
         assert_eq!(epoch, 1, "queue {queue} on node {i}");
         assert!(d.log().contains("Redis Cluster: the node of slot"), "{}", d.log());
     }
+}
+
+// ---- A task node of several queues ----
+
+/// The consumers of `queue`'s group on `redis`, by name.
+fn consumers_of(redis: &Redis, queue: &str) -> Vec<String> {
+    let key = format!("{{{queue}}}:jobs");
+    let list: Vec<Vec<redis::Value>> = redis.query(&["XINFO", "CONSUMERS", &key, "taskd"]);
+    list.into_iter()
+        .filter_map(|fields| {
+            let mut it = fields.into_iter();
+            while let Some(k) = it.next() {
+                let v = it.next()?;
+                if redis::from_redis_value::<String>(k).ok()? == "name" {
+                    return redis::from_redis_value::<String>(v).ok();
+                }
+            }
+            None
+        })
+        .collect()
+}
+
+#[test]
+fn one_task_node_serves_three_queues_on_three_cluster_nodes() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.url();
+    let list = cluster.queues.join(",");
+    // Four processes over three queues: slot i serves queue i mod 3.
+    let tasks = TaskNode::start_url(
+        &url,
+        "tasks-all",
+        &["--task-worker-num", "4", "--simulate-ms", "0", "--redis-queue", &list],
+    );
+    let webs: Vec<Daemon> = cluster.queues.iter().map(|q| web_node_of(&url, q)).collect();
+    let mut clients: Vec<Client> = webs.iter().map(Daemon::connect).collect();
+    // Jobs of the three web nodes at once: each queue's are run (none waits for another's).
+    for c in &mut clients {
+        for i in 0..30 {
+            c.send(&job(i));
+        }
+    }
+    for (c, queue) in clients.iter_mut().zip(&cluster.queues) {
+        let (mut accepted, mut done) = (0, 0);
+        while accepted < 30 || done < 30 {
+            let v = c.recv();
+            match v["event"].as_str() {
+                Some("accepted") => accepted += 1,
+                Some("done") => done += 1,
+                _ => panic!("queue {queue}: neither accepted nor done: {v}"),
+            }
+        }
+    }
+    assert_eq!(tasks.outbox_lines().len(), 90, "the one task node ran every job");
+    for (i, queue) in cluster.queues.iter().enumerate() {
+        // Everything of a queue is on its own node: the node's name, its consumers (the
+        // processes of its slots), the group and nothing left pending.
+        let lease: i64 = cluster.nodes[i].query(&["EXISTS", &format!("{{{queue}}}:lease:tasks-all")]);
+        assert_eq!(lease, 1, "the task node holds its name in queue {queue}, on node {i}");
+        let mut names = consumers_of(&cluster.nodes[i], queue);
+        names.sort();
+        let want: Vec<String> = (0..4).filter(|s| s % 3 == i).map(|s| format!("tasks-all/{s}")).collect();
+        assert_eq!(names, want, "queue {queue}");
+        let pending: Vec<redis::Value> =
+            cluster.nodes[i].query(&["XPENDING", &format!("{{{queue}}}:jobs"), "taskd"]);
+        assert_eq!(redis::from_redis_value::<i64>(pending[0].clone()).unwrap(), 0);
+    }
+    let log = tasks.log();
+    for queue in &cluster.queues {
+        assert!(log.contains(&format!("(queue {queue}) is at 127.0.0.1:")), "{log}");
+    }
+    // A clean stop gives the name back in every queue.
+    drop(clients);
+    tasks.signal(nix::sys::signal::Signal::SIGTERM);
+    common::wait_for("the task node's names given back", || {
+        cluster
+            .queues
+            .iter()
+            .enumerate()
+            .all(|(i, q)| {
+                cluster.nodes[i].query::<i64>(&["EXISTS", &format!("{{{q}}}:lease:tasks-all")]) == 0
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn one_task_node_serves_two_queues_of_one_redis_and_a_web_node_names_one() {
+    let Some(redis) = Redis::start() else { return };
+    // Fewer processes than queues: one each, said in the log.
+    let tasks = TaskNode::start(&redis, "tasks-ab", &["--task-worker-num", "1", "--redis-queue", "qa, qb"]);
+    let webs: Vec<Daemon> = ["qa", "qb"].iter().map(|q| web_node_of(&redis.url, q)).collect();
+    for d in &webs {
+        let mut c = d.connect();
+        assert_eq!(all_done(&mut c, 20).len(), 20);
+    }
+    assert_eq!(tasks.outbox_lines().len(), 40);
+    assert_eq!(consumers_of(&redis, "qa"), vec!["tasks-ab/0".to_string()]);
+    assert_eq!(consumers_of(&redis, "qb"), vec!["tasks-ab/1".to_string()]);
+    assert!(tasks.log().contains("task_worker_num 1 is fewer than the 2 queues served"), "{}", tasks.log());
+
+    // A web node stores into one queue; a queue named twice is a mistake.
+    let web = taskd(&["--redis-url", &redis.url, "--redis-queue", "qa,qb", "--check-config"], &[]);
+    let said = String::from_utf8_lossy(&web.stderr);
+    assert!(!web.status.success() && said.contains("names several queues"), "{said}");
+    let twice =
+        taskd(&["task-node", "--redis-url", &redis.url, "--redis-queue", "qa,qa", "--node-id", "x"], &[]);
+    let said = String::from_utf8_lossy(&twice.stderr);
+    assert!(!twice.status.success() && said.contains("names a queue twice"), "{said}");
 }

@@ -74,7 +74,8 @@ impl Durable {
         Some(Durable {
             shown: redact(&url),
             url,
-            keys: keys::Keys::new(&config.redis_queue, &node),
+            // A task node of several queues makes one of these for each (`node::Served`).
+            keys: keys::Keys::new(config.queues().first().copied().unwrap_or("taskd"), &node),
             node,
             claim_after: config.claim_limit(),
             task_limit: config.task_limit(),

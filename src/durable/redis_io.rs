@@ -24,6 +24,9 @@ struct Target {
     /// The CA file the server's certificate is checked against, for the error that says it
     /// does not verify (None: the system's CAs).
     ca_file: Option<PathBuf>,
+    /// The queue a process talks about unless it serves another ([`serve_queue`]): in a
+    /// Cluster, its hash slot picks the node.
+    queue: String,
 }
 
 enum Way {
@@ -32,7 +35,8 @@ enum Way {
     /// The master that a set of Sentinels names (`redis+sentinel://`), asked at each connect.
     Sentinel(SentinelSet),
     /// The node of a Redis Cluster that serves the queue's hash slot (`redis+cluster://`),
-    /// asked at each connect: every key of a queue shares its hash tag, so one node has them.
+    /// asked at each connect: every key of a queue shares its hash tag, so one node has them
+    /// (each queue's own node: see [`connect_queue`]).
     Cluster(ClusterSet),
 }
 
@@ -50,7 +54,7 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
     let invalid = |e: RedisError| format!("invalid redis_url {}: {}", super::redact(url), describe(&e));
     let way = if url.starts_with(CLUSTER_SCHEME) {
         Way::Cluster(
-            ClusterSet::parse(url, &config.redis_queue)
+            ClusterSet::parse(url)
                 .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
         )
     } else if url.starts_with(SENTINEL_SCHEME) {
@@ -77,7 +81,8 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
     } else {
         Way::Direct(redis::Client::open(url.as_str()).map_err(invalid)?)
     };
-    let _ = TARGET.set(Target { url: url.clone(), way, ca_file: config.redis_ca_file.clone() });
+    let queue = config.queues().first().map_or_else(String::new, |q| (*q).to_string());
+    let _ = TARGET.set(Target { url: url.clone(), way, ca_file: config.redis_ca_file.clone(), queue });
     Ok(())
 }
 
@@ -200,14 +205,12 @@ pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 struct ClusterSet {
     seeds: Vec<(String, u16)>,
-    /// The hash slot of the queue's tag.
-    slot: u16,
     /// The user and password, on a placeholder address.
     template: redis::ConnectionInfo,
 }
 
 impl ClusterSet {
-    fn parse(url: &str, queue: &str) -> Result<ClusterSet, String> {
+    fn parse(url: &str) -> Result<ClusterSet, String> {
         let rest = url.strip_prefix(CLUSTER_SCHEME).ok_or("not a redis+cluster:// URL")?;
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         let (userinfo, hosts) = match authority.rsplit_once('@') {
@@ -226,19 +229,20 @@ impl ClusterSet {
         let template =
             redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/"))
                 .map_err(|e| e.to_string())?;
-        Ok(ClusterSet { seeds, slot: hash_slot(queue.as_bytes()), template })
+        Ok(ClusterSet { seeds, template })
     }
 
-    /// Asks the nodes in turn which one serves the queue's slot (CLUSTER SLOTS), and connects
-    /// there. A slot moved later answers MOVED, which counts as a lost connection: the next
-    /// connect asks again.
-    fn connect(&self) -> Result<Connection, RedisError> {
+    /// Asks the nodes in turn which one serves the slot of `queue` (CLUSTER SLOTS), and
+    /// connects there. A slot moved later answers MOVED (or ASK, TRYAGAIN while it moves),
+    /// which counts as a lost connection: the next connect asks again.
+    fn connect(&self, queue: &str) -> Result<Connection, RedisError> {
+        let slot = hash_slot(queue.as_bytes());
         let mut why = Vec::new();
         for (host, port) in &self.seeds {
-            let owner = match self.owner(host, *port) {
+            let owner = match self.owner(host, *port, slot) {
                 Ok(Some(owner)) => owner,
                 Ok(None) => {
-                    why.push(format!("{host}:{port}: no node serves slot {}", self.slot));
+                    why.push(format!("{host}:{port}: no node serves slot {slot}"));
                     continue;
                 }
                 Err(e) => {
@@ -250,7 +254,7 @@ impl ClusterSet {
             match redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT)) {
                 Ok(conn) => {
                     noticed_master(
-                        &format!("Redis Cluster: the node of slot {}", self.slot),
+                        &format!("Redis Cluster: the node of slot {slot} (queue {queue})"),
                         &format!("{}:{}", owner.0, owner.1),
                     );
                     return Ok(conn);
@@ -261,11 +265,11 @@ impl ClusterSet {
         Err(RedisError::from((
             redis::ErrorKind::Io,
             LOOKUP_FAILED,
-            format!("no Redis Cluster node found for slot {}: {}", self.slot, why.join("; ")),
+            format!("no Redis Cluster node found for slot {slot} (queue {queue}): {}", why.join("; ")),
         )))
     }
 
-    fn owner(&self, host: &str, port: u16) -> Result<Option<(String, u16)>, RedisError> {
+    fn owner(&self, host: &str, port: u16, slot: u16) -> Result<Option<(String, u16)>, RedisError> {
         let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port));
         let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
         conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
@@ -276,7 +280,7 @@ impl ClusterSet {
                 continue;
             };
             let (Some(start), Some(end)) = (as_int(&start), as_int(&end)) else { continue };
-            if !(start..=end).contains(&i64::from(self.slot)) {
+            if !(start..=end).contains(&i64::from(slot)) {
                 continue;
             }
             let mut node = as_array(master).into_iter();
@@ -300,17 +304,21 @@ fn hash_slot(tag: &[u8]) -> u16 {
     crc % 16384
 }
 
-/// Logs where the master is, when this process first learns it and when it moved.
+/// Logs where the master is (of each thing: a Sentinel's master, a queue's Cluster node),
+/// when this process first learns it and when it moved.
 fn noticed_master(what: &str, addr: &str) {
-    static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if *last != addr {
-        if last.is_empty() {
+    static LAST: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match known.iter_mut().find(|(w, _)| w == what) {
+        None => {
             tracing::info!("{what} is at {addr}");
-        } else {
-            tracing::warn!("{what} moved from {last} to {addr} (failover)");
+            known.push((what.to_string(), addr.to_string()));
         }
-        addr.clone_into(&mut last);
+        Some((_, last)) if last != addr => {
+            tracing::warn!("{what} moved from {last} to {addr} (failover)");
+            addr.clone_into(last);
+        }
+        Some(_) => {}
     }
 }
 
@@ -332,9 +340,35 @@ fn read_pem(path: &Path, option: &str, kind: &str) -> Result<Vec<u8>, String> {
 /// block in XREAD/XREADGROUP (a reply timeout shorter than BLOCK would give up on a read that
 /// Redis still carries out, moving entries into the pending list with nobody to run them).
 pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, RedisError> {
+    let queue = match (PROCESS_QUEUE.get(), TARGET.get()) {
+        (Some(queue), _) => queue.as_str(),
+        (None, Some(target)) => target.queue.as_str(),
+        (None, None) => "",
+    };
+    connect_queue(url, queue, reply_limit)
+}
+
+/// The queue a task process of a task node serves (`taskd task-node --redis-queue a,b`): set
+/// once, after the fork, before it connects; every later [`connect`] of the process (its
+/// consumer, its heartbeat, the rate limits) goes to that queue's node in a Cluster.
+static PROCESS_QUEUE: OnceLock<String> = OnceLock::new();
+
+/// This process serves `queue` (see [`PROCESS_QUEUE`]); the first call wins.
+pub fn serve_queue(queue: &str) {
+    let _ = PROCESS_QUEUE.set(queue.to_string());
+}
+
+/// [`connect`] for the keys of `queue`: in a Cluster, to the node of its slot; elsewhere the
+/// one server every queue is on. For a process that talks about several queues (a task node's
+/// manager).
+pub fn connect_queue(
+    url: &str,
+    queue: &str,
+    reply_limit: Option<Duration>,
+) -> Result<Connection, RedisError> {
     let conn = match TARGET.get() {
         Some(Target { url: set_up, way: Way::Sentinel(set), .. }) if set_up == url => set.connect()?,
-        Some(Target { url: set_up, way: Way::Cluster(set), .. }) if set_up == url => set.connect()?,
+        Some(Target { url: set_up, way: Way::Cluster(set), .. }) if set_up == url => set.connect(queue)?,
         Some(Target { url: set_up, way: Way::Direct(client), .. }) if set_up == url => {
             client.get_connection_with_timeout(CONNECT_LIMIT)?
         }
@@ -353,8 +387,23 @@ pub fn is_connection_error(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.code() == Some("READONLY")
-        // MOVED: the queue's slot went to another node of the cluster.
-        || e.code() == Some("MOVED")
+        || slot_moving(e)
+}
+
+/// The queue's slot moved to another node of the cluster (MOVED), or is moving (ASK: the key
+/// is on the importing node already; TRYAGAIN: a command's keys are split between the two),
+/// also as the error of one command in a pipeline or a MULTI (whose EXEC then says only
+/// EXECABORT). Each counts as a lost connection: the process asks the cluster again and
+/// retries. Nothing of a MULTI aborted so was done, and each retried write is one a consumer
+/// kept (its outcomes) or one a client did not get `accepted` for. While a slot moves the
+/// queue waits (no ASKING to the importing node): a resharding moves a queue's few keys in
+/// milliseconds.
+fn slot_moving(e: &RedisError) -> bool {
+    const CODES: [&str; 3] = ["MOVED", "ASK", "TRYAGAIN"];
+    if e.code().is_some_and(|c| CODES.contains(&c)) {
+        return true;
+    }
+    e.clone().into_server_errors().is_some_and(|errors| errors.iter().any(|(_, s)| CODES.contains(&s.code())))
 }
 
 /// The Redis URL of this process, whose secrets no description of an error may show.
@@ -546,10 +595,9 @@ mod tests {
         // As CLUSTER KEYSLOT answers for "{taskd}:jobs" and "{foo}bar".
         assert_eq!(hash_slot(b"foo"), 12182);
         assert_eq!(hash_slot(b"123456789"), 0x31C3, "CRC16/XMODEM's check value");
-        let set = ClusterSet::parse("redis+cluster://:pw@h1:7000,h2:7001", "foo").unwrap();
+        let set = ClusterSet::parse("redis+cluster://:pw@h1:7000,h2:7001").unwrap();
         assert_eq!(set.seeds.len(), 2);
-        assert_eq!(set.slot, 12182);
-        assert!(ClusterSet::parse("redis+cluster://h1", "q").is_err());
+        assert!(ClusterSet::parse("redis+cluster://h1").is_err());
     }
 
     #[test]
