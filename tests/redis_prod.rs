@@ -585,6 +585,10 @@ impl Cluster {
     fn url(&self) -> String {
         format!("redis+cluster://127.0.0.1:{}", self.ports[0])
     }
+
+    fn node_id(&self, i: usize) -> String {
+        self.nodes[i].query(&["CLUSTER", "MYID"])
+    }
 }
 
 /// A web node of `queue` on `url` that runs no job itself.
@@ -731,4 +735,122 @@ fn one_task_node_serves_two_queues_of_one_redis_and_a_web_node_names_one() {
         taskd(&["task-node", "--redis-url", &redis.url, "--redis-queue", "qa,qa", "--node-id", "x"], &[]);
     let said = String::from_utf8_lossy(&twice.stderr);
     assert!(!twice.status.success() && said.contains("names a queue twice"), "{said}");
+}
+
+// ---- Resharding ----
+
+/// Sends jobs one at a time until `n` more are accepted (some may be refused meanwhile), or
+/// `tries` were sent; files each accepted job's request (its `i`) by its task id.
+fn accept_more(c: &mut Client, n: usize, tries: usize, i: &mut usize, seen: &mut Seen) {
+    let mut got = 0;
+    let start = std::time::Instant::now();
+    for _ in 0..tries {
+        if got == n {
+            return;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "jobs are no longer accepted");
+        *i += 1;
+        match one_job(c, *i, &seen.accepted, &mut seen.finals, &mut seen.refused) {
+            Answer::Accepted(id) => {
+                seen.accepted.insert(id, std::time::Instant::now());
+                seen.request.insert(id, *i);
+                got += 1;
+            }
+            Answer::Refused => seen.refused_count += 1,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    accepted: HashMap<u64, std::time::Instant>,
+    request: HashMap<u64, usize>,
+    finals: HashMap<u64, Value>,
+    refused: std::collections::HashSet<u64>,
+    refused_count: usize,
+}
+
+#[test]
+fn a_queues_slot_moved_by_resharding_while_jobs_flow_loses_no_job_and_runs_none_twice() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.url();
+    let queue = cluster.queues[0].clone();
+    let (from, to) = (0, 1);
+    let d = web_node_of(&url, &queue);
+    let tasks = TaskNode::start_url(
+        &url,
+        "tasks-r",
+        &["--task-worker-num", "2", "--simulate-ms", "0", "--redis-queue", &queue],
+    );
+    let mut c = d.connect();
+    let mut seen = Seen::default();
+    let mut i = 0;
+    accept_more(&mut c, 100, usize::MAX, &mut i, &mut seen);
+
+    // The slot moves from node 0 to node 1 as `redis-cli --cluster reshard` moves it: IMPORTING
+    // and MIGRATING, then the keys one MIGRATE at a time, with jobs sent between two (the
+    // moved keys answer ASK on the old node, a script or MULTI over keys on both sides
+    // TRYAGAIN or EXECABORT: a job is refused rather than stored there), then the slot given
+    // to its new node everywhere, and jobs are accepted again.
+    let slot: i64 = cluster.nodes[from].query(&["CLUSTER", "KEYSLOT", &format!("{{{queue}}}:jobs")]);
+    let slot = slot.to_string();
+    let (from_id, to_id) = (cluster.node_id(from), cluster.node_id(to));
+    let _: () = cluster.nodes[to].query(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+    let _: () = cluster.nodes[from].query(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+    let to_port = cluster.ports[to].to_string();
+    let mut moved = 0;
+    loop {
+        let keys: Vec<String> = cluster.nodes[from].query(&["CLUSTER", "GETKEYSINSLOT", &slot, "1"]);
+        let Some(key) = keys.first() else { break };
+        let _: redis::Value =
+            cluster.nodes[from].query(&["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS", key]);
+        moved += 1;
+        accept_more(&mut c, 5, 5, &mut i, &mut seen);
+    }
+    assert!(moved >= 4, "the queue's keys were moved one by one ({moved})");
+    for node in [to, from, 2] {
+        let _: () = cluster.nodes[node].query(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+    }
+    assert_eq!(cluster.owner_of(&queue), to);
+    let during = seen.accepted.len() - 100;
+    accept_more(&mut c, 100, usize::MAX, &mut i, &mut seen);
+
+    // Every accepted job is done, once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.finals.len() < seen.accepted.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let missing: Vec<&u64> =
+            seen.accepted.keys().filter(|id| !seen.finals.contains_key(id)).take(10).collect();
+        let v = c
+            .try_recv(left)
+            .unwrap_or_else(|| panic!("accepted jobs lost: {missing:?} of {}", seen.accepted.len()));
+        if let Some(id) = v["task_id"].as_u64().filter(|id| seen.accepted.contains_key(id)) {
+            if v["event"] == "done" || v["event"] == "failed" {
+                assert!(seen.finals.insert(id, v).is_none(), "a second final reply for {id}");
+            }
+        }
+    }
+    let failed: Vec<&Value> = seen.finals.values().filter(|v| v["event"] != "done").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    // Each ran once: one message in the outbox per request (the address names the request).
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for line in tasks.outbox_lines() {
+        *runs.entry(line["to"].as_str().expect("to").to_string()).or_default() += 1;
+    }
+    let twice: Vec<(&String, &usize)> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "run more than once: {twice:?}");
+    for (id, req) in &seen.request {
+        assert_eq!(runs.get(&format!("user{req}@example.com")), Some(&1), "accepted job {id} ran once");
+    }
+    // The processes found the queue's new node by themselves.
+    let moved_line =
+        format!("(queue {queue}) moved from 127.0.0.1:{} to 127.0.0.1:{to_port}", cluster.ports[from]);
+    d.wait_log(&moved_line);
+    assert!(tasks.log().contains(&moved_line), "{}", tasks.log());
+    eprintln!(
+        "FIGURES resharding: {moved} keys moved one at a time; {} jobs accepted ({during} while the slot moved), {} refused \
+         meanwhile; none lost or run twice",
+        seen.accepted.len(),
+        seen.refused_count
+    );
 }

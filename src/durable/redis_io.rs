@@ -162,7 +162,11 @@ impl SentinelSet {
             let role: Value = redis::cmd("ROLE").query(&mut conn)?;
             match as_array(role).into_iter().next().map(as_text).as_deref() {
                 Some("master") => {
-                    noticed_master(&format!("Sentinel: master {}", self.master), &format!("{ip}:{master_port}"));
+                    noticed_master(
+                        &format!("Sentinel: master {}", self.master),
+                        &format!("{ip}:{master_port}"),
+                        "failover",
+                    );
                     return Ok(conn);
                 }
                 other => why.push(format!(
@@ -256,6 +260,7 @@ impl ClusterSet {
                     noticed_master(
                         &format!("Redis Cluster: the node of slot {slot} (queue {queue})"),
                         &format!("{}:{}", owner.0, owner.1),
+                        "resharding or failover",
                     );
                     return Ok(conn);
                 }
@@ -306,7 +311,7 @@ fn hash_slot(tag: &[u8]) -> u16 {
 
 /// Logs where the master is (of each thing: a Sentinel's master, a queue's Cluster node),
 /// when this process first learns it and when it moved.
-fn noticed_master(what: &str, addr: &str) {
+fn noticed_master(what: &str, addr: &str, cause: &str) {
     static LAST: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
     let mut known = LAST.lock().unwrap_or_else(|e| e.into_inner());
     match known.iter_mut().find(|(w, _)| w == what) {
@@ -315,7 +320,7 @@ fn noticed_master(what: &str, addr: &str) {
             known.push((what.to_string(), addr.to_string()));
         }
         Some((_, last)) if last != addr => {
-            tracing::warn!("{what} moved from {last} to {addr} (failover)");
+            tracing::warn!("{what} moved from {last} to {addr} ({cause})");
             addr.clone_into(last);
         }
         Some(_) => {}
