@@ -156,7 +156,7 @@ options! {
     server.user: String => Some,
     /// Run workers and task processes with this group (default: the user's group)
     server.group: String => Some,
-    /// Durable jobs in Redis Streams: redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, redis+sentinel://H:P,H:P/MASTER, redis+cluster://H:P,H:P (off when unset)
+    /// Durable jobs in Redis Streams: redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, redis+sentinel://H:P,H:P/MASTER (rediss+sentinel:// with TLS), redis+cluster://H:P,H:P (off when unset)
     server.redis_url: String => Some,
     /// rediss://: PEM CA certificates that sign the Redis server's certificate [default: the system's]
     server.redis_ca_file: PathBuf => Some,

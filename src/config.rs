@@ -557,6 +557,7 @@ impl ServerConfig {
                     "redis+unix://",
                     "unix://",
                     "redis+sentinel://",
+                    "rediss+sentinel://",
                     "redis+cluster://",
                 ]
                 .iter()
@@ -564,19 +565,23 @@ impl ServerConfig {
                 "redis_url",
                 format!(
                     "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, \
-                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER or redis+cluster://HOST:PORT,HOST:PORT",
+                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER (rediss+sentinel:// with TLS) or \
+                     redis+cluster://HOST:PORT,HOST:PORT",
                     crate::durable::redact(url)
                 ),
             )?;
         }
         check(self.redis_wait_replicas <= 64, "redis_wait_replicas", "at most 64 replicas")?;
-        let tls = self.redis_url.as_deref().is_some_and(|url| url.starts_with("rediss://"));
+        let tls = self
+            .redis_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("rediss://") || url.starts_with("rediss+sentinel://"));
         for (option, given) in [
             ("redis_ca_file", self.redis_ca_file.is_some()),
             ("redis_cert_file", self.redis_cert_file.is_some()),
             ("redis_key_file", self.redis_key_file.is_some()),
         ] {
-            check(!given || tls, option, "it goes with a rediss:// redis_url (TLS)")?;
+            check(!given || tls, option, "it goes with a rediss:// or rediss+sentinel:// redis_url (TLS)")?;
         }
         check(
             self.redis_cert_file.is_some() == self.redis_key_file.is_some(),

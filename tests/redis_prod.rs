@@ -308,19 +308,49 @@ fn the_readmes_acl_user_runs_durable_jobs() {
 struct Sentinel {
     child: std::process::Child,
     port: u16,
+    /// How the test asks it (plain TCP, or TLS with its password).
+    client: redis::Client,
     _dir: tempfile::TempDir,
 }
 
 impl Sentinel {
     fn start(master_port: u16) -> Sentinel {
+        let port = free_port();
+        let client =
+            redis::Client::open(redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)).expect("client");
+        Self::start_conf(master_port, port, &format!("port {port}\n"), client)
+    }
+
+    /// Only a TLS port (the test's CA, no client certificate asked), TLS to the servers and the
+    /// other Sentinels, and a password (`requirepass`).
+    fn start_tls(master_port: u16, certs: &Certs, password: &str) -> Sentinel {
+        let port = free_port();
+        let path = |p: &Path| p.display().to_string();
+        let conf = format!(
+            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\nrequirepass {password}\n",
+            path(&certs.server_cert),
+            path(&certs.server_key),
+            path(&certs.ca)
+        );
+        let root_cert = std::fs::read(&certs.ca).expect("CA");
+        let client = redis::Client::build_with_tls(
+            format!("rediss://:{password}@127.0.0.1:{port}"),
+            redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+        )
+        .expect("client");
+        let monitor = format!("sentinel sentinel-pass {password}\n");
+        Self::start_conf(master_port, port, &(conf + &monitor), client)
+    }
+
+    fn start_conf(master_port: u16, port: u16, listen: &str, client: redis::Client) -> Sentinel {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor taskdm 127.0.0.1 {master_port} 2\n\
+                "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor taskdm 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds taskdm 1000\nsentinel failover-timeout taskdm 10000\n\
                  sentinel parallel-syncs taskdm 2\n",
                 dir.path().display()
@@ -336,12 +366,11 @@ impl Sentinel {
             .process_group(0)
             .spawn()
             .expect("start redis-sentinel");
-        Sentinel { child, port, _dir: dir }
+        Sentinel { child, port, client, _dir: dir }
     }
 
     fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
-        let info = redis::ConnectionAddr::Tcp("127.0.0.1".into(), self.port);
-        let mut conn = redis::Client::open(info).ok()?.get_connection().ok()?;
+        let mut conn = self.client.get_connection().ok()?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
@@ -394,6 +423,133 @@ fn one_job(
     }
 }
 
+fn as_args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Waits until each Sentinel knows the two others and `replicas` replicas.
+fn sentinels_agree(sentinels: &[Sentinel], replicas: usize) {
+    common::wait_for("the Sentinels to know each other and the replicas", || {
+        sentinels
+            .iter()
+            .all(|s| {
+                let others: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "sentinels", "taskdm"]);
+                let known: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "replicas", "taskdm"]);
+                others.is_some_and(|o| o.len() == sentinels.len() - 1)
+                    && known.is_some_and(|r| r.len() == replicas)
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
+    if common::which("redis-sentinel").is_none() {
+        common::cannot_run("redis", "this test needs redis-sentinel (apt-get install redis-sentinel)");
+        return;
+    }
+    let Some(certs) = certs() else { return };
+    let path = |p: &Path| p.display().to_string();
+    let (cert, key, ca) = (path(&certs.server_cert), path(&certs.server_key), path(&certs.ca));
+    let tls_server = |port: u16, extra: &[&str]| {
+        let port = port.to_string();
+        let mut args = vec![
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-replication",
+            "yes",
+        ];
+        args.extend_from_slice(extra);
+        Redis::start_with(&args)
+    };
+    // A master and a replica that speak TLS only, three Sentinels that speak TLS only and
+    // want a password.
+    let master_port = free_port();
+    let Some(mut master) = tls_server(master_port, &[]) else { return };
+    let mp = master_port.to_string();
+    let Some(_replica) = tls_server(free_port(), &["--replicaof", "127.0.0.1", &mp]) else { return };
+    common::wait_for("the replica in sync", || {
+        let info: String = master.query(&["INFO", "replication"]);
+        info.contains("state=online").then_some(())
+    });
+    let password = "sentinel-s3cret";
+    let sentinels: Vec<Sentinel> =
+        (0..3).map(|_| Sentinel::start_tls(master_port, &certs, password)).collect();
+    sentinels_agree(&sentinels, 1);
+    let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+    let base = format!("rediss+sentinel://{}/taskdm", hosts.join(","));
+    let web = |url: &str| {
+        vec![
+            "--redis-url".to_string(),
+            url.to_string(),
+            "--redis-ca-file".into(),
+            ca.clone(),
+            "--node-id".into(),
+            "web-1".into(),
+            "--simulate-ms".into(),
+            "0".into(),
+            "--task-worker-num".into(),
+            "0".into(),
+        ]
+    };
+
+    // No password, or a wrong one: the start fails, saying where the password goes, never
+    // showing the one given.
+    let (_, log) = Daemon::try_start(&as_args(&web(&base))).err().expect("no password, no master");
+    assert!(log.contains("NOAUTH") && log.contains("?sentinel_password="), "{log}");
+    let wrong = format!("{base}?sentinel_password=not-the-pw-42");
+    let (_, log) = Daemon::try_start(&as_args(&web(&wrong))).err().expect("a wrong password");
+    assert!(
+        log.contains("Password authentication failed")
+            && log.contains("?sentinel_password=")
+            && !log.contains("not-the-pw-42"),
+        "{log}"
+    );
+    // Plain TCP to a TLS Sentinel finds nothing either.
+    let plain = format!("redis+sentinel://{}/taskdm?sentinel_password={password}", hosts.join(","));
+    let (_, log) =
+        Daemon::try_start(&as_args(&web(&plain))).err().expect("TLS options without TLS are refused");
+    assert!(log.contains("rediss+sentinel://"), "{log}");
+
+    let url = format!("{base}?sentinel_password={password}");
+    let d = Daemon::start(&as_args(&web(&url)));
+    let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--redis-ca-file", &ca]);
+    let mut c = d.connect();
+    assert_eq!(all_done(&mut c, 20).len(), 20);
+    assert_eq!(node.outbox_lines().len(), 20);
+    // Every connection to the master is TLS: it has no plain TCP port.
+    let clients: String = master.query(&["CLIENT", "LIST", "TYPE", "normal"]);
+    assert!(clients.contains("name=taskd:tasks-a/0"), "{clients}");
+
+    // The master dies; the Sentinels (asked over TLS, with the password) name the replica.
+    master.kill();
+    let mut seen = Seen::default();
+    let mut i = 100;
+    accept_more(&mut c, 20, usize::MAX, &mut i, &mut seen);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.finals.len() < seen.accepted.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = c.try_recv(left).expect("every job accepted after the failover is done");
+        if let Some(id) = v["task_id"].as_u64().filter(|id| seen.accepted.contains_key(id)) {
+            if v["event"] == "done" {
+                seen.finals.insert(id, v);
+            }
+        }
+    }
+    d.wait_log("Sentinel: master taskdm moved from");
+    let logs = d.log() + &node.log();
+    assert!(!logs.contains(password), "the Sentinels' password is in a log:\n{logs}");
+    assert!(logs.contains("rediss+sentinel://127.0.0.1:"), "{logs}");
+}
+
 #[test]
 fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica() {
     if common::which("redis-sentinel").is_none() {
@@ -413,16 +569,7 @@ fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica(
         (info.matches("state=online").count() == 2).then_some(())
     });
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master_port)).collect();
-    common::wait_for("the Sentinels to know each other and the replicas", || {
-        sentinels
-            .iter()
-            .all(|s| {
-                let others: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "sentinels", "taskdm"]);
-                let replicas: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "replicas", "taskdm"]);
-                others.is_some_and(|o| o.len() == 2) && replicas.is_some_and(|r| r.len() == 2)
-            })
-            .then_some(())
-    });
+    sentinels_agree(&sentinels, 2);
     let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
     let url = format!("redis+sentinel://{}/taskdm", hosts.join(","));
 

@@ -128,7 +128,7 @@ impl Durable {
 }
 
 /// Query parameters that carry a password in a Redis URL (`redis+unix:///path?pass=…`).
-const SECRET_PARAMS: [&str; 4] = ["pass", "password", "passwd", "pwd"];
+const SECRET_PARAMS: [&str; 5] = ["pass", "password", "passwd", "pwd", redis_io::SENTINEL_PASSWORD];
 
 /// The URL with its passwords as `***`, in every form a Redis URL carries one:
 /// `redis://:secret@host`, `redis://user:secret@host`, `redis+unix:///path?pass=secret`,

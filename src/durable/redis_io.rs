@@ -33,7 +33,7 @@ enum Way {
     /// One server (`redis://`, `rediss://`, `redis+unix://`).
     Direct(redis::Client),
     /// The master that a set of Sentinels names (`redis+sentinel://`), asked at each connect.
-    Sentinel(SentinelSet),
+    Sentinel(Box<SentinelSet>),
     /// The node of a Redis Cluster that serves the queue's hash slot (`redis+cluster://`),
     /// asked at each connect: every key of a queue shares its hash tag, so one node has them
     /// (each queue's own node: see [`connect_queue`]).
@@ -57,27 +57,17 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
             ClusterSet::parse(url)
                 .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
         )
-    } else if url.starts_with(SENTINEL_SCHEME) {
-        Way::Sentinel(
-            SentinelSet::parse(url)
+    } else if url.starts_with(SENTINEL_SCHEME) || url.starts_with(SENTINEL_TLS_SCHEME) {
+        let tls = match url.starts_with(SENTINEL_TLS_SCHEME) {
+            true => Some(tls_certificates(config)?),
+            false => None,
+        };
+        Way::Sentinel(Box::new(
+            SentinelSet::parse(url, tls)
                 .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
-        )
+        ))
     } else if url.starts_with("rediss://") {
-        let root_cert = match &config.redis_ca_file {
-            Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
-            None => None,
-        };
-        let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
-            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                client_cert: read_pem(cert, "redis_cert_file", "CERTIFICATE")?,
-                client_key: read_pem(key, "redis_key_file", "PRIVATE KEY")?,
-            }),
-            _ => None,
-        };
-        Way::Direct(
-            redis::Client::build_with_tls(url.as_str(), redis::TlsCertificates { client_tls, root_cert })
-                .map_err(invalid)?,
-        )
+        Way::Direct(redis::Client::build_with_tls(url.as_str(), tls_certificates(config)?).map_err(invalid)?)
     } else {
         Way::Direct(redis::Client::open(url.as_str()).map_err(invalid)?)
     };
@@ -86,9 +76,30 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// `redis+sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER_NAME`: the password is the
-/// master's; the Sentinels are asked without one.
+/// The CA and client certificate of a TLS URL (`--redis-ca-file`, `--redis-cert-file`,
+/// `--redis-key-file`), read now.
+fn tls_certificates(config: &ServerConfig) -> Result<redis::TlsCertificates, String> {
+    let root_cert = match &config.redis_ca_file {
+        Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
+        None => None,
+    };
+    let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read_pem(cert, "redis_cert_file", "CERTIFICATE")?,
+            client_key: read_pem(key, "redis_key_file", "PRIVATE KEY")?,
+        }),
+        _ => None,
+    };
+    Ok(redis::TlsCertificates { client_tls, root_cert })
+}
+
+/// `redis+sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER_NAME[?db=N&sentinel_user=U&
+/// sentinel_password=P]`: the user and password before the hosts are the master's; those of
+/// the Sentinels (`requirepass`, or an ACL user, in sentinel.conf) are the query's.
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// The same over TLS: to the Sentinels and to the master, with the CA and client certificate of
+/// `--redis-ca-file`, `--redis-cert-file`, `--redis-key-file`.
+pub const SENTINEL_TLS_SCHEME: &str = "rediss+sentinel://";
 /// How long one Sentinel may take to answer, so that a dead one delays a lookup by no more.
 const SENTINEL_LIMIT: Duration = Duration::from_secs(1);
 const SENTINEL_PORT: u16 = 26379;
@@ -98,11 +109,18 @@ struct SentinelSet {
     master: String,
     /// The master's user, password and database, on a placeholder address.
     template: redis::ConnectionInfo,
+    /// The Sentinels' user and password, on a placeholder address.
+    sentinel_template: redis::ConnectionInfo,
+    /// `rediss+sentinel://`: TLS to the Sentinels and the master, with these.
+    tls: Option<redis::TlsCertificates>,
 }
 
 impl SentinelSet {
-    fn parse(url: &str) -> Result<SentinelSet, String> {
-        let rest = url.strip_prefix(SENTINEL_SCHEME).ok_or("not a redis+sentinel:// URL")?;
+    fn parse(url: &str, tls: Option<redis::TlsCertificates>) -> Result<SentinelSet, String> {
+        let rest = url
+            .strip_prefix(SENTINEL_SCHEME)
+            .or_else(|| url.strip_prefix(SENTINEL_TLS_SCHEME))
+            .ok_or("not a redis+sentinel:// URL")?;
         let (before, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, master) =
             before.split_once('/').ok_or("no master name after the Sentinels (/NAME)")?;
@@ -130,11 +148,56 @@ impl SentinelSet {
         if sentinels.is_empty() {
             return Err("no Sentinel named: redis+sentinel://HOST:PORT,HOST:PORT/NAME".into());
         }
-        let db = query.split('&').find_map(|kv| kv.strip_prefix("db=")).unwrap_or("0");
+        let (mut db, mut sentinel_user, mut sentinel_password) = ("0", "", None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("db", v)) => db = v,
+                Some(("sentinel_user", v)) => sentinel_user = v,
+                Some((SENTINEL_PASSWORD, v)) => sentinel_password = Some(v),
+                _ => {
+                    let name = pair.split('=').next().unwrap_or_default();
+                    return Err(format!(
+                        "unknown parameter {name:?} (the Sentinel URL takes db, sentinel_user and {SENTINEL_PASSWORD})"
+                    ));
+                }
+            }
+        }
         let template =
             redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/{db}"))
                 .map_err(|e| e.to_string())?;
-        Ok(SentinelSet { sentinels, master: master.to_string(), template })
+        let sentinel_userinfo = match sentinel_password {
+            Some(password) => format!("{sentinel_user}:{password}@"),
+            None if sentinel_user.is_empty() => String::new(),
+            None => return Err(format!("sentinel_user without {SENTINEL_PASSWORD}")),
+        };
+        let sentinel_template =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://{sentinel_userinfo}127.0.0.1/"))
+                .map_err(|e| e.to_string())?;
+        Ok(SentinelSet { sentinels, master: master.to_string(), template, sentinel_template, tls })
+    }
+
+    /// A client for `host:port` with the user and password of `template`, over TLS if the set
+    /// is (the host name, or IP address, is what the server's certificate must be valid for).
+    fn client(
+        &self,
+        template: &redis::ConnectionInfo,
+        host: &str,
+        port: u16,
+    ) -> redis::RedisResult<redis::Client> {
+        match &self.tls {
+            Some(certs) => {
+                let addr = redis::ConnectionAddr::TcpTls {
+                    host: host.to_string(),
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                };
+                redis::Client::build_with_tls(template.clone().set_addr(addr), certs.clone())
+            }
+            None => redis::Client::open(
+                template.clone().set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port)),
+            ),
+        }
     }
 
     /// Asks each Sentinel in turn where the master is, and connects there if the server
@@ -145,12 +208,13 @@ impl SentinelSet {
             let (ip, master_port) = match self.ask(host, *port) {
                 Ok(addr) => addr,
                 Err(e) => {
-                    why.push(format!("Sentinel {host}:{port}: {e}"));
+                    why.push(format!("Sentinel {host}:{port}: {}", sentinel_sentence(&e)));
                     continue;
                 }
             };
-            let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(ip.clone(), master_port));
-            let tried = redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT));
+            let tried = self
+                .client(&self.template, &ip, master_port)
+                .and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT));
             let mut conn = match tried {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -183,11 +247,8 @@ impl SentinelSet {
     }
 
     fn ask(&self, host: &str, port: u16) -> Result<(String, u16), RedisError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
-            host.to_string(),
-            port,
-        ))?;
-        let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
+        let mut conn =
+            self.client(&self.sentinel_template, host, port)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
         conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
         conn.set_write_timeout(Some(SENTINEL_LIMIT))?;
         let addr: Option<Vec<String>> =
@@ -202,7 +263,23 @@ impl SentinelSet {
     }
 }
 
+/// What a Sentinel's refusal means, and what to do about it.
+fn sentinel_sentence(e: &RedisError) -> String {
+    let refused_auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+    if refused_auth {
+        format!(
+            "{} (the Sentinels' password and user go in the URL's query: ?{SENTINEL_PASSWORD}=…&sentinel_user=…)",
+            sentence(e)
+        )
+    } else {
+        sentence(e)
+    }
+}
+
 const LOOKUP_FAILED: &str = "Redis lookup";
+/// The query parameter of the Sentinels' password: a secret ([`super::redact`]).
+pub const SENTINEL_PASSWORD: &str = "sentinel_password";
 
 /// `redis+cluster://[USER:PASS@]HOST:PORT,HOST:PORT`: some nodes of the cluster.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
@@ -607,8 +684,9 @@ mod tests {
 
     #[test]
     fn reads_a_sentinel_url() {
-        let set = SentinelSet::parse("redis+sentinel://app:s3cret@10.0.0.5:26380,sentinel-b/mymaster?db=2")
-            .unwrap();
+        let set =
+            SentinelSet::parse("redis+sentinel://app:s3cret@10.0.0.5:26380,sentinel-b/mymaster?db=2", None)
+                .unwrap();
         assert_eq!(set.sentinels, vec![("10.0.0.5".to_string(), 26380), ("sentinel-b".to_string(), 26379)]);
         assert_eq!(set.master, "mymaster");
         let redis = set.template.redis_settings();
@@ -616,8 +694,21 @@ mod tests {
         for bad in
             ["redis+sentinel://h:1", "redis+sentinel://h:1/", "redis+sentinel:///m", "redis+sentinel://h:x/m"]
         {
-            assert!(SentinelSet::parse(bad).is_err(), "{bad}");
+            assert!(SentinelSet::parse(bad, None).is_err(), "{bad}");
         }
+        let set = SentinelSet::parse(
+            "rediss+sentinel://:m@h:1/m?sentinel_password=s%40x&db=1&sentinel_user=sen",
+            None,
+        )
+        .unwrap();
+        let (master, sentinel) = (set.template.redis_settings(), set.sentinel_template.redis_settings());
+        assert_eq!((master.password(), master.db()), (Some("m"), 1));
+        assert_eq!((sentinel.username(), sentinel.password()), (Some("sen"), Some("s@x")));
+        assert!(SentinelSet::parse("redis+sentinel://h:1/m?sentinel_pass=x", None).is_err(), "a typo");
+        assert!(SentinelSet::parse("redis+sentinel://h:1/m?sentinel_user=x", None).is_err());
+        let url = "rediss+sentinel://:m1@h:1/m?sentinel_password=s3cret";
+        assert_eq!(super::super::redact(url), "rediss+sentinel://:***@h:1/m?sentinel_password=***");
+        assert!(!super::super::scrub(&format!("{url} s3cret m1"), url).contains("s3cret"));
         assert_eq!(super::super::redact("redis+sentinel://:pw@h:1,h:2/m"), "redis+sentinel://:***@h:1,h:2/m");
     }
 
