@@ -543,9 +543,12 @@ fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
     let mut c = d.connect();
     assert_eq!(all_done(&mut c, 20).len(), 20);
     assert_eq!(node.outbox_lines().len(), 20);
-    // Every connection to the master is TLS: it has no plain TCP port.
-    let clients: String = master.query(&["CLIENT", "LIST", "TYPE", "normal"]);
-    assert!(clients.contains("name=taskd:tasks-a/0"), "{clients}");
+    // Every connection to the master is TLS: it has no plain TCP port. (Each consumer has
+    // connected once it names itself: one may have run none of the jobs yet.)
+    common::wait_for("both consumers connected", || {
+        let clients: String = master.query(&["CLIENT", "LIST", "TYPE", "normal"]);
+        ["name=taskd:tasks-a/0", "name=taskd:tasks-a/1"].iter().all(|n| clients.contains(n)).then_some(())
+    });
 
     // The master dies; the Sentinels (asked over TLS, with the password) name the replica.
     master.kill();
