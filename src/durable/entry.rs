@@ -29,6 +29,22 @@ pub struct JobEntry {
     /// retries so far: a run's attempt is `attempts` + the entry's delivery count.
     pub attempts: u32,
     pub retries: u32,
+    /// Its deduplication key, if it has one (see `durable::dedup`): fields `k` and `kt`.
+    pub key: Option<JobKey>,
+}
+
+/// A job's deduplication key: the client's key in hex, and its `dedup_ttl_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKey {
+    pub hex: String,
+    pub ttl_ms: u64,
+}
+
+impl JobKey {
+    /// The fields of a job stream entry (or a parked job's hash) that carry it.
+    pub fn add(&self, cmd: &mut Cmd) {
+        cmd.arg("k").arg(&self.hex).arg("kt").arg(self.ttl_ms);
+    }
 }
 
 impl JobEntry {
@@ -68,6 +84,9 @@ impl JobEntry {
         if self.retries > 0 {
             cmd.arg("rt").arg(self.retries);
         }
+        if let Some(key) = &self.key {
+            key.add(cmd);
+        }
     }
 
     /// None for an entry that is not a job (deleted, or written by something else).
@@ -80,6 +99,12 @@ impl JobEntry {
             replays: e.number("rp").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             attempts: e.number("a").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             retries: e.number("rt").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            // A field that is not a key in hex is no key: it would become part of a key name.
+            key: e
+                .take("k")
+                .and_then(|k| String::from_utf8(k).ok())
+                .filter(|k| super::dedup::valid_hex(k))
+                .map(|hex| JobKey { hex, ttl_ms: e.number("kt").unwrap_or(0).min(super::dedup::TTL_MAX_MS) }),
             origin: String::from_utf8(e.take("o")?).ok()?,
             data: e.take("d")?,
             context: e.take("c").unwrap_or_default(),
@@ -275,6 +300,7 @@ mod tests {
             replays: 2,
             attempts: 4,
             retries: 3,
+            key: Some(JobKey { hex: "6b31".into(), ttl_ms: 60_000 }),
         };
         let mut cmd = redis::cmd("XADD");
         job.add(&mut cmd);
@@ -294,6 +320,7 @@ mod tests {
             replays: 0,
             attempts: 0,
             retries: 0,
+            key: None,
         };
         let entry = |job: &JobEntry| {
             let mut cmd = redis::cmd("XADD");

@@ -87,6 +87,18 @@ impl Keys {
         format!("{}:rate:{channel}", self.tag)
     }
 
+    /// A deduplication key (a job's `key`), by the SHA-256 of the client's key in hex
+    /// (`durable::dedup::digest`): no client text reaches a key name. It names the job that
+    /// holds it, and once that job ended its final line (see `durable::dedup`).
+    pub fn dedup(&self, digest: &str) -> String {
+        format!("{}{digest}", self.dedup_prefix())
+    }
+
+    /// What every deduplication key starts with.
+    pub fn dedup_prefix(&self) -> String {
+        format!("{}:key:", self.tag)
+    }
+
     /// `node`'s lease on its name: it exists while a node of that name runs.
     pub fn lease_of(&self, node: &str) -> String {
         format!("{}:lease:{node}", self.tag)
@@ -117,6 +129,7 @@ mod tests {
             &k.lease,
             &k.replies_of("web-2"),
             &k.lane("resize"),
+            &k.dedup("ab"),
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
@@ -128,5 +141,6 @@ mod tests {
         assert_eq!(k.lane("resize"), format!("{}resize", k.lane_prefix()));
         assert_eq!(k.delayed_hash(&k.scheduled_member("web-1", 7)), "{q1}:delayed:web-1:7");
         assert_eq!(k.delayed_hash("7"), k.delayed_job(7));
+        assert_eq!(k.dedup("ab12"), "{q1}:key:ab12");
     }
 }
