@@ -182,7 +182,8 @@ pub const CLAIM: &str = "
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind == 'string' then
   local v = redis.call('GET', KEYS[1])
-  if v == ARGV[1] then return 1 end
+  -- Stored by an earlier try of this batch (held, or already ended).
+  if v == ARGV[1] or string.match(v, '^e %d+ (.-)\\n') == string.sub(ARGV[1], 5) then return 1 end
   -- Only a value as taskd writes it holds the key; anything else is taken over.
   local held = string.match(v, '^h 0 [%w%._%-]+ [1-9]%d*$')
   local free = string.match(v, '^e (%d+) [%w%._%-]+ [1-9]%d*\\n[^\\n]+\\n?$')

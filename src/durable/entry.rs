@@ -338,6 +338,28 @@ mod tests {
     }
 
     #[test]
+    fn a_key_field_that_is_not_hex_is_no_key() {
+        let entry = |k: &[u8], kt: &[u8]| StreamEntry {
+            id: "1-0".into(),
+            fields: vec![
+                (b"o".to_vec(), b"web-1".to_vec()),
+                (b"t".to_vec(), b"9".to_vec()),
+                (b"d".to_vec(), b"{}".to_vec()),
+                (b"k".to_vec(), k.to_vec()),
+                (b"kt".to_vec(), kt.to_vec()),
+            ],
+        };
+        let job = JobEntry::parse(&mut entry(b"6b31", b"99999999999999999999")).unwrap();
+        let key = job.key.expect("a key in hex");
+        assert_eq!((key.hex.as_str(), key.ttl_ms), ("6b31", 0), "a ttl that is not a u64 is 0");
+        let job = JobEntry::parse(&mut entry(b"6b31", b"5000000000000000")).unwrap();
+        assert_eq!(job.key.unwrap().ttl_ms, super::super::dedup::TTL_MAX_MS);
+        for forged in [&b"}:jobs"[..], b"6B31", b"6b3", b""] {
+            assert_eq!(JobEntry::parse(&mut entry(forged, b"1")).unwrap().key, None);
+        }
+    }
+
+    #[test]
     fn a_reply_entry_without_outcomes_is_refused() {
         let mut out = Vec::new();
         let mut none = StreamEntry { id: "1-0".into(), fields: vec![(b"x".to_vec(), b"y".to_vec())] };

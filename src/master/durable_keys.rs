@@ -40,6 +40,11 @@ impl DurableKeys {
     pub fn waiting(&self) -> usize {
         self.followers.len()
     }
+
+    /// Nothing waits for Redis's word: shutdown may end.
+    pub fn is_idle(&self) -> bool {
+        self.followers.is_empty() && self.cancels.is_empty() && self.found.is_empty()
+    }
 }
 
 /// The `duplicate` line of a job whose key job `first` holds.
@@ -130,6 +135,25 @@ impl<A: Application> Master<'_, A> {
             self.final_line_to_duplicate(f.session, &unknown_line(task_id, &why));
         } else {
             self.final_line_to_duplicate(f.session, line);
+        }
+    }
+
+    /// Shutdown cannot wait longer: each waiting duplicate's client gets a final line (its
+    /// first job stays in Redis, and runs), and each cancel asked an answer.
+    pub(super) fn give_up_followers(&mut self, cause: &str) {
+        let Some(state) = self.durable.as_mut() else { return };
+        let followers: Vec<(u64, Follower)> = state.dedup.followers.drain().collect();
+        let cancels: Vec<(u64, Via)> = state.dedup.cancels.drain().collect();
+        for (task_id, f) in followers {
+            let why = format!(
+                "server stopping: {cause}; not run, and job {}, which holds its key, still waits or runs \
+                 in Redis: ask its node for its outcome",
+                f.first
+            );
+            self.final_line_to_duplicate(f.session, &unknown_line(task_id, &why));
+        }
+        for (task_id, via) in cancels {
+            self.answer_cancel(via, task_id, Err(format!("server stopping: {cause} before Redis answered")));
         }
     }
 

@@ -471,7 +471,7 @@ impl<'a, A: Application> Master<'a, A> {
     }
 
     fn drained(&self) -> bool {
-        self.durable.as_ref().is_none_or(|d| !d.holding() && d.unacked() == 0)
+        self.durable.as_ref().is_none_or(|d| !d.holding() && d.unacked() == 0 && d.dedup.is_idle())
             && self.jobs.is_empty()
             && self.workers.iter().all(|w| w.books.log.is_empty())
             && self.conns.iter().all(|(_, c)| c.unwritten() == 0)
