@@ -177,6 +177,70 @@ fn a_durable_job_not_started_is_cancelled_in_redis_and_never_runs_and_a_running_
     );
 }
 
+#[test]
+fn a_duplicate_still_waiting_when_its_node_stops_gets_a_final_line() {
+    let Some(redis) = Redis::start() else { return };
+    let args = ["--task-worker-num", "1", "--max-wait-time", "1"];
+    let (one, mut two) = (web(&redis, "web-1", &args), web(&redis, "web-2", &args));
+    let (mut a, mut b) = (one.connect(), two.connect());
+    let job = r#"{"type":"sms","to":"+15550007777","key":"far-ahead","run_in_ms":600000}"#;
+    let first = a.submit(job);
+    b.submit(job);
+    assert_eq!(b.recv(), json!({"event": "duplicate", "task_id": first["task_id"]}));
+    assert_eq!(stats(&mut b)["durable"]["duplicates_waiting"], 1);
+    two.signal(nix::sys::signal::Signal::SIGTERM);
+    let last = b.recv();
+    assert_eq!(last["event"], "failed", "{last}");
+    assert!(last["error"].as_str().unwrap().contains("server stopping"), "{last}");
+    assert!(two.wait_exit(std::time::Duration::from_secs(20)).is_some_and(|s| s.success()));
+    // The first still holds its key, and waits in Redis.
+    let key = format!("{{taskd}}:key:{}", hex(b"far-ahead"));
+    let held: Option<String> = redis.query(&["GET", &key]);
+    assert_eq!(held, Some(format!("h 0 web-1 {}", first["task_id"])));
+}
+
+/// A handler that always asks for a retry later.
+const BUSY: &str = r#"
+import json, sys
+for line in sys.stdin:
+    msg = json.loads(line)
+    print(json.dumps({"task_id": msg["task_id"], "error": "busy, try later", "retry": True}), flush=True)
+"#;
+
+#[test]
+fn a_durable_job_waiting_in_redis_for_a_delivery_retry_is_cancelled_there() {
+    let Some(redis) = Redis::start() else { return };
+    if common::which("python3").is_none() {
+        common::cannot_run("python", "python3 is not installed: this test runs a Python handler");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("busy.py");
+    std::fs::write(&path, BUSY).unwrap();
+    let spec = format!("busy=python3 {}", path.display());
+    let slow_retry = ["--retry-base-ms", "60000", "--retry-cap-ms", "60000"];
+    let mut args = vec!["--task-worker-num", "1", "--handler", spec.as_str()];
+    args.extend_from_slice(&slow_retry);
+    let daemon = web(&redis, "web-1", &args);
+    let mut c = daemon.connect();
+    let accepted = c.submit(r#"{"type":"busy","n":1}"#);
+    let id = accepted["task_id"].clone();
+    assert_eq!(c.recv()["event"], "retrying");
+    // Parked in the delayed set under its bare task id (as a retry is), its fields in a hash.
+    let member = id.to_string();
+    wait_for("the job to wait for its retry in Redis", || {
+        let at: Option<String> = redis.query(&["ZSCORE", "{taskd}:delayed", &member]);
+        at.map(|_| ())
+    });
+    c.send(&format!(r#"{{"type":"cancel","task_id":{id}}}"#));
+    assert_eq!(c.recv(), json!({"event": "cancelled", "task_id": id}));
+    let zcard: i64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+    let hash: i64 = redis.query(&["EXISTS", &format!("{{taskd}}:delayed:{member}")]);
+    assert_eq!((zcard, hash), (0, 0));
+    c.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+    assert_eq!(c.recv()["event"], "cancelled");
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
