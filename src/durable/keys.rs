@@ -40,6 +40,11 @@ impl Keys {
         }
     }
 
+    /// The queue's name (its hash tag without the braces).
+    pub fn queue(&self) -> &str {
+        self.tag.trim_start_matches('{').trim_end_matches('}')
+    }
+
     /// The job stream of a handler's type (`{q}:jobs:resize`): only the consumers of nodes
     /// with a handler for it read it, so nodes specialise, and a type that no node runs stays
     /// there, queued, instead of failing where it cannot run. The built-in email and SMS jobs
@@ -133,6 +138,7 @@ mod tests {
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
+        assert_eq!(k.queue(), "q1");
         assert_eq!(k.replies, k.replies_of("web-1"));
         assert_eq!(k.epoch, k.epoch_of("web-1"));
         assert_eq!(k.lease, k.lease_of("web-1"));

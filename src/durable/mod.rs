@@ -78,7 +78,8 @@ impl Durable {
         Some(Durable {
             shown: redact(&url),
             url,
-            keys: keys::Keys::new(&config.redis_queue, &node),
+            // A task node of several queues makes one of these for each (`node::Served`).
+            keys: keys::Keys::new(config.queues().first().copied().unwrap_or("taskd"), &node),
             node,
             claim_after: config.claim_limit(),
             task_limit: config.task_limit(),
@@ -131,7 +132,7 @@ impl Durable {
 }
 
 /// Query parameters that carry a password in a Redis URL (`redis+unix:///path?pass=…`).
-const SECRET_PARAMS: [&str; 4] = ["pass", "password", "passwd", "pwd"];
+const SECRET_PARAMS: [&str; 5] = ["pass", "password", "passwd", "pwd", redis_io::SENTINEL_PASSWORD];
 
 /// The URL with its passwords as `***`, in every form a Redis URL carries one:
 /// `redis://:secret@host`, `redis://user:secret@host`, `redis+unix:///path?pass=secret`,
