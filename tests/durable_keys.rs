@@ -199,6 +199,38 @@ fn a_duplicate_still_waiting_when_its_node_stops_gets_a_final_line() {
     assert_eq!(held, Some(format!("h 0 web-1 {}", first["task_id"])));
 }
 
+#[test]
+fn the_operator_cancels_a_durable_job_with_taskd_cancel() {
+    let Some(redis) = Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("taskd.pid");
+    let pid_arg = pid_file.to_str().unwrap();
+    let daemon = web(&redis, "web-1", &["--task-worker-num", "1", "--pid-file", pid_arg]);
+    let mut c = daemon.connect();
+    let job = c.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000,"key":"op-key"}"#);
+    let id = job["task_id"].as_u64().unwrap();
+    let run = || {
+        common::run_with_timeout(
+            std::process::Command::new(env!("CARGO_BIN_EXE_taskd")).args([
+                "cancel",
+                &id.to_string(),
+                "--pid-file",
+                pid_arg,
+            ]),
+            common::DEADLINE,
+        )
+    };
+    let out = run();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("cancelled"), "{out:?}");
+    // Its own client gets its final line; the job is gone from Redis.
+    assert_eq!(c.recv(), json!({"event": "cancelled", "task_id": id}));
+    let zcard: i64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+    assert_eq!(zcard, 0);
+    let again = run();
+    assert_eq!(again.status.code(), Some(1), "{again:?}");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("has ended"), "{again:?}");
+}
+
 /// A handler that always asks for a retry later.
 const BUSY: &str = r#"
 import json, sys
