@@ -129,6 +129,9 @@ fn a_durable_job_not_started_is_cancelled_in_redis_and_never_runs_and_a_running_
     assert_eq!(parked, None);
     let hash: i64 = redis.query(&["EXISTS", &format!("{{taskd}}:delayed:{member}")]);
     assert_eq!(hash, 0);
+    // Marked for a minute, so that the same cancel asked again (by a new bridge) says so.
+    let mark: Option<String> = redis.query(&["GET", &format!("{{taskd}}:cancelled:{member}")]);
+    assert_eq!(mark.as_deref(), Some("scheduled"));
 
     // Queued: the only task process is busy with a long job; the one behind it waits in the
     // stream, never delivered.

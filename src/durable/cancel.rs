@@ -21,10 +21,11 @@ const SCAN: usize = 500;
 const CALLS: usize = 200;
 
 /// KEYS[1] the delayed set, KEYS[2] the hash of `NODE:ID`, KEYS[3] the hash of `ID`, KEYS[4]
-/// the job's stream. ARGV[1] `NODE:ID`, ARGV[2] ID, ARGV[3] NODE, ARGV[4] where the previous
-/// call stopped ('' for the first), ARGV[5] entries to look at, ARGV[6] the group, ARGV[7] the
-/// prefix of deduplication keys, ARGV[8] the job's `cancelled` line. Returns {1, where}
-/// cancelled, {0, ''} not there, {2, id} not among these (go on from id).
+/// the job's stream, KEYS[5] the mark of a cancelled job (a minute: `Keys::cancelled_of`).
+/// ARGV[1] `NODE:ID`, ARGV[2] ID, ARGV[3] NODE, ARGV[4] where the previous call stopped (''
+/// for the first), ARGV[5] entries to look at, ARGV[6] the group, ARGV[7] the prefix of
+/// deduplication keys, ARGV[8] the job's `cancelled` line. Returns {1, where} cancelled (now,
+/// or by an earlier ask), {0, ''} not there, {2, id} not among these (go on from id).
 const CANCEL: &str = concat!(
     end_key_fn!(),
     r"
@@ -49,6 +50,13 @@ local function after(a, b)
   am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
   return am > bm or (am == bm and as > bs)
 end
+local function done(where)
+  redis.call('SET', KEYS[5], where, 'PX', 60000)
+  return {1, where}
+end
+if ARGV[4] == '' and redis.call('TYPE', KEYS[5]).ok == 'string' then
+  return {1, redis.call('GET', KEYS[5])}
+end
 if ARGV[4] == '' and redis.call('TYPE', KEYS[1]).ok == 'zset' then
   for _, m in ipairs({{ARGV[1], KEYS[2], 'scheduled'}, {ARGV[2], KEYS[3], 'waiting for a retry'}}) do
     if redis.call('ZSCORE', KEYS[1], m[1]) and redis.call('TYPE', m[2]).ok == 'hash' then
@@ -57,7 +65,7 @@ if ARGV[4] == '' and redis.call('TYPE', KEYS[1]).ok == 'zset' then
         redis.call('ZREM', KEYS[1], m[1])
         redis.call('DEL', m[2])
         release(f)
-        return {1, m[3]}
+        return done(m[3])
       end
     end
   end
@@ -75,7 +83,7 @@ for _, e in ipairs(got) do
   if ours(f) then
     redis.call('XDEL', KEYS[4], e[1])
     release(f)
-    return {1, 'queued'}
+    return done('queued')
   end
 end
 if #got < tonumber(ARGV[5]) then return {0, ''} end
@@ -98,11 +106,12 @@ pub fn cancel(
     for _ in 0..CALLS {
         let (code, at): (u8, String) = redis::cmd("EVAL")
             .arg(CANCEL)
-            .arg(4)
+            .arg(5)
             .arg(&d.keys.delayed)
             .arg(d.keys.delayed_hash(&member))
             .arg(d.keys.delayed_job(task_id))
             .arg(stream)
+            .arg(d.keys.cancelled_of(&d.node, task_id))
             .arg(&member)
             .arg(task_id)
             .arg(&d.node)

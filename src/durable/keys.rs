@@ -99,6 +99,13 @@ impl Keys {
         format!("{}{digest}", self.dedup_prefix())
     }
 
+    /// Set for a minute when job `task_id` of `node` is cancelled: a cancel asked again (by a
+    /// new bridge, after the one that carried it out died before it answered) is answered
+    /// "cancelled", not "started".
+    pub fn cancelled_of(&self, node: &str, task_id: u64) -> String {
+        format!("{}:cancelled:{node}:{task_id}", self.tag)
+    }
+
     /// What every deduplication key starts with.
     pub fn dedup_prefix(&self) -> String {
         format!("{}:key:", self.tag)
@@ -135,6 +142,7 @@ mod tests {
             &k.replies_of("web-2"),
             &k.lane("resize"),
             &k.dedup("ab"),
+            &k.cancelled_of("web-1", 7),
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
