@@ -110,6 +110,11 @@ fn a_duplicate_on_the_same_node_waits_for_the_first_and_a_scheduled_first_holds_
         redis.query(&["SET", &key, "e 99999999999999 web-1 7\n{\"event\":\"done\"}\n{\"event\":\"forged\"}"]);
     let own = a.submit(r#"{"type":"sms","to":"+15550002222","key":"forged","simulate_ms":0}"#);
     assert_eq!(a.final_reply(&own["task_id"], &mut Vec::new())["event"], "done");
+    // So is a key of another type.
+    let key = format!("{{taskd}}:key:{}", hex(b"a-hash"));
+    let _: () = redis.query(&["HSET", &key, "x", "y"]);
+    let own = a.submit(r#"{"type":"sms","to":"+15550002223","key":"a-hash","simulate_ms":0}"#);
+    assert_eq!(a.final_reply(&own["task_id"], &mut Vec::new())["event"], "done");
 }
 
 #[test]

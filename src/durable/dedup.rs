@@ -191,7 +191,8 @@ if kind == 'string' then
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if held or (free and tonumber(free) > now) then return v end
 elseif kind ~= 'none' then
-  return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not a deduplication key')
+  -- Not taskd's (an error here would fail the whole round of jobs): taken over.
+  redis.call('DEL', KEYS[1])
 end
 if tonumber(ARGV[3]) > 0 then
   local set = redis.call('TYPE', KEYS[2]).ok
