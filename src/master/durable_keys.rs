@@ -96,6 +96,10 @@ impl<A: Application> Master<'_, A> {
             self.shared.set_jobs_pending(self.jobs.len() as u64);
             tracing::info!("job {task_id} has the key of job {} (in Redis): not run", found.first);
             let session = job.session;
+            if session == 0 {
+                // No client to tell (a job from no connection): nothing to wait for.
+                continue;
+            }
             if found.first == 0 {
                 let why = "not run: its key is held in Redis by a value taskd does not read (written by something else)";
                 self.final_line_to_duplicate(session, &unknown_line(task_id, why));
