@@ -281,6 +281,24 @@ fn the_readmes_acl_user_runs_durable_jobs() {
     let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--simulate-ms", "0"]);
     let mut c = d.connect();
     assert_eq!(all_done(&mut c, 40).len(), 40);
+    // A key and its duplicate, a cancel of a parked job and of one in the stream: their
+    // scripts' calls need the user's rights too.
+    let keyed = r#"{"type":"sms","to":"+15550009999","key":"acl-key"}"#;
+    let first = c.submit(keyed);
+    let done = c.final_reply(&first["task_id"], &mut Vec::new());
+    c.submit(keyed);
+    assert_eq!(c.recv(), serde_json::json!({"event": "duplicate", "task_id": first["task_id"]}));
+    assert_eq!(c.recv(), done);
+    let parked = c.submit(r#"{"type":"sms","to":"+15550009998","run_in_ms":60000}"#);
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, parked["task_id"]));
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": parked["task_id"]}));
+    let slow = c.submit(r#"{"type":"sms","to":"+15550009997","simulate_ms":300}"#);
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, slow["task_id"]));
+    let answer = c.recv();
+    assert!(
+        answer["event"] == "cancelled" || answer["error"].as_str().is_some_and(|e| e.contains("has started")),
+        "{answer}"
+    );
     let list = taskd(&["dead-letter", "list"], &[("TASKD_REDIS_URL", &url)]);
     assert!(list.status.success(), "{list:?}");
     // Nothing else was refused: not a script's call (the sweeps of the delayed set, the

@@ -17,13 +17,17 @@
 //! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
+//! | [`dedup`] | bridge, task process | deduplication keys: taken with the job, ended with it |
+//! | [`cancel`] | bridge | taking back a job that has not started |
 //!
 //! Without `--redis-url`, none of this runs: the master keeps its jobs in memory.
 
 pub mod admin;
 pub mod bridge;
+pub mod cancel;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dedup;
 pub mod entry;
 pub mod heartbeat;
 pub mod keys;
