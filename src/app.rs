@@ -92,6 +92,14 @@ pub trait Application: 'static {
     fn on_task_ahead(&mut self, _task: &Task<'_>) {}
     /// In a worker of the slot that submitted the task: the task is done or failed for good.
     fn on_finish(&mut self, _ctx: &mut WorkerCtx<'_>, _finished: &Finished<'_>) {}
+    /// Whether `on_finish` is called for a job that succeeded and whose client already has its
+    /// reply from the task process (`TaskCtx::reply`; `Finished::replied`). An application
+    /// whose `on_finish` has nothing to do for those says false, and the master does not hand
+    /// them to a worker at all: per job a delivery, a wake-up of the worker and its commit
+    /// less. A task submitted with a callback gets its callback either way.
+    fn finish_replied(&self) -> bool {
+        true
+    }
 }
 
 /// Why a task produced no result, and what the server does about it.

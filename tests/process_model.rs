@@ -647,3 +647,26 @@ fn a_reconnecting_client_gets_the_reply_it_missed() {
     c.send(r#"{"type":"result","task_id":"x"}"#);
     assert!(c.recv()["error"].as_str().unwrap().contains("task_id"));
 }
+
+#[test]
+fn a_client_that_closes_its_side_after_many_jobs_gets_every_done_then_the_connection_closes() {
+    use std::io::{BufRead, BufReader, Write};
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    let mut stream = std::net::TcpStream::connect(daemon.addr).unwrap();
+    stream.set_read_timeout(Some(common::DEADLINE)).unwrap();
+    let jobs: String = (0..200).map(|i| format!("closer{i}@example.com\n")).collect();
+    stream.write_all(jobs.as_bytes()).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    // Each job's `done` goes out from its task process, and the master (not a worker) counts
+    // it finished: the connection closes once the last one is written, not before.
+    let mut done = HashSet::new();
+    for line in BufReader::new(stream).lines() {
+        let reply: Value = serde_json::from_str(&line.expect("read before the connection closed")).unwrap();
+        match reply["event"].as_str() {
+            Some("done") => assert!(done.insert(reply["to"].as_str().unwrap().to_string()), "{reply}"),
+            Some("accepted") => {}
+            _ => panic!("{reply}"),
+        }
+    }
+    assert_eq!(done.len(), 200, "every job's done before the close");
+}

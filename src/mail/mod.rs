@@ -652,6 +652,12 @@ impl Application for MailApp {
         }
     }
 
+    /// A job that succeeded and replied from its task process was logged there: nothing is
+    /// left to do for it here.
+    fn finish_replied(&self) -> bool {
+        false
+    }
+
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {
         let Some(session) = finished.session else { return };
         if finished.replied && finished.members.is_none() && finished.result.is_ok() {

@@ -154,6 +154,16 @@ impl<A: Application> Master<'_, A> {
         });
     }
 
+    /// A job of `session` that ends without a finish delivery: what committing one would do.
+    fn finished_here(&mut self, session: u64) {
+        if let Some((key, conn)) = self.conn_mut(session) {
+            conn.outstanding = conn.outstanding.saturating_sub(1);
+            if conn.read_closed {
+                self.maybe_finished.push(key);
+            }
+        }
+    }
+
     // ---- task processes ----
 
     pub(super) fn read_task(&mut self, j: usize) {
@@ -375,6 +385,13 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         let session = job.session;
+        let replied = job.flags & task_flags::REPLIED != 0 && job.flags & task_flags::CALLBACK == 0;
+        if ok && replied && !self.app.finish_replied() {
+            // Its client has its reply, and the application wants nothing more of it: done
+            // here, as a commit of its finish would be.
+            self.finished_here(session);
+            return;
+        }
         let finish = |seq, out: &mut Vec<u8>| {
             let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
             ToWorker::Finish(Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result })
