@@ -406,7 +406,9 @@ impl<'a, A: Application> Master<'a, A> {
                     Token(t) if t >= CONN_BASE => {
                         let key = t - CONN_BASE;
                         if event.is_readable() || event.is_read_closed() || event.is_error() {
-                            self.read_conn(key);
+                            // The client's end (or an error) is read to its 0 (or error).
+                            let drained_on_short = !event.is_read_closed() && !event.is_error();
+                            self.read_conn(key, drained_on_short);
                         }
                         if event.is_writable() {
                             self.mark_dirty(key);
