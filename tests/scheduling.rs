@@ -455,3 +455,93 @@ fn a_durable_job_scheduled_ahead_survives_kill_9_of_its_web_node_and_runs_once()
     let runs = node.outbox_lines().into_iter().filter(|l| l["task_id"] == id).count();
     assert_eq!(runs, 1, "{:?}", node.outbox_lines());
 }
+
+/// The ticks a web node's log says it claimed, and those it says another node claimed first.
+fn ticks_in_log(log: &str, schedule: &str) -> (Vec<String>, Vec<String>) {
+    let prefix = format!("schedule {schedule}: tick ");
+    let (mut won, mut lost) = (Vec::new(), Vec::new());
+    for line in log.lines() {
+        let Some(rest) = line.split_once(&prefix).map(|(_, r)| r) else { continue };
+        let Some((tick, what)) = rest.split_once(' ') else { continue };
+        if what.starts_with("claimed here") {
+            won.push(tick.to_string());
+        } else if what.starts_with("claimed by node") {
+            lost.push(tick.to_string());
+        }
+    }
+    (won, lost)
+}
+
+#[test]
+fn two_durable_web_nodes_with_the_same_schedule_run_each_tick_once() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[schedule]]
+name = "every-second"
+cron = "* * * * * *"
+job = { type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0 }
+"#,
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    // Both web nodes tick; neither runs jobs: the task node's outbox is the one record of runs.
+    let start = |node: &str| {
+        let args = [
+            "--redis-url",
+            redis.url.as_str(),
+            "--node-id",
+            node,
+            "--task-worker-num",
+            "0",
+            "--config",
+            path,
+        ];
+        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
+    };
+    let mut web1 = start("web-1");
+    let mut web2 = start("web-2");
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
+    let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550009999").count();
+    // Ticks both nodes tried: each node's log names every tick it dispatched.
+    wait_for("five ticks tried by both nodes", || {
+        let (a, b) = (ticks_in_log(&web1.log(), "every-second"), ticks_in_log(&web2.log(), "every-second"));
+        let both = a.0.iter().chain(&a.1).filter(|t| b.0.contains(t) || b.1.contains(t)).count();
+        (both >= 5).then_some(())
+    });
+    let mut c = web1.connect();
+    let s = stats(&mut c);
+    let entry = &s["schedules"][0];
+    let node_ran = entry["last_run_node"].as_str().unwrap_or_default().to_string();
+    assert!(node_ran == "web-1" || node_ran == "web-2", "{entry}");
+    assert!(entry["runs"].as_u64().unwrap() + entry["ran_elsewhere"].as_u64().unwrap() >= 5, "{entry}");
+    drop(c);
+    // No more ticks: then every tick claimed has run, once.
+    for web in [&mut web1, &mut web2] {
+        web.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(web.wait_exit(std::time::Duration::from_secs(20)).is_some_and(|s| s.success()));
+    }
+    let (log1, log2) = (web1.log(), web2.log());
+    let ((won1, lost1), (won2, lost2)) =
+        (ticks_in_log(&log1, "every-second"), ticks_in_log(&log2, "every-second"));
+    for tick in &won1 {
+        assert!(!won2.contains(tick), "tick {tick} was claimed by both nodes\n{log1}\n{log2}");
+    }
+    // Each tick one node lost was claimed by the other.
+    for (lost, other) in [(&lost1, &won2), (&lost2, &won1)] {
+        for tick in lost {
+            assert!(other.contains(tick), "tick {tick} lost to a node that does not say it claimed it");
+        }
+    }
+    let both: Vec<&String> =
+        won1.iter().chain(&won2).filter(|t| lost1.contains(t) || lost2.contains(t)).collect();
+    assert!(both.len() >= 5, "too few ticks contended: {both:?}");
+    let claimed = won1.len() + won2.len();
+    let keys: Vec<String> = redis.query(&["KEYS", "{taskd}:tick:every-second:*"]);
+    assert_eq!(keys.len(), claimed, "one claim per tick run: {keys:?}");
+    wait_for("every claimed tick's job to run", || (runs() >= claimed).then_some(()));
+    assert_eq!(runs(), claimed, "{:?}", node.outbox_lines());
+}

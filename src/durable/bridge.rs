@@ -22,7 +22,9 @@ use redis::{Connection, Value};
 use super::entry::{outcomes_of_entry, JobEntry};
 use super::redis_io::{self, is_connection_error};
 use super::startup::{self, lease_token};
+use super::ticks;
 use super::Durable;
+use crate::app::Priority;
 use crate::ipc::envelope::{FromBridge, ToBridge};
 use crate::process::ProcessError;
 use crate::shm::Shared;
@@ -69,7 +71,7 @@ fn send(out: &MasterOut, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Something the master asked for, in order.
-enum Item {
+pub(super) enum Item {
     /// `run_at_ms`: a job for later (Unix ms), parked in the delayed set; 0: into the stream.
     Store {
         task_id: u64,
@@ -78,6 +80,9 @@ enum Item {
         run_at_ms: u64,
         context: Vec<u8>,
         data: Vec<u8>,
+        priority: Priority,
+        /// A schedule's tick: stored only if this node claims it (see [`super::ticks`]).
+        tick: Option<ticks::Claim>,
     },
     End(u64),
 }
@@ -156,11 +161,15 @@ fn store_loop(
     let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
-    // The time of the next job to store, from the `StoreAt` frame right before it.
+    // The time of the next job to store, from the `StoreAt` frame right before it; its
+    // priority and its tick, from the frames before it.
     let mut next_at: Option<(u64, u64)> = None;
+    let mut next_priority: Option<(u64, Priority)> = None;
+    let mut next_tick: Option<ticks::Claim> = None;
     // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
     let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
+    let mut tick_answers = Vec::new();
     loop {
         // Idle, it sleeps until the master writes; while Redis is away, it wakes every second
         // to find it again, so that workers take jobs again without waiting for one to fail.
@@ -199,8 +208,20 @@ fn store_loop(
                     run_at_ms: next_at.take().filter(|(id, _)| *id == task_id).map_or(0, |(_, at)| at),
                     context: context.to_vec(),
                     data: data.to_vec(),
+                    priority: next_priority
+                        .take()
+                        .filter(|(id, _)| *id == task_id)
+                        .map(|(_, p)| p)
+                        .unwrap_or_default(),
+                    tick: next_tick.take().filter(|c| c.task_id == task_id),
                 }),
                 ToBridge::StoreAt { task_id, run_at_ms } => next_at = Some((task_id, run_at_ms)),
+                ToBridge::StorePriority { task_id, priority } => {
+                    next_priority = Some((task_id, Priority::from_index(priority)))
+                }
+                ToBridge::ClaimTick { task_id, tick_ms, ttl_ms, name } => {
+                    next_tick = Some(ticks::Claim::new(task_id, tick_ms, ttl_ms, name))
+                }
                 ToBridge::StoreEnd { batch } => items.push(Item::End(batch)),
                 ToBridge::Trim { entry } => trims.push(entry.to_vec()),
                 ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
@@ -233,7 +254,11 @@ fn store_loop(
                 let pipe = pipeline(d, &items, &keeps, &trims);
                 let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
                 match done {
-                    Ok(replies) => Ok(replicated(d, &items, &replies, &mut short)),
+                    Ok(replies) => {
+                        // The claims' answers come first, in the order of their jobs.
+                        ticks::answers(d, &items, &replies, &mut tick_answers);
+                        Ok(replicated(d, &items, &replies, &mut short))
+                    }
                     Err(e) => {
                         let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
                         link.failed(&e);
@@ -242,7 +267,8 @@ fn store_loop(
                 }
             }
         };
-        let mut acks = Vec::new();
+        // Who claimed each tick, before the `Stored` of its batch: a lost tick's job is dropped.
+        let mut acks = std::mem::take(&mut tick_answers);
         for item in items.drain(..) {
             match item {
                 Item::Store { .. } => match &outcome {
@@ -427,11 +453,14 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate
 fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for item in items {
-        if let Item::Store { task_id, session, worker, run_at_ms, context, data } = item {
-            // The lane of a handler's type: only nodes that can run it read it.
-            let stream = d.stream_of(data);
+        if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick } = item {
+            // The lane of a handler's type: only nodes that can run it read it; the stream of
+            // its priority.
+            let stream = d.stream_of(data, *priority);
             let mut cmd;
-            if *run_at_ms > 0 {
+            if let Some(claim) = tick {
+                cmd = ticks::claim_and_store(d, claim, &stream, *task_id, *run_at_ms);
+            } else if *run_at_ms > 0 {
                 let member = d.keys.scheduled_member(&d.node, *task_id);
                 cmd = redis::cmd("EVAL");
                 cmd.arg(SCHEDULE)
@@ -445,13 +474,20 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
                 cmd.arg(&stream).arg("*");
             }
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
-            // A parked job goes into its own lane when due (`consumer::MOVE_DUE`).
+            // A parked job goes into its own lane when due (`consumer::MOVE_DUE`), of its
+            // own priority.
             if *run_at_ms > 0 {
                 if let Some(lane) = d.lane_of(&stream) {
                     cmd.arg("ln").arg(lane);
                 }
+                super::add_priority(&mut cmd, *priority);
             }
-            pipe.add_command(cmd).ignore();
+            // A claim's answer is read (see `ticks::answers`); the rest only fails the round.
+            if tick.is_some() {
+                pipe.add_command(cmd);
+            } else {
+                pipe.add_command(cmd).ignore();
+            }
         }
     }
     for (task_id, line) in keeps {

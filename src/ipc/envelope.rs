@@ -320,6 +320,13 @@ pub enum ToBridge<'a> {
     /// An operator's request from the dashboard (`op`: JSON, see `durable::admin`); answered
     /// by an [`FromBridge::AdminAnswer`] with the same `request`.
     Admin { request: u64, op: &'a [u8] },
+    /// The next `Store` (same `task_id`) goes to the streams of this priority
+    /// ([`crate::app::Priority::index`]); without it, normal.
+    StorePriority { task_id: u64, priority: u8 },
+    /// The next `Store` (same `task_id`) is the job of tick `tick_ms` (Unix ms) of the schedule
+    /// `name`: stored only if this node claims the tick first (the claim lives `ttl_ms`);
+    /// answered by a [`FromBridge::TickClaim`] before the batch's `Stored`.
+    ClaimTick { task_id: u64, tick_ms: u64, ttl_ms: u64, name: &'a [u8] },
 }
 
 /// Bridge -> master. `Reply` frames are also what task processes of any node write to the reply
@@ -340,6 +347,9 @@ pub enum FromBridge<'a> {
     Depths { json: &'a [u8] },
     /// The answer (JSON) to [`ToBridge::Admin`] `request`.
     AdminAnswer { request: u64, answer: &'a [u8] },
+    /// Who claimed tick `tick_ms` of schedule `name` whose job was `task_id`: this node (`won`:
+    /// the job is stored), or the node named by `holder` (the job is not stored: drop it).
+    TickClaim { task_id: u64, tick_ms: u64, won: bool, name: &'a [u8], holder: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -397,6 +407,10 @@ mod kind {
     pub const REPLY_RETRYING: u8 = 48;
     pub const QUEUE_DEPTHS: u8 = 80;
     pub const STORE_AT: u8 = 49;
+    // Durable schedules and priorities (d-sched: 23, 24, 55-59).
+    pub const STORE_PRIORITY: u8 = 55;
+    pub const CLAIM_TICK: u8 = 56;
+    pub const TICK_CLAIM: u8 = 57;
     // The dashboard's requests to the bridge (60-69 are the dashboard's).
     pub const ADMIN: u8 = 60;
     pub const ADMIN_ANSWER: u8 = 61;
@@ -932,6 +946,12 @@ impl<'a> ToBridge<'a> {
             }
             ToBridge::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
             ToBridge::Admin { request, op } => Writer::begin(out, ADMIN).u64(request).rest(op).finish(),
+            ToBridge::StorePriority { task_id, priority } => {
+                Writer::begin(out, STORE_PRIORITY).u64(task_id).u8(priority).finish()
+            }
+            ToBridge::ClaimTick { task_id, tick_ms, ttl_ms, name } => {
+                Writer::begin(out, CLAIM_TICK).u64(task_id).u64(tick_ms).u64(ttl_ms).rest(name).finish()
+            }
         }
     }
 
@@ -954,6 +974,15 @@ impl<'a> ToBridge<'a> {
                 KEEP_RESULT => ToBridge::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
                 RENEW_LEASE => ToBridge::RenewLease,
                 ADMIN => ToBridge::Admin { request: r.u64("request")?, op: r.rest() },
+                STORE_PRIORITY => {
+                    ToBridge::StorePriority { task_id: r.u64("task id")?, priority: r.u8("priority")? }
+                }
+                CLAIM_TICK => ToBridge::ClaimTick {
+                    task_id: r.u64("task id")?,
+                    tick_ms: r.u64("tick")?,
+                    ttl_ms: r.u64("ttl")?,
+                    name: r.rest(),
+                },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -995,6 +1024,13 @@ impl<'a> FromBridge<'a> {
             FromBridge::AdminAnswer { request, answer } => {
                 Writer::begin(out, ADMIN_ANSWER).u64(request).rest(answer).finish()
             }
+            FromBridge::TickClaim { task_id, tick_ms, won, name, holder } => Writer::begin(out, TICK_CLAIM)
+                .u64(task_id)
+                .u64(tick_ms)
+                .u8(won as u8)
+                .sized(name)
+                .rest(holder)
+                .finish(),
         }
     }
 
@@ -1023,6 +1059,13 @@ impl<'a> FromBridge<'a> {
                 LEASE => FromBridge::Lease { holder: r.rest() },
                 QUEUE_DEPTHS => FromBridge::Depths { json: r.rest() },
                 ADMIN_ANSWER => FromBridge::AdminAnswer { request: r.u64("request")?, answer: r.rest() },
+                TICK_CLAIM => FromBridge::TickClaim {
+                    task_id: r.u64("task id")?,
+                    tick_ms: r.u64("tick")?,
+                    won: r.bool("won")?,
+                    name: r.sized("name")?,
+                    holder: r.rest(),
+                },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -1221,6 +1264,20 @@ mod tests {
         roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip::<ToBridge>(ToBridge::RenewLease);
         roundtrip::<ToBridge>(ToBridge::Admin { request: 7, op: br#"{"op":"overview"}"# });
+        roundtrip::<ToBridge>(ToBridge::StorePriority { task_id: 7, priority: 2 });
+        roundtrip::<ToBridge>(ToBridge::ClaimTick {
+            task_id: 7,
+            tick_ms: 1_798_099_200_000,
+            ttl_ms: 60_000,
+            name: b"nightly",
+        });
+        roundtrip::<FromBridge>(FromBridge::TickClaim {
+            task_id: 7,
+            tick_ms: 1_798_099_200_000,
+            won: false,
+            name: b"nightly",
+            holder: b"web-2",
+        });
         roundtrip::<FromBridge>(FromBridge::Stored {
             batch: 2,
             replicas: FromBridge::ALL_REPLICAS,

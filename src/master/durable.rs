@@ -246,6 +246,10 @@ impl<A: Application> Master<'_, A> {
                 {
                     ToBridge::StoreAt { task_id, run_at_ms }.encode(&mut state.frames);
                 }
+                let priority =
+                    self.pending_options.as_ref().filter(|o| o.task_id == task_id).map(|o| o.priority);
+                let tick = self.periodic.pending.take().filter(|t| t.task_id == task_id);
+                super::periodic::store_frames(task_id, priority, tick, &mut state.frames);
                 ToBridge::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
                     .encode(&mut state.frames);
                 state.jobs.push(task_id);
@@ -321,6 +325,9 @@ impl<A: Application> Master<'_, A> {
                 }
             }
             FromBridge::AdminAnswer { request, answer } => self.on_admin_answer(request, answer),
+            FromBridge::TickClaim { task_id, tick_ms, won, name, holder } => {
+                self.on_tick_claim(task_id, tick_ms, won, name, holder)
+            }
             FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {

@@ -1,0 +1,133 @@
+//! The ticks of `[[schedule]]` with durable jobs: each tick is claimed once in Redis, by the
+//! script that stores its job, so that every web node of a queue may run the same schedules
+//! and each tick still runs once, on the node that claims it first.
+//!
+//! The claim is a key per tick ([`super::keys::Keys::tick`]) set with NX and a TTL well past
+//! the schedule's period, holding `NODE/TASK_ID`. Claim and job go in one script: a claimed
+//! tick always has its job, and a job is never stored for a tick another node claimed. The
+//! bridge answers each claim to the master with a [`FromBridge::TickClaim`] (who has it).
+
+use redis::{Cmd, Value};
+
+use super::redis_io;
+use super::Durable;
+use crate::ipc::envelope::FromBridge;
+
+/// A tick to claim with its job's store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub task_id: u64,
+    pub tick_ms: u64,
+    pub ttl_ms: u64,
+    pub name: String,
+}
+
+impl Claim {
+    pub fn new(task_id: u64, tick_ms: u64, ttl_ms: u64, name: &[u8]) -> Claim {
+        Claim { task_id, tick_ms, ttl_ms: ttl_ms.max(1), name: String::from_utf8_lossy(name).into_owned() }
+    }
+}
+
+/// Claims tick KEYS[1] for ARGV[1] (`NODE/TASK_ID`) for ARGV[2] ms and stores its job: into
+/// the stream KEYS[2], or, with a time ARGV[3] > 0 (Unix ms), parked in the delayed set KEYS[2]
+/// (member ARGV[4], fields in the hash KEYS[3]) as `bridge::SCHEDULE` does. The job's fields
+/// are ARGV[5..]. Returns 1 when this claim holds (also when it already did: a batch sent
+/// again by a new bridge stores nothing twice), else the holder's value. A claim that is not a
+/// string (someone else's key) is an error, and stores nothing.
+const CLAIM_AND_STORE: &str = "
+local held = redis.call('GET', KEYS[1])
+if held then
+  if held == ARGV[1] then return 1 end
+  return held
+end
+if tonumber(ARGV[3]) > 0 then
+  local kind = redis.call('TYPE', KEYS[2]).ok
+  if kind ~= 'zset' and kind ~= 'none' then
+    return redis.error_reply(KEYS[2] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+  end
+  redis.call('DEL', KEYS[3])
+  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), ARGV[4])
+else
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1";
+
+/// The claim's value for this node's job `task_id`.
+fn holder(d: &Durable, task_id: u64) -> String {
+    format!("{}/{task_id}", d.node)
+}
+
+/// The command that claims `claim` and stores its job (to `stream`, or parked until
+/// `run_at_ms`); the caller adds the job's fields (`JobEntry::add_fields`, and the rest).
+pub fn claim_and_store(d: &Durable, claim: &Claim, stream: &str, task_id: u64, run_at_ms: u64) -> Cmd {
+    let member = d.keys.scheduled_member(&d.node, task_id);
+    let (dest, hash) = if run_at_ms > 0 {
+        (d.keys.delayed.clone(), d.keys.delayed_hash(&member))
+    } else {
+        // Not read by the script; named so that every key it may touch is declared.
+        (stream.to_string(), d.keys.delayed_hash(&member))
+    };
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(CLAIM_AND_STORE)
+        .arg(3)
+        .arg(d.keys.tick(&claim.name, claim.tick_ms))
+        .arg(dest)
+        .arg(hash)
+        .arg(holder(d, task_id))
+        .arg(claim.ttl_ms)
+        .arg(run_at_ms)
+        .arg(member);
+    cmd
+}
+
+/// Appends a [`FromBridge::TickClaim`] to `out` for each claim of `items` (in order), read from
+/// the round's `replies`, whose first ones are the claims' answers.
+pub(super) fn answers(d: &Durable, items: &[super::bridge::Item], replies: &[Value], out: &mut Vec<u8>) {
+    let claims = items.iter().filter_map(|i| match i {
+        super::bridge::Item::Store { tick: Some(claim), .. } => Some(claim),
+        _ => None,
+    });
+    for (claim, reply) in claims.zip(replies) {
+        let (won, by) = match redis_io::as_int(reply) {
+            Some(1) => (true, d.node.clone()),
+            _ => (false, holder_node(reply.clone())),
+        };
+        FromBridge::TickClaim {
+            task_id: claim.task_id,
+            tick_ms: claim.tick_ms,
+            won,
+            name: claim.name.as_bytes(),
+            holder: by.as_bytes(),
+        }
+        .encode(out);
+    }
+}
+
+/// The node named in a claim's value (`NODE/TASK_ID`), checked: anyone who can write to Redis
+/// can write it. Something else shows as `?`.
+fn holder_node(value: Value) -> String {
+    let text = redis_io::as_text(value);
+    let node = text.rsplit_once('/').map_or(text.as_str(), |(node, _)| node);
+    if super::entry::valid_node(node) {
+        node.to_string()
+    } else {
+        "?".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_holder_of_a_claim_is_read_with_care() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        assert_eq!(holder_node(bulk("web-2/17")), "web-2");
+        assert_eq!(holder_node(bulk("web-2")), "web-2");
+        assert_eq!(holder_node(bulk("\u{1b}[31mevil/1")), "?");
+        assert_eq!(holder_node(bulk(&"x".repeat(500))), "?");
+        assert_eq!(holder_node(Value::Nil), "?");
+    }
+}
