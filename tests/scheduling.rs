@@ -545,3 +545,99 @@ job = { type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0 }
     wait_for("every claimed tick's job to run", || (runs() >= claimed).then_some(()));
     assert_eq!(runs(), claimed, "{:?}", node.outbox_lines());
 }
+
+/// Entries of `stream` taken by a consumer and not finished.
+fn pending_in(redis: &common::durable::Redis, stream: &str) -> u64 {
+    match redis.query::<redis::Value>(&["XPENDING", stream, "taskd"]) {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[test]
+fn a_flood_of_high_durable_jobs_does_not_hold_back_a_low_one_beyond_its_weighted_share() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    // One task process: the outbox's order is the order the jobs were taken in.
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "1"]);
+    let mut c = web.connect();
+    let long = c.submit(r#"{"type":"email","to":"long@example.com","simulate_ms":10000}"#);
+    wait_for("the long job to be taken", || (redis.pending() == 1).then_some(()));
+    let flood: String = (0..1000)
+        .map(|i| {
+            format!("{{\"type\":\"sms\",\"to\":\"+1555{i:07}\",\"priority\":\"high\",\"simulate_ms\":0}}\n")
+        })
+        .collect();
+    c.send_raw(flood.as_bytes());
+    for _ in 0..1000 {
+        assert_eq!(c.recv()["event"], "accepted");
+    }
+    let low = c.submit(r#"{"type":"email","to":"low@example.com","priority":"low","simulate_ms":0}"#);
+    assert_eq!(low["event"], "accepted", "{low}");
+    // Each waits in its priority's stream behind the long job; `stats` counts them.
+    assert_eq!(
+        (redis.xlen("{taskd}:jobs#high"), redis.xlen("{taskd}:jobs#low"), redis.pending()),
+        (1000, 1, 1),
+        "the flood and the low job were to wait behind the long job"
+    );
+    let depths = wait_for("stats to count the durable jobs per priority", || {
+        let s = stats(&mut c);
+        let by = s["durable"]["by_priority"].clone();
+        (by["high"] == 1000 && by["low"] == 1).then_some(by)
+    });
+    assert_eq!(depths["normal"], 1, "the long job: {depths}");
+    let done = c.final_reply(&low["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let outbox = node.outbox_lines();
+    let first = outbox.iter().position(|l| l["task_id"] == long["task_id"]).unwrap();
+    let at = outbox.iter().position(|l| l["task_id"] == low["task_id"]).unwrap();
+    // High and low waiting, the shares are 6:1: the low job is among the first seven taken,
+    // not behind the 1,000.
+    let highs_before = at - first - 1;
+    assert!(highs_before < 7, "{highs_before} high jobs ran before the low one");
+    wait_for("the flood to be delivered", || (node.outbox_lines().len() == 1002).then_some(()));
+}
+
+#[test]
+fn a_durable_jobs_priority_survives_a_wait_in_the_delayed_set_and_a_kill_9_of_its_task_process() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut node = common::durable::TaskNode::start(
+        &redis,
+        "n1",
+        &["--task-worker-num", "1", "--smtp-rate", "100/s", "--claim-timeout", "2"],
+    );
+    // The queue's email turn is taken 2 s ahead: the job waits in the delayed set (the path a
+    // delivery retry takes), then comes back.
+    let time: Vec<String> = redis.query(&["TIME"]);
+    let redis_now_us = time[0].parse::<u64>().unwrap() * 1_000_000 + time[1].parse::<u64>().unwrap();
+    let _: String = redis.query(&["SET", "{taskd}:rate:email", &(redis_now_us + 2_000_000).to_string()]);
+    let mut c = web.connect();
+    let job = c.submit(r#"{"type":"email","to":"vip@example.com","priority":"high","simulate_ms":4000}"#);
+    let id = job["task_id"].as_u64().unwrap();
+    let hash = wait_for("the job to wait in the delayed set", || {
+        let members: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
+        members.first().map(|m| format!("{{taskd}}:delayed:{m}"))
+    });
+    let pr: Option<String> = redis.query(&["HGET", &hash, "pr"]);
+    assert_eq!(pr.as_deref(), Some("high"), "parked with its priority");
+    // Back in the high stream when due, and running from there.
+    wait_for("the job to run from the high stream", || {
+        (pending_in(&redis, "{taskd}:jobs#high") == 1).then_some(())
+    });
+    assert_eq!(redis.xlen("{taskd}:jobs"), 0);
+    // Its task process dies mid-job: the job is taken back from the same stream.
+    let pids = node.task_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!((&done["event"], done["attempts"].as_u64()), (&"done".into(), Some(2)), "{done}");
+    let runs: Vec<Value> = node.outbox_lines().into_iter().filter(|l| l["task_id"] == id).collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!((redis.xlen("{taskd}:jobs#high"), redis.xlen("{taskd}:jobs")), (0, 0));
+    node.kill_all();
+}

@@ -391,20 +391,31 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
 /// How often the reply reader tells the master how many jobs wait in Redis (for `stats`).
 const DEPTHS_EVERY: Duration = Duration::from_secs(1);
 
-/// `{"jobs":N,"lanes":{"TYPE":N,…}}`: the length of the main job stream and of each lane this
-/// node routes jobs to (waiting or running: a finished job's entry is deleted). A lane that no
-/// node's handler runs grows here.
+/// `{"jobs":N,"lanes":{"TYPE":N,…},"by_priority":{"high":N,"normal":N,"low":N}}`: the length
+/// of the main job stream and of each lane this node routes jobs to, each over its three
+/// priorities' streams, and of every priority over them (waiting or running: a finished job's
+/// entry is deleted). A lane that no node's handler runs grows here.
 fn depths(conn: &mut Connection, d: &Durable) -> redis::RedisResult<String> {
+    let lanes: Vec<Option<&str>> =
+        std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
     let mut pipe = redis::pipe();
-    pipe.cmd("XLEN").arg(&d.keys.jobs);
-    for kind in &d.routes {
-        pipe.cmd("XLEN").arg(d.keys.lane(kind));
+    for p in Priority::ALL {
+        for lane in &lanes {
+            pipe.cmd("XLEN").arg(d.keys.stream(*lane, p));
+        }
     }
     let lengths: Vec<u64> = pipe.query(conn)?;
-    let lanes: serde_json::Map<String, serde_json::Value> =
-        d.routes.iter().zip(lengths.iter().skip(1)).map(|(k, n)| (k.clone(), (*n).into())).collect();
-    Ok(serde_json::json!({"jobs": lengths.first().copied().unwrap_or(0), "lanes": lanes}).to_string())
+    // Row per priority, column per lane (the main stream first).
+    let at = |p: usize, l: usize| lengths.get(p * lanes.len() + l).copied().unwrap_or(0);
+    let of_lane = |l: usize| (0..3).map(|p| at(p, l)).sum::<u64>();
+    let of_priority = |p: usize| (0..lanes.len()).map(|l| at(p, l)).sum::<u64>();
+    let by_lane: serde_json::Map<String, serde_json::Value> =
+        d.routes.iter().enumerate().map(|(i, k)| (k.clone(), of_lane(i + 1).into())).collect();
+    let by_priority: serde_json::Map<String, serde_json::Value> =
+        Priority::ALL.iter().map(|p| (p.name().to_string(), of_priority(p.index()).into())).collect();
+    Ok(serde_json::json!({"jobs": of_lane(0), "lanes": by_lane, "by_priority": by_priority}).to_string())
 }
+
 /// Parks a job for later: its fields (ARGV[3..]) in the hash KEYS[2], its member ARGV[2] in the
 /// delayed set KEYS[1] with the score ARGV[1] (its `run_at`, Unix ms). The consumers of every
 /// node move it into the stream when due (`consumer::MOVE_DUE`), as they do a delivery retry.

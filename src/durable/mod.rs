@@ -15,6 +15,7 @@
 //! | [`ticks`] | bridge | claiming a schedule's tick once across the web nodes, with its job |
 //! | [`bridge`] | bridge | storing the master's jobs, passing it this node's replies |
 //! | [`consumer`] | task process | taking jobs, claiming abandoned ones, the dead letters |
+//! | [`fair`] | task process | taking from the priorities' streams in weighted fair order (6:3:1) |
 //! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
@@ -26,6 +27,7 @@ pub mod bridge;
 pub mod consumer;
 pub mod dead_letter;
 pub mod entry;
+pub mod fair;
 pub mod heartbeat;
 pub mod keys;
 pub mod lease_gate;
@@ -276,6 +278,39 @@ pub fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn durable(routes: &[&str]) -> Durable {
+        let config = ServerConfig {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            node_id: Some("web-1".into()),
+            ..Default::default()
+        };
+        let mut d = Durable::from_config(&config).unwrap();
+        d.routes = routes.iter().map(|r| r.to_string()).collect();
+        d.lanes = d.routes.clone();
+        d
+    }
+
+    #[test]
+    fn a_job_goes_to_the_stream_of_its_lane_and_priority_and_comes_back_to_it() {
+        let d = durable(&["resize"]);
+        assert_eq!(d.stream_of(br#"{"type":"resize"}"#, Priority::High), "{taskd}:jobs:resize#high");
+        assert_eq!(d.stream_of(br#"{"type":"email"}"#, Priority::Low), "{taskd}:jobs#low");
+        assert_eq!(d.stream_of(b"not json", Priority::Normal), "{taskd}:jobs");
+        assert_eq!(d.streams().len(), 6);
+        assert_eq!(d.streams_of(Priority::High), ["{taskd}:jobs#high", "{taskd}:jobs:resize#high"]);
+        // A dead letter goes back where it came from; a `pr` nobody knows is normal.
+        let dead = |fields: &[(&str, &str)]| redis_io::StreamEntry {
+            id: "1-0".into(),
+            fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect(),
+        };
+        assert_eq!(d.replay_stream(&dead(&[("ln", "resize"), ("pr", "low")])), "{taskd}:jobs:resize#low");
+        assert_eq!(d.replay_stream(&dead(&[("pr", "high")])), "{taskd}:jobs#high");
+        assert_eq!(d.replay_stream(&dead(&[("pr", "urgent!")])), "{taskd}:jobs");
+        assert_eq!(d.priority_of("{taskd}:jobs:resize#low"), Priority::Low);
+        assert_eq!(d.lane_of("{taskd}:jobs:resize#low").as_deref(), Some("resize"));
+        assert_eq!(d.lane_of("{taskd}:jobs#high"), None);
+    }
 
     #[test]
     fn passwords_stay_out_of_messages() {

@@ -43,8 +43,13 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
         .arg(&d.keys.epoch)
         .query(&mut conn)
         .map_err(|e| format!("cannot take a range of task ids: {}", redis_io::describe(&e)))?;
-    let mut streams = vec![d.keys.jobs.clone()];
-    streams.extend(d.routes.iter().map(|kind| d.keys.lane(kind)));
+    // Every priority's stream of the main one and of each lane it routes to.
+    let lanes: Vec<Option<&str>> =
+        std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
+    let streams: Vec<String> = crate::app::Priority::ALL
+        .into_iter()
+        .flat_map(|p| lanes.iter().map(move |lane| d.keys.stream(*lane, p)))
+        .collect();
     let jobs = own_jobs(&mut conn, &d.keys, &streams, &d.node)
         .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
     let results = kept_results(&mut conn, &d.keys)

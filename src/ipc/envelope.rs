@@ -342,7 +342,7 @@ pub enum FromBridge<'a> {
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
-    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…}}` (the main stream and
+    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…},"by_priority":{…}}` (the main stream and
     /// each lane this node routes to), read every second or so, for `stats`.
     Depths { json: &'a [u8] },
     /// The answer (JSON) to [`ToBridge::Admin`] `request`.

@@ -356,6 +356,15 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
             "Times the redis bridge was replaced.",
             n("bridge_restarts"),
         );
+        let _ = writeln!(
+            out,
+            "# HELP taskd_durable_jobs_by_priority Durable jobs waiting or running in Redis, per priority (up to a second old).\n\
+             # TYPE taskd_durable_jobs_by_priority gauge"
+        );
+        for p in crate::app::Priority::ALL {
+            let n = d["by_priority"][p.name()].as_u64().unwrap_or(0);
+            let _ = writeln!(out, "taskd_durable_jobs_by_priority{{priority=\"{}\"}} {n}", p.name());
+        }
     }
     let _ =
         writeln!(out, "# HELP taskd_listener_refused_total New connections or requests a listener refused.");
