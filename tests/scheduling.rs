@@ -540,7 +540,9 @@ job = { type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0 }
         won1.iter().chain(&won2).filter(|t| lost1.contains(t) || lost2.contains(t)).collect();
     assert!(both.len() >= 5, "too few ticks contended: {both:?}");
     let claimed = won1.len() + won2.len();
-    let keys: Vec<String> = redis.query(&["KEYS", "{taskd}:tick:every-second:*"]);
+    let mut keys: Vec<String> = redis.query(&["KEYS", "{taskd}:tick:every-second:*"]);
+    // And the schedule's last claimed tick.
+    keys.retain(|k| !k.ends_with(":last"));
     assert_eq!(keys.len(), claimed, "one claim per tick run: {keys:?}");
     wait_for("every claimed tick's job to run", || (runs() >= claimed).then_some(()));
     assert_eq!(runs(), claimed, "{:?}", node.outbox_lines());
@@ -640,4 +642,71 @@ fn a_durable_jobs_priority_survives_a_wait_in_the_delayed_set_and_a_kill_9_of_it
     assert_eq!(runs.len(), 1, "{runs:?}");
     assert_eq!((redis.xlen("{taskd}:jobs#high"), redis.xlen("{taskd}:jobs")), (0, 0));
     node.kill_all();
+}
+
+#[test]
+fn ticks_missed_while_every_durable_web_node_was_down_run_once_not_once_per_node() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[schedule]]
+name = "hourly"
+cron = "0 0 * * * *"
+missed = "once"
+job = { type = "sms", to = "+15550007777", text = "caught up", simulate_ms = 0 }
+"#,
+    )
+    .unwrap();
+    // The queue last ran the schedule three hours ago: every node was down since.
+    let three_hours_ago = (unix_ms() - 3 * 3600 * 1000) / 3_600_000 * 3_600_000;
+    let _: String = redis.query(&["SET", "{taskd}:tick:hourly:last", &three_hours_ago.to_string()]);
+    let path = config.to_str().unwrap();
+    let start = |node: &str| {
+        let args = [
+            "--redis-url",
+            redis.url.as_str(),
+            "--node-id",
+            node,
+            "--task-worker-num",
+            "0",
+            "--config",
+            path,
+        ];
+        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
+    };
+    // Started together, both find the tick missed, most often before either claimed it; one
+    // started later finds it claimed (the last tick is then the one that ran) and tries nothing.
+    let (web1, web2) = std::thread::scope(|s| {
+        let (a, b) = (s.spawn(|| start("web-1")), s.spawn(|| start("web-2")));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "1"]);
+    let ((won1, lost1), (won2, lost2)) = wait_for("a node to run the missed tick", || {
+        let (a, b) = (ticks_in_log(&web1.log(), "hourly"), ticks_in_log(&web2.log(), "hourly"));
+        (a.0.len() + b.0.len() > 0).then_some((a, b))
+    });
+    assert_eq!(won1.len() + won2.len(), 1, "one node runs it: {won1:?} {won2:?}");
+    // The tick claimed is the last that passed (the hour that began now); a node that lost it
+    // names the same.
+    let tick = won1.iter().chain(&won2).next().unwrap().clone();
+    assert!(lost1.iter().chain(&lost2).all(|t| *t == tick), "{lost1:?} {lost2:?}");
+    eprintln!("the missed tick {tick} was run by one node; {} lost it", lost1.len() + lost2.len());
+    let tick_ms = chrono::DateTime::parse_from_rfc3339(&tick).unwrap().timestamp_millis() as u64;
+    assert!(tick_ms % 3_600_000 == 0 && tick_ms <= unix_ms() && tick_ms + 3_600_000 > unix_ms(), "{tick}");
+    let runner = if won1.is_empty() { web2.log() } else { web1.log() };
+    assert!(runner.contains("tick(s) from") && runner.contains("running it once now"), "{runner}");
+    wait_for("the missed tick's job to run", || {
+        node.outbox_lines().iter().any(|l| l["to"] == "+15550007777").then_some(())
+    });
+    let last: String = redis.query(&["GET", "{taskd}:tick:hourly:last"]);
+    assert_eq!(last, tick_ms.to_string());
+    // A later job of either node runs after it: the missed tick ran once.
+    let mut c = web2.connect();
+    let later = c.submit(r#"{"type":"sms","to":"+15550008888","simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&later["task_id"], &mut Vec::new())["event"], "done");
+    let runs = node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550007777").count();
+    assert_eq!(runs, 1, "{:?}", node.outbox_lines());
 }

@@ -90,6 +90,12 @@ impl Keys {
         format!("{}:tick:{name}:{tick_ms}", self.tag)
     }
 
+    /// The last tick claimed of the schedule `name` (Unix ms), which a node reads at start to
+    /// know whether ticks passed while every node was down (`missed = "once"`).
+    pub fn last_tick(&self, name: &str) -> String {
+        format!("{}:tick:{name}:last", self.tag)
+    }
+
     /// The job stream of `priority` for the main stream (`lane` None) or a handler's lane:
     /// normal jobs keep the names they always had (`{q}:jobs`, `{q}:jobs:TYPE`); high and low
     /// ones get a suffix no type name can hold (`{q}:jobs#high`, `{q}:jobs:TYPE#low`).
@@ -169,6 +175,7 @@ mod tests {
         assert_eq!(k.delayed_hash(&k.scheduled_member("web-1", 7)), "{q1}:delayed:web-1:7");
         assert_eq!(k.delayed_hash("7"), k.delayed_job(7));
         assert_eq!(k.tick("nightly", 1_798_099_200_000), "{q1}:tick:nightly:1798099200000");
+        assert_eq!(k.last_tick("nightly"), "{q1}:tick:nightly:last");
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub struct Recovered {
     pub replies: Vec<u8>,
     /// The last reply stream entry read here: the bridge reads on from there.
     pub replies_from: String,
+    /// The last tick claimed of each `missed = "once"` schedule (see `ticks::last_claimed`).
+    pub last_ticks: Vec<(String, u64)>,
 }
 
 /// Connects, checks the server, and recovers this node's state.
@@ -67,7 +69,14 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
             outcomes
         );
     }
-    Ok(Recovered { first_task_id: epoch << EPOCH_SHIFT, jobs, results, replies, replies_from })
+    Ok(Recovered {
+        first_task_id: epoch << EPOCH_SHIFT,
+        jobs,
+        results,
+        replies,
+        replies_from,
+        last_ticks: Vec::new(),
+    })
 }
 
 /// How long a node's lease on its name lasts unless renewed (renewed every third of that by

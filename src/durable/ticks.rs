@@ -30,29 +30,38 @@ impl Claim {
 
 /// Claims tick KEYS[1] for ARGV[1] (`NODE/TASK_ID`) for ARGV[2] ms and stores its job: into
 /// the stream KEYS[2], or, with a time ARGV[3] > 0 (Unix ms), parked in the delayed set KEYS[2]
-/// (member ARGV[4], fields in the hash KEYS[3]) as `bridge::SCHEDULE` does. The job's fields
-/// are ARGV[5..]. Returns 1 when this claim holds (also when it already did: a batch sent
-/// again by a new bridge stores nothing twice), else the holder's value. A claim that is not a
-/// string (someone else's key) is an error, and stores nothing.
+/// (member ARGV[4], fields in the hash KEYS[3]) as `bridge::SCHEDULE` does. Then records the
+/// tick ARGV[5] as the schedule's last claimed one in KEYS[4] (if later than the one there; it
+/// lives ARGV[6] ms). The job's fields are ARGV[7..]. Returns 1 when this claim holds (also
+/// when it already did: a batch sent again by a new bridge stores nothing twice), else the
+/// holder's value. A key of another type (someone else's) is an error, and stores nothing.
 const CLAIM_AND_STORE: &str = "
 local held = redis.call('GET', KEYS[1])
 if held then
   if held == ARGV[1] then return 1 end
   return held
 end
+local last = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
 if tonumber(ARGV[3]) > 0 then
   local kind = redis.call('TYPE', KEYS[2]).ok
   if kind ~= 'zset' and kind ~= 'none' then
     return redis.error_reply(KEYS[2] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
   end
   redis.call('DEL', KEYS[3])
-  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+  redis.call('HSET', KEYS[3], unpack(ARGV, 7))
   redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), ARGV[4])
 else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 7))
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+if tonumber(ARGV[5]) > last then
+  redis.call('SET', KEYS[4], ARGV[5], 'PX', tonumber(ARGV[6]))
+end
 return 1";
+
+/// How long a schedule's last claimed tick is remembered ([`super::keys::Keys::last_tick`]):
+/// a queue whose every node was down for longer runs no catch-up for it (`missed = "once"`).
+const LAST_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// The claim's value for this node's job `task_id`.
 fn holder(d: &Durable, task_id: u64) -> String {
@@ -71,15 +80,56 @@ pub fn claim_and_store(d: &Durable, claim: &Claim, stream: &str, task_id: u64, r
     };
     let mut cmd = redis::cmd("EVAL");
     cmd.arg(CLAIM_AND_STORE)
-        .arg(3)
+        .arg(4)
         .arg(d.keys.tick(&claim.name, claim.tick_ms))
         .arg(dest)
         .arg(hash)
+        .arg(d.keys.last_tick(&claim.name))
         .arg(holder(d, task_id))
         .arg(claim.ttl_ms)
         .arg(run_at_ms)
-        .arg(member);
+        .arg(member)
+        .arg(claim.tick_ms)
+        .arg(LAST_KEEP_MS.max(claim.ttl_ms));
     cmd
+}
+
+/// The last tick claimed of each `missed = "once"` schedule of `specs` that has one, read at a
+/// web node's start. Not being able to read them is no reason not to start: said, and none.
+pub fn at_start(d: &Durable, specs: &[crate::schedule::ScheduleSpec]) -> Vec<(String, u64)> {
+    let names: Vec<String> =
+        specs.iter().filter(|s| s.missed == crate::schedule::Missed::Once).map(|s| s.name.clone()).collect();
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let read = redis_io::connect(&d.url, Some(redis_io::REPLY_LIMIT))
+        .and_then(|mut c| last_claimed(&mut c, d, &names));
+    match read {
+        Ok(last) => names.into_iter().zip(last).filter_map(|(n, t)| Some((n, t?))).collect(),
+        Err(e) => {
+            tracing::warn!(
+                "cannot read the schedules' last ticks ({}): ticks missed while every node was down are not run",
+                redis_io::describe(&e)
+            );
+            Vec::new()
+        }
+    }
+}
+
+/// The last tick claimed of each schedule of `names` (Unix ms; None: none known), read at
+/// start: a `missed = "once"` schedule whose ticks passed while every node was down runs once.
+pub fn last_claimed(
+    conn: &mut redis::Connection,
+    d: &Durable,
+    names: &[String],
+) -> redis::RedisResult<Vec<Option<u64>>> {
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let keys: Vec<String> = names.iter().map(|n| d.keys.last_tick(n)).collect();
+    let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query(conn)?;
+    // Written by anyone who can write to Redis: a number, or nothing.
+    Ok(values.into_iter().map(|v| v.and_then(|v| v.parse().ok())).collect())
 }
 
 /// Appends a [`FromBridge::TickClaim`] to `out` for each claim of `items` (in order), read from

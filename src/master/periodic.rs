@@ -115,6 +115,26 @@ impl Periodic {
         Periodic { entries, durable: false, pending: None }
     }
 
+    /// Durable jobs, at start: a `missed = "once"` entry whose tick after `last` (the last one
+    /// any node claimed, by name) has passed is due now, as a missed tick: it runs once for the
+    /// ticks that passed while every node was down, claimed as the last that passed, so that
+    /// nodes starting together run it once.
+    pub fn catch_up(&mut self, last: &[(String, u64)]) {
+        for (name, last_ms) in last {
+            let Some(e) = self.entries.iter_mut().find(|e| &e.schedule.spec.name == name) else { continue };
+            let Ok(last_ms) = i64::try_from(*last_ms) else { continue };
+            let Some(last) = DateTime::<Utc>::from_timestamp_millis(last_ms) else { continue };
+            let after = e.schedule.next_after(last);
+            if let Some(tick) = after.filter(|t| *t <= crate::schedule::wall_now()) {
+                tracing::info!(
+                    "schedule {name}: tick {} and maybe later ones passed while no node ran it (missed = \"once\")",
+                    crate::app::rfc3339(tick.timestamp_millis().max(0) as u64)
+                );
+                e.next = Some((tick, Instant::now()));
+            }
+        }
+    }
+
     pub fn next_deadline(&self) -> Option<Instant> {
         self.entries.iter().filter_map(|e| e.next.map(|(_, at)| at)).min()
     }
