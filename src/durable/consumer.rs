@@ -512,7 +512,9 @@ impl Consumer<'_> {
             // In weighted fair order of the priorities; blocking only when all are empty.
             let got = fair.take(conn, d, &me, count)?;
             if got.is_empty() {
-                read_group(conn, d, &me, 1, Some(BLOCK_MS), ">")?
+                let woke = read_group(conn, d, &me, 1, Some(BLOCK_MS), ">")?;
+                fair.woke(d, &woke);
+                woke
             } else {
                 got
             }
