@@ -375,12 +375,14 @@ impl WorkerCtx<'_> {
         if options.is_default() {
             return self.task_for(session, context, data);
         }
-        if self.limits.durable && options.key.is_some() {
-            return Err(TaskError::Unavailable(
-                "this server keeps its jobs in Redis (redis_url): key is not available with durable \
-                 jobs yet (run_at, run_in_ms and priority are)"
-                    .into(),
-            ));
+        if self.limits.durable
+            && options.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > crate::durable::dedup::KEY_MAX)
+        {
+            // Its hex form is part of a Redis key name (`{q}:key:HEX`): bounded.
+            return Err(TaskError::Unavailable(format!(
+                "a deduplication key of durable jobs is 1 to {} bytes",
+                crate::durable::dedup::KEY_MAX
+            )));
         }
         self.check_size(data)?;
         let bytes = (context.len() + data.len()) as u64;

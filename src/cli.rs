@@ -156,7 +156,7 @@ options! {
     server.user: String => Some,
     /// Run workers and task processes with this group (default: the user's group)
     server.group: String => Some,
-    /// Durable jobs in Redis Streams: redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, redis+sentinel://H:P,H:P/MASTER, redis+cluster://H:P,H:P (off when unset)
+    /// Durable jobs in Redis Streams: redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, redis+sentinel://H:P,H:P/MASTER (rediss+sentinel:// with TLS), redis+cluster://H:P,H:P (off when unset)
     server.redis_url: String => Some,
     /// rediss://: PEM CA certificates that sign the Redis server's certificate [default: the system's]
     server.redis_ca_file: PathBuf => Some,
@@ -168,7 +168,7 @@ options! {
     server.redis_wait_replicas: u32,
     /// This node's name in the shared queue; a restart with the same one resumes its jobs [default: host name]
     server.node_id: String => Some,
-    /// Name of the shared queue (its keys are {NAME}:...) [default: taskd]
+    /// Name of the shared queue (its keys are {NAME}:...); a task node serves several: a,b,c [default: taskd]
     server.redis_queue: String,
     /// Final replies kept for {"type":"result"} queries [default: 10000]
     server.result_keep: usize,
@@ -542,12 +542,30 @@ pub fn load_with_env(cli: &Cli, env: &dyn Fn(&str) -> Option<String>) -> Result<
         settings.mail.handlers.insert(kind, command);
     }
     settings.server.validate().map_err(|e| e.to_string())?;
+    check_queues(cli, &settings.server)?;
     settings.check_handlers().map_err(|e| e.to_string())?;
     settings.check_mail_times().map_err(|e| e.to_string())?;
     settings.mail.check_delivery().map_err(|e| e.to_string())?;
     settings.check_smtp().map_err(|e| e.to_string())?;
     settings.check_schedules()?;
     Ok(settings)
+}
+
+/// Several queues are for a task node: a web node stores each job into one queue, and
+/// `dead-letter` lists and replays one queue's dead letters.
+fn check_queues(cli: &Cli, server: &crate::config::ServerConfig) -> Result<(), String> {
+    if server.queues().len() > 1 && cli.subcommand_name() != Some("task-node") {
+        let what = match cli.subcommand_name() {
+            Some(name) => format!("`taskd {name}` works on one queue"),
+            None => "a web node stores its jobs into one queue".to_string(),
+        };
+        return Err(format!(
+            "invalid redis_queue: {:?} names several queues, but {what}: name one (a task node, \
+             `taskd task-node`, serves several)",
+            server.redis_queue
+        ));
+    }
+    Ok(())
 }
 
 /// Job types of the application itself: their durable jobs stay in the main stream.

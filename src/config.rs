@@ -148,7 +148,8 @@ pub struct ServerConfig {
     /// This node's name among the nodes sharing the queue; a restarted node takes its
     /// unfinished jobs back by it (default: the host name).
     pub node_id: Option<String>,
-    /// The queue's name: every key of it is `{NAME}:...` (one Redis Cluster hash slot).
+    /// The queue's name: every key of it is `{NAME}:...` (one Redis Cluster hash slot). A task
+    /// node may serve several, comma-separated ([`ServerConfig::queues`]).
     pub redis_queue: String,
     /// Final replies kept for `{"type":"result"}` queries, most recent first.
     pub result_keep: usize,
@@ -556,6 +557,7 @@ impl ServerConfig {
                     "redis+unix://",
                     "unix://",
                     "redis+sentinel://",
+                    "rediss+sentinel://",
                     "redis+cluster://",
                 ]
                 .iter()
@@ -563,19 +565,23 @@ impl ServerConfig {
                 "redis_url",
                 format!(
                     "{:?} is not redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+unix:///PATH, \
-                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER or redis+cluster://HOST:PORT,HOST:PORT",
+                     redis+sentinel://HOST:PORT,HOST:PORT/MASTER (rediss+sentinel:// with TLS) or \
+                     redis+cluster://HOST:PORT,HOST:PORT",
                     crate::durable::redact(url)
                 ),
             )?;
         }
         check(self.redis_wait_replicas <= 64, "redis_wait_replicas", "at most 64 replicas")?;
-        let tls = self.redis_url.as_deref().is_some_and(|url| url.starts_with("rediss://"));
+        let tls = self
+            .redis_url
+            .as_deref()
+            .is_some_and(|url| url.starts_with("rediss://") || url.starts_with("rediss+sentinel://"));
         for (option, given) in [
             ("redis_ca_file", self.redis_ca_file.is_some()),
             ("redis_cert_file", self.redis_cert_file.is_some()),
             ("redis_key_file", self.redis_key_file.is_some()),
         ] {
-            check(!given || tls, option, "it goes with a rediss:// redis_url (TLS)")?;
+            check(!given || tls, option, "it goes with a rediss:// or rediss+sentinel:// redis_url (TLS)")?;
         }
         check(
             self.redis_cert_file.is_some() == self.redis_key_file.is_some(),
@@ -590,10 +596,17 @@ impl ServerConfig {
         if let Some(node) = &self.node_id {
             check(name_ok(node), "node_id", format!("{node:?} is not 1 to 64 of [A-Za-z0-9._-]"))?;
         }
+        let queues = self.queues();
+        for queue in &queues {
+            check(name_ok(queue), "redis_queue", format!("{queue:?} is not 1 to 64 of [A-Za-z0-9._-]"))?;
+        }
+        let mut names = queues.clone();
+        names.sort_unstable();
+        names.dedup();
         check(
-            name_ok(&self.redis_queue),
+            names.len() == queues.len(),
             "redis_queue",
-            format!("{:?} is not 1 to 64 of [A-Za-z0-9._-]", self.redis_queue),
+            format!("{:?} names a queue twice", self.redis_queue),
         )?;
         Ok(())
     }
@@ -612,6 +625,12 @@ impl ServerConfig {
             .ok()
             .filter(|d| d.as_secs_f64() >= MIN_CLAIM_TIMEOUT)
             .unwrap_or(Duration::from_secs_f64(DEFAULT_CLAIM_TIMEOUT))
+    }
+
+    /// The queues `redis_queue` names (`a,b,c`): a web node stores into one, a task node
+    /// serves each (see `durable::node`).
+    pub fn queues(&self) -> Vec<&str> {
+        self.redis_queue.split(',').map(str::trim).collect()
     }
 
     /// Task slots (and channels) to create: room for the pool to grow by SIGTTIN.

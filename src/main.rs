@@ -67,7 +67,7 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
     let mut server = settings.server.clone();
     // Two task nodes on one host must not share consumer names: the pid tells them apart.
     server.node_id.get_or_insert_with(|| format!("{}-{}", taskd::durable::host_name(), std::process::id()));
-    let d = durable_settings(&Settings { server: server.clone(), mail: settings.mail.clone() }, "task-node")?;
+    durable_settings(&Settings { server: server.clone(), mail: settings.mail.clone() }, "task-node")?;
     if server.daemonize || server.pid_file.is_some() {
         return Err((
             2,
@@ -81,9 +81,21 @@ fn task_node(settings: &Settings) -> Result<i32, (u8, String)> {
         .map_err(|e| (2, e))?;
     open_outbox(settings, owner)?;
     let smtp = smtp_settings(settings)?;
-    let mut app =
-        MailApp::new(settings.mail.clone()).with_smtp(smtp).with_delivery(&server).map_err(|e| (1, e))?;
-    taskd::durable::node::run(&mut app, &server, &d).map_err(|e| (1, e))
+    // One application and one queue's settings for each queue served: a job's rate limit and
+    // idempotency key are its queue's.
+    let mut served = Vec::new();
+    for queue in server.queues() {
+        let mut one = server.clone();
+        one.redis_queue = queue.to_string();
+        let app = MailApp::new(settings.mail.clone())
+            .with_smtp(smtp.clone())
+            .with_delivery(&one)
+            .map_err(|e| (1, e))?;
+        let durable =
+            taskd::durable::Durable::from_config(&one).ok_or_else(|| (2, "no redis_url".to_string()))?;
+        served.push(taskd::durable::node::Served { app, durable });
+    }
+    taskd::durable::node::run(&mut served, &server).map_err(|e| (1, e))
 }
 
 /// `taskd dead-letter list|replay`.

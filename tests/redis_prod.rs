@@ -281,6 +281,24 @@ fn the_readmes_acl_user_runs_durable_jobs() {
     let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--simulate-ms", "0"]);
     let mut c = d.connect();
     assert_eq!(all_done(&mut c, 40).len(), 40);
+    // A key and its duplicate, a cancel of a parked job and of one in the stream: their
+    // scripts' calls need the user's rights too.
+    let keyed = r#"{"type":"sms","to":"+15550009999","key":"acl-key"}"#;
+    let first = c.submit(keyed);
+    let done = c.final_reply(&first["task_id"], &mut Vec::new());
+    c.submit(keyed);
+    assert_eq!(c.recv(), serde_json::json!({"event": "duplicate", "task_id": first["task_id"]}));
+    assert_eq!(c.recv(), done);
+    let parked = c.submit(r#"{"type":"sms","to":"+15550009998","run_in_ms":60000}"#);
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, parked["task_id"]));
+    assert_eq!(c.recv(), serde_json::json!({"event": "cancelled", "task_id": parked["task_id"]}));
+    let slow = c.submit(r#"{"type":"sms","to":"+15550009997","simulate_ms":300}"#);
+    c.send(&format!(r#"{{"type":"cancel","task_id":{}}}"#, slow["task_id"]));
+    let answer = c.recv();
+    assert!(
+        answer["event"] == "cancelled" || answer["error"].as_str().is_some_and(|e| e.contains("has started")),
+        "{answer}"
+    );
     let list = taskd(&["dead-letter", "list"], &[("TASKD_REDIS_URL", &url)]);
     assert!(list.status.success(), "{list:?}");
     // Nothing else was refused: not a script's call (the sweeps of the delayed set, the
@@ -308,19 +326,49 @@ fn the_readmes_acl_user_runs_durable_jobs() {
 struct Sentinel {
     child: std::process::Child,
     port: u16,
+    /// How the test asks it (plain TCP, or TLS with its password).
+    client: redis::Client,
     _dir: tempfile::TempDir,
 }
 
 impl Sentinel {
     fn start(master_port: u16) -> Sentinel {
+        let port = free_port();
+        let client =
+            redis::Client::open(redis::ConnectionAddr::Tcp("127.0.0.1".into(), port)).expect("client");
+        Self::start_conf(master_port, port, &format!("port {port}\n"), client)
+    }
+
+    /// Only a TLS port (the test's CA, no client certificate asked), TLS to the servers and the
+    /// other Sentinels, and a password (`requirepass`).
+    fn start_tls(master_port: u16, certs: &Certs, password: &str) -> Sentinel {
+        let port = free_port();
+        let path = |p: &Path| p.display().to_string();
+        let conf = format!(
+            "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+             tls-auth-clients no\ntls-replication yes\nrequirepass {password}\n",
+            path(&certs.server_cert),
+            path(&certs.server_key),
+            path(&certs.ca)
+        );
+        let root_cert = std::fs::read(&certs.ca).expect("CA");
+        let client = redis::Client::build_with_tls(
+            format!("rediss://:{password}@127.0.0.1:{port}"),
+            redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+        )
+        .expect("client");
+        let monitor = format!("sentinel sentinel-pass {password}\n");
+        Self::start_conf(master_port, port, &(conf + &monitor), client)
+    }
+
+    fn start_conf(master_port: u16, port: u16, listen: &str, client: redis::Client) -> Sentinel {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
         let conf = dir.path().join("sentinel.conf");
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsentinel monitor taskdm 127.0.0.1 {master_port} 2\n\
+                "{listen}bind 127.0.0.1\ndir {}\nsentinel monitor taskdm 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds taskdm 1000\nsentinel failover-timeout taskdm 10000\n\
                  sentinel parallel-syncs taskdm 2\n",
                 dir.path().display()
@@ -336,12 +384,11 @@ impl Sentinel {
             .process_group(0)
             .spawn()
             .expect("start redis-sentinel");
-        Sentinel { child, port, _dir: dir }
+        Sentinel { child, port, client, _dir: dir }
     }
 
     fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
-        let info = redis::ConnectionAddr::Tcp("127.0.0.1".into(), self.port);
-        let mut conn = redis::Client::open(info).ok()?.get_connection().ok()?;
+        let mut conn = self.client.get_connection().ok()?;
         let mut cmd = redis::cmd(args[0]);
         for a in &args[1..] {
             cmd.arg(*a);
@@ -394,6 +441,133 @@ fn one_job(
     }
 }
 
+fn as_args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Waits until each Sentinel knows the two others and `replicas` replicas.
+fn sentinels_agree(sentinels: &[Sentinel], replicas: usize) {
+    common::wait_for("the Sentinels to know each other and the replicas", || {
+        sentinels
+            .iter()
+            .all(|s| {
+                let others: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "sentinels", "taskdm"]);
+                let known: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "replicas", "taskdm"]);
+                others.is_some_and(|o| o.len() == sentinels.len() - 1)
+                    && known.is_some_and(|r| r.len() == replicas)
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
+    if common::which("redis-sentinel").is_none() {
+        common::cannot_run("redis", "this test needs redis-sentinel (apt-get install redis-sentinel)");
+        return;
+    }
+    let Some(certs) = certs() else { return };
+    let path = |p: &Path| p.display().to_string();
+    let (cert, key, ca) = (path(&certs.server_cert), path(&certs.server_key), path(&certs.ca));
+    let tls_server = |port: u16, extra: &[&str]| {
+        let port = port.to_string();
+        let mut args = vec![
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+            "--tls-replication",
+            "yes",
+        ];
+        args.extend_from_slice(extra);
+        Redis::start_with(&args)
+    };
+    // A master and a replica that speak TLS only, three Sentinels that speak TLS only and
+    // want a password.
+    let master_port = free_port();
+    let Some(mut master) = tls_server(master_port, &[]) else { return };
+    let mp = master_port.to_string();
+    let Some(_replica) = tls_server(free_port(), &["--replicaof", "127.0.0.1", &mp]) else { return };
+    common::wait_for("the replica in sync", || {
+        let info: String = master.query(&["INFO", "replication"]);
+        info.contains("state=online").then_some(())
+    });
+    let password = "sentinel-s3cret";
+    let sentinels: Vec<Sentinel> =
+        (0..3).map(|_| Sentinel::start_tls(master_port, &certs, password)).collect();
+    sentinels_agree(&sentinels, 1);
+    let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
+    let base = format!("rediss+sentinel://{}/taskdm", hosts.join(","));
+    let web = |url: &str| {
+        vec![
+            "--redis-url".to_string(),
+            url.to_string(),
+            "--redis-ca-file".into(),
+            ca.clone(),
+            "--node-id".into(),
+            "web-1".into(),
+            "--simulate-ms".into(),
+            "0".into(),
+            "--task-worker-num".into(),
+            "0".into(),
+        ]
+    };
+
+    // No password, or a wrong one: the start fails, saying where the password goes, never
+    // showing the one given.
+    let (_, log) = Daemon::try_start(&as_args(&web(&base))).err().expect("no password, no master");
+    assert!(log.contains("NOAUTH") && log.contains("?sentinel_password="), "{log}");
+    let wrong = format!("{base}?sentinel_password=not-the-pw-42");
+    let (_, log) = Daemon::try_start(&as_args(&web(&wrong))).err().expect("a wrong password");
+    assert!(
+        log.contains("Password authentication failed")
+            && log.contains("?sentinel_password=")
+            && !log.contains("not-the-pw-42"),
+        "{log}"
+    );
+    // Plain TCP to a TLS Sentinel finds nothing either.
+    let plain = format!("redis+sentinel://{}/taskdm?sentinel_password={password}", hosts.join(","));
+    let (_, log) =
+        Daemon::try_start(&as_args(&web(&plain))).err().expect("TLS options without TLS are refused");
+    assert!(log.contains("rediss+sentinel://"), "{log}");
+
+    let url = format!("{base}?sentinel_password={password}");
+    let d = Daemon::start(&as_args(&web(&url)));
+    let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--redis-ca-file", &ca]);
+    let mut c = d.connect();
+    assert_eq!(all_done(&mut c, 20).len(), 20);
+    assert_eq!(node.outbox_lines().len(), 20);
+    // Every connection to the master is TLS: it has no plain TCP port.
+    let clients: String = master.query(&["CLIENT", "LIST", "TYPE", "normal"]);
+    assert!(clients.contains("name=taskd:tasks-a/0"), "{clients}");
+
+    // The master dies; the Sentinels (asked over TLS, with the password) name the replica.
+    master.kill();
+    let mut seen = Seen::default();
+    let mut i = 100;
+    accept_more(&mut c, 20, usize::MAX, &mut i, &mut seen);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.finals.len() < seen.accepted.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let v = c.try_recv(left).expect("every job accepted after the failover is done");
+        if let Some(id) = v["task_id"].as_u64().filter(|id| seen.accepted.contains_key(id)) {
+            if v["event"] == "done" {
+                seen.finals.insert(id, v);
+            }
+        }
+    }
+    d.wait_log("Sentinel: master taskdm moved from");
+    let logs = d.log() + &node.log();
+    assert!(!logs.contains(password), "the Sentinels' password is in a log:\n{logs}");
+    assert!(logs.contains("rediss+sentinel://127.0.0.1:"), "{logs}");
+}
+
 #[test]
 fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica() {
     if common::which("redis-sentinel").is_none() {
@@ -413,16 +587,7 @@ fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica(
         (info.matches("state=online").count() == 2).then_some(())
     });
     let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master_port)).collect();
-    common::wait_for("the Sentinels to know each other and the replicas", || {
-        sentinels
-            .iter()
-            .all(|s| {
-                let others: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "sentinels", "taskdm"]);
-                let replicas: Option<Vec<redis::Value>> = s.query(&["SENTINEL", "replicas", "taskdm"]);
-                others.is_some_and(|o| o.len() == 2) && replicas.is_some_and(|r| r.len() == 2)
-            })
-            .then_some(())
-    });
+    sentinels_agree(&sentinels, 2);
     let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
     let url = format!("redis+sentinel://{}/taskdm", hosts.join(","));
 
@@ -507,82 +672,115 @@ fn a_sentinel_failover_under_load_loses_no_accepted_job_with_wait_for_a_replica(
 
 // ---- Cluster ----
 
-#[test]
-fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
-    if common::which("redis-cli").is_none() {
-        common::cannot_run(
-            "redis",
-            "this test creates its cluster with redis-cli (apt-get install redis-tools)",
-        );
-        return;
+/// A three-node Redis Cluster (no replicas) made by `redis-cli --cluster create`, and a queue
+/// name whose slot each node serves (`queues[i]` on `nodes[i]`).
+struct Cluster {
+    nodes: Vec<Redis>,
+    ports: Vec<u16>,
+    queues: Vec<String>,
+}
+
+impl Cluster {
+    fn start() -> Option<Cluster> {
+        Self::start_with(&[])
     }
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-    let nodes: Vec<Redis> = ports
-        .iter()
-        .filter_map(|p| {
-            Redis::start_with(&[
-                "--port",
-                &p.to_string(),
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                "nodes.conf",
-            ])
-        })
-        .collect();
-    if nodes.len() < 3 {
-        return;
-    }
-    let mut create = Command::new("redis-cli");
-    create.arg("--cluster").arg("create");
-    for p in &ports {
-        create.arg(format!("127.0.0.1:{p}"));
-    }
-    create.args(["--cluster-replicas", "0", "--cluster-yes"]);
-    let made = common::run_with_timeout(&mut create, common::DEADLINE);
-    assert!(made.status.success(), "{made:?}");
-    common::wait_for("the cluster to be up on every node", || {
-        nodes
+
+    /// With extra settings for each node.
+    fn start_with(extra: &[&str]) -> Option<Cluster> {
+        if common::which("redis-cli").is_none() {
+            common::cannot_run(
+                "redis",
+                "this test creates its cluster with redis-cli (apt-get install redis-tools)",
+            );
+            return None;
+        }
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let nodes: Vec<Redis> = ports
             .iter()
-            .all(|n| n.query::<String>(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
-            .then_some(())
-    });
-    // One queue for each node: names whose slot that node serves.
-    // The node that serves a key's slot answers for it; the others answer MOVED.
-    let owner_of = |queue: &str| -> usize {
+            .filter_map(|p| {
+                let port = p.to_string();
+                let mut args =
+                    vec!["--port", &port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+                args.extend_from_slice(extra);
+                Redis::start_with(&args)
+            })
+            .collect();
+        if nodes.len() < 3 {
+            return None;
+        }
+        let mut create = Command::new("redis-cli");
+        create.arg("--cluster").arg("create");
+        for p in &ports {
+            create.arg(format!("127.0.0.1:{p}"));
+        }
+        create.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let made = common::run_with_timeout(&mut create, common::DEADLINE);
+        assert!(made.status.success(), "{made:?}");
+        common::wait_for("the cluster to be up on every node", || {
+            nodes
+                .iter()
+                .all(|n| n.query::<String>(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+                .then_some(())
+        });
+        let mut cluster = Cluster { nodes, ports, queues: Vec::new() };
+        // One queue for each node: names whose slot that node serves.
+        let mut queues: Vec<Option<String>> = vec![None, None, None];
+        for n in 0..200 {
+            let q = format!("q{n}");
+            let i = cluster.owner_of(&q);
+            queues[i].get_or_insert(q);
+            if queues.iter().all(Option::is_some) {
+                break;
+            }
+        }
+        cluster.queues = queues.into_iter().map(|q| q.expect("a queue on each node")).collect();
+        Some(cluster)
+    }
+
+    /// The node that serves a queue's slot: it answers for its keys, the others MOVED (and
+    /// while the slot moves, the importing node answers ASK for a key it does not have yet).
+    fn owner_of(&self, queue: &str) -> usize {
         let key = format!("{{{queue}}}:probe");
         (0..3)
             .find(|&i| {
-                let mut conn = nodes[i].conn().expect("connect");
+                let mut conn = self.nodes[i].conn().expect("connect");
                 redis::cmd("EXISTS").arg(&key).query::<i64>(&mut conn).is_ok()
             })
             .expect("a node serves the slot")
-    };
-    let mut queues: Vec<Option<String>> = vec![None, None, None];
-    for n in 0..200 {
-        let q = format!("q{n}");
-        let i = owner_of(&q);
-        queues[i].get_or_insert(q);
-        if queues.iter().all(Option::is_some) {
-            break;
-        }
     }
-    let queues: Vec<String> = queues.into_iter().map(|q| q.expect("a queue on each node")).collect();
-    let url = format!("redis+cluster://127.0.0.1:{}", ports[0]);
-    for (i, queue) in queues.iter().enumerate() {
+
+    fn url(&self) -> String {
+        format!("redis+cluster://127.0.0.1:{}", self.ports[0])
+    }
+
+    fn node_id(&self, i: usize) -> String {
+        self.nodes[i].query(&["CLUSTER", "MYID"])
+    }
+}
+
+/// A web node of `queue` on `url` that runs no job itself.
+fn web_node_of(url: &str, queue: &str) -> Daemon {
+    Daemon::start(&[
+        "--redis-url",
+        url,
+        "--redis-queue",
+        queue,
+        "--node-id",
+        &format!("web-{queue}"),
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "0",
+    ])
+}
+
+#[test]
+fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.url();
+    for (i, queue) in cluster.queues.iter().enumerate() {
         let node_id = format!("web-{queue}");
-        let d = Daemon::start(&[
-            "--redis-url",
-            &url,
-            "--redis-queue",
-            queue,
-            "--node-id",
-            &node_id,
-            "--simulate-ms",
-            "0",
-            "--task-worker-num",
-            "0",
-        ]);
+        let d = web_node_of(&url, queue);
         let tasks = TaskNode::start_url(
             &url,
             &format!("tasks-{queue}"),
@@ -592,8 +790,272 @@ fn queues_spread_over_a_redis_cluster_each_on_the_node_of_its_slot() {
         assert_eq!(all_done(&mut c, 20).len(), 20, "queue {queue}");
         assert_eq!(tasks.outbox_lines().len(), 20);
         // Its keys are on the node that serves its slot.
-        let epoch: i64 = nodes[i].query(&["EXISTS", &format!("{{{queue}}}:epoch:{node_id}")]);
+        let epoch: i64 = cluster.nodes[i].query(&["EXISTS", &format!("{{{queue}}}:epoch:{node_id}")]);
         assert_eq!(epoch, 1, "queue {queue} on node {i}");
         assert!(d.log().contains("Redis Cluster: the node of slot"), "{}", d.log());
     }
+}
+
+// ---- A task node of several queues ----
+
+/// The consumers of `queue`'s group on `redis`, by name.
+fn consumers_of(redis: &Redis, queue: &str) -> Vec<String> {
+    let key = format!("{{{queue}}}:jobs");
+    let list: Vec<Vec<redis::Value>> = redis.query(&["XINFO", "CONSUMERS", &key, "taskd"]);
+    list.into_iter()
+        .filter_map(|fields| {
+            let mut it = fields.into_iter();
+            while let Some(k) = it.next() {
+                let v = it.next()?;
+                if redis::from_redis_value::<String>(k).ok()? == "name" {
+                    return redis::from_redis_value::<String>(v).ok();
+                }
+            }
+            None
+        })
+        .collect()
+}
+
+#[test]
+fn one_task_node_serves_three_queues_on_three_cluster_nodes() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.url();
+    let list = cluster.queues.join(",");
+    // Four processes over three queues: slot i serves queue i mod 3.
+    let tasks = TaskNode::start_url(
+        &url,
+        "tasks-all",
+        &["--task-worker-num", "4", "--simulate-ms", "0", "--redis-queue", &list],
+    );
+    let webs: Vec<Daemon> = cluster.queues.iter().map(|q| web_node_of(&url, q)).collect();
+    let mut clients: Vec<Client> = webs.iter().map(Daemon::connect).collect();
+    // Jobs of the three web nodes at once: each queue's are run (none waits for another's).
+    for c in &mut clients {
+        for i in 0..30 {
+            c.send(&job(i));
+        }
+    }
+    for (c, queue) in clients.iter_mut().zip(&cluster.queues) {
+        let (mut accepted, mut done) = (0, 0);
+        while accepted < 30 || done < 30 {
+            let v = c.recv();
+            match v["event"].as_str() {
+                Some("accepted") => accepted += 1,
+                Some("done") => done += 1,
+                _ => panic!("queue {queue}: neither accepted nor done: {v}"),
+            }
+        }
+    }
+    assert_eq!(tasks.outbox_lines().len(), 90, "the one task node ran every job");
+    for (i, queue) in cluster.queues.iter().enumerate() {
+        // Everything of a queue is on its own node: the node's name, its consumers (the
+        // processes of its slots), the group and nothing left pending.
+        let lease: i64 = cluster.nodes[i].query(&["EXISTS", &format!("{{{queue}}}:lease:tasks-all")]);
+        assert_eq!(lease, 1, "the task node holds its name in queue {queue}, on node {i}");
+        let mut names = consumers_of(&cluster.nodes[i], queue);
+        names.sort();
+        let want: Vec<String> = (0..4).filter(|s| s % 3 == i).map(|s| format!("tasks-all/{s}")).collect();
+        assert_eq!(names, want, "queue {queue}");
+        let pending: Vec<redis::Value> =
+            cluster.nodes[i].query(&["XPENDING", &format!("{{{queue}}}:jobs"), "taskd"]);
+        assert_eq!(redis::from_redis_value::<i64>(pending[0].clone()).unwrap(), 0);
+    }
+    let log = tasks.log();
+    for queue in &cluster.queues {
+        assert!(log.contains(&format!("(queue {queue}) is at 127.0.0.1:")), "{log}");
+    }
+    // A clean stop gives the name back in every queue.
+    drop(clients);
+    tasks.signal(nix::sys::signal::Signal::SIGTERM);
+    common::wait_for("the task node's names given back", || {
+        cluster
+            .queues
+            .iter()
+            .enumerate()
+            .all(|(i, q)| {
+                cluster.nodes[i].query::<i64>(&["EXISTS", &format!("{{{q}}}:lease:tasks-all")]) == 0
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn one_task_node_serves_two_queues_of_one_redis_and_a_web_node_names_one() {
+    let Some(redis) = Redis::start() else { return };
+    // Fewer processes than queues: one each, said in the log.
+    let tasks = TaskNode::start(&redis, "tasks-ab", &["--task-worker-num", "1", "--redis-queue", "qa, qb"]);
+    let webs: Vec<Daemon> = ["qa", "qb"].iter().map(|q| web_node_of(&redis.url, q)).collect();
+    for d in &webs {
+        let mut c = d.connect();
+        assert_eq!(all_done(&mut c, 20).len(), 20);
+    }
+    assert_eq!(tasks.outbox_lines().len(), 40);
+    assert_eq!(consumers_of(&redis, "qa"), vec!["tasks-ab/0".to_string()]);
+    assert_eq!(consumers_of(&redis, "qb"), vec!["tasks-ab/1".to_string()]);
+    assert!(tasks.log().contains("task_worker_num 1 is fewer than the 2 queues served"), "{}", tasks.log());
+
+    // A web node stores into one queue; a queue named twice is a mistake.
+    let web = taskd(&["--redis-url", &redis.url, "--redis-queue", "qa,qb", "--check-config"], &[]);
+    let said = String::from_utf8_lossy(&web.stderr);
+    assert!(!web.status.success() && said.contains("names several queues"), "{said}");
+    let twice =
+        taskd(&["task-node", "--redis-url", &redis.url, "--redis-queue", "qa,qa", "--node-id", "x"], &[]);
+    let said = String::from_utf8_lossy(&twice.stderr);
+    assert!(!twice.status.success() && said.contains("names a queue twice"), "{said}");
+}
+
+#[test]
+fn a_queue_whose_server_is_gone_stops_only_its_own_task_processes() {
+    // Without full coverage, the other nodes serve their slots while one is down.
+    let Some(mut cluster) = Cluster::start_with(&["--cluster-require-full-coverage", "no"]) else { return };
+    let url = cluster.url();
+    let list = cluster.queues.join(",");
+    let tasks = TaskNode::start_url(
+        &url,
+        "tasks-all",
+        &["--task-worker-num", "3", "--simulate-ms", "0", "--redis-queue", &list],
+    );
+    let webs: Vec<Daemon> = cluster.queues[..2].iter().map(|q| web_node_of(&url, q)).collect();
+    for d in &webs {
+        assert_eq!(all_done(&mut d.connect(), 10).len(), 10);
+    }
+    // The third queue's node dies: the task node cannot renew its name there, and past the
+    // lease its process of that queue takes nothing (a node of its name may run elsewhere).
+    cluster.nodes[2].kill();
+    let lapsed = "tasks-all/2: the node's name is not known to be its own";
+    let start = std::time::Instant::now();
+    while !tasks.log().contains(lapsed) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{}", tasks.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The other queues' processes go on: their names were renewed on their own nodes.
+    for d in &webs {
+        assert_eq!(all_done(&mut d.connect(), 10).len(), 10);
+    }
+    assert_eq!(tasks.outbox_lines().len(), 40);
+    for slot in [0, 1] {
+        assert!(
+            !tasks.log().contains(&format!("tasks-all/{slot}: the node's name is not known")),
+            "{}",
+            tasks.log()
+        );
+    }
+}
+
+// ---- Resharding ----
+
+/// Sends jobs one at a time until `n` more are accepted (some may be refused meanwhile), or
+/// `tries` were sent; files each accepted job's request (its `i`) by its task id.
+fn accept_more(c: &mut Client, n: usize, tries: usize, i: &mut usize, seen: &mut Seen) {
+    let mut got = 0;
+    let start = std::time::Instant::now();
+    for _ in 0..tries {
+        if got == n {
+            return;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "jobs are no longer accepted");
+        *i += 1;
+        match one_job(c, *i, &seen.accepted, &mut seen.finals, &mut seen.refused) {
+            Answer::Accepted(id) => {
+                seen.accepted.insert(id, std::time::Instant::now());
+                seen.request.insert(id, *i);
+                got += 1;
+            }
+            Answer::Refused => seen.refused_count += 1,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    accepted: HashMap<u64, std::time::Instant>,
+    request: HashMap<u64, usize>,
+    finals: HashMap<u64, Value>,
+    refused: std::collections::HashSet<u64>,
+    refused_count: usize,
+}
+
+#[test]
+fn a_queues_slot_moved_by_resharding_while_jobs_flow_loses_no_job_and_runs_none_twice() {
+    let Some(cluster) = Cluster::start() else { return };
+    let url = cluster.url();
+    let queue = cluster.queues[0].clone();
+    let (from, to) = (0, 1);
+    let d = web_node_of(&url, &queue);
+    let tasks = TaskNode::start_url(
+        &url,
+        "tasks-r",
+        &["--task-worker-num", "2", "--simulate-ms", "0", "--redis-queue", &queue],
+    );
+    let mut c = d.connect();
+    let mut seen = Seen::default();
+    let mut i = 0;
+    accept_more(&mut c, 100, usize::MAX, &mut i, &mut seen);
+
+    // The slot moves from node 0 to node 1 as `redis-cli --cluster reshard` moves it: IMPORTING
+    // and MIGRATING, then the keys one MIGRATE at a time, with jobs sent between two (the
+    // moved keys answer ASK on the old node, a script or MULTI over keys on both sides
+    // TRYAGAIN or EXECABORT: a job is refused rather than stored there), then the slot given
+    // to its new node everywhere, and jobs are accepted again.
+    let slot: i64 = cluster.nodes[from].query(&["CLUSTER", "KEYSLOT", &format!("{{{queue}}}:jobs")]);
+    let slot = slot.to_string();
+    let (from_id, to_id) = (cluster.node_id(from), cluster.node_id(to));
+    let _: () = cluster.nodes[to].query(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]);
+    let _: () = cluster.nodes[from].query(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]);
+    let to_port = cluster.ports[to].to_string();
+    let mut moved = 0;
+    loop {
+        let keys: Vec<String> = cluster.nodes[from].query(&["CLUSTER", "GETKEYSINSLOT", &slot, "1"]);
+        let Some(key) = keys.first() else { break };
+        let _: redis::Value =
+            cluster.nodes[from].query(&["MIGRATE", "127.0.0.1", &to_port, "", "0", "5000", "KEYS", key]);
+        moved += 1;
+        accept_more(&mut c, 5, 5, &mut i, &mut seen);
+    }
+    assert!(moved >= 4, "the queue's keys were moved one by one ({moved})");
+    for node in [to, from, 2] {
+        let _: () = cluster.nodes[node].query(&["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+    }
+    assert_eq!(cluster.owner_of(&queue), to);
+    let during = seen.accepted.len() - 100;
+    accept_more(&mut c, 100, usize::MAX, &mut i, &mut seen);
+
+    // Every accepted job is done, once.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while seen.finals.len() < seen.accepted.len() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let missing: Vec<&u64> =
+            seen.accepted.keys().filter(|id| !seen.finals.contains_key(id)).take(10).collect();
+        let v = c
+            .try_recv(left)
+            .unwrap_or_else(|| panic!("accepted jobs lost: {missing:?} of {}", seen.accepted.len()));
+        if let Some(id) = v["task_id"].as_u64().filter(|id| seen.accepted.contains_key(id)) {
+            if v["event"] == "done" || v["event"] == "failed" {
+                assert!(seen.finals.insert(id, v).is_none(), "a second final reply for {id}");
+            }
+        }
+    }
+    let failed: Vec<&Value> = seen.finals.values().filter(|v| v["event"] != "done").collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    // Each ran once: one message in the outbox per request (the address names the request).
+    let mut runs: HashMap<String, usize> = HashMap::new();
+    for line in tasks.outbox_lines() {
+        *runs.entry(line["to"].as_str().expect("to").to_string()).or_default() += 1;
+    }
+    let twice: Vec<(&String, &usize)> = runs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "run more than once: {twice:?}");
+    for (id, req) in &seen.request {
+        assert_eq!(runs.get(&format!("user{req}@example.com")), Some(&1), "accepted job {id} ran once");
+    }
+    // The processes found the queue's new node by themselves.
+    let moved_line =
+        format!("(queue {queue}) moved from 127.0.0.1:{} to 127.0.0.1:{to_port}", cluster.ports[from]);
+    d.wait_log(&moved_line);
+    assert!(tasks.log().contains(&moved_line), "{}", tasks.log());
+    eprintln!(
+        "FIGURES resharding: {moved} keys moved one at a time; {} jobs accepted ({during} while the slot moved), {} refused \
+         meanwhile; none lost or run twice",
+        seen.accepted.len(),
+        seen.refused_count
+    );
 }

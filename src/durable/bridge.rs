@@ -83,6 +83,8 @@ pub(super) enum Item {
         priority: Priority,
         /// A schedule's tick: stored only if this node claims it (see [`super::ticks`]).
         tick: Option<ticks::Claim>,
+        /// Its deduplication key in hex and its `dedup_ttl_ms` (see [`super::dedup`]).
+        key: Option<(String, u64)>,
     },
     End(u64),
 }
@@ -166,6 +168,10 @@ fn store_loop(
     let mut next_at: Option<(u64, u64)> = None;
     let mut next_priority: Option<(u64, Priority)> = None;
     let mut next_tick: Option<ticks::Claim> = None;
+    // The deduplication key of the next job to store, from the `StoreKey` frame before it.
+    let mut next_key: Option<(u64, String, u64)> = None;
+    let mut watches = super::dedup::Watches::default();
+    let mut cancels: Vec<(u64, Vec<u8>)> = Vec::new();
     // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
     let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
@@ -174,7 +180,12 @@ fn store_loop(
         // Idle, it sleeps until the master writes; while Redis is away, it wakes every second
         // to find it again, so that workers take jobs again without waiting for one to fail.
         let away = link.conn.is_none() || shared.durable_down();
-        let _ = input.set_read_timeout(away.then_some(RETRY_MAX));
+        // Duplicates waiting for their first job's end: their keys are read on a timer.
+        let timeout = match (away.then_some(RETRY_MAX), watches.wait()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let _ = input.set_read_timeout(timeout);
         match input.read(&mut buf) {
             Ok(0) => {
                 if let Ok(conn) = link.get() {
@@ -214,7 +225,15 @@ fn store_loop(
                         .map(|(_, p)| p)
                         .unwrap_or_default(),
                     tick: next_tick.take().filter(|c| c.task_id == task_id),
+                    key: next_key.take().filter(|(id, _, _)| *id == task_id).map(|(_, hex, ttl)| (hex, ttl)),
                 }),
+                ToBridge::StoreKey { task_id, dedup_ttl_ms, key } => {
+                    next_key = Some((task_id, super::dedup::hex(key), dedup_ttl_ms))
+                }
+                ToBridge::WatchKey { task_id, digest, holder } => {
+                    watches.add(&d.keys, task_id, &String::from_utf8_lossy(digest), holder);
+                }
+                ToBridge::Cancel { task_id, stream } => cancels.push((task_id, stream.to_vec())),
                 ToBridge::StoreAt { task_id, run_at_ms } => next_at = Some((task_id, run_at_ms)),
                 ToBridge::StorePriority { task_id, priority } => {
                     next_priority = Some((task_id, Priority::from_index(priority)))
@@ -244,10 +263,18 @@ fn store_loop(
                 return Ok(());
             }
         }
+        if !cancels.is_empty() || watches.wait().is_some() {
+            let frames = cancels_and_watches(&mut link, &mut cancels, &mut watches);
+            if !frames.is_empty() && send(out, &frames).is_err() {
+                return Ok(());
+            }
+        }
         if items.is_empty() && trims.is_empty() && keeps.is_empty() {
             renew_if_asked(&mut link, &token, &mut renew, out);
             continue;
         }
+        // Jobs not stored because another holds their key: said before their batch's end.
+        let mut dups = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
             Ok(conn) => {
@@ -255,8 +282,11 @@ fn store_loop(
                 let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
                 match done {
                     Ok(replies) => {
-                        // The claims' answers come first, in the order of their jobs.
-                        ticks::answers(d, &items, &replies, &mut tick_answers);
+                        // The claims' answers come first, in the order of their jobs
+                        // (see `answered`): who claimed each tick, then each key.
+                        let (ticks, keys) = answered(&items, &replies);
+                        ticks::answers(d, &items, &ticks, &mut tick_answers);
+                        duplicates(d, &items, &keys, &mut watches, &mut dups);
                         Ok(replicated(d, &items, &replies, &mut short))
                     }
                     Err(e) => {
@@ -269,6 +299,7 @@ fn store_loop(
         };
         // Who claimed each tick, before the `Stored` of its batch: a lost tick's job is dropped.
         let mut acks = std::mem::take(&mut tick_answers);
+        acks.extend(dups);
         for item in items.drain(..) {
             match item {
                 Item::Store { .. } => match &outcome {
@@ -293,6 +324,56 @@ fn store_loop(
         }
         renew_if_asked(&mut link, &token, &mut renew, out);
     }
+}
+
+/// Carries out the cancels the master asked for, and reads the keys its duplicates wait on
+/// when due: the answers, as frames for the master. A cancel that cannot reach Redis is
+/// answered so (the client may ask again); a look that cannot is tried at the next.
+fn cancels_and_watches(
+    link: &mut Link<'_>,
+    cancels: &mut Vec<(u64, Vec<u8>)>,
+    watches: &mut super::dedup::Watches,
+) -> Vec<u8> {
+    let d = link.d;
+    let mut frames = Vec::new();
+    for (task_id, stream) in cancels.drain(..) {
+        let tried = match link.get() {
+            Err(why) => Err(why),
+            Ok(conn) => match super::cancel::cancel(conn, d, task_id, &String::from_utf8_lossy(&stream)) {
+                Ok(answer) => Ok(answer),
+                Err(e) => {
+                    let why =
+                        format!("cannot reach Redis to cancel job {task_id}: {}", redis_io::describe(&e));
+                    link.failed(&e);
+                    Err(why)
+                }
+            },
+        };
+        let (cancelled, why) = match tried {
+            Ok(Ok(_)) => (true, String::new()),
+            Ok(Err(why)) | Err(why) => (false, why),
+        };
+        FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
+    }
+    if watches.wait().is_some_and(|w| w <= Duration::from_millis(1)) {
+        if let Ok(conn) = link.get() {
+            match watches.look(conn) {
+                Ok(ended) => {
+                    for (task_id, line) in ended {
+                        FromBridge::KeyEnded { task_id, line: &line }.encode(&mut frames);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "redis bridge: cannot read deduplication keys: {}",
+                        redis_io::describe(&e)
+                    );
+                    link.failed(&e);
+                }
+            }
+        }
+    }
+    frames
 }
 
 /// Renews the node's lease if the master asked (after the round's jobs: a renewal that times
@@ -459,17 +540,70 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate
     u32::try_from(got).unwrap_or(0)
 }
 
+/// The `Duplicate` frames of a round's jobs with a key that another job holds (the answers of
+/// their claims come first in `replies`, in order); the duplicates whose first has not ended
+/// are watched.
+/// The answers of a round's claims, in the order of its jobs: each job of a tick has one
+/// (with a key too, the tick's comes first), each job with a key one. Split into the ticks'
+/// and the keys' answers.
+fn answered(items: &[Item], replies: &[Value]) -> (Vec<Value>, Vec<Value>) {
+    let (mut ticks, mut keys) = (Vec::new(), Vec::new());
+    let mut replies = replies.iter();
+    for item in items {
+        if let Item::Store { tick, key, .. } = item {
+            if tick.is_some() {
+                ticks.extend(replies.next().cloned());
+            }
+            if key.is_some() {
+                keys.extend(replies.next().cloned());
+            }
+        }
+    }
+    (ticks, keys)
+}
+
+fn duplicates(
+    d: &Durable,
+    items: &[Item],
+    replies: &[Value],
+    watches: &mut super::dedup::Watches,
+    frames: &mut Vec<u8>,
+) {
+    let keyed = items.iter().filter_map(|i| match i {
+        Item::Store { task_id, key: Some((hex, _)), .. } => Some((*task_id, hex)),
+        _ => None,
+    });
+    for ((task_id, hex), answer) in keyed.zip(replies) {
+        if let super::dedup::Claimed::Duplicate { first, holder, line } = super::dedup::claimed(answer) {
+            if first != 0 && line.is_empty() {
+                watches.add(&d.keys, task_id, hex, &holder);
+            }
+            FromBridge::Duplicate { task_id, first, digest: hex.as_bytes(), holder: &holder, line: &line }
+                .encode(frames);
+        }
+    }
+}
+
 /// One round's commands: the jobs, the kept results, the deletion of acted-on replies; then,
 /// with `redis_wait_replicas`, a WAIT for the replicas to have them (the only reply kept).
 fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
     let mut pipe = redis::pipe();
     for item in items {
-        if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick } = item {
+        if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick, key } = item
+        {
             // The lane of a handler's type: only nodes that can run it read it; the stream of
             // its priority.
             let stream = d.stream_of(data, *priority);
             let mut cmd;
-            if let Some(claim) = tick {
+            if let (Some(claim), Some(_)) = (tick, key) {
+                // A tick's job with a key: the tick is claimed first (its answer is kept), then
+                // the job stored if it takes its key.
+                pipe.add_command(ticks::claim_only(d, claim, *task_id));
+            }
+            if let Some((hex, ttl)) = key {
+                // Stored only if it takes its key, in one script (its answer is kept).
+                cmd = super::dedup::claim_cmd(d, &stream, *task_id, *run_at_ms, hex, *ttl);
+            } else if let Some(claim) = tick {
                 cmd = ticks::claim_and_store(d, claim, &stream, *task_id, *run_at_ms);
             } else if *run_at_ms > 0 {
                 let member = d.keys.scheduled_member(&d.node, *task_id);
@@ -485,6 +619,9 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
                 cmd.arg(&stream).arg("*");
             }
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
+            if let Some((hex, ttl)) = key {
+                super::entry::JobKey { hex: hex.clone(), ttl_ms: *ttl }.add(&mut cmd);
+            }
             // A parked job goes into its own lane when due (`consumer::MOVE_DUE`), of its
             // own priority.
             if *run_at_ms > 0 {
@@ -493,8 +630,8 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
                 }
                 super::add_priority(&mut cmd, *priority);
             }
-            // A claim's answer is read (see `ticks::answers`); the rest only fails the round.
-            if tick.is_some() {
+            // A claim's answer is read (see `answered`); the rest only fails the round.
+            if tick.is_some() || key.is_some() {
                 pipe.add_command(cmd);
             } else {
                 pipe.add_command(cmd).ignore();

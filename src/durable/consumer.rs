@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use redis::{Connection, Value};
 
+use super::dedup;
 use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::heartbeat::Pulse;
 use super::keys::{consumer_name, GROUP};
@@ -40,6 +41,7 @@ use super::startup::{delivery_counts, ensure_group_of};
 use super::Durable;
 use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
 use crate::ipc::{ReadState, Role, TaskToMaster, ToTask};
+use crate::master::results::outcome_line;
 use crate::process::ProcessError;
 use crate::signals::Signals;
 use crate::worker::guard;
@@ -111,6 +113,8 @@ pub(super) enum Completion {
         id: At,
         origin: String,
         reply: ReplyEntry,
+        /// Its deduplication key, ended with its outcome (see `durable::dedup`).
+        key: Option<super::entry::JobKey>,
     },
     Dead {
         id: At,
@@ -318,7 +322,7 @@ fn run_one<A: Application>(
         result,
         retrying: false,
     };
-    Completion::Done { id: at, origin: job.origin.clone(), reply }
+    Completion::Done { id: at, origin: job.origin.clone(), reply, key: job.key.clone() }
 }
 
 /// A job to park in the delayed set; after a transient failure (`failed`: the task pid, its
@@ -651,7 +655,27 @@ pub(super) fn store(
     let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
     for c in completions {
         match c {
-            Completion::Done { origin, reply, .. } => reply.encode(batch_for(&mut batches, origin)),
+            Completion::Done { origin, reply, key, .. } => {
+                if let Some(key) = key {
+                    let line = match &reply.reply {
+                        r if r.is_empty() => {
+                            outcome_line(reply.task_id, reply.ok, &reply.result, reply.attempts)
+                        }
+                        r => r.clone(),
+                    };
+                    let line = dedup::kept_line(reply.task_id, reply.ok, &line);
+                    pipe.add_command(dedup::end_cmd(
+                        &d.keys,
+                        &key.hex,
+                        key.ttl_ms,
+                        origin,
+                        reply.task_id,
+                        &line,
+                    ))
+                    .ignore();
+                }
+                reply.encode(batch_for(&mut batches, origin))
+            }
             Completion::Dead { id, job, why, attempts } => {
                 let mut cmd = redis::cmd("XADD");
                 cmd.arg(&d.keys.dead).arg("*");
@@ -663,6 +687,22 @@ pub(super) fn store(
                 }
                 super::add_priority(&mut cmd, d.priority_of(&id.stream));
                 pipe.add_command(cmd).ignore();
+                if let Some(key) = &job.key {
+                    let line = dedup::kept_line(
+                        job.task_id,
+                        false,
+                        &outcome_line(job.task_id, false, why.as_bytes(), *attempts),
+                    );
+                    pipe.add_command(dedup::end_cmd(
+                        &d.keys,
+                        &key.hex,
+                        key.ttl_ms,
+                        &job.origin,
+                        job.task_id,
+                        &line,
+                    ))
+                    .ignore();
+                }
                 let failed = ReplyEntry {
                     task_id: job.task_id,
                     ok: false,

@@ -29,6 +29,22 @@ pub struct JobEntry {
     /// retries so far: a run's attempt is `attempts` + the entry's delivery count.
     pub attempts: u32,
     pub retries: u32,
+    /// Its deduplication key, if it has one (see `durable::dedup`): fields `k` and `kt`.
+    pub key: Option<JobKey>,
+}
+
+/// A job's deduplication key: the client's key in hex, and its `dedup_ttl_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobKey {
+    pub hex: String,
+    pub ttl_ms: u64,
+}
+
+impl JobKey {
+    /// The fields of a job stream entry (or a parked job's hash) that carry it.
+    pub fn add(&self, cmd: &mut Cmd) {
+        cmd.arg("k").arg(&self.hex).arg("kt").arg(self.ttl_ms);
+    }
 }
 
 impl JobEntry {
@@ -68,6 +84,9 @@ impl JobEntry {
         if self.retries > 0 {
             cmd.arg("rt").arg(self.retries);
         }
+        if let Some(key) = &self.key {
+            key.add(cmd);
+        }
     }
 
     /// None for an entry that is not a job (deleted, or written by something else).
@@ -80,6 +99,12 @@ impl JobEntry {
             replays: e.number("rp").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             attempts: e.number("a").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
             retries: e.number("rt").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            // A field that is not a key in hex is no key: it would become part of a key name.
+            key: e
+                .take("k")
+                .and_then(|k| String::from_utf8(k).ok())
+                .filter(|k| super::dedup::valid_hex(k))
+                .map(|hex| JobKey { hex, ttl_ms: e.number("kt").unwrap_or(0).min(super::dedup::TTL_MAX_MS) }),
             origin: String::from_utf8(e.take("o")?).ok()?,
             data: e.take("d")?,
             context: e.take("c").unwrap_or_default(),
@@ -275,6 +300,7 @@ mod tests {
             replays: 2,
             attempts: 4,
             retries: 3,
+            key: Some(JobKey { hex: "6b31".into(), ttl_ms: 60_000 }),
         };
         let mut cmd = redis::cmd("XADD");
         job.add(&mut cmd);
@@ -294,6 +320,7 @@ mod tests {
             replays: 0,
             attempts: 0,
             retries: 0,
+            key: None,
         };
         let entry = |job: &JobEntry| {
             let mut cmd = redis::cmd("XADD");
@@ -308,6 +335,28 @@ mod tests {
         assert!(matches!(JobEntry::checked(&mut StreamEntry::default()), Err(Rejected::NotAJob(_))));
         let mut no_data = StreamEntry { id: "1-0".into(), fields: vec![(b"o".to_vec(), b"web-1".to_vec())] };
         assert!(matches!(JobEntry::checked(&mut no_data), Err(Rejected::NotAJob(_))));
+    }
+
+    #[test]
+    fn a_key_field_that_is_not_hex_is_no_key() {
+        let entry = |k: &[u8], kt: &[u8]| StreamEntry {
+            id: "1-0".into(),
+            fields: vec![
+                (b"o".to_vec(), b"web-1".to_vec()),
+                (b"t".to_vec(), b"9".to_vec()),
+                (b"d".to_vec(), b"{}".to_vec()),
+                (b"k".to_vec(), k.to_vec()),
+                (b"kt".to_vec(), kt.to_vec()),
+            ],
+        };
+        let job = JobEntry::parse(&mut entry(b"6b31", b"99999999999999999999")).unwrap();
+        let key = job.key.expect("a key in hex");
+        assert_eq!((key.hex.as_str(), key.ttl_ms), ("6b31", 0), "a ttl that is not a u64 is 0");
+        let job = JobEntry::parse(&mut entry(b"6b31", b"5000000000000000")).unwrap();
+        assert_eq!(job.key.unwrap().ttl_ms, super::super::dedup::TTL_MAX_MS);
+        for forged in [&b"}:jobs"[..], b"6B31", b"6b3", b""] {
+            assert_eq!(JobEntry::parse(&mut entry(forged, b"1")).unwrap().key, None);
+        }
     }
 
     #[test]

@@ -42,6 +42,11 @@ impl Keys {
         }
     }
 
+    /// The queue's name (its hash tag without the braces).
+    pub fn queue(&self) -> &str {
+        self.tag.trim_start_matches('{').trim_end_matches('}')
+    }
+
     /// The job stream of a handler's type (`{q}:jobs:resize`): only the consumers of nodes
     /// with a handler for it read it, so nodes specialise, and a type that no node runs stays
     /// there, queued, instead of failing where it cannot run. The built-in email and SMS jobs
@@ -130,6 +135,25 @@ impl Keys {
         format!("{}:rate:{channel}", self.tag)
     }
 
+    /// A deduplication key (a job's `key`), by the SHA-256 of the client's key in hex
+    /// (`durable::dedup::digest`): no client text reaches a key name. It names the job that
+    /// holds it, and once that job ended its final line (see `durable::dedup`).
+    pub fn dedup(&self, digest: &str) -> String {
+        format!("{}{digest}", self.dedup_prefix())
+    }
+
+    /// Set for a minute when job `task_id` of `node` is cancelled: a cancel asked again (by a
+    /// new bridge, after the one that carried it out died before it answered) is answered
+    /// "cancelled", not "started".
+    pub fn cancelled_of(&self, node: &str, task_id: u64) -> String {
+        format!("{}:cancelled:{node}:{task_id}", self.tag)
+    }
+
+    /// What every deduplication key starts with.
+    pub fn dedup_prefix(&self) -> String {
+        format!("{}:key:", self.tag)
+    }
+
     /// `node`'s lease on its name: it exists while a node of that name runs.
     pub fn lease_of(&self, node: &str) -> String {
         format!("{}:lease:{node}", self.tag)
@@ -163,9 +187,12 @@ mod tests {
             &k.lease,
             &k.replies_of("web-2"),
             &k.lane("resize"),
+            &k.dedup("ab"),
+            &k.cancelled_of("web-1", 7),
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
+        assert_eq!(k.queue(), "q1");
         assert_eq!(k.replies, k.replies_of("web-1"));
         assert_eq!(k.epoch, k.epoch_of("web-1"));
         assert_eq!(k.lease, k.lease_of("web-1"));
@@ -174,6 +201,7 @@ mod tests {
         assert_eq!(k.lane("resize"), format!("{}resize", k.lane_prefix()));
         assert_eq!(k.delayed_hash(&k.scheduled_member("web-1", 7)), "{q1}:delayed:web-1:7");
         assert_eq!(k.delayed_hash("7"), k.delayed_job(7));
+        assert_eq!(k.dedup("ab12"), "{q1}:key:ab12");
         assert_eq!(k.tick("nightly", 1_798_099_200_000), "{q1}:tick:nightly:1798099200000");
         assert_eq!(k.last_tick("nightly"), "{q1}:tick:nightly:last");
     }

@@ -19,13 +19,17 @@
 //! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
+//! | [`dedup`] | bridge, task process | deduplication keys: taken with the job, ended with it |
+//! | [`cancel`] | bridge | taking back a job that has not started |
 //!
 //! Without `--redis-url`, none of this runs: the master keeps its jobs in memory.
 
 pub mod admin;
 pub mod bridge;
+pub mod cancel;
 pub mod consumer;
 pub mod dead_letter;
+pub mod dedup;
 pub mod entry;
 pub mod fair;
 pub mod heartbeat;
@@ -79,7 +83,8 @@ impl Durable {
         Some(Durable {
             shown: redact(&url),
             url,
-            keys: keys::Keys::new(&config.redis_queue, &node),
+            // A task node of several queues makes one of these for each (`node::Served`).
+            keys: keys::Keys::new(config.queues().first().copied().unwrap_or("taskd"), &node),
             node,
             claim_after: config.claim_limit(),
             task_limit: config.task_limit(),
@@ -169,7 +174,7 @@ pub fn priority_field(entry: &redis_io::StreamEntry) -> Priority {
 }
 
 /// Query parameters that carry a password in a Redis URL (`redis+unix:///path?pass=…`).
-const SECRET_PARAMS: [&str; 4] = ["pass", "password", "passwd", "pwd"];
+const SECRET_PARAMS: [&str; 5] = ["pass", "password", "passwd", "pwd", redis_io::SENTINEL_PASSWORD];
 
 /// The URL with its passwords as `***`, in every form a Redis URL carries one:
 /// `redis://:secret@host`, `redis://user:secret@host`, `redis+unix:///path?pass=secret`,

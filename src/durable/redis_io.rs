@@ -24,15 +24,19 @@ struct Target {
     /// The CA file the server's certificate is checked against, for the error that says it
     /// does not verify (None: the system's CAs).
     ca_file: Option<PathBuf>,
+    /// The queue a process talks about unless it serves another ([`serve_queue`]): in a
+    /// Cluster, its hash slot picks the node.
+    queue: String,
 }
 
 enum Way {
     /// One server (`redis://`, `rediss://`, `redis+unix://`).
     Direct(redis::Client),
     /// The master that a set of Sentinels names (`redis+sentinel://`), asked at each connect.
-    Sentinel(SentinelSet),
+    Sentinel(Box<SentinelSet>),
     /// The node of a Redis Cluster that serves the queue's hash slot (`redis+cluster://`),
-    /// asked at each connect: every key of a queue shares its hash tag, so one node has them.
+    /// asked at each connect: every key of a queue shares its hash tag, so one node has them
+    /// (each queue's own node: see [`connect_queue`]).
     Cluster(ClusterSet),
 }
 
@@ -50,40 +54,52 @@ pub fn set_up(config: &ServerConfig) -> Result<(), String> {
     let invalid = |e: RedisError| format!("invalid redis_url {}: {}", super::redact(url), describe(&e));
     let way = if url.starts_with(CLUSTER_SCHEME) {
         Way::Cluster(
-            ClusterSet::parse(url, &config.redis_queue)
+            ClusterSet::parse(url)
                 .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
         )
-    } else if url.starts_with(SENTINEL_SCHEME) {
-        Way::Sentinel(
-            SentinelSet::parse(url)
+    } else if url.starts_with(SENTINEL_SCHEME) || url.starts_with(SENTINEL_TLS_SCHEME) {
+        let tls = match url.starts_with(SENTINEL_TLS_SCHEME) {
+            true => Some(tls_certificates(config)?),
+            false => None,
+        };
+        Way::Sentinel(Box::new(
+            SentinelSet::parse(url, tls)
                 .map_err(|why| format!("invalid redis_url {}: {why}", super::redact(url)))?,
-        )
+        ))
     } else if url.starts_with("rediss://") {
-        let root_cert = match &config.redis_ca_file {
-            Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
-            None => None,
-        };
-        let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
-            (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
-                client_cert: read_pem(cert, "redis_cert_file", "CERTIFICATE")?,
-                client_key: read_pem(key, "redis_key_file", "PRIVATE KEY")?,
-            }),
-            _ => None,
-        };
-        Way::Direct(
-            redis::Client::build_with_tls(url.as_str(), redis::TlsCertificates { client_tls, root_cert })
-                .map_err(invalid)?,
-        )
+        Way::Direct(redis::Client::build_with_tls(url.as_str(), tls_certificates(config)?).map_err(invalid)?)
     } else {
         Way::Direct(redis::Client::open(url.as_str()).map_err(invalid)?)
     };
-    let _ = TARGET.set(Target { url: url.clone(), way, ca_file: config.redis_ca_file.clone() });
+    let queue = config.queues().first().map_or_else(String::new, |q| (*q).to_string());
+    let _ = TARGET.set(Target { url: url.clone(), way, ca_file: config.redis_ca_file.clone(), queue });
     Ok(())
 }
 
-/// `redis+sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER_NAME`: the password is the
-/// master's; the Sentinels are asked without one.
+/// The CA and client certificate of a TLS URL (`--redis-ca-file`, `--redis-cert-file`,
+/// `--redis-key-file`), read now.
+fn tls_certificates(config: &ServerConfig) -> Result<redis::TlsCertificates, String> {
+    let root_cert = match &config.redis_ca_file {
+        Some(path) => Some(read_pem(path, "redis_ca_file", "CERTIFICATE")?),
+        None => None,
+    };
+    let client_tls = match (&config.redis_cert_file, &config.redis_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read_pem(cert, "redis_cert_file", "CERTIFICATE")?,
+            client_key: read_pem(key, "redis_key_file", "PRIVATE KEY")?,
+        }),
+        _ => None,
+    };
+    Ok(redis::TlsCertificates { client_tls, root_cert })
+}
+
+/// `redis+sentinel://[USER:PASS@]HOST:PORT,HOST:PORT/MASTER_NAME[?db=N&sentinel_user=U&
+/// sentinel_password=P]`: the user and password before the hosts are the master's; those of
+/// the Sentinels (`requirepass`, or an ACL user, in sentinel.conf) are the query's.
 pub const SENTINEL_SCHEME: &str = "redis+sentinel://";
+/// The same over TLS: to the Sentinels and to the master, with the CA and client certificate of
+/// `--redis-ca-file`, `--redis-cert-file`, `--redis-key-file`.
+pub const SENTINEL_TLS_SCHEME: &str = "rediss+sentinel://";
 /// How long one Sentinel may take to answer, so that a dead one delays a lookup by no more.
 const SENTINEL_LIMIT: Duration = Duration::from_secs(1);
 const SENTINEL_PORT: u16 = 26379;
@@ -93,11 +109,18 @@ struct SentinelSet {
     master: String,
     /// The master's user, password and database, on a placeholder address.
     template: redis::ConnectionInfo,
+    /// The Sentinels' user and password, on a placeholder address.
+    sentinel_template: redis::ConnectionInfo,
+    /// `rediss+sentinel://`: TLS to the Sentinels and the master, with these.
+    tls: Option<redis::TlsCertificates>,
 }
 
 impl SentinelSet {
-    fn parse(url: &str) -> Result<SentinelSet, String> {
-        let rest = url.strip_prefix(SENTINEL_SCHEME).ok_or("not a redis+sentinel:// URL")?;
+    fn parse(url: &str, tls: Option<redis::TlsCertificates>) -> Result<SentinelSet, String> {
+        let rest = url
+            .strip_prefix(SENTINEL_SCHEME)
+            .or_else(|| url.strip_prefix(SENTINEL_TLS_SCHEME))
+            .ok_or("not a redis+sentinel:// URL")?;
         let (before, query) = rest.split_once('?').unwrap_or((rest, ""));
         let (authority, master) =
             before.split_once('/').ok_or("no master name after the Sentinels (/NAME)")?;
@@ -125,11 +148,56 @@ impl SentinelSet {
         if sentinels.is_empty() {
             return Err("no Sentinel named: redis+sentinel://HOST:PORT,HOST:PORT/NAME".into());
         }
-        let db = query.split('&').find_map(|kv| kv.strip_prefix("db=")).unwrap_or("0");
+        let (mut db, mut sentinel_user, mut sentinel_password) = ("0", "", None);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("db", v)) => db = v,
+                Some(("sentinel_user", v)) => sentinel_user = v,
+                Some((SENTINEL_PASSWORD, v)) => sentinel_password = Some(v),
+                _ => {
+                    let name = pair.split('=').next().unwrap_or_default();
+                    return Err(format!(
+                        "unknown parameter {name:?} (the Sentinel URL takes db, sentinel_user and {SENTINEL_PASSWORD})"
+                    ));
+                }
+            }
+        }
         let template =
             redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/{db}"))
                 .map_err(|e| e.to_string())?;
-        Ok(SentinelSet { sentinels, master: master.to_string(), template })
+        let sentinel_userinfo = match sentinel_password {
+            Some(password) => format!("{sentinel_user}:{password}@"),
+            None if sentinel_user.is_empty() => String::new(),
+            None => return Err(format!("sentinel_user without {SENTINEL_PASSWORD}")),
+        };
+        let sentinel_template =
+            redis::IntoConnectionInfo::into_connection_info(format!("redis://{sentinel_userinfo}127.0.0.1/"))
+                .map_err(|e| e.to_string())?;
+        Ok(SentinelSet { sentinels, master: master.to_string(), template, sentinel_template, tls })
+    }
+
+    /// A client for `host:port` with the user and password of `template`, over TLS if the set
+    /// is (the host name, or IP address, is what the server's certificate must be valid for).
+    fn client(
+        &self,
+        template: &redis::ConnectionInfo,
+        host: &str,
+        port: u16,
+    ) -> redis::RedisResult<redis::Client> {
+        match &self.tls {
+            Some(certs) => {
+                let addr = redis::ConnectionAddr::TcpTls {
+                    host: host.to_string(),
+                    port,
+                    insecure: false,
+                    tls_params: None,
+                };
+                redis::Client::build_with_tls(template.clone().set_addr(addr), certs.clone())
+            }
+            None => redis::Client::open(
+                template.clone().set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port)),
+            ),
+        }
     }
 
     /// Asks each Sentinel in turn where the master is, and connects there if the server
@@ -140,12 +208,13 @@ impl SentinelSet {
             let (ip, master_port) = match self.ask(host, *port) {
                 Ok(addr) => addr,
                 Err(e) => {
-                    why.push(format!("Sentinel {host}:{port}: {e}"));
+                    why.push(format!("Sentinel {host}:{port}: {}", sentinel_sentence(&e)));
                     continue;
                 }
             };
-            let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(ip.clone(), master_port));
-            let tried = redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT));
+            let tried = self
+                .client(&self.template, &ip, master_port)
+                .and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT));
             let mut conn = match tried {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -157,7 +226,11 @@ impl SentinelSet {
             let role: Value = redis::cmd("ROLE").query(&mut conn)?;
             match as_array(role).into_iter().next().map(as_text).as_deref() {
                 Some("master") => {
-                    noticed_master(&format!("Sentinel: master {}", self.master), &format!("{ip}:{master_port}"));
+                    noticed_master(
+                        &format!("Sentinel: master {}", self.master),
+                        &format!("{ip}:{master_port}"),
+                        "failover",
+                    );
                     return Ok(conn);
                 }
                 other => why.push(format!(
@@ -174,11 +247,8 @@ impl SentinelSet {
     }
 
     fn ask(&self, host: &str, port: u16) -> Result<(String, u16), RedisError> {
-        let info = redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp(
-            host.to_string(),
-            port,
-        ))?;
-        let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
+        let mut conn =
+            self.client(&self.sentinel_template, host, port)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
         conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
         conn.set_write_timeout(Some(SENTINEL_LIMIT))?;
         let addr: Option<Vec<String>> =
@@ -193,21 +263,35 @@ impl SentinelSet {
     }
 }
 
+/// What a Sentinel's refusal means, and what to do about it.
+fn sentinel_sentence(e: &RedisError) -> String {
+    let refused_auth = e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"));
+    if refused_auth {
+        format!(
+            "{} (the Sentinels' password and user go in the URL's query: ?{SENTINEL_PASSWORD}=…&sentinel_user=…)",
+            sentence(e)
+        )
+    } else {
+        sentence(e)
+    }
+}
+
 const LOOKUP_FAILED: &str = "Redis lookup";
+/// The query parameter of the Sentinels' password: a secret ([`super::redact`]).
+pub const SENTINEL_PASSWORD: &str = "sentinel_password";
 
 /// `redis+cluster://[USER:PASS@]HOST:PORT,HOST:PORT`: some nodes of the cluster.
 pub const CLUSTER_SCHEME: &str = "redis+cluster://";
 
 struct ClusterSet {
     seeds: Vec<(String, u16)>,
-    /// The hash slot of the queue's tag.
-    slot: u16,
     /// The user and password, on a placeholder address.
     template: redis::ConnectionInfo,
 }
 
 impl ClusterSet {
-    fn parse(url: &str, queue: &str) -> Result<ClusterSet, String> {
+    fn parse(url: &str) -> Result<ClusterSet, String> {
         let rest = url.strip_prefix(CLUSTER_SCHEME).ok_or("not a redis+cluster:// URL")?;
         let authority = rest.split(['/', '?']).next().unwrap_or_default();
         let (userinfo, hosts) = match authority.rsplit_once('@') {
@@ -226,19 +310,20 @@ impl ClusterSet {
         let template =
             redis::IntoConnectionInfo::into_connection_info(format!("redis://{userinfo}127.0.0.1/"))
                 .map_err(|e| e.to_string())?;
-        Ok(ClusterSet { seeds, slot: hash_slot(queue.as_bytes()), template })
+        Ok(ClusterSet { seeds, template })
     }
 
-    /// Asks the nodes in turn which one serves the queue's slot (CLUSTER SLOTS), and connects
-    /// there. A slot moved later answers MOVED, which counts as a lost connection: the next
-    /// connect asks again.
-    fn connect(&self) -> Result<Connection, RedisError> {
+    /// Asks the nodes in turn which one serves the slot of `queue` (CLUSTER SLOTS), and
+    /// connects there. A slot moved later answers MOVED (or ASK, TRYAGAIN while it moves),
+    /// which counts as a lost connection: the next connect asks again.
+    fn connect(&self, queue: &str) -> Result<Connection, RedisError> {
+        let slot = hash_slot(queue.as_bytes());
         let mut why = Vec::new();
         for (host, port) in &self.seeds {
-            let owner = match self.owner(host, *port) {
+            let owner = match self.owner(host, *port, slot) {
                 Ok(Some(owner)) => owner,
                 Ok(None) => {
-                    why.push(format!("{host}:{port}: no node serves slot {}", self.slot));
+                    why.push(format!("{host}:{port}: no node serves slot {slot}"));
                     continue;
                 }
                 Err(e) => {
@@ -250,8 +335,9 @@ impl ClusterSet {
             match redis::Client::open(info).and_then(|c| c.get_connection_with_timeout(CONNECT_LIMIT)) {
                 Ok(conn) => {
                     noticed_master(
-                        &format!("Redis Cluster: the node of slot {}", self.slot),
+                        &format!("Redis Cluster: the node of slot {slot} (queue {queue})"),
                         &format!("{}:{}", owner.0, owner.1),
+                        "resharding or failover",
                     );
                     return Ok(conn);
                 }
@@ -261,11 +347,11 @@ impl ClusterSet {
         Err(RedisError::from((
             redis::ErrorKind::Io,
             LOOKUP_FAILED,
-            format!("no Redis Cluster node found for slot {}: {}", self.slot, why.join("; ")),
+            format!("no Redis Cluster node found for slot {slot} (queue {queue}): {}", why.join("; ")),
         )))
     }
 
-    fn owner(&self, host: &str, port: u16) -> Result<Option<(String, u16)>, RedisError> {
+    fn owner(&self, host: &str, port: u16, slot: u16) -> Result<Option<(String, u16)>, RedisError> {
         let info = self.template.clone().set_addr(redis::ConnectionAddr::Tcp(host.to_string(), port));
         let mut conn = redis::Client::open(info)?.get_connection_with_timeout(SENTINEL_LIMIT)?;
         conn.set_read_timeout(Some(SENTINEL_LIMIT))?;
@@ -276,7 +362,7 @@ impl ClusterSet {
                 continue;
             };
             let (Some(start), Some(end)) = (as_int(&start), as_int(&end)) else { continue };
-            if !(start..=end).contains(&i64::from(self.slot)) {
+            if !(start..=end).contains(&i64::from(slot)) {
                 continue;
             }
             let mut node = as_array(master).into_iter();
@@ -300,17 +386,21 @@ fn hash_slot(tag: &[u8]) -> u16 {
     crc % 16384
 }
 
-/// Logs where the master is, when this process first learns it and when it moved.
-fn noticed_master(what: &str, addr: &str) {
-    static LAST: std::sync::Mutex<String> = std::sync::Mutex::new(String::new());
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    if *last != addr {
-        if last.is_empty() {
+/// Logs where the master is (of each thing: a Sentinel's master, a queue's Cluster node),
+/// when this process first learns it and when it moved.
+fn noticed_master(what: &str, addr: &str, cause: &str) {
+    static LAST: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    match known.iter_mut().find(|(w, _)| w == what) {
+        None => {
             tracing::info!("{what} is at {addr}");
-        } else {
-            tracing::warn!("{what} moved from {last} to {addr} (failover)");
+            known.push((what.to_string(), addr.to_string()));
         }
-        addr.clone_into(&mut last);
+        Some((_, last)) if last != addr => {
+            tracing::warn!("{what} moved from {last} to {addr} ({cause})");
+            addr.clone_into(last);
+        }
+        Some(_) => {}
     }
 }
 
@@ -332,9 +422,35 @@ fn read_pem(path: &Path, option: &str, kind: &str) -> Result<Vec<u8>, String> {
 /// block in XREAD/XREADGROUP (a reply timeout shorter than BLOCK would give up on a read that
 /// Redis still carries out, moving entries into the pending list with nobody to run them).
 pub fn connect(url: &str, reply_limit: Option<Duration>) -> Result<Connection, RedisError> {
+    let queue = match (PROCESS_QUEUE.get(), TARGET.get()) {
+        (Some(queue), _) => queue.as_str(),
+        (None, Some(target)) => target.queue.as_str(),
+        (None, None) => "",
+    };
+    connect_queue(url, queue, reply_limit)
+}
+
+/// The queue a task process of a task node serves (`taskd task-node --redis-queue a,b`): set
+/// once, after the fork, before it connects; every later [`connect`] of the process (its
+/// consumer, its heartbeat, the rate limits) goes to that queue's node in a Cluster.
+static PROCESS_QUEUE: OnceLock<String> = OnceLock::new();
+
+/// This process serves `queue` (see [`PROCESS_QUEUE`]); the first call wins.
+pub fn serve_queue(queue: &str) {
+    let _ = PROCESS_QUEUE.set(queue.to_string());
+}
+
+/// [`connect`] for the keys of `queue`: in a Cluster, to the node of its slot; elsewhere the
+/// one server every queue is on. For a process that talks about several queues (a task node's
+/// manager).
+pub fn connect_queue(
+    url: &str,
+    queue: &str,
+    reply_limit: Option<Duration>,
+) -> Result<Connection, RedisError> {
     let conn = match TARGET.get() {
         Some(Target { url: set_up, way: Way::Sentinel(set), .. }) if set_up == url => set.connect()?,
-        Some(Target { url: set_up, way: Way::Cluster(set), .. }) if set_up == url => set.connect()?,
+        Some(Target { url: set_up, way: Way::Cluster(set), .. }) if set_up == url => set.connect(queue)?,
         Some(Target { url: set_up, way: Way::Direct(client), .. }) if set_up == url => {
             client.get_connection_with_timeout(CONNECT_LIMIT)?
         }
@@ -353,8 +469,23 @@ pub fn is_connection_error(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_timeout()
         || e.code() == Some("READONLY")
-        // MOVED: the queue's slot went to another node of the cluster.
-        || e.code() == Some("MOVED")
+        || slot_moving(e)
+}
+
+/// The queue's slot moved to another node of the cluster (MOVED), or is moving (ASK: the key
+/// is on the importing node already; TRYAGAIN: a command's keys are split between the two),
+/// also as the error of one command in a pipeline or a MULTI (whose EXEC then says only
+/// EXECABORT). Each counts as a lost connection: the process asks the cluster again and
+/// retries. Nothing of a MULTI aborted so was done, and each retried write is one a consumer
+/// kept (its outcomes) or one a client did not get `accepted` for. While a slot moves the
+/// queue waits (no ASKING to the importing node): a resharding moves a queue's few keys in
+/// milliseconds.
+fn slot_moving(e: &RedisError) -> bool {
+    const CODES: [&str; 3] = ["MOVED", "ASK", "TRYAGAIN"];
+    if e.code().is_some_and(|c| CODES.contains(&c)) {
+        return true;
+    }
+    e.clone().into_server_errors().is_some_and(|errors| errors.iter().any(|(_, s)| CODES.contains(&s.code())))
 }
 
 /// The Redis URL of this process, whose secrets no description of an error may show.
@@ -546,16 +677,16 @@ mod tests {
         // As CLUSTER KEYSLOT answers for "{taskd}:jobs" and "{foo}bar".
         assert_eq!(hash_slot(b"foo"), 12182);
         assert_eq!(hash_slot(b"123456789"), 0x31C3, "CRC16/XMODEM's check value");
-        let set = ClusterSet::parse("redis+cluster://:pw@h1:7000,h2:7001", "foo").unwrap();
+        let set = ClusterSet::parse("redis+cluster://:pw@h1:7000,h2:7001").unwrap();
         assert_eq!(set.seeds.len(), 2);
-        assert_eq!(set.slot, 12182);
-        assert!(ClusterSet::parse("redis+cluster://h1", "q").is_err());
+        assert!(ClusterSet::parse("redis+cluster://h1").is_err());
     }
 
     #[test]
     fn reads_a_sentinel_url() {
-        let set = SentinelSet::parse("redis+sentinel://app:s3cret@10.0.0.5:26380,sentinel-b/mymaster?db=2")
-            .unwrap();
+        let set =
+            SentinelSet::parse("redis+sentinel://app:s3cret@10.0.0.5:26380,sentinel-b/mymaster?db=2", None)
+                .unwrap();
         assert_eq!(set.sentinels, vec![("10.0.0.5".to_string(), 26380), ("sentinel-b".to_string(), 26379)]);
         assert_eq!(set.master, "mymaster");
         let redis = set.template.redis_settings();
@@ -563,8 +694,21 @@ mod tests {
         for bad in
             ["redis+sentinel://h:1", "redis+sentinel://h:1/", "redis+sentinel:///m", "redis+sentinel://h:x/m"]
         {
-            assert!(SentinelSet::parse(bad).is_err(), "{bad}");
+            assert!(SentinelSet::parse(bad, None).is_err(), "{bad}");
         }
+        let set = SentinelSet::parse(
+            "rediss+sentinel://:m@h:1/m?sentinel_password=s%40x&db=1&sentinel_user=sen",
+            None,
+        )
+        .unwrap();
+        let (master, sentinel) = (set.template.redis_settings(), set.sentinel_template.redis_settings());
+        assert_eq!((master.password(), master.db()), (Some("m"), 1));
+        assert_eq!((sentinel.username(), sentinel.password()), (Some("sen"), Some("s@x")));
+        assert!(SentinelSet::parse("redis+sentinel://h:1/m?sentinel_pass=x", None).is_err(), "a typo");
+        assert!(SentinelSet::parse("redis+sentinel://h:1/m?sentinel_user=x", None).is_err());
+        let url = "rediss+sentinel://:m1@h:1/m?sentinel_password=s3cret";
+        assert_eq!(super::super::redact(url), "rediss+sentinel://:***@h:1/m?sentinel_password=***");
+        assert!(!super::super::scrub(&format!("{url} s3cret m1"), url).contains("s3cret"));
         assert_eq!(super::super::redact("redis+sentinel://:pw@h:1,h:2/m"), "redis+sentinel://:***@h:1,h:2/m");
     }
 

@@ -63,6 +63,36 @@ return 1";
 /// a queue whose every node was down for longer runs no catch-up for it (`missed = "once"`).
 const LAST_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
 
+/// Claims tick KEYS[1] for ARGV[1] for ARGV[2] ms, as [`CLAIM_AND_STORE`] does, without
+/// storing a job (its job has a key: the script that takes the key stores it, after this);
+/// records the tick ARGV[3] as the last claimed in KEYS[2] (for ARGV[4] ms).
+const CLAIM_ONLY: &str = "
+local held = redis.call('GET', KEYS[1])
+if held then
+  if held == ARGV[1] then return 1 end
+  return held
+end
+local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+if tonumber(ARGV[3]) > last then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[4]))
+end
+return 1";
+
+/// The command that claims `claim` alone (see [`CLAIM_ONLY`]).
+pub fn claim_only(d: &Durable, claim: &Claim, task_id: u64) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(CLAIM_ONLY)
+        .arg(2)
+        .arg(d.keys.tick(&claim.name, claim.tick_ms))
+        .arg(d.keys.last_tick(&claim.name))
+        .arg(holder(d, task_id))
+        .arg(claim.ttl_ms)
+        .arg(claim.tick_ms)
+        .arg(LAST_KEEP_MS.max(claim.ttl_ms));
+    cmd
+}
+
 /// The claim's value for this node's job `task_id`.
 fn holder(d: &Durable, task_id: u64) -> String {
     format!("{}/{task_id}", d.node)
@@ -133,7 +163,7 @@ pub fn last_claimed(
 }
 
 /// Appends a [`FromBridge::TickClaim`] to `out` for each claim of `items` (in order), read from
-/// the round's `replies`, whose first ones are the claims' answers.
+/// `replies`, the claims' answers in that order.
 pub(super) fn answers(d: &Durable, items: &[super::bridge::Item], replies: &[Value], out: &mut Vec<u8>) {
     let claims = items.iter().filter_map(|i| match i {
         super::bridge::Item::Store { tick: Some(claim), .. } => Some(claim),

@@ -327,6 +327,16 @@ pub enum ToBridge<'a> {
     /// `name`: stored only if this node claims the tick first (the claim lives `ttl_ms`);
     /// answered by a [`FromBridge::TickClaim`] before the batch's `Stored`.
     ClaimTick { task_id: u64, tick_ms: u64, ttl_ms: u64, name: &'a [u8] },
+    /// The next `Store` (same `task_id`) carries a deduplication key: it is stored only if it
+    /// takes the key in Redis, which it then holds until `dedup_ttl_ms` after it ended.
+    StoreKey { task_id: u64, dedup_ttl_ms: u64, key: &'a [u8] },
+    /// Watch the deduplication key `digest` held by `holder` (its value in Redis while held)
+    /// for job `task_id`, a duplicate waiting for the first's final line: sent again to a new
+    /// bridge for every duplicate still waiting.
+    WatchKey { task_id: u64, digest: &'a [u8], holder: &'a [u8] },
+    /// Take job `task_id` of this node back if it has not started (parked in the delayed set,
+    /// or in `stream` and never delivered); answered by [`FromBridge::Cancelled`].
+    Cancel { task_id: u64, stream: &'a [u8] },
 }
 
 /// Bridge -> master. `Reply` frames are also what task processes of any node write to the reply
@@ -350,6 +360,15 @@ pub enum FromBridge<'a> {
     /// Who claimed tick `tick_ms` of schedule `name` whose job was `task_id`: this node (`won`:
     /// the job is stored), or the node named by `holder` (the job is not stored: drop it).
     TickClaim { task_id: u64, tick_ms: u64, won: bool, name: &'a [u8], holder: &'a [u8] },
+    /// Job `task_id` was not stored: job `first` holds its key (`digest`, held as `holder`).
+    /// `line`: the first's final line if it has ended; empty: it has not, and the bridge
+    /// watches the key for it (see [`FromBridge::KeyEnded`]).
+    Duplicate { task_id: u64, first: u64, digest: &'a [u8], holder: &'a [u8], line: &'a [u8] },
+    /// The first job of the duplicate `task_id` ended with `line`; empty: its outcome can no
+    /// longer be known (its key expired or was taken by another job before it was read).
+    KeyEnded { task_id: u64, line: &'a [u8] },
+    /// The answer to [`ToBridge::Cancel`]: `cancelled`, or why not (`why`).
+    Cancelled { task_id: u64, cancelled: bool, why: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -416,6 +435,12 @@ mod kind {
     pub const ADMIN_ANSWER: u8 = 61;
     // Scheduling, priorities, deduplication and cancel (17-19, 23-29, 49-59 are theirs).
     pub const TASK_OPTIONS: u8 = 17;
+    pub const BRIDGE_CANCELLED: u8 = 19;
+    pub const STORE_KEY: u8 = 50;
+    pub const WATCH_KEY: u8 = 51;
+    pub const BRIDGE_CANCEL: u8 = 52;
+    pub const DUPLICATE: u8 = 53;
+    pub const KEY_ENDED: u8 = 54;
     pub const CANCEL: u8 = 18;
 }
 
@@ -952,6 +977,15 @@ impl<'a> ToBridge<'a> {
             ToBridge::ClaimTick { task_id, tick_ms, ttl_ms, name } => {
                 Writer::begin(out, CLAIM_TICK).u64(task_id).u64(tick_ms).u64(ttl_ms).rest(name).finish()
             }
+            ToBridge::StoreKey { task_id, dedup_ttl_ms, key } => {
+                Writer::begin(out, STORE_KEY).u64(task_id).u64(dedup_ttl_ms).rest(key).finish()
+            }
+            ToBridge::WatchKey { task_id, digest, holder } => {
+                Writer::begin(out, WATCH_KEY).u64(task_id).sized(digest).rest(holder).finish()
+            }
+            ToBridge::Cancel { task_id, stream } => {
+                Writer::begin(out, BRIDGE_CANCEL).u64(task_id).rest(stream).finish()
+            }
         }
     }
 
@@ -983,6 +1017,17 @@ impl<'a> ToBridge<'a> {
                     ttl_ms: r.u64("ttl")?,
                     name: r.rest(),
                 },
+                STORE_KEY => ToBridge::StoreKey {
+                    task_id: r.u64("task id")?,
+                    dedup_ttl_ms: r.u64("dedup_ttl_ms")?,
+                    key: r.rest(),
+                },
+                WATCH_KEY => ToBridge::WatchKey {
+                    task_id: r.u64("task id")?,
+                    digest: r.sized("digest")?,
+                    holder: r.rest(),
+                },
+                BRIDGE_CANCEL => ToBridge::Cancel { task_id: r.u64("task id")?, stream: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -1031,6 +1076,19 @@ impl<'a> FromBridge<'a> {
                 .sized(name)
                 .rest(holder)
                 .finish(),
+            FromBridge::Duplicate { task_id, first, digest, holder, line } => Writer::begin(out, DUPLICATE)
+                .u64(task_id)
+                .u64(first)
+                .sized(digest)
+                .sized(holder)
+                .rest(line)
+                .finish(),
+            FromBridge::KeyEnded { task_id, line } => {
+                Writer::begin(out, KEY_ENDED).u64(task_id).rest(line).finish()
+            }
+            FromBridge::Cancelled { task_id, cancelled, why } => {
+                Writer::begin(out, BRIDGE_CANCELLED).u64(task_id).u8(cancelled as u8).rest(why).finish()
+            }
         }
     }
 
@@ -1065,6 +1123,19 @@ impl<'a> FromBridge<'a> {
                     won: r.bool("won")?,
                     name: r.sized("name")?,
                     holder: r.rest(),
+                },
+                DUPLICATE => FromBridge::Duplicate {
+                    task_id: r.u64("task id")?,
+                    first: r.u64("first")?,
+                    digest: r.sized("digest")?,
+                    holder: r.sized("holder")?,
+                    line: r.rest(),
+                },
+                KEY_ENDED => FromBridge::KeyEnded { task_id: r.u64("task id")?, line: r.rest() },
+                BRIDGE_CANCELLED => FromBridge::Cancelled {
+                    task_id: r.u64("task id")?,
+                    cancelled: r.bool("cancelled")?,
+                    why: r.rest(),
                 },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
@@ -1311,6 +1382,18 @@ mod tests {
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"" });
         roundtrip::<FromBridge>(FromBridge::Lease { holder: b"host:42" });
         roundtrip::<FromBridge>(FromBridge::AdminAnswer { request: 7, answer: b"{}" });
+        roundtrip::<ToBridge>(ToBridge::StoreKey { task_id: 7, dedup_ttl_ms: 60_000, key: b"order-42" });
+        roundtrip::<ToBridge>(ToBridge::WatchKey { task_id: 8, digest: b"ab12", holder: b"h 0 web-1 7" });
+        roundtrip::<ToBridge>(ToBridge::Cancel { task_id: 7, stream: b"{taskd}:jobs" });
+        roundtrip::<FromBridge>(FromBridge::Duplicate {
+            task_id: 8,
+            first: 7,
+            digest: b"ab12",
+            holder: b"h 0 web-1 7",
+            line: b"",
+        });
+        roundtrip::<FromBridge>(FromBridge::KeyEnded { task_id: 8, line: b"{}\n" });
+        roundtrip::<FromBridge>(FromBridge::Cancelled { task_id: 7, cancelled: false, why: b"running" });
     }
 
     #[test]

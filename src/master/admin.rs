@@ -30,7 +30,7 @@ pub(super) struct AdminWarnings {
     refused: Throttle,
 }
 
-fn reply(action: &str, ok: bool, extra: Value) -> Vec<u8> {
+pub(super) fn reply(action: &str, ok: bool, extra: Value) -> Vec<u8> {
     let mut line = json!({"event": "admin", "action": action, "ok": ok});
     if let (Some(obj), Value::Object(more)) = (line.as_object_mut(), extra) {
         obj.extend(more);
@@ -94,8 +94,10 @@ impl<A: Application> Master<'_, A> {
                 tracing::info!("dashboard: {peer} asks to cancel task {task_id}");
                 // The operator's path (as `taskd cancel N`): any connection's job; its own
                 // client gets its `cancelled` line.
-                match self.cancel(None, task_id) {
-                    Ok(()) => {
+                match self.cancel(super::schedule::Via::Dashboard(session), task_id) {
+                    // A durable job: Redis is asked, and the answer comes then.
+                    Ok(false) => return,
+                    Ok(true) => {
                         tracing::info!("dashboard: task {task_id} cancelled, asked by {peer}");
                         reply(&action, true, json!({"task_id": task_id}))
                     }

@@ -82,6 +82,8 @@ pub struct DurableState {
     startup_replies: Vec<u8>,
     /// The last reply stream entry read at start: every bridge reads on from there.
     replies_from: String,
+    /// Duplicates and cancels of durable jobs (see `durable_keys`).
+    pub dedup: super::durable_keys::DurableKeys,
 }
 
 impl DurableState {
@@ -112,6 +114,7 @@ impl DurableState {
             lease_asked: None,
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
+            dedup: Default::default(),
         }
     }
 
@@ -209,6 +212,7 @@ impl<A: Application> Master<'_, A> {
         // Outcomes of jobs that finished while this node was down: known before the first
         // client is served (their deletion and keeping go through the bridge, now it runs).
         let replies = std::mem::take(&mut state.startup_replies);
+        self.resend_to_bridge();
         let mut pos = 0;
         while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&replies[pos..]) {
             pos += n;
@@ -250,6 +254,13 @@ impl<A: Application> Master<'_, A> {
                     self.pending_options.as_ref().filter(|o| o.task_id == task_id).map(|o| o.priority);
                 let tick = self.periodic.pending.take().filter(|t| t.task_id == task_id);
                 super::periodic::store_frames(task_id, priority, tick, &mut state.frames);
+                // Stored only if it takes its key in Redis (see `durable::dedup`).
+                let keyed = self.pending_options.as_ref().filter(|o| o.task_id == task_id);
+                if let Some((key, ttl)) = keyed.and_then(|o| o.key.as_deref().map(|k| (k, o.dedup_ttl))) {
+                    let dedup_ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+                    ToBridge::StoreKey { task_id, dedup_ttl_ms, key: key.as_bytes() }
+                        .encode(&mut state.frames);
+                }
                 ToBridge::Store { batch: state.batch, task_id, session, worker: i as u32, context, data }
                     .encode(&mut state.frames);
                 state.jobs.push(task_id);
@@ -328,6 +339,11 @@ impl<A: Application> Master<'_, A> {
             FromBridge::TickClaim { task_id, tick_ms, won, name, holder } => {
                 self.on_tick_claim(task_id, tick_ms, won, name, holder)
             }
+            FromBridge::Duplicate { task_id, first, digest, holder, line } => {
+                self.on_duplicate(task_id, first, digest, holder, line)
+            }
+            FromBridge::KeyEnded { task_id, line } => self.on_key_ended(task_id, line),
+            FromBridge::Cancelled { task_id, cancelled, why } => self.on_cancelled(task_id, cancelled, why),
             FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {
@@ -468,6 +484,8 @@ impl<A: Application> Master<'_, A> {
                 }
             }
         }
+        // After their `accepted`, now out.
+        self.act_on_duplicates();
     }
 
     fn on_reply(&mut self, frame: &Reply<'_>) {

@@ -329,6 +329,7 @@ impl<A: Application> Master<'_, A> {
     /// answers one `failed` with its members' outcomes, each unfinished one's error among them. Durable jobs are not given up: they stay
     /// in Redis for another node (or this one, restarted), and their clients are told so.
     pub(super) fn give_up_jobs(&mut self, cause: &str) {
+        self.give_up_followers(cause);
         let mut ids = self.jobs.ids();
         if ids.is_empty() && self.jobs.groups.is_empty() {
             return;

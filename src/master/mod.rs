@@ -14,6 +14,7 @@ mod dashboard;
 mod dedup;
 mod delayed;
 mod durable;
+mod durable_keys;
 mod jobs;
 mod lifecycle;
 mod listeners;
@@ -21,7 +22,7 @@ mod metrics;
 mod periodic;
 mod pool;
 mod replay;
-mod results;
+pub(crate) mod results;
 mod schedule;
 mod slots;
 mod stats;
@@ -471,7 +472,7 @@ impl<'a, A: Application> Master<'a, A> {
     }
 
     fn drained(&self) -> bool {
-        self.durable.as_ref().is_none_or(|d| !d.holding() && d.unacked() == 0)
+        self.durable.as_ref().is_none_or(|d| !d.holding() && d.unacked() == 0 && d.dedup.is_idle())
             && self.jobs.is_empty()
             && self.workers.iter().all(|w| w.books.log.is_empty())
             && self.conns.iter().all(|(_, c)| c.unwritten() == 0)
@@ -622,6 +623,7 @@ impl<'a, A: Application> Master<'a, A> {
                     "store_batches_unacked": d.unacked(),
                     "duplicate_replies_dropped": d.duplicates,
                     "bridge_restarts": d.bridge_restarts,
+                    "duplicates_waiting": d.dedup.waiting(),
                 });
                 // `jobs` and `lanes`: what waits (or runs) in Redis, up to a second old.
                 if let (Some(obj), Some(serde_json::Value::Object(depths))) = (v.as_object_mut(), &d.depths) {

@@ -299,6 +299,8 @@ impl<A: Application> Master<'_, A> {
         tracing::debug!("schedule {name}: tick {tick} claimed by node {holder} first; job {task_id} dropped");
         if self.jobs.remove(task_id).is_some() {
             self.counters.ticks_elsewhere += 1;
+            // Not this node's job after all (as a durable duplicate is not).
+            self.counters.tasks_accepted = self.counters.tasks_accepted.saturating_sub(1);
             self.shared.set_jobs_pending(self.jobs.len() as u64);
         }
     }

@@ -40,7 +40,10 @@ impl<A: Application> Master<'_, A> {
             FromWorker::Task { task_id, session, target, group, flags, context, data } => {
                 let target = u32::try_from(target).ok().filter(|&t| (t as usize) < self.tasks.len());
                 let options = self.pending_options.take().filter(|o| o.task_id == task_id);
-                if let Some(key) = options.as_ref().and_then(|o| o.key.as_deref()) {
+                // A durable job's key is taken in Redis, with the job (see `durable::dedup`).
+                let local_key =
+                    options.as_ref().filter(|_| self.durable.is_none()).and_then(|o| o.key.as_deref());
+                if let Some(key) = local_key {
                     let ttl = options.as_ref().map_or(Duration::ZERO, |o| o.dedup_ttl);
                     match self.keys.claim(key, task_id, ttl, session, Instant::now()) {
                         dedup::Claim::Taken => {}
@@ -75,7 +78,7 @@ impl<A: Application> Master<'_, A> {
                 self.jobs.accept(task_id, i as u32, session, spec, context, data);
                 if let (Some(o), Some(job)) = (&options, self.jobs.get_mut(task_id)) {
                     job.run_at_ms = o.run_at_ms;
-                    job.key = o.key.clone();
+                    job.key = o.key.clone().filter(|_| self.durable.is_none());
                 }
                 if let Some(due) = due {
                     self.delayed.push(due, task_id);

@@ -51,11 +51,43 @@ pub fn cancelled_line(task_id: u64) -> Vec<u8> {
     line
 }
 
+/// Who asked to cancel a job (each a session), and so who gets the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The connection that submitted it: the job's `cancelled` line answers it.
+    Client(u64),
+    /// `taskd cancel N`, with the admin token.
+    Operator(u64),
+    /// The operator's dashboard.
+    Dashboard(u64),
+}
+
+impl Via {
+    /// The client session that must be the job's own (None: the operator's, any job).
+    pub fn asker(self) -> Option<u64> {
+        match self {
+            Via::Client(s) => Some(s),
+            Via::Operator(_) | Via::Dashboard(_) => None,
+        }
+    }
+}
+
+/// An `error` line about job `task_id`.
+fn error_line(task_id: u64, why: &str) -> Vec<u8> {
+    let mut line =
+        serde_json::json!({"event": "error", "task_id": task_id, "error": why}).to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
 impl<A: Application> Master<'_, A> {
-    /// Cancels job `task_id` if it has not started, for `asker` (a client session, which must
-    /// be the one that submitted it) or for the operator (`taskd cancel N`, None). The job's
-    /// client gets `cancelled` as its final line, and the job never runs. Otherwise why not.
-    pub(super) fn cancel(&mut self, asker: Option<u64>, task_id: u64) -> Result<(), String> {
+    /// Cancels job `task_id` if it has not started, for `via`: a client session (which must be
+    /// the one that submitted it) or the operator (`taskd cancel N`, the dashboard). The job's
+    /// client gets `cancelled` as its final line, and the job never runs. Ok(true): cancelled;
+    /// Ok(false): a durable job, asked of Redis, answered by [`Self::answer_cancel`]. Otherwise
+    /// why not.
+    pub(super) fn cancel(&mut self, via: Via, task_id: u64) -> Result<bool, String> {
+        let asker = via.asker();
         let Some(job) = self.jobs.get(task_id) else {
             return Err(if self.results.contains(task_id) {
                 format!("job {task_id} has ended: it cannot be cancelled")
@@ -80,10 +112,11 @@ impl<A: Application> Master<'_, A> {
             ));
         }
         if self.durable.is_some() {
-            return Err(format!(
-                "job {task_id} is in Redis (redis_url), where a task process of any node may have \
-                 started it: cancel is not available for durable jobs yet"
-            ));
+            if job.batch != 0 {
+                return Err(format!("job {task_id} is being stored in Redis: ask again once it is accepted"));
+            }
+            // Only Redis knows whether a task process of some node has taken it.
+            return self.ask_durable_cancel(via, task_id).map(|()| false);
         }
         match job.state {
             JobState::Running => {
@@ -100,7 +133,14 @@ impl<A: Application> Master<'_, A> {
             }
             JobState::Delayed => self.delayed.remove(task_id),
         }
-        let Some(job) = self.jobs.remove(task_id) else { return Ok(()) };
+        self.cancelled(asker, task_id);
+        Ok(true)
+    }
+
+    /// Job `task_id` is taken back (from the master's queues, or from Redis): it ends with
+    /// `cancelled`, for its client and for `result`.
+    pub(super) fn cancelled(&mut self, asker: Option<u64>, task_id: u64) {
+        let Some(job) = self.jobs.remove(task_id) else { return };
         self.counters.tasks_cancelled += 1;
         self.shared.set_jobs_pending(self.jobs.len() as u64);
         tracing::info!(
@@ -120,7 +160,25 @@ impl<A: Application> Master<'_, A> {
                 self.maybe_finished.push(key);
             }
         }
-        Ok(())
+    }
+
+    /// Answers a cancel that Redis carried out (`Ok`) or refused, to whoever asked.
+    pub(super) fn answer_cancel(&mut self, via: Via, task_id: u64, answer: Result<(), String>) {
+        let line = match (via, answer) {
+            // Its own client had the job's `cancelled` line.
+            (Via::Client(_), Ok(())) => return,
+            (Via::Operator(_), Ok(())) => cancelled_line(task_id),
+            (Via::Client(_) | Via::Operator(_), Err(why)) => error_line(task_id, &why),
+            (Via::Dashboard(_), Ok(())) => {
+                tracing::info!("dashboard: task {task_id} cancelled");
+                super::admin::reply("cancel", true, serde_json::json!({"task_id": task_id}))
+            }
+            (Via::Dashboard(_), Err(why)) => {
+                super::admin::reply("cancel", false, serde_json::json!({"task_id": task_id, "error": why}))
+            }
+        };
+        let (Via::Client(session) | Via::Operator(session) | Via::Dashboard(session)) = via;
+        self.send_to_session(session, &line);
     }
 
     /// Tells the clients of this turn's duplicates which job has their key (after their
@@ -145,7 +203,7 @@ impl<A: Application> Master<'_, A> {
         }
     }
 
-    fn final_line_to_duplicate(&mut self, session: u64, line: &[u8]) {
+    pub(super) fn final_line_to_duplicate(&mut self, session: u64, line: &[u8]) {
         self.send_to_session(session, line);
         if let Some((key, conn)) = self.conn_mut(session) {
             conn.outstanding = conn.outstanding.saturating_sub(1);
@@ -161,9 +219,9 @@ impl<A: Application> Master<'_, A> {
         let operator = !token.is_empty();
         let mut wrong_token = false;
         let answer = if !operator {
-            self.cancel(Some(session), task_id)
+            self.cancel(Via::Client(session), task_id)
         } else if self.dashboard.token.as_ref().is_some_and(|t| t.matches_bytes(token)) {
-            self.cancel(None, task_id)
+            self.cancel(Via::Operator(session), task_id)
         } else {
             wrong_token = true;
             Err("the admin token does not match (taskd cancel reads the daemon's --admin-token-file, or the one generated beside the pid file); closing the connection"
@@ -171,15 +229,10 @@ impl<A: Application> Master<'_, A> {
         };
         let line = match answer {
             // Its own client had the line; the operator's connection gets it too.
-            Ok(()) if operator => cancelled_line(task_id),
-            Ok(()) => return,
-            Err(why) => {
-                let mut line = serde_json::json!({"event": "error", "task_id": task_id, "error": why})
-                    .to_string()
-                    .into_bytes();
-                line.push(b'\n');
-                line
-            }
+            Ok(true) if operator => cancelled_line(task_id),
+            // Its own client had the line; or Redis is asked, and the answer comes then.
+            Ok(_) => return,
+            Err(why) => error_line(task_id, &why),
         };
         self.send_to_session(session, &line);
         // As the dashboard does: each guess at the token costs a connection.

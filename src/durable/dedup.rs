@@ -1,0 +1,406 @@
+//! Deduplication keys of durable jobs (a job's `key`), shared by every node of a queue.
+//!
+//! A key is the string `{q}:key:HEX` (the client's key in hex: no client text reaches a key
+//! name). The bridge of the node that stores a job takes it in the same script that stores the
+//! job ([`CLAIM`]): a key is never held for a job that was not stored, nor a job stored without
+//! its key. While the job waits or runs, the key's value names it, `h 0 NODE ID`; whoever ends
+//! the job (the consumer that writes its outcome or dead letter, in the same MULTI, or the
+//! bridge that cancels it) makes it `e FREE_AT NODE ID\n<final line>` ([`END`]), held until
+//! `FREE_AT` (its end plus `dedup_ttl_ms`) and readable [`GRACE_MS`] longer, so that a
+//! duplicate waiting on another node reads the first's final line even with a `dedup_ttl_ms`
+//! of 0. Such a duplicate's bridge reads its key every [`WATCH_EVERY`] ([`Watches`]).
+//!
+//! Anyone who can write to Redis can write these values: what is read is parsed and bounded
+//! ([`parse`]), and a value that is not taskd's is taken over by the next job with the key.
+
+use std::time::{Duration, Instant};
+
+use redis::{Cmd, Connection, Value};
+
+use super::entry::valid_node;
+use super::keys::Keys;
+use super::Durable;
+
+/// Longest client key of a durable job, in bytes (its hex form is twice that).
+pub const KEY_MAX: usize = 200;
+/// Longest final line a key keeps; a longer one is kept as a short line that says so.
+pub const LINE_MAX: usize = 64 * 1024;
+/// How long an ended key stays readable past the time it is free again.
+pub const GRACE_MS: u64 = 60_000;
+/// A held key expires this long past its job's time plus `dedup_ttl_ms`: a job lost from Redis
+/// (deleted by hand, or Redis lost its data) does not hold its key for ever. A job that waits
+/// longer than this for a task process frees its key early.
+pub const HOLD_MARGIN_MS: u64 = 24 * 3600 * 1000;
+/// Longest `dedup_ttl_ms` a durable key keeps (ten years): a job's field `kt` may be forged,
+/// and Redis's expiry times must not overflow.
+pub const TTL_MAX_MS: u64 = 3650 * 24 * 3600 * 1000;
+/// How often a bridge reads the keys its duplicates wait on.
+pub const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// Keys read per look at most (the rest wait for the next look, in turn).
+const WATCH_BATCH: usize = 512;
+
+/// The client's key in hex: the part of its Redis key name that is the client's.
+pub fn hex(key: &[u8]) -> String {
+    key.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether `s` is a key in hex as [`hex`] writes it (from a job's field `k`, which anyone who
+/// can write to Redis can forge: it becomes part of a key name).
+pub fn valid_hex(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 2 * KEY_MAX
+        && s.len() % 2 == 0
+        && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A key's value while job `task_id` of `origin` holds it.
+pub fn held_value(origin: &str, task_id: u64) -> String {
+    format!("h 0 {origin} {task_id}")
+}
+
+/// What a key's value says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Held { origin: String, task_id: u64 },
+    Ended { origin: String, task_id: u64, line: Vec<u8> },
+}
+
+impl State {
+    fn job(&self) -> (&str, u64) {
+        match self {
+            State::Held { origin, task_id } | State::Ended { origin, task_id, .. } => (origin, *task_id),
+        }
+    }
+}
+
+/// A key's value, checked: a node name, a task id, and for an ended job one JSON object on one
+/// line of at most [`LINE_MAX`] bytes (it goes to a client as it is). None for anything else.
+pub fn parse(value: &[u8]) -> Option<State> {
+    if value.len() > LINE_MAX + 200 {
+        return None;
+    }
+    let (head, line) = match value.iter().position(|&b| b == b'\n') {
+        Some(i) => (&value[..i], Some(&value[i + 1..])),
+        None => (value, None),
+    };
+    let head = std::str::from_utf8(head).ok()?;
+    let mut parts = head.split(' ');
+    let (kind, _free_at, origin, task_id) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || !valid_node(origin) {
+        return None;
+    }
+    let task_id: u64 = task_id.parse().ok().filter(|&t| t != 0)?;
+    let origin = origin.to_string();
+    match (kind, line) {
+        ("h", None) => Some(State::Held { origin, task_id }),
+        ("e", Some(line)) => {
+            let body = line.strip_suffix(b"\n").unwrap_or(line);
+            let one_object = !body.contains(&b'\n')
+                && serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body).is_ok();
+            one_object.then(|| {
+                let mut line = body.to_vec();
+                line.push(b'\n');
+                State::Ended { origin, task_id, line }
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The final line a key keeps for job `task_id`: `line`, or when it is over [`LINE_MAX`], a
+/// short one with its event that says where the whole one is.
+pub fn kept_line(task_id: u64, ok: bool, line: &[u8]) -> Vec<u8> {
+    if line.len() <= LINE_MAX {
+        return line.to_vec();
+    }
+    let mut short = serde_json::json!({
+        "event": if ok { "done" } else { "failed" },
+        "task_id": task_id,
+        "note": format!(
+            "its final line is {} bytes, over the {LINE_MAX} a deduplication key keeps: \
+             {{\"type\":\"result\",\"task_id\":{task_id}}} on the node that accepted it has it",
+            line.len()
+        ),
+    })
+    .to_string()
+    .into_bytes();
+    short.push(b'\n');
+    short
+}
+
+/// How long a key is held when its job is stored: until its time (`delay_ms` ahead), plus
+/// `dedup_ttl_ms` and [`HOLD_MARGIN_MS`].
+pub fn hold_ms(delay_ms: u64, dedup_ttl_ms: u64) -> u64 {
+    delay_ms.min(TTL_MAX_MS) + dedup_ttl_ms.min(TTL_MAX_MS) + HOLD_MARGIN_MS
+}
+
+/// Lua: `end_key(key, held, ttl, who, line)` makes the key `key`, if job `who` (`NODE ID`)
+/// still holds it (its value is `held`), the record of its end: free `ttl` ms from now, its
+/// final line `line` readable [`GRACE_MS`] longer. Never an error: it runs inside the
+/// consumer's MULTI, where an error would not stop the rest.
+macro_rules! end_key_fn {
+    () => {
+        "
+local function end_key(key, held, ttl, who, line)
+  if redis.call('TYPE', key).ok ~= 'string' or redis.call('GET', key) ~= held then return 0 end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  ttl = math.min(315360000000, math.max(0, math.floor(tonumber(ttl) or 0)))
+  redis.call('SET', key, 'e ' .. string.format('%d', now + ttl) .. ' ' .. who .. '\\n' .. line,
+    'PX', string.format('%d', ttl + 60000))
+  return 1
+end
+"
+    };
+}
+pub(super) use end_key_fn;
+
+/// Ends a job's key (see [`end_key_fn`]): KEYS[1] the key, ARGV[1] its held value, ARGV[2] the
+/// ttl in ms, ARGV[3] `NODE ID`, ARGV[4] the final line.
+const END: &str = concat!(end_key_fn!(), "return end_key(KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4])");
+
+/// The command that ends the key `hex` of job `task_id` of `origin` with `line` (see [`END`]).
+pub fn end_cmd(keys: &Keys, hex: &str, ttl_ms: u64, origin: &str, task_id: u64, line: &[u8]) -> Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(END)
+        .arg(1)
+        .arg(keys.dedup(hex))
+        .arg(held_value(origin, task_id))
+        .arg(ttl_ms.min(TTL_MAX_MS))
+        .arg(format!("{origin} {task_id}"))
+        .arg(line);
+    cmd
+}
+
+/// Takes a key and stores its job, or neither. KEYS[1] the key, KEYS[2] the job stream (or,
+/// for a job for later, the delayed set), KEYS[3] the hash of a job for later (else KEYS[1]).
+/// ARGV[1] the key's held value, ARGV[2] how long it is held (ms), ARGV[3] the job's time
+/// (Unix ms; 0: now), ARGV[4] its member in the delayed set, ARGV[5..] its fields. Returns 1
+/// when stored (also when an earlier try of the same batch stored it, as a new bridge sends
+/// unacknowledged batches again), else the value of the key, which another job holds.
+pub const CLAIM: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind == 'string' then
+  local v = redis.call('GET', KEYS[1])
+  -- Stored by an earlier try of this batch (held, or already ended).
+  if v == ARGV[1] or string.match(v, '^e %d+ (.-)\\n') == string.sub(ARGV[1], 5) then return 1 end
+  -- Only a value as taskd writes it holds the key; anything else is taken over.
+  local held = string.match(v, '^h 0 [%w%._%-]+ [1-9]%d*$')
+  local free = string.match(v, '^e (%d+) [%w%._%-]+ [1-9]%d*\\n[^\\n]+\\n?$')
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if held or (free and tonumber(free) > now) then return v end
+elseif kind ~= 'none' then
+  -- Not taskd's (an error here would fail the whole round of jobs): taken over.
+  redis.call('DEL', KEYS[1])
+end
+if tonumber(ARGV[3]) > 0 then
+  local set = redis.call('TYPE', KEYS[2]).ok
+  if set ~= 'zset' and set ~= 'none' then
+    return redis.error_reply(KEYS[2] .. ' is a ' .. set .. ', not the sorted set of delayed jobs')
+  end
+  redis.call('DEL', KEYS[3])
+  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
+  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), ARGV[4])
+else
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1";
+
+/// The command that stores job `task_id` of this node (its fields are added after) only if it
+/// takes its key `hex` (see [`CLAIM`]): into `stream`, or parked until `run_at_ms`.
+pub fn claim_cmd(d: &Durable, stream: &str, task_id: u64, run_at_ms: u64, hex: &str, ttl_ms: u64) -> Cmd {
+    let delay = run_at_ms.saturating_sub(crate::app::unix_ms(std::time::SystemTime::now()));
+    let member = d.keys.scheduled_member(&d.node, task_id);
+    let key = d.keys.dedup(hex);
+    let (target, hash) = if run_at_ms > 0 {
+        (d.keys.delayed.clone(), d.keys.delayed_hash(&member))
+    } else {
+        (stream.to_string(), key.clone())
+    };
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(CLAIM)
+        .arg(3)
+        .arg(key)
+        .arg(target)
+        .arg(hash)
+        .arg(held_value(&d.node, task_id))
+        .arg(hold_ms(delay, ttl_ms))
+        .arg(run_at_ms)
+        .arg(member);
+    cmd
+}
+
+/// What the store of a job with a key found: stored, or the value of the key another job holds.
+pub enum Claimed {
+    Stored,
+    /// Held by another job: `first` is it (0 if the value is not one taskd reads), `line` its
+    /// final line if it has ended.
+    Duplicate {
+        first: u64,
+        holder: Vec<u8>,
+        line: Vec<u8>,
+    },
+}
+
+/// Reads [`CLAIM`]'s answer.
+pub fn claimed(answer: &Value) -> Claimed {
+    let holder = match answer {
+        Value::BulkString(v) => v.clone(),
+        Value::SimpleString(s) => s.clone().into_bytes(),
+        _ => return Claimed::Stored,
+    };
+    match parse(&holder) {
+        Some(State::Held { task_id, .. }) => Claimed::Duplicate { first: task_id, holder, line: Vec::new() },
+        Some(State::Ended { task_id, line, .. }) => Claimed::Duplicate { first: task_id, holder, line },
+        None => Claimed::Duplicate { first: 0, holder, line: Vec::new() },
+    }
+}
+
+/// A duplicate waiting for its first job's final line.
+struct Watch {
+    task_id: u64,
+    key: String,
+    /// The first job, as the key named it when the duplicate was found.
+    first: (String, u64),
+}
+
+/// The keys a bridge reads for its waiting duplicates. Their number is bounded by what the
+/// master holds for clients (each is a client's job).
+#[derive(Default)]
+pub struct Watches {
+    list: Vec<Watch>,
+    next: usize,
+    due: Option<Instant>,
+}
+
+impl Watches {
+    /// Watches key `hex` for duplicate `task_id`, whose first holds it as `holder`; false if
+    /// `holder` does not name a job (nothing to wait for).
+    pub fn add(&mut self, keys: &Keys, task_id: u64, hex: &str, holder: &[u8]) -> bool {
+        let Some(State::Held { origin, task_id: first }) = parse(holder) else { return false };
+        if !valid_hex(hex) || self.list.iter().any(|w| w.task_id == task_id) {
+            return false;
+        }
+        self.list.push(Watch { task_id, key: keys.dedup(hex), first: (origin, first) });
+        self.due.get_or_insert_with(|| Instant::now() + WATCH_EVERY);
+        true
+    }
+
+    /// How long until the next look (None: nothing to watch).
+    pub fn wait(&self) -> Option<Duration> {
+        self.due.map(|due| due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+    }
+
+    /// Reads the keys due (at most [`WATCH_BATCH`], in turn) and returns the duplicates whose
+    /// first ended, each with the first's final line, or an empty line when that can no longer
+    /// be known (the key expired, or another job took it, before it was read).
+    pub fn look(&mut self, conn: &mut Connection) -> redis::RedisResult<Vec<(u64, Vec<u8>)>> {
+        if self.due.is_none_or(|due| Instant::now() < due) || self.list.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = self.list.len().min(WATCH_BATCH);
+        let start = self.next % self.list.len();
+        let picked: Vec<usize> = (0..n).map(|i| (start + i) % self.list.len()).collect();
+        let mut pipe = redis::pipe();
+        for &i in &picked {
+            pipe.cmd("GET").arg(&self.list[i].key);
+        }
+        let values: Vec<Option<Vec<u8>>> = pipe.query(conn)?;
+        let mut ended = Vec::new();
+        let mut gone = Vec::new();
+        for (&i, value) in picked.iter().zip(values) {
+            let w = &self.list[i];
+            let state = value.as_deref().and_then(parse);
+            let line = match state {
+                Some(State::Held { .. })
+                    if state.as_ref().map(State::job) == Some((&w.first.0, w.first.1)) =>
+                {
+                    continue
+                }
+                Some(State::Ended { ref origin, task_id, ref line })
+                    if (origin.as_str(), task_id) == (w.first.0.as_str(), w.first.1) =>
+                {
+                    line.clone()
+                }
+                _ => Vec::new(),
+            };
+            ended.push((w.task_id, line));
+            gone.push(i);
+        }
+        gone.sort_unstable();
+        for i in gone.into_iter().rev() {
+            self.list.swap_remove(i);
+        }
+        self.next = start + n;
+        self.due = (!self.list.is_empty()).then(|| Instant::now() + WATCH_EVERY);
+        Ok(ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_key_becomes_hex_and_nothing_else() {
+        assert_eq!(hex(b"order-42:{x}\n"), "6f726465722d34323a7b787d0a");
+        assert!(valid_hex(&hex(b"order-42")));
+        assert!(!valid_hex("ab}c"));
+        assert!(!valid_hex("ABCD"));
+        assert!(!valid_hex("abc"));
+        assert!(!valid_hex(&"ab".repeat(KEY_MAX + 1)));
+        assert!(!valid_hex(""));
+    }
+
+    #[test]
+    fn a_value_from_redis_is_read_only_as_taskd_writes_it() {
+        assert_eq!(
+            parse(held_value("web-1", 7).as_bytes()),
+            Some(State::Held { origin: "web-1".into(), task_id: 7 })
+        );
+        let ended = b"e 1798099200000 web-2 9\n{\"event\":\"done\",\"task_id\":9}\n";
+        assert_eq!(
+            parse(ended),
+            Some(State::Ended {
+                origin: "web-2".into(),
+                task_id: 9,
+                line: b"{\"event\":\"done\",\"task_id\":9}\n".to_vec()
+            })
+        );
+        for bad in [
+            &b"h 0 web-1 0"[..],
+            b"h 0 web\nx 7",
+            b"h 0 a b 7",
+            b"x 0 web-1 7",
+            b"e 1 web-1 7\n{\"event\":\"done\"}\n{\"event\":\"forged\"}\n",
+            b"e 1 web-1 7\nnot json\n",
+            b"h 0 web-1 7\n{}",
+            b"",
+        ] {
+            assert_eq!(parse(bad), None, "{}", String::from_utf8_lossy(bad));
+        }
+        let mut long = b"e 1 web-1 7\n{\"r\":\"".to_vec();
+        long.extend(std::iter::repeat_n(b'a', LINE_MAX + 300));
+        long.extend_from_slice(b"\"}\n");
+        assert_eq!(parse(&long), None);
+    }
+
+    #[test]
+    fn an_outsized_final_line_is_kept_short() {
+        let line = vec![b'x'; LINE_MAX + 1];
+        let kept = kept_line(5, false, &line);
+        assert!(kept.len() < 400);
+        let v: serde_json::Value = serde_json::from_slice(&kept).unwrap();
+        assert_eq!((v["event"].as_str(), v["task_id"].as_u64()), (Some("failed"), Some(5)));
+        assert_eq!(kept_line(5, true, b"{}\n"), b"{}\n");
+    }
+
+    #[test]
+    fn a_key_is_held_past_its_jobs_time() {
+        assert_eq!(hold_ms(0, 0), HOLD_MARGIN_MS);
+        assert_eq!(hold_ms(3000, 1000), 4000 + HOLD_MARGIN_MS);
+        assert_eq!(hold_ms(u64::MAX, u64::MAX), 2 * TTL_MAX_MS + HOLD_MARGIN_MS);
+    }
+}
