@@ -474,23 +474,37 @@ fn ticks_in_log(log: &str, schedule: &str) -> (Vec<String>, Vec<String>) {
 
 #[test]
 fn two_durable_web_nodes_with_the_same_schedule_run_each_tick_once() {
+    each_tick_runs_once_on_two_web_nodes("", &[]);
+}
+
+#[test]
+fn a_ticks_job_with_a_key_is_claimed_as_a_tick_and_then_takes_its_key() {
+    // The tick is claimed first; the winner's job then takes its key (free again at once: the
+    // last tick's job has ended), the loser's finds it held and is not stored either.
+    each_tick_runs_once_on_two_web_nodes(r#", key = "every-second""#, &["--dedup-ttl-ms", "0"]);
+}
+
+/// Two web nodes with a schedule every second (its job with `more` fields), and `extra` flags.
+fn each_tick_runs_once_on_two_web_nodes(more: &str, extra: &[&str]) {
     let Some(redis) = common::durable::Redis::start() else { return };
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("taskd.toml");
     std::fs::write(
         &config,
-        r#"
+        format!(
+            r#"
 [[schedule]]
 name = "every-second"
 cron = "* * * * * *"
-job = { type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0 }
-"#,
+job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more} }}
+"#
+        ),
     )
     .unwrap();
     let path = config.to_str().unwrap();
     // Both web nodes tick; neither runs jobs: the task node's outbox is the one record of runs.
     let start = |node: &str| {
-        let args = [
+        let mut args = vec![
             "--redis-url",
             redis.url.as_str(),
             "--node-id",
@@ -500,6 +514,7 @@ job = { type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0 }
             "--config",
             path,
         ];
+        args.extend_from_slice(extra);
         Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
     };
     let mut web1 = start("web-1");

@@ -82,7 +82,7 @@ pub(super) enum Item {
         data: Vec<u8>,
         priority: Priority,
         /// A schedule's tick: stored only if this node claims it (see [`super::ticks`]).
-        tick: Option<ticks::Claim>,
+        tick: Option<Box<ticks::Claim>>,
         /// Its deduplication key in hex and its `dedup_ttl_ms` (see [`super::dedup`]).
         key: Option<(String, u64)>,
     },
@@ -167,7 +167,7 @@ fn store_loop(
     // priority and its tick, from the frames before it.
     let mut next_at: Option<(u64, u64)> = None;
     let mut next_priority: Option<(u64, Priority)> = None;
-    let mut next_tick: Option<ticks::Claim> = None;
+    let mut next_tick: Option<Box<ticks::Claim>> = None;
     // The deduplication key of the next job to store, from the `StoreKey` frame before it.
     let mut next_key: Option<(u64, String, u64)> = None;
     let mut watches = super::dedup::Watches::default();
@@ -239,7 +239,7 @@ fn store_loop(
                     next_priority = Some((task_id, Priority::from_index(priority)))
                 }
                 ToBridge::ClaimTick { task_id, tick_ms, ttl_ms, name } => {
-                    next_tick = Some(ticks::Claim::new(task_id, tick_ms, ttl_ms, name))
+                    next_tick = Some(Box::new(ticks::Claim::new(task_id, tick_ms, ttl_ms, name)))
                 }
                 ToBridge::StoreEnd { batch } => items.push(Item::End(batch)),
                 ToBridge::Trim { entry } => trims.push(entry.to_vec()),
@@ -278,8 +278,16 @@ fn store_loop(
         let outcome = match link.get() {
             Err(why) => Err(why),
             Ok(conn) => {
-                let pipe = pipeline(d, &items, &keeps, &trims);
-                let done: redis::RedisResult<Vec<Value>> = pipe.query(conn);
+                // A tick's job with a key: its tick is claimed before the round, and the job
+                // stored in it only if it was (see `ticks::claim_first`).
+                let done = ticks::claim_first(conn, d, &mut items).and_then(|()| {
+                    let pipe = pipeline(d, &items, &keeps, &trims);
+                    // Nothing left to send (the round's one job was another node's tick).
+                    if pipe.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                    pipe.query::<Vec<Value>>(conn)
+                });
                 match done {
                     Ok(replies) => {
                         // The claims' answers come first, in the order of their jobs
@@ -543,18 +551,20 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate
 /// The `Duplicate` frames of a round's jobs with a key that another job holds (the answers of
 /// their claims come first in `replies`, in order); the duplicates whose first has not ended
 /// are watched.
-/// The answers of a round's claims, in the order of its jobs: each job of a tick has one
-/// (with a key too, the tick's comes first), each job with a key one. Split into the ticks'
-/// and the keys' answers.
+/// The answers of a round's claims, in the order of its jobs: each job of a tick has one (a
+/// tick's job with a key: its tick's answer came before the round, and its key's is in it only
+/// if it won the tick), each job with a key one. Split into the ticks' and the keys' answers.
 fn answered(items: &[Item], replies: &[Value]) -> (Vec<Value>, Vec<Value>) {
     let (mut ticks, mut keys) = (Vec::new(), Vec::new());
     let mut replies = replies.iter();
     for item in items {
         if let Item::Store { tick, key, .. } = item {
-            if tick.is_some() {
-                ticks.extend(replies.next().cloned());
+            match tick.as_ref().and_then(|c| c.answer.as_ref()) {
+                Some(first) => ticks.push(first.clone()),
+                None if tick.is_some() => ticks.extend(replies.next().cloned()),
+                None => {}
             }
-            if key.is_some() {
+            if key.is_some() && !tick.as_ref().is_some_and(|c| c.lost()) {
                 keys.extend(replies.next().cloned());
             }
         }
@@ -570,6 +580,8 @@ fn duplicates(
     frames: &mut Vec<u8>,
 ) {
     let keyed = items.iter().filter_map(|i| match i {
+        // A job of a tick another node claimed was not stored: no answer of its key.
+        Item::Store { tick: Some(claim), .. } if claim.lost() => None,
         Item::Store { task_id, key: Some((hex, _)), .. } => Some((*task_id, hex)),
         _ => None,
     });
@@ -595,10 +607,9 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
             // its priority.
             let stream = d.stream_of(data, *priority);
             let mut cmd;
-            if let (Some(claim), Some(_)) = (tick, key) {
-                // A tick's job with a key: the tick is claimed first (its answer is kept), then
-                // the job stored if it takes its key.
-                pipe.add_command(ticks::claim_only(d, claim, *task_id));
+            if tick.as_ref().is_some_and(|c| c.lost()) {
+                // Its tick is another node's: not stored.
+                continue;
             }
             if let Some((hex, ttl)) = key {
                 // Stored only if it takes its key, in one script (its answer is kept).

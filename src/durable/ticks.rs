@@ -14,18 +14,66 @@ use super::Durable;
 use crate::ipc::envelope::FromBridge;
 
 /// A tick to claim with its job's store.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Claim {
     pub task_id: u64,
     pub tick_ms: u64,
     pub ttl_ms: u64,
     pub name: String,
+    /// The answer of a claim made before the round (see [`claim_first`]).
+    pub answer: Option<Value>,
 }
 
 impl Claim {
     pub fn new(task_id: u64, tick_ms: u64, ttl_ms: u64, name: &[u8]) -> Claim {
-        Claim { task_id, tick_ms, ttl_ms: ttl_ms.max(1), name: String::from_utf8_lossy(name).into_owned() }
+        Claim {
+            task_id,
+            tick_ms,
+            ttl_ms: ttl_ms.max(1),
+            name: String::from_utf8_lossy(name).into_owned(),
+            answer: None,
+        }
     }
+
+    /// Claimed before the round, by another node.
+    pub fn lost(&self) -> bool {
+        self.answer.as_ref().is_some_and(|a| redis_io::as_int(a) != Some(1))
+    }
+}
+
+/// Claims, in one round trip before the round that stores them, the ticks of the jobs of
+/// `items` that also have a deduplication key: their store is the key's script
+/// (`dedup::claim_cmd`), which cannot also claim a tick, so the tick is claimed first and the
+/// job stored in the round only if this node has it. A claim sent again (a new bridge) finds
+/// itself and holds. Between the two, a node that dies leaves the tick claimed without its job.
+pub(super) fn claim_first(
+    conn: &mut redis::Connection,
+    d: &Durable,
+    items: &mut [super::bridge::Item],
+) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    let mut asked = 0;
+    for item in items.iter() {
+        if let super::bridge::Item::Store { task_id, tick: Some(claim), key: Some(_), .. } = item {
+            if claim.answer.is_none() {
+                pipe.add_command(claim_only(d, claim, *task_id));
+                asked += 1;
+            }
+        }
+    }
+    if asked == 0 {
+        return Ok(());
+    }
+    let answers: Vec<Value> = pipe.query(conn)?;
+    let mut answers = answers.into_iter();
+    for item in items.iter_mut() {
+        if let super::bridge::Item::Store { tick: Some(claim), key: Some(_), .. } = item {
+            if claim.answer.is_none() {
+                claim.answer = answers.next();
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Claims tick KEYS[1] for ARGV[1] (`NODE/TASK_ID`) for ARGV[2] ms and stores its job: into
