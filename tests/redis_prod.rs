@@ -682,6 +682,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Option<Cluster> {
+        Self::start_with(&[])
+    }
+
+    /// With extra settings for each node.
+    fn start_with(extra: &[&str]) -> Option<Cluster> {
         if common::which("redis-cli").is_none() {
             common::cannot_run(
                 "redis",
@@ -693,14 +698,11 @@ impl Cluster {
         let nodes: Vec<Redis> = ports
             .iter()
             .filter_map(|p| {
-                Redis::start_with(&[
-                    "--port",
-                    &p.to_string(),
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                ])
+                let port = p.to_string();
+                let mut args =
+                    vec!["--port", &port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+                args.extend_from_slice(extra);
+                Redis::start_with(&args)
             })
             .collect();
         if nodes.len() < 3 {
@@ -900,6 +902,44 @@ fn one_task_node_serves_two_queues_of_one_redis_and_a_web_node_names_one() {
         taskd(&["task-node", "--redis-url", &redis.url, "--redis-queue", "qa,qa", "--node-id", "x"], &[]);
     let said = String::from_utf8_lossy(&twice.stderr);
     assert!(!twice.status.success() && said.contains("names a queue twice"), "{said}");
+}
+
+#[test]
+fn a_queue_whose_server_is_gone_stops_only_its_own_task_processes() {
+    // Without full coverage, the other nodes serve their slots while one is down.
+    let Some(mut cluster) = Cluster::start_with(&["--cluster-require-full-coverage", "no"]) else { return };
+    let url = cluster.url();
+    let list = cluster.queues.join(",");
+    let tasks = TaskNode::start_url(
+        &url,
+        "tasks-all",
+        &["--task-worker-num", "3", "--simulate-ms", "0", "--redis-queue", &list],
+    );
+    let webs: Vec<Daemon> = cluster.queues[..2].iter().map(|q| web_node_of(&url, q)).collect();
+    for d in &webs {
+        assert_eq!(all_done(&mut d.connect(), 10).len(), 10);
+    }
+    // The third queue's node dies: the task node cannot renew its name there, and past the
+    // lease its process of that queue takes nothing (a node of its name may run elsewhere).
+    cluster.nodes[2].kill();
+    let lapsed = "tasks-all/2: the node's name is not known to be its own";
+    let start = std::time::Instant::now();
+    while !tasks.log().contains(lapsed) {
+        assert!(start.elapsed() < std::time::Duration::from_secs(60), "{}", tasks.log());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The other queues' processes go on: their names were renewed on their own nodes.
+    for d in &webs {
+        assert_eq!(all_done(&mut d.connect(), 10).len(), 10);
+    }
+    assert_eq!(tasks.outbox_lines().len(), 40);
+    for slot in [0, 1] {
+        assert!(
+            !tasks.log().contains(&format!("tasks-all/{slot}: the node's name is not known")),
+            "{}",
+            tasks.log()
+        );
+    }
 }
 
 // ---- Resharding ----

@@ -29,8 +29,7 @@ pub fn share(page: &'static Shared) {
 /// surely this node's until then.
 pub fn held_since_ask(asked: u64) {
     if let Some(page) = PAGE.get() {
-        let valid = (LEASE_TTL - MARGIN).as_millis() as u64;
-        page.set_lease_until_ms(asked.saturating_add(valid));
+        held_since_ask_on(page, asked);
     }
 }
 
@@ -38,8 +37,21 @@ pub fn held_since_ask(asked: u64) {
 /// heard yet takes nothing.
 pub fn lost() {
     if let Some(page) = PAGE.get() {
-        page.set_lease_until_ms(0);
+        lost_on(page);
     }
+}
+
+/// [`held_since_ask`] on a page of one's own: a task node of several queues holds its name in
+/// each, and keeps one gate per queue (its processes each [`share`] their queue's), so that a
+/// queue whose server is away stops only its own processes.
+pub fn held_since_ask_on(page: &Shared, asked: u64) {
+    let valid = (LEASE_TTL - MARGIN).as_millis() as u64;
+    page.set_lease_until_ms(asked.saturating_add(valid));
+}
+
+/// [`lost`] on a page of one's own (see [`held_since_ask_on`]).
+pub fn lost_on(page: &Shared) {
+    page.set_lease_until_ms(0);
 }
 
 /// Whether a task process may take or start a job now: while the holder's last renewal of the

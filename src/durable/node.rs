@@ -67,8 +67,13 @@ pub fn run<A: Application>(served: &mut [Served<A>], config: &ServerConfig) -> R
     let mut lease = Lease { queues: Vec::new(), token, renewed: Instant::now(), lost: false };
     let mut warned = Vec::new();
     for s in served.iter() {
+        // Each queue's gate on a page of its own (see `QueueLease::gate`).
+        let gate = crate::shm::Shared::map().map_err(|e| format!("cannot map shared memory: {e}"))?;
         match open_queue(&s.durable, &lease.token, &mut warned) {
-            Ok(conn) => lease.queues.push(QueueLease { d: s.durable.clone(), conn: Some(conn) }),
+            Ok(conn) => {
+                lease_gate::held_since_ask_on(gate, asked);
+                lease.queues.push(QueueLease { d: s.durable.clone(), conn: Some(conn), gate });
+            }
             Err(why) => {
                 // The names taken in the queues before this one go back at once.
                 lease.release();
@@ -76,8 +81,6 @@ pub fn run<A: Application>(served: &mut [Served<A>], config: &ServerConfig) -> R
             }
         }
     }
-    lease_gate::share(shared);
-    lease_gate::held_since_ask(asked);
     process::set_title("taskd: task-node");
     // The task processes run the job code: as --user, like the server's pool.
     let credentials = match &config.user {
@@ -131,8 +134,9 @@ pub fn run<A: Application>(served: &mut [Served<A>], config: &ServerConfig) -> R
             sup.begin_stop(Some(Signal::SIGTERM), grace);
         }
         sup.start_due(|i| {
-            let s = &mut served[queue_of(i, served.len())];
-            fork_consumer(&mut s.app, config, &s.durable, i as u32, credentials)
+            let q = queue_of(i, served.len());
+            let s = &mut served[q];
+            fork_consumer(&mut s.app, config, &s.durable, lease.queues[q].gate, i as u32, credentials)
         });
         let next = sup.next_timer().into_iter().chain([lease.due()]).min();
         let wait = next.map_or(Duration::from_secs(60), |at| at.saturating_duration_since(Instant::now()));
@@ -212,6 +216,10 @@ struct Lease {
 struct QueueLease {
     d: Durable,
     conn: Option<redis::Connection>,
+    /// Until when the name is surely the node's in this queue, for the queue's task processes
+    /// ([`lease_gate`]): one page per queue, so that a queue whose server is away (past the
+    /// lease) stops its own processes, not the other queues'.
+    gate: &'static crate::shm::Shared,
 }
 
 impl Lease {
@@ -219,17 +227,15 @@ impl Lease {
         self.renewed + LEASE_TTL / 3
     }
 
-    /// Renews the lease in every queue when due; the holder's token if it is another run's now
-    /// in any (once). The task processes' gate moves on only when every queue renewed it: a
-    /// process serves one queue, but the gate is the node's.
+    /// Renews the lease in every queue when due, and each queue's gate with it; the holder's
+    /// token if it is another run's now in any (once).
     fn renew_if_due(&mut self) -> Option<String> {
         if self.lost || Instant::now() < self.due() {
             return None;
         }
         self.renewed = Instant::now();
-        let asked = lease_gate::now_ms();
-        let mut held = true;
         for q in &mut self.queues {
+            let asked = lease_gate::now_ms();
             if q.conn.is_none() {
                 q.conn = super::redis_io::connect_queue(
                     &q.d.url,
@@ -238,16 +244,16 @@ impl Lease {
                 )
                 .ok();
             }
-            let Some(conn) = q.conn.as_mut() else {
-                held = false;
-                continue;
-            };
+            let Some(conn) = q.conn.as_mut() else { continue };
             match startup::renew_lease(conn, &q.d, &self.token) {
-                Ok(startup::Lease::Held) => {}
+                Ok(startup::Lease::Held) => lease_gate::held_since_ask_on(q.gate, asked),
                 Ok(startup::Lease::Lost(holder)) => {
                     self.lost = true;
-                    // Before the SIGTERM: a task process that has not read it yet takes nothing.
-                    lease_gate::lost();
+                    // Before the SIGTERM: a task process that has not read it yet takes nothing
+                    // (in any queue: the node stops).
+                    for q in &self.queues {
+                        lease_gate::lost_on(q.gate);
+                    }
                     return Some(holder);
                 }
                 Err(e) => {
@@ -257,12 +263,8 @@ impl Lease {
                         super::redis_io::describe(&e)
                     );
                     q.conn = None;
-                    held = false;
                 }
             }
-        }
-        if held {
-            lease_gate::held_since_ask(asked);
         }
         None
     }
@@ -283,6 +285,7 @@ fn fork_consumer<A: Application>(
     app: &mut A,
     config: &ServerConfig,
     d: &Durable,
+    gate: &'static crate::shm::Shared,
     slot: u32,
     credentials: Option<process::Credentials>,
 ) -> std::io::Result<Pid> {
@@ -293,8 +296,10 @@ fn fork_consumer<A: Application>(
         }
         // After the switch of user, which clears the parent-death signal.
         process::die_with_parent(parent);
-        // Before it connects: its consumer, heartbeat and rate limits go to its queue's server.
+        // Before it connects: its consumer, heartbeat and rate limits go to its queue's server;
+        // it takes jobs while the node's name in its queue is surely the node's.
         super::redis_io::serve_queue(d.keys.queue());
+        lease_gate::share(gate);
         let signals = Signals::open(&[Signal::SIGTERM, Signal::SIGINT])
             .map_err(ProcessError::io("cannot set up signals"))?;
         consumer::run(
