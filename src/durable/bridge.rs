@@ -215,6 +215,7 @@ fn store_loop(
                 ToBridge::StoreKey { task_id, dedup_ttl_ms, key } => {
                     next_key = Some((task_id, super::dedup::hex(key), dedup_ttl_ms))
                 }
+                ToBridge::WatchKey { task_id, holder: b"", .. } => watches.remove(task_id),
                 ToBridge::WatchKey { task_id, digest, holder } => {
                     watches.add(&d.keys, task_id, &String::from_utf8_lossy(digest), holder);
                 }

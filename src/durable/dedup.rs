@@ -288,6 +288,14 @@ impl Watches {
         true
     }
 
+    /// Stops watching for duplicate `task_id` (its client is gone).
+    pub fn remove(&mut self, task_id: u64) {
+        self.list.retain(|w| w.task_id != task_id);
+        if self.list.is_empty() {
+            self.due = None;
+        }
+    }
+
     /// How long until the next look (None: nothing to watch).
     pub fn wait(&self) -> Option<Duration> {
         self.due.map(|due| due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
@@ -416,6 +424,8 @@ mod tests {
         assert!(w.wait().is_some_and(|d| d <= WATCH_EVERY));
         w.postpone();
         assert!(w.wait().is_some_and(|d| d > WATCH_EVERY / 2));
+        w.remove(5);
+        assert_eq!(w.wait(), None, "nothing left to watch");
     }
 
     #[test]
