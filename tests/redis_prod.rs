@@ -339,14 +339,14 @@ impl Sentinel {
         Self::start_conf(master_port, port, &format!("port {port}\n"), client)
     }
 
-    /// Only a TLS port (the test's CA, no client certificate asked), TLS to the servers and the
-    /// other Sentinels, and a password (`requirepass`).
+    /// Only a TLS port (the test's CA; a client certificate signed by it asked of every
+    /// client), TLS to the servers and the other Sentinels, and a password (`requirepass`).
     fn start_tls(master_port: u16, certs: &Certs, password: &str) -> Sentinel {
         let port = free_port();
         let path = |p: &Path| p.display().to_string();
         let conf = format!(
             "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
-             tls-auth-clients no\ntls-replication yes\nrequirepass {password}\n",
+             tls-auth-clients yes\ntls-replication yes\nrequirepass {password}\n",
             path(&certs.server_cert),
             path(&certs.server_key),
             path(&certs.ca)
@@ -354,7 +354,13 @@ impl Sentinel {
         let root_cert = std::fs::read(&certs.ca).expect("CA");
         let client = redis::Client::build_with_tls(
             format!("rediss://:{password}@127.0.0.1:{port}"),
-            redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) },
+            redis::TlsCertificates {
+                client_tls: Some(redis::ClientTlsConfig {
+                    client_cert: std::fs::read(&certs.client_cert).expect("client certificate"),
+                    client_key: std::fs::read(&certs.client_key).expect("client key"),
+                }),
+                root_cert: Some(root_cert),
+            },
         )
         .expect("client");
         let monitor = format!("sentinel sentinel-pass {password}\n");
@@ -481,7 +487,7 @@ fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
             "--tls-ca-cert-file",
             &ca,
             "--tls-auth-clients",
-            "no",
+            "yes",
             "--tls-replication",
             "yes",
         ];
@@ -489,7 +495,7 @@ fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
         Redis::start_with(&args)
     };
     // A master and a replica that speak TLS only, three Sentinels that speak TLS only and
-    // want a password.
+    // want a password; all of them want a client certificate (mutual TLS).
     let master_port = free_port();
     let Some(mut master) = tls_server(master_port, &[]) else { return };
     let mp = master_port.to_string();
@@ -504,19 +510,25 @@ fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
     sentinels_agree(&sentinels, 1);
     let hosts: Vec<String> = sentinels.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect();
     let base = format!("rediss+sentinel://{}/taskdm", hosts.join(","));
+    let (client_cert, client_key) = (path(&certs.client_cert), path(&certs.client_key));
+    let mtls = ["--redis-cert-file", client_cert.as_str(), "--redis-key-file", client_key.as_str()];
     let web = |url: &str| {
-        vec![
-            "--redis-url".to_string(),
-            url.to_string(),
-            "--redis-ca-file".into(),
-            ca.clone(),
-            "--node-id".into(),
-            "web-1".into(),
-            "--simulate-ms".into(),
-            "0".into(),
-            "--task-worker-num".into(),
-            "0".into(),
+        [
+            "--redis-url",
+            url,
+            "--redis-ca-file",
+            &ca,
+            "--node-id",
+            "web-1",
+            "--simulate-ms",
+            "0",
+            "--task-worker-num",
+            "0",
         ]
+        .iter()
+        .chain(&mtls)
+        .map(|a| a.to_string())
+        .collect::<Vec<String>>()
     };
 
     // No password, or a wrong one: the start fails, saying where the password goes, never
@@ -538,14 +550,23 @@ fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
     assert!(log.contains("rediss+sentinel://"), "{log}");
 
     let url = format!("{base}?sentinel_password={password}");
+    // Without the client certificate, the Sentinels end the handshake, and that is said.
+    let no_cert = &web(&url)[..10];
+    let (_, log) = Daemon::try_start(&as_args(no_cert)).err().expect("no client certificate");
+    assert!(log.contains("wants a client certificate"), "{log}");
     let d = Daemon::start(&as_args(&web(&url)));
-    let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--redis-ca-file", &ca]);
+    let mut node_args = vec!["--task-worker-num", "2", "--redis-ca-file", &ca];
+    node_args.extend_from_slice(&mtls);
+    let node = TaskNode::start_url(&url, "tasks-a", &node_args);
     let mut c = d.connect();
     assert_eq!(all_done(&mut c, 20).len(), 20);
     assert_eq!(node.outbox_lines().len(), 20);
-    // Every connection to the master is TLS: it has no plain TCP port.
-    let clients: String = master.query(&["CLIENT", "LIST", "TYPE", "normal"]);
-    assert!(clients.contains("name=taskd:tasks-a/0"), "{clients}");
+    // Every connection to the master is TLS: it has no plain TCP port. (Each consumer has
+    // connected once it names itself: one may have run none of the jobs yet.)
+    common::wait_for("both consumers connected", || {
+        let clients: String = master.query(&["CLIENT", "LIST", "TYPE", "normal"]);
+        ["name=taskd:tasks-a/0", "name=taskd:tasks-a/1"].iter().all(|n| clients.contains(n)).then_some(())
+    });
 
     // The master dies; the Sentinels (asked over TLS, with the password) name the replica.
     master.kill();

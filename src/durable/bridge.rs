@@ -230,6 +230,7 @@ fn store_loop(
                 ToBridge::StoreKey { task_id, dedup_ttl_ms, key } => {
                     next_key = Some((task_id, super::dedup::hex(key), dedup_ttl_ms))
                 }
+                ToBridge::WatchKey { task_id, holder: b"", .. } => watches.remove(task_id),
                 ToBridge::WatchKey { task_id, digest, holder } => {
                     watches.add(&d.keys, task_id, &String::from_utf8_lossy(digest), holder);
                 }
@@ -364,21 +365,19 @@ fn cancels_and_watches(
         FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
     }
     if watches.wait().is_some_and(|w| w <= Duration::from_millis(1)) {
-        if let Ok(conn) = link.get() {
-            match watches.look(conn) {
-                Ok(ended) => {
-                    for (task_id, line) in ended {
-                        FromBridge::KeyEnded { task_id, line: &line }.encode(&mut frames);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "redis bridge: cannot read deduplication keys: {}",
-                        redis_io::describe(&e)
-                    );
-                    link.failed(&e);
+        match link.get().map(|conn| watches.look(conn)) {
+            Ok(Ok(ended)) => {
+                for (task_id, line) in ended {
+                    FromBridge::KeyEnded { task_id, line: &line }.encode(&mut frames);
                 }
             }
+            Ok(Err(e)) => {
+                tracing::warn!("redis bridge: cannot read deduplication keys: {}", redis_io::describe(&e));
+                link.failed(&e);
+                watches.postpone();
+            }
+            // Redis is away: the next look when it may be back, not in a busy loop.
+            Err(_) => watches.postpone(),
         }
     }
     frames

@@ -14,9 +14,10 @@ pub struct Keys {
     pub jobs: String,
     /// Jobs that failed past their attempts, for an operator to list and replay.
     pub dead: String,
-    /// Jobs waiting for a delivery retry or a rate limit: a sorted set of task ids by due
-    /// time (ms), each job's fields in the hash `delayed_job(task_id)`; moved back into
-    /// `jobs` when due.
+    /// Jobs waiting for a delivery retry or a rate limit (member: the task id) or for their
+    /// `run_at` (member: `NODE:ID`, see [`Keys::scheduled_member`]): a sorted set by due time
+    /// (ms), each job's fields in the hash `delayed_hash(member)`; moved back into `jobs`
+    /// when due.
     pub delayed: String,
     /// This node's own keys.
     pub replies: String,

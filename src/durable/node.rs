@@ -68,9 +68,11 @@ pub fn run<A: Application>(served: &mut [Served<A>], config: &ServerConfig) -> R
     let mut warned = Vec::new();
     for s in served.iter() {
         // Each queue's gate on a page of its own (see `QueueLease::gate`).
-        let gate = crate::shm::Shared::map().map_err(|e| format!("cannot map shared memory: {e}"))?;
-        match open_queue(&s.durable, &lease.token, &mut warned) {
-            Ok(conn) => {
+        let opened = crate::shm::Shared::map()
+            .map_err(|e| format!("cannot map shared memory: {e}"))
+            .and_then(|gate| Ok((gate, open_queue(&s.durable, &lease.token, &mut warned)?)));
+        match opened {
+            Ok((gate, conn)) => {
                 lease_gate::held_since_ask_on(gate, asked);
                 lease.queues.push(QueueLease { d: s.durable.clone(), conn: Some(conn), gate });
             }

@@ -510,6 +510,8 @@ pub fn describe(e: &RedisError) -> String {
 fn sentence(e: &RedisError) -> String {
     if let Some(tls) = tls_error(e) {
         tls_sentence(tls)
+    } else if slot_moving(e) {
+        format!("the queue's hash slot moved, or is moving, to another node of the cluster ({e})")
     } else if e.to_string().starts_with(LOOKUP_FAILED) {
         e.detail().unwrap_or(LOOKUP_FAILED).to_string()
     } else if e.is_timeout() {

@@ -332,7 +332,8 @@ pub enum ToBridge<'a> {
     StoreKey { task_id: u64, dedup_ttl_ms: u64, key: &'a [u8] },
     /// Watch the deduplication key `digest` held by `holder` (its value in Redis while held)
     /// for job `task_id`, a duplicate waiting for the first's final line: sent again to a new
-    /// bridge for every duplicate still waiting.
+    /// bridge for every duplicate still waiting. An empty `holder`: stop watching (its client
+    /// is gone).
     WatchKey { task_id: u64, digest: &'a [u8], holder: &'a [u8] },
     /// Take job `task_id` of this node back if it has not started (parked in the delayed set,
     /// or in `stream` and never delivered); answered by [`FromBridge::Cancelled`].
