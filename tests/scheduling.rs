@@ -563,9 +563,10 @@ job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more}
     assert_eq!(runs(), claimed, "{:?}", node.outbox_lines());
 }
 
-/// Entries of `stream` taken by a consumer and not finished.
+/// Entries of `stream` taken by a consumer and not finished (none before its group exists).
 fn pending_in(redis: &common::durable::Redis, stream: &str) -> u64 {
-    match redis.query::<redis::Value>(&["XPENDING", stream, "taskd"]) {
+    let asked = redis.conn().and_then(|mut c| redis::cmd("XPENDING").arg(stream).arg("taskd").query(&mut c));
+    match asked.unwrap_or(redis::Value::Nil) {
         redis::Value::Array(items) => match items.first() {
             Some(redis::Value::Int(n)) => *n as u64,
             _ => 0,
@@ -724,4 +725,47 @@ job = { type = "sms", to = "+15550007777", text = "caught up", simulate_ms = 0 }
     assert_eq!(c.final_reply(&later["task_id"], &mut Vec::new())["event"], "done");
     let runs = node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550007777").count();
     assert_eq!(runs, 1, "{:?}", node.outbox_lines());
+}
+
+#[test]
+fn a_dead_lettered_high_job_is_replayed_into_the_high_stream() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    // One run allowed: a run that dies with its task process dead-letters the job.
+    let web = web(&redis, "web-1", &["--task-worker-num", "1", "--task-retry-max", "0"]);
+    let mut c = web.connect();
+    let id = c.submit(r#"{"type":"email","to":"vip@example.com","priority":"high","simulate_ms":3000}"#)
+        ["task_id"]
+        .as_u64()
+        .unwrap();
+    wait_for("the job to run from the high stream", || {
+        (pending_in(&redis, "{taskd}:jobs#high") == 1).then_some(())
+    });
+    let victim = web.pids_of("taskd: task")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let failed = c.final_reply(&serde_json::json!(id), &mut Vec::new());
+    assert_eq!(failed["event"], "failed", "{failed}");
+    let dead: Vec<(String, Vec<String>)> = redis.query(&["XRANGE", "{taskd}:dead", "-", "+"]);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let pr = dead[0].1.chunks(2).find(|kv| kv[0] == "pr").map(|kv| kv[1].clone());
+    assert_eq!(pr.as_deref(), Some("high"), "{dead:?}");
+    let replay = common::run_with_timeout(
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskd")).args([
+            "dead-letter",
+            "replay",
+            "--all",
+            "--redis-url",
+            redis.url.as_str(),
+        ]),
+        common::DEADLINE,
+    );
+    assert!(replay.status.success(), "{replay:?}");
+    // Back in the high stream, and run from there.
+    wait_for("the replayed job to run from the high stream", || {
+        (pending_in(&redis, "{taskd}:jobs#high") == 1).then_some(())
+    });
+    assert_eq!(redis.xlen("{taskd}:jobs"), 0);
+    wait_for("the replayed job to finish", || {
+        web.outbox_lines().iter().any(|l| l["task_id"] == id).then_some(())
+    });
 }
