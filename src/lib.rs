@@ -46,6 +46,7 @@ pub mod durable;
 pub mod files;
 pub mod handler;
 pub mod ipc;
+pub mod json_line;
 pub mod limits;
 pub mod log_format;
 pub mod logging;
