@@ -456,6 +456,33 @@ fn a_durable_job_scheduled_ahead_survives_kill_9_of_its_web_node_and_runs_once()
     assert_eq!(runs, 1, "{:?}", node.outbox_lines());
 }
 
+/// A config file with `toml` (its `[[schedule]]` entries), in a directory that lives as long
+/// as the first value; the second is its path.
+fn schedule_config(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(&config, toml).unwrap();
+    let path = config.to_str().unwrap().to_string();
+    (dir, path)
+}
+
+/// A durable web node `node` with the schedules of `config` that runs no job itself (a task
+/// node's outbox is the one record of runs), its ticks' claims in its log, and `extra` flags.
+fn ticking_web(redis: &common::durable::Redis, node: &str, config: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--redis-url",
+        redis.url.as_str(),
+        "--node-id",
+        node,
+        "--task-worker-num",
+        "0",
+        "--config",
+        config,
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
+}
+
 /// The ticks a web node's log says it claimed, and those it says another node claimed first.
 fn ticks_in_log(log: &str, schedule: &str) -> (Vec<String>, Vec<String>) {
     let prefix = format!("schedule {schedule}: tick ");
@@ -487,38 +514,17 @@ fn a_ticks_job_with_a_key_is_claimed_as_a_tick_and_then_takes_its_key() {
 /// Two web nodes with a schedule every second (its job with `more` fields), and `extra` flags.
 fn each_tick_runs_once_on_two_web_nodes(more: &str, extra: &[&str]) {
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let (_dir, config) = schedule_config(&format!(
+        r#"
 [[schedule]]
 name = "every-second"
 cron = "* * * * * *"
 job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more} }}
 "#
-        ),
-    )
-    .unwrap();
-    let path = config.to_str().unwrap();
+    ));
     // Both web nodes tick; neither runs jobs: the task node's outbox is the one record of runs.
-    let start = |node: &str| {
-        let mut args = vec![
-            "--redis-url",
-            redis.url.as_str(),
-            "--node-id",
-            node,
-            "--task-worker-num",
-            "0",
-            "--config",
-            path,
-        ];
-        args.extend_from_slice(extra);
-        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
-    };
-    let mut web1 = start("web-1");
-    let mut web2 = start("web-2");
+    let mut web1 = ticking_web(&redis, "web-1", &config, extra);
+    let mut web2 = ticking_web(&redis, "web-2", &config, extra);
     let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
     let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550009999").count();
     // Ticks both nodes tried: each node's log names every tick it dispatched.
@@ -570,37 +576,18 @@ fn a_ticks_job_with_a_key_is_claimed_keyed_and_stored_in_one_script_or_not_at_al
     // stored), another job has the key (the tick claimed as a duplicate, no job), both free
     // (claimed, key taken, stored and run once).
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = schedule_config(
         r#"
 [[schedule]]
 name = "keyed"
 cron = "* * * * * *"
 job = { type = "sms", to = "+15550008888", text = "tick", simulate_ms = 0, key = "tick-key" }
 "#,
-    )
-    .unwrap();
+    );
     let key = format!("{{taskd}}:key:{}", "tick-key".bytes().map(|b| format!("{b:02x}")).collect::<String>());
     // Another job holds the key from before the node starts.
     let _: () = redis.query(&["SET", &key, "h 0 web-9 99"]);
-    let mut web = Daemon::start_env(
-        &[
-            "--redis-url",
-            redis.url.as_str(),
-            "--node-id",
-            "web-1",
-            "--task-worker-num",
-            "0",
-            "--dedup-ttl-ms",
-            "0",
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[("RUST_LOG", "info,taskd::master::periodic=debug")],
-    )
-    .unwrap();
+    let mut web = ticking_web(&redis, "web-1", &config, &["--dedup-ttl-ms", "0"]);
     let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
     let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550008888").collect::<Vec<_>>();
     // The ticks' claims: tick ms -> value.
@@ -776,10 +763,7 @@ fn a_durable_jobs_priority_survives_a_wait_in_the_delayed_set_and_a_kill_9_of_it
 #[test]
 fn ticks_missed_while_every_durable_web_node_was_down_run_once_not_once_per_node() {
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = schedule_config(
         r#"
 [[schedule]]
 name = "hourly"
@@ -787,25 +771,11 @@ cron = "0 0 * * * *"
 missed = "once"
 job = { type = "sms", to = "+15550007777", text = "caught up", simulate_ms = 0 }
 "#,
-    )
-    .unwrap();
+    );
     // The queue last ran the schedule three hours ago: every node was down since.
     let three_hours_ago = (unix_ms() - 3 * 3600 * 1000) / 3_600_000 * 3_600_000;
     let _: String = redis.query(&["SET", "{taskd}:tick:hourly:last", &three_hours_ago.to_string()]);
-    let path = config.to_str().unwrap();
-    let start = |node: &str| {
-        let args = [
-            "--redis-url",
-            redis.url.as_str(),
-            "--node-id",
-            node,
-            "--task-worker-num",
-            "0",
-            "--config",
-            path,
-        ];
-        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
-    };
+    let start = |node: &str| ticking_web(&redis, node, &config, &[]);
     // Started together, both find the tick missed, most often before either claimed it; one
     // started later finds it claimed (the last tick is then the one that ran) and tries nothing.
     let (web1, web2) = std::thread::scope(|s| {
