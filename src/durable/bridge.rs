@@ -540,9 +540,6 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate
     u32::try_from(got).unwrap_or(0)
 }
 
-/// The `Duplicate` frames of a round's jobs with a key that another job holds (the answers of
-/// their claims come first in `replies`, in order); the duplicates whose first has not ended
-/// are watched.
 /// The answers of a round's claims, in the order of its jobs: each job of a tick or with a key
 /// has one (a tick's job with a key, one of both: `ticks::split`). Split into the ticks' and
 /// the keys' answers.
@@ -569,6 +566,10 @@ fn answered(items: &[Item], replies: &[Value]) -> (Vec<Value>, Vec<Value>) {
     (ticks, keys)
 }
 
+/// The `Duplicate` frames of a round's jobs with a key that another job holds (`replies`: the
+/// keys' answers, in the order of their jobs, see `answered`; a job of a tick another node has
+/// answers no string, and is no duplicate); the duplicates whose first has not ended are
+/// watched.
 fn duplicates(
     d: &Durable,
     items: &[Item],
