@@ -262,6 +262,7 @@ mod tests {
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         assert_eq!(holder_node(bulk("web-2/17")), "web-2");
         assert_eq!(holder_node(bulk("web-2")), "web-2");
+        assert_eq!(holder_node(bulk("web-2/17 dup")), "web-2", "a tick whose job was a duplicate");
         assert_eq!(holder_node(bulk("\u{1b}[31mevil/1")), "?");
         assert_eq!(holder_node(bulk(&"x".repeat(500))), "?");
         assert_eq!(holder_node(Value::Nil), "?");
