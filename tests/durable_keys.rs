@@ -292,3 +292,27 @@ fn a_durable_job_waiting_in_redis_for_a_delivery_retry_is_cancelled_there() {
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+#[test]
+fn a_key_value_that_taskd_does_not_read_is_taken_over_not_left_to_block_the_key() {
+    let Some(redis) = Redis::start() else { return };
+    let daemon = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = daemon.connect();
+    let long_node = "n".repeat(65);
+    // Each shaped like taskd's, but not one taskd reads (the bridge would tell the client
+    // "held by a value taskd does not read", for as long as the forger liked).
+    let forged = [
+        "e 99999999999999 web-1 7\nnot json\n".to_string(),
+        "e 99999999999999 web-1 7\n[1]\n".to_string(),
+        "h 0 web-1 99999999999999999999999".to_string(),
+        format!("h 0 {long_node} 7"),
+    ];
+    for (i, value) in forged.iter().enumerate() {
+        let name = format!("forged-{i}");
+        let _: () = redis.query(&["SET", &format!("{{taskd}}:key:{}", hex(name.as_bytes())), value]);
+        let job = json!({"type": "sms", "to": "+15550003333", "key": name, "simulate_ms": 0}).to_string();
+        let own = c.submit(&job);
+        let end = c.final_reply(&own["task_id"], &mut Vec::new());
+        assert_eq!(end["event"], "done", "{value:?}: {end}");
+    }
+}

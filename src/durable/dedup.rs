@@ -184,9 +184,14 @@ if kind == 'string' then
   local v = redis.call('GET', KEYS[1])
   -- Stored by an earlier try of this batch (held, or already ended).
   if v == ARGV[1] or string.match(v, '^e %d+ (.-)\\n') == string.sub(ARGV[1], 5) then return 1 end
-  -- Only a value as taskd writes it holds the key; anything else is taken over.
-  local held = string.match(v, '^h 0 [%w%._%-]+ [1-9]%d*$')
-  local free = string.match(v, '^e (%d+) [%w%._%-]+ [1-9]%d*\\n[^\\n]+\\n?$')
+  -- Only a value as taskd writes it, and reads it (`parse`), holds the key; anything else is
+  -- taken over. (A node of 64 bytes at most, a task id of a u64, one JSON object.)
+  local function job(node, id)
+    return node and #node <= 64 and (#id < 20 or (#id == 20 and id <= '18446744073709551615'))
+  end
+  local held = job(string.match(v, '^h 0 ([%w%._%-]+) ([1-9]%d*)$'))
+  local free, node, id, line = string.match(v, '^e (%d+) ([%w%._%-]+) ([1-9]%d*)\\n({[^\\n]*})\\n?$')
+  if not (job(node, id) and pcall(cjson.decode, line)) then free = nil end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   if held or (free and tonumber(free) > now) then return v end
