@@ -316,3 +316,47 @@ fn a_key_value_that_taskd_does_not_read_is_taken_over_not_left_to_block_the_key(
         assert_eq!(end["event"], "done", "{value:?}: {end}");
     }
 }
+
+/// Jobs of web-1 still in the job stream.
+fn queued_of_web_1(redis: &Redis) -> i64 {
+    const COUNT: &str = "local n = 0
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  for i = 1, #e[2], 2 do if e[2][i] == 'o' and e[2][i + 1] == 'web-1' then n = n + 1 end end
+end
+return n";
+    redis.query(&["EVAL", COUNT, "1", "{taskd}:jobs"])
+}
+
+#[test]
+fn cancels_looking_through_a_long_queue_do_not_hold_other_clients_jobs_back() {
+    let Some(redis) = Redis::start() else { return };
+    // No task process anywhere: what is queued stays queued.
+    let daemon = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    const FILL: &str = "for i = 1, 30000 do
+  redis.call('XADD', KEYS[1], '*', 'o', 'other', 't', tostring(i), 's', '0', 'w', '0', 'd', '{}')
+end
+return 1";
+    let _: i64 = redis.query(&["EVAL", FILL, "1", "{taskd}:jobs"]);
+    let (mut a, mut b) = (daemon.connect(), daemon.connect());
+    // Queued behind 30,000 others: each cancel looks through them all.
+    let ids: Vec<Value> = (0..6)
+        .map(|i| {
+            a.submit(&format!(r#"{{"type":"sms","to":"+1555000{i:04}","simulate_ms":0}}"#))["task_id"].clone()
+        })
+        .collect();
+    for id in &ids {
+        a.send(&format!(r#"{{"type":"cancel","task_id":{id}}}"#));
+    }
+    // Once the first is answered, another client's job is accepted while the others go on,
+    // not after them all.
+    let mut answers = vec![a.recv()];
+    b.submit(r#"{"type":"sms","to":"+15559999999","simulate_ms":0}"#);
+    let left = queued_of_web_1(&redis);
+    assert!(left > 1, "every cancel was carried out before another client's job was stored ({left} left)");
+    answers.extend((1..ids.len()).map(|_| a.recv()));
+    answers.sort_by_key(|l| l["task_id"].as_u64());
+    for (line, id) in answers.iter().zip(&ids) {
+        assert_eq!(line, &json!({"event": "cancelled", "task_id": id}));
+    }
+    assert_eq!(queued_of_web_1(&redis), 1, "only the other client's job is left");
+}

@@ -171,7 +171,7 @@ fn store_loop(
     // The deduplication key of the next job to store, from the `StoreKey` frame before it.
     let mut next_key: Option<(u64, String, u64)> = None;
     let mut watches = super::dedup::Watches::default();
-    let mut cancels: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut cancels: std::collections::VecDeque<super::cancel::Cancel> = Default::default();
     // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
     let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
@@ -184,6 +184,11 @@ fn store_loop(
         let timeout = match (away.then_some(RETRY_MAX), watches.wait()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        };
+        // Cancels under way go on at once, after what the master wrote meanwhile.
+        let timeout = match cancels.is_empty() {
+            true => timeout,
+            false => Some(Duration::from_millis(1)),
         };
         let _ = input.set_read_timeout(timeout);
         match input.read(&mut buf) {
@@ -234,7 +239,9 @@ fn store_loop(
                 ToBridge::WatchKey { task_id, digest, holder } => {
                     watches.add(&d.keys, task_id, &String::from_utf8_lossy(digest), holder);
                 }
-                ToBridge::Cancel { task_id, stream } => cancels.push((task_id, stream.to_vec())),
+                ToBridge::Cancel { task_id, stream } => {
+                    cancels.push_back(super::cancel::Cancel::new(task_id, stream))
+                }
                 ToBridge::StoreAt { task_id, run_at_ms } => next_at = Some((task_id, run_at_ms)),
                 ToBridge::StorePriority { task_id, priority } => {
                     next_priority = Some((task_id, Priority::from_index(priority)))
@@ -335,34 +342,42 @@ fn store_loop(
     }
 }
 
-/// Carries out the cancels the master asked for, and reads the keys its duplicates wait on
+/// Calls of a cancel's script per turn of the bridge (each looks at up to 500 queued jobs).
+const CANCEL_CALLS: usize = 4;
+
+/// Goes on with the first cancel the master asked for (a few calls), and reads the keys its duplicates wait on
 /// when due: the answers, as frames for the master. A cancel that cannot reach Redis is
 /// answered so (the client may ask again); a look that cannot is tried at the next.
 fn cancels_and_watches(
     link: &mut Link<'_>,
-    cancels: &mut Vec<(u64, Vec<u8>)>,
+    cancels: &mut std::collections::VecDeque<super::cancel::Cancel>,
     watches: &mut super::dedup::Watches,
 ) -> Vec<u8> {
     let d = link.d;
     let mut frames = Vec::new();
-    for (task_id, stream) in cancels.drain(..) {
+    // One cancel per turn, a few calls of it: the rest go on after the next round of jobs.
+    if let Some(cancel) = cancels.front_mut() {
+        let task_id = cancel.task_id;
         let tried = match link.get() {
-            Err(why) => Err(why),
-            Ok(conn) => match super::cancel::cancel(conn, d, task_id, &String::from_utf8_lossy(&stream)) {
-                Ok(answer) => Ok(answer),
+            Err(why) => Some(Err(why)),
+            Ok(conn) => match cancel.go_on(conn, d, CANCEL_CALLS) {
+                Ok(answer) => answer,
                 Err(e) => {
                     let why =
                         format!("cannot reach Redis to cancel job {task_id}: {}", redis_io::describe(&e));
                     link.failed(&e);
-                    Err(why)
+                    Some(Err(why))
                 }
             },
         };
-        let (cancelled, why) = match tried {
-            Ok(Ok(_)) => (true, String::new()),
-            Ok(Err(why)) | Err(why) => (false, why),
-        };
-        FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
+        if let Some(tried) = tried {
+            cancels.pop_front();
+            let (cancelled, why) = match tried {
+                Ok(_) => (true, String::new()),
+                Err(why) => (false, why),
+            };
+            FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
+        }
     }
     if watches.wait().is_some_and(|w| w <= Duration::from_millis(1)) {
         match link.get().map(|conn| watches.look(conn)) {
