@@ -769,3 +769,35 @@ fn a_dead_lettered_high_job_is_replayed_into_the_high_stream() {
         web.outbox_lines().iter().any(|l| l["task_id"] == id).then_some(())
     });
 }
+
+#[test]
+fn a_parked_job_with_a_forged_lane_does_not_stop_every_other_job_coming_back_from_the_delayed_set() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    // Written by someone else: a parked job whose lane names a key that is not a stream, due now.
+    let _: () = redis.query(&["SET", "{taskd}:jobs:trap", "not a stream"]);
+    let _: i64 = redis.query(&[
+        "HSET",
+        "{taskd}:delayed:forged-1",
+        "o",
+        "web-9",
+        "t",
+        "1",
+        "s",
+        "0",
+        "w",
+        "0",
+        "d",
+        r#"{"type":"sms","to":"+15550000000"}"#,
+        "ln",
+        "trap",
+    ]);
+    let _: i64 = redis.query(&["ZADD", "{taskd}:delayed", "0", "forged-1"]);
+    // A job of this node's that waits in the delayed set too still comes back and runs.
+    let mut c = web.connect();
+    let job = c.submit(r#"{"type":"sms","to":"+15550001111","run_in_ms":300,"simulate_ms":0}"#);
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let left: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
+    assert!(left.is_empty(), "{left:?}");
+}

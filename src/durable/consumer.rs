@@ -793,9 +793,13 @@ for _, id in ipairs(due) do
     local f = redis.call('HGETALL', h)
     local dest = KEYS[2]
     local lane = redis.call('HGET', h, 'ln')
-    if lane then dest = ARGV[3] .. lane end
+    -- `ln` may be forged: a name that leaves the queue's hash tag is no lane.
+    if lane and not string.find(lane, '[{}]') then dest = ARGV[3] .. lane end
     local pr = redis.call('HGET', h, 'pr')
     if pr == 'high' or pr == 'low' then dest = dest .. ARGV[4] .. pr end
+    -- Into a stream only (an error here would stop every move, of every job, for good).
+    local kind = redis.call('TYPE', dest).ok
+    if kind ~= 'stream' and kind ~= 'none' then dest = KEYS[2] end
     if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
   end
   redis.call('DEL', h)
