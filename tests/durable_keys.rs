@@ -71,16 +71,7 @@ fn the_same_key_from_two_web_nodes_runs_once_and_the_second_client_gets_the_firs
     assert_eq!(stats(&mut a)["duplicates"], 1);
 
     // Past dedup_ttl the key is free again: a job with it runs, from the second node.
-    let again = wait_for("the key to be free after dedup_ttl", || {
-        let accepted = b.submit(job);
-        match b.recv() {
-            r if r["event"] == "duplicate" => {
-                assert_eq!(b.recv(), done);
-                None
-            }
-            r => Some((accepted, r)),
-        }
-    });
+    let again = b.submit_until_not_duplicate(job, &done);
     assert_eq!(again.1["event"], "done", "{again:?}");
     assert_eq!(again.1["task_id"], again.0["task_id"]);
     let held: String = redis.query(&["GET", &key]);

@@ -8,6 +8,15 @@ mod common;
 use common::{wait_for, Client, Daemon};
 use serde_json::Value;
 
+/// A config file holding `toml`, in a directory of its own (removed when the first is dropped).
+fn config_file(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(&config, toml).unwrap();
+    let path = config.to_str().unwrap().to_string();
+    (dir, path)
+}
+
 fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
@@ -209,26 +218,14 @@ fn a_second_job_with_the_same_key_is_not_run_and_its_client_gets_the_firsts_fina
     let s = stats(&mut a);
     assert_eq!(s["duplicates"], 2, "{s}");
     // Past dedup_ttl the key is free again: a new job with it runs.
-    let again = wait_for("the key to be free after dedup_ttl", || {
-        let accepted = a.submit(job);
-        match a.recv() {
-            r if r["event"] == "duplicate" => {
-                assert_eq!(a.recv(), done);
-                None
-            }
-            r => Some((accepted, r)),
-        }
-    });
+    let again = a.submit_until_not_duplicate(job, &done);
     assert_eq!(again.1["event"], "done", "{:?}", again);
     assert_eq!(again.1["task_id"], again.0["task_id"]);
 }
 
 #[test]
 fn a_schedule_in_the_config_file_runs_its_job_at_each_tick_and_stats_show_its_last_and_next_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = config_file(
         r#"
 [[schedule]]
 name = "heartbeat"
@@ -237,9 +234,8 @@ timezone = "Europe/Paris"
 missed = "skip"
 job = { type = "sms", to = "+15550001111", text = "tick", simulate_ms = 0 }
 "#,
-    )
-    .unwrap();
-    let path = config.to_str().unwrap();
+    );
+    let path = config.as_str();
     let daemon = Daemon::start(&["--worker-num", "2", "--task-worker-num", "1", "--config", path]);
     let lines = wait_for("three ticks in the outbox", || {
         let lines: Vec<Value> =
@@ -487,21 +483,15 @@ fn a_ticks_job_with_a_key_is_claimed_as_a_tick_and_then_takes_its_key() {
 /// Two web nodes with a schedule every second (its job with `more` fields), and `extra` flags.
 fn each_tick_runs_once_on_two_web_nodes(more: &str, extra: &[&str]) {
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let (_dir, config) = config_file(&format!(
+        r#"
 [[schedule]]
 name = "every-second"
 cron = "* * * * * *"
 job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more} }}
 "#
-        ),
-    )
-    .unwrap();
-    let path = config.to_str().unwrap();
+    ));
+    let path = config.as_str();
     // Both web nodes tick; neither runs jobs: the task node's outbox is the one record of runs.
     let start = |node: &str| {
         let mut args = vec![
@@ -663,10 +653,7 @@ fn a_durable_jobs_priority_survives_a_wait_in_the_delayed_set_and_a_kill_9_of_it
 #[test]
 fn ticks_missed_while_every_durable_web_node_was_down_run_once_not_once_per_node() {
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = config_file(
         r#"
 [[schedule]]
 name = "hourly"
@@ -674,12 +661,11 @@ cron = "0 0 * * * *"
 missed = "once"
 job = { type = "sms", to = "+15550007777", text = "caught up", simulate_ms = 0 }
 "#,
-    )
-    .unwrap();
+    );
     // The queue last ran the schedule three hours ago: every node was down since.
     let three_hours_ago = (unix_ms() - 3 * 3600 * 1000) / 3_600_000 * 3_600_000;
     let _: String = redis.query(&["SET", "{taskd}:tick:hourly:last", &three_hours_ago.to_string()]);
-    let path = config.to_str().unwrap();
+    let path = config.as_str();
     let start = |node: &str| {
         let args = [
             "--redis-url",
