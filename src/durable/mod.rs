@@ -38,6 +38,7 @@ pub mod lease_gate;
 pub mod node;
 pub mod redis_io;
 pub mod startup;
+mod store_job;
 pub mod ticks;
 
 use std::time::Duration;
