@@ -871,3 +871,36 @@ fn a_parked_job_with_a_forged_lane_does_not_stop_every_other_job_coming_back_fro
     let left: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
     assert!(left.is_empty(), "{left:?}");
 }
+
+#[test]
+fn a_priority_stream_made_a_string_by_someone_is_left_out_and_the_others_run_until_it_is_deleted() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = web.connect();
+    // Serving first: the consumer has made its groups and blocks on every stream.
+    let first = c.submit(r#"{"type":"sms","to":"+15550000001","simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&first["task_id"], &mut Vec::new())["event"], "done");
+    // Written by someone else: the low stream is a string now.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+    for priority in ["normal", "high"] {
+        let job = c.submit(&format!(
+            r#"{{"type":"sms","to":"+15550001111","priority":"{priority}","simulate_ms":0}}"#
+        ));
+        assert_eq!(job["event"], "accepted", "{job}");
+        let done = c.final_reply(&job["task_id"], &mut Vec::new());
+        assert_eq!(done["event"], "done", "{priority}: {done}");
+    }
+    let named = "the job stream {taskd}:jobs#low is a string key in Redis, not a stream";
+    web.wait_log(named);
+    // Mended: the low stream is read again.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let low = c.submit(r#"{"type":"sms","to":"+15550002222","priority":"low","simulate_ms":0}"#);
+    assert_eq!(low["event"], "accepted", "{low}");
+    let done = c.final_reply(&low["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    // Named once (its one task process; once a minute at most), not at every read.
+    let log = web.log();
+    assert_eq!(log.matches(named).count(), 1, "{log}");
+    assert!(log.contains("{taskd}:jobs#low is no longer a key of another type"), "{log}");
+}

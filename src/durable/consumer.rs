@@ -169,6 +169,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         move_refused: Default::default(),
         backoff: Duration::from_millis(100),
         fair: Default::default(),
+        wrong: Default::default(),
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
@@ -376,6 +377,8 @@ struct Consumer<'a> {
     backoff: Duration,
     /// The priorities' credits in the weighted fair order of its takes.
     fair: super::fair::Fair,
+    /// Its streams that are keys of another type: left out of its reads until mended.
+    wrong: super::wrong_type::WrongTyped,
 }
 
 impl Consumer<'_> {
@@ -394,7 +397,9 @@ impl Consumer<'_> {
                     return Err(e);
                 }
             }
-            for stream in self.d.streams() {
+            // A stream someone made a key of another type would fail every group and read.
+            self.wrong.look(&mut conn, &self.d.streams(), &self.me)?;
+            for stream in self.wrong.keep(self.d.streams()) {
                 ensure_group_of(&mut conn, &stream)?;
             }
             self.conn = Some(conn);
@@ -405,6 +410,10 @@ impl Consumer<'_> {
     }
 
     fn lost(&mut self, e: &redis::RedisError) {
+        if e.code() == Some("WRONGTYPE") {
+            // One of its streams became a key of another type since the last look.
+            self.wrong.look_soon();
+        }
         if e.code() == Some("NOGROUP") {
             // The group is gone (Redis lost its data, or someone deleted it): make it again.
             tracing::error!("the consumer group of {} is gone: {e}; creating it again", self.d.keys.jobs);
@@ -484,19 +493,22 @@ impl Consumer<'_> {
                 }
             }
         }
+        self.look_at_types()?;
         let count = self.take_count();
         let (d, me) = (self.d, self.me.clone());
         let recovering = self.recovering;
         let sweep = Instant::now() >= self.next_sweep;
         let mut fair = self.fair;
-        let conn = self.conn()?;
+        let streams = self.wrong.keep(d.streams());
+        let wrong = &self.wrong;
+        let conn = self.conn.as_mut().expect("connected by look_at_types");
         let fresh;
         // Whichever way jobs come, no more than its window: what waits here is kept alive by the
         // heartbeat, but another consumer could have started it.
         let entries = if recovering {
             // Its own pending entries, from the start: no BLOCK, they are there or not. What is
             // left after this window stays pending under its name (and kept alive) for the next.
-            let got = read_group(conn, d, &me, count, None, "0")?;
+            let got = read_group(conn, &streams, &me, count, None, "0")?;
             fresh = false;
             if got.is_empty() {
                 self.recovering = false;
@@ -506,7 +518,7 @@ impl Consumer<'_> {
             got
         } else if sweep {
             fresh = false;
-            let (got, more) = self.claim(count)?;
+            let (got, more) = self.claim(count, &streams)?;
             // A full window and more to look at: sweep again as soon as these are run.
             let wait = if more { Duration::ZERO } else { jitter(d.claim_after / 2) };
             self.next_sweep = Instant::now() + wait;
@@ -514,9 +526,9 @@ impl Consumer<'_> {
         } else {
             fresh = true;
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(conn, d, &me, count)?;
+            let got = fair.take(conn, d, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
-                let woke = read_group(conn, d, &me, 1, Some(BLOCK_MS), ">")?;
+                let woke = read_group(conn, &streams, &me, 1, Some(BLOCK_MS), ">")?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -567,25 +579,43 @@ impl Consumer<'_> {
         Ok(())
     }
 
+    /// Looks at the types of its streams when due (see [`super::wrong_type`]), and makes the
+    /// group again of those mended since the last look.
+    fn look_at_types(&mut self) -> redis::RedisResult<()> {
+        let (d, me) = (self.d, self.me.clone());
+        self.conn()?;
+        let conn = self.conn.as_mut().expect("connected above");
+        if self.wrong.due() {
+            for stream in self.wrong.look(conn, &d.streams(), &me)? {
+                ensure_group_of(conn, &stream)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes over at most `want` jobs that other consumers took and left idle past
     /// `claim_after` (a live consumer's never are: it beats), and deletes consumers that are gone
     /// and hold nothing. Also says whether it got `want` and has not seen the whole list yet.
-    fn claim(&mut self, want: usize) -> redis::RedisResult<(Vec<(String, StreamEntry)>, bool)> {
+    fn claim(
+        &mut self,
+        want: usize,
+        streams: &[String],
+    ) -> redis::RedisResult<(Vec<(String, StreamEntry)>, bool)> {
         let (d, me) = (self.d, self.me.clone());
         let idle_ms = d.claim_after.as_millis() as u64;
         let mut claimed = Vec::new();
         let mut more = false;
         // Each stream in turn (the main one, then the lanes), while the window has room.
-        for stream in d.streams() {
+        for stream in streams {
             if claimed.len() >= want {
                 more = true;
                 break;
             }
             for _ in 0..CLAIM_CALLS {
-                let cursor = self.cursors.get(&stream).cloned().unwrap_or_else(|| "0-0".into());
+                let cursor = self.cursors.get(stream).cloned().unwrap_or_else(|| "0-0".into());
                 let conn = self.conn()?;
                 let v: Value = redis::cmd("XAUTOCLAIM")
-                    .arg(&stream)
+                    .arg(stream)
                     .arg(GROUP)
                     .arg(&me)
                     .arg(idle_ms)
@@ -601,7 +631,7 @@ impl Consumer<'_> {
                 if wrapped {
                     // A full pass over the pending list is done: a good time to forget the dead
                     // (a failure here is no reason to drop what was claimed).
-                    if let Err(e) = remove_gone_consumers(conn, d, &stream, &me) {
+                    if let Err(e) = remove_gone_consumers(conn, d, stream, &me) {
                         tracing::debug!("{me}: cannot delete gone consumers: {e}");
                     }
                 }
@@ -827,25 +857,31 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
         .query(conn)
 }
 
-/// XREADGROUP of the streams it reads (the main one and its lanes) for consumer `me`, from
-/// `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a read
-/// may bring a little more than one window.
+/// XREADGROUP of `streams` (those it reads of the main one and its lanes) for consumer `me`,
+/// from `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a
+/// read may bring a little more than one window.
 fn read_group(
     conn: &mut Connection,
-    d: &Durable,
+    streams: &[String],
     me: &str,
     count: usize,
     block_ms: Option<u64>,
     from: &str,
 ) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
-    let streams = d.streams();
+    if streams.is_empty() {
+        // Every one of them is a key of another type: nothing to read; wait as a read would.
+        if let Some(ms) = block_ms {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        return Ok(Vec::new());
+    }
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(count);
     if let Some(ms) = block_ms {
         cmd.arg("BLOCK").arg(ms);
     }
-    cmd.arg("STREAMS").arg(&streams);
-    for _ in &streams {
+    cmd.arg("STREAMS").arg(streams);
+    for _ in streams {
         cmd.arg(from);
     }
     let v: Value = cmd.query(conn)?;

@@ -40,6 +40,7 @@ pub mod redis_io;
 pub mod startup;
 mod store_job;
 pub mod ticks;
+mod wrong_type;
 
 use std::time::Duration;
 
