@@ -34,6 +34,7 @@ pub mod keys;
 pub mod lease_gate;
 pub mod node;
 pub mod redis_io;
+pub mod round;
 pub mod startup;
 
 use std::time::Duration;
