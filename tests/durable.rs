@@ -1123,14 +1123,21 @@ fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing()
     cmds.cmd("XADD").arg("{taskd}:jobs").arg("*").arg("f").arg("1");
     let m = |n: u32| format!("{{taskd}}:round:web-1:test-{n}");
     arm(&mut bridge, &m(1)).expect("WATCH");
-    let (tried, armed) = attempt(&mut bridge, &m(1), &m(2), &cmds, &[false], None);
+    let (tried, armed) = attempt(&mut bridge, &m(1), &m(2), None, &cmds, &[false], None);
     assert!(matches!(tried, Tried::Stored(_)) && armed);
     assert!(settle(&mut other, &m(1)).expect("the marker"), "a stored round reads as not stored");
     assert!(!settle(&mut other, &m(2)).expect("the marker"), "a round not sent reads as stored");
-    let (tried, _) = attempt(&mut bridge, &m(2), &m(3), &cmds, &[false], None);
+    let (tried, _) = attempt(&mut bridge, &m(2), &m(3), Some(&m(1)), &cmds, &[false], None);
     assert!(matches!(tried, Tried::Refused(_)), "a round after its marker was read ran");
     assert!(!settle(&mut other, &m(2)).expect("the marker"));
     assert_eq!(redis.xlen("{taskd}:jobs"), 1);
+    let kept: i64 = redis.query(&["EXISTS", &m(1)]);
+    assert_eq!(kept, 1, "a refused round deleted the marker of the one before");
+    arm(&mut bridge, &m(5)).expect("WATCH");
+    let (tried, _) = attempt(&mut bridge, &m(5), &m(6), Some(&m(1)), &cmds, &[false], None);
+    assert!(matches!(tried, Tried::Stored(_)));
+    let kept: i64 = redis.query(&["EXISTS", &m(1)]);
+    assert_eq!(kept, 0, "a stored round keeps the marker of the one before");
     redis.query::<()>(&["SET", &m(4), "stored"]);
     assert!(settle(&mut other, &m(4)).is_err(), "a value taskd did not write was read as an answer");
 }

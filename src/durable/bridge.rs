@@ -92,6 +92,8 @@ struct Link<'a> {
     conn: Option<Connection>,
     /// The marker of the next round of stores, watched on `conn` (see [`super::round`]).
     armed: Option<String>,
+    /// The marker of the last round stored and answered: the next round deletes it.
+    answered: Option<String>,
     rounds: Rounds,
     retry_at: Instant,
     backoff: Duration,
@@ -158,6 +160,7 @@ fn store_loop(
         shared,
         conn: None,
         armed: None,
+        answered: None,
         rounds: Rounds::new(),
         retry_at: Instant::now(),
         backoff: RETRY_MIN,
@@ -396,13 +399,18 @@ fn store_once(
             }
         };
         let next = d.keys.round_of(&d.node, &link.rounds.next());
-        let (tried, armed) = super::round::attempt(conn, &marker, &next, &cmds, &kept, wait);
+        let (tried, armed) =
+            super::round::attempt(conn, &marker, &next, link.answered.as_deref(), &cmds, &kept, wait);
         if armed {
             link.armed = Some(next);
         }
         let refused = match tried {
-            super::round::Tried::Stored(replies) => return Ok(replies),
+            super::round::Tried::Stored(replies) => {
+                link.answered = Some(marker);
+                return Ok(replies);
+            }
             super::round::Tried::Partly(e) => {
+                link.answered = Some(marker);
                 // A key not of its type (written by someone else) failed its command alone:
                 // the rest of the round is stored, and its batch's answer cannot say which.
                 tracing::error!(
@@ -419,7 +427,10 @@ fn store_once(
                 link.failed(&e);
                 link.conn = None;
                 match settle_round(link, &marker) {
-                    Ok(true) => return recovered(link, items, wait),
+                    Ok(true) => {
+                        link.answered = Some(marker);
+                        return recovered(link, items, wait);
+                    }
                     Ok(false) => {
                         tracing::warn!("redis bridge: {lost}; the round was not stored, and never will be");
                         e

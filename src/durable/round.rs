@@ -13,7 +13,7 @@
 use redis::{Connection, Pipeline, RedisError, Value};
 
 /// How long a round's marker lives: far longer than a round can wait for its answer.
-pub const MARKER_TTL_MS: u64 = 300_000;
+pub const MARKER_TTL_MS: u64 = 120_000;
 /// The marker's value when the round was stored, and when [`settle`] gave it up.
 const STORED: &[u8] = b"s";
 const ABANDONED: &[u8] = b"x";
@@ -43,10 +43,13 @@ pub fn arm(conn: &mut Connection, marker: &str) -> Result<(), RedisError> {
 /// Runs the commands of `cmds` as one transaction with `marker` (watched already), then WAIT
 /// for `wait` replicas (at most `wait_ms`), then watches `next`, the next round's marker.
 /// `kept[i]`: whether the answer of command `i` is wanted. Also whether `next` is watched.
+/// `answered`: the marker of an earlier round whose answer came, deleted in the transaction
+/// (nobody asks for it again), so that a bridge keeps about one marker in Redis.
 pub fn attempt(
     conn: &mut Connection,
     marker: &str,
     next: &str,
+    answered: Option<&str>,
     cmds: &Pipeline,
     kept: &[bool],
     wait: Option<(u32, u64)>,
@@ -57,6 +60,9 @@ pub fn attempt(
         pipe.add_command(cmd.clone());
     }
     pipe.cmd("SET").arg(marker).arg(STORED).arg("PX").arg(MARKER_TTL_MS);
+    if let Some(old) = answered {
+        pipe.cmd("DEL").arg(old);
+    }
     pipe.cmd("EXEC");
     if let Some((replicas, ms)) = wait {
         pipe.cmd("WAIT").arg(replicas).arg(ms);
@@ -65,7 +71,7 @@ pub fn attempt(
     match exchange(conn, &pipe) {
         Ok(mut replies) => {
             let armed = matches!(replies.pop(), Some(Value::Okay));
-            (outcome(replies, cmds.len(), kept, wait.is_some()), armed)
+            (outcome(replies, cmds.len() + usize::from(answered.is_some()), kept, wait.is_some()), armed)
         }
         Err(e) => (Tried::Unknown(e), false),
     }
@@ -86,8 +92,9 @@ pub fn exchange(conn: &mut Connection, pipe: &Pipeline) -> Result<Vec<Value>, Re
     Ok(replies)
 }
 
-/// Reads the replies of [`attempt`]'s pipeline but the last WATCH: MULTI, `n` QUEUED, the
-/// marker's QUEUED, EXEC, and WAIT if `waited`.
+/// Reads the replies of [`attempt`]'s pipeline but the last WATCH: MULTI, `n` QUEUED (the
+/// round's commands, and the DEL of an answered marker), the marker's QUEUED, EXEC, and WAIT
+/// if `waited`.
 fn outcome(mut replies: Vec<Value>, n: usize, kept: &[bool], waited: bool) -> Tried {
     let exec_at = n + 2;
     if replies.len() != exec_at + 1 + usize::from(waited) {
