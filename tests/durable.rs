@@ -1142,6 +1142,40 @@ fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing()
     assert!(settle(&mut other, &m(4)).is_err(), "a value taskd did not write was read as an answer");
 }
 
+/// A consumer whose MULTI's answer was lost writes it again: its dead letter and its parking
+/// of a job for a retry happen once (the entry still pending), so no job runs twice for it
+/// (an operator's replay of a second dead letter, or a second park of a job that is back in
+/// the stream by then).
+#[test]
+fn a_consumers_outcome_written_twice_dead_letters_and_parks_its_job_once() {
+    use taskd::durable::consumer::{DEAD, PARK};
+    let Some(redis) = Redis::start() else { return };
+    let (jobs, dead, delayed) = ("{taskd}:jobs", "{taskd}:dead", "{taskd}:delayed");
+    let _: () = redis.query(&["XGROUP", "CREATE", jobs, "taskd", "$", "MKSTREAM"]);
+    let take = |value: &str| -> String {
+        let id: String = redis.query(&["XADD", jobs, "*", "t", value]);
+        let _: redis::Value =
+            redis.query(&["XREADGROUP", "GROUP", "taskd", "c", "COUNT", "1", "STREAMS", jobs, ">"]);
+        id
+    };
+    let id = take("1");
+    for _ in 0..2 {
+        let _: i64 = redis.query(&["EVAL", DEAD, "2", dead, jobs, "taskd", &id, "t", "1", "why", "x"]);
+    }
+    assert_eq!(redis.xlen(dead), 1, "a second dead letter for one job");
+    let id = take("2");
+    let hash = "{taskd}:delayed:2";
+    let first: i64 = redis.query(&["EVAL", PARK, "3", delayed, hash, jobs, "taskd", &id, "0", "2", "t", "2"]);
+    assert_eq!(first, 1);
+    // Due at once: moved back into the stream (as `MOVE_DUE` does) before the second try.
+    let _: () = redis.query(&["DEL", hash]);
+    let _: () = redis.query(&["ZREM", delayed, "2"]);
+    let again: i64 = redis.query(&["EVAL", PARK, "3", delayed, hash, jobs, "taskd", &id, "0", "2", "t", "2"]);
+    assert_eq!(again, 0, "a job parked a second time");
+    let parked: i64 = redis.query(&["ZCARD", delayed]);
+    assert_eq!(parked, 0);
+}
+
 /// The bridge gives up asking a Redis that stays hung whether a round was stored: the client
 /// gets `failed` saying that its job may still run. Once Redis goes on, the job is stored
 /// after all and a task process of the node runs it; its outcome reaches the master for a task
