@@ -204,6 +204,9 @@ pub enum Priority {
 
 impl Priority {
     pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+    /// The weights of the weighted fair order (high, normal, low): of ten jobs started while
+    /// all three wait, six are high, three normal, one low. In memory and with durable jobs.
+    pub const WEIGHTS: [i64; 3] = [6, 3, 1];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -371,13 +374,6 @@ impl WorkerCtx<'_> {
     ) -> Result<TaskId, TaskError> {
         if options.is_default() {
             return self.task_for(session, context, data);
-        }
-        if self.limits.durable && options.priority != Priority::Normal {
-            return Err(TaskError::Unavailable(
-                "this server keeps its jobs in Redis (redis_url): priority is not available \
-                 with durable jobs yet (run_at, run_in_ms and key are)"
-                    .into(),
-            ));
         }
         if self.limits.durable
             && options.key.as_ref().is_some_and(|k| k.is_empty() || k.len() > crate::durable::dedup::KEY_MAX)

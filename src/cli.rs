@@ -665,13 +665,6 @@ impl Settings {
     fn check_schedules(&self) -> Result<(), String> {
         let schedules = &self.server.schedules;
         crate::schedule::check_all(schedules).map_err(|e| format!("invalid schedule: {e}"))?;
-        if !schedules.is_empty() && self.server.redis_url.is_some() {
-            return Err(
-                "invalid schedule: [[schedule]] runs only without redis_url for now: with durable \
-                        jobs every web node would run each tick, where a tick must run once across the nodes"
-                    .into(),
-            );
-        }
         let limits = crate::mail::request::FieldLimits { email_body_max: self.mail.email_body_max };
         let handled: Vec<String> = self.mail.handlers.keys().cloned().collect();
         for s in schedules {
@@ -926,9 +919,9 @@ mod tests {
         let back: FileOptions = toml::from_str(&s.to_toml()).unwrap();
         assert_eq!(back.schedule.as_deref(), Some(&s.server.schedules[..]));
         assert_eq!(back.simulate_ms, Some(5));
-        // Not with durable jobs yet.
-        let err = load(&cli(&["--config", path, "--redis-url", "redis://127.0.0.1:1"])).unwrap_err();
-        assert!(err.contains("invalid schedule") && err.contains("redis_url"), "{err}");
+        // With durable jobs too: every web node runs them, each tick claimed once in Redis.
+        let durable = load(&cli(&["--config", path, "--redis-url", "redis://127.0.0.1:1"])).unwrap();
+        assert_eq!(durable.server.schedules.len(), 1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -46,6 +46,7 @@ pub mod durable;
 pub mod files;
 pub mod handler;
 pub mod ipc;
+pub mod json_line;
 pub mod limits;
 pub mod log_format;
 pub mod logging;
@@ -170,7 +171,8 @@ pub fn run_notify<A: Application>(
             // The lease is taken in `prepare`: the pool's consumers take jobs while the name is
             // surely this node's, from this ask on (renewed by the master, see lease_gate).
             let asked = durable::lease_gate::now_ms();
-            let recovered = durable::startup::prepare(&d).map_err(StartError::Other)?;
+            let mut recovered = durable::startup::prepare(&d).map_err(StartError::Other)?;
+            recovered.last_ticks = durable::ticks::at_start(&d, &config.schedules);
             durable::lease_gate::share(shared);
             durable::lease_gate::held_since_ask(asked);
             shared.set_task_id_base(recovered.first_task_id);

@@ -49,6 +49,12 @@ fn push_digits(out: &mut String, mut value: u32, width: usize) {
     out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or("??????"));
 }
 
+/// `value` in decimal, without `core::fmt`.
+pub fn push_u64(out: &mut String, value: u64) {
+    // The digits are ASCII.
+    out.push_str(std::str::from_utf8(crate::json_line::decimal(value, &mut [0; 20])).unwrap_or("?"));
+}
+
 /// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's
 /// `civil_from_days`).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -65,51 +71,99 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 }
 
 /// Appends `text`, escaping the control characters in it.
+///
+/// Scanned by bytes, not by `char`s: in UTF-8 a control character is a byte below 0x20, 0x7f,
+/// or 0xc2 followed by 0x80..=0x9f (C1), and no other character contains those sequences. A
+/// line is mostly plain text, looked at eight bytes at a time and copied in one piece.
 pub fn push_escaped(out: &mut String, text: &str) {
-    let mut rest = text;
-    while let Some(at) = rest.find(|c: char| c.is_control() && c != '\t') {
-        out.push_str(&rest[..at]);
-        let c = rest[at..].chars().next().unwrap_or('\0');
-        match c {
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c if (c as u32) < 0x80 => {
-                let _ = write!(out, "\\x{:02x}", c as u32);
+    let bytes = text.as_bytes();
+    let mut copied = 0;
+    let mut at = 0;
+    loop {
+        at = next_suspect(bytes, at);
+        let Some(&b) = bytes.get(at) else { break };
+        let (code, len) = match (b, bytes.get(at + 1)) {
+            (b'\t', _) | (0xc2, None) => (None, 1),
+            (0xc2, Some(&next)) => ((0x80..=0x9f).contains(&next).then_some(u32::from(next)), 2),
+            (b, _) => (Some(u32::from(b)), 1),
+        };
+        let Some(code) = code else {
+            at += 1;
+            continue;
+        };
+        // `copied..at` and `at + len..` fall on character boundaries: what matched above is a
+        // whole character.
+        out.push_str(&text[copied..at]);
+        match code {
+            0x0a => out.push_str("\\n"),
+            0x0d => out.push_str("\\r"),
+            c if c < 0x80 => {
+                let _ = write!(out, "\\x{c:02x}");
             }
             c => {
-                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+                let _ = write!(out, "\\u{{{c:x}}}");
             }
         }
-        rest = &rest[at + c.len_utf8()..];
+        at += len;
+        copied = at;
     }
-    out.push_str(rest);
+    out.push_str(&text[copied..]);
+}
+
+/// The index, from `at` on, of the first byte below 0x20, 0x7f or 0xc2 (the bytes a control
+/// character may start with), or `bytes.len()`.
+fn next_suspect(bytes: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    // Whether any byte of a word is zero (exact as a yes or no), the classic bit trick.
+    let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w & HIGH != 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_le_bytes(word);
+        // A byte below 0x20 (exact for any bound up to 0x80); a byte equal to 0x7f or 0xc2.
+        let low = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
+        if low || zero_byte(w ^ (ONES * 0x7f)) || zero_byte(w ^ (ONES * 0xc2)) {
+            break;
+        }
+        at += 8;
+    }
+    while at < bytes.len() && !matches!(bytes[at], 0..=0x1f | 0x7f | 0xc2) {
+        at += 1;
+    }
+    at
+}
+
+/// A `fmt::Write` that escapes what is written to it into a line: a value's `Debug` goes
+/// into the line directly, without a copy made first.
+struct Escaping<'a>(&'a mut String);
+
+impl fmt::Write for Escaping<'_> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        push_escaped(self.0, s);
+        Ok(())
+    }
 }
 
 /// Writes an event's message, then its other fields as ` name=value`, escaped.
 pub struct HumanFields<'a> {
     pub out: &'a mut String,
-    /// Where a `Debug` value is formatted before it is escaped.
-    pub scratch: String,
 }
 
 impl HumanFields<'_> {
-    fn push(&mut self, field: &Field, text: &str) {
+    fn name(&mut self, field: &Field) {
         if field.name() != "message" {
             self.out.push(' ');
             self.out.push_str(field.name());
             self.out.push('=');
         }
-        push_escaped(self.out, text);
     }
 }
 
 impl Visit for HumanFields<'_> {
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.clear();
-        let _ = write!(scratch, "{value:?}");
-        self.push(field, &scratch);
-        self.scratch = scratch;
+        self.name(field);
+        let _ = write!(Escaping(self.out), "{value:?}");
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
@@ -120,12 +174,31 @@ impl Visit for HumanFields<'_> {
             self.record_debug(field, &value);
         }
     }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.name(field);
+        let _ = write!(self.out, "{value}");
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.name(field);
+        let _ = write!(self.out, "{value}");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn numbers_are_written_in_decimal() {
+        for n in [0, 7, 10, 99, 100, 4_294_967_295, u64::MAX] {
+            let mut out = String::from("x");
+            push_u64(&mut out, n);
+            assert_eq!(out, format!("x{n}"));
+        }
+    }
 
     #[test]
     fn timestamps_match_rfc_3339_in_utc() {
@@ -151,5 +224,21 @@ mod tests {
         let mut out = String::new();
         push_escaped(&mut out, "a\nb\r\x1b[31m\tü\u{9b}\x7f end");
         assert_eq!(out, "a\\nb\\r\\x1b[31m\tü\\u{9b}\\x7f end");
+        // U+00A0 and U+0100 share a byte with C1 codes (0xc2, 0x80) but are not control
+        // characters; U+0085 (next line) is.
+        out.clear();
+        push_escaped(&mut out, "\u{a0}\u{100}\u{85}\u{9f}x\0");
+        assert_eq!(out, "\u{a0}\u{100}\\u{85}\\u{9f}x\\x00");
+        // Every position in and around a word of eight, and text with no control at all.
+        let plain = "abcdefghijklmnopqrstuvwxyz ÄÖÜ ½ \u{a0}.";
+        for at in 0..20 {
+            let text = format!("{}\x1b{}\u{9b}", &plain[..at], &plain[at..]);
+            out.clear();
+            push_escaped(&mut out, &text);
+            assert_eq!(out, format!("{}\\x1b{}\\u{{9b}}", &plain[..at], &plain[at..]));
+        }
+        out.clear();
+        push_escaped(&mut out, plain);
+        assert_eq!(out, plain);
     }
 }

@@ -130,6 +130,15 @@ pub fn flush() {
     }
 }
 
+/// For a process on the job path about to wait: follows a rotation the master announced, then
+/// writes the lines held back. A process that has logged nothing since the rotation (at the
+/// default level a worker logs nothing per job) still lets go of the old file, or says on it
+/// that it cannot.
+pub fn before_wait() {
+    follow_rotation();
+    flush();
+}
+
 /// The pool runs as `owner`: the log file and the files of [`rotate_with_log`] are created
 /// for (and handed to) that user. Call before [`init`].
 pub fn set_owner(owner: Credentials) {
@@ -369,8 +378,10 @@ where
                 if let Ok(process) = PROCESS.read() {
                     line.push_str(&process);
                 }
-                let _ = write!(line, "[{pid}]: ");
-                event.record(&mut log_format::HumanFields { out: &mut line, scratch: String::new() });
+                line.push('[');
+                log_format::push_u64(&mut line, pid.into());
+                line.push_str("]: ");
+                event.record(&mut log_format::HumanFields { out: &mut line });
                 line.push('\n');
                 writer.write_str(&line)
             }

@@ -121,6 +121,18 @@ impl Schedule {
         }
         (self.spec.missed == Missed::Once, missed)
     }
+
+    /// The last tick at or before `now`, from `tick` on (`tick` itself if none later passed).
+    pub fn last_by(&self, tick: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
+        let mut t = tick;
+        for _ in 0..1_000_000 {
+            match self.next_after(t).filter(|n| *n <= now) {
+                Some(next) => t = next,
+                None => break,
+            }
+        }
+        t
+    }
 }
 
 /// Checks every entry, and that no two share a name.
@@ -187,5 +199,7 @@ mod tests {
         assert_eq!(skip.on_tick(tick, at("2026-12-24T08:00:00.300Z")), (true, 0));
         assert_eq!(skip.on_tick(tick, at("2026-12-24T08:00:10.500Z")), (false, 11));
         assert_eq!(once.on_tick(tick, at("2026-12-24T08:00:10.500Z")), (true, 11));
+        assert_eq!(once.last_by(tick, at("2026-12-24T08:00:10.500Z")), at("2026-12-24T08:00:10Z"));
+        assert_eq!(once.last_by(tick, at("2026-12-24T08:00:00.300Z")), tick);
     }
 }

@@ -49,6 +49,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     let mut shown: usize = 0;
     loop {
         crate::logging::hold(false);
+        crate::logging::before_wait();
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(ProcessError::Io { what: "poll failed", source: e });
@@ -147,8 +148,11 @@ fn show_ahead<A: Application>(
 fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, out: &mut Vec<u8>) {
     let task_id = task.id;
     let mut ctx = TaskCtx { out, info, reply: Vec::new() };
-    let mut result = Err(format!("job {task_id} panicked in task process {}", info.pid).into());
-    guard(info.slot, "on_task", || result = app.on_task(&mut ctx, task));
+    let mut result = None;
+    guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, task)));
+    // Written only for a panic: a format per job costs more than a no-op job's own work.
+    let result =
+        result.unwrap_or_else(|| Err(format!("job {task_id} panicked in task process {}", info.pid).into()));
     let reply = std::mem::take(&mut ctx.reply);
     let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX - 1);
     match &result {
@@ -169,4 +173,39 @@ fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, 
         }
     }
     .encode(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::app::{SessionId, WorkerCtx};
+
+    /// Panics on job 1, answers the others.
+    struct Flaky;
+
+    impl Application for Flaky {
+        fn on_receive(&mut self, _: &mut WorkerCtx<'_>, _: SessionId, _: &[u8]) {}
+        fn on_task(&mut self, _: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
+            assert_ne!(task.id, 1, "job 1 breaks");
+            Ok(b"fine".to_vec())
+        }
+    }
+
+    #[test]
+    fn a_task_that_panics_fails_with_where_it_panicked_and_the_next_runs() {
+        let info = ProcessInfo { role: crate::ipc::Role::Task, slot: 0, pid: 4242 };
+        let mut out = Vec::new();
+        for id in [1, 2] {
+            let task = Task { id, session: None, attempt: 1, src_worker: 0, data: b"" };
+            on_run_task(&mut Flaky, info, &task, &mut out);
+        }
+        let (first, n) = FromTask::decode(&out).unwrap().unwrap();
+        let FromTask::TaskDone { task_id: 1, ok: false, result, .. } = first else { panic!("{first:?}") };
+        assert_eq!(result, b"job 1 panicked in task process 4242");
+        let (second, _) = FromTask::decode(&out[n..]).unwrap().unwrap();
+        assert!(
+            matches!(second, FromTask::TaskDone { task_id: 2, ok: true, result: b"fine", .. }),
+            "{second:?}"
+        );
+    }
 }

@@ -198,7 +198,7 @@ impl<A: Application> Worker<'_, A> {
         if matches!(frame_len(self.link.channel.input()), Ok(Some(_))) {
             return Ok(());
         }
-        crate::logging::flush();
+        crate::logging::before_wait();
         match self.link.poll.poll(&mut self.link.events, None) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
             _ => Ok(()),

@@ -365,3 +365,30 @@ fn a_dead_letter_replayed_from_the_page_ends_done() {
     assert!(log.contains(&format!("asks to replay dead letter \"{replay_id}\"")), "{log}");
     assert!(log.contains(&format!("dead letter \"{discard_id}\" discarded")), "{log}");
 }
+
+#[test]
+fn the_dashboard_cancels_a_durable_job_in_redis_and_is_answered_when_redis_has() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let s = start(&["--redis-url", redis.url.as_str(), "--node-id", "web-1", "--task-worker-num", "1"]);
+    let mut client = s.daemon.connect();
+    let later = client.submit(r#"{"type":"email","to":"later@example.com","run_in_ms":60000}"#);
+    let id = later["task_id"].clone();
+    let mut admin = ws_connect(s.ws);
+    send(&mut admin, serde_json::json!({"admin": "hello", "token": s.token}));
+    assert_eq!(answer(&mut admin)["ok"], true);
+    send(&mut admin, serde_json::json!({"admin": "cancel", "task_id": id}));
+    let done = answer(&mut admin);
+    assert_eq!(
+        (&done["action"], &done["ok"], &done["task_id"]),
+        (&"cancel".into(), &true.into(), &id),
+        "{done}"
+    );
+    assert_eq!(client.recv(), serde_json::json!({"event": "cancelled", "task_id": id}));
+    let parked: i64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+    assert_eq!(parked, 0, "taken out of Redis");
+    // Again: it has ended, and the page is told why not.
+    send(&mut admin, serde_json::json!({"admin": "cancel", "task_id": id}));
+    let again = answer(&mut admin);
+    assert_eq!(again["ok"], false, "{again}");
+    assert!(again["error"].as_str().unwrap().contains("has ended"), "{again}");
+}

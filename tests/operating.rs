@@ -233,8 +233,11 @@ fn metrics_are_served_in_prometheus_format() {
 fn json_logs_name_every_process_and_the_log_file_reopens_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("taskd.log");
-    let daemon =
-        Daemon::start(&["--log-format", "json", "--log-file", log.to_str().unwrap(), "--simulate-ms", "100"]);
+    // A worker's line of a job (its accept) is a debug line: logged here, so that every kind of
+    // process has a line to show (RUST_LOG, which the tests set, wins over --log-level).
+    let args = ["--log-format", "json", "--log-file", log.to_str().unwrap(), "--simulate-ms", "100"];
+    let daemon = Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::mail=debug")])
+        .unwrap_or_else(|(s, log)| panic!("{s}\n{log}"));
     let mut client = daemon.connect();
     let a = client.submit("before@example.com");
     client.final_reply(&a["task_id"], &mut Vec::new());

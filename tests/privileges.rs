@@ -215,7 +215,10 @@ fn with_user_a_rotated_log_and_outbox_are_reopened_by_every_process() {
     let (l, o) = (log.to_str().unwrap(), outbox.to_str().unwrap());
     let args =
         ["--user", "nobody", "--worker-num", "1", "--task-worker-num", "1", "--log-file", l, "--outbox", o];
-    let daemon = Daemon::start(&args);
+    // The worker's line of a job (its accept) is a debug line: logged here, so that the worker
+    // too shows it writes to the new log (RUST_LOG, which the tests set, wins over --log-level).
+    let daemon = Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::mail=debug")])
+        .unwrap_or_else(|(s, log)| panic!("{s}\n{log}"));
     daemon.wait_pool(1, 1);
     let mut client = daemon.connect();
     let first = client.submit(&job("before@example.com", 10));

@@ -542,8 +542,8 @@ fn a_rolling_reload_under_load_replaces_every_process_and_loses_nothing() {
         }
         assert_eq!(accepted, 150);
     });
-    // Under load: once the first of its jobs is accepted.
-    daemon.wait_log("accepted as job");
+    // Under load: once the first of its jobs is done.
+    daemon.wait_log("done: Email:load");
     daemon.signal(Signal::SIGUSR1);
     daemon.signal(Signal::SIGUSR2);
     load.join().unwrap();

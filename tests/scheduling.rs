@@ -455,3 +455,317 @@ fn a_durable_job_scheduled_ahead_survives_kill_9_of_its_web_node_and_runs_once()
     let runs = node.outbox_lines().into_iter().filter(|l| l["task_id"] == id).count();
     assert_eq!(runs, 1, "{:?}", node.outbox_lines());
 }
+
+/// The ticks a web node's log says it claimed, and those it says another node claimed first.
+fn ticks_in_log(log: &str, schedule: &str) -> (Vec<String>, Vec<String>) {
+    let prefix = format!("schedule {schedule}: tick ");
+    let (mut won, mut lost) = (Vec::new(), Vec::new());
+    for line in log.lines() {
+        let Some(rest) = line.split_once(&prefix).map(|(_, r)| r) else { continue };
+        let Some((tick, what)) = rest.split_once(' ') else { continue };
+        if what.starts_with("claimed here") {
+            won.push(tick.to_string());
+        } else if what.starts_with("claimed by node") {
+            lost.push(tick.to_string());
+        }
+    }
+    (won, lost)
+}
+
+#[test]
+fn two_durable_web_nodes_with_the_same_schedule_run_each_tick_once() {
+    each_tick_runs_once_on_two_web_nodes("", &[]);
+}
+
+#[test]
+fn a_ticks_job_with_a_key_is_claimed_as_a_tick_and_then_takes_its_key() {
+    // The tick is claimed first; the winner's job then takes its key (free again at once: the
+    // last tick's job has ended), the loser's finds it held and is not stored either.
+    each_tick_runs_once_on_two_web_nodes(r#", key = "every-second""#, &["--dedup-ttl-ms", "0"]);
+}
+
+/// Two web nodes with a schedule every second (its job with `more` fields), and `extra` flags.
+fn each_tick_runs_once_on_two_web_nodes(more: &str, extra: &[&str]) {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[[schedule]]
+name = "every-second"
+cron = "* * * * * *"
+job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more} }}
+"#
+        ),
+    )
+    .unwrap();
+    let path = config.to_str().unwrap();
+    // Both web nodes tick; neither runs jobs: the task node's outbox is the one record of runs.
+    let start = |node: &str| {
+        let mut args = vec![
+            "--redis-url",
+            redis.url.as_str(),
+            "--node-id",
+            node,
+            "--task-worker-num",
+            "0",
+            "--config",
+            path,
+        ];
+        args.extend_from_slice(extra);
+        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
+    };
+    let mut web1 = start("web-1");
+    let mut web2 = start("web-2");
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
+    let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550009999").count();
+    // Ticks both nodes tried: each node's log names every tick it dispatched.
+    wait_for("five ticks tried by both nodes", || {
+        let (a, b) = (ticks_in_log(&web1.log(), "every-second"), ticks_in_log(&web2.log(), "every-second"));
+        let both = a.0.iter().chain(&a.1).filter(|t| b.0.contains(t) || b.1.contains(t)).count();
+        (both >= 5).then_some(())
+    });
+    let mut c = web1.connect();
+    let s = stats(&mut c);
+    let entry = &s["schedules"][0];
+    let node_ran = entry["last_run_node"].as_str().unwrap_or_default().to_string();
+    assert!(node_ran == "web-1" || node_ran == "web-2", "{entry}");
+    assert!(entry["runs"].as_u64().unwrap() + entry["ran_elsewhere"].as_u64().unwrap() >= 5, "{entry}");
+    drop(c);
+    // No more ticks: then every tick claimed has run, once.
+    for web in [&mut web1, &mut web2] {
+        web.signal(nix::sys::signal::Signal::SIGTERM);
+        assert!(web.wait_exit(std::time::Duration::from_secs(20)).is_some_and(|s| s.success()));
+    }
+    let (log1, log2) = (web1.log(), web2.log());
+    let ((won1, lost1), (won2, lost2)) =
+        (ticks_in_log(&log1, "every-second"), ticks_in_log(&log2, "every-second"));
+    for tick in &won1 {
+        assert!(!won2.contains(tick), "tick {tick} was claimed by both nodes\n{log1}\n{log2}");
+    }
+    // Each tick one node lost was claimed by the other.
+    for (lost, other) in [(&lost1, &won2), (&lost2, &won1)] {
+        for tick in lost {
+            assert!(other.contains(tick), "tick {tick} lost to a node that does not say it claimed it");
+        }
+    }
+    let both: Vec<&String> =
+        won1.iter().chain(&won2).filter(|t| lost1.contains(t) || lost2.contains(t)).collect();
+    assert!(both.len() >= 5, "too few ticks contended: {both:?}");
+    let claimed = won1.len() + won2.len();
+    let mut keys: Vec<String> = redis.query(&["KEYS", "{taskd}:tick:every-second:*"]);
+    // And the schedule's last claimed tick.
+    keys.retain(|k| !k.ends_with(":last"));
+    assert_eq!(keys.len(), claimed, "one claim per tick run: {keys:?}");
+    wait_for("every claimed tick's job to run", || (runs() >= claimed).then_some(()));
+    assert_eq!(runs(), claimed, "{:?}", node.outbox_lines());
+}
+
+/// Entries of `stream` taken by a consumer and not finished (none before its group exists).
+fn pending_in(redis: &common::durable::Redis, stream: &str) -> u64 {
+    let asked = redis.conn().and_then(|mut c| redis::cmd("XPENDING").arg(stream).arg("taskd").query(&mut c));
+    match asked.unwrap_or(redis::Value::Nil) {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => 0,
+    }
+}
+
+#[test]
+fn a_flood_of_high_durable_jobs_does_not_hold_back_a_low_one_beyond_its_weighted_share() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    // One task process: the outbox's order is the order the jobs were taken in.
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "1"]);
+    let mut c = web.connect();
+    let long = c.submit(r#"{"type":"email","to":"long@example.com","simulate_ms":10000}"#);
+    wait_for("the long job to be taken", || (redis.pending() == 1).then_some(()));
+    let flood: String = (0..1000)
+        .map(|i| {
+            format!("{{\"type\":\"sms\",\"to\":\"+1555{i:07}\",\"priority\":\"high\",\"simulate_ms\":0}}\n")
+        })
+        .collect();
+    c.send_raw(flood.as_bytes());
+    for _ in 0..1000 {
+        assert_eq!(c.recv()["event"], "accepted");
+    }
+    let low = c.submit(r#"{"type":"email","to":"low@example.com","priority":"low","simulate_ms":0}"#);
+    assert_eq!(low["event"], "accepted", "{low}");
+    // Each waits in its priority's stream behind the long job; `stats` counts them.
+    assert_eq!(
+        (redis.xlen("{taskd}:jobs#high"), redis.xlen("{taskd}:jobs#low"), redis.pending()),
+        (1000, 1, 1),
+        "the flood and the low job were to wait behind the long job"
+    );
+    let depths = wait_for("stats to count the durable jobs per priority", || {
+        let s = stats(&mut c);
+        let by = s["durable"]["by_priority"].clone();
+        (by["high"] == 1000 && by["low"] == 1).then_some(by)
+    });
+    assert_eq!(depths["normal"], 1, "the long job: {depths}");
+    let done = c.final_reply(&low["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let outbox = node.outbox_lines();
+    let first = outbox.iter().position(|l| l["task_id"] == long["task_id"]).unwrap();
+    let at = outbox.iter().position(|l| l["task_id"] == low["task_id"]).unwrap();
+    // High and low waiting, the shares are 6:1: the low job is among the first seven taken,
+    // not behind the 1,000.
+    let highs_before = at - first - 1;
+    assert!(highs_before < 7, "{highs_before} high jobs ran before the low one");
+    wait_for("the flood to be delivered", || (node.outbox_lines().len() == 1002).then_some(()));
+}
+
+#[test]
+fn a_durable_jobs_priority_survives_a_wait_in_the_delayed_set_and_a_kill_9_of_its_task_process() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    let mut node = common::durable::TaskNode::start(
+        &redis,
+        "n1",
+        &["--task-worker-num", "1", "--smtp-rate", "100/s", "--claim-timeout", "2"],
+    );
+    // The queue's email turn is taken 2 s ahead: the job waits in the delayed set (the path a
+    // delivery retry takes), then comes back.
+    let time: Vec<String> = redis.query(&["TIME"]);
+    let redis_now_us = time[0].parse::<u64>().unwrap() * 1_000_000 + time[1].parse::<u64>().unwrap();
+    let _: String = redis.query(&["SET", "{taskd}:rate:email", &(redis_now_us + 2_000_000).to_string()]);
+    let mut c = web.connect();
+    let job = c.submit(r#"{"type":"email","to":"vip@example.com","priority":"high","simulate_ms":4000}"#);
+    let id = job["task_id"].as_u64().unwrap();
+    let hash = wait_for("the job to wait in the delayed set", || {
+        let members: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
+        members.first().map(|m| format!("{{taskd}}:delayed:{m}"))
+    });
+    let pr: Option<String> = redis.query(&["HGET", &hash, "pr"]);
+    assert_eq!(pr.as_deref(), Some("high"), "parked with its priority");
+    // Back in the high stream when due, and running from there.
+    wait_for("the job to run from the high stream", || {
+        (pending_in(&redis, "{taskd}:jobs#high") == 1).then_some(())
+    });
+    assert_eq!(redis.xlen("{taskd}:jobs"), 0);
+    // Its task process dies mid-job: the job is taken back from the same stream.
+    let pids = node.task_pids();
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[0] as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!((&done["event"], done["attempts"].as_u64()), (&"done".into(), Some(2)), "{done}");
+    let runs: Vec<Value> = node.outbox_lines().into_iter().filter(|l| l["task_id"] == id).collect();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!((redis.xlen("{taskd}:jobs#high"), redis.xlen("{taskd}:jobs")), (0, 0));
+    node.kill_all();
+}
+
+#[test]
+fn ticks_missed_while_every_durable_web_node_was_down_run_once_not_once_per_node() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[schedule]]
+name = "hourly"
+cron = "0 0 * * * *"
+missed = "once"
+job = { type = "sms", to = "+15550007777", text = "caught up", simulate_ms = 0 }
+"#,
+    )
+    .unwrap();
+    // The queue last ran the schedule three hours ago: every node was down since.
+    let three_hours_ago = (unix_ms() - 3 * 3600 * 1000) / 3_600_000 * 3_600_000;
+    let _: String = redis.query(&["SET", "{taskd}:tick:hourly:last", &three_hours_ago.to_string()]);
+    let path = config.to_str().unwrap();
+    let start = |node: &str| {
+        let args = [
+            "--redis-url",
+            redis.url.as_str(),
+            "--node-id",
+            node,
+            "--task-worker-num",
+            "0",
+            "--config",
+            path,
+        ];
+        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
+    };
+    // Started together, both find the tick missed, most often before either claimed it; one
+    // started later finds it claimed (the last tick is then the one that ran) and tries nothing.
+    let (web1, web2) = std::thread::scope(|s| {
+        let (a, b) = (s.spawn(|| start("web-1")), s.spawn(|| start("web-2")));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "1"]);
+    let ((won1, lost1), (won2, lost2)) = wait_for("a node to run the missed tick", || {
+        let (a, b) = (ticks_in_log(&web1.log(), "hourly"), ticks_in_log(&web2.log(), "hourly"));
+        (a.0.len() + b.0.len() > 0).then_some((a, b))
+    });
+    assert_eq!(won1.len() + won2.len(), 1, "one node runs it: {won1:?} {won2:?}");
+    // The tick claimed is the last that passed (the hour that began now); a node that lost it
+    // names the same.
+    let tick = won1.iter().chain(&won2).next().unwrap().clone();
+    assert!(lost1.iter().chain(&lost2).all(|t| *t == tick), "{lost1:?} {lost2:?}");
+    eprintln!("the missed tick {tick} was run by one node; {} lost it", lost1.len() + lost2.len());
+    let tick_ms = chrono::DateTime::parse_from_rfc3339(&tick).unwrap().timestamp_millis() as u64;
+    assert!(tick_ms % 3_600_000 == 0 && tick_ms <= unix_ms() && tick_ms + 3_600_000 > unix_ms(), "{tick}");
+    let runner = if won1.is_empty() { web2.log() } else { web1.log() };
+    assert!(runner.contains("tick(s) from") && runner.contains("running it once now"), "{runner}");
+    wait_for("the missed tick's job to run", || {
+        node.outbox_lines().iter().any(|l| l["to"] == "+15550007777").then_some(())
+    });
+    let last: String = redis.query(&["GET", "{taskd}:tick:hourly:last"]);
+    assert_eq!(last, tick_ms.to_string());
+    // A later job of either node runs after it: the missed tick ran once.
+    let mut c = web2.connect();
+    let later = c.submit(r#"{"type":"sms","to":"+15550008888","simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&later["task_id"], &mut Vec::new())["event"], "done");
+    let runs = node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550007777").count();
+    assert_eq!(runs, 1, "{:?}", node.outbox_lines());
+}
+
+#[test]
+fn a_dead_lettered_high_job_is_replayed_into_the_high_stream() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    // One run allowed: a run that dies with its task process dead-letters the job.
+    let web = web(&redis, "web-1", &["--task-worker-num", "1", "--task-retry-max", "0"]);
+    let mut c = web.connect();
+    let id = c.submit(r#"{"type":"email","to":"vip@example.com","priority":"high","simulate_ms":3000}"#)
+        ["task_id"]
+        .as_u64()
+        .unwrap();
+    wait_for("the job to run from the high stream", || {
+        (pending_in(&redis, "{taskd}:jobs#high") == 1).then_some(())
+    });
+    let victim = web.pids_of("taskd: task")[0];
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), nix::sys::signal::Signal::SIGKILL)
+        .unwrap();
+    let failed = c.final_reply(&serde_json::json!(id), &mut Vec::new());
+    assert_eq!(failed["event"], "failed", "{failed}");
+    let dead: Vec<(String, Vec<String>)> = redis.query(&["XRANGE", "{taskd}:dead", "-", "+"]);
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let pr = dead[0].1.chunks(2).find(|kv| kv[0] == "pr").map(|kv| kv[1].clone());
+    assert_eq!(pr.as_deref(), Some("high"), "{dead:?}");
+    let replay = common::run_with_timeout(
+        std::process::Command::new(env!("CARGO_BIN_EXE_taskd")).args([
+            "dead-letter",
+            "replay",
+            "--all",
+            "--redis-url",
+            redis.url.as_str(),
+        ]),
+        common::DEADLINE,
+    );
+    assert!(replay.status.success(), "{replay:?}");
+    // Back in the high stream, and run from there.
+    wait_for("the replayed job to run from the high stream", || {
+        (pending_in(&redis, "{taskd}:jobs#high") == 1).then_some(())
+    });
+    assert_eq!(redis.xlen("{taskd}:jobs"), 0);
+    wait_for("the replayed job to finish", || {
+        web.outbox_lines().iter().any(|l| l["task_id"] == id).then_some(())
+    });
+}

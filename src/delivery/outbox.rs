@@ -10,25 +10,9 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-
 use super::{Error, Message, Receipt, Transport};
+use crate::json_line::JsonLine;
 use crate::mail::request::Kind;
-
-/// One delivered message, as a line of the outbox.
-#[derive(Serialize)]
-struct Entry<'a> {
-    sent_at_ms: u64,
-    task_id: u64,
-    attempt: u32,
-    task_pid: u32,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    to: &'a str,
-    subject: Option<&'a str>,
-    body: Option<&'a str>,
-    text: Option<&'a str>,
-}
 
 pub struct Outbox {
     file: File,
@@ -77,19 +61,18 @@ impl Outbox {
     pub fn append(&mut self, message: &Message<'_>, kind: Kind, task_pid: u32) -> io::Result<()> {
         self.follow_rotation();
         let sent_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let entry = Entry {
-            sent_at_ms: sent_at,
-            task_id: message.task_id,
-            attempt: message.attempt,
-            task_pid,
-            kind: kind.name(),
-            to: message.to,
-            subject: message.subject,
-            body: message.body,
-            text: message.text,
-        };
-        let mut line = serde_json::to_vec(&entry).map_err(io::Error::other)?;
-        line.push(b'\n');
+        let size = 160
+            + message.to.len()
+            + [message.subject, message.body, message.text]
+                .map(|t| t.map_or(0, str::len))
+                .iter()
+                .sum::<usize>();
+        let mut entry = JsonLine::new(size);
+        entry.num("sent_at_ms", sent_at).num("task_id", message.task_id);
+        entry.num("attempt", message.attempt.into()).num("task_pid", task_pid.into());
+        entry.str("type", kind.name()).str("to", message.to).opt_str("subject", message.subject);
+        entry.opt_str("body", message.body).opt_str("text", message.text);
+        let line = entry.finish();
         // One write call per line: O_APPEND makes it land whole at the end of the file.
         let n = self.file.write(&line)?;
         if n != line.len() {
@@ -132,6 +115,11 @@ impl Transport for OutboxDelivery<'_> {
         self.outbox
             .append(message, self.kind, self.task_pid)
             .map_err(|e| Error::Permanent { message: format!("cannot write to the outbox: {e}") })?;
-        Ok(Receipt { answer: format!("{label}:{}, sent", message.to) })
+        // Not `format!`, which grows its string twice for this: every job has an answer.
+        let mut answer = String::with_capacity(label.len() + message.to.len() + 7);
+        for piece in [label, ":", message.to, ", sent"] {
+            answer.push_str(piece);
+        }
+        Ok(Receipt { answer })
     }
 }

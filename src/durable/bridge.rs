@@ -22,7 +22,9 @@ use redis::{Connection, Value};
 use super::entry::{outcomes_of_entry, JobEntry};
 use super::redis_io::{self, is_connection_error};
 use super::startup::{self, lease_token};
+use super::ticks;
 use super::Durable;
+use crate::app::Priority;
 use crate::ipc::envelope::{FromBridge, ToBridge};
 use crate::process::ProcessError;
 use crate::shm::Shared;
@@ -70,7 +72,7 @@ fn send(out: &MasterOut, bytes: &[u8]) -> io::Result<()> {
 
 /// Something the master asked for, in order.
 #[derive(Clone)]
-enum Item {
+pub(super) enum Item {
     /// `run_at_ms`: a job for later (Unix ms), parked in the delayed set; 0: into the stream.
     Store {
         task_id: u64,
@@ -79,6 +81,9 @@ enum Item {
         run_at_ms: u64,
         context: Vec<u8>,
         data: Vec<u8>,
+        priority: Priority,
+        /// A schedule's tick: stored only if this node claims it (see [`super::ticks`]).
+        tick: Option<Box<ticks::Claim>>,
         /// Its deduplication key in hex and its `dedup_ttl_ms` (see [`super::dedup`]).
         key: Option<(String, u64)>,
     },
@@ -179,8 +184,11 @@ fn store_loop(
     let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
     // The error of a round that stored part of the batch still open.
     let mut open_error: Option<String> = None;
-    // The time of the next job to store, from the `StoreAt` frame right before it.
+    // The time of the next job to store, from the `StoreAt` frame right before it; its
+    // priority and its tick, from the frames before it.
     let mut next_at: Option<(u64, u64)> = None;
+    let mut next_priority: Option<(u64, Priority)> = None;
+    let mut next_tick: Option<Box<ticks::Claim>> = None;
     // The deduplication key of the next job to store, from the `StoreKey` frame before it.
     let mut next_key: Option<(u64, String, u64)> = None;
     let mut watches = super::dedup::Watches::default();
@@ -188,6 +196,7 @@ fn store_loop(
     // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
     let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
+    let mut tick_answers = Vec::new();
     loop {
         // Idle, it sleeps until the master writes; while Redis is away, it wakes every second
         // to find it again, so that workers take jobs again without waiting for one to fail.
@@ -231,16 +240,29 @@ fn store_loop(
                     run_at_ms: next_at.take().filter(|(id, _)| *id == task_id).map_or(0, |(_, at)| at),
                     context: context.to_vec(),
                     data: data.to_vec(),
+                    priority: next_priority
+                        .take()
+                        .filter(|(id, _)| *id == task_id)
+                        .map(|(_, p)| p)
+                        .unwrap_or_default(),
+                    tick: next_tick.take().filter(|c| c.task_id == task_id),
                     key: next_key.take().filter(|(id, _, _)| *id == task_id).map(|(_, hex, ttl)| (hex, ttl)),
                 }),
                 ToBridge::StoreKey { task_id, dedup_ttl_ms, key } => {
                     next_key = Some((task_id, super::dedup::hex(key), dedup_ttl_ms))
                 }
+                ToBridge::WatchKey { task_id, holder: b"", .. } => watches.remove(task_id),
                 ToBridge::WatchKey { task_id, digest, holder } => {
                     watches.add(&d.keys, task_id, &String::from_utf8_lossy(digest), holder);
                 }
                 ToBridge::Cancel { task_id, stream } => cancels.push((task_id, stream.to_vec())),
                 ToBridge::StoreAt { task_id, run_at_ms } => next_at = Some((task_id, run_at_ms)),
+                ToBridge::StorePriority { task_id, priority } => {
+                    next_priority = Some((task_id, Priority::from_index(priority)))
+                }
+                ToBridge::ClaimTick { task_id, tick_ms, ttl_ms, name } => {
+                    next_tick = Some(Box::new(ticks::Claim::new(task_id, tick_ms, ttl_ms, name)))
+                }
                 ToBridge::StoreEnd { batch } => items.push(Item::End(batch)),
                 ToBridge::Trim { entry } => trims.push(entry.to_vec()),
                 ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
@@ -279,15 +301,32 @@ fn store_loop(
         let mut dups = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
-            Ok(_) => match store_once(&mut link, &items, &keeps, &trims) {
-                Ok(replies) => {
-                    duplicates(d, &items, &replies, &mut watches, &mut dups);
-                    Ok(replicated(d, &items, &replies, &mut short))
+            Ok(conn) => {
+                // A tick's job with a key: its tick is claimed before the round, and the job
+                // stored in it only if it was (see `ticks::claim_first`).
+                match ticks::claim_first(conn, d, &mut items) {
+                    Err(e) => {
+                        let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
+                        link.failed(&e);
+                        Err(text)
+                    }
+                    Ok(()) => match store_once(&mut link, &items, &keeps, &trims) {
+                        Ok(replies) => {
+                            // The claims' answers come first, in the order of their jobs
+                            // (see `answered`): who claimed each tick, then each key.
+                            let (ticks, keys) = answered(&items, &replies);
+                            ticks::answers(d, &items, &ticks, &mut tick_answers);
+                            duplicates(d, &items, &keys, &mut watches, &mut dups);
+                            Ok(replicated(d, &items, &replies, &mut short))
+                        }
+                        Err(text) => Err(text),
+                    },
                 }
-                Err(text) => Err(text),
-            },
+            }
         };
-        let mut acks = dups;
+        // Who claimed each tick, before the `Stored` of its batch: a lost tick's job is dropped.
+        let mut acks = std::mem::take(&mut tick_answers);
+        acks.extend(dups);
         for item in items.drain(..) {
             match item {
                 Item::Store { .. } => match &outcome {
@@ -365,15 +404,11 @@ fn store_once(
     trims: &[Vec<u8>],
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
-    let cmds = pipeline(d, items, keeps, trims);
-    let mut kept: Vec<bool> = items
-        .iter()
-        .filter_map(|i| match i {
-            Item::Store { key, .. } => Some(key.is_some()),
-            Item::End(_) => None,
-        })
-        .collect();
-    kept.resize(cmds.len(), false);
+    let (cmds, kept) = pipeline(d, items, keeps, trims);
+    // Nothing left to send (the round's one job was another node's tick).
+    if cmds.is_empty() {
+        return Ok(Vec::new());
+    }
     let stores = items.iter().any(|i| matches!(i, Item::Store { .. }));
     let wait = (d.wait_replicas > 0 && stores).then_some((d.wait_replicas, WAIT_LIMIT_MS));
     let again_until = Instant::now() + STORE_AGAIN_FOR;
@@ -481,8 +516,13 @@ fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
 /// the claims count as stored and WAIT as no replica.
 fn recovered(link: &mut Link<'_>, items: &[Item], wait: Option<(u32, u64)>) -> Result<Vec<Value>, String> {
     let d = link.d;
-    let keyed: Vec<&Item> = items.iter().filter(|i| matches!(i, Item::Store { key: Some(_), .. })).collect();
-    let mut again = pipeline(d, &keyed.iter().map(|i| (*i).clone()).collect::<Vec<_>>(), &[], &[]);
+    // The claims (of a key, of a tick) are the only answers wanted: sent again alone.
+    let keyed: Vec<Item> = items
+        .iter()
+        .filter(|i| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
+        .cloned()
+        .collect();
+    let (mut again, _) = pipeline(d, &keyed, &[], &[]);
     if let Some((replicas, ms)) = wait {
         again.cmd("WAIT").arg(replicas).arg(ms);
     }
@@ -542,21 +582,19 @@ fn cancels_and_watches(
         FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
     }
     if watches.wait().is_some_and(|w| w <= Duration::from_millis(1)) {
-        if let Ok(conn) = link.get() {
-            match watches.look(conn) {
-                Ok(ended) => {
-                    for (task_id, line) in ended {
-                        FromBridge::KeyEnded { task_id, line: &line }.encode(&mut frames);
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "redis bridge: cannot read deduplication keys: {}",
-                        redis_io::describe(&e)
-                    );
-                    link.failed(&e);
+        match link.get().map(|conn| watches.look(conn)) {
+            Ok(Ok(ended)) => {
+                for (task_id, line) in ended {
+                    FromBridge::KeyEnded { task_id, line: &line }.encode(&mut frames);
                 }
             }
+            Ok(Err(e)) => {
+                tracing::warn!("redis bridge: cannot read deduplication keys: {}", redis_io::describe(&e));
+                link.failed(&e);
+                watches.postpone();
+            }
+            // Redis is away: the next look when it may be back, not in a busy loop.
+            Err(_) => watches.postpone(),
         }
     }
     frames
@@ -658,20 +696,31 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
 /// How often the reply reader tells the master how many jobs wait in Redis (for `stats`).
 const DEPTHS_EVERY: Duration = Duration::from_secs(1);
 
-/// `{"jobs":N,"lanes":{"TYPE":N,…}}`: the length of the main job stream and of each lane this
-/// node routes jobs to (waiting or running: a finished job's entry is deleted). A lane that no
-/// node's handler runs grows here.
+/// `{"jobs":N,"lanes":{"TYPE":N,…},"by_priority":{"high":N,"normal":N,"low":N}}`: the length
+/// of the main job stream and of each lane this node routes jobs to, each over its three
+/// priorities' streams, and of every priority over them (waiting or running: a finished job's
+/// entry is deleted). A lane that no node's handler runs grows here.
 fn depths(conn: &mut Connection, d: &Durable) -> redis::RedisResult<String> {
+    let lanes: Vec<Option<&str>> =
+        std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
     let mut pipe = redis::pipe();
-    pipe.cmd("XLEN").arg(&d.keys.jobs);
-    for kind in &d.routes {
-        pipe.cmd("XLEN").arg(d.keys.lane(kind));
+    for p in Priority::ALL {
+        for lane in &lanes {
+            pipe.cmd("XLEN").arg(d.keys.stream(*lane, p));
+        }
     }
     let lengths: Vec<u64> = pipe.query(conn)?;
-    let lanes: serde_json::Map<String, serde_json::Value> =
-        d.routes.iter().zip(lengths.iter().skip(1)).map(|(k, n)| (k.clone(), (*n).into())).collect();
-    Ok(serde_json::json!({"jobs": lengths.first().copied().unwrap_or(0), "lanes": lanes}).to_string())
+    // Row per priority, column per lane (the main stream first).
+    let at = |p: usize, l: usize| lengths.get(p * lanes.len() + l).copied().unwrap_or(0);
+    let of_lane = |l: usize| (0..3).map(|p| at(p, l)).sum::<u64>();
+    let of_priority = |p: usize| (0..lanes.len()).map(|l| at(p, l)).sum::<u64>();
+    let by_lane: serde_json::Map<String, serde_json::Value> =
+        d.routes.iter().enumerate().map(|(i, k)| (k.clone(), of_lane(i + 1).into())).collect();
+    let by_priority: serde_json::Map<String, serde_json::Value> =
+        Priority::ALL.iter().map(|p| (p.name().to_string(), of_priority(p.index()).into())).collect();
+    Ok(serde_json::json!({"jobs": of_lane(0), "lanes": by_lane, "by_priority": by_priority}).to_string())
 }
+
 /// Parks a job for later: its fields (ARGV[3..]) in the hash KEYS[2], its member ARGV[2] in the
 /// delayed set KEYS[1] with the score ARGV[1] (its `run_at`, Unix ms). The consumers of every
 /// node move it into the stream when due (`consumer::MOVE_DUE`), as they do a delivery retry.
@@ -718,6 +767,27 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate
 /// The `Duplicate` frames of a round's jobs with a key that another job holds (the answers of
 /// their claims come first in `replies`, in order); the duplicates whose first has not ended
 /// are watched.
+/// The answers of a round's claims, in the order of its jobs: each job of a tick has one (a
+/// tick's job with a key: its tick's answer came before the round, and its key's is in it only
+/// if it won the tick), each job with a key one. Split into the ticks' and the keys' answers.
+fn answered(items: &[Item], replies: &[Value]) -> (Vec<Value>, Vec<Value>) {
+    let (mut ticks, mut keys) = (Vec::new(), Vec::new());
+    let mut replies = replies.iter();
+    for item in items {
+        if let Item::Store { tick, key, .. } = item {
+            match tick.as_ref().and_then(|c| c.answer.as_ref()) {
+                Some(first) => ticks.push(first.clone()),
+                None if tick.is_some() => ticks.extend(replies.next().cloned()),
+                None => {}
+            }
+            if key.is_some() && !tick.as_ref().is_some_and(|c| c.lost()) {
+                keys.extend(replies.next().cloned());
+            }
+        }
+    }
+    (ticks, keys)
+}
+
 fn duplicates(
     d: &Durable,
     items: &[Item],
@@ -726,6 +796,8 @@ fn duplicates(
     frames: &mut Vec<u8>,
 ) {
     let keyed = items.iter().filter_map(|i| match i {
+        // A job of a tick another node claimed was not stored: no answer of its key.
+        Item::Store { tick: Some(claim), .. } if claim.lost() => None,
         Item::Store { task_id, key: Some((hex, _)), .. } => Some((*task_id, hex)),
         _ => None,
     });
@@ -741,17 +813,32 @@ fn duplicates(
 }
 
 /// One round's commands: the jobs, the kept results, the deletion of acted-on replies (run in
-/// one transaction by [`store_once`]; only the answers of claims are wanted).
-fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
+/// one transaction by [`store_once`]), and whether each command's answer is wanted (a claim's:
+/// see `answered`).
+fn pipeline(
+    d: &Durable,
+    items: &[Item],
+    keeps: &[(u64, Vec<u8>)],
+    trims: &[Vec<u8>],
+) -> (redis::Pipeline, Vec<bool>) {
     let mut pipe = redis::pipe();
+    let mut kept = Vec::new();
     for item in items {
-        if let Item::Store { task_id, session, worker, run_at_ms, context, data, key } = item {
-            // The lane of a handler's type: only nodes that can run it read it.
-            let stream = d.stream_of(data);
+        if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick, key } = item
+        {
+            // The lane of a handler's type: only nodes that can run it read it; the stream of
+            // its priority.
+            let stream = d.stream_of(data, *priority);
             let mut cmd;
+            if tick.as_ref().is_some_and(|c| c.lost()) {
+                // Its tick is another node's: not stored.
+                continue;
+            }
             if let Some((hex, ttl)) = key {
                 // Stored only if it takes its key, in one script (its answer is kept).
                 cmd = super::dedup::claim_cmd(d, &stream, *task_id, *run_at_ms, hex, *ttl);
+            } else if let Some(claim) = tick {
+                cmd = ticks::claim_and_store(d, claim, &stream, *task_id, *run_at_ms);
             } else if *run_at_ms > 0 {
                 let member = d.keys.scheduled_member(&d.node, *task_id);
                 cmd = redis::cmd("EVAL");
@@ -769,13 +856,18 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
             if let Some((hex, ttl)) = key {
                 super::entry::JobKey { hex: hex.clone(), ttl_ms: *ttl }.add(&mut cmd);
             }
-            // A parked job goes into its own lane when due (`consumer::MOVE_DUE`).
+            // A parked job goes into its own lane when due (`consumer::MOVE_DUE`), of its
+            // own priority.
             if *run_at_ms > 0 {
                 if let Some(lane) = d.lane_of(&stream) {
                     cmd.arg("ln").arg(lane);
                 }
+                super::add_priority(&mut cmd, *priority);
             }
-            if key.is_some() {
+            // A claim's answer is read (see `answered`); the rest only fails the round.
+            let answered = tick.is_some() || key.is_some();
+            kept.push(answered);
+            if answered {
                 pipe.add_command(cmd);
             } else {
                 pipe.add_command(cmd).ignore();
@@ -802,5 +894,6 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
         ids.dedup();
         pipe.cmd("XDEL").arg(&d.keys.replies).arg(ids).ignore();
     }
-    pipe
+    kept.resize(pipe.len(), false);
+    (pipe, kept)
 }

@@ -40,7 +40,7 @@ end
 local function release(f)
   local k = f['k']
   if k and #k <= 400 and string.match(k, '^%x+$') then
-    end_key(ARGV[7] .. k, 'h 0 ' .. ARGV[3] .. ' ' .. ARGV[2], f['kt'], ARGV[3] .. ' ' .. ARGV[2], ARGV[8])
+    end_key(ARGV[7] .. k, 'h 0 ' .. ARGV[3] .. ' ' .. ARGV[2], 0, ARGV[3] .. ' ' .. ARGV[2], ARGV[8])
   end
 end
 local function after(a, b)

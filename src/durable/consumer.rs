@@ -168,6 +168,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         next_move: Instant::now(),
         move_refused: Default::default(),
         backoff: Duration::from_millis(100),
+        fair: Default::default(),
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
@@ -373,6 +374,8 @@ struct Consumer<'a> {
     /// Warnings of a refused move: one per 10 s.
     move_refused: crate::throttle::Throttle,
     backoff: Duration,
+    /// The priorities' credits in the weighted fair order of its takes.
+    fair: super::fair::Fair,
 }
 
 impl Consumer<'_> {
@@ -485,6 +488,7 @@ impl Consumer<'_> {
         let (d, me) = (self.d, self.me.clone());
         let recovering = self.recovering;
         let sweep = Instant::now() >= self.next_sweep;
+        let mut fair = self.fair;
         let conn = self.conn()?;
         let fresh;
         // Whichever way jobs come, no more than its window: what waits here is kept alive by the
@@ -509,8 +513,17 @@ impl Consumer<'_> {
             got
         } else {
             fresh = true;
-            read_group(conn, d, &me, count, Some(BLOCK_MS), ">")?
+            // In weighted fair order of the priorities; blocking only when all are empty.
+            let got = fair.take(conn, d, &me, count)?;
+            if got.is_empty() {
+                let woke = read_group(conn, d, &me, 1, Some(BLOCK_MS), ">")?;
+                fair.woke(d, &woke);
+                woke
+            } else {
+                got
+            }
         };
+        self.fair = fair;
         if entries.is_empty() {
             return Ok(Vec::new());
         }
@@ -668,10 +681,11 @@ pub(super) fn store(
                 cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&id.stream).arg(GROUP).arg(&id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
-                // A replay puts it back into its lane.
+                // A replay puts it back into its lane, of its priority.
                 if let Some(lane) = d.lane_of(&id.stream) {
                     cmd.arg("ln").arg(lane);
                 }
+                super::add_priority(&mut cmd, d.priority_of(&id.stream));
                 pipe.add_command(cmd).ignore();
                 if let Some(key) = &job.key {
                     let line = dedup::kept_line(
@@ -712,10 +726,11 @@ pub(super) fn store(
                     .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
                     .arg(job.task_id);
                 job.add(&mut cmd);
-                // Moved back into its own lane when due (`MOVE_DUE`).
+                // Moved back into its own lane when due (`MOVE_DUE`), of its priority.
                 if let Some(lane) = d.lane_of(&id.stream) {
                     cmd.arg("ln").arg(lane);
                 }
+                super::add_priority(&mut cmd, d.priority_of(&id.stream));
                 pipe.add_command(cmd).ignore();
                 if let Some(notice) = notice {
                     notice.encode(batch_for(&mut batches, &job.origin));
@@ -778,8 +793,10 @@ return 1";
 
 /// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job
 /// stream (KEYS[2]), or into their lane (ARGV[3] and the type in their field `ln`), at most
-/// ARGV[2] of them; ARGV[1] is the prefix of their hashes. Atomic: consumers of every node run
-/// it, one at a time by construction, and none moves a job twice.
+/// ARGV[2] of them; ARGV[1] is the prefix of their hashes; a job whose field `pr` is `high` or
+/// `low` goes to the stream of that priority (ARGV[4] and the priority after the stream's
+/// name). Atomic: consumers of every node run it, one at a time by construction, and none moves
+/// a job twice.
 const MOVE_DUE: &str = "
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -791,6 +808,8 @@ for _, id in ipairs(due) do
     local dest = KEYS[2]
     local lane = redis.call('HGET', h, 'ln')
     if lane then dest = ARGV[3] .. lane end
+    local pr = redis.call('HGET', h, 'pr')
+    if pr == 'high' or pr == 'low' then dest = dest .. ARGV[4] .. pr end
     if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
   end
   redis.call('DEL', h)
@@ -814,6 +833,7 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
         .arg(format!("{}:", d.keys.delayed))
         .arg(MOVE_MAX)
         .arg(d.keys.lane_prefix())
+        .arg(super::keys::PRIORITY_MARK.to_string())
         .query(conn)
 }
 

@@ -288,9 +288,24 @@ impl Watches {
         true
     }
 
+    /// Stops watching for duplicate `task_id` (its client is gone).
+    pub fn remove(&mut self, task_id: u64) {
+        self.list.retain(|w| w.task_id != task_id);
+        if self.list.is_empty() {
+            self.due = None;
+        }
+    }
+
     /// How long until the next look (None: nothing to watch).
     pub fn wait(&self) -> Option<Duration> {
         self.due.map(|due| due.saturating_duration_since(Instant::now()).max(Duration::from_millis(1)))
+    }
+
+    /// The next look in [`WATCH_EVERY`]: Redis cannot be read now.
+    pub fn postpone(&mut self) {
+        if self.due.is_some() {
+            self.due = Some(Instant::now() + WATCH_EVERY);
+        }
     }
 
     /// Reads the keys due (at most [`WATCH_BATCH`], in turn) and returns the duplicates whose
@@ -395,6 +410,22 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&kept).unwrap();
         assert_eq!((v["event"].as_str(), v["task_id"].as_u64()), (Some("failed"), Some(5)));
         assert_eq!(kept_line(5, true, b"{}\n"), b"{}\n");
+    }
+
+    #[test]
+    fn only_a_key_held_by_a_job_is_watched_and_a_failed_look_waits_its_turn() {
+        let keys = Keys::new("q", "web-2");
+        let mut w = Watches::default();
+        assert_eq!(w.wait(), None);
+        assert!(!w.add(&keys, 5, "6b", b"e 1 web-1 7\n{}\n"), "an ended first: nothing to wait for");
+        assert!(!w.add(&keys, 5, "zz", held_value("web-1", 7).as_bytes()), "not a key in hex");
+        assert!(w.add(&keys, 5, "6b", held_value("web-1", 7).as_bytes()));
+        assert!(!w.add(&keys, 5, "6b", held_value("web-1", 7).as_bytes()), "once per duplicate");
+        assert!(w.wait().is_some_and(|d| d <= WATCH_EVERY));
+        w.postpone();
+        assert!(w.wait().is_some_and(|d| d > WATCH_EVERY / 2));
+        w.remove(5);
+        assert_eq!(w.wait(), None, "nothing left to watch");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The keys of one queue. They all carry the queue's name as a hash tag (`{taskd}:jobs`), so a
 //! Redis Cluster keeps them in one slot and a MULTI over several of them stays valid.
 
+use crate::app::Priority;
+
 /// The consumer group every node's task processes read the job stream in.
 pub const GROUP: &str = "taskd";
 
@@ -12,9 +14,10 @@ pub struct Keys {
     pub jobs: String,
     /// Jobs that failed past their attempts, for an operator to list and replay.
     pub dead: String,
-    /// Jobs waiting for a delivery retry or a rate limit: a sorted set of task ids by due
-    /// time (ms), each job's fields in the hash `delayed_job(task_id)`; moved back into
-    /// `jobs` when due.
+    /// Jobs waiting for a delivery retry or a rate limit (member: the task id) or for their
+    /// `run_at` (member: `NODE:ID`, see [`Keys::scheduled_member`]): a sorted set by due time
+    /// (ms), each job's fields in the hash `delayed_hash(member)`; moved back into `jobs`
+    /// when due.
     pub delayed: String,
     /// This node's own keys.
     pub replies: String,
@@ -86,6 +89,47 @@ impl Keys {
         format!("{}:epoch:{node}", self.tag)
     }
 
+    /// The claim of tick `tick_ms` (Unix ms) of the schedule `name` (`[[schedule]]`): the one
+    /// web node that sets it (SET NX, in the script that stores the tick's job) runs the tick;
+    /// it holds that node's name and the job's id, and expires well after the next tick.
+    pub fn tick(&self, name: &str, tick_ms: u64) -> String {
+        format!("{}:tick:{name}:{tick_ms}", self.tag)
+    }
+
+    /// The last tick claimed of the schedule `name` (Unix ms), which a node reads at start to
+    /// know whether ticks passed while every node was down (`missed = "once"`).
+    pub fn last_tick(&self, name: &str) -> String {
+        format!("{}:tick:{name}:last", self.tag)
+    }
+
+    /// The job stream of `priority` for the main stream (`lane` None) or a handler's lane:
+    /// normal jobs keep the names they always had (`{q}:jobs`, `{q}:jobs:TYPE`); high and low
+    /// ones get a suffix no type name can hold (`{q}:jobs#high`, `{q}:jobs:TYPE#low`).
+    pub fn stream(&self, lane: Option<&str>, priority: Priority) -> String {
+        let base = match lane {
+            Some(kind) => self.lane(kind),
+            None => self.jobs.clone(),
+        };
+        match priority {
+            Priority::Normal => base,
+            p => format!("{base}{PRIORITY_MARK}{}", p.name()),
+        }
+    }
+
+    /// The lane (a handler's type; None for the main stream) and the priority of a job stream
+    /// key made by [`Keys::stream`]; None for a key of another queue or a foreign suffix.
+    pub fn stream_parts(&self, stream: &str) -> Option<(Option<String>, Priority)> {
+        let (base, priority) = match stream.rsplit_once(PRIORITY_MARK) {
+            Some((base, p)) => (base, Priority::from_name(p).filter(|p| *p != Priority::Normal)?),
+            None => (stream, Priority::Normal),
+        };
+        if base == self.jobs {
+            return Some((None, priority));
+        }
+        let lane = base.strip_prefix(&self.lane_prefix())?;
+        Some((Some(lane.to_string()), priority))
+    }
+
     /// The rate limit of a delivery channel (`sms`, `email`), shared by every node of the
     /// queue: the channel's theoretical arrival time (GCRA, see `delivery::rate`).
     pub fn rate_of(&self, channel: &str) -> String {
@@ -123,6 +167,9 @@ impl Keys {
         format!("{}:lease:{node}", self.tag)
     }
 }
+
+/// What separates a job stream's name from its priority: no handler type holds it.
+pub const PRIORITY_MARK: char = '#';
 
 /// A task process's consumer name: stable per node and slot, so that a respawned process
 /// takes back at once what its predecessor had taken.
@@ -164,5 +211,28 @@ mod tests {
         assert_eq!(k.delayed_hash(&k.scheduled_member("web-1", 7)), "{q1}:delayed:web-1:7");
         assert_eq!(k.delayed_hash("7"), k.delayed_job(7));
         assert_eq!(k.dedup("ab12"), "{q1}:key:ab12");
+        assert_eq!(k.tick("nightly", 1_798_099_200_000), "{q1}:tick:nightly:1798099200000");
+        assert_eq!(k.last_tick("nightly"), "{q1}:tick:nightly:last");
+    }
+
+    #[test]
+    fn a_stream_per_priority_and_lane_and_back() {
+        let k = Keys::new("q1", "web-1");
+        assert_eq!(k.stream(None, Priority::Normal), k.jobs);
+        assert_eq!(k.stream(Some("resize"), Priority::Normal), k.lane("resize"));
+        assert_eq!(k.stream(None, Priority::High), "{q1}:jobs#high");
+        assert_eq!(k.stream(Some("resize"), Priority::Low), "{q1}:jobs:resize#low");
+        for lane in [None, Some("resize"), Some("high")] {
+            for p in Priority::ALL {
+                let s = k.stream(lane, p);
+                assert!(s.starts_with("{q1}:"), "{s}");
+                assert_eq!(k.stream_parts(&s), Some((lane.map(str::to_string), p)), "{s}");
+            }
+        }
+        // A lane named like a priority is a lane, and foreign suffixes are nobody's stream.
+        assert_eq!(k.stream_parts("{q1}:jobs:high"), Some((Some("high".into()), Priority::Normal)));
+        assert_eq!(k.stream_parts("{q1}:jobs#normal"), None);
+        assert_eq!(k.stream_parts("{q1}:jobs#urgent"), None);
+        assert_eq!(k.stream_parts("{q2}:jobs"), None);
     }
 }

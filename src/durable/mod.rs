@@ -12,8 +12,10 @@
 //! | [`redis_io`] | all | connecting, and reading stream entries out of replies |
 //! | [`entry`] | all | the fields of a job, a reply and a dead letter |
 //! | [`startup`] | master, before the fork | checks of the server, the id range, recovery |
+//! | [`ticks`] | bridge | claiming a schedule's tick once across the web nodes, with its job |
 //! | [`bridge`] | bridge | storing the master's jobs, passing it this node's replies |
 //! | [`consumer`] | task process | taking jobs, claiming abandoned ones, the dead letters |
+//! | [`fair`] | task process | taking from the priorities' streams in weighted fair order (6:3:1) |
 //! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
@@ -29,6 +31,7 @@ pub mod consumer;
 pub mod dead_letter;
 pub mod dedup;
 pub mod entry;
+pub mod fair;
 pub mod heartbeat;
 pub mod keys;
 pub mod lease_gate;
@@ -36,9 +39,11 @@ pub mod node;
 pub mod redis_io;
 pub mod round;
 pub mod startup;
+pub mod ticks;
 
 use std::time::Duration;
 
+use crate::app::Priority;
 use crate::config::ServerConfig;
 
 /// Where the queue is and who this node is.
@@ -93,14 +98,34 @@ impl Durable {
         })
     }
 
-    /// The streams this node's consumers read: the main one, then its lanes.
+    /// The streams this node's consumers read: for each priority, high first, the main one
+    /// and then its lanes.
     pub fn streams(&self) -> Vec<String> {
-        std::iter::once(self.keys.jobs.clone()).chain(self.lanes.iter().map(|k| self.keys.lane(k))).collect()
+        Priority::ALL.into_iter().flat_map(|p| self.streams_of(p)).collect()
     }
 
-    /// The stream a job of `data` goes to: the lane of its `"type"` if it has one here, else
-    /// the main stream. Only JSON objects with a routed type are looked into.
-    pub fn stream_of(&self, data: &[u8]) -> String {
+    /// The streams of one priority this node's consumers read: the main one, then its lanes.
+    pub fn streams_of(&self, priority: Priority) -> Vec<String> {
+        std::iter::once(None)
+            .chain(self.lanes.iter().map(|k| Some(k.as_str())))
+            .map(|lane| self.keys.stream(lane, priority))
+            .collect()
+    }
+
+    /// The stream a job of `data` and `priority` goes to: the stream of that priority of the
+    /// lane of its `"type"` if it has one here, else of the main stream.
+    pub fn stream_of(&self, data: &[u8], priority: Priority) -> String {
+        self.keys.stream(self.lane_for(data).as_deref(), priority)
+    }
+
+    /// The priority of a job stream key (normal for a key of no priority).
+    pub fn priority_of(&self, stream: &str) -> Priority {
+        self.keys.stream_parts(stream).map_or(Priority::Normal, |(_, p)| p)
+    }
+
+    /// The lane of a job of `data`: its `"type"` if it has one here (None: the main stream).
+    /// Only JSON objects with a routed type are looked into.
+    fn lane_for(&self, data: &[u8]) -> Option<String> {
         if !self.routes.is_empty() {
             #[derive(serde::Deserialize)]
             struct Typed<'a> {
@@ -109,27 +134,44 @@ impl Durable {
             }
             if let Ok(Typed { kind: Some(kind) }) = serde_json::from_slice::<Typed<'_>>(data) {
                 if self.routes.iter().any(|r| *r == kind) {
-                    return self.keys.lane(&kind);
+                    return Some(kind.into_owned());
                 }
             }
         }
-        self.keys.jobs.clone()
+        None
     }
 
     /// Where a dead letter replayed goes: back into the lane it came from (its field `ln`, a
-    /// handler's type), else the main stream.
+    /// handler's type), else the main stream; of its priority (its field `pr`).
     pub fn replay_stream(&self, dead: &redis_io::StreamEntry) -> String {
         let lane = dead.get("ln").and_then(|l| std::str::from_utf8(l).ok());
-        match lane.filter(|l| crate::handler::check_type(l).is_ok()) {
-            Some(lane) => self.keys.lane(lane),
-            None => self.keys.jobs.clone(),
-        }
+        let lane = lane.filter(|l| crate::handler::check_type(l).is_ok());
+        self.keys.stream(lane, priority_field(dead))
     }
 
-    /// The type of a lane's stream key (None for the main stream).
+    /// The type of a lane's stream key (None for the main stream), whatever its priority.
     pub fn lane_of(&self, stream: &str) -> Option<String> {
-        stream.strip_prefix(&self.keys.lane_prefix()).map(str::to_string)
+        self.keys.stream_parts(stream).and_then(|(lane, _)| lane)
     }
+}
+
+/// Adds the field `pr` (the priority of the stream a job was taken from, if not normal) to a
+/// job leaving its stream for a while (parked for later, or dead): it goes back into a stream of
+/// the same priority (`consumer::MOVE_DUE`, a dead letter's replay).
+pub fn add_priority(cmd: &mut redis::Cmd, priority: Priority) {
+    if priority != Priority::Normal {
+        cmd.arg("pr").arg(priority.name());
+    }
+}
+
+/// The priority in a parked job's or a dead letter's field `pr` (normal if absent or unknown:
+/// a value read from Redis is input).
+pub fn priority_field(entry: &redis_io::StreamEntry) -> Priority {
+    entry
+        .get("pr")
+        .and_then(|p| std::str::from_utf8(p).ok())
+        .and_then(Priority::from_name)
+        .unwrap_or_default()
 }
 
 /// Query parameters that carry a password in a Redis URL (`redis+unix:///path?pass=…`).
@@ -242,6 +284,39 @@ pub fn host_name() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn durable(routes: &[&str]) -> Durable {
+        let config = ServerConfig {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            node_id: Some("web-1".into()),
+            ..Default::default()
+        };
+        let mut d = Durable::from_config(&config).unwrap();
+        d.routes = routes.iter().map(|r| r.to_string()).collect();
+        d.lanes = d.routes.clone();
+        d
+    }
+
+    #[test]
+    fn a_job_goes_to_the_stream_of_its_lane_and_priority_and_comes_back_to_it() {
+        let d = durable(&["resize"]);
+        assert_eq!(d.stream_of(br#"{"type":"resize"}"#, Priority::High), "{taskd}:jobs:resize#high");
+        assert_eq!(d.stream_of(br#"{"type":"email"}"#, Priority::Low), "{taskd}:jobs#low");
+        assert_eq!(d.stream_of(b"not json", Priority::Normal), "{taskd}:jobs");
+        assert_eq!(d.streams().len(), 6);
+        assert_eq!(d.streams_of(Priority::High), ["{taskd}:jobs#high", "{taskd}:jobs:resize#high"]);
+        // A dead letter goes back where it came from; a `pr` nobody knows is normal.
+        let dead = |fields: &[(&str, &str)]| redis_io::StreamEntry {
+            id: "1-0".into(),
+            fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect(),
+        };
+        assert_eq!(d.replay_stream(&dead(&[("ln", "resize"), ("pr", "low")])), "{taskd}:jobs:resize#low");
+        assert_eq!(d.replay_stream(&dead(&[("pr", "high")])), "{taskd}:jobs#high");
+        assert_eq!(d.replay_stream(&dead(&[("pr", "urgent!")])), "{taskd}:jobs");
+        assert_eq!(d.priority_of("{taskd}:jobs:resize#low"), Priority::Low);
+        assert_eq!(d.lane_of("{taskd}:jobs:resize#low").as_deref(), Some("resize"));
+        assert_eq!(d.lane_of("{taskd}:jobs#high"), None);
+    }
 
     #[test]
     fn passwords_stay_out_of_messages() {

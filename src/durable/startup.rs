@@ -27,6 +27,8 @@ pub struct Recovered {
     pub replies: Vec<u8>,
     /// The last reply stream entry read here: the bridge reads on from there.
     pub replies_from: String,
+    /// The last tick claimed of each `missed = "once"` schedule (see `ticks::last_claimed`).
+    pub last_ticks: Vec<(String, u64)>,
 }
 
 /// Connects, checks the server, and recovers this node's state.
@@ -43,8 +45,13 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
         .arg(&d.keys.epoch)
         .query(&mut conn)
         .map_err(|e| format!("cannot take a range of task ids: {}", redis_io::describe(&e)))?;
-    let mut streams = vec![d.keys.jobs.clone()];
-    streams.extend(d.routes.iter().map(|kind| d.keys.lane(kind)));
+    // Every priority's stream of the main one and of each lane it routes to.
+    let lanes: Vec<Option<&str>> =
+        std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
+    let streams: Vec<String> = crate::app::Priority::ALL
+        .into_iter()
+        .flat_map(|p| lanes.iter().map(move |lane| d.keys.stream(*lane, p)))
+        .collect();
     let jobs = own_jobs(&mut conn, &d.keys, &streams, &d.node)
         .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
     let results = kept_results(&mut conn, &d.keys)
@@ -62,7 +69,14 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
             outcomes
         );
     }
-    Ok(Recovered { first_task_id: epoch << EPOCH_SHIFT, jobs, results, replies, replies_from })
+    Ok(Recovered {
+        first_task_id: epoch << EPOCH_SHIFT,
+        jobs,
+        results,
+        replies,
+        replies_from,
+        last_ticks: Vec::new(),
+    })
 }
 
 /// How long a node's lease on its name lasts unless renewed (renewed every third of that by

@@ -320,12 +320,20 @@ pub enum ToBridge<'a> {
     /// An operator's request from the dashboard (`op`: JSON, see `durable::admin`); answered
     /// by an [`FromBridge::AdminAnswer`] with the same `request`.
     Admin { request: u64, op: &'a [u8] },
+    /// The next `Store` (same `task_id`) goes to the streams of this priority
+    /// ([`crate::app::Priority::index`]); without it, normal.
+    StorePriority { task_id: u64, priority: u8 },
+    /// The next `Store` (same `task_id`) is the job of tick `tick_ms` (Unix ms) of the schedule
+    /// `name`: stored only if this node claims the tick first (the claim lives `ttl_ms`);
+    /// answered by a [`FromBridge::TickClaim`] before the batch's `Stored`.
+    ClaimTick { task_id: u64, tick_ms: u64, ttl_ms: u64, name: &'a [u8] },
     /// The next `Store` (same `task_id`) carries a deduplication key: it is stored only if it
     /// takes the key in Redis, which it then holds until `dedup_ttl_ms` after it ended.
     StoreKey { task_id: u64, dedup_ttl_ms: u64, key: &'a [u8] },
     /// Watch the deduplication key `digest` held by `holder` (its value in Redis while held)
     /// for job `task_id`, a duplicate waiting for the first's final line: sent again to a new
-    /// bridge for every duplicate still waiting.
+    /// bridge for every duplicate still waiting. An empty `holder`: stop watching (its client
+    /// is gone).
     WatchKey { task_id: u64, digest: &'a [u8], holder: &'a [u8] },
     /// Take job `task_id` of this node back if it has not started (parked in the delayed set,
     /// or in `stream` and never delivered); answered by [`FromBridge::Cancelled`].
@@ -345,11 +353,14 @@ pub enum FromBridge<'a> {
     /// The outcome of a renewal: empty `holder`, the name is still this node's; otherwise the
     /// run that holds it now, and this node must stop.
     Lease { holder: &'a [u8] },
-    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…}}` (the main stream and
+    /// How many jobs wait in Redis: `{"jobs":N,"lanes":{"TYPE":N,…},"by_priority":{…}}` (the main stream and
     /// each lane this node routes to), read every second or so, for `stats`.
     Depths { json: &'a [u8] },
     /// The answer (JSON) to [`ToBridge::Admin`] `request`.
     AdminAnswer { request: u64, answer: &'a [u8] },
+    /// Who claimed tick `tick_ms` of schedule `name` whose job was `task_id`: this node (`won`:
+    /// the job is stored), or the node named by `holder` (the job is not stored: drop it).
+    TickClaim { task_id: u64, tick_ms: u64, won: bool, name: &'a [u8], holder: &'a [u8] },
     /// Job `task_id` was not stored: job `first` holds its key (`digest`, held as `holder`).
     /// `line`: the first's final line if it has ended; empty: it has not, and the bridge
     /// watches the key for it (see [`FromBridge::KeyEnded`]).
@@ -416,6 +427,10 @@ mod kind {
     pub const REPLY_RETRYING: u8 = 48;
     pub const QUEUE_DEPTHS: u8 = 80;
     pub const STORE_AT: u8 = 49;
+    // Durable schedules and priorities (d-sched: 23, 24, 55-59).
+    pub const STORE_PRIORITY: u8 = 55;
+    pub const CLAIM_TICK: u8 = 56;
+    pub const TICK_CLAIM: u8 = 57;
     // The dashboard's requests to the bridge (60-69 are the dashboard's).
     pub const ADMIN: u8 = 60;
     pub const ADMIN_ANSWER: u8 = 61;
@@ -957,6 +972,12 @@ impl<'a> ToBridge<'a> {
             }
             ToBridge::RenewLease => Writer::begin(out, RENEW_LEASE).finish(),
             ToBridge::Admin { request, op } => Writer::begin(out, ADMIN).u64(request).rest(op).finish(),
+            ToBridge::StorePriority { task_id, priority } => {
+                Writer::begin(out, STORE_PRIORITY).u64(task_id).u8(priority).finish()
+            }
+            ToBridge::ClaimTick { task_id, tick_ms, ttl_ms, name } => {
+                Writer::begin(out, CLAIM_TICK).u64(task_id).u64(tick_ms).u64(ttl_ms).rest(name).finish()
+            }
             ToBridge::StoreKey { task_id, dedup_ttl_ms, key } => {
                 Writer::begin(out, STORE_KEY).u64(task_id).u64(dedup_ttl_ms).rest(key).finish()
             }
@@ -988,6 +1009,15 @@ impl<'a> ToBridge<'a> {
                 KEEP_RESULT => ToBridge::KeepResult { task_id: r.u64("task id")?, line: r.rest() },
                 RENEW_LEASE => ToBridge::RenewLease,
                 ADMIN => ToBridge::Admin { request: r.u64("request")?, op: r.rest() },
+                STORE_PRIORITY => {
+                    ToBridge::StorePriority { task_id: r.u64("task id")?, priority: r.u8("priority")? }
+                }
+                CLAIM_TICK => ToBridge::ClaimTick {
+                    task_id: r.u64("task id")?,
+                    tick_ms: r.u64("tick")?,
+                    ttl_ms: r.u64("ttl")?,
+                    name: r.rest(),
+                },
                 STORE_KEY => ToBridge::StoreKey {
                     task_id: r.u64("task id")?,
                     dedup_ttl_ms: r.u64("dedup_ttl_ms")?,
@@ -1040,6 +1070,13 @@ impl<'a> FromBridge<'a> {
             FromBridge::AdminAnswer { request, answer } => {
                 Writer::begin(out, ADMIN_ANSWER).u64(request).rest(answer).finish()
             }
+            FromBridge::TickClaim { task_id, tick_ms, won, name, holder } => Writer::begin(out, TICK_CLAIM)
+                .u64(task_id)
+                .u64(tick_ms)
+                .u8(won as u8)
+                .sized(name)
+                .rest(holder)
+                .finish(),
             FromBridge::Duplicate { task_id, first, digest, holder, line } => Writer::begin(out, DUPLICATE)
                 .u64(task_id)
                 .u64(first)
@@ -1081,6 +1118,13 @@ impl<'a> FromBridge<'a> {
                 LEASE => FromBridge::Lease { holder: r.rest() },
                 QUEUE_DEPTHS => FromBridge::Depths { json: r.rest() },
                 ADMIN_ANSWER => FromBridge::AdminAnswer { request: r.u64("request")?, answer: r.rest() },
+                TICK_CLAIM => FromBridge::TickClaim {
+                    task_id: r.u64("task id")?,
+                    tick_ms: r.u64("tick")?,
+                    won: r.bool("won")?,
+                    name: r.sized("name")?,
+                    holder: r.rest(),
+                },
                 DUPLICATE => FromBridge::Duplicate {
                     task_id: r.u64("task id")?,
                     first: r.u64("first")?,
@@ -1292,6 +1336,20 @@ mod tests {
         roundtrip::<ToBridge>(ToBridge::KeepResult { task_id: 9, line: b"{}\n" });
         roundtrip::<ToBridge>(ToBridge::RenewLease);
         roundtrip::<ToBridge>(ToBridge::Admin { request: 7, op: br#"{"op":"overview"}"# });
+        roundtrip::<ToBridge>(ToBridge::StorePriority { task_id: 7, priority: 2 });
+        roundtrip::<ToBridge>(ToBridge::ClaimTick {
+            task_id: 7,
+            tick_ms: 1_798_099_200_000,
+            ttl_ms: 60_000,
+            name: b"nightly",
+        });
+        roundtrip::<FromBridge>(FromBridge::TickClaim {
+            task_id: 7,
+            tick_ms: 1_798_099_200_000,
+            won: false,
+            name: b"nightly",
+            holder: b"web-2",
+        });
         roundtrip::<FromBridge>(FromBridge::Stored {
             batch: 2,
             replicas: FromBridge::ALL_REPLICAS,

@@ -26,6 +26,7 @@ use crate::delivery::smtp::{Smtp, SmtpSettings};
 use crate::delivery::{self, Transport};
 use crate::handler::{Handlers, Outcome};
 use crate::ipc::Role;
+use crate::json_line::JsonLine;
 use crate::throttle::Throttle;
 use request::{Job, Kind, Request};
 
@@ -185,32 +186,6 @@ fn line(value: &impl Serialize) -> Vec<u8> {
     out
 }
 
-/// The replies on every job's path, serialized straight from these (no map built per reply).
-#[derive(Serialize)]
-struct Accepted<'a> {
-    event: &'static str,
-    task_id: u64,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    to: &'a str,
-    worker_pid: u32,
-    /// When it runs, for a job scheduled ahead (RFC 3339, UTC).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    run_at: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Done<'a> {
-    event: &'static str,
-    task_id: u64,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    to: &'a str,
-    result: &'a str,
-    task_pid: u32,
-    attempts: u32,
-}
-
 /// What `on_finish` needs to answer a job: carried with the task, since the worker that
 /// submitted it may have been replaced by the time it finishes.
 #[derive(Debug, Serialize, Deserialize)]
@@ -219,6 +194,20 @@ struct Context {
     kind: String,
     /// One recipient, or one per member of a batch.
     to: Vec<String>,
+}
+
+impl Context {
+    /// The context of one job, as serde_json writes a [`Context`], without building one: it
+    /// is made for every job.
+    fn of_one(kind: &str, to: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(24 + kind.len() + to.len());
+        out.extend_from_slice(b"{\"type\":");
+        crate::json_line::push_str(&mut out, kind);
+        out.extend_from_slice(b",\"to\":[");
+        crate::json_line::push_str(&mut out, to);
+        out.extend_from_slice(b"]}");
+        out
+    }
 }
 
 pub struct MailApp {
@@ -326,19 +315,28 @@ impl MailApp {
         Ok(Self::done(ctx, task, job, receipt.answer))
     }
 
-    /// Answers the job's `done` from here (the shortest path), with its result.
+    /// Answers the job's `done` from here (the shortest path), with its result, and logs the
+    /// job's one line at info: what it was, and what came of it.
     fn done(ctx: &mut TaskCtx<'_>, task: &Task<'_>, job: &Job, result: String) -> Vec<u8> {
         let pid = ctx.info().pid;
         let (kind, to, attempts) = (job.kind.name(), &job.to[..], task.attempt);
-        ctx.reply(&line(&Done {
-            event: "done",
-            task_id: task.id,
-            kind,
-            to,
-            result: &result,
-            task_pid: pid,
-            attempts,
-        }));
+        if tracing::enabled!(tracing::Level::INFO) {
+            // Built with `push_str` and logged as one `str`: formatted through `format_args!`
+            // (five values, six pieces, each escaped on its own) it cost twice as much.
+            let mut text = String::with_capacity(64 + result.len() + 2 * to.len());
+            text.push_str("job ");
+            crate::log_format::push_u64(&mut text, task.id);
+            for piece in [" done: ", &result[..], " (", kind, " to ", to, ", attempt "] {
+                text.push_str(piece);
+            }
+            crate::log_format::push_u64(&mut text, attempts.into());
+            text.push(')');
+            tracing::info!(message = text.as_str());
+        }
+        let mut done = JsonLine::new(128 + result.len() + to.len());
+        done.str("event", "done").num("task_id", task.id).str("type", kind).str("to", to);
+        done.str("result", &result).num("task_pid", pid.into()).num("attempts", attempts.into());
+        ctx.reply(&done.finish());
         result.into_bytes()
     }
 
@@ -397,8 +395,8 @@ impl MailApp {
     }
 
     fn submit_job(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, job: &Job) {
-        let context = Context { kind: job.kind.name().into(), to: vec![job.to.clone()] };
-        let (Ok(context), Ok(data)) = (serde_json::to_vec(&context), serde_json::to_vec(job)) else {
+        let context = Context::of_one(job.kind.name(), &job.to);
+        let Ok(data) = serde_json::to_vec(job) else {
             return Self::error(ctx, session, "internal error: cannot encode the job");
         };
         let options = TaskOptions {
@@ -413,12 +411,25 @@ impl MailApp {
         };
         match submitted {
             Ok(task_id) => {
-                tracing::info!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
-                let kind = job.kind.name();
-                let run_at = job.run_at_ms.map(crate::app::rfc3339);
-                let accepted =
-                    Accepted { event: "accepted", task_id, kind, to: &job.to, worker_pid: self.pid, run_at };
-                Self::reply(ctx, session, accepted);
+                // A job's line at info is its task process's, when it is done (one line per job
+                // is what the default log level can afford); a job due later says so now.
+                if job.run_at_ms.is_some() {
+                    tracing::info!(
+                        "{} to {} accepted as job {task_id}, to run later",
+                        job.kind.name(),
+                        job.to
+                    );
+                } else {
+                    tracing::debug!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
+                }
+                let mut accepted = JsonLine::new(96 + job.to.len());
+                accepted.str("event", "accepted").num("task_id", task_id).str("type", job.kind.name());
+                accepted.str("to", &job.to).num("worker_pid", self.pid.into());
+                // When it runs, for a job scheduled ahead (RFC 3339, UTC).
+                if let Some(run_at) = job.run_at_ms.map(crate::app::rfc3339) {
+                    accepted.str("run_at", &run_at);
+                }
+                ctx.send(session, &accepted.finish());
             }
             Err(e) => self.refused(ctx, session, e),
         }
@@ -438,7 +449,7 @@ impl MailApp {
         };
         match ctx.task_for(session, &context, &data) {
             Ok(task_id) => {
-                tracing::info!("{kind} job accepted as job {task_id}");
+                tracing::debug!("{kind} job accepted as job {task_id}");
                 let accepted =
                     json!({"event": "accepted", "task_id": task_id, "type": kind, "worker_pid": self.pid});
                 Self::reply(ctx, session, accepted);
@@ -458,6 +469,7 @@ impl MailApp {
         match self.handlers.run(kind, task.id, task.attempt, job) {
             Outcome::Done(result) => {
                 let pid = ctx.info().pid;
+                tracing::info!("job {} done: {result} ({kind} job, attempt {})", task.id, task.attempt);
                 ctx.reply(&line(&json!({
                     "event": "done", "task_id": task.id, "type": kind, "result": &result,
                     "task_pid": pid, "attempts": task.attempt,
@@ -642,6 +654,10 @@ impl Application for MailApp {
 
     fn on_finish(&mut self, ctx: &mut WorkerCtx<'_>, finished: &Finished<'_>) {
         let Some(session) = finished.session else { return };
+        if finished.replied && finished.members.is_none() && finished.result.is_ok() {
+            // Its `done` went to the client from the task process, which logged the job.
+            return;
+        }
         let context: Context = match serde_json::from_slice(finished.context) {
             Ok(c) => c,
             Err(e) => {
@@ -675,12 +691,8 @@ impl Application for MailApp {
         } else {
             let to = context.to.first().cloned().unwrap_or_default();
             match finished.result {
-                Ok(r) if finished.replied => {
-                    tracing::info!("job {} done: {}", finished.id, text(r));
-                    return;
-                }
                 Ok(r) => {
-                    tracing::info!("job {} done: {}", finished.id, text(r));
+                    tracing::debug!("job {} done: {}", finished.id, text(r));
                     json!({
                         "event": "done", "task_id": finished.id, "type": context.kind, "to": to,
                         "result": text(r), "task_pid": finished.task_pid, "attempts": finished.attempts,
@@ -703,5 +715,18 @@ impl Application for MailApp {
             }
         };
         Self::reply(ctx, session, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Context;
+
+    #[test]
+    fn a_jobs_context_is_what_serde_json_writes_for_it() {
+        for (kind, to) in [("email", "a@example.com"), ("sms", "+15551234567"), ("email", "q\"uote\\d@x")] {
+            let context = Context { kind: kind.into(), to: vec![to.into()] };
+            assert_eq!(Context::of_one(kind, to), serde_json::to_vec(&context).unwrap());
+        }
     }
 }

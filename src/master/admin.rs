@@ -212,7 +212,14 @@ impl<A: Application> Master<'_, A> {
             processes.push(proc_row("bridge", None, pid, "running", json!({})));
         }
         let (scheduled, retrying) = self.jobs_delayed(dashboard::unix_ms());
-        let [high, normal, low] = self.jobs.queued_by_priority();
+        // With durable jobs the master queues none: what waits or runs in Redis per priority
+        // (the bridge's depths, up to a second old).
+        let [high, normal, low] = match self.durable.as_ref().and_then(|d| d.depths.as_ref()) {
+            Some(depths) => {
+                crate::app::Priority::ALL.map(|p| depths["by_priority"][p.name()].as_u64().unwrap_or(0))
+            }
+            None => self.jobs.queued_by_priority().map(|n| n as u64),
+        };
         let c = &self.counters;
         let mut line = json!({
             "event": "dashboard",

@@ -250,6 +250,10 @@ impl<A: Application> Master<'_, A> {
                 {
                     ToBridge::StoreAt { task_id, run_at_ms }.encode(&mut state.frames);
                 }
+                let priority =
+                    self.pending_options.as_ref().filter(|o| o.task_id == task_id).map(|o| o.priority);
+                let tick = self.periodic.pending.take().filter(|t| t.task_id == task_id);
+                super::periodic::store_frames(task_id, priority, tick, &mut state.frames);
                 // Stored only if it takes its key in Redis (see `durable::dedup`).
                 let keyed = self.pending_options.as_ref().filter(|o| o.task_id == task_id);
                 if let Some((key, ttl)) = keyed.and_then(|o| o.key.as_deref().map(|k| (k, o.dedup_ttl))) {
@@ -332,6 +336,9 @@ impl<A: Application> Master<'_, A> {
                 }
             }
             FromBridge::AdminAnswer { request, answer } => self.on_admin_answer(request, answer),
+            FromBridge::TickClaim { task_id, tick_ms, won, name, holder } => {
+                self.on_tick_claim(task_id, tick_ms, won, name, holder)
+            }
             FromBridge::Duplicate { task_id, first, digest, holder, line } => {
                 self.on_duplicate(task_id, first, digest, holder, line)
             }

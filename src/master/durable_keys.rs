@@ -110,6 +110,14 @@ impl<A: Application> Master<'_, A> {
                 self.final_line_to_duplicate(session, &found.line);
                 continue;
             }
+            if self.client_gone(session) {
+                // Nobody to tell: the bridge stops watching for it.
+                self.unwatch(task_id);
+                continue;
+            }
+            if self.durable.as_ref().is_some_and(|s| s.dedup.followers.len() >= FOLLOWERS_MAX) {
+                self.forget_gone_followers();
+            }
             let Some(state) = self.durable.as_mut() else { return };
             if state.dedup.followers.len() >= FOLLOWERS_MAX {
                 let why = format!(
@@ -122,6 +130,28 @@ impl<A: Application> Master<'_, A> {
             // The bridge watches the key (it did when it found the duplicate).
             let follower = Follower { session, first: found.first, hex: found.hex, holder: found.holder };
             state.dedup.followers.insert(task_id, follower);
+        }
+    }
+
+    /// Tells the bridge to stop watching the key of duplicate `task_id`.
+    fn unwatch(&mut self, task_id: u64) {
+        if let Some(state) = self.durable.as_mut() {
+            state.bridge.send(&ToBridge::WatchKey { task_id, digest: b"", holder: b"" });
+        }
+    }
+
+    /// Drops the waiting duplicates whose client has gone (a client that submits duplicates
+    /// and leaves must not fill the table).
+    fn forget_gone_followers(&mut self) {
+        let Some(state) = self.durable.as_ref() else { return };
+        let all: Vec<(u64, u64)> = state.dedup.followers.iter().map(|(&id, f)| (id, f.session)).collect();
+        for (task_id, session) in all {
+            if self.client_gone(session) {
+                if let Some(state) = self.durable.as_mut() {
+                    state.dedup.followers.remove(&task_id);
+                }
+                self.unwatch(task_id);
+            }
         }
     }
 
@@ -171,7 +201,7 @@ impl<A: Application> Master<'_, A> {
         }
         for &task_id in state.dedup.cancels.keys() {
             if let Some(job) = self.jobs.get(task_id) {
-                let stream = state.d.stream_of(&job.data);
+                let stream = state.d.stream_of(&job.data, job.priority);
                 ToBridge::Cancel { task_id, stream: stream.as_bytes() }.encode(&mut frames);
             }
         }
@@ -185,7 +215,7 @@ impl<A: Application> Master<'_, A> {
         if state.dedup.cancels.contains_key(&task_id) {
             return Err(format!("job {task_id} is being cancelled already"));
         }
-        let stream = state.d.stream_of(&job.data);
+        let stream = state.d.stream_of(&job.data, job.priority);
         state.bridge.send(&ToBridge::Cancel { task_id, stream: stream.as_bytes() });
         state.dedup.cancels.insert(task_id, via);
         Ok(())

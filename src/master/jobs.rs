@@ -23,7 +23,7 @@ pub enum JobState {
 
 /// The weights of the weighted fair order of the priorities (high, normal, low): of ten jobs
 /// started while all three wait, six are high, three normal, one low.
-pub const WEIGHTS: [i64; 3] = [6, 3, 1];
+pub const WEIGHTS: [i64; 3] = Priority::WEIGHTS;
 
 pub struct Job {
     /// The worker slot that submitted it (its `on_finish` gets the outcome).

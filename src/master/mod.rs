@@ -334,6 +334,7 @@ impl<'a, A: Application> Master<'a, A> {
         };
         master.jobs.durable = master.durable.is_some();
         if let Some(recovered) = recovered {
+            master.periodic.catch_up(&recovered.last_ticks);
             master.recover(recovered);
         }
         Ok(master)

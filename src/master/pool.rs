@@ -27,6 +27,7 @@ impl<A: Application> Master<'_, A> {
     }
 
     pub(super) fn on_worker_frame(&mut self, i: usize, frame: FromWorker<'_>) {
+        let frame = self.tick_job(frame);
         if self.durable_worker_frame(i, &frame) {
             return;
         }

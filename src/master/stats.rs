@@ -24,6 +24,8 @@ pub struct Counters {
     /// Jobs accepted with a `run_at` to come, and jobs cancelled before they started.
     pub scheduled: u64,
     pub tasks_cancelled: u64,
+    /// Jobs of schedule ticks another web node claimed first (durable jobs): dropped here.
+    pub ticks_elsewhere: u64,
     /// Jobs not run because another held their key.
     pub duplicates: u64,
     pub worker_crashes: u64,
@@ -84,6 +86,7 @@ impl Counters {
             delivery_retries: 0,
             scheduled: 0,
             tasks_cancelled: 0,
+            ticks_elsewhere: 0,
             duplicates: 0,
             worker_crashes: 0,
             task_crashes: 0,
@@ -170,6 +173,7 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "duplicates": c.duplicates,
         "dedup_keys": s.dedup_keys,
         "schedules": s.schedules,
+        "schedule_ticks_elsewhere": c.ticks_elsewhere,
         "task_queue_by_priority": {
             "high": s.jobs.queued_by_priority()[0],
             "normal": s.jobs.queued_by_priority()[1],
@@ -352,6 +356,15 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
             "Times the redis bridge was replaced.",
             n("bridge_restarts"),
         );
+        let _ = writeln!(
+            out,
+            "# HELP taskd_durable_jobs_by_priority Durable jobs waiting or running in Redis, per priority (up to a second old).\n\
+             # TYPE taskd_durable_jobs_by_priority gauge"
+        );
+        for p in crate::app::Priority::ALL {
+            let n = d["by_priority"][p.name()].as_u64().unwrap_or(0);
+            let _ = writeln!(out, "taskd_durable_jobs_by_priority{{priority=\"{}\"}} {n}", p.name());
+        }
     }
     let _ =
         writeln!(out, "# HELP taskd_listener_refused_total New connections or requests a listener refused.");
@@ -392,6 +405,15 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     let schedules = s.schedules.as_array().map(Vec::as_slice).unwrap_or_default();
     for e in schedules {
         let _ = writeln!(out, "taskd_schedule_runs_total{{schedule={}}} {}", e["name"], e["runs"]);
+    }
+    let _ = writeln!(
+        out,
+        "# HELP taskd_schedule_ticks_elsewhere_total Ticks of a periodic job another web node claimed first (durable jobs).\n\
+         # TYPE taskd_schedule_ticks_elsewhere_total counter"
+    );
+    for e in schedules {
+        let n = e["ran_elsewhere"].as_u64().unwrap_or(0);
+        let _ = writeln!(out, "taskd_schedule_ticks_elsewhere_total{{schedule={}}} {n}", e["name"]);
     }
     for (metric, field, help) in [
         ("schedule_last_run_timestamp_seconds", "last_run", "When a periodic job last ran (Unix time)."),

@@ -1,0 +1,195 @@
+//! The weighted fair order of the priorities for a consumer of durable jobs: the streams of
+//! each priority (`{q}:jobs#high`, `{q}:jobs`, `{q}:jobs#low`, and the same for each lane) are
+//! taken from in the order the master's task queues use in memory (6:3:1, nginx's smooth
+//! weighted round robin, [`Priority::WEIGHTS`]), so that low jobs still run under a flood of
+//! high ones.
+//!
+//! A take is one pipeline, one round trip: an XREADGROUP per priority for its share of the
+//! window (its picks in the weighted order among the priorities that had work at the last take,
+//! the credits kept from one take to the next), and a look at each priority that had none (one
+//! job at most, a read of an empty stream costs Redis a few µs). A priority found short of its
+//! share has run dry: it gives its share to the others until a look finds work again. Only when
+//! nothing came does the consumer block, in one XREADGROUP over every stream. (A script taking
+//! the picks one by one inside Redis was exact, but turning each entry into Lua values and back
+//! cost Redis 6 × a plain read per job.)
+
+use std::cmp::Reverse;
+use std::collections::VecDeque;
+
+use redis::{Connection, Value};
+
+use super::keys::GROUP;
+use super::redis_io::{self, StreamEntry};
+use super::Durable;
+use crate::app::Priority;
+
+/// A consumer's credits of the priorities (high, normal, low), and which of them had no work
+/// at the last look, kept from one take to the next.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fair {
+    credit: [i64; 3],
+    dry: [bool; 3],
+}
+
+impl Fair {
+    /// How many jobs to read of each priority for a window of `want`: the picks of the
+    /// weighted order among the priorities with work; one for a look at each without. And the
+    /// picks in their order, the looks last: the order to run what comes.
+    fn plan(&mut self, want: usize) -> ([usize; 3], Vec<usize>) {
+        let weights = Priority::WEIGHTS;
+        // Every one dry (the consumer was idle): nothing is known, the window goes to all.
+        if self.dry == [true; 3] {
+            self.dry = [false; 3];
+        }
+        let live: Vec<usize> = (0..3).filter(|&p| !self.dry[p]).collect();
+        let total: i64 = live.iter().map(|&p| weights[p]).sum();
+        let mut counts = [0usize; 3];
+        let mut order = Vec::with_capacity(want + 3);
+        for _ in 0..want {
+            for &p in &live {
+                self.credit[p] += weights[p];
+            }
+            // The largest credit; among equals the higher priority.
+            let Some(&best) = live.iter().max_by_key(|&&p| (self.credit[p], Reverse(p))) else { break };
+            self.credit[best] -= total;
+            counts[best] += 1;
+            order.push(best);
+        }
+        for (p, count) in counts.iter_mut().enumerate() {
+            if self.dry[p] {
+                *count = 1;
+                order.push(p);
+            }
+        }
+        (counts, order)
+    }
+
+    /// What the reads of `counts` brought: a priority short of its count has run dry (and
+    /// forgets its credit: it does not come back owed); one that brought any has work.
+    fn learn(&mut self, counts: [usize; 3], got: [usize; 3]) {
+        for p in 0..3 {
+            if got[p] < counts[p] {
+                self.dry[p] = true;
+                self.credit[p] = 0;
+            } else if got[p] > 0 {
+                self.dry[p] = false;
+            }
+        }
+    }
+
+    /// Takes up to about `want` new jobs (a read over lanes may bring one per lane) from the
+    /// streams of every priority in weighted fair order, for consumer `me`, without blocking.
+    /// With each, its stream.
+    pub fn take(
+        &mut self,
+        conn: &mut Connection,
+        d: &Durable,
+        me: &str,
+        want: usize,
+    ) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+        let (counts, order) = self.plan(want.max(1));
+        // Only the priorities with picks or a look: one not picked this time is not read.
+        let read: Vec<usize> = (0..3).filter(|&p| counts[p] > 0).collect();
+        let mut pipe = redis::pipe();
+        for &p in &read {
+            let streams = d.streams_of(Priority::ALL[p]);
+            let cmd = pipe.cmd("XREADGROUP").arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(counts[p]);
+            cmd.arg("STREAMS").arg(&streams);
+            for _ in &streams {
+                cmd.arg(">");
+            }
+        }
+        let replies: Vec<Value> = pipe.query(conn)?;
+        let mut got = [0usize; 3];
+        let mut by_priority: [VecDeque<(String, StreamEntry)>; 3] = Default::default();
+        for (&p, reply) in read.iter().zip(replies) {
+            by_priority[p] = redis_io::read_streams(reply).into();
+            got[p] = by_priority[p].len();
+        }
+        self.learn(counts, got);
+        // Run in the order of the picks (a low job is not last of its window), then what a
+        // read brought beyond its picks (one per lane).
+        let mut out = Vec::with_capacity(got.iter().sum());
+        for p in order {
+            out.extend(by_priority[p].pop_front());
+        }
+        for rest in by_priority {
+            out.extend(rest);
+        }
+        Ok(out)
+    }
+
+    /// A blocking read brought jobs of these streams: their priorities have work.
+    pub fn woke(&mut self, d: &Durable, entries: &[(String, StreamEntry)]) {
+        for (stream, _) in entries {
+            self.dry[d.priority_of(stream).index()] = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Takes `n` windows of `want` from queues of `waiting` jobs per priority, as the reads
+    /// would: each priority gives at most what it has. Returns the jobs taken per priority.
+    fn run(fair: &mut Fair, waiting: &mut [usize; 3], want: usize, n: usize) -> [usize; 3] {
+        let mut taken = [0; 3];
+        for _ in 0..n {
+            let (counts, _) = fair.plan(want);
+            let got: [usize; 3] = std::array::from_fn(|p| counts[p].min(waiting[p]));
+            for p in 0..3 {
+                waiting[p] -= got[p];
+                taken[p] += got[p];
+            }
+            fair.learn(counts, got);
+        }
+        taken
+    }
+
+    #[test]
+    fn one_job_at_a_time_the_priorities_share_six_three_one() {
+        let mut fair = Fair::default();
+        let mut waiting = [1000, 1000, 1000];
+        // The first take finds them all with work.
+        assert_eq!(run(&mut fair, &mut waiting, 1, 100), [60, 30, 10]);
+    }
+
+    #[test]
+    fn a_low_job_behind_a_flood_of_high_ones_is_taken_within_its_share() {
+        for want in [1, 4, 64] {
+            let mut fair = Fair::default();
+            let mut waiting = [1000, 0, 1];
+            let mut highs_before = 0;
+            while waiting[2] == 1 {
+                highs_before += run(&mut fair, &mut waiting, want, 1)[0];
+            }
+            assert!(
+                highs_before <= 6.max(want),
+                "window {want}: {highs_before} high jobs before the low one"
+            );
+        }
+        // Within a window, the low job runs at its place among the picks, not after the highs.
+        let mut fair = Fair::default();
+        let (_, order) = fair.plan(64);
+        let low = order.iter().position(|&p| p == 2).unwrap();
+        assert!(order[..low].iter().filter(|&&p| p == 0).count() <= 6, "{order:?}");
+    }
+
+    #[test]
+    fn a_priority_without_work_is_looked_at_once_per_take_and_gets_its_share_when_it_has_some() {
+        let mut fair = Fair::default();
+        let mut waiting = [0, 10_000, 0];
+        run(&mut fair, &mut waiting, 64, 2);
+        // Dry high and low: one look each, the window to normal.
+        assert_eq!(fair.plan(64).0, [1, 64, 1]);
+        // All dry (idle): the next window goes to all, in the weighted order.
+        fair.learn([1, 64, 1], [0, 0, 0]);
+        assert_eq!(fair.plan(10).0, [6, 3, 1]);
+        let mut fair = Fair::default();
+        let mut waiting = [0, 10_000, 10_000];
+        let taken = run(&mut fair, &mut waiting, 10, 100);
+        // Normal and low: 3:1, but for the looks at high (none found).
+        assert!((taken[1] as f64 / taken[2] as f64 - 3.0).abs() < 0.2, "{taken:?}");
+    }
+}
