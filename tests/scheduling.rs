@@ -456,6 +456,33 @@ fn a_durable_job_scheduled_ahead_survives_kill_9_of_its_web_node_and_runs_once()
     assert_eq!(runs, 1, "{:?}", node.outbox_lines());
 }
 
+/// A config file with `toml` (its `[[schedule]]` entries), in a directory that lives as long
+/// as the first value; the second is its path.
+fn schedule_config(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("taskd.toml");
+    std::fs::write(&config, toml).unwrap();
+    let path = config.to_str().unwrap().to_string();
+    (dir, path)
+}
+
+/// A durable web node `node` with the schedules of `config` that runs no job itself (a task
+/// node's outbox is the one record of runs), its ticks' claims in its log, and `extra` flags.
+fn ticking_web(redis: &common::durable::Redis, node: &str, config: &str, extra: &[&str]) -> Daemon {
+    let mut args = vec![
+        "--redis-url",
+        redis.url.as_str(),
+        "--node-id",
+        node,
+        "--task-worker-num",
+        "0",
+        "--config",
+        config,
+    ];
+    args.extend_from_slice(extra);
+    Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
+}
+
 /// The ticks a web node's log says it claimed, and those it says another node claimed first.
 fn ticks_in_log(log: &str, schedule: &str) -> (Vec<String>, Vec<String>) {
     let prefix = format!("schedule {schedule}: tick ");
@@ -479,46 +506,25 @@ fn two_durable_web_nodes_with_the_same_schedule_run_each_tick_once() {
 
 #[test]
 fn a_ticks_job_with_a_key_is_claimed_as_a_tick_and_then_takes_its_key() {
-    // The tick is claimed first; the winner's job then takes its key (free again at once: the
-    // last tick's job has ended), the loser's finds it held and is not stored either.
+    // Tick, key and job in one script: the winner's job takes its key (free again at once: the
+    // last tick's job has ended), the loser's neither claims nor takes anything.
     each_tick_runs_once_on_two_web_nodes(r#", key = "every-second""#, &["--dedup-ttl-ms", "0"]);
 }
 
 /// Two web nodes with a schedule every second (its job with `more` fields), and `extra` flags.
 fn each_tick_runs_once_on_two_web_nodes(more: &str, extra: &[&str]) {
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let (_dir, config) = schedule_config(&format!(
+        r#"
 [[schedule]]
 name = "every-second"
 cron = "* * * * * *"
 job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more} }}
 "#
-        ),
-    )
-    .unwrap();
-    let path = config.to_str().unwrap();
+    ));
     // Both web nodes tick; neither runs jobs: the task node's outbox is the one record of runs.
-    let start = |node: &str| {
-        let mut args = vec![
-            "--redis-url",
-            redis.url.as_str(),
-            "--node-id",
-            node,
-            "--task-worker-num",
-            "0",
-            "--config",
-            path,
-        ];
-        args.extend_from_slice(extra);
-        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
-    };
-    let mut web1 = start("web-1");
-    let mut web2 = start("web-2");
+    let mut web1 = ticking_web(&redis, "web-1", &config, extra);
+    let mut web2 = ticking_web(&redis, "web-2", &config, extra);
     let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
     let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550009999").count();
     // Ticks both nodes tried: each node's log names every tick it dispatched.
@@ -561,6 +567,100 @@ job = {{ type = "sms", to = "+15550009999", text = "tick", simulate_ms = 0{more}
     assert_eq!(keys.len(), claimed, "one claim per tick run: {keys:?}");
     wait_for("every claimed tick's job to run", || (runs() >= claimed).then_some(()));
     assert_eq!(runs(), claimed, "{:?}", node.outbox_lines());
+}
+
+#[test]
+fn a_ticks_job_with_a_key_is_claimed_keyed_and_stored_in_one_script_or_not_at_all() {
+    // One script claims the tick, takes the key and stores the job: no node can stop between
+    // them. Its three outcomes, on ticks of one node: another node has the tick (nothing
+    // stored), another job has the key (the tick claimed as a duplicate, no job), both free
+    // (claimed, key taken, stored and run once).
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let (_dir, config) = schedule_config(
+        r#"
+[[schedule]]
+name = "keyed"
+cron = "* * * * * *"
+job = { type = "sms", to = "+15550008888", text = "tick", simulate_ms = 0, key = "tick-key" }
+"#,
+    );
+    let key = format!("{{taskd}}:key:{}", "tick-key".bytes().map(|b| format!("{b:02x}")).collect::<String>());
+    // Another job holds the key from before the node starts.
+    let _: () = redis.query(&["SET", &key, "h 0 web-9 99"]);
+    let mut web = ticking_web(&redis, "web-1", &config, &["--dedup-ttl-ms", "0"]);
+    let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
+    let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550008888").collect::<Vec<_>>();
+    // The ticks' claims: tick ms -> value.
+    let claims = || {
+        let mut names: Vec<String> = redis.query(&["KEYS", "{taskd}:tick:keyed:*"]);
+        names.retain(|k| !k.ends_with(":last"));
+        names
+            .into_iter()
+            .filter_map(|k| {
+                let tick: u64 = k.rsplit(':').next()?.parse().ok()?;
+                let value: Option<String> = redis.query(&["GET", &k]);
+                Some((tick, value?))
+            })
+            .collect::<std::collections::BTreeMap<u64, String>>()
+    };
+    let count = |log: &str, needle: &str| log.matches(needle).count();
+
+    // The key held: each tick is claimed here, as a duplicate of job 99, and nothing stored.
+    wait_for("two ticks claimed as duplicates of the key's holder", || {
+        (count(&web.log(), "has the key of job 99 (in Redis): not run") >= 2).then_some(())
+    });
+    let dups = claims().into_values().filter(|v| v.starts_with("web-1/") && v.ends_with(" dup")).count();
+    assert!(dups >= 2, "{:?}", claims());
+    let held: Option<String> = redis.query(&["GET", &key]);
+    assert_eq!(held.as_deref(), Some("h 0 web-9 99"), "the holder's key is left as it was");
+    assert_eq!(redis.xlen("{taskd}:jobs"), 0, "no job stored for a tick whose key is held");
+    let mut c = web.connect();
+    assert!(stats(&mut c)["duplicates"].as_u64().unwrap() >= 2);
+    drop(c);
+
+    // The key free: ticks are claimed, keyed and stored, and run.
+    let _: () = redis.query(&["DEL", &key]);
+    wait_for("two ticks' jobs to run", || (runs().len() >= 2).then_some(()));
+
+    // The next ticks claimed by another node first: nothing stored for them here.
+    let now = unix_ms();
+    let taken: Vec<u64> = (3..9).map(|s| (now / 1000 + s) * 1000).collect();
+    for tick in &taken {
+        let _: () = redis.query(&["SET", &format!("{{taskd}}:tick:keyed:{tick}"), "web-9/1", "PX", "120000"]);
+    }
+    let last = *taken.last().unwrap();
+    wait_for("a tick claimed here after those another node has", || {
+        claims().range(last + 1..).next().is_some().then_some(())
+    });
+    assert!(count(&web.log(), "claimed by node web-9 first") >= taken.len() - 1, "{}", web.log());
+    web.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(web.wait_exit(std::time::Duration::from_secs(20)).is_some_and(|s| s.success()));
+
+    // Every tick has its outcome: a job run once, a duplicate, or another node's claim.
+    let claims = claims();
+    let log = web.log();
+    let mut stored = Vec::new();
+    for (tick, value) in &claims {
+        if taken.contains(tick) {
+            assert_eq!(value, "web-9/1", "tick {tick}: another node's claim is left as it was");
+            continue;
+        }
+        let (id, dup) = match value.strip_prefix("web-1/").map(|v| v.split_once(' ').unwrap_or((v, ""))) {
+            Some((id, more)) => (id.parse::<u64>().unwrap(), more == "dup"),
+            None => panic!("tick {tick} claimed as {value:?}"),
+        };
+        if dup {
+            assert!(log.contains(&format!("job {id} has the key of job ")), "tick {tick}: job {id}\n{log}");
+        } else {
+            stored.push(id);
+        }
+    }
+    assert!(stored.len() >= 2, "{claims:?}");
+    wait_for("every stored tick's job to run", || (runs().len() >= stored.len()).then_some(()));
+    let mut ran: Vec<u64> = runs().iter().filter_map(|l| l["task_id"].as_u64()).collect();
+    ran.sort_unstable();
+    stored.sort_unstable();
+    assert_eq!(ran, stored, "each stored tick's job ran once, and no other");
 }
 
 /// Entries of `stream` taken by a consumer and not finished (none before its group exists).
@@ -663,10 +763,7 @@ fn a_durable_jobs_priority_survives_a_wait_in_the_delayed_set_and_a_kill_9_of_it
 #[test]
 fn ticks_missed_while_every_durable_web_node_was_down_run_once_not_once_per_node() {
     let Some(redis) = common::durable::Redis::start() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = schedule_config(
         r#"
 [[schedule]]
 name = "hourly"
@@ -674,25 +771,11 @@ cron = "0 0 * * * *"
 missed = "once"
 job = { type = "sms", to = "+15550007777", text = "caught up", simulate_ms = 0 }
 "#,
-    )
-    .unwrap();
+    );
     // The queue last ran the schedule three hours ago: every node was down since.
     let three_hours_ago = (unix_ms() - 3 * 3600 * 1000) / 3_600_000 * 3_600_000;
     let _: String = redis.query(&["SET", "{taskd}:tick:hourly:last", &three_hours_ago.to_string()]);
-    let path = config.to_str().unwrap();
-    let start = |node: &str| {
-        let args = [
-            "--redis-url",
-            redis.url.as_str(),
-            "--node-id",
-            node,
-            "--task-worker-num",
-            "0",
-            "--config",
-            path,
-        ];
-        Daemon::start_env(&args, &[("RUST_LOG", "info,taskd::master::periodic=debug")]).unwrap()
-    };
+    let start = |node: &str| ticking_web(&redis, node, &config, &[]);
     // Started together, both find the tick missed, most often before either claimed it; one
     // started later finds it claimed (the last tick is then the one that ran) and tries nothing.
     let (web1, web2) = std::thread::scope(|s| {

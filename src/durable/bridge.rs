@@ -301,28 +301,17 @@ fn store_loop(
         let mut dups = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
-            Ok(conn) => {
-                // A tick's job with a key: its tick is claimed before the round, and the job
-                // stored in it only if it was (see `ticks::claim_first`).
-                match ticks::claim_first(conn, d, &mut items) {
-                    Err(e) => {
-                        let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
-                        link.failed(&e);
-                        Err(text)
-                    }
-                    Ok(()) => match store_once(&mut link, &items, &keeps, &trims) {
-                        Ok(replies) => {
-                            // The claims' answers come first, in the order of their jobs
-                            // (see `answered`): who claimed each tick, then each key.
-                            let (ticks, keys) = answered(&items, &replies);
-                            ticks::answers(d, &items, &ticks, &mut tick_answers);
-                            duplicates(d, &items, &keys, &mut watches, &mut dups);
-                            Ok(replicated(d, &items, &replies, &mut short))
-                        }
-                        Err(text) => Err(text),
-                    },
+            Ok(_) => match store_once(&mut link, &items, &keeps, &trims) {
+                Ok(replies) => {
+                    // The claims' answers come first, in the order of their jobs
+                    // (see `answered`): who claimed each tick, then each key.
+                    let (ticks, keys) = answered(&items, &replies);
+                    ticks::answers(d, &items, &ticks, &mut tick_answers);
+                    duplicates(d, &items, &keys, &mut watches, &mut dups);
+                    Ok(replicated(d, &items, &replies, &mut short))
                 }
-            }
+                Err(text) => Err(text),
+            },
         };
         // Who claimed each tick, before the `Stored` of its batch: a lost tick's job is dropped.
         let mut acks = std::mem::take(&mut tick_answers);
@@ -405,7 +394,7 @@ fn store_once(
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
     let (cmds, kept) = pipeline(d, items, keeps, trims);
-    // Nothing left to send (the round's one job was another node's tick).
+    // Nothing to send (a round of batch ends alone).
     if cmds.is_empty() {
         return Ok(Vec::new());
     }
@@ -764,30 +753,36 @@ fn replicated(d: &Durable, items: &[Item], replies: &[Value], warned: &mut crate
     u32::try_from(got).unwrap_or(0)
 }
 
-/// The `Duplicate` frames of a round's jobs with a key that another job holds (the answers of
-/// their claims come first in `replies`, in order); the duplicates whose first has not ended
-/// are watched.
-/// The answers of a round's claims, in the order of its jobs: each job of a tick has one (a
-/// tick's job with a key: its tick's answer came before the round, and its key's is in it only
-/// if it won the tick), each job with a key one. Split into the ticks' and the keys' answers.
+/// The answers of a round's claims, in the order of its jobs: each job of a tick or with a key
+/// has one (a tick's job with a key, one of both: `ticks::split`). Split into the ticks' and
+/// the keys' answers.
 fn answered(items: &[Item], replies: &[Value]) -> (Vec<Value>, Vec<Value>) {
     let (mut ticks, mut keys) = (Vec::new(), Vec::new());
     let mut replies = replies.iter();
     for item in items {
         if let Item::Store { tick, key, .. } = item {
-            match tick.as_ref().and_then(|c| c.answer.as_ref()) {
-                Some(first) => ticks.push(first.clone()),
-                None if tick.is_some() => ticks.extend(replies.next().cloned()),
-                None => {}
+            if tick.is_none() && key.is_none() {
+                continue;
             }
-            if key.is_some() && !tick.as_ref().is_some_and(|c| c.lost()) {
-                keys.extend(replies.next().cloned());
+            let Some(reply) = replies.next() else { break };
+            match (tick.is_some(), key.is_some()) {
+                (true, true) => {
+                    let (tick, key) = ticks::split(reply);
+                    ticks.push(tick);
+                    keys.push(key);
+                }
+                (true, false) => ticks.push(reply.clone()),
+                _ => keys.push(reply.clone()),
             }
         }
     }
     (ticks, keys)
 }
 
+/// The `Duplicate` frames of a round's jobs with a key that another job holds (`replies`: the
+/// keys' answers, in the order of their jobs, see `answered`; a job of a tick another node has
+/// answers no string, and is no duplicate); the duplicates whose first has not ended are
+/// watched.
 fn duplicates(
     d: &Durable,
     items: &[Item],
@@ -796,8 +791,6 @@ fn duplicates(
     frames: &mut Vec<u8>,
 ) {
     let keyed = items.iter().filter_map(|i| match i {
-        // A job of a tick another node claimed was not stored: no answer of its key.
-        Item::Store { tick: Some(claim), .. } if claim.lost() => None,
         Item::Store { task_id, key: Some((hex, _)), .. } => Some((*task_id, hex)),
         _ => None,
     });
@@ -830,15 +823,12 @@ fn pipeline(
             // its priority.
             let stream = d.stream_of(data, *priority);
             let mut cmd;
-            if tick.as_ref().is_some_and(|c| c.lost()) {
-                // Its tick is another node's: not stored.
-                continue;
-            }
-            if let Some((hex, ttl)) = key {
+            if let Some(claim) = tick {
+                // Stored only if this node claims its tick (and takes its key), in one script.
+                cmd = ticks::claim_and_store(d, claim, &stream, *task_id, *run_at_ms, key.as_ref());
+            } else if let Some((hex, ttl)) = key {
                 // Stored only if it takes its key, in one script (its answer is kept).
                 cmd = super::dedup::claim_cmd(d, &stream, *task_id, *run_at_ms, hex, *ttl);
-            } else if let Some(claim) = tick {
-                cmd = ticks::claim_and_store(d, claim, &stream, *task_id, *run_at_ms);
             } else if *run_at_ms > 0 {
                 let member = d.keys.scheduled_member(&d.node, *task_id);
                 cmd = redis::cmd("EVAL");

@@ -19,6 +19,7 @@ use redis::{Cmd, Connection, Value};
 
 use super::entry::valid_node;
 use super::keys::Keys;
+use super::store_job::store_job_fn;
 use super::Durable;
 
 /// Longest client key of a durable job, in bytes (its hex form is twice that).
@@ -172,41 +173,52 @@ pub fn end_cmd(keys: &Keys, hex: &str, ttl_ms: u64, origin: &str, task_id: u64, 
     cmd
 }
 
+/// Lua: `key_holder(key, held)` says who holds the key `key` against a job whose value would
+/// be `held`: 1 when that job does (an earlier try of its batch stored it, as a new bridge
+/// sends unacknowledged batches again: held, or already ended), the key's value when another
+/// job does (held, or ended and not free yet), nil when it is free. Only a value as taskd
+/// writes it holds the key; anything else is taken over (one of another type is deleted here:
+/// an error would fail the whole round of jobs).
+macro_rules! key_holder_fn {
+    () => {
+        "
+local function key_holder(key, held)
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'string' then
+    local v = redis.call('GET', key)
+    if v == held or string.match(v, '^e %d+ (.-)\\n') == string.sub(held, 5) then return 1 end
+    local h = string.match(v, '^h 0 [%w%._%-]+ [1-9]%d*$')
+    local free = string.match(v, '^e (%d+) [%w%._%-]+ [1-9]%d*\\n[^\\n]+\\n?$')
+    local t = redis.call('TIME')
+    local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if h or (free and tonumber(free) > now) then return v end
+  elseif kind ~= 'none' then
+    redis.call('DEL', key)
+  end
+  return nil
+end
+"
+    };
+}
+pub(super) use key_holder_fn;
+
 /// Takes a key and stores its job, or neither. KEYS[1] the key, KEYS[2] the job stream (or,
 /// for a job for later, the delayed set), KEYS[3] the hash of a job for later (else KEYS[1]).
 /// ARGV[1] the key's held value, ARGV[2] how long it is held (ms), ARGV[3] the job's time
 /// (Unix ms; 0: now), ARGV[4] its member in the delayed set, ARGV[5..] its fields. Returns 1
-/// when stored (also when an earlier try of the same batch stored it, as a new bridge sends
-/// unacknowledged batches again), else the value of the key, which another job holds.
-pub const CLAIM: &str = "
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind == 'string' then
-  local v = redis.call('GET', KEYS[1])
-  -- Stored by an earlier try of this batch (held, or already ended).
-  if v == ARGV[1] or string.match(v, '^e %d+ (.-)\\n') == string.sub(ARGV[1], 5) then return 1 end
-  -- Only a value as taskd writes it holds the key; anything else is taken over.
-  local held = string.match(v, '^h 0 [%w%._%-]+ [1-9]%d*$')
-  local free = string.match(v, '^e (%d+) [%w%._%-]+ [1-9]%d*\\n[^\\n]+\\n?$')
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if held or (free and tonumber(free) > now) then return v end
-elseif kind ~= 'none' then
-  -- Not taskd's (an error here would fail the whole round of jobs): taken over.
-  redis.call('DEL', KEYS[1])
-end
-if tonumber(ARGV[3]) > 0 then
-  local set = redis.call('TYPE', KEYS[2]).ok
-  if set ~= 'zset' and set ~= 'none' then
-    return redis.error_reply(KEYS[2] .. ' is a ' .. set .. ', not the sorted set of delayed jobs')
-  end
-  redis.call('DEL', KEYS[3])
-  redis.call('HSET', KEYS[3], unpack(ARGV, 5))
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), ARGV[4])
-else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 5))
-end
+/// when stored (also when an earlier try of the same batch stored it, see [`key_holder_fn`]),
+/// else the value of the key, which another job holds.
+const CLAIM: &str = concat!(
+    key_holder_fn!(),
+    store_job_fn!(),
+    "
+local holder = key_holder(KEYS[1], ARGV[1])
+if holder then return holder end
+local err = store_job(KEYS[2], KEYS[3], ARGV[3], ARGV[4], 5)
+if err then return err end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1";
+return 1"
+);
 
 /// The command that stores job `task_id` of this node (its fields are added after) only if it
 /// takes its key `hex` (see [`CLAIM`]): into `stream`, or parked until `run_at_ms`.
@@ -244,7 +256,9 @@ pub enum Claimed {
     },
 }
 
-/// Reads [`CLAIM`]'s answer.
+/// Reads [`CLAIM`]'s answer (or the key's half of `ticks`' claim of a tick with a key): a
+/// string is the value of the key another job holds; anything else is no duplicate (stored, or
+/// not stored because its tick is another node's).
 pub fn claimed(answer: &Value) -> Claimed {
     let holder = match answer {
         Value::BulkString(v) => v.clone(),

@@ -39,6 +39,7 @@ pub mod node;
 pub mod redis_io;
 pub mod round;
 pub mod startup;
+mod store_job;
 pub mod ticks;
 
 use std::time::Duration;

@@ -4,12 +4,16 @@
 //!
 //! The claim is a key per tick ([`super::keys::Keys::tick`]) set with NX and a TTL well past
 //! the schedule's period, holding `NODE/TASK_ID`. Claim and job go in one script: a claimed
-//! tick always has its job, and a job is never stored for a tick another node claimed. The
-//! bridge answers each claim to the master with a [`FromBridge::TickClaim`] (who has it).
+//! tick always has its job, and a job is never stored for a tick another node claimed. A job
+//! with a deduplication key also takes its key in that script ([`CLAIM_KEY_AND_STORE`]): a
+//! tick whose key another job holds is claimed with no job, as a duplicate. The bridge
+//! answers each claim to the master with a [`FromBridge::TickClaim`] (who has it).
 
 use redis::{Cmd, Value};
 
+use super::dedup::{self, key_holder_fn};
 use super::redis_io;
+use super::store_job::store_job_fn;
 use super::Durable;
 use crate::ipc::envelope::FromBridge;
 
@@ -20,126 +24,95 @@ pub struct Claim {
     pub tick_ms: u64,
     pub ttl_ms: u64,
     pub name: String,
-    /// The answer of a claim made before the round (see [`claim_first`]).
-    pub answer: Option<Value>,
 }
 
 impl Claim {
     pub fn new(task_id: u64, tick_ms: u64, ttl_ms: u64, name: &[u8]) -> Claim {
-        Claim {
-            task_id,
-            tick_ms,
-            ttl_ms: ttl_ms.max(1),
-            name: String::from_utf8_lossy(name).into_owned(),
-            answer: None,
-        }
-    }
-
-    /// Claimed before the round, by another node.
-    pub fn lost(&self) -> bool {
-        self.answer.as_ref().is_some_and(|a| redis_io::as_int(a) != Some(1))
+        Claim { task_id, tick_ms, ttl_ms: ttl_ms.max(1), name: String::from_utf8_lossy(name).into_owned() }
     }
 }
 
-/// Claims, in one round trip before the round that stores them, the ticks of the jobs of
-/// `items` that also have a deduplication key: their store is the key's script
-/// (`dedup::claim_cmd`), which cannot also claim a tick, so the tick is claimed first and the
-/// job stored in the round only if this node has it. A claim sent again (a new bridge) finds
-/// itself and holds. Between the two, a node that dies leaves the tick claimed without its job.
-pub(super) fn claim_first(
-    conn: &mut redis::Connection,
-    d: &Durable,
-    items: &mut [super::bridge::Item],
-) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    let mut asked = 0;
-    for item in items.iter() {
-        if let super::bridge::Item::Store { task_id, tick: Some(claim), key: Some(_), .. } = item {
-            if claim.answer.is_none() {
-                pipe.add_command(claim_only(d, claim, *task_id));
-                asked += 1;
-            }
-        }
-    }
-    if asked == 0 {
-        return Ok(());
-    }
-    let answers: Vec<Value> = pipe.query(conn)?;
-    let mut answers = answers.into_iter();
-    for item in items.iter_mut() {
-        if let super::bridge::Item::Store { tick: Some(claim), key: Some(_), .. } = item {
-            if claim.answer.is_none() {
-                claim.answer = answers.next();
-            }
-        }
-    }
-    Ok(())
+/// Lua: `claim_tick(key, value, ttl, last, tick, keep)` claims the tick `key` as `value` for
+/// `ttl` ms and records `tick` (Unix ms) as the schedule's last claimed one in `last` if later
+/// than the one there (it lives `keep` ms). The caller has found the tick free.
+macro_rules! claim_tick_fn {
+    () => {
+        "
+local function claim_tick(key, value, ttl, last, tick, keep)
+  local before = tonumber(redis.call('GET', last) or '0') or 0
+  redis.call('SET', key, value, 'PX', tonumber(ttl))
+  if tonumber(tick) > before then
+    redis.call('SET', last, tick, 'PX', tonumber(keep))
+  end
+end
+"
+    };
 }
 
 /// Claims tick KEYS[1] for ARGV[1] (`NODE/TASK_ID`) for ARGV[2] ms and stores its job: into
 /// the stream KEYS[2], or, with a time ARGV[3] > 0 (Unix ms), parked in the delayed set KEYS[2]
-/// (member ARGV[4], fields in the hash KEYS[3]) as `bridge::SCHEDULE` does. Then records the
-/// tick ARGV[5] as the schedule's last claimed one in KEYS[4] (if later than the one there; it
-/// lives ARGV[6] ms). The job's fields are ARGV[7..]. Returns 1 when this claim holds (also
-/// when it already did: a batch sent again by a new bridge stores nothing twice), else the
-/// holder's value. A key of another type (someone else's) is an error, and stores nothing.
-const CLAIM_AND_STORE: &str = "
+/// (member ARGV[4], fields in the hash KEYS[3]). The tick ARGV[5] becomes the schedule's last
+/// claimed one in KEYS[4] (for ARGV[6] ms). The job's fields are ARGV[7..]. Returns 1 when
+/// this claim holds (also when it already did: a batch sent again by a new bridge stores
+/// nothing twice), else the holder's value. A key of another type (someone else's) is an
+/// error, and stores nothing.
+const CLAIM_AND_STORE: &str = concat!(
+    store_job_fn!(),
+    claim_tick_fn!(),
+    "
 local held = redis.call('GET', KEYS[1])
 if held then
   if held == ARGV[1] then return 1 end
   return held
 end
-local last = tonumber(redis.call('GET', KEYS[4]) or '0') or 0
-if tonumber(ARGV[3]) > 0 then
-  local kind = redis.call('TYPE', KEYS[2]).ok
-  if kind ~= 'zset' and kind ~= 'none' then
-    return redis.error_reply(KEYS[2] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
-  end
-  redis.call('DEL', KEYS[3])
-  redis.call('HSET', KEYS[3], unpack(ARGV, 7))
-  redis.call('ZADD', KEYS[2], tonumber(ARGV[3]), ARGV[4])
-else
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 7))
+local err = store_job(KEYS[2], KEYS[3], ARGV[3], ARGV[4], 7)
+if err then return err end
+claim_tick(KEYS[1], ARGV[1], ARGV[2], KEYS[4], ARGV[5], ARGV[6])
+return 1"
+);
+
+/// [`CLAIM_AND_STORE`] for a job with a deduplication key: the tick is claimed, the key taken
+/// and the job stored in one script, so that a claimed tick always has its outcome (a node
+/// that dies after it leaves nothing half done). KEYS[1..4] and ARGV[1..6] as there; KEYS[5]
+/// the key, ARGV[7] its held value, ARGV[8] how long it is held (ms); the fields ARGV[9..].
+/// Returns two answers, the tick's and the key's: `{1, 1}` when stored (also when an earlier
+/// try of the batch was), `{holder, 0}` when another node has the tick (nothing written), and
+/// `{1, value}` when another job holds the key (`dedup::key_holder_fn`): the tick is claimed
+/// as `NODE/TASK_ID dup` (its job a duplicate, not stored), so that a try sent again says so
+/// too, with what the key says then (an empty value when no job holds it any more).
+const CLAIM_KEY_AND_STORE: &str = concat!(
+    store_job_fn!(),
+    key_holder_fn!(),
+    claim_tick_fn!(),
+    "
+local dup = ARGV[1] .. ' dup'
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return {1, 1} end
+if held == dup then
+  local holder = key_holder(KEYS[5], ARGV[7])
+  if holder == 1 or not holder then holder = '' end
+  return {1, holder}
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-if tonumber(ARGV[5]) > last then
-  redis.call('SET', KEYS[4], ARGV[5], 'PX', tonumber(ARGV[6]))
+if held then return {held, 0} end
+local holder = key_holder(KEYS[5], ARGV[7])
+if holder == 1 then
+  claim_tick(KEYS[1], ARGV[1], ARGV[2], KEYS[4], ARGV[5], ARGV[6])
+  return {1, 1}
 end
-return 1";
+if holder then
+  claim_tick(KEYS[1], dup, ARGV[2], KEYS[4], ARGV[5], ARGV[6])
+  return {1, holder}
+end
+local err = store_job(KEYS[2], KEYS[3], ARGV[3], ARGV[4], 9)
+if err then return err end
+redis.call('SET', KEYS[5], ARGV[7], 'PX', ARGV[8])
+claim_tick(KEYS[1], ARGV[1], ARGV[2], KEYS[4], ARGV[5], ARGV[6])
+return {1, 1}"
+);
 
 /// How long a schedule's last claimed tick is remembered ([`super::keys::Keys::last_tick`]):
 /// a queue whose every node was down for longer runs no catch-up for it (`missed = "once"`).
 const LAST_KEEP_MS: u64 = 30 * 24 * 3600 * 1000;
-
-/// Claims tick KEYS[1] for ARGV[1] for ARGV[2] ms, as [`CLAIM_AND_STORE`] does, without
-/// storing a job (its job has a key: the script that takes the key stores it, after this);
-/// records the tick ARGV[3] as the last claimed in KEYS[2] (for ARGV[4] ms).
-const CLAIM_ONLY: &str = "
-local held = redis.call('GET', KEYS[1])
-if held then
-  if held == ARGV[1] then return 1 end
-  return held
-end
-local last = tonumber(redis.call('GET', KEYS[2]) or '0') or 0
-redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
-if tonumber(ARGV[3]) > last then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[4]))
-end
-return 1";
-
-/// The command that claims `claim` alone (see [`CLAIM_ONLY`]).
-pub fn claim_only(d: &Durable, claim: &Claim, task_id: u64) -> Cmd {
-    let mut cmd = redis::cmd("EVAL");
-    cmd.arg(CLAIM_ONLY)
-        .arg(2)
-        .arg(d.keys.tick(&claim.name, claim.tick_ms))
-        .arg(d.keys.last_tick(&claim.name))
-        .arg(holder(d, task_id))
-        .arg(claim.ttl_ms)
-        .arg(claim.tick_ms)
-        .arg(LAST_KEEP_MS.max(claim.ttl_ms));
-    cmd
-}
 
 /// The claim's value for this node's job `task_id`.
 fn holder(d: &Durable, task_id: u64) -> String {
@@ -147,8 +120,17 @@ fn holder(d: &Durable, task_id: u64) -> String {
 }
 
 /// The command that claims `claim` and stores its job (to `stream`, or parked until
-/// `run_at_ms`); the caller adds the job's fields (`JobEntry::add_fields`, and the rest).
-pub fn claim_and_store(d: &Durable, claim: &Claim, stream: &str, task_id: u64, run_at_ms: u64) -> Cmd {
+/// `run_at_ms`), and with a deduplication `key` (in hex, and its `dedup_ttl_ms`) takes that
+/// too, or stores nothing; the caller adds the job's fields (`JobEntry::add_fields`, and the
+/// rest). Its answer is read by [`split`].
+pub fn claim_and_store(
+    d: &Durable,
+    claim: &Claim,
+    stream: &str,
+    task_id: u64,
+    run_at_ms: u64,
+    key: Option<&(String, u64)>,
+) -> Cmd {
     let member = d.keys.scheduled_member(&d.node, task_id);
     let (dest, hash) = if run_at_ms > 0 {
         (d.keys.delayed.clone(), d.keys.delayed_hash(&member))
@@ -157,19 +139,35 @@ pub fn claim_and_store(d: &Durable, claim: &Claim, stream: &str, task_id: u64, r
         (stream.to_string(), d.keys.delayed_hash(&member))
     };
     let mut cmd = redis::cmd("EVAL");
-    cmd.arg(CLAIM_AND_STORE)
-        .arg(4)
+    cmd.arg(if key.is_some() { CLAIM_KEY_AND_STORE } else { CLAIM_AND_STORE })
+        .arg(if key.is_some() { 5 } else { 4 })
         .arg(d.keys.tick(&claim.name, claim.tick_ms))
         .arg(dest)
         .arg(hash)
-        .arg(d.keys.last_tick(&claim.name))
-        .arg(holder(d, task_id))
+        .arg(d.keys.last_tick(&claim.name));
+    if let Some((hex, _)) = key {
+        cmd.arg(d.keys.dedup(hex));
+    }
+    cmd.arg(holder(d, task_id))
         .arg(claim.ttl_ms)
         .arg(run_at_ms)
         .arg(member)
         .arg(claim.tick_ms)
         .arg(LAST_KEEP_MS.max(claim.ttl_ms));
+    if let Some((_, ttl)) = key {
+        let delay = run_at_ms.saturating_sub(crate::app::unix_ms(std::time::SystemTime::now()));
+        cmd.arg(dedup::held_value(&d.node, task_id)).arg(dedup::hold_ms(delay, *ttl));
+    }
     cmd
+}
+
+/// The tick's answer and the key's of a [`claim_and_store`] with a key (`{tick, key}`). A
+/// reply of another shape (none of taskd's) is a tick lost to nobody known, and no duplicate.
+pub(super) fn split(reply: &Value) -> (Value, Value) {
+    match reply {
+        Value::Array(both) if both.len() == 2 => (both[0].clone(), both[1].clone()),
+        other => (other.clone(), Value::Nil),
+    }
 }
 
 /// The last tick claimed of each `missed = "once"` schedule of `specs` that has one, read at a
@@ -250,10 +248,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_claim_with_a_key_answers_for_both_and_a_stranger_reply_wins_nothing() {
+        let both = Value::Array(vec![Value::Int(1), Value::BulkString(b"h 0 web-9 99".to_vec())]);
+        assert_eq!(split(&both), (Value::Int(1), Value::BulkString(b"h 0 web-9 99".to_vec())));
+        let (tick, key) = split(&Value::Int(1));
+        assert_eq!((tick, key), (Value::Int(1), Value::Nil));
+        let odd = Value::Array(vec![Value::Int(1)]);
+        assert_eq!(split(&odd).1, Value::Nil);
+    }
+
+    #[test]
     fn the_holder_of_a_claim_is_read_with_care() {
         let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
         assert_eq!(holder_node(bulk("web-2/17")), "web-2");
         assert_eq!(holder_node(bulk("web-2")), "web-2");
+        assert_eq!(holder_node(bulk("web-2/17 dup")), "web-2", "a tick whose job was a duplicate");
         assert_eq!(holder_node(bulk("\u{1b}[31mevil/1")), "?");
         assert_eq!(holder_node(bulk(&"x".repeat(500))), "?");
         assert_eq!(holder_node(Value::Nil), "?");
