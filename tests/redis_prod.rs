@@ -974,7 +974,10 @@ fn accept_more(c: &mut Client, n: usize, tries: usize, i: &mut usize, seen: &mut
                 seen.request.insert(id, *i);
                 got += 1;
             }
-            Answer::Refused => seen.refused_count += 1,
+            Answer::Refused => {
+                seen.refused_count += 1;
+                seen.refused_requests.push(*i);
+            }
         }
     }
 }
@@ -986,6 +989,8 @@ struct Seen {
     finals: HashMap<u64, Value>,
     refused: std::collections::HashSet<u64>,
     refused_count: usize,
+    /// The requests answered `failed` or `error`: none of them may run.
+    refused_requests: Vec<usize>,
 }
 
 #[test]
@@ -1060,6 +1065,13 @@ fn a_queues_slot_moved_by_resharding_while_jobs_flow_loses_no_job_and_runs_none_
     for (id, req) in &seen.request {
         assert_eq!(runs.get(&format!("user{req}@example.com")), Some(&1), "accepted job {id} ran once");
     }
+    // A refused job's round was stored in one transaction or not at all: none of them ran.
+    let ran: Vec<&usize> = seen
+        .refused_requests
+        .iter()
+        .filter(|req| runs.contains_key(&format!("user{req}@example.com")))
+        .collect();
+    assert!(ran.is_empty(), "requests answered `failed` that ran: {ran:?}");
     // The processes found the queue's new node by themselves.
     let moved_line =
         format!("(queue {queue}) moved from 127.0.0.1:{} to 127.0.0.1:{to_port}", cluster.ports[from]);

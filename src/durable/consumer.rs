@@ -707,8 +707,8 @@ pub(super) fn store(
                 reply.encode(batch_for(&mut batches, origin))
             }
             Completion::Dead { id, job, why, attempts } => {
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(&d.keys.dead).arg("*");
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&id.stream).arg(GROUP).arg(&id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
                 // A replay puts it back into its lane, of its priority.
@@ -792,19 +792,33 @@ pub(super) fn store(
 /// stream KEYS[3], puts its fields (ARGV[5..]) in the hash KEYS[2] and its task id ARGV[4] in
 /// the delayed set KEYS[1], due ARGV[3] ms from now on Redis's clock. One script, so the job is
 /// in exactly one place at any time; nothing is written if the set is not a sorted set. EVAL,
-/// not EVALSHA, as in `add_outcomes`.
-const PARK: &str = "
+/// not EVALSHA, as in `add_outcomes`. Only an entry still pending is parked (as [`DEAD`]).
+pub const PARK: &str = "
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'zset' and kind ~= 'none' then
   return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+end
+-- Acknowledged already: this is a second try of a MULTI whose answer was lost, and the job
+-- may be back in the stream, or running elsewhere, by now. Parked again, it would run twice.
+if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[3], ARGV[2])
+  return 0
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
+return 1";
+
+/// Dead-letters a job: acknowledges its stream entry ARGV[2] (group ARGV[1]) in the job stream
+/// KEYS[2] and adds its fields (ARGV[3..]) to the dead letters KEYS[1], only if the entry was
+/// still pending: a second try of a MULTI whose answer was lost adds no second dead letter
+/// (which an operator's replay would run a second time).
+pub const DEAD: &str = "
+if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 return 1";
 
 /// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job

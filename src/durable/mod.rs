@@ -37,6 +37,7 @@ pub mod keys;
 pub mod lease_gate;
 pub mod node;
 pub mod redis_io;
+pub mod round;
 pub mod startup;
 mod store_job;
 pub mod ticks;
