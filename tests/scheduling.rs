@@ -904,3 +904,22 @@ fn a_priority_stream_made_a_string_by_someone_is_left_out_and_the_others_run_unt
     assert_eq!(log.matches(named).count(), 1, "{log}");
     assert!(log.contains("{taskd}:jobs#low is no longer a key of another type"), "{log}");
 }
+
+#[test]
+fn a_job_whose_stream_is_made_a_string_while_it_runs_is_answered_and_the_others_still_run() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = web.connect();
+    let low = c.submit(r#"{"type":"sms","to":"+15550000001","priority":"low","simulate_ms":1500}"#);
+    wait_for("the low job to be taken", || (pending_in(&redis, "{taskd}:jobs#low") == 1).then_some(()));
+    // Written by someone else while it runs: its stream (and its entry) is a string now.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+    let done = c.final_reply(&low["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "it ran: its answer is written, with nothing to acknowledge: {done}");
+    let job = c.submit(r#"{"type":"sms","to":"+15550001111","simulate_ms":0}"#);
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let kind: String = redis.query(&["TYPE", "{taskd}:jobs#low"]);
+    assert_eq!(kind, "string", "left as it was found");
+}

@@ -781,12 +781,20 @@ pub(super) fn store(
         }
     }
     for (stream, ids) in &by_stream {
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
-        pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        pipe.cmd("EVAL").arg(ACK_DEL).arg(1).arg(stream).arg(GROUP).arg(ids).ignore();
     }
     let _: Value = pipe.query(conn)?;
     Ok(())
 }
+
+/// Acknowledges and deletes the entries ARGV[2..] (group ARGV[1]) of the job stream KEYS[1].
+/// A stream someone made a key of another type since (see `wrong_type`) holds them no more:
+/// nothing to do there, and failing would fail every outcome of the MULTI, at every try.
+const ACK_DEL: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'stream' then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))";
 
 /// Parks a job: acknowledges and deletes its stream entry ARGV[2] (group ARGV[1]) in the job
 /// stream KEYS[3], puts its fields (ARGV[5..]) in the hash KEYS[2] and its task id ARGV[4] in
@@ -798,6 +806,8 @@ local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'zset' and kind ~= 'none' then
   return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
 end
+-- Its stream made a key of another type by someone: the entry is gone with it.
+if redis.call('TYPE', KEYS[3]).ok ~= 'stream' then return 0 end
 -- Acknowledged already: this is a second try of a MULTI whose answer was lost, and the job
 -- may be back in the stream, or running elsewhere, by now. Parked again, it would run twice.
 if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then
@@ -817,6 +827,7 @@ return 1";
 /// still pending: a second try of a MULTI whose answer was lost adds no second dead letter
 /// (which an operator's replay would run a second time).
 pub const DEAD: &str = "
+if redis.call('TYPE', KEYS[2]).ok ~= 'stream' then return 0 end
 if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 return 1";
