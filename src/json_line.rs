@@ -156,6 +156,36 @@ mod tests {
         line.finish()
     }
 
+    /// Random strings from an alphabet heavy in what JSON escapes (and in the bytes next to
+    /// it: 0x1f, 0x20, DEL, the first bytes of multi-byte characters), at every length up to
+    /// two words and beyond: the word-at-a-time scan must agree with serde_json everywhere.
+    #[test]
+    fn random_strings_are_written_as_serde_json_writes_them() {
+        const PICKS: [char; 16] = [
+            '"', '\\', '\u{0}', '\u{1f}', ' ', '\u{7f}', '\u{80}', '\u{9b}', 'é', '\u{2028}', '😀', 'a',
+            '\n', '\t', '/', '\u{ff}',
+        ];
+        let mut rng = crate::retry::Rng::seeded(0x6a73_6f6e);
+        for _ in 0..20_000 {
+            let len = (rng.next_u64() % 40) as usize;
+            let text: String = (0..len)
+                .map(|_| match rng.next_u64() % 4 {
+                    0 => char::from((rng.next_u64() % 0x80) as u8),
+                    _ => PICKS[(rng.next_u64() % 16) as usize],
+                })
+                .collect();
+            let id = match rng.next_u64() % 3 {
+                0 => u64::MAX,
+                1 => rng.next_u64(),
+                _ => rng.next_u64() % 1000,
+            };
+            let sample = Sample { event: &text, task_id: id, to: &text, subject: None, body: Some(&text) };
+            let mut want = serde_json::to_vec(&sample).unwrap();
+            want.push(b'\n');
+            assert_eq!(ours(&sample), want, "{text:?}");
+        }
+    }
+
     #[test]
     fn lines_are_what_serde_json_writes() {
         let mut texts: Vec<String> = (0u8..0x80).map(|b| format!("a{}b", b as char)).collect();

@@ -1063,9 +1063,123 @@ fn finals_of_until(c: &mut Client, firsts: &[u64], last: u64) -> Vec<Value> {
     }
 }
 
-/// The bridge gave up on a store (Redis hung past 5 s) and the client got `failed`; once
-/// Redis goes on, it stores the job after all and a task process of the node runs it. Its
-/// outcome reaches the master for a task it has finished: dropped, and so is its reply.
+/// Redis hangs mid-round (stopped) past the bridge's reply timeout, and goes on before the
+/// bridge stops asking: the round's answer is lost, its marker tells whether it was stored.
+/// Whichever it was, every job has exactly one final line, `done` iff it is in the outbox,
+/// and none runs twice.
+#[test]
+fn a_round_whose_answer_was_lost_to_a_hung_redis_is_answered_as_it_was_stored() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "2"]);
+    d.wait_log("redis bridge: connected");
+    let mut clients: Vec<Client> = (0..4).map(|_| d.connect()).collect();
+    redis.signal(Signal::SIGSTOP);
+    for (i, c) in clients.iter_mut().enumerate() {
+        c.send(&format!("hung{i}@example.com"));
+    }
+    d.wait_log("asking Redis whether the round was stored");
+    redis.signal(Signal::SIGCONT);
+    let mut finals = HashMap::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let mut last = c.recv();
+        if last["event"] == "accepted" {
+            let id = last["task_id"].clone();
+            last = c.final_reply(&id, &mut Vec::new());
+        }
+        assert!(last["event"] == "done" || last["event"] == "failed", "{last}");
+        finals.insert(format!("hung{i}@example.com"), last);
+    }
+    // A later job on each connection proves no second final line was on its way.
+    for (i, c) in clients.iter_mut().enumerate() {
+        let first = finals[&format!("hung{i}@example.com")]["task_id"].as_u64().expect("task_id");
+        let later = wait_for("a job accepted again", || {
+            c.send("later@example.com");
+            let v = c.recv();
+            (v["event"] == "accepted").then(|| v["task_id"].as_u64().expect("task_id"))
+        });
+        let extra = finals_of_until(c, &[first], later);
+        assert!(extra.is_empty(), "a second final line for task {first}: {extra:?}");
+    }
+    stream_is_empty(&redis, "web-1");
+    let outbox = d.outbox_lines();
+    for (to, last) in &finals {
+        let runs = outbox.iter().filter(|l| l["to"] == to.as_str()).count();
+        let done = last["event"] == "done";
+        assert_eq!(runs, usize::from(done), "{to}: {last}, ran {runs} times");
+    }
+}
+
+/// A round's marker, read after its answer was lost, is the truth for good: a stored round
+/// reads as stored; a round whose transaction reaches Redis only after its marker was read
+/// (the answer was lost before the round arrived) stores nothing; a marker someone else wrote
+/// is no answer.
+#[test]
+fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing() {
+    use taskd::durable::round::{arm, attempt, settle, Tried};
+    let Some(redis) = Redis::start() else { return };
+    let mut bridge = redis.conn().expect("a connection");
+    let mut other = redis.conn().expect("a connection");
+    let mut cmds = redis::pipe();
+    cmds.cmd("XADD").arg("{taskd}:jobs").arg("*").arg("f").arg("1");
+    let m = |n: u32| format!("{{taskd}}:round:web-1:test-{n}");
+    arm(&mut bridge, &m(1)).expect("WATCH");
+    let (tried, armed) = attempt(&mut bridge, &m(1), &m(2), None, &cmds, &[false], None);
+    assert!(matches!(tried, Tried::Stored(_)) && armed);
+    assert!(settle(&mut other, &m(1)).expect("the marker"), "a stored round reads as not stored");
+    assert!(!settle(&mut other, &m(2)).expect("the marker"), "a round not sent reads as stored");
+    let (tried, _) = attempt(&mut bridge, &m(2), &m(3), Some(&m(1)), &cmds, &[false], None);
+    assert!(matches!(tried, Tried::Refused(_)), "a round after its marker was read ran");
+    assert!(!settle(&mut other, &m(2)).expect("the marker"));
+    assert_eq!(redis.xlen("{taskd}:jobs"), 1);
+    let kept: i64 = redis.query(&["EXISTS", &m(1)]);
+    assert_eq!(kept, 1, "a refused round deleted the marker of the one before");
+    arm(&mut bridge, &m(5)).expect("WATCH");
+    let (tried, _) = attempt(&mut bridge, &m(5), &m(6), Some(&m(1)), &cmds, &[false], None);
+    assert!(matches!(tried, Tried::Stored(_)));
+    let kept: i64 = redis.query(&["EXISTS", &m(1)]);
+    assert_eq!(kept, 0, "a stored round keeps the marker of the one before");
+    redis.query::<()>(&["SET", &m(4), "stored"]);
+    assert!(settle(&mut other, &m(4)).is_err(), "a value taskd did not write was read as an answer");
+}
+
+/// A consumer whose MULTI's answer was lost writes it again: its dead letter and its parking
+/// of a job for a retry happen once (the entry still pending), so no job runs twice for it
+/// (an operator's replay of a second dead letter, or a second park of a job that is back in
+/// the stream by then).
+#[test]
+fn a_consumers_outcome_written_twice_dead_letters_and_parks_its_job_once() {
+    use taskd::durable::consumer::{DEAD, PARK};
+    let Some(redis) = Redis::start() else { return };
+    let (jobs, dead, delayed) = ("{taskd}:jobs", "{taskd}:dead", "{taskd}:delayed");
+    let _: () = redis.query(&["XGROUP", "CREATE", jobs, "taskd", "$", "MKSTREAM"]);
+    let take = |value: &str| -> String {
+        let id: String = redis.query(&["XADD", jobs, "*", "t", value]);
+        let _: redis::Value =
+            redis.query(&["XREADGROUP", "GROUP", "taskd", "c", "COUNT", "1", "STREAMS", jobs, ">"]);
+        id
+    };
+    let id = take("1");
+    for _ in 0..2 {
+        let _: i64 = redis.query(&["EVAL", DEAD, "2", dead, jobs, "taskd", &id, "t", "1", "why", "x"]);
+    }
+    assert_eq!(redis.xlen(dead), 1, "a second dead letter for one job");
+    let id = take("2");
+    let hash = "{taskd}:delayed:2";
+    let first: i64 = redis.query(&["EVAL", PARK, "3", delayed, hash, jobs, "taskd", &id, "0", "2", "t", "2"]);
+    assert_eq!(first, 1);
+    // Due at once: moved back into the stream (as `MOVE_DUE` does) before the second try.
+    let _: () = redis.query(&["DEL", hash]);
+    let _: () = redis.query(&["ZREM", delayed, "2"]);
+    let again: i64 = redis.query(&["EVAL", PARK, "3", delayed, hash, jobs, "taskd", &id, "0", "2", "t", "2"]);
+    assert_eq!(again, 0, "a job parked a second time");
+    let parked: i64 = redis.query(&["ZCARD", delayed]);
+    assert_eq!(parked, 0);
+}
+
+/// The bridge gives up asking a Redis that stays hung whether a round was stored: the client
+/// gets `failed` saying that its job may still run. Once Redis goes on, the job is stored
+/// after all and a task process of the node runs it; its outcome reaches the master for a task
+/// it has finished: dropped, and so is its reply.
 #[test]
 fn a_job_failed_while_redis_hung_and_run_after_all_gets_no_second_final_line() {
     let Some(redis) = Redis::start() else { return };
@@ -1076,6 +1190,7 @@ fn a_job_failed_while_redis_hung_and_run_after_all_gets_no_second_final_line() {
     c.send("a@example.com");
     let failed = c.recv();
     assert_eq!(failed["event"], "failed", "{failed}");
+    assert!(failed["error"].as_str().is_some_and(|e| e.contains("they may run")), "{failed}");
     let first = failed["task_id"].as_u64().expect("task_id");
     redis.signal(Signal::SIGCONT);
     // The job was in Redis's input when it stopped: it runs, and its outcome is acted on.

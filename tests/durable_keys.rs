@@ -71,16 +71,7 @@ fn the_same_key_from_two_web_nodes_runs_once_and_the_second_client_gets_the_firs
     assert_eq!(stats(&mut a)["duplicates"], 1);
 
     // Past dedup_ttl the key is free again: a job with it runs, from the second node.
-    let again = wait_for("the key to be free after dedup_ttl", || {
-        let accepted = b.submit(job);
-        match b.recv() {
-            r if r["event"] == "duplicate" => {
-                assert_eq!(b.recv(), done);
-                None
-            }
-            r => Some((accepted, r)),
-        }
-    });
+    let again = b.submit_until_not_duplicate(job, &done);
     assert_eq!(again.1["event"], "done", "{again:?}");
     assert_eq!(again.1["task_id"], again.0["task_id"]);
     let held: String = redis.query(&["GET", &key]);
@@ -291,4 +282,72 @@ fn a_durable_job_waiting_in_redis_for_a_delivery_retry_is_cancelled_there() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[test]
+fn a_key_value_that_taskd_does_not_read_is_taken_over_not_left_to_block_the_key() {
+    let Some(redis) = Redis::start() else { return };
+    let daemon = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = daemon.connect();
+    let long_node = "n".repeat(65);
+    // Each shaped like taskd's, but not one taskd reads (the bridge would tell the client
+    // "held by a value taskd does not read", for as long as the forger liked).
+    let forged = [
+        "e 99999999999999 web-1 7\nnot json\n".to_string(),
+        "e 99999999999999 web-1 7\n[1]\n".to_string(),
+        "h 0 web-1 99999999999999999999999".to_string(),
+        format!("h 0 {long_node} 7"),
+    ];
+    for (i, value) in forged.iter().enumerate() {
+        let name = format!("forged-{i}");
+        let _: () = redis.query(&["SET", &format!("{{taskd}}:key:{}", hex(name.as_bytes())), value]);
+        let job = json!({"type": "sms", "to": "+15550003333", "key": name, "simulate_ms": 0}).to_string();
+        let own = c.submit(&job);
+        let end = c.final_reply(&own["task_id"], &mut Vec::new());
+        assert_eq!(end["event"], "done", "{value:?}: {end}");
+    }
+}
+
+/// Jobs of web-1 still in the job stream.
+fn queued_of_web_1(redis: &Redis) -> i64 {
+    const COUNT: &str = "local n = 0
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+')) do
+  for i = 1, #e[2], 2 do if e[2][i] == 'o' and e[2][i + 1] == 'web-1' then n = n + 1 end end
+end
+return n";
+    redis.query(&["EVAL", COUNT, "1", "{taskd}:jobs"])
+}
+
+#[test]
+fn cancels_looking_through_a_long_queue_do_not_hold_other_clients_jobs_back() {
+    let Some(redis) = Redis::start() else { return };
+    // No task process anywhere: what is queued stays queued.
+    let daemon = web(&redis, "web-1", &["--task-worker-num", "0"]);
+    const FILL: &str = "for i = 1, 30000 do
+  redis.call('XADD', KEYS[1], '*', 'o', 'other', 't', tostring(i), 's', '0', 'w', '0', 'd', '{}')
+end
+return 1";
+    let _: i64 = redis.query(&["EVAL", FILL, "1", "{taskd}:jobs"]);
+    let (mut a, mut b) = (daemon.connect(), daemon.connect());
+    // Queued behind 30,000 others: each cancel looks through them all.
+    let ids: Vec<Value> = (0..6)
+        .map(|i| {
+            a.submit(&format!(r#"{{"type":"sms","to":"+1555000{i:04}","simulate_ms":0}}"#))["task_id"].clone()
+        })
+        .collect();
+    for id in &ids {
+        a.send(&format!(r#"{{"type":"cancel","task_id":{id}}}"#));
+    }
+    // Once the first is answered, another client's job is accepted while the others go on,
+    // not after them all.
+    let mut answers = vec![a.recv()];
+    b.submit(r#"{"type":"sms","to":"+15559999999","simulate_ms":0}"#);
+    let left = queued_of_web_1(&redis);
+    assert!(left > 1, "every cancel was carried out before another client's job was stored ({left} left)");
+    answers.extend((1..ids.len()).map(|_| a.recv()));
+    answers.sort_by_key(|l| l["task_id"].as_u64());
+    for (line, id) in answers.iter().zip(&ids) {
+        assert_eq!(line, &json!({"event": "cancelled", "task_id": id}));
+    }
+    assert_eq!(queued_of_web_1(&redis), 1, "only the other client's job is left");
 }

@@ -459,3 +459,47 @@ fn a_type_no_node_runs_stays_queued_in_its_lane_until_a_task_node_with_its_handl
     assert!(runner.task_pids().contains(&(done["task_pid"].as_u64().unwrap() as u32)), "{done}");
     common::wait_for("the lane to empty", || (redis.xlen("{taskd}:jobs:echo") == 0).then_some(()));
 }
+
+#[test]
+fn a_lane_stream_made_a_hash_by_someone_is_left_out_and_the_main_stream_runs_until_it_is_deleted() {
+    let Some(scripts) = scripts() else { return };
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let flaky = scripts.python.with_file_name("flaky.py");
+    std::fs::write(&flaky, FLAKY).unwrap();
+    let runs = scripts.python.with_file_name("runs.txt");
+    let handler = format!("flaky=python3 {}", flaky.display());
+    let daemon = Daemon::start(&[
+        "--redis-url",
+        &redis.url,
+        "--node-id",
+        "web",
+        "--task-worker-num",
+        "1",
+        "--handler",
+        &handler,
+        "--retry-base-ms",
+        "10",
+        "--retry-cap-ms",
+        "50",
+    ]);
+    let mut client = daemon.connect();
+    let first = client.submit(r#"{"type":"sms","to":"+15550000001","simulate_ms":0}"#);
+    assert_eq!(client.final_reply(&first["task_id"], &mut Vec::new())["event"], "done");
+    // Written by someone else: the lane's stream is a hash now.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs:flaky"]);
+    let _: i64 = redis.query(&["HSET", "{taskd}:jobs:flaky", "f", "v"]);
+    let job = client.submit(r#"{"type":"sms","to":"+15550001111","priority":"high","simulate_ms":0}"#);
+    let done = client.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let named = "the job stream {taskd}:jobs:flaky is a hash key in Redis, not a stream";
+    daemon.wait_log(named);
+    // Mended: the lane is read again, and its job (and its retry, parked and back) runs.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs:flaky"]);
+    let line = serde_json::json!({"type": "flaky", "runs": runs}).to_string();
+    let accepted = client.submit(&line);
+    assert_eq!(accepted["event"], "accepted", "{accepted}");
+    let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let log = daemon.log();
+    assert_eq!(log.matches(named).count(), 1, "{log}");
+}

@@ -128,22 +128,26 @@ fn certs() -> Option<Certs> {
 /// A redis-server whose only TCP port is TLS (`auth_clients`: whether it asks for a client
 /// certificate); its `rediss://` URL. The guard's own connections use its unix socket.
 fn tls_redis(certs: &Certs, auth_clients: &str) -> Option<(Redis, String)> {
-    let port = free_port().to_string();
-    let path = |p: &Path| p.display().to_string();
-    let (cert, key, ca) = (path(&certs.server_cert), path(&certs.server_key), path(&certs.ca));
-    let redis = Redis::start_with(&[
-        "--tls-port",
-        &port,
-        "--tls-cert-file",
-        &cert,
-        "--tls-key-file",
-        &key,
-        "--tls-ca-cert-file",
-        &ca,
-        "--tls-auth-clients",
-        auth_clients,
-    ])?;
+    let port = free_port();
+    let args = tls_server_args(certs, port, auth_clients);
+    let redis = Redis::start_with(&args.iter().map(String::as_str).collect::<Vec<_>>())?;
     Some((redis, format!("rediss://127.0.0.1:{port}")))
+}
+
+/// The flags of a redis-server whose only TCP port, `port`, is TLS with the certificates of
+/// `certs` (`auth_clients`: whether it asks for a client certificate).
+fn tls_server_args(certs: &Certs, port: u16, auth_clients: &str) -> Vec<String> {
+    let path = |p: &Path| p.display().to_string();
+    let mut args = vec!["--tls-port".to_string(), port.to_string()];
+    for (flag, file) in [
+        ("--tls-cert-file", &certs.server_cert),
+        ("--tls-key-file", &certs.server_key),
+        ("--tls-ca-cert-file", &certs.ca),
+    ] {
+        args.extend([flag.to_string(), path(file)]);
+    }
+    args.extend(["--tls-auth-clients".to_string(), auth_clients.to_string()]);
+    args
 }
 
 fn web_args<'a>(url: &'a str, tls: &'a [&'a str], extra: &'a [&'a str]) -> Vec<&'a str> {
@@ -474,23 +478,11 @@ fn tls_to_sentinels_with_a_password_finds_the_master_and_follows_a_failover() {
     }
     let Some(certs) = certs() else { return };
     let path = |p: &Path| p.display().to_string();
-    let (cert, key, ca) = (path(&certs.server_cert), path(&certs.server_key), path(&certs.ca));
+    let ca = path(&certs.ca);
     let tls_server = |port: u16, extra: &[&str]| {
-        let port = port.to_string();
-        let mut args = vec![
-            "--tls-port",
-            &port,
-            "--tls-cert-file",
-            &cert,
-            "--tls-key-file",
-            &key,
-            "--tls-ca-cert-file",
-            &ca,
-            "--tls-auth-clients",
-            "yes",
-            "--tls-replication",
-            "yes",
-        ];
+        let own = tls_server_args(&certs, port, "yes");
+        let mut args: Vec<&str> = own.iter().map(String::as_str).collect();
+        args.extend_from_slice(&["--tls-replication", "yes"]);
         args.extend_from_slice(extra);
         Redis::start_with(&args)
     };
@@ -982,7 +974,10 @@ fn accept_more(c: &mut Client, n: usize, tries: usize, i: &mut usize, seen: &mut
                 seen.request.insert(id, *i);
                 got += 1;
             }
-            Answer::Refused => seen.refused_count += 1,
+            Answer::Refused => {
+                seen.refused_count += 1;
+                seen.refused_requests.push(*i);
+            }
         }
     }
 }
@@ -994,6 +989,8 @@ struct Seen {
     finals: HashMap<u64, Value>,
     refused: std::collections::HashSet<u64>,
     refused_count: usize,
+    /// The requests answered `failed` or `error`: none of them may run.
+    refused_requests: Vec<usize>,
 }
 
 #[test]
@@ -1068,6 +1065,13 @@ fn a_queues_slot_moved_by_resharding_while_jobs_flow_loses_no_job_and_runs_none_
     for (id, req) in &seen.request {
         assert_eq!(runs.get(&format!("user{req}@example.com")), Some(&1), "accepted job {id} ran once");
     }
+    // A refused job's round was stored in one transaction or not at all: none of them ran.
+    let ran: Vec<&usize> = seen
+        .refused_requests
+        .iter()
+        .filter(|req| runs.contains_key(&format!("user{req}@example.com")))
+        .collect();
+    assert!(ran.is_empty(), "requests answered `failed` that ran: {ran:?}");
     // The processes found the queue's new node by themselves.
     let moved_line =
         format!("(queue {queue}) moved from 127.0.0.1:{} to 127.0.0.1:{to_port}", cluster.ports[from]);

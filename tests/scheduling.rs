@@ -209,26 +209,14 @@ fn a_second_job_with_the_same_key_is_not_run_and_its_client_gets_the_firsts_fina
     let s = stats(&mut a);
     assert_eq!(s["duplicates"], 2, "{s}");
     // Past dedup_ttl the key is free again: a new job with it runs.
-    let again = wait_for("the key to be free after dedup_ttl", || {
-        let accepted = a.submit(job);
-        match a.recv() {
-            r if r["event"] == "duplicate" => {
-                assert_eq!(a.recv(), done);
-                None
-            }
-            r => Some((accepted, r)),
-        }
-    });
+    let again = a.submit_until_not_duplicate(job, &done);
     assert_eq!(again.1["event"], "done", "{:?}", again);
     assert_eq!(again.1["task_id"], again.0["task_id"]);
 }
 
 #[test]
 fn a_schedule_in_the_config_file_runs_its_job_at_each_tick_and_stats_show_its_last_and_next_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("taskd.toml");
-    std::fs::write(
-        &config,
+    let (_dir, config) = schedule_config(
         r#"
 [[schedule]]
 name = "heartbeat"
@@ -237,9 +225,8 @@ timezone = "Europe/Paris"
 missed = "skip"
 job = { type = "sms", to = "+15550001111", text = "tick", simulate_ms = 0 }
 "#,
-    )
-    .unwrap();
-    let path = config.to_str().unwrap();
+    );
+    let path = config.as_str();
     let daemon = Daemon::start(&["--worker-num", "2", "--task-worker-num", "1", "--config", path]);
     let lines = wait_for("three ticks in the outbox", || {
         let lines: Vec<Value> =
@@ -851,4 +838,88 @@ fn a_dead_lettered_high_job_is_replayed_into_the_high_stream() {
     wait_for("the replayed job to finish", || {
         web.outbox_lines().iter().any(|l| l["task_id"] == id).then_some(())
     });
+}
+
+#[test]
+fn a_parked_job_with_a_forged_lane_does_not_stop_every_other_job_coming_back_from_the_delayed_set() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    // Written by someone else: a parked job whose lane names a key that is not a stream, due now.
+    let _: () = redis.query(&["SET", "{taskd}:jobs:trap", "not a stream"]);
+    let _: i64 = redis.query(&[
+        "HSET",
+        "{taskd}:delayed:forged-1",
+        "o",
+        "web-9",
+        "t",
+        "1",
+        "s",
+        "0",
+        "w",
+        "0",
+        "d",
+        r#"{"type":"sms","to":"+15550000000"}"#,
+        "ln",
+        "trap",
+    ]);
+    let _: i64 = redis.query(&["ZADD", "{taskd}:delayed", "0", "forged-1"]);
+    // A job of this node's that waits in the delayed set too still comes back and runs.
+    let mut c = web.connect();
+    let job = c.submit(r#"{"type":"sms","to":"+15550001111","run_in_ms":300,"simulate_ms":0}"#);
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let left: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_priority_stream_made_a_string_by_someone_is_left_out_and_the_others_run_until_it_is_deleted() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = web.connect();
+    // Serving first: the consumer has made its groups and blocks on every stream.
+    let first = c.submit(r#"{"type":"sms","to":"+15550000001","simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&first["task_id"], &mut Vec::new())["event"], "done");
+    // Written by someone else: the low stream is a string now.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+    for priority in ["normal", "high"] {
+        let job = c.submit(&format!(
+            r#"{{"type":"sms","to":"+15550001111","priority":"{priority}","simulate_ms":0}}"#
+        ));
+        assert_eq!(job["event"], "accepted", "{job}");
+        let done = c.final_reply(&job["task_id"], &mut Vec::new());
+        assert_eq!(done["event"], "done", "{priority}: {done}");
+    }
+    let named = "the job stream {taskd}:jobs#low is a string key in Redis, not a stream";
+    web.wait_log(named);
+    // Mended: the low stream is read again.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let low = c.submit(r#"{"type":"sms","to":"+15550002222","priority":"low","simulate_ms":0}"#);
+    assert_eq!(low["event"], "accepted", "{low}");
+    let done = c.final_reply(&low["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    // Named once (its one task process; once a minute at most), not at every read.
+    let log = web.log();
+    assert_eq!(log.matches(named).count(), 1, "{log}");
+    assert!(log.contains("{taskd}:jobs#low is no longer a key of another type"), "{log}");
+}
+
+#[test]
+fn a_job_whose_stream_is_made_a_string_while_it_runs_is_answered_and_the_others_still_run() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = web.connect();
+    let low = c.submit(r#"{"type":"sms","to":"+15550000001","priority":"low","simulate_ms":1500}"#);
+    wait_for("the low job to be taken", || (pending_in(&redis, "{taskd}:jobs#low") == 1).then_some(()));
+    // Written by someone else while it runs: its stream (and its entry) is a string now.
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+    let done = c.final_reply(&low["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "it ran: its answer is written, with nothing to acknowledge: {done}");
+    let job = c.submit(r#"{"type":"sms","to":"+15550001111","simulate_ms":0}"#);
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let kind: String = redis.query(&["TYPE", "{taskd}:jobs#low"]);
+    assert_eq!(kind, "string", "left as it was found");
 }

@@ -71,6 +71,7 @@ fn send(out: &MasterOut, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Something the master asked for, in order.
+#[derive(Clone)]
 pub(super) enum Item {
     /// `run_at_ms`: a job for later (Unix ms), parked in the delayed set; 0: into the stream.
     Store {
@@ -94,6 +95,11 @@ struct Link<'a> {
     d: &'a Durable,
     shared: &'static Shared,
     conn: Option<Connection>,
+    /// The marker of the next round of stores, watched on `conn` (see [`super::round`]).
+    armed: Option<String>,
+    /// The marker of the last round stored and answered: the next round deletes it.
+    answered: Option<String>,
+    rounds: Rounds,
     retry_at: Instant,
     backoff: Duration,
 }
@@ -104,10 +110,16 @@ impl Link<'_> {
             if Instant::now() < self.retry_at {
                 return Err(format!("Redis at {} is unreachable; retrying", self.d.shown));
             }
-            match redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT)) {
+            // Connected with the next round's marker watched: a round's first try is then
+            // one exchange (see [`super::round`]).
+            let marker = self.d.keys.round_of(&self.d.node, &self.rounds.next());
+            let armed = redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT))
+                .and_then(|mut c| super::round::arm(&mut c, &marker).map(|()| c));
+            match armed {
                 Ok(c) => {
                     tracing::info!("redis bridge: connected to {}", self.d.shown);
                     self.conn = Some(c);
+                    self.armed = Some(marker);
                     self.backoff = RETRY_MIN;
                     self.shared.set_durable_down(false);
                 }
@@ -148,7 +160,16 @@ fn store_loop(
     out: &MasterOut,
     shared: &'static Shared,
 ) -> Result<(), ProcessError> {
-    let mut link = Link { d, shared, conn: None, retry_at: Instant::now(), backoff: RETRY_MIN };
+    let mut link = Link {
+        d,
+        shared,
+        conn: None,
+        armed: None,
+        answered: None,
+        rounds: Rounds::new(),
+        retry_at: Instant::now(),
+        backoff: RETRY_MIN,
+    };
     let _ = link.get();
     // The master took the node's name at start. It asks for each renewal itself (a master
     // that hangs asks for none, and its name lapses); the name is given back when the master
@@ -171,7 +192,7 @@ fn store_loop(
     // The deduplication key of the next job to store, from the `StoreKey` frame before it.
     let mut next_key: Option<(u64, String, u64)> = None;
     let mut watches = super::dedup::Watches::default();
-    let mut cancels: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut cancels: std::collections::VecDeque<super::cancel::Cancel> = Default::default();
     // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
     let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
@@ -184,6 +205,11 @@ fn store_loop(
         let timeout = match (away.then_some(RETRY_MAX), watches.wait()) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
+        };
+        // Cancels under way go on at once, after what the master wrote meanwhile.
+        let timeout = match cancels.is_empty() {
+            true => timeout,
+            false => Some(Duration::from_millis(1)),
         };
         let _ = input.set_read_timeout(timeout);
         match input.read(&mut buf) {
@@ -234,7 +260,9 @@ fn store_loop(
                 ToBridge::WatchKey { task_id, digest, holder } => {
                     watches.add(&d.keys, task_id, &String::from_utf8_lossy(digest), holder);
                 }
-                ToBridge::Cancel { task_id, stream } => cancels.push((task_id, stream.to_vec())),
+                ToBridge::Cancel { task_id, stream } => {
+                    cancels.push_back(super::cancel::Cancel::new(task_id, stream))
+                }
                 ToBridge::StoreAt { task_id, run_at_ms } => next_at = Some((task_id, run_at_ms)),
                 ToBridge::StorePriority { task_id, priority } => {
                     next_priority = Some((task_id, Priority::from_index(priority)))
@@ -254,6 +282,8 @@ fn store_loop(
         // The dashboard's requests: small, and rare (one overview every two seconds while a
         // dashboard is open); answered before this round's jobs, which wait that long.
         for (request, op) in admin.drain(..) {
+            // A replay's transaction ends the WATCH of the next round's marker.
+            link.armed = None;
             let answer = match link.get() {
                 Ok(conn) => super::admin::handle(conn, d, &op),
                 Err(why) => serde_json::json!({"ok": false, "error": why}),
@@ -278,26 +308,17 @@ fn store_loop(
         let mut dups = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
-            Ok(conn) => {
-                let pipe = pipeline(d, &items, &keeps, &trims);
-                // Nothing to send (a round of batch ends alone).
-                let done = if pipe.is_empty() { Ok(Vec::new()) } else { pipe.query::<Vec<Value>>(conn) };
-                match done {
-                    Ok(replies) => {
-                        // The claims' answers come first, in the order of their jobs
-                        // (see `answered`): who claimed each tick, then each key.
-                        let (ticks, keys) = answered(&items, &replies);
-                        ticks::answers(d, &items, &ticks, &mut tick_answers);
-                        duplicates(d, &items, &keys, &mut watches, &mut dups);
-                        Ok(replicated(d, &items, &replies, &mut short))
-                    }
-                    Err(e) => {
-                        let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
-                        link.failed(&e);
-                        Err(text)
-                    }
+            Ok(_) => match store_once(&mut link, &items, &keeps, &trims) {
+                Ok(replies) => {
+                    // The claims' answers come first, in the order of their jobs
+                    // (see `answered`): who claimed each tick, then each key.
+                    let (ticks, keys) = answered(&items, &replies);
+                    ticks::answers(d, &items, &ticks, &mut tick_answers);
+                    duplicates(d, &items, &keys, &mut watches, &mut dups);
+                    Ok(replicated(d, &items, &replies, &mut short))
                 }
-            }
+                Err(text) => Err(text),
+            },
         };
         // Who claimed each tick, before the `Stored` of its batch: a lost tick's job is dropped.
         let mut acks = std::mem::take(&mut tick_answers);
@@ -328,34 +349,241 @@ fn store_loop(
     }
 }
 
-/// Carries out the cancels the master asked for, and reads the keys its duplicates wait on
+/// Calls of a cancel's script per turn of the bridge (each looks at up to 500 queued jobs).
+const CANCEL_CALLS: usize = 4;
+
+/// How long a round whose stores Redis certainly did not take is tried again (its jobs' clients
+/// wait for `accepted` meanwhile); past it, they get `failed`, which is then true.
+const STORE_AGAIN_FOR: Duration = Duration::from_secs(10);
+/// How long the bridge tries to learn whether a round whose answer was lost was stored (its
+/// clients wait for their answer meanwhile: what they hear must be true). Past it, Redis still
+/// hung, they get `failed` saying that their job may still run.
+const SETTLE_FOR: Duration = Duration::from_secs(8);
+
+/// The names of this bridge's rounds (`RUN-SEQ`): a new bridge of the node never reuses the
+/// marker of an earlier one's round.
+struct Rounds {
+    run: String,
+    seq: u64,
+}
+
+impl Rounds {
+    fn new() -> Rounds {
+        let ms = crate::app::unix_ms(std::time::SystemTime::now());
+        Rounds { run: format!("{}.{ms}", std::process::id()), seq: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        self.seq += 1;
+        format!("{}-{}", self.run, self.seq)
+    }
+}
+
+impl Link<'_> {
+    /// [`Link::get`], waiting for the back-off until `deadline`.
+    fn get_by(&mut self, deadline: Instant) -> Result<&mut Connection, String> {
+        loop {
+            if self.conn.is_some() || Instant::now() >= deadline || Instant::now() >= self.retry_at {
+                break;
+            }
+            std::thread::sleep(self.retry_at.saturating_duration_since(Instant::now()).min(RETRY_MAX));
+        }
+        self.get()
+    }
+}
+
+/// Stores one round so that its answer is true: the claims' answers and WAIT's when stored; an
+/// error only when none of it was stored, nor ever will be (see [`super::round`]). A round
+/// that Redis refused for a lost connection or a moving Cluster slot is tried again, as a new
+/// round with the same task ids, for [`STORE_AGAIN_FOR`].
+fn store_once(
+    link: &mut Link<'_>,
+    items: &[Item],
+    keeps: &[(u64, Vec<u8>)],
+    trims: &[Vec<u8>],
+) -> Result<Vec<Value>, String> {
+    let d = link.d;
+    let (cmds, kept) = pipeline(d, items, keeps, trims);
+    // Nothing to send (a round of batch ends alone).
+    if cmds.is_empty() {
+        return Ok(Vec::new());
+    }
+    let stores = items.iter().any(|i| matches!(i, Item::Store { .. }));
+    let wait = (d.wait_replicas > 0 && stores).then_some((d.wait_replicas, WAIT_LIMIT_MS));
+    let again_until = Instant::now() + STORE_AGAIN_FOR;
+    loop {
+        link.get_by(again_until)?;
+        let armed = link.armed.take();
+        let conn = link.conn.as_mut().ok_or_else(|| "no connection to Redis".to_string())?;
+        let marker = match armed {
+            Some(marker) => marker,
+            None => {
+                let marker = d.keys.round_of(&d.node, &link.rounds.next());
+                if let Err(e) = super::round::arm(conn, &marker) {
+                    // Only a WATCH was sent: nothing of the round.
+                    let text = format!("could not store the job in Redis: {}", redis_io::describe(&e));
+                    link.failed(&e);
+                    link.conn = None;
+                    if Instant::now() >= again_until {
+                        return Err(text);
+                    }
+                    continue;
+                }
+                marker
+            }
+        };
+        let next = d.keys.round_of(&d.node, &link.rounds.next());
+        let (tried, armed) =
+            super::round::attempt(conn, &marker, &next, link.answered.as_deref(), &cmds, &kept, wait);
+        if armed {
+            link.armed = Some(next);
+        }
+        let refused = match tried {
+            super::round::Tried::Stored(replies) => {
+                link.answered = Some(marker);
+                return Ok(replies);
+            }
+            super::round::Tried::Partly(e) => {
+                link.answered = Some(marker);
+                // A key not of its type (written by someone else) failed its command alone:
+                // the rest of the round is stored, and its batch's answer cannot say which.
+                tracing::error!(
+                    "redis bridge: a command of a stored round failed: {}; its batch is answered \
+                     as failed, but its other jobs were stored",
+                    redis_io::describe(&e)
+                );
+                return Err(format!("could not store the job in Redis: {}", redis_io::describe(&e)));
+            }
+            super::round::Tried::Refused(e) => e,
+            super::round::Tried::Unknown(e) => {
+                let lost = format!("the answer of Redis was lost: {}", redis_io::describe(&e));
+                tracing::warn!("redis bridge: {lost}; asking Redis whether the round was stored");
+                link.failed(&e);
+                link.conn = None;
+                match settle_round(link, &marker) {
+                    Ok(true) => {
+                        link.answered = Some(marker);
+                        return recovered(link, items, wait);
+                    }
+                    Ok(false) => {
+                        tracing::warn!("redis bridge: {lost}; the round was not stored, and never will be");
+                        e
+                    }
+                    Err(why) => {
+                        return Err(format!(
+                            "{lost}, and whether its jobs were stored is unknown ({why}): they may run"
+                        ))
+                    }
+                }
+            }
+        };
+        let text = format!("could not store the job in Redis: {}", redis_io::describe(&refused));
+        link.failed(&refused);
+        if !is_connection_error(&refused) || Instant::now() >= again_until {
+            return Err(text);
+        }
+    }
+}
+
+/// Whether the round of `marker` was stored, asked from a new connection until [`SETTLE_FOR`].
+fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
+    let until = Instant::now() + SETTLE_FOR;
+    loop {
+        let why = match link.get_by(until) {
+            Err(why) => why,
+            Ok(conn) => match super::round::settle(conn, marker) {
+                Ok(stored) => return Ok(stored),
+                Err(e) => {
+                    let why = redis_io::describe(&e);
+                    link.failed(&e);
+                    if !is_connection_error(&e) {
+                        return Err(why);
+                    }
+                    why
+                }
+            },
+        };
+        if Instant::now() >= until {
+            return Err(why);
+        }
+    }
+}
+
+/// The answers of a round that was stored but whose answers were lost: the claims again (a
+/// claim of a job already stored answers as stored, and stores nothing), then WAIT, from this
+/// connection (WAIT counts every write Redis had when it is asked). If Redis is lost again,
+/// the claims count as stored and WAIT as no replica.
+fn recovered(link: &mut Link<'_>, items: &[Item], wait: Option<(u32, u64)>) -> Result<Vec<Value>, String> {
+    let d = link.d;
+    // The claims (of a key, of a tick) are the only answers wanted: sent again alone.
+    let keyed: Vec<Item> = items
+        .iter()
+        .filter(|i| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
+        .cloned()
+        .collect();
+    let (mut again, _) = pipeline(d, &keyed, &[], &[]);
+    if let Some((replicas, ms)) = wait {
+        again.cmd("WAIT").arg(replicas).arg(ms);
+    }
+    tracing::warn!("redis bridge: a round whose answer was lost had been stored; its jobs are accepted");
+    if again.is_empty() {
+        return Ok(Vec::new());
+    }
+    let until = Instant::now() + SETTLE_FOR;
+    loop {
+        let tried = link.get_by(until).map_err(|why| (why, None)).and_then(|conn| {
+            super::round::exchange(conn, &again).map_err(|e| (redis_io::describe(&e), Some(e)))
+        });
+        match tried {
+            Ok(replies) => return Ok(replies),
+            Err((why, e)) => {
+                if let Some(e) = &e {
+                    link.failed(e);
+                }
+                if Instant::now() >= until || e.as_ref().is_some_and(|e| !is_connection_error(e)) {
+                    tracing::warn!("redis bridge: cannot read the claims of a stored round again: {why}");
+                    let mut replies = vec![Value::Int(1); keyed.len()];
+                    replies.extend(wait.map(|_| Value::Int(0)));
+                    return Ok(replies);
+                }
+            }
+        }
+    }
+}
+
+/// Goes on with the first cancel the master asked for (a few calls), and reads the keys its duplicates wait on
 /// when due: the answers, as frames for the master. A cancel that cannot reach Redis is
 /// answered so (the client may ask again); a look that cannot is tried at the next.
 fn cancels_and_watches(
     link: &mut Link<'_>,
-    cancels: &mut Vec<(u64, Vec<u8>)>,
+    cancels: &mut std::collections::VecDeque<super::cancel::Cancel>,
     watches: &mut super::dedup::Watches,
 ) -> Vec<u8> {
     let d = link.d;
     let mut frames = Vec::new();
-    for (task_id, stream) in cancels.drain(..) {
+    // One cancel per turn, a few calls of it: the rest go on after the next round of jobs.
+    if let Some(cancel) = cancels.front_mut() {
+        let task_id = cancel.task_id;
         let tried = match link.get() {
-            Err(why) => Err(why),
-            Ok(conn) => match super::cancel::cancel(conn, d, task_id, &String::from_utf8_lossy(&stream)) {
-                Ok(answer) => Ok(answer),
+            Err(why) => Some(Err(why)),
+            Ok(conn) => match cancel.go_on(conn, d, CANCEL_CALLS) {
+                Ok(answer) => answer,
                 Err(e) => {
                     let why =
                         format!("cannot reach Redis to cancel job {task_id}: {}", redis_io::describe(&e));
                     link.failed(&e);
-                    Err(why)
+                    Some(Err(why))
                 }
             },
         };
-        let (cancelled, why) = match tried {
-            Ok(Ok(_)) => (true, String::new()),
-            Ok(Err(why)) | Err(why) => (false, why),
-        };
-        FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
+        if let Some(tried) = tried {
+            cancels.pop_front();
+            let (cancelled, why) = match tried {
+                Ok(_) => (true, String::new()),
+                Err(why) => (false, why),
+            };
+            FromBridge::Cancelled { task_id, cancelled, why: why.as_bytes() }.encode(&mut frames);
+        }
     }
     if watches.wait().is_some_and(|w| w <= Duration::from_millis(1)) {
         match link.get().map(|conn| watches.look(conn)) {
@@ -592,10 +820,17 @@ fn duplicates(
     }
 }
 
-/// One round's commands: the jobs, the kept results, the deletion of acted-on replies; then,
-/// with `redis_wait_replicas`, a WAIT for the replicas to have them (the only reply kept).
-fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> redis::Pipeline {
+/// One round's commands: the jobs, the kept results, the deletion of acted-on replies (run in
+/// one transaction by [`store_once`]), and whether each command's answer is wanted (a claim's:
+/// see `answered`).
+fn pipeline(
+    d: &Durable,
+    items: &[Item],
+    keeps: &[(u64, Vec<u8>)],
+    trims: &[Vec<u8>],
+) -> (redis::Pipeline, Vec<bool>) {
     let mut pipe = redis::pipe();
+    let mut kept = Vec::new();
     for item in items {
         if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick, key } = item
         {
@@ -635,7 +870,9 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
                 super::add_priority(&mut cmd, *priority);
             }
             // A claim's answer is read (see `answered`); the rest only fails the round.
-            if tick.is_some() || key.is_some() {
+            let answered = tick.is_some() || key.is_some();
+            kept.push(answered);
+            if answered {
                 pipe.add_command(cmd);
             } else {
                 pipe.add_command(cmd).ignore();
@@ -662,8 +899,6 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
         ids.dedup();
         pipe.cmd("XDEL").arg(&d.keys.replies).arg(ids).ignore();
     }
-    if d.wait_replicas > 0 && items.iter().any(|i| matches!(i, Item::Store { .. })) {
-        pipe.cmd("WAIT").arg(d.wait_replicas).arg(WAIT_LIMIT_MS);
-    }
-    pipe
+    kept.resize(pipe.len(), false);
+    (pipe, kept)
 }

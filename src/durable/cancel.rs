@@ -90,53 +90,79 @@ if #got < tonumber(ARGV[5]) then return {0, ''} end
 return {2, got[#got][1]}"
 );
 
-/// Cancels job `task_id` of this node if it has not started (its stream: `stream`). Ok(Ok(where
-/// it waited)), or Ok(Err(why not)); Err if Redis could not be asked.
-pub fn cancel(
-    conn: &mut Connection,
-    d: &Durable,
-    task_id: u64,
-    stream: &str,
-) -> redis::RedisResult<Result<String, String>> {
-    let member = d.keys.scheduled_member(&d.node, task_id);
-    // What the job's duplicates get, as its own client does (`master::schedule`).
-    let mut line = serde_json::json!({"event": "cancelled", "task_id": task_id}).to_string().into_bytes();
-    line.push(b'\n');
-    let mut from = String::new();
-    for _ in 0..CALLS {
-        let (code, at): (u8, String) = redis::cmd("EVAL")
-            .arg(CANCEL)
-            .arg(5)
-            .arg(&d.keys.delayed)
-            .arg(d.keys.delayed_hash(&member))
-            .arg(d.keys.delayed_job(task_id))
-            .arg(stream)
-            .arg(d.keys.cancelled_of(&d.node, task_id))
-            .arg(&member)
-            .arg(task_id)
-            .arg(&d.node)
-            .arg(&from)
-            .arg(SCAN)
-            .arg(GROUP)
-            .arg(d.keys.dedup_prefix())
-            .arg(&line)
-            .query(conn)?;
-        match code {
-            1 => {
-                tracing::info!("job {task_id} cancelled in Redis ({at})");
-                return Ok(Ok(at));
-            }
-            2 => from = at,
-            _ => {
-                return Ok(Err(format!(
-                    "job {task_id} has started: a task process took it from Redis (a job cannot be \
-                     cancelled once started)"
-                )))
-            }
+/// A cancel under way: where its look through the job's stream stopped. A look at a long
+/// queue takes many calls: the bridge makes a few per turn ([`Cancel::go_on`]), between its
+/// rounds of jobs, so that one client's cancels do not hold every other client's jobs back.
+pub struct Cancel {
+    pub task_id: u64,
+    stream: String,
+    from: String,
+    calls: usize,
+}
+
+impl Cancel {
+    pub fn new(task_id: u64, stream: &[u8]) -> Cancel {
+        Cancel {
+            task_id,
+            stream: String::from_utf8_lossy(stream).into_owned(),
+            from: String::new(),
+            calls: 0,
         }
     }
-    Ok(Err(format!(
-        "job {task_id} was not found among the first {} jobs queued in Redis: not cancelled",
-        SCAN * CALLS
-    )))
+
+    /// Goes on cancelling job `task_id` of this node if it has not started, for at most
+    /// `budget` calls (at least one). Ok(None): not done yet; Ok(Some(Ok(where it waited))), or
+    /// Ok(Some(Err(why not))); Err if Redis could not be asked.
+    pub fn go_on(
+        &mut self,
+        conn: &mut Connection,
+        d: &Durable,
+        budget: usize,
+    ) -> redis::RedisResult<Option<Result<String, String>>> {
+        let task_id = self.task_id;
+        let member = d.keys.scheduled_member(&d.node, task_id);
+        // What the job's duplicates get, as its own client does (`master::schedule`).
+        let mut line = serde_json::json!({"event": "cancelled", "task_id": task_id}).to_string().into_bytes();
+        line.push(b'\n');
+        for _ in 0..budget.max(1) {
+            if self.calls == CALLS {
+                return Ok(Some(Err(format!(
+                    "job {task_id} was not found among the first {} jobs queued in Redis: not cancelled",
+                    SCAN * CALLS
+                ))));
+            }
+            self.calls += 1;
+            let (code, at): (u8, String) = redis::cmd("EVAL")
+                .arg(CANCEL)
+                .arg(5)
+                .arg(&d.keys.delayed)
+                .arg(d.keys.delayed_hash(&member))
+                .arg(d.keys.delayed_job(task_id))
+                .arg(&self.stream)
+                .arg(d.keys.cancelled_of(&d.node, task_id))
+                .arg(&member)
+                .arg(task_id)
+                .arg(&d.node)
+                .arg(&self.from)
+                .arg(SCAN)
+                .arg(GROUP)
+                .arg(d.keys.dedup_prefix())
+                .arg(&line)
+                .query(conn)?;
+            match code {
+                1 => {
+                    tracing::info!("job {task_id} cancelled in Redis ({at})");
+                    return Ok(Some(Ok(at)));
+                }
+                2 => self.from = at,
+                _ => {
+                    return Ok(Some(Err(format!(
+                        "job {task_id} has started: a task process took it from Redis (a job cannot be \
+                         cancelled once started)"
+                    ))))
+                }
+            }
+        }
+        Ok(None)
+    }
 }

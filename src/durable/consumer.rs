@@ -169,6 +169,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         move_refused: Default::default(),
         backoff: Duration::from_millis(100),
         fair: Default::default(),
+        wrong: Default::default(),
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
@@ -287,10 +288,13 @@ fn run_one<A: Application>(
     };
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
-    let mut result = Err(format!("job {} panicked in task process {}", job.task_id, info.pid).into());
+    let mut result = None;
     pulse.running(&at, &job, attempt);
-    guard(info.slot, "on_task", || result = app.on_task(&mut ctx, &task));
+    guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, &task)));
     pulse.ran();
+    // Written only for a panic: a format per job costs more than a no-op job's own work.
+    let result = result
+        .unwrap_or_else(|| Err(format!("job {} panicked in task process {}", job.task_id, info.pid).into()));
     let reply = std::mem::take(&mut ctx.reply);
     let (ok, result) = match result {
         Ok(bytes) => (true, bytes),
@@ -376,6 +380,8 @@ struct Consumer<'a> {
     backoff: Duration,
     /// The priorities' credits in the weighted fair order of its takes.
     fair: super::fair::Fair,
+    /// Its streams that are keys of another type: left out of its reads until mended.
+    wrong: super::wrong_type::WrongTyped,
 }
 
 impl Consumer<'_> {
@@ -394,7 +400,9 @@ impl Consumer<'_> {
                     return Err(e);
                 }
             }
-            for stream in self.d.streams() {
+            // A stream someone made a key of another type would fail every group and read.
+            self.wrong.look(&mut conn, &self.d.streams(), &self.me)?;
+            for stream in self.wrong.keep(self.d.streams()) {
                 ensure_group_of(&mut conn, &stream)?;
             }
             self.conn = Some(conn);
@@ -405,6 +413,10 @@ impl Consumer<'_> {
     }
 
     fn lost(&mut self, e: &redis::RedisError) {
+        if e.code() == Some("WRONGTYPE") {
+            // One of its streams became a key of another type since the last look.
+            self.wrong.look_soon();
+        }
         if e.code() == Some("NOGROUP") {
             // The group is gone (Redis lost its data, or someone deleted it): make it again.
             tracing::error!("the consumer group of {} is gone: {e}; creating it again", self.d.keys.jobs);
@@ -484,19 +496,22 @@ impl Consumer<'_> {
                 }
             }
         }
+        self.look_at_types()?;
         let count = self.take_count();
         let (d, me) = (self.d, self.me.clone());
         let recovering = self.recovering;
         let sweep = Instant::now() >= self.next_sweep;
         let mut fair = self.fair;
-        let conn = self.conn()?;
+        let streams = self.wrong.keep(d.streams());
+        let wrong = &self.wrong;
+        let conn = self.conn.as_mut().expect("connected by look_at_types");
         let fresh;
         // Whichever way jobs come, no more than its window: what waits here is kept alive by the
         // heartbeat, but another consumer could have started it.
         let entries = if recovering {
             // Its own pending entries, from the start: no BLOCK, they are there or not. What is
             // left after this window stays pending under its name (and kept alive) for the next.
-            let got = read_group(conn, d, &me, count, None, "0")?;
+            let got = read_group(conn, &streams, &me, count, None, "0")?;
             fresh = false;
             if got.is_empty() {
                 self.recovering = false;
@@ -506,7 +521,7 @@ impl Consumer<'_> {
             got
         } else if sweep {
             fresh = false;
-            let (got, more) = self.claim(count)?;
+            let (got, more) = self.claim(count, &streams)?;
             // A full window and more to look at: sweep again as soon as these are run.
             let wait = if more { Duration::ZERO } else { jitter(d.claim_after / 2) };
             self.next_sweep = Instant::now() + wait;
@@ -514,9 +529,9 @@ impl Consumer<'_> {
         } else {
             fresh = true;
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(conn, d, &me, count)?;
+            let got = fair.take(conn, d, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
-                let woke = read_group(conn, d, &me, 1, Some(BLOCK_MS), ">")?;
+                let woke = read_group(conn, &streams, &me, 1, Some(BLOCK_MS), ">")?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -567,25 +582,43 @@ impl Consumer<'_> {
         Ok(())
     }
 
+    /// Looks at the types of its streams when due (see [`super::wrong_type`]), and makes the
+    /// group again of those mended since the last look.
+    fn look_at_types(&mut self) -> redis::RedisResult<()> {
+        let (d, me) = (self.d, self.me.clone());
+        self.conn()?;
+        let conn = self.conn.as_mut().expect("connected above");
+        if self.wrong.due() {
+            for stream in self.wrong.look(conn, &d.streams(), &me)? {
+                ensure_group_of(conn, &stream)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Takes over at most `want` jobs that other consumers took and left idle past
     /// `claim_after` (a live consumer's never are: it beats), and deletes consumers that are gone
     /// and hold nothing. Also says whether it got `want` and has not seen the whole list yet.
-    fn claim(&mut self, want: usize) -> redis::RedisResult<(Vec<(String, StreamEntry)>, bool)> {
+    fn claim(
+        &mut self,
+        want: usize,
+        streams: &[String],
+    ) -> redis::RedisResult<(Vec<(String, StreamEntry)>, bool)> {
         let (d, me) = (self.d, self.me.clone());
         let idle_ms = d.claim_after.as_millis() as u64;
         let mut claimed = Vec::new();
         let mut more = false;
         // Each stream in turn (the main one, then the lanes), while the window has room.
-        for stream in d.streams() {
+        for stream in streams {
             if claimed.len() >= want {
                 more = true;
                 break;
             }
             for _ in 0..CLAIM_CALLS {
-                let cursor = self.cursors.get(&stream).cloned().unwrap_or_else(|| "0-0".into());
+                let cursor = self.cursors.get(stream).cloned().unwrap_or_else(|| "0-0".into());
                 let conn = self.conn()?;
                 let v: Value = redis::cmd("XAUTOCLAIM")
-                    .arg(&stream)
+                    .arg(stream)
                     .arg(GROUP)
                     .arg(&me)
                     .arg(idle_ms)
@@ -601,7 +634,7 @@ impl Consumer<'_> {
                 if wrapped {
                     // A full pass over the pending list is done: a good time to forget the dead
                     // (a failure here is no reason to drop what was claimed).
-                    if let Err(e) = remove_gone_consumers(conn, d, &stream, &me) {
+                    if let Err(e) = remove_gone_consumers(conn, d, stream, &me) {
                         tracing::debug!("{me}: cannot delete gone consumers: {e}");
                     }
                 }
@@ -677,8 +710,8 @@ pub(super) fn store(
                 reply.encode(batch_for(&mut batches, origin))
             }
             Completion::Dead { id, job, why, attempts } => {
-                let mut cmd = redis::cmd("XADD");
-                cmd.arg(&d.keys.dead).arg("*");
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&id.stream).arg(GROUP).arg(&id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
                 // A replay puts it back into its lane, of its priority.
@@ -751,30 +784,55 @@ pub(super) fn store(
         }
     }
     for (stream, ids) in &by_stream {
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids).ignore();
-        pipe.cmd("XDEL").arg(stream).arg(ids).ignore();
+        pipe.cmd("EVAL").arg(ACK_DEL).arg(1).arg(stream).arg(GROUP).arg(ids).ignore();
     }
     let _: Value = pipe.query(conn)?;
     Ok(())
 }
 
+/// Acknowledges and deletes the entries ARGV[2..] (group ARGV[1]) of the job stream KEYS[1].
+/// A stream someone made a key of another type since (see `wrong_type`) holds them no more:
+/// nothing to do there, and failing would fail every outcome of the MULTI, at every try.
+const ACK_DEL: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'stream' then return 0 end
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))";
+
 /// Parks a job: acknowledges and deletes its stream entry ARGV[2] (group ARGV[1]) in the job
 /// stream KEYS[3], puts its fields (ARGV[5..]) in the hash KEYS[2] and its task id ARGV[4] in
 /// the delayed set KEYS[1], due ARGV[3] ms from now on Redis's clock. One script, so the job is
 /// in exactly one place at any time; nothing is written if the set is not a sorted set. EVAL,
-/// not EVALSHA, as in `add_outcomes`.
-const PARK: &str = "
+/// not EVALSHA, as in `add_outcomes`. Only an entry still pending is parked (as [`DEAD`]).
+pub const PARK: &str = "
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'zset' and kind ~= 'none' then
   return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+end
+-- Its stream made a key of another type by someone: the entry is gone with it.
+if redis.call('TYPE', KEYS[3]).ok ~= 'stream' then return 0 end
+-- Acknowledged already: this is a second try of a MULTI whose answer was lost, and the job
+-- may be back in the stream, or running elsewhere, by now. Parked again, it would run twice.
+if redis.call('XACK', KEYS[3], ARGV[1], ARGV[2]) == 0 then
+  redis.call('XDEL', KEYS[3], ARGV[2])
+  return 0
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('DEL', KEYS[2])
 redis.call('HSET', KEYS[2], unpack(ARGV, 5))
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
-redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[3], ARGV[2])
+return 1";
+
+/// Dead-letters a job: acknowledges its stream entry ARGV[2] (group ARGV[1]) in the job stream
+/// KEYS[2] and adds its fields (ARGV[3..]) to the dead letters KEYS[1], only if the entry was
+/// still pending: a second try of a MULTI whose answer was lost adds no second dead letter
+/// (which an operator's replay would run a second time).
+pub const DEAD: &str = "
+if redis.call('TYPE', KEYS[2]).ok ~= 'stream' then return 0 end
+if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 return 1";
 
 /// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job
@@ -793,9 +851,13 @@ for _, id in ipairs(due) do
     local f = redis.call('HGETALL', h)
     local dest = KEYS[2]
     local lane = redis.call('HGET', h, 'ln')
-    if lane then dest = ARGV[3] .. lane end
+    -- `ln` may be forged: a name that leaves the queue's hash tag is no lane.
+    if lane and not string.find(lane, '[{}]') then dest = ARGV[3] .. lane end
     local pr = redis.call('HGET', h, 'pr')
     if pr == 'high' or pr == 'low' then dest = dest .. ARGV[4] .. pr end
+    -- Into a stream only (an error here would stop every move, of every job, for good).
+    local kind = redis.call('TYPE', dest).ok
+    if kind ~= 'stream' and kind ~= 'none' then dest = KEYS[2] end
     if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
   end
   redis.call('DEL', h)
@@ -823,25 +885,31 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
         .query(conn)
 }
 
-/// XREADGROUP of the streams it reads (the main one and its lanes) for consumer `me`, from
-/// `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a read
-/// may bring a little more than one window.
+/// XREADGROUP of `streams` (those it reads of the main one and its lanes) for consumer `me`,
+/// from `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a
+/// read may bring a little more than one window.
 fn read_group(
     conn: &mut Connection,
-    d: &Durable,
+    streams: &[String],
     me: &str,
     count: usize,
     block_ms: Option<u64>,
     from: &str,
 ) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
-    let streams = d.streams();
+    if streams.is_empty() {
+        // Every one of them is a key of another type: nothing to read; wait as a read would.
+        if let Some(ms) = block_ms {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        return Ok(Vec::new());
+    }
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(count);
     if let Some(ms) = block_ms {
         cmd.arg("BLOCK").arg(ms);
     }
-    cmd.arg("STREAMS").arg(&streams);
-    for _ in &streams {
+    cmd.arg("STREAMS").arg(streams);
+    for _ in streams {
         cmd.arg(from);
     }
     let v: Value = cmd.query(conn)?;

@@ -187,8 +187,14 @@ local function key_holder(key, held)
   if kind == 'string' then
     local v = redis.call('GET', key)
     if v == held or string.match(v, '^e %d+ (.-)\\n') == string.sub(held, 5) then return 1 end
-    local h = string.match(v, '^h 0 [%w%._%-]+ [1-9]%d*$')
-    local free = string.match(v, '^e (%d+) [%w%._%-]+ [1-9]%d*\\n[^\\n]+\\n?$')
+    -- As `parse` reads it: a node of 64 bytes at most, a task id of a u64, one JSON object
+    -- (a value it cannot read would hold the key with no one able to say by whom).
+    local function job(node, id)
+      return node and #node <= 64 and (#id < 20 or (#id == 20 and id <= '18446744073709551615'))
+    end
+    local h = job(string.match(v, '^h 0 ([%w%._%-]+) ([1-9]%d*)$'))
+    local free, node, id, line = string.match(v, '^e (%d+) ([%w%._%-]+) ([1-9]%d*)\\n({[^\\n]*})\\n?$')
+    if not (job(node, id) and pcall(cjson.decode, line)) then free = nil end
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     if h or (free and tonumber(free) > now) then return v end

@@ -86,23 +86,29 @@ impl Fair {
         d: &Durable,
         me: &str,
         want: usize,
+        reads: impl Fn(&str) -> bool,
     ) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
         let (counts, order) = self.plan(want.max(1));
-        // Only the priorities with picks or a look: one not picked this time is not read.
-        let read: Vec<usize> = (0..3).filter(|&p| counts[p] > 0).collect();
+        // Only the priorities with picks or a look: one not picked this time is not read. Nor
+        // a stream that is a key of another type (see `wrong_type`): the read would fail whole.
+        let read: Vec<(usize, Vec<String>)> = (0..3)
+            .filter(|&p| counts[p] > 0)
+            .map(|p| (p, d.streams_of(Priority::ALL[p]).into_iter().filter(|s| reads(s)).collect::<Vec<_>>()))
+            .filter(|(_, streams)| !streams.is_empty())
+            .collect();
         let mut pipe = redis::pipe();
-        for &p in &read {
-            let streams = d.streams_of(Priority::ALL[p]);
+        for (p, streams) in &read {
+            let p = *p;
             let cmd = pipe.cmd("XREADGROUP").arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(counts[p]);
-            cmd.arg("STREAMS").arg(&streams);
-            for _ in &streams {
+            cmd.arg("STREAMS").arg(streams);
+            for _ in streams {
                 cmd.arg(">");
             }
         }
-        let replies: Vec<Value> = pipe.query(conn)?;
+        let replies: Vec<Value> = if read.is_empty() { Vec::new() } else { pipe.query(conn)? };
         let mut got = [0usize; 3];
         let mut by_priority: [VecDeque<(String, StreamEntry)>; 3] = Default::default();
-        for (&p, reply) in read.iter().zip(replies) {
+        for (&(p, _), reply) in read.iter().zip(replies) {
             by_priority[p] = redis_io::read_streams(reply).into();
             got[p] = by_priority[p].len();
         }

@@ -53,8 +53,11 @@ const BEAT_COUNT: usize = 1000;
 
 /// Refreshes the idle time of every entry pending under consumer ARGV[2] (at most ARGV[3] of
 /// them), in one step: what another consumer claimed meanwhile is not pending under this name,
-/// so it is left alone. JUSTID: the delivery count stays as it is. Returns their ids.
+/// so it is left alone. JUSTID: the delivery count stays as it is. Returns their ids. A key of
+/// another type (someone wrote it) holds nothing of its: its beat must not fail the others'.
 const BEAT: &str = r"
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'stream' and kind ~= 'none' then return {} end
 local held = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[3]), ARGV[2])
 if #held == 0 then return {} end
 local cmd = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}

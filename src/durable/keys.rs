@@ -150,6 +150,13 @@ impl Keys {
         format!("{}:cancelled:{node}:{task_id}", self.tag)
     }
 
+    /// The marker of a round of stores of `node`'s bridge (`round`: the bridge's run and the
+    /// round's number), set in the round's transaction: its outcome, readable when its answer
+    /// was lost (see `durable::round`).
+    pub fn round_of(&self, node: &str, round: &str) -> String {
+        format!("{}:round:{node}:{round}", self.tag)
+    }
+
     /// What every deduplication key starts with.
     pub fn dedup_prefix(&self) -> String {
         format!("{}:key:", self.tag)
@@ -190,6 +197,7 @@ mod tests {
             &k.lane("resize"),
             &k.dedup("ab"),
             &k.cancelled_of("web-1", 7),
+            &k.round_of("web-1", "12-3"),
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }

@@ -37,9 +37,11 @@ pub mod keys;
 pub mod lease_gate;
 pub mod node;
 pub mod redis_io;
+pub mod round;
 pub mod startup;
 mod store_job;
 pub mod ticks;
+mod wrong_type;
 
 use std::time::Duration;
 
@@ -209,7 +211,30 @@ pub fn redact(url: &str) -> String {
             .collect();
         out.push_str(&pairs.join("&"));
     }
+    if loose_userinfo(url).is_some() {
+        // A password with `/`, `?` or `#` not percent-encoded: the split above put part of it in
+        // the path or the query. Whatever it may be is hidden (more than it, at worst).
+        for secret in secrets(url) {
+            out = out.replace(&secret, "***");
+        }
+    }
     out
+}
+
+/// The userinfo of a URL whose password holds a `/`, `?` or `#` not percent-encoded (which
+/// ends the authority where a URL parser looks for it), and what follows its `@`: the userinfo
+/// runs to the last `@` before the first `/`, `?` or `#` after its first `@`. None when the
+/// authority, split as a URL parser splits it, has the `@` (or there is none).
+fn loose_userinfo(url: &str) -> Option<(&str, &str)> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if authority.contains('@') {
+        return None;
+    }
+    let first = rest.find('@')?;
+    let end = rest[first..].find(['/', '?', '#']).map_or(rest.len(), |i| first + i);
+    let at = rest[..end].rfind('@')?;
+    Some((&rest[..at], &rest[at + 1..]))
 }
 
 fn is_secret_param(name: &str) -> bool {
@@ -231,6 +256,11 @@ fn secrets(url: &str) -> Vec<String> {
                 found.push(v.to_string());
             }
         }
+    }
+    if let Some((userinfo, after)) = loose_userinfo(url) {
+        found.push(userinfo.split_once(':').map_or(userinfo, |(_, pass)| pass).to_string());
+        let scheme = &url[..url.find("://").unwrap_or(0)];
+        found.extend(secrets(&format!("{scheme}://{after}")));
     }
     // Also as the client library decodes them (%40 for @), in case an error quotes them so.
     let decoded: Vec<String> =
@@ -345,5 +375,30 @@ mod tests {
             let said = scrub(&format!("failed at {url}: password s3cret refused"), url);
             assert!(!said.contains("s3cret") && !said.contains("s3%63ret"), "{url}: {said}");
         }
+    }
+
+    #[test]
+    fn a_password_with_a_slash_or_question_mark_not_encoded_stays_hidden() {
+        // Such a URL does not parse, and its error quotes it: the whole password is hidden.
+        for url in [
+            "redis://:pa/s3cret@127.0.0.1:1",
+            "redis://app:pa?s3cret@127.0.0.1:1/0?password=qu3ry",
+            "redis://:pa#s3cret@h",
+            "redis+sentinel://:pa/s3cret@h:1/m?sentinel_password=qu3ry",
+            "rediss+sentinel://h:1/m?sentinel_user=ops@corp&sentinel_password=qu3ry",
+            "https://SID:to/k3n@api.example.com/x",
+        ] {
+            let shown = redact(url);
+            for secret in ["s3cret", "qu3ry", "k3n"] {
+                assert!(!shown.contains(secret), "{url}: {shown}");
+                let said = scrub(&format!("invalid {url}: did not parse"), url);
+                assert!(!said.contains(secret), "{url}: {said}");
+            }
+        }
+        assert_eq!(redact("redis://:pa/s3cret@127.0.0.1:1"), "redis://:***@127.0.0.1:1");
+        // A well-formed URL is shown as before; an `@` in a query without a userinfo may hide
+        // more than a password (the side to err on).
+        assert_eq!(redact("redis://u:p@h:1/0?user=a@b"), "redis://u:***@h:1/0?user=a@b");
+        assert!(!redact("redis://h:1/0?user=a@b&password=qu3ry").contains("qu3ry"));
     }
 }

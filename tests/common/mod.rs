@@ -422,6 +422,22 @@ impl Client {
         reply
     }
 
+    /// Submits `job` (which has a deduplication key) until it is no longer a duplicate, each
+    /// duplicate answered with `done` (its first job's final line): the last `accepted`, and
+    /// the line after it.
+    pub fn submit_until_not_duplicate(&mut self, job: &str, done: &Value) -> (Value, Value) {
+        wait_for("the key to be free after dedup_ttl", || {
+            let accepted = self.submit(job);
+            match self.recv() {
+                r if r["event"] == "duplicate" => {
+                    assert_eq!(&self.recv(), done);
+                    None
+                }
+                r => Some((accepted, r)),
+            }
+        })
+    }
+
     /// Reads replies until the `done` or `failed` of `task_id`, returning it; other lines are
     /// collected in `others`.
     pub fn final_reply(&mut self, task_id: &Value, others: &mut Vec<Value>) -> Value {

@@ -1,0 +1,233 @@
+//! A round of the bridge's stores as one transaction whose outcome can be learnt afterwards.
+//!
+//! Each round has a marker key, watched on the bridge's connection before the round is sent
+//! (the previous round's pipeline ends with the WATCH of the next one's marker; a new
+//! connection sends one first, [`arm`]). The round runs in `MULTI` / … / `SET marker s` /
+//! `EXEC` (every key of a queue shares its hash tag, so a Cluster allows it), WAIT (when asked)
+//! after EXEC. Either all of a round is stored, with its marker, or none of it. When the answer
+//! is lost (a timeout, a dropped connection), [`settle`] asks Redis from a new connection: it
+//! sets the marker to "abandoned" if it is absent. The marker then exists either way, and was
+//! written after the WATCH: an EXEC of the round that reaches Redis only later does nothing.
+//! The answer of [`settle`] stays true for good.
+
+use redis::{Connection, Pipeline, RedisError, Value};
+
+/// How long a round's marker lives: far longer than a round can wait for its answer.
+pub const MARKER_TTL_MS: u64 = 120_000;
+/// The marker's value when the round was stored, and when [`settle`] gave it up.
+const STORED: &[u8] = b"s";
+const ABANDONED: &[u8] = b"x";
+
+/// What one try of a round came to.
+pub enum Tried {
+    /// Stored: the answers of the commands `kept` names, in order, then WAIT's (if asked).
+    Stored(Vec<Value>),
+    /// Stored, but some of its commands failed inside the transaction (the rest are stored).
+    Partly(RedisError),
+    /// Nothing of it was stored (EXEC said so).
+    Refused(RedisError),
+    /// The answer was lost: [`settle`] tells.
+    Unknown(RedisError),
+}
+
+/// Watches the marker of the next round on a connection that has none watched yet.
+pub fn arm(conn: &mut Connection, marker: &str) -> Result<(), RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("WATCH").arg(marker);
+    match exchange(conn, &pipe)?.pop() {
+        Some(Value::ServerError(e)) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Runs the commands of `cmds` as one transaction with `marker` (watched already), then WAIT
+/// for `wait` replicas (at most `wait_ms`), then watches `next`, the next round's marker.
+/// `kept[i]`: whether the answer of command `i` is wanted. Also whether `next` is watched.
+/// `answered`: the marker of an earlier round whose answer came, deleted in the transaction
+/// (nobody asks for it again), so that a bridge keeps about one marker in Redis.
+pub fn attempt(
+    conn: &mut Connection,
+    marker: &str,
+    next: &str,
+    answered: Option<&str>,
+    cmds: &Pipeline,
+    kept: &[bool],
+    wait: Option<(u32, u64)>,
+) -> (Tried, bool) {
+    let mut pipe = redis::pipe();
+    pipe.cmd("MULTI");
+    for cmd in cmds.cmd_iter() {
+        pipe.add_command(cmd.clone());
+    }
+    pipe.cmd("SET").arg(marker).arg(STORED).arg("PX").arg(MARKER_TTL_MS);
+    if let Some(old) = answered {
+        pipe.cmd("DEL").arg(old);
+    }
+    pipe.cmd("EXEC");
+    if let Some((replicas, ms)) = wait {
+        pipe.cmd("WAIT").arg(replicas).arg(ms);
+    }
+    pipe.cmd("WATCH").arg(next);
+    match exchange(conn, &pipe) {
+        Ok(mut replies) => {
+            let armed = matches!(replies.pop(), Some(Value::Okay));
+            (outcome(replies, cmds.len() + usize::from(answered.is_some()), kept, wait.is_some()), armed)
+        }
+        Err(e) => (Tried::Unknown(e), false),
+    }
+}
+
+/// Sends `pipe` and reads its replies, error replies among them, up to the first failed read
+/// (the client library's own reading waits for each reply of a pipeline in turn, so a hung
+/// Redis would hold a round for the reply timeout times its number of commands).
+pub fn exchange(conn: &mut Connection, pipe: &Pipeline) -> Result<Vec<Value>, RedisError> {
+    conn.send_packed_command(&pipe.get_packed_pipeline())?;
+    let mut replies = Vec::with_capacity(pipe.len());
+    while replies.len() < pipe.len() {
+        match conn.recv_response()? {
+            Value::Push { .. } => {}
+            v => replies.push(v),
+        }
+    }
+    Ok(replies)
+}
+
+/// Reads the replies of [`attempt`]'s pipeline but the last WATCH: MULTI, `n` QUEUED (the
+/// round's commands, and the DEL of an answered marker), the marker's QUEUED, EXEC, and WAIT
+/// if `waited`.
+fn outcome(mut replies: Vec<Value>, n: usize, kept: &[bool], waited: bool) -> Tried {
+    let exec_at = n + 2;
+    if replies.len() != exec_at + 1 + usize::from(waited) {
+        return Tried::Unknown(protocol("a transaction's replies are not as many as its commands"));
+    }
+    let wait = waited.then(|| replies.pop()).flatten();
+    let Some(exec) = replies.pop() else {
+        return Tried::Unknown(protocol("no EXEC reply"));
+    };
+    match exec {
+        Value::Array(results) if results.len() == n + 1 => {
+            if let Some(Value::ServerError(e)) = results.iter().find(|v| matches!(v, Value::ServerError(_))) {
+                return Tried::Partly(e.clone().into());
+            }
+            let mut answers: Vec<Value> = results
+                .into_iter()
+                .zip(kept.iter().chain(std::iter::repeat(&false)))
+                .filter(|(_, k)| **k)
+                .map(|(v, _)| v)
+                .collect();
+            answers.extend(wait);
+            Tried::Stored(answers)
+        }
+        // The watched marker changed: nothing ran (only [`settle`] of this round writes it).
+        Value::Nil => Tried::Refused(protocol("the round's marker changed before it was stored")),
+        // EXECABORT: a command was refused when queued (MOVED, ASK, TRYAGAIN, OOM, NOPERM, …);
+        // the first refusal says why.
+        Value::ServerError(e) => {
+            let first = replies.into_iter().find_map(|v| match v {
+                Value::ServerError(e) => Some(e),
+                _ => None,
+            });
+            Tried::Refused(first.unwrap_or(e).into())
+        }
+        _ => Tried::Unknown(protocol("EXEC's reply is not the transaction's")),
+    }
+}
+
+fn protocol(what: &'static str) -> RedisError {
+    RedisError::from((redis::ErrorKind::Client, "unexpected reply", what.to_string()))
+}
+
+/// Whether the round of `marker` was stored; after this, it never will be if it was not.
+pub fn settle(conn: &mut Connection, marker: &str) -> Result<bool, RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg(marker).arg(ABANDONED).arg("NX").arg("PX").arg(MARKER_TTL_MS);
+    pipe.cmd("GET").arg(marker);
+    let replies = exchange(conn, &pipe)?;
+    if let Some(Value::ServerError(e)) = replies.iter().find(|v| matches!(v, Value::ServerError(_))) {
+        return Err(e.clone().into());
+    }
+    replies.last().and_then(marked).ok_or_else(|| {
+        RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply",
+            format!("the round's marker {marker} holds a value taskd did not write"),
+        ))
+    })
+}
+
+/// The marker's value as [`settle`] read it: stored, abandoned, or (None) not taskd's.
+fn marked(value: &Value) -> Option<bool> {
+    let bytes: &[u8] = match value {
+        Value::BulkString(b) => b,
+        Value::SimpleString(s) => s.as_bytes(),
+        _ => return None,
+    };
+    match bytes {
+        STORED => Some(true),
+        ABANDONED => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok() -> Value {
+        Value::Okay
+    }
+
+    fn queued() -> Value {
+        Value::SimpleString("QUEUED".into())
+    }
+
+    #[test]
+    fn reads_a_stored_round_with_its_kept_answers_and_wait() {
+        let exec = Value::Array(vec![Value::Int(1), Value::BulkString(b"h 0 n 3".to_vec()), ok()]);
+        let replies = vec![ok(), queued(), queued(), queued(), exec, Value::Int(1)];
+        let Tried::Stored(answers) = outcome(replies, 2, &[false, true], true) else { panic!("not stored") };
+        assert_eq!(answers, vec![Value::BulkString(b"h 0 n 3".to_vec()), Value::Int(1)]);
+    }
+
+    fn error(text: &str) -> Value {
+        redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).expect("an error reply")
+    }
+
+    #[test]
+    fn an_aborted_round_stored_nothing_and_says_why() {
+        let replies = vec![
+            ok(),
+            error("MOVED 3999 127.0.0.1:7001"),
+            queued(),
+            error("EXECABORT Transaction discarded because of previous errors."),
+        ];
+        let Tried::Refused(e) = outcome(replies, 1, &[true], false) else { panic!("not refused") };
+        assert_eq!(e.code(), Some("MOVED"));
+    }
+
+    #[test]
+    fn a_command_failed_inside_the_transaction_is_partly() {
+        let exec = Value::Array(vec![error("WRONGTYPE Operation against a key"), ok()]);
+        let replies = vec![ok(), queued(), queued(), exec];
+        assert!(matches!(outcome(replies, 1, &[false], false), Tried::Partly(_)));
+    }
+
+    #[test]
+    fn a_short_or_odd_reply_is_unknown() {
+        assert!(matches!(outcome(vec![ok(), ok()], 2, &[], false), Tried::Unknown(_)));
+        let replies = vec![ok(), queued(), queued(), Value::Int(3)];
+        assert!(matches!(outcome(replies, 1, &[], false), Tried::Unknown(_)));
+        let replies = vec![ok(), queued(), queued(), Value::Nil];
+        assert!(matches!(outcome(replies, 1, &[], false), Tried::Refused(_)));
+    }
+
+    #[test]
+    fn only_taskds_marker_values_are_read() {
+        assert_eq!(marked(&Value::BulkString(b"s".to_vec())), Some(true));
+        assert_eq!(marked(&Value::BulkString(b"x".to_vec())), Some(false));
+        assert_eq!(marked(&Value::BulkString(b"s ".to_vec())), None);
+        assert_eq!(marked(&Value::BulkString(vec![b's'; 1 << 20])), None);
+        assert_eq!(marked(&Value::Nil), None);
+        assert_eq!(marked(&Value::Int(1)), None);
+    }
+}
