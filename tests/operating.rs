@@ -323,7 +323,9 @@ fn user_and_group_drop_privileges_in_the_pool_only() {
     assert_eq!(uid_of(daemon.pid), 0, "the master keeps root");
     for p in pool.iter().filter(|p| p.args.starts_with("taskd: worker") || p.args.starts_with("taskd: task"))
     {
-        assert_eq!(uid_of(p.pid), nobody.uid.as_raw(), "{} runs as nobody", p.args);
+        // A process has its title a moment before it drops root (before it runs anything).
+        let what = format!("{} to run as nobody", p.args);
+        wait_for(&what, || (uid_of(p.pid) == nobody.uid.as_raw()).then_some(()));
     }
     let mut client = daemon.connect();
     let accepted = client.submit("unprivileged@example.com");

@@ -389,8 +389,12 @@ fn task_node_runs_its_task_processes_as_the_user_and_refuses_what_it_does_not_ta
         (tasks.len() == 2).then_some(tasks)
     });
     assert_eq!(uid_of(manager), 0, "the node's manager keeps root, as the server's does");
+    // A task process is root for the moment between its fork and its drop (before any job):
+    // wait for the drop, which a process that never drops fails.
     for &pid in &tasks {
-        assert_eq!(uid_of(pid), nobody().uid.as_raw(), "task process {pid} runs the job code as nobody");
+        wait_for("the task process to run as nobody", || {
+            (uid_of(pid) == nobody().uid.as_raw()).then_some(())
+        });
     }
     assert_eq!(mode_and_owner(&outbox), (0o640, nobody().uid.as_raw()));
     assert_eq!(mode_and_owner(&log), (0o640, nobody().uid.as_raw()));
@@ -407,7 +411,8 @@ fn task_node_runs_its_task_processes_as_the_user_and_refuses_what_it_does_not_ta
     // root either, and the node works through it.
     let web = start_as_nobody(tmp.path(), &["--redis-url", &redis.url, "--node-id", "web"]);
     let bridge = wait_for("the redis bridge", || web.pids_of("taskd: redis bridge").first().copied());
-    assert_eq!(uid_of(bridge), nobody().uid.as_raw(), "the bridge runs as nobody");
+    // Named before it drops root (the title comes first): wait for the drop.
+    wait_for("the bridge to run as nobody", || (uid_of(bridge) == nobody().uid.as_raw()).then_some(()));
     let mut client = web.connect();
     let accepted = client.submit(&job("web@example.com", 0));
     assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
