@@ -906,6 +906,27 @@ fn a_priority_stream_made_a_string_by_someone_is_left_out_and_the_others_run_unt
 }
 
 #[test]
+fn a_node_that_finds_a_job_stream_of_another_type_at_start_names_the_key() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let url = redis.url.clone();
+    let start = || Daemon::try_start(&["--redis-url", &url, "--node-id", "web-1"]);
+    for (key, kind) in [("{taskd}:jobs#low", "string"), ("{taskd}:jobs", "string")] {
+        let _: () = redis.query(&["SET", key, "not a stream"]);
+        let Err((status, log)) = start() else { panic!("started with {key} a {kind}") };
+        assert!(
+            log.contains(&format!("{key} (a {kind}) is not a stream (someone else wrote it)")),
+            "{status}: {log}"
+        );
+        let _: i64 = redis.query(&["DEL", key]);
+    }
+    // Mended: it starts and runs a low job.
+    let web = start().unwrap_or_else(|(status, log)| panic!("{status}: {log}"));
+    let mut c = web.connect();
+    let low = c.submit(r#"{"type":"sms","to":"+15550002222","priority":"low","simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&low["task_id"], &mut Vec::new())["event"], "done");
+}
+
+#[test]
 fn a_job_whose_stream_is_made_a_string_while_it_runs_is_answered_and_the_others_still_run() {
     let Some(redis) = common::durable::Redis::start() else { return };
     let web = web(&redis, "web-1", &["--task-worker-num", "1"]);

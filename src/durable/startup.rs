@@ -39,8 +39,15 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
         tracing::warn!("{warning}");
     }
     take_lease(&mut conn, d, &lease_token(std::process::id()))?;
-    ensure_group(&mut conn, &d.keys)
-        .map_err(|e| format!("cannot create the consumer group: {}", redis_io::describe(&e)))?;
+    ensure_group(&mut conn, &d.keys).map_err(|e| {
+        match super::wrong_type::name_them(&mut conn, std::slice::from_ref(&d.keys.jobs), &e) {
+            Some(key) => format!(
+                "cannot create the consumer group: {key} is not a stream (someone else wrote it); \
+                 delete it, or make it a stream, and start again"
+            ),
+            None => format!("cannot create the consumer group: {}", redis_io::describe(&e)),
+        }
+    })?;
     let epoch: u64 = redis::cmd("INCR")
         .arg(&d.keys.epoch)
         .query(&mut conn)
@@ -52,8 +59,16 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
         .into_iter()
         .flat_map(|p| lanes.iter().map(move |lane| d.keys.stream(*lane, p)))
         .collect();
-    let jobs = own_jobs(&mut conn, &d.keys, &streams, &d.node)
-        .map_err(|e| format!("cannot read the job stream: {}", redis_io::describe(&e)))?;
+    let jobs =
+        own_jobs(&mut conn, &d.keys, &streams, &d.node).map_err(|e| {
+            match super::wrong_type::name_them(&mut conn, &streams, &e) {
+                Some(keys) => format!(
+                    "cannot read the job streams: {keys} is not a stream (someone else wrote it); \
+                 delete it, or make it a stream, and start again"
+                ),
+                None => format!("cannot read the job stream: {}", redis_io::describe(&e)),
+            }
+        })?;
     let results = kept_results(&mut conn, &d.keys)
         .map_err(|e| format!("cannot read kept results: {}", redis_io::describe(&e)))?;
     // After the job stream: a job that finishes between the two reads is in both (and its

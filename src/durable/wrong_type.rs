@@ -87,6 +87,26 @@ impl WrongTyped {
     }
 }
 
+/// For an error at start: which of `streams` are keys of another type, as `KEY (a TYPE)`, when
+/// `e` is Redis's WRONGTYPE (which names no key); None otherwise or when none is found.
+pub fn name_them(conn: &mut Connection, streams: &[String], e: &redis::RedisError) -> Option<String> {
+    if e.code() != Some("WRONGTYPE") {
+        return None;
+    }
+    let mut pipe = redis::pipe();
+    for stream in streams {
+        pipe.cmd("TYPE").arg(stream);
+    }
+    let types: Vec<String> = pipe.query(conn).ok()?;
+    let wrong: Vec<String> = streams
+        .iter()
+        .zip(types)
+        .filter(|(_, kind)| kind != "stream" && kind != "none")
+        .map(|(stream, kind)| format!("{stream} (a {kind})"))
+        .collect();
+    (!wrong.is_empty()).then(|| wrong.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
