@@ -115,21 +115,8 @@ pub fn push_str(out: &mut Vec<u8>, s: &str) {
 
 /// The index, from `at` on, of the first byte that JSON escapes (below 0x20, `"`, `\`), or
 /// `bytes.len()`.
-fn next_to_escape(bytes: &[u8], mut at: usize) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    // Whether any byte of a word is zero (exact as a yes or no), the classic bit trick.
-    let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w & HIGH != 0;
-    while let Some(chunk) = bytes.get(at..at + 8) {
-        let mut word = [0u8; 8];
-        word.copy_from_slice(chunk);
-        let w = u64::from_le_bytes(word);
-        let low = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
-        if low || zero_byte(w ^ (ONES * u64::from(b'"'))) || zero_byte(w ^ (ONES * u64::from(b'\\'))) {
-            break;
-        }
-        at += 8;
-    }
+fn next_to_escape(bytes: &[u8], at: usize) -> usize {
+    let mut at = crate::log_format::clean_words(bytes, at, b'"', b'\\');
     while at < bytes.len() && !matches!(bytes[at], 0..=0x1f | b'"' | b'\\') {
         at += 1;
     }

@@ -112,7 +112,19 @@ pub fn push_escaped(out: &mut String, text: &str) {
 
 /// The index, from `at` on, of the first byte below 0x20, 0x7f or 0xc2 (the bytes a control
 /// character may start with), or `bytes.len()`.
-fn next_suspect(bytes: &[u8], mut at: usize) -> usize {
+fn next_suspect(bytes: &[u8], at: usize) -> usize {
+    let mut at = clean_words(bytes, at, 0x7f, 0xc2);
+    while at < bytes.len() && !matches!(bytes[at], 0..=0x1f | 0x7f | 0xc2) {
+        at += 1;
+    }
+    at
+}
+
+/// Skips, from `at`, whole 8-byte words with no byte below 0x20 and none equal to `a` or `b`:
+/// the index of the first word that has one (or of the last, short, stretch). The callers look
+/// at the bytes from there one by one. Shared by the log line's and the JSON line's escaping.
+#[inline]
+pub(crate) fn clean_words(bytes: &[u8], mut at: usize, a: u8, b: u8) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // Whether any byte of a word is zero (exact as a yes or no), the classic bit trick.
@@ -121,15 +133,12 @@ fn next_suspect(bytes: &[u8], mut at: usize) -> usize {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
         let w = u64::from_le_bytes(word);
-        // A byte below 0x20 (exact for any bound up to 0x80); a byte equal to 0x7f or 0xc2.
+        // A byte below 0x20 (exact for any bound up to 0x80); a byte equal to `a` or `b`.
         let low = w.wrapping_sub(ONES * 0x20) & !w & HIGH != 0;
-        if low || zero_byte(w ^ (ONES * 0x7f)) || zero_byte(w ^ (ONES * 0xc2)) {
+        if low || zero_byte(w ^ (ONES * u64::from(a))) || zero_byte(w ^ (ONES * u64::from(b))) {
             break;
         }
         at += 8;
-    }
-    while at < bytes.len() && !matches!(bytes[at], 0..=0x1f | 0x7f | 0xc2) {
-        at += 1;
     }
     at
 }
