@@ -113,6 +113,20 @@ impl Fair {
             got[p] = by_priority[p].len();
         }
         self.learn(counts, got);
+        // Shares left by priorities that ran dry go to one that filled its own, in one more
+        // read (only then): a consumer that woke with work of one priority takes its window
+        // of it, not that priority's share of it.
+        let short = want.max(1).saturating_sub(got.iter().sum());
+        let full = read.iter().find(|(p, _)| counts[*p] > 0 && got[*p] >= counts[*p]);
+        if let Some((p, streams)) = full.filter(|_| short > 0 && got.iter().sum::<usize>() > 0) {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(short).arg("STREAMS").arg(streams);
+            for _ in streams {
+                cmd.arg(">");
+            }
+            let more: Value = cmd.query(conn)?;
+            by_priority[*p].extend(redis_io::read_streams(more));
+        }
         // Run in the order of the picks (a low job is not last of its window), then what a
         // read brought beyond its picks (one per lane).
         let mut out = Vec::with_capacity(got.iter().sum());
