@@ -4,6 +4,11 @@
 use super::*;
 use crate::ipc::envelope::Message;
 
+/// At most this many jobs of one connection in a row go to one task process (see
+/// `dispatch_jobs`): enough for a few lines of each of a thousand clients, few enough that a
+/// client that sends a long burst still has it spread over the pool.
+const SESSION_RUN: usize = 8;
+
 impl<A: Application> Master<'_, A> {
     pub(super) fn read_worker(&mut self, i: usize) {
         if let Err(e) = self.workers[i].chan.fill() {
@@ -475,15 +480,30 @@ impl<A: Application> Master<'_, A> {
                 self.run_on(j, task_id);
             }
         }
+        // The task process the previous job went to, its session, and how many of that
+        // session's jobs in a row it took.
+        let mut last: Option<(usize, u64, usize)> = None;
         while let Some(task_id) = self.jobs.front() {
-            let best = self
-                .tasks
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.accepts_work() && t.books.inflight.len() < t.books.room(prefetch))
-                .min_by_key(|(_, t)| t.books.inflight.len())
-                .map(|(j, _)| j);
-            let Some(j) = best else { return };
+            let has_room = |t: &TaskSlot| t.accepts_work() && t.books.inflight.len() < t.books.room(prefetch);
+            let session = self.jobs.get(task_id).map_or(0, |job| job.session);
+            // A connection's jobs read together run together (up to SESSION_RUN of them): their
+            // `done` lines come back in one frame and leave in one write, where spread over
+            // every task process they came back in as many turns and writes.
+            let together = last
+                .filter(|&(j, s, n)| {
+                    s == session && session != 0 && n < SESSION_RUN && has_room(&self.tasks[j])
+                })
+                .map(|(j, _, n)| (j, n + 1));
+            let best = together.or_else(|| {
+                self.tasks
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, t)| has_room(t))
+                    .min_by_key(|(_, t)| t.books.inflight.len())
+                    .map(|(j, _)| (j, 1))
+            });
+            let Some((j, n)) = best else { return };
+            last = Some((j, session, n));
             self.jobs.pop_front();
             self.run_on(j, task_id);
         }
