@@ -5,7 +5,8 @@
 # N more (default 100,000) over C connections with W in flight on each (CW="C W", default
 # "8 64"). Also counts the context switches (wake-ups) of each kind. With LOADGEN=SECONDS, the
 # load generator (target/release/examples/loadgen) is the client instead, for that long, and its
-# own calls are counted too (row "client").
+# own calls are counted too (row "client"). The first column is CPU time (task-clock), in µs
+# per job.
 #   CW="1000 8" benches/syscalls.sh [N] [taskd flags, e.g. --log-level warn]
 # Needs perf (tracepoints, no hardware counters) and python3; a release build of taskd.
 set -euo pipefail
@@ -31,7 +32,7 @@ python3 benches/exact_jobs.py "$addr" 1000 "$conns" "$window" >/dev/null
 pids="$(ps -eo pid=,ppid= | awk -v m="$tpid" '$1 == m || $2 == m {print $1}')"
 pids="$pids $(ps -eo pid=,ppid= | awk -v p="$(echo $pids | tr ' ' '|')" '$2 ~ "^(" p ")$" {print $1}')"
 pids="$(echo $pids | tr ' ' '\n' | sort -un | paste -sd,)"
-events=raw_syscalls:sys_enter,context-switches
+events=task-clock,raw_syscalls:sys_enter,context-switches
 for s in read write recvfrom sendto epoll_wait epoll_pwait epoll_ctl sched_yield; do events="$events,syscalls:sys_enter_$s"; done
 perf stat --per-thread -x, -e "$events" -p "$pids" -o "$work/perf" &
 ppid=$!
@@ -59,10 +60,11 @@ awk -F, -v n="$n" '
   /^[^#]/ && NF > 3 {
     split($1, t, "-"); pid = t[length(t)]; r = role[pid]; if (r == "") next
     ev = $4; sub(/^syscalls:sys_enter_/, "", ev); sub(/^raw_syscalls:sys_enter/, "all syscalls", ev)
-    sum[r, ev] += $2 + 0; evs[ev] = 1; roles[r] = 1
+    # task-clock is in ms: shown in µs per job
+    sum[r, ev] += (ev == "task-clock" ? 1000 * $2 : $2 + 0); evs[ev] = 1; roles[r] = 1
   }
   END {
-    ne = split("all syscalls,context-switches,recvfrom,sendto,read,write,epoll_wait,epoll_pwait,epoll_ctl,sched_yield", e, ",")
+    ne = split("task-clock,all syscalls,context-switches,recvfrom,sendto,read,write,epoll_wait,epoll_pwait,epoll_ctl,sched_yield", e, ",")
     printf "%-8s", "kind"; for (i = 1; i <= ne; i++) printf " %12s", e[i]; printf "\n"
     nr = split("master,worker,task,manager,client", rs, ",")
     for (k = 1; k <= nr; k++) { r = rs[k]; if (!(r in roles)) continue

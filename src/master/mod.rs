@@ -527,6 +527,12 @@ impl<'a, A: Application> Master<'a, A> {
         self.release_delayed();
         self.run_schedules();
         self.dispatch_jobs();
+        // The pool first: a worker or task process starts on its work while the master writes
+        // to the clients (a TCP write to a local client also runs its receiving side, and
+        // an `accepted` line written before the task's job would delay the job by as much).
+        // Order per client is kept all the same: what the pool answers is read next turn.
+        // Closing a connection tells its worker: that goes out at once too (the second flush).
+        self.flush_channels();
         self.flush_conns();
         self.flush_channels();
         match self.phase {
