@@ -630,7 +630,8 @@ fn renew_if_asked(link: &mut Link<'_>, token: &str, asked: &mut bool, out: &Mast
 }
 
 fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: String) {
-    let mut conn: Option<Connection> = None;
+    // Its replies are read by taskd's own parser where the URL allows (see `super::hot`).
+    let mut conn: Option<super::hot::HotConn> = None;
     let mut backoff = RETRY_MIN;
     // On from what the master read before it served: everything up to there, it acted on.
     let mut last = from;
@@ -639,7 +640,7 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
     loop {
         let c = match conn.as_mut() {
             Some(c) => c,
-            None => match redis_io::connect(&d.url, None) {
+            None => match redis_io::connect_hot(&d.url, None) {
                 Ok(c) => {
                     backoff = RETRY_MIN;
                     conn.insert(c)
@@ -704,7 +705,7 @@ const DEPTHS_EVERY: Duration = Duration::from_secs(1);
 /// of the main job stream and of each lane this node routes jobs to, each over its three
 /// priorities' streams, and of every priority over them (waiting or running: a finished job's
 /// entry is deleted). A lane that no node's handler runs grows here.
-fn depths(conn: &mut Connection, d: &Durable) -> redis::RedisResult<String> {
+fn depths(conn: &mut dyn redis::ConnectionLike, d: &Durable) -> redis::RedisResult<String> {
     let lanes: Vec<Option<&str>> =
         std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
     let mut pipe = redis::pipe();

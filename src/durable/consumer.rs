@@ -30,11 +30,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Connection, Value};
+use redis::{Connection, ConnectionLike, Value};
 
 use super::dedup;
 use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::heartbeat::Pulse;
+use super::hot::HotConn;
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::startup::{delivery_counts, ensure_group_of};
@@ -159,6 +160,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         d,
         me,
         conn: None,
+        hot: None,
         recovering: true,
         next_sweep: Instant::now() + jitter(d.claim_after / 2),
         cursors: HashMap::new(),
@@ -363,6 +365,9 @@ struct Consumer<'a> {
     d: &'a Durable,
     me: String,
     conn: Option<Connection>,
+    /// The connection of its reads of new jobs and its writes of outcomes (see
+    /// [`super::hot`]), opened after `conn` (which made the groups), dropped with it.
+    hot: Option<HotConn>,
     /// Reading back its own pending entries (after a start or a reconnect).
     recovering: bool,
     next_sweep: Instant,
@@ -406,10 +411,30 @@ impl Consumer<'_> {
                 ensure_group_of(&mut conn, &stream)?;
             }
             self.conn = Some(conn);
+            self.hot = None;
             self.recovering = true;
             self.backoff = Duration::from_millis(100);
         }
         Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Its connection for the commands of every job (see [`Consumer::hot`]); like `conn`, with no
+    /// reply limit (it blocks in XREADGROUP) and named.
+    fn hot(&mut self) -> redis::RedisResult<&mut HotConn> {
+        self.conn()?;
+        if self.hot.is_none() {
+            let mut hot = redis_io::connect_hot(&self.d.url, None)?;
+            let name = format!("{CLIENT_PREFIX}{}", self.me);
+            let named: redis::RedisResult<()> =
+                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut hot);
+            if let Err(e) = named {
+                if is_connection_error(&e) {
+                    return Err(e);
+                }
+            }
+            self.hot = Some(hot);
+        }
+        Ok(self.hot.as_mut().expect("connected above"))
     }
 
     fn lost(&mut self, e: &redis::RedisError) {
@@ -421,11 +446,13 @@ impl Consumer<'_> {
             // The group is gone (Redis lost its data, or someone deleted it): make it again.
             tracing::error!("the consumer group of {} is gone: {e}; creating it again", self.d.keys.jobs);
             self.conn = None;
+            self.hot = None;
         } else if is_connection_error(e) {
             if self.conn.is_some() {
                 tracing::warn!("lost Redis at {}: {}; reconnecting", self.d.shown, redis_io::describe(e));
             }
             self.conn = None;
+            self.hot = None;
         } else {
             tracing::error!("Redis refused a command: {e}");
             // What it read or claimed before the error is pending under its name: read it back.
@@ -501,6 +528,9 @@ impl Consumer<'_> {
         let (d, me) = (self.d, self.me.clone());
         let recovering = self.recovering;
         let sweep = Instant::now() >= self.next_sweep;
+        if !recovering && !sweep {
+            self.hot()?;
+        }
         let mut fair = self.fair;
         let streams = self.wrong.keep(d.streams());
         let wrong = &self.wrong;
@@ -528,10 +558,11 @@ impl Consumer<'_> {
             got
         } else {
             fresh = true;
+            let hot = self.hot.as_mut().expect("connected above");
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(conn, d, &me, count, |s| wrong.reads(s))?;
+            let got = fair.take(hot, d, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
-                let woke = read_group(conn, &streams, &me, 1, Some(BLOCK_MS), ">")?;
+                let woke = read_group(hot, &streams, &me, 1, Some(BLOCK_MS), ">")?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -666,7 +697,7 @@ impl Consumer<'_> {
         }
         let d = self.d;
         let unsent = std::mem::take(&mut self.unsent);
-        let stored = self.conn().and_then(|conn| store(conn, d, &unsent));
+        let stored = self.hot().and_then(|hot| store(hot, d, &unsent));
         if stored.is_err() {
             self.unsent = unsent;
         }
@@ -678,7 +709,7 @@ impl Consumer<'_> {
 /// MULTI so that a job is never answered without being removed, or the reverse; a job to run
 /// later is parked (see [`PARK`]) in the same MULTI, with its `retrying` notice.
 pub(super) fn store(
-    conn: &mut Connection,
+    conn: &mut dyn ConnectionLike,
     d: &Durable,
     completions: &[Completion],
 ) -> redis::RedisResult<()> {
@@ -889,7 +920,7 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
 /// from `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a
 /// read may bring a little more than one window.
 fn read_group(
-    conn: &mut Connection,
+    conn: &mut dyn ConnectionLike,
     streams: &[String],
     me: &str,
     count: usize,
