@@ -944,3 +944,73 @@ fn a_job_whose_stream_is_made_a_string_while_it_runs_is_answered_and_the_others_
     let kind: String = redis.query(&["TYPE", "{taskd}:jobs#low"]);
     assert_eq!(kind, "string", "left as it was found");
 }
+
+#[test]
+fn a_job_whose_stream_someone_made_a_string_fails_alone_and_the_rest_of_its_round_is_accepted_and_runs_once()
+{
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "2"]);
+    let mut clients: Vec<Client> = (0..3).map(|_| web.connect()).collect();
+    let sms = |n: usize, priority: &str| {
+        format!("{{\"type\":\"sms\",\"to\":\"+1555{n:07}\",\"priority\":\"{priority}\",\"simulate_ms\":0}}\n")
+    };
+    // A flow of jobs: three writes of ten from each client. Before the second, someone makes
+    // the low stream a string; each client's second write has one low job among nine normal
+    // ones, read in one turn and stored in one round with them (and with other clients').
+    for write in 0..3 {
+        if write == 1 {
+            let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+            let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+        }
+        for (k, c) in clients.iter_mut().enumerate() {
+            let lines: String = (0..10)
+                .map(|j| sms(write * 100 + k * 10 + j, if write == 1 && j == 5 { "low" } else { "normal" }))
+                .collect();
+            c.send_raw(lines.as_bytes());
+        }
+    }
+    let mut ran = Vec::new();
+    for c in &mut clients {
+        let (mut accepted, mut done, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        while done.len() < 29 || failed.is_empty() {
+            let v = c.recv();
+            let id = v["task_id"].as_u64().unwrap_or_else(|| panic!("{v}"));
+            match v["event"].as_str() {
+                Some("accepted") => {
+                    assert!(!accepted.contains(&id), "{v}");
+                    accepted.push(id);
+                }
+                Some("done") => {
+                    assert!(
+                        accepted.contains(&id) && !done.contains(&id),
+                        "done, not accepted or twice: {v}"
+                    );
+                    done.push(id);
+                }
+                Some("failed") => {
+                    // Only the job that was not stored fails, and it was never `accepted`.
+                    assert!(failed.is_empty() && !accepted.contains(&id), "{v}");
+                    let error = v["error"].as_str().unwrap_or_default();
+                    assert!(
+                        error.contains("will not run: {taskd}:jobs#low is a string key, not a stream"),
+                        "{v}"
+                    );
+                    failed.push(id);
+                }
+                _ => panic!("{v}"),
+            }
+        }
+        assert_eq!(accepted.len(), 29);
+        ran.extend(done);
+        ran.push(failed[0]);
+    }
+    // Every job answered `done` ran once; the one that failed never did.
+    let outbox = web.outbox_lines();
+    for (i, id) in ran.iter().enumerate() {
+        let runs = outbox.iter().filter(|l| l["task_id"].as_u64() == Some(*id)).count();
+        let want = usize::from(i % 30 != 29);
+        assert_eq!(runs, want, "job {id} ran {runs} times");
+    }
+    let kind: String = redis.query(&["TYPE", "{taskd}:jobs#low"]);
+    assert_eq!(kind, "string", "left as it was found");
+}

@@ -304,18 +304,30 @@ fn store_loop(
             renew_if_asked(&mut link, &token, &mut renew, out);
             continue;
         }
-        // Jobs not stored because another holds their key: said before their batch's end.
+        // Jobs not stored because another holds their key, or because their command failed
+        // inside the round: said before their batch's end.
         let mut dups = Vec::new();
+        let mut failed = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
-            Ok(_) => match store_once(&mut link, &items, &keeps, &trims) {
+            Ok(_) => match store_once(&mut link, &items, &keeps, &trims, &mut failed) {
                 Ok(replies) => {
+                    // Each job of a round answered as it is: the ones whose command failed
+                    // are not stored, and said so alone; the others are.
+                    let (stored, replies) = match failed.is_empty() {
+                        true => (None, replies),
+                        false => {
+                            let (stored, replies) = refused(&mut link, &items, replies, &failed, &mut dups);
+                            (Some(stored), replies)
+                        }
+                    };
+                    let stored = stored.as_deref().unwrap_or(&items);
                     // The claims' answers come first, in the order of their jobs
                     // (see `answered`): who claimed each tick, then each key.
-                    let (ticks, keys) = answered(&items, &replies);
-                    ticks::answers(d, &items, &ticks, &mut tick_answers);
-                    duplicates(d, &items, &keys, &mut watches, &mut dups);
-                    Ok(replicated(d, &items, &replies, &mut short))
+                    let (ticks, keys) = answered(stored, &replies);
+                    ticks::answers(d, stored, &ticks, &mut tick_answers);
+                    duplicates(d, stored, &keys, &mut watches, &mut dups);
+                    Ok(replicated(d, stored, &replies, &mut short))
                 }
                 Err(text) => Err(text),
             },
@@ -347,6 +359,91 @@ fn store_loop(
         }
         renew_if_asked(&mut link, &token, &mut renew, out);
     }
+}
+
+/// The jobs of a stored round whose command failed inside it (`failed`, by index in the round:
+/// one command per job, in order, then the kept results and the deletions, see `pipeline`):
+/// each gets a [`FromBridge::NotStored`] in `frames`, which says which of its keys is of
+/// another type when it can. Every command of a round fails before its first write (a script
+/// checks the types it writes to first), so such a job is in no stream, and will not run.
+/// Returns the round's other jobs, and the answers (`replies`) without the failed ones'.
+/// A failed result kept or deletion is logged and not tried again (it would fail again).
+fn refused(
+    link: &mut Link<'_>,
+    items: &[Item],
+    replies: Vec<Value>,
+    failed: &[(usize, redis::RedisError)],
+    frames: &mut Vec<u8>,
+) -> (Vec<Item>, Vec<Value>) {
+    let d = link.d;
+    let mut stored = Vec::with_capacity(items.len());
+    let mut answers = replies.into_iter();
+    let mut kept = Vec::with_capacity(failed.len());
+    let mut jobs = 0;
+    for item in items {
+        let Item::Store { task_id, tick, key, .. } = item else {
+            stored.push(item.clone());
+            continue;
+        };
+        let error = failed.iter().find(|(i, _)| *i == jobs).map(|(_, e)| e);
+        jobs += 1;
+        let answer = if tick.is_some() || key.is_some() { answers.next() } else { None };
+        let Some(e) = error else {
+            stored.push(item.clone());
+            kept.extend(answer);
+            continue;
+        };
+        let named = match link.get() {
+            Ok(conn) => wrong_keys(conn, d, item),
+            Err(_) => None,
+        };
+        let why = match named {
+            Some(keys) => format!(
+                "not stored in Redis, so it will not run: {keys} (someone else wrote it); delete it \
+                 and submit the job again"
+            ),
+            None => format!("not stored in Redis, so it will not run: {}", redis_io::describe(e)),
+        };
+        tracing::error!("redis bridge: job {task_id} {why}; the other jobs of its round were stored");
+        FromBridge::NotStored { task_id: *task_id, why: why.as_bytes() }.encode(frames);
+    }
+    for (i, e) in failed.iter().filter(|(i, _)| *i >= jobs) {
+        tracing::error!(
+            "redis bridge: a kept result or a deletion of handled replies failed ({}): {}; not tried again",
+            i - jobs,
+            redis_io::describe(e)
+        );
+    }
+    kept.extend(answers);
+    (stored, kept)
+}
+
+/// The keys job `item` writes that are of another type than taskd writes there, as
+/// `KEY is a TYPE key, not a WANTED`; None when none is (or they cannot be read).
+fn wrong_keys(conn: &mut Connection, d: &Durable, item: &Item) -> Option<String> {
+    let Item::Store { run_at_ms, data, priority, tick, key, .. } = item else { return None };
+    let mut keys: Vec<(String, &[&str])> = vec![(d.stream_of(data, *priority), &["stream"])];
+    if *run_at_ms > 0 {
+        keys.push((d.keys.delayed.clone(), &["zset"]));
+    }
+    if let Some(claim) = tick {
+        keys.push((d.keys.tick(&claim.name, claim.tick_ms), &["string"]));
+    }
+    if let Some((hex, _)) = key {
+        keys.push((d.keys.dedup(hex), &["string"]));
+    }
+    let mut pipe = redis::pipe();
+    for (k, _) in &keys {
+        pipe.cmd("TYPE").arg(k);
+    }
+    let types: Vec<String> = pipe.query(conn).ok()?;
+    let wrong: Vec<String> = keys
+        .iter()
+        .zip(types)
+        .filter(|((_, want), kind)| kind != "none" && !want.contains(&kind.as_str()))
+        .map(|((k, want), kind)| format!("{k} is a {kind} key, not a {}", want.join(" or ")))
+        .collect();
+    (!wrong.is_empty()).then(|| wrong.join(", and "))
 }
 
 /// Calls of a cancel's script per turn of the bridge (each looks at up to 500 queued jobs).
@@ -396,11 +493,14 @@ impl Link<'_> {
 /// error only when none of it was stored, nor ever will be (see [`super::round`]). A round
 /// that Redis refused for a lost connection or a moving Cluster slot is tried again, as a new
 /// round with the same task ids, for [`STORE_AGAIN_FOR`].
+/// `failed`: the commands that failed inside a stored round (by their index in it, see
+/// `pipeline`), which stored nothing of theirs; the rest of the round is stored.
 fn store_once(
     link: &mut Link<'_>,
     items: &[Item],
     keeps: &[(u64, Vec<u8>)],
     trims: &[Vec<u8>],
+    failed: &mut Vec<(usize, redis::RedisError)>,
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
     let (cmds, kept) = pipeline(d, items, keeps, trims);
@@ -443,16 +543,12 @@ fn store_once(
                 link.answered = Some(marker);
                 return Ok(replies);
             }
-            super::round::Tried::Partly(e) => {
-                link.answered = Some(marker);
+            super::round::Tried::Partly(replies, mut errors) => {
                 // A key not of its type (written by someone else) failed its command alone:
-                // the rest of the round is stored, and its batch's answer cannot say which.
-                tracing::error!(
-                    "redis bridge: a command of a stored round failed: {}; its batch is answered \
-                     as failed, but its other jobs were stored",
-                    redis_io::describe(&e)
-                );
-                return Err(format!("could not store the job in Redis: {}", redis_io::describe(&e)));
+                // the rest of the round is stored (see `refused`).
+                link.answered = Some(marker);
+                failed.append(&mut errors);
+                return Ok(replies);
             }
             super::round::Tried::Refused(e) => e,
             super::round::Tried::Unknown(e) => {
