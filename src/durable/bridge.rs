@@ -559,7 +559,7 @@ fn store_once(
                 match settle_round(link, &marker) {
                     Ok(true) => {
                         link.answered = Some(marker);
-                        return recovered(link, items, wait);
+                        return recovered(link, items, wait, failed);
                     }
                     Ok(false) => {
                         tracing::warn!("redis bridge: {lost}; the round was not stored, and never will be");
@@ -608,15 +608,26 @@ fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
 /// The answers of a round that was stored but whose answers were lost: the claims again (a
 /// claim of a job already stored answers as stored, and stores nothing), then WAIT, from this
 /// connection (WAIT counts every write Redis had when it is asked). If Redis is lost again,
-/// the claims count as stored and WAIT as no replica.
-fn recovered(link: &mut Link<'_>, items: &[Item], wait: Option<(u32, u64)>) -> Result<Vec<Value>, String> {
+/// the claims count as stored and WAIT as no replica. A claim that fails again failed in the
+/// round too (one that had stored its job answers 1 before it writes or reads anything else):
+/// its job is in `failed`, as [`store_once`] says. (A job of the round without a claim whose
+/// XADD failed cannot be told: it counts as stored.)
+fn recovered(
+    link: &mut Link<'_>,
+    items: &[Item],
+    wait: Option<(u32, u64)>,
+    failed: &mut Vec<(usize, redis::RedisError)>,
+) -> Result<Vec<Value>, String> {
     let d = link.d;
-    // The claims (of a key, of a tick) are the only answers wanted: sent again alone.
-    let keyed: Vec<Item> = items
+    // The claims (of a key, of a tick) are the only answers wanted: sent again alone. With
+    // each, its job's index in the round.
+    let (at, keyed): (Vec<usize>, Vec<Item>) = items
         .iter()
-        .filter(|i| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
-        .cloned()
-        .collect();
+        .filter(|i| matches!(i, Item::Store { .. }))
+        .enumerate()
+        .filter(|(_, i)| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
+        .map(|(n, i)| (n, i.clone()))
+        .unzip();
     let (mut again, _) = pipeline(d, &keyed, &[], &[]);
     if let Some((replicas, ms)) = wait {
         again.cmd("WAIT").arg(replicas).arg(ms);
@@ -631,7 +642,14 @@ fn recovered(link: &mut Link<'_>, items: &[Item], wait: Option<(u32, u64)>) -> R
             super::round::exchange(conn, &again).map_err(|e| (redis_io::describe(&e), Some(e)))
         });
         match tried {
-            Ok(replies) => return Ok(replies),
+            Ok(replies) => {
+                for (n, reply) in at.iter().zip(&replies) {
+                    if let Value::ServerError(e) = reply {
+                        failed.push((*n, e.clone().into()));
+                    }
+                }
+                return Ok(replies);
+            }
             Err((why, e)) => {
                 if let Some(e) = &e {
                     link.failed(e);
