@@ -182,8 +182,8 @@ fn store_loop(
     let mut trims: Vec<Vec<u8>> = Vec::new();
     let mut keeps: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
-    // The error of a round that stored part of the batch still open.
-    let mut open_error: Option<String> = None;
+    // The batch still open (its end not read yet), over the rounds of its jobs so far.
+    let mut open = OpenBatch::new();
     // The time of the next job to store, from the `StoreAt` frame right before it; its
     // priority and its tick, from the frames before it.
     let mut next_at: Option<(u64, u64)> = None;
@@ -193,8 +193,6 @@ fn store_loop(
     let mut next_key: Option<(u64, String, u64)> = None;
     let mut watches = super::dedup::Watches::default();
     let mut cancels: std::collections::VecDeque<super::cancel::Cancel> = Default::default();
-    // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
-    let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
     let mut tick_answers = Vec::new();
     loop {
@@ -337,15 +335,8 @@ fn store_loop(
         acks.extend(dups);
         for item in items.drain(..) {
             match item {
-                Item::Store { .. } => match &outcome {
-                    Err(e) => open_error = Some(e.clone()),
-                    Ok(replicas) => open_replicas = open_replicas.min(*replicas),
-                },
-                Item::End(batch) => {
-                    let error = open_error.take().unwrap_or_default();
-                    let replicas = std::mem::replace(&mut open_replicas, FromBridge::ALL_REPLICAS);
-                    FromBridge::Stored { batch, replicas, error: error.as_bytes() }.encode(&mut acks);
-                }
+                Item::Store { task_id, .. } => open.job(task_id, &outcome),
+                Item::End(batch) => open.end(batch, &mut acks),
             }
         }
         // Kept results and deletions are idempotent: on failure they wait for the next round.
@@ -444,6 +435,54 @@ fn wrong_keys(conn: &mut Connection, d: &Durable, item: &Item) -> Option<String>
         .map(|((k, want), kind)| format!("{k} is a {kind} key, not a {}", want.join(" or ")))
         .collect();
     (!wrong.is_empty()).then(|| wrong.join(", and "))
+}
+
+/// The batch whose end the bridge has not read yet: its jobs may come in more than one read of
+/// the master's channel, and so be stored by more than one round.
+struct OpenBatch {
+    /// Some of its jobs were stored (by a round that was).
+    stored: bool,
+    /// Its jobs of rounds that stored nothing, with why.
+    failed: Vec<(u64, String)>,
+    /// The fewest replicas WAIT confirmed for a round of it, when short.
+    replicas: u32,
+}
+
+impl OpenBatch {
+    fn new() -> OpenBatch {
+        OpenBatch { stored: false, failed: Vec::new(), replicas: FromBridge::ALL_REPLICAS }
+    }
+
+    /// Job `task_id` of it was in a round that came to `outcome` (the replicas, or why not).
+    fn job(&mut self, task_id: u64, outcome: &Result<u32, String>) {
+        match outcome {
+            Ok(replicas) => {
+                self.stored = true;
+                self.replicas = self.replicas.min(*replicas);
+            }
+            Err(why) => self.failed.push((task_id, why.clone())),
+        }
+    }
+
+    /// Its end, read: its answer to the master in `out`. All of it failed: the batch fails
+    /// (its clients hear `failed`, nothing of what was held for them). Stored by one round and
+    /// not by another: each job not stored fails alone, as one Redis refused inside a round
+    /// does (`refused`), and the batch is stored: `failed` for the whole batch would be untrue
+    /// for its stored jobs, which run.
+    fn end(&mut self, batch: u64, out: &mut Vec<u8>) {
+        let open = std::mem::replace(self, OpenBatch::new());
+        let error = match open.failed.last() {
+            Some(_) if open.stored => {
+                for (task_id, why) in &open.failed {
+                    FromBridge::NotStored { task_id: *task_id, why: why.as_bytes() }.encode(out);
+                }
+                ""
+            }
+            Some((_, why)) => why.as_str(),
+            None => "",
+        };
+        FromBridge::Stored { batch, replicas: open.replicas, error: error.as_bytes() }.encode(out);
+    }
 }
 
 /// Calls of a cancel's script per turn of the bridge (each looks at up to 500 queued jobs).
@@ -1015,4 +1054,71 @@ fn pipeline(
     }
     kept.resize(pipe.len(), false);
     (pipe, kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(out: &[u8]) -> Vec<FromBridge<'_>> {
+        let mut all = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((frame, n))) = FromBridge::decode(&out[pos..]) {
+            all.push(frame);
+            pos += n;
+        }
+        all
+    }
+
+    #[test]
+    fn a_batch_stored_by_one_round_and_not_another_fails_only_its_jobs_not_stored() {
+        let mut open = OpenBatch::new();
+        let mut out = Vec::new();
+        open.job(1, &Ok(FromBridge::ALL_REPLICAS));
+        open.job(2, &Err("Redis is gone".into()));
+        open.end(7, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![
+                FromBridge::NotStored { task_id: 2, why: b"Redis is gone" },
+                FromBridge::Stored { batch: 7, replicas: FromBridge::ALL_REPLICAS, error: b"" },
+            ]
+        );
+        // The other way round, and with a short WAIT: the same.
+        out.clear();
+        open.job(3, &Err("Redis is gone".into()));
+        open.job(4, &Ok(1));
+        open.end(8, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![
+                FromBridge::NotStored { task_id: 3, why: b"Redis is gone" },
+                FromBridge::Stored { batch: 8, replicas: 1, error: b"" },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_none_of_which_was_stored_fails_whole_and_one_all_stored_is_stored() {
+        let mut open = OpenBatch::new();
+        let mut out = Vec::new();
+        open.job(1, &Err("first".into()));
+        open.job(2, &Err("Redis is gone".into()));
+        open.end(7, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![FromBridge::Stored {
+                batch: 7,
+                replicas: FromBridge::ALL_REPLICAS,
+                error: b"Redis is gone"
+            }]
+        );
+        out.clear();
+        open.job(3, &Ok(FromBridge::ALL_REPLICAS));
+        open.end(8, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![FromBridge::Stored { batch: 8, replicas: FromBridge::ALL_REPLICAS, error: b"" }]
+        );
+    }
 }
