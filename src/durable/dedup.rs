@@ -199,8 +199,12 @@ local function key_holder(key, held)
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     -- taskd writes every value of a key with an expiry: one without (written, or made
-    -- persistent, by someone else) would hold the key for ever, and is taken over.
-    if (h or (free and tonumber(free) > now)) and redis.call('PTTL', key) >= 0 then return v end
+    -- persistent, by someone else) would hold the key for ever, and is taken over. PEXPIRE NX
+    -- sets one only on a key that has none, and says so (PEXPIRE is in the least rights of
+    -- an ACL user, PTTL is not); the caller then overwrites the key, or it lapses.
+    if (h or (free and tonumber(free) > now)) and redis.call('PEXPIRE', key, 1, 'NX') == 0 then
+      return v
+    end
   elseif kind ~= 'none' then
     redis.call('DEL', key)
   end
