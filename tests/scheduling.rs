@@ -572,8 +572,9 @@ job = { type = "sms", to = "+15550008888", text = "tick", simulate_ms = 0, key =
 "#,
     );
     let key = format!("{{taskd}}:key:{}", "tick-key".bytes().map(|b| format!("{b:02x}")).collect::<String>());
-    // Another job holds the key from before the node starts.
-    let _: () = redis.query(&["SET", &key, "h 0 web-9 99"]);
+    // Another job holds the key from before the node starts (with an expiry, as taskd sets
+    // on every value: one without is not trusted to hold a key).
+    let _: () = redis.query(&["SET", &key, "h 0 web-9 99", "PX", "600000"]);
     let mut web = ticking_web(&redis, "web-1", &config, &["--dedup-ttl-ms", "0"]);
     let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
     let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550008888").collect::<Vec<_>>();
