@@ -874,6 +874,31 @@ fn a_parked_job_with_a_forged_lane_does_not_stop_every_other_job_coming_back_fro
 }
 
 #[test]
+fn a_parked_hash_of_more_fields_than_a_job_has_is_deleted_and_does_not_stop_the_others() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    // Written by someone else: a due member whose hash has 10,000 fields (more than Lua's
+    // `unpack` takes: its error would stop every move of every job).
+    let mut conn = redis.conn().expect("connect");
+    let mut hset = redis::cmd("HSET");
+    hset.arg("{taskd}:delayed:forged-big");
+    for i in 0..10_000 {
+        hset.arg(format!("f{i}")).arg("x");
+    }
+    let _: i64 = hset.query(&mut conn).expect("HSET");
+    let _: i64 = redis.query(&["ZADD", "{taskd}:delayed", "0", "forged-big"]);
+    let mut c = web.connect();
+    let job = c.submit(r#"{"type":"sms","to":"+15550001111","run_in_ms":300,"simulate_ms":0}"#);
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let left: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
+    assert!(left.is_empty(), "{left:?}");
+    let exists: i64 = redis.query(&["EXISTS", "{taskd}:delayed:forged-big"]);
+    assert_eq!(exists, 0);
+    web.wait_log("1 deleted: a hash of over 64 fields is no job");
+}
+
+#[test]
 fn a_priority_stream_made_a_string_by_someone_is_left_out_and_the_others_run_until_it_is_deleted() {
     let Some(redis) = common::durable::Redis::start() else { return };
     let web = web(&redis, "web-1", &["--task-worker-num", "1"]);

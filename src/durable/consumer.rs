@@ -479,17 +479,18 @@ impl Consumer<'_> {
             self.next_move = Instant::now() + MOVE_EVERY;
             let d = self.d;
             match move_due(self.conn()?, d) {
-                Ok((0, _, 0)) => {}
-                Ok((moved, 0, 0)) => {
+                Ok((0, _, 0, _)) => {}
+                Ok((moved, 0, 0, 0)) => {
                     tracing::debug!("{}: moved {moved} due jobs from the delayed set to the stream", self.me)
                 }
                 // Written by someone else (see `MOVE_DUE`): said, once per 10 s at most.
-                Ok((moved, misrouted, waiting)) => {
+                Ok((moved, misrouted, waiting, dropped)) => {
                     if let Some(n) = self.move_refused.log() {
                         tracing::warn!(
                             "{}: moved {moved} due jobs from the delayed set ({misrouted} of them into \
                              the main stream: their lane field `ln` names no lane of {}, written by \
-                             someone else); {waiting} wait there, their stream and {} being keys of \
+                             someone else; {dropped} deleted: a hash of over {JOB_FIELDS_MAX} fields \
+                             is no job); {waiting} wait there, their stream and {} being keys of \
                              another type{}",
                             self.me,
                             d.keys.queue(),
@@ -865,8 +866,9 @@ return 1";
 ///   too, the job stays in the set, due again ARGV[5] ms later: it moves once its stream is
 ///   back (the consumers name the key in their log), and the jobs behind it move meanwhile.
 ///
-/// Returns `{moved, misrouted, waiting}`: the jobs moved (or dropped: a member with no hash),
-/// those of them whose `ln` was no lane, and those left waiting.
+/// A hash of more than ARGV[7] fields is no job's: it is deleted. Returns `{moved, misrouted,
+/// waiting, dropped}`: the members moved (or dropped: a member with no hash, or not a job's),
+/// those whose `ln` was no lane, those left waiting, and the hashes deleted as no job's.
 const MOVE_DUE: &str = "
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -875,16 +877,20 @@ local function usable(key)
   local kind = redis.call('TYPE', key).ok
   return kind == 'stream' or kind == 'none'
 end
-local moved, misrouted, waiting = 0, 0, 0
+local moved, misrouted, waiting, dropped = 0, 0, 0, 0
 for _, id in ipairs(due) do
   local h = ARGV[1] .. id
   local dest = KEYS[2]
   if redis.call('TYPE', h).ok == 'hash' then
-    local pr = redis.call('HGET', h, 'pr')
+    -- Its fields read once (HGETALL: an ACL user of the README's least rights has no HGET).
+    local f = redis.call('HGETALL', h)
+    local field = {}
+    for i = 1, #f, 2 do field[f[i]] = f[i + 1] end
+    local pr = field['pr']
     local mark = ''
     if pr == 'high' or pr == 'low' then mark = ARGV[4] .. pr end
     dest = KEYS[2] .. mark
-    local lane = redis.call('HGET', h, 'ln')
+    local lane = field['ln']
     if lane then
       local l = ARGV[3] .. lane .. mark
       if #lane <= tonumber(ARGV[6]) and string.match(lane, '^[a-z][a-z0-9_-]*$')
@@ -896,9 +902,12 @@ for _, id in ipairs(due) do
     end
     if not usable(dest) then dest = KEYS[2] end
     if not usable(dest) then dest = nil end
-    if dest then
-      local f = redis.call('HGETALL', h)
-      if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
+    -- More fields than any job has is no job (and too many for `unpack`, whose error would
+    -- stop every move): deleted, counted.
+    if #f > 2 * tonumber(ARGV[7]) then
+      dropped = dropped + 1
+    elseif dest and #f > 0 then
+      redis.call('XADD', dest, '*', unpack(f))
     end
   end
   if dest then
@@ -910,7 +919,7 @@ for _, id in ipairs(due) do
     waiting = waiting + 1
   end
 end
-return {moved, misrouted, waiting}";
+return {moved, misrouted, waiting, dropped}";
 
 /// How often a consumer moves due jobs back into the stream (at most; an idle one blocks in
 /// XREADGROUP up to `BLOCK_MS` between two looks).
@@ -922,9 +931,13 @@ const MOVE_MAX: usize = 200;
 /// again (see [`MOVE_DUE`]): as often as consumers look at their streams' types.
 const MOVE_WAIT_MS: u64 = 3000;
 
+/// Most fields of a job's hash in the delayed set (a job has about a dozen).
+const JOB_FIELDS_MAX: usize = 64;
+
 /// Moves due jobs of the delayed set back into the job stream (see [`MOVE_DUE`]): how many
-/// moved, how many of them named no lane, and how many wait for their stream.
-fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<(usize, usize, usize)> {
+/// moved, how many of them named no lane, how many wait for their stream, and how many were
+/// no job.
+fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<(usize, usize, usize, usize)> {
     redis::cmd("EVAL")
         .arg(MOVE_DUE)
         .arg(2)
@@ -936,6 +949,7 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<(usize, us
         .arg(super::keys::PRIORITY_MARK.to_string())
         .arg(MOVE_WAIT_MS)
         .arg(crate::handler::MAX_TYPE_LEN)
+        .arg(JOB_FIELDS_MAX)
         .query(conn)
 }
 
