@@ -9,8 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-8000}"
 shift || true
-cargo build --release --bins -q
-bin="$PWD/target/release/taskd"
+# TASKD_BIN=PATH: that binary instead of this tree's release build (to compare two builds).
+bin="${TASKD_BIN:-$PWD/target/release/taskd}"
+[ -n "${TASKD_BIN:-}" ] || cargo build --release --bins --examples -q
 work="$(mktemp -d)"
 vpid=""
 cleanup() {
