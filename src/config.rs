@@ -115,6 +115,9 @@ pub struct ServerConfig {
     /// The most jobs sent ahead to one task process; fewer while its jobs are slow (about
     /// 2 ms of work ahead). 1: a task process gets a job only when idle.
     pub task_prefetch: usize,
+    /// Microseconds a process (master, worker, task process) keeps polling after it handled
+    /// something, before it sleeps (0 = sleep at once): see `net::poll_spinning`.
+    pub busy_poll_us: u64,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, or a tracing directive).
     pub log_level: String,
     pub log_format: LogFormat,
@@ -218,6 +221,7 @@ impl Default for ServerConfig {
             task_timeout: DEFAULT_TASK_TIMEOUT,
             max_wait_time: 3,
             task_prefetch: 64,
+            busy_poll_us: 50,
             log_level: "info".into(),
             log_format: LogFormat::Human,
             log_file: None,
@@ -325,6 +329,11 @@ impl ServerConfig {
             (1..=1024).contains(&self.task_prefetch),
             "task_prefetch",
             format!("{} is not between 1 and 1024", self.task_prefetch),
+        )?;
+        check(
+            self.busy_poll_us <= 10_000,
+            "busy_poll_us",
+            format!("{} µs is more than 10000", self.busy_poll_us),
         )?;
         check(!self.host.is_empty(), "host", "must not be empty")?;
         check(
@@ -613,6 +622,11 @@ impl ServerConfig {
 
     /// The longest a task may run, if limited. `validate` keeps `task_timeout` within a day;
     /// a value that did not pass it (a library caller's config) is no limit rather than a panic.
+    /// `busy_poll_us` as a duration.
+    pub fn busy_poll(&self) -> Duration {
+        Duration::from_micros(self.busy_poll_us)
+    }
+
     pub fn task_limit(&self) -> Option<Duration> {
         (self.task_timeout > 0.0).then(|| Duration::try_from_secs_f64(self.task_timeout).ok()).flatten()
     }

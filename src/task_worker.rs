@@ -47,15 +47,19 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     let mut out = Vec::new();
     // The tasks at the head of the channel's input already shown to `on_task_ahead`.
     let mut shown: usize = 0;
+    let mut spinner = crate::net::Spinner::new(config.busy_poll());
+    // The last turn was one of light load (see `net::light_turn`).
+    let mut light = false;
     loop {
         crate::logging::hold(false);
         crate::logging::before_wait();
-        if let Err(e) = poll.poll(&mut events, None) {
+        if let Err(e) = spinner.poll(&mut poll, &mut events, None, light) {
             if e.kind() != std::io::ErrorKind::Interrupted {
                 return Err(ProcessError::Io { what: "poll failed", source: e });
             }
         }
         let state = channel.fill().map_err(ProcessError::io("reading its channel failed"))?;
+        light = crate::net::light_turn(channel.input());
         let room = if limit == 0 { u64::MAX } else { limit.saturating_sub(served) };
         shown = show_ahead(app, info, channel.input(), shown, room);
         let mut stop = None;

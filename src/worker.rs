@@ -146,6 +146,8 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> Result<(), Pr
         uncounted_tasks: 0,
         uncounted_bytes: 0,
         callbacks: HashMap::new(),
+        spinner: crate::net::Spinner::new(config.busy_poll()),
+        light: false,
     };
     worker.serve()
 }
@@ -166,6 +168,10 @@ struct Worker<'a, A> {
     uncounted_tasks: u64,
     uncounted_bytes: u64,
     callbacks: HashMap<TaskId, Callback>,
+    /// `busy_poll_us`: it polls a while after a turn of light load before it sleeps.
+    spinner: crate::net::Spinner,
+    /// The last turn was one of light load (see `net::light_turn`).
+    light: bool,
 }
 
 impl<A: Application> Worker<'_, A> {
@@ -176,6 +182,7 @@ impl<A: Application> Worker<'_, A> {
         loop {
             self.wait().map_err(|source| ProcessError::Io { what: "poll failed", source })?;
             let state = self.link.channel.fill().map_err(ProcessError::io("reading its channel failed"))?;
+            self.light = crate::net::light_turn(self.link.channel.input());
             let stop = self.handle_input().map_err(ProcessError::Corrupt)?;
             self.hand_back().map_err(ProcessError::io("writing to the master failed"))?;
             if let Some(why) = stop {
@@ -199,7 +206,7 @@ impl<A: Application> Worker<'_, A> {
             return Ok(());
         }
         crate::logging::before_wait();
-        match self.link.poll.poll(&mut self.link.events, None) {
+        match self.spinner.poll(&mut self.link.poll, &mut self.link.events, None, self.light) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
             _ => Ok(()),
         }

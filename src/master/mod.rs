@@ -385,14 +385,17 @@ impl<'a, A: Application> Master<'a, A> {
     /// Runs the reactor until the daemon stops; returns the exit code.
     pub fn run(&mut self) -> i32 {
         let mut events = Events::with_capacity(1024);
+        let mut spinner = crate::net::Spinner::new(self.config.busy_poll());
+        let mut busy = false;
         loop {
             let timeout = self.timeout();
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
+            if let Err(e) = spinner.poll(&mut self.poll, &mut events, timeout, busy) {
                 if e.kind() != io::ErrorKind::Interrupted {
                     tracing::error!("master: poll failed: {e}");
                     return 1;
                 }
             }
+            busy = !events.is_empty();
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(false),
