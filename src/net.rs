@@ -170,28 +170,19 @@ fn url_host(ip: IpAddr) -> String {
 /// Polling before sleeping (`busy_poll_us`): on this kind of machine a process that sleeps is
 /// woken 20–70 µs after its peer writes (a virtual CPU that halted must be woken by the host),
 /// one that is still running at once; and a job is several such hops.
-///
-/// It polls only while the machine is lightly loaded: while the kernel counts at most one more
-/// runnable task than there are CPUs (/proc/loadavg's fourth field; one: the peer it waits for,
-/// being woken), so that under load it does not take a CPU that other processes wait for.
 pub struct Spinner {
     spin: std::time::Duration,
-    /// /proc/loadavg, opened in this process (not inherited across a fork).
-    loadavg: Option<std::fs::File>,
-    cpus: u32,
 }
 
 impl Spinner {
     pub fn new(spin: std::time::Duration) -> Spinner {
-        let loadavg = if spin.is_zero() { None } else { std::fs::File::open("/proc/loadavg").ok() };
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-        Spinner { spin, loadavg, cpus }
+        Spinner { spin }
     }
 
     /// Waits for events as `Poll::poll` does; with `busy` (the last turn did something), first
-    /// asks again and again without sleeping for up to `busy_poll_us` (yielding the CPU to anyone
-    /// else who wants it) while a CPU is to spare. Returns with no events once that (or
-    /// `timeout`) is over without any.
+    /// asks again and again without sleeping for up to `busy_poll_us`, yielding the CPU to any
+    /// other process that wants it. Returns with no events once that (or `timeout`) is over
+    /// without any.
     pub fn poll(
         &mut self,
         poll: &mut mio::Poll,
@@ -205,13 +196,7 @@ impl Spinner {
         }
         let start = Instant::now();
         let until = start + timeout.map_or(self.spin, |t| t.min(self.spin));
-        let mut round = 0u32;
         loop {
-            // Every 8th round (about 5 µs), whether a CPU is still to spare.
-            if round % 8 == 0 && !self.cpu_to_spare() {
-                break;
-            }
-            round += 1;
             poll.poll(events, Some(Duration::ZERO))?;
             if !events.is_empty() {
                 return Ok(());
@@ -224,23 +209,6 @@ impl Spinner {
         let left = timeout.map(|t| t.saturating_sub(start.elapsed()));
         poll.poll(events, left)
     }
-
-    /// Whether the tasks running or waiting for a CPU, this one included, are at most one more
-    /// than the CPUs (no file: no).
-    fn cpu_to_spare(&mut self) -> bool {
-        use std::os::unix::fs::FileExt;
-        let Some(file) = &self.loadavg else { return false };
-        let mut buf = [0u8; 128];
-        let Ok(n) = file.read_at(&mut buf, 0) else { return false };
-        running_tasks(&buf[..n]).is_some_and(|r| r <= self.cpus + 1)
-    }
-}
-
-/// The tasks running or runnable now, from /proc/loadavg's text ("0.52 0.58 0.59 3/180 12345":
-/// the fourth field's numerator).
-fn running_tasks(loadavg: &[u8]) -> Option<u32> {
-    let field = loadavg.split(|&b| b == b' ').nth(3)?;
-    std::str::from_utf8(field.split(|&b| b == b'/').next()?).ok()?.parse().ok()
 }
 
 /// Whether `input` (a channel's unread bytes) holds at most one whole frame: a turn of light
@@ -258,17 +226,6 @@ pub fn light_turn(input: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_running_tasks_are_read_from_loadavg() {
-        assert_eq!(running_tasks(b"0.52 0.58 0.59 3/180 12345\n"), Some(3));
-        assert_eq!(running_tasks(b"10.96 10.60 10.39 17/146 32191"), Some(17));
-        assert_eq!(running_tasks(b"0.52 0.58"), None);
-        assert_eq!(running_tasks(b"a b c x/1 2"), None);
-        // This machine's own file reads (Linux).
-        let text = std::fs::read("/proc/loadavg").unwrap_or_default();
-        assert!(running_tasks(&text).is_some_and(|n| n >= 1), "{}", String::from_utf8_lossy(&text));
-    }
 
     #[test]
     fn a_turn_is_light_with_at_most_one_whole_frame_read() {
