@@ -4,13 +4,19 @@
 # and one with 1,000 + N; the difference over N is each process's cost per job (start-up and
 # warm-up cancel out). No-op jobs, 8 connections x 64 in flight (CW="C W" to change).
 #   benches/callgrind.sh [N, default 8000] [taskd flags, e.g. --log-level warn]
+# TASKD_BIN=PATH counts that binary instead of building target/release/taskd (a build kept
+# from before a change, for a before/after); KEEP=1 keeps the callgrind.out files to annotate.
 # Needs valgrind and python3. Takes a few minutes (callgrind runs ~50 x slower).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-8000}"
 shift || true
-cargo build --release --bins -q
-bin="$PWD/target/release/taskd"
+if [ -n "${TASKD_BIN:-}" ]; then
+  bin="$(realpath "$TASKD_BIN")"
+else
+  cargo build --release --bins -q
+  bin="$PWD/target/release/taskd"
+fi
 work="$(mktemp -d)"
 vpid=""
 cleanup() {
