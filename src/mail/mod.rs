@@ -397,9 +397,7 @@ impl MailApp {
 
     fn submit_job(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, job: &Job) {
         let context = Context::of_one(job.kind.name(), &job.to);
-        let Ok(data) = serde_json::to_vec(job) else {
-            return Self::error(ctx, session, "internal error: cannot encode the job");
-        };
+        let data = job.to_json();
         let options = TaskOptions {
             run_at: job.run_at_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
             priority: job.priority,
@@ -505,7 +503,7 @@ impl MailApp {
 
     fn deliver(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
         let job: Job = if self.handlers.is_empty() {
-            serde_json::from_slice(task.data).map_err(|e| format!("task data is not a job: {e}"))?
+            Job::from_json(task.data).map_err(|e| format!("task data is not a job: {e}"))?
         } else {
             // A handler may override a built-in type: look at the type first.
             let value: serde_json::Value =
