@@ -30,11 +30,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::{Connection, Value};
+use redis::{Connection, ConnectionLike, Value};
 
 use super::dedup;
 use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::heartbeat::Pulse;
+use super::hot::HotConn;
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::startup::{delivery_counts, ensure_group_of};
@@ -159,6 +160,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         d,
         me,
         conn: None,
+        hot: None,
         recovering: true,
         next_sweep: Instant::now() + jitter(d.claim_after / 2),
         cursors: HashMap::new(),
@@ -363,6 +365,9 @@ struct Consumer<'a> {
     d: &'a Durable,
     me: String,
     conn: Option<Connection>,
+    /// The connection of its reads of new jobs and its writes of outcomes (see
+    /// [`super::hot`]), opened after `conn` (which made the groups), dropped with it.
+    hot: Option<HotConn>,
     /// Reading back its own pending entries (after a start or a reconnect).
     recovering: bool,
     next_sweep: Instant,
@@ -406,10 +411,30 @@ impl Consumer<'_> {
                 ensure_group_of(&mut conn, &stream)?;
             }
             self.conn = Some(conn);
+            self.hot = None;
             self.recovering = true;
             self.backoff = Duration::from_millis(100);
         }
         Ok(self.conn.as_mut().expect("connected above"))
+    }
+
+    /// Its connection for the commands of every job (see [`Consumer::hot`]); like `conn`, with no
+    /// reply limit (it blocks in XREADGROUP) and named.
+    fn hot(&mut self) -> redis::RedisResult<&mut HotConn> {
+        self.conn()?;
+        if self.hot.is_none() {
+            let mut hot = redis_io::connect_hot(&self.d.url, None)?;
+            let name = format!("{CLIENT_PREFIX}{}", self.me);
+            let named: redis::RedisResult<()> =
+                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut hot);
+            if let Err(e) = named {
+                if is_connection_error(&e) {
+                    return Err(e);
+                }
+            }
+            self.hot = Some(hot);
+        }
+        Ok(self.hot.as_mut().expect("connected above"))
     }
 
     fn lost(&mut self, e: &redis::RedisError) {
@@ -421,11 +446,13 @@ impl Consumer<'_> {
             // The group is gone (Redis lost its data, or someone deleted it): make it again.
             tracing::error!("the consumer group of {} is gone: {e}; creating it again", self.d.keys.jobs);
             self.conn = None;
+            self.hot = None;
         } else if is_connection_error(e) {
             if self.conn.is_some() {
                 tracing::warn!("lost Redis at {}: {}; reconnecting", self.d.shown, redis_io::describe(e));
             }
             self.conn = None;
+            self.hot = None;
         } else {
             tracing::error!("Redis refused a command: {e}");
             // What it read or claimed before the error is pending under its name: read it back.
@@ -479,9 +506,25 @@ impl Consumer<'_> {
             self.next_move = Instant::now() + MOVE_EVERY;
             let d = self.d;
             match move_due(self.conn()?, d) {
-                Ok(0) => {}
-                Ok(moved) => {
+                Ok((0, _, 0, _)) => {}
+                Ok((moved, 0, 0, 0)) => {
                     tracing::debug!("{}: moved {moved} due jobs from the delayed set to the stream", self.me)
+                }
+                // Written by someone else (see `MOVE_DUE`): said, once per 10 s at most.
+                Ok((moved, misrouted, waiting, dropped)) => {
+                    if let Some(n) = self.move_refused.log() {
+                        tracing::warn!(
+                            "{}: moved {moved} due jobs from the delayed set ({misrouted} of them into \
+                             the main stream: their lane field `ln` names no lane of {}, written by \
+                             someone else; {dropped} deleted: a hash of over {JOB_FIELDS_MAX} fields \
+                             is no job); {waiting} wait there, their stream and {} being keys of \
+                             another type{}",
+                            self.me,
+                            d.keys.queue(),
+                            d.keys.jobs,
+                            crate::throttle::unlogged(n)
+                        );
+                    }
                 }
                 Err(e) if is_connection_error(&e) => return Err(e),
                 // Refused (a script error): taking jobs goes on; the move is tried again later.
@@ -501,6 +544,9 @@ impl Consumer<'_> {
         let (d, me) = (self.d, self.me.clone());
         let recovering = self.recovering;
         let sweep = Instant::now() >= self.next_sweep;
+        if !recovering && !sweep {
+            self.hot()?;
+        }
         let mut fair = self.fair;
         let streams = self.wrong.keep(d.streams());
         let wrong = &self.wrong;
@@ -528,10 +574,11 @@ impl Consumer<'_> {
             got
         } else {
             fresh = true;
+            let hot = self.hot.as_mut().expect("connected above");
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(conn, d, &me, count, |s| wrong.reads(s))?;
+            let got = fair.take(hot, d, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
-                let woke = read_group(conn, &streams, &me, 1, Some(BLOCK_MS), ">")?;
+                let woke = read_group(hot, &streams, &me, 1, Some(BLOCK_MS), ">")?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -666,7 +713,7 @@ impl Consumer<'_> {
         }
         let d = self.d;
         let unsent = std::mem::take(&mut self.unsent);
-        let stored = self.conn().and_then(|conn| store(conn, d, &unsent));
+        let stored = self.hot().and_then(|hot| store(hot, d, &unsent));
         if stored.is_err() {
             self.unsent = unsent;
         }
@@ -678,7 +725,7 @@ impl Consumer<'_> {
 /// MULTI so that a job is never answered without being removed, or the reverse; a job to run
 /// later is parked (see [`PARK`]) in the same MULTI, with its `retrying` notice.
 pub(super) fn store(
-    conn: &mut Connection,
+    conn: &mut dyn ConnectionLike,
     d: &Durable,
     completions: &[Completion],
 ) -> redis::RedisResult<()> {
@@ -783,21 +830,37 @@ pub(super) fn store(
             None => by_stream.push((&at.stream, vec![&at.id])),
         }
     }
+    // Plain XACK and XDEL, not a script: a script costs Redis about 1.3 µs more per job (each id
+    // made a Lua value and back, twice). A stream someone made a key of another type since (see
+    // `wrong_type`) holds them no more: there they fail alone (WRONGTYPE), which is no failure
+    // of the flush (else every outcome of it would be written again, at every try).
+    let mut wrong_type_ok = Vec::with_capacity(by_stream.len() * 2);
     for (stream, ids) in &by_stream {
-        pipe.cmd("EVAL").arg(ACK_DEL).arg(1).arg(stream).arg(GROUP).arg(ids).ignore();
+        wrong_type_ok.push(pipe.len());
+        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids);
+        wrong_type_ok.push(pipe.len());
+        pipe.cmd("XDEL").arg(stream).arg(ids);
     }
-    let _: Value = pipe.query(conn)?;
+    // The transaction as `Pipeline::query` sends it (an error when a command was refused when
+    // queued, EXECABORT), but each answer looked at here.
+    let n = pipe.len();
+    let exec = conn.req_packed_commands(&pipe.get_packed_pipeline(), n + 1, 1)?.pop();
+    let Some(Value::Array(answers)) = exec.filter(|v| matches!(v, Value::Array(a) if a.len() == n)) else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply",
+            "EXEC's reply is not the transaction's".to_string(),
+        )));
+    };
+    for (i, answer) in answers.into_iter().enumerate() {
+        if let Value::ServerError(e) = answer {
+            if !(e.code() == "WRONGTYPE" && wrong_type_ok.contains(&i)) {
+                return Err(e.into());
+            }
+        }
+    }
     Ok(())
 }
-
-/// Acknowledges and deletes the entries ARGV[2..] (group ARGV[1]) of the job stream KEYS[1].
-/// A stream someone made a key of another type since (see `wrong_type`) holds them no more:
-/// nothing to do there, and failing would fail every outcome of the MULTI, at every try.
-const ACK_DEL: &str = "
-local kind = redis.call('TYPE', KEYS[1]).ok
-if kind ~= 'stream' then return 0 end
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))";
 
 /// Parks a job: acknowledges and deletes its stream entry ARGV[2] (group ARGV[1]) in the job
 /// stream KEYS[3], puts its fields (ARGV[5..]) in the hash KEYS[2] and its task id ARGV[4] in
@@ -840,30 +903,70 @@ return 1";
 /// ARGV[2] of them; ARGV[1] is the prefix of their hashes; a job whose field `pr` is `high` or
 /// `low` goes to the stream of that priority (ARGV[4] and the priority after the stream's
 /// name). Atomic: consumers of every node run it, one at a time by construction, and none moves
-/// a job twice.
+/// a job twice. Whoever can write to Redis can write a hash's fields and any key:
+/// - `ln` is a lane only if it is a handler type's name (a lowercase letter, then letters,
+///   digits, `_` or `-`, ARGV[6] bytes at most) whose stream exists (every node makes the
+///   streams of the lanes it routes to or reads, at start): a job whose `ln` names anything
+///   else goes to the main stream of its priority, where it runs or fails with a final line,
+///   never into a stream nobody reads;
+/// - a destination that is a key of another type falls back to KEYS[2]; when KEYS[2] is one
+///   too, the job stays in the set, due again ARGV[5] ms later: it moves once its stream is
+///   back (the consumers name the key in their log), and the jobs behind it move meanwhile.
+///
+/// A hash of more than ARGV[7] fields is no job's: it is deleted. Returns `{moved, misrouted,
+/// waiting, dropped}`: the members moved (or dropped: a member with no hash, or not a job's),
+/// those whose `ln` was no lane, those left waiting, and the hashes deleted as no job's.
 const MOVE_DUE: &str = "
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local function usable(key)
+  local kind = redis.call('TYPE', key).ok
+  return kind == 'stream' or kind == 'none'
+end
+local moved, misrouted, waiting, dropped = 0, 0, 0, 0
 for _, id in ipairs(due) do
   local h = ARGV[1] .. id
+  local dest = KEYS[2]
   if redis.call('TYPE', h).ok == 'hash' then
+    -- Its fields read once (HGETALL: an ACL user of the README's least rights has no HGET).
     local f = redis.call('HGETALL', h)
-    local dest = KEYS[2]
-    local lane = redis.call('HGET', h, 'ln')
-    -- `ln` may be forged: a name that leaves the queue's hash tag is no lane.
-    if lane and not string.find(lane, '[{}]') then dest = ARGV[3] .. lane end
-    local pr = redis.call('HGET', h, 'pr')
-    if pr == 'high' or pr == 'low' then dest = dest .. ARGV[4] .. pr end
-    -- Into a stream only (an error here would stop every move, of every job, for good).
-    local kind = redis.call('TYPE', dest).ok
-    if kind ~= 'stream' and kind ~= 'none' then dest = KEYS[2] end
-    if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
+    local field = {}
+    for i = 1, #f, 2 do field[f[i]] = f[i + 1] end
+    local pr = field['pr']
+    local mark = ''
+    if pr == 'high' or pr == 'low' then mark = ARGV[4] .. pr end
+    dest = KEYS[2] .. mark
+    local lane = field['ln']
+    if lane then
+      local l = ARGV[3] .. lane .. mark
+      if #lane <= tonumber(ARGV[6]) and string.match(lane, '^[a-z][a-z0-9_-]*$')
+          and redis.call('TYPE', l).ok == 'stream' then
+        dest = l
+      else
+        misrouted = misrouted + 1
+      end
+    end
+    if not usable(dest) then dest = KEYS[2] end
+    if not usable(dest) then dest = nil end
+    -- More fields than any job has is no job (and too many for `unpack`, whose error would
+    -- stop every move): deleted, counted.
+    if #f > 2 * tonumber(ARGV[7]) then
+      dropped = dropped + 1
+    elseif dest and #f > 0 then
+      redis.call('XADD', dest, '*', unpack(f))
+    end
   end
-  redis.call('DEL', h)
-  redis.call('ZREM', KEYS[1], id)
+  if dest then
+    redis.call('DEL', h)
+    redis.call('ZREM', KEYS[1], id)
+    moved = moved + 1
+  else
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), id)
+    waiting = waiting + 1
+  end
 end
-return #due";
+return {moved, misrouted, waiting, dropped}";
 
 /// How often a consumer moves due jobs back into the stream (at most; an idle one blocks in
 /// XREADGROUP up to `BLOCK_MS` between two looks).
@@ -871,8 +974,17 @@ const MOVE_EVERY: Duration = Duration::from_millis(250);
 /// Jobs one move takes at most (the script holds Redis while it runs).
 const MOVE_MAX: usize = 200;
 
-/// Moves due jobs of the delayed set back into the job stream (see [`MOVE_DUE`]).
-fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
+/// How long a due job whose stream is a key of another type waits before it is looked at
+/// again (see [`MOVE_DUE`]): as often as consumers look at their streams' types.
+const MOVE_WAIT_MS: u64 = 3000;
+
+/// Most fields of a job's hash in the delayed set (a job has about a dozen).
+const JOB_FIELDS_MAX: usize = 64;
+
+/// Moves due jobs of the delayed set back into the job stream (see [`MOVE_DUE`]): how many
+/// moved, how many of them named no lane, how many wait for their stream, and how many were
+/// no job.
+fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<(usize, usize, usize, usize)> {
     redis::cmd("EVAL")
         .arg(MOVE_DUE)
         .arg(2)
@@ -882,6 +994,9 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
         .arg(MOVE_MAX)
         .arg(d.keys.lane_prefix())
         .arg(super::keys::PRIORITY_MARK.to_string())
+        .arg(MOVE_WAIT_MS)
+        .arg(crate::handler::MAX_TYPE_LEN)
+        .arg(JOB_FIELDS_MAX)
         .query(conn)
 }
 
@@ -889,7 +1004,7 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
 /// from `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a
 /// read may bring a little more than one window.
 fn read_group(
-    conn: &mut Connection,
+    conn: &mut dyn ConnectionLike,
     streams: &[String],
     me: &str,
     count: usize,

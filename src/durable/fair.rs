@@ -16,7 +16,7 @@
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 
-use redis::{Connection, Value};
+use redis::{ConnectionLike, Value};
 
 use super::keys::GROUP;
 use super::redis_io::{self, StreamEntry};
@@ -82,7 +82,7 @@ impl Fair {
     /// With each, its stream.
     pub fn take(
         &mut self,
-        conn: &mut Connection,
+        conn: &mut dyn ConnectionLike,
         d: &Durable,
         me: &str,
         want: usize,

@@ -17,6 +17,7 @@
 //! | [`consumer`] | task process | taking jobs, claiming abandoned ones, the dead letters |
 //! | [`fair`] | task process | taking from the priorities' streams in weighted fair order (6:3:1) |
 //! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
+//! | [`hot`] | task process | the connection of its reads and writes per job, our own parser |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
 //! | [`dedup`] | bridge, task process | deduplication keys: taken with the job, ended with it |
@@ -33,6 +34,7 @@ pub mod dedup;
 pub mod entry;
 pub mod fair;
 pub mod heartbeat;
+pub mod hot;
 pub mod keys;
 pub mod lease_gate;
 pub mod node;

@@ -461,6 +461,19 @@ pub fn connect_queue(
     Ok(conn)
 }
 
+/// [`connect`] for the commands sent per job (a consumer's reads and writes, the bridge's read
+/// of replies), read by taskd's own parser where the URL allows (see [`super::hot`]); otherwise
+/// the same connection as [`connect`].
+pub fn connect_hot(url: &str, reply_limit: Option<Duration>) -> Result<super::hot::HotConn, RedisError> {
+    let info = match TARGET.get() {
+        Some(Target { url: set_up, way: Way::Direct(client), .. }) if set_up == url => {
+            Some(client.get_connection_info())
+        }
+        _ => None,
+    };
+    super::hot::HotConn::connect(info, CONNECT_LIMIT, reply_limit, REPLY_LIMIT, || connect(url, reply_limit))
+}
+
 /// Whether an error means the connection is gone (reconnect), rather than a refused command.
 pub fn is_connection_error(e: &RedisError) -> bool {
     // READONLY: the server became a replica (a Sentinel failover): the master is elsewhere now.
