@@ -102,6 +102,8 @@ pub fn spawn(
 fn fork_now() -> io::Result<ForkResult> {
     // Anything buffered now would otherwise be written twice, once by each process.
     crate::logging::flush();
+    // Free heap pages would be mapped into the child too, and counted in its RSS.
+    crate::limits::trim_heap();
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
     // SAFETY: no process of taskd that forks has started a thread (the one with threads, the
