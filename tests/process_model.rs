@@ -268,18 +268,27 @@ fn a_manager_killed_right_after_its_start_is_replaced_after_a_back_off() {
     // in a tight loop (DESIGN §5), as pool processes are not.
     let mut killed = Vec::new();
     for _ in 0..3 {
-        // The master's own child: a pool process just forked still has its manager's title.
+        // The master's own child that says it is a manager: a pool process just forked still
+        // has its manager's title, and once that manager is killed the master (subreaper) is
+        // its parent too, until it sees its parent gone and exits.
         let manager = wait_for("a new manager", || {
-            let tree = daemon.tree();
-            tree.iter()
+            let log = daemon.log();
+            daemon
+                .tree()
+                .iter()
                 .find(|p| {
-                    p.ppid == daemon.pid && p.args.starts_with("taskd: manager") && !killed.contains(&p.pid)
+                    p.ppid == daemon.pid
+                        && p.args.starts_with("taskd: manager")
+                        && !killed.contains(&p.pid)
+                        && log.contains(&format!("manager started (pid {})", p.pid))
                 })
                 .map(|p| p.pid)
         });
         kill9(manager);
         killed.push(manager);
     }
+    // Killed is not gone yet: until then the last one may still count as the pool's manager.
+    wait_for("the killed managers to be gone", || killed.iter().all(|&pid| is_dead(pid)).then_some(()));
     let pool = daemon.wait_pool(2, 4);
     assert!(pool.iter().all(|p| !killed.contains(&p.pid)));
     let log = daemon.log();
