@@ -1109,6 +1109,50 @@ fn a_round_whose_answer_was_lost_to_a_hung_redis_is_answered_as_it_was_stored() 
     }
 }
 
+/// The same, with a job whose claim Redis refuses inside the round (someone made its stream a
+/// string): whether the round was stored or not, that job gets `failed` naming the key and
+/// never `accepted`, and the other job of its round (same write) `accepted`, then `done`.
+#[test]
+fn a_job_refused_inside_a_round_whose_answer_was_lost_fails_alone() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "2"]);
+    d.wait_log("redis bridge: connected");
+    let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+    let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+    let mut c = d.connect();
+    redis.signal(Signal::SIGSTOP);
+    c.send_raw(
+        concat!(
+            r#"{"type":"email","to":"normal@example.com","key":"k-normal","simulate_ms":0}"#,
+            "\n",
+            r#"{"type":"email","to":"low@example.com","key":"k-low","priority":"low","simulate_ms":0}"#,
+            "\n"
+        )
+        .as_bytes(),
+    );
+    d.wait_log("asking Redis whether the round was stored");
+    redis.signal(Signal::SIGCONT);
+    let (mut accepted, mut done, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+    while done.is_empty() || failed.is_empty() {
+        let v = c.recv();
+        match v["event"].as_str() {
+            Some("accepted") => accepted.push(v),
+            Some("done") => done.push(v),
+            Some("failed") => failed.push(v),
+            _ => panic!("{v}"),
+        }
+    }
+    assert_eq!(accepted.len(), 1, "{accepted:?}");
+    assert_eq!((done.len(), failed.len()), (1, 1), "{done:?} {failed:?}");
+    assert_eq!(done[0]["to"], "normal@example.com", "{done:?}");
+    assert_eq!(accepted[0]["task_id"], done[0]["task_id"], "{accepted:?}");
+    let error = failed[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("will not run: {taskd}:jobs#low is a string key, not a stream"), "{failed:?}");
+    let outbox = d.outbox_lines();
+    assert_eq!(outbox.iter().filter(|l| l["to"] == "normal@example.com").count(), 1, "{outbox:?}");
+    assert_eq!(outbox.iter().filter(|l| l["to"] == "low@example.com").count(), 0, "{outbox:?}");
+}
+
 /// A round's marker, read after its answer was lost, is the truth for good: a stored round
 /// reads as stored; a round whose transaction reaches Redis only after its marker was read
 /// (the answer was lost before the round arrived) stores nothing; a marker someone else wrote

@@ -308,6 +308,34 @@ fn a_key_value_that_taskd_does_not_read_is_taken_over_not_left_to_block_the_key(
     }
 }
 
+#[test]
+fn a_key_value_in_taskds_format_without_an_expiry_does_not_hold_the_key_for_ever() {
+    let Some(redis) = Redis::start() else { return };
+    let daemon = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    let mut c = daemon.connect();
+    // Exactly as taskd writes them, naming jobs that no node will ever end, but with no
+    // expiry (taskd sets one on every value): they would hold their key for ever.
+    let forged = ["h 0 web-9 123", "e 99999999999999 web-9 5\n{\"event\":\"done\",\"task_id\":5}\n"];
+    for (i, value) in forged.iter().enumerate() {
+        let name = format!("persistent-{i}");
+        let key = format!("{{taskd}}:key:{}", hex(name.as_bytes()));
+        let _: () = redis.query(&["SET", &key, value]);
+        let job = json!({"type": "sms", "to": "+15550003333", "key": name, "simulate_ms": 0}).to_string();
+        let own = c.submit(&job);
+        let end = c.final_reply(&own["task_id"], &mut Vec::new());
+        assert_eq!(end["event"], "done", "{value:?}: {end}");
+        let ttl: i64 = redis.query(&["PTTL", &key]);
+        assert!(ttl > 0, "taken over with taskd's expiry: {ttl}");
+    }
+    // The same value with an expiry is a job that holds the key: the next is its duplicate.
+    let key = format!("{{taskd}}:key:{}", hex(b"expiring"));
+    let _: () = redis.query(&["SET", &key, forged[0], "PX", "600000"]);
+    let job = json!({"type": "sms", "to": "+15550003333", "key": "expiring", "simulate_ms": 0}).to_string();
+    c.submit(&job);
+    let dup = c.recv();
+    assert_eq!((&dup["event"], dup["task_id"].as_u64()), (&"duplicate".into(), Some(123)), "{dup}");
+}
+
 /// Jobs of web-1 still in the job stream.
 fn queued_of_web_1(redis: &Redis) -> i64 {
     const COUNT: &str = "local n = 0

@@ -364,10 +364,9 @@ for line in sys.stdin:
         print(json.dumps({"task_id": msg["task_id"], "result": {"pid": os.getpid(), "attempt": msg["attempt"]}}), flush=True)
 "#;
 
-#[test]
-fn a_durable_handler_job_that_asks_for_a_retry_runs_twice_in_its_lane_and_ends_done() {
-    let Some(scripts) = scripts() else { return };
-    let Some(redis) = common::durable::Redis::start() else { return };
+/// A durable node (`web`, one task process) whose `flaky` lane runs FLAKY, retrying after
+/// 10–50 ms; with the file FLAKY appends each run to.
+fn flaky_durable_node(scripts: &Scripts, redis: &common::durable::Redis) -> (Daemon, PathBuf) {
     let flaky = scripts.python.with_file_name("flaky.py");
     std::fs::write(&flaky, FLAKY).unwrap();
     let runs = scripts.python.with_file_name("runs.txt");
@@ -386,6 +385,14 @@ fn a_durable_handler_job_that_asks_for_a_retry_runs_twice_in_its_lane_and_ends_d
         "--retry-cap-ms",
         "50",
     ]);
+    (daemon, runs)
+}
+
+#[test]
+fn a_durable_handler_job_that_asks_for_a_retry_runs_twice_in_its_lane_and_ends_done() {
+    let Some(scripts) = scripts() else { return };
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let (daemon, runs) = flaky_durable_node(&scripts, &redis);
     let mut client = daemon.connect();
     let line = serde_json::json!({"type": "flaky", "runs": runs}).to_string();
     let accepted = client.submit(&line);
@@ -464,24 +471,7 @@ fn a_type_no_node_runs_stays_queued_in_its_lane_until_a_task_node_with_its_handl
 fn a_lane_stream_made_a_hash_by_someone_is_left_out_and_the_main_stream_runs_until_it_is_deleted() {
     let Some(scripts) = scripts() else { return };
     let Some(redis) = common::durable::Redis::start() else { return };
-    let flaky = scripts.python.with_file_name("flaky.py");
-    std::fs::write(&flaky, FLAKY).unwrap();
-    let runs = scripts.python.with_file_name("runs.txt");
-    let handler = format!("flaky=python3 {}", flaky.display());
-    let daemon = Daemon::start(&[
-        "--redis-url",
-        &redis.url,
-        "--node-id",
-        "web",
-        "--task-worker-num",
-        "1",
-        "--handler",
-        &handler,
-        "--retry-base-ms",
-        "10",
-        "--retry-cap-ms",
-        "50",
-    ]);
+    let (daemon, runs) = flaky_durable_node(&scripts, &redis);
     let mut client = daemon.connect();
     let first = client.submit(r#"{"type":"sms","to":"+15550000001","simulate_ms":0}"#);
     assert_eq!(client.final_reply(&first["task_id"], &mut Vec::new())["event"], "done");

@@ -285,6 +285,9 @@ fn the_readmes_acl_user_runs_durable_jobs() {
     let node = TaskNode::start_url(&url, "tasks-a", &["--task-worker-num", "2", "--simulate-ms", "0"]);
     let mut c = d.connect();
     assert_eq!(all_done(&mut c, 40).len(), 40);
+    // A job for later comes back from the delayed set (the sweep's script runs as the user).
+    let later = c.submit(r#"{"type":"sms","to":"+15550009996","run_in_ms":200,"simulate_ms":0}"#);
+    assert_eq!(c.final_reply(&later["task_id"], &mut Vec::new())["event"], "done");
     // A key and its duplicate, a cancel of a parked job and of one in the stream: their
     // scripts' calls need the user's rights too.
     let keyed = r#"{"type":"sms","to":"+15550009999","key":"acl-key"}"#;

@@ -286,6 +286,91 @@ mod durable {
         assert!(done["attempts"].as_u64().is_some_and(|a| a >= 2), "{done}");
     }
 
+    /// Submits `cb until=MARKER` and waits until it is parked in the delayed set for its retry:
+    /// its accepted line, and its member there (its task id).
+    fn parked_until(redis: &Redis, client: &mut Client, marker: &std::path::Path) -> (Value, String) {
+        client.send(&format!("cb until={}", marker.display()));
+        let accepted = client.recv();
+        assert_eq!(accepted["event"], "accepted", "{accepted}");
+        let retrying = client.recv();
+        assert_eq!(retrying["event"], "retrying", "{retrying}");
+        let member = accepted["task_id"].as_u64().expect("task_id").to_string();
+        common::wait_for("the job to wait in the delayed set", || {
+            let score: Option<f64> = redis.query(&["ZSCORE", "{taskd}:delayed", &member]);
+            score.map(|_| ())
+        });
+        (accepted, member)
+    }
+
+    /// The next `callback` line (the job's final line in this example).
+    fn callback(client: &mut Client) -> Value {
+        loop {
+            let line = client.recv();
+            if line["event"] == "callback" || line["event"] == "failed" {
+                return line;
+            }
+            assert_eq!(line["event"], "retrying", "{line}");
+        }
+    }
+
+    #[test]
+    fn a_job_whose_stream_is_made_a_string_while_it_waits_for_its_retry_waits_for_it_and_then_runs() {
+        let Some(redis) = Redis::start() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        let daemon = web(&redis, "web-1", &["--retry-base-ms", "300", "--retry-cap-ms", "300"]);
+        let mut client = daemon.connect();
+        let (accepted, member) = parked_until(&redis, &mut client, &marker);
+        // Written by someone else while the job waits: its stream (the main one) is a string.
+        let _: i64 = redis.query(&["DEL", "{taskd}:jobs"]);
+        let _: () = redis.query(&["SET", "{taskd}:jobs", "not a stream"]);
+        std::fs::write(&marker, b"").unwrap();
+        // Due, it has nowhere to go: it stays in the set, due again a little later, with its
+        // fields (the move of every other job goes on meanwhile).
+        let first: f64 = redis.query(&["ZSCORE", "{taskd}:delayed", &member]);
+        common::wait_for("the job to be put off while its stream is a string", || {
+            let now: f64 = redis.query(&["ZSCORE", "{taskd}:delayed", &member]);
+            (now > first).then_some(())
+        });
+        let fields: u64 = redis.query(&["HLEN", &format!("{{taskd}}:delayed:{member}")]);
+        assert!(fields > 0, "its fields are kept");
+        daemon.wait_log("{waiting} wait there".replace("{waiting}", "1").as_str());
+        // Mended: it moves back into the stream and runs, once.
+        let _: i64 = redis.query(&["DEL", "{taskd}:jobs"]);
+        let last = callback(&mut client);
+        assert_eq!((&last["event"], &last["task_id"]), (&"callback".into(), &accepted["task_id"]), "{last}");
+        assert_eq!(last["attempts"].as_u64(), Some(2), "{last}");
+        common::wait_for("the delayed set to empty", || {
+            let delayed: u64 = redis.query(&["ZCARD", "{taskd}:delayed"]);
+            (delayed == 0).then_some(())
+        });
+    }
+
+    #[test]
+    fn a_parked_job_whose_lane_field_is_forged_comes_back_into_the_main_stream_and_runs() {
+        let Some(redis) = Redis::start() else { return };
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("marker");
+        let daemon = web(&redis, "web-1", &["--retry-base-ms", "300", "--retry-cap-ms", "300"]);
+        let mut client = daemon.connect();
+        for forged in ["nowhere", "Nope", "x#high", "a:b"] {
+            let _ = std::fs::remove_file(&marker);
+            let (accepted, member) = parked_until(&redis, &mut client, &marker);
+            // Written by someone else: the lane it goes back into names no stream anyone reads.
+            let _: i64 = redis.query(&["HSET", &format!("{{taskd}}:delayed:{member}"), "ln", forged]);
+            std::fs::write(&marker, b"").unwrap();
+            let last = callback(&mut client);
+            assert_eq!(
+                (&last["event"], &last["task_id"]),
+                (&"callback".into(), &accepted["task_id"]),
+                "{last}"
+            );
+            let lanes: Vec<String> = redis.query(&["KEYS", "{taskd}:jobs:*"]);
+            assert!(lanes.is_empty(), "{forged}: {lanes:?}");
+        }
+        daemon.wait_log("into the main stream: their lane field `ln` names no lane of taskd");
+    }
+
     /// `kill -9` the master; waits until every process of the daemon is gone.
     fn kill(d: &Daemon) {
         let group: Vec<u32> =

@@ -572,8 +572,9 @@ job = { type = "sms", to = "+15550008888", text = "tick", simulate_ms = 0, key =
 "#,
     );
     let key = format!("{{taskd}}:key:{}", "tick-key".bytes().map(|b| format!("{b:02x}")).collect::<String>());
-    // Another job holds the key from before the node starts.
-    let _: () = redis.query(&["SET", &key, "h 0 web-9 99"]);
+    // Another job holds the key from before the node starts (with an expiry, as taskd sets
+    // on every value: one without is not trusted to hold a key).
+    let _: () = redis.query(&["SET", &key, "h 0 web-9 99", "PX", "600000"]);
     let mut web = ticking_web(&redis, "web-1", &config, &["--dedup-ttl-ms", "0"]);
     let node = common::durable::TaskNode::start(&redis, "n1", &["--task-worker-num", "2"]);
     let runs = || node.outbox_lines().into_iter().filter(|l| l["to"] == "+15550008888").collect::<Vec<_>>();
@@ -873,6 +874,31 @@ fn a_parked_job_with_a_forged_lane_does_not_stop_every_other_job_coming_back_fro
 }
 
 #[test]
+fn a_parked_hash_of_more_fields_than_a_job_has_is_deleted_and_does_not_stop_the_others() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    // Written by someone else: a due member whose hash has 10,000 fields (more than Lua's
+    // `unpack` takes: its error would stop every move of every job).
+    let mut conn = redis.conn().expect("connect");
+    let mut hset = redis::cmd("HSET");
+    hset.arg("{taskd}:delayed:forged-big");
+    for i in 0..10_000 {
+        hset.arg(format!("f{i}")).arg("x");
+    }
+    let _: i64 = hset.query(&mut conn).expect("HSET");
+    let _: i64 = redis.query(&["ZADD", "{taskd}:delayed", "0", "forged-big"]);
+    let mut c = web.connect();
+    let job = c.submit(r#"{"type":"sms","to":"+15550001111","run_in_ms":300,"simulate_ms":0}"#);
+    let done = c.final_reply(&job["task_id"], &mut Vec::new());
+    assert_eq!(done["event"], "done", "{done}");
+    let left: Vec<String> = redis.query(&["ZRANGE", "{taskd}:delayed", "0", "-1"]);
+    assert!(left.is_empty(), "{left:?}");
+    let exists: i64 = redis.query(&["EXISTS", "{taskd}:delayed:forged-big"]);
+    assert_eq!(exists, 0);
+    web.wait_log("1 deleted: a hash of over 64 fields is no job");
+}
+
+#[test]
 fn a_priority_stream_made_a_string_by_someone_is_left_out_and_the_others_run_until_it_is_deleted() {
     let Some(redis) = common::durable::Redis::start() else { return };
     let web = web(&redis, "web-1", &["--task-worker-num", "1"]);
@@ -941,6 +967,76 @@ fn a_job_whose_stream_is_made_a_string_while_it_runs_is_answered_and_the_others_
     let job = c.submit(r#"{"type":"sms","to":"+15550001111","simulate_ms":0}"#);
     let done = c.final_reply(&job["task_id"], &mut Vec::new());
     assert_eq!(done["event"], "done", "{done}");
+    let kind: String = redis.query(&["TYPE", "{taskd}:jobs#low"]);
+    assert_eq!(kind, "string", "left as it was found");
+}
+
+#[test]
+fn a_job_whose_stream_someone_made_a_string_fails_alone_and_the_rest_of_its_round_is_accepted_and_runs_once()
+{
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let web = web(&redis, "web-1", &["--task-worker-num", "2"]);
+    let mut clients: Vec<Client> = (0..3).map(|_| web.connect()).collect();
+    let sms = |n: usize, priority: &str| {
+        format!("{{\"type\":\"sms\",\"to\":\"+1555{n:07}\",\"priority\":\"{priority}\",\"simulate_ms\":0}}\n")
+    };
+    // A flow of jobs: three writes of ten from each client. Before the second, someone makes
+    // the low stream a string; each client's second write has one low job among nine normal
+    // ones, read in one turn and stored in one round with them (and with other clients').
+    for write in 0..3 {
+        if write == 1 {
+            let _: i64 = redis.query(&["DEL", "{taskd}:jobs#low"]);
+            let _: () = redis.query(&["SET", "{taskd}:jobs#low", "not a stream"]);
+        }
+        for (k, c) in clients.iter_mut().enumerate() {
+            let lines: String = (0..10)
+                .map(|j| sms(write * 100 + k * 10 + j, if write == 1 && j == 5 { "low" } else { "normal" }))
+                .collect();
+            c.send_raw(lines.as_bytes());
+        }
+    }
+    let mut ran = Vec::new();
+    for c in &mut clients {
+        let (mut accepted, mut done, mut failed) = (Vec::new(), Vec::new(), Vec::new());
+        while done.len() < 29 || failed.is_empty() {
+            let v = c.recv();
+            let id = v["task_id"].as_u64().unwrap_or_else(|| panic!("{v}"));
+            match v["event"].as_str() {
+                Some("accepted") => {
+                    assert!(!accepted.contains(&id), "{v}");
+                    accepted.push(id);
+                }
+                Some("done") => {
+                    assert!(
+                        accepted.contains(&id) && !done.contains(&id),
+                        "done, not accepted or twice: {v}"
+                    );
+                    done.push(id);
+                }
+                Some("failed") => {
+                    // Only the job that was not stored fails, and it was never `accepted`.
+                    assert!(failed.is_empty() && !accepted.contains(&id), "{v}");
+                    let error = v["error"].as_str().unwrap_or_default();
+                    assert!(
+                        error.contains("will not run: {taskd}:jobs#low is a string key, not a stream"),
+                        "{v}"
+                    );
+                    failed.push(id);
+                }
+                _ => panic!("{v}"),
+            }
+        }
+        assert_eq!(accepted.len(), 29);
+        ran.extend(done);
+        ran.push(failed[0]);
+    }
+    // Every job answered `done` ran once; the one that failed never did.
+    let outbox = web.outbox_lines();
+    for (i, id) in ran.iter().enumerate() {
+        let runs = outbox.iter().filter(|l| l["task_id"].as_u64() == Some(*id)).count();
+        let want = usize::from(i % 30 != 29);
+        assert_eq!(runs, want, "job {id} ran {runs} times");
+    }
     let kind: String = redis.query(&["TYPE", "{taskd}:jobs#low"]);
     assert_eq!(kind, "string", "left as it was found");
 }

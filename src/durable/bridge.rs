@@ -182,8 +182,8 @@ fn store_loop(
     let mut trims: Vec<Vec<u8>> = Vec::new();
     let mut keeps: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
-    // The error of a round that stored part of the batch still open.
-    let mut open_error: Option<String> = None;
+    // The batch still open (its end not read yet), over the rounds of its jobs so far.
+    let mut open = OpenBatch::new();
     // The time of the next job to store, from the `StoreAt` frame right before it; its
     // priority and its tick, from the frames before it.
     let mut next_at: Option<(u64, u64)> = None;
@@ -193,8 +193,6 @@ fn store_loop(
     let mut next_key: Option<(u64, String, u64)> = None;
     let mut watches = super::dedup::Watches::default();
     let mut cancels: std::collections::VecDeque<super::cancel::Cancel> = Default::default();
-    // The fewest replicas WAIT confirmed for a round of the batch still open, when short.
-    let mut open_replicas = FromBridge::ALL_REPLICAS;
     let mut short = crate::throttle::Throttle::default();
     let mut tick_answers = Vec::new();
     loop {
@@ -304,18 +302,30 @@ fn store_loop(
             renew_if_asked(&mut link, &token, &mut renew, out);
             continue;
         }
-        // Jobs not stored because another holds their key: said before their batch's end.
+        // Jobs not stored because another holds their key, or because their command failed
+        // inside the round: said before their batch's end.
         let mut dups = Vec::new();
+        let mut failed = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
-            Ok(_) => match store_once(&mut link, &items, &keeps, &trims) {
+            Ok(_) => match store_once(&mut link, &items, &keeps, &trims, &mut failed) {
                 Ok(replies) => {
+                    // Each job of a round answered as it is: the ones whose command failed
+                    // are not stored, and said so alone; the others are.
+                    let (stored, replies) = match failed.is_empty() {
+                        true => (None, replies),
+                        false => {
+                            let (stored, replies) = refused(&mut link, &items, replies, &failed, &mut dups);
+                            (Some(stored), replies)
+                        }
+                    };
+                    let stored = stored.as_deref().unwrap_or(&items);
                     // The claims' answers come first, in the order of their jobs
                     // (see `answered`): who claimed each tick, then each key.
-                    let (ticks, keys) = answered(&items, &replies);
-                    ticks::answers(d, &items, &ticks, &mut tick_answers);
-                    duplicates(d, &items, &keys, &mut watches, &mut dups);
-                    Ok(replicated(d, &items, &replies, &mut short))
+                    let (ticks, keys) = answered(stored, &replies);
+                    ticks::answers(d, stored, &ticks, &mut tick_answers);
+                    duplicates(d, stored, &keys, &mut watches, &mut dups);
+                    Ok(replicated(d, stored, &replies, &mut short))
                 }
                 Err(text) => Err(text),
             },
@@ -325,15 +335,8 @@ fn store_loop(
         acks.extend(dups);
         for item in items.drain(..) {
             match item {
-                Item::Store { .. } => match &outcome {
-                    Err(e) => open_error = Some(e.clone()),
-                    Ok(replicas) => open_replicas = open_replicas.min(*replicas),
-                },
-                Item::End(batch) => {
-                    let error = open_error.take().unwrap_or_default();
-                    let replicas = std::mem::replace(&mut open_replicas, FromBridge::ALL_REPLICAS);
-                    FromBridge::Stored { batch, replicas, error: error.as_bytes() }.encode(&mut acks);
-                }
+                Item::Store { task_id, .. } => open.job(task_id, &outcome),
+                Item::End(batch) => open.end(batch, &mut acks),
             }
         }
         // Kept results and deletions are idempotent: on failure they wait for the next round.
@@ -346,6 +349,139 @@ fn store_loop(
             return Ok(());
         }
         renew_if_asked(&mut link, &token, &mut renew, out);
+    }
+}
+
+/// The jobs of a stored round whose command failed inside it (`failed`, by index in the round:
+/// one command per job, in order, then the kept results and the deletions, see `pipeline`):
+/// each gets a [`FromBridge::NotStored`] in `frames`, which says which of its keys is of
+/// another type when it can. Every command of a round fails before its first write (a script
+/// checks the types it writes to first), so such a job is in no stream, and will not run.
+/// Returns the round's other jobs, and the answers (`replies`) without the failed ones'.
+/// A failed result kept or deletion is logged and not tried again (it would fail again).
+fn refused(
+    link: &mut Link<'_>,
+    items: &[Item],
+    replies: Vec<Value>,
+    failed: &[(usize, redis::RedisError)],
+    frames: &mut Vec<u8>,
+) -> (Vec<Item>, Vec<Value>) {
+    let d = link.d;
+    let mut stored = Vec::with_capacity(items.len());
+    let mut answers = replies.into_iter();
+    let mut kept = Vec::with_capacity(failed.len());
+    let mut jobs = 0;
+    for item in items {
+        let Item::Store { task_id, tick, key, .. } = item else {
+            stored.push(item.clone());
+            continue;
+        };
+        let error = failed.iter().find(|(i, _)| *i == jobs).map(|(_, e)| e);
+        jobs += 1;
+        let answer = if tick.is_some() || key.is_some() { answers.next() } else { None };
+        let Some(e) = error else {
+            stored.push(item.clone());
+            kept.extend(answer);
+            continue;
+        };
+        let named = match link.get() {
+            Ok(conn) => wrong_keys(conn, d, item),
+            Err(_) => None,
+        };
+        let why = match named {
+            Some(keys) => format!(
+                "not stored in Redis, so it will not run: {keys} (someone else wrote it); delete it \
+                 and submit the job again"
+            ),
+            None => format!("not stored in Redis, so it will not run: {}", redis_io::describe(e)),
+        };
+        tracing::error!("redis bridge: job {task_id} {why}; the other jobs of its round were stored");
+        FromBridge::NotStored { task_id: *task_id, why: why.as_bytes() }.encode(frames);
+    }
+    for (i, e) in failed.iter().filter(|(i, _)| *i >= jobs) {
+        tracing::error!(
+            "redis bridge: a kept result or a deletion of handled replies failed ({}): {}; not tried again",
+            i - jobs,
+            redis_io::describe(e)
+        );
+    }
+    kept.extend(answers);
+    (stored, kept)
+}
+
+/// The keys job `item` writes that are of another type than taskd writes there, as
+/// `KEY is a TYPE key, not a WANTED`; None when none is (or they cannot be read).
+fn wrong_keys(conn: &mut Connection, d: &Durable, item: &Item) -> Option<String> {
+    let Item::Store { run_at_ms, data, priority, tick, key, .. } = item else { return None };
+    let mut keys: Vec<(String, &[&str])> = vec![(d.stream_of(data, *priority), &["stream"])];
+    if *run_at_ms > 0 {
+        keys.push((d.keys.delayed.clone(), &["zset"]));
+    }
+    if let Some(claim) = tick {
+        keys.push((d.keys.tick(&claim.name, claim.tick_ms), &["string"]));
+    }
+    if let Some((hex, _)) = key {
+        keys.push((d.keys.dedup(hex), &["string"]));
+    }
+    let mut pipe = redis::pipe();
+    for (k, _) in &keys {
+        pipe.cmd("TYPE").arg(k);
+    }
+    let types: Vec<String> = pipe.query(conn).ok()?;
+    let wrong: Vec<String> = keys
+        .iter()
+        .zip(types)
+        .filter(|((_, want), kind)| kind != "none" && !want.contains(&kind.as_str()))
+        .map(|((k, want), kind)| format!("{k} is a {kind} key, not a {}", want.join(" or ")))
+        .collect();
+    (!wrong.is_empty()).then(|| wrong.join(", and "))
+}
+
+/// The batch whose end the bridge has not read yet: its jobs may come in more than one read of
+/// the master's channel, and so be stored by more than one round.
+struct OpenBatch {
+    /// Some of its jobs were stored (by a round that was).
+    stored: bool,
+    /// Its jobs of rounds that stored nothing, with why.
+    failed: Vec<(u64, String)>,
+    /// The fewest replicas WAIT confirmed for a round of it, when short.
+    replicas: u32,
+}
+
+impl OpenBatch {
+    fn new() -> OpenBatch {
+        OpenBatch { stored: false, failed: Vec::new(), replicas: FromBridge::ALL_REPLICAS }
+    }
+
+    /// Job `task_id` of it was in a round that came to `outcome` (the replicas, or why not).
+    fn job(&mut self, task_id: u64, outcome: &Result<u32, String>) {
+        match outcome {
+            Ok(replicas) => {
+                self.stored = true;
+                self.replicas = self.replicas.min(*replicas);
+            }
+            Err(why) => self.failed.push((task_id, why.clone())),
+        }
+    }
+
+    /// Its end, read: its answer to the master in `out`. All of it failed: the batch fails
+    /// (its clients hear `failed`, nothing of what was held for them). Stored by one round and
+    /// not by another: each job not stored fails alone, as one Redis refused inside a round
+    /// does (`refused`), and the batch is stored: `failed` for the whole batch would be untrue
+    /// for its stored jobs, which run.
+    fn end(&mut self, batch: u64, out: &mut Vec<u8>) {
+        let open = std::mem::replace(self, OpenBatch::new());
+        let error = match open.failed.last() {
+            Some(_) if open.stored => {
+                for (task_id, why) in &open.failed {
+                    FromBridge::NotStored { task_id: *task_id, why: why.as_bytes() }.encode(out);
+                }
+                ""
+            }
+            Some((_, why)) => why.as_str(),
+            None => "",
+        };
+        FromBridge::Stored { batch, replicas: open.replicas, error: error.as_bytes() }.encode(out);
     }
 }
 
@@ -396,11 +532,14 @@ impl Link<'_> {
 /// error only when none of it was stored, nor ever will be (see [`super::round`]). A round
 /// that Redis refused for a lost connection or a moving Cluster slot is tried again, as a new
 /// round with the same task ids, for [`STORE_AGAIN_FOR`].
+/// `failed`: the commands that failed inside a stored round (by their index in it, see
+/// `pipeline`), which stored nothing of theirs; the rest of the round is stored.
 fn store_once(
     link: &mut Link<'_>,
     items: &[Item],
     keeps: &[(u64, Vec<u8>)],
     trims: &[Vec<u8>],
+    failed: &mut Vec<(usize, redis::RedisError)>,
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
     let (cmds, kept) = pipeline(d, items, keeps, trims);
@@ -443,16 +582,12 @@ fn store_once(
                 link.answered = Some(marker);
                 return Ok(replies);
             }
-            super::round::Tried::Partly(e) => {
-                link.answered = Some(marker);
+            super::round::Tried::Partly(replies, mut errors) => {
                 // A key not of its type (written by someone else) failed its command alone:
-                // the rest of the round is stored, and its batch's answer cannot say which.
-                tracing::error!(
-                    "redis bridge: a command of a stored round failed: {}; its batch is answered \
-                     as failed, but its other jobs were stored",
-                    redis_io::describe(&e)
-                );
-                return Err(format!("could not store the job in Redis: {}", redis_io::describe(&e)));
+                // the rest of the round is stored (see `refused`).
+                link.answered = Some(marker);
+                failed.append(&mut errors);
+                return Ok(replies);
             }
             super::round::Tried::Refused(e) => e,
             super::round::Tried::Unknown(e) => {
@@ -463,7 +598,7 @@ fn store_once(
                 match settle_round(link, &marker) {
                     Ok(true) => {
                         link.answered = Some(marker);
-                        return recovered(link, items, wait);
+                        return recovered(link, items, wait, failed);
                     }
                     Ok(false) => {
                         tracing::warn!("redis bridge: {lost}; the round was not stored, and never will be");
@@ -512,15 +647,26 @@ fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
 /// The answers of a round that was stored but whose answers were lost: the claims again (a
 /// claim of a job already stored answers as stored, and stores nothing), then WAIT, from this
 /// connection (WAIT counts every write Redis had when it is asked). If Redis is lost again,
-/// the claims count as stored and WAIT as no replica.
-fn recovered(link: &mut Link<'_>, items: &[Item], wait: Option<(u32, u64)>) -> Result<Vec<Value>, String> {
+/// the claims count as stored and WAIT as no replica. A claim that fails again failed in the
+/// round too (one that had stored its job answers 1 before it writes or reads anything else):
+/// its job is in `failed`, as [`store_once`] says. (A job of the round without a claim whose
+/// XADD failed cannot be told: it counts as stored.)
+fn recovered(
+    link: &mut Link<'_>,
+    items: &[Item],
+    wait: Option<(u32, u64)>,
+    failed: &mut Vec<(usize, redis::RedisError)>,
+) -> Result<Vec<Value>, String> {
     let d = link.d;
-    // The claims (of a key, of a tick) are the only answers wanted: sent again alone.
-    let keyed: Vec<Item> = items
+    // The claims (of a key, of a tick) are the only answers wanted: sent again alone. With
+    // each, its job's index in the round.
+    let (at, keyed): (Vec<usize>, Vec<Item>) = items
         .iter()
-        .filter(|i| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
-        .cloned()
-        .collect();
+        .filter(|i| matches!(i, Item::Store { .. }))
+        .enumerate()
+        .filter(|(_, i)| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
+        .map(|(n, i)| (n, i.clone()))
+        .unzip();
     let (mut again, _) = pipeline(d, &keyed, &[], &[]);
     if let Some((replicas, ms)) = wait {
         again.cmd("WAIT").arg(replicas).arg(ms);
@@ -535,7 +681,14 @@ fn recovered(link: &mut Link<'_>, items: &[Item], wait: Option<(u32, u64)>) -> R
             super::round::exchange(conn, &again).map_err(|e| (redis_io::describe(&e), Some(e)))
         });
         match tried {
-            Ok(replies) => return Ok(replies),
+            Ok(replies) => {
+                for (n, reply) in at.iter().zip(&replies) {
+                    if let Value::ServerError(e) = reply {
+                        failed.push((*n, e.clone().into()));
+                    }
+                }
+                return Ok(replies);
+            }
             Err((why, e)) => {
                 if let Some(e) = &e {
                     link.failed(e);
@@ -901,4 +1054,71 @@ fn pipeline(
     }
     kept.resize(pipe.len(), false);
     (pipe, kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(out: &[u8]) -> Vec<FromBridge<'_>> {
+        let mut all = Vec::new();
+        let mut pos = 0;
+        while let Ok(Some((frame, n))) = FromBridge::decode(&out[pos..]) {
+            all.push(frame);
+            pos += n;
+        }
+        all
+    }
+
+    #[test]
+    fn a_batch_stored_by_one_round_and_not_another_fails_only_its_jobs_not_stored() {
+        let mut open = OpenBatch::new();
+        let mut out = Vec::new();
+        open.job(1, &Ok(FromBridge::ALL_REPLICAS));
+        open.job(2, &Err("Redis is gone".into()));
+        open.end(7, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![
+                FromBridge::NotStored { task_id: 2, why: b"Redis is gone" },
+                FromBridge::Stored { batch: 7, replicas: FromBridge::ALL_REPLICAS, error: b"" },
+            ]
+        );
+        // The other way round, and with a short WAIT: the same.
+        out.clear();
+        open.job(3, &Err("Redis is gone".into()));
+        open.job(4, &Ok(1));
+        open.end(8, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![
+                FromBridge::NotStored { task_id: 3, why: b"Redis is gone" },
+                FromBridge::Stored { batch: 8, replicas: 1, error: b"" },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_batch_none_of_which_was_stored_fails_whole_and_one_all_stored_is_stored() {
+        let mut open = OpenBatch::new();
+        let mut out = Vec::new();
+        open.job(1, &Err("first".into()));
+        open.job(2, &Err("Redis is gone".into()));
+        open.end(7, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![FromBridge::Stored {
+                batch: 7,
+                replicas: FromBridge::ALL_REPLICAS,
+                error: b"Redis is gone"
+            }]
+        );
+        out.clear();
+        open.job(3, &Ok(FromBridge::ALL_REPLICAS));
+        open.end(8, &mut out);
+        assert_eq!(
+            frames(&out),
+            vec![FromBridge::Stored { batch: 8, replicas: FromBridge::ALL_REPLICAS, error: b"" }]
+        );
+    }
 }

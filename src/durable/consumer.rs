@@ -479,9 +479,25 @@ impl Consumer<'_> {
             self.next_move = Instant::now() + MOVE_EVERY;
             let d = self.d;
             match move_due(self.conn()?, d) {
-                Ok(0) => {}
-                Ok(moved) => {
+                Ok((0, _, 0, _)) => {}
+                Ok((moved, 0, 0, 0)) => {
                     tracing::debug!("{}: moved {moved} due jobs from the delayed set to the stream", self.me)
+                }
+                // Written by someone else (see `MOVE_DUE`): said, once per 10 s at most.
+                Ok((moved, misrouted, waiting, dropped)) => {
+                    if let Some(n) = self.move_refused.log() {
+                        tracing::warn!(
+                            "{}: moved {moved} due jobs from the delayed set ({misrouted} of them into \
+                             the main stream: their lane field `ln` names no lane of {}, written by \
+                             someone else; {dropped} deleted: a hash of over {JOB_FIELDS_MAX} fields \
+                             is no job); {waiting} wait there, their stream and {} being keys of \
+                             another type{}",
+                            self.me,
+                            d.keys.queue(),
+                            d.keys.jobs,
+                            crate::throttle::unlogged(n)
+                        );
+                    }
                 }
                 Err(e) if is_connection_error(&e) => return Err(e),
                 // Refused (a script error): taking jobs goes on; the move is tried again later.
@@ -840,30 +856,70 @@ return 1";
 /// ARGV[2] of them; ARGV[1] is the prefix of their hashes; a job whose field `pr` is `high` or
 /// `low` goes to the stream of that priority (ARGV[4] and the priority after the stream's
 /// name). Atomic: consumers of every node run it, one at a time by construction, and none moves
-/// a job twice.
+/// a job twice. Whoever can write to Redis can write a hash's fields and any key:
+/// - `ln` is a lane only if it is a handler type's name (a lowercase letter, then letters,
+///   digits, `_` or `-`, ARGV[6] bytes at most) whose stream exists (every node makes the
+///   streams of the lanes it routes to or reads, at start): a job whose `ln` names anything
+///   else goes to the main stream of its priority, where it runs or fails with a final line,
+///   never into a stream nobody reads;
+/// - a destination that is a key of another type falls back to KEYS[2]; when KEYS[2] is one
+///   too, the job stays in the set, due again ARGV[5] ms later: it moves once its stream is
+///   back (the consumers name the key in their log), and the jobs behind it move meanwhile.
+///
+/// A hash of more than ARGV[7] fields is no job's: it is deleted. Returns `{moved, misrouted,
+/// waiting, dropped}`: the members moved (or dropped: a member with no hash, or not a job's),
+/// those whose `ln` was no lane, those left waiting, and the hashes deleted as no job's.
 const MOVE_DUE: &str = "
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local function usable(key)
+  local kind = redis.call('TYPE', key).ok
+  return kind == 'stream' or kind == 'none'
+end
+local moved, misrouted, waiting, dropped = 0, 0, 0, 0
 for _, id in ipairs(due) do
   local h = ARGV[1] .. id
+  local dest = KEYS[2]
   if redis.call('TYPE', h).ok == 'hash' then
+    -- Its fields read once (HGETALL: an ACL user of the README's least rights has no HGET).
     local f = redis.call('HGETALL', h)
-    local dest = KEYS[2]
-    local lane = redis.call('HGET', h, 'ln')
-    -- `ln` may be forged: a name that leaves the queue's hash tag is no lane.
-    if lane and not string.find(lane, '[{}]') then dest = ARGV[3] .. lane end
-    local pr = redis.call('HGET', h, 'pr')
-    if pr == 'high' or pr == 'low' then dest = dest .. ARGV[4] .. pr end
-    -- Into a stream only (an error here would stop every move, of every job, for good).
-    local kind = redis.call('TYPE', dest).ok
-    if kind ~= 'stream' and kind ~= 'none' then dest = KEYS[2] end
-    if #f > 0 then redis.call('XADD', dest, '*', unpack(f)) end
+    local field = {}
+    for i = 1, #f, 2 do field[f[i]] = f[i + 1] end
+    local pr = field['pr']
+    local mark = ''
+    if pr == 'high' or pr == 'low' then mark = ARGV[4] .. pr end
+    dest = KEYS[2] .. mark
+    local lane = field['ln']
+    if lane then
+      local l = ARGV[3] .. lane .. mark
+      if #lane <= tonumber(ARGV[6]) and string.match(lane, '^[a-z][a-z0-9_-]*$')
+          and redis.call('TYPE', l).ok == 'stream' then
+        dest = l
+      else
+        misrouted = misrouted + 1
+      end
+    end
+    if not usable(dest) then dest = KEYS[2] end
+    if not usable(dest) then dest = nil end
+    -- More fields than any job has is no job (and too many for `unpack`, whose error would
+    -- stop every move): deleted, counted.
+    if #f > 2 * tonumber(ARGV[7]) then
+      dropped = dropped + 1
+    elseif dest and #f > 0 then
+      redis.call('XADD', dest, '*', unpack(f))
+    end
   end
-  redis.call('DEL', h)
-  redis.call('ZREM', KEYS[1], id)
+  if dest then
+    redis.call('DEL', h)
+    redis.call('ZREM', KEYS[1], id)
+    moved = moved + 1
+  else
+    redis.call('ZADD', KEYS[1], now + tonumber(ARGV[5]), id)
+    waiting = waiting + 1
+  end
 end
-return #due";
+return {moved, misrouted, waiting, dropped}";
 
 /// How often a consumer moves due jobs back into the stream (at most; an idle one blocks in
 /// XREADGROUP up to `BLOCK_MS` between two looks).
@@ -871,8 +927,17 @@ const MOVE_EVERY: Duration = Duration::from_millis(250);
 /// Jobs one move takes at most (the script holds Redis while it runs).
 const MOVE_MAX: usize = 200;
 
-/// Moves due jobs of the delayed set back into the job stream (see [`MOVE_DUE`]).
-fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
+/// How long a due job whose stream is a key of another type waits before it is looked at
+/// again (see [`MOVE_DUE`]): as often as consumers look at their streams' types.
+const MOVE_WAIT_MS: u64 = 3000;
+
+/// Most fields of a job's hash in the delayed set (a job has about a dozen).
+const JOB_FIELDS_MAX: usize = 64;
+
+/// Moves due jobs of the delayed set back into the job stream (see [`MOVE_DUE`]): how many
+/// moved, how many of them named no lane, how many wait for their stream, and how many were
+/// no job.
+fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<(usize, usize, usize, usize)> {
     redis::cmd("EVAL")
         .arg(MOVE_DUE)
         .arg(2)
@@ -882,6 +947,9 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<usize> {
         .arg(MOVE_MAX)
         .arg(d.keys.lane_prefix())
         .arg(super::keys::PRIORITY_MARK.to_string())
+        .arg(MOVE_WAIT_MS)
+        .arg(crate::handler::MAX_TYPE_LEN)
+        .arg(JOB_FIELDS_MAX)
         .query(conn)
 }
 

@@ -177,8 +177,9 @@ pub fn end_cmd(keys: &Keys, hex: &str, ttl_ms: u64, origin: &str, task_id: u64, 
 /// be `held`: 1 when that job does (an earlier try of its batch stored it, as a new bridge
 /// sends unacknowledged batches again: held, or already ended), the key's value when another
 /// job does (held, or ended and not free yet), nil when it is free. Only a value as taskd
-/// writes it holds the key; anything else is taken over (one of another type is deleted here:
-/// an error would fail the whole round of jobs).
+/// writes it holds the key, with an expiry as taskd sets it (so a key is never held for ever:
+/// at most [`hold_ms`] while its job waits or runs); anything else is taken over (one of
+/// another type is deleted here: an error would fail the job).
 macro_rules! key_holder_fn {
     () => {
         "
@@ -197,7 +198,13 @@ local function key_holder(key, held)
     if not (job(node, id) and pcall(cjson.decode, line)) then free = nil end
     local t = redis.call('TIME')
     local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    if h or (free and tonumber(free) > now) then return v end
+    -- taskd writes every value of a key with an expiry: one without (written, or made
+    -- persistent, by someone else) would hold the key for ever, and is taken over. PEXPIRE NX
+    -- sets one only on a key that has none, and says so (PEXPIRE is in the least rights of
+    -- an ACL user, PTTL is not); the caller then overwrites the key, or it lapses.
+    if (h or (free and tonumber(free) > now)) and redis.call('PEXPIRE', key, 1, 'NX') == 0 then
+      return v
+    end
   elseif kind ~= 'none' then
     redis.call('DEL', key)
   end

@@ -22,8 +22,11 @@ const ABANDONED: &[u8] = b"x";
 pub enum Tried {
     /// Stored: the answers of the commands `kept` names, in order, then WAIT's (if asked).
     Stored(Vec<Value>),
-    /// Stored, but some of its commands failed inside the transaction (the rest are stored).
-    Partly(RedisError),
+    /// Stored, but some of its commands failed inside the transaction (each such command wrote
+    /// nothing: taskd's commands of a round fail before their first write): the answers as for
+    /// `Stored` (a failed command's kept answer is its error), and the failed commands by their
+    /// index in the round, with their errors. The rest of the round is stored.
+    Partly(Vec<Value>, Vec<(usize, RedisError)>),
     /// Nothing of it was stored (EXEC said so).
     Refused(RedisError),
     /// The answer was lost: [`settle`] tells.
@@ -106,9 +109,14 @@ fn outcome(mut replies: Vec<Value>, n: usize, kept: &[bool], waited: bool) -> Tr
     };
     match exec {
         Value::Array(results) if results.len() == n + 1 => {
-            if let Some(Value::ServerError(e)) = results.iter().find(|v| matches!(v, Value::ServerError(_))) {
-                return Tried::Partly(e.clone().into());
-            }
+            let failed: Vec<(usize, RedisError)> = results
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| match v {
+                    Value::ServerError(e) => Some((i, e.clone().into())),
+                    _ => None,
+                })
+                .collect();
             let mut answers: Vec<Value> = results
                 .into_iter()
                 .zip(kept.iter().chain(std::iter::repeat(&false)))
@@ -116,7 +124,11 @@ fn outcome(mut replies: Vec<Value>, n: usize, kept: &[bool], waited: bool) -> Tr
                 .map(|(v, _)| v)
                 .collect();
             answers.extend(wait);
-            Tried::Stored(answers)
+            if failed.is_empty() {
+                Tried::Stored(answers)
+            } else {
+                Tried::Partly(answers, failed)
+            }
         }
         // The watched marker changed: nothing ran (only [`settle`] of this round writes it).
         Value::Nil => Tried::Refused(protocol("the round's marker changed before it was stored")),
@@ -207,9 +219,14 @@ mod tests {
 
     #[test]
     fn a_command_failed_inside_the_transaction_is_partly() {
-        let exec = Value::Array(vec![error("WRONGTYPE Operation against a key"), ok()]);
-        let replies = vec![ok(), queued(), queued(), exec];
-        assert!(matches!(outcome(replies, 1, &[false], false), Tried::Partly(_)));
+        let exec = Value::Array(vec![Value::Int(1), error("WRONGTYPE Operation against a key"), ok()]);
+        let replies = vec![ok(), queued(), queued(), queued(), exec];
+        let Tried::Partly(answers, failed) = outcome(replies, 2, &[true, true], false) else {
+            panic!("not partly")
+        };
+        assert_eq!(answers.len(), 2, "the kept answers, the error among them");
+        assert_eq!(failed.len(), 1);
+        assert_eq!((failed[0].0, failed[0].1.code()), (1, Some("WRONGTYPE")));
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
                 None => format!("cannot read the job stream: {}", redis_io::describe(&e)),
             }
         })?;
+    // The lanes it routes to exist from now on (with their group), read or not: a parked job
+    // goes back into a lane only if its stream exists (see `consumer::MOVE_DUE`).
+    for stream in &streams {
+        ensure_group_of(&mut conn, stream)
+            .map_err(|e| format!("cannot create the job stream {stream}: {}", redis_io::describe(&e)))?;
+    }
     let results = kept_results(&mut conn, &d.keys)
         .map_err(|e| format!("cannot read kept results: {}", redis_io::describe(&e)))?;
     // After the job stream: a job that finishes between the two reads is in both (and its

@@ -39,7 +39,10 @@ macro_rules! claim_tick_fn {
     () => {
         "
 local function claim_tick(key, value, ttl, last, tick, keep)
-  local before = tonumber(redis.call('GET', last) or '0') or 0
+  -- After the job is stored: nothing here may fail (a `last` of another type, someone else's,
+  -- is overwritten), or the job would run though its store was answered as failed.
+  local before = 0
+  if redis.call('TYPE', last).ok == 'string' then before = tonumber(redis.call('GET', last)) or 0 end
   redis.call('SET', key, value, 'PX', tonumber(ttl))
   if tonumber(tick) > before then
     redis.call('SET', last, tick, 'PX', tonumber(keep))

@@ -370,6 +370,10 @@ pub enum FromBridge<'a> {
     KeyEnded { task_id: u64, line: &'a [u8] },
     /// The answer to [`ToBridge::Cancel`]: `cancelled`, or why not (`why`).
     Cancelled { task_id: u64, cancelled: bool, why: &'a [u8] },
+    /// Job `task_id` was not stored (`why`): its command failed inside its round's transaction
+    /// (a key of its someone made another type), which stored the round's other jobs. Sent
+    /// before its batch's `Stored`, which then answers for the others only.
+    NotStored { task_id: u64, why: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -443,6 +447,8 @@ mod kind {
     pub const DUPLICATE: u8 = 53;
     pub const KEY_ENDED: u8 = 54;
     pub const CANCEL: u8 = 18;
+    // Redis misbehaving or written by others (redis-threats: 66-69).
+    pub const NOT_STORED: u8 = 66;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -1090,6 +1096,9 @@ impl<'a> FromBridge<'a> {
             FromBridge::Cancelled { task_id, cancelled, why } => {
                 Writer::begin(out, BRIDGE_CANCELLED).u64(task_id).u8(cancelled as u8).rest(why).finish()
             }
+            FromBridge::NotStored { task_id, why } => {
+                Writer::begin(out, NOT_STORED).u64(task_id).rest(why).finish()
+            }
         }
     }
 
@@ -1138,6 +1147,7 @@ impl<'a> FromBridge<'a> {
                     cancelled: r.bool("cancelled")?,
                     why: r.rest(),
                 },
+                NOT_STORED => FromBridge::NotStored { task_id: r.u64("task id")?, why: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -1395,6 +1405,7 @@ mod tests {
         });
         roundtrip::<FromBridge>(FromBridge::KeyEnded { task_id: 8, line: b"{}\n" });
         roundtrip::<FromBridge>(FromBridge::Cancelled { task_id: 7, cancelled: false, why: b"running" });
+        roundtrip::<FromBridge>(FromBridge::NotStored { task_id: 7, why: b"{q}:jobs#low is a string" });
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct DurableState {
     replies_from: String,
     /// Duplicates and cancels of durable jobs (see `durable_keys`).
     pub dedup: super::durable_keys::DurableKeys,
+    /// Jobs of batches not acknowledged yet that Redis did not store though their round was
+    /// (see [`FromBridge::NotStored`]), with why: failed when their batch is acknowledged.
+    not_stored: HashMap<u64, Vec<u8>>,
 }
 
 impl DurableState {
@@ -115,6 +118,7 @@ impl DurableState {
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
             dedup: Default::default(),
+            not_stored: HashMap::new(),
         }
     }
 
@@ -209,6 +213,8 @@ impl<A: Application> Master<'_, A> {
         for batch in &state.sent {
             state.bridge.output().extend_from_slice(&batch.frames);
         }
+        // The new bridge stores those batches again, and says again what it did not store.
+        state.not_stored.clear();
         // Outcomes of jobs that finished while this node was down: known before the first
         // client is served (their deletion and keeping go through the bridge, now it runs).
         let replies = std::mem::take(&mut state.startup_replies);
@@ -344,6 +350,11 @@ impl<A: Application> Master<'_, A> {
             }
             FromBridge::KeyEnded { task_id, line } => self.on_key_ended(task_id, line),
             FromBridge::Cancelled { task_id, cancelled, why } => self.on_cancelled(task_id, cancelled, why),
+            FromBridge::NotStored { task_id, why } => {
+                if let Some(state) = self.durable.as_mut() {
+                    state.not_stored.insert(task_id, why.to_vec());
+                }
+            }
             FromBridge::Reply(reply) => {
                 let Some(state) = self.durable.as_mut() else { return };
                 if Instant::now() < state.lease_until {
@@ -422,6 +433,9 @@ impl<A: Application> Master<'_, A> {
         let Some(state) = self.durable.as_mut() else { return };
         let mut failed = Vec::new();
         let mut short = HashSet::new();
+        // Jobs of a stored batch that Redis did not store (one of their keys was of another
+        // type): each fails alone, its `accepted` line dropped; the batch's others are stored.
+        let mut refused: Vec<(u64, Vec<u8>)> = Vec::new();
         while state.sent.front().is_some_and(|b| b.n <= batch) {
             let Some(done) = state.sent.pop_front() else { break };
             if error.is_empty() {
@@ -429,11 +443,16 @@ impl<A: Application> Master<'_, A> {
                     short.extend(done.jobs.iter().copied());
                 }
                 for task_id in done.jobs {
-                    if let Some(job) = self.jobs.get_mut(task_id) {
+                    if let Some(why) = state.not_stored.remove(&task_id) {
+                        refused.push((task_id, why));
+                    } else if let Some(job) = self.jobs.get_mut(task_id) {
                         job.batch = 0;
                     }
                 }
             } else {
+                for task_id in &done.jobs {
+                    state.not_stored.remove(task_id);
+                }
                 failed.extend(done.jobs);
             }
         }
@@ -452,6 +471,12 @@ impl<A: Application> Master<'_, A> {
         if !failed.is_empty() {
             tracing::error!("{} jobs not stored: {why}", failed.len());
         }
+        let unaccepted: HashSet<u64> = refused.iter().map(|(id, _)| *id).collect();
+        let refused_sessions: HashSet<u64> =
+            refused.iter().filter_map(|(id, _)| self.jobs.get(*id).map(|j| j.session)).collect();
+        for (task_id, why) in refused {
+            self.finish_job(task_id, 0, false, &why);
+        }
         // Failed first: an outcome held behind the batch (the job was stored after all, and
         // ran) then finds its job finished, and is dropped with its reply as a second one.
         // The client hears `failed` only (from its worker, after what is released here).
@@ -468,6 +493,15 @@ impl<A: Application> Master<'_, A> {
                             // A client whose job was not stored gets its failure, not `accepted`.
                             ToClient::Send { session, .. } | ToClient::CloseSession { session }
                                 if lost.contains(&session) => {}
+                            // Its other lines go out (its other jobs of the batch are stored).
+                            ToClient::Send { session, data } if refused_sessions.contains(&session) => {
+                                let data = without_accepted(data, &unaccepted);
+                                let data = match short.is_empty() {
+                                    true => data,
+                                    false => with_replicas(&data, &short, replicas),
+                                };
+                                self.on_client_frame(ToClient::Send { session, data: &data });
+                            }
                             ToClient::Send { session, data } if !short.is_empty() => {
                                 let data = with_replicas(data, &short, replicas);
                                 self.on_client_frame(ToClient::Send { session, data: &data });
@@ -640,6 +674,24 @@ fn fork_bridge(
     })
 }
 
+/// `data` (a worker's lines for a client) without the `accepted` line of each job of `refused`
+/// (not stored: its client hears `failed` only); other lines as they are.
+fn without_accepted(data: &[u8], refused: &HashSet<u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        let body = line.strip_suffix(b"\n").unwrap_or(line);
+        let theirs =
+            serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body).is_ok_and(|v| {
+                v.get("event").and_then(|e| e.as_str()) == Some("accepted")
+                    && v.get("task_id").and_then(|t| t.as_u64()).is_some_and(|t| refused.contains(&t))
+            });
+        if !theirs {
+            out.extend_from_slice(line);
+        }
+    }
+    out
+}
+
 /// `data` (a worker's lines for a client) with `"replicas": n` added to the `accepted` line of
 /// each job of `short`; other lines as they are.
 fn with_replicas(data: &[u8], short: &HashSet<u64>, n: u32) -> Vec<u8> {
@@ -659,4 +711,24 @@ fn with_replicas(data: &[u8], short: &HashSet<u64>, n: u32) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_accepted_line_of_a_job_not_stored_is_dropped() {
+        let data = b"{\"event\":\"accepted\",\"task_id\":7,\"type\":\"email\"}\n\
+                     {\"event\":\"accepted\",\"task_id\":8,\"type\":\"email\"}\n\
+                     {\"event\":\"done\",\"task_id\":7}\n\
+                     not json\n";
+        let out = without_accepted(data, &HashSet::from([7]));
+        assert_eq!(
+            out,
+            b"{\"event\":\"accepted\",\"task_id\":8,\"type\":\"email\"}\n\
+              {\"event\":\"done\",\"task_id\":7}\n\
+              not json\n"
+        );
+    }
 }
