@@ -4,14 +4,22 @@
 # and one with 1,000 + N; the difference over N is each process's cost per job (start-up and
 # warm-up cancel out). No-op jobs, 8 connections x 64 in flight (CW="C W" to change).
 #   benches/callgrind.sh [N, default 8000] [taskd flags, e.g. --log-level warn]
-# Needs valgrind and python3. Takes a few minutes (callgrind runs ~50 x slower).
+# Needs valgrind and python3. Takes a few minutes (callgrind runs ~50 x slower). KEEP=1 keeps
+# the callgrind.out files (per process, roles in run-*/roles) for callgrind_annotate.
+started="$PWD"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n="${1:-8000}"
 shift || true
 # TASKD_BIN=PATH: that binary instead of this tree's release build (to compare two builds).
-bin="${TASKD_BIN:-$PWD/target/release/taskd}"
-[ -n "${TASKD_BIN:-}" ] || cargo build --release --bins --examples -q
+# A relative path is taken from where the script was started (each run works in a directory
+# of its own).
+if [ -n "${TASKD_BIN:-}" ]; then
+  bin="$(cd "$started" && realpath "$TASKD_BIN")"
+else
+  cargo build --release --bins --examples -q
+  bin="$PWD/target/release/taskd"
+fi
 work="$(mktemp -d)"
 vpid=""
 cleanup() {

@@ -65,16 +65,28 @@ fn push_u64(out: &mut Vec<u8>, value: u64) {
 }
 
 /// `value`'s decimal digits, written into the end of `digits` (without `core::fmt`, whose
-/// machinery costs more than the digits on these lines).
+/// machinery costs more than the digits on these lines), two at a time from a table of `00`
+/// to `99`: half the divisions of one at a time (a time in ms has 13 digits).
 pub fn decimal(mut value: u64, digits: &mut [u8; 20]) -> &[u8] {
+    const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+                                2021222324252627282930313233343536373839\
+                                4041424344454647484950515253545556575859\
+                                6061626364656667686970717273747576777879\
+                                8081828384858687888990919293949596979899";
     let mut at = digits.len();
-    loop {
+    while value >= 100 {
+        let pair = (value % 100) as usize * 2;
+        value /= 100;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    }
+    if value >= 10 {
+        let pair = value as usize * 2;
+        at -= 2;
+        digits[at..at + 2].copy_from_slice(&PAIRS[pair..pair + 2]);
+    } else {
         at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
+        digits[at] = b'0' + value as u8;
     }
     &digits[at..]
 }
@@ -170,6 +182,18 @@ mod tests {
             let mut want = serde_json::to_vec(&sample).unwrap();
             want.push(b'\n');
             assert_eq!(ours(&sample), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn numbers_are_their_decimal_digits() {
+        let mut rng = crate::retry::Rng::seeded(0x6e75_6d73);
+        let mut cases: Vec<u64> =
+            (0..1100).chain([u64::MAX, u64::MAX - 1, 1 << 63, 1_796_182_026_372]).collect();
+        cases.extend((0..20).map(|k| 10u64.pow(k)).flat_map(|p| [p - 1, p, p + 1]));
+        cases.extend((0..10_000).map(|_| rng.next_u64() >> (rng.next_u64() % 64)));
+        for n in cases {
+            assert_eq!(decimal(n, &mut [0; 20]), n.to_string().as_bytes(), "{n}");
         }
     }
 

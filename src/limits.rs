@@ -69,6 +69,19 @@ pub fn return_large_buffers() {
     }
 }
 
+/// Hands the heap's free pages back to the system (glibc keeps all but the top of the heap by
+/// itself). Called before every fork: a child maps every resident page of its parent's heap,
+/// copy-on-write, and so counts the free ones in its RSS too, though it will only ever write
+/// them; taskd's start leaves most of its heap free (parsing flags and config, ~0.8 MB, then
+/// freed), and a manager forked again later would take a busy master's freed buffers.
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory of the allocator to the system.
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
 /// Bytes of buffers freed since the heap was last trimmed.
 static FREED: AtomicUsize = AtomicUsize::new(0);
 /// How much freeing is worth a trim.
@@ -82,10 +95,6 @@ pub fn freed(bytes: usize) {
     let total = FREED.fetch_add(bytes, Ordering::Relaxed) + bytes;
     if total >= TRIM_EVERY {
         FREED.store(0, Ordering::Relaxed);
-        #[cfg(target_env = "gnu")]
-        // SAFETY: malloc_trim only returns free memory of the allocator to the system.
-        unsafe {
-            nix::libc::malloc_trim(0);
-        }
+        trim_heap();
     }
 }

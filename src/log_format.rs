@@ -45,14 +45,20 @@ fn push_digits(out: &mut String, mut value: u32, width: usize) {
         *slot = b'0' + (value % 10) as u8;
         value /= 10;
     }
-    // The digits are ASCII.
-    out.push_str(std::str::from_utf8(&digits[..width]).unwrap_or("??????"));
+    push_ascii(out, &digits[..width]);
+}
+
+/// ASCII digits, a `char` each: checking them as UTF-8 (`from_utf8`) cost more than copying.
+fn push_ascii(out: &mut String, digits: &[u8]) {
+    out.reserve(digits.len());
+    for &d in digits {
+        out.push(char::from(d));
+    }
 }
 
 /// `value` in decimal, without `core::fmt`.
 pub fn push_u64(out: &mut String, value: u64) {
-    // The digits are ASCII.
-    out.push_str(std::str::from_utf8(crate::json_line::decimal(value, &mut [0; 20])).unwrap_or("?"));
+    push_ascii(out, crate::json_line::decimal(value, &mut [0; 20]));
 }
 
 /// The proleptic Gregorian date of a day counted from 1970-01-01 (Howard Hinnant's

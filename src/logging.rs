@@ -70,9 +70,15 @@ static POOL_FILES: RwLock<Vec<PathBuf>> = RwLock::new(Vec::new());
 /// This process's pid, read once per process rather than once per line.
 static PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// A human line's `process[pid]: `, made once for the process and pid of now (empty: not yet).
+static TAG: RwLock<String> = RwLock::new(String::new());
+
 /// In a child right after `fork`: its lines carry its own pid.
 pub fn forked() {
     PID.store(std::process::id(), Ordering::Relaxed);
+    if let Ok(mut tag) = TAG.write() {
+        tag.clear();
+    }
 }
 
 fn pid() -> u32 {
@@ -88,8 +94,8 @@ fn pid() -> u32 {
 
 /// Whether this process holds its info and quieter lines back (see [`hold_lines`]).
 static HOLDING: AtomicBool = AtomicBool::new(false);
-/// The lines held back, written by [`flush`].
-static HELD: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+/// The lines held back, written by [`flush`]. Text, so that [`info_line`] formats into it.
+static HELD: Mutex<String> = Mutex::new(String::new());
 /// Past this many bytes held, they are written without waiting for [`flush`].
 const HELD_MAX: usize = 64 * 1024;
 
@@ -125,7 +131,7 @@ pub fn flush() {
     let Ok(mut held) = HELD.lock() else { return };
     if !held.is_empty() {
         // Nothing better to do with a log that cannot be written than to go on.
-        let _ = io::stderr().write_all(&held);
+        let _ = io::stderr().write_all(held.as_bytes());
         held.clear();
     }
 }
@@ -170,6 +176,9 @@ pub fn set_process(label: &str) {
     if let Ok(mut p) = PROCESS.write() {
         p.clear();
         p.push_str(label);
+    }
+    if let Ok(mut tag) = TAG.write() {
+        tag.clear();
     }
 }
 
@@ -325,7 +334,9 @@ impl io::Write for Line {
             Line::Held => {
                 let full = match HELD.lock() {
                     Ok(mut held) => {
-                        held.extend_from_slice(buf);
+                        // The subscriber writes whole lines of text; a byte that is not (there
+                        // is none) would be shown as U+FFFD rather than lose the line.
+                        held.push_str(&String::from_utf8_lossy(buf));
                         held.len() >= HELD_MAX
                     }
                     Err(_) => return io::stderr().write(buf),
@@ -346,6 +357,115 @@ impl io::Write for Line {
     }
 }
 
+/// The start of a human line, up to its message: `2026-12-02T03:47:06.372884Z  INFO task 3[412]: `.
+fn human_prefix(line: &mut String, level: Level) {
+    log_format::timestamp(std::time::SystemTime::now(), line);
+    line.push_str(match level {
+        Level::ERROR => " ERROR ",
+        Level::WARN => "  WARN ",
+        Level::INFO => "  INFO ",
+        Level::DEBUG => " DEBUG ",
+        Level::TRACE => " TRACE ",
+    });
+    if let Ok(tag) = TAG.read() {
+        if !tag.is_empty() {
+            line.push_str(&tag);
+            return;
+        }
+    }
+    let mut tag = PROCESS.read().map(|p| p.clone()).unwrap_or_default();
+    tag.push('[');
+    log_format::push_u64(&mut tag, pid().into());
+    tag.push_str("]: ");
+    line.push_str(&tag);
+    if let Ok(mut cached) = TAG.write() {
+        *cached = tag;
+    }
+}
+
+/// Logs one info line whose message `write` makes piece by piece, in the human format: the
+/// line of the same message logged through tracing, byte for byte, and where such a line goes
+/// (held, or written at once after those held). For a line logged per job: tracing's event,
+/// the subscriber's buffer of the line and the copies between them cost about as much as
+/// the line itself. The caller asks `tracing::enabled!(Level::INFO)` first: the filter
+/// (`log_level`, `RUST_LOG`) decides as for any line. Returns false, having logged nothing,
+/// when lines are JSON objects (or logging is not set up): then the caller logs the message
+/// through tracing ([`Message::plain`]).
+pub fn info_line(write: impl Fn(&mut Message<'_>)) -> bool {
+    if FORMAT.get() != Some(&LogFormat::Human) {
+        return false;
+    }
+    if !HOLDING.load(Ordering::Relaxed) {
+        let mut line = String::with_capacity(160);
+        human_line(&mut line, write);
+        // As `make_writer` does: after a rotation to the new file, after the lines held.
+        follow_rotation();
+        flush();
+        let _ = io::stderr().write_all(line.as_bytes());
+        return true;
+    }
+    // A line held now goes to the file of now: after a rotation, the new one.
+    follow_rotation();
+    let full = match HELD.lock() {
+        Ok(mut held) => {
+            human_line(&mut held, write);
+            held.len() >= HELD_MAX
+        }
+        Err(_) => {
+            let mut line = String::with_capacity(160);
+            human_line(&mut line, write);
+            let _ = io::stderr().write_all(line.as_bytes());
+            false
+        }
+    };
+    if full {
+        flush();
+    }
+    true
+}
+
+fn human_line(line: &mut String, write: impl Fn(&mut Message<'_>)) {
+    human_prefix(line, Level::INFO);
+    write(&mut Message { out: line, escape: true });
+    line.push('\n');
+}
+
+/// A log message being written by pieces, each escaped as the subscriber escapes a message
+/// (a piece is whole characters, so escaping each is escaping the message).
+pub struct Message<'a> {
+    out: &'a mut String,
+    escape: bool,
+}
+
+impl<'a> Message<'a> {
+    /// The message as it is, for logging through tracing, which escapes it.
+    pub fn plain(out: &'a mut String) -> Self {
+        Message { out, escape: false }
+    }
+
+    /// Text from elsewhere (a client's address, a result): escaped.
+    pub fn text(&mut self, text: &str) -> &mut Self {
+        if self.escape {
+            log_format::push_escaped(self.out, text);
+        } else {
+            self.out.push_str(text);
+        }
+        self
+    }
+
+    /// This program's own words, which hold no control character: copied as they are (a
+    /// look at a short piece for one costs more than the copy).
+    pub fn word(&mut self, word: &'static str) -> &mut Self {
+        self.out.push_str(word);
+        self
+    }
+
+    pub fn num(&mut self, value: u64) -> &mut Self {
+        log_format::push_u64(self.out, value);
+        self
+    }
+}
+
 /// The line format: time, level, process and pid, message and fields.
 struct Lines {
     format: LogFormat,
@@ -362,30 +482,17 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> std::fmt::Result {
-        let pid = pid();
         let level = *event.metadata().level();
         match self.format {
             LogFormat::Human => {
                 let mut line = String::with_capacity(160);
-                log_format::timestamp(std::time::SystemTime::now(), &mut line);
-                line.push_str(match level {
-                    Level::ERROR => " ERROR ",
-                    Level::WARN => "  WARN ",
-                    Level::INFO => "  INFO ",
-                    Level::DEBUG => " DEBUG ",
-                    Level::TRACE => " TRACE ",
-                });
-                if let Ok(process) = PROCESS.read() {
-                    line.push_str(&process);
-                }
-                line.push('[');
-                log_format::push_u64(&mut line, pid.into());
-                line.push_str("]: ");
+                human_prefix(&mut line, level);
                 event.record(&mut log_format::HumanFields { out: &mut line });
                 line.push('\n');
                 writer.write_str(&line)
             }
             LogFormat::Json => {
+                let pid = pid();
                 let process = PROCESS.read().map(|p| p.clone()).unwrap_or_default();
                 let mut timestamp = String::new();
                 SystemTime.format_time(&mut Writer::new(&mut timestamp))?;
@@ -428,7 +535,27 @@ impl Visit for JsonFields {
 
 #[cfg(test)]
 mod tests {
-    use super::check_level;
+    use super::{check_level, Message};
+
+    #[test]
+    fn a_message_written_by_pieces_is_the_message_the_subscriber_would_write() {
+        // Pieces from a client may hold anything; each is escaped as the whole message is.
+        let to = "a\u{1b}[2J@example.com\n2026-12-02T00:00:00Z ERROR forged \u{9b}\u{a0}";
+        let result = "Email:\r\0, sent";
+        let write = |m: &mut Message<'_>| {
+            m.word("job ").num(42).word(" done: ").text(result).word(" (email to ").text(to);
+            m.word(", attempt ").num(3).word(")");
+        };
+        let mut plain = String::new();
+        write(&mut Message::plain(&mut plain));
+        assert_eq!(plain, format!("job 42 done: {result} (email to {to}, attempt 3)"));
+        let mut whole = String::new();
+        crate::log_format::push_escaped(&mut whole, &plain);
+        let mut pieces = String::new();
+        write(&mut Message { out: &mut pieces, escape: true });
+        assert_eq!(pieces, whole);
+        assert!(!pieces.contains('\n') && !pieces.contains('\u{1b}'), "{pieces}");
+    }
 
     #[test]
     fn levels_and_directives_pass_other_words_do_not() {

@@ -102,6 +102,10 @@ pub fn spawn(
 fn fork_now() -> io::Result<ForkResult> {
     // Anything buffered now would otherwise be written twice, once by each process.
     crate::logging::flush();
+    // Free heap pages and dead stack pages would be mapped into the child too, and counted in
+    // its RSS.
+    trim_stack();
+    crate::limits::trim_heap();
     let _ = io::stdout().flush();
     let _ = io::stderr().flush();
     // SAFETY: no process of taskd that forks has started a thread (the one with threads, the
@@ -112,6 +116,36 @@ fn fork_now() -> io::Result<ForkResult> {
         crate::logging::forked();
     }
     Ok(forked)
+}
+
+/// How much of the stack below the frame of [`trim_stack`] is kept: the calls it makes (and
+/// x86-64's red zone) live there while it trims.
+const STACK_KEPT_BELOW: usize = 8 * 1024;
+
+/// Hands back the pages of the main thread's stack below the frames live now. Nothing reads
+/// them before writing them again (a deeper call of the past left them: the master's parsing
+/// of flags and config goes about 80 kB deep), but a child maps every one of them,
+/// copy-on-write, and counts them in its RSS.
+fn trim_stack() {
+    let here = 0u8;
+    let sp = std::hint::black_box(&here) as *const u8 as usize;
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else { return };
+    let stack = maps.lines().filter(|l| l.ends_with("[stack]")).find_map(|l| {
+        let (lo, hi) = l.split_once(' ')?.0.split_once('-')?;
+        Some((usize::from_str_radix(lo, 16).ok()?, usize::from_str_radix(hi, 16).ok()?))
+    });
+    // Only the main thread's stack is `[stack]` (a process that forks has no other thread).
+    let Some((lo, _)) = stack.filter(|(lo, hi)| (*lo..*hi).contains(&sp)) else { return };
+    let page =
+        nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as usize;
+    let end = sp.saturating_sub(STACK_KEPT_BELOW) & !(page - 1);
+    let Some(start) = std::ptr::NonNull::new(lo as *mut std::ffi::c_void).filter(|_| end > lo) else {
+        return;
+    };
+    // SAFETY: [lo, end) is the stack below every live frame (end is 8 kB under this one, and
+    // madvise's own frames are within that); MADV_DONTNEED drops its pages, and a later touch
+    // maps a zeroed page, which is all a frame pushed there expects.
+    let _ = unsafe { nix::sys::mman::madvise(start, end - lo, nix::sys::mman::MmapAdvise::MADV_DONTNEED) };
 }
 
 /// The first step of `--daemonize`, before taskd opens anything: closes every descriptor above

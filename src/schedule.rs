@@ -1,9 +1,7 @@
 //! Periodic jobs: the `[[schedule]]` entries of the config file (a name, a cron pattern with
 //! seconds, an optional time zone, the job, what to do about ticks missed), and their ticks on
-//! the wall clock. Patterns and zones are croner's and chrono-tz's (daylight-saving gaps and
-//! overlaps handled there); the master only asks for the next tick after a time.
-
-use std::str::FromStr;
+//! the wall clock. Patterns are croner's, zones jiff's (daylight-saving gaps and overlaps
+//! handled there); the master only asks for the next tick after a time.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -48,7 +46,7 @@ pub struct ScheduleSpec {
 pub struct Schedule {
     pub spec: ScheduleSpec,
     cron: croner::Cron,
-    tz: Option<chrono_tz::Tz>,
+    tz: Option<jiff::tz::TimeZone>,
     /// The job as one request line.
     pub line: Vec<u8>,
 }
@@ -77,7 +75,7 @@ impl Schedule {
             })?;
         let tz = match &spec.timezone {
             None => None,
-            Some(z) => Some(chrono_tz::Tz::from_str(z).map_err(|_| {
+            Some(z) => Some(zone(z).ok_or_else(|| {
                 format!("schedule {name}: timezone {z:?} is not an IANA zone such as \"Europe/Paris\"")
             })?),
         };
@@ -94,12 +92,16 @@ impl Schedule {
 
     /// The first tick strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        match self.tz {
-            Some(tz) => self
-                .cron
-                .find_next_occurrence(&t.with_timezone(&tz), false)
-                .ok()
-                .map(|n| n.with_timezone(&Utc)),
+        match &self.tz {
+            Some(tz) => {
+                // chrono writes a leap second as a nanosecond past 999,999,999; jiff has none.
+                let nanos = t.timestamp_subsec_nanos().min(999_999_999) as i32;
+                let at = jiff::Timestamp::new(t.timestamp(), nanos).ok()?;
+                let next = self.cron.find_next_occurrence(&at.to_zoned(tz.clone()), false).ok()?;
+                let ns = next.timestamp().as_nanosecond();
+                let secs = i64::try_from(ns.div_euclid(1_000_000_000)).ok()?;
+                DateTime::from_timestamp(secs, ns.rem_euclid(1_000_000_000) as u32)
+            }
             None => self.cron.find_next_occurrence(&t, false).ok(),
         }
     }
@@ -133,6 +135,12 @@ impl Schedule {
         }
         t
     }
+}
+
+/// The IANA zone `name` from the system's tz database (`/usr/share/zoneinfo`, or `TZDIR`), or
+/// from the copy built in when the system has no such zone (or no database at all).
+fn zone(name: &str) -> Option<jiff::tz::TimeZone> {
+    jiff::tz::db().get(name).or_else(|_| jiff::tz::TimeZoneDatabase::bundled().get(name)).ok()
 }
 
 /// Checks every entry, and that no two share a name.
@@ -173,6 +181,31 @@ mod tests {
         // 08:00 in Paris is 07:00 UTC in winter.
         let paris = Schedule::new(&spec("0 0 8 * * *", Some("Europe/Paris"), Missed::Skip)).unwrap();
         assert_eq!(paris.next_after(at("2026-12-24T06:00:00Z")), Some(at("2026-12-24T07:00:00Z")));
+    }
+
+    #[test]
+    fn a_tick_in_a_daylight_saving_gap_runs_at_its_end_and_one_in_an_overlap_runs_once() {
+        let daily = Schedule::new(&spec("0 30 2 * * *", Some("Europe/Paris"), Missed::Skip)).unwrap();
+        let ticks = |from: &str| {
+            let mut t = at(from);
+            (0..3)
+                .map(|_| {
+                    t = daily.next_after(t).unwrap();
+                    t
+                })
+                .collect::<Vec<_>>()
+        };
+        // 2027-03-28: 02:00 CET becomes 03:00 CEST, so 02:30 does not exist: the tick is at 03:00.
+        let spring = ["2027-03-27T01:30:00Z", "2027-03-28T01:00:00Z", "2027-03-29T00:30:00Z"];
+        assert_eq!(ticks("2027-03-27T00:00:00Z"), spring.map(at));
+        // 2027-10-31: 03:00 CEST becomes 02:00 CET, so 02:30 comes twice: the first one only.
+        let autumn = ["2027-10-30T00:30:00Z", "2027-10-31T00:30:00Z", "2027-11-01T01:30:00Z"];
+        assert_eq!(ticks("2027-10-30T00:00:00Z"), autumn.map(at));
+        // A zone of half-hour daylight saving, read from the system's database or the bundled one.
+        let lord_howe =
+            Schedule::new(&spec("0 0 0 L * *", Some("Australia/Lord_Howe"), Missed::Skip)).unwrap();
+        assert_eq!(lord_howe.next_after(at("2027-03-01T00:00:00Z")), Some(at("2027-03-30T13:00:00Z")));
+        assert_eq!(lord_howe.next_after(at("2027-03-31T00:00:00Z")), Some(at("2027-04-29T13:30:00Z")));
     }
 
     #[test]

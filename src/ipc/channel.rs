@@ -21,8 +21,12 @@ use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
 
 use super::envelope::{frame_kind, frame_len, DecodeError, FromWorker, Message, COMMIT_KIND};
 
-/// Reads are made into at least this much free buffer space.
+/// A busy channel's reads are made into at least a quarter of this much free buffer space.
 const READ_CHUNK: usize = 64 * 1024;
+/// A channel's first input buffer, doubled while reads fill it. An idle process's channel
+/// stays this small: the buffer is zeroed as it grows, and a 64 kB one would be 64 kB of
+/// every worker's and task process's RSS before its first job.
+const FIRST_CHUNK: usize = 4 * 1024;
 /// An idle buffer grown past this (one large message) is given back to the allocator.
 const SHRINK_ABOVE: usize = 256 * 1024;
 
@@ -126,7 +130,10 @@ impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
                 inp.buf = Vec::new();
             }
         }
-        if inp.buf.len() - inp.end >= READ_CHUNK / 4 {
+        // A quarter of the buffer, at most a quarter of READ_CHUNK: a small buffer that reads
+        // fill grows (doubling) as a busy channel's did at once before.
+        let min_free = (inp.buf.len() / 4).clamp(FIRST_CHUNK / 4, READ_CHUNK / 4);
+        if inp.buf.len() - inp.end >= min_free {
             return;
         }
         if inp.start > 0 {
@@ -134,8 +141,8 @@ impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
             inp.end -= inp.start;
             inp.start = 0;
         }
-        if inp.buf.len() - inp.end < READ_CHUNK / 4 {
-            let grown = (inp.buf.len() * 2).max(READ_CHUNK);
+        if inp.buf.len() - inp.end < min_free {
+            let grown = (inp.buf.len() * 2).max(FIRST_CHUNK);
             inp.buf.resize(grown, 0);
         }
     }
@@ -353,6 +360,31 @@ mod tests {
         }
         assert_eq!(got, vec![(1, 5), (2, big.len()), (9, 0)]);
         assert!(!a.has_output());
+    }
+
+    #[test]
+    fn a_quiet_channel_keeps_a_small_buffer_and_a_busy_one_grows_it() {
+        let (a, b) = pair().unwrap();
+        let mut a: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut b: Channel<ToWorker<'static>, FromWorker<'static>> = Channel::new(b);
+        a.send(&FromWorker::Commit { seq: 1 });
+        a.flush().unwrap();
+        b.fill().unwrap();
+        assert!(matches!(b.next_frame(), Ok(Some(FromWorker::Commit { seq: 1 }))));
+        assert_eq!(b.input.buf.len(), FIRST_CHUNK);
+        // More than the first buffer in the socket at once: one fill takes all of it.
+        let data = vec![b'x'; 100 * 1024];
+        a.send(&FromWorker::Client(ToClient::Send { session: 7, data: &data }));
+        a.flush().unwrap();
+        assert!(!a.has_output());
+        b.fill().unwrap();
+        assert!(b.input.buf.len() >= READ_CHUNK, "grew to {}", b.input.buf.len());
+        match b.next_frame() {
+            Ok(Some(FromWorker::Client(ToClient::Send { session: 7, data: got }))) => {
+                assert_eq!(got, &data[..])
+            }
+            other => panic!("not sent: {other:?}"),
+        }
     }
 
     /// Whoever owns the channel, as the master owns its slots' channels.

@@ -222,6 +222,11 @@ impl<A: Application> Master<'_, A> {
             return self.read_ws(key);
         }
         let mut scratch = std::mem::take(&mut self.scratch);
+        if scratch.is_empty() {
+            // At the first read, after the pool is forked: a buffer the master held at the fork
+            // would be resident in the manager and every worker and task process as well.
+            scratch = vec![0; SCRATCH];
+        }
         while let Some(conn) = self.conns.get_mut(key) {
             if conn.read_closed || conn.close_after_flush || conn.paused {
                 break;

@@ -180,6 +180,8 @@ pub struct Master<'a, A: Application> {
     dirty: Vec<usize>,
     /// Connections to close at the end of this turn if nothing more can happen on them.
     maybe_finished: Vec<usize>,
+    /// Where client input is read into ([`SCRATCH`] bytes), allocated at the first read: not
+    /// before the pool is forked.
     scratch: Vec<u8>,
     counters: Counters,
     phase: Phase,
@@ -313,7 +315,7 @@ impl<'a, A: Application> Master<'a, A> {
             rng: crate::retry::Rng::new(),
             dirty: Vec::new(),
             maybe_finished: Vec::new(),
-            scratch: vec![0; SCRATCH],
+            scratch: Vec::new(),
             counters: Counters::new(),
             phase: Phase::Running,
             reload_queue: VecDeque::new(),
