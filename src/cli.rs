@@ -137,7 +137,7 @@ options! {
     server.max_wait_time: u64,
     /// Most jobs sent ahead to one task process (fewer while its jobs are slow) [default: 64]
     server.task_prefetch: usize,
-    /// Microseconds a process keeps polling after work before it sleeps, up to 10000; 0 = off [default: 50]
+    /// Microseconds a process keeps polling after work before it sleeps, up to 10000; 0 = off [default: 0]
     server.busy_poll_us: u64,
     /// error, warn, info, debug, trace, off, or TARGET=LEVEL directives such as taskd=debug,warn (RUST_LOG overrides) [default: info]
     server.log_level: String,

@@ -221,7 +221,7 @@ impl Default for ServerConfig {
             task_timeout: DEFAULT_TASK_TIMEOUT,
             max_wait_time: 3,
             task_prefetch: 64,
-            busy_poll_us: 50,
+            busy_poll_us: 0,
             log_level: "info".into(),
             log_format: LogFormat::Human,
             log_file: None,

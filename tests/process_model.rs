@@ -725,3 +725,44 @@ fn a_worker_or_task_process_holds_little_memory_of_its_own_or_inherited() {
         assert!(heap < 512, "{}: {heap} kB of heap", p.args);
     }
 }
+
+/// CPU time (utime + stime, in clock ticks) of each process of the daemon, master included.
+fn cpu_ticks(daemon: &Daemon) -> Vec<(u32, u64)> {
+    let mut pids: Vec<u32> = daemon.tree().iter().map(|p| p.pid).collect();
+    pids.push(daemon.pid);
+    pids.into_iter()
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // Fields after the command's closing parenthesis: state is the first, utime the 12th.
+            let mut rest = stat[stat.rfind(')')? + 2..].split_whitespace().skip(11);
+            let utime: u64 = rest.next()?.parse().ok()?;
+            let stime: u64 = rest.next()?.parse().ok()?;
+            Some((pid, utime + stime))
+        })
+        .collect()
+}
+
+#[test]
+fn busy_polling_runs_jobs_and_stops_when_the_work_does() {
+    // The most polling there is: a process that kept polling would burn ~100 ticks a second.
+    let daemon = Daemon::start(&["--busy-poll-us", "10000", "--simulate-ms", "0"]);
+    daemon.wait_pool(2, 4);
+    let mut client = daemon.connect();
+    for i in 0..50 {
+        client.send(&format!("poll{i}@example.com"));
+    }
+    let done = (0..100).map(|_| client.recv()).filter(|r| r["event"] == "done").count();
+    assert_eq!(done, 50);
+    // Idle again: over half a second, all of it together uses at most a few ticks (the master's
+    // periodic turns each poll up to 10 ms). Measured over windows until one is quiet.
+    wait_for("every process to stop polling once the jobs are done", || {
+        let before = cpu_ticks(&daemon);
+        std::thread::sleep(Duration::from_millis(500));
+        let after = cpu_ticks(&daemon);
+        let used: u64 = after
+            .iter()
+            .filter_map(|(pid, t)| before.iter().find(|(p, _)| p == pid).map(|(_, b)| t.saturating_sub(*b)))
+            .sum();
+        (used <= 5).then_some(())
+    });
+}
