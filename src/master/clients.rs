@@ -486,7 +486,10 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn send_to_session(&mut self, session: u64, data: &[u8]) {
         let limit = self.config.buffer_output_size;
-        let Some((key, conn)) = self.conn_mut(session).filter(|(_, c)| c.lingering.is_none()) else {
+        let key = (session & KEY_MASK) as usize;
+        // The connection and the spare buffers, borrowed apart.
+        let conn = self.conns.get_mut(key).filter(|c| c.session == session && c.lingering.is_none());
+        let Some(conn) = conn else {
             tracing::debug!("dropping {} bytes for closed session {session}", data.len());
             return;
         };
@@ -507,7 +510,7 @@ impl<A: Application> Master<'_, A> {
             self.account_output(key);
             return;
         }
-        conn.queue(data);
+        conn.queue_from(data, &mut self.spare_buffers);
         if conn.unwritten() > limit {
             let (peer, pending) = (conn.peer, conn.unwritten());
             if let Some(n) = self.warnings.slow_reader.log() {
@@ -678,7 +681,7 @@ impl<A: Application> Master<'_, A> {
         for &key in &dirty {
             let Some(conn) = self.conns.get_mut(key) else { continue };
             conn.dirty = false;
-            let flushed = conn.flush();
+            let flushed = conn.flush(&mut self.spare_buffers);
             self.account_output(key);
             let Some(conn) = self.conns.get_mut(key) else { continue };
             match flushed {

@@ -95,6 +95,17 @@ impl Conn {
         self.out.extend_from_slice(data);
     }
 
+    /// As [`Conn::queue`], into a buffer of `spare` when it has none: a connection that writes
+    /// a few lines a turn would otherwise allocate (and grow, and free) a buffer every turn.
+    pub fn queue_from(&mut self, data: &[u8], spare: &mut SpareBuffers) {
+        if self.out.capacity() == 0 {
+            if let Some(buf) = spare.0.pop() {
+                self.out = buf;
+            }
+        }
+        self.out.extend_from_slice(data);
+    }
+
     /// The memory its buffers take.
     pub fn held_bytes(&self) -> usize {
         self.partial.capacity() + self.out.capacity()
@@ -126,7 +137,7 @@ impl Conn {
         self.partial.len() + self.ws_in_counted
     }
 
-    pub fn flush(&mut self) -> io::Result<Flushed> {
+    pub fn flush(&mut self, spare: &mut SpareBuffers) -> io::Result<Flushed> {
         while self.written < self.out.len() {
             match self.stream.write(&self.out[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -136,8 +147,8 @@ impl Conn {
                 Err(e) => return Err(e),
             }
         }
-        // Give memory back: an idle connection holds no buffer.
-        self.out = Vec::new();
+        // An idle connection holds no buffer: a small one goes back to the spares.
+        spare.put(std::mem::take(&mut self.out));
         self.written = 0;
         if let Some(WsState::Open(ws)) = self.ws.as_deref_mut() {
             return match super::ws::flush(ws, &mut self.stream) {
@@ -181,5 +192,43 @@ impl Conn {
     pub fn finished(&self) -> bool {
         (self.read_closed && self.outstanding == 0 && self.unwritten() == 0)
             || (self.close_after_flush && self.unwritten() == 0)
+    }
+}
+
+/// Output buffers written out, kept for the next connection that has something to write: at
+/// most [`SpareBuffers::MAX`] of at most [`SpareBuffers::CAPACITY`] bytes (256 kB in all).
+#[derive(Default)]
+pub struct SpareBuffers(Vec<Vec<u8>>);
+
+impl SpareBuffers {
+    pub const MAX: usize = 64;
+    /// A batch of replies to one connection is rarely larger; a larger buffer is freed.
+    pub const CAPACITY: usize = 4096;
+
+    fn put(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > Self::CAPACITY || self.0.len() >= Self::MAX {
+            return;
+        }
+        buf.clear();
+        self.0.push(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SpareBuffers;
+
+    #[test]
+    fn spare_buffers_keep_small_emptied_buffers_up_to_their_count() {
+        let mut spare = SpareBuffers::default();
+        spare.put(Vec::new());
+        spare.put(Vec::with_capacity(SpareBuffers::CAPACITY + 1));
+        assert!(spare.0.is_empty(), "no empty buffer, none too large");
+        spare.put(b"written".to_vec());
+        assert_eq!((spare.0.len(), spare.0[0].len()), (1, 0), "kept, emptied");
+        for _ in 0..2 * SpareBuffers::MAX {
+            spare.put(Vec::with_capacity(64));
+        }
+        assert_eq!(spare.0.len(), SpareBuffers::MAX);
     }
 }

@@ -178,6 +178,8 @@ pub struct Master<'a, A: Application> {
     rng: crate::retry::Rng,
     /// Connections with output to write at the end of this turn.
     dirty: Vec<usize>,
+    /// Output buffers written out, for the next connection's replies.
+    spare_buffers: conn::SpareBuffers,
     /// Connections to close at the end of this turn if nothing more can happen on them.
     maybe_finished: Vec<usize>,
     /// Where client input is read into ([`SCRATCH`] bytes), allocated at the first read: not
@@ -314,6 +316,7 @@ impl<'a, A: Application> Master<'a, A> {
             retry: crate::retry::Policy::from_config(config),
             rng: crate::retry::Rng::new(),
             dirty: Vec::new(),
+            spare_buffers: conn::SpareBuffers::default(),
             maybe_finished: Vec::new(),
             scratch: Vec::new(),
             counters: Counters::new(),
