@@ -317,16 +317,17 @@ impl<A: Application> Master<'_, A> {
     pub(super) fn job_outcome(&mut self, task_id: u64, task_pid: u32, ok: bool, reply: &[u8], result: &[u8]) {
         // The reply goes out with the outcome, in the same turn: one hop, no worker.
         if !reply.is_empty() {
-            if let Some(job) = self.jobs.get_mut(task_id) {
-                if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 {
+            let session = match self.jobs.get_mut(task_id) {
+                Some(job) if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 => {
                     job.flags |= task_flags::REPLIED;
-                    let session = job.session;
                     // Kept for a `result` query (see `finish_job`).
-                    if let Some(job) = self.jobs.get_mut(task_id) {
-                        job.reply = reply.to_vec();
-                    }
-                    self.send_to_session(session, reply);
+                    job.reply = reply.to_vec();
+                    Some(job.session)
                 }
+                _ => None,
+            };
+            if let Some(session) = session {
+                self.send_to_session(session, reply);
             }
         }
         self.finish_job(task_id, task_pid, ok, result);
