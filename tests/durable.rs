@@ -841,7 +841,20 @@ fn hold_three_slow_jobs(redis: &Redis, a: &TaskNode, c: &mut Client, simulate_ms
     }
     let consumer = a.task_pids()[0];
     let pid = nix::unistd::Pid::from_raw(consumer as i32);
-    nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+    // Stopped inside its blocking read: resumed, it then takes with its learned count. A stop
+    // between an empty take and the next blocking read would wake it with COUNT 1 on the first
+    // of the three, and it would hold them one at a time (seen once in CI).
+    wait_for("it to be stopped inside its blocking read", || {
+        if !redis.consumer_blocked("a/0") {
+            return None;
+        }
+        nix::sys::signal::kill(pid, Signal::SIGSTOP).unwrap();
+        if redis.consumer_blocked("a/0") {
+            return Some(());
+        }
+        nix::sys::signal::kill(pid, Signal::SIGCONT).unwrap();
+        None
+    });
     wait_for("its blocking read to end", || (!redis.consumer_blocked("a/0")).then_some(()));
     let slow: Vec<u64> =
         (30..33).map(|i| c.submit(&job(i, simulate_ms))["task_id"].as_u64().unwrap()).collect();
