@@ -62,6 +62,19 @@ const CLAIM_CALLS: usize = 16;
 /// which consumers belong to a live process (Redis 7.0's consumer idle time does not: a read
 /// that finds nothing does not reset it).
 pub(super) const CLIENT_PREFIX: &str = "taskd:";
+
+/// Names a connection as the consumer `me`: a live connection of that name tells the sweeps
+/// that the consumer lives. A user whose ACL forbids CLIENT goes on unnamed (the master warned
+/// at start): then no sweep deletes consumers, as it cannot tell the live ones. Only a lost
+/// connection is an error.
+pub(super) fn name_as_consumer(conn: &mut dyn ConnectionLike, me: &str) -> redis::RedisResult<()> {
+    let named: redis::RedisResult<()> =
+        redis::cmd("CLIENT").arg("SETNAME").arg(format!("{CLIENT_PREFIX}{me}")).query(conn);
+    match named {
+        Err(e) if is_connection_error(&e) => Err(e),
+        _ => Ok(()),
+    }
+}
 const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Where a stop request comes from: the master's channel (web node) or signals (task node).
@@ -394,17 +407,7 @@ impl Consumer<'_> {
         if self.conn.is_none() {
             // No reply limit: this connection blocks in XREADGROUP.
             let mut conn = redis_io::connect(&self.d.url, None)?;
-            let name = format!("{CLIENT_PREFIX}{}", self.me);
-            // The name tells the sweeps that this consumer lives. A user whose ACL forbids
-            // CLIENT goes on unnamed (the master warned at start): then no sweep deletes
-            // consumers, as it cannot tell the live ones.
-            let named: redis::RedisResult<()> =
-                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn);
-            if let Err(e) = named {
-                if is_connection_error(&e) {
-                    return Err(e);
-                }
-            }
+            name_as_consumer(&mut conn, &self.me)?;
             // A stream someone made a key of another type would fail every group and read.
             self.wrong.look(&mut conn, &self.d.streams(), &self.me)?;
             for stream in self.wrong.keep(self.d.streams()) {
@@ -424,14 +427,7 @@ impl Consumer<'_> {
         self.conn()?;
         if self.hot.is_none() {
             let mut hot = redis_io::connect_hot(&self.d.url, None)?;
-            let name = format!("{CLIENT_PREFIX}{}", self.me);
-            let named: redis::RedisResult<()> =
-                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut hot);
-            if let Err(e) = named {
-                if is_connection_error(&e) {
-                    return Err(e);
-                }
-            }
+            name_as_consumer(&mut hot, &self.me)?;
             self.hot = Some(hot);
         }
         Ok(self.hot.as_mut().expect("connected above"))

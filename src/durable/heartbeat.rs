@@ -37,10 +37,10 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::getpid;
 use redis::Connection;
 
-use super::consumer::{store, At, Completion, CLIENT_PREFIX};
+use super::consumer::{name_as_consumer, store, At, Completion};
 use super::entry::JobEntry;
 use super::keys::GROUP;
-use super::redis_io::{self, is_connection_error};
+use super::redis_io;
 use super::Durable;
 
 /// The longest time between two beats: half the shortest claim time any node may have
@@ -221,16 +221,8 @@ impl Beat {
     fn conn(&mut self) -> redis::RedisResult<&mut Connection> {
         if self.conn.is_none() {
             let mut conn = redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT))?;
-            // Named as the consumer: a live connection tells the sweeps that the consumer lives.
-            // Not needed to beat (an ACL may forbid CLIENT): a refusal is no reason to stop.
-            let name = format!("{CLIENT_PREFIX}{}", self.me);
-            let named: redis::RedisResult<()> =
-                redis::cmd("CLIENT").arg("SETNAME").arg(&name).query(&mut conn);
-            if let Err(e) = named {
-                if is_connection_error(&e) {
-                    return Err(e);
-                }
-            }
+            // Named as the consumer (not needed to beat: a refusal is no reason to stop).
+            name_as_consumer(&mut conn, &self.me)?;
             self.conn = Some(conn);
         }
         Ok(self.conn.as_mut().expect("connected above"))
