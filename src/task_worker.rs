@@ -9,7 +9,7 @@
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 
 use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
 use crate::config::ServerConfig;
@@ -35,9 +35,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     let mut channel: TaskToMaster = Channel::new(channel);
     let info = ProcessInfo { role: Role::Task, slot, pid: std::process::id() };
     let mut poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
-    poll.registry()
-        .register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
-        .map_err(ProcessError::io("cannot watch its channel"))?;
+    channel.register(poll.registry(), CHANNEL).map_err(ProcessError::io("cannot watch its channel"))?;
     let mut events = Events::with_capacity(8);
     app.on_worker_start(&info).map_err(ProcessError::Start)?;
     tracing::debug!("task {slot} started (pid {})", info.pid);
@@ -95,14 +93,12 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
                 crate::logging::flush();
                 channel.output().append(&mut out);
-                flush_all(&mut poll, &mut events, &mut channel)
-                    .map_err(ProcessError::io("writing to the master failed"))?;
+                flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
                 since_flush = Instant::now();
             }
         }
         channel.output().append(&mut out);
-        flush_all(&mut poll, &mut events, &mut channel)
-            .map_err(ProcessError::io("writing to the master failed"))?;
+        flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
         if let Some(why) = stop {
             tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
             return Ok(());

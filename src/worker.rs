@@ -12,7 +12,7 @@ use std::io;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use mio::{Events, Interest, Poll, Token};
+use mio::{Events, Poll, Token};
 
 use crate::app::{Application, Callback, Finished, Outcome, ProcessInfo, TaskId, TaskLimits, WorkerCtx};
 use crate::config::ServerConfig;
@@ -54,7 +54,7 @@ impl Link {
     ) -> io::Result<Vec<WaitResult>> {
         FromWorker::Commit { seq: self.handled_seq }.encode(out);
         self.channel.output().append(out);
-        flush_all(&mut self.poll, &mut self.events, &mut self.channel)?;
+        flush_all(&mut self.channel)?;
         let mut results = vec![None; ids.len()];
         let mut missing = ids.len();
         loop {
@@ -118,9 +118,7 @@ pub fn run<A: Application>(app: &mut A, setup: WorkerSetup<'_>) -> Result<(), Pr
     let info = ProcessInfo { role: Role::Worker, slot, pid: std::process::id() };
     let limit = request_limit(config.max_request, config.max_request_grace);
     let poll = Poll::new().map_err(ProcessError::io("cannot create its poller"))?;
-    poll.registry()
-        .register(channel.source(), CHANNEL, Interest::READABLE | Interest::WRITABLE)
-        .map_err(ProcessError::io("cannot watch its channel"))?;
+    channel.register(poll.registry(), CHANNEL).map_err(ProcessError::io("cannot watch its channel"))?;
     let link = Link { channel, poll, events: Events::with_capacity(8), handled_seq: 0 };
     crate::logging::hold_lines();
     app.on_worker_start(&info).map_err(ProcessError::Start)?;
@@ -285,7 +283,7 @@ impl<A: Application> Worker<'_, A> {
         if self.out.capacity() > 64 * 1024 {
             self.out = Vec::new();
         }
-        flush_all(&mut self.link.poll, &mut self.link.events, &mut self.link.channel)
+        flush_all(&mut self.link.channel)
     }
 
     /// The application, and the context its callbacks get.
@@ -417,17 +415,9 @@ pub(crate) fn guard(slot: u32, what: &str, f: impl FnOnce()) {
 }
 
 /// Writes all pending output, waiting for the socket to drain when it is full.
-pub(crate) fn flush_all<Tx: Message, Rx: Message>(
-    poll: &mut Poll,
-    events: &mut Events,
-    channel: &mut Channel<Tx, Rx>,
-) -> std::io::Result<()> {
+pub(crate) fn flush_all<Tx: Message, Rx: Message>(channel: &mut Channel<Tx, Rx>) -> std::io::Result<()> {
     while !channel.flush()? {
-        match poll.poll(events, Some(Duration::from_secs(1))) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+        channel.wait_writable(Duration::from_secs(1))?;
     }
     Ok(())
 }

@@ -51,6 +51,9 @@ pub struct Channel<Tx, Rx> {
     input: Input,
     output: Vec<u8>,
     written: usize,
+    /// Its token, once registered by [`Channel::register`], and whether its registration asks
+    /// for writability now (only while output waits: see there).
+    watch: Option<(mio::Token, bool)>,
     link: PhantomData<fn(Tx) -> Rx>,
 }
 
@@ -99,12 +102,63 @@ impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
             input: Input::default(),
             output: Vec::new(),
             written: 0,
+            watch: None,
             link: PhantomData,
         }
     }
 
     pub fn source(&mut self) -> &mut mio::net::UnixStream {
         &mut self.stream
+    }
+
+    /// Watches the channel for input; for room to write only while output waits
+    /// ([`Channel::flush_watched`]). An AF_UNIX stream wakes its writer's epoll (EPOLLOUT)
+    /// every time the reader takes a message, whether or not the writer has anything left to
+    /// write: a process that asked for writability all along was woken once more for each
+    /// message it sent, when its peer read it (a worker, a task process, the master: 2–3
+    /// wake-ups per job, each an IPI to the other CPU when it slept).
+    pub fn register(&mut self, registry: &mio::Registry, token: mio::Token) -> io::Result<()> {
+        registry.register(&mut self.stream, token, mio::Interest::READABLE)?;
+        self.watch = Some((token, false));
+        Ok(())
+    }
+
+    /// [`Channel::flush`], then asks the reactor for writability if output is left (and no
+    /// longer once it is all written), so that the rest goes out when the peer reads.
+    pub fn flush_watched(&mut self, registry: &mio::Registry) -> io::Result<bool> {
+        let done = self.flush()?;
+        if let Some((token, writable)) = self.watch {
+            if writable == done {
+                let interest = if done {
+                    mio::Interest::READABLE
+                } else {
+                    mio::Interest::READABLE | mio::Interest::WRITABLE
+                };
+                registry.reregister(&mut self.stream, token, interest)?;
+                self.watch = Some((token, !done));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Whether its registration asks for writability now: output waited at its last flush (and
+    /// may have been discarded since).
+    pub fn watches_writable(&self) -> bool {
+        matches!(self.watch, Some((_, true)))
+    }
+
+    /// Sleeps until the socket has room to write, or `timeout` is over. It asks the kernel
+    /// directly (`poll`), not the process's reactor: a readiness edge the reactor reported
+    /// here would be lost to its next wait.
+    pub fn wait_writable(&self, timeout: std::time::Duration) -> io::Result<()> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::os::fd::AsFd;
+        let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(self.stream.as_fd(), PollFlags::POLLOUT)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads everything the socket holds now.
@@ -471,6 +525,40 @@ mod tests {
         assert_eq!(Channel::drain_committed(&mut master, |m| &mut m.chan, record), Ok(()));
         assert_eq!(master.seen[2..], ["Client(Stats { session: 2 })", "Commit { seq: 2 }"]);
         assert!(master.chan.input().is_empty());
+    }
+
+    #[test]
+    fn a_channel_is_woken_for_room_to_write_only_while_its_output_waits() {
+        let (a, b) = pair().unwrap();
+        let mut a: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut b: Channel<ToWorker<'static>, FromWorker<'static>> = Channel::new(b);
+        let mut poll = mio::Poll::new().unwrap();
+        let mut events = mio::Events::with_capacity(4);
+        a.register(poll.registry(), mio::Token(1)).unwrap();
+        let woken = |poll: &mut mio::Poll, events: &mut mio::Events| {
+            poll.poll(events, Some(std::time::Duration::ZERO)).unwrap();
+            events.iter().any(|e| e.is_writable())
+        };
+        // All written: the peer's reads wake no one.
+        a.send(&FromWorker::Commit { seq: 1 });
+        assert!(a.flush_watched(poll.registry()).unwrap());
+        woken(&mut poll, &mut events);
+        b.fill().unwrap();
+        assert!(!woken(&mut poll, &mut events), "woken by a read though nothing waited to be written");
+        // More than the socket takes: the peer's reading makes room, and that wakes it.
+        let data = vec![b'x'; 4 * 1024 * 1024];
+        a.send(&FromWorker::Client(ToClient::Send { session: 7, data: &data }));
+        assert!(!a.flush_watched(poll.registry()).unwrap());
+        assert!(a.watches_writable());
+        b.fill().unwrap();
+        assert!(woken(&mut poll, &mut events), "not woken when room was made for its output");
+        while !a.flush_watched(poll.registry()).unwrap() {
+            b.fill().unwrap();
+        }
+        assert!(!a.watches_writable());
+        woken(&mut poll, &mut events);
+        b.fill().unwrap();
+        assert!(!woken(&mut poll, &mut events), "still watched for room once all was written");
     }
 
     #[test]

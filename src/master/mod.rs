@@ -254,17 +254,17 @@ impl<'a, A: Application> Master<'a, A> {
         poll.registry().register(&mut SourceFd(&sig_fd), SIGNALS, Interest::READABLE)?;
         let mut manager = Channel::new(manager_master_end);
         poll.registry().register(manager.source(), MANAGER, Interest::READABLE | Interest::WRITABLE)?;
-        let both = Interest::READABLE | Interest::WRITABLE;
+        // Watched for writability only while output waits (see `Channel::register`).
         let mut worker_slots = Vec::new();
         for (i, ch) in workers.into_iter().enumerate() {
             let mut chan = Channel::new(ch.master_end);
-            poll.registry().register(chan.source(), Token(SLOT_BASE + i), both)?;
+            chan.register(poll.registry(), Token(SLOT_BASE + i))?;
             worker_slots.push(WorkerSlot::new(chan, ch.child_end));
         }
         let mut task_slots = Vec::new();
         for (i, ch) in tasks.into_iter().enumerate() {
             let mut chan = Channel::new(ch.master_end);
-            poll.registry().register(chan.source(), Token(SLOT_BASE + worker_slots.len() + i), both)?;
+            chan.register(poll.registry(), Token(SLOT_BASE + worker_slots.len() + i))?;
             let mut slot = TaskSlot::new(chan, ch.child_end);
             // Slots past task_worker_num are room for SIGTTIN to grow the pool.
             if i >= config.task_worker_num {
@@ -578,16 +578,17 @@ impl<'a, A: Application> Master<'a, A> {
     }
 
     fn flush_channels(&mut self) {
+        let registry = self.poll.registry();
         for (i, w) in self.workers.iter_mut().enumerate() {
-            if w.chan.has_output() {
-                if let Err(e) = w.chan.flush() {
+            if w.chan.has_output() || w.chan.watches_writable() {
+                if let Err(e) = w.chan.flush_watched(registry) {
                     tracing::error!("worker {i}: writing its channel failed: {e}");
                 }
             }
         }
         for (j, t) in self.tasks.iter_mut().enumerate() {
-            if t.chan.has_output() {
-                if let Err(e) = t.chan.flush() {
+            if t.chan.has_output() || t.chan.watches_writable() {
+                if let Err(e) = t.chan.flush_watched(registry) {
                     tracing::error!("task {j}: writing its channel failed: {e}");
                 }
             }
