@@ -211,6 +211,12 @@ impl Spinner {
     }
 }
 
+/// Whether the events of a process that watches only its channel say that input came, and
+/// neither the peer's close nor an error: a short read then drains it (`Channel::fill_after`).
+pub fn woken_by_input(events: &mio::Events) -> bool {
+    !events.is_empty() && events.iter().all(|e| e.is_readable() && !e.is_read_closed() && !e.is_error())
+}
+
 /// Whether `input` (a channel's unread bytes) holds at most one whole frame: a turn of light
 /// load, after which a worker or task process polls a while before it sleeps. After a batch it
 /// does not: the next batch is not due at once, and polling would only take CPU time from the

@@ -51,12 +51,13 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     loop {
         crate::logging::hold(false);
         crate::logging::before_wait();
-        if let Err(e) = spinner.poll(&mut poll, &mut events, None, light) {
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(ProcessError::Io { what: "poll failed", source: e });
-            }
-        }
-        let state = channel.fill().map_err(ProcessError::io("reading its channel failed"))?;
+        let short_read_drains = match spinner.poll(&mut poll, &mut events, None, light) {
+            Ok(()) => crate::net::woken_by_input(&events),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => false,
+            Err(e) => return Err(ProcessError::Io { what: "poll failed", source: e }),
+        };
+        let state =
+            channel.fill_after(short_read_drains).map_err(ProcessError::io("reading its channel failed"))?;
         light = crate::net::light_turn(channel.input());
         let room = if limit == 0 { u64::MAX } else { limit.saturating_sub(served) };
         shown = show_ahead(app, info, channel.input(), shown, room);

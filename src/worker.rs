@@ -178,8 +178,13 @@ impl<A: Application> Worker<'_, A> {
     fn serve(&mut self) -> Result<(), ProcessError> {
         let slot = self.slot;
         loop {
-            self.wait().map_err(|source| ProcessError::Io { what: "poll failed", source })?;
-            let state = self.link.channel.fill().map_err(ProcessError::io("reading its channel failed"))?;
+            let short_read_drains =
+                self.wait().map_err(|source| ProcessError::Io { what: "poll failed", source })?;
+            let state = self
+                .link
+                .channel
+                .fill_after(short_read_drains)
+                .map_err(ProcessError::io("reading its channel failed"))?;
             self.light = crate::net::light_turn(self.link.channel.input());
             let stop = self.handle_input().map_err(ProcessError::Corrupt)?;
             self.hand_back().map_err(ProcessError::io("writing to the master failed"))?;
@@ -199,14 +204,16 @@ impl<A: Application> Worker<'_, A> {
     }
 
     /// Sleeps until the master writes, unless frames read while a callback waited are here.
-    fn wait(&mut self) -> io::Result<()> {
+    /// Returns whether it was woken by input alone (see `Channel::fill_after`).
+    fn wait(&mut self) -> io::Result<bool> {
         if matches!(frame_len(self.link.channel.input()), Ok(Some(_))) {
-            return Ok(());
+            return Ok(false);
         }
         crate::logging::before_wait();
         match self.spinner.poll(&mut self.link.poll, &mut self.link.events, None, self.light) {
             Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
-            _ => Ok(()),
+            Err(_) => Ok(false),
+            Ok(()) => Ok(crate::net::woken_by_input(&self.link.events)),
         }
     }
 

@@ -163,10 +163,24 @@ impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
 
     /// Reads everything the socket holds now.
     pub fn fill(&mut self) -> io::Result<ReadState> {
+        self.fill_after(false)
+    }
+
+    /// [`Channel::fill`] after a readiness event. With `short_read_drains` (the event reported
+    /// input, and neither the peer's close nor an error), a read that leaves room in the buffer
+    /// took all the socket held: a stream read returns every byte queued, up to the room given,
+    /// and a byte written after it is a new edge-triggered event. So the read that would only
+    /// find the socket empty is not made: one system call fewer per turn of light load.
+    pub fn fill_after(&mut self, short_read_drains: bool) -> io::Result<ReadState> {
         loop {
             self.make_room();
+            let room = self.input.buf.len() - self.input.end;
             match self.stream.read(&mut self.input.buf[self.input.end..]) {
                 Ok(0) => return Ok(ReadState::Closed),
+                Ok(n) if short_read_drains && n < room => {
+                    self.input.end += n;
+                    return Ok(ReadState::Open);
+                }
                 Ok(n) => self.input.end += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(ReadState::Open),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -559,6 +573,26 @@ mod tests {
         woken(&mut poll, &mut events);
         b.fill().unwrap();
         assert!(!woken(&mut poll, &mut events), "still watched for room once all was written");
+    }
+
+    #[test]
+    fn a_read_after_an_event_stops_at_a_short_read_but_not_at_a_full_one() {
+        let (a, b) = pair().unwrap();
+        let mut a: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut b: Channel<ToWorker<'static>, FromWorker<'static>> = Channel::new(b);
+        // Larger than the first buffer: the first reads fill it, and it is read to its end.
+        let data = vec![b'x'; 3 * FIRST_CHUNK];
+        a.send(&FromWorker::Client(ToClient::Send { session: 7, data: &data }));
+        assert!(a.flush().unwrap());
+        assert_eq!(b.fill_after(true).unwrap(), ReadState::Open);
+        assert!(matches!(b.next_frame(), Ok(Some(FromWorker::Client(ToClient::Send { session: 7, .. })))));
+        // What is written after a short read is there for the next one; a close too.
+        a.send(&FromWorker::Commit { seq: 4 });
+        assert!(a.flush().unwrap());
+        drop(a);
+        assert_eq!(b.fill_after(true).unwrap(), ReadState::Open);
+        assert!(matches!(b.next_frame(), Ok(Some(FromWorker::Commit { seq: 4 }))));
+        assert_eq!(b.fill_after(false).unwrap(), ReadState::Closed);
     }
 
     #[test]

@@ -425,10 +425,12 @@ impl<'a, A: Application> Master<'a, A> {
                     }
                     Token(t) => {
                         let i = t - SLOT_BASE;
+                        let short_read_drains =
+                            event.is_readable() && !event.is_read_closed() && !event.is_error();
                         if i < self.workers.len() {
-                            self.read_worker(i);
+                            self.read_worker_after(i, short_read_drains);
                         } else if i - self.workers.len() < self.tasks.len() {
-                            self.read_task(i - self.workers.len());
+                            self.read_task_after(i - self.workers.len(), short_read_drains);
                         }
                     }
                 }

@@ -11,7 +11,12 @@ const SESSION_RUN: usize = 8;
 
 impl<A: Application> Master<'_, A> {
     pub(super) fn read_worker(&mut self, i: usize) {
-        if let Err(e) = self.workers[i].chan.fill() {
+        self.read_worker_after(i, false);
+    }
+
+    /// [`Master::read_worker`] after a readiness event (see `Channel::fill_after`).
+    pub(super) fn read_worker_after(&mut self, i: usize, short_read_drains: bool) {
+        if let Err(e) = self.workers[i].chan.fill_after(short_read_drains) {
             tracing::error!("worker {i}: reading its channel failed: {e}");
         }
         self.handle_worker_input(i);
@@ -173,7 +178,12 @@ impl<A: Application> Master<'_, A> {
     // ---- task processes ----
 
     pub(super) fn read_task(&mut self, j: usize) {
-        if let Err(e) = self.tasks[j].chan.fill() {
+        self.read_task_after(j, false);
+    }
+
+    /// [`Master::read_task`] after a readiness event (see `Channel::fill_after`).
+    pub(super) fn read_task_after(&mut self, j: usize, short_read_drains: bool) {
+        if let Err(e) = self.tasks[j].chan.fill_after(short_read_drains) {
             tracing::error!("task {j}: reading its channel failed: {e}");
         }
         self.handle_task_input(j);
