@@ -371,6 +371,10 @@ impl<'a, A: Application> Master<'a, A> {
     /// Forks the manager, which forks the pool, if it is due: at start, or once a dead one's
     /// pool is gone and its back-off is over.
     pub fn spawn_manager(&mut self) -> io::Result<()> {
+        // Asked every turn: the hand-over (two lists) is made only when a fork is due.
+        if self.manager_sup.next_timer().is_none_or(|at| at > Instant::now()) {
+            return Ok(());
+        }
         let handover = ManagerHandover {
             manager_end: &self.manager_end,
             worker_ends: self.workers.iter().map(|w| &w.child_end).collect(),
