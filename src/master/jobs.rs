@@ -227,17 +227,17 @@ impl Jobs {
 
     /// The priority whose job starts next, and the credits after that pick.
     fn pick(&self) -> Option<(usize, [i64; 3])> {
-        let waiting: Vec<usize> = (0..3).filter(|&p| !self.queue[p].is_empty()).collect();
-        if waiting.is_empty() {
-            return None;
-        }
+        // The priorities with jobs waiting, without a list: this runs twice per job started
+        // (a `Vec` here was a malloc and a free each time, 4 % of the master's instructions).
+        let waiting = |p: &usize| !self.queue[*p].is_empty();
         let mut credit = self.credit;
-        let total: i64 = waiting.iter().map(|&p| WEIGHTS[p]).sum();
-        for &p in &waiting {
+        let mut total = 0;
+        for p in (0..3).filter(waiting) {
             credit[p] += WEIGHTS[p];
+            total += WEIGHTS[p];
         }
         // The largest credit; among equals the higher priority.
-        let best = waiting.iter().copied().max_by_key(|&p| (credit[p], std::cmp::Reverse(p)))?;
+        let best = (0..3).filter(waiting).max_by_key(|&p| (credit[p], std::cmp::Reverse(p)))?;
         credit[best] -= total;
         Some((best, credit))
     }
