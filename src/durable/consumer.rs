@@ -243,6 +243,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
             // A slow job's outcome goes out at once; quick ones go together.
             if queue.is_empty() || started.elapsed() >= Duration::from_millis(1) {
+                settle(app, info, &mut done);
                 c.unsent.append(&mut done);
                 if let Err(e) = c.flush() {
                     c.lost(&e);
@@ -250,8 +251,37 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 pulse.holding(queue.len() + c.unsent.len());
             }
         }
+        settle(app, info, &mut done);
         c.unsent.append(&mut done);
         pulse.holding(c.unsent.len());
+    }
+}
+
+/// Before the outcomes in `done` go to Redis, as a task process does before its results go
+/// to the master (see `task_worker::settle`): the application finishes what it put off for
+/// their jobs (the outbox's lines, in one write), and each job it names fails instead of
+/// succeeding, with its reason and without the reply it set (every one of them, should that
+/// call panic).
+fn settle<A: Application>(app: &mut A, info: ProcessInfo, done: &mut [Completion]) {
+    if done.is_empty() {
+        return;
+    }
+    let failed = crate::task_worker::task_results(app, info);
+    if failed.as_ref().is_some_and(Vec::is_empty) {
+        return;
+    }
+    let panicked = format!("on_task_results panicked in task process {}", info.pid);
+    for completion in done {
+        let Completion::Done { reply, .. } = completion else { continue };
+        let why = match &failed {
+            Some(failed) => failed.iter().find(|(id, _)| *id == reply.task_id).map(|(_, why)| why),
+            None => Some(&panicked),
+        };
+        if let (true, Some(why)) = (reply.ok, why) {
+            reply.ok = false;
+            reply.reply.clear();
+            reply.result = why.clone().into_bytes();
+        }
     }
 }
 
