@@ -8,6 +8,8 @@
 # the callgrind.out files (per process, roles in run-*/roles) for callgrind_annotate. CACHE=1
 # also simulates the data caches (--cache-sim=yes; the last level as one core's 2 MB L2 of this
 # machine, 16-way) and adds each process's data misses per job: first level, last level.
+# REDIS=1: durable jobs, against a redis-server of the script's own (a fresh one per run,
+# AOF everysec, loopback TCP; `--redis-url` and `--node-id bench` are added to the flags).
 started="$PWD"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,18 +26,35 @@ else
 fi
 work="$(mktemp -d)"
 vpid=""
+redis_pid=""
 cleanup() {
   [ -n "$vpid" ] && kill -9 "$vpid" 2>/dev/null || true
+  [ -n "$redis_pid" ] && kill -9 "$redis_pid" 2>/dev/null || true
   pkill -9 -f "valgrind.*$work" 2>/dev/null || true
   [ -n "${KEEP:-}" ] && echo "kept $work" >&2 || rm -rf "$work"
 }
 trap cleanup EXIT
 read -r conns window <<<"${CW:-8 64}"
 
+start_redis() { # $1: its directory; sets $redis_pid and $redis_url
+  local port
+  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+  mkdir -p "$1"
+  redis-server --port "$port" --bind 127.0.0.1 --dir "$1" --save "" \
+    --appendonly yes --appendfsync everysec >"$1/log" 2>&1 &
+  redis_pid=$!
+  for _ in $(seq 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.05; done
+  redis_url="redis://127.0.0.1:$port"
+}
+
 run() { # $1: jobs, then taskd flags; prints "ROLE INSTRUCTIONS" per process, sorted
   local jobs=$1 dir="$work/run-$1"
   shift
   mkdir -p "$dir"
+  if [ -n "${REDIS:-}" ]; then
+    start_redis "$dir/redis"
+    set -- "$@" "--redis-url=$redis_url" --node-id=bench
+  fi
   # A session of its own: its processes are told apart from any other taskd on the machine.
   local sim=()
   [ -n "${CACHE:-}" ] && sim=(--cache-sim=yes --LL=2097152,16,64)
@@ -58,6 +77,11 @@ run() { # $1: jobs, then taskd flags; prints "ROLE INSTRUCTIONS" per process, so
     sleep 0.1
   done
   vpid=""
+  if [ -n "$redis_pid" ]; then
+    kill -9 "$redis_pid" 2>/dev/null || true
+    wait "$redis_pid" 2>/dev/null || true
+    redis_pid=""
+  fi
   while read -r pid role; do
     [ -f "$dir/callgrind.out.$pid" ] || continue
     # Ir, and with CACHE=1 the data misses: D1mr + D1mw, DLmr + DLmw.
@@ -66,7 +90,7 @@ run() { # $1: jobs, then taskd flags; prints "ROLE INSTRUCTIONS" per process, so
   done <"$dir/roles" | sort
 }
 
-echo "taskd${*:+ $*} at $conns x $window, $n jobs after 1,000 (callgrind)" >&2
+echo "taskd${*:+ $*}${REDIS:+ (durable, redis-server AOF everysec)} at $conns x $window, $n jobs after 1,000 (callgrind)" >&2
 run 1000 "$@" >"$work/a"
 run $((1000 + n)) "$@" >"$work/b"
 # Jobs spread unevenly over the task processes (and workers) from one run to the other: sum

@@ -90,6 +90,16 @@ pub trait Application: 'static {
     /// handlers do: their jobs are written ahead, so a handler runs a burst of them without
     /// waiting for the task process between two. Not called for durable jobs.
     fn on_task_ahead(&mut self, _task: &Task<'_>) {}
+    /// In a task process: the results of the tasks run since the last call are about to leave
+    /// the process (to the master; with durable jobs, to Redis), those of a burst together. An
+    /// application that put part of its tasks' work off until now does it here, for all of
+    /// them at once (the built-in one writes their outbox lines in one write), and names the
+    /// tasks whose part could not be done, with why: each of those that succeeded fails
+    /// instead, for good, with that reason, and the reply it set is not sent. A process that
+    /// dies before this call loses those results with it, and their tasks run again.
+    fn on_task_results(&mut self) -> Vec<(TaskId, String)> {
+        Vec::new()
+    }
     /// In a worker of the slot that submitted the task: the task is done or failed for good.
     fn on_finish(&mut self, _ctx: &mut WorkerCtx<'_>, _finished: &Finished<'_>) {}
     /// Whether `on_finish` is called for a job that succeeded and whose client already has its

@@ -396,7 +396,7 @@ fn spawn(kind: &str, argv: &[String]) -> io::Result<Running> {
     let mut command = Command::new(&argv[0]);
     command.args(&argv[1..]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     // SAFETY: runs in the forked child before exec, where only async-signal-safe calls are
-    // allowed: prctl and getppid are system calls that touch no memory of the parent's, and
+    // allowed: prctl, signal and getppid are system calls that touch no memory of the parent's, and
     // io::Error::last_os_error allocates nothing. The task process forks only here, and the
     // stderr threads it may run by now never reach the child (fork copies the calling thread
     // only, which execs at once).
@@ -407,6 +407,9 @@ fn spawn(kind: &str, argv: &[String]) -> io::Result<Running> {
             if nix::libc::prctl(nix::libc::PR_SET_PDEATHSIG, nix::libc::SIGKILL) != 0 {
                 return Err(io::Error::last_os_error());
             }
+            // taskd ignores SIGXFSZ (see `signals::ignore_file_size_signal`); an ignored
+            // signal stays ignored across exec, and the handler gets the default.
+            nix::libc::signal(nix::libc::SIGXFSZ, nix::libc::SIG_DFL);
             // The task process may have died before prctl: then nothing would kill us.
             if nix::libc::getppid() != parent {
                 return Err(io::Error::from_raw_os_error(nix::libc::ESRCH));

@@ -8,18 +8,26 @@
 /// One JSON object being written, ended by a newline: `{"event":"done",…}\n`.
 pub struct JsonLine {
     out: Vec<u8>,
+    /// Where the object starts in `out` (lines written before it stay as they are).
+    start: usize,
 }
 
 impl JsonLine {
     /// Starts an object; `capacity` is a guess at the line's length.
     pub fn new(capacity: usize) -> Self {
-        let mut out = Vec::with_capacity(capacity);
+        Self::after(Vec::with_capacity(capacity))
+    }
+
+    /// Starts an object at the end of `out`, which may hold other lines already (the
+    /// outbox's lines waiting for their write): one buffer for all, no allocation per line.
+    pub fn after(mut out: Vec<u8>) -> Self {
+        let start = out.len();
         out.push(b'{');
-        JsonLine { out }
+        JsonLine { out, start }
     }
 
     fn key(&mut self, key: &str) {
-        if self.out.len() > 1 {
+        if self.out.len() > self.start + 1 {
             self.out.push(b',');
         }
         // Keys are this program's own names: nothing in them needs escaping.
@@ -153,6 +161,17 @@ mod tests {
         line.str("event", s.event).num("task_id", s.task_id).str("to", s.to);
         line.opt_str("subject", s.subject).opt_str("body", s.body);
         line.finish()
+    }
+
+    #[test]
+    fn a_line_started_after_others_is_the_same_line_behind_them() {
+        let sample = Sample { event: "done", task_id: 7, to: "a@b", subject: None, body: Some("x") };
+        let mut line = JsonLine::after(b"{\"first\":1}\n".to_vec());
+        line.str("event", sample.event).num("task_id", sample.task_id).str("to", sample.to);
+        line.opt_str("subject", sample.subject).opt_str("body", sample.body);
+        let mut expected = b"{\"first\":1}\n".to_vec();
+        expected.extend_from_slice(&ours(&sample));
+        assert_eq!(line.finish(), expected);
     }
 
     /// Random strings from an alphabet heavy in what JSON escapes (and in the bytes next to

@@ -216,6 +216,7 @@ pub fn run_notify<A: Application>(
 
     // Blocked before the first fork, so that no signal is missed or inherited as a handler.
     let signals = signals::Signals::open(&master::MASTER_SIGNALS).map_err(io_err("cannot set up signals"))?;
+    signals::ignore_file_size_signal().map_err(io_err("cannot ignore SIGXFSZ"))?;
     process::set_title("taskd: master");
     app.on_start(addr);
     let setup = master::MasterSetup {

@@ -25,6 +25,17 @@ pub fn set_blocked(signals: &[Signal]) -> io::Result<()> {
     Ok(())
 }
 
+/// A file size limit (`RLIMIT_FSIZE`, a service's `LimitFSIZE=`) then makes a write past it
+/// fail with `EFBIG`, which the writer reports (a job whose outbox line cannot be written
+/// fails, and says why), instead of killing the process with `SIGXFSZ` (its jobs would die
+/// with it, run again and kill the next one). Inherited by every process forked after it;
+/// PostgreSQL does the same.
+pub fn ignore_file_size_signal() -> io::Result<()> {
+    // SAFETY: sets the disposition to SIG_IGN: no handler, so no code runs in signal context.
+    unsafe { nix::sys::signal::signal(Signal::SIGXFSZ, nix::sys::signal::SigHandler::SigIgn) }?;
+    Ok(())
+}
+
 impl Signals {
     /// Blocks `signals` and opens a non-blocking signalfd that reports them.
     pub fn open(signals: &[Signal]) -> io::Result<Signals> {

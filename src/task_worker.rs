@@ -92,12 +92,14 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             }
             let more_waiting = matches!(frame_len(channel.input()), Ok(Some(_)));
             if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
+                settle(app, info, &mut out);
                 crate::logging::flush();
                 channel.output().append(&mut out);
                 flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
                 since_flush = Instant::now();
             }
         }
+        settle(app, info, &mut out);
         channel.output().append(&mut out);
         flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
         if let Some(why) = stop {
@@ -145,6 +147,58 @@ fn show_ahead<A: Application>(
     seen.max(shown)
 }
 
+/// Before the results in `out` leave: lets the application finish what it put off for their
+/// tasks ([`Application::on_task_results`]), and turns the `done` of each task it names into a
+/// failure with its reason (every `done` in `out`, should that call panic: whether their work
+/// was finished is not known, and a `done` must not claim it).
+fn settle<A: Application>(app: &mut A, info: ProcessInfo, out: &mut Vec<u8>) {
+    if out.is_empty() {
+        return;
+    }
+    match task_results(app, info) {
+        Some(failed) if failed.is_empty() => {}
+        Some(failed) => {
+            fail_done(out, |id| failed.iter().find(|(f, _)| *f == id).map(|(_, why)| why.as_str()))
+        }
+        None => {
+            let why = format!("on_task_results panicked in task process {}", info.pid);
+            fail_done(out, |_| Some(&why));
+        }
+    }
+}
+
+/// Calls [`Application::on_task_results`]: the tasks that must fail, or `None` if it panicked.
+pub(crate) fn task_results<A: Application>(
+    app: &mut A,
+    info: ProcessInfo,
+) -> Option<Vec<(crate::app::TaskId, String)>> {
+    let mut failed = None;
+    guard(info.slot, "on_task_results", || failed = Some(app.on_task_results()));
+    failed
+}
+
+/// Rewrites the frames in `out`: a `done` of a task for which `why` has a reason becomes a
+/// failure with that reason, without the reply it carried; every other frame stays as it is.
+fn fail_done<'a>(out: &mut Vec<u8>, why: impl Fn(crate::app::TaskId) -> Option<&'a str>) {
+    let frames = std::mem::take(out);
+    let mut at = 0;
+    while let Ok(Some((frame, n))) = FromTask::decode(&frames[at..]) {
+        let failure = match frame {
+            FromTask::TaskDone { task_id, ok: true, .. } => why(task_id).map(|why| (task_id, why)),
+            _ => None,
+        };
+        match failure {
+            Some((task_id, why)) => {
+                FromTask::TaskDone { task_id, ok: false, reply: &[], result: why.as_bytes() }.encode(out)
+            }
+            None => out.extend_from_slice(&frames[at..at + n]),
+        }
+        at += n;
+    }
+    // Nothing is left but what this process encoded itself; kept as it is all the same.
+    out.extend_from_slice(&frames[at..]);
+}
+
 /// Runs one task and appends its outcome (with the reply it set, if any) to `out`.
 fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, out: &mut Vec<u8>) {
     let task_id = task.id;
@@ -190,6 +244,67 @@ mod tests {
             assert_ne!(task.id, 1, "job 1 breaks");
             Ok(b"fine".to_vec())
         }
+    }
+
+    /// Replies `done N` for every task and sends a progress line first; at the results' turn,
+    /// says that the work of task 2 could not be finished.
+    struct PutOff {
+        ran: Vec<crate::app::TaskId>,
+    }
+
+    impl Application for PutOff {
+        fn on_receive(&mut self, _: &mut WorkerCtx<'_>, _: SessionId, _: &[u8]) {}
+        fn on_task(&mut self, ctx: &mut TaskCtx<'_>, task: &Task<'_>) -> Result<Vec<u8>, TaskFailure> {
+            ctx.send(9, b"progress\n");
+            ctx.reply(format!("done {}\n", task.id).as_bytes());
+            self.ran.push(task.id);
+            Ok(b"fine".to_vec())
+        }
+        fn on_task_results(&mut self) -> Vec<(crate::app::TaskId, String)> {
+            assert_eq!(std::mem::take(&mut self.ran), [1, 2, 3], "called once, for the three");
+            vec![(2, "its line is not in the outbox".to_string())]
+        }
+    }
+
+    #[test]
+    fn a_task_named_at_the_results_turn_fails_instead_of_done_and_the_others_stay_done() {
+        let info = ProcessInfo { role: crate::ipc::Role::Task, slot: 0, pid: 4242 };
+        let mut out = Vec::new();
+        let mut app = PutOff { ran: Vec::new() };
+        for id in [1, 2, 3] {
+            let task = Task { id, session: Some(9), attempt: 1, src_worker: 0, data: b"" };
+            on_run_task(&mut app, info, &task, &mut out);
+        }
+        settle(&mut app, info, &mut out);
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while let Some((frame, n)) = FromTask::decode(&out[at..]).unwrap() {
+            frames.push(frame);
+            at += n;
+        }
+        assert_eq!(at, out.len());
+        let progress = || FromTask::Send { session: 9, data: b"progress\n" };
+        let done =
+            |task_id, reply: &'static [u8]| FromTask::TaskDone { task_id, ok: true, reply, result: b"fine" };
+        let expected = [
+            progress(),
+            done(1, b"done 1\n"),
+            progress(),
+            // No `done` line for its client: the worker answers `failed`.
+            FromTask::TaskDone {
+                task_id: 2,
+                ok: false,
+                reply: b"",
+                result: b"its line is not in the outbox",
+            },
+            progress(),
+            done(3, b"done 3\n"),
+        ];
+        assert_eq!(frames, expected);
+        // Nothing ran since: nothing to settle, and the application is not asked.
+        let mut empty = Vec::new();
+        settle(&mut app, info, &mut empty);
+        assert!(empty.is_empty());
     }
 
     #[test]

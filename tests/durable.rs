@@ -1176,8 +1176,8 @@ fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing()
     let Some(redis) = Redis::start() else { return };
     let mut bridge = redis.conn().expect("a connection");
     let mut other = redis.conn().expect("a connection");
-    let mut cmds = redis::pipe();
-    cmds.cmd("XADD").arg("{taskd}:jobs").arg("*").arg("f").arg("1");
+    let mut cmds = taskd::durable::resp::Packed::new();
+    cmds.command(5).arg(b"XADD").arg(b"{taskd}:jobs").arg(b"*").arg(b"f").arg(b"1");
     let m = |n: u32| format!("{{taskd}}:round:web-1:test-{n}");
     arm(&mut bridge, &m(1)).expect("WATCH");
     let (tried, armed) = attempt(&mut bridge, &m(1), &m(2), None, &cmds, &[false], None);

@@ -113,6 +113,110 @@ fn a_process_that_dies_at_start_is_respawned_with_a_growing_back_off() {
     assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
 }
 
+/// Sets the file size limit of a running process (prlimit(2)); `RLIM_INFINITY` lifts it.
+fn set_fsize(pid: u32, limit: u64) {
+    let rlim = nix::libc::rlimit { rlim_cur: limit, rlim_max: nix::libc::RLIM_INFINITY };
+    // SAFETY: prlimit reads `rlim` and writes nothing (old_limit is null).
+    let rc = unsafe { nix::libc::prlimit(pid as i32, nix::libc::RLIMIT_FSIZE, &rlim, std::ptr::null_mut()) };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// Sends `count` jobs in one write (a burst for the task processes) and returns the final
+/// reply of each, by task id.
+fn burst(client: &mut Client, tag: &str, count: usize) -> HashMap<u64, Value> {
+    let lines: String = (0..count).map(|i| format!("{tag}{i}@example.com\n")).collect();
+    client.send_raw(lines.as_bytes());
+    let mut finals = HashMap::new();
+    let mut accepted = 0;
+    while finals.len() < count {
+        let reply = client.recv();
+        match reply["event"].as_str() {
+            Some("accepted") => accepted += 1,
+            Some("done" | "failed") => {
+                let id = reply["task_id"].as_u64().expect("a task id");
+                assert!(finals.insert(id, reply.clone()).is_none(), "a second final reply: {reply}");
+            }
+            _ => panic!("{reply}"),
+        }
+    }
+    assert_eq!(accepted, count);
+    finals
+}
+
+/// The task ids of the whole JSON lines in `bytes` (a line cut short is no line).
+fn whole_lines(bytes: &[u8]) -> HashSet<u64> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut lines: Vec<&str> = text.split('\n').collect();
+    lines.pop(); // after the last newline: empty, or a line not ended
+    lines.into_iter().filter_map(|l| serde_json::from_str::<Value>(l).ok()?["task_id"].as_u64()).collect()
+}
+
+#[test]
+fn a_burst_whose_outbox_lines_cannot_be_written_fails_every_job_whose_line_is_not_in_the_file() {
+    // The task processes may not grow a file past 1 MiB (RLIMIT_FSIZE), and the outbox is 250
+    // bytes short of that: the first write takes 250 bytes (a line, and part of the next),
+    // every later one fails (EFBIG), as on a full disk.
+    const LIMIT: u64 = 1 << 20;
+    const ROOM: u64 = 250;
+    let scratch = tempfile::tempdir().unwrap();
+    let outbox = scratch.path().join("outbox.log");
+    let mut filler = vec![b'#'; (LIMIT - ROOM) as usize];
+    *filler.last_mut().unwrap() = b'\n';
+    std::fs::write(&outbox, &filler).unwrap();
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "2",
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    daemon.wait_pool(2, 2);
+    let tasks = daemon.pids_of("taskd: task");
+    for &pid in &tasks {
+        set_fsize(pid, LIMIT);
+    }
+    let mut client = daemon.connect();
+    let outbox_error = |reply: &Value| {
+        reply["event"] == "failed"
+            && reply["error"].as_str().unwrap_or("").contains("cannot write to the outbox")
+    };
+
+    // A job is done exactly when its line is whole in the file; every other one failed, saying why.
+    let finals = burst(&mut client, "cut", 64);
+    let done: HashSet<u64> = finals.iter().filter(|(_, r)| r["event"] == "done").map(|(id, _)| *id).collect();
+    let written = std::fs::read(&outbox).unwrap();
+    assert_eq!(written.len() as u64, LIMIT, "the file is full");
+    assert_eq!(whole_lines(&written[filler.len()..]), done, "{finals:?}");
+    assert!(done.len() <= 1, "{} lines in {ROOM} bytes", done.len());
+    for reply in finals.values().filter(|r| r["event"] != "done") {
+        assert!(outbox_error(reply), "{reply}");
+    }
+
+    // The file is full: every job of the next burst fails, none is done, none is lost.
+    let finals = burst(&mut client, "full", 64);
+    for reply in finals.values() {
+        assert!(outbox_error(reply), "{reply}");
+        assert!(reply["error"].as_str().unwrap().contains("File too large"), "{reply}");
+    }
+    assert_eq!(std::fs::read(&outbox).unwrap().len() as u64, LIMIT);
+    let log = daemon.wait_log("jobs fail instead of done (their lines are not in it)");
+    assert!(log.contains("cannot write to the outbox"), "{log}");
+
+    // The daemon is up, with the same task processes (no SIGXFSZ killed them); with room in
+    // the file again, a job is done and its line is whole, on a line of its own.
+    client.send("stats");
+    assert_eq!(client.recv()["event"], "stats");
+    assert_eq!(daemon.pids_of("taskd: task"), tasks);
+    for &pid in &tasks {
+        set_fsize(pid, nix::libc::RLIM_INFINITY);
+    }
+    let finals = burst(&mut client, "room", 8);
+    let ids: HashSet<u64> = finals.keys().copied().collect();
+    assert!(finals.values().all(|r| r["event"] == "done"), "{finals:?}");
+    assert_eq!(whole_lines(&std::fs::read(&outbox).unwrap()[filler.len()..]), &done | &ids);
+}
+
 #[test]
 fn sigterm_under_load_finishes_every_job_before_exiting_0() {
     let mut daemon = Daemon::start(&["--simulate-ms", "150", "--max-wait-time", "20"]);
@@ -150,6 +254,8 @@ struct Tally {
     missing: u64,
     dropped: u64,
     unexplained_failures: Vec<String>,
+    /// The task ids of the jobs that were done.
+    done_ids: Vec<u64>,
 }
 
 /// A failure the chaos itself explains: the last run of the job was killed.
@@ -213,6 +319,7 @@ fn chaos_client(
                 }
                 if kind == "done" {
                     t.done += 1;
+                    t.done_ids.push(task_id);
                 } else {
                     t.failed += 1;
                     let error = reply["error"].as_str().unwrap_or("");
@@ -271,6 +378,7 @@ fn sum(clients: Vec<std::thread::JoinHandle<Tally>>) -> Tally {
         total.missing += t.missing;
         total.dropped += t.dropped;
         total.unexplained_failures.extend(t.unexplained_failures);
+        total.done_ids.extend(t.done_ids);
     }
     total
 }
@@ -348,6 +456,50 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
     );
     assert_nothing_lost(&total);
     assert!(outbox as u64 >= total.done, "every done job is in the outbox (retries may add more)");
+}
+
+#[test]
+fn task_processes_killed_amid_bursts_of_quick_jobs_lose_none_and_every_done_job_is_in_the_outbox() {
+    let secs: u64 = std::env::var("TASKD_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    // No-op jobs, 32 in flight over two task processes: each runs bursts of them, and writes
+    // a burst's outbox lines together, before the burst's results leave it.
+    let daemon = Daemon::start(&["--task-worker-num", "2", "--simulate-ms", "0", "--task-retry-max", "5"]);
+    daemon.wait_pool(2, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = start_clients(daemon.addr, &stop, killed_in_memory);
+    let start = Instant::now();
+    let mut rand = rng();
+    let mut killed = 0;
+    while start.elapsed() < Duration::from_secs(secs) {
+        std::thread::sleep(Duration::from_millis(50 + rand() % 150));
+        let tasks = daemon.pids_of("taskd: task");
+        if let Some(&victim) = tasks.get((rand() % 2) as usize) {
+            kill9(victim);
+            killed += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = sum(clients);
+    // Every job whose `done` a client got has its line in the file. Read as text, not as
+    // lines: a process killed inside a write of several pages may leave part of a line
+    // (its jobs run again), and the next process's line then follows it on the same line.
+    let outbox = std::fs::read_to_string(&daemon.outbox).unwrap_or_default();
+    let written: HashSet<u64> = outbox
+        .split("\"task_id\":")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    let missing: Vec<&u64> = total.done_ids.iter().filter(|id| !written.contains(id)).collect();
+    println!(
+        "killed {killed} task processes; accepted {}, done {}, failed {}; outbox lines {}",
+        total.accepted,
+        total.done,
+        total.failed,
+        outbox.lines().count()
+    );
+    assert_nothing_lost(&total);
+    assert!(killed >= 10, "{killed} kills");
+    assert!(missing.is_empty(), "done, and not in the outbox: {missing:?}");
 }
 
 #[test]

@@ -1,9 +1,18 @@
 //! The outbox: where a simulated delivery leaves its message, one JSON line per message, so
 //! a user can see what was sent (the transport without `--smtp-url`, and for SMS without a
 //! provider). A simulated delivery takes `simulate_ms` (or the job's own `simulate_ms`) and logs its
-//! progress, as the seeds do. Every task process appends to the same file; each line is
-//! one `write` on an `O_APPEND` descriptor, so lines of different processes never interleave.
-//! After a rotation (SIGHUP, see `logging`), each writer reopens it before its next line.
+//! progress, as the seeds do. Every task process appends to the same file.
+//!
+//! A delivered job's line waits in this process until its results are about to leave it
+//! ([`Outbox::commit`], from `Application::on_task_results`): a burst's lines go out in one
+//! `write` (a system call per job was two thirds of taskd's), at most [`PENDING_MAX`] bytes
+//! at a time. So a job's `done` never leaves before its line is in the file, and a job whose
+//! line is not written whole fails instead (its `done` is turned into `failed` before it
+//! leaves); a process killed first loses the lines and the results together, and its jobs run
+//! again. Whole lines on an `O_APPEND` descriptor of a regular file land whole at the end of
+//! the file, so lines of different processes never interleave; a short write is taken up at
+//! the next whole line (see [`write_lines`]).
+//! After a rotation (SIGHUP, see `logging`), each writer reopens it before its next write.
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -11,14 +20,29 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::{Error, Message, Receipt, Transport};
+use crate::app::TaskId;
 use crate::json_line::JsonLine;
 use crate::mail::request::Kind;
+
+/// Past this many bytes of lines waiting, they are written at once, before the burst ends:
+/// the bound of one write, and of what a process holds.
+pub const PENDING_MAX: usize = 64 * 1024;
 
 pub struct Outbox {
     file: File,
     path: PathBuf,
     /// The log rotation the file was opened at.
     rotation: u64,
+    /// The lines of jobs delivered since the last write, in the order they were delivered.
+    pending: Vec<u8>,
+    /// For each line in `pending`: its job, and where the line ends.
+    lines: Vec<(TaskId, usize)>,
+    /// Jobs whose lines a write made before the commit (`PENDING_MAX` reached) did not put
+    /// in the file, with why: they fail at the commit.
+    failed: Vec<(TaskId, String)>,
+    /// A write failed or was short: the file may end inside a line (ours, or another
+    /// process's cut by the same full disk), so the next write starts with a newline.
+    cut: bool,
 }
 
 impl Outbox {
@@ -32,7 +56,15 @@ impl Outbox {
     pub fn open_for(path: &Path, owner: Option<crate::process::Credentials>) -> io::Result<Outbox> {
         let rotation = crate::logging::rotation();
         let file = crate::files::open_append(path, crate::files::LOG_MODE, owner)?;
-        Ok(Outbox { file, path: path.to_path_buf(), rotation })
+        Ok(Outbox {
+            file,
+            path: path.to_path_buf(),
+            rotation,
+            pending: Vec::new(),
+            lines: Vec::new(),
+            failed: Vec::new(),
+            cut: false,
+        })
     }
 
     /// After a rotation, the file now at the path; the old one (and an error in the log) when
@@ -58,8 +90,9 @@ impl Outbox {
         OutboxDelivery { outbox: self, kind, delay, task_pid }
     }
 
-    pub fn append(&mut self, message: &Message<'_>, kind: Kind, task_pid: u32) -> io::Result<()> {
-        self.follow_rotation();
+    /// Adds the message's line to those waiting for [`Outbox::commit`]; writes them now if
+    /// they reach [`PENDING_MAX`] bytes.
+    pub fn append(&mut self, message: &Message<'_>, kind: Kind, task_pid: u32) {
         let sent_at = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let size = 160
             + message.to.len()
@@ -67,22 +100,122 @@ impl Outbox {
                 .map(|t| t.map_or(0, str::len))
                 .iter()
                 .sum::<usize>();
-        let mut entry = JsonLine::new(size);
+        self.pending.reserve(size);
+        let mut entry = JsonLine::after(std::mem::take(&mut self.pending));
         entry.num("sent_at_ms", sent_at).num("task_id", message.task_id);
         entry.num("attempt", message.attempt.into()).num("task_pid", task_pid.into());
         entry.str("type", kind.name()).str("to", message.to).opt_str("subject", message.subject);
         entry.opt_str("body", message.body).opt_str("text", message.text);
-        let line = entry.finish();
-        // One write call per line: O_APPEND makes it land whole at the end of the file.
-        let n = self.file.write(&line)?;
-        if n != line.len() {
-            return Err(io::Error::new(
-                io::ErrorKind::WriteZero,
-                format!("short write to the outbox ({n} of {} bytes)", line.len()),
-            ));
+        self.pending = entry.finish();
+        self.lines.push((message.task_id, self.pending.len()));
+        if self.pending.len() >= PENDING_MAX {
+            self.write_pending();
         }
-        Ok(())
     }
+
+    /// Writes the lines waiting; returns the jobs whose lines are not in the file (of this
+    /// write, or of one made earlier since the last commit), each with why. Call before the
+    /// results of those jobs leave the process: they must fail instead.
+    pub fn commit(&mut self) -> Vec<(TaskId, String)> {
+        self.write_pending();
+        std::mem::take(&mut self.failed)
+    }
+
+    fn write_pending(&mut self) {
+        if self.lines.is_empty() {
+            return;
+        }
+        self.follow_rotation();
+        let lost = write_lines(&mut self.file, &self.pending, &self.lines, &mut self.cut);
+        if !lost.is_empty() {
+            let ids: Vec<String> = lost.iter().map(|&(i, _)| self.lines[i].0.to_string()).collect();
+            tracing::error!(
+                "cannot write to the outbox {}: {}; {} of {} jobs fail instead of done (their lines \
+                 are not in it): {}",
+                self.path.display(),
+                lost[0].1,
+                lost.len(),
+                self.lines.len(),
+                ids.join(", ")
+            );
+            self.failed.extend(lost.into_iter().map(|(i, why)| (self.lines[i].0, why)));
+        }
+        self.pending.clear();
+        self.lines.clear();
+    }
+}
+
+/// Writes `buf`, whole lines (`lines` says where each ends), in one `write` unless it is
+/// short; returns the lines not in the file whole (their indices), each with why.
+///
+/// A short write (a full disk, a file size limit) leaves the lines before its end in the
+/// file; the rest is written again, from the next whole line: the line it cut is lost (its
+/// job fails), and the rest starts with a newline that ends the cut line. An error fails every
+/// line not written yet. After either, the next write starts with a newline too (`cut`, kept
+/// across calls): the same full disk may have cut another process's line, and a line written
+/// behind a cut one would not be a line. (An empty line is the price when nothing was cut; a
+/// process that saw no error cannot know, and may still write behind another's cut line.)
+fn write_lines(
+    w: &mut impl Write,
+    buf: &[u8],
+    lines: &[(TaskId, usize)],
+    cut: &mut bool,
+) -> Vec<(usize, String)> {
+    let mut lost = Vec::new();
+    // The first line not written yet.
+    let mut next = 0;
+    while next < lines.len() {
+        let start = if next == 0 { 0 } else { lines[next - 1].1 };
+        let ended;
+        let bytes: &[u8] = if *cut {
+            let mut with_newline = Vec::with_capacity(1 + buf.len() - start);
+            with_newline.push(b'\n');
+            with_newline.extend_from_slice(&buf[start..]);
+            ended = with_newline;
+            &ended
+        } else {
+            &buf[start..]
+        };
+        let written = loop {
+            match w.write(bytes) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => break other,
+            }
+        };
+        let n = match written {
+            Ok(n) if n == bytes.len() => {
+                *cut = false;
+                return lost;
+            }
+            Ok(0) => Err(io::Error::new(io::ErrorKind::WriteZero, "it took no byte")),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e),
+        };
+        let n = match n {
+            Ok(n) => n,
+            Err(e) => {
+                lost.extend((next..lines.len()).map(|i| (i, format!("cannot write to the outbox: {e}"))));
+                *cut = true;
+                return lost;
+            }
+        };
+        // Short: the newline (if any) and the lines before `end` are in the file.
+        let end = start + n.saturating_sub(usize::from(*cut));
+        *cut = false;
+        next += lines[next..].partition_point(|&(_, line_end)| line_end <= end);
+        let line_start = if next == 0 { 0 } else { lines[next - 1].1 };
+        if end > line_start {
+            let len = lines[next].1 - line_start;
+            let why = format!(
+                "cannot write to the outbox: a short write put {} of the {len} bytes of its line in it",
+                end - line_start
+            );
+            lost.push((next, why));
+            next += 1;
+            *cut = true;
+        }
+    }
+    lost
 }
 
 /// The outbox delivering one job: a [`Transport`] that simulates the delivery's time, then
@@ -112,14 +245,155 @@ impl Transport for OutboxDelivery<'_> {
                 tracing::info!("job {id}: {i}/{steps} done");
             }
         }
-        self.outbox
-            .append(message, self.kind, self.task_pid)
-            .map_err(|e| Error::Permanent { message: format!("cannot write to the outbox: {e}") })?;
+        // Written with the burst's other lines, before the job's result leaves the process
+        // (`Outbox::commit`): a line that is not written turns the job's `done` into `failed`.
+        self.outbox.append(message, self.kind, self.task_pid);
         // Not `format!`, which grows its string twice for this: every job has an answer.
         let mut answer = String::with_capacity(label.len() + message.to.len() + 7);
         for piece in [label, ":", message.to, ", sent"] {
             answer.push_str(piece);
         }
         Ok(Receipt { answer })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file that takes `room` more bytes in all (at most `once` in its first write, if set),
+    /// then refuses every write as a full file does (EFBIG).
+    struct Disk {
+        file: Vec<u8>,
+        room: usize,
+        once: Option<usize>,
+        writes: usize,
+    }
+
+    impl Disk {
+        fn new(room: usize) -> Disk {
+            Disk { file: Vec::new(), room, once: None, writes: 0 }
+        }
+    }
+
+    impl Write for Disk {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.writes += 1;
+            if self.room == 0 {
+                return Err(io::Error::from_raw_os_error(nix::libc::EFBIG));
+            }
+            let n = buf.len().min(self.room).min(self.once.take().unwrap_or(usize::MAX));
+            self.file.extend_from_slice(&buf[..n]);
+            self.room -= n;
+            Ok(n)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Four lines of 10, 20, 30 and 40 bytes, of jobs 1 to 4.
+    fn four_lines() -> (Vec<u8>, Vec<(TaskId, usize)>) {
+        let mut buf = Vec::new();
+        let mut lines = Vec::new();
+        for (id, len) in [(1, 10), (2, 20), (3, 30), (4, 40)] {
+            buf.extend(std::iter::repeat_n(b'a' + id as u8, len - 1));
+            buf.push(b'\n');
+            lines.push((id, buf.len()));
+        }
+        (buf, lines)
+    }
+
+    #[test]
+    fn a_bursts_lines_go_out_in_one_write() {
+        let (buf, lines) = four_lines();
+        let mut disk = Disk::new(usize::MAX);
+        let mut cut = false;
+        assert!(write_lines(&mut disk, &buf, &lines, &mut cut).is_empty());
+        assert_eq!((disk.writes, &disk.file, cut), (1, &buf, false));
+    }
+
+    #[test]
+    fn a_write_cut_short_inside_a_line_loses_that_line_and_every_one_after_it_that_fails() {
+        let (buf, lines) = four_lines();
+        // Room for the first line and 5 bytes of the second.
+        let mut disk = Disk::new(15);
+        let mut cut = false;
+        let lost = write_lines(&mut disk, &buf, &lines, &mut cut);
+        let lost_lines: Vec<usize> = lost.iter().map(|(i, _)| *i).collect();
+        assert_eq!(lost_lines, [1, 2, 3], "{lost:?}");
+        assert_eq!(
+            lost[0].1,
+            "cannot write to the outbox: a short write put 5 of the 20 bytes of its line in it"
+        );
+        assert!(lost[1].1.starts_with("cannot write to the outbox: File too large"), "{lost:?}");
+        assert_eq!(disk.file, buf[..15]);
+        // The file ends inside a line of ours: the next write ends it first.
+        assert!(cut);
+        let mut disk = Disk::new(usize::MAX);
+        assert!(write_lines(&mut disk, &buf[..10], &lines[..1], &mut cut).is_empty());
+        assert_eq!(disk.file, [&b"\n"[..], &buf[..10]].concat());
+        assert!(!cut);
+    }
+
+    #[test]
+    fn a_write_cut_short_between_lines_loses_only_what_is_not_written() {
+        let (buf, lines) = four_lines();
+        let mut disk = Disk::new(30);
+        let mut cut = false;
+        let lost = write_lines(&mut disk, &buf, &lines, &mut cut);
+        assert_eq!(lost.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2, 3], "{lost:?}");
+        assert_eq!((&disk.file[..], disk.writes), (&buf[..30], 2));
+        // Another process's line may have been cut by the same full disk.
+        assert!(cut);
+    }
+
+    #[test]
+    fn after_a_short_write_the_rest_goes_on_from_the_next_whole_line() {
+        let (buf, lines) = four_lines();
+        // The first write takes 15 bytes (a signal, a quota), the next one everything.
+        let mut disk = Disk { once: Some(15), ..Disk::new(usize::MAX) };
+        let mut cut = false;
+        let lost = write_lines(&mut disk, &buf, &lines, &mut cut);
+        assert_eq!(lost.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1], "{lost:?}");
+        // Line 2 is cut and ended by a newline; lines 3 and 4 follow whole.
+        assert_eq!(disk.file, [&buf[..15], b"\n", &buf[30..]].concat());
+        assert_eq!((disk.writes, cut), (2, false));
+    }
+
+    #[test]
+    fn lines_wait_for_the_commit_unless_they_reach_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.log");
+        let mut outbox = Outbox::open(&path).unwrap();
+        let message = |task_id| Message {
+            task_id,
+            attempt: 1,
+            to: "a@example.com",
+            subject: Some("hello"),
+            body: Some("a body"),
+            text: None,
+        };
+        outbox.append(&message(1), Kind::Email, 7);
+        outbox.append(&message(2), Kind::Email, 7);
+        assert_eq!(std::fs::read(&path).unwrap().len(), 0, "written before the commit");
+        assert!(outbox.commit().is_empty());
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<u64> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["task_id"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ids, [1, 2]);
+        // Past PENDING_MAX bytes waiting, they are written without waiting for the commit.
+        let mut id = 3;
+        while std::fs::read(&path).unwrap().len() == text.len() {
+            assert!(id < 10 + (PENDING_MAX / 100) as u64, "{} bytes waiting", outbox.pending.len());
+            outbox.append(&message(id), Kind::Email, 7);
+            id += 1;
+        }
+        assert!(outbox.pending.is_empty() && outbox.commit().is_empty());
+        let written = std::fs::read(&path).unwrap().len() - text.len();
+        assert!((PENDING_MAX..PENDING_MAX + 400).contains(&written), "{written} bytes in one write");
     }
 }

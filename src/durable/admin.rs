@@ -115,10 +115,10 @@ fn overview(conn: &mut Connection, d: &Durable) -> Result<Value, String> {
     Ok(json!({"nodes": nodes, "dead": dead, "dead_total": dead_total}))
 }
 
-fn dead_row(mut e: StreamEntry) -> Value {
+fn dead_row(e: StreamEntry) -> Value {
     let why = cut(&e.text("why"));
     let id = e.id.clone();
-    match JobEntry::parse(&mut e) {
+    match JobEntry::parse(&e) {
         Some(job) => {
             let data: Value = serde_json::from_slice(&job.data).unwrap_or(Value::Null);
             let field = |k: &str| cut(data.get(k).and_then(Value::as_str).unwrap_or(""));
@@ -149,11 +149,11 @@ fn replay(conn: &mut Connection, d: &Durable, id: &str) -> Result<Value, String>
     let dead = d.keys.dead.as_str();
     let moved: Option<Value> = redis::transaction(conn, &[dead], |conn, pipe| {
         let v: RedisValue = redis::cmd("XRANGE").arg(dead).arg(id).arg(id).query(conn)?;
-        let Some(mut entry) = redis_io::entries(v).into_iter().next() else {
+        let Some(entry) = redis_io::entries(v).into_iter().next() else {
             // Gone: answered below, nothing to run.
             return Ok(Some(None));
         };
-        let Some(mut job) = JobEntry::parse(&mut entry) else {
+        let Some(mut job) = JobEntry::parse(&entry) else {
             return Ok(Some(Some(json!({"not_a_job": true}))));
         };
         job.replays += 1;

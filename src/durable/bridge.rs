@@ -21,6 +21,7 @@ use redis::{Connection, Value};
 
 use super::entry::{outcomes_of_entry, JobEntry};
 use super::redis_io::{self, is_connection_error};
+use super::resp::Packed;
 use super::startup::{self, lease_token};
 use super::ticks;
 use super::Durable;
@@ -669,7 +670,7 @@ fn recovered(
         .unzip();
     let (mut again, _) = pipeline(d, &keyed, &[], &[]);
     if let Some((replicas, ms)) = wait {
-        again.cmd("WAIT").arg(replicas).arg(ms);
+        again.command(3).arg(b"WAIT").number(u64::from(replicas)).number(ms);
     }
     tracing::warn!("redis bridge: a round whose answer was lost had been stored; its jobs are accepted");
     if again.is_empty() {
@@ -805,17 +806,18 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
                 }
             },
         };
-        let read: redis::RedisResult<Value> = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(REPLY_COUNT)
-            .arg("BLOCK")
-            .arg(REPLY_BLOCK_MS)
-            .arg("STREAMS")
-            .arg(&d.keys.replies)
-            .arg(&last)
-            .query(c);
-        let entries = match read {
-            Ok(v) => redis_io::read_entries(v),
+        let mut read = Packed::new();
+        read.command(8).arg(b"XREAD").arg(b"COUNT").number(REPLY_COUNT as u64);
+        read.arg(b"BLOCK").number(REPLY_BLOCK_MS).arg(b"STREAMS");
+        read.arg(d.keys.replies.as_bytes()).arg(last.as_bytes());
+        // Its one stream's entries, read straight from the bytes (see `HotConn::read_streams`).
+        let entries = match c.read_streams(&read) {
+            Ok(mut streams) => streams
+                .pop()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(k, _)| *k == d.keys.replies)
+                .map(|(_, e)| e),
             Err(e) => {
                 if is_connection_error(&e) {
                     // Seen here first when no job is being stored: refuse new ones at once.
@@ -835,9 +837,9 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
                 FromBridge::Depths { json: json.as_bytes() }.encode(&mut frames);
             }
         }
-        for mut entry in entries {
+        for entry in entries {
             last.clone_from(&entry.id);
-            if let Err(why) = outcomes_of_entry(&mut entry, &mut frames) {
+            if let Err(why) = outcomes_of_entry(&entry, &mut frames) {
                 // Logged once: it is deleted, and this reader has gone past it anyway.
                 tracing::warn!("redis bridge: reply entry {} is malformed ({why}); deleted", entry.id);
                 let _: redis::RedisResult<Value> =
@@ -977,13 +979,16 @@ fn duplicates(
 /// One round's commands: the jobs, the kept results, the deletion of acted-on replies (run in
 /// one transaction by [`store_once`]), and whether each command's answer is wanted (a claim's:
 /// see `answered`).
-fn pipeline(
-    d: &Durable,
-    items: &[Item],
-    keeps: &[(u64, Vec<u8>)],
-    trims: &[Vec<u8>],
-) -> (redis::Pipeline, Vec<bool>) {
-    let mut pipe = redis::pipe();
+fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> (Packed, Vec<bool>) {
+    // Room for the jobs' XADDs at once (their data, their context, and about 200 bytes more).
+    let room: usize = items
+        .iter()
+        .map(|i| match i {
+            Item::Store { context, data, .. } => context.len() + data.len() + 200,
+            Item::End(_) => 0,
+        })
+        .sum();
+    let mut packed = Packed::with_capacity(room);
     let mut kept = Vec::new();
     for item in items {
         if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick, key } = item
@@ -1008,8 +1013,19 @@ fn pipeline(
                     .arg(*run_at_ms)
                     .arg(&member);
             } else {
-                cmd = redis::cmd("XADD");
-                cmd.arg(&stream).arg("*");
+                // The common job: its XADD packed as it is, with no `Cmd` (see `super::resp`).
+                JobEntry::pack_xadd(
+                    &mut packed,
+                    &stream,
+                    &d.node,
+                    *task_id,
+                    *session,
+                    *worker,
+                    context,
+                    data,
+                );
+                kept.push(false);
+                continue;
             }
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
             if let Some((hex, ttl)) = key {
@@ -1024,18 +1040,13 @@ fn pipeline(
                 super::add_priority(&mut cmd, *priority);
             }
             // A claim's answer is read (see `answered`); the rest only fails the round.
-            let answered = tick.is_some() || key.is_some();
-            kept.push(answered);
-            if answered {
-                pipe.add_command(cmd);
-            } else {
-                pipe.add_command(cmd).ignore();
-            }
+            kept.push(tick.is_some() || key.is_some());
+            packed.cmd(&cmd);
         }
     }
     for (task_id, line) in keeps {
-        pipe.cmd("XADD")
-            .arg(&d.keys.results)
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(&d.keys.results)
             .arg("MAXLEN")
             .arg("~")
             .arg(d.result_keep)
@@ -1043,18 +1054,21 @@ fn pipeline(
             .arg("t")
             .arg(*task_id)
             .arg("l")
-            .arg(line)
-            .ignore();
+            .arg(line);
+        packed.cmd(&cmd);
     }
     if !trims.is_empty() {
         // An entry carries several outcomes: the master asks once for each.
         let mut ids: Vec<&Vec<u8>> = trims.iter().collect();
         ids.sort_unstable();
         ids.dedup();
-        pipe.cmd("XDEL").arg(&d.keys.replies).arg(ids).ignore();
+        packed.command(2 + ids.len()).arg(b"XDEL").arg(d.keys.replies.as_bytes());
+        for id in ids {
+            packed.arg(id);
+        }
     }
-    kept.resize(pipe.len(), false);
-    (pipe, kept)
+    kept.resize(packed.len(), false);
+    (packed, kept)
 }
 
 #[cfg(test)]

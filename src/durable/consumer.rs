@@ -38,6 +38,7 @@ use super::heartbeat::Pulse;
 use super::hot::HotConn;
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
+use super::resp::Packed;
 use super::startup::{delivery_counts, ensure_group_of};
 use super::Durable;
 use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
@@ -243,6 +244,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
             // A slow job's outcome goes out at once; quick ones go together.
             if queue.is_empty() || started.elapsed() >= Duration::from_millis(1) {
+                settle(app, info, &mut done);
                 c.unsent.append(&mut done);
                 if let Err(e) = c.flush() {
                     c.lost(&e);
@@ -250,8 +252,37 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 pulse.holding(queue.len() + c.unsent.len());
             }
         }
+        settle(app, info, &mut done);
         c.unsent.append(&mut done);
         pulse.holding(c.unsent.len());
+    }
+}
+
+/// Before the outcomes in `done` go to Redis, as a task process does before its results go
+/// to the master (see `task_worker::settle`): the application finishes what it put off for
+/// their jobs (the outbox's lines, in one write), and each job it names fails instead of
+/// succeeding, with its reason and without the reply it set (every one of them, should that
+/// call panic).
+fn settle<A: Application>(app: &mut A, info: ProcessInfo, done: &mut [Completion]) {
+    if done.is_empty() {
+        return;
+    }
+    let failed = crate::task_worker::task_results(app, info);
+    if failed.as_ref().is_some_and(Vec::is_empty) {
+        return;
+    }
+    let panicked = format!("on_task_results panicked in task process {}", info.pid);
+    for completion in done {
+        let Completion::Done { reply, .. } = completion else { continue };
+        let why = match &failed {
+            Some(failed) => failed.iter().find(|(id, _)| *id == reply.task_id).map(|(_, why)| why),
+            None => Some(&panicked),
+        };
+        if let (true, Some(why)) = (reply.ok, why) {
+            reply.ok = false;
+            reply.reply.clear();
+            reply.result = why.clone().into_bytes();
+        }
     }
 }
 
@@ -266,8 +297,7 @@ fn run_one<A: Application>(
 ) -> Completion {
     // `attempt` is the entry's delivery count: the runs since it was added, whose deaths
     // count against task_retry_max; the task sees the job's run (`job.attempts` + it).
-    let mut entry = entry;
-    let job = match JobEntry::checked(&mut entry) {
+    let job = match JobEntry::checked(&entry) {
         Ok(job) => job,
         Err(Rejected::NotAJob(why)) => {
             tracing::warn!("job stream entry {} is not a job ({why}); dropped", entry.id);
@@ -574,7 +604,7 @@ impl Consumer<'_> {
             // In weighted fair order of the priorities; blocking only when all are empty.
             let got = fair.take(hot, d, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
-                let woke = read_group(hot, &streams, &me, 1, Some(BLOCK_MS), ">")?;
+                let woke = read_new(hot, &streams, &me, 1, Some(BLOCK_MS))?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -725,8 +755,9 @@ pub(super) fn store(
     d: &Durable,
     completions: &[Completion],
 ) -> redis::RedisResult<()> {
-    let mut pipe = redis::pipe();
-    pipe.atomic();
+    // The transaction packed as it goes (see `super::resp`): MULTI, the commands, EXEC.
+    let mut pipe = Packed::new();
+    pipe.command(1).arg(b"MULTI");
     // One reply entry per origin node, carrying all its outcomes.
     let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
     for c in completions {
@@ -740,15 +771,7 @@ pub(super) fn store(
                         r => r.clone(),
                     };
                     let line = dedup::kept_line(reply.task_id, reply.ok, &line);
-                    pipe.add_command(dedup::end_cmd(
-                        &d.keys,
-                        &key.hex,
-                        key.ttl_ms,
-                        origin,
-                        reply.task_id,
-                        &line,
-                    ))
-                    .ignore();
+                    pipe.cmd(&dedup::end_cmd(&d.keys, &key.hex, key.ttl_ms, origin, reply.task_id, &line));
                 }
                 reply.encode(batch_for(&mut batches, origin))
             }
@@ -762,22 +785,14 @@ pub(super) fn store(
                     cmd.arg("ln").arg(lane);
                 }
                 super::add_priority(&mut cmd, d.priority_of(&id.stream));
-                pipe.add_command(cmd).ignore();
+                pipe.cmd(&cmd);
                 if let Some(key) = &job.key {
                     let line = dedup::kept_line(
                         job.task_id,
                         false,
                         &outcome_line(job.task_id, false, why.as_bytes(), *attempts),
                     );
-                    pipe.add_command(dedup::end_cmd(
-                        &d.keys,
-                        &key.hex,
-                        key.ttl_ms,
-                        &job.origin,
-                        job.task_id,
-                        &line,
-                    ))
-                    .ignore();
+                    pipe.cmd(&dedup::end_cmd(&d.keys, &key.hex, key.ttl_ms, &job.origin, job.task_id, &line));
                 }
                 let failed = ReplyEntry {
                     task_id: job.task_id,
@@ -807,7 +822,7 @@ pub(super) fn store(
                     cmd.arg("ln").arg(lane);
                 }
                 super::add_priority(&mut cmd, d.priority_of(&id.stream));
-                pipe.add_command(cmd).ignore();
+                pipe.cmd(&cmd);
                 if let Some(notice) = notice {
                     notice.encode(batch_for(&mut batches, &job.origin));
                 }
@@ -831,16 +846,24 @@ pub(super) fn store(
     // `wrong_type`) holds them no more: there they fail alone (WRONGTYPE), which is no failure
     // of the flush (else every outcome of it would be written again, at every try).
     let mut wrong_type_ok = Vec::with_capacity(by_stream.len() * 2);
+    // (Indices of the transaction's commands: MULTI is not one.)
     for (stream, ids) in &by_stream {
-        wrong_type_ok.push(pipe.len());
-        pipe.cmd("XACK").arg(stream).arg(GROUP).arg(ids);
-        wrong_type_ok.push(pipe.len());
-        pipe.cmd("XDEL").arg(stream).arg(ids);
+        wrong_type_ok.push(pipe.len() - 1);
+        pipe.command(3 + ids.len()).arg(b"XACK").arg(stream.as_bytes()).arg(GROUP.as_bytes());
+        for id in ids {
+            pipe.arg(id.as_bytes());
+        }
+        wrong_type_ok.push(pipe.len() - 1);
+        pipe.command(2 + ids.len()).arg(b"XDEL").arg(stream.as_bytes());
+        for id in ids {
+            pipe.arg(id.as_bytes());
+        }
     }
     // The transaction as `Pipeline::query` sends it (an error when a command was refused when
     // queued, EXECABORT), but each answer looked at here.
-    let n = pipe.len();
-    let exec = conn.req_packed_commands(&pipe.get_packed_pipeline(), n + 1, 1)?.pop();
+    let n = pipe.len() - 1;
+    pipe.command(1).arg(b"EXEC");
+    let exec = conn.req_packed_commands(pipe.bytes(), n + 1, 1)?.pop();
     let Some(Value::Array(answers)) = exec.filter(|v| matches!(v, Value::Array(a) if a.len() == n)) else {
         return Err(redis::RedisError::from((
             redis::ErrorKind::Client,
@@ -998,7 +1021,8 @@ fn move_due(conn: &mut Connection, d: &Durable) -> redis::RedisResult<(usize, us
 
 /// XREADGROUP of `streams` (those it reads of the main one and its lanes) for consumer `me`,
 /// from `from` (`>`: new jobs; `0`: its own pending ones). COUNT is per stream: with lanes, a
-/// read may bring a little more than one window.
+/// read may bring a little more than one window. Its reply is read by the crate (`conn` is the
+/// consumer's connection of everything but the reads of new jobs; see [`read_new`]).
 fn read_group(
     conn: &mut dyn ConnectionLike,
     streams: &[String],
@@ -1007,12 +1031,42 @@ fn read_group(
     block_ms: Option<u64>,
     from: &str,
 ) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+    let Some(cmd) = read_group_cmd(streams, me, count, block_ms, from) else { return Ok(Vec::new()) };
+    let v: Value = cmd.query(conn)?;
+    Ok(redis_io::read_streams(v))
+}
+
+/// [`read_group`] of new jobs on the connection whose replies taskd parses itself, straight into
+/// entries (see [`HotConn::read_streams`]).
+fn read_new(
+    hot: &mut HotConn,
+    streams: &[String],
+    me: &str,
+    count: usize,
+    block_ms: Option<u64>,
+) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+    if read_group_cmd(streams, me, count, block_ms, ">").is_none() {
+        return Ok(Vec::new());
+    }
+    let mut read = Packed::new();
+    super::fair::pack_read(&mut read, me, count, block_ms, streams, b">");
+    Ok(hot.read_streams(&read)?.pop().unwrap_or_default())
+}
+
+/// The XREADGROUP of [`read_group`]; None when there is no stream to read (every one of them is
+/// a key of another type), after waiting as a blocking read would.
+fn read_group_cmd(
+    streams: &[String],
+    me: &str,
+    count: usize,
+    block_ms: Option<u64>,
+    from: &str,
+) -> Option<redis::Cmd> {
     if streams.is_empty() {
-        // Every one of them is a key of another type: nothing to read; wait as a read would.
         if let Some(ms) = block_ms {
             std::thread::sleep(Duration::from_millis(ms));
         }
-        return Ok(Vec::new());
+        return None;
     }
     let mut cmd = redis::cmd("XREADGROUP");
     cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(count);
@@ -1023,8 +1077,7 @@ fn read_group(
     for _ in streams {
         cmd.arg(from);
     }
-    let v: Value = cmd.query(conn)?;
-    Ok(redis_io::read_streams(v))
+    Some(cmd)
 }
 
 /// The outcomes going to `origin` in this flush.

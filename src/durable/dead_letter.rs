@@ -46,7 +46,7 @@ pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, St
             // Outcomes for a node that never started (see `entry::add_outcomes`): for reading.
             None if e.get(OUTCOMES).is_some() => {
                 let mut frames = Vec::new();
-                let outcomes = outcomes_of_entry(&mut e.clone(), &mut frames).unwrap_or(0);
+                let outcomes = outcomes_of_entry(&e.clone(), &mut frames).unwrap_or(0);
                 json!({"id": e.id, "origin": e.text("o"), "why": e.text("why"), "outcomes": outcomes})
             }
             None => json!({"id": e.id, "error": "not a job entry"}),
@@ -83,8 +83,8 @@ pub fn replay(d: &Durable, ids: &[String]) -> Result<Replayed, String> {
     let mut count = 0;
     let mut skipped = Vec::new();
     for e in chosen {
-        let mut e = e.clone();
-        let Some(mut job) = JobEntry::parse(&mut e) else {
+        let e = e.clone();
+        let Some(mut job) = JobEntry::parse(&e) else {
             // Said by the caller: the command line has no logger to warn through.
             let why = if e.get(OUTCOMES).is_some() {
                 "it holds the outcomes of jobs of a node that never started, not a job to run"

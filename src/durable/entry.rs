@@ -1,12 +1,13 @@
 //! What a job, a reply and a dead letter hold in their streams. Field names are short: they
 //! are stored once per entry, and Redis's memory is the queue's.
 
-use redis::{Cmd, Pipeline};
+use redis::Cmd;
 
 use crate::ipc::envelope::{FromBridge, Reply};
 
 use super::keys::Keys;
 use super::redis_io::StreamEntry;
+use super::resp::Packed;
 
 /// Longest node name (as `node_id` allows it).
 const MAX_NODE: usize = 64;
@@ -42,6 +43,29 @@ pub struct JobKey {
 
 impl JobKey {
     /// The fields of a job stream entry (or a parked job's hash) that carry it.
+    /// `XADD stream * FIELDS` of a job with no field but those of [`JobEntry::add_fields`],
+    /// packed: the same bytes as that `Cmd` (see [`super::resp`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_xadd(
+        packed: &mut Packed,
+        stream: &str,
+        origin: &str,
+        task_id: u64,
+        session: u64,
+        worker: u32,
+        context: &[u8],
+        data: &[u8],
+    ) {
+        let args = 3 + 10 + if context.is_empty() { 0 } else { 2 };
+        packed.command(args).arg(b"XADD").arg(stream.as_bytes()).arg(b"*");
+        packed.arg(b"o").arg(origin.as_bytes()).arg(b"t").number(task_id).arg(b"s").number(session);
+        packed.arg(b"w").number(u64::from(worker));
+        if !context.is_empty() {
+            packed.arg(b"c").arg(context);
+        }
+        packed.arg(b"d").arg(data);
+    }
+
     pub fn add(&self, cmd: &mut Cmd) {
         cmd.arg("k").arg(&self.hex).arg("kt").arg(self.ttl_ms);
     }
@@ -63,6 +87,29 @@ impl JobEntry {
             cmd.arg("c").arg(context);
         }
         cmd.arg("d").arg(data);
+    }
+
+    /// `XADD stream * FIELDS` of a job with no field but those of [`JobEntry::add_fields`],
+    /// packed: the same bytes as that `Cmd` (see [`super::resp`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_xadd(
+        packed: &mut Packed,
+        stream: &str,
+        origin: &str,
+        task_id: u64,
+        session: u64,
+        worker: u32,
+        context: &[u8],
+        data: &[u8],
+    ) {
+        let args = 3 + 10 + if context.is_empty() { 0 } else { 2 };
+        packed.command(args).arg(b"XADD").arg(stream.as_bytes()).arg(b"*");
+        packed.arg(b"o").arg(origin.as_bytes()).arg(b"t").number(task_id).arg(b"s").number(session);
+        packed.arg(b"w").number(u64::from(worker));
+        if !context.is_empty() {
+            packed.arg(b"c").arg(context);
+        }
+        packed.arg(b"d").arg(data);
     }
 
     pub fn add(&self, cmd: &mut Cmd) {
@@ -89,25 +136,46 @@ impl JobEntry {
         }
     }
 
-    /// None for an entry that is not a job (deleted, or written by something else).
-    /// Moves the job's bytes out of `e`.
-    pub fn parse(e: &mut StreamEntry) -> Option<JobEntry> {
+    /// None for an entry that is not a job (deleted, or written by something else). Its
+    /// fields are read in one pass (the first of a name counts, as `StreamEntry::get` finds).
+    pub fn parse(e: &StreamEntry) -> Option<JobEntry> {
+        let number = |v: Option<&[u8]>| std::str::from_utf8(v?).ok()?.parse::<u64>().ok();
+        let small = |v: Option<&[u8]>| number(v).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        let mut f: [Option<&[u8]>; 11] = [None; 11];
+        for (name, value) in e.fields() {
+            let at = match name {
+                b"t" => 0,
+                b"s" => 1,
+                b"w" => 2,
+                b"rp" => 3,
+                b"a" => 4,
+                b"rt" => 5,
+                b"k" => 6,
+                b"kt" => 7,
+                b"o" => 8,
+                b"d" => 9,
+                b"c" => 10,
+                _ => continue,
+            };
+            f[at].get_or_insert(value);
+        }
         Some(JobEntry {
-            task_id: e.number("t")?,
-            session: e.number("s").unwrap_or(0),
-            worker: e.number("w").and_then(|w| u32::try_from(w).ok()).unwrap_or(0),
-            replays: e.number("rp").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
-            attempts: e.number("a").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
-            retries: e.number("rt").and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
+            task_id: number(f[0])?,
+            session: number(f[1]).unwrap_or(0),
+            worker: small(f[2]),
+            replays: small(f[3]),
+            attempts: small(f[4]),
+            retries: small(f[5]),
             // A field that is not a key in hex is no key: it would become part of a key name.
-            key: e
-                .take("k")
-                .and_then(|k| String::from_utf8(k).ok())
-                .filter(|k| super::dedup::valid_hex(k))
-                .map(|hex| JobKey { hex, ttl_ms: e.number("kt").unwrap_or(0).min(super::dedup::TTL_MAX_MS) }),
-            origin: String::from_utf8(e.take("o")?).ok()?,
-            data: e.take("d")?,
-            context: e.take("c").unwrap_or_default(),
+            key: f[6].and_then(|k| std::str::from_utf8(k).ok()).filter(|k| super::dedup::valid_hex(k)).map(
+                |hex| JobKey {
+                    hex: hex.to_string(),
+                    ttl_ms: number(f[7]).unwrap_or(0).min(super::dedup::TTL_MAX_MS),
+                },
+            ),
+            origin: String::from_utf8(f[8]?.to_vec()).ok()?,
+            data: f[9]?.to_vec(),
+            context: f[10].map(<[u8]>::to_vec).unwrap_or_default(),
         })
     }
 }
@@ -123,9 +191,9 @@ pub enum Rejected {
 }
 
 impl JobEntry {
-    /// The job of a job stream entry, checked: what a consumer runs. Moves its bytes out of `e`.
-    pub fn checked(e: &mut StreamEntry) -> Result<JobEntry, Rejected> {
-        if e.fields.is_empty() {
+    /// The job of a job stream entry, checked: what a consumer runs.
+    pub fn checked(e: &StreamEntry) -> Result<JobEntry, Rejected> {
+        if !e.has_fields() {
             return Err(Rejected::NotAJob("deleted while it was pending".into()));
         }
         let Some(job) = JobEntry::parse(e) else {
@@ -163,22 +231,19 @@ fn cut(s: &str) -> String {
 /// Redis lost its data), in the dead letters with the reason: never into a stream nobody
 /// reads. EVAL, not EVALSHA: inside the consumer's MULTI, a script missing from Redis's cache
 /// would fail alone while the XACK and XDEL after it go through, and the outcome would be lost.
-pub fn add_outcomes(pipe: &mut Pipeline, keys: &Keys, origin: &str, outcomes: &[u8]) {
+pub fn add_outcomes(pipe: &mut Packed, keys: &Keys, origin: &str, outcomes: &[u8]) {
     if !valid_node(origin) {
         // Only the failure of a job refused for this very origin can get here: that job is in
         // the dead letters already, with the reason, and no node can have this name.
         return;
     }
-    pipe.cmd("EVAL")
-        .arg(ADD_OUTCOMES)
-        .arg(4)
-        .arg(keys.replies_of(origin))
-        .arg(keys.epoch_of(origin))
-        .arg(keys.lease_of(origin))
-        .arg(&keys.dead)
-        .arg(origin)
-        .arg(outcomes)
-        .ignore();
+    pipe.command(9).arg(b"EVAL").arg(ADD_OUTCOMES.as_bytes()).arg(b"4");
+    pipe.arg(keys.replies_of(origin).as_bytes())
+        .arg(keys.epoch_of(origin).as_bytes())
+        .arg(keys.lease_of(origin).as_bytes())
+        .arg(keys.dead.as_bytes())
+        .arg(origin.as_bytes())
+        .arg(outcomes);
 }
 
 const ADD_OUTCOMES: &str = "
@@ -233,12 +298,12 @@ impl ReplyEntry {
 /// The outcomes of a reply stream entry as `Reply` frames naming it, appended to `out`; an
 /// error (and nothing appended) for an entry that is not a batch of outcomes: anyone who can
 /// write to Redis can write one, and it must neither stay for ever nor reach the master.
-pub fn outcomes_of_entry(e: &mut StreamEntry, out: &mut Vec<u8>) -> Result<usize, String> {
-    let Some(batch) = e.take(OUTCOMES) else {
+pub fn outcomes_of_entry(e: &StreamEntry, out: &mut Vec<u8>) -> Result<usize, String> {
+    let Some(batch) = e.get(OUTCOMES) else {
         return Err(format!("no field {OUTCOMES:?} with outcomes"));
     };
     let before = out.len();
-    match outcomes_of(&batch, &e.id, out) {
+    match outcomes_of(batch, &e.id, out) {
         Ok(0) => Err("no outcome in it".into()),
         Ok(n) => Ok(n),
         Err(why) => {
@@ -282,10 +347,7 @@ mod tests {
                 _ => None,
             })
             .collect();
-        StreamEntry {
-            id: "1-0".into(),
-            fields: args.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())).collect(),
-        }
+        StreamEntry::with_fields("1-0", args.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())))
     }
 
     #[test]
@@ -304,8 +366,30 @@ mod tests {
         };
         let mut cmd = redis::cmd("XADD");
         job.add(&mut cmd);
-        assert_eq!(JobEntry::parse(&mut fields_of(&cmd)), Some(job));
-        assert_eq!(JobEntry::parse(&mut StreamEntry::default()), None, "a deleted entry is no job");
+        assert_eq!(JobEntry::parse(&fields_of(&cmd)), Some(job));
+        assert_eq!(JobEntry::parse(&StreamEntry::default()), None, "a deleted entry is no job");
+    }
+
+    #[test]
+    fn a_packed_xadd_is_the_xadd_of_the_jobs_fields() {
+        for context in [&b""[..], b"{\"to\":[\"a\"]}"] {
+            let mut cmd = redis::cmd("XADD");
+            cmd.arg("{q}:jobs").arg("*");
+            JobEntry::add_fields(&mut cmd, "web-1", 7 << 32 | 3, u64::MAX, u32::MAX, context, b"d\r\n");
+            let mut packed = Packed::new();
+            JobEntry::pack_xadd(
+                &mut packed,
+                "{q}:jobs",
+                "web-1",
+                7 << 32 | 3,
+                u64::MAX,
+                u32::MAX,
+                context,
+                b"d\r\n",
+            );
+            assert_eq!(packed.bytes(), cmd.get_packed_command().as_slice());
+            assert_eq!(packed.len(), 1);
+        }
     }
 
     #[test]
@@ -327,51 +411,46 @@ mod tests {
             job.add(&mut cmd);
             fields_of(&cmd)
         };
-        assert_eq!(JobEntry::checked(&mut entry(&job)), Ok(job.clone()));
+        assert_eq!(JobEntry::checked(&entry(&job)), Ok(job.clone()));
         let forged = JobEntry { origin: "web-1\nINFO forged".into(), ..job.clone() };
-        assert!(matches!(JobEntry::checked(&mut entry(&forged)), Err(Rejected::Invalid { .. })));
+        assert!(matches!(JobEntry::checked(&entry(&forged)), Err(Rejected::Invalid { .. })));
         let zero = JobEntry { task_id: 0, ..job.clone() };
-        assert!(matches!(JobEntry::checked(&mut entry(&zero)), Err(Rejected::Invalid { .. })));
-        assert!(matches!(JobEntry::checked(&mut StreamEntry::default()), Err(Rejected::NotAJob(_))));
-        let mut no_data = StreamEntry { id: "1-0".into(), fields: vec![(b"o".to_vec(), b"web-1".to_vec())] };
-        assert!(matches!(JobEntry::checked(&mut no_data), Err(Rejected::NotAJob(_))));
+        assert!(matches!(JobEntry::checked(&entry(&zero)), Err(Rejected::Invalid { .. })));
+        assert!(matches!(JobEntry::checked(&StreamEntry::default()), Err(Rejected::NotAJob(_))));
+        let no_data = StreamEntry::with_fields("1-0", [("o", "web-1")]);
+        assert!(matches!(JobEntry::checked(&no_data), Err(Rejected::NotAJob(_))));
     }
 
     #[test]
     fn a_key_field_that_is_not_hex_is_no_key() {
-        let entry = |k: &[u8], kt: &[u8]| StreamEntry {
-            id: "1-0".into(),
-            fields: vec![
-                (b"o".to_vec(), b"web-1".to_vec()),
-                (b"t".to_vec(), b"9".to_vec()),
-                (b"d".to_vec(), b"{}".to_vec()),
-                (b"k".to_vec(), k.to_vec()),
-                (b"kt".to_vec(), kt.to_vec()),
-            ],
+        let entry = |k: &[u8], kt: &[u8]| {
+            StreamEntry::with_fields(
+                "1-0",
+                [(&b"o"[..], &b"web-1"[..]), (b"t", b"9"), (b"d", b"{}"), (b"k", k), (b"kt", kt)],
+            )
         };
-        let job = JobEntry::parse(&mut entry(b"6b31", b"99999999999999999999")).unwrap();
+        let job = JobEntry::parse(&entry(b"6b31", b"99999999999999999999")).unwrap();
         let key = job.key.expect("a key in hex");
         assert_eq!((key.hex.as_str(), key.ttl_ms), ("6b31", 0), "a ttl that is not a u64 is 0");
-        let job = JobEntry::parse(&mut entry(b"6b31", b"5000000000000000")).unwrap();
+        let job = JobEntry::parse(&entry(b"6b31", b"5000000000000000")).unwrap();
         assert_eq!(job.key.unwrap().ttl_ms, super::super::dedup::TTL_MAX_MS);
         for forged in [&b"}:jobs"[..], b"6B31", b"6b3", b""] {
-            assert_eq!(JobEntry::parse(&mut entry(forged, b"1")).unwrap().key, None);
+            assert_eq!(JobEntry::parse(&entry(forged, b"1")).unwrap().key, None);
         }
     }
 
     #[test]
     fn a_reply_entry_without_outcomes_is_refused() {
         let mut out = Vec::new();
-        let mut none = StreamEntry { id: "1-0".into(), fields: vec![(b"x".to_vec(), b"y".to_vec())] };
-        assert!(outcomes_of_entry(&mut none, &mut out).is_err());
-        let mut empty =
-            StreamEntry { id: "1-0".into(), fields: vec![(OUTCOMES.as_bytes().to_vec(), Vec::new())] };
-        assert!(outcomes_of_entry(&mut empty, &mut out).is_err());
+        let none = StreamEntry::with_fields("1-0", [("x", "y")]);
+        assert!(outcomes_of_entry(&none, &mut out).is_err());
+        let empty = StreamEntry::with_fields("1-0", [(OUTCOMES, "")]);
+        assert!(outcomes_of_entry(&empty, &mut out).is_err());
         let mut partly = Vec::new();
         ReplyEntry { task_id: 3, ..Default::default() }.encode(&mut partly);
         partly.extend_from_slice(b"junk");
-        let mut bad = StreamEntry { id: "1-0".into(), fields: vec![(OUTCOMES.as_bytes().to_vec(), partly)] };
-        assert!(outcomes_of_entry(&mut bad, &mut out).is_err());
+        let bad = StreamEntry::with_fields("1-0", [(OUTCOMES.as_bytes(), partly.as_slice())]);
+        assert!(outcomes_of_entry(&bad, &mut out).is_err());
         assert!(out.is_empty(), "nothing of a malformed entry reaches the master");
     }
 

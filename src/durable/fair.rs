@@ -16,10 +16,10 @@
 use std::cmp::Reverse;
 use std::collections::VecDeque;
 
-use redis::{ConnectionLike, Value};
-
+use super::hot::HotConn;
 use super::keys::GROUP;
-use super::redis_io::{self, StreamEntry};
+use super::redis_io::StreamEntry;
+use super::resp::Packed;
 use super::Durable;
 use crate::app::Priority;
 
@@ -82,7 +82,7 @@ impl Fair {
     /// With each, its stream.
     pub fn take(
         &mut self,
-        conn: &mut dyn ConnectionLike,
+        conn: &mut HotConn,
         d: &Durable,
         me: &str,
         want: usize,
@@ -96,20 +96,16 @@ impl Fair {
             .map(|p| (p, d.streams_of(Priority::ALL[p]).into_iter().filter(|s| reads(s)).collect::<Vec<_>>()))
             .filter(|(_, streams)| !streams.is_empty())
             .collect();
-        let mut pipe = redis::pipe();
+        let mut reads = Packed::new();
         for (p, streams) in &read {
-            let p = *p;
-            let cmd = pipe.cmd("XREADGROUP").arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(counts[p]);
-            cmd.arg("STREAMS").arg(streams);
-            for _ in streams {
-                cmd.arg(">");
-            }
+            pack_read(&mut reads, me, counts[*p], None, streams, b">");
         }
-        let replies: Vec<Value> = if read.is_empty() { Vec::new() } else { pipe.query(conn)? };
+        // Read straight into entries (see `HotConn::read_streams`).
+        let replies = if read.is_empty() { Vec::new() } else { conn.read_streams(&reads)? };
         let mut got = [0usize; 3];
         let mut by_priority: [VecDeque<(String, StreamEntry)>; 3] = Default::default();
         for (&(p, _), reply) in read.iter().zip(replies) {
-            by_priority[p] = redis_io::read_streams(reply).into();
+            by_priority[p] = reply.into();
             got[p] = by_priority[p].len();
         }
         self.learn(counts, got);
@@ -119,13 +115,9 @@ impl Fair {
         let short = want.max(1).saturating_sub(got.iter().sum());
         let full = read.iter().find(|(p, _)| counts[*p] > 0 && got[*p] >= counts[*p]);
         if let Some((p, streams)) = full.filter(|_| short > 0 && got.iter().sum::<usize>() > 0) {
-            let mut cmd = redis::cmd("XREADGROUP");
-            cmd.arg("GROUP").arg(GROUP).arg(me).arg("COUNT").arg(short).arg("STREAMS").arg(streams);
-            for _ in streams {
-                cmd.arg(">");
-            }
-            let more: Value = cmd.query(conn)?;
-            by_priority[*p].extend(redis_io::read_streams(more));
+            let mut more = Packed::new();
+            pack_read(&mut more, me, short, None, streams, b">");
+            by_priority[*p].extend(conn.read_streams(&more)?.into_iter().flatten());
         }
         // Run in the order of the picks (a low job is not last of its window), then what a
         // read brought beyond its picks (one per lane).
@@ -147,6 +139,31 @@ impl Fair {
     }
 }
 
+/// XREADGROUP of `streams` for consumer `me`, `count` entries of each at most, from `from`
+/// (`>`: new jobs), blocking `block_ms` if given, packed into `reads`.
+pub(super) fn pack_read(
+    reads: &mut Packed,
+    me: &str,
+    count: usize,
+    block_ms: Option<u64>,
+    streams: &[String],
+    from: &[u8],
+) {
+    let args = 7 + if block_ms.is_some() { 2 } else { 0 } + 2 * streams.len();
+    reads.command(args).arg(b"XREADGROUP").arg(b"GROUP").arg(GROUP.as_bytes()).arg(me.as_bytes());
+    reads.arg(b"COUNT").number(count as u64);
+    if let Some(ms) = block_ms {
+        reads.arg(b"BLOCK").number(ms);
+    }
+    reads.arg(b"STREAMS");
+    for stream in streams {
+        reads.arg(stream.as_bytes());
+    }
+    for _ in streams {
+        reads.arg(from);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +182,22 @@ mod tests {
             fair.learn(counts, got);
         }
         taken
+    }
+
+    #[test]
+    fn a_packed_read_is_the_xreadgroup_a_cmd_packs() {
+        let streams = ["{q}:jobs".to_string(), "{q}:jobs:resize".to_string()];
+        for block in [None, Some(500)] {
+            let mut cmd = redis::cmd("XREADGROUP");
+            cmd.arg("GROUP").arg(GROUP).arg("web-1/0").arg("COUNT").arg(64);
+            if let Some(ms) = block {
+                cmd.arg("BLOCK").arg(ms);
+            }
+            cmd.arg("STREAMS").arg(&streams[..]).arg(">").arg(">");
+            let mut packed = Packed::new();
+            pack_read(&mut packed, "web-1/0", 64, block, &streams, b">");
+            assert_eq!(packed.bytes(), cmd.get_packed_command().as_slice());
+        }
     }
 
     #[test]

@@ -18,6 +18,9 @@ use std::time::Duration;
 
 use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
+use super::redis_io::{self, StreamEntry};
+use super::resp::Packed;
+
 /// As the crate's parser: a reply nested deeper than this is refused.
 const MAX_DEPTH: usize = 100;
 /// The read buffer's first size; it grows to hold the largest reply read.
@@ -66,6 +69,22 @@ impl HotConn {
             }
         }
         fallback().map(HotConn::Crate)
+    }
+
+    /// Runs `cmds`, XREAD / XREADGROUP commands, and gives each one's entries with their
+    /// stream's key: what [`redis_io::read_streams`] makes of each reply, read here straight
+    /// from the bytes ([`parse_streams`]: no [`Value`] per field, whose allocations were most
+    /// of a consumer's parse). An error reply anywhere fails the call, as `Pipeline::query`
+    /// does, once every reply is read.
+    pub fn read_streams(&mut self, cmds: &Packed) -> RedisResult<Vec<Streams>> {
+        match self {
+            HotConn::Own(own) => own.read_streams(cmds.bytes(), cmds.len()),
+            HotConn::Crate(conn) => conn
+                .req_packed_commands(cmds.bytes(), 0, cmds.len())?
+                .into_iter()
+                .map(|v| v.extract_error().map(redis_io::read_streams))
+                .collect(),
+        }
     }
 
     fn inner(&mut self) -> &mut dyn ConnectionLike {
@@ -174,6 +193,36 @@ impl Own {
     /// The next reply (an error reply is a [`Value::ServerError`]). After a failed read the
     /// connection is not used again: it fails every call.
     fn recv(&mut self) -> RedisResult<Value> {
+        self.recv_with(parse)
+    }
+
+    /// `count` replies of XREAD / XREADGROUP commands sent as `cmds`, read by [`parse_streams`].
+    fn read_streams(&mut self, cmds: &[u8], count: usize) -> RedisResult<Vec<Streams>> {
+        self.send(cmds)?;
+        let mut refused = None;
+        let mut replies = Vec::with_capacity(count);
+        for _ in 0..count {
+            match self.recv_with(parse_streams)? {
+                Ok(streams) => replies.push(streams),
+                Err(e) => {
+                    refused.get_or_insert(e);
+                }
+            }
+        }
+        match refused {
+            Some(Value::ServerError(e)) => Err(e.into()),
+            Some(_) => {
+                Err(io::Error::new(io::ErrorKind::InvalidData, "an error reply that is no error").into())
+            }
+            None => Ok(replies),
+        }
+    }
+
+    /// The next reply, as `parse` reads it.
+    fn recv_with<T>(
+        &mut self,
+        parse: impl Fn(&[u8]) -> Result<Option<(T, usize)>, &'static str>,
+    ) -> RedisResult<T> {
         if !self.open {
             return Err(io::Error::new(io::ErrorKind::NotConnected, "an earlier reply failed").into());
         }
@@ -265,7 +314,7 @@ impl ConnectionLike for Own {
 pub fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, &'static str> {
     // Whether the whole reply is there, first: no value is built from a part (a large reply
     // comes in many reads, and each would build it again).
-    if skip(buf, 0, 1)?.is_none() {
+    if skip(buf, 0, 1, &mut None)?.is_none() {
         return Ok(None);
     }
     let mut pos = 0;
@@ -301,8 +350,14 @@ fn number(line: &[u8]) -> Result<i64, &'static str> {
     std::str::from_utf8(line).ok().and_then(|s| s.trim().parse().ok()).ok_or("Expected integer, got garbage")
 }
 
-/// Where the reply at `buf[at..]` ends, without building it; None if not all there.
-fn skip(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'static str> {
+/// Where the reply at `buf[at..]` ends, without building it; None if not all there. `error`:
+/// where its first error reply (in the order of the bytes) begins, if it has one.
+fn skip(
+    buf: &[u8],
+    at: usize,
+    depth: usize,
+    error: &mut Option<usize>,
+) -> Result<Option<usize>, &'static str> {
     let Some(&kind) = buf.get(at) else { return Ok(None) };
     if depth > MAX_DEPTH {
         return Err("Maximum recursion depth exceeded");
@@ -314,6 +369,9 @@ fn skip(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'static s
     match kind {
         b'+' | b'-' => {
             std::str::from_utf8(line).map_err(|_| "invalid utf-8")?;
+            if kind == b'-' {
+                error.get_or_insert(at);
+            }
             Ok(Some(next))
         }
         b':' => number(line).map(|_| Some(next)),
@@ -333,7 +391,7 @@ fn skip(buf: &[u8], at: usize, depth: usize) -> Result<Option<usize>, &'static s
             let len = number(line)?;
             let mut pos = next;
             for _ in 0..len.max(0) {
-                match skip(buf, pos, depth + 1)? {
+                match skip(buf, pos, depth + 1, error)? {
                     Some(end) => pos = end,
                     None => return Ok(None),
                 }
@@ -383,6 +441,212 @@ fn value(buf: &[u8], pos: &mut usize) -> Result<Value, &'static str> {
         }
         _ => return Err("a reply type RESP2 does not have"),
     })
+}
+
+/// The entries of an XREAD or XREADGROUP reply, each with its stream's key.
+pub type Streams = Vec<(String, StreamEntry)>;
+
+/// One XREAD / XREADGROUP reply at the start of `buf`, and how many bytes it took; None if
+/// `buf` holds only part of it. Its entries are what [`redis_io::read_streams`] makes of the
+/// [`Value`] [`parse`] reads from the same bytes, shape for shape (whoever can write to Redis
+/// writes entries: an odd shape is read as that function reads it, never a panic); an error
+/// reply anywhere in it gives that error (the first, as `Value::extract_error` does) instead.
+/// Bytes [`parse`] refuses, it refuses. One pass, building no [`Value`]: a consumer reads
+/// every job through it.
+#[allow(clippy::type_complexity)]
+pub fn parse_streams(buf: &[u8]) -> Result<Option<(Result<Streams, Value>, usize)>, &'static str> {
+    let mut walk = Walk { buf, pos: 0, error: None, spans: Vec::new() };
+    let mut out = Vec::new();
+    match walk.streams(&mut out) {
+        Ok(()) => {}
+        Err(Stop::More) => return Ok(None),
+        Err(Stop::Bad(why)) => return Err(why),
+    }
+    let end = walk.pos;
+    if walk.error.is_some() {
+        // Rare: the reply as `parse` reads it (which refuses an error reply the crate refuses,
+        // wherever it is), and its first error.
+        let Some((whole, _)) = parse(&buf[..end])? else { return Err("cut short") };
+        return Ok(Some((Err(first_error(whole).ok_or("no error reply in it")?), end)));
+    }
+    Ok(Some((Ok(out), end)))
+}
+
+/// The first error reply in `v`, in the order of its bytes (as `Value::extract_error` finds it).
+fn first_error(v: Value) -> Option<Value> {
+    match v {
+        Value::ServerError(_) => Some(v),
+        Value::Array(items) => items.into_iter().find_map(first_error),
+        _ => None,
+    }
+}
+
+/// Why [`Walk`] stopped: the reply is not all there yet, or is not RESP2.
+enum Stop {
+    More,
+    Bad(&'static str),
+}
+
+impl From<&'static str> for Stop {
+    fn from(why: &'static str) -> Stop {
+        Stop::Bad(why)
+    }
+}
+
+/// A field's name or value where the reply has it: a string's bytes, or an integer (whose
+/// decimal digits it stands for).
+#[derive(Clone, Copy)]
+enum Span {
+    Bytes(usize, usize),
+    Int(i64),
+}
+
+/// Takes a reply apart as [`redis_io::read_streams`] takes its [`Value`] apart, checking each
+/// value as [`skip`] does (so that it refuses, or waits for, the bytes [`parse`] would): what
+/// is not of the shape it looks for is passed over as that function passes over it.
+struct Walk<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    /// Where the first error reply begins.
+    error: Option<usize>,
+    /// The fields of the entry being read (kept from one entry to the next: no allocation).
+    spans: Vec<Span>,
+}
+
+impl Walk<'_> {
+    /// `[[key, [entry, ...]], ...]` (depth 1); a value of another shape: none.
+    fn streams(&mut self, out: &mut Streams) -> Result<(), Stop> {
+        for _ in 0..self.array(1)? {
+            let parts = self.array(2)?;
+            if parts == 0 {
+                continue;
+            }
+            let key = match self.bytes(3)? {
+                Some(k) => String::from_utf8_lossy(self.text(k, &mut Vec::new())?).into_owned(),
+                None => String::new(),
+            };
+            if parts >= 2 {
+                self.entries(&key, out)?;
+            }
+            for _ in 2..parts {
+                self.skip(3)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// `[[id, [field, value, ...]], ...]` of stream `key` (as `redis_io::entries`, at depth 3):
+    /// an entry without an id is none; a field or value that is no string is left out (and
+    /// the pairs go on without it); an odd one at the end is no field.
+    fn entries(&mut self, key: &str, out: &mut Streams) -> Result<(), Stop> {
+        for _ in 0..self.array(3)? {
+            let parts = self.array(4)?;
+            if parts == 0 {
+                continue;
+            }
+            let id = self.bytes(5)?;
+            self.spans.clear();
+            if parts >= 2 {
+                for _ in 0..self.array(5)? {
+                    if let Some(span) = self.bytes(6)? {
+                        self.spans.push(span);
+                    }
+                }
+            }
+            for _ in 2..parts {
+                self.skip(5)?;
+            }
+            let Some(id) = id else { continue };
+            let mut entry =
+                StreamEntry::new(String::from_utf8_lossy(self.text(id, &mut Vec::new())?).into_owned());
+            let pairs = self.spans.len() / 2;
+            let size = self.spans[..pairs * 2].iter().map(|s| match s {
+                Span::Bytes(from, to) => to - from,
+                Span::Int(_) => 20,
+            });
+            entry.reserve(pairs, size.sum());
+            for pair in self.spans.chunks_exact(2) {
+                let (mut name, mut value) = (Vec::new(), Vec::new());
+                let name = self.text(pair[0], &mut name)?;
+                let value = self.text(pair[1], &mut value)?;
+                entry.push(name, value);
+            }
+            out.push((key.to_string(), entry));
+        }
+        Ok(())
+    }
+
+    /// The bytes `span` stands for (an integer's digits written into `digits`).
+    fn text<'b>(&'b self, span: Span, digits: &'b mut Vec<u8>) -> Result<&'b [u8], Stop> {
+        match span {
+            Span::Bytes(from, to) => Ok(self.buf.get(from..to).ok_or("cut short")?),
+            Span::Int(n) => {
+                *digits = n.to_string().into_bytes();
+                Ok(digits)
+            }
+        }
+    }
+
+    /// The kind and line of the value at `pos`; `pos` moves past the line.
+    fn head(&mut self) -> Result<(u8, &[u8]), Stop> {
+        let kind = *self.buf.get(self.pos).ok_or(Stop::More)?;
+        let (line, next) = line(self.buf, self.pos + 1).ok_or(Stop::More)?;
+        self.pos = next;
+        Ok((kind, line))
+    }
+
+    /// Passes over the value at `pos`, at `depth`, as [`skip`] checks it.
+    fn skip(&mut self, depth: usize) -> Result<(), Stop> {
+        self.pos = skip(self.buf, self.pos, depth, &mut self.error)?.ok_or(Stop::More)?;
+        Ok(())
+    }
+
+    /// As `redis_io::as_array`: an array's length (its items follow); anything else is passed
+    /// over and has none.
+    fn array(&mut self, depth: usize) -> Result<usize, Stop> {
+        if self.buf.get(self.pos) != Some(&b'*') {
+            self.skip(depth)?;
+            return Ok(0);
+        }
+        let (_, line) = self.head()?;
+        // A negative length is a null array: none.
+        Ok(usize::try_from(number(line)?).unwrap_or(0))
+    }
+
+    /// As `redis_io::as_bytes`: where the bytes of a bulk string or a simple string are, or an
+    /// integer; None for anything else (passed over).
+    fn bytes(&mut self, depth: usize) -> Result<Option<Span>, Stop> {
+        match self.buf.get(self.pos) {
+            Some(b'$') => {
+                let (_, line) = self.head()?;
+                let Ok(size) = usize::try_from(number(line)?) else { return Ok(None) };
+                let from = self.pos;
+                let end = from.checked_add(size).ok_or("too long")?;
+                match self.buf.get(end..end.checked_add(2).ok_or("too long")?) {
+                    None => Err(Stop::More),
+                    Some(b"\r\n") => {
+                        self.pos = end + 2;
+                        Ok(Some(Span::Bytes(from, end)))
+                    }
+                    Some(_) => Err(Stop::Bad("a bulk string not ended by CRLF")),
+                }
+            }
+            Some(b'+') => {
+                let at = self.pos + 1;
+                let (_, line) = self.head()?;
+                std::str::from_utf8(line).map_err(|_| "invalid utf-8")?;
+                Ok(Some(Span::Bytes(at, at + line.len())))
+            }
+            Some(b':') => {
+                let (_, line) = self.head()?;
+                Ok(Some(Span::Int(number(line)?)))
+            }
+            _ => {
+                self.skip(depth)?;
+                Ok(None)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -442,6 +706,163 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A random XREAD / XREADGROUP reply, mostly of the shape Redis sends, now and then with
+    /// any other reply in any place (whoever can write to Redis, or a forged server).
+    fn stream_reply(rng: &mut Rng, out: &mut Vec<u8>) {
+        fn odd(rng: &mut Rng, out: &mut Vec<u8>) -> bool {
+            if rng.below(12) == 0 {
+                reply(rng, 2, out);
+                return true;
+            }
+            false
+        }
+        if odd(rng, out) {
+            return;
+        }
+        if rng.below(10) == 0 {
+            out.extend_from_slice(b"*-1\r\n");
+            return;
+        }
+        let streams = rng.below(3);
+        out.extend_from_slice(format!("*{streams}\r\n").as_bytes());
+        for s in 0..streams {
+            if odd(rng, out) {
+                continue;
+            }
+            let parts = if rng.below(8) == 0 { rng.below(4) } else { 2 };
+            out.extend_from_slice(format!("*{parts}\r\n").as_bytes());
+            for part in 0..parts {
+                if part == 0 {
+                    string(rng, out, format!("{{q}}:jobs{s}").as_bytes());
+                    continue;
+                }
+                if part > 1 {
+                    reply(rng, 2, out);
+                    continue;
+                }
+                if odd(rng, out) {
+                    continue;
+                }
+                let entries = rng.below(5);
+                out.extend_from_slice(format!("*{entries}\r\n").as_bytes());
+                for e in 0..entries {
+                    if odd(rng, out) {
+                        continue;
+                    }
+                    let parts = if rng.below(8) == 0 { rng.below(4) } else { 2 };
+                    out.extend_from_slice(format!("*{parts}\r\n").as_bytes());
+                    for part in 0..parts {
+                        match part {
+                            0 => {
+                                let id = format!("{}-{e}", rng.below(1 << 40));
+                                string(rng, out, id.as_bytes())
+                            }
+                            1 if rng.below(6) == 0 => out.extend_from_slice(b"*-1\r\n"),
+                            1 if !odd(rng, out) => {
+                                let values = if rng.below(6) == 0 { rng.below(7) } else { 2 * rng.below(7) };
+                                out.extend_from_slice(format!("*{values}\r\n").as_bytes());
+                                for v in 0..values {
+                                    let text: &[u8] = if v % 2 == 0 { b"t" } else { b"{\"to\":\"a\r\n\"}" };
+                                    string(rng, out, text);
+                                }
+                            }
+                            1 => {}
+                            _ => reply(rng, 2, out),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// A string as Redis writes one (a bulk string), or now and then another value in its place.
+    fn string(rng: &mut Rng, out: &mut Vec<u8>, text: &[u8]) {
+        match rng.below(16) {
+            0 => reply(rng, 2, out),
+            1 => out.extend_from_slice(format!(":{}\r\n", rng.next() as i64 >> rng.below(64)).as_bytes()),
+            2 => out.extend_from_slice(b"+OK\r\n"),
+            3 => out.extend_from_slice(b"$2\r\n\xff\xfe\r\n"),
+            4 => out.extend_from_slice(b"$-1\r\n"),
+            _ => {
+                out.extend_from_slice(format!("${}\r\n", text.len()).as_bytes());
+                out.extend_from_slice(text);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+
+    /// What `parse_streams` must make of `bytes`: the crate's value, taken apart by
+    /// `redis_io::read_streams`, or its first error.
+    /// A stream reply read: its entries or its error's text, and its length.
+    type Read = (Result<Streams, String>, usize);
+
+    fn expected(bytes: &[u8]) -> Option<Read> {
+        let (value, used) = parse(bytes).ok()??;
+        Some((value.extract_error().map(redis_io::read_streams).map_err(|e| e.to_string()), used))
+    }
+
+    fn ours(bytes: &[u8]) -> Result<Option<Read>, &'static str> {
+        Ok(parse_streams(bytes)?.map(|(got, used)| {
+            let got = got.map_err(|e| match e {
+                Value::ServerError(e) => RedisError::from(e).to_string(),
+                other => format!("not an error: {other:?}"),
+            });
+            (got, used)
+        }))
+    }
+
+    #[test]
+    fn reads_stream_replies_into_the_entries_read_streams_makes_of_the_crates_value() {
+        let mut rng = Rng(0x853c_49e6_748f_ea9b);
+        let mut entries = 0;
+        for _ in 0..30_000 {
+            let mut bytes = Vec::new();
+            stream_reply(&mut rng, &mut bytes);
+            let want = expected(&bytes).expect("a valid reply");
+            assert_eq!(ours(&bytes), Ok(Some(want.clone())), "{:?}", String::from_utf8_lossy(&bytes));
+            entries += want.0.map_or(0, |s| s.len());
+            let cut = rng.below(bytes.len() as u64) as usize;
+            assert_eq!(ours(&bytes[..cut]), Ok(None), "{:?}", String::from_utf8_lossy(&bytes[..cut]));
+            // Damaged: never a panic; what it reads whole, it reads as the crate does.
+            for _ in 0..=rng.below(3) {
+                let at = rng.below(bytes.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => bytes[at] = rng.next() as u8,
+                    1 => bytes[at] = b"\r\n$*:-+0123456789"[rng.below(17) as usize],
+                    _ => {
+                        bytes.remove(at);
+                        if bytes.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Ok(Some(got)) = ours(&bytes) {
+                assert_eq!(Some(got), expected(&bytes), "{:?}", String::from_utf8_lossy(&bytes));
+            }
+        }
+        assert!(entries > 10_000, "too few entries compared ({entries})");
+    }
+
+    #[test]
+    fn reads_a_job_entry_and_a_timed_out_read() {
+        let bytes = b"*1\r\n*2\r\n$8\r\n{q}:jobs\r\n*2\r\n*2\r\n$3\r\n1-0\r\n*4\r\n$1\r\nt\r\n$2\r\n42\r\n$1\r\nd\r\n$2\r\n{}\r\n*2\r\n$3\r\n2-0\r\n*-1\r\n";
+        let (Ok(got), used) = parse_streams(bytes).unwrap().unwrap() else { panic!("an error") };
+        assert_eq!(used, bytes.len());
+        assert_eq!(got.len(), 2);
+        assert_eq!(
+            (got[0].0.as_str(), got[0].1.id.as_str(), got[0].1.number("t")),
+            ("{q}:jobs", "1-0", Some(42))
+        );
+        assert_eq!(got[0].1.bytes("d"), b"{}");
+        assert!(!got[1].1.has_fields(), "a deleted entry has no fields");
+        assert_eq!(parse_streams(b"*-1\r\n"), Ok(Some((Ok(Vec::new()), 5))), "a timed-out read has none");
+        let Ok(Some((Err(Value::ServerError(e)), _))) = parse_streams(b"-NOGROUP No such key\r\n") else {
+            panic!("not an error")
+        };
+        assert_eq!(RedisError::from(e).code(), Some("NOGROUP"));
     }
 
     #[test]

@@ -18,6 +18,7 @@
 //! | [`fair`] | task process | taking from the priorities' streams in weighted fair order (6:3:1) |
 //! | [`heartbeat`] | task process (a thread) | keeping its jobs alive, `task_timeout` |
 //! | [`hot`] | task process | the connection of its reads and writes per job, our own parser |
+//! | [`resp`] | bridge | the commands of every job, written straight into RESP |
 //! | [`node`] | task node | `taskd task-node`: a manager of consumers, nothing else |
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
 //! | [`dedup`] | bridge, task process | deduplication keys: taken with the job, ended with it |
@@ -39,6 +40,7 @@ pub mod keys;
 pub mod lease_gate;
 pub mod node;
 pub mod redis_io;
+pub mod resp;
 pub mod round;
 pub mod startup;
 mod store_job;
@@ -338,10 +340,8 @@ mod tests {
         assert_eq!(d.streams().len(), 6);
         assert_eq!(d.streams_of(Priority::High), ["{taskd}:jobs#high", "{taskd}:jobs:resize#high"]);
         // A dead letter goes back where it came from; a `pr` nobody knows is normal.
-        let dead = |fields: &[(&str, &str)]| redis_io::StreamEntry {
-            id: "1-0".into(),
-            fields: fields.iter().map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec())).collect(),
-        };
+        let dead =
+            |fields: &[(&str, &str)]| redis_io::StreamEntry::with_fields("1-0", fields.iter().copied());
         assert_eq!(d.replay_stream(&dead(&[("ln", "resize"), ("pr", "low")])), "{taskd}:jobs:resize#low");
         assert_eq!(d.replay_stream(&dead(&[("pr", "high")])), "{taskd}:jobs#high");
         assert_eq!(d.replay_stream(&dead(&[("pr", "urgent!")])), "{taskd}:jobs");

@@ -10,7 +10,9 @@
 //! written after the WATCH: an EXEC of the round that reaches Redis only later does nothing.
 //! The answer of [`settle`] stays true for good.
 
-use redis::{Connection, Pipeline, RedisError, Value};
+use redis::{Connection, RedisError, Value};
+
+use super::resp::Packed;
 
 /// How long a round's marker lives: far longer than a round can wait for its answer.
 pub const MARKER_TTL_MS: u64 = 120_000;
@@ -35,9 +37,9 @@ pub enum Tried {
 
 /// Watches the marker of the next round on a connection that has none watched yet.
 pub fn arm(conn: &mut Connection, marker: &str) -> Result<(), RedisError> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("WATCH").arg(marker);
-    match exchange(conn, &pipe)?.pop() {
+    let mut watch = Packed::new();
+    watch.command(2).arg(b"WATCH").arg(marker.as_bytes());
+    match exchange(conn, &watch)?.pop() {
         Some(Value::ServerError(e)) => Err(e.into()),
         _ => Ok(()),
     }
@@ -53,25 +55,23 @@ pub fn attempt(
     marker: &str,
     next: &str,
     answered: Option<&str>,
-    cmds: &Pipeline,
+    cmds: &Packed,
     kept: &[bool],
     wait: Option<(u32, u64)>,
 ) -> (Tried, bool) {
-    let mut pipe = redis::pipe();
-    pipe.cmd("MULTI");
-    for cmd in cmds.cmd_iter() {
-        pipe.add_command(cmd.clone());
-    }
-    pipe.cmd("SET").arg(marker).arg(STORED).arg("PX").arg(MARKER_TTL_MS);
+    let mut round = Packed::new();
+    round.command(1).arg(b"MULTI");
+    round.append(cmds);
+    round.command(5).arg(b"SET").arg(marker.as_bytes()).arg(STORED).arg(b"PX").number(MARKER_TTL_MS);
     if let Some(old) = answered {
-        pipe.cmd("DEL").arg(old);
+        round.command(2).arg(b"DEL").arg(old.as_bytes());
     }
-    pipe.cmd("EXEC");
+    round.command(1).arg(b"EXEC");
     if let Some((replicas, ms)) = wait {
-        pipe.cmd("WAIT").arg(replicas).arg(ms);
+        round.command(3).arg(b"WAIT").number(u64::from(replicas)).number(ms);
     }
-    pipe.cmd("WATCH").arg(next);
-    match exchange(conn, &pipe) {
+    round.command(2).arg(b"WATCH").arg(next.as_bytes());
+    match exchange(conn, &round) {
         Ok(mut replies) => {
             let armed = matches!(replies.pop(), Some(Value::Okay));
             (outcome(replies, cmds.len() + usize::from(answered.is_some()), kept, wait.is_some()), armed)
@@ -80,13 +80,13 @@ pub fn attempt(
     }
 }
 
-/// Sends `pipe` and reads its replies, error replies among them, up to the first failed read
+/// Sends `cmds` and reads their replies, error replies among them, up to the first failed read
 /// (the client library's own reading waits for each reply of a pipeline in turn, so a hung
 /// Redis would hold a round for the reply timeout times its number of commands).
-pub fn exchange(conn: &mut Connection, pipe: &Pipeline) -> Result<Vec<Value>, RedisError> {
-    conn.send_packed_command(&pipe.get_packed_pipeline())?;
-    let mut replies = Vec::with_capacity(pipe.len());
-    while replies.len() < pipe.len() {
+pub fn exchange(conn: &mut Connection, cmds: &Packed) -> Result<Vec<Value>, RedisError> {
+    conn.send_packed_command(cmds.bytes())?;
+    let mut replies = Vec::with_capacity(cmds.len());
+    while replies.len() < cmds.len() {
         match conn.recv_response()? {
             Value::Push { .. } => {}
             v => replies.push(v),
@@ -151,10 +151,16 @@ fn protocol(what: &'static str) -> RedisError {
 
 /// Whether the round of `marker` was stored; after this, it never will be if it was not.
 pub fn settle(conn: &mut Connection, marker: &str) -> Result<bool, RedisError> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("SET").arg(marker).arg(ABANDONED).arg("NX").arg("PX").arg(MARKER_TTL_MS);
-    pipe.cmd("GET").arg(marker);
-    let replies = exchange(conn, &pipe)?;
+    let mut ask = Packed::new();
+    ask.command(6)
+        .arg(b"SET")
+        .arg(marker.as_bytes())
+        .arg(ABANDONED)
+        .arg(b"NX")
+        .arg(b"PX")
+        .number(MARKER_TTL_MS);
+    ask.command(2).arg(b"GET").arg(marker.as_bytes());
+    let replies = exchange(conn, &ask)?;
     if let Some(Value::ServerError(e)) = replies.iter().find(|v| matches!(v, Value::ServerError(_))) {
         return Err(e.clone().into());
     }

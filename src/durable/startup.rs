@@ -319,9 +319,7 @@ fn own_jobs(
             let Some(last) = entries.last() else { break };
             from = format!("({}", last.id);
             let entries = entries.into_iter();
-            jobs.extend(
-                entries.into_iter().filter_map(|mut e| JobEntry::parse(&mut e)).filter(|j| j.origin == node),
-            );
+            jobs.extend(entries.into_iter().filter_map(|e| JobEntry::parse(&e)).filter(|j| j.origin == node));
         }
     }
     // And those waiting in the delayed set for a retry (after the stream: one moved back in
@@ -346,8 +344,8 @@ fn own_jobs(
         for member in ids.iter().filter(mine) {
             let fields: Vec<(Vec<u8>, Vec<u8>)> =
                 redis::cmd("HGETALL").arg(keys.delayed_hash(member)).query(conn)?;
-            let mut entry = redis_io::StreamEntry { id: String::new(), fields };
-            match JobEntry::parse(&mut entry) {
+            let entry = redis_io::StreamEntry::with_fields(String::new(), fields);
+            match JobEntry::parse(&entry) {
                 Some(job) if job.origin == node && seen.insert(job.task_id) => jobs.push(job),
                 _ => {}
             }
@@ -373,8 +371,8 @@ fn waiting_replies(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<(Ve
         let entries = redis_io::entries(page);
         let Some(end) = entries.last() else { break };
         last.clone_from(&end.id);
-        for mut entry in entries {
-            match super::entry::outcomes_of_entry(&mut entry, &mut frames) {
+        for entry in entries {
+            match super::entry::outcomes_of_entry(&entry, &mut frames) {
                 Ok(n) => count += n,
                 Err(why) => {
                     tracing::warn!(

@@ -651,6 +651,12 @@ impl Application for MailApp {
         }
     }
 
+    /// The outbox's lines of the jobs whose results are about to leave: written now, in one
+    /// write; a job whose line is not in the file fails.
+    fn on_task_results(&mut self) -> Vec<(crate::app::TaskId, String)> {
+        self.outbox.as_mut().map(Outbox::commit).unwrap_or_default()
+    }
+
     /// A job that succeeded and replied from its task process was logged there: nothing is
     /// left to do for it here.
     fn finish_replied(&self) -> bool {
