@@ -8,14 +8,19 @@
 //! binary as the linker left it (README, Performance: RSS). The list is made by
 //! `benches/pool_text.py`; a function not in it still links, only elsewhere.
 //!
-//! Linux only (ELF, GNU ld and LLD both read INSERT); `TASKD_NO_POOL_TEXT=1` links without it,
-//! for a linker that does not (mold, gold).
+//! Linux only (ELF; GNU ld and LLD, Rust's default linker on x86-64 Linux, both read INSERT).
+//! gold cannot parse it and mold ignores such scripts: when the flags name either
+//! (`-fuse-ld=gold`, `-fuse-ld=mold`, or a linker of that name), or `TASKD_NO_POOL_TEXT=1`,
+//! taskd links without it.
 
 fn main() {
     println!("cargo:rerun-if-changed=link/pool_text.ld");
     println!("cargo:rerun-if-env-changed=TASKD_NO_POOL_TEXT");
     let linux = std::env::var("CARGO_CFG_TARGET_OS").is_ok_and(|os| os == "linux");
-    if !linux || std::env::var_os("TASKD_NO_POOL_TEXT").is_some_and(|v| v != "0") {
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default()
+        + &std::env::var("RUSTC_LINKER").unwrap_or_default();
+    let other_linker = flags.contains("gold") || flags.contains("mold");
+    if !linux || other_linker || std::env::var_os("TASKD_NO_POOL_TEXT").is_some_and(|v| v != "0") {
         return;
     }
     let Ok(dir) = std::env::var("CARGO_MANIFEST_DIR") else { return };
