@@ -5,7 +5,9 @@
 # warm-up cancel out). No-op jobs, 8 connections x 64 in flight (CW="C W" to change).
 #   benches/callgrind.sh [N, default 8000] [taskd flags, e.g. --log-level warn]
 # Needs valgrind and python3. Takes a few minutes (callgrind runs ~50 x slower). KEEP=1 keeps
-# the callgrind.out files (per process, roles in run-*/roles) for callgrind_annotate.
+# the callgrind.out files (per process, roles in run-*/roles) for callgrind_annotate. CACHE=1
+# also simulates the data caches (--cache-sim=yes; the last level as one core's 2 MB L2 of this
+# machine, 16-way) and adds each process's data misses per job: first level, last level.
 started="$PWD"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +37,9 @@ run() { # $1: jobs, then taskd flags; prints "ROLE INSTRUCTIONS" per process, so
   shift
   mkdir -p "$dir"
   # A session of its own: its processes are told apart from any other taskd on the machine.
-  (cd "$dir" && exec setsid valgrind --tool=callgrind --dump-instr=no \
+  local sim=()
+  [ -n "${CACHE:-}" ] && sim=(--cache-sim=yes --LL=2097152,16,64)
+  (cd "$dir" && exec setsid valgrind --tool=callgrind --dump-instr=no "${sim[@]}" \
     "$bin" --port 0 --simulate-ms 0 --outbox "$dir/outbox" --log-file "$dir/log" "$@" \
     >"$dir/stdout" 2>"$dir/stderr") &
   vpid=$!
@@ -56,7 +60,9 @@ run() { # $1: jobs, then taskd flags; prints "ROLE INSTRUCTIONS" per process, so
   vpid=""
   while read -r pid role; do
     [ -f "$dir/callgrind.out.$pid" ] || continue
-    echo "$role $(grep -m1 '^summary:\|^totals:'  "$dir/callgrind.out.$pid" | awk '{print $2}')"
+    # Ir, and with CACHE=1 the data misses: D1mr + D1mw, DLmr + DLmw.
+    echo "$role $(grep -m1 '^summary:\|^totals:' "$dir/callgrind.out.$pid" |
+      awk '{ if (NF >= 10) print $2, $6 + $7, $9 + $10; else print $2, 0, 0 }')"
   done <"$dir/roles" | sort
 }
 
@@ -65,7 +71,15 @@ run 1000 "$@" >"$work/a"
 run $((1000 + n)) "$@" >"$work/b"
 # Jobs spread unevenly over the task processes (and workers) from one run to the other: sum
 # each kind of process (master, manager, workers, task processes, bridge) before subtracting.
-kinds() { awk '{k = $1; sub(/[0-9]+$/, "", k); sum[k] += $2} END {for (k in sum) print k, sum[k]}' "$1" | sort; }
-join <(kinds "$work/a") <(kinds "$work/b") | awk -v n="$n" '
-  { d = ($3 - $2) / n; t += d; printf "%-12s %8.0f instructions/job\n", $1, d }
-  END { printf "%-12s %8.0f instructions/job\n", "all", t }'
+kinds() {
+  awk '{k = $1; sub(/[0-9]+$/, "", k); ir[k] += $2; d1[k] += $3; ll[k] += $4}
+    END {for (k in ir) print k, ir[k], d1[k], ll[k]}' "$1" | sort
+}
+join <(kinds "$work/a") <(kinds "$work/b") | awk -v n="$n" -v cache="${CACHE:-}" '
+  { d = ($5 - $2) / n; t += d; d1 = ($6 - $3) / n; ll = ($7 - $4) / n; t1 += d1; tl += ll
+    printf "%-12s %8.0f instructions/job", $1, d
+    if (cache != "") printf "  %7.1f D1 misses/job  %6.1f LL misses/job", d1, ll
+    printf "\n" }
+  END { printf "%-12s %8.0f instructions/job", "all", t
+    if (cache != "") printf "  %7.1f D1 misses/job  %6.1f LL misses/job", t1, tl
+    printf "\n" }'

@@ -5,7 +5,7 @@
 # N more (default 100,000) over C connections with W in flight on each (CW="C W", default
 # "8 64"). Also counts the context switches (wake-ups) of each kind. With LOADGEN=SECONDS, the
 # load generator (target/release/examples/loadgen) is the client instead, for that long, and its
-# own calls are counted too (row "client"). The first column is CPU time (task-clock), in µs
+# own calls are counted too (row "client"; LOADGEN_BIN=PATH for another build of it). The first column is CPU time (task-clock), in µs
 # per job.
 #   CW="1000 8" benches/syscalls.sh [N] [taskd flags, e.g. --log-level warn]
 # Needs perf (tracepoints, no hardware counters) and python3; a release build of taskd.
@@ -40,7 +40,7 @@ sleep 0.3
 if [ -n "${LOADGEN:-}" ]; then
   # The load generator for LOADGEN seconds instead, itself counted too (as "client"); N is the
   # number of jobs it saw done, warm-up and drain included, as perf counted all of them.
-  perf stat -x, -e "$events" -o "$work/client" -- target/release/examples/loadgen --addr "$addr" \
+  perf stat -x, -e "$events" -o "$work/client" -- "${LOADGEN_BIN:-target/release/examples/loadgen}" --addr "$addr" \
     --conns "$conns" --window "$window" --seconds "$LOADGEN" --json >"$work/lg"
   n="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["done"])' "$work/lg")"
   awk -F, '/^[^#]/ && NF > 3 {printf "client-0,%s,,%s\n", $1, $3}' "$work/client" >"$work/perf-client"

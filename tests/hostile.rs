@@ -840,3 +840,51 @@ fn write_until_cut_off(
         }
     }
 }
+
+/// The master stops reading a connection at a read shorter than its buffer (the socket is
+/// drained: more bytes raise a new event), not at the read that would say "would block". A
+/// client's end must still be seen: when it comes in the same segment as the last line (sent
+/// with MSG_MORE, then shut down: the kernel puts the FIN on the segment still held), and when
+/// it comes alone after the master has read, answered and left the last line.
+#[test]
+fn a_client_whose_end_comes_with_its_last_line_or_after_it_is_answered_then_closed() {
+    use nix::sys::socket::{send, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let daemon = Daemon::start(&["--simulate-ms", "0"]);
+    let more = MsgFlags::from_bits_retain(nix::libc::MSG_MORE);
+    let mut together = Vec::new();
+    for i in 0..20 {
+        let stream = TcpStream::connect(daemon.addr).unwrap();
+        let line = format!("together{i}@example.com\nsms +1555000{i:04}\n");
+        assert_eq!(send(stream.as_raw_fd(), line.as_bytes(), more).unwrap(), line.len());
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        together.push(Client::from_stream(stream));
+    }
+    for (i, client) in together.iter_mut().enumerate() {
+        let (mut accepted, mut done) = (0, 0);
+        while done < 2 {
+            let reply = client.recv();
+            match reply["event"].as_str() {
+                Some("accepted") => accepted += 1,
+                Some("done") => done += 1,
+                _ => panic!("client {i}: {reply}"),
+            }
+        }
+        assert_eq!(accepted, 2, "client {i}");
+        assert!(client.closed_by_server(), "client {i}: answered, so closed at its end");
+    }
+    // The end alone, once the master has read the line (its `accepted` is back) and its job is
+    // done: nothing else will come on this connection, only the FIN.
+    let mut client = daemon.connect();
+    let accepted = client.submit("alone@example.com");
+    assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+    client.shutdown_write();
+    assert!(client.closed_by_server(), "closed at its end");
+    // The end alone after a line whose job is still running: the `done` first, then the close.
+    let mut client = daemon.connect();
+    let accepted = client.submit(r#"{"type":"sms","to":"+15551230000","simulate_ms":300}"#);
+    client.shutdown_write();
+    assert_eq!(client.final_reply(&accepted["task_id"], &mut Vec::new())["event"], "done");
+    assert!(client.closed_by_server(), "closed once its job is answered");
+    assert_serves(&daemon);
+}

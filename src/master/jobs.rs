@@ -6,6 +6,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
+use slab::Slab;
 use std::time::{Duration, Instant};
 
 use crate::app::Priority;
@@ -103,9 +104,15 @@ impl JobSpec {
 pub struct Jobs {
     /// Durable jobs: task processes take them from Redis, so none is queued here.
     pub durable: bool,
-    /// Keyed by task id with FxHash: ids are ours, not an attacker's, and SipHash was a
-    /// measurable part of the master's time per job.
-    all: FxHashMap<u64, Job>,
+    /// Where each job is in `slots`, by task id, with FxHash: ids are ours, not an attacker's,
+    /// and SipHash was a measurable part of the master's time per job.
+    all: FxHashMap<u64, usize>,
+    /// The jobs themselves. Apart from the index, so that the index's entries are small (16
+    /// bytes, not a job's 208) and a lookup touches few cache lines of it; and in a slab, whose
+    /// slot freed last is taken next, so a new job is written where the last one to finish was
+    /// read: with 8,000 jobs in flight (1,000 connections x 8), the map of whole jobs was 3.4
+    /// MB, and inserting or finding a job mostly missed the caches.
+    slots: Slab<Job>,
     /// Jobs waiting for any task process, one queue per priority, oldest first.
     queue: [VecDeque<u64>; 3],
     /// Smooth weighted round robin (nginx's) over the priorities with jobs waiting: each
@@ -188,9 +195,16 @@ impl Jobs {
             key: None,
         };
         self.bytes += context.len() + data.len();
-        if let Some(old) = self.all.insert(task_id, job) {
-            self.bytes -= old.context.len() + old.data.len();
-            tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
+        match self.all.get(&task_id) {
+            Some(&slot) => {
+                let old = std::mem::replace(&mut self.slots[slot], job);
+                self.bytes -= old.context.len() + old.data.len();
+                tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
+            }
+            None => {
+                let slot = self.slots.insert(job);
+                self.all.insert(task_id, slot);
+            }
         }
         if self.durable || delayed {
             return;
@@ -208,22 +222,22 @@ impl Jobs {
     }
 
     pub fn get(&self, task_id: u64) -> Option<&Job> {
-        self.all.get(&task_id)
+        self.all.get(&task_id).map(|&slot| &self.slots[slot])
     }
 
     /// The priority whose job starts next, and the credits after that pick.
     fn pick(&self) -> Option<(usize, [i64; 3])> {
-        let waiting: Vec<usize> = (0..3).filter(|&p| !self.queue[p].is_empty()).collect();
-        if waiting.is_empty() {
-            return None;
-        }
+        // The priorities with jobs waiting, without a list: this runs twice per job started
+        // (a `Vec` here was a malloc and a free each time, 4 % of the master's instructions).
+        let waiting = |p: &usize| !self.queue[*p].is_empty();
         let mut credit = self.credit;
-        let total: i64 = waiting.iter().map(|&p| WEIGHTS[p]).sum();
-        for &p in &waiting {
+        let mut total = 0;
+        for p in (0..3).filter(waiting) {
             credit[p] += WEIGHTS[p];
+            total += WEIGHTS[p];
         }
         // The largest credit; among equals the higher priority.
-        let best = waiting.iter().copied().max_by_key(|&p| (credit[p], std::cmp::Reverse(p)))?;
+        let best = (0..3).filter(waiting).max_by_key(|&p| (credit[p], std::cmp::Reverse(p)))?;
         credit[best] -= total;
         Some((best, credit))
     }
@@ -252,7 +266,7 @@ impl Jobs {
 
     /// Takes a job out of its task queue (it is cancelled). Whether it was there.
     pub fn unqueue(&mut self, task_id: u64) -> bool {
-        let Some(job) = self.all.get(&task_id) else { return false };
+        let Some(job) = self.get(task_id) else { return false };
         let queue = match job.target {
             Some(slot) => self.targeted.entry(slot).or_default(),
             None => &mut self.queue[job.priority.index()],
@@ -273,7 +287,8 @@ impl Jobs {
 
     /// Puts a job back at the head of its queue (its process died before finishing it).
     pub fn push_front(&mut self, task_id: u64) {
-        let Some(job) = self.all.get_mut(&task_id) else { return };
+        let Some(&slot) = self.all.get(&task_id) else { return };
+        let job = &mut self.slots[slot];
         job.state = JobState::Queued;
         match job.target {
             Some(slot) => self.targeted.entry(slot).or_default().push_front(task_id),
@@ -282,11 +297,11 @@ impl Jobs {
     }
 
     pub fn get_mut(&mut self, task_id: u64) -> Option<&mut Job> {
-        self.all.get_mut(&task_id)
+        self.all.get(&task_id).map(|&slot| &mut self.slots[slot])
     }
 
     pub fn remove(&mut self, task_id: u64) -> Option<Job> {
-        let job = self.all.remove(&task_id)?;
+        let job = self.slots.remove(self.all.remove(&task_id)?);
         self.bytes -= job.context.len() + job.data.len();
         Some(job)
     }
@@ -343,6 +358,35 @@ mod tests {
     fn accept(jobs: &mut Jobs, id: u64, priority: Priority) {
         let spec = JobSpec { priority, ..JobSpec::now(0, None, 0) };
         jobs.accept(id, 0, 0, spec, b"", b"");
+    }
+
+    #[test]
+    fn a_finished_jobs_place_taken_by_a_new_job_never_mixes_the_two_up() {
+        let mut jobs = Jobs::default();
+        let spec = JobSpec::now(0, None, 0);
+        jobs.accept(1, 0, 10, spec, b"c1", b"first");
+        jobs.accept(2, 1, 20, spec, b"c2", b"second");
+        assert_eq!(jobs.bytes(), 15);
+        let first = jobs.remove(1).unwrap();
+        assert_eq!((first.session, &first.data[..]), (10, &b"first"[..]));
+        assert!(jobs.remove(1).is_none() && jobs.get(1).is_none());
+        // Job 3 takes job 1's place.
+        jobs.accept(3, 0, 30, spec, b"", b"third");
+        assert!(jobs.get(1).is_none());
+        assert_eq!(jobs.get(3).map(|j| (j.session, &j.data[..])), Some((30, &b"third"[..])));
+        assert_eq!(jobs.get(2).map(|j| (j.session, &j.data[..])), Some((20, &b"second"[..])));
+        // The same id again replaces the job, in its place.
+        jobs.accept(3, 0, 31, spec, b"", b"again");
+        jobs.get_mut(3).unwrap().attempts = 2;
+        assert_eq!(jobs.get(3).map(|j| (j.session, j.attempts)), Some((31, 2)));
+        assert_eq!((jobs.len(), jobs.bytes()), (2, 2 + 6 + 5));
+        let mut ids = jobs.ids();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![2, 3]);
+        assert_eq!(jobs.remove(3).map(|j| j.data), Some(b"again".to_vec()));
+        assert_eq!(jobs.remove(2).map(|j| j.session), Some(20));
+        assert!(jobs.is_empty());
+        assert_eq!(jobs.bytes(), 0);
     }
 
     #[test]

@@ -347,7 +347,11 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).expect("connect to taskd");
+        Client::from_stream(TcpStream::connect(addr).expect("connect to taskd"))
+    }
+
+    /// A client over a connection made (and perhaps written to or shut down) already.
+    pub fn from_stream(stream: TcpStream) -> Client {
         stream.set_read_timeout(Some(DEADLINE)).unwrap();
         Client { reader: BufReader::new(stream), eof: false }
     }
