@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Resident memory of every kind of taskd process, by what it is made of, over several starts.
 
-Usage: benches/rss.py [--runs N] [--load SECONDS] [--taskd PATH] [--loadgen PATH] [-- TASKD FLAGS]
+Usage: benches/rss.py [--runs N] [--load SECONDS] [--taskd PATH] [--loadgen PATH] [--copy yes]
+                      [-- TASKD FLAGS]
 
 Starts taskd (default target/release/taskd) as loadgen does (`--port 0 --simulate-ms 0`, the
 outbox and the log in a temporary directory, then the flags after `--`), waits 1 s, and reads
@@ -10,7 +11,10 @@ it then runs `loadgen --conns 8 --window 64 --seconds S` against it (default
 target/release/examples/loadgen) and reads them again. It stops the daemon and starts the next
 run: the text and libc figures move from run to run with where the kernel places the binary
 (ASLR), as the kernel maps file pages 64 kB around each one a process touches, so one run is
-not a figure. Prints min/median/max in kB, per process kind, of:
+not a figure. With `--copy yes` it first copies the binary with `cp` into a temporary directory
+and measures the copy: as an install leaves it, its page cache in folios of up to 128 kB, of
+which a process maps every one it touches whole (the linker's output is held in 4-16 kB folios,
+mapped 64 kB around a touch). Prints min/median/max in kB, per process kind, of:
 
   total  the VmRSS (Rss over every mapping)
   text   the binary's code (r-xp)                ro     its read-only data, .rodata, .eh_frame
@@ -38,7 +42,8 @@ COLUMNS = ["total", "text", "ro", "relro", "heap", "stack", "libc", "other", "an
 
 
 def parse_args(argv):
-    opts = {"runs": 5, "load": None, "taskd": "target/release/taskd", "loadgen": "target/release/examples/loadgen"}
+    opts = {"runs": 5, "load": None, "taskd": "target/release/taskd", "loadgen": "target/release/examples/loadgen",
+            "copy": "no"}
     extra = []
     if "--" in argv:
         i = argv.index("--")
@@ -106,6 +111,10 @@ def snapshot(master, binary):
 def main():
     opts, extra = parse_args(sys.argv[1:])
     binary = os.path.realpath(opts["taskd"])
+    copies = tempfile.TemporaryDirectory(prefix="taskd-rss-copy.")
+    if opts["copy"] == "yes":
+        subprocess.run(["cp", binary, f"{copies.name}/taskd"], check=True)
+        binary = f"{copies.name}/taskd"
     results = collections.defaultdict(lambda: collections.defaultdict(list))
     for _ in range(opts["runs"]):
         with tempfile.TemporaryDirectory(prefix="taskd-rss.") as d:

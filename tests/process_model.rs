@@ -801,3 +801,82 @@ fn one_job_at_a_time_wakes_each_process_only_for_what_it_reads() {
     println!("sleeps per job: master {master}, worker {worker}, task process {task}");
     assert!(worker <= 1.25 && task <= 1.25, "sleeps per job: worker {worker}, task process {task}");
 }
+
+/// The sections and the function names of an ELF file: (name, address, size) of each section
+/// header, and the name of each `STT_FUNC` symbol of `.symtab`. Little-endian ELF64 only (what
+/// taskd is built as on Linux); enough of the format to check the binary's layout.
+fn elf_sections_and_functions(path: &std::path::Path) -> (Vec<(String, u64, u64)>, Vec<String>) {
+    let elf = std::fs::read(path).unwrap();
+    assert_eq!(&elf[..6], b"\x7fELF\x02\x01", "{}: not a little-endian ELF64 file", path.display());
+    let u16_at = |o: usize| u16::from_le_bytes(elf[o..o + 2].try_into().unwrap()) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().unwrap());
+    let cstr = |o: usize| {
+        let end = elf[o..].iter().position(|&b| b == 0).unwrap();
+        String::from_utf8_lossy(&elf[o..o + end]).into_owned()
+    };
+    let (shoff, shentsize, shnum, shstrndx) =
+        (u64_at(0x28) as usize, u16_at(0x3a), u16_at(0x3c), u16_at(0x3e));
+    // Each header: name, type, flags, addr, offset, size, link, ...
+    let header = |i: usize| shoff + i * shentsize;
+    let names_at = u64_at(header(shstrndx) + 0x18) as usize;
+    let mut sections = Vec::new();
+    let mut functions = Vec::new();
+    for i in 0..shnum {
+        let h = header(i);
+        let name = cstr(names_at + u32_at(h));
+        let (kind, addr, offset, size) =
+            (u32_at(h + 4), u64_at(h + 0x10), u64_at(h + 0x18), u64_at(h + 0x20));
+        sections.push((name, addr, size));
+        // SHT_SYMTAB: 24-byte entries (name, info, other, shndx, value, size), names in the
+        // string table its `link` names.
+        if kind == 2 {
+            let strings = u64_at(header(u32_at(h + 0x28)) + 0x18) as usize;
+            for entry in (offset as usize..(offset + size) as usize).step_by(24) {
+                if elf[entry + 4] & 0xf == 2 {
+                    functions.push(cstr(strings + u32_at(entry)));
+                }
+            }
+        }
+    }
+    (sections, functions)
+}
+
+#[test]
+fn the_code_a_pool_process_runs_is_linked_together_and_every_function_of_the_list_exists() {
+    // A binary installed with `cp` is held in page cache folios of up to 128 kB, and a process
+    // maps each one it touches whole: the ~150 kB of code a worker or task process runs, spread
+    // over the text, touched ~20 of them (worker 3.9 MB idle; README, Performance: RSS).
+    // link/pool_text.ld puts them together in `.text.pool`, and names them without their hash:
+    // a function renamed or gone leaves its line matching nothing, and the code it stood for
+    // goes back to being spread out (run benches/pool_text.py again).
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_taskd"));
+    let (sections, mut functions) = elf_sections_and_functions(bin);
+    functions.sort_unstable();
+    let pool = sections.iter().find(|(name, _, _)| name == ".text.pool");
+    assert!(pool.is_some_and(|(_, _, size)| *size > 0), "no .text.pool in {}: {sections:?}", bin.display());
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/link/pool_text.ld")).unwrap();
+    // taskd's own functions (`taskd::…`, or a generic one of taskd's types): what an edit here
+    // renames. Those of std and the dependencies change with their versions, and some exist
+    // only in a release build (an instance std's own optimized copy provides).
+    let patterns: Vec<&str> = script
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("*(.text.")?.split_whitespace().next())
+        .filter(|p| p.starts_with("_ZN5taskd") || p.contains("taskd.."))
+        .collect();
+    assert!(patterns.len() > 20, "{} of taskd's functions in link/pool_text.ld", patterns.len());
+    let stale: Vec<&str> = patterns
+        .iter()
+        .filter(|p| {
+            let prefix = p.strip_suffix('*').unwrap_or(p);
+            let first = functions.partition_point(|f| f.as_str() < prefix);
+            !functions.get(first).is_some_and(|f| f.starts_with(prefix))
+        })
+        .copied()
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "no function of {} is named as these lines of link/pool_text.ld: {stale:#?}",
+        bin.display()
+    );
+}
