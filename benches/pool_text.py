@@ -1,20 +1,24 @@
 #!/usr/bin/env python3
-"""Writes link/pool_text.ld: the functions a worker or a task process runs, grouped by the linker.
+"""Writes link/pool_text.ld: the functions a worker or a task process runs, grouped by the linker,
+then those the manager runs besides, then those the master runs besides (its start-up included).
 
 Usage: benches/pool_text.py [--taskd PATH] [--jobs N]   (needs valgrind; about a minute)
 
-Runs taskd (default target/release/taskd) under callgrind, with each process's counts zeroed
-when it names itself (`process::set_title`, the first call of a child after the fork), sends
-N bare-address jobs at 8 x 64 and a few requests of every other kind, waits idle, stops it,
-and reads which functions of the binary the workers and task processes ran. It writes them as
-linker-script patterns, hottest first, without the hash legacy mangling appends (so that the
+Runs taskd (default target/release/taskd) under callgrind, each process's counts dumped (to
+callgrind.out.PID.1) and zeroed when it names itself (`process::set_title`, the first call of
+a child after the fork), sends N bare-address jobs at 8 x 64 and a few requests of every other
+kind, waits idle, stops it, and reads which functions of the binary the workers and task
+processes ran, then the manager, from their title on, and the master from its start (its part
+1 too: it runs its start-up once, but the pages stay mapped). It writes them as linker-script
+patterns, hottest first, without the hash legacy mangling appends (so that the
 list holds while code around them changes), each as `.text.NAME` and `.text.unlikely.NAME`
 (where LLVM puts a function it thinks cold, such as RawVec's finish_grow).
 
 Why (README, Performance: RSS): a pool process maps, besides what it touches, the whole page
 cache folio around it, and a binary written by `cp` or `install` is held in folios of up to
 128 kB; spread over 6 MB of text, the ~150 kB a pool process runs touched ~20 of them. Grouped
-at the start of the text, they fill four.
+at the start of the text, they fill four. The manager and the master (one each) come after them:
+spread among the rest, their code had them map 3.0 and 3.5 MB of text; grouped, 1.0 and 1.9 MB.
 """
 import collections
 import os
@@ -97,7 +101,7 @@ def profile(binary, jobs):
     work = tempfile.mkdtemp(prefix="taskd-pool-text.")
     out = open(f"{work}/stdout", "w+")
     cmd = ["valgrind", "--tool=callgrind", "--dump-instr=no", "--demangle=no",
-           "--zero-before=_ZN5taskd7process9set_title*", binary, "--port", "0", "--simulate-ms", "0",
+           "--dump-before=_ZN5taskd7process9set_title*", binary, "--port", "0", "--simulate-ms", "0",
            "--outbox", f"{work}/outbox", "--log-file", f"{work}/log"]
     daemon = subprocess.Popen(cmd, cwd=work, stdout=out, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -130,10 +134,16 @@ def profile(binary, jobs):
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in roles):
         time.sleep(0.1)
-    total = collections.Counter()
+    # The pool's (worker, task), the manager's and the master's, each from the process's title on.
+    total = {"pool": collections.Counter(), "manager": collections.Counter(), "master": collections.Counter()}
     for pid, role in roles.items():
-        if role in ("worker", "task") and os.path.exists(f"{work}/callgrind.out.{pid}"):
-            total += self_costs(f"{work}/callgrind.out.{pid}", binary)
+        group = "pool" if role in ("worker", "task") else role
+        if group in total and os.path.exists(f"{work}/callgrind.out.{pid}"):
+            total[group] += self_costs(f"{work}/callgrind.out.{pid}", binary)
+        # Its start-up, before it named itself (a child's part 1 is what its parent ran): the
+        # master runs it once, but the pages it touched stay mapped.
+        if group == "master" and os.path.exists(f"{work}/callgrind.out.{pid}.1"):
+            total[group] += self_costs(f"{work}/callgrind.out.{pid}.1", binary)
     subprocess.run(["rm", "-rf", work])
     return total
 
@@ -148,19 +158,34 @@ def pattern(name):
 def main():
     opts = parse_args(sys.argv[1:])
     binary = os.path.realpath(opts["taskd"])
-    cost = profile(binary, opts["jobs"])
-    if not cost:
+    costs = profile(binary, opts["jobs"])
+    if not costs["pool"]:
         sys.exit("no function of the binary was counted in a worker or task process")
-    patterns = list(dict.fromkeys(pattern(n) for n, _ in cost.most_common()))
+    # The pool's first (there are many pool processes: their few folios matter most), then what
+    # the manager runs besides, then what the master runs besides: each process's code in a few
+    # folios, the pool's still at the start.
+    patterns, counts = {}, {}
+    for group in ("pool", "manager", "master"):
+        before = len(patterns)
+        for n, _ in costs[group].most_common():
+            if re.fullmatch(r"[\w$.']+", n):  # not valgrind's own names, such as `(below main)`
+                patterns.setdefault(pattern(n), group)
+        counts[group] = len(patterns) - before
     with open(OUT, "w") as f:
         f.write("/* Generated by benches/pool_text.py: the functions a worker or a task process runs, at the\n"
-                "   start of the text, so that they share a few page cache folios (README, Performance: RSS).\n"
+                "   start of the text, so that they share a few page cache folios (README, Performance: RSS);\n"
+                "   then those the manager runs besides, then those the master runs besides.\n"
                 "   A function missing here still links, only elsewhere. INSERT keeps the default layout. */\n")
         f.write("SECTIONS\n{\n  .text.pool :\n  {\n")
-        for p in patterns:
+        last = None
+        for p, group in patterns.items():
+            if group != last:
+                f.write(f"    /* {group} */\n")
+                last = group
             f.write(f"    *(.text.{p} .text.unlikely.{p})\n")
         f.write("  }\n}\nINSERT BEFORE .text;\n")
-    print(f"{OUT}: {len(patterns)} patterns from {len(cost)} functions")
+    print(f"{OUT}: {counts['pool']} patterns of the pool, {counts['manager']} more of the manager, "
+          f"{counts['master']} more of the master")
 
 
 if __name__ == "__main__":
