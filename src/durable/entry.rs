@@ -43,29 +43,6 @@ pub struct JobKey {
 
 impl JobKey {
     /// The fields of a job stream entry (or a parked job's hash) that carry it.
-    /// `XADD stream * FIELDS` of a job with no field but those of [`JobEntry::add_fields`],
-    /// packed: the same bytes as that `Cmd` (see [`super::resp`]).
-    #[allow(clippy::too_many_arguments)]
-    pub fn pack_xadd(
-        packed: &mut Packed,
-        stream: &str,
-        origin: &str,
-        task_id: u64,
-        session: u64,
-        worker: u32,
-        context: &[u8],
-        data: &[u8],
-    ) {
-        let args = 3 + 10 + if context.is_empty() { 0 } else { 2 };
-        packed.command(args).arg(b"XADD").arg(stream.as_bytes()).arg(b"*");
-        packed.arg(b"o").arg(origin.as_bytes()).arg(b"t").number(task_id).arg(b"s").number(session);
-        packed.arg(b"w").number(u64::from(worker));
-        if !context.is_empty() {
-            packed.arg(b"c").arg(context);
-        }
-        packed.arg(b"d").arg(data);
-    }
-
     pub fn add(&self, cmd: &mut Cmd) {
         cmd.arg("k").arg(&self.hex).arg("kt").arg(self.ttl_ms);
     }
