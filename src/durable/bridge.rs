@@ -858,18 +858,27 @@ const DEPTHS_EVERY: Duration = Duration::from_secs(1);
 
 /// `{"jobs":N,"lanes":{"TYPE":N,…},"by_priority":{"high":N,"normal":N,"low":N}}`: the length
 /// of the main job stream and of each lane this node routes jobs to, each over its three
-/// priorities' streams, and of every priority over them (waiting or running: a finished job's
-/// entry is deleted). A lane that no node's handler runs grows here.
+/// priorities' streams, and of every priority over them (waiting or running). Finished jobs'
+/// entries are trimmed first, all of them (see [`super::trim`]), so they are not counted. A
+/// lane that no node's handler runs grows here.
 fn depths(conn: &mut dyn redis::ConnectionLike, d: &Durable) -> redis::RedisResult<String> {
     let lanes: Vec<Option<&str>> =
         std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
-    let mut pipe = redis::pipe();
-    for p in Priority::ALL {
-        for lane in &lanes {
-            pipe.cmd("XLEN").arg(d.keys.stream(*lane, p));
-        }
-    }
-    let lengths: Vec<u64> = pipe.query(conn)?;
+    let streams: Vec<String> = Priority::ALL
+        .into_iter()
+        .flat_map(|p| lanes.iter().map(move |lane| d.keys.stream(*lane, p)))
+        .collect();
+    let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
+    let mut packed = super::resp::Packed::new();
+    super::trim::pack(&mut packed, &streams, 0);
+    let answer = conn.req_packed_commands(packed.bytes(), 0, 1)?.pop();
+    let Some((_, lengths)) = answer.as_ref().and_then(super::trim::answer) else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "unexpected reply",
+            format!("the trim's reply: {answer:?}"),
+        )));
+    };
     // Row per priority, column per lane (the main stream first).
     let at = |p: usize, l: usize| lengths.get(p * lanes.len() + l).copied().unwrap_or(0);
     let of_lane = |l: usize| (0..3).map(|p| at(p, l)).sum::<u64>();

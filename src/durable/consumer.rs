@@ -4,8 +4,9 @@
 //! [`super::keys::Keys::lane`]), so a job waits for a node that can run it.
 //!
 //! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
-//! into its origin's reply stream, XACK, XDEL (XACK alone would leave the entry in the stream
-//! for ever). Past a job's attempts, the job goes to the dead letters with the reason and its
+//! into its origin's reply stream and XACK. The acknowledged entries leave the stream by a
+//! trim of all of them at once, a few times a second ([`super::trim`]), not an XDEL each.
+//! Past a job's attempts, the job goes to the dead letters with the reason and its
 //! origin gets `failed`. A job that failed transiently (or may not run yet) is parked in the
 //! delayed set instead, with a `retrying` notice for its origin, and every consumer moves due
 //! jobs back into the stream every few hundred ms ([`PARK`], [`MOVE_DUE`]).
@@ -186,6 +187,9 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         backoff: Duration::from_millis(100),
         fair: Default::default(),
         wrong: Default::default(),
+        untrimmed: Vec::new(),
+        next_trim: Instant::now(),
+        trim_refused: Default::default(),
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
@@ -428,6 +432,12 @@ struct Consumer<'a> {
     backoff: Duration,
     /// The priorities' credits in the weighted fair order of its takes.
     fair: super::fair::Fair,
+    /// The streams in which it acknowledged entries since its last trim (see [`super::trim`]).
+    untrimmed: Vec<String>,
+    /// When its next trim is due.
+    next_trim: Instant,
+    /// Warnings of a refused trim: one per 10 s.
+    trim_refused: crate::throttle::Throttle,
     /// Its streams that are keys of another type: left out of its reads until mended.
     wrong: super::wrong_type::WrongTyped,
 }
@@ -604,6 +614,9 @@ impl Consumer<'_> {
             // In weighted fair order of the priorities; blocking only when all are empty.
             let got = fair.take(hot, d, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
+                // Idle: what it acknowledged goes from the streams before it waits.
+                self.trim_idle()?;
+                let hot = self.hot.as_mut().expect("connected above");
                 let woke = read_new(hot, &streams, &me, 1, Some(BLOCK_MS))?;
                 fair.woke(d, &woke);
                 woke
@@ -732,29 +745,93 @@ impl Consumer<'_> {
     }
 
     /// Writes the finished jobs it has not written yet (see [`store`]); kept for the next try
-    /// if that fails.
+    /// if that fails. With them, once [`super::trim::EVERY`] has passed, the trim of the
+    /// streams whose entries it acknowledged since the last one.
     fn flush(&mut self) -> redis::RedisResult<()> {
         if self.unsent.is_empty() {
             return Ok(());
         }
         let d = self.d;
         let unsent = std::mem::take(&mut self.unsent);
-        let stored = self.hot().and_then(|hot| store(hot, d, &unsent));
-        if stored.is_err() {
-            self.unsent = unsent;
+        for c in &unsent {
+            let stream = &c.id().stream;
+            if !self.untrimmed.contains(stream) {
+                self.untrimmed.push(stream.clone());
+            }
         }
-        stored
+        let due = Instant::now() >= self.next_trim;
+        let untrimmed = std::mem::take(&mut self.untrimmed);
+        let trim: Vec<&str> = if due { untrimmed.iter().map(String::as_str).collect() } else { Vec::new() };
+        let stored = self.hot().and_then(|hot| store(hot, d, &unsent, &trim));
+        drop(trim);
+        self.untrimmed = untrimmed;
+        match stored {
+            Ok(trimmed) => {
+                self.trimmed(trimmed);
+                Ok(())
+            }
+            Err(e) => {
+                self.unsent = unsent;
+                Err(e)
+            }
+        }
+    }
+
+    /// Trims on its own the streams whose entries it acknowledged and left untrimmed, once
+    /// due (it is idle: no flush will carry it).
+    fn trim_idle(&mut self) -> redis::RedisResult<()> {
+        if self.untrimmed.is_empty() || Instant::now() < self.next_trim {
+            return Ok(());
+        }
+        let mut packed = Packed::new();
+        let streams: Vec<&str> = self.untrimmed.iter().map(String::as_str).collect();
+        super::trim::pack(&mut packed, &streams, super::trim::SLACK);
+        let hot = self.hot.as_mut().expect("connected by take");
+        let answer = hot.req_packed_commands(packed.bytes(), 0, 1)?.pop();
+        let trimmed = match answer.as_ref().and_then(super::trim::answer) {
+            Some((more, _)) => Trimmed::Done { more },
+            None => Trimmed::Refused(format!("{answer:?}")),
+        };
+        self.trimmed(trimmed);
+        Ok(())
+    }
+
+    /// After a trim was asked (see [`Trimmed`]): when the next is due, and what is left.
+    fn trimmed(&mut self, trimmed: Trimmed) {
+        match trimmed {
+            Trimmed::Not => {}
+            Trimmed::Done { more } => {
+                self.untrimmed.clear();
+                // A walk that stopped at its limit goes on at the next flush.
+                self.next_trim = if more { Instant::now() } else { Instant::now() + super::trim::EVERY };
+            }
+            Trimmed::Refused(why) => {
+                self.next_trim = Instant::now() + super::trim::EVERY * 10;
+                if let Some(n) = self.trim_refused.log() {
+                    tracing::warn!(
+                        "{}: Redis refused to trim finished jobs from the job streams ({why}); they \
+                         stay there until it can (an ACL user needs +xtrim +xlen +xinfo|groups \
+                         +xpending +xrange +xdel){}",
+                        self.me,
+                        crate::throttle::unlogged(n)
+                    );
+                }
+            }
+        }
     }
 }
 
-/// Writes finished jobs: for each, its outcome (or dead letter), XACK and XDEL, all in one
-/// MULTI so that a job is never answered without being removed, or the reverse; a job to run
-/// later is parked (see [`PARK`]) in the same MULTI, with its `retrying` notice.
+/// Writes finished jobs: for each, its outcome (or dead letter) and XACK, all in one MULTI so
+/// that a job is never answered without being acknowledged, or the reverse; a job to run later
+/// is parked (see [`PARK`]) in the same MULTI, with its `retrying` notice. The acknowledged
+/// entries stay in their stream until a trim (see [`super::trim`]): of `trim`'s streams at the
+/// end of this MULTI, if any.
 pub(super) fn store(
     conn: &mut dyn ConnectionLike,
     d: &Durable,
     completions: &[Completion],
-) -> redis::RedisResult<()> {
+    trim: &[&str],
+) -> redis::RedisResult<Trimmed> {
     // The transaction packed as it goes (see `super::resp`): MULTI, the commands, EXEC.
     let mut pipe = Packed::new();
     pipe.command(1).arg(b"MULTI");
@@ -832,8 +909,8 @@ pub(super) fn store(
     for (origin, outcomes) in &batches {
         add_outcomes(&mut pipe, &d.keys, origin, outcomes);
     }
-    // A parked job's entry is acknowledged and deleted by its script; the others, stream by
-    // stream.
+    // A parked job's entry is acknowledged and deleted by its script; the others are
+    // acknowledged stream by stream, and their entries left to the trim (see `super::trim`).
     let mut by_stream: Vec<(&str, Vec<&str>)> = Vec::new();
     for at in completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id) {
         match by_stream.iter_mut().find(|(s, _)| *s == at.stream) {
@@ -841,11 +918,11 @@ pub(super) fn store(
             None => by_stream.push((&at.stream, vec![&at.id])),
         }
     }
-    // Plain XACK and XDEL, not a script: a script costs Redis about 1.3 µs more per job (each id
-    // made a Lua value and back, twice). A stream someone made a key of another type since (see
+    // Plain XACK, not a script: a script costs Redis about 1.3 µs more per job (each id made a
+    // Lua value and back). A stream someone made a key of another type since (see
     // `wrong_type`) holds them no more: there they fail alone (WRONGTYPE), which is no failure
     // of the flush (else every outcome of it would be written again, at every try).
-    let mut wrong_type_ok = Vec::with_capacity(by_stream.len() * 2);
+    let mut wrong_type_ok = Vec::with_capacity(by_stream.len());
     // (Indices of the transaction's commands: MULTI is not one.)
     for (stream, ids) in &by_stream {
         wrong_type_ok.push(pipe.len() - 1);
@@ -853,12 +930,12 @@ pub(super) fn store(
         for id in ids {
             pipe.arg(id.as_bytes());
         }
-        wrong_type_ok.push(pipe.len() - 1);
-        pipe.command(2 + ids.len()).arg(b"XDEL").arg(stream.as_bytes());
-        for id in ids {
-            pipe.arg(id.as_bytes());
-        }
     }
+    // Last, after this flush's XACKs: its own entries go with the trim.
+    let trim_at = (!trim.is_empty()).then(|| {
+        super::trim::pack(&mut pipe, trim, super::trim::SLACK);
+        pipe.len() - 2
+    });
     // The transaction as `Pipeline::query` sends it (an error when a command was refused when
     // queued, EXECABORT), but each answer looked at here.
     let n = pipe.len() - 1;
@@ -871,14 +948,35 @@ pub(super) fn store(
             "EXEC's reply is not the transaction's".to_string(),
         )));
     };
+    let mut trimmed = Trimmed::Not;
     for (i, answer) in answers.into_iter().enumerate() {
+        if Some(i) == trim_at {
+            // The outcomes are stored whatever the trim's answer (a MULTI runs every command):
+            // a refused trim (an ACL without XTRIM) fails no flush; the entries wait.
+            trimmed = match super::trim::answer(&answer) {
+                Some((more, _)) => Trimmed::Done { more },
+                None => Trimmed::Refused(format!("{answer:?}")),
+            };
+            continue;
+        }
         if let Value::ServerError(e) = answer {
             if !(e.code() == "WRONGTYPE" && wrong_type_ok.contains(&i)) {
                 return Err(e.into());
             }
         }
     }
-    Ok(())
+    Ok(trimmed)
+}
+
+/// What became of the trim of a flush (see [`store`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Trimmed {
+    /// None asked.
+    Not,
+    /// Done; `more`: a walk stopped at its limit, trim again soon.
+    Done { more: bool },
+    /// Redis refused it (its answer).
+    Refused(String),
 }
 
 /// Parks a job: acknowledges and deletes its stream entry ARGV[2] (group ARGV[1]) in the job

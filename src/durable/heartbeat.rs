@@ -264,7 +264,8 @@ impl Beat {
                 let dead =
                     Completion::Dead { id: r.id.clone(), job: (*r.job).clone(), why, attempts: r.attempt };
                 let d = self.d.clone();
-                if let Err(e) = self.conn().and_then(|conn| store(conn, &d, std::slice::from_ref(&dead))) {
+                if let Err(e) = self.conn().and_then(|conn| store(conn, &d, std::slice::from_ref(&dead), &[]))
+                {
                     tracing::warn!(
                         "cannot record task {} as failed ({}); its next run will give up instead",
                         r.job.task_id,

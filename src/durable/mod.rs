@@ -23,6 +23,7 @@
 //! | [`dead_letter`] | `taskd dead-letter` | listing and replaying dead jobs |
 //! | [`dedup`] | bridge, task process | deduplication keys: taken with the job, ended with it |
 //! | [`cancel`] | bridge | taking back a job that has not started |
+//! | [`trim`] | task process, bridge | removing finished jobs' entries from the streams, in bulk |
 //!
 //! Without `--redis-url`, none of this runs: the master keeps its jobs in memory.
 
@@ -45,6 +46,7 @@ pub mod round;
 pub mod startup;
 mod store_job;
 pub mod ticks;
+pub mod trim;
 mod wrong_type;
 
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! What a node does with Redis before it forks anything: check that the server keeps what it
 //! is given, take a fresh range of task ids, and find the jobs it had accepted before it died.
 
+use std::collections::HashSet;
+
 use redis::{Connection, Value};
 
 use super::entry::JobEntry;
@@ -311,6 +313,8 @@ fn own_jobs(
 ) -> redis::RedisResult<Vec<JobEntry>> {
     let mut jobs = Vec::new();
     for stream in streams {
+        // Finished jobs' entries wait in the stream for a trim (see `super::trim`): skipped.
+        let finished = Finished::of(conn, stream)?;
         let mut from = "-".to_string();
         loop {
             let page: Value =
@@ -318,8 +322,8 @@ fn own_jobs(
             let entries = redis_io::entries(page);
             let Some(last) = entries.last() else { break };
             from = format!("({}", last.id);
-            let entries = entries.into_iter();
-            jobs.extend(entries.into_iter().filter_map(|e| JobEntry::parse(&e)).filter(|j| j.origin == node));
+            let entries = entries.into_iter().filter(|e| !finished.holds(&e.id));
+            jobs.extend(entries.filter_map(|e| JobEntry::parse(&e)).filter(|j| j.origin == node));
         }
     }
     // And those waiting in the delayed set for a retry (after the stream: one moved back in
@@ -394,6 +398,62 @@ fn kept_results(conn: &mut Connection, keys: &Keys) -> redis::RedisResult<Vec<(u
         .into_iter()
         .filter_map(|e| Some((e.number("t")?, e.get("l")?.to_vec())))
         .collect())
+}
+
+/// Which entries of a job stream are acknowledged (finished) and not trimmed yet: those the
+/// group delivered (at most its last-delivered id) that no consumer holds. Read before the
+/// stream's entries: an entry acknowledged after this look is kept as unfinished, and its
+/// outcome, stored with its acknowledgement, is read after the streams (as a job that
+/// finishes between the two reads always was).
+struct Finished {
+    last: Option<(u64, u64)>,
+    pending: HashSet<String>,
+}
+
+impl Finished {
+    fn of(conn: &mut Connection, stream: &str) -> redis::RedisResult<Finished> {
+        let groups: redis::RedisResult<Value> = redis::cmd("XINFO").arg("GROUPS").arg(stream).query(conn);
+        // No stream, no group: nothing delivered.
+        let Ok(groups) = groups else { return Ok(Finished { last: None, pending: HashSet::new() }) };
+        let last = as_array(groups).into_iter().find_map(|g| {
+            let fields = as_array(g);
+            let field = |name: &str| {
+                fields.chunks(2).find_map(|kv| match kv {
+                    [k, v] if as_text(k.clone()) == name => Some(as_text(v.clone())),
+                    _ => None,
+                })
+            };
+            (field("name").as_deref() == Some(GROUP)).then(|| field("last-delivered-id")).flatten()
+        });
+        let Some(last) = last.as_deref().and_then(stream_id) else {
+            return Ok(Finished { last: None, pending: HashSet::new() });
+        };
+        let summary: Value = redis::cmd("XPENDING").arg(stream).arg(GROUP).query(conn)?;
+        let held = as_array(summary).first().and_then(as_int).unwrap_or(0).max(0);
+        let mut pending = HashSet::new();
+        if held > 0 {
+            let v: Value =
+                redis::cmd("XPENDING").arg(stream).arg(GROUP).arg("-").arg("+").arg(held).query(conn)?;
+            pending.extend(
+                as_array(v).into_iter().filter_map(|item| as_array(item).into_iter().next().map(as_text)),
+            );
+        }
+        Ok(Finished { last: Some(last), pending })
+    }
+
+    /// Whether the entry `id` is a finished job's.
+    fn holds(&self, id: &str) -> bool {
+        match (self.last, stream_id(id)) {
+            (Some(last), Some(n)) => n <= last && !self.pending.contains(id),
+            _ => false,
+        }
+    }
+}
+
+/// A stream entry id `MS-SEQ` as numbers (compared in this order).
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
 /// The delivery count of each entry pending for `consumer`, by id.
