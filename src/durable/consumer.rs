@@ -786,8 +786,7 @@ impl Consumer<'_> {
         let mut packed = Packed::new();
         let streams: Vec<&str> = self.untrimmed.iter().map(String::as_str).collect();
         super::trim::pack(&mut packed, &streams, super::trim::SLACK);
-        let hot = self.hot.as_mut().expect("connected by take");
-        let answer = hot.req_packed_commands(packed.bytes(), 0, 1)?.pop();
+        let answer = self.hot()?.req_packed_commands(packed.bytes(), 0, 1)?.pop();
         let trimmed = match answer.as_ref().and_then(super::trim::answer) {
             Some((more, _)) => Trimmed::Done { more },
             None => Trimmed::Refused(format!("{answer:?}")),
