@@ -207,7 +207,7 @@ fn cut(s: &str) -> String {
 /// at its first start, and no lease, which a running node renews every few seconds, also after
 /// Redis lost its data), in the dead letters with the reason: never into a stream nobody
 /// reads. EVAL, not EVALSHA: inside the consumer's MULTI, a script missing from Redis's cache
-/// would fail alone while the XACK and XDEL after it go through, and the outcome would be lost.
+/// would fail alone while the XACK after it goes through, and the outcome would be lost.
 pub fn add_outcomes(pipe: &mut Packed, keys: &Keys, origin: &str, outcomes: &[u8]) {
     if !valid_node(origin) {
         // Only the failure of a job refused for this very origin can get here: that job is in
