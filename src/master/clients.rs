@@ -157,7 +157,7 @@ impl<A: Application> Master<'_, A> {
             let Some(conn) = self.conns.get_mut(key) else { return };
             match incoming {
                 ws::Incoming::Lines(lines) => {
-                    conn.last_active = Instant::now();
+                    conn.last_active = self.now;
                     for line in lines {
                         // The dashboard's requests are the master's own, never a worker's.
                         match admin::parse_admin(&line) {
@@ -243,7 +243,7 @@ impl<A: Application> Master<'_, A> {
                     break;
                 }
                 Ok(n) => {
-                    conn.last_active = Instant::now();
+                    conn.last_active = self.now;
                     self.take_lines(key, &scratch[..n]);
                     if short_read_drains && n < scratch.len() {
                         break;
@@ -635,7 +635,7 @@ impl<A: Application> Master<'_, A> {
 
     /// Closes the lingering connections whose time is up.
     pub(super) fn end_lingering(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         while let Some(&(key, session, at)) = self.lingering.front() {
             if at > now {
                 break;

@@ -85,7 +85,7 @@ impl<A: Application> Master<'_, A> {
                     spec.priority = o.priority;
                     spec.delayed = due.is_some();
                 }
-                self.jobs.accept(task_id, i as u32, session, spec, context, data);
+                self.jobs.accept(task_id, i as u32, session, spec, context, data, self.now);
                 if let (Some(o), Some(job)) = (&options, self.jobs.get_mut(task_id)) {
                     job.run_at_ms = o.run_at_ms;
                     job.key = o.key.clone().filter(|_| self.durable.is_none());
@@ -215,11 +215,12 @@ impl<A: Application> Master<'_, A> {
 
     /// Task slot `j` is done with a run of `task_id`: it holds it no longer. Its pid.
     fn task_ran(&mut self, j: usize, task_id: u64) -> u32 {
+        let now = self.now;
         let slot = &mut self.tasks[j];
         if let Some(pos) = slot.books.inflight.iter().position(|&id| id == task_id) {
             slot.books.inflight.remove(pos);
             if pos == 0 {
-                slot.books.head_finished();
+                slot.books.head_finished(now);
             }
         }
         slot.served += 1;
@@ -330,8 +331,9 @@ impl<A: Application> Master<'_, A> {
             let session = match self.jobs.get_mut(task_id) {
                 Some(job) if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 => {
                     job.flags |= task_flags::REPLIED;
-                    // Kept for a `result` query (see `finish_job`).
-                    job.reply = reply.to_vec();
+                    // Kept for a `result` query (see `finish_job`), in the buffer of a reply
+                    // no longer kept.
+                    job.reply = self.results.copy_of(reply);
                     Some(job.session)
                 }
                 _ => None,
@@ -359,6 +361,13 @@ impl<A: Application> Master<'_, A> {
             }
             return;
         };
+        self.finish_removed(task_id, &mut job, task_pid, ok, result);
+        // Its payload's buffer takes the next job's.
+        self.jobs.recycle(job);
+    }
+
+    /// [`Master::finish_job`] of a job taken out of the books.
+    fn finish_removed(&mut self, task_id: u64, job: &mut jobs::Job, task_pid: u32, ok: bool, result: &[u8]) {
         // The final reply is kept for a `result` query (the last result_keep): for a client
         // that cannot have it (gone, or the node restarted since), and for one that had it and
         // asks again (as Celery's users do); with durable jobs it is also the record of which
@@ -381,9 +390,9 @@ impl<A: Application> Master<'_, A> {
             self.counters.tasks_done += 1;
         } else {
             self.counters.tasks_failed += 1;
-            self.dashboard.failure(task_id, &job.data, result, job.attempts);
+            self.dashboard.failure(task_id, job.data(), result, job.attempts);
         }
-        self.dashboard.finished(ok, job.accepted.elapsed());
+        self.dashboard.finished(ok, self.now.saturating_duration_since(job.accepted));
         self.shared.set_jobs_pending(self.jobs.len() as u64);
         if job.group != 0 {
             let Some(group) = self.jobs.groups.get_mut(&job.group) else {
@@ -410,7 +419,7 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         let finish = |seq, out: &mut Vec<u8>| {
-            let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
+            let (attempts, flags, context) = (job.attempts, job.flags, job.context());
             ToWorker::Finish(Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result })
                 .encode(out)
         };
@@ -522,6 +531,7 @@ impl<A: Application> Master<'_, A> {
 
     /// Sends a job to task slot `j`.
     pub(super) fn run_on(&mut self, j: usize, task_id: u64) {
+        let now = self.now;
         let Some(job) = self.jobs.get_mut(task_id) else { return };
         job.attempts += 1;
         job.state = jobs::JobState::Running;
@@ -531,12 +541,12 @@ impl<A: Application> Master<'_, A> {
             session: job.session,
             attempt: job.attempts,
             src_worker: job.worker,
-            data: &job.data,
+            data: job.data(),
         }
         .encode(slot.chan.output());
         slot.books.inflight.push_back(task_id);
         if slot.books.inflight.len() == 1 {
-            slot.books.head_changed();
+            slot.books.head_changed(now);
         }
     }
 

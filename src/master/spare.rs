@@ -1,0 +1,74 @@
+//! Byte buffers kept for reuse: a job's payload (its context and data) and its final reply are
+//! copied into a buffer a finished job left, not into a new allocation. Per job the master
+//! allocated three buffers and freed as many; in bursts of dozens per turn they overflowed
+//! malloc's per-size caches, and its slow paths (`_int_malloc`, `_int_free`, consolidation)
+//! were a fifth of the master's instructions.
+
+/// At most [`SpareBytes::MAX`] buffers of at most [`SpareBytes::CAPACITY`] bytes each.
+#[derive(Default)]
+pub struct SpareBytes(Vec<Vec<u8>>);
+
+impl SpareBytes {
+    /// About what one turn finishes at most under load; 256 kB at the most in all.
+    pub const MAX: usize = 256;
+    /// A job's payload or reply is rarely larger; a larger buffer is freed.
+    pub const CAPACITY: usize = 1024;
+
+    /// A copy of `bytes`, in a kept buffer if there is one.
+    pub fn copy_of(&mut self, bytes: &[u8]) -> Vec<u8> {
+        match self.0.pop() {
+            Some(mut buf) => {
+                buf.extend_from_slice(bytes);
+                buf
+            }
+            None => bytes.to_vec(),
+        }
+    }
+
+    /// A copy of the two slices one after the other, in a kept buffer if there is one.
+    pub fn concat(&mut self, first: &[u8], second: &[u8]) -> Vec<u8> {
+        let mut buf = self.0.pop().unwrap_or_default();
+        buf.reserve(first.len() + second.len());
+        buf.extend_from_slice(first);
+        buf.extend_from_slice(second);
+        buf
+    }
+
+    /// Keeps `buf` for a later copy, if it is small and there is room.
+    pub fn put(&mut self, mut buf: Vec<u8>) {
+        if buf.capacity() == 0 || buf.capacity() > Self::CAPACITY || self.0.len() >= Self::MAX {
+            return;
+        }
+        buf.clear();
+        self.0.push(buf);
+    }
+
+    /// Bytes the kept buffers take.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.0.iter().map(Vec::capacity).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SpareBytes;
+
+    #[test]
+    fn kept_buffers_are_reused_emptied_and_bounded() {
+        let mut spare = SpareBytes::default();
+        spare.put(Vec::new());
+        spare.put(Vec::with_capacity(SpareBytes::CAPACITY + 1));
+        assert_eq!(spare.held(), 0, "no empty buffer, none too large");
+        let first = spare.copy_of(b"payload");
+        let ptr = first.as_ptr();
+        spare.put(first);
+        let second = spare.concat(b"ctx", b"data");
+        assert_eq!((second.as_ptr(), &second[..]), (ptr, &b"ctxdata"[..]), "the same buffer, emptied");
+        assert_eq!(spare.copy_of(b"new"), b"new");
+        for _ in 0..2 * SpareBytes::MAX {
+            spare.put(Vec::with_capacity(64));
+        }
+        assert_eq!(spare.held(), SpareBytes::MAX * 64);
+    }
+}
