@@ -263,13 +263,21 @@ impl Jobs {
     }
 
     /// The job that starts next (weighted fair order of the priorities).
+    #[cfg(test)]
     pub fn front(&self) -> Option<u64> {
         let (p, _) = self.pick()?;
         self.queue[p].front().copied()
     }
 
+    /// Takes the job that starts next (as [`Jobs::pop_front_if`] with a taker that takes all).
+    #[cfg(test)]
     pub fn pop_front(&mut self) -> Option<u64> {
         let (p, credit) = self.pick()?;
+        self.take_picked(p, credit)
+    }
+
+    /// Takes the head of priority `p`'s queue, picked with the credits `credit` after it.
+    fn take_picked(&mut self, p: usize, credit: [i64; 3]) -> Option<u64> {
         // A priority that waits no more forgets its credit: it does not come back owed.
         self.credit = credit;
         for q in 0..3 {
@@ -282,6 +290,18 @@ impl Jobs {
             self.credit[p] = 0;
         }
         id
+    }
+
+    /// Takes the job that starts next out of its queue if `take`, given its session, says
+    /// where it goes; its id and that answer. One pick, where [`Jobs::front`] then
+    /// [`Jobs::pop_front`] made two.
+    pub fn pop_front_if<R>(&mut self, take: impl FnOnce(u64) -> Option<R>) -> Option<(u64, R)> {
+        let (p, credit) = self.pick()?;
+        let task_id = *self.queue[p].front()?;
+        let session = self.get(task_id).map_or(0, |job| job.session);
+        let answer = take(session)?;
+        self.take_picked(p, credit);
+        Some((task_id, answer))
     }
 
     /// Takes a job out of its task queue (it is cancelled). Whether it was there.
@@ -428,8 +448,11 @@ mod tests {
         }
         let mut counts = [0; 3];
         for _ in 0..50 {
-            let id = jobs.pop_front().unwrap();
-            assert_eq!(jobs.front().map(|_| ()), Some(()));
+            // Refused first (no task process has room): nothing is taken, no credit moves.
+            let next = jobs.front();
+            assert_eq!(jobs.pop_front_if(|_| None::<()>), None);
+            let (id, ()) = jobs.pop_front_if(|_| Some(())).unwrap();
+            assert_eq!(Some(id), next);
             counts[(id / 1000) as usize] += 1;
         }
         assert_eq!(counts, [30, 15, 5]);

@@ -86,9 +86,12 @@ impl<A: Application> Master<'_, A> {
                     spec.delayed = due.is_some();
                 }
                 self.jobs.accept(task_id, i as u32, session, spec, context, data, self.now);
-                if let (Some(o), Some(job)) = (&options, self.jobs.get_mut(task_id)) {
-                    job.run_at_ms = o.run_at_ms;
-                    job.key = o.key.clone().filter(|_| self.durable.is_none());
+                // Looked up only when there are options (a pair would look it up for every job).
+                if let Some(o) = &options {
+                    if let Some(job) = self.jobs.get_mut(task_id) {
+                        job.run_at_ms = o.run_at_ms;
+                        job.key = o.key.clone().filter(|_| self.durable.is_none());
+                    }
                 }
                 if let Some(due) = due {
                     self.delayed.push(due, task_id);
@@ -503,28 +506,32 @@ impl<A: Application> Master<'_, A> {
         // The task process the previous job went to, its session, and how many of that
         // session's jobs in a row it took.
         let mut last: Option<(usize, u64, usize)> = None;
-        while let Some(task_id) = self.jobs.front() {
+        loop {
+            let tasks = &self.tasks;
             let has_room = |t: &TaskSlot| t.accepts_work() && t.books.inflight.len() < t.books.room(prefetch);
-            let session = self.jobs.get(task_id).map_or(0, |job| job.session);
-            // A connection's jobs read together run together (up to SESSION_RUN of them): their
-            // `done` lines come back in one frame and leave in one write, where spread over
-            // every task process they came back in as many turns and writes.
-            let together = last
-                .filter(|&(j, s, n)| {
-                    s == session && session != 0 && n < SESSION_RUN && has_room(&self.tasks[j])
-                })
-                .map(|(j, _, n)| (j, n + 1));
-            let best = together.or_else(|| {
-                self.tasks
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, t)| has_room(t))
-                    .min_by_key(|(_, t)| t.books.inflight.len())
-                    .map(|(j, _)| (j, 1))
+            // The next job is taken only if a task process has room for it (one pick of the
+            // priorities, and one look-up of the job, for both).
+            let taken = self.jobs.pop_front_if(|session| {
+                // A connection's jobs read together run together (up to SESSION_RUN of them):
+                // their `done` lines come back in one frame and leave in one write, where
+                // spread over every task process they came back in as many turns and writes.
+                let together = last
+                    .filter(|&(j, s, n)| {
+                        s == session && session != 0 && n < SESSION_RUN && has_room(&tasks[j])
+                    })
+                    .map(|(j, _, n)| (j, n + 1));
+                let best = together.or_else(|| {
+                    tasks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| has_room(t))
+                        .min_by_key(|(_, t)| t.books.inflight.len())
+                        .map(|(j, _)| (j, 1))
+                });
+                best.map(|(j, n)| (j, session, n))
             });
-            let Some((j, n)) = best else { return };
+            let Some((task_id, (j, session, n))) = taken else { return };
             last = Some((j, session, n));
-            self.jobs.pop_front();
             self.run_on(j, task_id);
         }
     }
