@@ -511,19 +511,31 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         conn.queue_from(data, &mut self.spare_buffers);
-        if conn.unwritten() > limit {
-            let (peer, pending) = (conn.peer, conn.unwritten());
+        let held = conn.unwritten();
+        if held > limit {
+            let peer = conn.peer;
             if let Some(n) = self.warnings.slow_reader.log() {
                 tracing::warn!(
-                    "client {peer} does not read its replies: {pending} bytes pending, over buffer_output_size ({limit}); disconnecting{}",
+                    "client {peer} does not read its replies: {held} bytes pending, over buffer_output_size ({limit}); disconnecting{}",
                     unlogged(n)
                 );
             }
             self.close_conn(key);
             return;
         }
-        self.mark_dirty(key);
-        self.account_output(key);
+        // `mark_dirty` and `account_output` on the connection at hand (a line connection holds
+        // only its unwritten bytes): each looked it up again, for every reply line.
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+        if held != conn.out_counted {
+            self.counters.output_bytes = self.counters.output_bytes - conn.out_counted + held;
+            conn.out_counted = held;
+            if self.counters.output_bytes > self.config.output_total_max {
+                self.enforce_output_budget();
+            }
+        }
     }
 
     /// Brings `output_bytes` up to date with what connection `key` holds now; past
