@@ -16,22 +16,27 @@ impl SpareBytes {
 
     /// A copy of `bytes`, in a kept buffer if there is one.
     pub fn copy_of(&mut self, bytes: &[u8]) -> Vec<u8> {
-        match self.0.pop() {
-            Some(mut buf) => {
-                buf.extend_from_slice(bytes);
-                buf
-            }
-            None => bytes.to_vec(),
-        }
+        self.concat(bytes, &[])
     }
 
     /// A copy of the two slices one after the other, in a kept buffer if there is one.
     pub fn concat(&mut self, first: &[u8], second: &[u8]) -> Vec<u8> {
-        let mut buf = self.0.pop().unwrap_or_default();
-        buf.reserve(first.len() + second.len());
+        let len = first.len() + second.len();
+        let mut buf = match self.0.pop() {
+            Some(buf) if buf.capacity() >= len => buf,
+            // Too small: freed, and a new one made with room to spare.
+            _ => Vec::with_capacity(Self::room_for(len)),
+        };
         buf.extend_from_slice(first);
         buf.extend_from_slice(second);
         buf
+    }
+
+    /// The capacity a new buffer for `len` bytes gets: 32 to 95 bytes more, so that the next
+    /// payload or reply, a few bytes longer (a longer address, one more digit), fits in it
+    /// (one made to measure was reallocated by every longer copy).
+    fn room_for(len: usize) -> usize {
+        (len + 95) & !63
     }
 
     /// Keeps `buf` for a later copy, if it is small and there is room.
@@ -66,6 +71,11 @@ mod tests {
         let second = spare.concat(b"ctx", b"data");
         assert_eq!((second.as_ptr(), &second[..]), (ptr, &b"ctxdata"[..]), "the same buffer, emptied");
         assert_eq!(spare.copy_of(b"new"), b"new");
+        // A kept buffer too small for a copy is not grown (a copy and a free): a new one has room.
+        spare.put(Vec::with_capacity(4));
+        let longer = spare.copy_of(b"longer than four");
+        assert!(longer.capacity() >= 16 + 32, "{}", longer.capacity());
+        assert_eq!(spare.held(), 0);
         for _ in 0..2 * SpareBytes::MAX {
             spare.put(Vec::with_capacity(64));
         }
