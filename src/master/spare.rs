@@ -9,8 +9,9 @@
 pub struct SpareBytes(Vec<Vec<u8>>);
 
 impl SpareBytes {
-    /// About what one turn finishes at most under load; 256 kB at the most in all.
-    pub const MAX: usize = 256;
+    /// About what one turn finishes at most under load (with 256, a turn that finished more
+    /// freed the rest and the next turn's jobs allocated again); 1 MB at the most in all.
+    pub const MAX: usize = 1024;
     /// A job's payload or reply is rarely larger; a larger buffer is freed.
     pub const CAPACITY: usize = 1024;
 
