@@ -142,7 +142,7 @@ impl<A: Application> Master<'_, A> {
     /// Where a job is: waiting, running (where), waiting to run again, or its final reply.
     fn lookup(&self, task_id: u64) -> Value {
         if let Some(job) = self.jobs.get(task_id) {
-            let data: Value = serde_json::from_slice(&job.data).unwrap_or(Value::Null);
+            let data: Value = serde_json::from_slice(job.data()).unwrap_or(Value::Null);
             let running = self.tasks.iter().enumerate().find(|(_, t)| t.books.inflight.contains(&task_id));
             let state = match running {
                 Some((j, _)) => format!("running in task {j}"),
@@ -165,7 +165,7 @@ impl<A: Application> Master<'_, A> {
 
     /// A second is over: a new sample, and the line for every dashboard session.
     pub(super) fn dashboard_tick(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         if now < self.dashboard.next_tick {
             return;
         }
@@ -198,7 +198,7 @@ impl<A: Application> Master<'_, A> {
         }
         for (j, t) in self.tasks.iter().enumerate().filter(|(_, t)| t.in_pool() || t.is_alive()) {
             let job = t.books.inflight.front().map(|&id| {
-                let data = self.jobs.get(id).map(|j| j.data.as_slice()).unwrap_or(b"");
+                let data = self.jobs.get(id).map(|j| j.data()).unwrap_or(b"");
                 let data: Value = serde_json::from_slice(data).unwrap_or(Value::Null);
                 let since = t.books.running_since.map(|s| s.elapsed().as_millis() as u64);
                 json!({"task_id": id, "type": data.get("type"), "to": data.get("to"), "running_ms": since})

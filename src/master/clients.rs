@@ -157,7 +157,7 @@ impl<A: Application> Master<'_, A> {
             let Some(conn) = self.conns.get_mut(key) else { return };
             match incoming {
                 ws::Incoming::Lines(lines) => {
-                    conn.last_active = Instant::now();
+                    conn.last_active = self.now;
                     for line in lines {
                         // The dashboard's requests are the master's own, never a worker's.
                         match admin::parse_admin(&line) {
@@ -243,7 +243,7 @@ impl<A: Application> Master<'_, A> {
                     break;
                 }
                 Ok(n) => {
-                    conn.last_active = Instant::now();
+                    conn.last_active = self.now;
                     self.take_lines(key, &scratch[..n]);
                     if short_read_drains && n < scratch.len() {
                         break;
@@ -511,19 +511,31 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         conn.queue_from(data, &mut self.spare_buffers);
-        if conn.unwritten() > limit {
-            let (peer, pending) = (conn.peer, conn.unwritten());
+        let held = conn.unwritten();
+        if held > limit {
+            let peer = conn.peer;
             if let Some(n) = self.warnings.slow_reader.log() {
                 tracing::warn!(
-                    "client {peer} does not read its replies: {pending} bytes pending, over buffer_output_size ({limit}); disconnecting{}",
+                    "client {peer} does not read its replies: {held} bytes pending, over buffer_output_size ({limit}); disconnecting{}",
                     unlogged(n)
                 );
             }
             self.close_conn(key);
             return;
         }
-        self.mark_dirty(key);
-        self.account_output(key);
+        // `mark_dirty` and `account_output` on the connection at hand (a line connection holds
+        // only its unwritten bytes): each looked it up again, for every reply line.
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+        if held != conn.out_counted {
+            self.counters.output_bytes = self.counters.output_bytes - conn.out_counted + held;
+            conn.out_counted = held;
+            if self.counters.output_bytes > self.config.output_total_max {
+                self.enforce_output_budget();
+            }
+        }
     }
 
     /// Brings `output_bytes` up to date with what connection `key` holds now; past
@@ -635,7 +647,7 @@ impl<A: Application> Master<'_, A> {
 
     /// Closes the lingering connections whose time is up.
     pub(super) fn end_lingering(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         while let Some(&(key, session, at)) = self.lingering.front() {
             if at > now {
                 break;

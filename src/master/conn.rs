@@ -99,7 +99,7 @@ impl Conn {
     /// a few lines a turn would otherwise allocate (and grow, and free) a buffer every turn.
     pub fn queue_from(&mut self, data: &[u8], spare: &mut SpareBuffers) {
         if self.out.capacity() == 0 {
-            if let Some(buf) = spare.0.pop() {
+            if let Some(buf) = spare.take() {
                 self.out = buf;
             }
         }
@@ -196,21 +196,38 @@ impl Conn {
 }
 
 /// Output buffers written out, kept for the next connection that has something to write: at
-/// most [`SpareBuffers::MAX`] of at most [`SpareBuffers::CAPACITY`] bytes (256 kB in all).
+/// most [`SpareBuffers::MAX`] of at most [`SpareBuffers::CAPACITY`] bytes, and at most
+/// [`SpareBuffers::TOTAL`] bytes in all.
 #[derive(Default)]
-pub struct SpareBuffers(Vec<Vec<u8>>);
+pub struct SpareBuffers {
+    kept: Vec<Vec<u8>>,
+    /// The capacity of the buffers in `kept`.
+    bytes: usize,
+}
 
 impl SpareBuffers {
     pub const MAX: usize = 64;
-    /// A batch of replies to one connection is rarely larger; a larger buffer is freed.
-    pub const CAPACITY: usize = 4096;
+    /// A turn's replies to one connection with 64 jobs in flight (about 10 kB of `done`
+    /// lines) fit: with at most 4 kB kept, such a buffer was grown twice (realloc, copying)
+    /// and then freed, every turn, for every connection.
+    pub const CAPACITY: usize = 64 * 1024;
+    pub const TOTAL: usize = 256 * 1024;
 
     fn put(&mut self, mut buf: Vec<u8>) {
-        if buf.capacity() == 0 || buf.capacity() > Self::CAPACITY || self.0.len() >= Self::MAX {
+        let cap = buf.capacity();
+        if cap == 0 || cap > Self::CAPACITY || self.kept.len() >= Self::MAX || self.bytes + cap > Self::TOTAL
+        {
             return;
         }
         buf.clear();
-        self.0.push(buf);
+        self.bytes += cap;
+        self.kept.push(buf);
+    }
+
+    fn take(&mut self) -> Option<Vec<u8>> {
+        let buf = self.kept.pop()?;
+        self.bytes -= buf.capacity();
+        Some(buf)
     }
 }
 
@@ -223,12 +240,20 @@ mod tests {
         let mut spare = SpareBuffers::default();
         spare.put(Vec::new());
         spare.put(Vec::with_capacity(SpareBuffers::CAPACITY + 1));
-        assert!(spare.0.is_empty(), "no empty buffer, none too large");
+        assert!(spare.kept.is_empty(), "no empty buffer, none too large");
         spare.put(b"written".to_vec());
-        assert_eq!((spare.0.len(), spare.0[0].len()), (1, 0), "kept, emptied");
+        assert_eq!((spare.kept.len(), spare.kept[0].len()), (1, 0), "kept, emptied");
         for _ in 0..2 * SpareBuffers::MAX {
             spare.put(Vec::with_capacity(64));
         }
-        assert_eq!(spare.0.len(), SpareBuffers::MAX);
+        assert_eq!(spare.kept.len(), SpareBuffers::MAX);
+        let taken = spare.take().map(|b| b.capacity());
+        assert_eq!((taken, spare.bytes), (Some(64), (SpareBuffers::MAX - 2) * 64 + 7));
+        // Large ones up to the total.
+        let mut spare = SpareBuffers::default();
+        for _ in 0..8 {
+            spare.put(Vec::with_capacity(SpareBuffers::CAPACITY));
+        }
+        assert_eq!(spare.kept.len(), SpareBuffers::TOTAL / SpareBuffers::CAPACITY);
     }
 }

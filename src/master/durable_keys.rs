@@ -201,7 +201,7 @@ impl<A: Application> Master<'_, A> {
         }
         for &task_id in state.dedup.cancels.keys() {
             if let Some(job) = self.jobs.get(task_id) {
-                let stream = state.d.stream_of(&job.data, job.priority);
+                let stream = state.d.stream_of(job.data(), job.priority);
                 ToBridge::Cancel { task_id, stream: stream.as_bytes() }.encode(&mut frames);
             }
         }
@@ -215,7 +215,7 @@ impl<A: Application> Master<'_, A> {
         if state.dedup.cancels.contains_key(&task_id) {
             return Err(format!("job {task_id} is being cancelled already"));
         }
-        let stream = state.d.stream_of(&job.data, job.priority);
+        let stream = state.d.stream_of(job.data(), job.priority);
         state.bridge.send(&ToBridge::Cancel { task_id, stream: stream.as_bytes() });
         state.dedup.cancels.insert(task_id, via);
         Ok(())

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::app::Priority;
 
+use super::spare::SpareBytes;
+
 /// Where a job is: what a `cancel` may do with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
@@ -30,8 +32,9 @@ pub struct Job {
     /// The worker slot that submitted it (its `on_finish` gets the outcome).
     pub worker: u32,
     pub session: u64,
-    pub context: Vec<u8>,
-    pub data: Vec<u8>,
+    /// Its context then its data, in one buffer (see [`Job::context`], [`Job::data`]).
+    payload: Vec<u8>,
+    context_len: usize,
     /// How many times it was handed to a task process (a run told "not yet" does not count).
     pub attempts: u32,
     /// Delivery retries it has had (`delivery_retry_max`), and the error of the last one.
@@ -56,6 +59,18 @@ pub struct Job {
     pub run_at_ms: u64,
     /// Its deduplication key, if any (freed when it ends).
     pub key: Option<String>,
+}
+
+impl Job {
+    /// What its finish needs besides the outcome (the submitter's request context).
+    pub fn context(&self) -> &[u8] {
+        &self.payload[..self.context_len]
+    }
+
+    /// What its task process runs.
+    pub fn data(&self) -> &[u8] {
+        &self.payload[self.context_len..]
+    }
 }
 
 /// A member's outcome: whether it succeeded, its result or error text, and how many times it
@@ -123,6 +138,8 @@ pub struct Jobs {
     /// Jobs waiting for one given task process (`task_to`), per slot.
     targeted: HashMap<u32, VecDeque<u64>>,
     pub groups: HashMap<u64, Group>,
+    /// Finished jobs' payload buffers, for the next jobs'.
+    spare: SpareBytes,
     /// Bytes of the payloads (data and context) of every job in `all` (`task_queue_bytes_max`).
     bytes: usize,
 }
@@ -151,6 +168,8 @@ impl Jobs {
         self.groups.insert(group_id, group);
     }
 
+    // Every argument is a part of the job as the worker's frame gave it, and the turn's clock.
+    #[allow(clippy::too_many_arguments)]
     pub fn accept(
         &mut self,
         task_id: u64,
@@ -159,6 +178,7 @@ impl Jobs {
         spec: JobSpec,
         context: &[u8],
         data: &[u8],
+        now: Instant,
     ) {
         let JobSpec { group, target, flags, priority, delayed } = spec;
         let mut index = 0;
@@ -177,8 +197,8 @@ impl Jobs {
         let job = Job {
             worker,
             session,
-            context: context.to_vec(),
-            data: data.to_vec(),
+            payload: self.spare.concat(context, data),
+            context_len: context.len(),
             attempts: 0,
             retries: 0,
             last_error: String::new(),
@@ -188,7 +208,7 @@ impl Jobs {
             flags,
             batch: 0,
             reply: Vec::new(),
-            accepted: Instant::now(),
+            accepted: now,
             priority,
             state: if delayed { JobState::Delayed } else { JobState::Queued },
             run_at_ms: 0,
@@ -198,7 +218,7 @@ impl Jobs {
         match self.all.get(&task_id) {
             Some(&slot) => {
                 let old = std::mem::replace(&mut self.slots[slot], job);
-                self.bytes -= old.context.len() + old.data.len();
+                self.bytes -= old.payload.len();
                 tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
             }
             None => {
@@ -218,7 +238,7 @@ impl Jobs {
     /// A durable job this node accepted before it restarted: no client waits for it now.
     pub fn recover(&mut self, task_id: u64, worker: u32, context: &[u8], data: &[u8]) {
         let spec = JobSpec::now(0, None, 0);
-        self.accept(task_id, worker, 0, spec, context, data);
+        self.accept(task_id, worker, 0, spec, context, data, Instant::now());
     }
 
     pub fn get(&self, task_id: u64) -> Option<&Job> {
@@ -243,13 +263,21 @@ impl Jobs {
     }
 
     /// The job that starts next (weighted fair order of the priorities).
+    #[cfg(test)]
     pub fn front(&self) -> Option<u64> {
         let (p, _) = self.pick()?;
         self.queue[p].front().copied()
     }
 
+    /// Takes the job that starts next (as [`Jobs::pop_front_if`] with a taker that takes all).
+    #[cfg(test)]
     pub fn pop_front(&mut self) -> Option<u64> {
         let (p, credit) = self.pick()?;
+        self.take_picked(p, credit)
+    }
+
+    /// Takes the head of priority `p`'s queue, picked with the credits `credit` after it.
+    fn take_picked(&mut self, p: usize, credit: [i64; 3]) -> Option<u64> {
         // A priority that waits no more forgets its credit: it does not come back owed.
         self.credit = credit;
         for q in 0..3 {
@@ -262,6 +290,18 @@ impl Jobs {
             self.credit[p] = 0;
         }
         id
+    }
+
+    /// Takes the job that starts next out of its queue if `take`, given its session, says
+    /// where it goes; its id and that answer. One pick, where [`Jobs::front`] then
+    /// [`Jobs::pop_front`] made two.
+    pub fn pop_front_if<R>(&mut self, take: impl FnOnce(u64) -> Option<R>) -> Option<(u64, R)> {
+        let (p, credit) = self.pick()?;
+        let task_id = *self.queue[p].front()?;
+        let session = self.get(task_id).map_or(0, |job| job.session);
+        let answer = take(session)?;
+        self.take_picked(p, credit);
+        Some((task_id, answer))
     }
 
     /// Takes a job out of its task queue (it is cancelled). Whether it was there.
@@ -302,8 +342,13 @@ impl Jobs {
 
     pub fn remove(&mut self, task_id: u64) -> Option<Job> {
         let job = self.slots.remove(self.all.remove(&task_id)?);
-        self.bytes -= job.context.len() + job.data.len();
+        self.bytes -= job.payload.len();
         Some(job)
+    }
+
+    /// Keeps the buffers of a job removed and done with, for the next jobs.
+    pub fn recycle(&mut self, job: Job) {
+        self.spare.put(job.payload);
     }
 
     /// Bytes of the payloads of the jobs held (queued or running).
@@ -357,33 +402,37 @@ mod tests {
 
     fn accept(jobs: &mut Jobs, id: u64, priority: Priority) {
         let spec = JobSpec { priority, ..JobSpec::now(0, None, 0) };
-        jobs.accept(id, 0, 0, spec, b"", b"");
+        jobs.accept(id, 0, 0, spec, b"", b"", Instant::now());
     }
 
     #[test]
     fn a_finished_jobs_place_taken_by_a_new_job_never_mixes_the_two_up() {
         let mut jobs = Jobs::default();
         let spec = JobSpec::now(0, None, 0);
-        jobs.accept(1, 0, 10, spec, b"c1", b"first");
-        jobs.accept(2, 1, 20, spec, b"c2", b"second");
+        jobs.accept(1, 0, 10, spec, b"c1", b"first", Instant::now());
+        jobs.accept(2, 1, 20, spec, b"c2", b"second", Instant::now());
         assert_eq!(jobs.bytes(), 15);
         let first = jobs.remove(1).unwrap();
-        assert_eq!((first.session, &first.data[..]), (10, &b"first"[..]));
+        assert_eq!((first.session, first.context(), first.data()), (10, &b"c1"[..], &b"first"[..]));
+        jobs.recycle(first);
         assert!(jobs.remove(1).is_none() && jobs.get(1).is_none());
         // Job 3 takes job 1's place.
-        jobs.accept(3, 0, 30, spec, b"", b"third");
+        jobs.accept(3, 0, 30, spec, b"", b"third", Instant::now());
         assert!(jobs.get(1).is_none());
-        assert_eq!(jobs.get(3).map(|j| (j.session, &j.data[..])), Some((30, &b"third"[..])));
-        assert_eq!(jobs.get(2).map(|j| (j.session, &j.data[..])), Some((20, &b"second"[..])));
+        assert_eq!(
+            jobs.get(3).map(|j| (j.session, j.context(), j.data())),
+            Some((30, &b""[..], &b"third"[..]))
+        );
+        assert_eq!(jobs.get(2).map(|j| (j.session, j.data())), Some((20, &b"second"[..])));
         // The same id again replaces the job, in its place.
-        jobs.accept(3, 0, 31, spec, b"", b"again");
+        jobs.accept(3, 0, 31, spec, b"", b"again", Instant::now());
         jobs.get_mut(3).unwrap().attempts = 2;
         assert_eq!(jobs.get(3).map(|j| (j.session, j.attempts)), Some((31, 2)));
         assert_eq!((jobs.len(), jobs.bytes()), (2, 2 + 6 + 5));
         let mut ids = jobs.ids();
         ids.sort_unstable();
         assert_eq!(ids, vec![2, 3]);
-        assert_eq!(jobs.remove(3).map(|j| j.data), Some(b"again".to_vec()));
+        assert_eq!(jobs.remove(3).map(|j| j.data().to_vec()), Some(b"again".to_vec()));
         assert_eq!(jobs.remove(2).map(|j| j.session), Some(20));
         assert!(jobs.is_empty());
         assert_eq!(jobs.bytes(), 0);
@@ -399,8 +448,11 @@ mod tests {
         }
         let mut counts = [0; 3];
         for _ in 0..50 {
-            let id = jobs.pop_front().unwrap();
-            assert_eq!(jobs.front().map(|_| ()), Some(()));
+            // Refused first (no task process has room): nothing is taken, no credit moves.
+            let next = jobs.front();
+            assert_eq!(jobs.pop_front_if(|_| None::<()>), None);
+            let (id, ()) = jobs.pop_front_if(|_| Some(())).unwrap();
+            assert_eq!(Some(id), next);
             counts[(id / 1000) as usize] += 1;
         }
         assert_eq!(counts, [30, 15, 5]);

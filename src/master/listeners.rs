@@ -223,7 +223,7 @@ impl<A: Application> Master<'_, A> {
 
     /// Closes the connections whose handshake is not done by its deadline.
     pub(super) fn expire_handshakes(&mut self) {
-        let now = Instant::now();
+        let now = self.now;
         while let Some(&(at, pending)) = self.guard.deadlines.front() {
             if at > now {
                 break;

@@ -85,10 +85,13 @@ impl<A: Application> Master<'_, A> {
                     spec.priority = o.priority;
                     spec.delayed = due.is_some();
                 }
-                self.jobs.accept(task_id, i as u32, session, spec, context, data);
-                if let (Some(o), Some(job)) = (&options, self.jobs.get_mut(task_id)) {
-                    job.run_at_ms = o.run_at_ms;
-                    job.key = o.key.clone().filter(|_| self.durable.is_none());
+                self.jobs.accept(task_id, i as u32, session, spec, context, data, self.now);
+                // Looked up only when there are options (a pair would look it up for every job).
+                if let Some(o) = &options {
+                    if let Some(job) = self.jobs.get_mut(task_id) {
+                        job.run_at_ms = o.run_at_ms;
+                        job.key = o.key.clone().filter(|_| self.durable.is_none());
+                    }
                 }
                 if let Some(due) = due {
                     self.delayed.push(due, task_id);
@@ -215,11 +218,12 @@ impl<A: Application> Master<'_, A> {
 
     /// Task slot `j` is done with a run of `task_id`: it holds it no longer. Its pid.
     fn task_ran(&mut self, j: usize, task_id: u64) -> u32 {
+        let now = self.now;
         let slot = &mut self.tasks[j];
         if let Some(pos) = slot.books.inflight.iter().position(|&id| id == task_id) {
             slot.books.inflight.remove(pos);
             if pos == 0 {
-                slot.books.head_finished();
+                slot.books.head_finished(now);
             }
         }
         slot.served += 1;
@@ -330,8 +334,9 @@ impl<A: Application> Master<'_, A> {
             let session = match self.jobs.get_mut(task_id) {
                 Some(job) if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 => {
                     job.flags |= task_flags::REPLIED;
-                    // Kept for a `result` query (see `finish_job`).
-                    job.reply = reply.to_vec();
+                    // Kept for a `result` query (see `finish_job`), in the buffer of a reply
+                    // no longer kept.
+                    job.reply = self.results.copy_of(reply);
                     Some(job.session)
                 }
                 _ => None,
@@ -359,6 +364,13 @@ impl<A: Application> Master<'_, A> {
             }
             return;
         };
+        self.finish_removed(task_id, &mut job, task_pid, ok, result);
+        // Its payload's buffer takes the next job's.
+        self.jobs.recycle(job);
+    }
+
+    /// [`Master::finish_job`] of a job taken out of the books.
+    fn finish_removed(&mut self, task_id: u64, job: &mut jobs::Job, task_pid: u32, ok: bool, result: &[u8]) {
         // The final reply is kept for a `result` query (the last result_keep): for a client
         // that cannot have it (gone, or the node restarted since), and for one that had it and
         // asks again (as Celery's users do); with durable jobs it is also the record of which
@@ -381,9 +393,9 @@ impl<A: Application> Master<'_, A> {
             self.counters.tasks_done += 1;
         } else {
             self.counters.tasks_failed += 1;
-            self.dashboard.failure(task_id, &job.data, result, job.attempts);
+            self.dashboard.failure(task_id, job.data(), result, job.attempts);
         }
-        self.dashboard.finished(ok, job.accepted.elapsed());
+        self.dashboard.finished(ok, self.now.saturating_duration_since(job.accepted));
         self.shared.set_jobs_pending(self.jobs.len() as u64);
         if job.group != 0 {
             let Some(group) = self.jobs.groups.get_mut(&job.group) else {
@@ -410,7 +422,7 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         let finish = |seq, out: &mut Vec<u8>| {
-            let (attempts, flags, context) = (job.attempts, job.flags, &job.context[..]);
+            let (attempts, flags, context) = (job.attempts, job.flags, job.context());
             ToWorker::Finish(Finish { seq, task_id, session, task_pid, attempts, ok, flags, context, result })
                 .encode(out)
         };
@@ -494,34 +506,39 @@ impl<A: Application> Master<'_, A> {
         // The task process the previous job went to, its session, and how many of that
         // session's jobs in a row it took.
         let mut last: Option<(usize, u64, usize)> = None;
-        while let Some(task_id) = self.jobs.front() {
+        loop {
+            let tasks = &self.tasks;
             let has_room = |t: &TaskSlot| t.accepts_work() && t.books.inflight.len() < t.books.room(prefetch);
-            let session = self.jobs.get(task_id).map_or(0, |job| job.session);
-            // A connection's jobs read together run together (up to SESSION_RUN of them): their
-            // `done` lines come back in one frame and leave in one write, where spread over
-            // every task process they came back in as many turns and writes.
-            let together = last
-                .filter(|&(j, s, n)| {
-                    s == session && session != 0 && n < SESSION_RUN && has_room(&self.tasks[j])
-                })
-                .map(|(j, _, n)| (j, n + 1));
-            let best = together.or_else(|| {
-                self.tasks
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, t)| has_room(t))
-                    .min_by_key(|(_, t)| t.books.inflight.len())
-                    .map(|(j, _)| (j, 1))
+            // The next job is taken only if a task process has room for it (one pick of the
+            // priorities, and one look-up of the job, for both).
+            let taken = self.jobs.pop_front_if(|session| {
+                // A connection's jobs read together run together (up to SESSION_RUN of them):
+                // their `done` lines come back in one frame and leave in one write, where
+                // spread over every task process they came back in as many turns and writes.
+                let together = last
+                    .filter(|&(j, s, n)| {
+                        s == session && session != 0 && n < SESSION_RUN && has_room(&tasks[j])
+                    })
+                    .map(|(j, _, n)| (j, n + 1));
+                let best = together.or_else(|| {
+                    tasks
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, t)| has_room(t))
+                        .min_by_key(|(_, t)| t.books.inflight.len())
+                        .map(|(j, _)| (j, 1))
+                });
+                best.map(|(j, n)| (j, session, n))
             });
-            let Some((j, n)) = best else { return };
+            let Some((task_id, (j, session, n))) = taken else { return };
             last = Some((j, session, n));
-            self.jobs.pop_front();
             self.run_on(j, task_id);
         }
     }
 
     /// Sends a job to task slot `j`.
     pub(super) fn run_on(&mut self, j: usize, task_id: u64) {
+        let now = self.now;
         let Some(job) = self.jobs.get_mut(task_id) else { return };
         job.attempts += 1;
         job.state = jobs::JobState::Running;
@@ -531,12 +548,12 @@ impl<A: Application> Master<'_, A> {
             session: job.session,
             attempt: job.attempts,
             src_worker: job.worker,
-            data: &job.data,
+            data: job.data(),
         }
         .encode(slot.chan.output());
         slot.books.inflight.push_back(task_id);
         if slot.books.inflight.len() == 1 {
-            slot.books.head_changed();
+            slot.books.head_changed(now);
         }
     }
 

@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap;
 
+use super::spare::SpareBytes;
+
 /// Bytes of kept replies past which the oldest go, whatever `result_keep` allows.
 pub const KEPT_BYTES_MAX: usize = 64 << 20;
 
@@ -18,6 +20,8 @@ pub struct Results {
     lines: FxHashMap<u64, Vec<u8>>,
     /// Oldest first; the oldest goes when there are more than `keep`, or over `max_bytes`.
     order: VecDeque<u64>,
+    /// The buffers of replies no longer kept, for the next replies (see [`Results::copy_of`]).
+    spare: SpareBytes,
 }
 
 impl Results {
@@ -32,6 +36,7 @@ impl Results {
             bytes: 0,
             lines: FxHashMap::default(),
             order: VecDeque::new(),
+            spare: SpareBytes::default(),
         }
     }
 
@@ -46,9 +51,16 @@ impl Results {
             if let Some(old) = self.order.pop_front() {
                 if let Some(line) = self.lines.remove(&old) {
                     self.bytes -= line.len();
+                    self.spare.put(line);
                 }
             }
         }
+    }
+
+    /// A copy of a reply to keep, in the buffer of one that went (once `result_keep` are kept,
+    /// each new one takes the oldest one's place).
+    pub fn copy_of(&mut self, reply: &[u8]) -> Vec<u8> {
+        self.spare.copy_of(reply)
     }
 
     pub fn get(&self, task_id: u64) -> Option<&[u8]> {

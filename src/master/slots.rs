@@ -175,7 +175,10 @@ pub struct TaskBooks {
     /// The job this process was killed for, having run past `task_timeout`.
     pub timed_out: Option<u64>,
     /// A moving average of how long this slot's jobs take (for the prefetch).
-    pub job_seconds: Option<f64>,
+    job_seconds: Option<f64>,
+    /// How many jobs that average fits in `PREFETCH_BUDGET` (0: not timed yet), worked out
+    /// when it changes: [`TaskBooks::room`] is asked for every slot for every job handed out.
+    ahead: usize,
 }
 
 impl Books for TaskBooks {
@@ -194,33 +197,35 @@ impl Books for TaskBooks {
 }
 
 impl TaskBooks {
-    /// Records that the job at the head of `inflight` changed.
-    pub fn head_changed(&mut self) {
-        self.running_since = (!self.inflight.is_empty()).then(Instant::now);
+    /// Records that the job at the head of `inflight` changed, at `now` (the master's turn
+    /// clock: a job's run is timed to the turn, not read from the clock per job).
+    pub fn head_changed(&mut self, now: Instant) {
+        self.running_since = (!self.inflight.is_empty()).then_some(now);
     }
 
-    /// The head job finished: learn how long this process's jobs take.
-    pub fn head_finished(&mut self) {
+    /// The head job finished (seen at `now`): learn how long this process's jobs take.
+    pub fn head_finished(&mut self, now: Instant) {
         if let Some(since) = self.running_since {
-            let took = since.elapsed().as_secs_f64();
-            self.job_seconds = Some(match self.job_seconds {
+            let took = now.saturating_duration_since(since).as_secs_f64();
+            self.set_job_seconds(match self.job_seconds {
                 Some(avg) => avg * 0.8 + took * 0.2,
                 None => took,
             });
         }
-        self.head_changed();
+        self.head_changed(now);
+    }
+
+    /// Sets the average run time of this slot's jobs, and so its prefetch.
+    pub fn set_job_seconds(&mut self, avg: f64) {
+        self.job_seconds = Some(avg);
+        self.ahead = if avg > 0.0 { (PREFETCH_BUDGET / avg) as usize } else { usize::MAX };
     }
 
     /// How many jobs to send this process ahead: as many as it runs in `PREFETCH_BUDGET`
     /// (quick jobs go in batches, one write for many), one at a time while its jobs are slow
     /// or not measured yet (a slow job never holds others back that an idle process could run).
     pub fn room(&self, max: usize) -> usize {
-        let ahead = match self.job_seconds {
-            Some(avg) if avg > 0.0 => (PREFETCH_BUDGET / avg) as usize,
-            Some(_) => max,
-            None => 1,
-        };
-        ahead.clamp(1, max)
+        self.ahead.clamp(1, max)
     }
 }
 
@@ -237,11 +242,11 @@ mod tests {
     fn prefetch_follows_how_long_jobs_take() {
         let mut t = slot();
         assert_eq!(t.books.room(64), 1, "one at a time until a job has been timed");
-        t.books.job_seconds = Some(1.0);
+        t.books.set_job_seconds(1.0);
         assert_eq!(t.books.room(64), 1, "slow jobs: one at a time");
-        t.books.job_seconds = Some(0.0001);
+        t.books.set_job_seconds(0.0001);
         assert_eq!(t.books.room(64), 20, "quick jobs: about 2 ms of work ahead");
-        t.books.job_seconds = Some(0.000_001);
+        t.books.set_job_seconds(0.000_001);
         assert_eq!(t.books.room(64), 64, "never past the configured most");
         assert_eq!(t.books.room(1), 1, "task_prefetch 1 turns it off");
     }
