@@ -77,8 +77,14 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
                     let task = Task { id: task_id, session, attempt, src_worker, data };
                     // A job with others queued behind it is one of a burst: its lines wait
                     // for the burst's end. The last (or only) one's lines go out as they are
-                    // logged, so a job that hangs or is killed leaves what it was doing.
-                    crate::logging::hold(burst);
+                    // logged, so a job that hangs or is killed leaves what it was doing; all
+                    // but its outcome's line, logged when its work is over, which goes out
+                    // with the burst's (one write of the log per burst).
+                    if burst {
+                        crate::logging::hold(true);
+                    } else {
+                        crate::logging::hold_outcomes();
+                    }
                     on_run_task(app, info, &task, &mut out);
                     served += 1;
                     if limit != 0 && served >= limit {

@@ -328,7 +328,7 @@ impl MailApp {
                 m.word("job ").num(task.id).word(" done: ").text(&result).word(" (").word(kind);
                 m.word(" to ").text(to).word(", attempt ").num(attempts.into()).word(")");
             };
-            if !crate::logging::info_line(message) {
+            if !crate::logging::outcome_line(message) {
                 let mut text = String::with_capacity(64 + result.len() + 2 * to.len());
                 message(&mut crate::logging::Message::plain(&mut text));
                 tracing::info!(message = text.as_str());
