@@ -110,7 +110,7 @@ impl Job {
                 .iter()
                 .sum::<usize>();
         let mut line = JsonLine::new(size);
-        line.str("type", self.kind.name()).str("to", &self.to);
+        line.word("type", self.kind.name()).str("to", &self.to);
         for (key, value) in [("subject", &self.subject), ("body", &self.body), ("text", &self.text)] {
             if let Some(value) = value {
                 line.str(key, value);
