@@ -101,13 +101,13 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
                 settle(app, info, &mut out);
                 crate::logging::flush();
-                channel.output().append(&mut out);
+                channel.queue(&mut out);
                 flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
                 since_flush = Instant::now();
             }
         }
         settle(app, info, &mut out);
-        channel.output().append(&mut out);
+        channel.queue(&mut out);
         flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
         if let Some(why) = stop {
             tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
