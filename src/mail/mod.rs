@@ -199,15 +199,22 @@ struct Context {
 impl Context {
     /// The context of one job, as serde_json writes a [`Context`], without building one: it
     /// is made for every job.
+    #[cfg(test)]
     fn of_one(kind: &'static str, to: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + kind.len() + to.len());
+        let mut out = Vec::new();
+        Self::of_one_into(kind, to, &mut out);
+        out
+    }
+
+    /// [`Context::of_one`], written at the end of `out`.
+    fn of_one_into(kind: &'static str, to: &str, out: &mut Vec<u8>) {
+        out.reserve(24 + kind.len() + to.len());
         // The type is this program's own word: nothing in it to escape.
         out.extend_from_slice(b"{\"type\":\"");
         out.extend_from_slice(kind.as_bytes());
         out.extend_from_slice(b"\",\"to\":[");
-        crate::json_line::push_str(&mut out, to);
+        crate::json_line::push_str(out, to);
         out.extend_from_slice(b"]}");
-        out
     }
 }
 
@@ -235,6 +242,9 @@ pub struct MailApp {
     sms: Option<Sms>,
     /// The channels' rate limits, shared by the node's task processes (mapped before the fork).
     limiter: Option<Limiter>,
+    /// A job's context, task data and `accepted` line are written into these and copied into
+    /// the worker's output from there: three buffers kept, not three allocated per job.
+    scratch: [Vec<u8>; 3],
 }
 
 impl MailApp {
@@ -251,6 +261,7 @@ impl MailApp {
             run_limit: None,
             trusted_tasks: false,
             refusals: Default::default(),
+            scratch: Default::default(),
             handled,
             handlers,
             sms_settings: None,
@@ -401,8 +412,9 @@ impl MailApp {
     }
 
     fn submit_job(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, job: &Job) {
-        let context = Context::of_one(job.kind.name(), &job.to);
-        let data = job.to_json();
+        let [mut context, mut data, mut accepted] = std::mem::take(&mut self.scratch);
+        Context::of_one_into(job.kind.name(), &job.to, &mut context);
+        job.to_json_into(&mut data);
         let options = TaskOptions {
             run_at: job.run_at_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
             priority: job.priority,
@@ -426,17 +438,27 @@ impl MailApp {
                 } else {
                     tracing::debug!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 }
-                let mut accepted = JsonLine::new(96 + job.to.len());
-                accepted.word("event", "accepted").num("task_id", task_id).word("type", job.kind.name());
-                accepted.str("to", &job.to).num("worker_pid", self.pid.into());
+                accepted.reserve(96 + job.to.len());
+                let mut json = JsonLine::after(std::mem::take(&mut accepted));
+                json.word("event", "accepted").num("task_id", task_id).word("type", job.kind.name());
+                json.str("to", &job.to).num("worker_pid", self.pid.into());
                 // When it runs, for a job scheduled ahead (RFC 3339, UTC).
                 if let Some(run_at) = job.run_at_ms.map(crate::app::rfc3339) {
-                    accepted.str("run_at", &run_at);
+                    json.str("run_at", &run_at);
                 }
-                ctx.send(session, &accepted.finish());
+                accepted = json.finish();
+                ctx.send(session, &accepted);
             }
             Err(e) => self.refused(ctx, session, e),
         }
+        // Emptied for the next job; a large job's buffers are not kept (a worker stays small).
+        for buf in [&mut context, &mut data, &mut accepted] {
+            buf.clear();
+            if buf.capacity() > 16 * 1024 {
+                *buf = Vec::new();
+            }
+        }
+        self.scratch = [context, data, accepted];
     }
 
     /// A job for an external handler: passed on as the client wrote it.
