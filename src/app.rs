@@ -630,4 +630,11 @@ impl TaskCtx<'_> {
         self.reply.clear();
         self.reply.extend_from_slice(data);
     }
+
+    /// [`TaskCtx::reply`], written by `write` straight into the reply's buffer (empty when
+    /// it is called) instead of copied there from a buffer of the caller's.
+    pub fn reply_with(&mut self, write: impl FnOnce(&mut Vec<u8>)) {
+        self.reply.clear();
+        write(&mut self.reply);
+    }
 }

@@ -26,23 +26,43 @@ impl JsonLine {
         JsonLine { out, start }
     }
 
+    /// Inlined into each caller, where the key is a literal: its copy is then a move of a
+    /// known number of bytes, not a call to `memcpy` (a dozen keys per job, ~80 instructions
+    /// each before).
+    #[inline(always)]
     fn key(&mut self, key: &str) {
+        // Keys are this program's own names: nothing in them needs escaping.
+        self.out.reserve(key.len() + 4);
         if self.out.len() > self.start + 1 {
             self.out.push(b',');
         }
-        // Keys are this program's own names: nothing in them needs escaping.
         self.out.push(b'"');
         self.out.extend_from_slice(key.as_bytes());
         self.out.extend_from_slice(b"\":");
     }
 
+    #[inline(always)]
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
         self.key(key);
         push_str(&mut self.out, value);
         self
     }
 
+    /// A string value that is this program's own word (an event's name, a job's type):
+    /// nothing in it needs escaping, so it is copied without a look at its bytes.
+    #[inline(always)]
+    pub fn word(&mut self, key: &str, value: &'static str) -> &mut Self {
+        debug_assert_eq!(next_to_escape(value.as_bytes(), 0), value.len(), "{value:?}");
+        self.key(key);
+        self.out.reserve(value.len() + 2);
+        self.out.push(b'"');
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.push(b'"');
+        self
+    }
+
     /// A string, or `null`.
+    #[inline(always)]
     pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {
         match value {
             Some(v) => self.str(key, v),
@@ -54,6 +74,7 @@ impl JsonLine {
         }
     }
 
+    #[inline(always)]
     pub fn num(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
         push_u64(&mut self.out, value);
@@ -61,6 +82,7 @@ impl JsonLine {
     }
 
     /// The line, `}` and newline included.
+    #[inline]
     pub fn finish(mut self) -> Vec<u8> {
         self.out.extend_from_slice(b"}\n");
         self.out
@@ -202,6 +224,17 @@ mod tests {
             want.push(b'\n');
             assert_eq!(ours(&sample), want, "{text:?}");
         }
+    }
+
+    #[test]
+    fn a_word_is_written_as_the_same_string_would_be() {
+        let mut words = JsonLine::new(0);
+        words.word("event", "done").num("task_id", 7).word("type", "email").str("to", "a@b");
+        let mut strs = JsonLine::new(0);
+        strs.str("event", "done").num("task_id", 7).str("type", "email").str("to", "a@b");
+        let line = words.finish();
+        assert_eq!(line, strs.finish());
+        assert_eq!(line, b"{\"event\":\"done\",\"task_id\":7,\"type\":\"email\",\"to\":\"a@b\"}\n");
     }
 
     #[test]

@@ -94,6 +94,9 @@ fn pid() -> u32 {
 
 /// Whether this process holds its info and quieter lines back (see [`hold_lines`]).
 static HOLDING: AtomicBool = AtomicBool::new(false);
+/// Whether this process holds back the lines of a job's outcome ([`outcome_line`]) while it
+/// writes its other lines at once (see [`hold_outcomes`]).
+static HOLDING_OUTCOMES: AtomicBool = AtomicBool::new(false);
 /// The lines held back, written by [`flush`]. Text, so that [`info_line`] formats into it.
 static HELD: Mutex<String> = Mutex::new(String::new());
 /// Past this many bytes held, they are written without waiting for [`flush`].
@@ -110,6 +113,7 @@ pub fn hold_lines() {
 /// every line as it is logged: for a process that knows when it is in a burst.
 pub fn hold(on: bool) {
     static PANIC_HOOK: std::sync::Once = std::sync::Once::new();
+    HOLDING_OUTCOMES.store(on, Ordering::Relaxed);
     if !on {
         HOLDING.store(false, Ordering::Relaxed);
         flush();
@@ -124,6 +128,17 @@ pub fn hold(on: bool) {
             previous(panic);
         }));
     });
+}
+
+/// For the last job of a task process's burst: its lines are written as they are logged (so
+/// that a job that hangs shows what it was doing), except its outcome's line
+/// ([`outcome_line`]), which waits with the lines held so far for the burst's one write
+/// ([`flush`], before the burst's results leave). Nothing is written now: a line written at
+/// once writes those held before it, so the order stays. Before, the lines held were written
+/// here and the outcome's line after the job: two writes of the log per burst instead of one.
+pub fn hold_outcomes() {
+    HOLDING.store(false, Ordering::Relaxed);
+    HOLDING_OUTCOMES.store(true, Ordering::Relaxed);
 }
 
 /// Writes the lines held back, if any.
@@ -392,10 +407,23 @@ fn human_prefix(line: &mut String, level: Level) {
 /// when lines are JSON objects (or logging is not set up): then the caller logs the message
 /// through tracing ([`Message::plain`]).
 pub fn info_line(write: impl Fn(&mut Message<'_>)) -> bool {
+    info_line_held_if(HOLDING.load(Ordering::Relaxed), write)
+}
+
+/// [`info_line`] for the line of a job's outcome, logged when its work is over: held also
+/// while only outcomes are held ([`hold_outcomes`]). Nothing the process does after it and
+/// before the burst's write can hang, and a process killed in between has not sent the
+/// job's result either: the job runs again, and logs again.
+pub fn outcome_line(write: impl Fn(&mut Message<'_>)) -> bool {
+    let held = HOLDING.load(Ordering::Relaxed) || HOLDING_OUTCOMES.load(Ordering::Relaxed);
+    info_line_held_if(held, write)
+}
+
+fn info_line_held_if(held: bool, write: impl Fn(&mut Message<'_>)) -> bool {
     if FORMAT.get() != Some(&LogFormat::Human) {
         return false;
     }
-    if !HOLDING.load(Ordering::Relaxed) {
+    if !held {
         let mut line = String::with_capacity(160);
         human_line(&mut line, write);
         // As `make_writer` does: after a rotation to the new file, after the lines held.
@@ -555,6 +583,38 @@ mod tests {
         write(&mut Message { out: &mut pieces, escape: true });
         assert_eq!(pieces, whole);
         assert!(!pieces.contains('\n') && !pieces.contains('\u{1b}'), "{pieces}");
+    }
+
+    #[test]
+    fn the_outcome_of_a_bursts_last_job_waits_for_the_bursts_write_and_its_other_lines_do_not() {
+        use super::{hold, hold_outcomes, info_line, outcome_line, LogFormat, FORMAT, HELD};
+        let _ = FORMAT.set(LogFormat::Human);
+        let held = || HELD.lock().map(|h| h.clone()).unwrap_or_default();
+        hold(true);
+        assert!(info_line(|m| {
+            m.word("job 1 done: held in the burst");
+        }));
+        hold_outcomes();
+        assert!(held().contains("job 1 done: held in the burst"), "not written when the last job starts");
+        assert!(outcome_line(|m| {
+            m.word("job 2 done: the last job's outcome");
+        }));
+        let lines = held();
+        assert!(
+            lines.contains("job 1 done") && lines.contains("job 2 done: the last job's outcome"),
+            "{lines}"
+        );
+        // A line of the last job while it runs goes out at once, after those held.
+        assert!(info_line(|m| {
+            m.word("job 2: still running");
+        }));
+        assert!(!held().contains("job 1 done"), "written before the running job's line");
+        // Holding nothing, an outcome's line is written at once too.
+        hold(false);
+        assert!(outcome_line(|m| {
+            m.word("job 3 done: written at once");
+        }));
+        assert!(!held().contains("job 3 done"));
     }
 
     #[test]

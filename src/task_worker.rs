@@ -43,6 +43,7 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
     let limit = config.task_max_request;
     let mut served: u64 = 0;
     let mut out = Vec::new();
+    let mut spare_reply = Vec::new();
     // The tasks at the head of the channel's input already shown to `on_task_ahead`.
     let mut shown: usize = 0;
     let mut spinner = crate::net::Spinner::new(config.busy_poll());
@@ -77,9 +78,15 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
                     let task = Task { id: task_id, session, attempt, src_worker, data };
                     // A job with others queued behind it is one of a burst: its lines wait
                     // for the burst's end. The last (or only) one's lines go out as they are
-                    // logged, so a job that hangs or is killed leaves what it was doing.
-                    crate::logging::hold(burst);
-                    on_run_task(app, info, &task, &mut out);
+                    // logged, so a job that hangs or is killed leaves what it was doing; all
+                    // but its outcome's line, logged when its work is over, which goes out
+                    // with the burst's (one write of the log per burst).
+                    if burst {
+                        crate::logging::hold(true);
+                    } else {
+                        crate::logging::hold_outcomes();
+                    }
+                    on_run_task(app, info, &task, &mut out, &mut spare_reply);
                     served += 1;
                     if limit != 0 && served >= limit {
                         stop = Some(format!("reached task_max_request ({limit})"));
@@ -94,13 +101,13 @@ pub fn run<A: Application>(app: &mut A, setup: TaskSetup<'_>) -> Result<(), Proc
             if !more_waiting || since_flush.elapsed() >= BATCH_WINDOW {
                 settle(app, info, &mut out);
                 crate::logging::flush();
-                channel.output().append(&mut out);
+                channel.queue(&mut out);
                 flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
                 since_flush = Instant::now();
             }
         }
         settle(app, info, &mut out);
-        channel.output().append(&mut out);
+        channel.queue(&mut out);
         flush_all(&mut channel).map_err(ProcessError::io("writing to the master failed"))?;
         if let Some(why) = stop {
             tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
@@ -200,9 +207,17 @@ fn fail_done<'a>(out: &mut Vec<u8>, why: impl Fn(crate::app::TaskId) -> Option<&
 }
 
 /// Runs one task and appends its outcome (with the reply it set, if any) to `out`.
-fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, out: &mut Vec<u8>) {
+/// `spare` is the buffer of the last task's reply, emptied: a task's reply is written into it
+/// (no allocation per task), and it is left there for the next.
+fn on_run_task<A: Application>(
+    app: &mut A,
+    info: ProcessInfo,
+    task: &Task<'_>,
+    out: &mut Vec<u8>,
+    spare: &mut Vec<u8>,
+) {
     let task_id = task.id;
-    let mut ctx = TaskCtx { out, info, reply: Vec::new() };
+    let mut ctx = TaskCtx { out, info, reply: std::mem::take(spare) };
     let mut result = None;
     guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, task)));
     // Written only for a panic: a format per job costs more than a no-op job's own work.
@@ -228,6 +243,11 @@ fn on_run_task<A: Application>(app: &mut A, info: ProcessInfo, task: &Task<'_>, 
         }
     }
     .encode(out);
+    // A large reply's buffer is not kept for the tasks after it (a task process stays small).
+    if reply.capacity() <= 16 * 1024 {
+        *spare = reply;
+        spare.clear();
+    }
 }
 
 #[cfg(test)]
@@ -273,7 +293,7 @@ mod tests {
         let mut app = PutOff { ran: Vec::new() };
         for id in [1, 2, 3] {
             let task = Task { id, session: Some(9), attempt: 1, src_worker: 0, data: b"" };
-            on_run_task(&mut app, info, &task, &mut out);
+            on_run_task(&mut app, info, &task, &mut out, &mut Vec::new());
         }
         settle(&mut app, info, &mut out);
         let mut frames = Vec::new();
@@ -313,7 +333,7 @@ mod tests {
         let mut out = Vec::new();
         for id in [1, 2] {
             let task = Task { id, session: None, attempt: 1, src_worker: 0, data: b"" };
-            on_run_task(&mut Flaky, info, &task, &mut out);
+            on_run_task(&mut Flaky, info, &task, &mut out, &mut Vec::new());
         }
         let (first, n) = FromTask::decode(&out).unwrap().unwrap();
         let FromTask::TaskDone { task_id: 1, ok: false, result, .. } = first else { panic!("{first:?}") };

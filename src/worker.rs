@@ -53,7 +53,7 @@ impl Link {
         deadline: Instant,
     ) -> io::Result<Vec<WaitResult>> {
         FromWorker::Commit { seq: self.handled_seq }.encode(out);
-        self.channel.output().append(out);
+        self.channel.queue(out);
         flush_all(&mut self.channel)?;
         let mut results = vec![None; ids.len()];
         let mut missing = ids.len();
@@ -282,7 +282,7 @@ impl<A: Application> Worker<'_, A> {
     /// Hands the master what this turn produced, in one write.
     fn hand_back(&mut self) -> io::Result<()> {
         if !self.out.is_empty() {
-            self.link.channel.output().append(&mut self.out);
+            self.link.channel.queue(&mut self.out);
             self.uncounted_tasks = 0;
             self.uncounted_bytes = 0;
         }

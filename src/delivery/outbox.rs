@@ -104,7 +104,7 @@ impl Outbox {
         let mut entry = JsonLine::after(std::mem::take(&mut self.pending));
         entry.num("sent_at_ms", sent_at).num("task_id", message.task_id);
         entry.num("attempt", message.attempt.into()).num("task_pid", task_pid.into());
-        entry.str("type", kind.name()).str("to", message.to).opt_str("subject", message.subject);
+        entry.word("type", kind.name()).str("to", message.to).opt_str("subject", message.subject);
         entry.opt_str("body", message.body).opt_str("text", message.text);
         self.pending = entry.finish();
         self.lines.push((message.task_id, self.pending.len()));

@@ -304,6 +304,19 @@ impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
         Tx::encode(frame, &mut self.output);
     }
 
+    /// Moves the frames encoded in `out` to the output, leaving `out` empty (with a buffer's
+    /// room for the next turn's): when no output waits, by swapping the two buffers, not by a
+    /// copy of a turn's bytes (a worker's or a task process's whole output, every turn).
+    pub fn queue(&mut self, out: &mut Vec<u8>) {
+        if self.written == self.output.len() {
+            self.output.clear();
+            self.written = 0;
+            std::mem::swap(&mut self.output, out);
+        } else {
+            self.output.append(out);
+        }
+    }
+
     /// The output buffer, for callers that encode in place.
     pub fn output(&mut self) -> &mut Vec<u8> {
         &mut self.output
@@ -428,6 +441,32 @@ mod tests {
         }
         assert_eq!(got, vec![(1, 5), (2, big.len()), (9, 0)]);
         assert!(!a.has_output());
+    }
+
+    #[test]
+    fn frames_queued_behind_output_not_written_yet_go_after_it() {
+        let (a, b) = pair().unwrap();
+        let mut a: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut b: Channel<ToWorker<'static>, FromWorker<'static>> = Channel::new(b);
+        // Nothing waits: the turn's buffer becomes the output, and the caller gets an empty one.
+        let mut out = Vec::new();
+        FromWorker::Commit { seq: 1 }.encode(&mut out);
+        a.queue(&mut out);
+        assert!(out.is_empty() && a.has_output());
+        // Output waits: the next turn's frames go behind it.
+        FromWorker::Commit { seq: 2 }.encode(&mut out);
+        a.queue(&mut out);
+        assert!(out.is_empty());
+        a.flush().unwrap();
+        FromWorker::Commit { seq: 3 }.encode(&mut out);
+        a.queue(&mut out);
+        a.flush().unwrap();
+        b.fill().unwrap();
+        let mut seqs = Vec::new();
+        while let Some(FromWorker::Commit { seq }) = b.next_frame().unwrap() {
+            seqs.push(seq);
+        }
+        assert_eq!(seqs, [1, 2, 3]);
     }
 
     #[test]

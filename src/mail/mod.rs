@@ -199,14 +199,22 @@ struct Context {
 impl Context {
     /// The context of one job, as serde_json writes a [`Context`], without building one: it
     /// is made for every job.
-    fn of_one(kind: &str, to: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + kind.len() + to.len());
-        out.extend_from_slice(b"{\"type\":");
-        crate::json_line::push_str(&mut out, kind);
-        out.extend_from_slice(b",\"to\":[");
-        crate::json_line::push_str(&mut out, to);
-        out.extend_from_slice(b"]}");
+    #[cfg(test)]
+    fn of_one(kind: &'static str, to: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        Self::of_one_into(kind, to, &mut out);
         out
+    }
+
+    /// [`Context::of_one`], written at the end of `out`.
+    fn of_one_into(kind: &'static str, to: &str, out: &mut Vec<u8>) {
+        out.reserve(24 + kind.len() + to.len());
+        // The type is this program's own word: nothing in it to escape.
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(kind.as_bytes());
+        out.extend_from_slice(b"\",\"to\":[");
+        crate::json_line::push_str(out, to);
+        out.extend_from_slice(b"]}");
     }
 }
 
@@ -234,6 +242,9 @@ pub struct MailApp {
     sms: Option<Sms>,
     /// The channels' rate limits, shared by the node's task processes (mapped before the fork).
     limiter: Option<Limiter>,
+    /// A job's context, task data and `accepted` line are written into these and copied into
+    /// the worker's output from there: three buffers kept, not three allocated per job.
+    scratch: [Vec<u8>; 3],
 }
 
 impl MailApp {
@@ -250,6 +261,7 @@ impl MailApp {
             run_limit: None,
             trusted_tasks: false,
             refusals: Default::default(),
+            scratch: Default::default(),
             handled,
             handlers,
             sms_settings: None,
@@ -328,16 +340,20 @@ impl MailApp {
                 m.word("job ").num(task.id).word(" done: ").text(&result).word(" (").word(kind);
                 m.word(" to ").text(to).word(", attempt ").num(attempts.into()).word(")");
             };
-            if !crate::logging::info_line(message) {
+            if !crate::logging::outcome_line(message) {
                 let mut text = String::with_capacity(64 + result.len() + 2 * to.len());
                 message(&mut crate::logging::Message::plain(&mut text));
                 tracing::info!(message = text.as_str());
             }
         }
-        let mut done = JsonLine::new(128 + result.len() + to.len());
-        done.str("event", "done").num("task_id", task.id).str("type", kind).str("to", to);
-        done.str("result", &result).num("task_pid", pid.into()).num("attempts", attempts.into());
-        ctx.reply(&done.finish());
+        // Written in the reply's own buffer: no line of its own to copy there.
+        ctx.reply_with(|reply| {
+            reply.reserve(128 + result.len() + to.len());
+            let mut done = JsonLine::after(std::mem::take(reply));
+            done.word("event", "done").num("task_id", task.id).word("type", kind).str("to", to);
+            done.str("result", &result).num("task_pid", pid.into()).num("attempts", attempts.into());
+            *reply = done.finish();
+        });
         result.into_bytes()
     }
 
@@ -396,8 +412,9 @@ impl MailApp {
     }
 
     fn submit_job(&mut self, ctx: &mut WorkerCtx<'_>, session: SessionId, job: &Job) {
-        let context = Context::of_one(job.kind.name(), &job.to);
-        let data = job.to_json();
+        let [mut context, mut data, mut accepted] = std::mem::take(&mut self.scratch);
+        Context::of_one_into(job.kind.name(), &job.to, &mut context);
+        job.to_json_into(&mut data);
         let options = TaskOptions {
             run_at: job.run_at_ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms)),
             priority: job.priority,
@@ -421,17 +438,27 @@ impl MailApp {
                 } else {
                     tracing::debug!("{} to {} accepted as job {task_id}", job.kind.name(), job.to);
                 }
-                let mut accepted = JsonLine::new(96 + job.to.len());
-                accepted.str("event", "accepted").num("task_id", task_id).str("type", job.kind.name());
-                accepted.str("to", &job.to).num("worker_pid", self.pid.into());
+                accepted.reserve(96 + job.to.len());
+                let mut json = JsonLine::after(std::mem::take(&mut accepted));
+                json.word("event", "accepted").num("task_id", task_id).word("type", job.kind.name());
+                json.str("to", &job.to).num("worker_pid", self.pid.into());
                 // When it runs, for a job scheduled ahead (RFC 3339, UTC).
                 if let Some(run_at) = job.run_at_ms.map(crate::app::rfc3339) {
-                    accepted.str("run_at", &run_at);
+                    json.str("run_at", &run_at);
                 }
-                ctx.send(session, &accepted.finish());
+                accepted = json.finish();
+                ctx.send(session, &accepted);
             }
             Err(e) => self.refused(ctx, session, e),
         }
+        // Emptied for the next job; a large job's buffers are not kept (a worker stays small).
+        for buf in [&mut context, &mut data, &mut accepted] {
+            buf.clear();
+            if buf.capacity() > 16 * 1024 {
+                *buf = Vec::new();
+            }
+        }
+        self.scratch = [context, data, accepted];
     }
 
     /// A job for an external handler: passed on as the client wrote it.
@@ -736,6 +763,7 @@ mod tests {
     #[test]
     fn a_jobs_context_is_what_serde_json_writes_for_it() {
         for (kind, to) in [("email", "a@example.com"), ("sms", "+15551234567"), ("email", "q\"uote\\d@x")] {
+            let kind: &'static str = kind;
             let context = Context { kind: kind.into(), to: vec![to.into()] };
             assert_eq!(Context::of_one(kind, to), serde_json::to_vec(&context).unwrap());
         }

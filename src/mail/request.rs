@@ -103,14 +103,22 @@ impl Job {
     /// The job as task data: what `serde_json::to_vec` writes for it, byte for byte, written
     /// field by field (`json_line`), as every job is on its way to a task process.
     pub fn to_json(&self) -> Vec<u8> {
+        let mut json = Vec::new();
+        self.to_json_into(&mut json);
+        json
+    }
+
+    /// [`Job::to_json`], written at the end of `out`.
+    pub fn to_json_into(&self, out: &mut Vec<u8>) {
         let size = 48
             + self.to.len()
             + [&self.subject, &self.body, &self.text]
                 .map(|t| t.as_ref().map_or(0, String::len))
                 .iter()
                 .sum::<usize>();
-        let mut line = JsonLine::new(size);
-        line.str("type", self.kind.name()).str("to", &self.to);
+        out.reserve(size);
+        let mut line = JsonLine::after(std::mem::take(out));
+        line.word("type", self.kind.name()).str("to", &self.to);
         for (key, value) in [("subject", &self.subject), ("body", &self.body), ("text", &self.text)] {
             if let Some(value) = value {
                 line.str(key, value);
@@ -119,10 +127,9 @@ impl Job {
         if let Some(ms) = self.simulate_ms {
             line.num("simulate_ms", ms);
         }
-        let mut json = line.finish();
+        *out = line.finish();
         // `finish` ends a line; task data is the object alone.
-        json.pop();
-        json
+        out.pop();
     }
 
     /// A job from task data: what `serde_json::from_slice` reads, and its error for data that
