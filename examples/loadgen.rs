@@ -23,7 +23,10 @@
 //! `done`: both count as errors. After `--warmup` seconds, the run counts for `--seconds`:
 //! jobs/s is the number of `done` lines that arrived in that time divided by it, and a job's
 //! latency runs from the write that sent it to the read that brought its `done` (the `to`
-//! address names the job, so no second lookup through `task_id` is needed). With `--job-type
+//! address names the job, so no second lookup through `task_id` is needed). With
+//! `--accepted-latency` it also reports when `accepted` lines came (their latency from the send,
+//! the time from a job's `accepted` to its `done`, and how many `done` lines came in the same
+//! read as their `accepted`: one reply segment for both, as far as the client can tell). With `--job-type
 //! TYPE` a job is `{"type":"TYPE","to":"user{i}@example.com"}` instead, for a handler
 //! (`--handler`), whose result must carry the `"to"` back (`{"to":…}`). Then the clients
 //! stop sending and wait for every job still outstanding, so the next run starts clean.
@@ -112,6 +115,11 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also measure when each job's `accepted` line arrives: its latency from the send, the
+    /// time from it to the job's `done`, and how many `done` lines came in the same read as
+    /// their `accepted` (one reply segment for both). Costs the client a lookup per line.
+    #[arg(long)]
+    accepted_latency: bool,
     /// Send `{"type":TYPE,"to":"user{i}@example.com"}` jobs (for a handler whose result is
     /// `{"to":…}`, the job's own) instead of bare addresses.
     #[arg(long, value_name = "TYPE")]
@@ -172,7 +180,17 @@ fn run_main(args: &Args) -> Result<(), String> {
         let mut cells = Vec::new();
         for &(conns, window) in &MATRIX {
             let line = request_line(args);
-            let cfg = RunCfg { conns, window, warmup, counted, threads: args.threads, timeout, line };
+            let accepted_latency = args.accepted_latency;
+            let cfg = RunCfg {
+                conns,
+                window,
+                warmup,
+                counted,
+                threads: args.threads,
+                timeout,
+                line,
+                accepted_latency,
+            };
             let r = run(&addr, &cfg, master)?;
             if !args.json {
                 eprintln!("{}", r.summary());
@@ -190,6 +208,7 @@ fn run_main(args: &Args) -> Result<(), String> {
             threads: args.threads,
             timeout,
             line: request_line(args),
+            accepted_latency: args.accepted_latency,
         };
         let r = run(&addr, &cfg, master)?;
         if args.json {
@@ -501,6 +520,7 @@ fn mb(kb: u64) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // One run
 
+#[derive(Clone)]
 struct RunCfg {
     conns: usize,
     window: usize,
@@ -510,6 +530,8 @@ struct RunCfg {
     timeout: Duration,
     /// What a request line is: `prefix`, the job's number, `suffix`.
     line: (Vec<u8>, Vec<u8>),
+    /// `--accepted-latency`.
+    accepted_latency: bool,
 }
 
 /// When the counted time starts and ends, shared by every client thread.
@@ -533,6 +555,12 @@ struct Tally {
     unexpected: u64,
     /// Latency in ns of every job whose `done` arrived in the counted time.
     latencies: Vec<u64>,
+    /// With `--accepted-latency`, of the jobs whose `done` arrived in the counted time: ns
+    /// from the send to the `accepted`, ns from the `accepted` to the `done`, and how many
+    /// came in the same read.
+    accepted_latencies: Vec<u64>,
+    done_gaps: Vec<u64>,
+    same_read: u64,
 }
 
 impl Tally {
@@ -545,6 +573,9 @@ impl Tally {
         self.failed += o.failed;
         self.unexpected += o.unexpected;
         self.latencies.extend(o.latencies);
+        self.accepted_latencies.extend(o.accepted_latencies);
+        self.done_gaps.extend(o.done_gaps);
+        self.same_read += o.same_read;
     }
 }
 
@@ -556,6 +587,10 @@ struct RunResult {
     jobs_per_s: f64,
     /// p50, p99, max in µs.
     latency_us: Option<(f64, f64, f64)>,
+    /// With `--accepted-latency`: the same of the `accepted` lines, and of the time from a
+    /// job's `accepted` to its `done`.
+    accepted_us: Option<(f64, f64, f64)>,
+    gap_us: Option<(f64, f64, f64)>,
     /// CPU µs per job of every taskd process together, and the cores they kept busy.
     taskd_cpu: Option<(f64, f64)>,
     /// CPU µs per job of this client, and the cores it kept busy.
@@ -579,6 +614,13 @@ impl RunResult {
                 s += &format!(", latency p50 {p50:.0} µs p99 {p99:.0} µs max {max:.0} µs");
             }
             None => s += ", no job done",
+        }
+        if let (Some((a50, a99, _)), Some((g50, g99, _))) = (self.accepted_us, self.gap_us) {
+            s += &format!(
+                ", accepted p50 {a50:.0} µs p99 {a99:.0} µs, then done p50 {g50:.0} µs p99 {g99:.0} µs \
+                 later ({:.1} % in the same read)",
+                100.0 * t.same_read as f64 / t.done_counted.max(1) as f64
+            );
         }
         s += &format!(", errors {}", t.errors + t.failed);
         if t.unexpected > 0 {
@@ -608,6 +650,11 @@ impl RunResult {
             "latency_p50_us": lat.map(|l| l.0),
             "latency_p99_us": lat.map(|l| l.1),
             "latency_max_us": lat.map(|l| l.2),
+            "accepted_p50_us": self.accepted_us.map(|l| l.0),
+            "accepted_p99_us": self.accepted_us.map(|l| l.1),
+            "accepted_to_done_p50_us": self.gap_us.map(|l| l.0),
+            "accepted_to_done_p99_us": self.gap_us.map(|l| l.1),
+            "done_in_accepted_read": self.gap_us.map(|_| t.same_read),
             "errors": t.errors + t.failed,
             "error_lines": t.errors,
             "failed_lines": t.failed,
@@ -665,9 +712,8 @@ fn run(addr: &str, cfg: &RunCfg, master: Option<i32>) -> Result<RunResult, Strin
     let handles: Vec<_> = per_thread
         .into_iter()
         .map(|streams| {
-            let (window, timeout, stop) = (cfg.window, cfg.timeout, Arc::clone(&stop));
-            let line = cfg.line.clone();
-            thread::spawn(move || client_loop(streams, window, &line, begin, clock, timeout, &stop))
+            let (cfg, stop) = (cfg.clone(), Arc::clone(&stop));
+            thread::spawn(move || client_loop(streams, &cfg, begin, clock, &stop))
         })
         .collect();
 
@@ -707,12 +753,21 @@ fn run(addr: &str, cfg: &RunCfg, master: Option<i32>) -> Result<RunResult, Strin
     let other_cores = (machine - client_cpu.1 - taskd_cpu.map_or(0.0, |c| c.1)).max(0.0);
     tally.latencies.sort_unstable();
     let latency_us = percentiles(&tally.latencies);
+    tally.accepted_latencies.sort_unstable();
+    tally.done_gaps.sort_unstable();
+    let (accepted_us, gap_us) = if cfg.accepted_latency {
+        (percentiles(&tally.accepted_latencies), percentiles(&tally.done_gaps))
+    } else {
+        (None, None)
+    };
     Ok(RunResult {
         conns: cfg.conns,
         window: cfg.window,
         seconds,
         jobs_per_s: if seconds > 0.0 { jobs as f64 / seconds } else { 0.0 },
         latency_us,
+        accepted_us,
+        gap_us,
         taskd_cpu,
         client_cpu,
         machine_cores: machine,
@@ -769,6 +824,8 @@ struct Conn {
     /// do not count against the window.
     lost: usize,
     next_seq: u64,
+    /// With `--accepted-latency`: jobs whose `accepted` came, by number, with when it came.
+    acked: Option<VecDeque<(u64, Instant)>>,
 }
 
 /// Jobs sent and not done: (number, send time), in the order they were sent.
@@ -866,7 +923,8 @@ impl Conn {
             let mut head = 0;
             while let Some(pos) = memchr::memchr(b'\n', &scratch[head..filled]) {
                 let line = &scratch[head..head + pos];
-                handle_line(line, now, scan, clock, &mut self.pending, &mut self.lost, tally);
+                let acked = self.acked.as_mut();
+                handle_line(line, now, scan, clock, &mut self.pending, &mut self.lost, acked, tally);
                 head += pos + 1;
             }
             self.partial.extend_from_slice(&scratch[head..filled]);
@@ -879,6 +937,7 @@ impl Conn {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // a connection's parts, borrowed apart from `tally`
 fn handle_line(
     line: &[u8],
     now: Instant,
@@ -886,6 +945,7 @@ fn handle_line(
     clock: &Clock,
     pending: &mut Pending,
     lost: &mut usize,
+    acked: Option<&mut VecDeque<(u64, Instant)>>,
     tally: &mut Tally,
 ) {
     let event = match scan.event.find(line) {
@@ -896,13 +956,27 @@ fn handle_line(
         None => b"",
     };
     match event {
-        b"accepted" => tally.accepted += 1,
+        b"accepted" => {
+            tally.accepted += 1;
+            // Scanned for its number only when asked to.
+            if let Some(acked) = acked {
+                if let Some(seq) = job_number(line, scan) {
+                    acked.push_back((seq, now));
+                }
+            }
+        }
         b"done" | b"failed" => {
-            let sent_at = job_number(line, scan).and_then(|seq| pending.take(seq));
+            let seq = job_number(line, scan);
+            let sent_at = seq.and_then(|seq| pending.take(seq));
             let Some(sent_at) = sent_at else {
                 tally.unexpected += 1;
                 return;
             };
+            // Its `accepted` (near the front: they come in order).
+            let acked_at = acked.zip(seq).and_then(|(acked, seq)| {
+                let pos = acked.iter().position(|&(s, _)| s == seq)?;
+                acked.remove(pos).map(|(_, at)| at)
+            });
             if event == b"failed" {
                 tally.failed += 1;
                 return;
@@ -911,6 +985,11 @@ fn handle_line(
             if now >= clock.start && now < clock.end {
                 tally.done_counted += 1;
                 tally.latencies.push((now - sent_at).as_nanos() as u64);
+                if let Some(at) = acked_at {
+                    tally.accepted_latencies.push((at - sent_at).as_nanos() as u64);
+                    tally.done_gaps.push((now - at).as_nanos() as u64);
+                    tally.same_read += u64::from(at == now);
+                }
             }
         }
         b"error" => {
@@ -952,13 +1031,12 @@ fn push_u64(buf: &mut Vec<u8>, mut v: u64) {
 
 fn client_loop(
     streams: Vec<StdTcpStream>,
-    window: usize,
-    line: &(Vec<u8>, Vec<u8>),
+    cfg: &RunCfg,
     begin: Instant,
     clock: Clock,
-    timeout: Duration,
     stop: &AtomicBool,
 ) -> Result<Tally, String> {
+    let (window, line, timeout) = (cfg.window, &cfg.line, cfg.timeout);
     let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
     let mut poll = Poll::new().map_err(|e| io_err("epoll", e))?;
     let mut conns = Vec::with_capacity(streams.len());
@@ -975,6 +1053,7 @@ fn client_loop(
             pending: Pending(VecDeque::with_capacity(window * 2)),
             lost: 0,
             next_seq: 0,
+            acked: cfg.accepted_latency.then(|| VecDeque::with_capacity(window * 2)),
         });
     }
     let scan = Scan { event: memmem::Finder::new(b"\"event\":\""), to: memmem::Finder::new(TO_PREFIX) };
