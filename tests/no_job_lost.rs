@@ -152,6 +152,54 @@ fn whole_lines(bytes: &[u8]) -> HashSet<u64> {
 }
 
 #[test]
+fn a_line_cut_by_a_task_process_killed_inside_its_write_never_swallows_a_line_after_it() {
+    // A task process killed (SIGKILL) inside a write of several pages leaves part of a line at
+    // the end of the outbox, with no newline; its jobs run again. Such a tail is put in the
+    // file here where a kill would leave it, before the daemon starts and while it runs: a
+    // real kill inside a write is too rare to hit on purpose.
+    let cut = |id: u64| {
+        format!(
+            r#"{{"sent_at_ms":1764720000000,"task_id":{id},"attempt":1,"task_pid":1,"type":"email","to":"cu"#
+        )
+    };
+    let scratch = tempfile::tempdir().unwrap();
+    let outbox = scratch.path().join("outbox.log");
+    std::fs::write(&outbox, cut(1_000_000)).unwrap();
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "2",
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    let mut client = daemon.connect();
+    let mut done = HashSet::new();
+    let mut cuts = vec![cut(1_000_000)];
+    for round in 1..=3 {
+        let finals = burst(&mut client, &format!("round{round}-"), 32);
+        assert!(finals.values().all(|r| r["event"] == "done"), "{finals:?}");
+        done.extend(finals.keys().copied());
+        // Every done job's line is whole, the first one after the cut too.
+        let bytes = std::fs::read(&outbox).unwrap();
+        assert_eq!(whole_lines(&bytes), done, "round {round}:\n{}", String::from_utf8_lossy(&bytes));
+        // Another process killed inside its write, while this one runs.
+        cuts.push(cut(1_000_000 + round));
+        let mut file = std::fs::OpenOptions::new().append(true).open(&outbox).unwrap();
+        std::io::Write::write_all(&mut file, cuts[cuts.len() - 1].as_bytes()).unwrap();
+    }
+    // Each cut stays a line of its own, for a reader to skip; every other line is JSON or empty.
+    let text = std::fs::read_to_string(&outbox).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    for cut in &cuts[..cuts.len() - 1] {
+        assert!(lines.contains(&cut.as_str()), "{cut} is not a line of its own:\n{text}");
+    }
+    for line in lines.iter().filter(|l| !l.is_empty() && !cuts.iter().any(|c| c == *l)) {
+        assert!(serde_json::from_str::<Value>(line).is_ok(), "{line:?} is not a whole line:\n{text}");
+    }
+}
+
+#[test]
 fn a_burst_whose_outbox_lines_cannot_be_written_fails_every_job_whose_line_is_not_in_the_file() {
     // The task processes may not grow a file past 1 MiB (RLIMIT_FSIZE), and the outbox is 250
     // bytes short of that: the first write takes 250 bytes (a line, and part of the next),
@@ -448,14 +496,15 @@ fn chaos_random_kills_under_steady_load_lose_no_job_and_no_connection() {
     }
     stop.store(true, Ordering::Relaxed);
     let total = sum(clients);
-    let outbox = daemon.outbox_lines().len();
+    // A task process killed inside its write may have left part of a line: not counted.
+    let outbox = whole_lines(&std::fs::read(&daemon.outbox).unwrap_or_default()).len();
     println!(
         "chaos {secs}s: killed {killed_workers} workers, {killed_tasks} task processes, {killed_manager} manager; \
-         sent {}, accepted {}, errors {}, done {}, failed {}, missing {}, dropped {}; outbox lines {outbox}",
+         sent {}, accepted {}, errors {}, done {}, failed {}, missing {}, dropped {}; jobs in the outbox {outbox}",
         total.sent, total.accepted, total.errors, total.done, total.failed, total.missing, total.dropped
     );
     assert_nothing_lost(&total);
-    assert!(outbox as u64 >= total.done, "every done job is in the outbox (retries may add more)");
+    assert!(outbox as u64 >= total.done, "every done job is in the outbox");
 }
 
 #[test]
@@ -480,22 +529,18 @@ fn task_processes_killed_amid_bursts_of_quick_jobs_lose_none_and_every_done_job_
     }
     stop.store(true, Ordering::Relaxed);
     let total = sum(clients);
-    // Every job whose `done` a client got has its line in the file. Read as text, not as
-    // lines: a process killed inside a write of several pages may leave part of a line
-    // (its jobs run again), and the next process's line then follows it on the same line.
-    let outbox = std::fs::read_to_string(&daemon.outbox).unwrap_or_default();
-    let written: HashSet<u64> = outbox
-        .split("\"task_id\":")
-        .skip(1)
-        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
-        .collect();
+    // Every job whose `done` a client got has a whole line in the file. A process killed inside
+    // a write of several pages may leave part of a line (its jobs run again), but the next
+    // write starts with a newline: the cut line is a line of its own, and no other is lost.
+    let outbox = std::fs::read(&daemon.outbox).unwrap_or_default();
+    let written = whole_lines(&outbox);
     let missing: Vec<&u64> = total.done_ids.iter().filter(|id| !written.contains(id)).collect();
     println!(
         "killed {killed} task processes; accepted {}, done {}, failed {}; outbox lines {}",
         total.accepted,
         total.done,
         total.failed,
-        outbox.lines().count()
+        outbox.split(|&b| b == b'\n').filter(|l| !l.is_empty()).count()
     );
     assert_nothing_lost(&total);
     assert!(killed >= 10, "{killed} kills");
