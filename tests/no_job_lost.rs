@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Client, Daemon};
+use common::{wait_for, Client, Daemon};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -263,6 +263,54 @@ fn a_burst_whose_outbox_lines_cannot_be_written_fails_every_job_whose_line_is_no
     let ids: HashSet<u64> = finals.keys().copied().collect();
     assert!(finals.values().all(|r| r["event"] == "done"), "{finals:?}");
     assert_eq!(whole_lines(&std::fs::read(&outbox).unwrap()[filler.len()..]), &done | &ids);
+}
+
+#[test]
+fn a_job_whose_outbox_line_cannot_be_written_is_logged_failed_after_its_done_line() {
+    // The task processes may not grow a file past 1 MiB (the log stays far below), and the
+    // outbox is that large already: every write of it fails (EFBIG), as on a full disk.
+    const LIMIT: u64 = 1 << 20;
+    let scratch = tempfile::tempdir().unwrap();
+    let outbox = scratch.path().join("outbox.log");
+    std::fs::write(&outbox, vec![b'\n'; LIMIT as usize]).unwrap();
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "0",
+        "--task-worker-num",
+        "2",
+        "--outbox",
+        outbox.to_str().unwrap(),
+    ]);
+    daemon.wait_pool(2, 2);
+    for pid in daemon.pids_of("taskd: task") {
+        set_fsize(pid, LIMIT);
+    }
+    let mut client = daemon.connect();
+    let finals = burst(&mut client, "full", 16);
+    assert!(finals.values().all(|r| r["event"] == "failed"), "{finals:?}");
+    // A job's outcome line (`job N done`) is logged as its work ends, before the outbox's write
+    // of its burst: what the task process logs last of each job is that it failed, and why.
+    let last_words = |log: &str, id: u64| -> Vec<String> {
+        let about = format!("job {id} ");
+        log.lines()
+            .filter(|l| l.split_whitespace().nth(2) == Some("task") && l.contains(&about))
+            .map(str::to_string)
+            .collect()
+    };
+    let log = wait_for("every job's last line in its task process", || {
+        let log = daemon.log();
+        finals
+            .keys()
+            .all(|&id| last_words(&log, id).last().is_some_and(|l| l.contains("failed")))
+            .then_some(log)
+    });
+    for &id in finals.keys() {
+        let lines = last_words(&log, id);
+        assert!(lines.iter().any(|l| l.contains(&format!("job {id} done: "))), "{lines:?}");
+        let last = lines.last().unwrap();
+        assert!(last.contains(&format!("job {id} failed after all, not done: ")), "{lines:?}");
+        assert!(last.contains("cannot write to the outbox: File too large"), "{lines:?}");
+    }
 }
 
 #[test]
