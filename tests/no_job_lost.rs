@@ -314,6 +314,41 @@ fn a_job_whose_outbox_line_cannot_be_written_is_logged_failed_after_its_done_lin
 }
 
 #[test]
+fn a_task_process_whose_log_cannot_be_written_runs_its_jobs_all_the_same() {
+    // The log file is 64 kB already, and the task processes may not grow a file past that
+    // (RLIMIT_FSIZE), as on a full disk: every line they log fails (EFBIG). The outbox, far
+    // below the limit, takes their jobs' lines.
+    const LIMIT: u64 = 64 * 1024;
+    let scratch = tempfile::tempdir().unwrap();
+    let log = scratch.path().join("taskd.log");
+    std::fs::write(&log, vec![b'\n'; LIMIT as usize]).unwrap();
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        "20",
+        "--task-worker-num",
+        "2",
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    daemon.wait_pool(2, 2);
+    let tasks = daemon.pids_of("taskd: task");
+    for &pid in &tasks {
+        set_fsize(pid, LIMIT);
+    }
+    // One job at a time: each logs its progress as it goes (`sending email to …`).
+    let mut client = daemon.connect();
+    for i in 0..4 {
+        let accepted = client.submit(&format!("quiet{i}@example.com"));
+        let done = client.final_reply(&accepted["task_id"], &mut Vec::new());
+        assert_eq!(done["event"], "done", "{done}");
+        // Run once, by a task process that did not die on its first log line.
+        assert_eq!(done["attempts"], 1, "{done}");
+    }
+    assert_eq!(daemon.pids_of("taskd: task"), tasks);
+    assert_eq!(daemon.outbox_lines().len(), 4);
+}
+
+#[test]
 fn sigterm_under_load_finishes_every_job_before_exiting_0() {
     let mut daemon = Daemon::start(&["--simulate-ms", "150", "--max-wait-time", "20"]);
     daemon.wait_pool(2, 4);
