@@ -15,7 +15,8 @@
 //! flags: the default configuration (info logging, to a file as a service would), whose per-job
 //! lines are part of the cost; `--taskd-arg=--log-level=warn` measures without them. It reads
 //! the daemon's first stdout line (`taskd listening on ADDR`), and stops it at the end
-//! (SIGTERM, then wait), also on an error or Ctrl-C: a guard does it when it is dropped.
+//! (SIGTERM, then wait), also on an error or Ctrl-C: a guard does it when it is dropped. A
+//! reader that stops reading the report (`loadgen | head -1`) is no error: it exits 0, quietly.
 //!
 //! Each of `--conns` connections pipelines bare-address jobs (`user{i}@example.com\n`) with at
 //! most `--window` of them outstanding. Every job gets an `accepted` line, then a `done` line;
@@ -66,6 +67,15 @@ use mio::{Events, Interest, Poll, Token};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+
+/// A line on stderr. Not `eprintln!`, which panics when stderr is a pipe nobody reads any more
+/// (`loadgen 2>&1 | head -1`): a panic on the way out of a run would skip the end of it, and
+/// a note is not worth one.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(io::stderr(), $($arg)*);
+    }};
+}
 
 /// Linux reports /proc CPU times in USER_HZ ticks, 100 per second on every architecture.
 const TICKS_PER_SEC: f64 = 100.0;
@@ -129,12 +139,12 @@ struct Args {
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Err(e) = install_sigint_handler() {
-        eprintln!("loadgen: cannot handle SIGINT: {e}");
+        note!("loadgen: cannot handle SIGINT: {e}");
     }
     match run_main(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("loadgen: {e}");
+            note!("loadgen: {e}");
             ExitCode::from(if INTERRUPTED.load(Ordering::SeqCst) { 130 } else { 1 })
         }
     }
@@ -193,12 +203,14 @@ fn run_main(args: &Args) -> Result<(), String> {
             };
             let r = run(&addr, &cfg, master)?;
             if !args.json {
-                eprintln!("{}", r.summary());
+                note!("{}", r.summary());
             }
             cells.push(r);
             sleep_checked(Duration::from_millis(200))?;
         }
-        report_matrix(args, &addr, taskd_path, &cells, rss_idle.as_deref());
+        let mut out = io::stdout().lock();
+        let printed = report_matrix(&mut out, args, &addr, taskd_path, &cells, rss_idle.as_deref());
+        report(&mut out, printed)?;
     } else {
         let cfg = RunCfg {
             conns: args.conns,
@@ -211,22 +223,35 @@ fn run_main(args: &Args) -> Result<(), String> {
             accepted_latency: args.accepted_latency,
         };
         let r = run(&addr, &cfg, master)?;
-        if args.json {
+        let mut out = io::stdout().lock();
+        let printed = if args.json {
             let mut v = r.to_json();
             v["addr"] = json!(addr);
             v["taskd"] = json!(taskd_path);
             v["taskd_args"] = json!(args.taskd_args);
             v["rss_idle"] = rss_json(rss_idle.as_deref());
-            println!("{v}");
+            writeln!(out, "{v}")
         } else {
-            println!("{}", r.summary());
-            if let (Some(idle), Some(end)) = (&rss_idle, &r.rss_end) {
-                print_rss(idle, end, "end of run");
-            }
-        }
+            writeln!(out, "{}", r.summary()).and_then(|()| match (&rss_idle, &r.rss_end) {
+                (Some(idle), Some(end)) => print_rss(&mut out, idle, end, "end of run"),
+                _ => Ok(()),
+            })
+        };
+        report(&mut out, printed)?;
     }
     drop(daemon);
     Ok(())
+}
+
+/// What printing the report came to. Whoever reads it may stop before its end (`loadgen |
+/// head -1`): a closed stdout is no error, the run is over and the daemon stops as after any
+/// run (the caller's guard). Anything else is one, with what failed.
+fn report(out: &mut impl Write, printed: io::Result<()>) -> Result<(), String> {
+    match printed.and_then(|()| out.flush()) {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("cannot write the report to stdout: {e}")),
+        Ok(()) => Ok(()),
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -336,7 +361,7 @@ impl Daemon {
             let _ = tx.send(reader.read_line(&mut first).map(|_| first));
             let mut line = String::new();
             while matches!(reader.read_line(&mut line), Ok(n) if n > 0) {
-                eprint!("taskd stdout: {line}");
+                let _ = write!(io::stderr(), "taskd stdout: {line}");
                 line.clear();
             }
         });
@@ -386,13 +411,13 @@ impl Drop for Daemon {
                 match self.child.try_wait() {
                     Ok(Some(status)) => {
                         if !status.success() {
-                            eprintln!("loadgen: taskd exited with {status}");
+                            note!("loadgen: taskd exited with {status}");
                         }
                         break;
                     }
                     Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
                     _ => {
-                        eprintln!("loadgen: taskd did not stop within 10 s of SIGTERM; killing it");
+                        note!("loadgen: taskd did not stop within 10 s of SIGTERM; killing it");
                         let _ = self.child.kill();
                         let _ = self.child.wait();
                         break;
@@ -502,15 +527,21 @@ fn rss_json(list: Option<&[ProcMem]>) -> Value {
     }
 }
 
-fn print_rss(idle: &[ProcMem], loaded: &[ProcMem], loaded_label: &str) {
-    println!("RSS (MB)                 idle  {loaded_label}");
+fn print_rss(
+    out: &mut impl Write,
+    idle: &[ProcMem],
+    loaded: &[ProcMem],
+    loaded_label: &str,
+) -> io::Result<()> {
+    writeln!(out, "RSS (MB)                 idle  {loaded_label}")?;
     for p in idle {
         let after = loaded.iter().find(|q| q.pid == p.pid).map(|q| format!("{:6.1}", mb(q.rss_kb)));
-        println!("  {:<20} {:6.1}  {}", p.name, mb(p.rss_kb), after.as_deref().unwrap_or("  gone"));
+        writeln!(out, "  {:<20} {:6.1}  {}", p.name, mb(p.rss_kb), after.as_deref().unwrap_or("  gone"))?;
     }
     for q in loaded.iter().filter(|q| !idle.iter().any(|p| p.pid == q.pid)) {
-        println!("  {:<20}    new  {:6.1}", q.name, mb(q.rss_kb));
+        writeln!(out, "  {:<20}    new  {:6.1}", q.name, mb(q.rss_kb))?;
     }
+    Ok(())
 }
 
 fn mb(kb: u64) -> f64 {
@@ -1124,12 +1155,13 @@ fn client_loop(
 // The matrix report
 
 fn report_matrix(
+    out: &mut impl Write,
     args: &Args,
     addr: &str,
     taskd: Option<String>,
     cells: &[RunResult],
     idle: Option<&[ProcMem]>,
-) {
+) -> io::Result<()> {
     // Per process, the largest RSS seen at the end of any run.
     let mut loaded: Vec<ProcMem> = Vec::new();
     for c in cells {
@@ -1155,26 +1187,28 @@ fn report_matrix(
             "rss_idle": rss_json(idle),
             "rss_loaded_max": if idle.is_some() { rss_json(Some(&loaded)) } else { Value::Null },
         });
-        println!("{v}");
-        return;
+        return writeln!(out, "{v}");
     }
-    println!(
+    writeln!(
+        out,
         "taskd {} at {addr}{}; {} s per cell after {} s warm-up",
         taskd.as_deref().unwrap_or("(running)"),
         if args.taskd_args.is_empty() { String::new() } else { format!(" {}", args.taskd_args.join(" ")) },
         args.matrix_seconds,
         args.warmup
-    );
-    println!(
+    )?;
+    writeln!(
+        out,
         "conns window    jobs/s   p50 µs   p99 µs   max µs  errors  taskd µs/job  cores  client µs/job  other cores"
-    );
+    )?;
     for c in cells {
         let (p50, p99, max) = c.latency_us.unwrap_or((f64::NAN, f64::NAN, f64::NAN));
         let (tus, tcores, other) = match c.taskd_cpu {
             Some((us, cores)) => (format!("{us:.1}"), format!("{cores:.2}"), format!("{:.2}", c.other_cores)),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        println!(
+        writeln!(
+            out,
             "{:>5} {:>6} {:>9.0} {:>8.0} {:>8.0} {:>8.0} {:>7} {:>13} {:>6} {:>14.1} {:>12}",
             c.conns,
             c.window,
@@ -1187,15 +1221,16 @@ fn report_matrix(
             tcores,
             c.client_cpu.0,
             other
-        );
+        )?;
     }
     if let Some((p50, p99, _)) = one.and_then(|c| c.latency_us) {
-        println!("1 × 1 round trip: p50 {p50:.0} µs, p99 {p99:.0} µs");
+        writeln!(out, "1 × 1 round trip: p50 {p50:.0} µs, p99 {p99:.0} µs")?;
     }
     if let Some(b) = busiest {
-        println!("best: {:.0} jobs/s at {} conns × window {}", b.jobs_per_s, b.conns, b.window);
+        writeln!(out, "best: {:.0} jobs/s at {} conns × window {}", b.jobs_per_s, b.conns, b.window)?;
     }
     if let Some(idle) = idle {
-        print_rss(idle, &loaded, "loaded (max at end of a run)");
+        print_rss(out, idle, &loaded, "loaded (max at end of a run)")?;
     }
+    Ok(())
 }

@@ -236,6 +236,10 @@ pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), S
     }
     set_process("master");
     tracing_subscriber::fmt()
+        // A line that cannot be written (a full disk, a file size limit) is lost, as `flush`
+        // loses held ones. Not said on stderr, which is that same file: its `eprintln!`
+        // panicked there, and a task process died at its first log line (exit 101).
+        .log_internal_errors(false)
         .with_env_filter(filter)
         .with_writer(Stderr)
         .event_format(Lines { format })

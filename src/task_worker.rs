@@ -196,6 +196,7 @@ fn fail_done<'a>(out: &mut Vec<u8>, why: impl Fn(crate::app::TaskId) -> Option<&
         };
         match failure {
             Some((task_id, why)) => {
+                log_failed_after_done(task_id, why);
                 FromTask::TaskDone { task_id, ok: false, reply: &[], result: why.as_bytes() }.encode(out)
             }
             None => out.extend_from_slice(&frames[at..at + n]),
@@ -204,6 +205,14 @@ fn fail_done<'a>(out: &mut Vec<u8>, why: impl Fn(crate::app::TaskId) -> Option<&
     }
     // Nothing is left but what this process encoded itself; kept as it is all the same.
     out.extend_from_slice(&frames[at..]);
+}
+
+/// Says in the log that `task_id` failed, with why. Its outcome's line (`job N done`) was
+/// logged as its work ended, before the burst's results were settled: this line comes after it
+/// and is the log's last word on the job. Only a failure pays for it; a warning, it is written
+/// at once, behind the lines held so far, so that a crash right after leaves both.
+pub(crate) fn log_failed_after_done(task_id: crate::app::TaskId, why: &str) {
+    tracing::warn!("job {task_id} failed after all, not done: {why}");
 }
 
 /// Runs one task and appends its outcome (with the reply it set, if any) to `out`.

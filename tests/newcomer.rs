@@ -3,7 +3,11 @@
 
 mod common;
 
-use common::Daemon;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, DEADLINE};
 
 #[test]
 fn a_batch_larger_than_the_queue_is_too_large_not_busy() {
@@ -90,4 +94,40 @@ fn clients_that_send_over_long_lines_write_one_warning_not_one_each() {
     // Every answer was written after the master logged (or held back) its warning.
     let log = daemon.log();
     assert_eq!(log.matches("longer than package_max_length (1024 bytes); closing").count(), 1, "{log}");
+}
+
+/// `loadgen … | head -1`: once `head` has its line and is gone, the rest of the report meets a
+/// closed pipe.
+#[test]
+fn loadgen_whose_stdout_is_closed_exits_without_a_panic_and_leaves_no_taskd() {
+    let leftovers = common::Leftovers::guard();
+    let dir = tempfile::tempdir().unwrap();
+    // A pipe whose reading end is closed already: loadgen's first line meets EPIPE. Not
+    // inherited by what other tests start meanwhile, which would keep a reader open.
+    let (reader, writer) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+    drop(reader);
+    let stderr = dir.path().join("stderr");
+    let taskd = env!("CARGO_BIN_EXE_taskd");
+    let loadgen = Path::new(taskd).parent().unwrap().join("examples").join("loadgen");
+    let mut cmd = Command::new(loadgen);
+    common::tag(&mut cmd)
+        .args(["--taskd", taskd, "--conns", "1", "--window", "1", "--warmup", "0", "--seconds", "0.2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(writer))
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let mut child = cmd.spawn().expect("start loadgen");
+    // It starts a daemon, runs, and stops it: on a loaded machine, give it time.
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for loadgen") {
+            break status;
+        }
+        assert!(start.elapsed() < 3 * DEADLINE, "loadgen still runs after {:?}", 3 * DEADLINE);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let said = std::fs::read_to_string(&stderr).unwrap_or_default();
+    assert!(status.success(), "{status}: {said}");
+    assert!(!said.contains("panicked"), "{said}");
+    // The daemon it started is stopped, and none of its processes is left.
+    common::wait_for("loadgen's taskd to be gone", || leftovers.pids().is_empty().then_some(()));
 }

@@ -12,6 +12,15 @@
 //! again. Whole lines on an `O_APPEND` descriptor of a regular file land whole at the end of
 //! the file, so lines of different processes never interleave; a short write is taken up at
 //! the next whole line (see [`write_lines`]).
+//!
+//! Every write starts with a newline. A process killed inside a write that spans pages (SIGKILL
+//! is checked between them) leaves part of a line at the end of the file, with no newline, and
+//! nothing it can do about it: the next write, whoever makes it, would glue its first line to
+//! that part, and a reader would lose a good line of a job that is `done`. The newline ends the
+//! cut line first, in the same write, so it holds whatever the other appenders do, with no lock
+//! and no system call more: one byte per burst, and an empty line where nothing was cut, which
+//! readers skip (as they skip a cut line: it is not JSON). Checking the file's last byte first
+//! would cost a system call per burst and still race with a process killed in between.
 //! After a rotation (SIGHUP, see `logging`), each writer reopens it before its next write.
 
 use std::fs::File;
@@ -33,16 +42,14 @@ pub struct Outbox {
     path: PathBuf,
     /// The log rotation the file was opened at.
     rotation: u64,
-    /// The lines of jobs delivered since the last write, in the order they were delivered.
+    /// The lines of jobs delivered since the last write, in the order they were delivered,
+    /// after a newline (the write's first byte, see the module's doc); empty when none waits.
     pending: Vec<u8>,
     /// For each line in `pending`: its job, and where the line ends.
     lines: Vec<(TaskId, usize)>,
     /// Jobs whose lines a write made before the commit (`PENDING_MAX` reached) did not put
     /// in the file, with why: they fail at the commit.
     failed: Vec<(TaskId, String)>,
-    /// A write failed or was short: the file may end inside a line (ours, or another
-    /// process's cut by the same full disk), so the next write starts with a newline.
-    cut: bool,
 }
 
 impl Outbox {
@@ -63,7 +70,6 @@ impl Outbox {
             pending: Vec::new(),
             lines: Vec::new(),
             failed: Vec::new(),
-            cut: false,
         })
     }
 
@@ -100,7 +106,10 @@ impl Outbox {
                 .map(|t| t.map_or(0, str::len))
                 .iter()
                 .sum::<usize>();
-        self.pending.reserve(size);
+        self.pending.reserve(size + 1);
+        if self.pending.is_empty() {
+            self.pending.push(b'\n');
+        }
         let mut entry = JsonLine::after(std::mem::take(&mut self.pending));
         entry.num("sent_at_ms", sent_at).num("task_id", message.task_id);
         entry.num("attempt", message.attempt.into()).num("task_pid", task_pid.into());
@@ -126,7 +135,7 @@ impl Outbox {
             return;
         }
         self.follow_rotation();
-        let lost = write_lines(&mut self.file, &self.pending, &self.lines, &mut self.cut);
+        let lost = write_lines(&mut self.file, &self.pending, &self.lines);
         if !lost.is_empty() {
             let ids: Vec<String> = lost.iter().map(|&(i, _)| self.lines[i].0.to_string()).collect();
             tracing::error!(
@@ -145,37 +154,24 @@ impl Outbox {
     }
 }
 
-/// Writes `buf`, whole lines (`lines` says where each ends), in one `write` unless it is
-/// short; returns the lines not in the file whole (their indices), each with why.
+/// Writes `buf`, a newline and then whole lines (`lines` says where each ends), in one `write`
+/// unless it is short; returns the lines not in the file whole (their indices), each with why.
 ///
-/// A short write (a full disk, a file size limit) leaves the lines before its end in the
-/// file; the rest is written again, from the next whole line: the line it cut is lost (its
-/// job fails), and the rest starts with a newline that ends the cut line. An error fails every
-/// line not written yet. After either, the next write starts with a newline too (`cut`, kept
-/// across calls): the same full disk may have cut another process's line, and a line written
-/// behind a cut one would not be a line. (An empty line is the price when nothing was cut; a
-/// process that saw no error cannot know, and may still write behind another's cut line.)
-fn write_lines(
-    w: &mut impl Write,
-    buf: &[u8],
-    lines: &[(TaskId, usize)],
-    cut: &mut bool,
-) -> Vec<(usize, String)> {
+/// Each write starts with a newline, which ends whatever the file ended in: a line another
+/// process was killed in the middle of, or one of ours cut by a short write (see the module's
+/// doc). A short write (a full disk, a file size limit, a signal) leaves the lines before its
+/// end in the file; the rest is written again from the newline before the next whole line,
+/// which is the end of the line it cut (lost: its job fails), or of the last line it wrote.
+/// An error fails every line not written yet.
+fn write_lines(w: &mut impl Write, buf: &[u8], lines: &[(TaskId, usize)]) -> Vec<(usize, String)> {
+    debug_assert_eq!(buf.first(), Some(&b'\n'), "a burst's write starts with a newline");
     let mut lost = Vec::new();
     // The first line not written yet.
     let mut next = 0;
     while next < lines.len() {
-        let start = if next == 0 { 0 } else { lines[next - 1].1 };
-        let ended;
-        let bytes: &[u8] = if *cut {
-            let mut with_newline = Vec::with_capacity(1 + buf.len() - start);
-            with_newline.push(b'\n');
-            with_newline.extend_from_slice(&buf[start..]);
-            ended = with_newline;
-            &ended
-        } else {
-            &buf[start..]
-        };
+        // The newline before it: the burst's first byte, or the last one of the line before.
+        let from = if next == 0 { 0 } else { lines[next - 1].1 - 1 };
+        let bytes = &buf[from..];
         let written = loop {
             match w.write(bytes) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -183,10 +179,7 @@ fn write_lines(
             }
         };
         let n = match written {
-            Ok(n) if n == bytes.len() => {
-                *cut = false;
-                return lost;
-            }
+            Ok(n) if n == bytes.len() => return lost,
             Ok(0) => Err(io::Error::new(io::ErrorKind::WriteZero, "it took no byte")),
             Ok(n) => Ok(n),
             Err(e) => Err(e),
@@ -195,15 +188,14 @@ fn write_lines(
             Ok(n) => n,
             Err(e) => {
                 lost.extend((next..lines.len()).map(|i| (i, format!("cannot write to the outbox: {e}"))));
-                *cut = true;
                 return lost;
             }
         };
-        // Short: the newline (if any) and the lines before `end` are in the file.
-        let end = start + n.saturating_sub(usize::from(*cut));
-        *cut = false;
+        // Short: the bytes before `end` are in the file.
+        let end = from + n;
         next += lines[next..].partition_point(|&(_, line_end)| line_end <= end);
-        let line_start = if next == 0 { 0 } else { lines[next - 1].1 };
+        // Where the first line not whole in the file starts: after the newline before it.
+        let line_start = if next == 0 { 1 } else { lines[next - 1].1 };
         if end > line_start {
             let len = lines[next].1 - line_start;
             let why = format!(
@@ -212,7 +204,6 @@ fn write_lines(
             );
             lost.push((next, why));
             next += 1;
-            *cut = true;
         }
     }
     lost
@@ -293,9 +284,10 @@ mod tests {
         }
     }
 
-    /// Four lines of 10, 20, 30 and 40 bytes, of jobs 1 to 4.
+    /// A burst's bytes: the newline its write starts with, then four lines of 10, 20, 30 and
+    /// 40 bytes, of jobs 1 to 4.
     fn four_lines() -> (Vec<u8>, Vec<(TaskId, usize)>) {
-        let mut buf = Vec::new();
+        let mut buf = vec![b'\n'];
         let mut lines = Vec::new();
         for (id, len) in [(1, 10), (2, 20), (3, 30), (4, 40)] {
             buf.extend(std::iter::repeat_n(b'a' + id as u8, len - 1));
@@ -305,22 +297,51 @@ mod tests {
         (buf, lines)
     }
 
+    /// The lines of `file` that are whole lines of [`four_lines`], by job; the others (empty,
+    /// cut, or glued to something) are not.
+    fn whole_lines(file: &[u8]) -> Vec<TaskId> {
+        let (buf, lines) = four_lines();
+        let mut start = 1;
+        let texts: Vec<(TaskId, &[u8])> = lines
+            .iter()
+            .map(|&(id, end)| {
+                let text = (id, &buf[start..end - 1]);
+                start = end;
+                text
+            })
+            .collect();
+        let whole = |line: &[u8]| texts.iter().find(|(_, text)| *text == line).map(|&(id, _)| id);
+        file.split(|&b| b == b'\n').filter_map(whole).collect()
+    }
+
     #[test]
     fn a_bursts_lines_go_out_in_one_write() {
         let (buf, lines) = four_lines();
         let mut disk = Disk::new(usize::MAX);
-        let mut cut = false;
-        assert!(write_lines(&mut disk, &buf, &lines, &mut cut).is_empty());
-        assert_eq!((disk.writes, &disk.file, cut), (1, &buf, false));
+        assert!(write_lines(&mut disk, &buf, &lines).is_empty());
+        assert_eq!((disk.writes, &disk.file), (1, &buf));
+    }
+
+    #[test]
+    fn a_burst_written_after_a_line_cut_by_a_killed_process_keeps_every_line_whole() {
+        let (buf, lines) = four_lines();
+        // Another task process was killed inside its write: part of a line, no newline.
+        let cut = br#"{"sent_at_ms":1,"task_id":99,"attempt":1,"task_pid":7,"type":"email","to":"cu"#;
+        let mut disk = Disk::new(usize::MAX);
+        disk.file.extend_from_slice(cut);
+        assert!(write_lines(&mut disk, &buf, &lines).is_empty());
+        assert_eq!(disk.file, [&cut[..], &buf].concat());
+        assert_eq!(whole_lines(&disk.file), [1, 2, 3, 4]);
+        // The cut line stays a line of its own, which is not JSON: a reader skips it.
+        assert_eq!(disk.file.split(|&b| b == b'\n').next(), Some(&cut[..]));
     }
 
     #[test]
     fn a_write_cut_short_inside_a_line_loses_that_line_and_every_one_after_it_that_fails() {
         let (buf, lines) = four_lines();
-        // Room for the first line and 5 bytes of the second.
-        let mut disk = Disk::new(15);
-        let mut cut = false;
-        let lost = write_lines(&mut disk, &buf, &lines, &mut cut);
+        // Room for the newline, the first line and 5 bytes of the second.
+        let mut disk = Disk::new(16);
+        let lost = write_lines(&mut disk, &buf, &lines);
         let lost_lines: Vec<usize> = lost.iter().map(|(i, _)| *i).collect();
         assert_eq!(lost_lines, [1, 2, 3], "{lost:?}");
         assert_eq!(
@@ -328,38 +349,35 @@ mod tests {
             "cannot write to the outbox: a short write put 5 of the 20 bytes of its line in it"
         );
         assert!(lost[1].1.starts_with("cannot write to the outbox: File too large"), "{lost:?}");
-        assert_eq!(disk.file, buf[..15]);
-        // The file ends inside a line of ours: the next write ends it first.
-        assert!(cut);
-        let mut disk = Disk::new(usize::MAX);
-        assert!(write_lines(&mut disk, &buf[..10], &lines[..1], &mut cut).is_empty());
-        assert_eq!(disk.file, [&b"\n"[..], &buf[..10]].concat());
-        assert!(!cut);
+        assert_eq!(disk.file, buf[..16]);
+        // The file ends inside a line of ours: the next burst's write ends it first.
+        disk.room = usize::MAX;
+        assert!(write_lines(&mut disk, &buf[..11], &lines[..1]).is_empty());
+        assert_eq!(disk.file, [&buf[..16], &buf[..11]].concat());
+        assert_eq!(whole_lines(&disk.file), [1, 1]);
     }
 
     #[test]
     fn a_write_cut_short_between_lines_loses_only_what_is_not_written() {
         let (buf, lines) = four_lines();
-        let mut disk = Disk::new(30);
-        let mut cut = false;
-        let lost = write_lines(&mut disk, &buf, &lines, &mut cut);
+        let mut disk = Disk::new(31);
+        let lost = write_lines(&mut disk, &buf, &lines);
         assert_eq!(lost.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [2, 3], "{lost:?}");
-        assert_eq!((&disk.file[..], disk.writes), (&buf[..30], 2));
-        // Another process's line may have been cut by the same full disk.
-        assert!(cut);
+        assert_eq!((&disk.file[..], disk.writes), (&buf[..31], 2));
     }
 
     #[test]
     fn after_a_short_write_the_rest_goes_on_from_the_next_whole_line() {
         let (buf, lines) = four_lines();
-        // The first write takes 15 bytes (a signal, a quota), the next one everything.
-        let mut disk = Disk { once: Some(15), ..Disk::new(usize::MAX) };
-        let mut cut = false;
-        let lost = write_lines(&mut disk, &buf, &lines, &mut cut);
+        // The first write takes 16 bytes (a signal, a quota), the next one everything.
+        let mut disk = Disk { once: Some(16), ..Disk::new(usize::MAX) };
+        let lost = write_lines(&mut disk, &buf, &lines);
         assert_eq!(lost.iter().map(|(i, _)| *i).collect::<Vec<_>>(), [1], "{lost:?}");
-        // Line 2 is cut and ended by a newline; lines 3 and 4 follow whole.
-        assert_eq!(disk.file, [&buf[..15], b"\n", &buf[30..]].concat());
-        assert_eq!((disk.writes, cut), (2, false));
+        // Line 2 is cut and ended by its own newline; lines 3 and 4 follow whole.
+        assert_eq!(disk.file, [&buf[..16], &buf[30..]].concat());
+        assert_eq!(buf[30], b'\n');
+        assert_eq!(whole_lines(&disk.file), [1, 3, 4]);
+        assert_eq!(disk.writes, 2);
     }
 
     #[test]
@@ -380,8 +398,10 @@ mod tests {
         assert_eq!(std::fs::read(&path).unwrap().len(), 0, "written before the commit");
         assert!(outbox.commit().is_empty());
         let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("\n{"), "the write starts with a newline: {text}");
         let ids: Vec<u64> = text
             .lines()
+            .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["task_id"].as_u64().unwrap())
             .collect();
         assert_eq!(ids, [1, 2]);

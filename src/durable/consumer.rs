@@ -283,6 +283,7 @@ fn settle<A: Application>(app: &mut A, info: ProcessInfo, done: &mut [Completion
             None => Some(&panicked),
         };
         if let (true, Some(why)) = (reply.ok, why) {
+            crate::task_worker::log_failed_after_done(reply.task_id, why);
             reply.ok = false;
             reply.reply.clear();
             reply.result = why.clone().into_bytes();

@@ -27,8 +27,14 @@ const READ_CHUNK: usize = 64 * 1024;
 /// stays this small: the buffer is zeroed as it grows, and a 64 kB one would be 64 kB of
 /// every worker's and task process's RSS before its first job.
 const FIRST_CHUNK: usize = 4 * 1024;
-/// An idle buffer grown past this (one large message) is given back to the allocator.
+/// An idle buffer grown past this (one large message) is given back to the allocator: an
+/// output buffer at once, an input buffer once [`LIGHT_TURNS`] turns in a row needed no more.
 const SHRINK_ABOVE: usize = 256 * 1024;
+/// Turns in a row that each read no more than [`SHRINK_ABOVE`] into an input buffer grown past
+/// it before it is given back. A channel that needs it turn after turn (the master's end of a
+/// worker's channel at 1,000 connections × 8 jobs in flight) gave it back at every turn it was
+/// emptied, and grew it again at the next, doubling from 4 kB, each time zeroed.
+const LIGHT_TURNS: u32 = 64;
 
 /// Creates a connected pair of channel ends. Both are non-blocking and close-on-exec.
 pub fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -65,6 +71,9 @@ pub struct Input {
     buf: Vec<u8>,
     start: usize,
     end: usize,
+    /// While `buf` is larger than [`SHRINK_ABOVE`]: the turns in a row that filled it no further
+    /// than that before it was emptied.
+    light_turns: u32,
 }
 
 impl Input {
@@ -192,11 +201,17 @@ impl<Tx: Message, Rx: Message> Channel<Tx, Rx> {
     fn make_room(&mut self) {
         let inp = &mut self.input;
         if inp.start == inp.end {
+            // `end`: how far the turn that emptied it filled it (since its last move); 0, no
+            // turn since the last look (a fill that found nothing).
+            if inp.buf.len() > SHRINK_ABOVE && inp.end > 0 {
+                inp.light_turns = if inp.end > SHRINK_ABOVE { 0 } else { inp.light_turns + 1 };
+                if inp.light_turns >= LIGHT_TURNS {
+                    inp.buf = Vec::new();
+                    inp.light_turns = 0;
+                }
+            }
             inp.start = 0;
             inp.end = 0;
-            if inp.buf.len() > SHRINK_ABOVE {
-                inp.buf = Vec::new();
-            }
         }
         // A quarter of the buffer, at most a quarter of READ_CHUNK: a small buffer that reads
         // fill grows (doubling) as a busy channel's did at once before.
@@ -492,6 +507,44 @@ mod tests {
             }
             other => panic!("not sent: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_large_input_buffer_is_kept_while_turns_need_it_and_given_back_after_light_ones() {
+        let (a, b) = pair().unwrap();
+        let mut a: Channel<FromWorker<'static>, ToWorker<'static>> = Channel::new(a);
+        let mut b: Channel<ToWorker<'static>, FromWorker<'static>> = Channel::new(b);
+        // One turn: `data` read whole and handled; then a fill that finds nothing more, as the
+        // next event's would. The size of the input buffer after it.
+        let mut turn = |data: &[u8]| {
+            a.send(&FromWorker::Client(ToClient::Send { session: 7, data }));
+            while !a.flush().unwrap() {
+                b.fill().unwrap();
+            }
+            b.fill().unwrap();
+            let frame = b.next_frame();
+            assert!(matches!(frame, Ok(Some(FromWorker::Client(ToClient::Send { session: 7, .. })))));
+            assert!(b.input().is_empty());
+            assert_eq!(b.fill().unwrap(), ReadState::Open);
+            b.input.buf.len()
+        };
+        let (heavy, light) = (vec![b'x'; SHRINK_ABOVE + 1024], vec![b'x'; 1024]);
+        let large = turn(&heavy);
+        assert!(large > SHRINK_ABOVE, "{large}");
+        // Needed turn after turn: kept, not given back and grown again from FIRST_CHUNK.
+        for _ in 0..3 {
+            assert_eq!(turn(&heavy), large);
+        }
+        // Light turns keep it for a while; a heavy one among them starts the count again.
+        for _ in 1..LIGHT_TURNS {
+            assert_eq!(turn(&light), large);
+        }
+        assert_eq!(turn(&heavy), large);
+        for _ in 1..LIGHT_TURNS {
+            assert_eq!(turn(&light), large);
+        }
+        // LIGHT_TURNS in a row: given back, the next reads made into a first-size buffer.
+        assert_eq!(turn(&light), FIRST_CHUNK);
     }
 
     /// Whoever owns the channel, as the master owns its slots' channels.

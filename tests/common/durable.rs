@@ -207,6 +207,8 @@ impl TaskNode {
         std::fs::read_to_string(&self.outbox)
             .unwrap_or_default()
             .lines()
+            // Each write of a burst's lines starts with a newline (see the README's outbox).
+            .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_str(l).expect("outbox line is JSON"))
             .collect()
     }
