@@ -719,3 +719,66 @@ fn durable_chaos_random_kills_lose_no_job() {
     );
     assert_nothing_lost(&total);
 }
+
+/// Durable consumers killed amid bursts of quick jobs: a kill lands while a consumer runs a
+/// window, while its outcomes are on their way to Redis, or while a take is (Redis has moved
+/// the entries into its pending list, and its reply is not read yet). Whatever it had taken and
+/// not acknowledged stays pending under its name, and its successor in the slot reads it back:
+/// no job is lost or answered twice, every `done` job is in the outbox, and nothing is left
+/// pending in the stream.
+#[test]
+fn durable_consumers_killed_amid_quick_jobs_lose_none_and_leave_nothing_pending() {
+    let Some(redis) = common::durable::Redis::start() else { return };
+    let secs: u64 = std::env::var("TASKD_CHAOS_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
+    let url = redis.url.clone();
+    let daemon = Daemon::start(&[
+        "--redis-url",
+        &url,
+        "--node-id",
+        "web-1",
+        "--task-worker-num",
+        "2",
+        "--simulate-ms",
+        "0",
+        "--task-retry-max",
+        "5",
+    ]);
+    daemon.wait_pool(2, 2);
+    let stop = Arc::new(AtomicBool::new(false));
+    // A job fails only past its attempts (each run killed with its consumer).
+    let clients = start_clients(daemon.addr, &stop, |e| e.starts_with("gave up after"));
+    let start = Instant::now();
+    let mut rand = rng();
+    let mut killed = 0;
+    // A consumer killed within a second of its start is respawned after a growing back-off
+    // (up to 2 s), so the kills go on past `secs` until there have been ten.
+    while start.elapsed() < Duration::from_secs(secs)
+        || (killed < 10 && start.elapsed() < Duration::from_secs(secs + 30))
+    {
+        std::thread::sleep(Duration::from_millis(50 + rand() % 150));
+        let tasks = daemon.pids_of("taskd: task");
+        if let Some(&victim) = tasks.get((rand() % 2) as usize) {
+            kill9(victim);
+            killed += 1;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let total = sum(clients);
+    let outbox = std::fs::read_to_string(&daemon.outbox).unwrap_or_default();
+    let written: HashSet<u64> = outbox
+        .split("\"task_id\":")
+        .skip(1)
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .collect();
+    let missing: Vec<&u64> = total.done_ids.iter().filter(|id| !written.contains(id)).collect();
+    println!(
+        "killed {killed} consumers; accepted {}, done {}, failed {}",
+        total.accepted, total.done, total.failed
+    );
+    assert_nothing_lost(&total);
+    assert!(killed >= 10, "{killed} kills");
+    assert!(missing.is_empty(), "done, and not in the outbox: {missing:?}");
+    // The kills left jobs pending under the killed consumers' names, and they were read back.
+    assert!(daemon.log().contains("jobs it had taken before"), "no successor took back a job");
+    common::wait_for("nothing pending in the job stream", || (redis.pending() == 0).then_some(()));
+}
