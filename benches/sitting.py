@@ -167,9 +167,9 @@ def summary(path):
         for kind in ("master", "manager", "worker", "task"):
             for when in ("rss_idle", "rss_end"):
                 kb = [p["rss_kb"] for r in rs for p in (r["d864"].get(when) or [])
-                      if p["name"].startswith(f"taskd: {kind} ")]
+                      if p["name"].split(" ")[:2] == ["taskd:", kind]]
                 if kb:
-                    print(f"  RSS {kind} {when} MB          {min(kb) / 1024:.1f}–{max(kb) / 1024:.1f}")
+                    print(f"  RSS {kind} {when} MB".ljust(31) + f"{min(kb) / 1024:.1f}–{max(kb) / 1024:.1f}")
 
 
 def main():
