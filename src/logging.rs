@@ -145,8 +145,11 @@ pub fn hold_outcomes() {
 pub fn flush() {
     let Ok(mut held) = HELD.lock() else { return };
     if !held.is_empty() {
-        // Nothing better to do with a log that cannot be written than to go on.
-        let _ = io::stderr().write_all(held.as_bytes());
+        // Nothing better to do with a log that cannot be written than to go on, and count
+        // what it lost (`stats`: `log_lines_lost`).
+        if io::stderr().write_all(held.as_bytes()).is_err() {
+            lines_lost(held.bytes().filter(|&b| b == b'\n').count());
+        }
         held.clear();
     }
 }
@@ -238,7 +241,8 @@ pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), S
     tracing_subscriber::fmt()
         // A line that cannot be written (a full disk, a file size limit) is lost, as `flush`
         // loses held ones. Not said on stderr, which is that same file: its `eprintln!`
-        // panicked there, and a task process died at its first log line (exit 101).
+        // panicked there, and a task process died at its first log line (exit 101). `stats`
+        // counts such lines instead (`log_lines_lost`, see `Line::write` and `flush`).
         .log_internal_errors(false)
         .with_env_filter(filter)
         .with_writer(Stderr)
@@ -298,6 +302,13 @@ fn follow_rotation() {
     }
 }
 
+/// Counts `n` lines the log could not take, where every process's count is read (`stats`).
+fn lines_lost(n: usize) {
+    if let Some(shared) = SHARED.get() {
+        shared.count_log_lines_lost(n as u64);
+    }
+}
+
 /// Writes an error line in the log's format straight to stderr: from inside the writer, where
 /// logging through the subscriber again would re-enter it.
 fn complain(message: &str) {
@@ -349,7 +360,12 @@ enum Line {
 impl io::Write for Line {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            Line::Now(stderr) => stderr.write(buf),
+            Line::Now(stderr) => stderr.write(buf).inspect_err(|_| {
+                // The subscriber writes a line with `write_all`, which stops at the first
+                // error: one failed write, one line lost (the subscriber says nothing of it,
+                // see `init`).
+                lines_lost(1);
+            }),
             Line::Held => {
                 let full = match HELD.lock() {
                     Ok(mut held) => {

@@ -37,6 +37,9 @@ struct Quiet {
     /// its own in Redis, written by its manager at each renewal of the lease; 0: not known.
     /// Its task processes take and start no job past it (see `durable::node`).
     lease_until_ms: AtomicU64,
+    /// Log lines that could not be written (a full disk, a file size limit), counted by the
+    /// process that lost them: nothing else can say so, the log being what failed.
+    log_lines_lost: AtomicU64,
 }
 
 impl Shared {
@@ -108,6 +111,14 @@ impl Shared {
 
     pub fn late_results(&self) -> u64 {
         self.quiet.late_results.load(Ordering::Relaxed)
+    }
+
+    pub fn count_log_lines_lost(&self, n: u64) {
+        self.quiet.log_lines_lost.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn log_lines_lost(&self) -> u64 {
+        self.quiet.log_lines_lost.load(Ordering::Relaxed)
     }
 
     pub fn log_generation(&self) -> u64 {

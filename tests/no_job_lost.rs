@@ -346,6 +346,12 @@ fn a_task_process_whose_log_cannot_be_written_runs_its_jobs_all_the_same() {
     }
     assert_eq!(daemon.pids_of("taskd: task"), tasks);
     assert_eq!(daemon.outbox_lines().len(), 4);
+    // What the log lost, `stats` says: each job's lines at least (the task processes write
+    // a burst's lines before its results leave them).
+    client.send("stats");
+    let stats = client.recv();
+    let lost = stats["log_lines_lost"].as_u64().unwrap_or(0);
+    assert!(lost >= 4, "{stats}");
 }
 
 #[test]

@@ -647,6 +647,7 @@ impl<'a, A: Application> Master<'a, A> {
             schedules: self.schedules_stats(),
             late_wait_results: self.shared.late_results(),
             results_kept: self.results.len(),
+            log_lines_lost: self.shared.log_lines_lost(),
             durable: self.durable.as_ref().map(|d| {
                 let mut v = serde_json::json!({
                     "node_id": d.d.node,

@@ -121,6 +121,8 @@ pub struct Snapshot<'a> {
     pub schedules: serde_json::Value,
     /// Waited-for results that came after their waiter gave up (counted by the workers).
     pub late_wait_results: u64,
+    /// Log lines the processes of this node could not write (a full disk, a file size limit).
+    pub log_lines_lost: u64,
     /// Final replies kept for `result` queries.
     pub results_kept: usize,
     /// Durable jobs: the state of the link to Redis.
@@ -184,6 +186,7 @@ pub fn render(s: &Snapshot<'_>) -> Vec<u8> {
         "fork_failures": c.fork_failures,
         "late_results_dropped": c.late_results_dropped + s.late_wait_results,
         "results_kept": s.results_kept,
+        "log_lines_lost": s.log_lines_lost,
         "processes": processes,
     });
     if let Some(obj) = line.as_object_mut() {
@@ -271,6 +274,12 @@ pub fn render_prometheus(s: &Snapshot<'_>) -> String {
     metric("worker_crashes_total", "counter", "Workers that died abnormally.", c.worker_crashes);
     metric("task_crashes_total", "counter", "Task processes that died abnormally.", c.task_crashes);
     metric("fork_failures_total", "counter", "Pool processes the manager could not fork.", c.fork_failures);
+    metric(
+        "log_lines_lost_total",
+        "counter",
+        "Log lines that could not be written (a full disk, a file size limit).",
+        s.log_lines_lost,
+    );
     // Input flow control and the memory budgets.
     metric(
         "input_paused_connections",
