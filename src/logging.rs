@@ -251,7 +251,8 @@ pub fn init(level: &str, format: LogFormat, file: Option<&Path>) -> Result<(), S
         .map_err(|e| format!("cannot set up logging: {e}"))
 }
 
-/// Lets the master announce log rotations to every process through shared memory.
+/// Lets the master announce log rotations to every process through shared memory, and every
+/// process count there the lines the log could not take.
 pub fn share_rotation(shared: &'static Shared) {
     let _ = SHARED.set(shared);
 }
