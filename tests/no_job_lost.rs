@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +122,26 @@ fn set_fsize(pid: u32, limit: u64) {
     assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
+/// Starts taskd with two task processes running jobs in `simulate_ms`, `flag` naming `file`
+/// (the outbox or the log), then limits what the task processes may grow a file to (`limit`,
+/// RLIMIT_FSIZE), as a full disk would; returns their pids with it.
+fn start_with_file_limit(flag: &str, file: &Path, simulate_ms: &str, limit: u64) -> (Daemon, Vec<u32>) {
+    let daemon = Daemon::start(&[
+        "--simulate-ms",
+        simulate_ms,
+        "--task-worker-num",
+        "2",
+        flag,
+        file.to_str().unwrap(),
+    ]);
+    daemon.wait_pool(2, 2);
+    let tasks = daemon.pids_of("taskd: task");
+    for &pid in &tasks {
+        set_fsize(pid, limit);
+    }
+    (daemon, tasks)
+}
+
 /// Sends `count` jobs in one write (a burst for the task processes) and returns the final
 /// reply of each, by task id.
 fn burst(client: &mut Client, tag: &str, count: usize) -> HashMap<u64, Value> {
@@ -211,19 +232,7 @@ fn a_burst_whose_outbox_lines_cannot_be_written_fails_every_job_whose_line_is_no
     let mut filler = vec![b'#'; (LIMIT - ROOM) as usize];
     *filler.last_mut().unwrap() = b'\n';
     std::fs::write(&outbox, &filler).unwrap();
-    let daemon = Daemon::start(&[
-        "--simulate-ms",
-        "0",
-        "--task-worker-num",
-        "2",
-        "--outbox",
-        outbox.to_str().unwrap(),
-    ]);
-    daemon.wait_pool(2, 2);
-    let tasks = daemon.pids_of("taskd: task");
-    for &pid in &tasks {
-        set_fsize(pid, LIMIT);
-    }
+    let (daemon, tasks) = start_with_file_limit("--outbox", &outbox, "0", LIMIT);
     let mut client = daemon.connect();
     let outbox_error = |reply: &Value| {
         reply["event"] == "failed"
@@ -273,18 +282,7 @@ fn a_job_whose_outbox_line_cannot_be_written_is_logged_failed_after_its_done_lin
     let scratch = tempfile::tempdir().unwrap();
     let outbox = scratch.path().join("outbox.log");
     std::fs::write(&outbox, vec![b'\n'; LIMIT as usize]).unwrap();
-    let daemon = Daemon::start(&[
-        "--simulate-ms",
-        "0",
-        "--task-worker-num",
-        "2",
-        "--outbox",
-        outbox.to_str().unwrap(),
-    ]);
-    daemon.wait_pool(2, 2);
-    for pid in daemon.pids_of("taskd: task") {
-        set_fsize(pid, LIMIT);
-    }
+    let (daemon, _) = start_with_file_limit("--outbox", &outbox, "0", LIMIT);
     let mut client = daemon.connect();
     let finals = burst(&mut client, "full", 16);
     assert!(finals.values().all(|r| r["event"] == "failed"), "{finals:?}");
@@ -322,19 +320,7 @@ fn a_task_process_whose_log_cannot_be_written_runs_its_jobs_all_the_same() {
     let scratch = tempfile::tempdir().unwrap();
     let log = scratch.path().join("taskd.log");
     std::fs::write(&log, vec![b'\n'; LIMIT as usize]).unwrap();
-    let daemon = Daemon::start(&[
-        "--simulate-ms",
-        "20",
-        "--task-worker-num",
-        "2",
-        "--log-file",
-        log.to_str().unwrap(),
-    ]);
-    daemon.wait_pool(2, 2);
-    let tasks = daemon.pids_of("taskd: task");
-    for &pid in &tasks {
-        set_fsize(pid, LIMIT);
-    }
+    let (daemon, tasks) = start_with_file_limit("--log-file", &log, "20", LIMIT);
     // One job at a time: each logs its progress as it goes (`sending email to …`).
     let mut client = daemon.connect();
     for i in 0..4 {
