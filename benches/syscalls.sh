@@ -66,7 +66,8 @@ awk -F, -v n="$n" '
   END {
     ne = split("task-clock,all syscalls,context-switches,recvfrom,sendto,read,write,epoll_wait,epoll_pwait,epoll_ctl,sched_yield", e, ",")
     printf "%-8s", "kind"; for (i = 1; i <= ne; i++) printf " %12s", e[i]; printf "\n"
-    nr = split("master,worker,task,manager,client", rs, ",")
+    # The redis bridge (durable jobs) is titled "taskd: redis bridge": its role reads "redis".
+    nr = split("master,redis,worker,task,manager,client", rs, ",")
     for (k = 1; k <= nr; k++) { r = rs[k]; if (!(r in roles)) continue
-      printf "%-8s", r; for (i = 1; i <= ne; i++) printf " %12.3f", sum[r, e[i]] / n; printf "\n" }
+      printf "%-8s", (r == "redis" ? "bridge" : r); for (i = 1; i <= ne; i++) printf " %12.3f", sum[r, e[i]] / n; printf "\n" }
   }' "$work/roles" "$work/perf" "$work/perf-client"

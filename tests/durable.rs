@@ -400,6 +400,41 @@ fn redis_killed_and_restarted_loses_no_acknowledged_job_and_refuses_clearly_mean
     assert_eq!(d.outbox_lines().len(), 7);
 }
 
+/// A consumer writes a burst's log lines at once (not a write per line), but never keeps them:
+/// once it waits for more jobs, the line of every job it ran is in the log, as are those of a
+/// slow job's run (written as they are logged) while it still runs.
+#[test]
+fn a_consumers_held_log_lines_are_written_before_it_waits() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--simulate-ms", "0", "--task-worker-num", "1"]);
+    bridge_of(&d);
+    let mut c = d.connect();
+    for i in 0..200 {
+        c.send(&job(i, 0));
+    }
+    let mut ids = Vec::new();
+    while ids.len() < 200 {
+        let v = c.recv();
+        match v["event"].as_str() {
+            Some("accepted") => {}
+            Some("done") => ids.push(v["task_id"].as_u64().unwrap()),
+            _ => panic!("{v}"),
+        }
+    }
+    // The daemon goes on running: the lines are out because the consumer is idle, not
+    // because it exited.
+    wait_for("every job's line in the log", || {
+        let log = d.log();
+        ids.iter().all(|id| log.contains(&format!("job {id} done"))).then_some(())
+    });
+    c.send(&job(200, 3_000));
+    let accepted = c.recv();
+    assert_eq!(accepted["event"], "accepted", "{accepted}");
+    let slow = accepted["task_id"].as_u64().unwrap();
+    d.wait_log(&format!("job {slow}: 1/5 done"));
+    assert!(!d.log().contains(&format!("job {slow} done")));
+}
+
 #[test]
 fn a_hung_redis_gets_a_clear_failure_never_a_hang() {
     let Some(redis) = Redis::start() else { return };

@@ -194,6 +194,10 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
     loop {
+        // Its lines go out before it may wait on Redis (a job's log does not wait for the
+        // next job), or exit.
+        crate::logging::hold(false);
+        crate::logging::before_wait();
         if let Some(why) = control.stop_requested() {
             // What it took and did not run stays pending under its name (see the module doc).
             tracing::info!("task {slot} (pid {}) exits: {why}, after {served} tasks", info.pid);
@@ -215,6 +219,10 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         };
         // Everything it wrote back is out (take flushes first): it holds what it just took.
         pulse.took(entries.len());
+        // A job's outcome line waits for its burst's (one write of the log per burst, not a
+        // write system call per job), written before their outcomes leave; its other lines go
+        // out as they are logged, so a job that hangs shows what it was doing.
+        crate::logging::hold_outcomes();
         let mut done = Vec::new();
         let mut queue: VecDeque<(At, StreamEntry, u32)> = entries.into();
         while let Some((at, entry, attempt)) = queue.pop_front() {
@@ -249,6 +257,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             // A slow job's outcome goes out at once; quick ones go together.
             if queue.is_empty() || started.elapsed() >= Duration::from_millis(1) {
                 settle(app, info, &mut done);
+                crate::logging::flush();
                 c.unsent.append(&mut done);
                 if let Err(e) = c.flush() {
                     c.lost(&e);
@@ -257,6 +266,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
         }
         settle(app, info, &mut done);
+        crate::logging::flush();
         c.unsent.append(&mut done);
         pulse.holding(c.unsent.len());
     }
