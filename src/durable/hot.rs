@@ -23,6 +23,8 @@ use super::resp::Packed;
 
 /// As the crate's parser: a reply nested deeper than this is refused.
 const MAX_DEPTH: usize = 100;
+/// Entries of one stream reply made room for at once (a consumer takes 64 at most).
+const TAKE_ROOM: usize = 128;
 /// The read buffer's first size; it grows to hold the largest reply read.
 const BUF_START: usize = 64 * 1024;
 
@@ -280,15 +282,15 @@ impl ConnectionLike for Own {
         self.send(cmd)?;
         let mut refused = None;
         let mut replies = Vec::with_capacity(count);
-        for i in 0..offset + count {
-            let reply = self.recv()?;
-            if i < offset {
-                if let Value::ServerError(e) = reply {
-                    refused.get_or_insert(e);
-                }
-            } else {
-                replies.push(reply);
+        for _ in 0..offset {
+            // Passed over, not built (a MULTI's QUEUED each made a String): only an error
+            // reply is looked at.
+            if let Some(Value::ServerError(e)) = self.recv_with(parse_error)? {
+                refused.get_or_insert(e);
             }
+        }
+        for _ in 0..count {
+            replies.push(self.recv()?);
         }
         match refused {
             Some(e) => Err(e.into()),
@@ -320,6 +322,20 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, &'static str> {
     let mut pos = 0;
     let value = value(buf, &mut pos)?;
     Ok(Some((value, pos)))
+}
+
+/// As [`parse`], but building the reply only if it is an error reply (None for any other):
+/// the same bytes are refused, or waited for.
+fn parse_error(buf: &[u8]) -> Result<Option<(Option<Value>, usize)>, &'static str> {
+    let mut error = None;
+    let Some(end) = skip(buf, 0, 1, &mut error)? else { return Ok(None) };
+    if error.is_none() {
+        return Ok(Some((None, end)));
+    }
+    // Rare: built as `parse` builds it (which refuses an error reply the crate refuses).
+    let mut pos = 0;
+    let value = value(buf, &mut pos)?;
+    Ok(Some((matches!(value, Value::ServerError(_)).then_some(value), pos)))
 }
 
 /// The line at `buf[at..]` (without its CRLF) and where the next begins; None: not all there.
@@ -539,7 +555,10 @@ impl Walk<'_> {
     /// an entry without an id is none; a field or value that is no string is left out (and
     /// the pairs go on without it); an odd one at the end is no field.
     fn entries(&mut self, key: &str, out: &mut Streams) -> Result<(), Stop> {
-        for _ in 0..self.array(3)? {
+        let count = self.array(3)?;
+        // At once, not by doublings (a count from the reply is no promise: bounded).
+        out.reserve(count.min(TAKE_ROOM));
+        for _ in 0..count {
             let parts = self.array(4)?;
             if parts == 0 {
                 continue;
@@ -587,6 +606,22 @@ impl Walk<'_> {
         }
     }
 
+    /// The length of the array or bulk string at `pos` as Redis writes one (1 to 18 digits, then
+    /// CRLF), and where its items or bytes begin; None for any other line (whole or not), which
+    /// [`Walk::head`] and [`number`] read. In one pass, as a consumer reads some 14 a job.
+    fn length(&self) -> Option<(usize, usize)> {
+        let digits = self.buf.get(self.pos + 1..)?;
+        let mut n = 0usize;
+        for (i, &b) in digits.iter().enumerate().take(19) {
+            match b {
+                b'0'..=b'9' => n = n * 10 + usize::from(b - b'0'),
+                b'\r' if i > 0 && digits.get(i + 1) == Some(&b'\n') => return Some((n, self.pos + i + 3)),
+                _ => return None,
+            }
+        }
+        None
+    }
+
     /// The kind and line of the value at `pos`; `pos` moves past the line.
     fn head(&mut self) -> Result<(u8, &[u8]), Stop> {
         let kind = *self.buf.get(self.pos).ok_or(Stop::More)?;
@@ -608,6 +643,10 @@ impl Walk<'_> {
             self.skip(depth)?;
             return Ok(0);
         }
+        if let Some((len, next)) = self.length() {
+            self.pos = next;
+            return Ok(len);
+        }
         let (_, line) = self.head()?;
         // A negative length is a null array: none.
         Ok(usize::try_from(number(line)?).unwrap_or(0))
@@ -618,8 +657,17 @@ impl Walk<'_> {
     fn bytes(&mut self, depth: usize) -> Result<Option<Span>, Stop> {
         match self.buf.get(self.pos) {
             Some(b'$') => {
-                let (_, line) = self.head()?;
-                let Ok(size) = usize::try_from(number(line)?) else { return Ok(None) };
+                let size = match self.length() {
+                    Some((size, next)) => {
+                        self.pos = next;
+                        size
+                    }
+                    None => {
+                        let (_, line) = self.head()?;
+                        let Ok(size) = usize::try_from(number(line)?) else { return Ok(None) };
+                        size
+                    }
+                };
                 let from = self.pos;
                 let end = from.checked_add(size).ok_or("too long")?;
                 match self.buf.get(end..end.checked_add(2).ok_or("too long")?) {
@@ -926,6 +974,32 @@ mod tests {
         assert!(redis::parse_redis_value(&deep(99)).is_ok());
         assert!(parse(&deep(100)).is_err());
         assert!(redis::parse_redis_value(&deep(100)).is_err());
+    }
+
+    #[test]
+    fn passes_over_what_parse_reads_and_builds_only_an_error_reply() {
+        let mut rng = Rng(0x6a09_e667_f3bc_c908);
+        let mut errors = 0;
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            reply(&mut rng, 1, &mut bytes);
+            if rng.below(4) == 0 {
+                let at = rng.below(bytes.len() as u64) as usize;
+                bytes[at] = b"\r\n$*:-+0123456789"[rng.below(17) as usize];
+            }
+            let want = parse(&bytes)
+                .map(|r| r.map(|(v, used)| (matches!(v, Value::ServerError(_)).then_some(v), used)));
+            errors += usize::from(matches!(want, Ok(Some((Some(_), _)))));
+            assert_eq!(parse_error(&bytes), want, "{:?}", String::from_utf8_lossy(&bytes));
+        }
+        assert!(errors > 500, "too few error replies compared ({errors})");
+        assert_eq!(parse_error(b"+QUEUED\r\n"), Ok(Some((None, 9))));
+        assert_eq!(parse_error(b"+QUEU"), Ok(None));
+        let Ok(Some((Some(Value::ServerError(e)), 23))) = parse_error(b"-EXECABORT Discarded.\r\n+OK\r\n")
+        else {
+            panic!("not the error")
+        };
+        assert_eq!(RedisError::from(e).code(), Some("EXECABORT"));
     }
 
     #[test]
