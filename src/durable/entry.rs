@@ -160,8 +160,15 @@ impl JobEntry {
 /// The number of a field, as `str::parse::<u64>` reads it; digits as taskd writes them are
 /// read without that function's UTF-8 check (three fields a job).
 fn decimal(v: &[u8]) -> Option<u64> {
-    if !v.is_empty() && v.len() <= 19 && v.iter().all(u8::is_ascii_digit) {
-        return Some(v.iter().fold(0, |n, d| n * 10 + u64::from(d - b'0')));
+    if !v.is_empty() && v.len() <= 19 {
+        let mut n = 0u64;
+        for &d in v {
+            if !d.is_ascii_digit() {
+                return std::str::from_utf8(v).ok()?.parse().ok();
+            }
+            n = n * 10 + u64::from(d - b'0');
+        }
+        return Some(n);
     }
     std::str::from_utf8(v).ok()?.parse().ok()
 }
