@@ -42,7 +42,7 @@ use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry}
 use super::resp::Packed;
 use super::startup::{delivery_counts, ensure_group_of};
 use super::Durable;
-use crate::app::{Application, ProcessInfo, Task, TaskCtx, TaskFailure};
+use crate::app::{Application, Priority, ProcessInfo, Task, TaskCtx, TaskFailure};
 use crate::ipc::{ReadState, Role, TaskToMaster, ToTask};
 use crate::master::results::outcome_line;
 use crate::process::ProcessError;
@@ -127,10 +127,11 @@ pub struct At {
 pub(super) enum Completion {
     Done {
         id: At,
-        origin: String,
+        /// The job run: its origin gets the outcome, its deduplication key (see
+        /// `durable::dedup`) is ended with it. Shared, not copied out: the beat thread is done
+        /// with it, and its fields were two allocations a job.
+        job: Arc<JobEntry>,
         reply: ReplyEntry,
-        /// Its deduplication key, ended with its outcome (see `durable::dedup`).
-        key: Option<super::entry::JobKey>,
     },
     Dead {
         id: At,
@@ -152,7 +153,26 @@ pub(super) enum Completion {
     },
 }
 
+/// Bytes of a flush's transaction besides its jobs' own: MULTI, EXEC, the script of the
+/// outcomes (per origin), the XACKs' names, a trim.
+const STORE_ROOM: usize = 2048;
+
 impl Completion {
+    /// About the bytes its outcome takes in a batch of outcomes (and its XACK), so that a flush
+    /// sizes its buffers once.
+    fn room(&self) -> usize {
+        let id = self.id();
+        let outcome = match self {
+            Completion::Done { reply, .. } => reply.reply.len() + reply.sends.len() + reply.result.len(),
+            Completion::Dead { why, .. } => why.len(),
+            Completion::Drop { .. } => 0,
+            Completion::Later { notice, .. } => {
+                notice.as_ref().map_or(0, |n| n.reply.len() + n.sends.len() + n.result.len())
+            }
+        };
+        64 + outcome + id.id.len()
+    }
+
     fn id(&self) -> &At {
         match self {
             Completion::Done { id, .. }
@@ -190,6 +210,8 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         untrimmed: Vec::new(),
         next_trim: Instant::now(),
         trim_refused: Default::default(),
+        by_priority: Priority::ALL.map(|p| d.streams_of(p)),
+        streams: d.streams(),
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
@@ -223,7 +245,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         // write system call per job), written before their outcomes leave; its other lines go
         // out as they are logged, so a job that hangs shows what it was doing.
         crate::logging::hold_outcomes();
-        let mut done = Vec::new();
+        let mut done = Vec::with_capacity(entries.len());
         let mut queue: VecDeque<(At, StreamEntry, u32)> = entries.into();
         while let Some((at, entry, attempt)) = queue.pop_front() {
             if !c.lease_known_valid() {
@@ -250,12 +272,13 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
             let started = Instant::now();
             done.push(run_one(app, info, d, &pulse, (at, entry), attempt, &mut rng));
+            let took = started.elapsed();
             if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
-                c.timed(started.elapsed());
+                c.timed(took);
             }
             // A slow job's outcome goes out at once; quick ones go together.
-            if queue.is_empty() || started.elapsed() >= Duration::from_millis(1) {
+            if queue.is_empty() || took >= Duration::from_millis(1) {
                 settle(app, info, &mut done);
                 crate::logging::flush();
                 c.unsent.append(&mut done);
@@ -315,12 +338,12 @@ fn run_one<A: Application>(
     let job = match JobEntry::checked(&entry) {
         Ok(job) => job,
         Err(Rejected::NotAJob(why)) => {
-            tracing::warn!("job stream entry {} is not a job ({why}); dropped", entry.id);
+            tracing::warn!("job stream entry {} is not a job ({why}); dropped", at.id);
             return Completion::Drop { id: at };
         }
         Err(Rejected::Invalid { job, why }) => {
             let why = format!("not run: {why}");
-            tracing::warn!("job stream entry {}: {why}; moved to the dead letters", entry.id);
+            tracing::warn!("job stream entry {}: {why}; moved to the dead letters", at.id);
             return Completion::Dead { id: at, job: *job, why, attempts: attempt - 1 };
         }
     };
@@ -349,9 +372,10 @@ fn run_one<A: Application>(
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
     let mut result = None;
-    pulse.running(&at, &job, attempt);
+    pulse.running(at, &job, attempt);
     guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, &task)));
-    pulse.ran();
+    // Given back: only this thread sets `running`, just above.
+    let at = pulse.ran().expect("the id lent to the beat thread by `running`");
     // Written only for a panic: a format per job costs more than a no-op job's own work.
     let result = result
         .unwrap_or_else(|| Err(format!("job {} panicked in task process {}", job.task_id, info.pid).into()));
@@ -386,7 +410,7 @@ fn run_one<A: Application>(
         result,
         retrying: false,
     };
-    Completion::Done { id: at, origin: job.origin.clone(), reply, key: job.key.clone() }
+    Completion::Done { id: at, job, reply }
 }
 
 /// A job to park in the delayed set; after a transient failure (`failed`: the task pid, its
@@ -451,6 +475,10 @@ struct Consumer<'a> {
     trim_refused: crate::throttle::Throttle,
     /// Its streams that are keys of another type: left out of its reads until mended.
     wrong: super::wrong_type::WrongTyped,
+    /// The streams it reads, of each priority and all of them (`Durable::streams_of`, made
+    /// once: they do not change, and making them at each take cost some 1k instructions a job).
+    by_priority: [Vec<String>; 3],
+    streams: Vec<String>,
 }
 
 impl Consumer<'_> {
@@ -595,7 +623,6 @@ impl Consumer<'_> {
             self.hot()?;
         }
         let mut fair = self.fair;
-        let streams = self.wrong.keep(d.streams());
         let wrong = &self.wrong;
         let conn = self.conn.as_mut().expect("connected by look_at_types");
         let fresh;
@@ -604,6 +631,7 @@ impl Consumer<'_> {
         let entries = if recovering {
             // Its own pending entries, from the start: no BLOCK, they are there or not. What is
             // left after this window stays pending under its name (and kept alive) for the next.
+            let streams = wrong.keep(self.streams.clone());
             let got = read_group(conn, &streams, &me, count, None, "0")?;
             fresh = false;
             if got.is_empty() {
@@ -614,6 +642,7 @@ impl Consumer<'_> {
             got
         } else if sweep {
             fresh = false;
+            let streams = self.wrong.keep(self.streams.clone());
             let (got, more) = self.claim(count, &streams)?;
             // A full window and more to look at: sweep again as soon as these are run.
             let wait = if more { Duration::ZERO } else { jitter(d.claim_after / 2) };
@@ -623,10 +652,11 @@ impl Consumer<'_> {
             fresh = true;
             let hot = self.hot.as_mut().expect("connected above");
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(hot, d, &me, count, |s| wrong.reads(s))?;
+            let got = fair.take(hot, &self.by_priority, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
                 // Idle: what it acknowledged goes from the streams before it waits.
                 self.trim_idle()?;
+                let streams = self.wrong.keep(self.streams.clone());
                 let hot = self.hot.as_mut().expect("connected above");
                 let woke = read_new(hot, &streams, &me, 1, Some(BLOCK_MS))?;
                 fair.woke(d, &woke);
@@ -655,8 +685,9 @@ impl Consumer<'_> {
         }
         Ok(entries
             .into_iter()
-            .map(|(stream, e)| {
-                let at = At { stream, id: e.id.clone() };
+            .map(|(stream, mut e)| {
+                // Moved, not copied: from here on the entry's id is `at.id`.
+                let at = At { stream, id: std::mem::take(&mut e.id) };
                 let attempt = counts.get(&at).copied().unwrap_or(1);
                 (at, e, attempt)
             })
@@ -842,15 +873,19 @@ pub(super) fn store(
     completions: &[Completion],
     trim: &[&str],
 ) -> redis::RedisResult<Trimmed> {
-    // The transaction packed as it goes (see `super::resp`): MULTI, the commands, EXEC.
-    let mut pipe = Packed::new();
+    // The transaction packed as it goes (see `super::resp`): MULTI, the commands, EXEC. Room
+    // for all of it at once: grown from empty, it was copied at every doubling (with the
+    // batches, some 1.5k instructions a job).
+    let room: usize = completions.iter().map(Completion::room).sum();
+    let mut pipe = Packed::with_capacity(STORE_ROOM + 2 * room);
     pipe.command(1).arg(b"MULTI");
     // One reply entry per origin node, carrying all its outcomes.
     let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
     for c in completions {
         match c {
-            Completion::Done { origin, reply, key, .. } => {
-                if let Some(key) = key {
+            Completion::Done { job, reply, .. } => {
+                let origin = &job.origin;
+                if let Some(key) = &job.key {
                     let line = match &reply.reply {
                         r if r.is_empty() => {
                             outcome_line(reply.task_id, reply.ok, &reply.result, reply.attempts)
@@ -860,7 +895,7 @@ pub(super) fn store(
                     let line = dedup::kept_line(reply.task_id, reply.ok, &line);
                     pipe.cmd(&dedup::end_cmd(&d.keys, &key.hex, key.ttl_ms, origin, reply.task_id, &line));
                 }
-                reply.encode(batch_for(&mut batches, origin))
+                reply.encode(batch_for(&mut batches, origin, room))
             }
             Completion::Dead { id, job, why, attempts } => {
                 let mut cmd = redis::cmd("EVAL");
@@ -889,7 +924,7 @@ pub(super) fn store(
                     result: why.clone().into_bytes(),
                     ..ReplyEntry::default()
                 };
-                failed.encode(batch_for(&mut batches, &job.origin));
+                failed.encode(batch_for(&mut batches, &job.origin, room));
             }
             Completion::Drop { .. } => {}
             Completion::Later { id, job, wait, notice } => {
@@ -911,7 +946,7 @@ pub(super) fn store(
                 super::add_priority(&mut cmd, d.priority_of(&id.stream));
                 pipe.cmd(&cmd);
                 if let Some(notice) = notice {
-                    notice.encode(batch_for(&mut batches, &job.origin));
+                    notice.encode(batch_for(&mut batches, &job.origin, room));
                 }
             }
         }
@@ -925,7 +960,11 @@ pub(super) fn store(
     for at in completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id) {
         match by_stream.iter_mut().find(|(s, _)| *s == at.stream) {
             Some((_, ids)) => ids.push(&at.id),
-            None => by_stream.push((&at.stream, vec![&at.id])),
+            None => {
+                let mut ids = Vec::with_capacity(completions.len());
+                ids.push(at.id.as_str());
+                by_stream.push((&at.stream, ids));
+            }
         }
     }
     // Plain XACK, not a script: a script costs Redis about 1.3 µs more per job (each id made a
@@ -1188,12 +1227,16 @@ fn read_group_cmd(
     Some(cmd)
 }
 
-/// The outcomes going to `origin` in this flush.
-fn batch_for<'a, 'b>(batches: &'b mut Vec<(&'a str, Vec<u8>)>, origin: &'a str) -> &'b mut Vec<u8> {
+/// The outcomes going to `origin` in this flush, with room for `room` bytes when new.
+fn batch_for<'a, 'b>(
+    batches: &'b mut Vec<(&'a str, Vec<u8>)>,
+    origin: &'a str,
+    room: usize,
+) -> &'b mut Vec<u8> {
     let i = match batches.iter().position(|(o, _)| *o == origin) {
         Some(i) => i,
         None => {
-            batches.push((origin, Vec::new()));
+            batches.push((origin, Vec::with_capacity(room)));
             batches.len() - 1
         }
     };

@@ -116,7 +116,7 @@ impl JobEntry {
     /// None for an entry that is not a job (deleted, or written by something else). Its
     /// fields are read in one pass (the first of a name counts, as `StreamEntry::get` finds).
     pub fn parse(e: &StreamEntry) -> Option<JobEntry> {
-        let number = |v: Option<&[u8]>| std::str::from_utf8(v?).ok()?.parse::<u64>().ok();
+        let number = |v: Option<&[u8]>| decimal(v?);
         let small = |v: Option<&[u8]>| number(v).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
         let mut f: [Option<&[u8]>; 11] = [None; 11];
         for (name, value) in e.fields() {
@@ -155,6 +155,22 @@ impl JobEntry {
             context: f[10].map(<[u8]>::to_vec).unwrap_or_default(),
         })
     }
+}
+
+/// The number of a field, as `str::parse::<u64>` reads it; digits as taskd writes them are
+/// read without that function's UTF-8 check (three fields a job).
+fn decimal(v: &[u8]) -> Option<u64> {
+    if !v.is_empty() && v.len() <= 19 {
+        let mut n = 0u64;
+        for &d in v {
+            if !d.is_ascii_digit() {
+                return std::str::from_utf8(v).ok()?.parse().ok();
+            }
+            n = n * 10 + u64::from(d - b'0');
+        }
+        return Some(n);
+    }
+    std::str::from_utf8(v).ok()?.parse().ok()
 }
 
 /// Why a job stream entry is not run as it stands. Anyone who can write to Redis can write an
@@ -325,6 +341,30 @@ mod tests {
             })
             .collect();
         StreamEntry::with_fields("1-0", args.chunks_exact(2).map(|kv| (kv[0].clone(), kv[1].clone())))
+    }
+
+    #[test]
+    fn reads_a_number_field_as_str_parse_does() {
+        let cases: [&[u8]; 14] = [
+            b"0",
+            b"42",
+            b"007",
+            b"9999999999999999999",
+            b"18446744073709551615",
+            b"18446744073709551616",
+            b"99999999999999999999",
+            b"",
+            b"+5",
+            b"-5",
+            b" 5",
+            b"5 ",
+            b"1e3",
+            b"\xff1",
+        ];
+        for v in cases {
+            let want = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok());
+            assert_eq!(decimal(v), want, "{:?}", String::from_utf8_lossy(v));
+        }
     }
 
     #[test]

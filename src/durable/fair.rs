@@ -79,11 +79,12 @@ impl Fair {
 
     /// Takes up to about `want` new jobs (a read over lanes may bring one per lane) from the
     /// streams of every priority in weighted fair order, for consumer `me`, without blocking.
-    /// With each, its stream.
+    /// With each, its stream. `streams`: those of each priority (`Durable::streams_of`, made
+    /// once by the consumer: a take per few jobs made them again, some 1k instructions per job).
     pub fn take(
         &mut self,
         conn: &mut HotConn,
-        d: &Durable,
+        streams: &[Vec<String>; 3],
         me: &str,
         want: usize,
         reads: impl Fn(&str) -> bool,
@@ -91,12 +92,13 @@ impl Fair {
         let (counts, order) = self.plan(want.max(1));
         // Only the priorities with picks or a look: one not picked this time is not read. Nor
         // a stream that is a key of another type (see `wrong_type`): the read would fail whole.
-        let read: Vec<(usize, Vec<String>)> = (0..3)
+        let read: Vec<(usize, Vec<&str>)> = (0..3)
             .filter(|&p| counts[p] > 0)
-            .map(|p| (p, d.streams_of(Priority::ALL[p]).into_iter().filter(|s| reads(s)).collect::<Vec<_>>()))
+            .map(|p| (p, streams[p].iter().map(String::as_str).filter(|s| reads(s)).collect::<Vec<_>>()))
             .filter(|(_, streams)| !streams.is_empty())
             .collect();
-        let mut reads = Packed::new();
+        // Room for the whole pipeline at once (grown from empty, it was copied several times).
+        let mut reads = Packed::with_capacity(READ_ROOM * read.len());
         for (p, streams) in &read {
             pack_read(&mut reads, me, counts[*p], None, streams, b">");
         }
@@ -115,7 +117,7 @@ impl Fair {
         let short = want.max(1).saturating_sub(got.iter().sum());
         let full = read.iter().find(|(p, _)| counts[*p] > 0 && got[*p] >= counts[*p]);
         if let Some((p, streams)) = full.filter(|_| short > 0 && got.iter().sum::<usize>() > 0) {
-            let mut more = Packed::new();
+            let mut more = Packed::with_capacity(READ_ROOM);
             pack_read(&mut more, me, short, None, streams, b">");
             by_priority[*p].extend(conn.read_streams(&more)?.into_iter().flatten());
         }
@@ -139,14 +141,17 @@ impl Fair {
     }
 }
 
+/// Bytes of one packed XREADGROUP, about (a queue's stream names are short).
+pub(super) const READ_ROOM: usize = 256;
+
 /// XREADGROUP of `streams` for consumer `me`, `count` entries of each at most, from `from`
 /// (`>`: new jobs), blocking `block_ms` if given, packed into `reads`.
-pub(super) fn pack_read(
+pub(super) fn pack_read<S: AsRef<str>>(
     reads: &mut Packed,
     me: &str,
     count: usize,
     block_ms: Option<u64>,
-    streams: &[String],
+    streams: &[S],
     from: &[u8],
 ) {
     let args = 7 + if block_ms.is_some() { 2 } else { 0 } + 2 * streams.len();
@@ -157,7 +162,7 @@ pub(super) fn pack_read(
     }
     reads.arg(b"STREAMS");
     for stream in streams {
-        reads.arg(stream.as_bytes());
+        reads.arg(stream.as_ref().as_bytes());
     }
     for _ in streams {
         reads.arg(from);

@@ -148,16 +148,19 @@ impl Pulse {
         lock(&self.shared.0).fresh = Instant::now();
     }
 
-    /// The job of stream entry `id` starts running (its `attempt`-th run).
-    pub fn running(&self, id: &At, job: &Arc<JobEntry>, attempt: u32) {
+    /// The job of stream entry `id` starts running (its `attempt`-th run). `id` is lent to
+    /// the beat thread, not copied (two allocations a job): [`Pulse::ran`] gives it back.
+    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32) {
         lock(&self.shared.0).running =
-            Some(Running { id: id.clone(), job: Arc::clone(job), attempt, since: Instant::now() });
+            Some(Running { id, job: Arc::clone(job), attempt, since: Instant::now() });
     }
 
-    /// The running job has returned. Past its time limit, the beat thread may be killing the
-    /// process meanwhile: then this waits for the end rather than let the job's outcome out.
-    pub fn ran(&self) {
-        lock(&self.shared.0).running = None;
+    /// The running job has returned: the `id` it was given. Past its time limit, the beat thread
+    /// may be killing the process meanwhile: then this waits for the end rather than let the
+    /// job's outcome out. None only without a [`Pulse::running`] before it (the beat thread
+    /// reads `running`, never takes it).
+    pub fn ran(&self) -> Option<At> {
+        lock(&self.shared.0).running.take().map(|r| r.id)
     }
 }
 

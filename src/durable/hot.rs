@@ -23,6 +23,8 @@ use super::resp::Packed;
 
 /// As the crate's parser: a reply nested deeper than this is refused.
 const MAX_DEPTH: usize = 100;
+/// Entries of one stream reply made room for at once (a consumer takes 64 at most).
+const TAKE_ROOM: usize = 128;
 /// The read buffer's first size; it grows to hold the largest reply read.
 const BUF_START: usize = 64 * 1024;
 
@@ -280,15 +282,15 @@ impl ConnectionLike for Own {
         self.send(cmd)?;
         let mut refused = None;
         let mut replies = Vec::with_capacity(count);
-        for i in 0..offset + count {
-            let reply = self.recv()?;
-            if i < offset {
-                if let Value::ServerError(e) = reply {
-                    refused.get_or_insert(e);
-                }
-            } else {
-                replies.push(reply);
+        for _ in 0..offset {
+            // Passed over, not built (a MULTI's QUEUED each made a String): only an error
+            // reply is looked at.
+            if let Some(Value::ServerError(e)) = self.recv_with(parse_error)? {
+                refused.get_or_insert(e);
             }
+        }
+        for _ in 0..count {
+            replies.push(self.recv()?);
         }
         match refused {
             Some(e) => Err(e.into()),
@@ -320,6 +322,20 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Value, usize)>, &'static str> {
     let mut pos = 0;
     let value = value(buf, &mut pos)?;
     Ok(Some((value, pos)))
+}
+
+/// As [`parse`], but building the reply only if it is an error reply (None for any other):
+/// the same bytes are refused, or waited for.
+fn parse_error(buf: &[u8]) -> Result<Option<(Option<Value>, usize)>, &'static str> {
+    let mut error = None;
+    let Some(end) = skip(buf, 0, 1, &mut error)? else { return Ok(None) };
+    if error.is_none() {
+        return Ok(Some((None, end)));
+    }
+    // Rare: built as `parse` builds it (which refuses an error reply the crate refuses).
+    let mut pos = 0;
+    let value = value(buf, &mut pos)?;
+    Ok(Some((matches!(value, Value::ServerError(_)).then_some(value), pos)))
 }
 
 /// The line at `buf[at..]` (without its CRLF) and where the next begins; None: not all there.
@@ -472,6 +488,15 @@ pub fn parse_streams(buf: &[u8]) -> Result<Option<(Result<Streams, Value>, usize
     Ok(Some((Ok(out), end)))
 }
 
+/// `bytes` as text, as `String::from_utf8_lossy` makes it (whose check of valid text, what
+/// Redis sends, costs more than `from_utf8`'s).
+fn owned_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
 /// The first error reply in `v`, in the order of its bytes (as `Value::extract_error` finds it).
 fn first_error(v: Value) -> Option<Value> {
     match v {
@@ -522,7 +547,7 @@ impl Walk<'_> {
                 continue;
             }
             let key = match self.bytes(3)? {
-                Some(k) => String::from_utf8_lossy(self.text(k, &mut Vec::new())?).into_owned(),
+                Some(k) => owned_text(self.text(k, &mut Vec::new())?),
                 None => String::new(),
             };
             if parts >= 2 {
@@ -539,7 +564,10 @@ impl Walk<'_> {
     /// an entry without an id is none; a field or value that is no string is left out (and
     /// the pairs go on without it); an odd one at the end is no field.
     fn entries(&mut self, key: &str, out: &mut Streams) -> Result<(), Stop> {
-        for _ in 0..self.array(3)? {
+        let count = self.array(3)?;
+        // At once, not by doublings (a count from the reply is no promise: bounded).
+        out.reserve(count.min(TAKE_ROOM));
+        for _ in 0..count {
             let parts = self.array(4)?;
             if parts == 0 {
                 continue;
@@ -557,8 +585,7 @@ impl Walk<'_> {
                 self.skip(5)?;
             }
             let Some(id) = id else { continue };
-            let mut entry =
-                StreamEntry::new(String::from_utf8_lossy(self.text(id, &mut Vec::new())?).into_owned());
+            let mut entry = StreamEntry::new(owned_text(self.text(id, &mut Vec::new())?));
             let pairs = self.spans.len() / 2;
             let size = self.spans[..pairs * 2].iter().map(|s| match s {
                 Span::Bytes(from, to) => to - from,
@@ -577,6 +604,7 @@ impl Walk<'_> {
     }
 
     /// The bytes `span` stands for (an integer's digits written into `digits`).
+    #[inline]
     fn text<'b>(&'b self, span: Span, digits: &'b mut Vec<u8>) -> Result<&'b [u8], Stop> {
         match span {
             Span::Bytes(from, to) => Ok(self.buf.get(from..to).ok_or("cut short")?),
@@ -585,6 +613,25 @@ impl Walk<'_> {
                 Ok(digits)
             }
         }
+    }
+
+    /// The length of the array or bulk string at `pos` as Redis writes one (1 to 18 digits, then
+    /// CRLF), and where its items or bytes begin; None for any other line (whole or not), which
+    /// [`Walk::head`] and [`number`] read. In one pass, as a consumer reads some 14 a job.
+    #[inline]
+    fn length(&self) -> Option<(usize, usize)> {
+        let mut i = self.pos + 1;
+        let mut n = 0usize;
+        while let Some(&b) = self.buf.get(i) {
+            if b.is_ascii_digit() && i - self.pos <= 18 {
+                n = n * 10 + usize::from(b - b'0');
+                i += 1;
+                continue;
+            }
+            let whole = b == b'\r' && i > self.pos + 1 && self.buf.get(i + 1) == Some(&b'\n');
+            return whole.then_some((n, i + 2));
+        }
+        None
     }
 
     /// The kind and line of the value at `pos`; `pos` moves past the line.
@@ -608,6 +655,10 @@ impl Walk<'_> {
             self.skip(depth)?;
             return Ok(0);
         }
+        if let Some((len, next)) = self.length() {
+            self.pos = next;
+            return Ok(len);
+        }
         let (_, line) = self.head()?;
         // A negative length is a null array: none.
         Ok(usize::try_from(number(line)?).unwrap_or(0))
@@ -618,8 +669,17 @@ impl Walk<'_> {
     fn bytes(&mut self, depth: usize) -> Result<Option<Span>, Stop> {
         match self.buf.get(self.pos) {
             Some(b'$') => {
-                let (_, line) = self.head()?;
-                let Ok(size) = usize::try_from(number(line)?) else { return Ok(None) };
+                let size = match self.length() {
+                    Some((size, next)) => {
+                        self.pos = next;
+                        size
+                    }
+                    None => {
+                        let (_, line) = self.head()?;
+                        let Ok(size) = usize::try_from(number(line)?) else { return Ok(None) };
+                        size
+                    }
+                };
                 let from = self.pos;
                 let end = from.checked_add(size).ok_or("too long")?;
                 match self.buf.get(end..end.checked_add(2).ok_or("too long")?) {
@@ -865,6 +925,63 @@ mod tests {
         assert_eq!(RedisError::from(e).code(), Some("NOGROUP"));
     }
 
+    /// A bulk string as Redis writes it.
+    fn bulk(out: &mut Vec<u8>, bytes: &[u8]) {
+        out.extend_from_slice(format!("${}\r\n", bytes.len()).as_bytes());
+        out.extend_from_slice(bytes);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    #[test]
+    fn reads_empty_missing_huge_and_deleted_fields_of_several_streams() {
+        let huge = vec![b'x'; 3 << 20];
+        let mut bytes = b"*2\r\n*2\r\n".to_vec();
+        bulk(&mut bytes, b"{q}:jobs#high");
+        bytes.extend_from_slice(b"*3\r\n*2\r\n");
+        bulk(&mut bytes, b"1-1");
+        // An empty name and value, a value of 3 MB, and an odd name left without its value.
+        bytes.extend_from_slice(b"*7\r\n");
+        for field in [&b""[..], b"", b"t", b"7", b"d", &huge, b"o"] {
+            bulk(&mut bytes, field);
+        }
+        // Deleted while pending: a nil in place of its fields.
+        bytes.extend_from_slice(b"*2\r\n");
+        bulk(&mut bytes, b"1-2");
+        bytes.extend_from_slice(b"*-1\r\n*2\r\n");
+        // Lengths written with leading zeros, and one past 18 digits: read as the crate reads them.
+        bytes.extend_from_slice(b"$03\r\n1-3\r\n*2\r\n$0000000000000000001\r\nt\r\n$1\r\n9\r\n");
+        bytes.extend_from_slice(b"*2\r\n");
+        bulk(&mut bytes, b"{q}:jobs");
+        bytes.extend_from_slice(b"*1\r\n*2\r\n");
+        bulk(&mut bytes, b"2-1");
+        bytes.extend_from_slice(b"*0\r\n");
+        let want = expected(&bytes).expect("a valid reply");
+        assert_eq!(ours(&bytes), Ok(Some(want)));
+        let (Ok(got), used) = parse_streams(&bytes).unwrap().unwrap() else { panic!("an error") };
+        assert_eq!(used, bytes.len());
+        let keys: Vec<(&str, &str)> = got.iter().map(|(k, e)| (k.as_str(), e.id.as_str())).collect();
+        assert_eq!(
+            keys,
+            [
+                ("{q}:jobs#high", "1-1"),
+                ("{q}:jobs#high", "1-2"),
+                ("{q}:jobs#high", "1-3"),
+                ("{q}:jobs", "2-1")
+            ]
+        );
+        let first = &got[0].1;
+        assert_eq!(first.get(""), Some(&b""[..]));
+        assert_eq!(first.number("t"), Some(7));
+        assert_eq!(first.bytes("d").len(), huge.len());
+        assert_eq!(first.get("o"), None, "a name without its value is no field");
+        assert!(!got[1].1.has_fields() && !got[3].1.has_fields());
+        assert_eq!(got[2].1.number("t"), Some(9));
+        // Every cut of it is not all there yet (the huge value too).
+        for cut in [1, 40, 100, bytes.len() / 2, bytes.len() - 1] {
+            assert_eq!(parse_streams(&bytes[..cut]), Ok(None), "cut at {cut}");
+        }
+    }
+
     #[test]
     fn reads_what_the_crates_parser_reads_from_the_same_bytes() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -926,6 +1043,32 @@ mod tests {
         assert!(redis::parse_redis_value(&deep(99)).is_ok());
         assert!(parse(&deep(100)).is_err());
         assert!(redis::parse_redis_value(&deep(100)).is_err());
+    }
+
+    #[test]
+    fn passes_over_what_parse_reads_and_builds_only_an_error_reply() {
+        let mut rng = Rng(0x6a09_e667_f3bc_c908);
+        let mut errors = 0;
+        for _ in 0..20_000 {
+            let mut bytes = Vec::new();
+            reply(&mut rng, 1, &mut bytes);
+            if rng.below(4) == 0 {
+                let at = rng.below(bytes.len() as u64) as usize;
+                bytes[at] = b"\r\n$*:-+0123456789"[rng.below(17) as usize];
+            }
+            let want = parse(&bytes)
+                .map(|r| r.map(|(v, used)| (matches!(v, Value::ServerError(_)).then_some(v), used)));
+            errors += usize::from(matches!(want, Ok(Some((Some(_), _)))));
+            assert_eq!(parse_error(&bytes), want, "{:?}", String::from_utf8_lossy(&bytes));
+        }
+        assert!(errors > 500, "too few error replies compared ({errors})");
+        assert_eq!(parse_error(b"+QUEUED\r\n"), Ok(Some((None, 9))));
+        assert_eq!(parse_error(b"+QUEU"), Ok(None));
+        let Ok(Some((Some(Value::ServerError(e)), 23))) = parse_error(b"-EXECABORT Discarded.\r\n+OK\r\n")
+        else {
+            panic!("not the error")
+        };
+        assert_eq!(RedisError::from(e).code(), Some("EXECABORT"));
     }
 
     #[test]
