@@ -46,8 +46,20 @@ impl Packed {
     #[inline]
     pub fn arg(&mut self, arg: &[u8]) -> &mut Packed {
         self.bytes.reserve(arg.len() + 25);
+        // A length below 1000 as so many bytes, stores of a fixed size: no call to `decimal`,
+        // nor to memcpy for its digits.
+        let digit = |n: usize| b'0' + (n % 10) as u8;
         match arg.len() {
-            len @ 0..=9 => self.bytes.extend_from_slice(&[b'$', b'0' + len as u8, b'\r', b'\n']),
+            len @ 0..=9 => self.bytes.extend_from_slice(&[b'$', digit(len), b'\r', b'\n']),
+            len @ 10..=99 => self.bytes.extend_from_slice(&[b'$', digit(len / 10), digit(len), b'\r', b'\n']),
+            len @ 100..=999 => self.bytes.extend_from_slice(&[
+                b'$',
+                digit(len / 100),
+                digit(len / 10),
+                digit(len),
+                b'\r',
+                b'\n',
+            ]),
             len => {
                 self.bytes.push(b'$');
                 self.digits(len as u64);
@@ -61,6 +73,10 @@ impl Packed {
     /// A number as its decimal digits, as `Cmd::arg` writes it.
     #[inline]
     pub fn number(&mut self, n: u64) -> &mut Packed {
+        if n < 10 {
+            self.bytes.extend_from_slice(&[b'$', b'1', b'\r', b'\n', b'0' + n as u8, b'\r', b'\n']);
+            return self;
+        }
         let mut digits = [0; 20];
         let digits = decimal(n, &mut digits);
         self.arg(digits)
@@ -142,6 +158,22 @@ mod tests {
         want.extend(cmd.get_packed_command());
         assert_eq!(String::from_utf8_lossy(packed.bytes()), String::from_utf8_lossy(&want));
         assert_eq!(packed.len(), 3);
+        // Every way a length or a number is written, at the edges of each.
+        let sizes = [0, 1, 9, 10, 11, 99, 100, 101, 999, 1000, 1001, 70_000];
+        let numbers = [0, 1, 9, 10, 99, 100, 999, 1000, 12_345, u64::MAX];
+        let mut edges = Packed::new();
+        let mut set = redis::cmd("SET");
+        edges.command(1 + sizes.len() + numbers.len()).arg(b"SET");
+        for size in sizes {
+            let arg: Vec<u8> = (0..size).map(|i| b"\r\n$*9"[i % 5]).collect();
+            edges.arg(&arg);
+            set.arg(arg);
+        }
+        for n in numbers {
+            edges.number(n);
+            set.arg(n);
+        }
+        assert!(edges.bytes() == set.get_packed_command(), "not the bytes a Cmd packs");
         let mut both = Packed::new();
         both.append(&packed).append(&packed);
         assert_eq!((both.len(), both.bytes().len()), (6, 2 * want.len()));
