@@ -1204,34 +1204,49 @@ fn a_job_refused_inside_a_round_whose_answer_was_lost_fails_alone() {
 /// A round's marker, read after its answer was lost, is the truth for good: a stored round
 /// reads as stored; a round whose transaction reaches Redis only after its marker was read
 /// (the answer was lost before the round arrived) stores nothing; a marker someone else wrote
-/// is no answer.
+/// is no answer. The same over taskd's own reader and over the crate's (TLS, Sentinel, …).
 #[test]
 fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing() {
-    use taskd::durable::round::{arm, attempt, settle, Tried};
+    use std::time::Duration;
+    use taskd::durable::hot::HotConn;
+    use taskd::durable::round::{arm, attempt, begin, settle, Tried};
     let Some(redis) = Redis::start() else { return };
-    let mut bridge = redis.conn().expect("a connection");
-    let mut other = redis.conn().expect("a connection");
-    let mut cmds = taskd::durable::resp::Packed::new();
-    cmds.command(5).arg(b"XADD").arg(b"{taskd}:jobs").arg(b"*").arg(b"f").arg(b"1");
-    let m = |n: u32| format!("{{taskd}}:round:web-1:test-{n}");
-    arm(&mut bridge, &m(1)).expect("WATCH");
-    let (tried, armed) = attempt(&mut bridge, &m(1), &m(2), None, &cmds, &[false], None);
-    assert!(matches!(tried, Tried::Stored(_)) && armed);
-    assert!(settle(&mut other, &m(1)).expect("the marker"), "a stored round reads as not stored");
-    assert!(!settle(&mut other, &m(2)).expect("the marker"), "a round not sent reads as stored");
-    let (tried, _) = attempt(&mut bridge, &m(2), &m(3), Some(&m(1)), &cmds, &[false], None);
-    assert!(matches!(tried, Tried::Refused(_)), "a round after its marker was read ran");
-    assert!(!settle(&mut other, &m(2)).expect("the marker"));
-    assert_eq!(redis.xlen("{taskd}:jobs"), 1);
-    let kept: i64 = redis.query(&["EXISTS", &m(1)]);
-    assert_eq!(kept, 1, "a refused round deleted the marker of the one before");
-    arm(&mut bridge, &m(5)).expect("WATCH");
-    let (tried, _) = attempt(&mut bridge, &m(5), &m(6), Some(&m(1)), &cmds, &[false], None);
-    assert!(matches!(tried, Tried::Stored(_)));
-    let kept: i64 = redis.query(&["EXISTS", &m(1)]);
-    assert_eq!(kept, 0, "a stored round keeps the marker of the one before");
-    redis.query::<()>(&["SET", &m(4), "stored"]);
-    assert!(settle(&mut other, &m(4)).is_err(), "a value taskd did not write was read as an answer");
+    let info = redis::Client::open(redis.url.as_str()).expect("a URL").get_connection_info().clone();
+    let limit = Duration::from_secs(5);
+    let connect = |ours: bool| {
+        let conn = HotConn::connect(ours.then_some(&info), limit, Some(limit), limit, || redis.conn())
+            .expect("a connection");
+        assert_eq!(matches!(conn, HotConn::Own(_)), ours);
+        conn
+    };
+    for (run, ours) in [(0, true), (1, false)] {
+        let mut bridge = connect(ours);
+        let mut other = connect(ours);
+        let mut round = begin();
+        round.command(5).arg(b"XADD").arg(b"{taskd}:jobs").arg(b"*").arg(b"f").arg(b"1");
+        let sent = round.bytes().to_vec();
+        let m = |n: u32| format!("{{taskd}}:round:web-1:test-{run}-{n}");
+        arm(&mut bridge, &m(1)).expect("WATCH");
+        let (tried, armed) = attempt(&mut bridge, &m(1), &m(2), None, &mut round, &[false], None);
+        assert!(matches!(tried, Tried::Stored(_)) && armed);
+        assert_eq!(round.bytes(), sent, "the round is not as it was, to be tried again");
+        assert!(settle(&mut other, &m(1)).expect("the marker"), "a stored round reads as not stored");
+        assert!(!settle(&mut other, &m(2)).expect("the marker"), "a round not sent reads as stored");
+        let (tried, _) = attempt(&mut bridge, &m(2), &m(3), Some(&m(1)), &mut round, &[false], None);
+        assert!(matches!(tried, Tried::Refused(_)), "a round after its marker was read ran");
+        assert!(!settle(&mut other, &m(2)).expect("the marker"));
+        assert_eq!(redis.xlen("{taskd}:jobs"), 2 * run + 1);
+        let kept: i64 = redis.query(&["EXISTS", &m(1)]);
+        assert_eq!(kept, 1, "a refused round deleted the marker of the one before");
+        arm(&mut bridge, &m(5)).expect("WATCH");
+        let (tried, _) = attempt(&mut bridge, &m(5), &m(6), Some(&m(1)), &mut round, &[false], None);
+        assert!(matches!(tried, Tried::Stored(_)));
+        assert_eq!(redis.xlen("{taskd}:jobs"), 2 * run + 2);
+        let kept: i64 = redis.query(&["EXISTS", &m(1)]);
+        assert_eq!(kept, 0, "a stored round keeps the marker of the one before");
+        redis.query::<()>(&["SET", &m(4), "stored"]);
+        assert!(settle(&mut other, &m(4)).is_err(), "a value taskd did not write was read as an answer");
+    }
 }
 
 /// A consumer whose MULTI's answer was lost writes it again: its dead letter and its parking

@@ -7,7 +7,7 @@
 //! dashboard, `taskd dead-letter replay`), nothing is moved and the read is done again, so
 //! that one dead letter never runs twice from two replays.
 
-use redis::{Connection, Value as RedisValue};
+use redis::{ConnectionLike, Value as RedisValue};
 use serde_json::{json, Value};
 
 use super::entry::JobEntry;
@@ -21,7 +21,7 @@ const DEAD_SHOWN: usize = 50;
 const TEXT_MAX: usize = 300;
 
 /// Runs one request (`op`, JSON); the answer is JSON with `"ok"`.
-pub fn handle(conn: &mut Connection, d: &Durable, op: &[u8]) -> Value {
+pub fn handle(conn: &mut impl ConnectionLike, d: &Durable, op: &[u8]) -> Value {
     let req: Value = serde_json::from_slice(op).unwrap_or(Value::Null);
     let id = req["id"].as_str().unwrap_or("");
     let done = match req["op"].as_str() {
@@ -50,7 +50,7 @@ fn describe(e: &redis::RedisError) -> String {
 }
 
 /// Every node with a live lease on its name, with the consumers of its task processes.
-fn overview(conn: &mut Connection, d: &Durable) -> Result<Value, String> {
+fn overview(conn: &mut impl ConnectionLike, d: &Durable) -> Result<Value, String> {
     let prefix = d.keys.lease_of("");
     let pattern = d.keys.lease_of("*");
     let mut names: Vec<String> = Vec::new();
@@ -144,7 +144,7 @@ fn valid_id(id: &str) -> Result<(), String> {
 
 /// Moves dead letter `id` back into the job stream, its replay count raised and its delivery
 /// retries started again (as `taskd dead-letter replay`).
-fn replay(conn: &mut Connection, d: &Durable, id: &str) -> Result<Value, String> {
+fn replay(conn: &mut impl ConnectionLike, d: &Durable, id: &str) -> Result<Value, String> {
     valid_id(id)?;
     let dead = d.keys.dead.as_str();
     let moved: Option<Value> = redis::transaction(conn, &[dead], |conn, pipe| {
@@ -178,7 +178,7 @@ fn replay(conn: &mut Connection, d: &Durable, id: &str) -> Result<Value, String>
 }
 
 /// Deletes dead letter `id` for good.
-fn discard(conn: &mut Connection, d: &Durable, id: &str) -> Result<Value, String> {
+fn discard(conn: &mut impl ConnectionLike, d: &Durable, id: &str) -> Result<Value, String> {
     valid_id(id)?;
     let n: u64 = redis::cmd("XDEL").arg(&d.keys.dead).arg(id).query(conn).map_err(|e| describe(&e))?;
     if n == 0 {

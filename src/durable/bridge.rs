@@ -12,14 +12,16 @@
 //! workers refuse new jobs with a clear error, and answers any batch it gets with the reason.
 
 use std::io::{self, Read, Write};
+use std::ops::Range;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::{Connection, Value};
+use redis::Value;
 
 use super::entry::{outcomes_of_entry, JobEntry};
+use super::hot::HotConn;
 use super::redis_io::{self, is_connection_error};
 use super::resp::Packed;
 use super::startup::{self, lease_token};
@@ -80,8 +82,10 @@ pub(super) enum Item {
         session: u64,
         worker: u32,
         run_at_ms: u64,
-        context: Vec<u8>,
-        data: Vec<u8>,
+        /// Where its context and its data are in the bytes of the round's jobs (see
+        /// `store_loop`): one buffer for all, not two allocations per job.
+        context: Range<usize>,
+        data: Range<usize>,
         priority: Priority,
         /// A schedule's tick: stored only if this node claims it (see [`super::ticks`]).
         tick: Option<Box<ticks::Claim>>,
@@ -95,7 +99,9 @@ pub(super) enum Item {
 struct Link<'a> {
     d: &'a Durable,
     shared: &'static Shared,
-    conn: Option<Connection>,
+    /// Its replies read by taskd's own parser where the URL allows (see [`super::hot`]): the
+    /// crate's cost some 1,500 instructions per job here (callgrind).
+    conn: Option<HotConn>,
     /// The marker of the next round of stores, watched on `conn` (see [`super::round`]).
     armed: Option<String>,
     /// The marker of the last round stored and answered: the next round deletes it.
@@ -106,7 +112,7 @@ struct Link<'a> {
 }
 
 impl Link<'_> {
-    fn get(&mut self) -> Result<&mut Connection, String> {
+    fn get(&mut self) -> Result<&mut HotConn, String> {
         if self.conn.is_none() {
             if Instant::now() < self.retry_at {
                 return Err(format!("Redis at {} is unreachable; retrying", self.d.shown));
@@ -114,7 +120,7 @@ impl Link<'_> {
             // Connected with the next round's marker watched: a round's first try is then
             // one exchange (see [`super::round`]).
             let marker = self.d.keys.round_of(&self.d.node, &self.rounds.next());
-            let armed = redis_io::connect(&self.d.url, Some(redis_io::REPLY_LIMIT))
+            let armed = redis_io::connect_hot(&self.d.url, Some(redis_io::REPLY_LIMIT))
                 .and_then(|mut c| super::round::arm(&mut c, &marker).map(|()| c));
             match armed {
                 Ok(c) => {
@@ -180,7 +186,11 @@ fn store_loop(
     let mut buf = vec![0u8; 256 * 1024];
     let mut pending: Vec<u8> = Vec::new();
     let mut items: Vec<Item> = Vec::new();
-    let mut trims: Vec<Vec<u8>> = Vec::new();
+    // The contexts and data of `items`, and the reply entries to delete (`trims`), copied out
+    // of `pending` into buffers kept from round to round.
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut trims: Vec<Range<usize>> = Vec::new();
+    let mut trim_bytes: Vec<u8> = Vec::new();
     let mut keeps: Vec<(u64, Vec<u8>)> = Vec::new();
     let mut admin: Vec<(u64, Vec<u8>)> = Vec::new();
     // The batch still open (its end not read yet), over the rounds of its jobs so far.
@@ -242,8 +252,8 @@ fn store_loop(
                     session,
                     worker,
                     run_at_ms: next_at.take().filter(|(id, _)| *id == task_id).map_or(0, |(_, at)| at),
-                    context: context.to_vec(),
-                    data: data.to_vec(),
+                    context: copy(&mut bytes, context),
+                    data: copy(&mut bytes, data),
                     priority: next_priority
                         .take()
                         .filter(|(id, _)| *id == task_id)
@@ -270,7 +280,7 @@ fn store_loop(
                     next_tick = Some(Box::new(ticks::Claim::new(task_id, tick_ms, ttl_ms, name)))
                 }
                 ToBridge::StoreEnd { batch } => items.push(Item::End(batch)),
-                ToBridge::Trim { entry } => trims.push(entry.to_vec()),
+                ToBridge::Trim { entry } => trims.push(copy(&mut trim_bytes, entry)),
                 ToBridge::KeepResult { task_id, line } => keeps.push((task_id, line.to_vec())),
                 ToBridge::RenewLease => renew = true,
                 ToBridge::Admin { request, op } => admin.push((request, op.to_vec())),
@@ -309,14 +319,22 @@ fn store_loop(
         let mut failed = Vec::new();
         let outcome = match link.get() {
             Err(why) => Err(why),
-            Ok(_) => match store_once(&mut link, &items, &keeps, &trims, &mut failed) {
+            Ok(_) => match store_once(
+                &mut link,
+                &items,
+                &bytes,
+                &keeps,
+                &trim_ids(&trims, &trim_bytes),
+                &mut failed,
+            ) {
                 Ok(replies) => {
                     // Each job of a round answered as it is: the ones whose command failed
                     // are not stored, and said so alone; the others are.
                     let (stored, replies) = match failed.is_empty() {
                         true => (None, replies),
                         false => {
-                            let (stored, replies) = refused(&mut link, &items, replies, &failed, &mut dups);
+                            let (stored, replies) =
+                                refused(&mut link, &items, &bytes, replies, &failed, &mut dups);
                             (Some(stored), replies)
                         }
                     };
@@ -340,9 +358,11 @@ fn store_loop(
                 Item::End(batch) => open.end(batch, &mut acks),
             }
         }
+        idle(&mut bytes);
         // Kept results and deletions are idempotent: on failure they wait for the next round.
         if outcome.is_ok() {
             trims.clear();
+            idle(&mut trim_bytes);
             keeps.clear();
         }
         if !acks.is_empty() && send(out, &acks).is_err() {
@@ -351,6 +371,30 @@ fn store_loop(
         }
         renew_if_asked(&mut link, &token, &mut renew, out);
     }
+}
+
+/// Appends `part` to `bytes`: where it is there.
+fn copy(bytes: &mut Vec<u8>, part: &[u8]) -> Range<usize> {
+    let from = bytes.len();
+    bytes.extend_from_slice(part);
+    from..bytes.len()
+}
+
+/// Most room a buffer of the store loop keeps while nothing is in it: a burst's is given back.
+const KEEP_ROOM: usize = 256 * 1024;
+
+/// Empties a buffer of the store loop whose contents were used, keeping its room unless it
+/// grew past [`KEEP_ROOM`].
+fn idle(bytes: &mut Vec<u8>) {
+    bytes.clear();
+    if bytes.capacity() > KEEP_ROOM {
+        *bytes = Vec::new();
+    }
+}
+
+/// The reply entries to delete, as the ids they are.
+fn trim_ids<'a>(trims: &[Range<usize>], bytes: &'a [u8]) -> Vec<&'a [u8]> {
+    trims.iter().map(|r| &bytes[r.clone()]).collect()
 }
 
 /// The jobs of a stored round whose command failed inside it (`failed`, by index in the round:
@@ -363,6 +407,7 @@ fn store_loop(
 fn refused(
     link: &mut Link<'_>,
     items: &[Item],
+    bytes: &[u8],
     replies: Vec<Value>,
     failed: &[(usize, redis::RedisError)],
     frames: &mut Vec<u8>,
@@ -386,7 +431,7 @@ fn refused(
             continue;
         };
         let named = match link.get() {
-            Ok(conn) => wrong_keys(conn, d, item),
+            Ok(conn) => wrong_keys(conn, d, item, bytes),
             Err(_) => None,
         };
         let why = match named {
@@ -412,9 +457,9 @@ fn refused(
 
 /// The keys job `item` writes that are of another type than taskd writes there, as
 /// `KEY is a TYPE key, not a WANTED`; None when none is (or they cannot be read).
-fn wrong_keys(conn: &mut Connection, d: &Durable, item: &Item) -> Option<String> {
+fn wrong_keys(conn: &mut HotConn, d: &Durable, item: &Item, bytes: &[u8]) -> Option<String> {
     let Item::Store { run_at_ms, data, priority, tick, key, .. } = item else { return None };
-    let mut keys: Vec<(String, &[&str])> = vec![(d.stream_of(data, *priority), &["stream"])];
+    let mut keys: Vec<(String, &[&str])> = vec![(d.stream_of(&bytes[data.clone()], *priority), &["stream"])];
     if *run_at_ms > 0 {
         keys.push((d.keys.delayed.clone(), &["zset"]));
     }
@@ -518,7 +563,7 @@ impl Rounds {
 
 impl Link<'_> {
     /// [`Link::get`], waiting for the back-off until `deadline`.
-    fn get_by(&mut self, deadline: Instant) -> Result<&mut Connection, String> {
+    fn get_by(&mut self, deadline: Instant) -> Result<&mut HotConn, String> {
         loop {
             if self.conn.is_some() || Instant::now() >= deadline || Instant::now() >= self.retry_at {
                 break;
@@ -538,14 +583,16 @@ impl Link<'_> {
 fn store_once(
     link: &mut Link<'_>,
     items: &[Item],
+    bytes: &[u8],
     keeps: &[(u64, Vec<u8>)],
-    trims: &[Vec<u8>],
+    trims: &[&[u8]],
     failed: &mut Vec<(usize, redis::RedisError)>,
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
-    let (cmds, kept) = pipeline(d, items, keeps, trims);
+    let mut round = super::round::begin();
+    let kept = pipeline(d, items, bytes, keeps, trims, &mut round);
     // Nothing to send (a round of batch ends alone).
-    if cmds.is_empty() {
+    if kept.is_empty() {
         return Ok(Vec::new());
     }
     let stores = items.iter().any(|i| matches!(i, Item::Store { .. }));
@@ -574,7 +621,7 @@ fn store_once(
         };
         let next = d.keys.round_of(&d.node, &link.rounds.next());
         let (tried, armed) =
-            super::round::attempt(conn, &marker, &next, link.answered.as_deref(), &cmds, &kept, wait);
+            super::round::attempt(conn, &marker, &next, link.answered.as_deref(), &mut round, &kept, wait);
         if armed {
             link.armed = Some(next);
         }
@@ -599,7 +646,7 @@ fn store_once(
                 match settle_round(link, &marker) {
                     Ok(true) => {
                         link.answered = Some(marker);
-                        return recovered(link, items, wait, failed);
+                        return recovered(link, items, bytes, wait, failed);
                     }
                     Ok(false) => {
                         tracing::warn!("redis bridge: {lost}; the round was not stored, and never will be");
@@ -655,6 +702,7 @@ fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
 fn recovered(
     link: &mut Link<'_>,
     items: &[Item],
+    bytes: &[u8],
     wait: Option<(u32, u64)>,
     failed: &mut Vec<(usize, redis::RedisError)>,
 ) -> Result<Vec<Value>, String> {
@@ -668,7 +716,8 @@ fn recovered(
         .filter(|(_, i)| matches!(i, Item::Store { key: Some(_), .. } | Item::Store { tick: Some(_), .. }))
         .map(|(n, i)| (n, i.clone()))
         .unzip();
-    let (mut again, _) = pipeline(d, &keyed, &[], &[]);
+    let mut again = Packed::new();
+    pipeline(d, &keyed, bytes, &[], &[], &mut again);
     if let Some((replicas, ms)) = wait {
         again.command(3).arg(b"WAIT").number(u64::from(replicas)).number(ms);
     }
@@ -790,6 +839,8 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
     // On from what the master read before it served: everything up to there, it acted on.
     let mut last = from;
     let mut frames = Vec::new();
+    // Each read's XREAD, written into the room of the last.
+    let mut read = Packed::new();
     let mut next_depths = Instant::now();
     loop {
         let c = match conn.as_mut() {
@@ -806,7 +857,7 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
                 }
             },
         };
-        let mut read = Packed::new();
+        read.clear();
         read.command(8).arg(b"XREAD").arg(b"COUNT").number(REPLY_COUNT as u64);
         read.arg(b"BLOCK").number(REPLY_BLOCK_MS).arg(b"STREAMS");
         read.arg(d.keys.replies.as_bytes()).arg(last.as_bytes());
@@ -985,10 +1036,17 @@ fn duplicates(
     }
 }
 
-/// One round's commands: the jobs, the kept results, the deletion of acted-on replies (run in
-/// one transaction by [`store_once`]), and whether each command's answer is wanted (a claim's:
-/// see `answered`).
-fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<u8>]) -> (Packed, Vec<bool>) {
+/// One round's commands, written after those of `packed`: the jobs, the kept results, the
+/// deletion of acted-on replies (run in one transaction by [`store_once`]). Returns whether
+/// each command's answer is wanted (a claim's: see `answered`), one for each command written.
+fn pipeline(
+    d: &Durable,
+    items: &[Item],
+    bytes: &[u8],
+    keeps: &[(u64, Vec<u8>)],
+    trims: &[&[u8]],
+    packed: &mut Packed,
+) -> Vec<bool> {
     // Room for the jobs' XADDs at once (their data, their context, and about 200 bytes more).
     let room: usize = items
         .iter()
@@ -997,21 +1055,32 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
             Item::End(_) => 0,
         })
         .sum();
-    let mut packed = Packed::with_capacity(room);
+    packed.reserve(room);
+    let before = packed.len();
     let mut kept = Vec::new();
+    // The main stream of each priority, named once a round, not once a job (a String each).
+    let mut mains: [Option<String>; 3] = Default::default();
     for item in items {
         if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick, key } = item
         {
+            let (context, data) = (&bytes[context.clone()], &bytes[data.clone()]);
             // The lane of a handler's type: only nodes that can run it read it; the stream of
             // its priority.
-            let stream = d.stream_of(data, *priority);
+            let lane;
+            let stream: &str = match d.routes.is_empty() {
+                true => mains[priority.index()].get_or_insert_with(|| d.keys.stream(None, *priority)),
+                false => {
+                    lane = d.stream_of(data, *priority);
+                    &lane
+                }
+            };
             let mut cmd;
             if let Some(claim) = tick {
                 // Stored only if this node claims its tick (and takes its key), in one script.
-                cmd = ticks::claim_and_store(d, claim, &stream, *task_id, *run_at_ms, key.as_ref());
+                cmd = ticks::claim_and_store(d, claim, stream, *task_id, *run_at_ms, key.as_ref());
             } else if let Some((hex, ttl)) = key {
                 // Stored only if it takes its key, in one script (its answer is kept).
-                cmd = super::dedup::claim_cmd(d, &stream, *task_id, *run_at_ms, hex, *ttl);
+                cmd = super::dedup::claim_cmd(d, stream, *task_id, *run_at_ms, hex, *ttl);
             } else if *run_at_ms > 0 {
                 let member = d.keys.scheduled_member(&d.node, *task_id);
                 cmd = redis::cmd("EVAL");
@@ -1023,16 +1092,7 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
                     .arg(&member);
             } else {
                 // The common job: its XADD packed as it is, with no `Cmd` (see `super::resp`).
-                JobEntry::pack_xadd(
-                    &mut packed,
-                    &stream,
-                    &d.node,
-                    *task_id,
-                    *session,
-                    *worker,
-                    context,
-                    data,
-                );
+                JobEntry::pack_xadd(packed, stream, &d.node, *task_id, *session, *worker, context, data);
                 kept.push(false);
                 continue;
             }
@@ -1043,7 +1103,7 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
             // A parked job goes into its own lane when due (`consumer::MOVE_DUE`), of its
             // own priority.
             if *run_at_ms > 0 {
-                if let Some(lane) = d.lane_of(&stream) {
+                if let Some(lane) = d.lane_of(stream) {
                     cmd.arg("ln").arg(lane);
                 }
                 super::add_priority(&mut cmd, *priority);
@@ -1068,7 +1128,7 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
     }
     if !trims.is_empty() {
         // An entry carries several outcomes: the master asks once for each.
-        let mut ids: Vec<&Vec<u8>> = trims.iter().collect();
+        let mut ids: Vec<&[u8]> = trims.to_vec();
         ids.sort_unstable();
         ids.dedup();
         packed.command(2 + ids.len()).arg(b"XDEL").arg(d.keys.replies.as_bytes());
@@ -1076,8 +1136,8 @@ fn pipeline(d: &Durable, items: &[Item], keeps: &[(u64, Vec<u8>)], trims: &[Vec<
             packed.arg(id);
         }
     }
-    kept.resize(packed.len(), false);
-    (packed, kept)
+    kept.resize(packed.len() - before, false);
+    kept
 }
 
 #[cfg(test)]

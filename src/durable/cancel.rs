@@ -9,7 +9,7 @@
 //! does. A stream is looked through [`SCAN`] entries per call: a long queue takes several calls,
 //! each atomic, each starting past the last-delivered id as it is then.
 
-use redis::Connection;
+use redis::ConnectionLike;
 
 use super::dedup::end_key_fn;
 use super::keys::GROUP;
@@ -115,7 +115,7 @@ impl Cancel {
     /// Ok(Some(Err(why not))); Err if Redis could not be asked.
     pub fn go_on(
         &mut self,
-        conn: &mut Connection,
+        conn: &mut impl ConnectionLike,
         d: &Durable,
         budget: usize,
     ) -> redis::RedisResult<Option<Result<String, String>>> {

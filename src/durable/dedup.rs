@@ -15,7 +15,7 @@
 
 use std::time::{Duration, Instant};
 
-use redis::{Cmd, Connection, Value};
+use redis::{Cmd, ConnectionLike, Value};
 
 use super::entry::valid_node;
 use super::keys::Keys;
@@ -338,7 +338,7 @@ impl Watches {
     /// Reads the keys due (at most [`WATCH_BATCH`], in turn) and returns the duplicates whose
     /// first ended, each with the first's final line, or an empty line when that can no longer
     /// be known (the key expired, or another job took it, before it was read).
-    pub fn look(&mut self, conn: &mut Connection) -> redis::RedisResult<Vec<(u64, Vec<u8>)>> {
+    pub fn look(&mut self, conn: &mut impl ConnectionLike) -> redis::RedisResult<Vec<(u64, Vec<u8>)>> {
         if self.due.is_none_or(|due| Instant::now() < due) || self.list.is_empty() {
             return Ok(Vec::new());
         }

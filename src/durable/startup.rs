@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use redis::{Connection, Value};
+use redis::{Connection, ConnectionLike, Value};
 
 use super::entry::JobEntry;
 use super::keys::{Keys, GROUP};
@@ -201,7 +201,7 @@ pub enum Lease {
 
 /// Renews the lease if it is still `token`'s (compare and set on the token, never a blind SET
 /// that would take the name back from a run that took it meanwhile).
-pub fn renew_lease(conn: &mut Connection, d: &Durable, token: &str) -> redis::RedisResult<Lease> {
+pub fn renew_lease(conn: &mut impl ConnectionLike, d: &Durable, token: &str) -> redis::RedisResult<Lease> {
     let v: Value =
         redis::Script::new(RENEW).key(&d.keys.lease).arg(token).arg(lease_ttl_ms()).invoke(conn)?;
     Ok(match v {
@@ -211,7 +211,7 @@ pub fn renew_lease(conn: &mut Connection, d: &Durable, token: &str) -> redis::Re
 }
 
 /// Gives the name back if it is still `token`'s.
-pub fn release_lease(conn: &mut Connection, d: &Durable, token: &str) {
+pub fn release_lease(conn: &mut impl ConnectionLike, d: &Durable, token: &str) {
     let released: redis::RedisResult<i64> =
         redis::Script::new(RELEASE).key(&d.keys.lease).arg(token).invoke(conn);
     if let Err(e) = released {

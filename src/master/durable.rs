@@ -16,8 +16,10 @@
 //!
 //! The master also asks for each renewal of the node's name, and stops if another run has it.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
+
+use rustc_hash::FxHashMap;
 
 use super::results::outcome_line;
 use super::*;
@@ -28,6 +30,11 @@ use crate::process::ProcessError;
 use crate::supervisor::Supervisor;
 
 pub const BRIDGE: Token = Token(5);
+
+/// Buffers of each kind kept for reuse (see [`DurableState::spare`]), and the most room one may
+/// have to be kept.
+const SPARE_MOST: usize = 4;
+const SPARE_ROOM: usize = 256 * 1024;
 
 /// A store batch sent to the bridge and not acknowledged yet.
 struct SentBatch {
@@ -55,14 +62,22 @@ pub struct DurableState {
     batch: u64,
     frames: Vec<u8>,
     jobs: Vec<u64>,
+    /// The buffers of acknowledged batches, emptied, for the next batches' frames and jobs (new
+    /// ones grew a few times in every batch: some 300 instructions per job, callgrind).
+    spare: Vec<(Vec<u8>, Vec<u64>)>,
+    /// The buffers of held output once released, emptied, for output held later (the same).
+    spare_held: Vec<Vec<u8>>,
     /// The last batch ended and sent, and the last acknowledged.
     last_sent: u64,
     acked: u64,
     sent: VecDeque<SentBatch>,
     /// Output held until the batch it follows is stored, with that batch.
     held: VecDeque<(u64, Held)>,
-    /// The sessions whose output waits, each with the last batch it waits for.
-    waiting: HashMap<u64, u64>,
+    /// The sessions whose output waits, each with the last batch it waits for. Looked up for
+    /// every frame for a client: Fx, not SipHash (some 1,000 instructions per durable job in
+    /// the master, callgrind), as session ids are the daemon's own counter, which no client
+    /// can choose (no flooding of one bucket).
+    waiting: FxHashMap<u64, u64>,
     pub duplicates: u64,
     pub bridge_restarts: u64,
     /// What the bridge last read of the queue's depth in Redis, for `stats`.
@@ -86,7 +101,8 @@ pub struct DurableState {
     pub dedup: super::durable_keys::DurableKeys,
     /// Jobs of batches not acknowledged yet that Redis did not store though their round was
     /// (see [`FromBridge::NotStored`]), with why: failed when their batch is acknowledged.
-    not_stored: HashMap<u64, Vec<u8>>,
+    /// (Looked up for every job of an acknowledged batch; task ids are the daemon's too.)
+    not_stored: FxHashMap<u64, Vec<u8>>,
 }
 
 impl DurableState {
@@ -102,11 +118,13 @@ impl DurableState {
             batch: 1,
             frames: Vec::new(),
             jobs: Vec::new(),
+            spare: Vec::new(),
+            spare_held: Vec::new(),
             last_sent: 0,
             acked: 0,
             sent: VecDeque::new(),
             held: VecDeque::new(),
-            waiting: HashMap::new(),
+            waiting: FxHashMap::default(),
             duplicates: 0,
             depths: None,
             bridge_restarts: 0,
@@ -118,7 +136,29 @@ impl DurableState {
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
             dedup: Default::default(),
-            not_stored: HashMap::new(),
+            not_stored: FxHashMap::default(),
+        }
+    }
+
+    /// Keeps the buffers of an acknowledged batch for the next ones: a few, and none that a
+    /// burst made large.
+    fn keep_spare(&mut self, done: SentBatch) {
+        let SentBatch { mut frames, mut jobs, .. } = done;
+        if self.spare.len() < SPARE_MOST
+            && frames.capacity() <= SPARE_ROOM
+            && jobs.capacity() * 8 <= SPARE_ROOM
+        {
+            frames.clear();
+            jobs.clear();
+            self.spare.push((frames, jobs));
+        }
+    }
+
+    /// Keeps the buffer of released output for output held later, as [`Self::keep_spare`].
+    fn keep_held(&mut self, mut bytes: Vec<u8>) {
+        if self.spare_held.len() < SPARE_MOST && bytes.capacity() <= SPARE_ROOM {
+            bytes.clear();
+            self.spare_held.push(bytes);
         }
     }
 
@@ -156,7 +196,7 @@ impl DurableState {
             Some((t, Held::Clients(bytes))) if *t == tag && !reply => encode(bytes),
             Some((t, Held::Replies(bytes))) if *t == tag && reply => encode(bytes),
             _ => {
-                let mut bytes = Vec::new();
+                let mut bytes = self.spare_held.pop().unwrap_or_default();
                 encode(&mut bytes);
                 self.held.push_back((tag, if reply { Held::Replies(bytes) } else { Held::Clients(bytes) }));
             }
@@ -183,14 +223,15 @@ impl<A: Application> Master<'_, A> {
     /// back-off after a death is over); sends it every batch not acknowledged.
     pub fn spawn_bridge(&mut self) -> io::Result<()> {
         let Some(state) = self.durable.as_mut() else { return Ok(()) };
-        let d = state.d.clone();
-        let from = state.replies_from.clone();
+        // Asked at the end of every turn: its settings are read in place, only by a fork (a
+        // clone of them each turn was some 400 instructions per job in the master, callgrind).
+        let (d, from) = (&state.d, &state.replies_from);
         let shared = self.shared;
         let credentials = self.credentials;
         let mut ours = None;
         let tried = state.bridge_sup.start_due(|_| {
             let (master_end, child_end) = crate::ipc::channel::pair()?;
-            let pid = fork_bridge(&d, child_end, shared, &from, credentials)?;
+            let pid = fork_bridge(d, child_end, shared, from, credentials)?;
             ours = Some(master_end);
             Ok(pid)
         });
@@ -305,9 +346,11 @@ impl<A: Application> Master<'_, A> {
             }
         }
         ToBridge::StoreEnd { batch: n }.encode(&mut state.frames);
-        let frames = std::mem::take(&mut state.frames);
+        let (spare_frames, spare_jobs) = state.spare.pop().unwrap_or_default();
+        let frames = std::mem::replace(&mut state.frames, spare_frames);
         state.bridge.output().extend_from_slice(&frames);
-        state.sent.push_back(SentBatch { n, frames, jobs: std::mem::take(&mut state.jobs) });
+        let jobs = std::mem::replace(&mut state.jobs, spare_jobs);
+        state.sent.push_back(SentBatch { n, frames, jobs });
         state.last_sent = n;
         state.batch += 1;
     }
@@ -442,7 +485,7 @@ impl<A: Application> Master<'_, A> {
                 if replicas != FromBridge::ALL_REPLICAS {
                     short.extend(done.jobs.iter().copied());
                 }
-                for task_id in done.jobs {
+                for &task_id in &done.jobs {
                     if let Some(why) = state.not_stored.remove(&task_id) {
                         refused.push((task_id, why));
                     } else if let Some(job) = self.jobs.get_mut(task_id) {
@@ -453,8 +496,9 @@ impl<A: Application> Master<'_, A> {
                 for task_id in &done.jobs {
                     state.not_stored.remove(task_id);
                 }
-                failed.extend(done.jobs);
+                failed.extend_from_slice(&done.jobs);
             }
+            state.keep_spare(done);
         }
         state.acked = state.acked.max(batch);
         let acked = state.acked;
@@ -485,7 +529,7 @@ impl<A: Application> Master<'_, A> {
         }
         for held in release {
             let mut pos = 0;
-            match held {
+            let bytes = match held {
                 Held::Clients(bytes) => {
                     while let Ok(Some((frame, n))) = ToClient::decode(&bytes[pos..]) {
                         pos += n;
@@ -509,13 +553,18 @@ impl<A: Application> Master<'_, A> {
                             other => self.on_client_frame(other),
                         }
                     }
+                    bytes
                 }
                 Held::Replies(bytes) => {
                     while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&bytes[pos..]) {
                         pos += n;
                         self.on_reply(&reply);
                     }
+                    bytes
                 }
+            };
+            if let Some(state) = self.durable.as_mut() {
+                state.keep_held(bytes);
             }
         }
         // After their `accepted`, now out.
