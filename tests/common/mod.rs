@@ -166,9 +166,12 @@ impl Daemon {
     /// The outbox's lines, each of which must be JSON: for a test that kills no task process
     /// (one killed inside its write leaves part of a line).
     pub fn outbox_lines(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.outbox)
-            .unwrap_or_default()
-            .lines()
+        let bytes = std::fs::read(&self.outbox).unwrap_or_default();
+        // A line not ended yet is one being written while this reads (a test polls while task
+        // processes append): it is read whole the next time.
+        let end = bytes.iter().rposition(|&b| b == b'\n').unwrap_or(0);
+        let text = String::from_utf8(bytes[..end].to_vec()).expect("the outbox's whole lines are UTF-8");
+        text.lines()
             // Each write of a burst's lines starts with a newline (see the README's outbox).
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_str(l).expect("outbox line is JSON"))
