@@ -1065,12 +1065,12 @@ fn pipeline(
         {
             let (context, data) = (&bytes[context.clone()], &bytes[data.clone()]);
             // The lane of a handler's type: only nodes that can run it read it; the stream of
-            // its priority.
+            // its priority (as `Durable::stream_of`, the main stream's name made once a round).
             let lane;
-            let stream: &str = match d.routes.is_empty() {
-                true => mains[priority.index()].get_or_insert_with(|| d.keys.stream(None, *priority)),
-                false => {
-                    lane = d.stream_of(data, *priority);
+            let stream: &str = match d.lane_for(data) {
+                None => mains[priority.index()].get_or_insert_with(|| d.keys.stream(None, *priority)),
+                Some(name) => {
+                    lane = d.keys.stream(Some(&name), *priority);
                     &lane
                 }
             };
