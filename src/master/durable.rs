@@ -97,6 +97,11 @@ pub struct DurableState {
     startup_replies: Vec<u8>,
     /// The last reply stream entry read at start: every bridge reads on from there.
     replies_from: String,
+    /// The reply entry of the last `Trim` sent to this bridge: an entry carries the outcomes
+    /// of several jobs (about four a job under load), each acted on in turn, and the bridge
+    /// deletes an entry once however often it is asked (an encoded, decoded, copied and sorted
+    /// frame per job in two processes). Emptied for a new bridge, which has none of them.
+    last_trim: Vec<u8>,
     /// Duplicates and cancels of durable jobs (see `durable_keys`).
     pub dedup: super::durable_keys::DurableKeys,
     /// Jobs of batches not acknowledged yet that Redis did not store though their round was
@@ -135,6 +140,7 @@ impl DurableState {
             lease_asked: None,
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
+            last_trim: Vec::new(),
             dedup: Default::default(),
             not_stored: FxHashMap::default(),
         }
@@ -244,8 +250,9 @@ impl<A: Application> Master<'_, A> {
         };
         let _ = self.poll.registry().deregister(state.bridge.source());
         state.bridge = Channel::new(master_end);
-        // The dead bridge's renewals are answered by no one.
+        // The dead bridge's renewals are answered by no one, nor its deletions made.
         state.lease_asked = None;
+        state.last_trim.clear();
         self.poll.registry().register(
             state.bridge.source(),
             BRIDGE,
@@ -575,7 +582,11 @@ impl<A: Application> Master<'_, A> {
         let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } =
             *frame;
         let Some(state) = self.durable.as_mut() else { return };
-        state.bridge.send(&ToBridge::Trim { entry });
+        if state.last_trim != entry {
+            state.bridge.send(&ToBridge::Trim { entry });
+            state.last_trim.clear();
+            state.last_trim.extend_from_slice(entry);
+        }
         if retrying {
             self.on_retrying_reply(task_id, attempts, reply, sends);
             return;
