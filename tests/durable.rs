@@ -1249,6 +1249,37 @@ fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing()
     }
 }
 
+/// A job whose store batch Redis has not acknowledged yet reads as `storing` for a `result`
+/// query (the master tells by the batch's number, not by a mark on each job); once
+/// acknowledged, it runs and ends as any other.
+#[test]
+fn a_job_whose_batch_is_not_acknowledged_yet_is_storing() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    d.wait_log("redis bridge: connected");
+    let epoch: String = redis.query(&["GET", "{taskd}:epoch:web-1"]);
+    let id = epoch.parse::<u64>().expect("the node's epoch") << taskd::durable::startup::EPOCH_SHIFT;
+    let (mut a, mut b) = (d.connect(), d.connect());
+    redis.signal(Signal::SIGSTOP);
+    a.send(&job(0, 0));
+    let storing = wait_for("the job to be known", || {
+        b.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+        let v = b.recv();
+        (v["event"] != "error").then_some(v)
+    });
+    redis.signal(Signal::SIGCONT);
+    assert_eq!(storing["event"], "storing", "{storing}");
+    let accepted = a.recv();
+    assert_eq!(
+        (&accepted["event"], accepted["task_id"].as_u64()),
+        (&"accepted".into(), Some(id)),
+        "{accepted}"
+    );
+    assert_eq!(a.recv()["event"], "done");
+    b.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+    assert_eq!(b.recv()["event"], "done");
+}
+
 /// A round with a command Redis refuses when queued (OOM here) stores nothing and says why,
 /// over taskd's own reader (which passes over the QUEUED replies unbuilt) and over the
 /// crate's; the next round, armed again, is stored.

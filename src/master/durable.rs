@@ -172,6 +172,17 @@ impl DurableState {
         !self.jobs.is_empty()
     }
 
+    /// The number of the batch this turn's jobs go in.
+    pub fn open_batch(&self) -> u64 {
+        self.batch
+    }
+
+    /// Whether a job of batch `batch` is being stored: its batch is not acknowledged yet (an
+    /// acknowledged batch's jobs not stored are finished with it). Batch 0: none.
+    pub fn storing(&self, batch: u64) -> bool {
+        batch > self.acked
+    }
+
     /// Output for clients must wait: a job before it is not stored yet.
     pub fn holding(&self) -> bool {
         self.open() || !self.held.is_empty()
@@ -347,11 +358,6 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         let n = state.batch;
-        for &task_id in &state.jobs {
-            if let Some(job) = self.jobs.get_mut(task_id) {
-                job.batch = n;
-            }
-        }
         ToBridge::StoreEnd { batch: n }.encode(&mut state.frames);
         let (spare_frames, spare_jobs) = state.spare.pop().unwrap_or_default();
         let frames = std::mem::replace(&mut state.frames, spare_frames);
@@ -430,7 +436,9 @@ impl<A: Application> Master<'_, A> {
         let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
         let Some(state) = self.durable.as_mut() else { return };
         match job {
-            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold_reply(reply, session),
+            Some((batch, session)) if state.storing(batch) || state.holds(session) => {
+                state.hold_reply(reply, session)
+            }
             _ => self.on_reply(reply),
         }
     }
@@ -492,11 +500,12 @@ impl<A: Application> Master<'_, A> {
                 if replicas != FromBridge::ALL_REPLICAS {
                     short.extend(done.jobs.iter().copied());
                 }
-                for &task_id in &done.jobs {
-                    if let Some(why) = state.not_stored.remove(&task_id) {
-                        refused.push((task_id, why));
-                    } else if let Some(job) = self.jobs.get_mut(task_id) {
-                        job.batch = 0;
+                // The others are stored: acknowledged, their batch is no longer `storing`.
+                if !state.not_stored.is_empty() {
+                    for &task_id in &done.jobs {
+                        if let Some(why) = state.not_stored.remove(&task_id) {
+                            refused.push((task_id, why));
+                        }
                     }
                 }
             } else {
@@ -663,7 +672,8 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn answer_result_query(&mut self, session: u64, task_id: u64) {
         let line = if let Some(job) = self.jobs.get(task_id) {
-            let state = if job.batch != 0 { "storing" } else { "running" };
+            let storing = self.durable.as_ref().is_some_and(|s| s.storing(job.batch));
+            let state = if storing { "storing" } else { "running" };
             let mut l = serde_json::json!({"event": state, "task_id": task_id, "attempts": job.attempts})
                 .to_string()
                 .into_bytes();
