@@ -1249,6 +1249,68 @@ fn a_rounds_marker_tells_whether_it_was_stored_and_a_late_round_stores_nothing()
     }
 }
 
+/// A job whose store batch Redis has not acknowledged yet reads as `storing` for a `result`
+/// query (the master tells by the batch's number, not by a mark on each job); once
+/// acknowledged, it runs and ends as any other.
+#[test]
+fn a_job_whose_batch_is_not_acknowledged_yet_is_storing() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, "web-1", &["--task-worker-num", "1"]);
+    d.wait_log("redis bridge: connected");
+    let epoch: String = redis.query(&["GET", "{taskd}:epoch:web-1"]);
+    let id = epoch.parse::<u64>().expect("the node's epoch") << taskd::durable::startup::EPOCH_SHIFT;
+    let (mut a, mut b) = (d.connect(), d.connect());
+    redis.signal(Signal::SIGSTOP);
+    a.send(&job(0, 0));
+    let storing = wait_for("the job to be known", || {
+        b.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+        let v = b.recv();
+        (v["event"] != "error").then_some(v)
+    });
+    redis.signal(Signal::SIGCONT);
+    assert_eq!(storing["event"], "storing", "{storing}");
+    let accepted = a.recv();
+    assert_eq!(
+        (&accepted["event"], accepted["task_id"].as_u64()),
+        (&"accepted".into(), Some(id)),
+        "{accepted}"
+    );
+    assert_eq!(a.recv()["event"], "done");
+    b.send(&format!(r#"{{"type":"result","task_id":{id}}}"#));
+    assert_eq!(b.recv()["event"], "done");
+}
+
+/// A round with a command Redis refuses when queued (OOM here) stores nothing and says why,
+/// over taskd's own reader (which passes over the QUEUED replies unbuilt) and over the
+/// crate's; the next round, armed again, is stored.
+#[test]
+fn a_round_refused_when_queued_says_why_and_the_next_is_stored() {
+    use std::time::Duration;
+    use taskd::durable::hot::HotConn;
+    use taskd::durable::round::{arm, attempt, begin, Tried};
+    let Some(redis) = Redis::start() else { return };
+    let info = redis::Client::open(redis.url.as_str()).expect("a URL").get_connection_info().clone();
+    let limit = Duration::from_secs(5);
+    for (run, ours) in [(0, true), (1, false)] {
+        let mut bridge = HotConn::connect(ours.then_some(&info), limit, Some(limit), limit, || redis.conn())
+            .expect("a connection");
+        let mut round = begin();
+        round.command(5).arg(b"XADD").arg(b"{taskd}:jobs").arg(b"*").arg(b"f").arg(b"1");
+        let m = |n: u32| format!("{{taskd}}:round:web-1:refused-{run}-{n}");
+        arm(&mut bridge, &m(1)).expect("WATCH");
+        let _: () = redis.query(&["CONFIG", "SET", "maxmemory", "1"]);
+        let (tried, _) = attempt(&mut bridge, &m(1), &m(2), None, &mut round, &[false], None);
+        let _: () = redis.query(&["CONFIG", "SET", "maxmemory", "0"]);
+        let Tried::Refused(e) = tried else { panic!("a round refused when queued was not refused") };
+        assert_eq!(e.code(), Some("OOM"), "{e}");
+        assert_eq!(redis.xlen("{taskd}:jobs"), run);
+        arm(&mut bridge, &m(3)).expect("WATCH");
+        let (tried, armed) = attempt(&mut bridge, &m(3), &m(4), None, &mut round, &[false], None);
+        assert!(matches!(tried, Tried::Stored(_)) && armed);
+        assert_eq!(redis.xlen("{taskd}:jobs"), run + 1);
+    }
+}
+
 /// A consumer whose MULTI's answer was lost writes it again: its dead letter and its parking
 /// of a job for a retry happen once (the entry still pending), so no job runs twice for it
 /// (an operator's replay of a second dead letter, or a second park of a job that is back in

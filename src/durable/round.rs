@@ -10,7 +10,7 @@
 //! written after the WATCH: an EXEC of the round that reaches Redis only later does nothing.
 //! The answer of [`settle`] stays true for good.
 
-use redis::{ConnectionLike, RedisError, Value};
+use redis::{ConnectionLike, RedisError, ServerError, Value};
 
 use super::hot::HotConn;
 
@@ -83,15 +83,55 @@ pub fn attempt(
         round.command(3).arg(b"WAIT").number(u64::from(replicas)).number(ms);
     }
     round.command(2).arg(b"WATCH").arg(next.as_bytes());
-    let sent = exchange(conn, round);
+    // MULTI, a QUEUED for each of the round's commands and for the marker's SET: passed over.
+    let n = commands + usize::from(answered.is_some());
+    let sent = exchange_past(conn, round, n + 2);
     round.truncate(mark);
     match sent {
-        Ok(mut replies) => {
+        Ok(Past::Read(mut replies)) => {
             let armed = matches!(replies.pop(), Some(Value::Okay));
-            (outcome(replies, commands + usize::from(answered.is_some()), kept, wait.is_some()), armed)
+            (outcome(None, replies, n, kept, wait.is_some()), armed)
         }
+        // Whether the WATCH that ends the pipeline took is not known: the next round arms
+        // again (a refused round is rare).
+        Ok(Past::Refused(e)) => (outcome(Some(e), Vec::new(), n, kept, wait.is_some()), false),
         Err(e) => (Tried::Unknown(e), false),
     }
+}
+
+/// The replies of a pipeline past its first `skip` ones.
+enum Past {
+    /// Every skipped reply was no error: the others.
+    Read(Vec<Value>),
+    /// The first error among the skipped ones (a command refused when queued: the transaction
+    /// was aborted); every reply was read.
+    Refused(ServerError),
+}
+
+/// Sends `cmds` and reads the replies after the first `skip` (a transaction's MULTI and
+/// QUEUED), which are only checked: each QUEUED was a String made and dropped (with the EXEC's
+/// ids, most of the bridge's allocations per job, callgrind).
+fn exchange_past(conn: &mut HotConn, cmds: &Packed, skip: usize) -> Result<Past, RedisError> {
+    match conn {
+        // Ours passes over the skipped replies, and fails with the first error among them
+        // once every reply is read (a failed read fails it as such, an I/O error).
+        HotConn::Own(own) => {
+            return match own.req_packed_commands(cmds.bytes(), skip, cmds.len().saturating_sub(skip)) {
+                Ok(replies) => Ok(Past::Read(replies)),
+                Err(e) => match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<ServerError>()) {
+                    Some(refusal) => Ok(Past::Refused(refusal.clone())),
+                    None => Err(e),
+                },
+            }
+        }
+        HotConn::Crate(_) => {}
+    }
+    let mut replies = exchange(conn, cmds)?;
+    let refusal = replies.drain(..skip.min(replies.len())).find_map(|v| match v {
+        Value::ServerError(e) => Some(e),
+        _ => None,
+    });
+    Ok(refusal.map_or(Past::Read(replies), Past::Refused))
 }
 
 /// Sends `cmds` and reads their replies, error replies among them, up to the first failed read
@@ -114,12 +154,23 @@ pub fn exchange(conn: &mut HotConn, cmds: &Packed) -> Result<Vec<Value>, RedisEr
     Ok(replies)
 }
 
-/// Reads the replies of [`attempt`]'s pipeline but the last WATCH: MULTI, `n` QUEUED (the
-/// round's commands, and the DEL of an answered marker), the marker's QUEUED, EXEC, and WAIT
-/// if `waited`.
-fn outcome(mut replies: Vec<Value>, n: usize, kept: &[bool], waited: bool) -> Tried {
-    let exec_at = n + 2;
-    if replies.len() != exec_at + 1 + usize::from(waited) {
+/// Reads the replies of [`attempt`]'s pipeline after the QUEUED ones and but the last WATCH:
+/// EXEC, and WAIT if `waited`. `refused`: the first error among the replies passed over (a
+/// command refused when queued), in which case `replies` is not read. `n`: the round's
+/// commands, and the DEL of an answered marker (the EXEC's answers are one more, the marker's).
+fn outcome(
+    refused: Option<ServerError>,
+    mut replies: Vec<Value>,
+    n: usize,
+    kept: &[bool],
+    waited: bool,
+) -> Tried {
+    // EXECABORT: a command was refused when queued (MOVED, ASK, TRYAGAIN, OOM, NOPERM, …);
+    // the first refusal says why (Redis aborts the transaction then: its EXEC is an error).
+    if let Some(first) = refused {
+        return Tried::Refused(first.into());
+    }
+    if replies.len() != 1 + usize::from(waited) {
         return Tried::Unknown(protocol("a transaction's replies are not as many as its commands"));
     }
     let wait = waited.then(|| replies.pop()).flatten();
@@ -151,15 +202,8 @@ fn outcome(mut replies: Vec<Value>, n: usize, kept: &[bool], waited: bool) -> Tr
         }
         // The watched marker changed: nothing ran (only [`settle`] of this round writes it).
         Value::Nil => Tried::Refused(protocol("the round's marker changed before it was stored")),
-        // EXECABORT: a command was refused when queued (MOVED, ASK, TRYAGAIN, OOM, NOPERM, …);
-        // the first refusal says why.
-        Value::ServerError(e) => {
-            let first = replies.into_iter().find_map(|v| match v {
-                Value::ServerError(e) => Some(e),
-                _ => None,
-            });
-            Tried::Refused(first.unwrap_or(e).into())
-        }
+        // An EXEC refused with no command refused before it.
+        Value::ServerError(e) => Tried::Refused(e.into()),
         _ => Tried::Unknown(protocol("EXEC's reply is not the transaction's")),
     }
 }
@@ -214,15 +258,12 @@ mod tests {
         Value::Okay
     }
 
-    fn queued() -> Value {
-        Value::SimpleString("QUEUED".into())
-    }
-
     #[test]
     fn reads_a_stored_round_with_its_kept_answers_and_wait() {
         let exec = Value::Array(vec![Value::Int(1), Value::BulkString(b"h 0 n 3".to_vec()), ok()]);
-        let replies = vec![ok(), queued(), queued(), queued(), exec, Value::Int(1)];
-        let Tried::Stored(answers) = outcome(replies, 2, &[false, true], true) else { panic!("not stored") };
+        let Tried::Stored(answers) = outcome(None, vec![exec, Value::Int(1)], 2, &[false, true], true) else {
+            panic!("not stored")
+        };
         assert_eq!(answers, vec![Value::BulkString(b"h 0 n 3".to_vec()), Value::Int(1)]);
     }
 
@@ -230,23 +271,30 @@ mod tests {
         redis::parse_redis_value(format!("-{text}\r\n").as_bytes()).expect("an error reply")
     }
 
+    fn server_error(text: &str) -> ServerError {
+        match error(text) {
+            Value::ServerError(e) => e,
+            v => panic!("{v:?} is no error"),
+        }
+    }
+
     #[test]
     fn an_aborted_round_stored_nothing_and_says_why() {
-        let replies = vec![
-            ok(),
-            error("MOVED 3999 127.0.0.1:7001"),
-            queued(),
-            error("EXECABORT Transaction discarded because of previous errors."),
-        ];
-        let Tried::Refused(e) = outcome(replies, 1, &[true], false) else { panic!("not refused") };
+        let Tried::Refused(e) =
+            outcome(Some(server_error("MOVED 3999 127.0.0.1:7001")), Vec::new(), 1, &[true], false)
+        else {
+            panic!("not refused")
+        };
         assert_eq!(e.code(), Some("MOVED"));
+        let exec = error("EXECABORT Transaction discarded because of previous errors.");
+        let Tried::Refused(e) = outcome(None, vec![exec], 1, &[true], false) else { panic!("not refused") };
+        assert_eq!(e.code(), Some("EXECABORT"));
     }
 
     #[test]
     fn a_command_failed_inside_the_transaction_is_partly() {
         let exec = Value::Array(vec![Value::Int(1), error("WRONGTYPE Operation against a key"), ok()]);
-        let replies = vec![ok(), queued(), queued(), queued(), exec];
-        let Tried::Partly(answers, failed) = outcome(replies, 2, &[true, true], false) else {
+        let Tried::Partly(answers, failed) = outcome(None, vec![exec], 2, &[true, true], false) else {
             panic!("not partly")
         };
         assert_eq!(answers.len(), 2, "the kept answers, the error among them");
@@ -256,11 +304,13 @@ mod tests {
 
     #[test]
     fn a_short_or_odd_reply_is_unknown() {
-        assert!(matches!(outcome(vec![ok(), ok()], 2, &[], false), Tried::Unknown(_)));
-        let replies = vec![ok(), queued(), queued(), Value::Int(3)];
-        assert!(matches!(outcome(replies, 1, &[], false), Tried::Unknown(_)));
-        let replies = vec![ok(), queued(), queued(), Value::Nil];
-        assert!(matches!(outcome(replies, 1, &[], false), Tried::Refused(_)));
+        assert!(matches!(outcome(None, vec![], 2, &[], false), Tried::Unknown(_)));
+        assert!(matches!(outcome(None, vec![ok(), ok()], 2, &[], false), Tried::Unknown(_)));
+        assert!(matches!(outcome(None, vec![Value::Int(3)], 1, &[], false), Tried::Unknown(_)));
+        let short = Value::Array(vec![ok()]);
+        assert!(matches!(outcome(None, vec![short], 1, &[], false), Tried::Unknown(_)));
+        assert!(matches!(outcome(None, vec![Value::Nil], 1, &[], false), Tried::Refused(_)));
+        assert!(matches!(outcome(None, vec![Value::Nil], 1, &[], true), Tried::Unknown(_)));
     }
 
     #[test]

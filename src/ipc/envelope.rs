@@ -1041,7 +1041,50 @@ impl<'a> ToBridge<'a> {
     }
 }
 
-impl Reply<'_> {
+impl<'a> Reply<'a> {
+    /// Its fields after the kind byte. The fixed ones are checked for at once and read from
+    /// where they are (a reply is decoded once or twice per durable job in the master, and in
+    /// the bridge: a check and a move per field were most of it); when they are not all there,
+    /// one by one, so that the error names the first missing one as it always did.
+    fn read(retrying: bool, r: &mut Reader<'a>) -> Result<Reply<'a>, DecodeError> {
+        const FIXED: usize = 8 + 1 + 4 + 4 + 4;
+        let Some((head, rest)) = r.buf.split_first_chunk::<FIXED>() else {
+            return Ok(Reply {
+                retrying,
+                task_id: r.u64("task id")?,
+                ok: r.bool("ok")?,
+                attempts: r.u32("attempts")?,
+                task_pid: r.u32("task pid")?,
+                replays: r.u32("replays")?,
+                entry: r.sized("entry")?,
+                reply: r.sized("reply")?,
+                sends: r.sized("sends")?,
+                result: r.rest(),
+            });
+        };
+        let u32_at = |at: usize| u32::from_le_bytes([head[at], head[at + 1], head[at + 2], head[at + 3]]);
+        let ok = match head[8] {
+            0 => false,
+            1 => true,
+            _ => return Err(DecodeError::BadField("ok")),
+        };
+        let (task_id, attempts, task_pid, replays) =
+            (u64::from_le_bytes(head[..8].try_into().unwrap_or_default()), u32_at(9), u32_at(13), u32_at(17));
+        r.buf = rest;
+        Ok(Reply {
+            retrying,
+            task_id,
+            ok,
+            attempts,
+            task_pid,
+            replays,
+            entry: r.sized("entry")?,
+            reply: r.sized("reply")?,
+            sends: r.sized("sends")?,
+            result: r.rest(),
+        })
+    }
+
     /// Appends this outcome as a [`FromBridge::Reply`] frame, length prefix included.
     pub fn encode(&self, out: &mut Vec<u8>) {
         let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } = *self;
@@ -1112,18 +1155,7 @@ impl<'a> FromBridge<'a> {
                     replicas: r.u32("replicas")?,
                     error: r.rest(),
                 },
-                REPLY | REPLY_RETRYING => FromBridge::Reply(Reply {
-                    retrying: k == REPLY_RETRYING,
-                    task_id: r.u64("task id")?,
-                    ok: r.bool("ok")?,
-                    attempts: r.u32("attempts")?,
-                    task_pid: r.u32("task pid")?,
-                    replays: r.u32("replays")?,
-                    entry: r.sized("entry")?,
-                    reply: r.sized("reply")?,
-                    sends: r.sized("sends")?,
-                    result: r.rest(),
-                }),
+                REPLY | REPLY_RETRYING => FromBridge::Reply(Reply::read(k == REPLY_RETRYING, r)?),
                 LEASE => FromBridge::Lease { holder: r.rest() },
                 QUEUE_DEPTHS => FromBridge::Depths { json: r.rest() },
                 ADMIN_ANSWER => FromBridge::AdminAnswer { request: r.u64("request")?, answer: r.rest() },
@@ -1499,6 +1531,51 @@ mod tests {
         assert!(decode_outcomes(&buf[..buf.len() - 1]).is_err());
         assert!(decode_outcomes(&buf[..3]).is_err());
         assert_eq!(decode_outcomes(b"").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_reply_cut_short_or_with_a_bad_field_names_it_as_before() {
+        let reply = Reply {
+            task_id: u64::MAX - 1,
+            ok: true,
+            attempts: 3,
+            task_pid: u32::MAX,
+            replays: 2,
+            entry: b"1-1",
+            reply: b"",
+            sends: b"s",
+            result: b"r",
+            retrying: false,
+        };
+        let mut frame = Vec::new();
+        reply.encode(&mut frame);
+        // The fields after the length and the kind, cut at every length, in a frame of its own.
+        let body = &frame[LEN_BYTES + 1..];
+        let fixed = 8 + 1 + 4 + 4 + 4;
+        let cut_at = |n: usize| {
+            let mut f = Vec::new();
+            f.extend_from_slice(&(n as u32 + 1).to_le_bytes());
+            f.push(frame[LEN_BYTES]);
+            f.extend_from_slice(&body[..n]);
+            FromBridge::decode(&f).map(|d| d.map(|(m, _)| format!("{m:?}")))
+        };
+        for (from, to, field) in
+            [(0, 8, "task id"), (8, 9, "ok"), (9, 13, "attempts"), (13, 17, "task pid"), (17, 21, "replays")]
+        {
+            for cut in from..to {
+                assert!(
+                    matches!(cut_at(cut), Err(DecodeError::Truncated(f)) if f == field),
+                    "{cut}: {:?}",
+                    cut_at(cut)
+                );
+            }
+        }
+        assert!(matches!(cut_at(fixed), Err(DecodeError::Truncated("entry"))), "{:?}", cut_at(fixed));
+        assert!(matches!(cut_at(fixed + 2), Err(DecodeError::Truncated("entry"))));
+        let (whole, _) = FromBridge::decode(&frame).unwrap().unwrap();
+        assert_eq!(format!("{whole:?}"), format!("{:?}", FromBridge::Reply(reply)));
+        frame[LEN_BYTES + 1 + 8] = 2;
+        assert!(matches!(FromBridge::decode(&frame), Err(DecodeError::BadField("ok"))));
     }
 
     #[test]

@@ -97,6 +97,11 @@ pub struct DurableState {
     startup_replies: Vec<u8>,
     /// The last reply stream entry read at start: every bridge reads on from there.
     replies_from: String,
+    /// The reply entry of the last `Trim` sent to this bridge: an entry carries the outcomes
+    /// of several jobs (about four a job under load), each acted on in turn, and the bridge
+    /// deletes an entry once however often it is asked (an encoded, decoded, copied and sorted
+    /// frame per job in two processes). Emptied for a new bridge, which has none of them.
+    last_trim: Vec<u8>,
     /// Duplicates and cancels of durable jobs (see `durable_keys`).
     pub dedup: super::durable_keys::DurableKeys,
     /// Jobs of batches not acknowledged yet that Redis did not store though their round was
@@ -135,6 +140,7 @@ impl DurableState {
             lease_asked: None,
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
+            last_trim: Vec::new(),
             dedup: Default::default(),
             not_stored: FxHashMap::default(),
         }
@@ -164,6 +170,17 @@ impl DurableState {
 
     fn open(&self) -> bool {
         !self.jobs.is_empty()
+    }
+
+    /// The number of the batch this turn's jobs go in.
+    pub fn open_batch(&self) -> u64 {
+        self.batch
+    }
+
+    /// Whether a job of batch `batch` is being stored: its batch is not acknowledged yet (an
+    /// acknowledged batch's jobs not stored are finished with it). Batch 0: none.
+    pub fn storing(&self, batch: u64) -> bool {
+        batch > self.acked
     }
 
     /// Output for clients must wait: a job before it is not stored yet.
@@ -244,8 +261,9 @@ impl<A: Application> Master<'_, A> {
         };
         let _ = self.poll.registry().deregister(state.bridge.source());
         state.bridge = Channel::new(master_end);
-        // The dead bridge's renewals are answered by no one.
+        // The dead bridge's renewals are answered by no one, nor its deletions made.
         state.lease_asked = None;
+        state.last_trim.clear();
         self.poll.registry().register(
             state.bridge.source(),
             BRIDGE,
@@ -340,11 +358,6 @@ impl<A: Application> Master<'_, A> {
             return;
         }
         let n = state.batch;
-        for &task_id in &state.jobs {
-            if let Some(job) = self.jobs.get_mut(task_id) {
-                job.batch = n;
-            }
-        }
         ToBridge::StoreEnd { batch: n }.encode(&mut state.frames);
         let (spare_frames, spare_jobs) = state.spare.pop().unwrap_or_default();
         let frames = std::mem::replace(&mut state.frames, spare_frames);
@@ -423,7 +436,9 @@ impl<A: Application> Master<'_, A> {
         let job = self.jobs.get(task_id).map(|j| (j.batch, j.session));
         let Some(state) = self.durable.as_mut() else { return };
         match job {
-            Some((batch, session)) if batch != 0 || state.holds(session) => state.hold_reply(reply, session),
+            Some((batch, session)) if state.storing(batch) || state.holds(session) => {
+                state.hold_reply(reply, session)
+            }
             _ => self.on_reply(reply),
         }
     }
@@ -485,11 +500,12 @@ impl<A: Application> Master<'_, A> {
                 if replicas != FromBridge::ALL_REPLICAS {
                     short.extend(done.jobs.iter().copied());
                 }
-                for &task_id in &done.jobs {
-                    if let Some(why) = state.not_stored.remove(&task_id) {
-                        refused.push((task_id, why));
-                    } else if let Some(job) = self.jobs.get_mut(task_id) {
-                        job.batch = 0;
+                // The others are stored: acknowledged, their batch is no longer `storing`.
+                if !state.not_stored.is_empty() {
+                    for &task_id in &done.jobs {
+                        if let Some(why) = state.not_stored.remove(&task_id) {
+                            refused.push((task_id, why));
+                        }
                     }
                 }
             } else {
@@ -575,7 +591,11 @@ impl<A: Application> Master<'_, A> {
         let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } =
             *frame;
         let Some(state) = self.durable.as_mut() else { return };
-        state.bridge.send(&ToBridge::Trim { entry });
+        if state.last_trim != entry {
+            state.bridge.send(&ToBridge::Trim { entry });
+            state.last_trim.clear();
+            state.last_trim.extend_from_slice(entry);
+        }
         if retrying {
             self.on_retrying_reply(task_id, attempts, reply, sends);
             return;
@@ -652,7 +672,8 @@ impl<A: Application> Master<'_, A> {
 
     pub(super) fn answer_result_query(&mut self, session: u64, task_id: u64) {
         let line = if let Some(job) = self.jobs.get(task_id) {
-            let state = if job.batch != 0 { "storing" } else { "running" };
+            let storing = self.durable.as_ref().is_some_and(|s| s.storing(job.batch));
+            let state = if storing { "storing" } else { "running" };
             let mut l = serde_json::json!({"event": state, "task_id": task_id, "attempts": job.attempts})
                 .to_string()
                 .into_bytes();

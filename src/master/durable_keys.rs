@@ -84,7 +84,7 @@ impl<A: Application> Master<'_, A> {
             .found
             .keys()
             .copied()
-            .filter(|&id| jobs.get(id).is_none_or(|j| j.batch == 0))
+            .filter(|&id| jobs.get(id).is_none_or(|j| !state.storing(j.batch)))
             .collect();
         for task_id in ready {
             let Some(state) = self.durable.as_mut() else { return };

@@ -47,7 +47,10 @@ pub struct Job {
     pub target: Option<u32>,
     /// `task_flags` the submitter gave.
     pub flags: u8,
-    /// Durable jobs: the store batch it is in until Redis has it (0: stored, or in memory).
+    /// Durable jobs: the store batch it is in (0: in memory, or stored before a restart). It is
+    /// being stored while that batch is not acknowledged ([`super::durable::DurableState::storing`]):
+    /// known from the batch's number, with no write to each job when the batch is sent and
+    /// again when it is acknowledged (two lookups per job).
     pub batch: u64,
     /// The reply its task process sent the client (`TaskCtx::reply`), kept for `result`.
     pub reply: Vec<u8>,
@@ -107,11 +110,13 @@ pub struct JobSpec {
     pub priority: Priority,
     /// It waits in the delayed queue, not in a task queue (its `run_at` is to come).
     pub delayed: bool,
+    /// Durable jobs: the store batch it goes in (see [`Job::batch`]).
+    pub batch: u64,
 }
 
 impl JobSpec {
     pub fn now(group: u64, target: Option<u32>, flags: u8) -> Self {
-        JobSpec { group, target, flags, priority: Priority::Normal, delayed: false }
+        JobSpec { group, target, flags, priority: Priority::Normal, delayed: false, batch: 0 }
     }
 }
 
@@ -180,7 +185,7 @@ impl Jobs {
         data: &[u8],
         now: Instant,
     ) {
-        let JobSpec { group, target, flags, priority, delayed } = spec;
+        let JobSpec { group, target, flags, priority, delayed, batch } = spec;
         let mut index = 0;
         if group != 0 {
             match self.groups.get_mut(&group) {
@@ -206,7 +211,7 @@ impl Jobs {
             index,
             target,
             flags,
-            batch: 0,
+            batch,
             reply: Vec::new(),
             accepted: now,
             priority,

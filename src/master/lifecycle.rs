@@ -389,7 +389,7 @@ impl<A: Application> Master<'_, A> {
     fn leave_in_redis(&mut self, task_id: u64, cause: &str) {
         let Some(job) = self.jobs.remove(task_id) else { return };
         let ask = format!("ask {{\"type\":\"result\",\"task_id\":{task_id}}} for its outcome");
-        let text = if job.batch == 0 {
+        let text = if !self.durable.as_ref().is_some_and(|s| s.storing(job.batch)) {
             format!(
                 "server stopping: {cause}; the job stays queued in Redis and will run on another node \
                  (or on this one once restarted): {ask}"

@@ -85,6 +85,8 @@ impl<A: Application> Master<'_, A> {
                     spec.priority = o.priority;
                     spec.delayed = due.is_some();
                 }
+                // In the batch `durable_worker_frame` put it in, sent at the end of this turn.
+                spec.batch = self.durable.as_ref().map_or(0, |s| s.open_batch());
                 self.jobs.accept(task_id, i as u32, session, spec, context, data, self.now);
                 // Looked up only when there are options (a pair would look it up for every job).
                 if let Some(o) = &options {

@@ -111,8 +111,8 @@ impl<A: Application> Master<'_, A> {
                 "job {task_id} belongs to a batch or to a waiting worker: it cannot be cancelled alone"
             ));
         }
-        if self.durable.is_some() {
-            if job.batch != 0 {
+        if let Some(state) = &self.durable {
+            if state.storing(job.batch) {
                 return Err(format!("job {task_id} is being stored in Redis: ask again once it is accepted"));
             }
             // Only Redis knows whether a task process of some node has taken it.
