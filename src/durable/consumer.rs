@@ -36,7 +36,7 @@ use redis::{Connection, ConnectionLike, Value};
 use super::dedup;
 use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::heartbeat::Pulse;
-use super::hot::HotConn;
+use super::hot::{jobs_of, HotConn, Jobs};
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::resp::Packed;
@@ -119,9 +119,13 @@ pub struct ConsumerSetup<'a> {
 /// Where a job's entry is: its stream (the main one, or a type's lane) and its id there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct At {
-    pub stream: String,
+    /// Shared with the consumer's list of its streams (a name per job was an allocation).
+    pub stream: Arc<str>,
     pub id: String,
 }
+
+/// A job taken: where it is, the job (or why it is not one to run), its attempt.
+type Taken = (At, Result<JobEntry, Rejected>, u32);
 
 /// A finished job, to be written to Redis.
 pub(super) enum Completion {
@@ -211,6 +215,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         next_trim: Instant::now(),
         trim_refused: Default::default(),
         by_priority: Priority::ALL.map(|p| d.streams_of(p)),
+        names: d.streams().into_iter().map(Arc::from).collect(),
         streams: d.streams(),
     };
     let mut served: u64 = 0;
@@ -246,8 +251,8 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         // out as they are logged, so a job that hangs shows what it was doing.
         crate::logging::hold_outcomes();
         let mut done = Vec::with_capacity(entries.len());
-        let mut queue: VecDeque<(At, StreamEntry, u32)> = entries.into();
-        while let Some((at, entry, attempt)) = queue.pop_front() {
+        let mut queue: VecDeque<Taken> = entries.into();
+        while let Some((at, job, attempt)) = queue.pop_front() {
             if !c.lease_known_valid() {
                 // The node woke from a hang past its lease: a node of its name may be running
                 // these now. They stay pending under its name, read back if the name is kept.
@@ -256,7 +261,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
             if pulse.stale() {
                 // Stopped, or cut off from Redis, for two beats: run only what is still its own.
-                queue.push_front((at, entry, attempt));
+                queue.push_front((at, job, attempt));
                 match c.keep_own(&mut queue) {
                     Ok(()) => {
                         pulse.holding(queue.len() + done.len() + c.unsent.len());
@@ -271,7 +276,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 }
             }
             let started = Instant::now();
-            done.push(run_one(app, info, d, &pulse, (at, entry), attempt, &mut rng));
+            done.push(run_one(app, info, d, &pulse, (at, job), attempt, &mut rng));
             let took = started.elapsed();
             if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
@@ -329,13 +334,13 @@ fn run_one<A: Application>(
     info: ProcessInfo,
     d: &Durable,
     pulse: &Pulse,
-    (at, entry): (At, StreamEntry),
+    (at, job): (At, Result<JobEntry, Rejected>),
     attempt: u32,
     rng: &mut crate::retry::Rng,
 ) -> Completion {
     // `attempt` is the entry's delivery count: the runs since it was added, whose deaths
     // count against task_retry_max; the task sees the job's run (`job.attempts` + it).
-    let job = match JobEntry::checked(&entry) {
+    let job = match job {
         Ok(job) => job,
         Err(Rejected::NotAJob(why)) => {
             tracing::warn!("job stream entry {} is not a job ({why}); dropped", at.id);
@@ -468,7 +473,7 @@ struct Consumer<'a> {
     /// The priorities' credits in the weighted fair order of its takes.
     fair: super::fair::Fair,
     /// The streams in which it acknowledged entries since its last trim (see [`super::trim`]).
-    untrimmed: Vec<String>,
+    untrimmed: Vec<Arc<str>>,
     /// When its next trim is due.
     next_trim: Instant,
     /// Warnings of a refused trim: one per 10 s.
@@ -479,6 +484,8 @@ struct Consumer<'a> {
     /// once: they do not change, and making them at each take cost some 1k instructions a job).
     by_priority: [Vec<String>; 3],
     streams: Vec<String>,
+    /// The same names, shared by the jobs read from them (see [`At::stream`]).
+    names: Vec<Arc<str>>,
 }
 
 impl Consumer<'_> {
@@ -570,7 +577,7 @@ impl Consumer<'_> {
     }
 
     /// The next jobs to run, each with where it is and its attempt number.
-    fn take(&mut self) -> redis::RedisResult<Vec<(At, StreamEntry, u32)>> {
+    fn take(&mut self) -> redis::RedisResult<Vec<Taken>> {
         self.flush()?;
         if !self.lease_known_valid() {
             // Not even its own pending jobs: they may be another run's now, under its names.
@@ -632,7 +639,7 @@ impl Consumer<'_> {
             // Its own pending entries, from the start: no BLOCK, they are there or not. What is
             // left after this window stays pending under its name (and kept alive) for the next.
             let streams = wrong.keep(self.streams.clone());
-            let got = read_group(conn, &streams, &me, count, None, "0")?;
+            let got = jobs_of(read_group(conn, &streams, &me, count, None, "0")?, &self.names);
             fresh = false;
             if got.is_empty() {
                 self.recovering = false;
@@ -644,6 +651,7 @@ impl Consumer<'_> {
             fresh = false;
             let streams = self.wrong.keep(self.streams.clone());
             let (got, more) = self.claim(count, &streams)?;
+            let got = jobs_of(got, &self.names);
             // A full window and more to look at: sweep again as soon as these are run.
             let wait = if more { Duration::ZERO } else { jitter(d.claim_after / 2) };
             self.next_sweep = Instant::now() + wait;
@@ -652,13 +660,13 @@ impl Consumer<'_> {
             fresh = true;
             let hot = self.hot.as_mut().expect("connected above");
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(hot, &self.by_priority, &me, count, |s| wrong.reads(s))?;
+            let got = fair.take(hot, &self.by_priority, &self.names, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
                 // Idle: what it acknowledged goes from the streams before it waits.
                 self.trim_idle()?;
                 let streams = self.wrong.keep(self.streams.clone());
                 let hot = self.hot.as_mut().expect("connected above");
-                let woke = read_new(hot, &streams, &me, 1, Some(BLOCK_MS))?;
+                let woke = read_new(hot, &streams, &self.names, &me, 1, Some(BLOCK_MS))?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -672,31 +680,28 @@ impl Consumer<'_> {
         // Reading one's history and claiming count as deliveries: Redis keeps the number.
         let mut counts: HashMap<At, u32> = HashMap::new();
         if !fresh {
-            let mut streams: Vec<&String> = entries.iter().map(|(s, _)| s).collect();
+            let mut streams: Vec<Arc<str>> = entries.iter().map(|(at, _)| Arc::clone(&at.stream)).collect();
             streams.sort();
             streams.dedup();
-            let streams: Vec<String> = streams.into_iter().cloned().collect();
             let conn = self.conn()?;
             for stream in streams {
                 for (id, n) in delivery_counts(conn, &stream, &me, 10_000)? {
-                    counts.insert(At { stream: stream.clone(), id }, n);
+                    counts.insert(At { stream: Arc::clone(&stream), id }, n);
                 }
             }
         }
         Ok(entries
             .into_iter()
-            .map(|(stream, mut e)| {
-                // Moved, not copied: from here on the entry's id is `at.id`.
-                let at = At { stream, id: std::mem::take(&mut e.id) };
+            .map(|(at, job)| {
                 let attempt = counts.get(&at).copied().unwrap_or(1);
-                (at, e, attempt)
+                (at, job, attempt)
             })
             .collect())
     }
 
     /// Keeps in `queue` only the jobs still pending under its name (another consumer may have
     /// claimed them while it could not keep them alive), refreshing them.
-    fn keep_own(&mut self, queue: &mut VecDeque<(At, StreamEntry, u32)>) -> redis::RedisResult<()> {
+    fn keep_own(&mut self, queue: &mut VecDeque<Taken>) -> redis::RedisResult<()> {
         let (d, me) = (self.d, self.me.clone());
         let own: HashSet<At> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
         let before = queue.len();
@@ -798,12 +803,12 @@ impl Consumer<'_> {
         for c in &unsent {
             let stream = &c.id().stream;
             if !self.untrimmed.contains(stream) {
-                self.untrimmed.push(stream.clone());
+                self.untrimmed.push(Arc::clone(stream));
             }
         }
         let due = Instant::now() >= self.next_trim;
         let untrimmed = std::mem::take(&mut self.untrimmed);
-        let trim: Vec<&str> = if due { untrimmed.iter().map(String::as_str).collect() } else { Vec::new() };
+        let trim: Vec<&str> = if due { untrimmed.iter().map(|s| &**s).collect() } else { Vec::new() };
         let stored = self.hot().and_then(|hot| store(hot, d, &unsent, &trim));
         drop(trim);
         self.untrimmed = untrimmed;
@@ -826,7 +831,7 @@ impl Consumer<'_> {
             return Ok(());
         }
         let mut packed = Packed::new();
-        let streams: Vec<&str> = self.untrimmed.iter().map(String::as_str).collect();
+        let streams: Vec<&str> = self.untrimmed.iter().map(|s| &**s).collect();
         super::trim::pack(&mut packed, &streams, super::trim::SLACK);
         let answer = self.hot()?.req_packed_commands(packed.bytes(), 0, 1)?.pop();
         let trimmed = match answer.as_ref().and_then(super::trim::answer) {
@@ -899,7 +904,7 @@ pub(super) fn store(
             }
             Completion::Dead { id, job, why, attempts } => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&id.stream).arg(GROUP).arg(&id.id);
+                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&*id.stream).arg(GROUP).arg(&id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
                 // A replay puts it back into its lane, of its priority.
@@ -933,7 +938,7 @@ pub(super) fn store(
                     .arg(3)
                     .arg(&d.keys.delayed)
                     .arg(d.keys.delayed_job(job.task_id))
-                    .arg(&id.stream)
+                    .arg(&*id.stream)
                     .arg(GROUP)
                     .arg(&id.id)
                     .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
@@ -958,7 +963,7 @@ pub(super) fn store(
     // acknowledged stream by stream, and their entries left to the trim (see `super::trim`).
     let mut by_stream: Vec<(&str, Vec<&str>)> = Vec::new();
     for at in completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id) {
-        match by_stream.iter_mut().find(|(s, _)| *s == at.stream) {
+        match by_stream.iter_mut().find(|(s, _)| *s == &*at.stream) {
             Some((_, ids)) => ids.push(&at.id),
             None => {
                 let mut ids = Vec::with_capacity(completions.len());
@@ -1188,16 +1193,17 @@ fn read_group(
 fn read_new(
     hot: &mut HotConn,
     streams: &[String],
+    names: &[Arc<str>],
     me: &str,
     count: usize,
     block_ms: Option<u64>,
-) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+) -> redis::RedisResult<Jobs> {
     if read_group_cmd(streams, me, count, block_ms, ">").is_none() {
         return Ok(Vec::new());
     }
     let mut read = Packed::new();
     super::fair::pack_read(&mut read, me, count, block_ms, streams, b">");
-    Ok(hot.read_streams(&read)?.pop().unwrap_or_default())
+    Ok(hot.read_jobs(&read, names)?.pop().unwrap_or_default())
 }
 
 /// The XREADGROUP of [`read_group`]; None when there is no stream to read (every one of them is

@@ -76,9 +76,12 @@ pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResu
     }
     let ids: Vec<Vec<String>> = pipe.query(conn)?;
     Ok(streams
-        .iter()
+        .into_iter()
         .zip(ids)
-        .flat_map(|(stream, ids)| ids.into_iter().map(|id| At { stream: stream.clone(), id }))
+        .flat_map(|(stream, ids)| {
+            let stream: Arc<str> = Arc::from(stream);
+            ids.into_iter().map(move |id| At { stream: Arc::clone(&stream), id })
+        })
         .collect())
 }
 
