@@ -125,7 +125,7 @@ pub struct At {
 }
 
 /// A job taken: where it is, the job (or why it is not one to run), its attempt.
-type Taken = (At, Result<JobEntry, Rejected>, u32);
+type Taken = (At, Result<Arc<JobEntry>, Rejected>, u32);
 
 /// A finished job, to be written to Redis.
 pub(super) enum Completion {
@@ -334,7 +334,7 @@ fn run_one<A: Application>(
     info: ProcessInfo,
     d: &Durable,
     pulse: &Pulse,
-    (at, job): (At, Result<JobEntry, Rejected>),
+    (at, job): (At, Result<Arc<JobEntry>, Rejected>),
     attempt: u32,
     rng: &mut crate::retry::Rng,
 ) -> Completion {
@@ -361,12 +361,9 @@ fn run_one<A: Application>(
             d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
         tracing::warn!("job {}: {why}; moved to the dead letters", job.task_id);
-        return Completion::Dead { id: at, job, why, attempts: attempt - 1 };
+        return Completion::Dead { id: at, job: Arc::unwrap_or_clone(job), why, attempts: attempt - 1 };
     }
-    // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
-    // that thread records it as failed (a dead letter needs the whole job).
     let run = job.attempts.saturating_add(attempt);
-    let job = Arc::new(job);
     let task = Task {
         id: job.task_id,
         session: (job.session != 0).then_some(job.session),
@@ -377,6 +374,8 @@ fn run_one<A: Application>(
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
     let mut result = None;
+    // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
+    // that thread records it as failed (a dead letter needs the whole job).
     pulse.running(at, &job, attempt);
     guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, &task)));
     // Given back: only this thread sets `running`, just above.

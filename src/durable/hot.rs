@@ -28,6 +28,8 @@ use super::resp::Packed;
 const MAX_DEPTH: usize = 100;
 /// Entries of one stream reply made room for at once (a consumer takes 64 at most).
 const TAKE_ROOM: usize = 128;
+/// Spans of one entry's fields made room for at once (a job has up to 22).
+const SPANS_ROOM: usize = 32;
 /// The read buffer's first size; it grows to hold the largest reply read.
 const BUF_START: usize = 64 * 1024;
 
@@ -499,8 +501,10 @@ pub fn parse_streams(buf: &[u8]) -> Result<Option<(Result<Streams, Value>, usize
 }
 
 /// The jobs of an XREADGROUP reply, each where it is (its stream, its id) and checked as
-/// [`JobEntry::checked`] checks it.
-pub type Jobs = Vec<(At, Result<JobEntry, Rejected>)>;
+/// [`JobEntry::checked`] checks it. A job is shared at once, as it will be while it runs (see
+/// `heartbeat::Pulse::running`): one allocation made early, and what moves from queue to
+/// queue is a pointer, not the whole job.
+pub type Jobs = Vec<(At, Result<Arc<JobEntry>, Rejected>)>;
 
 /// As [`parse_streams`], but each entry made straight into its job, with no [`StreamEntry`]
 /// between (see [`JobEntry::checked_fields`]): a job is what [`JobEntry::checked`] makes of
@@ -521,7 +525,7 @@ pub fn jobs_of(entries: Streams, names: &[Arc<str>]) -> Jobs {
         .into_iter()
         .map(|(key, mut e)| {
             let at = At { stream: name_of(names, &key), id: std::mem::take(&mut e.id) };
-            (at, JobEntry::checked(&e))
+            (at, JobEntry::checked(&e).map(Arc::new))
         })
         .collect()
 }
@@ -624,14 +628,14 @@ impl Sink for ToJobs<'_> {
             // Never from Redis (its fields are strings): the digits written out, as
             // `parse_streams` writes them.
             let mut entry = walk.entry(id, spans)?;
-            (std::mem::take(&mut entry.id), JobEntry::checked(&entry))
+            (std::mem::take(&mut entry.id), JobEntry::checked(&entry).map(Arc::new))
         } else {
             let bytes = |span: Span| match span {
                 Span::Bytes(from, to) => walk.buf.get(from..to).unwrap_or_default(),
                 Span::Int(_) => &[],
             };
             let fields = spans.chunks_exact(2).map(|pair| (bytes(pair[0]), bytes(pair[1])));
-            (owned_text(walk.text(id, &mut Vec::new())?), JobEntry::checked_fields(fields))
+            (owned_text(walk.text(id, &mut Vec::new())?), JobEntry::checked_fields(fields).map(Arc::new))
         };
         self.out.push((At { stream, id }, job));
         Ok(())
@@ -715,6 +719,8 @@ impl Walk<'_> {
         let count = self.array(3)?;
         // At once, not by doublings (a count from the reply is no promise: bounded).
         sink.reserve(count.min(TAKE_ROOM));
+        // A job's dozen fields and more, at once (this walk's first entry grew it four times).
+        self.spans.reserve(SPANS_ROOM);
         for _ in 0..count {
             let parts = self.array(4)?;
             if parts == 0 {
