@@ -206,6 +206,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         job_seconds: None,
         fenced: false,
         unsent: Vec::new(),
+        store_room: StoreRoom::default(),
         next_move: Instant::now(),
         move_refused: Default::default(),
         backoff: Duration::from_millis(100),
@@ -220,6 +221,9 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
+    // The jobs run and not yet handed to `c.unsent`; its room kept from one take to the next
+    // (a take's worth of outcomes is a few kB, a new allocation at every take).
+    let mut done = Vec::new();
     loop {
         // Its lines go out before it may wait on Redis (a job's log does not wait for the
         // next job), or exit.
@@ -250,7 +254,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         // write system call per job), written before their outcomes leave; its other lines go
         // out as they are logged, so a job that hangs shows what it was doing.
         crate::logging::hold_outcomes();
-        let mut done = Vec::with_capacity(entries.len());
+        done.reserve(entries.len());
         let mut queue: VecDeque<Taken> = entries.into();
         while let Some((at, job, attempt)) = queue.pop_front() {
             if !c.lease_known_valid() {
@@ -464,6 +468,8 @@ struct Consumer<'a> {
     fenced: bool,
     /// Finished jobs not yet written to Redis (it was away): written first once it is back.
     unsent: Vec<Completion>,
+    /// The buffers of its flushes, kept from one to the next (see [`StoreRoom`]).
+    store_room: StoreRoom,
     /// When to move due jobs from the delayed set into the stream next.
     next_move: Instant,
     /// Warnings of a refused move: one per 10 s.
@@ -798,7 +804,7 @@ impl Consumer<'_> {
             return Ok(());
         }
         let d = self.d;
-        let unsent = std::mem::take(&mut self.unsent);
+        let mut unsent = std::mem::take(&mut self.unsent);
         for c in &unsent {
             let stream = &c.id().stream;
             if !self.untrimmed.contains(stream) {
@@ -808,19 +814,18 @@ impl Consumer<'_> {
         let due = Instant::now() >= self.next_trim;
         let untrimmed = std::mem::take(&mut self.untrimmed);
         let trim: Vec<&str> = if due { untrimmed.iter().map(|s| &**s).collect() } else { Vec::new() };
-        let stored = self.hot().and_then(|hot| store(hot, d, &unsent, &trim));
+        let mut room = std::mem::take(&mut self.store_room);
+        let stored = self.hot().and_then(|hot| store(hot, d, &unsent, &trim, &mut room));
         drop(trim);
         self.untrimmed = untrimmed;
-        match stored {
-            Ok(trimmed) => {
-                self.trimmed(trimmed);
-                Ok(())
-            }
-            Err(e) => {
-                self.unsent = unsent;
-                Err(e)
-            }
+        room.shed();
+        self.store_room = room;
+        if stored.is_ok() {
+            // Written: its room kept for the next.
+            unsent.clear();
         }
+        self.unsent = unsent;
+        stored.map(|trimmed| self.trimmed(trimmed))
     }
 
     /// Trims on its own the streams whose entries it acknowledged and left untrimmed, once
@@ -876,15 +881,19 @@ pub(super) fn store(
     d: &Durable,
     completions: &[Completion],
     trim: &[&str],
+    bufs: &mut StoreRoom,
 ) -> redis::RedisResult<Trimmed> {
     // The transaction packed as it goes (see `super::resp`): MULTI, the commands, EXEC. Room
     // for all of it at once: grown from empty, it was copied at every doubling (with the
     // batches, some 1.5k instructions a job).
     let room: usize = completions.iter().map(Completion::room).sum();
-    let mut pipe = Packed::with_capacity(STORE_ROOM + 2 * room);
+    let pipe = &mut bufs.pipe;
+    pipe.clear();
+    pipe.reserve(STORE_ROOM + 2 * room);
     pipe.command(1).arg(b"MULTI");
     // One reply entry per origin node, carrying all its outcomes.
     let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
+    let spare = &mut bufs.batches;
     for c in completions {
         match c {
             Completion::Done { job, reply, .. } => {
@@ -899,7 +908,7 @@ pub(super) fn store(
                     let line = dedup::kept_line(reply.task_id, reply.ok, &line);
                     pipe.cmd(&dedup::end_cmd(&d.keys, &key.hex, key.ttl_ms, origin, reply.task_id, &line));
                 }
-                reply.encode(batch_for(&mut batches, origin, room))
+                reply.encode(batch_for(&mut batches, spare, origin, room))
             }
             Completion::Dead { id, job, why, attempts } => {
                 let mut cmd = redis::cmd("EVAL");
@@ -928,7 +937,7 @@ pub(super) fn store(
                     result: why.clone().into_bytes(),
                     ..ReplyEntry::default()
                 };
-                failed.encode(batch_for(&mut batches, &job.origin, room));
+                failed.encode(batch_for(&mut batches, spare, &job.origin, room));
             }
             Completion::Drop { .. } => {}
             Completion::Later { id, job, wait, notice } => {
@@ -950,13 +959,15 @@ pub(super) fn store(
                 super::add_priority(&mut cmd, d.priority_of(&id.stream));
                 pipe.cmd(&cmd);
                 if let Some(notice) = notice {
-                    notice.encode(batch_for(&mut batches, &job.origin, room));
+                    notice.encode(batch_for(&mut batches, spare, &job.origin, room));
                 }
             }
         }
     }
-    for (origin, outcomes) in &batches {
-        add_outcomes(&mut pipe, &d.keys, origin, outcomes);
+    for (origin, mut outcomes) in batches {
+        add_outcomes(pipe, &d.keys, origin, &outcomes);
+        outcomes.clear();
+        spare.push(outcomes);
     }
     // A parked job's entry is acknowledged and deleted by its script; the others are
     // acknowledged stream by stream, and their entries left to the trim (see `super::trim`).
@@ -986,7 +997,7 @@ pub(super) fn store(
     }
     // Last, after this flush's XACKs: its own entries go with the trim.
     let trim_at = (!trim.is_empty()).then(|| {
-        super::trim::pack(&mut pipe, trim, super::trim::SLACK);
+        super::trim::pack(pipe, trim, super::trim::SLACK);
         pipe.len() - 2
     });
     // The transaction as `Pipeline::query` sends it (an error when a command was refused when
@@ -1019,6 +1030,34 @@ pub(super) fn store(
         }
     }
     Ok(trimmed)
+}
+
+/// The buffers [`store`] writes a flush into, kept from one flush to the next: made anew at
+/// each, they were allocations of a few kB a flush, and each such allocation has glibc's malloc
+/// gather its freed small chunks first (`malloc_consolidate`, some 200 instructions per job).
+#[derive(Default)]
+pub(super) struct StoreRoom {
+    /// The transaction.
+    pipe: Packed,
+    /// Batches of outcomes, empty, for the next flush's origins.
+    batches: Vec<Vec<u8>>,
+}
+
+impl StoreRoom {
+    /// Most bytes of each buffer kept: a flush of huge outcomes does not hold its memory for
+    /// the process's life.
+    const KEEP_MAX: usize = 256 * 1024;
+    /// Most batches kept (one per origin node of a flush).
+    const BATCHES_MAX: usize = 8;
+
+    /// Lets go of what is past the bounds above.
+    fn shed(&mut self) {
+        if self.pipe.capacity() > Self::KEEP_MAX {
+            self.pipe = Packed::new();
+        }
+        self.batches.retain(|b| b.capacity() <= Self::KEEP_MAX);
+        self.batches.truncate(Self::BATCHES_MAX);
+    }
 }
 
 /// What became of the trim of a flush (see [`store`]).
@@ -1232,16 +1271,20 @@ fn read_group_cmd(
     Some(cmd)
 }
 
-/// The outcomes going to `origin` in this flush, with room for `room` bytes when new.
+/// The outcomes going to `origin` in this flush, with room for `room` bytes when new (in a
+/// buffer of `spare`, if it has one).
 fn batch_for<'a, 'b>(
     batches: &'b mut Vec<(&'a str, Vec<u8>)>,
+    spare: &mut Vec<Vec<u8>>,
     origin: &'a str,
     room: usize,
 ) -> &'b mut Vec<u8> {
     let i = match batches.iter().position(|(o, _)| *o == origin) {
         Some(i) => i,
         None => {
-            batches.push((origin, Vec::with_capacity(room)));
+            let mut batch = spare.pop().unwrap_or_default();
+            batch.reserve(room);
+            batches.push((origin, batch));
             batches.len() - 1
         }
     };

@@ -37,7 +37,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::getpid;
 use redis::Connection;
 
-use super::consumer::{name_as_consumer, store, At, Completion};
+use super::consumer::{name_as_consumer, store, At, Completion, StoreRoom};
 use super::entry::JobEntry;
 use super::keys::GROUP;
 use super::redis_io;
@@ -270,8 +270,9 @@ impl Beat {
                 let dead =
                     Completion::Dead { id: r.id.clone(), job: (*r.job).clone(), why, attempts: r.attempt };
                 let d = self.d.clone();
-                if let Err(e) = self.conn().and_then(|conn| store(conn, &d, std::slice::from_ref(&dead), &[]))
-                {
+                if let Err(e) = self.conn().and_then(|conn| {
+                    store(conn, &d, std::slice::from_ref(&dead), &[], &mut StoreRoom::default())
+                }) {
                     tracing::warn!(
                         "cannot record task {} as failed ({}); its next run will give up instead",
                         r.job.task_id,
