@@ -263,7 +263,10 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 c.recovering = true;
                 break;
             }
-            if pulse.stale() {
+            // One read of the clock for the staleness, the job's time and its timer (each read is
+            // some 100 instructions, a no-op job's own work about ten of them).
+            let started = Instant::now();
+            if pulse.stale_at(started) {
                 // Stopped, or cut off from Redis, for two beats: run only what is still its own.
                 queue.push_front((at, job, attempt));
                 match c.keep_own(&mut queue) {
@@ -279,8 +282,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                     }
                 }
             }
-            let started = Instant::now();
-            done.push(run_one(app, info, d, &pulse, (at, job), attempt, &mut rng));
+            done.push(run_one(app, info, d, &pulse, (at, job, attempt), started, &mut rng));
             let took = started.elapsed();
             if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
@@ -338,8 +340,8 @@ fn run_one<A: Application>(
     info: ProcessInfo,
     d: &Durable,
     pulse: &Pulse,
-    (at, job): (At, Result<Arc<JobEntry>, Rejected>),
-    attempt: u32,
+    (at, job, attempt): Taken,
+    started: Instant,
     rng: &mut crate::retry::Rng,
 ) -> Completion {
     // `attempt` is the entry's delivery count: the runs since it was added, whose deaths
@@ -380,7 +382,7 @@ fn run_one<A: Application>(
     let mut result = None;
     // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
     // that thread records it as failed (a dead letter needs the whole job).
-    pulse.running(at, &job, attempt);
+    pulse.running(at, &job, attempt, started);
     guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, &task)));
     // Given back: only this thread sets `running`, just above.
     let at = pulse.ran().expect("the id lent to the beat thread by `running`");

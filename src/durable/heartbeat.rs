@@ -141,9 +141,10 @@ impl Pulse {
     }
 
     /// Whether its beats have failed (Redis unreachable) or stopped (the process was stopped)
-    /// for so long that another consumer may have claimed what it holds.
-    pub fn stale(&self) -> bool {
-        lock(&self.shared.0).fresh.elapsed() >= self.stale_after
+    /// for so long that another consumer may have claimed what it holds, as of `now` (a time
+    /// just read).
+    pub fn stale_at(&self, now: Instant) -> bool {
+        now.saturating_duration_since(lock(&self.shared.0).fresh) >= self.stale_after
     }
 
     /// The consumer has beaten itself: what it holds is fresh.
@@ -151,11 +152,11 @@ impl Pulse {
         lock(&self.shared.0).fresh = Instant::now();
     }
 
-    /// The job of stream entry `id` starts running (its `attempt`-th run). `id` is lent to
-    /// the beat thread, not copied (two allocations a job): [`Pulse::ran`] gives it back.
-    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32) {
-        lock(&self.shared.0).running =
-            Some(Running { id, job: Arc::clone(job), attempt, since: Instant::now() });
+    /// The job of stream entry `id` starts running (its `attempt`-th run), timed from `since`
+    /// (a time just read). `id` is lent to the beat thread, not copied (two allocations a
+    /// job): [`Pulse::ran`] gives it back.
+    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32, since: Instant) {
+        lock(&self.shared.0).running = Some(Running { id, job: Arc::clone(job), attempt, since });
     }
 
     /// The running job has returned: the `id` it was given. Past its time limit, the beat thread
