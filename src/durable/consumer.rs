@@ -1047,8 +1047,8 @@ pub(super) struct StoreRoom {
 
 impl StoreRoom {
     /// Most bytes of each buffer kept: a flush of huge outcomes does not hold its memory for
-    /// the process's life.
-    const KEEP_MAX: usize = 256 * 1024;
+    /// the process's life (a window of quick jobs' outcomes is a few kB).
+    const KEEP_MAX: usize = 64 * 1024;
     /// Most batches kept (one per origin node of a flush).
     const BATCHES_MAX: usize = 8;
 

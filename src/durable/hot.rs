@@ -531,7 +531,7 @@ pub fn jobs_of(entries: Streams, names: &[Arc<str>]) -> Jobs {
 }
 
 /// The stream's name of `names` that `key` is, or a new one.
-pub fn name_of(names: &[Arc<str>], key: &str) -> Arc<str> {
+fn name_of(names: &[Arc<str>], key: &str) -> Arc<str> {
     names.iter().find(|n| ***n == *key).cloned().unwrap_or_else(|| Arc::from(key))
 }
 
