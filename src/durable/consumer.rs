@@ -36,7 +36,7 @@ use redis::{Connection, ConnectionLike, Value};
 use super::dedup;
 use super::entry::{add_outcomes, JobEntry, Rejected, ReplyEntry};
 use super::heartbeat::Pulse;
-use super::hot::HotConn;
+use super::hot::{jobs_of, HotConn, Jobs};
 use super::keys::{consumer_name, GROUP};
 use super::redis_io::{self, as_array, as_text, is_connection_error, StreamEntry};
 use super::resp::Packed;
@@ -119,9 +119,13 @@ pub struct ConsumerSetup<'a> {
 /// Where a job's entry is: its stream (the main one, or a type's lane) and its id there.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct At {
-    pub stream: String,
+    /// Shared with the consumer's list of its streams (a name per job was an allocation).
+    pub stream: Arc<str>,
     pub id: String,
 }
+
+/// A job taken: where it is, the job (or why it is not one to run), its attempt.
+type Taken = (At, Result<Arc<JobEntry>, Rejected>, u32);
 
 /// A finished job, to be written to Redis.
 pub(super) enum Completion {
@@ -202,6 +206,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         job_seconds: None,
         fenced: false,
         unsent: Vec::new(),
+        store_room: StoreRoom::default(),
         next_move: Instant::now(),
         move_refused: Default::default(),
         backoff: Duration::from_millis(100),
@@ -211,10 +216,14 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         next_trim: Instant::now(),
         trim_refused: Default::default(),
         by_priority: Priority::ALL.map(|p| d.streams_of(p)),
+        names: d.streams().into_iter().map(Arc::from).collect(),
         streams: d.streams(),
     };
     let mut served: u64 = 0;
     let mut rng = crate::retry::Rng::new();
+    // The jobs run and not yet handed to `c.unsent`; its room kept from one take to the next
+    // (a take's worth of outcomes is a few kB, a new allocation at every take).
+    let mut done = Vec::new();
     loop {
         // Its lines go out before it may wait on Redis (a job's log does not wait for the
         // next job), or exit.
@@ -245,18 +254,21 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
         // write system call per job), written before their outcomes leave; its other lines go
         // out as they are logged, so a job that hangs shows what it was doing.
         crate::logging::hold_outcomes();
-        let mut done = Vec::with_capacity(entries.len());
-        let mut queue: VecDeque<(At, StreamEntry, u32)> = entries.into();
-        while let Some((at, entry, attempt)) = queue.pop_front() {
+        done.reserve(entries.len());
+        let mut queue: VecDeque<Taken> = entries.into();
+        while let Some((at, job, attempt)) = queue.pop_front() {
             if !c.lease_known_valid() {
                 // The node woke from a hang past its lease: a node of its name may be running
                 // these now. They stay pending under its name, read back if the name is kept.
                 c.recovering = true;
                 break;
             }
-            if pulse.stale() {
+            // One read of the clock for the staleness, the job's time and its timer (each read is
+            // some 100 instructions, a no-op job's own work about ten of them).
+            let started = Instant::now();
+            if pulse.stale_at(started) {
                 // Stopped, or cut off from Redis, for two beats: run only what is still its own.
-                queue.push_front((at, entry, attempt));
+                queue.push_front((at, job, attempt));
                 match c.keep_own(&mut queue) {
                     Ok(()) => {
                         pulse.holding(queue.len() + done.len() + c.unsent.len());
@@ -270,8 +282,7 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                     }
                 }
             }
-            let started = Instant::now();
-            done.push(run_one(app, info, d, &pulse, (at, entry), attempt, &mut rng));
+            done.push(run_one(app, info, d, &pulse, (at, job, attempt), started, &mut rng));
             let took = started.elapsed();
             if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
@@ -329,13 +340,13 @@ fn run_one<A: Application>(
     info: ProcessInfo,
     d: &Durable,
     pulse: &Pulse,
-    (at, entry): (At, StreamEntry),
-    attempt: u32,
+    (at, job, attempt): Taken,
+    started: Instant,
     rng: &mut crate::retry::Rng,
 ) -> Completion {
     // `attempt` is the entry's delivery count: the runs since it was added, whose deaths
     // count against task_retry_max; the task sees the job's run (`job.attempts` + it).
-    let job = match JobEntry::checked(&entry) {
+    let job = match job {
         Ok(job) => job,
         Err(Rejected::NotAJob(why)) => {
             tracing::warn!("job stream entry {} is not a job ({why}); dropped", at.id);
@@ -356,12 +367,9 @@ fn run_one<A: Application>(
             d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
         tracing::warn!("job {}: {why}; moved to the dead letters", job.task_id);
-        return Completion::Dead { id: at, job, why, attempts: attempt - 1 };
+        return Completion::Dead { id: at, job: Arc::unwrap_or_clone(job), why, attempts: attempt - 1 };
     }
-    // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
-    // that thread records it as failed (a dead letter needs the whole job).
     let run = job.attempts.saturating_add(attempt);
-    let job = Arc::new(job);
     let task = Task {
         id: job.task_id,
         session: (job.session != 0).then_some(job.session),
@@ -372,7 +380,9 @@ fn run_one<A: Application>(
     let mut sends = Vec::new();
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
     let mut result = None;
-    pulse.running(at, &job, attempt);
+    // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
+    // that thread records it as failed (a dead letter needs the whole job).
+    pulse.running(at, &job, attempt, started);
     guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, &task)));
     // Given back: only this thread sets `running`, just above.
     let at = pulse.ran().expect("the id lent to the beat thread by `running`");
@@ -460,6 +470,8 @@ struct Consumer<'a> {
     fenced: bool,
     /// Finished jobs not yet written to Redis (it was away): written first once it is back.
     unsent: Vec<Completion>,
+    /// The buffers of its flushes, kept from one to the next (see [`StoreRoom`]).
+    store_room: StoreRoom,
     /// When to move due jobs from the delayed set into the stream next.
     next_move: Instant,
     /// Warnings of a refused move: one per 10 s.
@@ -468,7 +480,7 @@ struct Consumer<'a> {
     /// The priorities' credits in the weighted fair order of its takes.
     fair: super::fair::Fair,
     /// The streams in which it acknowledged entries since its last trim (see [`super::trim`]).
-    untrimmed: Vec<String>,
+    untrimmed: Vec<Arc<str>>,
     /// When its next trim is due.
     next_trim: Instant,
     /// Warnings of a refused trim: one per 10 s.
@@ -479,6 +491,8 @@ struct Consumer<'a> {
     /// once: they do not change, and making them at each take cost some 1k instructions a job).
     by_priority: [Vec<String>; 3],
     streams: Vec<String>,
+    /// The same names, shared by the jobs read from them (see [`At::stream`]).
+    names: Vec<Arc<str>>,
 }
 
 impl Consumer<'_> {
@@ -570,7 +584,7 @@ impl Consumer<'_> {
     }
 
     /// The next jobs to run, each with where it is and its attempt number.
-    fn take(&mut self) -> redis::RedisResult<Vec<(At, StreamEntry, u32)>> {
+    fn take(&mut self) -> redis::RedisResult<Vec<Taken>> {
         self.flush()?;
         if !self.lease_known_valid() {
             // Not even its own pending jobs: they may be another run's now, under its names.
@@ -632,7 +646,7 @@ impl Consumer<'_> {
             // Its own pending entries, from the start: no BLOCK, they are there or not. What is
             // left after this window stays pending under its name (and kept alive) for the next.
             let streams = wrong.keep(self.streams.clone());
-            let got = read_group(conn, &streams, &me, count, None, "0")?;
+            let got = jobs_of(read_group(conn, &streams, &me, count, None, "0")?, &self.names);
             fresh = false;
             if got.is_empty() {
                 self.recovering = false;
@@ -644,6 +658,7 @@ impl Consumer<'_> {
             fresh = false;
             let streams = self.wrong.keep(self.streams.clone());
             let (got, more) = self.claim(count, &streams)?;
+            let got = jobs_of(got, &self.names);
             // A full window and more to look at: sweep again as soon as these are run.
             let wait = if more { Duration::ZERO } else { jitter(d.claim_after / 2) };
             self.next_sweep = Instant::now() + wait;
@@ -652,13 +667,13 @@ impl Consumer<'_> {
             fresh = true;
             let hot = self.hot.as_mut().expect("connected above");
             // In weighted fair order of the priorities; blocking only when all are empty.
-            let got = fair.take(hot, &self.by_priority, &me, count, |s| wrong.reads(s))?;
+            let got = fair.take(hot, &self.by_priority, &self.names, &me, count, |s| wrong.reads(s))?;
             if got.is_empty() {
                 // Idle: what it acknowledged goes from the streams before it waits.
                 self.trim_idle()?;
                 let streams = self.wrong.keep(self.streams.clone());
                 let hot = self.hot.as_mut().expect("connected above");
-                let woke = read_new(hot, &streams, &me, 1, Some(BLOCK_MS))?;
+                let woke = read_new(hot, &streams, &self.names, &me, 1, Some(BLOCK_MS))?;
                 fair.woke(d, &woke);
                 woke
             } else {
@@ -672,31 +687,28 @@ impl Consumer<'_> {
         // Reading one's history and claiming count as deliveries: Redis keeps the number.
         let mut counts: HashMap<At, u32> = HashMap::new();
         if !fresh {
-            let mut streams: Vec<&String> = entries.iter().map(|(s, _)| s).collect();
+            let mut streams: Vec<Arc<str>> = entries.iter().map(|(at, _)| Arc::clone(&at.stream)).collect();
             streams.sort();
             streams.dedup();
-            let streams: Vec<String> = streams.into_iter().cloned().collect();
             let conn = self.conn()?;
             for stream in streams {
                 for (id, n) in delivery_counts(conn, &stream, &me, 10_000)? {
-                    counts.insert(At { stream: stream.clone(), id }, n);
+                    counts.insert(At { stream: Arc::clone(&stream), id }, n);
                 }
             }
         }
         Ok(entries
             .into_iter()
-            .map(|(stream, mut e)| {
-                // Moved, not copied: from here on the entry's id is `at.id`.
-                let at = At { stream, id: std::mem::take(&mut e.id) };
+            .map(|(at, job)| {
                 let attempt = counts.get(&at).copied().unwrap_or(1);
-                (at, e, attempt)
+                (at, job, attempt)
             })
             .collect())
     }
 
     /// Keeps in `queue` only the jobs still pending under its name (another consumer may have
     /// claimed them while it could not keep them alive), refreshing them.
-    fn keep_own(&mut self, queue: &mut VecDeque<(At, StreamEntry, u32)>) -> redis::RedisResult<()> {
+    fn keep_own(&mut self, queue: &mut VecDeque<Taken>) -> redis::RedisResult<()> {
         let (d, me) = (self.d, self.me.clone());
         let own: HashSet<At> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
         let before = queue.len();
@@ -794,29 +806,28 @@ impl Consumer<'_> {
             return Ok(());
         }
         let d = self.d;
-        let unsent = std::mem::take(&mut self.unsent);
+        let mut unsent = std::mem::take(&mut self.unsent);
         for c in &unsent {
             let stream = &c.id().stream;
             if !self.untrimmed.contains(stream) {
-                self.untrimmed.push(stream.clone());
+                self.untrimmed.push(Arc::clone(stream));
             }
         }
         let due = Instant::now() >= self.next_trim;
         let untrimmed = std::mem::take(&mut self.untrimmed);
-        let trim: Vec<&str> = if due { untrimmed.iter().map(String::as_str).collect() } else { Vec::new() };
-        let stored = self.hot().and_then(|hot| store(hot, d, &unsent, &trim));
+        let trim: Vec<&str> = if due { untrimmed.iter().map(|s| &**s).collect() } else { Vec::new() };
+        let mut room = std::mem::take(&mut self.store_room);
+        let stored = self.hot().and_then(|hot| store(hot, d, &unsent, &trim, &mut room));
         drop(trim);
         self.untrimmed = untrimmed;
-        match stored {
-            Ok(trimmed) => {
-                self.trimmed(trimmed);
-                Ok(())
-            }
-            Err(e) => {
-                self.unsent = unsent;
-                Err(e)
-            }
+        room.shed();
+        self.store_room = room;
+        if stored.is_ok() {
+            // Written: its room kept for the next.
+            unsent.clear();
         }
+        self.unsent = unsent;
+        stored.map(|trimmed| self.trimmed(trimmed))
     }
 
     /// Trims on its own the streams whose entries it acknowledged and left untrimmed, once
@@ -826,7 +837,7 @@ impl Consumer<'_> {
             return Ok(());
         }
         let mut packed = Packed::new();
-        let streams: Vec<&str> = self.untrimmed.iter().map(String::as_str).collect();
+        let streams: Vec<&str> = self.untrimmed.iter().map(|s| &**s).collect();
         super::trim::pack(&mut packed, &streams, super::trim::SLACK);
         let answer = self.hot()?.req_packed_commands(packed.bytes(), 0, 1)?.pop();
         let trimmed = match answer.as_ref().and_then(super::trim::answer) {
@@ -872,15 +883,19 @@ pub(super) fn store(
     d: &Durable,
     completions: &[Completion],
     trim: &[&str],
+    bufs: &mut StoreRoom,
 ) -> redis::RedisResult<Trimmed> {
     // The transaction packed as it goes (see `super::resp`): MULTI, the commands, EXEC. Room
     // for all of it at once: grown from empty, it was copied at every doubling (with the
     // batches, some 1.5k instructions a job).
     let room: usize = completions.iter().map(Completion::room).sum();
-    let mut pipe = Packed::with_capacity(STORE_ROOM + 2 * room);
+    let pipe = &mut bufs.pipe;
+    pipe.clear();
+    pipe.reserve(STORE_ROOM + 2 * room);
     pipe.command(1).arg(b"MULTI");
     // One reply entry per origin node, carrying all its outcomes.
     let mut batches: Vec<(&str, Vec<u8>)> = Vec::new();
+    let spare = &mut bufs.batches;
     for c in completions {
         match c {
             Completion::Done { job, reply, .. } => {
@@ -895,11 +910,11 @@ pub(super) fn store(
                     let line = dedup::kept_line(reply.task_id, reply.ok, &line);
                     pipe.cmd(&dedup::end_cmd(&d.keys, &key.hex, key.ttl_ms, origin, reply.task_id, &line));
                 }
-                reply.encode(batch_for(&mut batches, origin, room))
+                reply.encode(batch_for(&mut batches, spare, origin, room))
             }
             Completion::Dead { id, job, why, attempts } => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&id.stream).arg(GROUP).arg(&id.id);
+                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&*id.stream).arg(GROUP).arg(&id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
                 // A replay puts it back into its lane, of its priority.
@@ -924,7 +939,7 @@ pub(super) fn store(
                     result: why.clone().into_bytes(),
                     ..ReplyEntry::default()
                 };
-                failed.encode(batch_for(&mut batches, &job.origin, room));
+                failed.encode(batch_for(&mut batches, spare, &job.origin, room));
             }
             Completion::Drop { .. } => {}
             Completion::Later { id, job, wait, notice } => {
@@ -933,7 +948,7 @@ pub(super) fn store(
                     .arg(3)
                     .arg(&d.keys.delayed)
                     .arg(d.keys.delayed_job(job.task_id))
-                    .arg(&id.stream)
+                    .arg(&*id.stream)
                     .arg(GROUP)
                     .arg(&id.id)
                     .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
@@ -946,19 +961,21 @@ pub(super) fn store(
                 super::add_priority(&mut cmd, d.priority_of(&id.stream));
                 pipe.cmd(&cmd);
                 if let Some(notice) = notice {
-                    notice.encode(batch_for(&mut batches, &job.origin, room));
+                    notice.encode(batch_for(&mut batches, spare, &job.origin, room));
                 }
             }
         }
     }
-    for (origin, outcomes) in &batches {
-        add_outcomes(&mut pipe, &d.keys, origin, outcomes);
+    for (origin, mut outcomes) in batches {
+        add_outcomes(pipe, &d.keys, origin, &outcomes);
+        outcomes.clear();
+        spare.push(outcomes);
     }
     // A parked job's entry is acknowledged and deleted by its script; the others are
     // acknowledged stream by stream, and their entries left to the trim (see `super::trim`).
     let mut by_stream: Vec<(&str, Vec<&str>)> = Vec::new();
     for at in completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id) {
-        match by_stream.iter_mut().find(|(s, _)| *s == at.stream) {
+        match by_stream.iter_mut().find(|(s, _)| *s == &*at.stream) {
             Some((_, ids)) => ids.push(&at.id),
             None => {
                 let mut ids = Vec::with_capacity(completions.len());
@@ -982,7 +999,7 @@ pub(super) fn store(
     }
     // Last, after this flush's XACKs: its own entries go with the trim.
     let trim_at = (!trim.is_empty()).then(|| {
-        super::trim::pack(&mut pipe, trim, super::trim::SLACK);
+        super::trim::pack(pipe, trim, super::trim::SLACK);
         pipe.len() - 2
     });
     // The transaction as `Pipeline::query` sends it (an error when a command was refused when
@@ -1015,6 +1032,34 @@ pub(super) fn store(
         }
     }
     Ok(trimmed)
+}
+
+/// The buffers [`store`] writes a flush into, kept from one flush to the next: made anew at
+/// each, they were allocations of a few kB a flush, and each such allocation has glibc's malloc
+/// gather its freed small chunks first (`malloc_consolidate`, some 200 instructions per job).
+#[derive(Default)]
+pub(super) struct StoreRoom {
+    /// The transaction.
+    pipe: Packed,
+    /// Batches of outcomes, empty, for the next flush's origins.
+    batches: Vec<Vec<u8>>,
+}
+
+impl StoreRoom {
+    /// Most bytes of each buffer kept: a flush of huge outcomes does not hold its memory for
+    /// the process's life (a window of quick jobs' outcomes is a few kB).
+    const KEEP_MAX: usize = 64 * 1024;
+    /// Most batches kept (one per origin node of a flush).
+    const BATCHES_MAX: usize = 8;
+
+    /// Lets go of what is past the bounds above.
+    fn shed(&mut self) {
+        if self.pipe.capacity() > Self::KEEP_MAX {
+            self.pipe = Packed::new();
+        }
+        self.batches.retain(|b| b.capacity() <= Self::KEEP_MAX);
+        self.batches.truncate(Self::BATCHES_MAX);
+    }
 }
 
 /// What became of the trim of a flush (see [`store`]).
@@ -1188,16 +1233,17 @@ fn read_group(
 fn read_new(
     hot: &mut HotConn,
     streams: &[String],
+    names: &[Arc<str>],
     me: &str,
     count: usize,
     block_ms: Option<u64>,
-) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+) -> redis::RedisResult<Jobs> {
     if read_group_cmd(streams, me, count, block_ms, ">").is_none() {
         return Ok(Vec::new());
     }
     let mut read = Packed::new();
     super::fair::pack_read(&mut read, me, count, block_ms, streams, b">");
-    Ok(hot.read_streams(&read)?.pop().unwrap_or_default())
+    Ok(hot.read_jobs(&read, names)?.pop().unwrap_or_default())
 }
 
 /// The XREADGROUP of [`read_group`]; None when there is no stream to read (every one of them is
@@ -1227,16 +1273,20 @@ fn read_group_cmd(
     Some(cmd)
 }
 
-/// The outcomes going to `origin` in this flush, with room for `room` bytes when new.
+/// The outcomes going to `origin` in this flush, with room for `room` bytes when new (in a
+/// buffer of `spare`, if it has one).
 fn batch_for<'a, 'b>(
     batches: &'b mut Vec<(&'a str, Vec<u8>)>,
+    spare: &mut Vec<Vec<u8>>,
     origin: &'a str,
     room: usize,
 ) -> &'b mut Vec<u8> {
     let i = match batches.iter().position(|(o, _)| *o == origin) {
         Some(i) => i,
         None => {
-            batches.push((origin, Vec::with_capacity(room)));
+            let mut batch = spare.pop().unwrap_or_default();
+            batch.reserve(room);
+            batches.push((origin, batch));
             batches.len() - 1
         }
     };

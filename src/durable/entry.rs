@@ -116,10 +116,16 @@ impl JobEntry {
     /// None for an entry that is not a job (deleted, or written by something else). Its
     /// fields are read in one pass (the first of a name counts, as `StreamEntry::get` finds).
     pub fn parse(e: &StreamEntry) -> Option<JobEntry> {
-        let number = |v: Option<&[u8]>| decimal(v?);
-        let small = |v: Option<&[u8]>| number(v).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
+        JobEntry::parse_fields(e.fields()).1
+    }
+
+    /// As [`JobEntry::parse`], of an entry's fields (names and values, in order) wherever they
+    /// are; and whether it has any field.
+    fn parse_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> (bool, Option<JobEntry>) {
+        let mut any = false;
         let mut f: [Option<&[u8]>; 11] = [None; 11];
-        for (name, value) in e.fields() {
+        for (name, value) in fields {
+            any = true;
             let at = match name {
                 b"t" => 0,
                 b"s" => 1,
@@ -136,6 +142,13 @@ impl JobEntry {
             };
             f[at].get_or_insert(value);
         }
+        (any, JobEntry::of_fields(&f))
+    }
+
+    /// The job of the fields `parse_fields` found, by their place there.
+    fn of_fields(f: &[Option<&[u8]>; 11]) -> Option<JobEntry> {
+        let number = |v: Option<&[u8]>| decimal(v?);
+        let small = |v: Option<&[u8]>| number(v).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
         Some(JobEntry {
             task_id: number(f[0])?,
             session: number(f[1]).unwrap_or(0),
@@ -186,10 +199,21 @@ pub enum Rejected {
 impl JobEntry {
     /// The job of a job stream entry, checked: what a consumer runs.
     pub fn checked(e: &StreamEntry) -> Result<JobEntry, Rejected> {
-        if !e.has_fields() {
+        JobEntry::checked_fields(e.fields())
+    }
+
+    /// As [`JobEntry::checked`], of an entry's fields (names and values, in order) wherever
+    /// they are: a consumer reads new jobs straight from the bytes of the reply (see
+    /// `hot::parse_jobs`), with no [`StreamEntry`] between (its two buffers were two
+    /// allocations and a copy of every field per job).
+    pub fn checked_fields<'a>(
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    ) -> Result<JobEntry, Rejected> {
+        let (any, job) = JobEntry::parse_fields(fields);
+        if !any {
             return Err(Rejected::NotAJob("deleted while it was pending".into()));
         }
-        let Some(job) = JobEntry::parse(e) else {
+        let Some(job) = job else {
             return Err(Rejected::NotAJob("its fields are not those of a job (o, t, d)".into()));
         };
         let why = if !valid_node(&job.origin) {

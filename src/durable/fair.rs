@@ -15,10 +15,10 @@
 
 use std::cmp::Reverse;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
-use super::hot::HotConn;
+use super::hot::{HotConn, Jobs};
 use super::keys::GROUP;
-use super::redis_io::StreamEntry;
 use super::resp::Packed;
 use super::Durable;
 use crate::app::Priority;
@@ -85,10 +85,11 @@ impl Fair {
         &mut self,
         conn: &mut HotConn,
         streams: &[Vec<String>; 3],
+        names: &[Arc<str>],
         me: &str,
         want: usize,
         reads: impl Fn(&str) -> bool,
-    ) -> redis::RedisResult<Vec<(String, StreamEntry)>> {
+    ) -> redis::RedisResult<Jobs> {
         let (counts, order) = self.plan(want.max(1));
         // Only the priorities with picks or a look: one not picked this time is not read. Nor
         // a stream that is a key of another type (see `wrong_type`): the read would fail whole.
@@ -103,9 +104,9 @@ impl Fair {
             pack_read(&mut reads, me, counts[*p], None, streams, b">");
         }
         // Read straight into entries (see `HotConn::read_streams`).
-        let replies = if read.is_empty() { Vec::new() } else { conn.read_streams(&reads)? };
+        let replies = if read.is_empty() { Vec::new() } else { conn.read_jobs(&reads, names)? };
         let mut got = [0usize; 3];
-        let mut by_priority: [VecDeque<(String, StreamEntry)>; 3] = Default::default();
+        let mut by_priority: [VecDeque<_>; 3] = Default::default();
         for (&(p, _), reply) in read.iter().zip(replies) {
             by_priority[p] = reply.into();
             got[p] = by_priority[p].len();
@@ -119,7 +120,7 @@ impl Fair {
         if let Some((p, streams)) = full.filter(|_| short > 0 && got.iter().sum::<usize>() > 0) {
             let mut more = Packed::with_capacity(READ_ROOM);
             pack_read(&mut more, me, short, None, streams, b">");
-            by_priority[*p].extend(conn.read_streams(&more)?.into_iter().flatten());
+            by_priority[*p].extend(conn.read_jobs(&more, names)?.into_iter().flatten());
         }
         // Run in the order of the picks (a low job is not last of its window), then what a
         // read brought beyond its picks (one per lane).
@@ -134,9 +135,9 @@ impl Fair {
     }
 
     /// A blocking read brought jobs of these streams: their priorities have work.
-    pub fn woke(&mut self, d: &Durable, entries: &[(String, StreamEntry)]) {
-        for (stream, _) in entries {
-            self.dry[d.priority_of(stream).index()] = false;
+    pub fn woke(&mut self, d: &Durable, jobs: &Jobs) {
+        for (at, _) in jobs {
+            self.dry[d.priority_of(&at.stream).index()] = false;
         }
     }
 }

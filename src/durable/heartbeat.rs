@@ -37,7 +37,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::getpid;
 use redis::Connection;
 
-use super::consumer::{name_as_consumer, store, At, Completion};
+use super::consumer::{name_as_consumer, store, At, Completion, StoreRoom};
 use super::entry::JobEntry;
 use super::keys::GROUP;
 use super::redis_io;
@@ -76,9 +76,12 @@ pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResu
     }
     let ids: Vec<Vec<String>> = pipe.query(conn)?;
     Ok(streams
-        .iter()
+        .into_iter()
         .zip(ids)
-        .flat_map(|(stream, ids)| ids.into_iter().map(|id| At { stream: stream.clone(), id }))
+        .flat_map(|(stream, ids)| {
+            let stream: Arc<str> = Arc::from(stream);
+            ids.into_iter().map(move |id| At { stream: Arc::clone(&stream), id })
+        })
         .collect())
 }
 
@@ -138,9 +141,10 @@ impl Pulse {
     }
 
     /// Whether its beats have failed (Redis unreachable) or stopped (the process was stopped)
-    /// for so long that another consumer may have claimed what it holds.
-    pub fn stale(&self) -> bool {
-        lock(&self.shared.0).fresh.elapsed() >= self.stale_after
+    /// for so long that another consumer may have claimed what it holds, as of `now` (a time
+    /// just read).
+    pub fn stale_at(&self, now: Instant) -> bool {
+        now.saturating_duration_since(lock(&self.shared.0).fresh) >= self.stale_after
     }
 
     /// The consumer has beaten itself: what it holds is fresh.
@@ -148,11 +152,11 @@ impl Pulse {
         lock(&self.shared.0).fresh = Instant::now();
     }
 
-    /// The job of stream entry `id` starts running (its `attempt`-th run). `id` is lent to
-    /// the beat thread, not copied (two allocations a job): [`Pulse::ran`] gives it back.
-    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32) {
-        lock(&self.shared.0).running =
-            Some(Running { id, job: Arc::clone(job), attempt, since: Instant::now() });
+    /// The job of stream entry `id` starts running (its `attempt`-th run), timed from `since`
+    /// (a time just read). `id` is lent to the beat thread, not copied (two allocations a
+    /// job): [`Pulse::ran`] gives it back.
+    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32, since: Instant) {
+        lock(&self.shared.0).running = Some(Running { id, job: Arc::clone(job), attempt, since });
     }
 
     /// The running job has returned: the `id` it was given. Past its time limit, the beat thread
@@ -267,8 +271,9 @@ impl Beat {
                 let dead =
                     Completion::Dead { id: r.id.clone(), job: (*r.job).clone(), why, attempts: r.attempt };
                 let d = self.d.clone();
-                if let Err(e) = self.conn().and_then(|conn| store(conn, &d, std::slice::from_ref(&dead), &[]))
-                {
+                if let Err(e) = self.conn().and_then(|conn| {
+                    store(conn, &d, std::slice::from_ref(&dead), &[], &mut StoreRoom::default())
+                }) {
                     tracing::warn!(
                         "cannot record task {} as failed ({}); its next run will give up instead",
                         r.job.task_id,

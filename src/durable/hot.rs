@@ -14,10 +14,13 @@
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
+use super::consumer::At;
+use super::entry::{JobEntry, Rejected};
 use super::redis_io::{self, StreamEntry};
 use super::resp::Packed;
 
@@ -25,6 +28,8 @@ use super::resp::Packed;
 const MAX_DEPTH: usize = 100;
 /// Entries of one stream reply made room for at once (a consumer takes 64 at most).
 const TAKE_ROOM: usize = 128;
+/// Spans of one entry's fields made room for at once (a job has up to 22).
+const SPANS_ROOM: usize = 32;
 /// The read buffer's first size; it grows to hold the largest reply read.
 const BUF_START: usize = 64 * 1024;
 
@@ -80,11 +85,24 @@ impl HotConn {
     /// does, once every reply is read.
     pub fn read_streams(&mut self, cmds: &Packed) -> RedisResult<Vec<Streams>> {
         match self {
-            HotConn::Own(own) => own.read_streams(cmds.bytes(), cmds.len()),
+            HotConn::Own(own) => own.read_replies(cmds.bytes(), cmds.len(), parse_streams),
             HotConn::Crate(conn) => conn
                 .req_packed_commands(cmds.bytes(), 0, cmds.len())?
                 .into_iter()
                 .map(|v| v.extract_error().map(redis_io::read_streams))
+                .collect(),
+        }
+    }
+
+    /// As [`HotConn::read_streams`], each entry made straight into its job (see
+    /// [`parse_jobs`]; `names`: the streams read, whose keys the jobs share).
+    pub fn read_jobs(&mut self, cmds: &Packed, names: &[Arc<str>]) -> RedisResult<Vec<Jobs>> {
+        match self {
+            HotConn::Own(own) => own.read_replies(cmds.bytes(), cmds.len(), |buf| parse_jobs(buf, names)),
+            HotConn::Crate(conn) => conn
+                .req_packed_commands(cmds.bytes(), 0, cmds.len())?
+                .into_iter()
+                .map(|v| v.extract_error().map(|v| jobs_of(redis_io::read_streams(v), names)))
                 .collect(),
         }
     }
@@ -198,13 +216,20 @@ impl Own {
         self.recv_with(parse)
     }
 
-    /// `count` replies of XREAD / XREADGROUP commands sent as `cmds`, read by [`parse_streams`].
-    fn read_streams(&mut self, cmds: &[u8], count: usize) -> RedisResult<Vec<Streams>> {
+    /// `count` replies of XREAD / XREADGROUP commands sent as `cmds`, read by `parse` (as
+    /// [`parse_streams`] reads them).
+    #[allow(clippy::type_complexity)]
+    fn read_replies<T>(
+        &mut self,
+        cmds: &[u8],
+        count: usize,
+        parse: impl Fn(&[u8]) -> Result<Option<(Result<T, Value>, usize)>, &'static str>,
+    ) -> RedisResult<Vec<T>> {
         self.send(cmds)?;
         let mut refused = None;
         let mut replies = Vec::with_capacity(count);
         for _ in 0..count {
-            match self.recv_with(parse_streams)? {
+            match self.recv_with(&parse)? {
                 Ok(streams) => replies.push(streams),
                 Err(e) => {
                     refused.get_or_insert(e);
@@ -471,9 +496,51 @@ pub type Streams = Vec<(String, StreamEntry)>;
 /// every job through it.
 #[allow(clippy::type_complexity)]
 pub fn parse_streams(buf: &[u8]) -> Result<Option<(Result<Streams, Value>, usize)>, &'static str> {
+    let mut sink = ToEntries { out: Vec::new(), key: String::new() };
+    Ok(walk(buf, &mut sink)?.map(|(read, used)| (read.map(|()| sink.out), used)))
+}
+
+/// The jobs of an XREADGROUP reply, each where it is (its stream, its id) and checked as
+/// [`JobEntry::checked`] checks it. A job is shared at once, as it will be while it runs (see
+/// `heartbeat::Pulse::running`): one allocation made early, and what moves from queue to
+/// queue is a pointer, not the whole job.
+pub type Jobs = Vec<(At, Result<Arc<JobEntry>, Rejected>)>;
+
+/// As [`parse_streams`], but each entry made straight into its job, with no [`StreamEntry`]
+/// between (see [`JobEntry::checked_fields`]): a job is what [`JobEntry::checked`] makes of
+/// the entry [`parse_streams`] reads, and its stream's key is the one of `names` it is (one
+/// allocation per stream of the reply, not per job), or a new one.
+#[allow(clippy::type_complexity)]
+pub fn parse_jobs(
+    buf: &[u8],
+    names: &[Arc<str>],
+) -> Result<Option<(Result<Jobs, Value>, usize)>, &'static str> {
+    let mut sink = ToJobs { out: Vec::new(), names, key: None };
+    Ok(walk(buf, &mut sink)?.map(|(read, used)| (read.map(|()| sink.out), used)))
+}
+
+/// The jobs of `entries` (see [`parse_jobs`]), read by other means.
+pub fn jobs_of(entries: Streams, names: &[Arc<str>]) -> Jobs {
+    entries
+        .into_iter()
+        .map(|(key, mut e)| {
+            let at = At { stream: name_of(names, &key), id: std::mem::take(&mut e.id) };
+            (at, JobEntry::checked(&e).map(Arc::new))
+        })
+        .collect()
+}
+
+/// The stream's name of `names` that `key` is, or a new one.
+fn name_of(names: &[Arc<str>], key: &str) -> Arc<str> {
+    names.iter().find(|n| ***n == *key).cloned().unwrap_or_else(|| Arc::from(key))
+}
+
+/// One XREAD / XREADGROUP reply at the start of `buf` taken apart into `sink`, and how many
+/// bytes it took (see [`parse_streams`]).
+#[allow(clippy::type_complexity)]
+fn walk(buf: &[u8], sink: &mut impl Sink) -> Result<Option<(Result<(), Value>, usize)>, &'static str> {
     let mut walk = Walk { buf, pos: 0, error: None, spans: Vec::new() };
-    let mut out = Vec::new();
-    match walk.streams(&mut out) {
+    match walk.streams(sink) {
         Ok(()) => {}
         Err(Stop::More) => return Ok(None),
         Err(Stop::Bad(why)) => return Err(why),
@@ -485,7 +552,94 @@ pub fn parse_streams(buf: &[u8]) -> Result<Option<(Result<Streams, Value>, usize
         let Some((whole, _)) = parse(&buf[..end])? else { return Err("cut short") };
         return Ok(Some((Err(first_error(whole).ok_or("no error reply in it")?), end)));
     }
-    Ok(Some((Ok(out), end)))
+    Ok(Some((Ok(()), end)))
+}
+
+/// What the entries of a stream reply are made into, as [`Walk`] finds them.
+trait Sink {
+    /// The entries of stream `key` follow (None: a key that is no string, read as "").
+    fn stream(&mut self, walk: &Walk, key: Option<Span>) -> Result<(), Stop>;
+    /// Room for `count` more entries.
+    fn reserve(&mut self, count: usize);
+    /// An entry of that stream: its id, and its fields as pairs of spans (an odd one last is
+    /// no field).
+    fn entry(&mut self, walk: &Walk, id: Span, spans: &[Span]) -> Result<(), Stop>;
+}
+
+/// Into [`Streams`]: what [`redis_io::read_streams`] makes.
+struct ToEntries {
+    out: Streams,
+    key: String,
+}
+
+impl Sink for ToEntries {
+    fn stream(&mut self, walk: &Walk, key: Option<Span>) -> Result<(), Stop> {
+        self.key = match key {
+            Some(k) => owned_text(walk.text(k, &mut Vec::new())?),
+            None => String::new(),
+        };
+        Ok(())
+    }
+
+    fn reserve(&mut self, count: usize) {
+        self.out.reserve(count);
+    }
+
+    fn entry(&mut self, walk: &Walk, id: Span, spans: &[Span]) -> Result<(), Stop> {
+        let entry = walk.entry(id, spans)?;
+        self.out.push((self.key.clone(), entry));
+        Ok(())
+    }
+}
+
+/// Into [`Jobs`] (see [`parse_jobs`]).
+struct ToJobs<'n> {
+    out: Jobs,
+    names: &'n [Arc<str>],
+    key: Option<Arc<str>>,
+}
+
+impl Sink for ToJobs<'_> {
+    fn stream(&mut self, walk: &Walk, key: Option<Span>) -> Result<(), Stop> {
+        let known = match key {
+            Some(Span::Bytes(from, to)) => {
+                let key = walk.buf.get(from..to).unwrap_or_default();
+                self.names.iter().find(|n| n.as_bytes() == key).cloned()
+            }
+            _ => None,
+        };
+        self.key = Some(match known {
+            Some(name) => name,
+            None => match key {
+                Some(k) => Arc::from(owned_text(walk.text(k, &mut Vec::new())?)),
+                None => Arc::from(""),
+            },
+        });
+        Ok(())
+    }
+
+    fn reserve(&mut self, count: usize) {
+        self.out.reserve(count);
+    }
+
+    fn entry(&mut self, walk: &Walk, id: Span, spans: &[Span]) -> Result<(), Stop> {
+        let stream = self.key.clone().unwrap_or_else(|| Arc::from(""));
+        let (id, job) = if spans.iter().any(|s| matches!(s, Span::Int(_))) {
+            // Never from Redis (its fields are strings): the digits written out, as
+            // `parse_streams` writes them.
+            let mut entry = walk.entry(id, spans)?;
+            (std::mem::take(&mut entry.id), JobEntry::checked(&entry).map(Arc::new))
+        } else {
+            let bytes = |span: Span| match span {
+                Span::Bytes(from, to) => walk.buf.get(from..to).unwrap_or_default(),
+                Span::Int(_) => &[],
+            };
+            let fields = spans.chunks_exact(2).map(|pair| (bytes(pair[0]), bytes(pair[1])));
+            (owned_text(walk.text(id, &mut Vec::new())?), JobEntry::checked_fields(fields).map(Arc::new))
+        };
+        self.out.push((At { stream, id }, job));
+        Ok(())
+    }
 }
 
 /// `bytes` as text, as `String::from_utf8_lossy` makes it (whose check of valid text, what
@@ -540,18 +694,16 @@ struct Walk<'a> {
 
 impl Walk<'_> {
     /// `[[key, [entry, ...]], ...]` (depth 1); a value of another shape: none.
-    fn streams(&mut self, out: &mut Streams) -> Result<(), Stop> {
+    fn streams(&mut self, sink: &mut impl Sink) -> Result<(), Stop> {
         for _ in 0..self.array(1)? {
             let parts = self.array(2)?;
             if parts == 0 {
                 continue;
             }
-            let key = match self.bytes(3)? {
-                Some(k) => owned_text(self.text(k, &mut Vec::new())?),
-                None => String::new(),
-            };
+            let key = self.bytes(3)?;
+            sink.stream(self, key)?;
             if parts >= 2 {
-                self.entries(&key, out)?;
+                self.entries(sink)?;
             }
             for _ in 2..parts {
                 self.skip(3)?;
@@ -563,10 +715,12 @@ impl Walk<'_> {
     /// `[[id, [field, value, ...]], ...]` of stream `key` (as `redis_io::entries`, at depth 3):
     /// an entry without an id is none; a field or value that is no string is left out (and
     /// the pairs go on without it); an odd one at the end is no field.
-    fn entries(&mut self, key: &str, out: &mut Streams) -> Result<(), Stop> {
+    fn entries(&mut self, sink: &mut impl Sink) -> Result<(), Stop> {
         let count = self.array(3)?;
         // At once, not by doublings (a count from the reply is no promise: bounded).
-        out.reserve(count.min(TAKE_ROOM));
+        sink.reserve(count.min(TAKE_ROOM));
+        // A job's dozen fields and more, at once (this walk's first entry grew it four times).
+        self.spans.reserve(SPANS_ROOM);
         for _ in 0..count {
             let parts = self.array(4)?;
             if parts == 0 {
@@ -585,22 +739,27 @@ impl Walk<'_> {
                 self.skip(5)?;
             }
             let Some(id) = id else { continue };
-            let mut entry = StreamEntry::new(owned_text(self.text(id, &mut Vec::new())?));
-            let pairs = self.spans.len() / 2;
-            let size = self.spans[..pairs * 2].iter().map(|s| match s {
-                Span::Bytes(from, to) => to - from,
-                Span::Int(_) => 20,
-            });
-            entry.reserve(pairs, size.sum());
-            for pair in self.spans.chunks_exact(2) {
-                let (mut name, mut value) = (Vec::new(), Vec::new());
-                let name = self.text(pair[0], &mut name)?;
-                let value = self.text(pair[1], &mut value)?;
-                entry.push(name, value);
-            }
-            out.push((key.to_string(), entry));
+            sink.entry(self, id, &self.spans)?;
         }
         Ok(())
+    }
+
+    /// The entry of `id` with the fields of `spans` (pairs; an odd one last is no field).
+    fn entry(&self, id: Span, spans: &[Span]) -> Result<StreamEntry, Stop> {
+        let mut entry = StreamEntry::new(owned_text(self.text(id, &mut Vec::new())?));
+        let pairs = spans.len() / 2;
+        let size = spans[..pairs * 2].iter().map(|s| match s {
+            Span::Bytes(from, to) => to - from,
+            Span::Int(_) => 20,
+        });
+        entry.reserve(pairs, size.sum());
+        for pair in spans.chunks_exact(2) {
+            let (mut name, mut value) = (Vec::new(), Vec::new());
+            let name = self.text(pair[0], &mut name)?;
+            let value = self.text(pair[1], &mut value)?;
+            entry.push(name, value);
+        }
+        Ok(entry)
     }
 
     /// The bytes `span` stands for (an integer's digits written into `digits`).
@@ -823,8 +982,26 @@ mod tests {
                             1 if !odd(rng, out) => {
                                 let values = if rng.below(6) == 0 { rng.below(7) } else { 2 * rng.below(7) };
                                 out.extend_from_slice(format!("*{values}\r\n").as_bytes());
+                                // A job's fields (half of them lead with those a job needs), or
+                                // near them (see `parse_jobs`).
+                                let job = rng.below(2) == 0;
                                 for v in 0..values {
-                                    let text: &[u8] = if v % 2 == 0 { b"t" } else { b"{\"to\":\"a\r\n\"}" };
+                                    let text: &[u8] = if job && v < 6 {
+                                        [&b"o"[..], b"web-1", b"t", b"7", b"d", b"{}"][v as usize]
+                                    } else if v % 2 == 0 {
+                                        [&b"t"[..], b"o", b"d", b"s", b"w", b"c", b"k", b"kt", b"a", b"x"]
+                                            [rng.below(10) as usize]
+                                    } else {
+                                        [
+                                            &b"{\"to\":\"a\r\n\"}"[..],
+                                            b"7",
+                                            b"web-1",
+                                            b"",
+                                            b"6b31",
+                                            b"0",
+                                            b"a b",
+                                        ][rng.below(7) as usize]
+                                    };
                                     string(rng, out, text);
                                 }
                             }
@@ -904,6 +1081,40 @@ mod tests {
             }
         }
         assert!(entries > 10_000, "too few entries compared ({entries})");
+    }
+
+    /// What `parse_jobs` must make of `bytes`: what `parse_streams` reads, each entry checked.
+    #[allow(clippy::type_complexity)]
+    fn jobs_expected(
+        bytes: &[u8],
+        names: &[Arc<str>],
+    ) -> Result<Option<(Result<Jobs, Value>, usize)>, &'static str> {
+        Ok(parse_streams(bytes)?.map(|(read, used)| (read.map(|entries| jobs_of(entries, names)), used)))
+    }
+
+    #[test]
+    fn reads_jobs_as_it_reads_entries_each_checked() {
+        let names: Vec<Arc<str>> = vec![Arc::from("{q}:jobs0"), Arc::from("{q}:jobs1")];
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let (mut jobs, mut shared) = (0, 0);
+        for _ in 0..30_000 {
+            let mut bytes = Vec::new();
+            stream_reply(&mut rng, &mut bytes);
+            let got = parse_jobs(&bytes, &names);
+            assert_eq!(got, jobs_expected(&bytes, &names), "{:?}", String::from_utf8_lossy(&bytes));
+            if let Ok(Some((Ok(read), _))) = &got {
+                jobs += read.iter().filter(|(_, job)| job.is_ok()).count();
+                // A known stream's name is shared, not made again.
+                shared +=
+                    read.iter().filter(|(at, _)| names.iter().any(|n| Arc::ptr_eq(n, &at.stream))).count();
+            }
+            let cut = rng.below(bytes.len() as u64) as usize;
+            assert_eq!(parse_jobs(&bytes[..cut], &names), Ok(None));
+            let at = rng.below(bytes.len() as u64) as usize;
+            bytes[at] = b"\r\n$*:-+0123456789"[rng.below(17) as usize];
+            assert_eq!(parse_jobs(&bytes, &names), jobs_expected(&bytes, &names));
+        }
+        assert!(jobs > 500 && shared > 10_000, "too few jobs compared ({jobs}, {shared} shared names)");
     }
 
     #[test]

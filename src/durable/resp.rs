@@ -94,6 +94,11 @@ impl Packed {
         self.bytes.reserve(bytes);
     }
 
+    /// Bytes of commands it has room for.
+    pub fn capacity(&self) -> usize {
+        self.bytes.capacity()
+    }
+
     /// Where the commands end now: [`Packed::truncate`] takes those written after it away.
     pub fn mark(&self) -> Mark {
         Mark { bytes: self.bytes.len(), count: self.count }
