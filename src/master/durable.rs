@@ -97,11 +97,8 @@ pub struct DurableState {
     startup_replies: Vec<u8>,
     /// The last reply stream entry read at start: every bridge reads on from there.
     replies_from: String,
-    /// The reply entry of the last `Trim` sent to this bridge: an entry carries the outcomes
-    /// of several jobs (about four a job under load), each acted on in turn, and the bridge
-    /// deletes an entry once however often it is asked (an encoded, decoded, copied and sorted
-    /// frame per job in two processes). Emptied for a new bridge, which has none of them.
-    last_trim: Vec<u8>,
+    /// Which reply entries the bridge may delete (none while an outcome of it waits here).
+    trims: super::reply_trims::ReplyTrims,
     /// Duplicates and cancels of durable jobs (see `durable_keys`).
     pub dedup: super::durable_keys::DurableKeys,
     /// Jobs of batches not acknowledged yet that Redis did not store though their round was
@@ -140,7 +137,7 @@ impl DurableState {
             lease_asked: None,
             startup_replies: Vec::new(),
             replies_from: "0-0".into(),
-            last_trim: Vec::new(),
+            trims: Default::default(),
             dedup: Default::default(),
             not_stored: FxHashMap::default(),
         }
@@ -263,7 +260,7 @@ impl<A: Application> Master<'_, A> {
         state.bridge = Channel::new(master_end);
         // The dead bridge's renewals are answered by no one, nor its deletions made.
         state.lease_asked = None;
-        state.last_trim.clear();
+        state.trims.new_bridge();
         self.poll.registry().register(
             state.bridge.source(),
             BRIDGE,
@@ -349,6 +346,10 @@ impl<A: Application> Master<'_, A> {
     /// for the node's name to be renewed when due.
     pub(super) fn end_store_batch(&mut self) {
         let Some(state) = self.durable.as_mut() else { return };
+        // After every frame of the turn: an entry's outcomes read after the one acted on are
+        // known to wait by now.
+        let DurableState { trims, bridge, .. } = state;
+        trims.due(|entry| bridge.send(&ToBridge::Trim { entry }));
         if Instant::now() >= state.lease_due {
             state.bridge.send(&ToBridge::RenewLease);
             state.lease_asked.get_or_insert_with(crate::durable::lease_gate::now_ms);
@@ -422,6 +423,7 @@ impl<A: Application> Master<'_, A> {
                     if state.unsure.is_empty() {
                         state.lease_due = Instant::now();
                     }
+                    state.trims.waits(reply.entry);
                     reply.encode(&mut state.unsure);
                 }
             }
@@ -437,6 +439,7 @@ impl<A: Application> Master<'_, A> {
         let Some(state) = self.durable.as_mut() else { return };
         match job {
             Some((batch, session)) if state.storing(batch) || state.holds(session) => {
+                state.trims.waits(reply.entry);
                 state.hold_reply(reply, session)
             }
             _ => self.on_reply(reply),
@@ -460,6 +463,9 @@ impl<A: Application> Master<'_, A> {
         let mut pos = 0;
         while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&unsure[pos..]) {
             pos += n;
+            if let Some(state) = self.durable.as_mut() {
+                state.trims.released(reply.entry);
+            }
             self.route_reply(&reply);
         }
     }
@@ -574,6 +580,9 @@ impl<A: Application> Master<'_, A> {
                 Held::Replies(bytes) => {
                     while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&bytes[pos..]) {
                         pos += n;
+                        if let Some(state) = self.durable.as_mut() {
+                            state.trims.released(reply.entry);
+                        }
                         self.on_reply(&reply);
                     }
                     bytes
@@ -591,11 +600,8 @@ impl<A: Application> Master<'_, A> {
         let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } =
             *frame;
         let Some(state) = self.durable.as_mut() else { return };
-        if state.last_trim != entry {
-            state.bridge.send(&ToBridge::Trim { entry });
-            state.last_trim.clear();
-            state.last_trim.extend_from_slice(entry);
-        }
+        // Deleted at the end of the turn, if none of its outcomes waits (see `reply_trims`).
+        state.trims.acted(entry);
         if retrying {
             self.on_retrying_reply(task_id, attempts, reply, sends);
             return;

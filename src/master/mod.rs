@@ -22,6 +22,7 @@ mod metrics;
 mod periodic;
 mod pool;
 mod replay;
+mod reply_trims;
 pub(crate) mod results;
 mod schedule;
 mod slots;
