@@ -890,11 +890,16 @@ fn reply_loop(d: &Durable, out: &MasterOut, shared: &'static Shared, from: Strin
         }
         for entry in entries {
             last.clone_from(&entry.id);
-            if let Err(why) = outcomes_of_entry(&entry, &mut frames) {
-                // Logged once: it is deleted, and this reader has gone past it anyway.
-                tracing::warn!("redis bridge: reply entry {} is malformed ({why}); deleted", entry.id);
-                let _: redis::RedisResult<Value> =
-                    redis::cmd("XDEL").arg(&d.keys.replies).arg(&entry.id).query(c);
+            match outcomes_of_entry(&entry, &mut frames) {
+                // After its outcomes, in the same write or a later one: the master deletes the
+                // entry only once it has seen (and acted on) all of them.
+                Ok(_) => FromBridge::EntryRead { entry: entry.id.as_bytes() }.encode(&mut frames),
+                Err(why) => {
+                    // Logged once: it is deleted, and this reader has gone past it anyway.
+                    tracing::warn!("redis bridge: reply entry {} is malformed ({why}); deleted", entry.id);
+                    let _: redis::RedisResult<Value> =
+                        redis::cmd("XDEL").arg(&d.keys.replies).arg(&entry.id).query(c);
+                }
             }
         }
         if !frames.is_empty() && send(out, &frames).is_err() {

@@ -374,6 +374,9 @@ pub enum FromBridge<'a> {
     /// (a key of its someone made another type), which stored the round's other jobs. Sent
     /// before its batch's `Stored`, which then answers for the others only.
     NotStored { task_id: u64, why: &'a [u8] },
+    /// Every outcome of reply entry `entry` was sent before this: the master may ask for its
+    /// deletion once none of them waits in it (see `master::reply_trims`).
+    EntryRead { entry: &'a [u8] },
 }
 
 /// A job's outcome, as a task process of any node wrote it to the reply stream (entry `entry`).
@@ -449,6 +452,7 @@ mod kind {
     pub const CANCEL: u8 = 18;
     // Redis misbehaving or written by others (redis-threats: 66-69).
     pub const NOT_STORED: u8 = 66;
+    pub const ENTRY_READ: u8 = 23;
 }
 
 /// What a task's submitter asked for, carried by its `Task` and `Finish` frames.
@@ -1142,6 +1146,7 @@ impl<'a> FromBridge<'a> {
             FromBridge::NotStored { task_id, why } => {
                 Writer::begin(out, NOT_STORED).u64(task_id).rest(why).finish()
             }
+            FromBridge::EntryRead { entry } => Writer::begin(out, ENTRY_READ).rest(entry).finish(),
         }
     }
 
@@ -1180,6 +1185,7 @@ impl<'a> FromBridge<'a> {
                     why: r.rest(),
                 },
                 NOT_STORED => FromBridge::NotStored { task_id: r.u64("task id")?, why: r.rest() },
+                ENTRY_READ => FromBridge::EntryRead { entry: r.rest() },
                 other => return Err(DecodeError::UnknownKind(other)),
             })
         })
@@ -1438,6 +1444,7 @@ mod tests {
         roundtrip::<FromBridge>(FromBridge::KeyEnded { task_id: 8, line: b"{}\n" });
         roundtrip::<FromBridge>(FromBridge::Cancelled { task_id: 7, cancelled: false, why: b"running" });
         roundtrip::<FromBridge>(FromBridge::NotStored { task_id: 7, why: b"{q}:jobs#low is a string" });
+        roundtrip::<FromBridge>(FromBridge::EntryRead { entry: b"1700000000000-3" });
     }
 
     #[test]

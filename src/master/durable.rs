@@ -260,7 +260,6 @@ impl<A: Application> Master<'_, A> {
         state.bridge = Channel::new(master_end);
         // The dead bridge's renewals are answered by no one, nor its deletions made.
         state.lease_asked = None;
-        state.trims.new_bridge();
         self.poll.registry().register(
             state.bridge.source(),
             BRIDGE,
@@ -279,6 +278,10 @@ impl<A: Application> Master<'_, A> {
         while let Ok(Some((FromBridge::Reply(reply), n))) = FromBridge::decode(&replies[pos..]) {
             pos += n;
             self.on_reply(&reply);
+            // Read whole at the start (see `reply_trims`), and acted on now.
+            if let Some(state) = self.durable.as_mut() {
+                state.trims.read_whole(reply.entry);
+            }
         }
         Ok(())
     }
@@ -346,8 +349,7 @@ impl<A: Application> Master<'_, A> {
     /// for the node's name to be renewed when due.
     pub(super) fn end_store_batch(&mut self) {
         let Some(state) = self.durable.as_mut() else { return };
-        // After every frame of the turn: an entry's outcomes read after the one acted on are
-        // known to wait by now.
+        // At the end of the turn: what waits was seen waiting (see `reply_trims`).
         let DurableState { trims, bridge, .. } = state;
         trims.due(|entry| bridge.send(&ToBridge::Trim { entry }));
         if Instant::now() >= state.lease_due {
@@ -407,6 +409,11 @@ impl<A: Application> Master<'_, A> {
             }
             FromBridge::KeyEnded { task_id, line } => self.on_key_ended(task_id, line),
             FromBridge::Cancelled { task_id, cancelled, why } => self.on_cancelled(task_id, cancelled, why),
+            FromBridge::EntryRead { entry } => {
+                if let Some(state) = self.durable.as_mut() {
+                    state.trims.read_whole(entry);
+                }
+            }
             FromBridge::NotStored { task_id, why } => {
                 if let Some(state) = self.durable.as_mut() {
                     state.not_stored.insert(task_id, why.to_vec());
@@ -597,11 +604,9 @@ impl<A: Application> Master<'_, A> {
     }
 
     fn on_reply(&mut self, frame: &Reply<'_>) {
-        let Reply { task_id, ok, attempts, task_pid, replays, entry, reply, sends, result, retrying } =
+        let Reply { task_id, ok, attempts, task_pid, replays, entry: _, reply, sends, result, retrying } =
             *frame;
         let Some(state) = self.durable.as_mut() else { return };
-        // Deleted at the end of the turn, if none of its outcomes waits (see `reply_trims`).
-        state.trims.acted(entry);
         if retrying {
             self.on_retrying_reply(task_id, attempts, reply, sends);
             return;

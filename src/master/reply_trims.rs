@@ -3,12 +3,12 @@
 //! An entry carries the outcomes of one consumer's flush for this node, and the master acts on
 //! them one by one. Some wait in the master first: held behind their batch's acknowledgement (a
 //! consumer can finish a job before the bridge's word that it is stored arrives), or kept while
-//! the node's lease is unsure. An entry is deleted only once none of its outcomes waits: deleted
-//! at its first outcome acted on, as it was, a crash of the master (kill -9, the OOM killer)
-//! lost the outcomes still waiting, with no copy left in Redis for the next run to read (the
-//! job ran, its `result` was never known). The deletions are asked at the end of a turn, after
-//! every frame the bridge sent in it, so that an entry's outcomes that come after the acted one
-//! are seen waiting first.
+//! the node's lease is unsure. An entry is deleted only once the master has seen every outcome
+//! in it (the bridge says so after them, [`crate::ipc::envelope::FromBridge::EntryRead`]) and
+//! none of them waits: deleted at its first outcome acted on, as it was, a crash of the master
+//! (kill -9, the OOM killer) lost the outcomes still waiting, or not yet read from the bridge,
+//! with no copy left in Redis for the next run to read (the job ran, its `result` was never
+//! known). The deletions are asked at the end of a turn.
 
 #[derive(Debug, Default)]
 pub struct ReplyTrims {
@@ -17,12 +17,9 @@ pub struct ReplyTrims {
     /// instructions per job), and few entries wait at a time: those of the batches in flight,
     /// whose outcomes are released in the order they came. Looked for from the newest.
     waiting: Vec<(Vec<u8>, u32)>,
-    /// Entries with an outcome acted on since the last [`ReplyTrims::due`].
-    acted: Vec<Vec<u8>>,
-    /// The last entry asked to delete: the bridge deletes an entry once however often it is
-    /// asked, and an entry holds several outcomes (about four a job under load), so it is asked
-    /// once (an encoded, decoded, copied and sorted frame per job in two processes, otherwise).
-    last: Vec<u8>,
+    /// Entries whose every outcome the master has seen, not deleted yet (those with an outcome
+    /// waiting stay here until it is acted on).
+    whole: Vec<Vec<u8>>,
     /// Buffers of ids no longer needed, for the next ones (an allocation per entry otherwise).
     spare: Vec<Vec<u8>>,
 }
@@ -52,29 +49,27 @@ impl ReplyTrims {
         }
     }
 
-    /// An outcome of `entry` was acted on.
-    pub fn acted(&mut self, entry: &[u8]) {
-        if self.last != entry && self.acted.last().is_none_or(|e| e != entry) {
+    /// Every outcome of `entry` was seen (acted on, or waiting).
+    pub fn read_whole(&mut self, entry: &[u8]) {
+        if self.whole.last().is_none_or(|e| e != entry) {
             let id = self.copy(entry);
-            self.acted.push(id);
+            self.whole.push(id);
         }
     }
 
-    /// Hands `delete` each entry acted on none of whose outcomes waits, once. An entry left
-    /// out now comes back when its last waiting outcome is acted on.
+    /// Hands `delete` each entry read whole none of whose outcomes waits, once; the others stay
+    /// for a later turn.
     pub fn due(&mut self, mut delete: impl FnMut(&[u8])) {
-        let mut acted = std::mem::take(&mut self.acted);
-        for entry in acted.drain(..) {
-            if entry == self.last || self.waiting.iter().any(|(e, _)| *e == entry) {
-                self.keep(entry);
+        let mut i = 0;
+        while i < self.whole.len() {
+            if self.waiting.iter().any(|(e, _)| *e == self.whole[i]) {
+                i += 1;
                 continue;
             }
+            let entry = self.whole.swap_remove(i);
             delete(&entry);
-            let old = std::mem::replace(&mut self.last, entry);
-            self.keep(old);
+            self.keep(entry);
         }
-        // Its room kept for the next turn's.
-        self.acted = acted;
     }
 
     fn copy(&mut self, entry: &[u8]) -> Vec<u8> {
@@ -88,11 +83,6 @@ impl ReplyTrims {
         if self.spare.len() < SPARE_MAX {
             self.spare.push(id);
         }
-    }
-
-    /// A new bridge has deleted none of them.
-    pub fn new_bridge(&mut self) {
-        self.last.clear();
     }
 
     /// Entries with outcomes waiting.
@@ -109,60 +99,58 @@ mod tests {
     fn due(t: &mut ReplyTrims) -> Vec<String> {
         let mut out = Vec::new();
         t.due(|e| out.push(String::from_utf8_lossy(e).into_owned()));
+        out.sort();
         out
     }
 
     #[test]
-    fn an_entry_is_deleted_once_after_its_outcomes_are_acted_on() {
+    fn an_entry_read_whole_is_deleted_once() {
         let mut t = ReplyTrims::default();
-        for _ in 0..4 {
-            t.acted(b"1-0");
-        }
-        t.acted(b"2-0");
+        t.read_whole(b"1-0");
+        t.read_whole(b"2-0");
         assert_eq!(due(&mut t), ["1-0", "2-0"]);
-        // Asked again by a late outcome of the last one: not twice.
-        t.acted(b"2-0");
         assert!(due(&mut t).is_empty());
+    }
+
+    #[test]
+    fn an_entry_not_read_whole_is_not_deleted() {
+        // Its outcomes acted on in one turn, the rest of it (and its end) in the next: a
+        // partial read of the bridge's write.
+        let mut t = ReplyTrims::default();
+        assert!(due(&mut t).is_empty());
+        t.read_whole(b"1-0");
+        assert_eq!(due(&mut t), ["1-0"]);
     }
 
     #[test]
     fn an_entry_with_an_outcome_waiting_stays_until_it_is_acted_on() {
         let mut t = ReplyTrims::default();
-        // Its first outcome acted on, its second held behind its batch, in one turn.
-        t.acted(b"1-0");
+        // Its first outcome acted on, its second held behind its batch, its end read.
         t.waits(b"1-0");
+        t.read_whole(b"1-0");
         assert!(due(&mut t).is_empty(), "deleted while an outcome of it waits");
         assert_eq!(t.waiting_entries(), 1);
         // The batch is acknowledged: the held outcome is released and acted on.
         t.released(b"1-0");
-        t.acted(b"1-0");
         assert_eq!(due(&mut t), ["1-0"]);
         assert_eq!(t.waiting_entries(), 0);
     }
 
     #[test]
-    fn the_waiting_outcome_may_come_first_and_several_may_wait() {
+    fn several_outcomes_may_wait_and_other_entries_go_meanwhile() {
         let mut t = ReplyTrims::default();
         t.waits(b"1-0");
         t.waits(b"1-0");
-        t.acted(b"1-0");
-        t.acted(b"2-0");
+        t.read_whole(b"1-0");
+        t.read_whole(b"2-0");
         assert_eq!(due(&mut t), ["2-0"]);
         t.released(b"1-0");
-        t.acted(b"1-0");
         assert!(due(&mut t).is_empty(), "one of its outcomes still waits");
+        // Released to wait again (an unsure outcome routed and held).
         t.released(b"1-0");
-        t.acted(b"1-0");
-        assert_eq!(due(&mut t), ["1-0"]);
-    }
-
-    #[test]
-    fn a_new_bridge_is_asked_again() {
-        let mut t = ReplyTrims::default();
-        t.acted(b"1-0");
-        assert_eq!(due(&mut t), ["1-0"]);
-        t.new_bridge();
-        t.acted(b"1-0");
+        t.waits(b"1-0");
+        assert!(due(&mut t).is_empty());
+        t.released(b"1-0");
         assert_eq!(due(&mut t), ["1-0"]);
     }
 
@@ -170,7 +158,7 @@ mod tests {
     fn a_release_without_a_wait_changes_nothing() {
         let mut t = ReplyTrims::default();
         t.released(b"9-0");
-        t.acted(b"9-0");
+        t.read_whole(b"9-0");
         assert_eq!(due(&mut t), ["9-0"]);
     }
 }
