@@ -715,8 +715,19 @@ impl Cluster {
             .iter()
             .filter_map(|p| {
                 let port = p.to_string();
-                let mut args =
-                    vec!["--port", &port, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"];
+                // The bus port is named: by default it is the port + 10,000, which a free port
+                // above 55,535 overflows (redis-server then exits), and which may be taken.
+                let bus = free_port().to_string();
+                let mut args = vec![
+                    "--port",
+                    &port,
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                ];
                 args.extend_from_slice(extra);
                 Redis::start_with(&args)
             })
