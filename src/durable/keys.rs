@@ -102,6 +102,13 @@ impl Keys {
         format!("{}:tick:{name}:last", self.tag)
     }
 
+    /// The stream of packs of normal-priority jobs of the main stream (see `super::pack`):
+    /// a suffix no type name (a lane) nor priority can hold, so that `stream_parts` names it
+    /// none of them (a packed job's lane is none, its priority normal).
+    pub fn packs(&self) -> String {
+        format!("{}!p", self.jobs)
+    }
+
     /// The job stream of `priority` for the main stream (`lane` None) or a handler's lane:
     /// normal jobs keep the names they always had (`{q}:jobs`, `{q}:jobs:TYPE`); high and low
     /// ones get a suffix no type name can hold (`{q}:jobs#high`, `{q}:jobs:TYPE#low`).
@@ -198,6 +205,7 @@ mod tests {
             &k.dedup("ab"),
             &k.cancelled_of("web-1", 7),
             &k.round_of("web-1", "12-3"),
+            &k.packs(),
         ] {
             assert!(key.starts_with("{q1}:"), "{key}");
         }
@@ -213,6 +221,8 @@ mod tests {
         assert_eq!(k.dedup("ab12"), "{q1}:key:ab12");
         assert_eq!(k.tick("nightly", 1_798_099_200_000), "{q1}:tick:nightly:1798099200000");
         assert_eq!(k.last_tick("nightly"), "{q1}:tick:nightly:last");
+        assert_eq!(k.packs(), "{q1}:jobs!p");
+        assert_eq!(k.stream_parts(&k.packs()), None, "no lane's, no priority's");
     }
 
     #[test]

@@ -40,6 +40,7 @@ pub mod hot;
 pub mod keys;
 pub mod lease_gate;
 pub mod node;
+pub mod pack;
 pub mod redis_io;
 pub mod resp;
 pub mod round;
