@@ -1170,7 +1170,7 @@ fn pipeline(
     let mut pack = super::pack::Pack::new();
     // The jobs of the pack being written, by their index among the round's jobs.
     let mut in_pack: Vec<usize> = Vec::new();
-    let packs = d.keys.packs();
+    let packs = if lanes.is_some() { d.keys.packs() } else { String::new() };
     // The main stream of each priority, named once a round, not once a job (a String each).
     let mut mains: [Option<String>; 3] = Default::default();
     for item in items {
