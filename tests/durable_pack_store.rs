@@ -176,3 +176,44 @@ fn a_pack_stream_of_another_type_fails_its_jobs_naming_it_and_loses_nothing() {
     }
     assert!(!packs(&redis).is_empty());
 }
+
+/// The same when the round's answer is lost (Redis stopped meanwhile): the round was stored
+/// with its pack refused, which its answer would have said; the bridge asks the pack stream's
+/// type with the claims again, and the pack's jobs get `failed` naming it, not `accepted`.
+#[test]
+fn a_refused_pack_of_a_round_whose_answer_was_lost_fails_its_jobs() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, &["--durable-pack"]);
+    let _: () = redis.query(&["SET", "{taskd}:jobs!p", "not a stream"]);
+    let mut c = d.connect();
+    let lines: Vec<String> = (0..12).map(|n| job(&format!("j{n}@example.com"), n == 6)).collect();
+    redis.signal(nix::sys::signal::Signal::SIGSTOP);
+    c.send_raw(lines.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes());
+    d.wait_log("asking Redis whether the round was stored");
+    redis.signal(nix::sys::signal::Signal::SIGCONT);
+    let answers: Vec<Value> = lines.iter().map(|_| c.recv()).collect();
+    let (mut accepted, mut failed) = (BTreeSet::new(), 0);
+    for answer in &answers {
+        match answer["event"].as_str() {
+            Some("accepted") => assert!(accepted.insert(task_id(answer))),
+            Some("failed") => {
+                assert_ne!(answer["to"], "j6@example.com", "the job of high priority is in no pack");
+                let error = answer["error"].as_str().unwrap_or_default();
+                assert!(
+                    error.contains("will not run: {taskd}:jobs!p is a string key, not a stream"),
+                    "{answer}"
+                );
+                failed += 1;
+            }
+            _ => panic!("{answer}"),
+        }
+    }
+    assert!(failed >= 2, "a pack's jobs failed: {answers:?}");
+    let mut stored: Vec<u64> =
+        plain_ids(&redis, "{taskd}:jobs").into_iter().chain(plain_ids(&redis, "{taskd}:jobs#high")).collect();
+    stored.sort_unstable();
+    assert_eq!(stored, accepted.iter().copied().collect::<Vec<_>>(), "accepted: stored; failed: not");
+    // The path under test: Redis ran the round's transaction (sent before it stopped) before
+    // the bridge's question on a new connection.
+    assert!(d.log().contains("a round whose answer was lost had been stored"), "{}", d.log());
+}

@@ -729,8 +729,11 @@ fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
 /// connection (WAIT counts every write Redis had when it is asked). If Redis is lost again,
 /// the claims count as stored and WAIT as no replica. A claim that fails again failed in the
 /// round too (one that had stored its job answers 1 before it writes or reads anything else):
-/// its command is in `failed`, as [`store_once`] says. (A job of the round without a claim
-/// whose XADD failed, alone or in a pack, cannot be told: it counts as stored.)
+/// its command is in `failed`, as [`store_once`] says. A round with packs also asks the type of
+/// the pack stream: not a stream, its packs failed (an XADD to a key of another type writes
+/// nothing; one made so since wiped the pack out anyway), and their jobs are in `failed`.
+/// (A job of the round without a claim whose XADD failed otherwise cannot be told: it counts
+/// as stored.)
 fn recovered(
     link: &mut Link<'_>,
     items: &[Item],
@@ -750,6 +753,12 @@ fn recovered(
         .unzip();
     let mut again = Packed::new();
     pipeline(d, &keyed, bytes, &[], &[], &mut again);
+    // A pack holds up to 128 jobs: its failure is asked for, not taken as stored (before WAIT,
+    // whose answer follows the claims').
+    let packs = (!failed.round.packs.is_empty()).then(|| d.keys.packs());
+    if let Some(stream) = &packs {
+        again.command(2).arg(b"TYPE").arg(stream.as_bytes());
+    }
     if let Some((replicas, ms)) = wait {
         again.command(3).arg(b"WAIT").number(u64::from(replicas)).number(ms);
     }
@@ -763,7 +772,26 @@ fn recovered(
             super::round::exchange(conn, &again).map_err(|e| (redis_io::describe(&e), Some(e)))
         });
         match tried {
-            Ok(replies) => {
+            Ok(mut replies) => {
+                if let Some(stream) = &packs {
+                    let kind = match replies.get(keyed.len()) {
+                        Some(v) => redis::from_redis_value_ref::<String>(v).unwrap_or_default(),
+                        None => String::new(),
+                    };
+                    if keyed.len() < replies.len() {
+                        replies.remove(keyed.len());
+                    }
+                    if kind != "stream" && kind != "none" && !kind.is_empty() {
+                        for &command in &failed.round.packs {
+                            let e = (
+                                redis::ErrorKind::Client,
+                                "not written",
+                                format!("{stream} is a {kind} key"),
+                            );
+                            failed.commands.push((command, e.into()));
+                        }
+                    }
+                }
                 for (n, reply) in at.iter().zip(&replies) {
                     if let Value::ServerError(e) = reply {
                         // Its command in the round, which carried it alone.
