@@ -168,6 +168,9 @@ options! {
     server.redis_key_file: PathBuf => Some,
     /// Replicas that must hold a job (Redis WAIT, up to 2 s) before it is accepted (0 to 64) [default: 0]
     server.redis_wait_replicas: u32,
+    /// Durable jobs: write a store round's common jobs as one entry of {q}:jobs!p (only once every node of the queue reads packs) [default: off]
+    #[arg(num_args = 0..=1, default_missing_value = "true")]
+    server.durable_pack: bool,
     /// This node's name in the shared queue; a restart with the same one resumes its jobs [default: host name]
     server.node_id: String => Some,
     /// Name of the shared queue (its keys are {NAME}:...); a task node serves several: a,b,c [default: taskd]

@@ -148,6 +148,10 @@ pub struct ServerConfig {
     /// Replicas that must have each batch of jobs (Redis WAIT) before its clients get
     /// `accepted`: a failover to one of them loses no accepted job. 0: the master's word.
     pub redis_wait_replicas: u32,
+    /// Durable jobs: the common jobs of a store round (no lane, normal priority, no key, tick
+    /// or run_at) go into Redis as one entry of the pack stream (`{q}:jobs!p`), not one entry
+    /// each: Redis's work goes with its entries. Every node of the queue must read packs.
+    pub durable_pack: bool,
     /// This node's name among the nodes sharing the queue; a restarted node takes its
     /// unfinished jobs back by it (default: the host name).
     pub node_id: Option<String>,
@@ -236,6 +240,7 @@ impl Default for ServerConfig {
             redis_cert_file: None,
             redis_key_file: None,
             redis_wait_replicas: 0,
+            durable_pack: false,
             node_id: None,
             redis_queue: "taskd".into(),
             result_keep: 10_000,

@@ -316,7 +316,7 @@ fn store_loop(
         // Jobs not stored because another holds their key, or because their command failed
         // inside the round: said before their batch's end.
         let mut dups = Vec::new();
-        let mut failed = Vec::new();
+        let mut failed = Failed::default();
         let outcome = match link.get() {
             Err(why) => Err(why),
             Ok(_) => match store_once(
@@ -330,7 +330,7 @@ fn store_loop(
                 Ok(replies) => {
                     // Each job of a round answered as it is: the ones whose command failed
                     // are not stored, and said so alone; the others are.
-                    let (stored, replies) = match failed.is_empty() {
+                    let (stored, replies) = match failed.commands.is_empty() {
                         true => (None, replies),
                         false => {
                             let (stored, replies) =
@@ -397,11 +397,12 @@ fn trim_ids<'a>(trims: &[Range<usize>], bytes: &'a [u8]) -> Vec<&'a [u8]> {
     trims.iter().map(|r| &bytes[r.clone()]).collect()
 }
 
-/// The jobs of a stored round whose command failed inside it (`failed`, by index in the round:
-/// one command per job, in order, then the kept results and the deletions, see `pipeline`):
-/// each gets a [`FromBridge::NotStored`] in `frames`, which says which of its keys is of
-/// another type when it can. Every command of a round fails before its first write (a script
-/// checks the types it writes to first), so such a job is in no stream, and will not run.
+/// The jobs of a stored round whose command failed inside it (`failed`: the commands, by index
+/// in the round, and the jobs each carried, see `pipeline`): each gets a
+/// [`FromBridge::NotStored`] in `frames`, which says which of its keys is of another type when
+/// it can; every job of a failed pack does. Every command of a round fails before its first
+/// write (a script checks the types it writes to first; an XADD to a key of another type
+/// writes nothing), so such a job is in no stream, and will not run.
 /// Returns the round's other jobs, and the answers (`replies`) without the failed ones'.
 /// A failed result kept or deletion is logged and not tried again (it would fail again).
 fn refused(
@@ -409,45 +410,69 @@ fn refused(
     items: &[Item],
     bytes: &[u8],
     replies: Vec<Value>,
-    failed: &[(usize, redis::RedisError)],
+    failed: &Failed,
     frames: &mut Vec<u8>,
 ) -> (Vec<Item>, Vec<Value>) {
     let d = link.d;
+    let round = &failed.round;
     let mut stored = Vec::with_capacity(items.len());
     let mut answers = replies.into_iter();
-    let mut kept = Vec::with_capacity(failed.len());
+    let mut kept = Vec::with_capacity(failed.commands.len());
+    // Why each failed command stored nothing, asked and logged once: a pack's jobs share it.
+    let mut whys: Vec<(usize, String)> = Vec::new();
     let mut jobs = 0;
     for item in items {
         let Item::Store { task_id, tick, key, .. } = item else {
             stored.push(item.clone());
             continue;
         };
-        let error = failed.iter().find(|(i, _)| *i == jobs).map(|(_, e)| e);
+        let error = failed.of_job(jobs);
         jobs += 1;
         let answer = if tick.is_some() || key.is_some() { answers.next() } else { None };
-        let Some(e) = error else {
+        let Some((command, e)) = error else {
             stored.push(item.clone());
             kept.extend(answer);
             continue;
         };
-        let named = match link.get() {
-            Ok(conn) => wrong_keys(conn, d, item, bytes),
-            Err(_) => None,
+        let why = match whys.iter().find(|(c, _)| c == command) {
+            Some((_, why)) => why,
+            None => {
+                let packed = round.packs.contains(command);
+                let named = match link.get() {
+                    Ok(conn) => wrong_keys(conn, d, item, bytes, packed),
+                    Err(_) => None,
+                };
+                let why = match named {
+                    Some(keys) => format!(
+                        "not stored in Redis, so it will not run: {keys} (someone else wrote it); delete \
+                         it and submit the job again"
+                    ),
+                    None => format!("not stored in Redis, so it will not run: {}", redis_io::describe(e)),
+                };
+                match packed {
+                    true => {
+                        let n = round.carrier.iter().filter(|c| *c == command).count();
+                        tracing::error!(
+                            "redis bridge: a pack of {n} jobs, job {task_id} among them, {why}; the \
+                             other commands of its round were stored"
+                        )
+                    }
+                    false => {
+                        tracing::error!(
+                            "redis bridge: job {task_id} {why}; the other jobs of its round were stored"
+                        )
+                    }
+                }
+                whys.push((*command, why));
+                &whys[whys.len() - 1].1
+            }
         };
-        let why = match named {
-            Some(keys) => format!(
-                "not stored in Redis, so it will not run: {keys} (someone else wrote it); delete it \
-                 and submit the job again"
-            ),
-            None => format!("not stored in Redis, so it will not run: {}", redis_io::describe(e)),
-        };
-        tracing::error!("redis bridge: job {task_id} {why}; the other jobs of its round were stored");
         FromBridge::NotStored { task_id: *task_id, why: why.as_bytes() }.encode(frames);
     }
-    for (i, e) in failed.iter().filter(|(i, _)| *i >= jobs) {
+    for (i, e) in failed.commands.iter().filter(|(i, _)| *i >= round.job_commands) {
         tracing::error!(
             "redis bridge: a kept result or a deletion of handled replies failed ({}): {}; not tried again",
-            i - jobs,
+            i - round.job_commands,
             redis_io::describe(e)
         );
     }
@@ -456,10 +481,15 @@ fn refused(
 }
 
 /// The keys job `item` writes that are of another type than taskd writes there, as
-/// `KEY is a TYPE key, not a WANTED`; None when none is (or they cannot be read).
-fn wrong_keys(conn: &mut HotConn, d: &Durable, item: &Item, bytes: &[u8]) -> Option<String> {
+/// `KEY is a TYPE key, not a WANTED`; None when none is (or they cannot be read). `packed`:
+/// it was written in a pack, whose stream is the only key it wrote (see `pipeline`).
+fn wrong_keys(conn: &mut HotConn, d: &Durable, item: &Item, bytes: &[u8], packed: bool) -> Option<String> {
     let Item::Store { run_at_ms, data, priority, tick, key, .. } = item else { return None };
-    let mut keys: Vec<(String, &[&str])> = vec![(d.stream_of(&bytes[data.clone()], *priority), &["stream"])];
+    let stream = match packed {
+        true => d.keys.packs(),
+        false => d.stream_of(&bytes[data.clone()], *priority),
+    };
+    let mut keys: Vec<(String, &[&str])> = vec![(stream, &["stream"])];
     if *run_at_ms > 0 {
         keys.push((d.keys.delayed.clone(), &["zset"]));
     }
@@ -578,19 +608,21 @@ impl Link<'_> {
 /// error only when none of it was stored, nor ever will be (see [`super::round`]). A round
 /// that Redis refused for a lost connection or a moving Cluster slot is tried again, as a new
 /// round with the same task ids, for [`STORE_AGAIN_FOR`].
-/// `failed`: the commands that failed inside a stored round (by their index in it, see
-/// `pipeline`), which stored nothing of theirs; the rest of the round is stored.
+/// `failed`: the commands that failed inside a stored round (by their index in it), which
+/// stored nothing of theirs, and the jobs each command carried (see `pipeline`); the rest of
+/// the round is stored.
 fn store_once(
     link: &mut Link<'_>,
     items: &[Item],
     bytes: &[u8],
     keeps: &[(u64, Vec<u8>)],
     trims: &[&[u8]],
-    failed: &mut Vec<(usize, redis::RedisError)>,
+    failed: &mut Failed,
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
     let mut round = super::round::begin();
-    let kept = pipeline(d, items, bytes, keeps, trims, &mut round);
+    failed.round = pipeline(d, items, bytes, keeps, trims, &mut round);
+    let kept = &failed.round.kept;
     // Nothing to send (a round of batch ends alone).
     if kept.is_empty() {
         return Ok(Vec::new());
@@ -621,7 +653,7 @@ fn store_once(
         };
         let next = d.keys.round_of(&d.node, &link.rounds.next());
         let (tried, armed) =
-            super::round::attempt(conn, &marker, &next, link.answered.as_deref(), &mut round, &kept, wait);
+            super::round::attempt(conn, &marker, &next, link.answered.as_deref(), &mut round, kept, wait);
         if armed {
             link.armed = Some(next);
         }
@@ -634,7 +666,7 @@ fn store_once(
                 // A key not of its type (written by someone else) failed its command alone:
                 // the rest of the round is stored (see `refused`).
                 link.answered = Some(marker);
-                failed.append(&mut errors);
+                failed.commands.append(&mut errors);
                 return Ok(replies);
             }
             super::round::Tried::Refused(e) => e,
@@ -697,18 +729,21 @@ fn settle_round(link: &mut Link<'_>, marker: &str) -> Result<bool, String> {
 /// connection (WAIT counts every write Redis had when it is asked). If Redis is lost again,
 /// the claims count as stored and WAIT as no replica. A claim that fails again failed in the
 /// round too (one that had stored its job answers 1 before it writes or reads anything else):
-/// its job is in `failed`, as [`store_once`] says. (A job of the round without a claim whose
-/// XADD failed cannot be told: it counts as stored.)
+/// its command is in `failed`, as [`store_once`] says. A round with packs also asks the type of
+/// the pack stream: not a stream, its packs failed (an XADD to a key of another type writes
+/// nothing; one made so since wiped the pack out anyway), and their jobs are in `failed`.
+/// (A job of the round without a claim whose XADD failed otherwise cannot be told: it counts
+/// as stored.)
 fn recovered(
     link: &mut Link<'_>,
     items: &[Item],
     bytes: &[u8],
     wait: Option<(u32, u64)>,
-    failed: &mut Vec<(usize, redis::RedisError)>,
+    failed: &mut Failed,
 ) -> Result<Vec<Value>, String> {
     let d = link.d;
-    // The claims (of a key, of a tick) are the only answers wanted: sent again alone. With
-    // each, its job's index in the round.
+    // The claims (of a key, of a tick) are the only answers wanted: sent again alone (never
+    // packed: a pack holds no claim). With each, its job's index among the round's jobs.
     let (at, keyed): (Vec<usize>, Vec<Item>) = items
         .iter()
         .filter(|i| matches!(i, Item::Store { .. }))
@@ -718,6 +753,12 @@ fn recovered(
         .unzip();
     let mut again = Packed::new();
     pipeline(d, &keyed, bytes, &[], &[], &mut again);
+    // A pack holds up to 128 jobs: its failure is asked for, not taken as stored (before WAIT,
+    // whose answer follows the claims').
+    let packs = (!failed.round.packs.is_empty()).then(|| d.keys.packs());
+    if let Some(stream) = &packs {
+        again.command(2).arg(b"TYPE").arg(stream.as_bytes());
+    }
     if let Some((replicas, ms)) = wait {
         again.command(3).arg(b"WAIT").number(u64::from(replicas)).number(ms);
     }
@@ -731,10 +772,32 @@ fn recovered(
             super::round::exchange(conn, &again).map_err(|e| (redis_io::describe(&e), Some(e)))
         });
         match tried {
-            Ok(replies) => {
+            Ok(mut replies) => {
+                if let Some(stream) = &packs {
+                    let kind = match replies.get(keyed.len()) {
+                        Some(v) => redis::from_redis_value_ref::<String>(v).unwrap_or_default(),
+                        None => String::new(),
+                    };
+                    if keyed.len() < replies.len() {
+                        replies.remove(keyed.len());
+                    }
+                    if kind != "stream" && kind != "none" && !kind.is_empty() {
+                        for &command in &failed.round.packs {
+                            let e = (
+                                redis::ErrorKind::Client,
+                                "not written",
+                                format!("{stream} is a {kind} key"),
+                            );
+                            failed.commands.push((command, e.into()));
+                        }
+                    }
+                }
                 for (n, reply) in at.iter().zip(&replies) {
                     if let Value::ServerError(e) = reply {
-                        failed.push((*n, e.clone().into()));
+                        // Its command in the round, which carried it alone.
+                        if let Some(&command) = failed.round.carrier.get(*n) {
+                            failed.commands.push((command, e.clone().into()));
+                        }
                     }
                 }
                 return Ok(replies);
@@ -1041,9 +1104,58 @@ fn duplicates(
     }
 }
 
+/// Most jobs a bridge writes in one pack: a busy node's round holds some tens, and a pack's
+/// jobs are read, and on a consumer's death dissolved, together.
+const PACK_JOBS: usize = 128;
+/// Bytes of jobs past which a pack is written and the next one begun: Redis's work per job
+/// goes with its entries, not its bytes, so large jobs gain little in a pack, and one entry of
+/// many large jobs is a large string for a consumer's script to cut up.
+const PACK_BYTES: usize = 1024 * 1024;
+
+/// A round's commands as [`pipeline`] wrote them.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Written {
+    /// Whether each command's answer is wanted (a claim's: see `answered`), one for each.
+    kept: Vec<bool>,
+    /// For each job of the round (its `Item::Store`s, in order), the command that carries it,
+    /// by its index in the round: its own, or its pack's.
+    carrier: Vec<usize>,
+    /// The commands that are packs.
+    packs: Vec<usize>,
+    /// The commands of jobs, first in the round: the kept results and the deletions follow.
+    job_commands: usize,
+}
+
+/// The commands that failed inside a stored round (by their index in it, with the error), and
+/// the round as [`pipeline`] wrote it, which says whose jobs they carried.
+#[derive(Debug, Default)]
+struct Failed {
+    commands: Vec<(usize, redis::RedisError)>,
+    round: Written,
+}
+
+impl Failed {
+    /// The failed command that carried job `job` (by its index among the round's jobs), and
+    /// its error; None when its command was stored.
+    fn of_job(&self, job: usize) -> Option<&(usize, redis::RedisError)> {
+        let command = *self.round.carrier.get(job)?;
+        self.commands.iter().find(|(i, _)| *i == command)
+    }
+}
+
+/// Whether a job goes into a pack when its round has packs (see `super::pack`): a job of no
+/// lane (`lane`), of normal priority, with no tick, no key and no `run_at`. The others need a
+/// stream of their own (a lane's, a priority's), a script (a claim), or the delayed set.
+fn packable(item: &Item, lane: &Option<String>) -> bool {
+    matches!(item, Item::Store { run_at_ms: 0, priority: Priority::Normal, tick: None, key: None, .. })
+        && lane.is_none()
+}
+
 /// One round's commands, written after those of `packed`: the jobs, the kept results, the
-/// deletion of acted-on replies (run in one transaction by [`store_once`]). Returns whether
-/// each command's answer is wanted (a claim's: see `answered`), one for each command written.
+/// deletion of acted-on replies (run in one transaction by [`store_once`]). With `durable_pack`
+/// and at least two packable jobs (see [`packable`]), those are written in packs of at most
+/// [`PACK_JOBS`] (split evenly) and about [`PACK_BYTES`], each where its last job was; the
+/// other jobs as one command each, in order. Returns which command carries which job.
 fn pipeline(
     d: &Durable,
     items: &[Item],
@@ -1051,7 +1163,7 @@ fn pipeline(
     keeps: &[(u64, Vec<u8>)],
     trims: &[&[u8]],
     packed: &mut Packed,
-) -> Vec<bool> {
+) -> Written {
     // Room for the jobs' XADDs at once (their data, their context, and about 200 bytes more).
     let room: usize = items
         .iter()
@@ -1062,17 +1174,57 @@ fn pipeline(
         .sum();
     packed.reserve(room);
     let before = packed.len();
-    let mut kept = Vec::new();
+    let mut written = Written::default();
+    // With packs, each job's lane is read first (to count the packable jobs), and kept for the
+    // writing: a lane is found by parsing the job's JSON.
+    let mut lanes: Option<Vec<Option<String>>> = None;
+    let mut per_pack = 0;
+    if d.pack {
+        let found: Vec<Option<String>> = items
+            .iter()
+            .filter_map(|i| match i {
+                Item::Store { data, .. } => Some(d.lane_for(&bytes[data.clone()])),
+                Item::End(_) => None,
+            })
+            .collect();
+        let stores = items.iter().filter(|i| matches!(i, Item::Store { .. }));
+        let n = stores.zip(&found).filter(|(item, lane)| packable(item, lane)).count();
+        if n >= 2 {
+            // As even as can be: 129 jobs are packs of 65 and 64, not 128 and a lone one.
+            per_pack = n.div_ceil(n.div_ceil(PACK_JOBS));
+            lanes = Some(found);
+        }
+    }
+    let mut pack = super::pack::Pack::new();
+    // The jobs of the pack being written, by their index among the round's jobs.
+    let mut in_pack: Vec<usize> = Vec::new();
+    let packs = if lanes.is_some() { d.keys.packs() } else { String::new() };
     // The main stream of each priority, named once a round, not once a job (a String each).
     let mut mains: [Option<String>; 3] = Default::default();
     for item in items {
         if let Item::Store { task_id, session, worker, run_at_ms, context, data, priority, tick, key } = item
         {
+            let job = written.carrier.len();
             let (context, data) = (&bytes[context.clone()], &bytes[data.clone()]);
+            let found = match &mut lanes {
+                Some(lanes) => lanes[job].take(),
+                None => d.lane_for(data),
+            };
+            if lanes.is_some() && packable(item, &found) {
+                pack.push(&d.node, *task_id, *session, *worker, context, data);
+                // Its command is known once the pack is written.
+                written.carrier.push(usize::MAX);
+                in_pack.push(job);
+                if pack.len() == per_pack || pack.bytes().len() >= PACK_BYTES {
+                    write_pack(&mut pack, &mut in_pack, &packs, packed, before, &mut written);
+                }
+                continue;
+            }
+            written.carrier.push(packed.len() - before);
             // The lane of a handler's type: only nodes that can run it read it; the stream of
             // its priority (as `Durable::stream_of`, the main stream's name made once a round).
             let lane;
-            let stream: &str = match d.lane_for(data) {
+            let stream: &str = match found {
                 None => mains[priority.index()].get_or_insert_with(|| d.keys.stream(None, *priority)),
                 Some(name) => {
                     lane = d.keys.stream(Some(&name), *priority);
@@ -1098,7 +1250,7 @@ fn pipeline(
             } else {
                 // The common job: its XADD packed as it is, with no `Cmd` (see `super::resp`).
                 JobEntry::pack_xadd(packed, stream, &d.node, *task_id, *session, *worker, context, data);
-                kept.push(false);
+                written.kept.push(false);
                 continue;
             }
             JobEntry::add_fields(&mut cmd, &d.node, *task_id, *session, *worker, context, data);
@@ -1114,10 +1266,14 @@ fn pipeline(
                 super::add_priority(&mut cmd, *priority);
             }
             // A claim's answer is read (see `answered`); the rest only fails the round.
-            kept.push(tick.is_some() || key.is_some());
+            written.kept.push(tick.is_some() || key.is_some());
             packed.cmd(&cmd);
         }
     }
+    if !pack.is_empty() {
+        write_pack(&mut pack, &mut in_pack, &packs, packed, before, &mut written);
+    }
+    written.job_commands = packed.len() - before;
     for (task_id, line) in keeps {
         let mut cmd = redis::cmd("XADD");
         cmd.arg(&d.keys.results)
@@ -1141,8 +1297,28 @@ fn pipeline(
             packed.arg(id);
         }
     }
-    kept.resize(packed.len() - before, false);
-    kept
+    written.kept.resize(packed.len() - before, false);
+    written
+}
+
+/// Writes `pack` (its jobs `in_pack`) as the next command of the round begun at `before`
+/// commands of `packed`: an XADD to the pack stream `stream`, whose answer is not read (a
+/// round is stored whole or not at all, see `super::round`).
+fn write_pack(
+    pack: &mut super::pack::Pack,
+    in_pack: &mut Vec<usize>,
+    stream: &str,
+    packed: &mut Packed,
+    before: usize,
+    written: &mut Written,
+) {
+    let command = packed.len() - before;
+    for job in in_pack.drain(..) {
+        written.carrier[job] = command;
+    }
+    written.packs.push(command);
+    written.kept.push(false);
+    pack.xadd(packed, stream);
 }
 
 #[cfg(test)]
@@ -1157,6 +1333,246 @@ mod tests {
             pos += n;
         }
         all
+    }
+
+    /// A node's durable settings for the tests of `pipeline`: lane `resize` routed here.
+    fn durable(pack: bool) -> Durable {
+        let config = crate::config::ServerConfig {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            node_id: Some("web-1".into()),
+            durable_pack: pack,
+            job_lanes: vec!["resize".into()],
+            ..Default::default()
+        };
+        Durable::from_config(&config).unwrap()
+    }
+
+    /// The kinds of job a round holds, for `round`.
+    #[derive(Clone, Copy)]
+    enum Kind {
+        Common,
+        High,
+        Lane,
+        Keyed,
+        Later,
+    }
+
+    /// A round of jobs of task ids 1, 2, … of these kinds (a batch's end after them), and the
+    /// bytes their context and data are in.
+    fn round(kinds: &[Kind]) -> (Vec<Item>, Vec<u8>) {
+        let mut bytes = Vec::new();
+        let mut items = Vec::new();
+        for (n, kind) in kinds.iter().enumerate() {
+            let task_id = n as u64 + 1;
+            let kind_name = if matches!(kind, Kind::Lane) { "resize" } else { "email" };
+            let context = copy(&mut bytes, if n % 2 == 0 { b"" } else { b"ctx" });
+            let data = copy(&mut bytes, format!(r#"{{"type":"{kind_name}","n":{n}}}"#).as_bytes());
+            items.push(Item::Store {
+                task_id,
+                session: 7,
+                worker: 1,
+                run_at_ms: if matches!(kind, Kind::Later) { 4_000_000_000_000 } else { 0 },
+                context,
+                data,
+                priority: if matches!(kind, Kind::High) { Priority::High } else { Priority::Normal },
+                tick: None,
+                key: matches!(kind, Kind::Keyed).then(|| (format!("{task_id:064x}"), 1000)),
+            });
+        }
+        items.push(Item::End(1));
+        (items, bytes)
+    }
+
+    /// The commands of a round as RESP arrays of arguments.
+    fn commands(packed: &Packed) -> Vec<Vec<Vec<u8>>> {
+        // A `*N` or `$N` line's number, and where the line after it starts.
+        fn line(bytes: &[u8], at: usize) -> (usize, usize) {
+            let end = at + bytes[at..].windows(2).position(|w| w == b"\r\n").unwrap();
+            (std::str::from_utf8(&bytes[at + 1..end]).unwrap().parse().unwrap(), end + 2)
+        }
+        let bytes = packed.bytes();
+        let mut at = 0;
+        let mut all = Vec::new();
+        while at < bytes.len() {
+            let (args, next) = line(bytes, at);
+            at = next;
+            let mut command = Vec::new();
+            for _ in 0..args {
+                let (len, next) = line(bytes, at);
+                command.push(bytes[next..next + len].to_vec());
+                at = next + len + 2;
+            }
+            all.push(command);
+        }
+        all
+    }
+
+    fn written(d: &Durable, items: &[Item], bytes: &[u8]) -> (Written, Packed) {
+        let mut packed = Packed::new();
+        let written = pipeline(d, items, bytes, &[], &[], &mut packed);
+        (written, packed)
+    }
+
+    /// A pack's XADD: its `n`, and the task ids of its jobs, each checked as a plain entry is.
+    fn pack_of(command: &[Vec<u8>]) -> (u64, Vec<u64>) {
+        assert_eq!(command.len(), 7, "XADD stream * n N p BLOB");
+        assert_eq!(
+            &command[..4],
+            &[b"XADD".to_vec(), b"{taskd}:jobs!p".to_vec(), b"*".to_vec(), b"n".to_vec()]
+        );
+        assert_eq!(command[5], b"p");
+        let n = std::str::from_utf8(&command[4]).unwrap().parse().unwrap();
+        let (jobs, damage) = super::super::pack::jobs(&command[6]);
+        assert_eq!(damage, None);
+        let ids = jobs
+            .into_iter()
+            .map(|fields| {
+                let job = JobEntry::checked_fields(fields.iter().copied()).unwrap();
+                assert_eq!((job.origin.as_str(), job.session, job.worker), ("web-1", 7, 1));
+                job.task_id
+            })
+            .collect();
+        (n, ids)
+    }
+
+    #[test]
+    fn a_rounds_common_jobs_are_one_pack_and_its_others_as_before_in_order() {
+        use Kind::*;
+        let kinds = [Common, Keyed, Common, Lane, High, Later, Common, Common];
+        let (items, bytes) = round(&kinds);
+        let (w, packed) = written(&durable(true), &items, &bytes);
+        // The same round without its common jobs, packs off: the others' commands as today.
+        let others: Vec<Item> = items
+            .iter()
+            .enumerate()
+            .filter(|(n, _)| ![0, 2, 6, 7].contains(n))
+            .map(|(_, i)| i.clone())
+            .collect();
+        let (plain, plain_packed) = written(&durable(false), &others, &bytes);
+        let got = commands(&packed);
+        assert_eq!(got.len(), 5);
+        assert_eq!(&got[..4], &commands(&plain_packed)[..]);
+        let (n, ids) = pack_of(&got[4]);
+        assert_eq!((n, ids), (4, vec![1, 3, 7, 8]));
+        assert_eq!(w.carrier, vec![4, 0, 4, 1, 2, 3, 4, 4]);
+        assert_eq!(w.packs, vec![4]);
+        assert_eq!(w.kept, [&plain.kept[..], &[false]].concat());
+        assert_eq!(w.kept, vec![true, false, false, false, false]);
+        assert_eq!(w.job_commands, 5);
+    }
+
+    #[test]
+    fn more_jobs_than_a_pack_holds_are_packs_as_even_as_can_be() {
+        for (jobs, sizes) in [(129, vec![65, 64]), (128, vec![128]), (300, vec![100, 100, 100])] {
+            let (items, bytes) = round(&vec![Kind::Common; jobs]);
+            let (w, packed) = written(&durable(true), &items, &bytes);
+            let got = commands(&packed);
+            let packs: Vec<(u64, Vec<u64>)> = got.iter().map(|c| pack_of(c)).collect();
+            assert_eq!(packs.iter().map(|(n, _)| *n as usize).collect::<Vec<_>>(), sizes);
+            for (n, ids) in &packs {
+                assert_eq!(*n as usize, ids.len());
+            }
+            let ids: Vec<u64> = packs.into_iter().flat_map(|(_, ids)| ids).collect();
+            assert_eq!(ids, (1..=jobs as u64).collect::<Vec<_>>(), "every job once, in order");
+            assert_eq!(w.packs, (0..sizes.len()).collect::<Vec<_>>());
+            assert_eq!(w.carrier.len(), jobs);
+            assert_eq!(w.carrier[sizes[0] - 1], 0);
+            assert_eq!(*w.carrier.last().unwrap(), sizes.len() - 1);
+        }
+    }
+
+    #[test]
+    fn a_pack_is_written_once_it_holds_a_megabyte_of_jobs() {
+        let mut bytes = Vec::new();
+        let mut items = Vec::new();
+        for task_id in 1..=5 {
+            let data = copy(&mut bytes, &[b'x'; 400 * 1024]);
+            items.push(Item::Store {
+                task_id,
+                session: 7,
+                worker: 1,
+                run_at_ms: 0,
+                context: 0..0,
+                data,
+                priority: Priority::Normal,
+                tick: None,
+                key: None,
+            });
+        }
+        let (w, packed) = written(&durable(true), &items, &bytes);
+        let sizes: Vec<u64> = commands(&packed).iter().map(|c| pack_of(c).0).collect();
+        assert_eq!(sizes, vec![3, 2]);
+        assert_eq!(w.carrier, vec![0, 0, 0, 1, 1]);
+    }
+
+    #[test]
+    fn a_round_of_fewer_than_two_packable_jobs_or_packs_off_is_written_as_ever() {
+        use Kind::*;
+        for kinds in [
+            vec![Keyed, Common, High, Lane, Later],
+            vec![Common],
+            vec![High, Lane, Keyed, Later, High],
+            vec![Common, Common, Keyed, Common, Lane],
+        ] {
+            let (items, bytes) = round(&kinds);
+            let (off, off_packed) = written(&durable(false), &items, &bytes);
+            // Packs off: one command per job, in order, each common job its own XADD as today.
+            assert_eq!(off.carrier, (0..kinds.len()).collect::<Vec<_>>());
+            assert!(off.packs.is_empty());
+            let mut today = Packed::new();
+            for item in &items {
+                if let Item::Store {
+                    task_id,
+                    context,
+                    data,
+                    priority: Priority::Normal,
+                    key: None,
+                    run_at_ms: 0,
+                    ..
+                } = item
+                {
+                    let data = &bytes[data.clone()];
+                    if !data.starts_with(br#"{"type":"resize""#) {
+                        JobEntry::pack_xadd(
+                            &mut today,
+                            "{taskd}:jobs",
+                            "web-1",
+                            *task_id,
+                            7,
+                            1,
+                            &bytes[context.clone()],
+                            data,
+                        );
+                    }
+                }
+            }
+            let commons: Vec<Vec<Vec<u8>>> = commands(&off_packed)
+                .into_iter()
+                .filter(|c| c[1] == b"{taskd}:jobs" && c[0] == b"XADD")
+                .collect();
+            assert_eq!(commons, commands(&today));
+            if kinds.iter().filter(|k| matches!(k, Common)).count() < 2 {
+                let (on, on_packed) = written(&durable(true), &items, &bytes);
+                assert_eq!(on_packed.bytes(), off_packed.bytes(), "{} jobs", kinds.len());
+                assert_eq!(on, off);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failed_pack_fails_all_its_jobs_and_only_them() {
+        use Kind::*;
+        let (items, bytes) = round(&[Common, Keyed, Common, Lane, Common]);
+        let (round, _) = written(&durable(true), &items, &bytes);
+        assert_eq!(round.carrier, vec![2, 0, 2, 1, 2]);
+        let error = || redis::RedisError::from((redis::ErrorKind::Client, "WRONGTYPE"));
+        let failed = Failed { commands: vec![(2, error())], round: round.clone() };
+        let jobs: Vec<bool> = (0..5).map(|j| failed.of_job(j).is_some()).collect();
+        assert_eq!(jobs, vec![true, false, true, false, true]);
+        // A plain command fails its job alone; a kept result's (past the jobs') no job.
+        let failed = Failed { commands: vec![(1, error()), (3, error())], round };
+        let jobs: Vec<bool> = (0..5).map(|j| failed.of_job(j).is_some()).collect();
+        assert_eq!(jobs, vec![false, false, false, true, false]);
     }
 
     #[test]

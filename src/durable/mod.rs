@@ -81,6 +81,8 @@ pub struct Durable {
     pub lanes: Vec<String>,
     /// `redis_wait_replicas`: replicas that must have a batch before it is acknowledged.
     pub wait_replicas: u32,
+    /// `durable_pack`: the bridge writes a round's common jobs as packs (see `pack`).
+    pub pack: bool,
 }
 
 impl Durable {
@@ -104,6 +106,7 @@ impl Durable {
             routes: config.job_lanes.clone(),
             lanes: config.run_lanes.clone(),
             wait_replicas: config.redis_wait_replicas,
+            pack: config.durable_pack,
         })
     }
 
