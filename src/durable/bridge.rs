@@ -917,7 +917,7 @@ const DEPTHS_EVERY: Duration = Duration::from_secs(1);
 /// priorities' streams, and of every priority over them (waiting or running). Finished jobs'
 /// entries are trimmed first, all of them (see [`super::trim`]), so they are not counted. A
 /// lane that no node's handler runs grows here. A pack counts as its jobs (those of the main
-/// normal stream; past some tens of packs, estimated: `trim::PACKED_JOBS`), whatever this
+/// normal stream; past 64 packs, estimated: `trim::PACKED_JOBS`), whatever this
 /// node's `durable_pack`: another node may write them.
 fn depths(conn: &mut dyn redis::ConnectionLike, d: &Durable) -> redis::RedisResult<String> {
     let lanes: Vec<Option<&str>> =

@@ -104,37 +104,33 @@ pub fn pack(packed: &mut Packed, streams: &[&str], slack: usize) {
     packed.arg(GROUP.as_bytes()).number(slack as u64).number(WALK as u64);
 }
 
-/// Packs read at each end of a pack stream to count its jobs: reading a pack reads its jobs'
-/// bytes (tens of kB), so a long queue of packs is not read whole every second.
-pub const PACKS_READ: usize = 32;
+/// Packs read to count a pack stream's jobs: reading a pack reads its jobs' bytes (tens of
+/// kB), so a long queue of packs is not read whole every second.
+pub const PACKS_READ: usize = 64;
 
-/// KEYS[1] a pack stream, trimmed (see [`TRIM`]); ARGV[1] the packs read at each end, ARGV[2]
-/// the most jobs a pack holds (`pack::MAX_JOBS`). Returns the jobs in its packs (waiting or
-/// running), by their counts `n` (one that is not a count of 1 to ARGV[2] counts none: anyone
-/// may have written it): exact up to 2 × ARGV[1] packs; past that, the packs between the first
-/// and the last ARGV[1] are counted at the mean of those read. 0 for no stream.
+/// KEYS[1] a pack stream, trimmed (see [`TRIM`]); ARGV[1] the packs read, ARGV[2] the most
+/// jobs a pack holds (`pack::MAX_JOBS`). Returns the jobs in its packs (waiting or running),
+/// by their counts `n` (one that is not a count of 1 to ARGV[2] counts none: anyone may have
+/// written it): exact up to ARGV[1] packs; past that, the packs after the first ARGV[1] are
+/// counted at the mean of those. 0 for no stream. (XRANGE from the start, not XREVRANGE from
+/// the end too: the README's ACL user may not run XREVRANGE.)
 pub const PACKED_JOBS: &str = r"
 if redis.call('TYPE', KEYS[1]).ok ~= 'stream' then return 0 end
-local ends, most = tonumber(ARGV[1]), tonumber(ARGV[2])
-local function jobs(entries)
-  local sum = 0
-  for _, e in ipairs(entries) do
-    local f = e[2]
-    for i = 1, #f, 2 do
-      if f[i] == 'n' then
-        local n = tonumber(f[i + 1])
-        if n and n >= 1 and n <= most then sum = sum + math.floor(n) end
-        break
-      end
+local read, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local sum = 0
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', read)) do
+  local f = e[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'n' then
+      local n = tonumber(f[i + 1])
+      if n and n >= 1 and n <= most then sum = sum + math.floor(n) end
+      break
     end
   end
-  return sum
 end
 local len = redis.call('XLEN', KEYS[1])
-if len <= 2 * ends then return jobs(redis.call('XRANGE', KEYS[1], '-', '+')) end
-local read = jobs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', ends))
-  + jobs(redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ends))
-return read + math.floor((len - 2 * ends) * read / (2 * ends) + 0.5)";
+if len <= read then return sum end
+return sum + math.floor((len - read) * sum / read + 0.5)";
 
 /// Packs the [`PACKED_JOBS`] of the pack stream `stream`.
 pub fn pack_packed_jobs(packed: &mut Packed, stream: &str) {
