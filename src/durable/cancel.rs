@@ -9,8 +9,9 @@
 //! that move due jobs and read the streams; it also ends the job's deduplication key, if it has
 //! one, as any end does. A pack that holds the job is deleted and its other jobs are put back
 //! in the main stream as plain entries (a pack cannot lose one job and keep the others). A
-//! stream is looked through [`SCAN`] entries (jobs, in packs) per call: a long queue takes
-//! several calls, each atomic, each starting past the last-delivered id as it is then.
+//! stream is looked through [`SCAN`] entries (jobs, in packs) per call, and the call that
+//! reaches the end of the main stream goes on into the packs: a long queue takes several
+//! calls, each atomic, each starting past the last-delivered id as it is then.
 
 use std::sync::LazyLock;
 
