@@ -804,33 +804,37 @@ impl Consumer<'_> {
                 }
             }
         }
+        // Jobs of slow length known (a window of one or a few): a pack of more than twice its
+        // window would hold jobs that others could start now while its first ones run.
+        let too_many = |place: InPack| self.job_seconds.is_some() && place.count as usize > 2 * count;
         let mut taken = Vec::with_capacity(entries.len());
-        let mut died: Vec<(At, u32)> = Vec::new();
+        let mut dissolve: Vec<(At, u32)> = Vec::new();
         for (at, job, pack) in entries {
             let attempt = counts.get(&at).copied().unwrap_or(1);
-            if pack.is_some() && attempt > 1 {
-                // A pack whose consumer died with it: none of its jobs is blamed, none is run
-                // here; it is dissolved, and each job meets `task_retry_max` alone.
-                if let Err(Rejected::NotAJob(why)) = &job {
-                    tracing::warn!("pack {} of {}: {why}; what is damaged is dropped", at.id, at.stream);
-                }
-                if died.last().is_none_or(|(last, _)| *last != at) {
-                    died.push((at, attempt));
-                }
+            let Some(place) = pack.filter(|&p| attempt > 1 || too_many(p)) else {
+                taken.push((at, job, attempt, pack));
                 continue;
+            };
+            // A pack whose consumer died with it: none of its jobs is blamed, none is run here;
+            // it is dissolved, and each job meets `task_retry_max` alone. Or too big a pack.
+            if let Err(Rejected::NotAJob(why)) = &job {
+                tracing::warn!("pack {} of {}: {why}; what is damaged is dropped", at.id, at.stream);
             }
-            taken.push((at, job, attempt, pack));
+            if place.index == 1 {
+                dissolve.push((at, attempt));
+            }
         }
-        if !died.is_empty() {
-            self.dissolve_died(&died)?;
+        if !dissolve.is_empty() {
+            self.dissolve(&dissolve)?;
         }
         Ok(taken)
     }
 
-    /// Dissolves packs taken again after their consumer died with them (`attempt` > 1: read
-    /// back at a start, or claimed): each is acknowledged and its jobs added to the main stream
-    /// as plain entries, their attempts raised by the runs of the pack that died ([`DISSOLVE`]).
-    fn dissolve_died(&mut self, packs: &[(At, u32)]) -> redis::RedisResult<()> {
+    /// Dissolves packs it will not run: each is acknowledged and its jobs added to the main
+    /// stream as plain entries ([`DISSOLVE`]). A pack of `attempt` > 1 was taken again after
+    /// its consumer died with it (read back at a start, or claimed): its jobs' attempts are
+    /// raised by the runs of the pack that died. One of attempt 1 has more jobs than its window.
+    fn dissolve(&mut self, packs: &[(At, u32)]) -> redis::RedisResult<()> {
         let (d, me) = (self.d, self.me.clone());
         let mut pipe = redis::pipe();
         for (at, attempt) in packs {
@@ -846,7 +850,16 @@ impl Consumer<'_> {
         }
         let added: Vec<i64> = pipe.query(self.conn()?)?;
         for ((at, attempt), added) in packs.iter().zip(added) {
-            if added < 0 {
+            if *attempt == 1 {
+                tracing::debug!(
+                    "{me}: pack {} of {}: more jobs than its window (jobs of {:.3}s each): {added} put back \
+                     into {} as jobs of their own",
+                    at.id,
+                    at.stream,
+                    self.job_seconds.unwrap_or_default(),
+                    d.keys.jobs
+                );
+            } else if added < 0 {
                 tracing::info!(
                     "{me}: pack {} of {} was finished or dissolved by another consumer meanwhile",
                     at.id,
