@@ -277,6 +277,30 @@ fn jobs_of_a_pack_held_back_by_a_rate_limit_wait_parked_and_each_runs_once() {
     });
 }
 
+#[test]
+fn a_packed_job_past_task_timeout_kills_its_process_and_fails_alone_the_others_done() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, &["--task-worker-num", "1", "--task-timeout", "1", "--task-retry-max", "0"]);
+    let ids = [800, 801, 802];
+    let jobs: Vec<(u64, String)> =
+        ids.iter().map(|&id| (id, email(id, if id == 800 { 5000 } else { 0 }))).collect();
+    add_pack(&redis, &jobs, b"");
+    let mut c = d.connect();
+    let got = results(&mut c, &ids);
+    // Its last attempt, yet no dead letter while packed: the pack is dissolved by the next
+    // process, and the slow job, alone, is killed again and fails.
+    let slow = &got[&800];
+    assert_eq!(slow["event"], "failed", "{slow}");
+    assert!(slow["error"].as_str().unwrap().contains("task_timeout"), "{slow}");
+    for id in [801, 802] {
+        assert_eq!((&got[&id]["event"], &got[&id]["attempts"]), (&"done".into(), &2.into()), "{}", got[&id]);
+    }
+    assert_eq!(redis.xlen("{taskd}:dead"), 1, "one dead letter, of the slow job alone");
+    let runs = runs(&d);
+    assert_eq!((runs.get(&800).map_or(0, Vec::len), runs.len()), (0, 2), "{runs:?}");
+    assert_eq!(d.log().matches("has run longer than task_timeout").count(), 2, "{}", d.log());
+}
+
 /// The scripts of a flush, twice as a MULTI sent again after its answer was lost would run
 /// them: a packed job is parked and dead-lettered once, while its pack is pending, and its pack
 /// is dissolved once, from the job given, with attempts raised.
