@@ -168,15 +168,21 @@ pub(super) const PACKS_READ: usize = 1;
 
 /// The reads of `count` jobs of `streams` (those of priority `p`), packed into `reads`, each
 /// command's priority pushed to `of`: the plain streams in one XREADGROUP of `count` each; the
-/// stream of packs, if it is among them, in one of [`PACKS_READ`].
+/// stream of packs, if it is among them, in one of [`PACKS_READ`] (in the same one when
+/// `count` is no more: a read costs Redis a few µs, and a window of one job is a read a job).
 fn pack_reads(reads: &mut Packed, of: &mut Vec<usize>, p: usize, me: &str, count: usize, streams: &[&str]) {
+    if count <= PACKS_READ {
+        pack_read(reads, me, count, None, streams, b">");
+        of.push(p);
+        return;
+    }
     let (packs, plain): (Vec<&str>, Vec<&str>) = streams.iter().partition(|s| super::keys::is_packs(s));
     if !plain.is_empty() {
         pack_read(reads, me, count, None, &plain, b">");
         of.push(p);
     }
     if !packs.is_empty() {
-        pack_read(reads, me, PACKS_READ.min(count), None, &packs, b">");
+        pack_read(reads, me, PACKS_READ, None, &packs, b">");
         of.push(p);
     }
 }
@@ -240,6 +246,23 @@ mod tests {
             pack_read(&mut packed, "web-1/0", 64, block, &streams, b">");
             assert_eq!(packed.bytes(), cmd.get_packed_command().as_slice());
         }
+    }
+
+    #[test]
+    fn the_stream_of_packs_is_read_a_pack_at_a_time() {
+        let streams = ["{q}:jobs", "{q}:jobs:resize", "{q}:jobs!p"];
+        let (mut got, mut of) = (Packed::new(), Vec::new());
+        pack_reads(&mut got, &mut of, 1, "web-1/0", 8, &streams);
+        let mut want = Packed::new();
+        pack_read(&mut want, "web-1/0", 8, None, &streams[..2], b">");
+        pack_read(&mut want, "web-1/0", PACKS_READ, None, &streams[2..], b">");
+        assert_eq!((got.bytes(), of), (want.bytes(), vec![1, 1]));
+        // A window of one: one read of them all.
+        let (mut got, mut of) = (Packed::new(), Vec::new());
+        pack_reads(&mut got, &mut of, 1, "web-1/0", 1, &streams);
+        let mut want = Packed::new();
+        pack_read(&mut want, "web-1/0", 1, None, &streams, b">");
+        assert_eq!((got.bytes(), of), (want.bytes(), vec![1]));
     }
 
     #[test]
