@@ -159,7 +159,9 @@ fn a_pack_of_more_jobs_than_the_window_of_a_consumer_of_slow_jobs_goes_back_to_t
         assert_eq!(runs.get(id).map_or(0, Vec::len), 1, "task {id} ran once: {runs:?}");
     }
     assert_eq!(added_to(&redis, "{taskd}:jobs"), 5, "the pack's four jobs were put back as plain entries");
-    wait_for("nothing left pending", || (pending(&redis, PACKS) == 0 && redis.pending() == 0).then_some(()));
+    wait_for("nothing left pending, the pack trimmed", || {
+        (pending(&redis, PACKS) == 0 && redis.pending() == 0 && redis.xlen(PACKS) == 0).then_some(())
+    });
 }
 
 #[test]
@@ -251,7 +253,9 @@ fn a_task_process_killed_inside_a_pack_has_it_dissolved_and_every_job_done_once(
         assert_eq!(lines.len(), 1, "task {id} ran to its end once: {lines:?}");
     }
     d.wait_log(&format!("pack {pack} of {PACKS} was held by a consumer that died (delivery 2): its 4 jobs"));
-    wait_for("nothing left pending", || (pending(&redis, PACKS) == 0 && redis.pending() == 0).then_some(()));
+    wait_for("nothing left pending, the pack trimmed", || {
+        (pending(&redis, PACKS) == 0 && redis.pending() == 0 && redis.xlen(PACKS) == 0).then_some(())
+    });
 }
 
 #[test]

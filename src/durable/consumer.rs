@@ -849,6 +849,12 @@ impl Consumer<'_> {
                 .arg(attempt - 1);
         }
         let added: Vec<i64> = pipe.query(self.conn()?)?;
+        // Acknowledged: their entries go with its next trim.
+        for (at, _) in packs {
+            if !self.untrimmed.contains(&at.stream) {
+                self.untrimmed.push(Arc::clone(&at.stream));
+            }
+        }
         for ((at, attempt), added) in packs.iter().zip(added) {
             if *attempt == 1 {
                 tracing::debug!(
