@@ -305,6 +305,22 @@ fn a_packed_job_past_task_timeout_kills_its_process_and_fails_alone_the_others_d
     assert_eq!(d.log().matches("has run longer than task_timeout").count(), 2, "{}", d.log());
 }
 
+#[test]
+fn a_restarted_web_node_takes_back_its_jobs_waiting_in_packs() {
+    let Some(redis) = Redis::start() else { return };
+    // No task process: the packs wait.
+    let first = web(&redis, &["--task-worker-num", "0"]);
+    add_pack(&redis, &[(900, email(900, 0)), (901, email(901, 0))], b"");
+    drop(first);
+    let again = web(&redis, &["--task-worker-num", "0"]);
+    again.wait_log("2 unfinished jobs taken back");
+    let mut c = again.connect();
+    for id in [900, 901] {
+        let v = ask_result(&mut c, id);
+        assert_eq!(v["event"], "running", "{v}");
+    }
+}
+
 /// The scripts of a flush, twice as a MULTI sent again after its answer was lost would run
 /// them: a packed job is parked and dead-lettered once, while its pack is pending, and its pack
 /// is dissolved once, from the job given, with attempts raised.
