@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::durable::Redis;
+use common::durable::{Redis, TaskNode};
 use common::{wait_for, Client, Daemon};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -319,6 +319,42 @@ fn a_restarted_web_node_takes_back_its_jobs_waiting_in_packs() {
         let v = ask_result(&mut c, id);
         assert_eq!(v["event"], "running", "{v}");
     }
+}
+
+#[test]
+fn a_pack_of_a_dead_task_node_is_claimed_by_another_node_and_dissolved() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, &["--task-worker-num", "0"]);
+    let args = ["--task-worker-num", "1", "--claim-timeout", "1"];
+    let mut a = TaskNode::start(&redis, "a", &args);
+    let ids = [950, 951, 952];
+    let jobs: Vec<(u64, String)> =
+        ids.iter().map(|&id| (id, email(id, if id == 950 { 3000 } else { 0 }))).collect();
+    let pack = add_pack(&redis, &jobs, b"");
+    wait_for("node a to take the pack", || (pending(&redis, PACKS) == 1).then_some(()));
+    a.kill_all();
+    let b = TaskNode::start(&redis, "b", &args);
+    let mut c = d.connect();
+    let got = results(&mut c, &ids);
+    for id in &ids {
+        assert_eq!((&got[id]["event"], &got[id]["attempts"]), (&"done".into(), &2.into()), "{}", got[id]);
+    }
+    let lines = b.outbox_lines();
+    for id in ids {
+        assert_eq!(
+            lines.iter().filter(|l| l["task_id"] == id).count(),
+            1,
+            "task {id} ran once on b: {lines:?}"
+        );
+    }
+    assert!(a.outbox_lines().is_empty(), "the slow job died with node a");
+    assert!(
+        b.log().contains(&format!(
+            "pack {pack} of {PACKS} was held by a consumer that died (delivery 2): its 3 jobs"
+        )),
+        "{}",
+        b.log()
+    );
 }
 
 /// The scripts of a flush, twice as a MULTI sent again after its answer was lost would run
