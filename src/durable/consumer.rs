@@ -1,7 +1,13 @@
 //! A task process of durable jobs: a consumer of the job stream, on a web node or a task node.
 //!
 //! It reads the main job stream and the lanes of the job types its node's handlers run (see
-//! [`super::keys::Keys::lane`]), so a job waits for a node that can run it.
+//! [`super::keys::Keys::lane`]), so a job waits for a node that can run it; and the stream of
+//! packs (`super::pack`: common jobs of a bridge's round in one entry), whose jobs it runs one
+//! by one as it runs any other's. A pack is acknowledged once, when all its jobs are written;
+//! one cut short (a slow job, whose outcome goes out at once, or a run broken off) is
+//! dissolved from its first job not run into plain entries of the main stream, in the same
+//! MULTI ([`PackEnd`]); and a pack taken again after its consumer died with it is dissolved
+//! whole, its death blamed on none of its jobs ([`DISSOLVE`]).
 //!
 //! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
 //! into its origin's reply stream and XACK. The acknowledged entries leave the stream by a
