@@ -177,7 +177,7 @@ fn a_job_in_a_pack_not_delivered_is_cancelled_and_the_packs_other_jobs_come_back
 
     // Once a consumer group has delivered the first pack, its jobs have started; a pack
     // written after is still there to cancel from, by the operator (`taskd cancel`).
-    let _: String = redis.query(&["XGROUP", "CREATE", PACKS, "taskd", &first]);
+    let _: String = redis.query(&["XGROUP", "SETID", PACKS, "taskd", &first]);
     let started = cancel(&mut c, ids[0]);
     assert!(started["error"].as_str().unwrap().contains("has started"), "{started}");
     let later = submit(&mut c, &redis, 3, &text);
@@ -250,7 +250,7 @@ fn stats_count_a_pack_as_its_jobs_waiting_or_running() {
     jobs(&mut c, 7);
     let many = entries(&redis, PACKS)[1].0.clone();
     // Delivered and not acknowledged (running): still counted; acknowledged: trimmed, gone.
-    let _: String = redis.query(&["XGROUP", "CREATE", PACKS, "taskd", "0"]);
+    let _: String = redis.query(&["XGROUP", "SETID", PACKS, "taskd", "0"]);
     let _: redis::Value =
         redis.query(&["XREADGROUP", "GROUP", "taskd", "x/0", "COUNT", "1", "STREAMS", PACKS, ">"]);
     jobs(&mut c, 7);
