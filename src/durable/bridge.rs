@@ -979,27 +979,40 @@ const DEPTHS_EVERY: Duration = Duration::from_secs(1);
 /// of the main job stream and of each lane this node routes jobs to, each over its three
 /// priorities' streams, and of every priority over them (waiting or running). Finished jobs'
 /// entries are trimmed first, all of them (see [`super::trim`]), so they are not counted. A
-/// lane that no node's handler runs grows here.
+/// lane that no node's handler runs grows here. A pack counts as its jobs (those of the main
+/// normal stream; past 64 packs, estimated: `trim::PACKED_JOBS`), whatever this
+/// node's `durable_pack`: another node may write them.
 fn depths(conn: &mut dyn redis::ConnectionLike, d: &Durable) -> redis::RedisResult<String> {
     let lanes: Vec<Option<&str>> =
         std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
-    let streams: Vec<String> = Priority::ALL
+    let packs = d.keys.packs();
+    let mut streams: Vec<String> = Priority::ALL
         .into_iter()
         .flat_map(|p| lanes.iter().map(move |lane| d.keys.stream(*lane, p)))
         .collect();
+    streams.push(packs.clone());
     let streams: Vec<&str> = streams.iter().map(String::as_str).collect();
     let mut packed = super::resp::Packed::new();
     super::trim::pack(&mut packed, &streams, 0);
-    let answer = conn.req_packed_commands(packed.bytes(), 0, 1)?.pop();
-    let Some((_, lengths)) = answer.as_ref().and_then(super::trim::answer) else {
-        return Err(redis::RedisError::from((
-            redis::ErrorKind::Client,
-            "unexpected reply",
-            format!("the trim's reply: {answer:?}"),
-        )));
+    super::trim::pack_packed_jobs(&mut packed, &packs);
+    let mut answers = conn.req_packed_commands(packed.bytes(), 0, 2)?.into_iter();
+    let (trimmed, in_packs) = (answers.next(), answers.next());
+    let unexpected = |what: &str, answer: &Option<Value>| {
+        redis::RedisError::from((redis::ErrorKind::Client, "unexpected reply", format!("{what}: {answer:?}")))
     };
-    // Row per priority, column per lane (the main stream first).
-    let at = |p: usize, l: usize| lengths.get(p * lanes.len() + l).copied().unwrap_or(0);
+    let Some((_, lengths)) = trimmed.as_ref().and_then(super::trim::answer) else {
+        return Err(unexpected("the trim's reply", &trimmed));
+    };
+    let Some(in_packs) = in_packs.as_ref().and_then(redis_io::as_int).and_then(|n| u64::try_from(n).ok())
+    else {
+        return Err(unexpected("the count of packed jobs", &in_packs));
+    };
+    // Row per priority, column per lane (the main stream first); packed jobs are of the main
+    // stream's normal priority.
+    let at = |p: usize, l: usize| {
+        let extra = if (p, l) == (Priority::Normal.index(), 0) { in_packs } else { 0 };
+        lengths.get(p * lanes.len() + l).copied().unwrap_or(0) + extra
+    };
     let of_lane = |l: usize| (0..3).map(|p| at(p, l)).sum::<u64>();
     let of_priority = |p: usize| (0..lanes.len()).map(|l| at(p, l)).sum::<u64>();
     let by_lane: serde_json::Map<String, serde_json::Value> =

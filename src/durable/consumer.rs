@@ -1,7 +1,13 @@
 //! A task process of durable jobs: a consumer of the job stream, on a web node or a task node.
 //!
 //! It reads the main job stream and the lanes of the job types its node's handlers run (see
-//! [`super::keys::Keys::lane`]), so a job waits for a node that can run it.
+//! [`super::keys::Keys::lane`]), so a job waits for a node that can run it; and the stream of
+//! packs (`super::pack`: common jobs of a bridge's round in one entry), whose jobs it runs one
+//! by one as it runs any other's. A pack is acknowledged once, when all its jobs are written;
+//! one cut short (a slow job, whose outcome goes out at once, or a run broken off) is
+//! dissolved from its first job not run into plain entries of the main stream, in the same
+//! MULTI ([`PackEnd`]); and a pack taken again after its consumer died with it is dissolved
+//! whole, its death blamed on none of its jobs ([`DISSOLVE`]).
 //!
 //! It takes jobs with XREADGROUP, runs `on_task`, and finishes each in one MULTI: the outcome
 //! into its origin's reply stream and XACK. The acknowledged entries leave the stream by a
@@ -124,13 +130,26 @@ pub struct At {
     pub id: String,
 }
 
-/// A job taken: where it is, the job (or why it is not one to run), its attempt.
-type Taken = (At, Result<Arc<JobEntry>, Rejected>, u32);
+/// Where a job of a pack (see `super::pack`) is in it. The jobs of a pack share its [`At`]
+/// (one entry, acknowledged once, when all of them are written or the rest is dissolved).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InPack {
+    /// Its place, from 1 (as `pack::LUA_DISSOLVE` counts the jobs of a pack).
+    pub index: u32,
+    /// The items the pack became: its jobs, and one for a damaged rest.
+    pub count: u32,
+}
 
-/// A finished job, to be written to Redis.
+/// A job taken: where it is, the job (or why it is not one to run), its attempt, and its
+/// place in its pack if it is packed.
+type Taken = (At, Result<Arc<JobEntry>, Rejected>, u32, Option<InPack>);
+
+/// A finished job, to be written to Redis. `pack`: its place in its pack, if it is packed:
+/// then it is not acknowledged on its own (its pack is, once, see [`store`]).
 pub(super) enum Completion {
     Done {
         id: At,
+        pack: Option<InPack>,
         /// The job run: its origin gets the outcome, its deduplication key (see
         /// `durable::dedup`) is ended with it. Shared, not copied out: the beat thread is done
         /// with it, and its fields were two allocations a job.
@@ -139,6 +158,7 @@ pub(super) enum Completion {
     },
     Dead {
         id: At,
+        pack: Option<InPack>,
         job: JobEntry,
         why: String,
         attempts: u32,
@@ -146,11 +166,13 @@ pub(super) enum Completion {
     /// Not a job (deleted meanwhile, or unreadable): only to be acknowledged.
     Drop {
         id: At,
+        pack: Option<InPack>,
     },
     /// To run again after `wait` (a delivery retry, or "not yet"): parked in the delayed set
     /// with its attempts and retries so far; `notice` (a non-final reply) tells its origin.
     Later {
         id: At,
+        pack: Option<InPack>,
         job: JobEntry,
         wait: Duration,
         notice: Option<ReplyEntry>,
@@ -181,10 +203,81 @@ impl Completion {
         match self {
             Completion::Done { id, .. }
             | Completion::Dead { id, .. }
-            | Completion::Drop { id }
+            | Completion::Drop { id, .. }
             | Completion::Later { id, .. } => id,
         }
     }
+
+    fn pack(&self) -> Option<InPack> {
+        match self {
+            Completion::Done { pack, .. }
+            | Completion::Dead { pack, .. }
+            | Completion::Drop { pack, .. }
+            | Completion::Later { pack, .. } => *pack,
+        }
+    }
+}
+
+/// What a flush does with a pack it writes outcomes of (see [`pack_ends`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PackEnd {
+    /// Each of its jobs is written (in this flush or an earlier one): acknowledged.
+    Complete,
+    /// Its jobs from this one on (1-based) have not run: acknowledged, and those jobs added
+    /// to the main stream as plain entries ([`DISSOLVE`]), for any consumer to take.
+    DissolveFrom(u32),
+}
+
+/// The packs of `completions`, each with what their flush does with it. A flush never leaves
+/// a pack half done: a pack's jobs run in order, and the queue drops the rest of a pack
+/// dissolved by a flush, so the completions of a pack in a flush are its first jobs (with
+/// those of earlier flushes that failed), and the last of them says where the pack stands.
+pub(super) fn pack_ends(completions: &[Completion]) -> Vec<(&At, PackEnd)> {
+    let mut last: Vec<(&At, InPack)> = Vec::new();
+    for c in completions {
+        let Some(place) = c.pack() else { continue };
+        // The jobs of a pack come together: its place in the list is most often the last.
+        match last.iter_mut().rev().find(|(at, _)| *at == c.id()) {
+            Some((_, seen)) => {
+                if place.index > seen.index {
+                    *seen = place;
+                }
+            }
+            None => last.push((c.id(), place)),
+        }
+    }
+    last.into_iter()
+        .map(|(at, p)| {
+            let end = if p.index >= p.count { PackEnd::Complete } else { PackEnd::DissolveFrom(p.index + 1) };
+            (at, end)
+        })
+        .collect()
+}
+
+/// How many stream entries `items` are (a pack's jobs are one): what the beat thread refreshes
+/// for the consumer that holds them (see `heartbeat`).
+fn entries_in<'a>(items: impl IntoIterator<Item = (&'a At, Option<InPack>)>) -> usize {
+    let mut packs: Vec<&At> = Vec::new();
+    let mut plain = 0;
+    for (at, pack) in items {
+        match pack {
+            None => plain += 1,
+            Some(_) => {
+                if !packs.contains(&at) {
+                    packs.push(at);
+                }
+            }
+        }
+    }
+    plain + packs.len()
+}
+
+/// The entries held by a consumer (see [`entries_in`]): its queue, what it ran, what it has
+/// not written yet.
+fn held(queue: &VecDeque<Taken>, done: &[Completion], unsent: &[Completion]) -> usize {
+    let queued = queue.iter().map(|(at, _, _, pack)| (at, *pack));
+    let finished = done.iter().chain(unsent).map(|c| (c.id(), c.pack()));
+    entries_in(queued.chain(finished))
 }
 
 pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), ProcessError> {
@@ -249,14 +342,14 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             }
         };
         // Everything it wrote back is out (take flushes first): it holds what it just took.
-        pulse.took(entries.len());
+        pulse.took(entries_in(entries.iter().map(|(at, _, _, pack)| (at, *pack))));
         // A job's outcome line waits for its burst's (one write of the log per burst, not a
         // write system call per job), written before their outcomes leave; its other lines go
         // out as they are logged, so a job that hangs shows what it was doing.
         crate::logging::hold_outcomes();
         done.reserve(entries.len());
         let mut queue: VecDeque<Taken> = entries.into();
-        while let Some((at, job, attempt)) = queue.pop_front() {
+        while let Some(taken) = queue.pop_front() {
             if !c.lease_known_valid() {
                 // The node woke from a hang past its lease: a node of its name may be running
                 // these now. They stay pending under its name, read back if the name is kept.
@@ -267,11 +360,12 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
             // some 100 instructions, a no-op job's own work about ten of them).
             let started = Instant::now();
             if pulse.stale_at(started) {
-                // Stopped, or cut off from Redis, for two beats: run only what is still its own.
-                queue.push_front((at, job, attempt));
+                // Stopped, or cut off from Redis, for two beats: run only what is still its own
+                // (a pack whole or none of it: its jobs share its entry).
+                queue.push_front(taken);
                 match c.keep_own(&mut queue) {
                     Ok(()) => {
-                        pulse.holding(queue.len() + done.len() + c.unsent.len());
+                        pulse.holding(held(&queue, &done, &c.unsent));
                         pulse.refreshed();
                         continue;
                     }
@@ -282,27 +376,38 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                     }
                 }
             }
-            done.push(run_one(app, info, d, &pulse, (at, job, attempt), started, &mut rng));
+            done.push(run_one(app, info, d, &pulse, taken, started, &mut rng));
             let took = started.elapsed();
             if matches!(done.last(), Some(Completion::Done { .. } | Completion::Later { .. })) {
                 served += 1;
                 c.timed(took);
             }
-            // A slow job's outcome goes out at once; quick ones go together.
+            // A slow job's outcome goes out at once; quick ones go together. The rest of its
+            // pack, if it is packed, goes back to the main stream with it, for other consumers
+            // (see `store`), and is not run here.
             if queue.is_empty() || took >= Duration::from_millis(1) {
                 settle(app, info, &mut done);
                 crate::logging::flush();
                 c.unsent.append(&mut done);
+                let dissolved: Vec<At> = pack_ends(&c.unsent)
+                    .into_iter()
+                    .filter(|(_, end)| matches!(end, PackEnd::DissolveFrom(_)))
+                    .map(|(at, _)| at.clone())
+                    .collect();
                 if let Err(e) = c.flush() {
                     c.lost(&e);
                 }
-                pulse.holding(queue.len() + c.unsent.len());
+                // Also when the flush failed: its next try dissolves them (or finds it done).
+                if !dissolved.is_empty() {
+                    queue.retain(|(at, _, _, pack)| pack.is_none() || !dissolved.contains(at));
+                }
+                pulse.holding(held(&queue, &[], &c.unsent));
             }
         }
         settle(app, info, &mut done);
         crate::logging::flush();
         c.unsent.append(&mut done);
-        pulse.holding(c.unsent.len());
+        pulse.holding(held(&VecDeque::new(), &[], &c.unsent));
     }
 }
 
@@ -340,7 +445,7 @@ fn run_one<A: Application>(
     info: ProcessInfo,
     d: &Durable,
     pulse: &Pulse,
-    (at, job, attempt): Taken,
+    (at, job, attempt, pack): Taken,
     started: Instant,
     rng: &mut crate::retry::Rng,
 ) -> Completion {
@@ -350,12 +455,12 @@ fn run_one<A: Application>(
         Ok(job) => job,
         Err(Rejected::NotAJob(why)) => {
             tracing::warn!("job stream entry {} is not a job ({why}); dropped", at.id);
-            return Completion::Drop { id: at };
+            return Completion::Drop { id: at, pack };
         }
         Err(Rejected::Invalid { job, why }) => {
             let why = format!("not run: {why}");
             tracing::warn!("job stream entry {}: {why}; moved to the dead letters", at.id);
-            return Completion::Dead { id: at, job: *job, why, attempts: attempt - 1 };
+            return Completion::Dead { id: at, pack, job: *job, why, attempts: attempt - 1 };
         }
     };
     if attempt > d.max_attempts {
@@ -367,7 +472,7 @@ fn run_one<A: Application>(
             d.task_limit.map_or(String::new(), |l| format!(", or past task_timeout ({}s)", l.as_secs_f64()))
         );
         tracing::warn!("job {}: {why}; moved to the dead letters", job.task_id);
-        return Completion::Dead { id: at, job: Arc::unwrap_or_clone(job), why, attempts: attempt - 1 };
+        return Completion::Dead { id: at, pack, job: Arc::unwrap_or_clone(job), why, attempts: attempt - 1 };
     }
     let run = job.attempts.saturating_add(attempt);
     let task = Task {
@@ -381,8 +486,9 @@ fn run_one<A: Application>(
     let mut ctx = TaskCtx { out: &mut sends, info, reply: Vec::new() };
     let mut result = None;
     // Shared with the heartbeat thread while it runs: on its last attempt past task_timeout,
-    // that thread records it as failed (a dead letter needs the whole job).
-    pulse.running(at, &job, attempt, started);
+    // that thread records it as failed (a dead letter needs the whole job; not of a packed
+    // one, whose pack is dissolved when it is taken back).
+    pulse.running(at, &job, attempt, started, pack.is_some());
     guard(info.slot, "on_task", || result = Some(app.on_task(&mut ctx, &task)));
     // Given back: only this thread sets `running`, just above.
     let at = pulse.ran().expect("the id lent to the beat thread by `running`");
@@ -398,7 +504,7 @@ fn run_one<A: Application>(
             match d.retry.wait(n, retry_after, rng) {
                 Some(wait) => {
                     let next = JobEntry { attempts: run, retries: n, ..(*job).clone() };
-                    return later(at, next, wait, Some((info.pid, sends, error)));
+                    return later(at, pack, next, wait, Some((info.pid, sends, error)));
                 }
                 None => (false, error.into_bytes()),
             }
@@ -406,7 +512,7 @@ fn run_one<A: Application>(
         Err(TaskFailure::NotYet { wait, .. }) => {
             // Not an attempt: the next run has the same number.
             let next = JobEntry { attempts: run - 1, ..(*job).clone() };
-            return later(at, next, wait.min(crate::retry::NOT_YET_MAX), None);
+            return later(at, pack, next, wait.min(crate::retry::NOT_YET_MAX), None);
         }
     };
     let reply = ReplyEntry {
@@ -420,12 +526,18 @@ fn run_one<A: Application>(
         result,
         retrying: false,
     };
-    Completion::Done { id: at, job, reply }
+    Completion::Done { id: at, pack, job, reply }
 }
 
 /// A job to park in the delayed set; after a transient failure (`failed`: the task pid, its
 /// sends and the error), with a `retrying` notice for its origin.
-fn later(id: At, job: JobEntry, wait: Duration, failed: Option<(u32, Vec<u8>, String)>) -> Completion {
+fn later(
+    id: At,
+    pack: Option<InPack>,
+    job: JobEntry,
+    wait: Duration,
+    failed: Option<(u32, Vec<u8>, String)>,
+) -> Completion {
     let notice = failed.map(|(task_pid, sends, error)| {
         tracing::info!(
             "job {}: attempt {} failed ({error}); runs again in {} ms",
@@ -450,7 +562,7 @@ fn later(id: At, job: JobEntry, wait: Duration, failed: Option<(u32, Vec<u8>, St
             retrying: true,
         }
     });
-    Completion::Later { id, job, wait, notice }
+    Completion::Later { id, pack, job, wait, notice }
 }
 
 struct Consumer<'a> {
@@ -687,7 +799,8 @@ impl Consumer<'_> {
         // Reading one's history and claiming count as deliveries: Redis keeps the number.
         let mut counts: HashMap<At, u32> = HashMap::new();
         if !fresh {
-            let mut streams: Vec<Arc<str>> = entries.iter().map(|(at, _)| Arc::clone(&at.stream)).collect();
+            let mut streams: Vec<Arc<str>> =
+                entries.iter().map(|(at, _, _)| Arc::clone(&at.stream)).collect();
             streams.sort();
             streams.dedup();
             let conn = self.conn()?;
@@ -697,13 +810,84 @@ impl Consumer<'_> {
                 }
             }
         }
-        Ok(entries
-            .into_iter()
-            .map(|(at, job)| {
-                let attempt = counts.get(&at).copied().unwrap_or(1);
-                (at, job, attempt)
-            })
-            .collect())
+        // Jobs of slow length known (a window of one or a few): a pack of more than twice its
+        // window would hold jobs that others could start now while its first ones run.
+        let too_many = |place: InPack| self.job_seconds.is_some() && place.count as usize > 2 * count;
+        let mut taken = Vec::with_capacity(entries.len());
+        let mut dissolve: Vec<(At, u32)> = Vec::new();
+        for (at, job, pack) in entries {
+            let attempt = counts.get(&at).copied().unwrap_or(1);
+            let Some(place) = pack.filter(|&p| attempt > 1 || too_many(p)) else {
+                taken.push((at, job, attempt, pack));
+                continue;
+            };
+            // A pack whose consumer died with it: none of its jobs is blamed, none is run here;
+            // it is dissolved, and each job meets `task_retry_max` alone. Or too big a pack.
+            if let Err(Rejected::NotAJob(why)) = &job {
+                tracing::warn!("pack {} of {}: {why}; what is damaged is dropped", at.id, at.stream);
+            }
+            if place.index == 1 {
+                dissolve.push((at, attempt));
+            }
+        }
+        if !dissolve.is_empty() {
+            self.dissolve(&dissolve)?;
+        }
+        Ok(taken)
+    }
+
+    /// Dissolves packs it will not run: each is acknowledged and its jobs added to the main
+    /// stream as plain entries ([`DISSOLVE`]). A pack of `attempt` > 1 was taken again after
+    /// its consumer died with it (read back at a start, or claimed): its jobs' attempts are
+    /// raised by the runs of the pack that died. One of attempt 1 has more jobs than its window.
+    fn dissolve(&mut self, packs: &[(At, u32)]) -> redis::RedisResult<()> {
+        let (d, me) = (self.d, self.me.clone());
+        let mut pipe = redis::pipe();
+        for (at, attempt) in packs {
+            pipe.cmd("EVAL")
+                .arg(DISSOLVE.as_str())
+                .arg(2)
+                .arg(&*at.stream)
+                .arg(&d.keys.jobs)
+                .arg(GROUP)
+                .arg(&at.id)
+                .arg(1)
+                .arg(attempt - 1);
+        }
+        let added: Vec<i64> = pipe.query(self.conn()?)?;
+        // Acknowledged: their entries go with its next trim.
+        for (at, _) in packs {
+            if !self.untrimmed.contains(&at.stream) {
+                self.untrimmed.push(Arc::clone(&at.stream));
+            }
+        }
+        for ((at, attempt), added) in packs.iter().zip(added) {
+            if *attempt == 1 {
+                tracing::debug!(
+                    "{me}: pack {} of {}: more jobs than its window (jobs of {:.3}s each): {added} put back \
+                     into {} as jobs of their own",
+                    at.id,
+                    at.stream,
+                    self.job_seconds.unwrap_or_default(),
+                    d.keys.jobs
+                );
+            } else if added < 0 {
+                tracing::info!(
+                    "{me}: pack {} of {} was finished or dissolved by another consumer meanwhile",
+                    at.id,
+                    at.stream
+                );
+            } else {
+                tracing::warn!(
+                    "{me}: pack {} of {} was held by a consumer that died (delivery {attempt}): its {added} jobs \
+                     are back in {} as jobs of their own",
+                    at.id,
+                    at.stream,
+                    d.keys.jobs
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Keeps in `queue` only the jobs still pending under its name (another consumer may have
@@ -712,7 +896,7 @@ impl Consumer<'_> {
         let (d, me) = (self.d, self.me.clone());
         let own: HashSet<At> = super::heartbeat::refresh(self.conn()?, d, &me)?.into_iter().collect();
         let before = queue.len();
-        queue.retain(|(at, _, _)| own.contains(at));
+        queue.retain(|(at, _, _, _)| own.contains(at));
         if queue.len() < before {
             tracing::warn!(
                 "{me}: {} jobs it held were claimed by another consumer while it could not keep them alive; leaving them to it",
@@ -912,9 +1096,15 @@ pub(super) fn store(
                 }
                 reply.encode(batch_for(&mut batches, spare, origin, room))
             }
-            Completion::Dead { id, job, why, attempts } => {
+            Completion::Dead { id, pack, job, why, attempts } => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(DEAD).arg(2).arg(&d.keys.dead).arg(&*id.stream).arg(GROUP).arg(&id.id);
+                // A packed job's entry is its pack's: it is acknowledged with the pack.
+                cmd.arg(if pack.is_some() { DEAD_PACKED } else { DEAD })
+                    .arg(2)
+                    .arg(&d.keys.dead)
+                    .arg(&*id.stream)
+                    .arg(GROUP)
+                    .arg(&id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
                 // A replay puts it back into its lane, of its priority.
@@ -942,9 +1132,9 @@ pub(super) fn store(
                 failed.encode(batch_for(&mut batches, spare, &job.origin, room));
             }
             Completion::Drop { .. } => {}
-            Completion::Later { id, job, wait, notice } => {
+            Completion::Later { id, pack, job, wait, notice } => {
                 let mut cmd = redis::cmd("EVAL");
-                cmd.arg(PARK)
+                cmd.arg(if pack.is_some() { PARK_PACKED } else { PARK })
                     .arg(3)
                     .arg(&d.keys.delayed)
                     .arg(d.keys.delayed_job(job.task_id))
@@ -973,8 +1163,14 @@ pub(super) fn store(
     }
     // A parked job's entry is acknowledged and deleted by its script; the others are
     // acknowledged stream by stream, and their entries left to the trim (see `super::trim`).
+    // A packed job is not: its pack is, once, when complete; or dissolved (after the scripts
+    // of its jobs above, which park or dead-letter them only while it is pending: a MULTI sent
+    // again after its answer was lost does neither twice).
     let mut by_stream: Vec<(&str, Vec<&str>)> = Vec::new();
-    for at in completions.iter().filter(|c| !matches!(c, Completion::Later { .. })).map(Completion::id) {
+    let ends = pack_ends(completions);
+    let plain = completions.iter().filter(|c| c.pack().is_none() && !matches!(c, Completion::Later { .. }));
+    let complete = ends.iter().filter(|(_, end)| *end == PackEnd::Complete).map(|(at, _)| *at);
+    for at in plain.map(Completion::id).chain(complete) {
         match by_stream.iter_mut().find(|(s, _)| *s == &*at.stream) {
             Some((_, ids)) => ids.push(&at.id),
             None => {
@@ -996,6 +1192,18 @@ pub(super) fn store(
         for id in ids {
             pipe.arg(id.as_bytes());
         }
+    }
+    for (at, end) in &ends {
+        let PackEnd::DissolveFrom(first) = end else { continue };
+        // Refused (WRONGTYPE) only when the main stream is a key of another type: the pack
+        // stays pending, read back and dissolved once it is mended; no failure of the flush.
+        wrong_type_ok.push(pipe.len() - 1);
+        pipe.command(9).arg(b"EVAL").arg(DISSOLVE.as_bytes()).arg(b"2");
+        pipe.arg(at.stream.as_bytes())
+            .arg(d.keys.jobs.as_bytes())
+            .arg(GROUP.as_bytes())
+            .arg(at.id.as_bytes());
+        pipe.number(u64::from(*first)).arg(b"0");
     }
     // Last, after this flush's XACKs: its own entries go with the trim.
     let trim_at = (!trim.is_empty()).then(|| {
@@ -1108,6 +1316,60 @@ if redis.call('TYPE', KEYS[2]).ok ~= 'stream' then return 0 end
 if redis.call('XACK', KEYS[2], ARGV[1], ARGV[2]) == 0 then return 0 end
 redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 return 1";
+
+/// [`PARK`] of a job of a pack (the stream of packs KEYS[3], the pack's entry ARGV[2]): only
+/// while the pack is pending, and without acknowledging or deleting it (its other jobs are
+/// in it; it is acknowledged after, in the same MULTI, see [`store`]).
+pub const PARK_PACKED: &str = "
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'zset' and kind ~= 'none' then
+  return redis.error_reply(KEYS[1] .. ' is a ' .. kind .. ', not the sorted set of delayed jobs')
+end
+if redis.call('TYPE', KEYS[3]).ok ~= 'stream' then return 0 end
+-- Not pending: a second try of a MULTI whose answer was lost (it acknowledged the pack).
+if #redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[4])
+return 1";
+
+/// [`DEAD`] of a job of a pack (the stream of packs KEYS[2], the pack's entry ARGV[2]): only
+/// while the pack is pending, and without acknowledging it (as [`PARK_PACKED`]).
+pub const DEAD_PACKED: &str = "
+if redis.call('TYPE', KEYS[2]).ok ~= 'stream' then return 0 end
+if #redis.call('XPENDING', KEYS[2], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then return 0 end
+redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
+return 1";
+
+/// Dissolves the pack ARGV[2] of the stream of packs KEYS[1] (group ARGV[1]): acknowledges it
+/// and, only if that acknowledged it (it was still to be done: not by a second try of a MULTI
+/// whose answer was lost, nor by another consumer), adds its jobs from the ARGV[3]-th on to the
+/// main stream KEYS[2] as plain entries, their attempts raised by ARGV[4] (`pack::LUA_DISSOLVE`).
+/// Its blob is read here (XRANGE), not sent back. Returns the jobs added, -1 when the pack was
+/// not pending; refused (WRONGTYPE) with nothing done when KEYS[2] is a key of another type.
+pub static DISSOLVE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("{}{}{}", super::pack::LUA_JOBS, super::pack::LUA_DISSOLVE, DISSOLVE_PACK)
+});
+
+const DISSOLVE_PACK: &str = "
+if redis.call('TYPE', KEYS[1]).ok ~= 'stream' then return -1 end
+local kind = redis.call('TYPE', KEYS[2]).ok
+if kind ~= 'stream' and kind ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. KEYS[2] .. ' is a ' .. kind .. ', not the job stream: pack ' ..
+    ARGV[2] .. ' of ' .. KEYS[1] .. ' is left pending')
+end
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+if #e == 0 then return 0 end
+local f = e[1][2]
+for i = 1, #f, 2 do
+  if f[i] == 'p' then
+    return pack_dissolve(f[i + 1], KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]), '', '')
+  end
+end
+return 0";
 
 /// Moves the jobs of the delayed set (KEYS[1]) that are due by Redis's clock back into the job
 /// stream (KEYS[2]), or into their lane (ARGV[3] and the type in their field `ln`), at most
@@ -1358,4 +1620,156 @@ fn remove_gone_consumers(
 fn jitter(base: Duration) -> Duration {
     let spread = (std::process::id() % 1000) as f64 / 4000.0;
     base.mul_f64(1.0 + spread).max(Duration::from_millis(50))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ServerConfig;
+
+    fn at(stream: &str, id: &str) -> At {
+        At { stream: Arc::from(stream), id: id.to_string() }
+    }
+
+    fn place(index: u32, count: u32) -> Option<InPack> {
+        Some(InPack { index, count })
+    }
+
+    fn job(task_id: u64) -> JobEntry {
+        JobEntry {
+            origin: "web-1".into(),
+            task_id,
+            session: 0,
+            worker: 0,
+            context: Vec::new(),
+            data: b"{}".to_vec(),
+            replays: 0,
+            attempts: 0,
+            retries: 0,
+            key: None,
+        }
+    }
+
+    fn done(id: At, pack: Option<InPack>, task_id: u64) -> Completion {
+        let reply = ReplyEntry { task_id, ok: true, ..ReplyEntry::default() };
+        Completion::Done { id, pack, job: Arc::new(job(task_id)), reply }
+    }
+
+    #[test]
+    fn a_pack_written_whole_is_complete_and_one_cut_short_is_dissolved_from_its_first_job_not_run() {
+        let (a, b, c) = (at("{q}:jobs!p", "1-1"), at("{q}:jobs!p", "1-2"), at("{q}:jobs", "1-3"));
+        let mut flush = vec![
+            done(a.clone(), place(1, 3), 1),
+            done(c.clone(), None, 9),
+            Completion::Drop { id: a.clone(), pack: place(2, 3) },
+            done(b.clone(), place(1, 2), 4),
+        ];
+        assert_eq!(pack_ends(&flush), [(&a, PackEnd::DissolveFrom(3)), (&b, PackEnd::DissolveFrom(2))]);
+        // Its last job (or its damaged rest, an item that is no job) ends it.
+        flush.push(Completion::Drop { id: b.clone(), pack: place(2, 2) });
+        flush.push(done(a.clone(), place(3, 3), 3));
+        assert_eq!(pack_ends(&flush), [(&a, PackEnd::Complete), (&b, PackEnd::Complete)]);
+        assert!(pack_ends(&flush[1..2]).is_empty(), "a plain entry is no pack");
+    }
+
+    #[test]
+    fn a_pack_is_one_entry_held_whatever_its_jobs() {
+        let (a, b, c) = (at("{q}:jobs!p", "1-1"), at("{q}:jobs!p", "1-2"), at("{q}:jobs", "1-3"));
+        let items = [(&a, place(1, 2)), (&c, None), (&a, place(2, 2)), (&b, place(1, 1)), (&c, None)];
+        assert_eq!(entries_in(items), 4);
+        assert_eq!(entries_in([]), 0);
+    }
+
+    /// A connection that answers a flush's MULTI as Redis would (every command queued and run)
+    /// and keeps the commands sent, each as its arguments.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Vec<Vec<Vec<u8>>>,
+    }
+
+    impl ConnectionLike for Recorder {
+        fn req_packed_command(&mut self, _: &[u8]) -> redis::RedisResult<Value> {
+            Ok(Value::Okay)
+        }
+
+        fn req_packed_commands(&mut self, cmd: &[u8], _: usize, _: usize) -> redis::RedisResult<Vec<Value>> {
+            let mut at = 0;
+            while at < cmd.len() {
+                let (v, used) = super::super::hot::parse(&cmd[at..]).unwrap().unwrap();
+                at += used;
+                let Value::Array(args) = v else { panic!("not a command") };
+                self.sent.push(args.into_iter().map(|a| redis_io::as_bytes(a).unwrap()).collect());
+            }
+            // MULTI and EXEC are no command of the transaction.
+            Ok(vec![Value::Array(vec![Value::Int(1); self.sent.len() - 2])])
+        }
+
+        fn get_db(&self) -> i64 {
+            0
+        }
+
+        fn check_connection(&mut self) -> bool {
+            true
+        }
+
+        fn is_open(&self) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn a_flush_acknowledges_a_finished_pack_once_and_dissolves_the_rest_of_a_pack_cut_short() {
+        let config = ServerConfig {
+            redis_url: Some("redis://127.0.0.1:1".into()),
+            node_id: Some("web-1".into()),
+            ..Default::default()
+        };
+        let d = Durable::from_config(&config).unwrap();
+        let packs = d.keys.packs();
+        let (a, b, plain) = (at(&packs, "5-1"), at(&packs, "5-2"), at(&d.keys.jobs, "5-3"));
+        let later = |id: At, pack, task_id| Completion::Later {
+            id,
+            pack,
+            job: job(task_id),
+            wait: Duration::from_secs(1),
+            notice: None,
+        };
+        let flush = [
+            done(a.clone(), place(1, 3), 1),
+            later(a.clone(), place(2, 3), 2),
+            Completion::Dead { id: a.clone(), pack: place(3, 3), job: job(3), why: "x".into(), attempts: 0 },
+            done(plain.clone(), None, 7),
+            done(b.clone(), place(1, 4), 4),
+            later(b.clone(), place(2, 4), 5),
+        ];
+        let mut conn = Recorder::default();
+        store(&mut conn, &d, &flush, &[], &mut StoreRoom::default()).unwrap();
+        let text = |arg: &[u8]| String::from_utf8_lossy(arg).into_owned();
+        let xacks: Vec<Vec<String>> = conn
+            .sent
+            .iter()
+            .filter(|c| c[0] == b"XACK")
+            .map(|c| c[1..].iter().map(|a| text(a)).collect())
+            .collect();
+        // One XACK per stream: the plain entry in the main stream, pack a once in the packs'.
+        let mut want = vec![vec![d.keys.jobs.clone(), "taskd".into(), "5-3".into()]];
+        want.push(vec![packs.clone(), "taskd".into(), "5-1".into()]);
+        assert_eq!(xacks, want);
+        let evals: Vec<&Vec<Vec<u8>>> = conn.sent.iter().filter(|c| c[0] == b"EVAL").collect();
+        let script = |c: &Vec<Vec<u8>>| text(&c[1]);
+        // The packed job parked and dead-lettered without touching their pack, before it ends.
+        let parks: Vec<usize> = (0..evals.len()).filter(|&i| script(evals[i]) == PARK_PACKED).collect();
+        assert_eq!(parks.len(), 2);
+        assert!(evals.iter().any(|c| script(c) == DEAD_PACKED));
+        assert!(!evals.iter().any(|c| script(c) == PARK || script(c) == DEAD));
+        let dissolve: Vec<&&Vec<Vec<u8>>> = evals.iter().filter(|c| script(c) == *DISSOLVE).collect();
+        assert_eq!(dissolve.len(), 1, "pack b only");
+        let args: Vec<String> = dissolve[0][2..].iter().map(|a| text(a)).collect();
+        assert_eq!(args, ["2", &packs, &d.keys.jobs, "taskd", "5-2", "3", "0"]);
+        let last_park = conn.sent.iter().rposition(|c| c[0] == b"EVAL" && text(&c[1]) == PARK_PACKED);
+        let first_end = conn.sent.iter().position(|c| {
+            (c[0] == b"XACK" && text(&c[1]) == packs) || (c[0] == b"EVAL" && text(&c[1]) == *DISSOLVE)
+        });
+        assert!(last_park < first_end, "a packed job's script runs while its pack is pending");
+    }
 }

@@ -65,7 +65,9 @@ impl Fair {
     }
 
     /// What the reads of `counts` brought: a priority short of its count has run dry (and
-    /// forgets its credit: it does not come back owed); one that brought any has work.
+    /// forgets its credit: it does not come back owed); one that brought any has work. One
+    /// that brought more than its picks (a pack is many jobs, a read of lanes one per lane) is
+    /// charged for them as for picks of its own: the shares are of jobs, not of entries.
     fn learn(&mut self, counts: [usize; 3], got: [usize; 3]) {
         for p in 0..3 {
             if got[p] < counts[p] {
@@ -73,6 +75,18 @@ impl Fair {
                 self.credit[p] = 0;
             } else if got[p] > 0 {
                 self.dry[p] = false;
+            }
+        }
+        let live: Vec<usize> = (0..3).filter(|&p| !self.dry[p]).collect();
+        let total: i64 = live.iter().map(|&p| Priority::WEIGHTS[p]).sum();
+        for p in 0..3 {
+            let extra = got[p].saturating_sub(counts[p]) as i64;
+            if extra > 0 && !self.dry[p] {
+                // `extra` picks of `p` in the smooth weighted order, at once.
+                for &q in &live {
+                    self.credit[q] += extra * Priority::WEIGHTS[q];
+                }
+                self.credit[p] -= extra * total;
             }
         }
     }
@@ -99,18 +113,19 @@ impl Fair {
             .filter(|(_, streams)| !streams.is_empty())
             .collect();
         // Room for the whole pipeline at once (grown from empty, it was copied several times).
-        let mut reads = Packed::with_capacity(READ_ROOM * read.len());
+        let mut reads = Packed::with_capacity(READ_ROOM * (read.len() + 1));
+        let mut of = Vec::with_capacity(read.len() + 1);
         for (p, streams) in &read {
-            pack_read(&mut reads, me, counts[*p], None, streams, b">");
+            pack_reads(&mut reads, &mut of, *p, me, counts[*p], streams);
         }
         // Read straight into entries (see `HotConn::read_streams`).
-        let replies = if read.is_empty() { Vec::new() } else { conn.read_jobs(&reads, names)? };
-        let mut got = [0usize; 3];
+        let replies = if of.is_empty() { Vec::new() } else { conn.read_jobs(&reads, names)? };
         let mut by_priority: [VecDeque<_>; 3] = Default::default();
-        for (&(p, _), reply) in read.iter().zip(replies) {
-            by_priority[p] = reply.into();
-            got[p] = by_priority[p].len();
+        for (&p, reply) in of.iter().zip(replies) {
+            by_priority[p].extend(reply);
         }
+        // Jobs, not entries: a pack counts its jobs.
+        let got: [usize; 3] = std::array::from_fn(|p| by_priority[p].len());
         self.learn(counts, got);
         // Shares left by priorities that ran dry go to one that filled its own, in one more
         // read (only then): a consumer that woke with work of one priority takes its window
@@ -118,8 +133,8 @@ impl Fair {
         let short = want.max(1).saturating_sub(got.iter().sum());
         let full = read.iter().find(|(p, _)| counts[*p] > 0 && got[*p] >= counts[*p]);
         if let Some((p, streams)) = full.filter(|_| short > 0 && got.iter().sum::<usize>() > 0) {
-            let mut more = Packed::with_capacity(READ_ROOM);
-            pack_read(&mut more, me, short, None, streams, b">");
+            let mut more = Packed::with_capacity(2 * READ_ROOM);
+            pack_reads(&mut more, &mut Vec::new(), *p, me, short, streams);
             by_priority[*p].extend(conn.read_jobs(&more, names)?.into_iter().flatten());
         }
         // Run in the order of the picks (a low job is not last of its window), then what a
@@ -136,7 +151,7 @@ impl Fair {
 
     /// A blocking read brought jobs of these streams: their priorities have work.
     pub fn woke(&mut self, d: &Durable, jobs: &Jobs) {
-        for (at, _) in jobs {
+        for (at, _, _) in jobs {
             self.dry[d.priority_of(&at.stream).index()] = false;
         }
     }
@@ -144,6 +159,33 @@ impl Fair {
 
 /// Bytes of one packed XREADGROUP, about (a queue's stream names are short).
 pub(super) const READ_ROOM: usize = 256;
+
+/// Packs read of the stream of packs at once: a pack holds up to `pack::MAX_JOBS` jobs (a
+/// bridge's round, some tens when busy), so a COUNT of a window's jobs would be a COUNT of
+/// windows. One is about a window of quick jobs; a slow job in it has the rest of its pack
+/// dissolved for other consumers when its outcome is written (see `consumer::store`).
+pub(super) const PACKS_READ: usize = 1;
+
+/// The reads of `count` jobs of `streams` (those of priority `p`), packed into `reads`, each
+/// command's priority pushed to `of`: the plain streams in one XREADGROUP of `count` each; the
+/// stream of packs, if it is among them, in one of [`PACKS_READ`] (in the same one when
+/// `count` is no more: a read costs Redis a few µs, and a window of one job is a read a job).
+fn pack_reads(reads: &mut Packed, of: &mut Vec<usize>, p: usize, me: &str, count: usize, streams: &[&str]) {
+    if count <= PACKS_READ {
+        pack_read(reads, me, count, None, streams, b">");
+        of.push(p);
+        return;
+    }
+    let (packs, plain): (Vec<&str>, Vec<&str>) = streams.iter().partition(|s| super::keys::is_packs(s));
+    if !plain.is_empty() {
+        pack_read(reads, me, count, None, &plain, b">");
+        of.push(p);
+    }
+    if !packs.is_empty() {
+        pack_read(reads, me, PACKS_READ, None, &packs, b">");
+        of.push(p);
+    }
+}
 
 /// XREADGROUP of `streams` for consumer `me`, `count` entries of each at most, from `from`
 /// (`>`: new jobs), blocking `block_ms` if given, packed into `reads`.
@@ -207,6 +249,23 @@ mod tests {
     }
 
     #[test]
+    fn the_stream_of_packs_is_read_a_pack_at_a_time() {
+        let streams = ["{q}:jobs", "{q}:jobs:resize", "{q}:jobs!p"];
+        let (mut got, mut of) = (Packed::new(), Vec::new());
+        pack_reads(&mut got, &mut of, 1, "web-1/0", 8, &streams);
+        let mut want = Packed::new();
+        pack_read(&mut want, "web-1/0", 8, None, &streams[..2], b">");
+        pack_read(&mut want, "web-1/0", PACKS_READ, None, &streams[2..], b">");
+        assert_eq!((got.bytes(), of), (want.bytes(), vec![1, 1]));
+        // A window of one: one read of them all.
+        let (mut got, mut of) = (Packed::new(), Vec::new());
+        pack_reads(&mut got, &mut of, 1, "web-1/0", 1, &streams);
+        let mut want = Packed::new();
+        pack_read(&mut want, "web-1/0", 1, None, &streams, b">");
+        assert_eq!((got.bytes(), of), (want.bytes(), vec![1]));
+    }
+
+    #[test]
     fn one_job_at_a_time_the_priorities_share_six_three_one() {
         let mut fair = Fair::default();
         let mut waiting = [1000, 1000, 1000];
@@ -233,6 +292,28 @@ mod tests {
         let (_, order) = fair.plan(64);
         let low = order.iter().position(|&p| p == 2).unwrap();
         assert!(order[..low].iter().filter(|&&p| p == 0).count() <= 6, "{order:?}");
+    }
+
+    #[test]
+    fn jobs_of_a_pack_count_against_their_priority_as_picks_of_it() {
+        let mut fair = Fair::default();
+        let mut waiting = [1000, 1000, 1000];
+        // A window of 10 whose read of normal jobs brought a pack of 100 of them.
+        let (counts, _) = fair.plan(10);
+        fair.learn(counts, [counts[0], 100, counts[2]]);
+        let taken = run(&mut fair, &mut waiting, 10, 30);
+        // 300 more taken: high and low make up their shares, normal gets few picks meanwhile;
+        // over all of them, 6:3:1 (without the charge: normal would have had 90 more).
+        let normal = 100 + taken[1];
+        let high = counts[0] + taken[0];
+        let low = counts[2] + taken[2];
+        assert!(taken[1] <= 30, "{taken:?}");
+        assert!((high as f64 / normal as f64 - 2.0).abs() < 0.2, "{high} {normal} {low}");
+        assert!((normal as f64 / low as f64 - 3.0).abs() < 0.5, "{high} {normal} {low}");
+        // Alone with work, a priority is charged nothing that would starve it later.
+        let mut fair = Fair::default();
+        fair.learn([1, 10, 1], [0, 100, 0]);
+        assert_eq!(fair.plan(10).0, [1, 10, 1]);
     }
 
     #[test]

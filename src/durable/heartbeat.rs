@@ -87,7 +87,7 @@ pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResu
 
 /// What the consumer holds now, as its thread of beats sees it.
 struct Held {
-    /// Jobs taken and not yet written back (waiting or running).
+    /// Stream entries of the jobs taken and not yet written back (waiting or running).
     count: usize,
     /// When all of them were last known to be this consumer's and fresh (taken or beaten).
     fresh: Instant,
@@ -103,6 +103,8 @@ struct Running {
     job: Arc<JobEntry>,
     attempt: u32,
     since: Instant,
+    /// A job of a pack: its entry is the pack's, which a dead letter would acknowledge.
+    packed: bool,
 }
 
 /// The consumer's side of its beat thread.
@@ -124,8 +126,8 @@ impl Pulse {
         Ok(Pulse { shared, stale_after: beat_interval(d.claim_after) * 2 })
     }
 
-    /// The consumer has just taken `count` jobs (fresh: a read or a claim resets their idle
-    /// time) and holds nothing else.
+    /// The consumer has just taken jobs of `count` stream entries (fresh: a read or a claim
+    /// resets their idle time; a pack is one entry of many jobs) and holds nothing else.
     pub fn took(&self, count: usize) {
         let mut held = lock(&self.shared.0);
         held.count = count;
@@ -135,7 +137,8 @@ impl Pulse {
         }
     }
 
-    /// The consumer holds `count` jobs now (taken, not yet written back).
+    /// The consumer holds jobs of `count` stream entries now (taken, not yet written back): a
+    /// beat that refreshed fewer entries than that finds some claimed by others.
     pub fn holding(&self, count: usize) {
         lock(&self.shared.0).count = count;
     }
@@ -153,10 +156,10 @@ impl Pulse {
     }
 
     /// The job of stream entry `id` starts running (its `attempt`-th run), timed from `since`
-    /// (a time just read). `id` is lent to the beat thread, not copied (two allocations a
-    /// job): [`Pulse::ran`] gives it back.
-    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32, since: Instant) {
-        lock(&self.shared.0).running = Some(Running { id, job: Arc::clone(job), attempt, since });
+    /// (a time just read); `packed`: a job of a pack. `id` is lent to the beat thread, not
+    /// copied (two allocations a job): [`Pulse::ran`] gives it back.
+    pub fn running(&self, id: At, job: &Arc<JobEntry>, attempt: u32, since: Instant, packed: bool) {
+        lock(&self.shared.0).running = Some(Running { id, job: Arc::clone(job), attempt, since, packed });
     }
 
     /// The running job has returned: the `id` it was given. Past its time limit, the beat thread
@@ -263,13 +266,20 @@ impl Beat {
                 r.job.task_id,
                 self.slot
             );
-            if r.attempt >= self.d.max_attempts {
+            // A job of a pack is not blamed for its pack's death: the successor dissolves the
+            // pack, and this job meets `task_timeout` and `task_retry_max` alone.
+            if r.attempt >= self.d.max_attempts && !r.packed {
                 let why = format!(
                     "task process {pid} was killed: the task ran longer than task_timeout ({limit}s)"
                 );
                 tracing::warn!("job {} failed after {} attempt(s): {why}", r.job.task_id, r.attempt);
-                let dead =
-                    Completion::Dead { id: r.id.clone(), job: (*r.job).clone(), why, attempts: r.attempt };
+                let dead = Completion::Dead {
+                    id: r.id.clone(),
+                    pack: None,
+                    job: (*r.job).clone(),
+                    why,
+                    attempts: r.attempt,
+                };
                 let d = self.d.clone();
                 if let Err(e) = self.conn().and_then(|conn| {
                     store(conn, &d, std::slice::from_ref(&dead), &[], &mut StoreRoom::default())

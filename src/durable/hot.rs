@@ -19,8 +19,10 @@ use std::time::Duration;
 
 use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
-use super::consumer::At;
+use super::consumer::{At, InPack};
 use super::entry::{JobEntry, Rejected};
+use super::keys::is_packs;
+use super::pack;
 use super::redis_io::{self, StreamEntry};
 use super::resp::Packed;
 
@@ -503,8 +505,9 @@ pub fn parse_streams(buf: &[u8]) -> Result<Option<(Result<Streams, Value>, usize
 /// The jobs of an XREADGROUP reply, each where it is (its stream, its id) and checked as
 /// [`JobEntry::checked`] checks it. A job is shared at once, as it will be while it runs (see
 /// `heartbeat::Pulse::running`): one allocation made early, and what moves from queue to
-/// queue is a pointer, not the whole job.
-pub type Jobs = Vec<(At, Result<Arc<JobEntry>, Rejected>)>;
+/// queue is a pointer, not the whole job. A pack (an entry of the stream of packs) is one
+/// item per job of it, each with its place in the pack (see [`expand_pack`]).
+pub type Jobs = Vec<(At, Result<Arc<JobEntry>, Rejected>, Option<InPack>)>;
 
 /// As [`parse_streams`], but each entry made straight into its job, with no [`StreamEntry`]
 /// between (see [`JobEntry::checked_fields`]): a job is what [`JobEntry::checked`] makes of
@@ -521,13 +524,58 @@ pub fn parse_jobs(
 
 /// The jobs of `entries` (see [`parse_jobs`]), read by other means.
 pub fn jobs_of(entries: Streams, names: &[Arc<str>]) -> Jobs {
-    entries
-        .into_iter()
-        .map(|(key, mut e)| {
-            let at = At { stream: name_of(names, &key), id: std::mem::take(&mut e.id) };
-            (at, JobEntry::checked(&e).map(Arc::new))
-        })
-        .collect()
+    let mut out = Vec::with_capacity(entries.len());
+    for (key, mut e) in entries {
+        let at = At { stream: name_of(names, &key), id: std::mem::take(&mut e.id) };
+        if is_packs(&at.stream) {
+            expand_pack(at, e.fields(), &mut out);
+        } else {
+            out.push((at, JobEntry::checked(&e).map(Arc::new), None));
+        }
+    }
+    out
+}
+
+/// The items of the entry `at` of the stream of packs, of these fields: one per job of its
+/// pack (`super::pack`), checked as the job of a plain entry is, each with its place; then, if
+/// the pack is damaged, one that is no job, saying why (its place the last: it is acknowledged
+/// with the pack). An entry that is no pack, whose pack is damaged from its first job, or of no
+/// job at all, is one item that is no job, in no pack (acknowledged as a plain entry is).
+pub fn expand_pack<'a>(at: At, fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>, out: &mut Jobs) {
+    let mut any = false;
+    let mut blob = None;
+    for (name, value) in fields {
+        any = true;
+        if name == pack::FIELD && blob.is_none() {
+            blob = Some(value);
+        }
+    }
+    let Some(blob) = blob else {
+        let why = if any {
+            "an entry of the stream of packs with no pack (field p)"
+        } else {
+            "deleted while it was pending"
+        };
+        out.push((at, Err(Rejected::NotAJob(why.into())), None));
+        return;
+    };
+    let (jobs, damage) = pack::jobs(blob);
+    if jobs.is_empty() {
+        let why = damage.unwrap_or_else(|| "a pack of no job".into());
+        out.push((at, Err(Rejected::NotAJob(why)), None));
+        return;
+    }
+    // At most `pack::MAX_JOBS` and one: no overflow.
+    let count = (jobs.len() + usize::from(damage.is_some())) as u32;
+    out.reserve(count as usize);
+    for (i, job) in jobs.into_iter().enumerate() {
+        let place = InPack { index: i as u32 + 1, count };
+        out.push((at.clone(), JobEntry::checked_fields(job).map(Arc::new), Some(place)));
+    }
+    if let Some(why) = damage {
+        let why = format!("the rest of its pack is damaged: {why}");
+        out.push((at, Err(Rejected::NotAJob(why)), Some(InPack { index: count, count })));
+    }
 }
 
 /// The stream's name of `names` that `key` is, or a new one.
@@ -628,16 +676,26 @@ impl Sink for ToJobs<'_> {
             // Never from Redis (its fields are strings): the digits written out, as
             // `parse_streams` writes them.
             let mut entry = walk.entry(id, spans)?;
-            (std::mem::take(&mut entry.id), JobEntry::checked(&entry).map(Arc::new))
+            let id = std::mem::take(&mut entry.id);
+            if is_packs(&stream) {
+                expand_pack(At { stream, id }, entry.fields(), &mut self.out);
+                return Ok(());
+            }
+            (id, JobEntry::checked(&entry).map(Arc::new))
         } else {
             let bytes = |span: Span| match span {
                 Span::Bytes(from, to) => walk.buf.get(from..to).unwrap_or_default(),
                 Span::Int(_) => &[],
             };
             let fields = spans.chunks_exact(2).map(|pair| (bytes(pair[0]), bytes(pair[1])));
-            (owned_text(walk.text(id, &mut Vec::new())?), JobEntry::checked_fields(fields).map(Arc::new))
+            let id = owned_text(walk.text(id, &mut Vec::new())?);
+            if is_packs(&stream) {
+                expand_pack(At { stream, id }, fields, &mut self.out);
+                return Ok(());
+            }
+            (id, JobEntry::checked_fields(fields).map(Arc::new))
         };
-        self.out.push((At { stream, id }, job));
+        self.out.push((At { stream, id }, job, None));
         Ok(())
     }
 }
@@ -1103,10 +1161,10 @@ mod tests {
             let got = parse_jobs(&bytes, &names);
             assert_eq!(got, jobs_expected(&bytes, &names), "{:?}", String::from_utf8_lossy(&bytes));
             if let Ok(Some((Ok(read), _))) = &got {
-                jobs += read.iter().filter(|(_, job)| job.is_ok()).count();
+                jobs += read.iter().filter(|(_, job, _)| job.is_ok()).count();
                 // A known stream's name is shared, not made again.
                 shared +=
-                    read.iter().filter(|(at, _)| names.iter().any(|n| Arc::ptr_eq(n, &at.stream))).count();
+                    read.iter().filter(|(at, _, _)| names.iter().any(|n| Arc::ptr_eq(n, &at.stream))).count();
             }
             let cut = rng.below(bytes.len() as u64) as usize;
             assert_eq!(parse_jobs(&bytes[..cut], &names), Ok(None));
@@ -1141,6 +1199,76 @@ mod tests {
         out.extend_from_slice(format!("${}\r\n", bytes.len()).as_bytes());
         out.extend_from_slice(bytes);
         out.extend_from_slice(b"\r\n");
+    }
+
+    #[test]
+    fn reads_a_pack_as_its_jobs_in_their_places_and_what_is_no_pack_as_no_job() {
+        use crate::durable::pack::Pack;
+        let names: Vec<Arc<str>> = vec![Arc::from("{q}:jobs"), Arc::from("{q}:jobs!p")];
+        let mut pack = Pack::new();
+        pack.push("web-1", 7, 0, 1, b"", b"{}");
+        // Task id 0: a job, not one to run (dead-lettered with its pack's others done).
+        pack.push("web-1", 0, 0, 1, b"", b"{}");
+        pack.push("web-1", 9, 3, 2, b"ctx", b"x");
+        let whole = pack.bytes().to_vec();
+        let mut cut = whole.clone();
+        cut.extend_from_slice(b"5:");
+        let mut bytes = b"*1\r\n*2\r\n".to_vec();
+        bulk(&mut bytes, b"{q}:jobs!p");
+        bytes.extend_from_slice(b"*6\r\n");
+        let entry = |bytes: &mut Vec<u8>, id: &[u8], fields: &[&[u8]]| {
+            bytes.extend_from_slice(b"*2\r\n");
+            bulk(bytes, id);
+            bytes.extend_from_slice(format!("*{}\r\n", fields.len()).as_bytes());
+            for field in fields {
+                bulk(bytes, field);
+            }
+        };
+        entry(&mut bytes, b"1-1", &[b"n", b"3", b"p", &whole]);
+        entry(&mut bytes, b"1-2", &[b"n", b"4", b"p", &cut]);
+        entry(&mut bytes, b"1-3", &[b"n", b"0", b"p", b"1"]);
+        entry(&mut bytes, b"1-4", &[b"n", b"1"]);
+        bytes.extend_from_slice(b"*2\r\n");
+        bulk(&mut bytes, b"1-5");
+        bytes.extend_from_slice(b"*-1\r\n");
+        entry(&mut bytes, b"1-6", &[b"p", b"x"]);
+        let got = parse_jobs(&bytes, &names);
+        assert_eq!(got, jobs_expected(&bytes, &names), "read as jobs_of reads the entries");
+        let Ok(Some((Ok(got), used))) = got else { panic!("not read: {got:?}") };
+        assert_eq!(used, bytes.len());
+        // Each item as "ID WHAT PLACE".
+        let shown: Vec<String> = got
+            .iter()
+            .map(|(at, job, place)| {
+                let job = match job {
+                    Ok(job) => format!("job {}", job.task_id),
+                    Err(Rejected::Invalid { .. }) => "invalid".into(),
+                    Err(Rejected::NotAJob(why)) => format!("no job: {why}"),
+                };
+                let place = place.map_or("alone".into(), |p| format!("{}/{}", p.index, p.count));
+                format!("{} {job} {place}", at.id)
+            })
+            .collect();
+        let want = [
+            "1-1 job 7 1/3",
+            "1-1 invalid 2/3",
+            "1-1 job 9 3/3",
+            "1-2 job 7 1/4",
+            "1-2 invalid 2/4",
+            "1-2 job 9 3/4",
+            "1-2 no job: the rest of its pack is damaged: job 4 of the pack is damaged: cut short 4/4",
+            "1-3 no job: a pack of no job alone",
+            "1-4 no job: an entry of the stream of packs with no pack (field p) alone",
+            "1-5 no job: deleted while it was pending alone",
+            "1-6 no job: not a pack of this taskd's format (its first byte is not 1) alone",
+        ];
+        assert_eq!(shown, want);
+        assert!(got.iter().all(|(at, _, _)| Arc::ptr_eq(&at.stream, &names[1])), "the stream's name shared");
+        let Ok(job) = &got[5].1 else { panic!() };
+        assert_eq!(
+            (job.session, job.worker, &job.context[..], &job.data[..]),
+            (3, 2, &b"ctx"[..], &b"x"[..])
+        );
     }
 
     #[test]

@@ -178,6 +178,12 @@ impl Keys {
 /// What separates a job stream's name from its priority: no handler type holds it.
 pub const PRIORITY_MARK: char = '#';
 
+/// Whether `stream`, one of the streams a consumer reads, is the stream of packs
+/// ([`Keys::packs`]): its entries are read as packs of jobs, not as jobs.
+pub fn is_packs(stream: &str) -> bool {
+    stream.ends_with("!p")
+}
+
 /// A task process's consumer name: stable per node and slot, so that a respawned process
 /// takes back at once what its predecessor had taken.
 pub fn consumer_name(node: &str, slot: u32) -> String {
@@ -223,6 +229,10 @@ mod tests {
         assert_eq!(k.last_tick("nightly"), "{q1}:tick:nightly:last");
         assert_eq!(k.packs(), "{q1}:jobs!p");
         assert_eq!(k.stream_parts(&k.packs()), None, "no lane's, no priority's");
+        assert!(is_packs(&k.packs()));
+        for p in Priority::ALL {
+            assert!(!is_packs(&k.stream(None, p)) && !is_packs(&k.stream(Some("p"), p)));
+        }
     }
 
     #[test]

@@ -116,11 +116,15 @@ impl Durable {
         Priority::ALL.into_iter().flat_map(|p| self.streams_of(p)).collect()
     }
 
-    /// The streams of one priority this node's consumers read: the main one, then its lanes.
+    /// The streams of one priority this node's consumers read: the main one, then its lanes;
+    /// for the normal priority, then the stream of packs (`keys::Keys::packs`), which every
+    /// node reads, whether its own bridge writes packs or not.
     pub fn streams_of(&self, priority: Priority) -> Vec<String> {
+        let packs = (priority == Priority::Normal).then(|| self.keys.packs());
         std::iter::once(None)
             .chain(self.lanes.iter().map(|k| Some(k.as_str())))
             .map(|lane| self.keys.stream(lane, priority))
+            .chain(packs)
             .collect()
     }
 
@@ -343,7 +347,8 @@ mod tests {
         assert_eq!(d.stream_of(br#"{"type":"resize"}"#, Priority::High), "{taskd}:jobs:resize#high");
         assert_eq!(d.stream_of(br#"{"type":"email"}"#, Priority::Low), "{taskd}:jobs#low");
         assert_eq!(d.stream_of(b"not json", Priority::Normal), "{taskd}:jobs");
-        assert_eq!(d.streams().len(), 6);
+        assert_eq!(d.streams().len(), 7);
+        assert_eq!(d.streams_of(Priority::Normal), ["{taskd}:jobs", "{taskd}:jobs:resize", "{taskd}:jobs!p"]);
         assert_eq!(d.streams_of(Priority::High), ["{taskd}:jobs#high", "{taskd}:jobs:resize#high"]);
         // A dead letter goes back where it came from; a `pr` nobody knows is normal.
         let dead =

@@ -212,7 +212,7 @@ local function pack_jobs(blob)
   while pos <= #blob do
     if #jobs == 1024 then return jobs, true end
     local count = item()
-    if not count or not string.match(count, '^%d+$') or tonumber(count) > 64 then
+    if not count or #count > 10 or not string.match(count, '^%d+$') or tonumber(count) > 64 then
       return jobs, true
     end
     local fields = {}
@@ -232,8 +232,9 @@ end
 /// `blob` from its `first` on (1-based) to `stream`, each as a plain entry of its fields as
 /// read, its attempts (field `a`, the first of that name) raised by `raise` (the runs of the
 /// pack that died: a job alone meets `task_retry_max` by its own runs), leaving out the job of
-/// origin `skip_o` and task id `skip_t` (a cancelled one; `''` and `''`: none). Returns how
-/// many it added. It does not acknowledge nor delete the pack: its caller does, and only adds
+/// origin `skip_o` and task id `skip_t` (a cancelled one; `''` and `''`: none), and any job of
+/// no field (no entry of `a` alone, which no reader would take for a job). `first` and `raise`
+/// are numbers (an ARGV is a string: `tonumber` it). Returns how many it added. It does not acknowledge nor delete the pack: its caller does, and only adds
 /// the jobs when that acknowledged or deleted it (the pack was still its to dissolve).
 pub const LUA_DISSOLVE: &str = "
 local function pack_dissolve(blob, stream, first, raise, skip_o, skip_t)
@@ -247,7 +248,7 @@ local function pack_dissolve(blob, stream, first, raise, skip_o, skip_t)
       if f[k] == 't' and not t then t = f[k + 1] end
       if f[k] == 'a' and not a then a = k + 1 end
     end
-    if not (o == skip_o and t == skip_t) then
+    if #f > 0 and not (o == skip_o and t == skip_t) then
       if raise > 0 then
         if a then
           f[a] = tostring((tonumber(f[a]) or 0) + raise)
@@ -256,10 +257,8 @@ local function pack_dissolve(blob, stream, first, raise, skip_o, skip_t)
           f[#f + 1] = tostring(raise)
         end
       end
-      if #f > 0 then
-        redis.call('XADD', stream, '*', unpack(f))
-        added = added + 1
-      end
+      redis.call('XADD', stream, '*', unpack(f))
+      added = added + 1
     end
   end
   return added

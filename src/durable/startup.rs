@@ -57,9 +57,11 @@ pub fn prepare(d: &Durable) -> Result<Recovered, String> {
     // Every priority's stream of the main one and of each lane it routes to.
     let lanes: Vec<Option<&str>> =
         std::iter::once(None).chain(d.routes.iter().map(|k| Some(k.as_str()))).collect();
+    // And the stream of packs, which every node reads (see `super::pack`).
     let streams: Vec<String> = crate::app::Priority::ALL
         .into_iter()
         .flat_map(|p| lanes.iter().map(move |lane| d.keys.stream(*lane, p)))
+        .chain(std::iter::once(d.keys.packs()))
         .collect();
     let jobs =
         own_jobs(&mut conn, &d.keys, &streams, &d.node).map_err(|e| {
@@ -323,7 +325,11 @@ fn own_jobs(
             let Some(last) = entries.last() else { break };
             from = format!("({}", last.id);
             let entries = entries.into_iter().filter(|e| !finished.holds(&e.id));
-            jobs.extend(entries.filter_map(|e| JobEntry::parse(&e)).filter(|j| j.origin == node));
+            if super::keys::is_packs(stream) {
+                jobs.extend(entries.flat_map(|e| packed_jobs(&e)).filter(|j| j.origin == node));
+            } else {
+                jobs.extend(entries.filter_map(|e| JobEntry::parse(&e)).filter(|j| j.origin == node));
+            }
         }
     }
     // And those waiting in the delayed set for a retry (after the stream: one moved back in
@@ -356,6 +362,22 @@ fn own_jobs(
         }
     }
     Ok(jobs)
+}
+
+/// The jobs of an entry of the stream of packs, as [`JobEntry::parse`] reads a plain entry's
+/// (those before any damage; none of an entry that is no pack).
+fn packed_jobs(e: &redis_io::StreamEntry) -> Vec<JobEntry> {
+    // Its field `p` (`pack::FIELD`).
+    let Some(blob) = e.get("p") else { return Vec::new() };
+    super::pack::jobs(blob)
+        .0
+        .into_iter()
+        .filter_map(|fields| match JobEntry::checked_fields(fields) {
+            Ok(job) => Some(job),
+            Err(super::entry::Rejected::Invalid { job, .. }) => Some(*job),
+            Err(super::entry::Rejected::NotAJob(_)) => None,
+        })
+        .collect()
 }
 
 /// Every outcome in this node's reply stream, as `Reply` frames; how many; the last entry id.

@@ -22,6 +22,8 @@
 //! job. The bridge trims exactly (every acknowledged entry, [`SLACK`] 0) before it counts the
 //! jobs waiting in Redis for `stats` (`durable.jobs`, "waiting or running"), and the master's
 //! start reads back its unfinished jobs past the acknowledged ones (`startup::own_jobs`).
+//! A pack (`super::pack`) is one entry of many jobs: after the trim, [`PACKED_JOBS`] counts
+//! the jobs of the packs left by their field `n`.
 
 use std::time::Duration;
 
@@ -100,6 +102,40 @@ pub fn pack(packed: &mut Packed, streams: &[&str], slack: usize) {
         packed.arg(stream.as_bytes());
     }
     packed.arg(GROUP.as_bytes()).number(slack as u64).number(WALK as u64);
+}
+
+/// Packs read to count a pack stream's jobs: reading a pack reads its jobs' bytes (tens of
+/// kB), so a long queue of packs is not read whole every second.
+pub const PACKS_READ: usize = 64;
+
+/// KEYS[1] a pack stream, trimmed (see [`TRIM`]); ARGV[1] the packs read, ARGV[2] the most
+/// jobs a pack holds (`pack::MAX_JOBS`). Returns the jobs in its packs (waiting or running),
+/// by their counts `n` (one that is not a count of 1 to ARGV[2] counts none: anyone may have
+/// written it): exact up to ARGV[1] packs; past that, the packs after the first ARGV[1] are
+/// counted at the mean of those. 0 for no stream. (XRANGE from the start, not XREVRANGE from
+/// the end too: the README's ACL user may not run XREVRANGE.)
+pub const PACKED_JOBS: &str = r"
+if redis.call('TYPE', KEYS[1]).ok ~= 'stream' then return 0 end
+local read, most = tonumber(ARGV[1]), tonumber(ARGV[2])
+local sum = 0
+for _, e in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', read)) do
+  local f = e[2]
+  for i = 1, #f, 2 do
+    if f[i] == 'n' then
+      local n = tonumber(f[i + 1])
+      if n and n >= 1 and n <= most then sum = sum + math.floor(n) end
+      break
+    end
+  end
+end
+local len = redis.call('XLEN', KEYS[1])
+if len <= read then return sum end
+return sum + math.floor((len - read) * sum / read + 0.5)";
+
+/// Packs the [`PACKED_JOBS`] of the pack stream `stream`.
+pub fn pack_packed_jobs(packed: &mut Packed, stream: &str) {
+    packed.command(6).arg(b"EVAL").arg(PACKED_JOBS.as_bytes()).number(1).arg(stream.as_bytes());
+    packed.number(PACKS_READ as u64).number(super::pack::MAX_JOBS as u64);
 }
 
 /// [`TRIM`]'s answer: whether a walk stopped at its limit, and each stream's length after.
