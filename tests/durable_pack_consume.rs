@@ -165,6 +165,21 @@ fn a_pack_of_more_jobs_than_the_window_of_a_consumer_of_slow_jobs_goes_back_to_t
 }
 
 #[test]
+fn a_damaged_rest_behind_a_slow_job_is_said_when_its_pack_is_dissolved() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, &["--task-worker-num", "1"]);
+    // The second job's outcome goes out at once (5 ms): the rest of the pack, its damaged
+    // part, is not run but dropped, and said so.
+    let jobs = vec![(300, email(300, 0)), (301, email(301, 5))];
+    add_pack(&redis, &jobs, b"5:12:o");
+    let mut c = d.connect();
+    let got = results(&mut c, &[300, 301]);
+    assert!(got.values().all(|v| v["event"] == "done"), "{got:?}");
+    d.wait_log("the rest of its pack is damaged: job 3 of the pack is damaged");
+    wait_for("the pack acknowledged", || (pending(&redis, PACKS) == 0).then_some(()));
+}
+
+#[test]
 fn a_pack_with_a_damaged_rest_runs_its_good_jobs_and_says_why_the_rest_is_none() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, &["--task-worker-num", "1"]);
