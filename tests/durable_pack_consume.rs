@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use common::durable::{Redis, TaskNode};
 use common::{wait_for, Client, Daemon};
@@ -251,8 +250,8 @@ fn a_task_process_killed_inside_a_pack_has_it_dissolved_and_every_job_done_once(
         ids.iter().map(|&id| (id, email(id, if id == 400 { 3000 } else { 0 }))).collect();
     let pack = add_pack(&redis, &jobs, b"");
     wait_for("the task process to take the pack", || (pending(&redis, PACKS) == 1).then_some(()));
-    std::thread::sleep(Duration::from_millis(300));
     let victim = d.pids_of("taskd: task")[0];
+    wait_for("it to sleep in the slow job", || common::in_nanosleep(victim).then_some(()));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let mut c = d.connect();
     let got = results(&mut c, &ids);
