@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use common::durable::{Redis, TaskNode};
 use common::{wait_for, Client, Daemon};
@@ -165,6 +164,21 @@ fn a_pack_of_more_jobs_than_the_window_of_a_consumer_of_slow_jobs_goes_back_to_t
 }
 
 #[test]
+fn a_damaged_rest_behind_a_slow_job_is_said_when_its_pack_is_dissolved() {
+    let Some(redis) = Redis::start() else { return };
+    let d = web(&redis, &["--task-worker-num", "1"]);
+    // The second job's outcome goes out at once (5 ms): the rest of the pack, its damaged
+    // part, is not run but dropped, and said so.
+    let jobs = vec![(300, email(300, 0)), (301, email(301, 5))];
+    add_pack(&redis, &jobs, b"5:12:o");
+    let mut c = d.connect();
+    let got = results(&mut c, &[300, 301]);
+    assert!(got.values().all(|v| v["event"] == "done"), "{got:?}");
+    d.wait_log("the rest of its pack is damaged: job 3 of the pack is damaged");
+    wait_for("the pack acknowledged", || (pending(&redis, PACKS) == 0).then_some(()));
+}
+
+#[test]
 fn a_pack_with_a_damaged_rest_runs_its_good_jobs_and_says_why_the_rest_is_none() {
     let Some(redis) = Redis::start() else { return };
     let d = web(&redis, &["--task-worker-num", "1"]);
@@ -236,8 +250,8 @@ fn a_task_process_killed_inside_a_pack_has_it_dissolved_and_every_job_done_once(
         ids.iter().map(|&id| (id, email(id, if id == 400 { 3000 } else { 0 }))).collect();
     let pack = add_pack(&redis, &jobs, b"");
     wait_for("the task process to take the pack", || (pending(&redis, PACKS) == 1).then_some(()));
-    std::thread::sleep(Duration::from_millis(300));
     let victim = d.pids_of("taskd: task")[0];
+    wait_for("it to sleep in the slow job", || common::in_nanosleep(victim).then_some(()));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let mut c = d.connect();
     let got = results(&mut c, &ids);

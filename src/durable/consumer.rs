@@ -399,7 +399,15 @@ pub fn run<A: Application>(app: &mut A, setup: ConsumerSetup<'_>) -> Result<(), 
                 }
                 // Also when the flush failed: its next try dissolves them (or finds it done).
                 if !dissolved.is_empty() {
-                    queue.retain(|(at, _, _, pack)| pack.is_none() || !dissolved.contains(at));
+                    queue.retain(|(at, job, _, pack)| {
+                        let keep = pack.is_none() || !dissolved.contains(at);
+                        // A damaged rest is not put back (it is no job): said here, as its run
+                        // would have said it.
+                        if let (false, Err(Rejected::NotAJob(why))) = (keep, job) {
+                            tracing::warn!("job stream entry {} is not a job ({why}); dropped", at.id);
+                        }
+                        keep
+                    });
                 }
                 pulse.holding(held(&queue, &[], &c.unsent));
             }
