@@ -1402,3 +1402,70 @@ fn too_few_replicas_is_accepted_with_their_number_and_done_once() {
     d.wait_log("0 of the 1 replicas");
     stream_is_empty(&redis, "web-1");
 }
+
+/// What a client read before its node died: the jobs accepted, and those answered.
+#[derive(Default)]
+struct Heard {
+    accepted: Vec<u64>,
+    answered: std::collections::HashSet<u64>,
+}
+
+impl Heard {
+    fn line(&mut self, v: &Value) {
+        match v["event"].as_str() {
+            Some("accepted") => self.accepted.push(v["task_id"].as_u64().expect("task_id")),
+            Some("done" | "failed") => {
+                self.answered.insert(v["task_id"].as_u64().expect("task_id"));
+            }
+            _ => {}
+        }
+    }
+}
+
+#[test]
+fn a_master_killed_under_durable_load_answers_every_accepted_job_after_its_restart() {
+    let Some(redis) = Redis::start() else { return };
+    let args = ["--task-worker-num", "2"];
+    let first = web(&redis, "web-1", &args);
+    // Four clients pipelining 500 jobs each: thousands of jobs in every state (being stored,
+    // stored, taken, run, outcomes in the reply stream, answered) when the master dies.
+    let mut clients: Vec<Client> = (0..4).map(|_| first.connect()).collect();
+    for (k, c) in clients.iter_mut().enumerate() {
+        let mut lines = String::new();
+        for i in 0..500 {
+            lines.push_str(&job(k * 500 + i, 0));
+            lines.push('\n');
+        }
+        c.send_raw(lines.as_bytes());
+    }
+    let mut heard: Vec<Heard> = (0..4).map(|_| Heard::default()).collect();
+    // Killed once a quarter of the jobs are answered on the first connection.
+    while heard[0].answered.len() < 125 {
+        let v = clients[0].recv();
+        heard[0].line(&v);
+    }
+    kill_daemon(&first);
+    // What each client was told before the kill is in its socket: read to the end.
+    for (c, h) in clients.iter_mut().zip(&mut heard) {
+        while let Some(v) = c.try_recv(Duration::from_millis(200)) {
+            h.line(&v);
+        }
+    }
+    let unanswered: Vec<u64> =
+        heard.iter().flat_map(|h| h.accepted.iter().filter(|id| !h.answered.contains(id)).copied()).collect();
+    let accepted: usize = heard.iter().map(|h| h.accepted.len()).sum();
+    assert!(accepted >= 500, "only {accepted} accepted before the kill");
+    eprintln!("{accepted} jobs accepted before the kill, {} of them not answered", unanswered.len());
+
+    // The same node again: each job accepted and not answered ends done, none is unknown.
+    let again = web(&redis, "web-1", &args);
+    let mut c = again.connect();
+    for &id in &unanswered {
+        let v = wait_for("the job's final line", || {
+            let v = ask_result(&mut c, id);
+            (v["event"] != "running" && v["event"] != "storing").then_some(v)
+        });
+        assert_eq!(v["event"], "done", "task {id}, accepted before the kill: {v}");
+    }
+    stream_is_empty(&redis, "web-1");
+}
