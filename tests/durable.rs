@@ -1427,13 +1427,14 @@ fn a_master_killed_under_durable_load_answers_every_accepted_job_after_its_resta
     let Some(redis) = Redis::start() else { return };
     let args = ["--task-worker-num", "2"];
     let first = web(&redis, "web-1", &args);
-    // Four clients pipelining 500 jobs each: thousands of jobs in every state (being stored,
-    // stored, taken, run, outcomes in the reply stream, answered) when the master dies.
+    // Four clients pipelining 500 jobs of 1 ms each (2,000 jobs take two task processes about
+    // a second): jobs in every state (being stored, stored, taken, run, outcomes in the reply
+    // stream, answered) when the master dies.
     let mut clients: Vec<Client> = (0..4).map(|_| first.connect()).collect();
     for (k, c) in clients.iter_mut().enumerate() {
         let mut lines = String::new();
         for i in 0..500 {
-            lines.push_str(&job(k * 500 + i, 0));
+            lines.push_str(&job(k * 500 + i, 1));
             lines.push('\n');
         }
         c.send_raw(lines.as_bytes());

@@ -205,9 +205,11 @@ fn a_packed_job_not_started_is_cancelled_and_the_rest_of_its_pack_runs() {
     let runs = runs_by_task(node.outbox_lines());
     assert_eq!(runs.get(&victim), None, "the cancelled job never ran");
     assert_eq!(runs.len(), 5);
-    // Asked again: cancelled already, as for a plain entry.
+    // Asked again: it has ended (cancelled), as a plain entry's.
     c.send(&format!(r#"{{"type":"cancel","task_id":{victim}}}"#));
-    assert_eq!(c.recv(), json!({"event": "cancelled", "task_id": victim}));
+    let again = c.recv();
+    assert_eq!(again["event"], "error", "{again}");
+    assert!(again["error"].as_str().unwrap().contains("has ended"), "{again}");
 }
 
 #[test]
