@@ -155,9 +155,13 @@ fn a_task_process_killed_inside_a_pack_loses_none_of_its_jobs() {
     });
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let (ids, finals) = accepted_and_finals(&mut c, 11);
-    for id in &ids {
+    for (i, id) in ids.iter().enumerate() {
         assert_eq!(finals[id]["event"], "done", "no job fails because its process died: {}", finals[id]);
-        assert_ne!(finals[id]["task_pid"].as_u64(), Some(u64::from(victim)), "{}", finals[id]);
+        // The jobs before the slow one may have been written by the victim (a round of their
+        // own, or a flush of theirs); the slow job and those after it ran after its death.
+        if i >= 5 {
+            assert_ne!(finals[id]["task_pid"].as_u64(), Some(u64::from(victim)), "{}", finals[id]);
+        }
     }
     // The slow job's run died with its process: it ran again as its own entry, its attempt
     // counting the death; the jobs run before it, if they were not written yet, ran again.
