@@ -11,6 +11,7 @@
 //! | [`keys`] | all | the key names of one queue (one hash tag) |
 //! | [`redis_io`] | all | connecting, and reading stream entries out of replies |
 //! | [`entry`] | all | the fields of a job, a reply and a dead letter |
+//! | [`pack`] | bridge, task process, master | several common jobs in one entry (`--durable-pack`) |
 //! | [`startup`] | master, before the fork | checks of the server, the id range, recovery |
 //! | [`ticks`] | bridge | claiming a schedule's tick once across the web nodes, with its job |
 //! | [`bridge`] | bridge | storing the master's jobs, passing it this node's replies |
