@@ -73,6 +73,19 @@ fn submit(c: &mut Client, redis: &Redis, n: usize, text: &str) -> Vec<u64> {
     ids
 }
 
+/// `XADD` of `pack` to the stream of packs, as a bridge writes it: its id.
+fn add(conn: &mut redis::Connection, pack: &Pack) -> String {
+    redis::cmd("XADD")
+        .arg(PACKS)
+        .arg("*")
+        .arg("n")
+        .arg(pack.len())
+        .arg("p")
+        .arg(pack.bytes())
+        .query(conn)
+        .expect("XADD")
+}
+
 /// Moves the plain entries of jobs `ids` into one pack, as `Pack` writes it: the pack's id,
 /// and each job's fields as its plain entry held them.
 fn pack(redis: &Redis, ids: &[u64]) -> (String, Vec<Fields>) {
@@ -99,17 +112,7 @@ fn pack(redis: &Redis, ids: &[u64]) -> (String, Vec<Fields>) {
         plain.push(fields);
     }
     assert_eq!(pack.len(), ids.len());
-    let mut conn = redis.conn().expect("redis");
-    let id: String = redis::cmd("XADD")
-        .arg(PACKS)
-        .arg("*")
-        .arg("n")
-        .arg(pack.len())
-        .arg("p")
-        .arg(pack.bytes())
-        .query(&mut conn)
-        .expect("XADD");
-    (id, plain)
+    (add(&mut redis.conn().expect("redis"), &pack), plain)
 }
 
 fn cancel(c: &mut Client, id: u64) -> Value {
@@ -266,15 +269,7 @@ fn stats_count_a_pack_as_its_jobs_waiting_or_running() {
         for t in 0..if i < 64 { 2 } else { 4 } {
             pack.push("web-1", 90 + t, 0, 0, b"", b"{}");
         }
-        let _: String = redis::cmd("XADD")
-            .arg(PACKS)
-            .arg("*")
-            .arg("n")
-            .arg(pack.len())
-            .arg("p")
-            .arg(pack.bytes())
-            .query(&mut conn)
-            .unwrap();
+        add(&mut conn, &pack);
     }
     jobs(&mut c, 3 + 64 * 2 + 36 * 2);
 }
