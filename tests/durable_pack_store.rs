@@ -70,7 +70,7 @@ fn packs(redis: &Redis) -> Vec<(usize, Vec<u64>)> {
                 .map(|fields| {
                     let job =
                         taskd::durable::entry::JobEntry::checked_fields(fields.iter().copied()).unwrap();
-                    assert_eq!(job.origin, "web-1");
+                    assert_eq!(&*job.origin, "web-1");
                     job.task_id
                 })
                 .collect();

@@ -122,7 +122,7 @@ fn dead_row(e: StreamEntry) -> Value {
         Some(job) => {
             let data: Value = serde_json::from_slice(&job.data).unwrap_or(Value::Null);
             let field = |k: &str| cut(data.get(k).and_then(Value::as_str).unwrap_or(""));
-            json!({"id": id, "task_id": job.task_id, "origin": job.origin, "type": field("type"),
+            json!({"id": id, "task_id": job.task_id, "origin": &*job.origin, "type": field("type"),
                    "to": field("to"), "reason": why, "replays": job.replays})
         }
         None => json!({"id": id, "task_id": null, "reason": why, "not_a_job": true}),

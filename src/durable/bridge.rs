@@ -1441,7 +1441,7 @@ mod tests {
             .into_iter()
             .map(|fields| {
                 let job = JobEntry::checked_fields(fields.iter().copied()).unwrap();
-                assert_eq!((job.origin.as_str(), job.session, job.worker), ("web-1", 7, 1));
+                assert_eq!((&*job.origin, job.session, job.worker), ("web-1", 7, 1));
                 job.task_id
             })
             .collect();

@@ -127,7 +127,7 @@ pub struct ConsumerSetup<'a> {
 pub struct At {
     /// Shared with the consumer's list of its streams (a name per job was an allocation).
     pub stream: Arc<str>,
-    pub id: String,
+    pub id: Arc<str>,
 }
 
 /// Where a job of a pack (see `super::pack`) is in it. The jobs of a pack share its [`At`]
@@ -814,7 +814,7 @@ impl Consumer<'_> {
             let conn = self.conn()?;
             for stream in streams {
                 for (id, n) in delivery_counts(conn, &stream, &me, 10_000)? {
-                    counts.insert(At { stream: Arc::clone(&stream), id }, n);
+                    counts.insert(At { stream: Arc::clone(&stream), id: Arc::from(id) }, n);
                 }
             }
         }
@@ -858,7 +858,7 @@ impl Consumer<'_> {
                 .arg(&*at.stream)
                 .arg(&d.keys.jobs)
                 .arg(GROUP)
-                .arg(&at.id)
+                .arg(&*at.id)
                 .arg(1)
                 .arg(attempt - 1);
         }
@@ -1112,7 +1112,7 @@ pub(super) fn store(
                     .arg(&d.keys.dead)
                     .arg(&*id.stream)
                     .arg(GROUP)
-                    .arg(&id.id);
+                    .arg(&*id.id);
                 job.add(&mut cmd);
                 cmd.arg("why").arg(why).arg("a").arg(*attempts);
                 // A replay puts it back into its lane, of its priority.
@@ -1148,7 +1148,7 @@ pub(super) fn store(
                     .arg(d.keys.delayed_job(job.task_id))
                     .arg(&*id.stream)
                     .arg(GROUP)
-                    .arg(&id.id)
+                    .arg(&*id.id)
                     .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX))
                     .arg(job.task_id);
                 job.add(&mut cmd);
@@ -1183,7 +1183,7 @@ pub(super) fn store(
             Some((_, ids)) => ids.push(&at.id),
             None => {
                 let mut ids = Vec::with_capacity(completions.len());
-                ids.push(at.id.as_str());
+                ids.push(&*at.id);
                 by_stream.push((&at.stream, ids));
             }
         }
@@ -1636,7 +1636,7 @@ mod tests {
     use crate::config::ServerConfig;
 
     fn at(stream: &str, id: &str) -> At {
-        At { stream: Arc::from(stream), id: id.to_string() }
+        At { stream: Arc::from(stream), id: Arc::from(id) }
     }
 
     fn place(index: u32, count: u32) -> Option<InPack> {

@@ -37,7 +37,7 @@ pub fn list(d: &Durable, limit: usize, out: &mut impl Write) -> Result<usize, St
             Some(job) => json!({
                 "id": e.id,
                 "task_id": job.task_id,
-                "origin": job.origin,
+                "origin": &*job.origin,
                 "attempts": e.number("a"),
                 "replays": job.replays,
                 "why": e.text("why"),

@@ -1,6 +1,8 @@
 //! What a job, a reply and a dead letter hold in their streams. Field names are short: they
 //! are stored once per entry, and Redis's memory is the queue's.
 
+use std::sync::Arc;
+
 use redis::Cmd;
 
 use crate::ipc::envelope::{FromBridge, Reply};
@@ -15,8 +17,9 @@ const MAX_NODE: usize = 64;
 /// A job in the job stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobEntry {
-    /// The node that accepted it, whose reply stream gets its outcome.
-    pub origin: String,
+    /// The node that accepted it, whose reply stream gets its outcome. Shared by the jobs of
+    /// one origin read together (see [`Origins`]).
+    pub origin: Arc<str>,
     pub task_id: u64,
     /// The origin's client session (0: none); only the origin can reach it.
     pub session: u64,
@@ -116,12 +119,15 @@ impl JobEntry {
     /// None for an entry that is not a job (deleted, or written by something else). Its
     /// fields are read in one pass (the first of a name counts, as `StreamEntry::get` finds).
     pub fn parse(e: &StreamEntry) -> Option<JobEntry> {
-        JobEntry::parse_fields(e.fields()).1
+        JobEntry::parse_fields(e.fields(), &mut Origins::default()).1
     }
 
     /// As [`JobEntry::parse`], of an entry's fields (names and values, in order) wherever they
     /// are; and whether it has any field.
-    fn parse_fields<'a>(fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>) -> (bool, Option<JobEntry>) {
+    fn parse_fields<'a>(
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        origins: &mut Origins,
+    ) -> (bool, Option<JobEntry>) {
         let mut any = false;
         let mut f: [Option<&[u8]>; 11] = [None; 11];
         for (name, value) in fields {
@@ -142,11 +148,11 @@ impl JobEntry {
             };
             f[at].get_or_insert(value);
         }
-        (any, JobEntry::of_fields(&f))
+        (any, JobEntry::of_fields(&f, origins))
     }
 
     /// The job of the fields `parse_fields` found, by their place there.
-    fn of_fields(f: &[Option<&[u8]>; 11]) -> Option<JobEntry> {
+    fn of_fields(f: &[Option<&[u8]>; 11], origins: &mut Origins) -> Option<JobEntry> {
         let number = |v: Option<&[u8]>| decimal(v?);
         let small = |v: Option<&[u8]>| number(v).and_then(|n| u32::try_from(n).ok()).unwrap_or(0);
         Some(JobEntry {
@@ -163,7 +169,7 @@ impl JobEntry {
                     ttl_ms: number(f[7]).unwrap_or(0).min(super::dedup::TTL_MAX_MS),
                 },
             ),
-            origin: String::from_utf8(f[8]?.to_vec()).ok()?,
+            origin: origins.of(f[8]?)?,
             data: f[9]?.to_vec(),
             context: f[10].map(<[u8]>::to_vec).unwrap_or_default(),
         })
@@ -209,7 +215,16 @@ impl JobEntry {
     pub fn checked_fields<'a>(
         fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
     ) -> Result<JobEntry, Rejected> {
-        let (any, job) = JobEntry::parse_fields(fields);
+        JobEntry::checked_fields_in(fields, &mut Origins::default())
+    }
+
+    /// As [`JobEntry::checked_fields`], its origin shared with the jobs read before it through
+    /// `origins`.
+    pub fn checked_fields_in<'a>(
+        fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+        origins: &mut Origins,
+    ) -> Result<JobEntry, Rejected> {
+        let (any, job) = JobEntry::parse_fields(fields, origins);
         if !any {
             return Err(Rejected::NotAJob("deleted while it was pending".into()));
         }
@@ -227,6 +242,23 @@ impl JobEntry {
             return Ok(job);
         };
         Err(Rejected::Invalid { job: Box::new(job), why })
+    }
+}
+
+/// The origin of the last job read, for the next of the same origin: the jobs of a pack, and
+/// most of a reply's, come from one node (a name per job was an allocation per job).
+#[derive(Debug, Default)]
+pub struct Origins(Option<Arc<str>>);
+
+impl Origins {
+    /// `bytes` as an origin (None if they are not text).
+    fn of(&mut self, bytes: &[u8]) -> Option<Arc<str>> {
+        if let Some(last) = self.0.as_ref().filter(|last| last.as_bytes() == bytes) {
+            return Some(Arc::clone(last));
+        }
+        let origin: Arc<str> = Arc::from(std::str::from_utf8(bytes).ok()?);
+        self.0 = Some(Arc::clone(&origin));
+        Some(origin)
     }
 }
 

@@ -80,7 +80,7 @@ pub fn refresh(conn: &mut Connection, d: &Durable, me: &str) -> redis::RedisResu
         .zip(ids)
         .flat_map(|(stream, ids)| {
             let stream: Arc<str> = Arc::from(stream);
-            ids.into_iter().map(move |id| At { stream: Arc::clone(&stream), id })
+            ids.into_iter().map(move |id| At { stream: Arc::clone(&stream), id: Arc::from(id) })
         })
         .collect())
 }

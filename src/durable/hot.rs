@@ -20,7 +20,7 @@ use std::time::Duration;
 use redis::{Connection, ConnectionLike, RedisError, RedisResult, Value};
 
 use super::consumer::{At, InPack};
-use super::entry::{JobEntry, Rejected};
+use super::entry::{JobEntry, Origins, Rejected};
 use super::keys::is_packs;
 use super::pack;
 use super::redis_io::{self, StreamEntry};
@@ -518,19 +518,20 @@ pub fn parse_jobs(
     buf: &[u8],
     names: &[Arc<str>],
 ) -> Result<Option<(Result<Jobs, Value>, usize)>, &'static str> {
-    let mut sink = ToJobs { out: Vec::new(), names, key: None };
+    let mut sink = ToJobs { out: Vec::new(), names, key: None, origins: Origins::default() };
     Ok(walk(buf, &mut sink)?.map(|(read, used)| (read.map(|()| sink.out), used)))
 }
 
 /// The jobs of `entries` (see [`parse_jobs`]), read by other means.
 pub fn jobs_of(entries: Streams, names: &[Arc<str>]) -> Jobs {
     let mut out = Vec::with_capacity(entries.len());
+    let mut origins = Origins::default();
     for (key, mut e) in entries {
-        let at = At { stream: name_of(names, &key), id: std::mem::take(&mut e.id) };
+        let at = At { stream: name_of(names, &key), id: Arc::from(std::mem::take(&mut e.id)) };
         if is_packs(&at.stream) {
-            expand_pack(at, e.fields(), &mut out);
+            expand_pack(at, e.fields(), &mut origins, &mut out);
         } else {
-            out.push((at, JobEntry::checked(&e).map(Arc::new), None));
+            out.push((at, JobEntry::checked_fields_in(e.fields(), &mut origins).map(Arc::new), None));
         }
     }
     out
@@ -541,7 +542,12 @@ pub fn jobs_of(entries: Streams, names: &[Arc<str>]) -> Jobs {
 /// the pack is damaged, one that is no job, saying why (its place the last: it is acknowledged
 /// with the pack). An entry that is no pack, whose pack is damaged from its first job, or of no
 /// job at all, is one item that is no job, in no pack (acknowledged as a plain entry is).
-pub fn expand_pack<'a>(at: At, fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>, out: &mut Jobs) {
+pub fn expand_pack<'a>(
+    at: At,
+    fields: impl IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    origins: &mut Origins,
+    out: &mut Jobs,
+) {
     let mut any = false;
     let mut blob = None;
     for (name, value) in fields {
@@ -559,18 +565,26 @@ pub fn expand_pack<'a>(at: At, fields: impl IntoIterator<Item = (&'a [u8], &'a [
         out.push((at, Err(Rejected::NotAJob(why.into())), None));
         return;
     };
-    let (jobs, damage) = pack::jobs(blob);
-    if jobs.is_empty() {
+    let first = out.len();
+    let mut index = 0;
+    let damage = pack::each_job(blob, |fields| {
+        index += 1;
+        // Its count is known at the end (a pack is read once): set below.
+        let place = InPack { index, count: 0 };
+        let job = JobEntry::checked_fields_in(fields.iter().copied(), origins);
+        out.push((at.clone(), job.map(Arc::new), Some(place)));
+    });
+    if index == 0 {
         let why = damage.unwrap_or_else(|| "a pack of no job".into());
         out.push((at, Err(Rejected::NotAJob(why)), None));
         return;
     }
     // At most `pack::MAX_JOBS` and one: no overflow.
-    let count = (jobs.len() + usize::from(damage.is_some())) as u32;
-    out.reserve(count as usize);
-    for (i, job) in jobs.into_iter().enumerate() {
-        let place = InPack { index: i as u32 + 1, count };
-        out.push((at.clone(), JobEntry::checked_fields(job).map(Arc::new), Some(place)));
+    let count = index + u32::from(damage.is_some());
+    for (_, _, place) in &mut out[first..] {
+        if let Some(place) = place {
+            place.count = count;
+        }
     }
     if let Some(why) = damage {
         let why = format!("the rest of its pack is damaged: {why}");
@@ -645,6 +659,8 @@ struct ToJobs<'n> {
     out: Jobs,
     names: &'n [Arc<str>],
     key: Option<Arc<str>>,
+    /// Most jobs of a reply share their origin.
+    origins: Origins,
 }
 
 impl Sink for ToJobs<'_> {
@@ -659,7 +675,7 @@ impl Sink for ToJobs<'_> {
         self.key = Some(match known {
             Some(name) => name,
             None => match key {
-                Some(k) => Arc::from(owned_text(walk.text(k, &mut Vec::new())?)),
+                Some(k) => shared_text(walk.text(k, &mut Vec::new())?),
                 None => Arc::from(""),
             },
         });
@@ -676,24 +692,24 @@ impl Sink for ToJobs<'_> {
             // Never from Redis (its fields are strings): the digits written out, as
             // `parse_streams` writes them.
             let mut entry = walk.entry(id, spans)?;
-            let id = std::mem::take(&mut entry.id);
+            let id = Arc::from(std::mem::take(&mut entry.id));
             if is_packs(&stream) {
-                expand_pack(At { stream, id }, entry.fields(), &mut self.out);
+                expand_pack(At { stream, id }, entry.fields(), &mut self.origins, &mut self.out);
                 return Ok(());
             }
-            (id, JobEntry::checked(&entry).map(Arc::new))
+            (id, JobEntry::checked_fields_in(entry.fields(), &mut self.origins).map(Arc::new))
         } else {
             let bytes = |span: Span| match span {
                 Span::Bytes(from, to) => walk.buf.get(from..to).unwrap_or_default(),
                 Span::Int(_) => &[],
             };
             let fields = spans.chunks_exact(2).map(|pair| (bytes(pair[0]), bytes(pair[1])));
-            let id = owned_text(walk.text(id, &mut Vec::new())?);
+            let id = shared_text(walk.text(id, &mut Vec::new())?);
             if is_packs(&stream) {
-                expand_pack(At { stream, id }, fields, &mut self.out);
+                expand_pack(At { stream, id }, fields, &mut self.origins, &mut self.out);
                 return Ok(());
             }
-            (id, JobEntry::checked_fields(fields).map(Arc::new))
+            (id, JobEntry::checked_fields_in(fields, &mut self.origins).map(Arc::new))
         };
         self.out.push((At { stream, id }, job, None));
         Ok(())
@@ -706,6 +722,14 @@ fn owned_text(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(text) => text.to_owned(),
         Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// As [`owned_text`], shared: an entry's id, which the jobs of a pack share (one allocation).
+fn shared_text(bytes: &[u8]) -> Arc<str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => Arc::from(text),
+        Err(_) => Arc::from(String::from_utf8_lossy(bytes)),
     }
 }
 

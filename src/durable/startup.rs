@@ -326,9 +326,9 @@ fn own_jobs(
             from = format!("({}", last.id);
             let entries = entries.into_iter().filter(|e| !finished.holds(&e.id));
             if super::keys::is_packs(stream) {
-                jobs.extend(entries.flat_map(|e| packed_jobs(&e)).filter(|j| j.origin == node));
+                jobs.extend(entries.flat_map(|e| packed_jobs(&e)).filter(|j| *j.origin == *node));
             } else {
-                jobs.extend(entries.filter_map(|e| JobEntry::parse(&e)).filter(|j| j.origin == node));
+                jobs.extend(entries.filter_map(|e| JobEntry::parse(&e)).filter(|j| *j.origin == *node));
             }
         }
     }
@@ -356,7 +356,7 @@ fn own_jobs(
                 redis::cmd("HGETALL").arg(keys.delayed_hash(member)).query(conn)?;
             let entry = redis_io::StreamEntry::with_fields(String::new(), fields);
             match JobEntry::parse(&entry) {
-                Some(job) if job.origin == node && seen.insert(job.task_id) => jobs.push(job),
+                Some(job) if *job.origin == *node && seen.insert(job.task_id) => jobs.push(job),
                 _ => {}
             }
         }
