@@ -151,7 +151,14 @@ impl Fair {
 
     /// A blocking read brought jobs of these streams: their priorities have work.
     pub fn woke(&mut self, d: &Durable, jobs: &Jobs) {
+        // Jobs of one stream share its name (all of a pack's do): its priority is read once
+        // per run of them, not per job (reading it formats a key: an allocation).
+        let mut last: Option<&Arc<str>> = None;
         for (at, _, _) in jobs {
+            if last.is_some_and(|last| Arc::ptr_eq(last, &at.stream)) {
+                continue;
+            }
+            last = Some(&at.stream);
             self.dry[d.priority_of(&at.stream).index()] = false;
         }
     }
