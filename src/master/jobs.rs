@@ -3,6 +3,7 @@
 //! whatever process of the submitting slot is alive then. Groups collect their members'
 //! outcomes here, so a group survives the worker that submitted it.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
@@ -154,6 +155,10 @@ impl JobSpec {
     }
 }
 
+/// Where a job is held in [`Jobs`]: good until that job is removed, so used at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Place(usize);
+
 #[derive(Default)]
 pub struct Jobs {
     /// Durable jobs: task processes take them from Redis, so none is queued here.
@@ -251,15 +256,15 @@ impl Jobs {
             extra: None,
         };
         self.bytes += context.len() + data.len();
-        match self.all.get(&task_id) {
-            Some(&slot) => {
-                let old = std::mem::replace(&mut self.slots[slot], job);
+        // One probe of the index for both the check and the insert.
+        match self.all.entry(task_id) {
+            Entry::Occupied(e) => {
+                let old = std::mem::replace(&mut self.slots[*e.get()], job);
                 self.bytes -= old.payload.len();
                 tracing::warn!("task id {task_id} submitted twice; the later one replaces it");
             }
-            None => {
-                let slot = self.slots.insert(job);
-                self.all.insert(task_id, slot);
+            Entry::Vacant(e) => {
+                e.insert(self.slots.insert(job));
             }
         }
         if self.durable || delayed {
@@ -329,15 +334,30 @@ impl Jobs {
     }
 
     /// Takes the job that starts next out of its queue if `take`, given its session, says
-    /// where it goes; its id and that answer. One pick, where [`Jobs::front`] then
-    /// [`Jobs::pop_front`] made two.
-    pub fn pop_front_if<R>(&mut self, take: impl FnOnce(u64) -> Option<R>) -> Option<(u64, R)> {
+    /// where it goes; its id, its place (None: no longer held) and that answer. One pick,
+    /// where [`Jobs::front`] then [`Jobs::pop_front`] made two, and one look-up of the job for
+    /// its session and its start (see [`Jobs::at_mut`]).
+    pub fn pop_front_if<R>(
+        &mut self,
+        take: impl FnOnce(u64) -> Option<R>,
+    ) -> Option<(u64, Option<Place>, R)> {
         let (p, credit) = self.pick()?;
         let task_id = *self.queue[p].front()?;
-        let session = self.get(task_id).map_or(0, |job| job.session);
+        let place = self.place(task_id);
+        let session = place.map_or(0, |Place(slot)| self.slots[slot].session);
         let answer = take(session)?;
         self.take_picked(p, credit);
-        Some((task_id, answer))
+        Some((task_id, place, answer))
+    }
+
+    /// Where job `task_id` is held, if it is.
+    pub fn place(&self, task_id: u64) -> Option<Place> {
+        self.all.get(&task_id).map(|&slot| Place(slot))
+    }
+
+    /// The job at `place`, found a moment ago (no job was removed since).
+    pub fn at_mut(&mut self, place: Place) -> Option<&mut Job> {
+        self.slots.get_mut(place.0)
     }
 
     /// Takes a job out of its task queue (it is cancelled). Whether it was there.
@@ -487,7 +507,7 @@ mod tests {
             // Refused first (no task process has room): nothing is taken, no credit moves.
             let next = jobs.front();
             assert_eq!(jobs.pop_front_if(|_| None::<()>), None);
-            let (id, ()) = jobs.pop_front_if(|_| Some(())).unwrap();
+            let (id, _, ()) = jobs.pop_front_if(|_| Some(())).unwrap();
             assert_eq!(Some(id), next);
             counts[(id / 1000) as usize] += 1;
         }

@@ -528,7 +528,8 @@ impl<A: Application> Master<'_, A> {
                 && self.tasks[j].books.inflight.len() < self.tasks[j].books.room(prefetch)
             {
                 let Some(task_id) = self.jobs.pop_targeted(j as u32) else { break };
-                self.run_on(j, task_id);
+                let place = self.jobs.place(task_id);
+                self.run_at(j, task_id, place);
             }
         }
         // The task process the previous job went to, its session, and how many of that
@@ -558,16 +559,16 @@ impl<A: Application> Master<'_, A> {
                 });
                 best.map(|(j, n)| (j, session, n))
             });
-            let Some((task_id, (j, session, n))) = taken else { return };
+            let Some((task_id, place, (j, session, n))) = taken else { return };
             last = Some((j, session, n));
-            self.run_on(j, task_id);
+            self.run_at(j, task_id, place);
         }
     }
 
-    /// Sends a job to task slot `j`.
-    pub(super) fn run_on(&mut self, j: usize, task_id: u64) {
+    /// Sends job `task_id`, held at `place` (None: no longer held), to task slot `j`.
+    pub(super) fn run_at(&mut self, j: usize, task_id: u64, place: Option<jobs::Place>) {
         let now = self.now;
-        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        let Some(job) = place.and_then(|p| self.jobs.at_mut(p)) else { return };
         job.attempts += 1;
         job.state = jobs::JobState::Running;
         let slot = &mut self.tasks[j];
