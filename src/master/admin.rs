@@ -146,12 +146,12 @@ impl<A: Application> Master<'_, A> {
             let running = self.tasks.iter().enumerate().find(|(_, t)| t.books.inflight.contains(&task_id));
             let state = match running {
                 Some((j, _)) => format!("running in task {j}"),
-                None if !job.last_error.is_empty() => "waiting to run again".into(),
+                None if !job.last_error().is_empty() => "waiting to run again".into(),
                 None => "queued".into(),
             };
             return json!({
                 "task_id": task_id, "state": state, "type": data.get("type"), "to": data.get("to"),
-                "attempts": job.attempts, "retries": job.retries, "last_error": job.last_error,
+                "attempts": job.attempts, "retries": job.retries(), "last_error": job.last_error(),
                 "age_ms": job.accepted.elapsed().as_millis() as u64,
             });
         }
@@ -268,9 +268,9 @@ impl<A: Application> Master<'_, A> {
         }
         let (mut scheduled, mut retrying) = (0, 0);
         for job in self.jobs.ids().into_iter().filter_map(|id| self.jobs.get(id)) {
-            if !job.last_error.is_empty() {
+            if !job.last_error().is_empty() {
                 retrying += 1;
-            } else if job.run_at_ms > now_ms {
+            } else if job.run_at_ms() > now_ms {
                 scheduled += 1;
             }
         }

@@ -110,7 +110,7 @@ impl<A: Application> Master<'_, A> {
                     }
                     let attempts = job.attempts;
                     // Delivery retries are not deaths: only the runs that died count here.
-                    if attempts.saturating_sub(job.retries) > self.config.task_retry_max {
+                    if attempts.saturating_sub(job.retries()) > self.config.task_retry_max {
                         let why = if timed_out == Some(task_id) {
                             format!(
                                 "task process {pid} was killed: the task ran longer than task_timeout ({}s)",

@@ -90,9 +90,13 @@ impl<A: Application> Master<'_, A> {
                 self.jobs.accept(task_id, i as u32, session, spec, context, data, self.now);
                 // Looked up only when there are options (a pair would look it up for every job).
                 if let Some(o) = &options {
-                    if let Some(job) = self.jobs.get_mut(task_id) {
-                        job.run_at_ms = o.run_at_ms;
-                        job.key = o.key.clone().filter(|_| self.durable.is_none());
+                    let key = o.key.clone().filter(|_| self.durable.is_none());
+                    if o.run_at_ms != 0 || key.is_some() {
+                        if let Some(job) = self.jobs.get_mut(task_id) {
+                            let extra = job.extra_mut();
+                            extra.run_at_ms = o.run_at_ms;
+                            extra.key = key;
+                        }
                     }
                 }
                 if let Some(due) = due {
@@ -259,17 +263,18 @@ impl<A: Application> Master<'_, A> {
             job.attempts = job.attempts.saturating_sub(1);
             asked.unwrap_or_default().min(crate::retry::NOT_YET_MAX)
         } else {
-            let n = job.retries + 1;
+            let n = job.retries() + 1;
             let Some(wait) = self.retry.wait(n, asked, &mut self.rng) else {
                 tracing::warn!("job {task_id} failed after {} attempt(s): {error}", job.attempts);
                 self.finish_job(task_id, task_pid, false, error.as_bytes());
                 return;
             };
-            job.retries = n;
+            job.extra_mut().retries = n;
             wait
         };
-        job.last_error.clear();
-        job.last_error.push_str(error);
+        let extra = job.extra_mut();
+        extra.last_error.clear();
+        extra.last_error.push_str(error);
         job.state = jobs::JobState::Delayed;
         let (session, attempt) = (job.session, job.attempts + 1);
         let tells_client = !not_yet && job.group == 0 && job.flags & task_flags::WAIT == 0;
@@ -305,12 +310,12 @@ impl<A: Application> Master<'_, A> {
                 let why = if job.attempts == 0 {
                     format!(
                         "server stopping before the job's time came (run_at {})",
-                        crate::app::rfc3339(job.run_at_ms)
+                        crate::app::rfc3339(job.run_at_ms())
                     )
                 } else {
                     format!(
                         "server stopping before the job could run again (its last attempt: {})",
-                        job.last_error
+                        job.last_error()
                     )
                 };
                 self.finish_job(task_id, 0, false, why.as_bytes());
@@ -332,22 +337,23 @@ impl<A: Application> Master<'_, A> {
     /// A task process (here or, for durable jobs, on any node) finished a job.
     pub(super) fn job_outcome(&mut self, task_id: u64, task_pid: u32, ok: bool, reply: &[u8], result: &[u8]) {
         // The reply goes out with the outcome, in the same turn: one hop, no worker.
+        let mut kept = None;
         if !reply.is_empty() {
             let session = match self.jobs.get_mut(task_id) {
                 Some(job) if job.group == 0 && job.flags & task_flags::WAIT == 0 && job.session != 0 => {
                     job.flags |= task_flags::REPLIED;
-                    // Kept for a `result` query (see `finish_job`), in the buffer of a reply
-                    // no longer kept.
-                    job.reply = self.results.copy_of(reply);
                     Some(job.session)
                 }
                 _ => None,
             };
             if let Some(session) = session {
+                // Kept for a `result` query (see `finish_removed`), in the buffer of a reply no
+                // longer kept.
+                kept = Some(self.results.copy_of(reply));
                 self.send_to_session(session, reply);
             }
         }
-        self.finish_job(task_id, task_pid, ok, result);
+        self.finish_job_replied(task_id, task_pid, ok, result, kept);
     }
 
     /// Whether a reply to `session` may never be read: no session, a closed connection, or one
@@ -358,6 +364,18 @@ impl<A: Application> Master<'_, A> {
 
     /// A job has its final outcome: count it and deliver it to its worker slot's `on_finish`.
     pub(super) fn finish_job(&mut self, task_id: u64, task_pid: u32, ok: bool, result: &[u8]) {
+        self.finish_job_replied(task_id, task_pid, ok, result, None);
+    }
+
+    /// [`Master::finish_job`] of a job whose task process sent its client `reply` (to keep).
+    fn finish_job_replied(
+        &mut self,
+        task_id: u64,
+        task_pid: u32,
+        ok: bool,
+        result: &[u8],
+        reply: Option<Vec<u8>>,
+    ) {
         let Some(mut job) = self.jobs.remove(task_id) else {
             if matches!(self.phase, Phase::Stopping { .. }) {
                 tracing::debug!("task {task_id} finished after it was given up at shutdown; dropped");
@@ -366,27 +384,35 @@ impl<A: Application> Master<'_, A> {
             }
             return;
         };
-        self.finish_removed(task_id, &mut job, task_pid, ok, result);
+        self.finish_removed(task_id, &mut job, task_pid, ok, result, reply);
         // Its payload's buffer takes the next job's.
         self.jobs.recycle(job);
     }
 
     /// [`Master::finish_job`] of a job taken out of the books.
-    fn finish_removed(&mut self, task_id: u64, job: &mut jobs::Job, task_pid: u32, ok: bool, result: &[u8]) {
+    fn finish_removed(
+        &mut self,
+        task_id: u64,
+        job: &mut jobs::Job,
+        task_pid: u32,
+        ok: bool,
+        result: &[u8],
+        reply: Option<Vec<u8>>,
+    ) {
         // The final reply is kept for a `result` query (the last result_keep): for a client
         // that cannot have it (gone, or the node restarted since), and for one that had it and
         // asks again (as Celery's users do); with durable jobs it is also the record of which
         // jobs are finished, so that a second outcome of one is dropped.
         let gone = self.client_gone(job.session);
         if job.group == 0 && job.flags & task_flags::WAIT == 0 {
-            let line = match std::mem::take(&mut job.reply) {
-                r if r.is_empty() => results::outcome_line(task_id, ok, result, job.attempts),
-                r => r,
+            let line = match reply {
+                Some(r) => r,
+                None => results::outcome_line(task_id, ok, result, job.attempts),
             };
             if gone {
                 self.keep_in_redis(task_id, &line);
             }
-            if let Some(key) = job.key.take() {
+            if let Some(key) = job.take_key() {
                 self.key_released(&key, task_id, &line, false);
             }
             self.results.record(task_id, line);
@@ -502,7 +528,8 @@ impl<A: Application> Master<'_, A> {
                 && self.tasks[j].books.inflight.len() < self.tasks[j].books.room(prefetch)
             {
                 let Some(task_id) = self.jobs.pop_targeted(j as u32) else { break };
-                self.run_on(j, task_id);
+                let place = self.jobs.place(task_id);
+                self.run_at(j, task_id, place);
             }
         }
         // The task process the previous job went to, its session, and how many of that
@@ -532,16 +559,16 @@ impl<A: Application> Master<'_, A> {
                 });
                 best.map(|(j, n)| (j, session, n))
             });
-            let Some((task_id, (j, session, n))) = taken else { return };
+            let Some((task_id, place, (j, session, n))) = taken else { return };
             last = Some((j, session, n));
-            self.run_on(j, task_id);
+            self.run_at(j, task_id, place);
         }
     }
 
-    /// Sends a job to task slot `j`.
-    pub(super) fn run_on(&mut self, j: usize, task_id: u64) {
+    /// Sends job `task_id`, held at `place` (None: no longer held), to task slot `j`.
+    pub(super) fn run_at(&mut self, j: usize, task_id: u64, place: Option<jobs::Place>) {
         let now = self.now;
-        let Some(job) = self.jobs.get_mut(task_id) else { return };
+        let Some(job) = place.and_then(|p| self.jobs.at_mut(p)) else { return };
         job.attempts += 1;
         job.state = jobs::JobState::Running;
         let slot = &mut self.tasks[j];

@@ -150,7 +150,7 @@ impl<A: Application> Master<'_, A> {
         let line = cancelled_line(task_id);
         self.results.record(task_id, line.clone());
         self.send_to_session(job.session, &line);
-        if let Some(key) = &job.key {
+        if let Some(key) = job.key() {
             self.key_released(key, task_id, &line, true);
         }
         // Its final line is out: the connection owes nothing more for it.
